@@ -1,0 +1,29 @@
+# offload-bench. `make test`: CPU test suite. `make bench`: the scenario suite (GPU profile with CUDA, CPU profile
+# without). Both install what they need on a fresh machine; torch is installed first as the CPU build so that pip
+# never pulls CUDA wheels on a CPU box, and a box that already has torch (a GPU box) keeps its own.
+PYTHON ?= python3
+RESULTS ?= results
+BENCH_ARGS ?=
+RUN ?= $(lastword $(sort $(wildcard $(RESULTS)/runs/*)))
+
+.PHONY: deps test lint bench report list
+
+deps:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==2.13.0
+	@$(PYTHON) -c "import diffusers, transformers, safetensors, tabulate, pynvml, pytest_benchmark, hypothesis, ruff" \
+		2>/dev/null || $(PYTHON) -m pip install -q -e '.[dev]'
+
+lint: deps
+	$(PYTHON) -m ruff check harness scenarios tests
+
+test: lint
+	$(PYTHON) -m pytest tests -q -p no:cacheprovider
+
+bench: deps
+	$(PYTHON) -m pytest scenarios -p no:cacheprovider -rA --bench-results $(RESULTS) $(BENCH_ARGS)
+
+report: deps
+	$(PYTHON) -m harness report $(RUN) --out $(RUN)/report.md
+
+list: deps
+	$(PYTHON) -m harness list

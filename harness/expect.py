@@ -1,0 +1,98 @@
+"""Scenario expectations, evaluated on records (never on live objects).
+
+- `fate`: cells matching `where` (requested flags) on the given cards end with `status` (and `phase`).
+- `lowest_peak`: on every card, the cell matching `where` loads, and its peak device memory (max of load and
+  runtime peaks, on the record's peak counter) is strictly the lowest of all cells that loaded. This is the
+  #26925 guard: dit_cpu_offload + layerwise must load and must be the most frugal combination.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from harness.results import loaded, summarize_peaks
+from harness.scenario import FateExpectation, Scenario, matches
+
+
+@dataclass(frozen=True)
+class Verdict:
+    check: str
+    card: str
+    passed: bool
+    message: str
+
+
+def _mib(v: int | None) -> str:
+    return "n/a" if v is None else f"{v / 2**20:,.0f} MiB"
+
+
+def fate_failures(record: dict[str, Any], fates: tuple[FateExpectation, ...]) -> list[str]:
+    """Messages for each declared fate this record should meet and does not."""
+    out = []
+    for f in fates:
+        if f.cards is not None and record["card"]["name"] not in f.cards:
+            continue
+        if not matches(record["requested"], f.where):
+            continue
+        want = f.status + (f" in {f.phase}" if f.phase else "")
+        got = record["status"] + (f" in {record.get('failed_phase')}" if record.get("failed_phase") else "")
+        if record["status"] != f.status or (f.phase is not None and record.get("failed_phase") != f.phase):
+            out.append(f"{record['cell_id']}: expected {want}, got {got} ({record.get('reason')})")
+    return out
+
+
+def demand(record: dict[str, Any]) -> float | None:
+    """Peak device memory a cell needed: its measured peak, or infinity if it ran out (it needed more than the
+    card has; the allocator's peak stops short of the allocation that failed)."""
+    if record["status"] == "oom":
+        return float("inf")
+    return summarize_peaks(record)["peak"]
+
+
+def _fmt(v: float | None) -> str:
+    return "> cap (oom)" if v == float("inf") else _mib(None if v is None else int(v))
+
+
+def lowest_peak_verdict(card: str, records: list[dict[str, Any]], where: dict[str, Any]) -> Verdict:
+    targets = [r for r in records if matches(r["requested"], where)]
+    if len(targets) != 1:
+        return Verdict("lowest_peak", card, False, f"{len(targets)} cells match {where}; expected exactly one")
+    target = targets[0]
+    if target["status"] != "ok":
+        return Verdict(
+            "lowest_peak", card, False,
+            f"{target['cell_id']} did not run: {target['status']} in {target.get('failed_phase')} "
+            f"({target.get('reason')})",
+        )
+    mine = demand(target)
+    others = [r for r in records if r is not target and loaded(r)]
+    not_above = [r for r in others if (d := demand(r)) is not None and mine is not None and d <= mine]
+    counter = summarize_peaks(target)["counter"]
+    listing = ", ".join(f"{_label(r)}={_fmt(demand(r))}" for r in others) or "none"
+    if not_above or mine is None:
+        return Verdict(
+            "lowest_peak", card, False,
+            f"{target['cell_id']} peaked at {_fmt(mine)} ({counter}), not below every cell that loaded: {listing}",
+        )
+    return Verdict(
+        "lowest_peak", card, True,
+        f"{_label(target)} loads and peaks at {_fmt(mine)} ({counter}); others that loaded: {listing}",
+    )
+
+
+def _label(record: dict[str, Any]) -> str:
+    return record["cell_id"].rsplit("/", 1)[-1]
+
+
+def evaluate(scenario: Scenario, records: list[dict[str, Any]]) -> list[Verdict]:
+    """All set-level verdicts of a scenario, one per card."""
+    verdicts = []
+    for card in scenario.cards:
+        group = [r for r in records if r["card"]["name"] == card.name and r["scenario"] == scenario.name]
+        if scenario.expect.lowest_peak is not None:
+            verdicts.append(lowest_peak_verdict(card.name, group, scenario.expect.lowest_peak))
+        failures = [m for r in group for m in fate_failures(r, scenario.expect.fates)]
+        if scenario.expect.fates:
+            verdicts.append(Verdict("fates", card.name, not failures, "; ".join(failures) or "all as declared"))
+    return verdicts

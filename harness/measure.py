@@ -1,0 +1,335 @@
+"""Measurement inside the child: per-phase timings and peaks, an NVML/RSS polling thread, the card cap, machine info.
+
+Counters, each under a name that says which it is:
+- `alloc_peak_allocated_bytes` / `alloc_peak_reserved_bytes`: PyTorch caching allocator peaks, reset at each
+  phase start (`reset_peak_memory_stats` resets to the current value, so a phase's peak includes what earlier
+  phases left on the device).
+- `nvml_proc_peak_bytes`: NVML's per-process used memory, polled every 10 ms by a thread: allocator memory plus
+  the CUDA context and anything allocated outside PyTorch.
+- `ledger_peak_bytes`: weight bytes the harness's runtimes placed on the device; on the CPU profile it is the only
+  device counter (no allocator there), and a simulated card's cap is enforced against it.
+- `rss_peak_bytes`: host resident set, polled; `pinned_*`: host bytes page-locked by this process.
+Times come from CUDA events on the compute stream (`time_ms`) and from the host clock after a synchronize
+(`wall_ms`); on the CPU profile both are host-clock times.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import resource
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from harness.offload.memory import PINNED, Device
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def host_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+class Nvml:
+    """Per-process and whole-device memory of the GPU this process uses, through NVML (None when unavailable)."""
+
+    def __init__(self, device_index: int) -> None:
+        self.handle: Any = None
+        self.pid = os.getpid()
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nv = pynvml
+            self.handle = self._handle_for(device_index)
+        except Exception:
+            self.handle = None
+
+    def _handle_for(self, index: int) -> Any:
+        # Match by PCI bus id so that CUDA_VISIBLE_DEVICES remapping cannot point us at another GPU.
+        props = torch.cuda.get_device_properties(index)
+        bus = getattr(props, "pci_bus_id", None)
+        if bus is not None:
+            pci = f"{getattr(props, 'pci_domain_id', 0):08X}:{bus:02X}:{getattr(props, 'pci_device_id', 0):02X}.0"
+            with contextlib.suppress(Exception):
+                return self._nv.nvmlDeviceGetHandleByPciBusId(pci)
+        return self._nv.nvmlDeviceGetHandleByIndex(index)
+
+    def process_used(self) -> int | None:
+        if self.handle is None:
+            return None
+        try:
+            for proc in self._nv.nvmlDeviceGetComputeRunningProcesses(self.handle):
+                if proc.pid == self.pid and proc.usedGpuMemory is not None:
+                    return int(proc.usedGpuMemory)
+        except Exception:
+            return None
+        return None
+
+    def device_used(self) -> int | None:
+        if self.handle is None:
+            return None
+        try:
+            return int(self._nv.nvmlDeviceGetMemoryInfo(self.handle).used)
+        except Exception:
+            return None
+
+    def info(self) -> dict[str, Any]:
+        if self.handle is None:
+            return {}
+        nv, h, out = self._nv, self.handle, {}
+        for key, fn in (
+            ("driver", lambda: nv.nvmlSystemGetDriverVersion()),
+            ("pcie_gen", lambda: nv.nvmlDeviceGetCurrPcieLinkGeneration(h)),
+            ("pcie_width", lambda: nv.nvmlDeviceGetCurrPcieLinkWidth(h)),
+            ("pcie_gen_max", lambda: nv.nvmlDeviceGetMaxPcieLinkGeneration(h)),
+        ):
+            with contextlib.suppress(Exception):
+                out[key] = fn()
+        return out
+
+
+class Sampler(threading.Thread):
+    """Polls NVML per-process memory and host RSS; keeps the peak of the current phase and a coarse trace."""
+
+    def __init__(self, nvml: Nvml | None, interval_s: float = 0.01, trace_every_s: float = 0.25) -> None:
+        super().__init__(daemon=True, name="offload-bench-sampler")
+        self.nvml, self.interval_s, self.trace_every_s = nvml, interval_s, trace_every_s
+        self._stop_event = threading.Event()
+        self._lock = threading.Lock()
+        self.t0 = time.monotonic()
+        self.phase = "setup"
+        self.peaks: dict[str, dict[str, int]] = {}
+        self.trace: list[tuple[float, str, int | None, int]] = []
+        self._last_trace = -1e9
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.sample()
+            self._stop_event.wait(self.interval_s)
+
+    def sample(self) -> None:
+        proc = self.nvml.process_used() if self.nvml else None
+        rss = host_rss_bytes()
+        now = time.monotonic() - self.t0
+        with self._lock:
+            peak = self.peaks.setdefault(self.phase, {})
+            if proc is not None:
+                peak["nvml_proc_peak_bytes"] = max(peak.get("nvml_proc_peak_bytes", 0), proc)
+            peak["rss_peak_bytes"] = max(peak.get("rss_peak_bytes", 0), rss)
+            if now - self._last_trace >= self.trace_every_s:
+                self.trace.append((round(now, 3), self.phase, proc, rss))
+                self._last_trace = now
+
+    def enter(self, phase: str) -> None:
+        with self._lock:
+            self.phase = phase
+        self.sample()
+
+    def phase_peaks(self, phase: str) -> dict[str, int]:
+        self.sample()
+        with self._lock:
+            return dict(self.peaks.get(phase, {}))
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+@dataclass
+class Meter:
+    """Per-phase measurement. Use `with meter.phase("load"): ...`; results land in `meter.phases`."""
+
+    device: Device
+    sampler: Sampler
+    phases: dict[str, dict[str, Any]] = field(default_factory=dict)
+    current: str | None = None
+    failed_phase: str | None = None
+    on_enter: Any = None  # called with the phase name as it starts (fault injection in tests)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[dict[str, Any]]:
+        cuda = self.device.is_cuda
+        if cuda:
+            torch.cuda.synchronize(self.device.torch)
+            torch.cuda.reset_peak_memory_stats(self.device.torch)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        self.device.reset_ledger_peak()
+        self.sampler.enter(name)
+        self.current = name
+        rec: dict[str, Any] = {}
+        self.phases[name] = rec
+        t0 = time.perf_counter()
+        try:
+            if self.on_enter is not None:
+                self.on_enter(name)
+            yield rec
+        except BaseException:
+            self.failed_phase = name
+            raise
+        finally:
+            if cuda:
+                end.record()
+                with contextlib.suppress(Exception):
+                    torch.cuda.synchronize(self.device.torch)
+            rec["wall_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
+            if cuda:
+                with contextlib.suppress(Exception):
+                    rec["time_ms"] = round(start.elapsed_time(end), 3)
+                rec["alloc_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device.torch)
+                rec["alloc_peak_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device.torch)
+                rec["alloc_end_allocated_bytes"] = torch.cuda.memory_allocated(self.device.torch)
+            else:
+                rec["time_ms"] = rec["wall_ms"]
+            rec["ledger_peak_bytes"] = self.device.ledger_peak_bytes
+            rec["ledger_end_bytes"] = self.device.ledger_bytes
+            rec.update(self.sampler.phase_peaks(name))
+            rec.update(PINNED.snapshot())
+            if cuda:
+                with contextlib.suppress(Exception):
+                    stats = torch.cuda.host_memory_stats()
+                    rec["pinned_torch_allocator_bytes"] = int(stats.get("reserved_bytes.current", 0))
+            self.current = None
+
+
+class Timer:
+    """Per-step timing: CUDA events on the device (read after one synchronize at the end), host clock on CPU."""
+
+    def __init__(self, device: Device) -> None:
+        self.cuda = device.is_cuda
+        self.marks: list[Any] = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append(ev)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals_ms(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [round(a.elapsed_time(b), 3) for a, b in zip(self.marks, self.marks[1:], strict=False)]
+        return [round((b - a) * 1e3, 3) for a, b in zip(self.marks, self.marks[1:], strict=False)]
+
+
+def apply_card_cap(cap_bytes: int, device: Device, nvml: Nvml | None) -> dict[str, Any]:
+    """Makes the caching allocator behave like a card of `cap_bytes`.
+
+    `set_per_process_memory_fraction` caps only the allocator; the CUDA context and kernel modules live outside
+    it. We warm the kernels the pipeline uses, read the overhead as NVML per-process minus allocator reserved,
+    and give the allocator the rest. The record later checks the NVML per-process peak against the cap.
+    """
+    if not device.is_cuda:
+        device.cap_bytes = cap_bytes
+        return {"cap_bytes": cap_bytes, "enforced_by": "harness ledger (CPU profile: weights only)"}
+    warm_kernels(device)
+    total = torch.cuda.get_device_properties(device.torch).total_memory
+    proc = nvml.process_used() if nvml else None
+    reserved = torch.cuda.memory_reserved(device.torch)
+    overhead = (proc - reserved) if proc is not None else 700 * 2**20  # 0.7 GiB measured on the H100 otherwise
+    limit = cap_bytes - overhead
+    if limit <= 0 or cap_bytes > total:
+        raise ValueError(f"card cap {cap_bytes} bytes does not fit this GPU ({total} bytes, overhead {overhead})")
+    torch.cuda.set_per_process_memory_fraction(limit / total, device.torch)
+    return {
+        "cap_bytes": cap_bytes,
+        "enforced_by": "torch.cuda.set_per_process_memory_fraction",
+        "context_overhead_bytes": overhead,
+        "overhead_source": "nvml_proc - alloc_reserved" if proc is not None else "assumed 0.7 GiB (no NVML)",
+        "allocator_limit_bytes": limit,
+        "fraction": limit / total,
+    }
+
+
+def warm_kernels(device: Device) -> None:
+    """Loads the kernels every pipeline uses, so lazy module loading does not grow the context mid-run."""
+    if not device.is_cuda:
+        return
+    x = torch.randn(256, 256, device=device.torch, dtype=torch.bfloat16)
+    (x @ x).sum().item()
+    q = x.view(1, 2, 128, 256)
+    torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().item()
+    del x, q
+    torch.cuda.synchronize(device.torch)
+
+
+def pinned_h2d_gbps(device: Device, nbytes: int = 256 * 2**20, repeats: int = 5) -> float | None:
+    """A short pinned host-to-device copy probe (median of `repeats`), recorded in machine info."""
+    if not device.is_cuda:
+        return None
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    src.fill_(1)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device.torch)
+    dst.copy_(src, non_blocking=True)
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src, non_blocking=True)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return round(nbytes / sorted(times)[len(times) // 2] / 1e9, 2)
+
+
+def machine_info(device: Device, nvml: Nvml | None) -> dict[str, Any]:
+    import diffusers
+    import transformers
+
+    info: dict[str, Any] = {
+        "host": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "allocator_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF") or "",
+        "host_mem_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        "cgroup_memory_max": _read_first("/sys/fs/cgroup/memory.max"),
+    }
+    if device.is_cuda:
+        props = torch.cuda.get_device_properties(device.torch)
+        info.update(
+            gpu=props.name,
+            gpu_memory_bytes=props.total_memory,
+            cuda=torch.version.cuda,
+            sku=sku_of(props.name, props.total_memory),
+        )
+        if nvml:
+            info.update(nvml.info())
+        info["pinned_h2d_gbps"] = pinned_h2d_gbps(device)
+    else:
+        info.update(gpu=None, sku="cpu")
+    return info
+
+
+def sku_of(name: str, total_bytes: int) -> str:
+    """A stable, filename-safe GPU SKU key such as 'nvidia-h100-80gb-hbm3'."""
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    return slug
+
+
+def _read_first(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def run_end_stats() -> dict[str, Any]:
+    # ru_maxrss is in KiB on Linux; it never goes down, so it is the whole child's peak.
+    return {"ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}

@@ -1,0 +1,150 @@
+"""The model zoo: real diffusers / transformers architectures at their published sizes, plus tiny twins for CPU.
+
+No weights can be downloaded here, so every model is built from its published config numbers and filled from a
+synthetic, seeded safetensors checkpoint (`checkpoint.py`). A `ComponentSpec` names the class and config of one
+component; a `ModelSpec` groups the three components a DiT pipeline runs (text encoder, DiT, VAE).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import json
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+
+class UnknownModelError(KeyError):
+    def __str__(self) -> str:  # KeyError's default repr-quotes the message
+        return str(self.args[0])
+
+
+ROLES = ("text_encoder", "dit", "vae")
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """One component: which class, which config, which dtype, and which ModuleLists layerwise may stream.
+
+    Args:
+        role (str): "text_encoder", "dit" or "vae".
+        factory (str): "module:function" that takes the config dict and returns the nn.Module.
+        config (Mapping): the published config numbers (or a tiny twin's).
+        dtype (str, defaults to "bfloat16"): the weight dtype of the checkpoint.
+        layer_groups (tuple[str, ...], defaults to ()): attribute names of the ModuleLists that the layerwise
+            runtime streams (SGLang's `layer_names`).
+    """
+
+    role: str
+    factory: str
+    config: Mapping[str, Any]
+    dtype: str = "bfloat16"
+    layer_groups: tuple[str, ...] = ()
+
+    def key(self, seed: int) -> str:
+        """A short digest of everything that decides the checkpoint's bytes, for the checkpoint cache."""
+        blob = json.dumps(
+            {"factory": self.factory, "config": self.config, "dtype": self.dtype, "seed": seed, "format": 1},
+            sort_keys=True,
+            default=list,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def build_on_meta(self) -> torch.nn.Module:
+        """Builds the module with parameters on the meta device (no memory), buffers real and small."""
+        import torch
+
+        module_name, fn_name = self.factory.split(":")
+        factory: Callable[[Mapping[str, Any]], torch.nn.Module] = getattr(
+            importlib.import_module(module_name), fn_name
+        )
+        with parameters_on_meta():
+            module = factory(dict(self.config))
+        return module.to(getattr(torch, self.dtype)).eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Creates every parameter registered inside the block on the meta device.
+
+    A plain `with torch.device("meta")` would also put tensors that modules compute in __init__ (Qwen-Image's RoPE
+    tables) on meta, where they cannot be recovered; patching register_parameter moves only parameters, each as
+    it is registered, so the host never holds more than one freshly created (untouched) parameter.
+    """
+    import torch
+
+    original = torch.nn.Module.register_parameter
+
+    def register_on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    torch.nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A whole DiT pipeline: its components and the shape of its inputs.
+
+    Args:
+        name (str): the zoo name scenario files use.
+        family (str): which pipeline code runs it (see `harness.pipeline`).
+        components (Mapping[str, ComponentSpec]): by role.
+        prompt_tokens (int): text tokens fed to the text encoder (template included).
+        drop_tokens (int): leading template tokens dropped from the encoder output (Qwen-Image drops 34).
+        edit (bool, defaults to False): an edit model also encodes a reference image and attends to its latents.
+        vae_scale (int, defaults to 8): pixels per latent, per side.
+        patch (int, defaults to 2): latents per token, per side.
+        description (str): one line for reports.
+    """
+
+    name: str
+    family: str
+    components: Mapping[str, ComponentSpec]
+    prompt_tokens: int
+    drop_tokens: int
+    edit: bool = False
+    vae_scale: int = 8
+    patch: int = 2
+    description: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+ZOO: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    if spec.name in ZOO:
+        raise ValueError(f"model {spec.name!r} is already registered")
+    missing = [r for r in ROLES if r not in spec.components]
+    if missing:
+        raise ValueError(f"model {spec.name!r} lacks components {missing}")
+    ZOO[spec.name] = spec
+    return spec
+
+
+def get_model(name: Any, where: str = "model") -> ModelSpec:
+    _load_families()
+    if not isinstance(name, str) or name not in ZOO:
+        raise UnknownModelError(f"{where}: unknown model {name!r}; known models: {', '.join(sorted(ZOO))}")
+    return ZOO[name]
+
+
+def model_names() -> list[str]:
+    _load_families()
+    return sorted(ZOO)
+
+
+def _load_families() -> None:
+    # Imported lazily so that `harness.models` itself stays free of torch/diffusers imports.
+    from harness.models import qwen_image  # noqa: F401

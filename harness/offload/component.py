@@ -1,0 +1,63 @@
+"""Component CPU offload: a whole module lives on the host and moves to the device only while it is used.
+
+This is SGLang's `VanillaD2HStrategy` and diffusers' `enable_model_cpu_offload` in spirit. The weights sit in one
+host region (pinned when asked); `onload()` copies the region to one device buffer with a single copy and points
+the parameters at views of it; `offload()` points them back at the host views and frees the buffer. There is no
+device-to-host copy: inference never changes the weights, so the host region stays authoritative.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from harness.offload.memory import Device, HostRegion, Layout, fresh_parameter
+
+
+class ComponentOffload:
+    """Keeps `module`'s parameters in one host region; moves them to `device` between onload() and offload().
+
+    Buffers (small: RoPE tables, inv_freq) are placed on the device by the loader and stay there.
+    """
+
+    def __init__(self, module: torch.nn.Module, device: Device, pin: bool, name: str) -> None:
+        self.module, self.device, self.name = module, device, name
+        named = list(module.named_parameters())
+        self.layout = Layout.plan((n, p.dtype, tuple(p.shape)) for n, p in named)
+        self.params = [(n, fresh_parameter(module, n, p)) for n, p in named]
+        self.region = HostRegion(self.layout.nbytes, pin)
+        self.host_views = self.layout.views(self.region.tensor)
+        self._buffer: torch.Tensor | None = None
+
+    @property
+    def host_bytes(self) -> int:
+        return self.layout.nbytes
+
+    @property
+    def on_device(self) -> bool:
+        return self._buffer is not None
+
+    def fill(self, source: Callable[[str], torch.Tensor]) -> None:
+        for name, view in self.host_views.items():
+            view.copy_(source(name))
+        self._bind(self.host_views)
+
+    def onload(self) -> None:
+        if self._buffer is not None:
+            return
+        buf = self.device.empty(self.layout.nbytes, self.name)
+        buf.copy_(self.region.tensor, non_blocking=self.region.pinned)
+        self._buffer = buf
+        self._bind(self.layout.views(buf))
+
+    def offload(self) -> None:
+        if self._buffer is None:
+            return
+        self._bind(self.host_views)
+        self._buffer = None  # same stream as the compute that read it, so freeing is ordered after it
+        self.device.discharge(self.layout.nbytes)
+
+    def _bind(self, views: dict[str, torch.Tensor]) -> None:
+        for name, param in self.params:
+            param.data = views[name]

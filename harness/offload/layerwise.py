@@ -1,0 +1,220 @@
+"""Our layerwise offload runtime: stream a DiT's layers from per-layer host regions with a prefetch window.
+
+Shape (after SGLang's LayerwiseOffloadManager, written from its description, not its code):
+- each layer of each streamed ModuleList owns one host region holding all its parameters, packed and aligned
+  (`memory.Layout`), pinned in place when `pin_cpu_memory` is on;
+- on the GPU a layer lives in one flat buffer, filled by a single copy on a side stream, and its parameters are
+  views of that buffer; outside its window a parameter points at an empty placeholder, so a forward that touched
+  a released layer would fail loudly instead of reading stale memory;
+- layers are grouped into windows of p layers. Entering window k prefetches window k+1 (the last window
+  prefetches window 0 of the next forward, so the transfer wraps across denoise steps and CFG passes); leaving a
+  layer releases it. So at most 2p layers are on the device: the window being computed and the one in flight.
+  (SGLang prefetches `i+p .. i+2p-1 mod n`, which differs only when p does not divide n.)
+
+Why the host waits before a prefetch: the CPU enqueues kernels far ahead of the GPU. A released buffer is only
+reusable once the GPU has finished the kernels that read it, so without a bound the CPU would allocate fresh
+buffers for every layer ahead and the window would silently grow to the whole model. Before prefetching window
+k+1 we wait on the event that marks the end of window k-1's compute, whose buffers window k+1 reuses. When the
+run is transfer-bound that wait costs nothing: the GPU is behind the copies anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from harness.flags import prefetch_layers
+from harness.offload.memory import Device, HostRegion, Layout, fresh_parameter
+
+
+@dataclass
+class _Resident:
+    buffer: torch.Tensor
+    ready: Any  # torch.cuda.Event, or None on the CPU profile
+    views: dict[str, torch.Tensor]
+
+
+@dataclass
+class _Group:
+    name: str
+    layers: list[torch.nn.Module]
+    prefetch: int
+    layouts: list[Layout] = field(default_factory=list)
+    regions: list[HostRegion] = field(default_factory=list)
+    params: list[list[tuple[torch.nn.Parameter, str]]] = field(default_factory=list)
+    resident: dict[int, _Resident] = field(default_factory=dict)
+    window_done: dict[int, Any] = field(default_factory=dict)
+
+    @property
+    def num_windows(self) -> int:
+        return -(-len(self.layers) // self.prefetch)
+
+    def window(self, k: int) -> range:
+        return range(k * self.prefetch, min((k + 1) * self.prefetch, len(self.layers)))
+
+
+class LayerwiseRuntime:
+    """Streams the layers of `module`'s ModuleLists named in `groups` from host regions.
+
+    Args:
+        module (nn.Module): the DiT; its layer parameters may be on meta, host or device when built.
+        groups (tuple[str, ...]): attribute names of the streamed ModuleLists (e.g. ("transformer_blocks",)).
+        device (Device): where layers are computed.
+        prefetch_size (float): SGLang's `dit_offload_prefetch_size`; see `harness.flags.prefetch_layers`.
+        pin (bool): page-lock the host regions.
+
+    Example:
+        >>> rt = LayerwiseRuntime(dit, ("transformer_blocks",), device, prefetch_size=4, pin=True)
+        >>> rt.fill(reader.tensor)   # checkpoint bytes go straight into the per-layer regions
+        >>> rt.attach()              # layers now stream; non-layer weights are placed by the loader
+    """
+
+    def __init__(
+        self, module: torch.nn.Module, groups: tuple[str, ...], device: Device, prefetch_size: float, pin: bool
+    ) -> None:
+        if not groups:
+            raise ValueError(f"{type(module).__name__} declares no layer groups to stream")
+        self.device = device
+        self.groups: list[_Group] = []
+        self.layer_param_names: set[str] = set()
+        self._hooks: list[Any] = []
+        self._placeholders: dict[torch.dtype, torch.Tensor] = {}
+        self.copy_stream = torch.cuda.Stream(device.torch) if device.is_cuda else None
+        self.copied_bytes = 0
+        for gname in groups:
+            layers = list(getattr(module, gname))
+            group = _Group(gname, layers, prefetch_layers(prefetch_size, len(layers)))
+            for i, layer in enumerate(layers):
+                named = list(layer.named_parameters(recurse=True))
+                layout = Layout.plan((f"{gname}.{i}.{n}", p.dtype, tuple(p.shape)) for n, p in named)
+                group.layouts.append(layout)
+                group.regions.append(HostRegion(layout.nbytes, pin))
+                group.params.append([(fresh_parameter(layer, n, p), f"{gname}.{i}.{n}") for n, p in named])
+                self.layer_param_names.update(f"{gname}.{i}.{n}" for n, _ in named)
+            self.groups.append(group)
+
+    # ----------------------------------------------------------------------------------------------- setup
+    @property
+    def host_bytes(self) -> int:
+        return sum(r.nbytes for g in self.groups for r in g.regions)
+
+    @property
+    def pinned(self) -> bool:
+        return all(r.pinned for g in self.groups for r in g.regions)
+
+    def param_bytes(self) -> int:
+        """Bytes of the streamed parameters themselves (the regions add alignment padding)."""
+        return sum(s.nbytes for g in self.groups for layout in g.layouts for s in layout.slots)
+
+    def layer_bytes(self) -> list[int]:
+        return [layout.nbytes for g in self.groups for layout in g.layouts]
+
+    def fill(self, source: Callable[[str], torch.Tensor]) -> None:
+        """Copies every layer parameter from `source(name)` (a checkpoint view, or a live tensor) into its slot."""
+        for g in self.groups:
+            for layout, region in zip(g.layouts, g.regions, strict=True):
+                for slot in layout.slots:
+                    slot.view(region.tensor).copy_(source(slot.name))
+
+    def attach(self) -> None:
+        """Points every layer parameter at a placeholder (freeing any device copy) and installs the hooks."""
+        for g in self.groups:
+            for i, layer in enumerate(g.layers):
+                self._bind_placeholders(g, i)
+                self._hooks.append(layer.register_forward_pre_hook(self._make_pre_hook(g, i)))
+                self._hooks.append(layer.register_forward_hook(self._make_post_hook(g, i)))
+
+    def detach(self) -> None:
+        self.release_all()
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def release_all(self) -> None:
+        """Drops every resident layer (e.g. the window prefetched for a forward that will not come)."""
+        for g in self.groups:
+            for i in list(g.resident):
+                self._release(g, i)
+            g.window_done.clear()
+
+    # ----------------------------------------------------------------------------------------------- hooks
+    def _make_pre_hook(self, g: _Group, i: int) -> Callable[..., None]:
+        def pre_hook(module: torch.nn.Module, args: Any) -> None:
+            p = g.prefetch
+            if i % p == 0:
+                k = i // p
+                if k == 0:
+                    self._prefetch_window(g, 0)
+                nxt = (k + 1) % g.num_windows
+                if nxt != k:
+                    self._wait_window_done(g, k - 1 if k > 0 else g.num_windows - 1)
+                    self._prefetch_window(g, nxt)
+            res = g.resident.get(i) or self._prefetch(g, i)
+            if res.ready is not None:
+                torch.cuda.current_stream(self.device.torch).wait_event(res.ready)
+            for param, name in g.params[i]:
+                param.data = res.views[name]
+
+        return pre_hook
+
+    def _make_post_hook(self, g: _Group, i: int) -> Callable[..., None]:
+        def post_hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            self._release(g, i)
+            p = g.prefetch
+            if self.device.is_cuda and (i % p == p - 1 or i == len(g.layers) - 1):
+                done = torch.cuda.Event()
+                done.record(torch.cuda.current_stream(self.device.torch))
+                g.window_done[i // p] = done
+
+        return post_hook
+
+    # ----------------------------------------------------------------------------------------------- moves
+    def _prefetch_window(self, g: _Group, k: int) -> None:
+        for j in g.window(k):
+            if j not in g.resident:
+                self._prefetch(g, j)
+
+    def _prefetch(self, g: _Group, i: int) -> _Resident:
+        layout, region = g.layouts[i], g.regions[i]
+        if self.copy_stream is not None:
+            with torch.cuda.stream(self.copy_stream):
+                buf = self.device.empty(layout.nbytes, f"{g.name}[{i}]")
+                buf.copy_(region.tensor, non_blocking=region.pinned)
+                ready = torch.cuda.Event()
+                ready.record(self.copy_stream)
+        else:
+            buf = self.device.empty(layout.nbytes, f"{g.name}[{i}]")
+            buf.copy_(region.tensor)
+            ready = None
+        self.copied_bytes += layout.nbytes
+        res = _Resident(buf, ready, layout.views(buf))
+        g.resident[i] = res
+        return res
+
+    def _wait_window_done(self, g: _Group, k: int) -> None:
+        done = g.window_done.pop(k, None)
+        if done is not None:
+            done.synchronize()
+
+    def _release(self, g: _Group, i: int) -> None:
+        res = g.resident.pop(i, None)
+        if res is None:
+            return
+        self._bind_placeholders(g, i)
+        if self.device.is_cuda:
+            # The buffer was allocated on the copy stream but read on the compute stream: tell the allocator.
+            res.buffer.record_stream(torch.cuda.current_stream(self.device.torch))
+        self.device.discharge(g.layouts[i].nbytes)
+
+    def _bind_placeholders(self, g: _Group, i: int) -> None:
+        for param, _ in g.params[i]:
+            ph = self._placeholders.get(param.dtype)
+            if ph is None:
+                ph = self._placeholders[param.dtype] = torch.empty(0, dtype=param.dtype, device=self.device.torch)
+            param.data = ph
+
+    def resident_layers(self) -> int:
+        return sum(len(g.resident) for g in self.groups)

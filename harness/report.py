@@ -1,0 +1,101 @@
+"""Markdown report of a run's records: one table per scenario, every memory column labelled with its counter."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+from harness.expect import evaluate
+from harness.results import PHASES, summarize_peaks
+from harness.scenario import ScenarioError, load_scenario
+
+MIB = 2**20
+
+
+def _mib(v: Any) -> str:
+    return "" if v is None else f"{v / MIB:,.0f}"
+
+
+def _flag_diff(record: dict[str, Any]) -> str:
+    req, eff = record.get("requested", {}), record.get("effective", {})
+    changed = [f"{k}={eff[k]}" for k in eff if req.get(k) != eff.get(k) and k != "dit_offload_prefetch_size"]
+    return ", ".join(changed) or "as requested"
+
+
+def _phase_max(record: dict[str, Any], key: str, phases: tuple[str, ...] = PHASES) -> int | None:
+    values = [(record.get("phases", {}).get(p) or {}).get(key) for p in phases]
+    values = [v for v in values if v is not None]
+    return max(values) if values else None
+
+
+def cell_row(record: dict[str, Any]) -> dict[str, Any]:
+    peaks = summarize_peaks(record)
+    phases = record.get("phases", {})
+    steps = (phases.get("denoise") or {}).get("step_ms") or []
+    status = record["status"] + (f" ({record['failed_phase']})" if record.get("failed_phase") else "")
+    cuda = record.get("device") == "cuda"
+    row = {
+        "card": record["card"]["name"],
+        "requested": record["cell_id"].rsplit("/", 1)[-1],
+        "effective": _flag_diff(record),
+        "status": status + (" [same as " + record["same_as"].rsplit("/", 1)[-1] + "]" if record.get("same_as") else ""),
+        f"load peak MiB ({'alloc reserved' if cuda else 'ledger'})": _mib(peaks["load"]),
+        f"runtime peak MiB ({'alloc reserved' if cuda else 'ledger'})": _mib(peaks["runtime"]),
+    }
+    if cuda:
+        row["peak MiB (alloc allocated)"] = _mib(_phase_max(record, "alloc_peak_allocated_bytes"))
+        row["peak MiB (NVML per-process)"] = _mib(_phase_max(record, "nvml_proc_peak_bytes"))
+    row["pinned host MiB (requested)"] = _mib(_phase_max(record, "pinned_requested_bytes"))
+    row["host RSS peak MiB"] = _mib(_phase_max(record, "rss_peak_bytes"))
+    for p in PHASES:
+        ms = (phases.get(p) or {}).get("time_ms")
+        row[f"{p} ms"] = "" if ms is None else f"{ms:,.0f}"
+    row["denoise ms/step (median)"] = f"{statistics.median(steps):,.0f}" if steps else ""
+    return row
+
+
+def render(records: list[dict[str, Any]], title: str = "offload-bench run") -> str:
+    out = [f"# {title}", ""]
+    machines = {(r.get("machine") or {}).get("gpu") or "cpu" for r in records}
+    first = next((r for r in records if r.get("machine")), None)
+    if first:
+        m = first["machine"]
+        out.append(
+            f"Machine: {', '.join(sorted(machines))}; torch {m.get('torch')}, diffusers {m.get('diffusers')}, "
+            f"driver {m.get('driver', 'n/a')}, PCIe gen {m.get('pcie_gen', 'n/a')} x{m.get('pcie_width', 'n/a')}, "
+            f"pinned H2D probe {m.get('pinned_h2d_gbps', 'n/a')} GB/s. Run {first.get('run_id')}, "
+            f"git {first.get('git_sha')}."
+        )
+        out.append("")
+    by_scenario: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by_scenario.setdefault(r["scenario"], []).append(r)
+    for name, recs in by_scenario.items():
+        out += [f"## {name}", ""]
+        scen_file = next((r.get("scenario_file") for r in recs if r.get("scenario_file")), None)
+        out.append(tabulate([cell_row(r) for r in recs], headers="keys", tablefmt="github"))
+        out.append("")
+        messages = sorted({m for r in recs for m in r.get("messages", [])})
+        if messages:
+            out.append("Policy messages: " + "; ".join(f"`{m}`" for m in messages))
+            out.append("")
+        if scen_file and Path(scen_file).exists():
+            try:
+                scenario = load_scenario(scen_file)
+            except ScenarioError as e:
+                out += [f"(expectations not evaluated: {e})", ""]
+                continue
+            for v in evaluate(scenario, recs):
+                note = f" (expected to fail: {scenario.xfail})" if scenario.xfail else ""
+                out.append(f"- **{v.check}** on {v.card}: {'PASS' if v.passed else 'FAIL'}{note}: {v.message}")
+            out.append("")
+    out.append(
+        "Counters: `alloc reserved`/`alloc allocated` are PyTorch caching-allocator peaks (reset per phase); "
+        "`NVML per-process` is polled every 10 ms and includes the CUDA context; `ledger` is weight bytes the "
+        "harness placed on the device (the CPU profile's only device counter). A cell that ran out of memory "
+        "needed more than its card, whatever its last measured peak."
+    )
+    return "\n".join(out) + "\n"

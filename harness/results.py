@@ -1,0 +1,143 @@
+"""Result records: one self-describing JSON object per cell, appended to a JSON-lines file as each cell ends.
+
+Everything downstream (pytest assertions, report, compare) reads these records, never live objects, so any run
+can be re-reported later. Appends take an exclusive lock and fsync, so concurrent runs writing one file cannot
+interleave lines, and a crash loses at most the line being written: `read_records` skips a torn last line and
+reports it instead of failing the whole file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import json
+import os
+import subprocess
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+STATUSES = ("ok", "oom", "error", "crash", "timeout", "skipped")
+PHASES = ("load", "encode", "denoise", "decode")
+RUNTIME_PHASES = ("encode", "denoise", "decode")
+
+
+class ResultsError(ValueError):
+    """A results file or record is unreadable. The message names the file and line."""
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def git_sha(cwd: Path | None = None) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def peak_counter(record: dict[str, Any]) -> str:
+    """The device-memory counter peaks are compared on: allocator reserved on CUDA (SGLang CI's choice), else
+    the harness ledger (the CPU profile has no device allocator)."""
+    return "alloc_peak_reserved_bytes" if record.get("device") == "cuda" else "ledger_peak_bytes"
+
+
+def summarize_peaks(record: dict[str, Any]) -> dict[str, Any]:
+    """Load peak, runtime peak (max over encode/denoise/decode) and their max, on the record's peak counter."""
+    counter = peak_counter(record)
+    phases = record.get("phases") or {}
+    load = (phases.get("load") or {}).get(counter)
+    runtime_values = [(phases.get(p) or {}).get(counter) for p in RUNTIME_PHASES]
+    runtime_values = [v for v in runtime_values if v is not None]
+    runtime = max(runtime_values) if runtime_values else None
+    both = [v for v in (load, runtime) if v is not None]
+    return {"counter": counter, "load": load, "runtime": runtime, "peak": max(both) if both else None}
+
+
+def loaded(record: dict[str, Any]) -> bool:
+    """Did the cell get past its load phase? (ok, or failed in a later phase.)"""
+    if record.get("status") == "ok":
+        return True
+    return record.get("status") in ("oom", "error") and record.get("failed_phase") in RUNTIME_PHASES
+
+
+def append_record(path: Path, record: dict[str, Any]) -> None:
+    """Appends one record as one line, under an exclusive lock, and fsyncs before returning."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n"
+    with open(path, "a", encoding="utf-8") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write-then-rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class ReadResult:
+    records: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def read_records(path: Path, strict: bool = False) -> ReadResult:
+    """Reads a JSON-lines results file. Bad lines are reported in `problems` (or raised if `strict`)."""
+    out = ReadResult()
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        raise ResultsError(f"{path}: no such results file") from None
+    lines = text.split("\n")
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict):
+                raise ValueError("not a JSON object")
+            out.records.append(migrate(rec, f"{path}:{lineno}"))
+        except (ValueError, ResultsError) as e:
+            torn = lineno == len(lines) and not text.endswith("\n")
+            msg = f"{path}:{lineno}: {'torn last line (interrupted write)' if torn else 'unreadable record'}: {e}"
+            if strict:
+                raise ResultsError(msg) from None
+            out.problems.append(msg)
+    return out
+
+
+def migrate(record: dict[str, Any], where: str) -> dict[str, Any]:
+    """Brings an older record up to SCHEMA_VERSION (none older exists yet; newer ones are refused)."""
+    version = record.get("schema_version")
+    if not isinstance(version, int):
+        raise ResultsError(f"{where}: record has no integer schema_version")
+    if version > SCHEMA_VERSION:
+        raise ResultsError(f"{where}: schema_version {version} is newer than this harness ({SCHEMA_VERSION})")
+    if record.get("status") not in STATUSES:
+        raise ResultsError(f"{where}: status {record.get('status')!r} is not one of {STATUSES}")
+    return record
+
+
+def latest_by_cell(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The last record of each cell id (a resumed or repeated run appends newer ones)."""
+    out: dict[str, dict[str, Any]] = {}
+    for rec in records:
+        out[rec["cell_id"]] = rec
+    return out

@@ -1,0 +1,348 @@
+"""Scenario files (TOML): parse, validate, and expand into cells, one per card and combination of flag values.
+
+A scenario names a model, the cards to simulate, the pipeline settings, a policy, base flags, the axes to sweep,
+cells to exclude and what to expect. Every error names the file and the field. Cells whose flags the policy
+resolves to the same effective flags are run once; the others point at the one that ran (`same_as`).
+
+This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.flags import FlagError, OffloadFlags, Resolution, check_flag_value, check_policy, resolve
+from harness.models import UnknownModelError, get_model
+
+GIB, MIB = 2**30, 2**20
+
+# Usable capacity as PyTorch reports it on the real cards (RTX 5090: SGLang #26925; RTX 4090: #17070).
+CARDS: dict[str, int | None] = {
+    "rtx5090-32g": round(31.36 * GIB),
+    "rtx4090-24g": round(23.64 * GIB),
+    "native": None,  # whatever the machine's GPU has: no cap
+}
+
+PROFILES = ("gpu", "cpu")
+_TOP_KEYS = {
+    "name", "description", "model", "profile", "cards", "height", "width", "steps", "true_cfg_scale", "seed",
+    "policy", "timeout_s", "flags", "axes", "exclude", "expect", "xfail",
+}
+_EXPECT_KEYS = {"lowest_peak", "fate"}
+_FATE_KEYS = {"cards", "where", "status", "phase"}
+
+
+class ScenarioError(ValueError):
+    """A scenario file is malformed or contradictory. The message starts with 'file: field:'."""
+
+
+@dataclass(frozen=True)
+class Card:
+    name: str
+    cap_bytes: int | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "cap_bytes": self.cap_bytes}
+
+
+@dataclass(frozen=True)
+class FateExpectation:
+    where: dict[str, Any]
+    status: str
+    phase: str | None
+    cards: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class Expectations:
+    lowest_peak: dict[str, Any] | None = None
+    fates: tuple[FateExpectation, ...] = ()
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    path: str
+    description: str
+    model: str
+    profile: str
+    cards: tuple[Card, ...]
+    height: int
+    width: int
+    steps: int
+    true_cfg_scale: float
+    seed: int
+    policy: str
+    timeout_s: float
+    base_flags: dict[str, Any]
+    axes: dict[str, list[Any]]
+    exclude: tuple[dict[str, Any], ...]
+    expect: Expectations = field(default_factory=Expectations)
+    xfail: str | None = None  # the expectations are known to fail, and why (e.g. the pre-#26925 policy)
+
+
+@dataclass(frozen=True)
+class Cell:
+    scenario: Scenario
+    card: Card
+    resolution: Resolution
+    same_as: str | None = None  # cell id of an earlier cell with the same effective flags
+
+    @property
+    def requested(self) -> OffloadFlags:
+        return self.resolution.requested
+
+    @property
+    def cell_id(self) -> str:
+        return f"{self.scenario.name}/{self.card.name}/{self.requested.label()}"
+
+    def spec(self, device: str) -> dict[str, Any]:
+        """Everything the child needs, as JSON."""
+        s = self.scenario
+        return {
+            "cell_id": self.cell_id,
+            "scenario": s.name,
+            "scenario_file": s.path,
+            "model": s.model,
+            "card": self.card.as_dict(),
+            "settings": {
+                "height": s.height,
+                "width": s.width,
+                "steps": s.steps,
+                "true_cfg_scale": s.true_cfg_scale,
+                "seed": s.seed,
+            },
+            "policy": s.policy,
+            "requested": self.requested.as_dict(),
+            "device": device,
+        }
+
+    def spec_hash(self, device: str) -> str:
+        return hashlib.sha256(json.dumps(self.spec(device), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _err(path: Path | str, field_name: str, msg: str) -> ScenarioError:
+    return ScenarioError(f"{path}: {field_name}: {msg}")
+
+
+def _int(data: dict, key: str, path: Path, default: int | None = None, minimum: int = 1) -> int:
+    v = data.get(key, default)
+    if v is None:
+        raise _err(path, key, "is required")
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise _err(path, key, f"expected an integer >= {minimum}, got {v!r}")
+    return v
+
+
+def _card(value: Any, path: Path, where: str) -> Card:
+    if isinstance(value, str):
+        if value not in CARDS:
+            raise _err(path, where, f"unknown card {value!r}; known cards: {', '.join(CARDS)} (or a table)")
+        return Card(value, CARDS[value])
+    if isinstance(value, dict):
+        unknown = set(value) - {"name", "gib", "mib"}
+        if unknown or "name" not in value or len({"gib", "mib"} & set(value)) != 1:
+            raise _err(path, where, "a card table needs `name` and exactly one of `gib` or `mib`")
+        size = value.get("gib", value.get("mib"))
+        if isinstance(size, bool) or not isinstance(size, int | float) or size <= 0:
+            raise _err(path, where, f"card size must be a positive number, got {size!r}")
+        return Card(str(value["name"]), round(size * (GIB if "gib" in value else MIB)))
+    raise _err(path, where, f"expected a card name or table, got {value!r}")
+
+
+def _flag_table(data: Any, path: Path, where: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise _err(path, where, f"expected a table of flags, got {data!r}")
+    try:
+        return {k: check_flag_value(k, v, f"{path}: {where}") for k, v in data.items()}
+    except FlagError as e:
+        raise ScenarioError(str(e)) from None
+
+
+def load_scenario(path: Path | str) -> Scenario:
+    """Parses and validates one scenario file.
+
+    Raises:
+        ScenarioError: the file cannot be read or parsed, or a field is missing, unknown, or out of range.
+    """
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ScenarioError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ScenarioError(f"{path}: not valid TOML ({e})") from None
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        raise _err(path, unknown[0], f"unknown field; known fields: {', '.join(sorted(_TOP_KEYS))}")
+    name = data.get("name")
+    if not isinstance(name, str) or not name or "/" in name:
+        raise _err(path, "name", f"expected a non-empty name without '/', got {name!r}")
+    try:
+        model = get_model(data.get("model"), f"{path}: model").name
+        policy = check_policy(data.get("policy", "sglang"), f"{path}: policy")
+    except (UnknownModelError, FlagError) as e:
+        raise ScenarioError(str(e)) from None
+    profile = data.get("profile", "gpu")
+    if profile not in PROFILES:
+        raise _err(path, "profile", f"expected one of {PROFILES}, got {profile!r}")
+    raw_cards = data.get("cards", ["native"])
+    if not isinstance(raw_cards, list) or not raw_cards:
+        raise _err(path, "cards", "expected a non-empty list of cards")
+    cards = tuple(_card(c, path, f"cards[{i}]") for i, c in enumerate(raw_cards))
+    if len({c.name for c in cards}) != len(cards):
+        raise _err(path, "cards", "card names must be unique")
+    cfg = data.get("true_cfg_scale", 4.0)
+    if isinstance(cfg, bool) or not isinstance(cfg, int | float) or cfg < 1:
+        raise _err(path, "true_cfg_scale", f"expected a number >= 1 (1 = no CFG), got {cfg!r}")
+    timeout = data.get("timeout_s", 1800)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+        raise _err(path, "timeout_s", f"expected a positive number of seconds, got {timeout!r}")
+    base_flags = _flag_table(data.get("flags", {}), path, "flags")
+    axes = _axes(data.get("axes", {}), path)
+    both = sorted(set(axes) & set(base_flags))
+    if both:
+        raise _err(path, f"axes.{both[0]}", "is also set in [flags]; a flag is either fixed or an axis")
+    exclude = _exclude(data.get("exclude", []), path, axes)
+    model_spec = get_model(model)
+    multiple = model_spec.vae_scale * model_spec.patch
+    height, width = _int(data, "height", path), _int(data, "width", path)
+    for key, v in (("height", height), ("width", width)):
+        if v % multiple:
+            raise _err(path, key, f"must be a multiple of {multiple} for {model}, got {v}")
+    scenario = Scenario(
+        name=name,
+        path=str(path),
+        description=str(data.get("description", "")),
+        model=model,
+        profile=profile,
+        cards=cards,
+        height=height,
+        width=width,
+        steps=_int(data, "steps", path),
+        true_cfg_scale=float(cfg),
+        seed=_int(data, "seed", path, default=0, minimum=0),
+        policy=policy,
+        timeout_s=float(timeout),
+        base_flags=base_flags,
+        axes=axes,
+        exclude=exclude,
+        expect=_expect(data.get("expect", {}), path, cards),
+        xfail=_xfail(data.get("xfail"), path),
+    )
+    if not expand(scenario):
+        raise _err(path, "exclude", "excludes every cell")
+    return scenario
+
+
+def _xfail(value: Any, path: Path) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise _err(path, "xfail", f"expected a reason (a non-empty string), got {value!r}")
+    return value
+
+
+def _axes(data: Any, path: Path) -> dict[str, list[Any]]:
+    if not isinstance(data, dict):
+        raise _err(path, "axes", "expected a table of flag -> list of values")
+    axes: dict[str, list[Any]] = {}
+    for flag, values in data.items():
+        if not isinstance(values, list) or not values:
+            raise _err(path, f"axes.{flag}", f"expected a non-empty list of values, got {values!r}")
+        try:
+            checked = [check_flag_value(flag, v, f"{path}: axes") for v in values]
+        except FlagError as e:
+            raise ScenarioError(str(e)) from None
+        if len(set(checked)) != len(checked):
+            raise _err(path, f"axes.{flag}", f"repeats a value: {values!r}")
+        axes[flag] = checked
+    return axes
+
+
+def _exclude(data: Any, path: Path, axes: dict[str, list[Any]]) -> tuple[dict[str, Any], ...]:
+    if not isinstance(data, list):
+        raise _err(path, "exclude", "expected a list of tables ([[exclude]])")
+    out = []
+    for i, item in enumerate(data):
+        where = f"exclude[{i}]"
+        table = _flag_table(item, path, where)
+        if not table:
+            raise _err(path, where, "an empty exclude would exclude every cell")
+        for k in table:
+            if k not in axes:
+                raise _err(path, f"{where}.{k}", "is not an axis of this scenario")
+        out.append(table)
+    return tuple(out)
+
+
+def _expect(data: Any, path: Path, cards: tuple[Card, ...]) -> Expectations:
+    if not isinstance(data, dict):
+        raise _err(path, "expect", "expected a table")
+    unknown = sorted(set(data) - _EXPECT_KEYS)
+    if unknown:
+        raise _err(path, f"expect.{unknown[0]}", f"unknown expectation; known: {', '.join(sorted(_EXPECT_KEYS))}")
+    lowest = data.get("lowest_peak")
+    if lowest is not None:
+        lowest = _flag_table(lowest, path, "expect.lowest_peak")
+    fates = []
+    card_names = {c.name for c in cards}
+    raw_fates = data.get("fate", [])
+    if not isinstance(raw_fates, list):
+        raise _err(path, "expect.fate", "expected a list of tables ([[expect.fate]])")
+    for i, f in enumerate(raw_fates):
+        where = f"expect.fate[{i}]"
+        if not isinstance(f, dict) or set(f) - _FATE_KEYS or "status" not in f:
+            raise _err(path, where, f"expected a table with `status` and optional {sorted(_FATE_KEYS - {'status'})}")
+        from harness.results import PHASES, STATUSES
+
+        if f["status"] not in STATUSES:
+            raise _err(path, f"{where}.status", f"expected one of {STATUSES}, got {f['status']!r}")
+        phase = f.get("phase")
+        if phase is not None and phase not in PHASES:
+            raise _err(path, f"{where}.phase", f"expected one of {PHASES}, got {phase!r}")
+        fcards = f.get("cards")
+        if fcards is not None:
+            if not isinstance(fcards, list) or not set(fcards) <= card_names:
+                raise _err(path, f"{where}.cards", f"expected a list of this scenario's cards {sorted(card_names)}")
+            fcards = tuple(fcards)
+        where_flags = _flag_table(f.get("where", {}), path, f"{where}.where")
+        fates.append(FateExpectation(where_flags, f["status"], phase, fcards))
+    return Expectations(lowest, tuple(fates))
+
+
+def matches(flags: dict[str, Any], where: dict[str, Any]) -> bool:
+    return all(flags.get(k) == v for k, v in where.items())
+
+
+def expand(scenario: Scenario) -> list[Cell]:
+    """All cells of a scenario in a stable order: cards outermost, then the axes in file order."""
+    names = list(scenario.axes)
+    cells: list[Cell] = []
+    for card in scenario.cards:
+        first_by_effective: dict[OffloadFlags, str] = {}
+        for combo in itertools.product(*(scenario.axes[n] for n in names)):
+            values = dict(zip(names, combo, strict=True))
+            if any(matches(values, ex) for ex in scenario.exclude):
+                continue
+            requested = OffloadFlags(**{**scenario.base_flags, **values})
+            resolution = resolve(requested, scenario.policy)
+            cell = Cell(scenario, card, resolution)
+            same = first_by_effective.setdefault(resolution.effective, cell.cell_id)
+            cells.append(cell if same == cell.cell_id else Cell(scenario, card, resolution, same_as=same))
+    return cells
+
+
+def discover(folder: Path | str, profile: str | None = None) -> list[Scenario]:
+    """Every scenario file under `folder` (recursively), optionally only those of one profile."""
+    paths = sorted(Path(folder).rglob("*.toml"))
+    scenarios = [load_scenario(p) for p in paths]
+    names = [s.name for s in scenarios]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ScenarioError(f"{folder}: scenario name {dupes[0]!r} is used by more than one file")
+    return [s for s in scenarios if profile is None or s.profile == profile]

@@ -1,0 +1,168 @@
+"""The child process of one cell: `python -m harness.worker --cell CELL.json --out RECORD.json`.
+
+It runs one flag combination end to end in a fresh process (allocator pools, pinned caches, hooks and CUDA
+context all start clean) and writes exactly one record to --out, whatever happens: ok, oom with the phase, or
+error with the exception. The parent never parses stdout; if no record appears the parent records a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+# Faults the CPU tests inject to prove every fate is recorded (issue: nothing lost, nothing hangs).
+FAULT_ENV = "OFFLOAD_BENCH_FAULT"  # "<phase>:<raise|hang|sigkill|oom>"
+
+
+def _progress(msg: str) -> None:
+    print(f"[worker {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _fault_injector(spec: str | None) -> Any:
+    if not spec:
+        return None
+    phase, _, kind = spec.partition(":")
+
+    def inject(name: str) -> None:
+        if name != phase:
+            return
+        if kind == "raise":
+            raise RuntimeError(f"injected fault in phase {name}")
+        if kind == "hang":
+            while True:
+                time.sleep(1)
+        if kind == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if kind == "oom":
+            from harness.offload.memory import SimulatedOutOfMemoryError
+
+            raise SimulatedOutOfMemoryError(f"injected out-of-memory in phase {name}")
+        raise ValueError(f"{FAULT_ENV}: unknown fault kind {kind!r}")
+
+    return inject
+
+
+def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
+    """Runs one cell and returns its record (never raises for failures inside the run)."""
+    import torch
+
+    from harness.flags import OffloadFlags, resolve
+    from harness.measure import Meter, Nvml, Sampler, apply_card_cap, machine_info, run_end_stats
+    from harness.models import get_model
+    from harness.models.checkpoint import ensure_checkpoint
+    from harness.offload.loader import load_component, placement_for
+    from harness.offload.memory import Device
+    from harness.pipeline import RunSettings, run_pipeline
+    from harness.results import SCHEMA_VERSION, now_iso, summarize_peaks
+
+    started = time.monotonic()
+    resolution = resolve(OffloadFlags.from_mapping(spec["requested"], "requested"), spec["policy"])
+    flags = resolution.effective
+    placements = {role: placement_for(role, flags) for role in ("text_encoder", "dit", "vae")}
+    record: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "created": now_iso(),
+        "cell_id": spec["cell_id"],
+        "scenario": spec["scenario"],
+        "scenario_file": spec.get("scenario_file"),
+        "model": spec["model"],
+        "card": spec["card"],
+        "settings": spec["settings"],
+        "device": spec["device"],
+        **{k: v for k, v in resolution.as_dict().items()},
+        "placements": placements,
+        "status": "error",
+        "failed_phase": None,
+        "reason": None,
+        "phases": {},
+    }
+    device_kind = spec["device"]
+    if device_kind == "cuda" and not torch.cuda.is_available():
+        record["reason"] = "cell asks for CUDA but torch.cuda.is_available() is False"
+        return record
+    device = Device(device_kind)
+    nvml = Nvml(torch.cuda.current_device()) if device.is_cuda else None
+    sampler = Sampler(nvml)
+    sampler.start()
+    meter = Meter(device, sampler, on_enter=_fault_injector(os.environ.get(FAULT_ENV)))
+    try:
+        record["machine"] = machine_info(device, nvml)
+        cap = spec["card"].get("cap_bytes")
+        if cap:
+            record["cap"] = apply_card_cap(int(cap), device, nvml)
+        model = get_model(spec["model"])
+        t0 = time.perf_counter()
+        ckpts = {
+            role: ensure_checkpoint(c, seed=0, progress=_progress) for role, c in model.components.items()
+        }
+        record["checkpoint_s"] = round(time.perf_counter() - t0, 3)
+        s = spec["settings"]
+        settings = RunSettings(s["height"], s["width"], s["steps"], s["true_cfg_scale"], s["seed"])
+        comps: dict[str, Any] = {}
+        with meter.phase("load"):
+            for role in ("text_encoder", "dit", "vae"):
+                _progress(f"loading {role} ({placements[role]})")
+                comps[role] = load_component(
+                    model.components[role],
+                    ckpts[role],
+                    placements[role],
+                    device,
+                    pin=flags.pin_cpu_memory,
+                    prefetch_size=flags.dit_offload_prefetch_size,
+                )
+        record["components"] = {role: c.describe() for role, c in comps.items()}
+        out = run_pipeline(model, comps, settings, device, meter, progress=_progress)
+        latents = out.pop("final_latents")
+        if spec.get("latents_out"):
+            torch.save(latents, spec["latents_out"])
+        record["outputs"] = out
+        record["status"] = "ok"
+    except torch.OutOfMemoryError as e:
+        record["status"] = "oom"
+        record["failed_phase"] = meter.failed_phase or "setup"
+        record["reason"] = str(e).strip().splitlines()[0][:500]
+    except Exception as e:
+        record["status"] = "error"
+        record["failed_phase"] = meter.failed_phase or "setup"
+        record["reason"] = f"{type(e).__name__}: {str(e).strip()[:500]}"
+        record["traceback"] = traceback.format_exc()[-4000:]
+    finally:
+        sampler.stop()
+    record["phases"] = meter.phases
+    record["peaks"] = summarize_peaks(record)
+    record["trace"] = sampler.trace[-2000:]
+    record.update(run_end_stats())
+    if record.get("cap") and device.is_cuda:
+        nvml_peak = max((p.get("nvml_proc_peak_bytes") or 0 for p in meter.phases.values()), default=0)
+        record["cap"]["nvml_proc_peak_bytes"] = nvml_peak
+        record["cap"]["within_cap"] = nvml_peak <= record["cap"]["cap_bytes"] if nvml_peak else None
+    record["child_elapsed_s"] = round(time.monotonic() - started, 3)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--cell", required=True, type=Path, help="cell spec JSON written by the runner")
+    parser.add_argument("--out", required=True, type=Path, help="where to write this cell's record")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    spec = json.loads(args.cell.read_text())
+    from harness.results import write_json_atomic
+
+    record = run_cell(spec)
+    write_json_atomic(args.out, record)
+    where = f" in {record['failed_phase']}" if record["failed_phase"] else ""
+    _progress(f"{spec['cell_id']}: {record['status']}{where}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
