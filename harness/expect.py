@@ -85,6 +85,18 @@ def _label(record: dict[str, Any]) -> str:
     return record["cell_id"].rsplit("/", 1)[-1]
 
 
+def same_output_verdict(card: str, records: list[dict[str, Any]]) -> Verdict:
+    """Every cell that ran to the end computed the same final latents, bit for bit (same seed, same math)."""
+    ran = [r for r in records if r["status"] == "ok"]
+    digests: dict[str, list[str]] = {}
+    for r in ran:
+        digests.setdefault((r.get("outputs") or {}).get("latents_sha256", "missing"), []).append(_label(r))
+    if len(digests) <= 1:
+        return Verdict("same_output", card, True, f"{len(ran)} cells that ran agree bit for bit")
+    groups = "; ".join(f"{d[:12]}: {', '.join(cells)}" for d, cells in digests.items())
+    return Verdict("same_output", card, False, f"final latents differ between cells: {groups}")
+
+
 def evaluate(scenario: Scenario, records: list[dict[str, Any]]) -> list[Verdict]:
     """All set-level verdicts of a scenario, one per card."""
     verdicts = []
@@ -92,6 +104,8 @@ def evaluate(scenario: Scenario, records: list[dict[str, Any]]) -> list[Verdict]
         group = [r for r in records if r["card"]["name"] == card.name and r["scenario"] == scenario.name]
         if scenario.expect.lowest_peak is not None:
             verdicts.append(lowest_peak_verdict(card.name, group, scenario.expect.lowest_peak))
+        if scenario.expect.same_output:
+            verdicts.append(same_output_verdict(card.name, group))
         failures = [m for r in group for m in fate_failures(r, scenario.expect.fates)]
         if scenario.expect.fates:
             verdicts.append(Verdict("fates", card.name, not failures, "; ".join(failures) or "all as declared"))

@@ -34,7 +34,7 @@ _TOP_KEYS = {
     "name", "description", "model", "profile", "cards", "height", "width", "steps", "true_cfg_scale", "seed",
     "policy", "timeout_s", "flags", "axes", "exclude", "expect", "xfail",
 }
-_EXPECT_KEYS = {"lowest_peak", "fate"}
+_EXPECT_KEYS = {"lowest_peak", "fate", "same_output"}
 _FATE_KEYS = {"cards", "where", "status", "phase"}
 
 
@@ -63,6 +63,7 @@ class FateExpectation:
 class Expectations:
     lowest_peak: dict[str, Any] | None = None
     fates: tuple[FateExpectation, ...] = ()
+    same_output: bool = False  # every cell that ran to the end produced bit-identical final latents
 
 
 @dataclass(frozen=True)
@@ -312,7 +313,10 @@ def _expect(data: Any, path: Path, cards: tuple[Card, ...]) -> Expectations:
             fcards = tuple(fcards)
         where_flags = _flag_table(f.get("where", {}), path, f"{where}.where")
         fates.append(FateExpectation(where_flags, f["status"], phase, fcards))
-    return Expectations(lowest, tuple(fates))
+    same = data.get("same_output", False)
+    if not isinstance(same, bool):
+        raise _err(path, "expect.same_output", f"expected true or false, got {same!r}")
+    return Expectations(lowest, tuple(fates), same)
 
 
 def matches(flags: dict[str, Any], where: dict[str, Any]) -> bool:
