@@ -33,6 +33,9 @@ def now_iso() -> str:
 
 
 def git_sha(cwd: Path | None = None) -> str | None:
+    """The checkout's commit, or OFFLOAD_BENCH_GIT_SHA where the tree has no .git (a copied working tree)."""
+    if os.environ.get("OFFLOAD_BENCH_GIT_SHA"):
+        return os.environ["OFFLOAD_BENCH_GIT_SHA"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5
