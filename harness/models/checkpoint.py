@@ -39,6 +39,9 @@ _DTYPES: dict[torch.dtype, str] = {
 _FROM_NAME = {v: k for k, v in _DTYPES.items()}
 
 
+_MAX_READ = 1 << 30  # Linux returns at most ~2 GiB per read call
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated or corrupt. The message names the file."""
 
@@ -106,10 +109,37 @@ class CheckpointReader:
     def names(self) -> list[str]:
         return list(self.entries)
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def nbytes(self, name: str) -> int:
+        return self._entry(name).nbytes
+
+    def _entry(self, name: str) -> TensorEntry:
         e = self.entries.get(name)
         if e is None:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}")
+        return e
+
+    def read_into(self, name: str, dst: torch.Tensor) -> None:
+        """Reads tensor `name` straight from the file into `dst`, a contiguous CPU tensor of the same size.
+
+        One copy (page cache -> dst) and no mapping left behind: unlike copying from `tensor(name)`, the file's
+        pages never count in this process's RSS, so the host cost of a load is the destination alone.
+        """
+        e = self._entry(name)
+        if not dst.is_contiguous() or dst.device.type != "cpu" or dst.numel() * dst.element_size() != e.nbytes:
+            raise ValueError(f"read_into({name!r}): destination must be a contiguous CPU tensor of {e.nbytes} bytes")
+        if e.nbytes == 0:
+            return
+        view = memoryview(dst.view(torch.uint8).reshape(-1).numpy())
+        pos, done = self.data_start + e.begin, 0
+        while done < e.nbytes:
+            n = os.preadv(self._file.fileno(), [view[done : done + _MAX_READ]], pos + done)
+            if n <= 0:
+                raise CheckpointError(f"{self.path}: unexpected end of file reading {name!r}")
+            done += n
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A zero-copy view backed by the file's mapping (its pages count in RSS while touched)."""
+        e = self._entry(name)
         if e.nbytes == 0 or self._mmap is None:
             return torch.empty(e.shape, dtype=e.dtype)
         flat = torch.frombuffer(self._mmap, dtype=torch.uint8, count=e.nbytes, offset=self.data_start + e.begin)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from harness.offload.memory import Device, HostRegion, Layout, fresh_parameter
+from harness.offload.memory import Device, HostRegion, Layout, fill_regions, fresh_parameter
 
 
 class ComponentOffload:
@@ -38,9 +38,14 @@ class ComponentOffload:
     def on_device(self) -> bool:
         return self._buffer is not None
 
-    def fill(self, source: Callable[[str], torch.Tensor]) -> None:
-        for name, view in self.host_views.items():
-            view.copy_(source(name))
+    def fill(self, read: Callable[[str, torch.Tensor], None]) -> None:
+        """Fills the region with `read(name, slot_view)` and points the parameters at it."""
+        fill_regions([(self.layout, self.region)], read)
+        self._bind(self.host_views)
+
+    def pin(self) -> None:
+        self.region.pin()
+        self.host_views = self.layout.views(self.region.tensor)  # the pin_memory fallback moves the region
         self._bind(self.host_views)
 
     def onload(self) -> None:

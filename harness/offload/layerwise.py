@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from harness.flags import prefetch_layers
-from harness.offload.memory import Device, HostRegion, Layout, fresh_parameter
+from harness.offload.memory import Device, HostRegion, Layout, fill_regions, fresh_parameter, pin_all
 
 
 @dataclass
@@ -112,12 +112,14 @@ class LayerwiseRuntime:
     def layer_bytes(self) -> list[int]:
         return [layout.nbytes for g in self.groups for layout in g.layouts]
 
-    def fill(self, source: Callable[[str], torch.Tensor]) -> None:
-        """Copies every layer parameter from `source(name)` (a checkpoint view, or a live tensor) into its slot."""
-        for g in self.groups:
-            for layout, region in zip(g.layouts, g.regions, strict=True):
-                for slot in layout.slots:
-                    slot.view(region.tensor).copy_(source(slot.name))
+    def fill(self, read: Callable[[str, torch.Tensor], None]) -> None:
+        """Fills every layer's region with `read(name, slot_view)`: a checkpoint reader's read_into, or a copy
+        from a live tensor."""
+        fill_regions([(lay, reg) for g in self.groups for lay, reg in zip(g.layouts, g.regions, strict=True)], read)
+
+    def pin(self) -> None:
+        """Page-locks every layer region (after the fill: see HostRegion)."""
+        pin_all([r for g in self.groups for r in g.regions])
 
     def attach(self) -> None:
         """Points every layer parameter at a placeholder (freeing any device copy) and installs the hooks."""

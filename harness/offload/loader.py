@@ -23,7 +23,7 @@ from harness.models import ComponentSpec
 from harness.models.checkpoint import CheckpointError, CheckpointReader
 from harness.offload.component import ComponentOffload
 from harness.offload.layerwise import LayerwiseRuntime
-from harness.offload.memory import Device
+from harness.offload.memory import Device, HostRegion
 
 PLACEMENTS = ("resident", "cpu-offload", "layerwise-from-host", "layerwise-from-device")
 
@@ -64,10 +64,12 @@ class LoadedComponent:
             self.layerwise.release_all()
 
     def describe(self) -> dict[str, Any]:
+        total = self.setup_s.get("total_s") or 0.0
         d: dict[str, Any] = {
             "placement": self.placement,
             "weight_bytes": self.weight_bytes,
             "setup_s": {k: round(v, 4) for k, v in self.setup_s.items()},
+            "setup_gbps": round(self.weight_bytes / total / 1e9, 3) if total else None,
         }
         if self.layerwise is not None:
             d["layerwise"] = {
@@ -101,14 +103,55 @@ def _check_names(module: torch.nn.Module, reader: CheckpointReader) -> None:
         )
 
 
+class _Staging:
+    """Two pinned host buffers that alternate: the file read into one overlaps the H2D copy out of the other."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.regions = [HostRegion(nbytes, pin=True) for _ in range(2)]
+        for r in self.regions:
+            r.pin()
+        self.events: list[Any] = [None, None]
+        self.turn = 0
+
+    def next(self) -> torch.Tensor:
+        self.turn ^= 1
+        if self.events[self.turn] is not None:
+            self.events[self.turn].synchronize()  # the copy that last read this buffer has finished
+        return self.regions[self.turn].tensor
+
+    def copied(self) -> None:
+        ev = torch.cuda.Event()
+        ev.record()
+        self.events[self.turn] = ev
+
+    def close(self) -> None:
+        torch.cuda.synchronize()
+        for r in self.regions:
+            r.release()
+
+
 def _materialise(module: torch.nn.Module, reader: CheckpointReader, device: Device, names: list[str]) -> None:
-    """Reads each named tensor from the checkpoint straight onto the device, one at a time."""
-    for name in names:
-        src = reader.tensor(name)
-        nbytes = src.numel() * src.element_size()
-        dst = device.empty(nbytes, name).view(src.dtype).view(src.shape)
-        dst.copy_(src)
-        _set_tensor(module, name, dst)
+    """Reads each named tensor from the checkpoint onto the device, one at a time, as the engine's loader does.
+
+    On CUDA the bytes go file -> pinned staging -> device (the staging pair lets the read of one tensor overlap
+    the copy of the previous one); on the CPU profile straight into the "device" tensor.
+    """
+    staging = _Staging(max((reader.nbytes(n) for n in names), default=0)) if device.is_cuda and names else None
+    try:
+        for name in names:
+            e = reader.entries[name]
+            dst = device.empty(e.nbytes, name).view(e.dtype).view(e.shape)
+            if staging is None:
+                reader.read_into(name, dst)
+            else:
+                host = staging.next()[: e.nbytes].view(e.dtype).view(e.shape)
+                reader.read_into(name, host)
+                dst.copy_(host, non_blocking=True)
+                staging.copied()
+            _set_tensor(module, name, dst)
+    finally:
+        if staging is not None:
+            staging.close()
 
 
 def _place_buffers(module: torch.nn.Module, device: Device) -> None:
@@ -129,56 +172,77 @@ def load_component(
 ) -> LoadedComponent:
     """Builds `spec`'s module on meta, fills it from `checkpoint` and places it.
 
+    Setup times are recorded per step: build (module on meta), alloc (host regions), read (file -> host
+    regions), pin (page-locking them), place (file -> device).
+
     Raises:
         CheckpointError: the file does not match the module.
         torch.OutOfMemoryError: the device ran out while placing (the caller records the phase).
     """
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
-    t0 = time.perf_counter()
+    clock = _Clock()
     module = spec.build_on_meta()
     reader = CheckpointReader(checkpoint)
     _check_names(module, reader)
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-    timings = {"build_s": time.perf_counter() - t0}
-    loaded = LoadedComponent(spec.role, module, placement, weight_bytes, setup_s=timings)
-    persistent_buffers = [n for n, _ in module.named_buffers() if n in set(reader.names())]
+    clock.lap("build_s")
+    loaded = LoadedComponent(spec.role, module, placement, weight_bytes, setup_s=clock.laps)
+    in_file = set(reader.names())
+    persistent_buffers = [n for n, _ in module.named_buffers() if n in in_file]
 
-    t1 = time.perf_counter()
     if placement == "resident":
         _materialise(module, reader, device, list(reader.names()))
-        timings["place_s"] = time.perf_counter() - t1
+        clock.lap("place_s")
     elif placement == "cpu-offload":
         loaded.offload = ComponentOffload(module, device, pin, spec.role)
-        timings["pin_s"] = time.perf_counter() - t1
-        t2 = time.perf_counter()
-        loaded.offload.fill(reader.tensor)
-        timings["read_s"] = time.perf_counter() - t2
+        clock.lap("alloc_s")
+        loaded.offload.fill(reader.read_into)
+        clock.lap("read_s")
+        loaded.offload.pin()
+        clock.lap("pin_s")
         _materialise(module, reader, device, persistent_buffers)
+        clock.lap("place_s")
     else:
         if placement == "layerwise-from-device":
             # What the engine does when dit_cpu_offload is off: the whole DiT lands on the device first.
             _materialise(module, reader, device, list(reader.names()))
-            timings["place_s"] = time.perf_counter() - t1
-        t2 = time.perf_counter()
+            clock.lap("place_s")
         live = dict(module.named_parameters())  # the device copies, if any, read once by fill() below
         rt = LayerwiseRuntime(module, spec.layer_groups, device, prefetch_size, pin)
-        timings["pin_s"] = time.perf_counter() - t2
-        t3 = time.perf_counter()
+        clock.lap("alloc_s")
         if placement == "layerwise-from-host":
-            rt.fill(reader.tensor)
-            rest = [n for n in reader.names() if n not in rt.layer_param_names]
-            _materialise(module, reader, device, rest)
+            rt.fill(reader.read_into)
         else:
-            rt.fill(lambda name: live[name].data)
+            rt.fill(lambda name, dst: dst.copy_(live[name].data))
             # Layer weights now live in the host regions; give their device copies back.
             device.discharge(rt.param_bytes())
-        timings["read_s"] = time.perf_counter() - t3
         del live
+        clock.lap("read_s")
+        rt.pin()
+        clock.lap("pin_s")
+        if placement == "layerwise-from-host":
+            _materialise(module, reader, device, [n for n in reader.names() if n not in rt.layer_param_names])
+            clock.lap("place_s")
         rt.attach()
         loaded.layerwise = rt
     _place_buffers(module, device)
     if device.is_cuda:
         torch.cuda.synchronize(device.torch)
-    timings["total_s"] = time.perf_counter() - t0
+    clock.lap("place_s")
+    clock.laps["total_s"] = clock.total()
     return loaded
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t0 = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self.last
+        self.last = now
+
+    def total(self) -> float:
+        return time.perf_counter() - self.t0

@@ -9,8 +9,11 @@ would hold 1 GiB; SGLang#36562 saw 20.4 GiB become 32 GiB).
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -74,27 +77,30 @@ def fresh_parameter(root: torch.nn.Module, name: str, old: torch.nn.Parameter) -
 
 
 class PinnedLedger:
-    """Host bytes this process page-locked, as requested and by which method."""
+    """Host bytes this process has page-locked now (and at most), as requested and by which method."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.requested_bytes = 0
         self.registered_bytes = 0  # cudaHostRegister: exactly the bytes asked for
         self.allocator_bytes = 0  # fallback through torch's caching host allocator (rounded up)
+        self.peak_requested_bytes = 0
         self.regions = 0
 
-    def add(self, nbytes: int, method: str) -> None:
+    def add(self, nbytes: int, method: str, sign: int = 1) -> None:
         with self._lock:
-            self.requested_bytes += nbytes
-            self.regions += 1
+            self.requested_bytes += sign * nbytes
+            self.regions += sign
             if method == "cudaHostRegister":
-                self.registered_bytes += nbytes
+                self.registered_bytes += sign * nbytes
             else:
-                self.allocator_bytes += nbytes
+                self.allocator_bytes += sign * nbytes
+            self.peak_requested_bytes = max(self.peak_requested_bytes, self.requested_bytes)
 
     def snapshot(self) -> dict[str, int]:
         return {
             "pinned_requested_bytes": self.requested_bytes,
+            "pinned_requested_peak_bytes": self.peak_requested_bytes,
             "pinned_registered_bytes": self.registered_bytes,
             "pinned_via_allocator_bytes": self.allocator_bytes,
             "pinned_regions": self.regions,
@@ -105,30 +111,73 @@ PINNED = PinnedLedger()
 
 
 class HostRegion:
-    """One host allocation of exactly `nbytes`, page-locked in place when `pin` and CUDA allow it.
+    """One host allocation of exactly `nbytes` (page granularity), page-locked in place once filled.
+
+    The memory is an anonymous mapping advised to use transparent huge pages: filling 38 GiB of fresh 4 KiB pages
+    is page-fault bound (about 3 GB/s measured on the lent H100's VM), 2 MiB pages fault 512 times less often.
+    Pinning comes after the fill (`pin()`), because cudaHostRegister of untouched memory faults every page in
+    on one thread, while the fill touches them from several reader threads.
 
     Args:
         nbytes (int): size of the region.
-        pin (bool): page-lock it, so that copies to the GPU are asynchronous DMA at full PCIe rate.
+        pin (bool): whether `pin()` page-locks it (so copies to the GPU are asynchronous DMA at full PCIe rate).
     """
 
     def __init__(self, nbytes: int, pin: bool) -> None:
         self.nbytes = nbytes
-        self.tensor = torch.empty(max(nbytes, 1), dtype=torch.uint8)[:nbytes]
+        self.want_pin = pin
+        self._map = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        with contextlib.suppress(AttributeError, OSError):
+            self._map.madvise(mmap.MADV_HUGEPAGE)
+        self.tensor = torch.frombuffer(self._map, dtype=torch.uint8, count=max(nbytes, 1))[:nbytes]
         self.pin_method = "pageable"
-        if pin and torch.cuda.is_available() and nbytes > 0:
-            rc = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), nbytes, 0)
-            if int(getattr(rc, "value", rc)) == 0:
-                self.pin_method = "cudaHostRegister"
-            else:
-                # Fall back to the caching host allocator; it rounds up, which the pinned counters then show.
-                self.tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-                self.pin_method = "pin_memory"
-            PINNED.add(nbytes, self.pin_method)
+
+    def pin(self) -> None:
+        """Page-locks the region in place (exact bytes, no power-of-two rounding); no-op without CUDA."""
+        if not self.want_pin or self.pinned or self.nbytes == 0 or not torch.cuda.is_available():
+            return
+        rc = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), self.nbytes, 0)
+        if int(getattr(rc, "value", rc)) == 0:
+            self.pin_method = "cudaHostRegister"
+        else:
+            # Fall back to the caching host allocator; it rounds up, which the pinned counters then show.
+            pinned = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=True)
+            pinned.copy_(self.tensor)
+            self.tensor = pinned
+            self.pin_method = "pin_memory"
+        PINNED.add(self.nbytes, self.pin_method)
+
+    def release(self) -> None:
+        """Unpins (a registered range must be unregistered before its memory is unmapped) and frees."""
+        if self.pin_method == "cudaHostRegister":
+            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+        if self.pinned:
+            PINNED.add(self.nbytes, self.pin_method, sign=-1)
+        self.pin_method = "pageable"
+        self.tensor = torch.empty(0, dtype=torch.uint8)
 
     @property
     def pinned(self) -> bool:
         return self.pin_method != "pageable"
+
+
+def fill_regions(
+    jobs: list[tuple[Layout, HostRegion]], read: Callable[[str, torch.Tensor], None], threads: int = 8
+) -> None:
+    """Fills regions slot by slot with `read(name, destination_view)` from a few threads.
+
+    Reads from a file (os.preadv) release the GIL, so threads overlap the page-cache copies and the first touch
+    of each region's pages.
+    """
+    work = [(slot.name, slot.view(region.tensor)) for layout, region in jobs for slot in layout.slots]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(lambda item: read(*item), work))
+
+
+def pin_all(regions: list[HostRegion], threads: int = 8) -> None:
+    """Pins many regions from a few threads (registration of resident pages is per-page kernel work)."""
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(HostRegion.pin, regions))
 
 
 class Device:
