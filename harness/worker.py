@@ -54,7 +54,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from harness.flags import OffloadFlags, resolve
-    from harness.measure import Meter, Nvml, Sampler, apply_card_cap, machine_info, run_end_stats
+    from harness.measure import Meter, Nvml, Sampler, apply_card_cap, host_rss_bytes, machine_info, run_end_stats
     from harness.models import get_model
     from harness.models.checkpoint import ensure_checkpoint
     from harness.offload.loader import load_component, placement_for
@@ -87,10 +87,25 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     if device_kind == "cuda" and not torch.cuda.is_available():
         record["reason"] = "cell asks for CUDA but torch.cuda.is_available() is False"
         return record
+    # Guards (harness.guards), before any CUDA context: a cell this machine cannot hold now is skipped, with numbers.
+    from harness.guards import GuardConfigError, check_cell
+
+    try:
+        guard = check_cell(spec, placements)
+    except GuardConfigError as e:
+        record.update(failed_phase="setup", reason=f"GuardConfigError: {e}")
+        return record
+    record["guard"] = guard.as_dict()
+    if guard.skip:
+        record.update(status="skipped", reason=guard.reason, peaks=summarize_peaks(record))
+        record["child_elapsed_s"] = round(time.monotonic() - started, 3)
+        _progress(f"{spec['cell_id']}: skipped by guard: {guard.reason}")
+        return record
     device = Device(device_kind)
     nvml = Nvml(torch.cuda.current_device()) if device.is_cuda else None
     sampler = Sampler(nvml)
     sampler.start()
+    record["rss_start_bytes"] = host_rss_bytes()
     meter = Meter(device, sampler, on_enter=_fault_injector(os.environ.get(FAULT_ENV)))
     try:
         record["machine"] = machine_info(device, nvml)
@@ -139,6 +154,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     record["peaks"] = summarize_peaks(record)
     record["trace"] = sampler.trace[-2000:]
     record.update(run_end_stats())
+    record["rss_end_bytes"] = host_rss_bytes()
     if record.get("cap") and device.is_cuda:
         nvml_peak = max((p.get("nvml_proc_peak_bytes") or 0 for p in meter.phases.values()), default=0)
         record["cap"]["nvml_proc_peak_bytes"] = nvml_peak
