@@ -1,7 +1,7 @@
 """The loader's host cost: checkpoint bytes go straight into the runtime's host regions, never a second copy.
 
-Measured as host RSS growth (steady and peak) around a load in a fresh process (so no earlier allocation in this process is
-reused or returned to the OS under the measurement), on a Qwen-Image DiT shrunk to ~295 MiB.
+Measured as host RSS growth (steady and peak) around a load in a fresh process (so no earlier allocation in this
+process is reused or returned to the OS under the measurement), on a Qwen-Image DiT shrunk to ~295 MiB.
 """
 
 from __future__ import annotations
