@@ -97,6 +97,32 @@ def same_output_verdict(card: str, records: list[dict[str, Any]]) -> Verdict:
     return Verdict("same_output", card, False, f"final latents differ between cells: {groups}")
 
 
+def host_failures(record: dict[str, Any], bounds: dict[str, Any]) -> list[str]:
+    """Host-cost bounds of one cell that ran: peak RSS over all weight bytes, pinned held over requested, and the
+    setup rate (weight bytes over setup seconds) of named components."""
+    comps = record.get("components") or {}
+    weights = sum(c.get("weight_bytes", 0) for c in comps.values())
+    phases = (record.get("phases") or {}).values()
+    out = []
+    ratio = bounds.get("max_rss_over_weights")
+    if ratio is not None:
+        rss = max([p.get("rss_peak_bytes", 0) for p in phases] + [record.get("ru_maxrss_bytes", 0)])
+        if not weights or rss > ratio * weights:
+            out.append(f"{record['cell_id']}: host peak RSS {_mib(rss)} > {ratio} x weights {_mib(weights)}")
+    ratio = bounds.get("max_pinned_held_over_requested")
+    if ratio is not None:
+        requested = max((p.get("pinned_requested_peak_bytes", 0) for p in phases), default=0)
+        held = max((p.get("pinned_registered_bytes", 0) + p.get("pinned_torch_allocator_bytes", 0) for p in phases),
+                   default=0)
+        if held > ratio * requested:
+            out.append(f"{record['cell_id']}: pinned held {_mib(held)} > {ratio} x requested {_mib(requested)}")
+    for role, floor in (bounds.get("min_setup_gbps") or {}).items():
+        rate = (comps.get(role) or {}).get("setup_gbps")
+        if rate is None or rate < floor:
+            out.append(f"{record['cell_id']}: {role} setup at {rate} GB/s, below {floor} GB/s")
+    return out
+
+
 def evaluate(scenario: Scenario, records: list[dict[str, Any]]) -> list[Verdict]:
     """All set-level verdicts of a scenario, one per card."""
     verdicts = []
@@ -106,6 +132,9 @@ def evaluate(scenario: Scenario, records: list[dict[str, Any]]) -> list[Verdict]
             verdicts.append(lowest_peak_verdict(card.name, group, scenario.expect.lowest_peak))
         if scenario.expect.same_output:
             verdicts.append(same_output_verdict(card.name, group))
+        if scenario.expect.host is not None:
+            host = [m for r in group if r["status"] == "ok" for m in host_failures(r, scenario.expect.host)]
+            verdicts.append(Verdict("host", card.name, not host, "; ".join(host) or "within the host-cost bounds"))
         failures = [m for r in group for m in fate_failures(r, scenario.expect.fates)]
         if scenario.expect.fates:
             verdicts.append(Verdict("fates", card.name, not failures, "; ".join(failures) or "all as declared"))

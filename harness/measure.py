@@ -37,6 +37,21 @@ def host_rss_bytes() -> int:
         return int(f.read().split()[1]) * _PAGE
 
 
+def kernel_locked_bytes() -> dict[str, int]:
+    """Locked/pinned host memory as the kernel accounts it (VmLck, VmPin in /proc/self/status): a view of pinned
+    bytes independent of the harness's own ledger (drivers differ in what they report here)."""
+    out: dict[str, int] = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmLck", "VmPin"):
+                    out[f"kernel_{key.lower()}_bytes"] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
 class Nvml:
     """Per-process and whole-device memory of the GPU this process uses, through NVML (None when unavailable)."""
 
@@ -192,6 +207,7 @@ class Meter:
             rec["ledger_end_bytes"] = self.device.ledger_bytes
             rec.update(self.sampler.phase_peaks(name))
             rec.update(PINNED.snapshot())
+            rec.update(kernel_locked_bytes())
             if cuda:
                 with contextlib.suppress(Exception):
                     stats = torch.cuda.host_memory_stats()

@@ -34,7 +34,8 @@ _TOP_KEYS = {
     "name", "description", "model", "profile", "cards", "height", "width", "steps", "true_cfg_scale", "seed",
     "policy", "timeout_s", "flags", "axes", "exclude", "expect", "xfail",
 }
-_EXPECT_KEYS = {"lowest_peak", "fate", "same_output"}
+_EXPECT_KEYS = {"lowest_peak", "fate", "same_output", "host"}
+_HOST_KEYS = {"max_rss_over_weights", "max_pinned_held_over_requested", "min_setup_gbps"}
 _FATE_KEYS = {"cards", "where", "status", "phase"}
 
 
@@ -64,6 +65,7 @@ class Expectations:
     lowest_peak: dict[str, Any] | None = None
     fates: tuple[FateExpectation, ...] = ()
     same_output: bool = False  # every cell that ran to the end produced bit-identical final latents
+    host: dict[str, Any] | None = None  # host-cost bounds checked on every cell that ran (see harness.expect)
 
 
 @dataclass(frozen=True)
@@ -316,7 +318,25 @@ def _expect(data: Any, path: Path, cards: tuple[Card, ...]) -> Expectations:
     same = data.get("same_output", False)
     if not isinstance(same, bool):
         raise _err(path, "expect.same_output", f"expected true or false, got {same!r}")
-    return Expectations(lowest, tuple(fates), same)
+    return Expectations(lowest, tuple(fates), same, _host_bounds(data.get("host"), path))
+
+
+def _host_bounds(data: Any, path: Path) -> dict[str, Any] | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict) or set(data) - _HOST_KEYS:
+        raise _err(path, "expect.host", f"expected a table with keys among {sorted(_HOST_KEYS)}")
+    for key in ("max_rss_over_weights", "max_pinned_held_over_requested"):
+        v = data.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or v <= 0):
+            raise _err(path, f"expect.host.{key}", f"expected a positive number, got {v!r}")
+    gbps = data.get("min_setup_gbps", {})
+    if not isinstance(gbps, dict) or not all(
+        k in ("text_encoder", "dit", "vae") and isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+        for k, v in gbps.items()
+    ):
+        raise _err(path, "expect.host.min_setup_gbps", "expected a table of component role -> positive GB/s")
+    return data
 
 
 def matches(flags: dict[str, Any], where: dict[str, Any]) -> bool:
