@@ -10,7 +10,7 @@ RUN ?= $(lastword $(sort $(wildcard $(RESULTS)/runs/*)))
 
 deps:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==2.13.0
-	@$(PYTHON) -c "import diffusers, transformers, safetensors, tabulate, pynvml, pytest_benchmark, hypothesis, ruff" \
+	@$(PYTHON) -c "import diffusers, transformers, safetensors, tabulate, matplotlib, pynvml, pytest_benchmark, hypothesis, ruff" \
 		2>/dev/null || $(PYTHON) -m pip install -q -e '.[dev]'
 
 lint: deps
@@ -22,8 +22,23 @@ test: lint
 bench: deps
 	$(PYTHON) -m pytest scenarios -p no:cacheprovider -rA --bench-results $(RESULTS) $(BENCH_ARGS)
 
+# Markdown report plus PNG plots (peak vs denoise latency with the Pareto front; memory over time) in $(RUN).
 report: deps
+	@test -n "$(RUN)" || { echo "no run under $(RESULTS)/runs: pass RUN=<run folder or records.jsonl>" >&2; exit 2; }
 	$(PYTHON) -m harness report $(RUN) --out $(RUN)/report.md
+
+# Write/refresh results/baselines/<gpu sku>.json from $(RUN) (SKU=... picks one when a run mixes SKUs).
+.PHONY: baseline compare
+baseline: deps
+	@test -n "$(RUN)" || { echo "no run under $(RESULTS)/runs: pass RUN=<run folder or records.jsonl>" >&2; exit 2; }
+	$(PYTHON) -m harness baseline $(RUN) $(if $(SKU),--sku $(SKU))
+
+# Compare $(RUN) with its SKU's baseline: table on stdout, compare.md and github-action-benchmark JSON in $(RUN);
+# exit 1 on a regression or a lost/changed/missing cell.
+compare: deps
+	@test -n "$(RUN)" || { echo "no run under $(RESULTS)/runs: pass RUN=<run folder or records.jsonl>" >&2; exit 2; }
+	$(PYTHON) -m harness compare $(RUN) $(if $(SKU),--sku $(SKU)) --markdown $(RUN)/compare.md \
+		--gab-json $(RUN)/benchmark.json
 
 list: deps
 	$(PYTHON) -m harness list

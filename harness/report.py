@@ -1,7 +1,13 @@
-"""Markdown report of a run's records: one table per scenario, every memory column labelled with its counter."""
+"""Markdown report of a run's records: one table per scenario, every memory column labelled with its counter.
+
+`render` gives the markdown alone; `write_report` writes it with PNG plots next to it (`harness.plots`): per
+scenario and card, peak memory against denoise latency with the Pareto front and the card's cap, and each cell's
+memory over time (NVML per-process, host RSS, phases shaded). The markdown links the PNGs by relative path.
+"""
 
 from __future__ import annotations
 
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -99,3 +105,88 @@ def render(records: list[dict[str, Any]], title: str = "offload-bench run") -> s
         "needed more than its card, whatever its last measured peak."
     )
     return "\n".join(out) + "\n"
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-") or "x"
+
+
+def report_paths(out: Path | str) -> Path:
+    """The markdown file for `--out`: a path ending in .md is the file; anything else is a folder (report.md)."""
+    out = Path(out)
+    return out if out.suffix.lower() == ".md" else out / "report.md"
+
+
+def groups(records: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Records by (scenario, card), in the order they first appear."""
+    out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        out.setdefault((r["scenario"], r["card"]["name"]), []).append(r)
+    return out
+
+
+def write_plots(records: list[dict[str, Any]], folder: Path, stem: str) -> dict[tuple[str, str], dict[str, Path]]:
+    """Two PNGs per scenario and card: '<stem>-<scenario>-<card>-pareto.png' and '...-memory.png' (without the
+    stem where the scenario name starts with it)."""
+    from harness.plots import pareto_plot, trace_plot
+
+    out = {}
+    used: set[str] = set()
+    for (scenario, card), recs in groups(records).items():
+        # a report named after its scenario (results/h100/<scenario>.md) does not repeat the name
+        base = f"{_slug(scenario)}-{_slug(card)}"
+        base = base if base.startswith(f"{stem}-") else f"{stem}-{base}"
+        while base in used:
+            base += "-x"
+        used.add(base)
+        out[(scenario, card)] = {
+            "pareto": pareto_plot(recs, folder / f"{base}-pareto.png", f"{scenario} on {card}: peak vs denoise"),
+            "memory": trace_plot(recs, folder / f"{base}-memory.png", f"{scenario} on {card}: memory over time"),
+        }
+    return out
+
+
+def plots_section(
+    plots: dict[tuple[str, str], dict[str, Path]], relative_to: Path, records: list[dict[str, Any]]
+) -> str:
+    out = ["## Plots", ""]
+    scenario = None
+    by_group = groups(records)
+    for (scen, card), files in plots.items():
+        if scen != scenario:
+            out += [f"### {scen}", ""]
+            scenario = scen
+        pareto = files["pareto"].relative_to(relative_to).as_posix()
+        memory = files["memory"].relative_to(relative_to).as_posix()
+        out += [
+            f"**{card}**: peak device memory (the table's peak counter) against denoise latency, Pareto front "
+            "marked, card cap as a horizontal line; then each cell's memory over time (NVML per-process, host RSS, "
+            "phases shaded).",
+            "",
+            f"![{scen} on {card}: peak memory vs denoise latency]({pareto})",
+            "",
+            f"![{scen} on {card}: memory over time]({memory})",
+            "",
+        ]
+        for r in by_group.get((scen, card), []):
+            fate = r["status"] + (f" in {r['failed_phase']}" if r.get("failed_phase") else "")
+            same = f", same record as `{r['same_as']}` (not plotted)" if r.get("same_as") else ""
+            out.append(f"- `{r['cell_id']}`: {fate}{same}")
+        out.append("")
+    return "\n".join(out)
+
+
+def write_report(
+    records: list[dict[str, Any]], out: Path | str, title: str = "offload-bench run", plots: bool = True
+) -> list[Path]:
+    """Writes the markdown report (and its PNGs next to it); returns the files written, markdown first."""
+    md = report_paths(out)
+    md.parent.mkdir(parents=True, exist_ok=True)
+    text = render(records, title)
+    written: list[Path] = []
+    if plots:
+        made = write_plots(records, md.parent, md.stem)
+        text += "\n" + plots_section(made, md.parent, records)
+        written += [p for files in made.values() for p in files.values()]
+    md.write_text(text, encoding="utf-8")
+    return [md, *written]

@@ -1,0 +1,270 @@
+"""Per-GPU-SKU baselines: the metrics of every cell of a reference run, with per-metric tolerances.
+
+A baseline lives at results/baselines/<sku>.json, where the SKU is record["machine"]["sku"] (for example
+"nvidia-h100-80gb-hbm3"; the CPU profile's records say "cpu"). It is keyed by cell id and holds, per cell, the
+fate (status, failed_phase) and the metrics `cell_metrics` extracts from its record:
+
+- load_peak_<c>_bytes, runtime_peak_<c>_bytes: `harness.results.summarize_peaks` on the record's peak counter,
+  named after it (`reserved` = allocator reserved on CUDA, `ledger` = harness ledger on the CPU profile);
+- nvml_proc_peak_bytes: NVML per-process peak over all phases (CUDA only);
+- e2e_ms: encode + denoise + decode phase time; load_ms, denoise_ms; denoise_step_ms: median denoise step.
+
+Every metric is "smaller is better". Tolerances are relative increases a metric may show before it counts as a
+regression; the defaults are SGLang-diffusion's perf-baseline tolerances, and a file's own values (hand-tuned)
+survive a refresh. `improvement_threshold` is the relative decrease beyond which a metric counts as improved.
+
+Reading a file validates it fully: a corrupt file raises `BaselineError` with a one-line message naming it.
+This module imports no torch and does no I/O beyond reading and writing the files it is given.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.results import PHASES, RUNTIME_PHASES, STATUSES, now_iso, summarize_peaks, write_json_atomic
+
+BASELINE_SCHEMA_VERSION = 1
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_BASELINES_DIR = REPO / "results" / "baselines"
+
+# Short names of the peak counters, used in metric keys.
+COUNTER_KEYS = {"alloc_peak_reserved_bytes": "reserved", "ledger_peak_bytes": "ledger"}
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    unit: str  # "bytes" or "ms"
+    kind: str  # "memory" or "time"
+    tolerance: float  # default allowed relative increase
+    label: str
+
+
+# Canonical order; SGLang-diffusion's perf-baseline tolerances. Larger is worse for all of them.
+METRICS: tuple[Metric, ...] = (
+    Metric("load_peak_reserved_bytes", "bytes", "memory", 0.01, "load peak (alloc reserved)"),
+    Metric("load_peak_ledger_bytes", "bytes", "memory", 0.01, "load peak (ledger)"),
+    Metric("runtime_peak_reserved_bytes", "bytes", "memory", 0.02, "runtime peak (alloc reserved)"),
+    Metric("runtime_peak_ledger_bytes", "bytes", "memory", 0.02, "runtime peak (ledger)"),
+    Metric("nvml_proc_peak_bytes", "bytes", "memory", 0.02, "peak (NVML per-process)"),
+    Metric("e2e_ms", "ms", "time", 0.25, "encode+denoise+decode time"),
+    Metric("load_ms", "ms", "time", 0.40, "load time"),
+    Metric("denoise_ms", "ms", "time", 0.25, "denoise time"),
+    Metric("denoise_step_ms", "ms", "time", 0.30, "denoise step time (median)"),
+)
+METRIC_BY_NAME = {m.name: m for m in METRICS}
+DEFAULT_TOLERANCES = {m.name: m.tolerance for m in METRICS}
+DEFAULT_IMPROVEMENT_THRESHOLD = 0.20
+
+_TOP_KEYS = ("schema_version", "sku", "created", "source", "machine", "tolerances", "improvement_threshold", "cells")
+_CELL_KEYS = ("status", "failed_phase", "metrics")
+# Machine fields worth keeping (the per-cell ones such as pinned_h2d_gbps vary from cell to cell).
+_MACHINE_KEYS = (
+    "gpu", "sku", "gpu_memory_bytes", "driver", "cuda", "torch", "diffusers", "transformers", "python",
+    "pcie_gen", "pcie_gen_max", "pcie_width", "host_mem_total_bytes", "cpu_count", "allocator_conf",
+)
+
+
+class BaselineError(ValueError):
+    """A baseline file is missing, unreadable or malformed, or a run cannot make one. One line, naming the file."""
+
+
+def metric(name: str) -> Metric:
+    """The metric called `name`; an unknown one (a hand-added key) is treated as a time-like, unitless metric."""
+    return METRIC_BY_NAME.get(name) or Metric(name, "", "other", DEFAULT_TOLERANCES.get(name, 0.25), name)
+
+
+def metric_order(name: str) -> tuple[int, str]:
+    names = [m.name for m in METRICS]
+    return (names.index(name), name) if name in names else (len(names), name)
+
+
+# ------------------------------------------------------------------------------------------------ records -> cells
+
+
+def record_sku(record: dict[str, Any]) -> str | None:
+    return (record.get("machine") or {}).get("sku")
+
+
+def cell_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """The baseline metrics of one record; a metric the record does not have is left out (never null)."""
+    phases = record.get("phases") or {}
+    peaks = summarize_peaks(record)
+    short = COUNTER_KEYS.get(peaks["counter"], peaks["counter"].removesuffix("_bytes"))
+    out: dict[str, float] = {}
+
+    def put(name: str, value: Any) -> None:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[name] = value
+
+    put(f"load_peak_{short}_bytes", peaks["load"])
+    put(f"runtime_peak_{short}_bytes", peaks["runtime"])
+    nvml = [(phases.get(p) or {}).get("nvml_proc_peak_bytes") for p in PHASES]
+    nvml = [v for v in nvml if isinstance(v, int | float)]
+    if nvml:
+        put("nvml_proc_peak_bytes", max(nvml))
+    runtime_ms = [(phases.get(p) or {}).get("time_ms") for p in RUNTIME_PHASES]
+    if all(isinstance(v, int | float) for v in runtime_ms):
+        put("e2e_ms", round(sum(runtime_ms), 3))
+    put("load_ms", (phases.get("load") or {}).get("time_ms"))
+    put("denoise_ms", (phases.get("denoise") or {}).get("time_ms"))
+    steps = (phases.get("denoise") or {}).get("step_ms") or []
+    if steps:
+        put("denoise_step_ms", round(statistics.median(steps), 3))
+    return out
+
+
+def cell_entry(record: dict[str, Any]) -> dict[str, Any]:
+    """What a baseline (or a comparison) keeps of one record."""
+    return {
+        "status": record["status"],
+        "failed_phase": record.get("failed_phase"),
+        "metrics": cell_metrics(record),
+        "run_id": record.get("run_id"),
+        "created": record.get("created"),
+        "git_sha": record.get("git_sha"),
+    }
+
+
+def run_sku(records: Iterable[dict[str, Any]], sku: str | None = None, where: str = "run") -> str:
+    """The one SKU of a run's records (or `sku`, checked to be among them). Records without machine info (a child
+    that died before measuring) do not count. Mixing SKUs without choosing one is refused."""
+    skus = sorted({s for r in records if (s := record_sku(r))})
+    if sku is not None:
+        if sku not in skus:
+            raise BaselineError(f"{where}: no records of SKU {sku!r} (the run has {', '.join(skus) or 'none'})")
+        return sku
+    if not skus:
+        raise BaselineError(f"{where}: no record names its machine SKU (machine.sku)")
+    if len(skus) > 1:
+        raise BaselineError(f"{where}: records of several SKUs ({', '.join(skus)}); pick one with --sku")
+    return skus[0]
+
+
+def run_cells(records: Iterable[dict[str, Any]], sku: str) -> dict[str, dict[str, Any]]:
+    """Cell id -> cell entry of the records of `sku` (records without a SKU are taken as the run's). Skipped
+    cells carry no measurement and are left out."""
+    out = {}
+    for r in records:
+        if record_sku(r) not in (sku, None) or r.get("status") == "skipped":
+            continue
+        out[r["cell_id"]] = cell_entry(r)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+
+def baseline_path(sku: str, baselines_dir: Path | str | None = None) -> Path:
+    return Path(baselines_dir or DEFAULT_BASELINES_DIR) / f"{sku}.json"
+
+
+def build_baseline(
+    records: list[dict[str, Any]],
+    sku: str | None = None,
+    previous: dict[str, Any] | None = None,
+    merge: bool = False,
+    source: str | None = None,
+) -> dict[str, Any]:
+    """A baseline from a run's records (latest record per cell). `previous` (the file being refreshed) keeps its
+    tolerances and improvement threshold; with `merge`, also its cells that this run did not measure."""
+    sku = run_sku(records, sku)
+    if previous is not None and previous["sku"] != sku:
+        raise BaselineError(f"baseline is for SKU {previous['sku']!r}, the run is {sku!r}: refusing to mix SKUs")
+    cells = run_cells(records, sku)
+    if not cells:
+        raise BaselineError(f"{source or 'run'}: no cell of SKU {sku!r} to make a baseline of")
+    mine = [r for r in records if record_sku(r) == sku]
+    first = mine[0]
+    tolerances = dict(DEFAULT_TOLERANCES)
+    improvement = DEFAULT_IMPROVEMENT_THRESHOLD
+    if previous is not None:
+        tolerances.update(previous["tolerances"])
+        improvement = previous["improvement_threshold"]
+        if merge:
+            cells = {**previous["cells"], **cells}
+    run_ids = sorted({r.get("run_id") for r in mine if r.get("run_id")})
+    return {
+        "schema_version": BASELINE_SCHEMA_VERSION,
+        "sku": sku,
+        "created": now_iso(),
+        "source": {
+            "run_id": run_ids[0] if len(run_ids) == 1 else run_ids,
+            "git_sha": first.get("git_sha"),
+            "records": source,
+            "merged": bool(merge and previous is not None),
+        },
+        "machine": {k: first["machine"].get(k) for k in _MACHINE_KEYS if k in first["machine"]},
+        "tolerances": tolerances,
+        "improvement_threshold": improvement,
+        "cells": dict(sorted(cells.items())),
+    }
+
+
+def write_baseline(path: Path, baseline: dict[str, Any]) -> None:
+    validate(baseline, str(path))
+    write_json_atomic(Path(path), baseline)
+
+
+def read_baseline(path: Path | str) -> dict[str, Any]:
+    """Reads and validates a baseline file; any problem is a one-line `BaselineError` naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BaselineError(f"{path}: no such baseline file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BaselineError(f"{path}: unreadable baseline file: {e}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BaselineError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    validate(data, str(path))
+    return data
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def validate(data: Any, where: str) -> None:
+    """Raises `BaselineError` ('<where>: <what>') unless `data` is a well-formed baseline of this schema."""
+
+    def bad(what: str) -> BaselineError:
+        return BaselineError(f"{where}: {what}")
+
+    if not isinstance(data, dict):
+        raise bad("a baseline is a JSON object")
+    version = data.get("schema_version")
+    if version != BASELINE_SCHEMA_VERSION:
+        raise bad(f"schema_version is {version!r}, this harness reads baseline schema {BASELINE_SCHEMA_VERSION}")
+    missing = [k for k in _TOP_KEYS if k not in data]
+    if missing:
+        raise bad(f"missing key(s): {', '.join(missing)}")
+    if not isinstance(data["sku"], str) or not data["sku"]:
+        raise bad("sku must be a non-empty string")
+    tol = data["tolerances"]
+    if not isinstance(tol, dict) or not all(_number(v) and v >= 0 for v in tol.values()):
+        raise bad("tolerances must map metric names to non-negative numbers (fractions: 0.01 = 1 %)")
+    if not _number(data["improvement_threshold"]) or data["improvement_threshold"] < 0:
+        raise bad("improvement_threshold must be a non-negative number")
+    if not isinstance(data["cells"], dict):
+        raise bad("cells must be an object keyed by cell id")
+    for cell_id, cell in data["cells"].items():
+        if not isinstance(cell, dict):
+            raise bad(f"cells[{cell_id!r}] must be an object")
+        missing = [k for k in _CELL_KEYS if k not in cell]
+        if missing:
+            raise bad(f"cells[{cell_id!r}]: missing key(s): {', '.join(missing)}")
+        if cell["status"] not in STATUSES:
+            raise bad(f"cells[{cell_id!r}].status {cell['status']!r} is not one of {', '.join(STATUSES)}")
+        if cell["failed_phase"] is not None and cell["failed_phase"] not in PHASES:
+            raise bad(f"cells[{cell_id!r}].failed_phase {cell['failed_phase']!r} is not a phase or null")
+        metrics = cell["metrics"]
+        if not isinstance(metrics, dict) or not all(_number(v) for v in metrics.values()):
+            raise bad(f"cells[{cell_id!r}].metrics must map metric names to numbers")

@@ -1,0 +1,350 @@
+"""Compare a run with its SKU's baseline: pure functions over dicts that return verdicts, rendered separately.
+
+Two questions, kept apart:
+
+- **Validity** (does each cell still get as far as it did?): a cell's progress is how far it got, failed in load <
+  failed in encode < ... < ok. Less progress than the baseline is `lost` (ok -> oom is the typical case), more is
+  `fixed` (it now loads, or now runs to the end, where it used to run out of memory), the same progress with
+  another fate (oom -> crash) is `changed`. A baseline cell the run lacks is `missing`, a run cell the baseline
+  lacks is `new`.
+- **Metrics** (is a cell that ran in both slower or hungrier?): each metric of each cell gets `regressed` (it grew
+  by more than its tolerance), `improved` (it shrank by more than the improvement threshold), `within tolerance`,
+  `missing` (the baseline has it, the run does not), `new` (the run has it, the baseline does not) or
+  `not compared` (the cell did not get through the phases the metric measures, in the baseline or the run: its
+  fate is judged above). So a cell that ran out of memory in denoise in both still has its load metrics compared.
+
+Every metric is smaller-is-better. `Check` is a small regression check in the style of pytest-benchmark's
+(`Check.parse("load_peak_reserved_bytes:+1%")`, `fails(baseline, current) -> str | None`).
+
+The comparison fails on any regressed or missing metric and any lost, changed or missing cell.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from tabulate import tabulate
+
+from harness.baseline import metric, metric_order
+from harness.results import PHASES
+
+MIB = 2**20
+
+REGRESSED, IMPROVED, WITHIN, MISSING, NEW, NOT_COMPARED = (
+    "regressed", "improved", "within tolerance", "missing", "new", "not compared",
+)
+LOST, FIXED, CHANGED = "lost", "fixed", "changed"
+FAILING_METRIC_VERDICTS = (REGRESSED, MISSING)
+FAILING_CELL_VERDICTS = (LOST, CHANGED, MISSING)
+
+
+class CheckSpecError(ValueError):
+    """A threshold spec such as 'e2e_ms:+25%' is malformed."""
+
+
+def relative_change(baseline: float, current: float) -> float:
+    """(current - baseline) / baseline; from a zero baseline, 0 if still zero else +/-inf."""
+    if baseline == 0:
+        return 0.0 if current == 0 else math.copysign(math.inf, current)
+    return (current - baseline) / abs(baseline)
+
+
+@dataclass(frozen=True)
+class Check:
+    """A metric may grow by at most `tolerance` (a fraction: 0.01 = +1 %) over its baseline value."""
+
+    metric: str
+    tolerance: float
+
+    _SPEC = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*:\s*\+?\s*([0-9]*\.?[0-9]+)\s*(%?)\s*$")
+
+    @classmethod
+    def parse(cls, spec: str) -> Check:
+        """'name:+N%' (or 'name:N%', or 'name:0.01' as a fraction)."""
+        m = cls._SPEC.match(spec)
+        if not m:
+            raise CheckSpecError(f"threshold {spec!r}: expected METRIC:+N% (for example e2e_ms:+25%)")
+        value = float(m.group(2))
+        return cls(m.group(1), value / 100 if m.group(3) else value)
+
+    def fails(self, baseline: float, current: float) -> str | None:
+        """Why `current` is a regression against `baseline`, or None if it is within tolerance."""
+        change = relative_change(baseline, current)
+        if change > self.tolerance:
+            return (
+                f"{self.metric} regressed by {_pct(change)} (> +{self.tolerance * 100:g} %): "
+                f"{_value(self.metric, baseline)} -> {_value(self.metric, current)}"
+            )
+        return None
+
+    def __str__(self) -> str:
+        return f"{self.metric}:+{self.tolerance * 100:g}%"
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    cell_id: str
+    metric: str
+    baseline: float | None
+    current: float | None
+    change: float | None  # relative, None where not both present
+    tolerance: float
+    verdict: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class CellRow:
+    cell_id: str
+    verdict: str  # lost | fixed | changed | missing | new | unchanged
+    baseline_fate: str | None
+    current_fate: str | None
+    note: str = ""
+
+
+@dataclass
+class Comparison:
+    sku: str
+    baseline_source: str
+    improvement_threshold: float
+    cells: list[CellRow] = field(default_factory=list)
+    rows: list[MetricRow] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[str]:
+        """One line per failing cell, then per failing metric of a cell that is in the run."""
+        out = [f"{c.cell_id}: {c.verdict} ({c.note})" for c in self.cells if c.verdict in FAILING_CELL_VERDICTS]
+        gone = {c.cell_id for c in self.cells if c.verdict == MISSING}
+        out += [
+            f"{r.cell_id}: {r.metric} {r.verdict}" + (f" ({r.note})" if r.note else "")
+            for r in self.rows
+            if r.verdict in FAILING_METRIC_VERDICTS and r.cell_id not in gone
+        ]
+        return out
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.failures)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+    def count(self, verdict: str) -> int:
+        return sum(r.verdict == verdict for r in self.rows)
+
+    def count_cells(self, verdict: str) -> int:
+        return sum(c.verdict == verdict for c in self.cells)
+
+
+# ------------------------------------------------------------------------------------------------ pure comparison
+
+
+def fate(cell: dict[str, Any]) -> str:
+    return cell["status"] + (f" ({cell['failed_phase']})" if cell.get("failed_phase") else "")
+
+
+def progress(cell: dict[str, Any]) -> int:
+    """How far a cell got: the index of the phase it failed in (load 0 ... decode 3), or len(PHASES) if ok."""
+    if cell["status"] == "ok":
+        return len(PHASES)
+    phase = cell.get("failed_phase")
+    return PHASES.index(phase) if phase in PHASES else -1
+
+
+def needs_phase(name: str) -> int:
+    """The index of the last phase a metric needs: load metrics need load, denoise ones denoise, whole-run ones
+    (runtime peak, NVML peak, e2e) every phase; a metric is compared only where both cells got through it."""
+    if name.startswith("load_"):
+        return PHASES.index("load")
+    if name.startswith("denoise_"):
+        return PHASES.index("denoise")
+    return len(PHASES) - 1
+
+
+def cell_verdict(cell_id: str, base: dict[str, Any] | None, cur: dict[str, Any] | None) -> CellRow:
+    if cur is None:
+        return CellRow(cell_id, MISSING, fate(base), None, "in the baseline, not in the run")
+    if base is None:
+        return CellRow(cell_id, NEW, None, fate(cur), "not in the baseline")
+    b, c = progress(base), progress(cur)
+    if c < b:
+        what = "used to run to the end" if base["status"] == "ok" else f"used to get further ({fate(base)})"
+        return CellRow(cell_id, LOST, fate(base), fate(cur), f"{what}, now {fate(cur)}")
+    if c > b:
+        if cur["status"] == "ok":
+            now = "now runs to the end"
+        elif b <= 0:
+            now = f"now loads ({fate(cur)})"
+        else:
+            now = f"now gets further ({fate(cur)})"
+        return CellRow(cell_id, FIXED, fate(base), fate(cur), f"{now}; used to be {fate(base)}")
+    if fate(base) != fate(cur):
+        return CellRow(cell_id, CHANGED, fate(base), fate(cur), f"{fate(base)} -> {fate(cur)}")
+    return CellRow(cell_id, "unchanged", fate(base), fate(cur))
+
+
+def metric_rows(
+    cell_id: str,
+    base: dict[str, Any] | None,
+    cur: dict[str, Any] | None,
+    checks: dict[str, Check],
+    improvement_threshold: float,
+) -> list[MetricRow]:
+    base_m = (base or {}).get("metrics") or {}
+    cur_m = (cur or {}).get("metrics") or {}
+    completed = min(progress(base), progress(cur)) if base is not None and cur is not None else -1
+    rows = []
+    for name in sorted(set(base_m) | set(cur_m), key=metric_order):
+        check = checks.get(name) or Check(name, metric(name).tolerance)
+        b, c = base_m.get(name), cur_m.get(name)
+        change = relative_change(b, c) if b is not None and c is not None else None
+
+        if cur is None:
+            verdict, note = MISSING, "cell not in the run"
+        elif base is None:
+            verdict, note = NEW, "cell not in the baseline"
+        elif needs_phase(name) >= completed:
+            verdict, note = NOT_COMPARED, f"baseline {fate(base)}, run {fate(cur)}"
+        elif c is None:
+            verdict, note = MISSING, "metric not in the run"
+        elif b is None:
+            verdict, note = NEW, "metric not in the baseline"
+        elif (why := check.fails(b, c)) is not None:
+            verdict, note = REGRESSED, why
+        elif change is not None and change < -improvement_threshold:
+            verdict, note = IMPROVED, f"beyond the {improvement_threshold * 100:g} % improvement threshold"
+        else:
+            verdict, note = WITHIN, ""
+        rows.append(MetricRow(cell_id, name, b, c, change, check.tolerance, verdict, note))
+    return rows
+
+
+def compare(
+    baseline: dict[str, Any],
+    current: dict[str, dict[str, Any]],
+    overrides: list[Check] | tuple[Check, ...] = (),
+    only_scenarios: set[str] | None = None,
+    source: str = "baseline",
+) -> Comparison:
+    """Compares `current` (cell id -> cell entry, as `harness.baseline.run_cells` makes) with a baseline dict.
+    `overrides` replace the baseline's tolerances for their metrics; `only_scenarios` limits the baseline to
+    those scenarios (a partial run then does not report the others' cells as missing)."""
+    checks = {name: Check(name, tol) for name, tol in baseline["tolerances"].items()}
+    checks.update({c.metric: c for c in overrides})
+    threshold = baseline["improvement_threshold"]
+    base_cells = baseline["cells"]
+    if only_scenarios is not None:
+        base_cells = {k: v for k, v in base_cells.items() if k.split("/", 1)[0] in only_scenarios}
+    out = Comparison(baseline["sku"], source, threshold)
+    order = sorted(base_cells) + [k for k in current if k not in base_cells]
+    for cell_id in order:
+        base, cur = base_cells.get(cell_id), current.get(cell_id)
+        out.cells.append(cell_verdict(cell_id, base, cur))
+        out.rows += metric_rows(cell_id, base, cur, checks, threshold)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ rendering
+
+
+def _pct(change: float | None) -> str:
+    if change is None:
+        return ""
+    if math.isinf(change):
+        return "+inf %" if change > 0 else "-inf %"
+    return f"{change * 100:+.1f} %"
+
+
+def _value(name: str, v: float | None) -> str:
+    if v is None:
+        return ""
+    if metric(name).unit == "bytes":
+        return f"{v / MIB:,.1f} MiB"
+    if metric(name).unit == "ms":
+        return f"{v:,.1f} ms"
+    return f"{v:,g}"
+
+
+def validity_table(comp: Comparison) -> str | None:
+    rows = [c for c in comp.cells if c.verdict != "unchanged"]
+    if not rows:
+        return None
+    return tabulate(
+        [[c.cell_id, c.verdict, c.baseline_fate or "", c.current_fate or "", c.note] for c in rows],
+        headers=["cell", "validity", "baseline", "run", "note"],
+        tablefmt="github",
+    )
+
+
+def metric_table(comp: Comparison) -> str:
+    return tabulate(
+        [
+            [r.cell_id, r.metric, _value(r.metric, r.baseline), _value(r.metric, r.current), _pct(r.change),
+             f"+{r.tolerance * 100:g} %", r.verdict, r.note]
+            for r in comp.rows
+        ],
+        headers=["cell", "metric", "baseline", "current", "change", "tolerance", "verdict", "note"],
+        tablefmt="github",
+        disable_numparse=True,
+    )
+
+
+def summary(comp: Comparison) -> str:
+    metric_counts = ", ".join(
+        f"{n} {v}" for v in (REGRESSED, MISSING, IMPROVED, WITHIN, NEW, NOT_COMPARED) if (n := comp.count(v))
+    )
+    cell_counts = ", ".join(
+        f"{n} {v}" for v in (LOST, CHANGED, MISSING, FIXED, NEW) if (n := comp.count_cells(v))
+    )
+    verdict = "FAIL" if comp.failed else "PASS"
+    return (
+        f"{verdict}: {len(comp.cells)} cells vs {comp.baseline_source} (SKU {comp.sku}); "
+        f"cells: {cell_counts or 'all as in the baseline'}; metrics: {metric_counts or 'none'}"
+    )
+
+
+def render(comp: Comparison, markdown: bool = False) -> str:
+    """The validity section (lost/fixed/changed/missing/new cells) above the per-metric table."""
+    out = []
+    if markdown:
+        out += [f"# Comparison with the {comp.sku} baseline", "", f"**{summary(comp)}**", ""]
+    else:
+        out += [summary(comp), ""]
+    out += ["## Validity (cells whose fate changed)" if markdown else "Validity (cells whose fate changed):", ""]
+    out += [validity_table(comp) or "Every cell ends as it did in the baseline.", ""]
+    out += ["## Metrics" if markdown else "Metrics:", ""]
+    out += [metric_table(comp), ""]
+    out.append(
+        "Every metric is smaller-is-better: `regressed` = grew by more than its tolerance, `improved` = shrank by "
+        f"more than {comp.improvement_threshold * 100:g} %. Memory: `reserved` = PyTorch allocator reserved, "
+        "`ledger` = harness ledger (CPU profile), `nvml_proc` = NVML per-process. `not compared` = the cell did "
+        "not get through the phases the metric measures, in the baseline or the run (see validity)."
+    )
+    if any(c.verdict == FIXED for c in comp.cells) or comp.count(IMPROVED):
+        out.append("")
+        out.append("Cells were fixed or metrics improved: refresh the baseline (`python -m harness baseline RUN`).")
+    return "\n".join(out) + "\n"
+
+
+def gab_entries(current: dict[str, dict[str, Any]], sku: str | None = None) -> list[dict[str, Any]]:
+    """github-action-benchmark `customSmallerIsBetter` entries ({name, unit, value}) of the cells that ran to the
+    end (a failed cell's partial numbers would draw misleading points). Memory in MiB, time in ms."""
+    out = []
+    for cell_id in sorted(current):
+        cell = current[cell_id]
+        if cell["status"] != "ok":
+            continue
+        for name in sorted(cell["metrics"], key=metric_order):
+            v = cell["metrics"][name]
+            m = metric(name)
+            unit, value = ("MiB", round(v / MIB, 1)) if m.unit == "bytes" else (m.unit or "value", round(v, 3))
+            entry: dict[str, Any] = {"name": f"{cell_id} {name}", "unit": unit, "value": value}
+            if sku:
+                entry["extra"] = f"sku {sku}"
+            out.append(entry)
+    return out
+

@@ -1,0 +1,131 @@
+"""Report: the markdown tables (counter labels kept), the PNG plots next to the markdown, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from harness import cli
+from harness.plots import pareto_front, pareto_plot, plot_points, trace_plot
+from harness.report import render, report_paths, write_report
+
+FIXTURES = Path(__file__).parent / "fixtures"
+H100 = FIXTURES / "h100-qwen-image-edit-5090.records.jsonl"
+CPU = FIXTURES / "cpu-qwen-image-edit-tiny.records.jsonl"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, f"{path} is not a PNG"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_render_keeps_counter_labels_cuda():
+    text = render(records(H100), title="t")
+    for label in (
+        "load peak MiB (alloc reserved)", "runtime peak MiB (alloc reserved)", "peak MiB (alloc allocated)",
+        "peak MiB (NVML per-process)", "pinned host MiB (requested)", "host RSS peak MiB",
+        "denoise ms/step (median)",
+    ):
+        assert label in text
+    assert "## qwen-image-edit-5090" in text and "## qwen-image-edit-5090-legacy" in text
+    assert "oom (load)" in text and "[same as cpu0-lw1-te0-vae0-pf4-pin1]" in text
+
+
+def test_render_keeps_counter_labels_cpu():
+    text = render(records(CPU), title="t")
+    assert "load peak MiB (ledger)" in text and "runtime peak MiB (ledger)" in text
+    assert "NVML" not in text.split("Counters:")[0]
+
+
+def test_report_paths():
+    assert report_paths("out/x.md") == Path("out/x.md")
+    assert report_paths("out/dir") == Path("out/dir/report.md")
+
+
+@pytest.mark.parametrize("fixture", [H100, CPU])
+def test_write_report_markdown_and_pngs(tmp_path, fixture):
+    recs = records(fixture)
+    written = write_report(recs, tmp_path / "r.md", title="fixture run")
+    md = written[0]
+    assert md == tmp_path / "r.md"
+    text = md.read_text()
+    for r in recs:
+        assert r["cell_id"] in text
+    label = "alloc reserved" if fixture == H100 else "ledger"
+    assert f"load peak MiB ({label})" in text
+    pngs = written[1:]
+    groups = {(r["scenario"], r["card"]["name"]) for r in recs}
+    assert len(pngs) == 2 * len(groups)
+    for png in pngs:
+        assert png.parent == tmp_path and png.name.startswith("r-")
+        width, height = png_size(png)
+        assert width > 300 and height > 200
+        assert f"]({png.name})" in text  # linked by relative path
+    assert {p.name for p in tmp_path.glob("*.png")} == {p.name for p in pngs}
+
+
+def test_cli_report_to_a_folder(tmp_path, capsys):
+    out = tmp_path / "rep"
+    assert cli.main(["report", str(H100), "--out", str(out), "--title", "H100 run"]) == 0
+    md = out / "report.md"
+    text = md.read_text()
+    assert text.startswith("# H100 run")
+    assert "## Plots" in text
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 6
+    for png in pngs:
+        png_size(png)
+        assert f"]({png.name})" in text
+    err = capsys.readouterr().err
+    assert f"wrote {md}" in err
+
+
+def test_cli_report_no_plots_and_stdout(tmp_path, capsys):
+    assert cli.main(["report", str(CPU), "--out", str(tmp_path / "x.md"), "--no-plots"]) == 0
+    assert not list(tmp_path.glob("*.png")) and "## Plots" not in (tmp_path / "x.md").read_text()
+    capsys.readouterr()
+    assert cli.main(["report", str(CPU)]) == 0
+    out = capsys.readouterr().out
+    assert "load peak MiB (ledger)" in out and not list(Path.cwd().glob("report-*.png"))
+
+
+def test_cli_report_errors_are_clear(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert cli.main(["report", str(empty)]) == 2
+    assert "no records" in capsys.readouterr().err
+    assert cli.main(["report", str(tmp_path / "missing.jsonl")]) == 2
+    assert "no such results file" in capsys.readouterr().err
+
+
+def test_pareto_front():
+    pts = [("a", 1.0, 10.0), ("b", 2.0, 5.0), ("c", 3.0, 6.0), ("d", 4.0, 1.0), ("e", 2.0, 5.0)]
+    front = [p[0] for p in pareto_front(pts)]
+    assert front == ["a", "b", "e", "d"]  # c is beaten by b on both; ties both stay
+
+
+def test_plot_points_skip_unfinished_and_copies():
+    recs = records(H100)
+    points, others = plot_points([r for r in recs if r["card"]["name"] == "rtx5090-32g"])
+    assert [p[0] for p in points] == ["cpu1-lw1-te0-vae0-pf4-pin1"]
+    assert all(r["status"] == "oom" for r in others)
+    legacy = [r for r in recs if r["scenario"].endswith("legacy")]
+    points, others = plot_points(legacy)
+    assert points == [] and len(others) == 1  # the same_as copy is not drawn twice
+
+
+def test_plots_without_finished_cells_or_trace(tmp_path):
+    recs = [r for r in records(H100) if r["scenario"].endswith("legacy")]
+    png_size(pareto_plot(recs, tmp_path / "p.png", "nothing finished"))
+    bare = [dict(r, trace=[]) for r in records(CPU)][:2]
+    png_size(trace_plot(bare, tmp_path / "t.png", "no traces"))
