@@ -46,6 +46,7 @@ class RunSettings:
         steps (int): denoise steps.
         true_cfg_scale (float): > 1 runs true CFG, two DiT forwards a step; 1 runs one forward.
         seed (int): seeds every input.
+        frames (int, defaults to 1): video frames (video models only).
     """
 
     height: int
@@ -53,6 +54,7 @@ class RunSettings:
     steps: int
     true_cfg_scale: float
     seed: int
+    frames: int = 1
 
     @property
     def forwards_per_step(self) -> int:

@@ -31,7 +31,7 @@ CARDS: dict[str, int | None] = {
 
 PROFILES = ("gpu", "cpu")
 _TOP_KEYS = {
-    "name", "description", "model", "profile", "cards", "height", "width", "steps", "true_cfg_scale", "seed",
+    "name", "description", "model", "profile", "cards", "height", "width", "frames", "steps", "true_cfg_scale", "seed",
     "policy", "timeout_s", "flags", "axes", "exclude", "expect", "xfail",
 }
 _EXPECT_KEYS = {"lowest_peak", "fate", "same_output", "host"}
@@ -79,6 +79,7 @@ class Scenario:
     height: int
     width: int
     steps: int
+    frames: int
     true_cfg_scale: float
     seed: int
     policy: str
@@ -118,6 +119,7 @@ class Cell:
                 "height": s.height,
                 "width": s.width,
                 "steps": s.steps,
+                "frames": s.frames,
                 "true_cfg_scale": s.true_cfg_scale,
                 "seed": s.seed,
             },
@@ -229,6 +231,7 @@ def load_scenario(path: Path | str) -> Scenario:
         height=height,
         width=width,
         steps=_int(data, "steps", path),
+        frames=_int(data, "frames", path, default=1),
         true_cfg_scale=float(cfg),
         seed=_int(data, "seed", path, default=0, minimum=0),
         policy=policy,
