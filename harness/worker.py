@@ -119,7 +119,9 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         }
         record["checkpoint_s"] = round(time.perf_counter() - t0, 3)
         s = spec["settings"]
-        settings = RunSettings(s["height"], s["width"], s["steps"], s["true_cfg_scale"], s["seed"])
+        settings = RunSettings(
+            s["height"], s["width"], s["steps"], s["true_cfg_scale"], s["seed"], frames=s.get("frames", 1)
+        )
         comps: dict[str, Any] = {}
         with meter.phase("load"):
             for role in ("text_encoder", "dit", "vae"):
