@@ -20,7 +20,9 @@ test: lint
 	$(PYTHON) -m pytest tests -q -p no:cacheprovider
 
 bench: deps
-	$(PYTHON) -m pytest scenarios -p no:cacheprovider -rA --bench-results $(RESULTS) $(BENCH_ARGS)
+	@mkdir -p $(RESULTS)
+	$(PYTHON) -m pytest scenarios -p no:cacheprovider -rA --bench-results $(RESULTS) \
+		--benchmark-json $(RESULTS)/pytest-benchmark.json $(BENCH_ARGS)
 
 # Markdown report plus PNG plots (peak vs denoise latency with the Pareto front; memory over time) in $(RUN).
 report: deps

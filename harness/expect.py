@@ -123,6 +123,70 @@ def host_failures(record: dict[str, Any], bounds: dict[str, Any]) -> list[str]:
     return out
 
 
+# Pinned host bytes over streamed bytes: diffusers budgets 2x the model for stream offload; we allow 2.1x.
+PINNED_OVER_STREAMED = 2.1
+
+
+def invariant_failures(record: dict[str, Any]) -> list[str]:
+    """The offload memory invariants of one cell that ran, on the weight bytes the components hold on the device
+    (the harness ledger and per-component probes, so activations do not blur them):
+
+    1. At every phase start and end, a CPU-offloaded component holds no weights on the device, and a layerwise
+       DiT holds only its non-layer weights (no layer left resident from a window).
+    2. During denoise the ledger peak <= weights of resident components + the DiT's non-layer weights
+       + sum over streamed groups of (2p + 1) x that group's largest layer (2p in flight or computing, +1 slack
+       for a wrap-around prefetch), + the DiT whole when it is CPU-offloaded.
+    3. With dit_cpu_offload + layerwise, the load phase never holds the whole DiT: ledger load peak minus the
+       other resident components < the DiT's weight bytes.
+    4. Pinned host bytes (peak requested) <= 2.1 x the bytes the layerwise runtime streams.
+    """
+    comps = record.get("components") or {}
+    phases = record.get("phases") or {}
+    out: list[str] = []
+    cid = record["cell_id"]
+    dit = comps.get("dit") or {}
+    lw = dit.get("layerwise")
+    nonlayer = dit.get("weight_bytes", 0) - (lw or {}).get("param_bytes", 0) if lw else None
+    for pname, ph in phases.items():
+        for when in ("device_weights_at_start", "device_weights_at_end"):
+            held = ph.get(when) or {}
+            for role, c in comps.items():
+                got = held.get(role)
+                if got is None:
+                    continue
+                if c["placement"] == "cpu-offload" and got != 0:
+                    out.append(f"{cid}: {role} is CPU-offloaded but holds {_mib(got)} on the device at {pname} "
+                               f"{when.rsplit('_', 1)[-1]}")
+                if role == "dit" and lw and got != nonlayer:
+                    out.append(f"{cid}: layerwise DiT holds {_mib(got)} at {pname} {when.rsplit('_', 1)[-1]}, "
+                               f"expected its non-layer weights {_mib(nonlayer)}")
+    resident = sum(c["weight_bytes"] for c in comps.values() if c["placement"] == "resident")
+    denoise = phases.get("denoise") or {}
+    if denoise.get("ledger_peak_bytes") is not None:
+        if lw:
+            window = sum((2 * g["prefetch"] + 1) * lw["largest_layer_by_group"][name]
+                         for name, g in lw["groups"].items())
+            bound = resident + nonlayer + window
+            formula = f"resident {_mib(resident)} + non-layer {_mib(nonlayer)} + sum (2p+1) x largest layer"
+        else:
+            offloaded = (dit.get("cpu_offload") or {}).get("host_bytes", 0)  # the one device buffer it moves into
+            bound = resident + (offloaded if dit.get("placement") == "cpu-offload" else 0)
+            formula = "resident components + the DiT when CPU-offloaded"
+        if denoise["ledger_peak_bytes"] > bound:
+            out.append(f"{cid}: denoise weight peak {_mib(denoise['ledger_peak_bytes'])} > {_mib(bound)} "
+                       f"({formula})")
+    load = phases.get("load") or {}
+    if dit.get("placement") == "layerwise-from-host" and load.get("ledger_peak_bytes") is not None:
+        others = sum(c["weight_bytes"] for r, c in comps.items() if r != "dit" and c["placement"] == "resident")
+        if load["ledger_peak_bytes"] - others >= dit["weight_bytes"]:
+            out.append(f"{cid}: load held the whole DiT ({_mib(load['ledger_peak_bytes'] - others)} of DiT weights)")
+    if lw:
+        pinned = max((p.get("pinned_requested_peak_bytes", 0) for p in phases.values()), default=0)
+        if pinned > PINNED_OVER_STREAMED * lw["host_bytes"]:
+            out.append(f"{cid}: pinned {_mib(pinned)} > {PINNED_OVER_STREAMED} x streamed {_mib(lw['host_bytes'])}")
+    return out
+
+
 def evaluate(scenario: Scenario, records: list[dict[str, Any]]) -> list[Verdict]:
     """All set-level verdicts of a scenario, one per card."""
     verdicts = []
@@ -132,6 +196,9 @@ def evaluate(scenario: Scenario, records: list[dict[str, Any]]) -> list[Verdict]
             verdicts.append(lowest_peak_verdict(card.name, group, scenario.expect.lowest_peak))
         if scenario.expect.same_output:
             verdicts.append(same_output_verdict(card.name, group))
+        if scenario.expect.invariants:
+            inv = [m for r in group if r["status"] == "ok" for m in invariant_failures(r)]
+            verdicts.append(Verdict("invariants", card.name, not inv, "; ".join(inv) or "all hold"))
         if scenario.expect.host is not None:
             host = [m for r in group if r["status"] == "ok" for m in host_failures(r, scenario.expect.host)]
             verdicts.append(Verdict("host", card.name, not host, "; ".join(host) or "within the host-cost bounds"))

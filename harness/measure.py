@@ -167,6 +167,7 @@ class Meter:
     current: str | None = None
     failed_phase: str | None = None
     on_enter: Any = None  # called with the phase name as it starts (fault injection in tests)
+    probe: Any = None  # returns {component role: weight bytes on the device}, read at each phase start and end
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[dict[str, Any]]:
@@ -181,6 +182,8 @@ class Meter:
         self.current = name
         rec: dict[str, Any] = {}
         self.phases[name] = rec
+        if self.probe is not None:
+            rec["device_weights_at_start"] = self.probe()
         t0 = time.perf_counter()
         try:
             if self.on_enter is not None:
@@ -203,6 +206,9 @@ class Meter:
                 rec["alloc_end_allocated_bytes"] = torch.cuda.memory_allocated(self.device.torch)
             else:
                 rec["time_ms"] = rec["wall_ms"]
+            if self.probe is not None:
+                with contextlib.suppress(Exception):
+                    rec["device_weights_at_end"] = self.probe()
             rec["ledger_peak_bytes"] = self.device.ledger_peak_bytes
             rec["ledger_end_bytes"] = self.device.ledger_bytes
             rec.update(self.sampler.phase_peaks(name))

@@ -31,10 +31,10 @@ CARDS: dict[str, int | None] = {
 
 PROFILES = ("gpu", "cpu")
 _TOP_KEYS = {
-    "name", "description", "model", "profile", "cards", "height", "width", "frames", "steps", "true_cfg_scale", "seed",
-    "policy", "timeout_s", "flags", "axes", "exclude", "expect", "xfail",
+    "name", "description", "model", "profile", "cards", "height", "width", "frames", "steps", "warmup", "rounds",
+    "true_cfg_scale", "seed", "policy", "timeout_s", "flags", "axes", "exclude", "expect", "xfail",
 }
-_EXPECT_KEYS = {"lowest_peak", "fate", "same_output", "host"}
+_EXPECT_KEYS = {"lowest_peak", "fate", "same_output", "host", "invariants"}
 _HOST_KEYS = {"max_rss_over_weights", "max_pinned_held_over_requested", "min_setup_gbps"}
 _FATE_KEYS = {"cards", "where", "status", "phase"}
 
@@ -66,6 +66,7 @@ class Expectations:
     fates: tuple[FateExpectation, ...] = ()
     same_output: bool = False  # every cell that ran to the end produced bit-identical final latents
     host: dict[str, Any] | None = None  # host-cost bounds checked on every cell that ran (see harness.expect)
+    invariants: bool = False  # the offload memory invariants hold in every cell that ran (harness.expect)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,8 @@ class Scenario:
     width: int
     steps: int
     frames: int
+    warmup: int
+    rounds: int
     true_cfg_scale: float
     seed: int
     policy: str
@@ -124,6 +127,8 @@ class Cell:
                 "seed": s.seed,
             },
             "policy": s.policy,
+            "warmup": s.warmup,
+            "rounds": s.rounds,
             "requested": self.requested.as_dict(),
             "device": device,
         }
@@ -232,6 +237,8 @@ def load_scenario(path: Path | str) -> Scenario:
         width=width,
         steps=_int(data, "steps", path),
         frames=_int(data, "frames", path, default=1),
+        warmup=_int(data, "warmup", path, default=0, minimum=0),
+        rounds=_int(data, "rounds", path, default=1),
         true_cfg_scale=float(cfg),
         seed=_int(data, "seed", path, default=0, minimum=0),
         policy=policy,
@@ -321,7 +328,10 @@ def _expect(data: Any, path: Path, cards: tuple[Card, ...]) -> Expectations:
     same = data.get("same_output", False)
     if not isinstance(same, bool):
         raise _err(path, "expect.same_output", f"expected true or false, got {same!r}")
-    return Expectations(lowest, tuple(fates), same, _host_bounds(data.get("host"), path))
+    invariants = data.get("invariants", False)
+    if not isinstance(invariants, bool):
+        raise _err(path, "expect.invariants", f"expected true or false, got {invariants!r}")
+    return Expectations(lowest, tuple(fates), same, _host_bounds(data.get("host"), path), invariants)
 
 
 def _host_bounds(data: Any, path: Path) -> dict[str, Any] | None:

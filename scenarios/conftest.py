@@ -7,6 +7,7 @@ other profile are skipped with the reason. Records go to <results>/runs/<run id>
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,12 +75,29 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("scenario_card", params)
 
 
+MACHINE: dict[str, Any] = {}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    runnable = [i for i in items if "cell" in getattr(i, "fixturenames", ()) and not i.get_closest_marker("skip")]
+    config._offload_bench_cells = len(runnable)  # type: ignore[attr-defined]
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
+    """pytest-benchmark's machine info knows no GPU: add the child's (name, memory, driver, CUDA, torch, PCIe)."""
+    keys = ("gpu", "gpu_memory_bytes", "sku", "driver", "cuda", "torch", "diffusers", "pcie_gen", "pcie_width",
+            "pinned_h2d_gbps", "allocator_conf")
+    machine_info["offload_bench"] = {k: MACHINE.get(k) for k in keys}
+
+
 class Records:
     """The session's run: runs a cell on first request, then serves its record."""
 
-    def __init__(self, run: Run) -> None:
+    def __init__(self, run: Run, total: int = 0) -> None:
         self.run = run
         self.count = 0
+        self.total = total
+        self.started = time.monotonic()
 
     def get(self, cell: Cell) -> dict[str, Any]:
         if cell.same_as is not None and cell.same_as not in self.run.finished():
@@ -89,7 +107,12 @@ class Records:
         if known is not None and known.get("spec_hash") == cell.spec_hash(self.run.device):
             return known
         self.count += 1
-        return run_cell(self.run, cell, f"[cell {self.count}]")
+        left = max(self.total - self.count, 0)
+        label = f"[cell {self.count}/{self.total}, {left} left, {time.monotonic() - self.started:.0f} s]"
+        record = run_cell(self.run, cell, label)
+        if record.get("machine") and not MACHINE:
+            MACHINE.update(record["machine"])
+        return record
 
     def group(self, scenario: Scenario, card: str) -> list[dict[str, Any]]:
         for cell in expand(scenario):
@@ -105,4 +128,4 @@ def bench(request: pytest.FixtureRequest) -> Records:
     device = "cuda" if _profile(config) == "gpu" else "cpu"
     run = Run.create(Path(config.getoption("--bench-results")), device, config.getoption("--bench-run-id"))
     print(f"\noffload-bench: records -> {run.records_path}")
-    return Records(run)
+    return Records(run, getattr(config, "_offload_bench_cells", 0))

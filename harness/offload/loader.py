@@ -63,6 +63,18 @@ class LoadedComponent:
         if self.layerwise is not None:
             self.layerwise.release_all()
 
+    def device_weight_bytes(self, device: Device) -> int:
+        """Parameter bytes of this component that live on `device` now (placeholders are empty).
+
+        On CUDA this reads where every parameter really is. On the CPU profile host and "device" are the same
+        memory, so a CPU-offloaded component reports its runtime's state instead.
+        """
+        if self.offload is not None and not device.is_cuda:
+            return self.offload.layout.nbytes if self.offload.on_device else 0
+        return sum(
+            p.numel() * p.element_size() for p in self.module.parameters() if p.device == device.torch and p.numel()
+        )
+
     def describe(self) -> dict[str, Any]:
         total = self.setup_s.get("total_s") or 0.0
         d: dict[str, Any] = {
@@ -75,6 +87,10 @@ class LoadedComponent:
             d["layerwise"] = {
                 "groups": {g.name: {"layers": len(g.layers), "prefetch": g.prefetch} for g in self.layerwise.groups},
                 "host_bytes": self.layerwise.host_bytes,
+                "param_bytes": self.layerwise.param_bytes(),
+                "largest_layer_by_group": {
+                    g.name: max(layout.nbytes for layout in g.layouts) for g in self.layerwise.groups
+                },
                 "pinned": self.layerwise.pinned,
                 "largest_layer_bytes": max(self.layerwise.layer_bytes(), default=0),
             }
