@@ -163,16 +163,16 @@ def invariant_failures(record: dict[str, Any]) -> list[str]:
     resident = sum(c["weight_bytes"] for c in comps.values() if c["placement"] == "resident")
     denoise = phases.get("denoise") or {}
     if denoise.get("ledger_peak_bytes") is not None:
-        if lw:
+        if lw and "largest_layer_by_group" in lw:  # records from before the field existed skip this check
             window = sum((2 * g["prefetch"] + 1) * lw["largest_layer_by_group"][name]
                          for name, g in lw["groups"].items())
             bound = resident + nonlayer + window
             formula = f"resident {_mib(resident)} + non-layer {_mib(nonlayer)} + sum (2p+1) x largest layer"
         else:
             offloaded = (dit.get("cpu_offload") or {}).get("host_bytes", 0)  # the one device buffer it moves into
-            bound = resident + (offloaded if dit.get("placement") == "cpu-offload" else 0)
+            bound: int | None = resident + (offloaded if dit.get("placement") == "cpu-offload" else 0)
             formula = "resident components + the DiT when CPU-offloaded"
-        if denoise["ledger_peak_bytes"] > bound:
+        if bound is not None and denoise["ledger_peak_bytes"] > bound:
             out.append(f"{cid}: denoise weight peak {_mib(denoise['ledger_peak_bytes'])} > {_mib(bound)} "
                        f"({formula})")
     load = phases.get("load") or {}

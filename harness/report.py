@@ -16,6 +16,7 @@ from tabulate import tabulate
 
 from harness.expect import evaluate
 from harness.results import PHASES, summarize_peaks
+from harness.roofline import roofline_rows
 from harness.scenario import ScenarioError, load_scenario
 
 MIB = 2**20
@@ -84,6 +85,11 @@ def render(records: list[dict[str, Any]], title: str = "offload-bench run") -> s
         scen_file = next((r.get("scenario_file") for r in recs if r.get("scenario_file")), None)
         out.append(tabulate([cell_row(r) for r in recs], headers="keys", tablefmt="github"))
         out.append("")
+        roof = roofline_rows(recs)
+        if roof:
+            out += ["Layerwise roofline (harness.roofline: predicted step = forwards x max(resident compute per "
+                    "forward, streamed bytes / same-run pinned H2D probe)):", ""]
+            out += [tabulate(roof, headers="keys", tablefmt="github"), ""]
         messages = sorted({m for r in recs for m in r.get("messages", [])})
         if messages:
             out.append("Policy messages: " + "; ".join(f"`{m}`" for m in messages))

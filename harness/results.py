@@ -116,8 +116,10 @@ def read_records(path: Path, strict: bool = False) -> ReadResult:
             rec = json.loads(line)
             if not isinstance(rec, dict):
                 raise ValueError("not a JSON object")
+            if not isinstance(rec.get("cell_id"), str):
+                raise ValueError("record has no cell_id")
             out.records.append(migrate(rec, f"{path}:{lineno}"))
-        except (ValueError, ResultsError) as e:
+        except (ValueError, ResultsError, RecursionError) as e:
             torn = lineno == len(lines) and not text.endswith("\n")
             msg = f"{path}:{lineno}: {'torn last line (interrupted write)' if torn else 'unreadable record'}: {e}"
             if strict:

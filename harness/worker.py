@@ -25,13 +25,14 @@ def _progress(msg: str) -> None:
     print(f"[worker {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def _fault_injector(spec: str | None) -> Any:
-    if not spec:
-        return None
-    phase, _, kind = spec.partition(":")
+def _phase_start_hook(spec: str | None) -> Any:
+    """Announces each phase on the log (the runner reads it to name the phase of a crash or timeout) and, in
+    tests, injects the fault named by OFFLOAD_BENCH_FAULT."""
+    phase, _, kind = (spec or "").partition(":")
 
     def inject(name: str) -> None:
-        if name != phase:
+        _progress(f"phase {name}")
+        if not spec or name != phase:
             return
         if kind == "raise":
             raise RuntimeError(f"injected fault in phase {name}")
@@ -106,7 +107,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     sampler = Sampler(nvml)
     sampler.start()
     record["rss_start_bytes"] = host_rss_bytes()
-    meter = Meter(device, sampler, on_enter=_fault_injector(os.environ.get(FAULT_ENV)))
+    meter = Meter(device, sampler, on_enter=_phase_start_hook(os.environ.get(FAULT_ENV)))
     try:
         record["machine"] = machine_info(device, nvml)
         cap = spec["card"].get("cap_bytes")

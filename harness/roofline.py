@@ -1,0 +1,64 @@
+"""Roofline of layerwise offload: how close a layerwise cell's denoise steps come to what the hardware allows.
+
+Every DiT forward streams all streamed layers from the host once, so a step can be no faster than
+
+    predicted step = forwards_per_step x max(compute of one resident forward, streamed bytes / pinned H2D rate)
+
+with the compute time taken from a cell of the same scenario whose DiT was whole on the device (resident, or
+CPU-offloaded: it is moved once per denoise phase, not per step) and the H2D rate from the pinned-copy probe the
+same child ran at start (`machine.pinned_h2d_gbps`). Efficiency is predicted / measured; the effective H2D rate is
+streamed bytes x forwards / measured step time. Both read records only.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+
+def _median_step_s(record: dict[str, Any]) -> float | None:
+    steps = ((record.get("phases") or {}).get("denoise") or {}).get("step_ms") or []
+    # The first step also pays one-off costs (cuBLAS handles, kernel loading): leave it out when there are more.
+    steps = steps[1:] if len(steps) > 1 else steps
+    return statistics.median(steps) / 1e3 if steps else None
+
+
+def _forwards_per_step(record: dict[str, Any]) -> int:
+    return 2 if (record.get("settings") or {}).get("true_cfg_scale", 1) > 1 else 1
+
+
+def roofline_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per layerwise cell that ran, against the fastest whole-DiT cell of its scenario."""
+    ok = [r for r in records if r.get("status") == "ok" and r.get("components")]
+    rows = []
+    for r in ok:
+        lw = r["components"]["dit"].get("layerwise")
+        measured = _median_step_s(r)
+        if not lw or measured is None:
+            continue
+        whole = [
+            s for x in ok
+            if x["scenario"] == r["scenario"] and x["components"]["dit"]["placement"] in ("resident", "cpu-offload")
+            and (s := _median_step_s(x)) is not None
+        ]
+        forwards = _forwards_per_step(r)
+        compute_s = min(whole) / forwards if whole else None
+        gbps = (r.get("machine") or {}).get("pinned_h2d_gbps")
+        transfer_s = lw["host_bytes"] / (gbps * 1e9) if gbps else None
+        parts = [v for v in (compute_s, transfer_s) if v is not None]
+        predicted = forwards * max(parts) if parts else None
+        rows.append({
+            "cell": r["cell_id"],
+            "forwards/step": forwards,
+            "streamed GB/forward": round(lw["host_bytes"] / 1e9, 2),
+            "probe H2D GB/s": gbps,
+            "resident compute s/forward": None if compute_s is None else round(compute_s, 3),
+            "bound": None if not parts else ("transfer" if (transfer_s or 0) >= (compute_s or 0) else "compute"),
+            "predicted s/step": None if predicted is None else round(predicted, 3),
+            "measured s/step (median)": round(measured, 3),
+            "efficiency % (predicted/measured)": None if predicted is None else round(100 * predicted / measured, 1),
+            "effective H2D GB/s": round(lw["host_bytes"] * forwards / measured / 1e9, 2),
+            "H2D % of probe": None if not gbps else round(100 * lw["host_bytes"] * forwards / measured / 1e9 / gbps, 1),
+            "overhead % vs whole-DiT step": None if not whole else round(100 * (measured / min(whole) - 1), 1),
+        })
+    return rows
