@@ -1,37 +1,68 @@
 """The parent side: one spawned child per cell, its fate recorded, every record appended as the cell ends.
 
-Fates: the child's own record says ok / oom (with the phase) / error (with the exception). If the child dies
-without a record it is a crash (signal or exit code recorded, with the tail of its log); if it outlives the
-scenario's timeout its whole process group is killed and the cell is a timeout. The parent never imports torch,
-so it never holds a CUDA context that would distort the children's numbers.
+Fates (exactly one per cell): the child's own record says ok / oom (with the phase) / error (with the exception)
+/ skipped (a guard's numbers, `harness.guards`). If the child dies without a record it is a crash (signal or exit
+code recorded, with the tail of its log); if it outlives the scenario's timeout its whole process group (and any
+descendant that left the group) is killed and the cell is a timeout. The parent never imports torch, so it never
+holds a CUDA context that would distort the children's numbers.
+
+Nothing lost: each record is appended (locked, fsynced) the moment its cell ends, with SIGINT/SIGTERM held back
+for the few microseconds of the write. Ctrl-C or SIGTERM in the parent kills the running child's process group
+and leaves every finished cell on disk; if the parent is SIGKILLed its child dies with it (PR_SET_PDEATHSIG).
+Rerunning with the same run id runs only cells without a complete record of the same spec; a torn last line
+(a writer that died mid-line) or garbage lines are reported as file:line warnings and never rewritten.
+Two parents sharing a run folder take a per-cell lock, so they never run one cell twice or share its files.
+
+Command line (no pytest):
+    python -m harness.runner SCENARIO.toml... [--results DIR] [--run-id ID] [--resume]
+prints "[i/N elapsed] cell_id: status" per cell and exits 0 when no cell ended as error / crash / timeout, 1 when
+one did, 130 on SIGINT, 143 on SIGTERM, 2 on bad arguments or scenario files.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import ctypes
+import fcntl
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from harness.results import (
     SCHEMA_VERSION,
+    STATUSES,
+    ResultsError,
     append_record,
     git_sha,
-    latest_by_cell,
+    migrate,
     now_iso,
     read_records,
     summarize_peaks,
 )
-from harness.scenario import Cell
+from harness.scenario import Cell, ScenarioError, expand, load_scenario
 
 REPO = Path(__file__).resolve().parent.parent
+UNEXPECTED = ("error", "crash", "timeout")  # the fates that make a run fail (as in scenarios/test_offload_matrix.py)
+EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM in the parent. Raised like Ctrl-C so that the same cleanup runs (the child's group is killed)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(f"signal {signum}")
 
 
 def detect_device() -> str:
@@ -50,6 +81,15 @@ def detect_device() -> str:
         return "cpu"
 
 
+def complete_record(rec: dict[str, Any]) -> bool:
+    """A record that may stand for a finished cell: a cell id, a known status and the spec hash it ran with."""
+    return (
+        isinstance(rec.get("cell_id"), str)
+        and rec.get("status") in STATUSES
+        and isinstance(rec.get("spec_hash"), str)
+    )
+
+
 @dataclass
 class Run:
     """One run of the harness: a folder with records.jsonl, per-cell specs and logs."""
@@ -60,10 +100,13 @@ class Run:
     sha: str | None = None
     verbose: bool = True
     _executed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _warned: set[str] = field(default_factory=set)
 
     @classmethod
     def create(cls, results_root: Path, device: str, run_id: str | None = None, verbose: bool = True) -> Run:
         run_id = run_id or time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        if not run_id or "/" in run_id or run_id in (".", ".."):
+            raise ValueError(f"run id must be a plain folder name, got {run_id!r}")
         run_dir = Path(results_root) / "runs" / run_id
         run_dir.mkdir(parents=True, exist_ok=True)
         return cls(run_dir, device, run_id, git_sha(REPO), verbose)
@@ -73,17 +116,112 @@ class Run:
         return self.run_dir / "records.jsonl"
 
     def finished(self) -> dict[str, dict[str, Any]]:
-        """Records already in this run's file (a resumed run skips these cells)."""
+        """The latest complete record of each cell in this run's file (a resumed run skips these cells).
+
+        Unreadable lines (garbage, a torn last line) are warned about once, naming file:line, and skipped; a line
+        that parses but lacks the cell id, status or spec hash does not count as finished either.
+        """
         if not self.records_path.exists():
             return {}
-        result = read_records(self.records_path)
-        for problem in result.problems:
-            self.say(f"warning: {problem}")
-        return latest_by_cell(result.records)
+        records, problems = _read_tolerant(self.records_path)
+        for problem in problems:
+            self.warn(problem)
+        out: dict[str, dict[str, Any]] = {}
+        for rec in records:
+            if complete_record(rec):
+                out[rec["cell_id"]] = rec
+            else:
+                self.warn(
+                    f"{self.records_path}: a record of {rec.get('cell_id')!r} lacks cell_id/status/spec_hash; "
+                    "not counted as finished"
+                )
+        return out
+
+    def warn(self, msg: str) -> None:
+        if msg not in self._warned:
+            self._warned.add(msg)
+            print(f"warning: {msg}", file=sys.stderr, flush=True)
 
     def say(self, msg: str) -> None:
         if self.verbose:
             print(msg, file=sys.stderr, flush=True)
+
+
+def _read_tolerant(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """`results.read_records`, and if that raises on some pathological line, the same line by line here."""
+    try:
+        result = read_records(path)
+        return result.records, result.problems
+    except ResultsError:
+        raise
+    except Exception:
+        pass
+    records: list[dict[str, Any]] = []
+    problems: list[str] = []
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    for lineno, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw.decode("utf-8", "replace"))
+            if not isinstance(rec, dict):
+                raise ValueError("not a JSON object")
+            records.append(migrate(rec, f"{path}:{lineno}"))
+        except Exception as e:
+            torn = lineno == len(lines) and not data.endswith(b"\n")
+            what = "torn last line (interrupted write)" if torn else "unreadable record"
+            problems.append(f"{path}:{lineno}: {what}: {type(e).__name__}: {str(e)[:200]}")
+    return records, problems
+
+
+# ------------------------------------------------------------------------------------------------ appending
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Holds SIGINT/SIGTERM back while a record is written; a pending one is delivered right after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _end_torn_line(path: Path) -> bool:
+    """If the file ends inside a line (a writer died mid-write), appends one newline, under the lock that
+    `append_record` takes, so that the next record starts on a line of its own instead of being glued to the torn
+    one (which would make both unreadable). Existing bytes are never rewritten. Returns whether it did."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+            return False
+        os.write(fd, b"\n")
+        os.fsync(fd)
+        return True
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def append(run: Run, record: dict[str, Any]) -> None:
+    """Appends `record` to the run's records.jsonl (locked, fsynced; signals held back during the write)."""
+    with _signals_held():
+        if _end_torn_line(run.records_path):
+            run.warn(f"{run.records_path}: the last line was torn (an interrupted write); it is kept as it is and "
+                     "the next record starts on a new line")
+        append_record(run.records_path, record)
+
+
+# ---------------------------------------------------------------------------------------------- one cell
 
 
 def _cell_dir(run: Run, cell: Cell) -> Path:
@@ -91,6 +229,21 @@ def _cell_dir(run: Run, cell: Cell) -> Path:
     d = run.run_dir / "cells" / safe
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+@contextlib.contextmanager
+def _cell_lock(run: Run, cdir: Path, label: str, cell_id: str) -> Iterator[None]:
+    """An exclusive lock on the cell's folder, so two parents sharing a run never run one cell at once."""
+    fd = os.open(cdir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            run.say(f"{label} {cell_id}: another runner is running this cell; waiting for it")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _tail(path: Path, nbytes: int = 3000) -> str:
@@ -103,57 +256,197 @@ def _tail(path: Path, nbytes: int = 3000) -> str:
         return ""
 
 
-def run_cell(run: Run, cell: Cell, label: str = "", env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Runs `cell` in a child (or reuses the record of the cell it duplicates) and appends its record."""
-    done = run.finished()
+def _base_record(run: Run, cell: Cell) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created": now_iso(),
+        "cell_id": cell.cell_id,
+        "scenario": cell.scenario.name,
+        "scenario_file": cell.scenario.path,
+        "model": cell.scenario.model,
+        "card": cell.card.as_dict(),
+        "device": run.device,
+        "policy": cell.scenario.policy,
+        **cell.resolution.as_dict(),
+        "failed_phase": None,
+        "phases": {},
+    }
+
+
+def skip_cell(run: Run, cell: Cell, reason: str, label: str = "") -> dict[str, Any]:
+    """Records `cell` as skipped (without a child) for `reason`, unless it already has a record of this spec."""
     spec_hash = cell.spec_hash(run.device)
-    prior = done.get(cell.cell_id)
+    prior = run.finished().get(cell.cell_id)
+    if prior is not None and prior.get("spec_hash") == spec_hash:
+        return prior
+    record = _base_record(run, cell)
+    record.update(status="skipped", reason=reason, run_id=run.run_id, git_sha=run.sha, spec_hash=spec_hash)
+    record["peaks"] = summarize_peaks(record)
+    append(run, record)
+    run.say(f"{label} {cell.cell_id}: skipped ({reason})")
+    return record
+
+
+def run_cell(run: Run, cell: Cell, label: str = "", env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Runs `cell` in a child (or reuses the record of the cell it duplicates) and appends its record.
+
+    A cell that already has a complete record of the same spec in this run is not rerun; its record is returned.
+    """
+    spec_hash = cell.spec_hash(run.device)
+    prior = run.finished().get(cell.cell_id)
     if prior is not None and prior.get("spec_hash") == spec_hash:
         run.say(f"{label} {cell.cell_id}: already recorded ({prior['status']}), skipped on resume")
         return prior
-    if cell.same_as is not None:
-        source = done.get(cell.same_as)
-        if source is None:
-            raise RuntimeError(f"{cell.cell_id} duplicates {cell.same_as}, which has no record yet")
-        record = {**source, **cell.resolution.as_dict(), "cell_id": cell.cell_id, "same_as": cell.same_as}
-        record.update(spec_hash=spec_hash, created=now_iso())
-        append_record(run.records_path, record)
-        run.say(f"{label} {cell.cell_id}: same effective flags as {cell.same_as} -> {record['status']} (not rerun)")
-        return record
-
     cdir = _cell_dir(run, cell)
+    with _cell_lock(run, cdir, label, cell.cell_id):
+        done = run.finished()  # again: another parent may have finished it while we waited for the lock
+        prior = done.get(cell.cell_id)
+        if prior is not None and prior.get("spec_hash") == spec_hash:
+            run.say(f"{label} {cell.cell_id}: recorded meanwhile by another runner ({prior['status']})")
+            return prior
+        if cell.same_as is not None:
+            source = done.get(cell.same_as)
+            if source is None:
+                raise RuntimeError(f"{cell.cell_id} duplicates {cell.same_as}, which has no record yet")
+            record = {**source, **cell.resolution.as_dict(), "cell_id": cell.cell_id, "same_as": cell.same_as}
+            record.update(spec_hash=spec_hash, created=now_iso(), run_id=run.run_id)
+            append(run, record)
+            run.say(f"{label} {cell.cell_id}: same effective flags as {cell.same_as} -> {record['status']} (not rerun)")
+            return record
+        return _run_child(run, cell, cdir, spec_hash, label, env)
+
+
+def _run_child(
+    run: Run, cell: Cell, cdir: Path, spec_hash: str, label: str, env: dict[str, str] | None
+) -> dict[str, Any]:
     spec = cell.spec(run.device)
     spec["latents_out"] = str(cdir / "latents.pt")
     (cdir / "cell.json").write_text(json.dumps(spec, indent=1))
     out, log = cdir / "record.json", cdir / "child.log"
-    out.unlink(missing_ok=True)
+    out.unlink(missing_ok=True)  # a record left by an interrupted earlier attempt must not pass for this one's
     timeout = cell.scenario.timeout_s
     run.say(f"{label} {cell.cell_id}: starting (timeout {timeout:.0f} s)")
     started = time.monotonic()
-    with open(log, "wb") as logf:
+    with open(log, "wb") as logf, _sigterm_raises():
         proc = subprocess.Popen(
             [sys.executable, "-m", "harness.worker", "--cell", str(cdir / "cell.json"), "--out", str(out)],
             stdout=logf,
             stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             cwd=REPO,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             start_new_session=True,  # its own process group, so a timeout kills grandchildren too
+            preexec_fn=_die_with_parent(os.getpid()),
         )
         fate = _wait(proc, log, timeout, run)
     elapsed = time.monotonic() - started
-    record = _record_from_child(cell, out, log, proc.returncode, fate)
+    record = _record_from_child(run, cell, out, log, proc.returncode, fate)
     record.update(
         run_id=run.run_id,
         git_sha=run.sha,
         spec_hash=spec_hash,
         elapsed_s=round(elapsed, 2),
         returncode=proc.returncode,
+        child_pid=proc.pid,
         log=str(log.relative_to(run.run_dir)),
     )
-    append_record(run.records_path, record)
+    append(run, record)
     where = f" in {record['failed_phase']}" if record.get("failed_phase") else ""
     run.say(f"{label} {cell.cell_id}: {record['status']}{where} after {elapsed:.1f} s")
     return record
+
+
+# ------------------------------------------------------------------------------------- the child's process tree
+
+
+_PR_SET_PDEATHSIG = 1
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _prctl = None
+
+
+def _die_with_parent(parent_pid: int) -> Callable[[], None]:
+    """preexec_fn: the child gets SIGKILL when this parent dies (even by SIGKILL), so no cell outlives its run."""
+
+    def setup() -> None:
+        if _prctl is not None:
+            _prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent_pid:  # the parent died before the prctl took effect
+            os._exit(1)
+
+    return setup
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While a child runs, SIGTERM raises Terminated (like Ctrl-C) unless someone else already handles SIGTERM."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) not in (
+        signal.SIG_DFL,
+        None,
+    ):
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old if old is not None else signal.SIG_DFL)
+
+
+def _proc_table() -> list[tuple[int, int, int]]:
+    """(pid, ppid, pgid) of every process visible in /proc."""
+    table = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read().decode("utf-8", "replace")
+            fields = stat.rsplit(")", 1)[1].split()
+            table.append((int(entry), int(fields[1]), int(fields[2])))
+        except (OSError, IndexError, ValueError):
+            continue
+    return table
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of `pid`, including those that left its process group or session."""
+    children: dict[int, list[int]] = {}
+    for p, ppid, _ in _proc_table():
+        children.setdefault(ppid, []).append(p)
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def group_members(pgid: int) -> list[int]:
+    return [p for p, _, g in _proc_table() if g == pgid]
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILLs the child's process group and every descendant that left it, then reaps the child."""
+    escaped = descendants(proc.pid) if proc.poll() is None else []
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    for pid in escaped:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _kill_leftovers(pgid: int) -> None:
+    """After the child exited: anything it left running in its process group is killed too."""
+    if group_members(pgid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+
+
+# kept for callers of the earlier name
+_kill_group = _kill_tree
 
 
 def _wait(proc: subprocess.Popen, log: Path, timeout: float, run: Run) -> str | None:
@@ -169,12 +462,14 @@ def _wait(proc: subprocess.Popen, log: Path, timeout: float, run: Run) -> str | 
                 pass
             shown = _echo(log, shown, run)
             if time.monotonic() > deadline:
-                _kill_group(proc)
+                _kill_tree(proc)
                 return "timeout"
     except BaseException:
         # Ctrl-C or SIGTERM in the parent: take the child down with us; finished cells are already on disk.
-        _kill_group(proc)
+        _kill_tree(proc)
         raise
+    finally:
+        _kill_leftovers(proc.pid)
     _echo(log, shown, run)
     return None
 
@@ -192,53 +487,68 @@ def _echo(log: Path, shown: int, run: Run) -> int:
     return len(data) if data.endswith(b"\n") else shown
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _signal_name(num: int) -> str:
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
+        return signal.Signals(num).name
+    except ValueError:
+        return "?"
 
 
-def _record_from_child(cell: Cell, out: Path, log: Path, returncode: int, fate: str | None) -> dict[str, Any]:
+def _record_from_child(
+    run: Run, cell: Cell, out: Path, log: Path, returncode: int | None, fate: str | None
+) -> dict[str, Any]:
+    problem = None
     if fate is None and out.exists():
         try:
             record = json.loads(out.read_text())
-            if isinstance(record, dict) and record.get("status"):
-                if record["status"] not in ("ok",):
+            if not isinstance(record, dict) or record.get("status") not in STATUSES:
+                status = record.get("status") if isinstance(record, dict) else record
+                problem = f"its record has no valid status ({status!r})"
+            elif record.get("cell_id") != cell.cell_id:
+                problem = f"its record is of another cell ({record.get('cell_id')!r})"
+            else:
+                if record["status"] != "ok":
                     record["log_tail"] = _tail(log)
                 return record
-        except (json.JSONDecodeError, OSError):
-            pass
-    record: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "created": now_iso(),
-        "cell_id": cell.cell_id,
-        "scenario": cell.scenario.name,
-        "model": cell.scenario.model,
-        "card": cell.card.as_dict(),
-        **cell.resolution.as_dict(),
-        "phases": {},
-        "log_tail": _tail(log),
-    }
+        except (json.JSONDecodeError, OSError, UnicodeDecodeError) as e:
+            problem = f"its record is unreadable ({e})"
+    record = _base_record(run, cell)
+    record["log_tail"] = _tail(log)
     if fate == "timeout":
-        record.update(status="timeout", reason=f"killed after the {cell.scenario.timeout_s:.0f} s cell timeout")
+        record.update(
+            status="timeout",
+            reason=f"killed (with its process group) after the {cell.scenario.timeout_s:.0f} s cell timeout",
+            signal=int(signal.SIGKILL),
+        )
     elif returncode is not None and returncode < 0:
-        name = signal.Signals(-returncode).name if -returncode in signal.Signals._value2member_map_ else "?"
-        record.update(status="crash", reason=f"child killed by signal {-returncode} ({name})", signal=-returncode)
+        record.update(
+            status="crash",
+            reason=f"child killed by signal {-returncode} ({_signal_name(-returncode)}) without writing a record",
+            signal=-returncode,
+        )
     else:
-        record.update(status="crash", reason=f"child exited with code {returncode} without writing a record")
+        record.update(
+            status="crash",
+            reason=f"child exited with code {returncode} "
+            + (f"but {problem}" if problem else "without writing a record"),
+            exit_code=returncode,
+        )
     record["failed_phase"] = _last_phase(log)
     record["peaks"] = summarize_peaks(record)
     return record
 
 
 def _last_phase(log: Path) -> str | None:
+    """Best guess of the phase a child died in, from the progress lines in its log."""
     text = _tail(log, 20000)
-    phase = None
+    phase, at = None, -1
     for key, name in (("loading ", "load"), ("denoise step", "denoise")):
         if key in text:
-            phase = name
+            phase, at = name, max(at, text.rfind(key))
+    # "[worker HH:MM:SS] phase <name>" lines, where the worker prints them as each phase starts, are exact.
+    marks = list(re.finditer(r"^\[worker[^\]]*\] phase (load|encode|denoise|decode)\b", text, re.MULTILINE))
+    if marks and marks[-1].start() > at:
+        phase = marks[-1].group(1)
     return phase
 
 
@@ -255,3 +565,123 @@ def run_cells(
         if on_record:
             on_record(cell, rec)
     return records
+
+
+# ------------------------------------------------------------------------------------------------- command line
+
+
+def _newest_run(results: Path) -> str | None:
+    runs = [p for p in (results / "runs").glob("*/records.jsonl") if p.is_file()]
+    if not runs:
+        return None
+    return max(runs, key=lambda p: p.stat().st_mtime).parent.name
+
+
+def _describe(rec: dict[str, Any]) -> str:
+    text = rec["status"]
+    if rec.get("failed_phase"):
+        text += f" in {rec['failed_phase']}"
+    if rec["status"] != "ok" and rec.get("reason"):
+        reason = str(rec["reason"]).replace("\n", " ")
+        text += f": {reason[:300]}"
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m harness.runner",
+        description="Runs every cell of the given scenario files, one child per cell, without pytest. Exit 0: no "
+        "cell ended as error/crash/timeout; 1: some did; 130: SIGINT; 143: SIGTERM; 2: bad arguments.",
+    )
+    parser.add_argument("scenarios", nargs="+", type=Path, help="scenario TOML files")
+    parser.add_argument("--results", type=Path, default=Path("results"), help="results folder (default: results)")
+    parser.add_argument("--run-id", help="run id (a folder under RESULTS/runs); an existing run keeps its cells")
+    parser.add_argument("--resume", action="store_true", help="continue a run: --run-id's, else the newest one")
+    parser.add_argument("--quiet", action="store_true", help="only one line per cell (no child progress)")
+    args = parser.parse_args(argv)
+    old_term = signal.signal(signal.SIGTERM, _raise_terminated)
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
+    run: Run | None = None
+    try:
+        try:
+            scenarios = [load_scenario(p) for p in args.scenarios]
+        except ScenarioError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        names = [s.name for s in scenarios]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            print(f"error: scenario name {dupes[0]!r} is used by more than one file", file=sys.stderr)
+            return EXIT_USAGE
+        run_id = args.run_id
+        if args.resume:
+            if run_id is None:
+                run_id = _newest_run(args.results)
+                if run_id is None:
+                    print(f"error: --resume: no run with records under {args.results / 'runs'}", file=sys.stderr)
+                    return EXIT_USAGE
+            elif not (args.results / "runs" / run_id).is_dir():
+                print(f"error: --resume: no run {run_id!r} under {args.results / 'runs'}", file=sys.stderr)
+                return EXIT_USAGE
+        device = detect_device()
+        try:
+            run = Run.create(args.results, device, run_id, verbose=not args.quiet)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        cells = [c for s in scenarios for c in expand(s)]
+        n = len(cells)
+        print(f"offload-bench runner: run {run.run_id}, {n} cells, device {device}, records -> {run.records_path}",
+              flush=True)
+        t0 = time.monotonic()
+        final: dict[str, dict[str, Any]] = {}
+        for i, cell in enumerate(cells, 1):
+            label = f"[{i}/{n} {time.monotonic() - t0:.0f}s]"
+            earlier = run.finished().get(cell.cell_id)
+            resumed = earlier is not None and earlier.get("spec_hash") == cell.spec_hash(device)
+            wanted = "cuda" if cell.scenario.profile == "gpu" else "cpu"
+            if wanted != device:
+                why = "no CUDA GPU on this machine" if wanted == "cuda" else "a CUDA GPU is present (GPU profile)"
+                rec = skip_cell(run, cell, f"{cell.scenario.name} is a {cell.scenario.profile}-profile scenario and "
+                                f"{why}", label)
+            else:
+                rec = run_cell(run, cell, label)
+            final[cell.cell_id] = rec
+            note = " (recorded earlier)" if resumed else ""
+            print(f"[{i}/{n} {time.monotonic() - t0:.0f}s] {cell.cell_id}: {_describe(rec)}{note}", flush=True)
+    except Terminated:
+        _interrupted(run, "SIGTERM")
+        return EXIT_SIGTERM
+    except KeyboardInterrupt:
+        _interrupted(run, "SIGINT")
+        return EXIT_SIGINT
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
+    counts: dict[str, int] = {}
+    for rec in final.values():
+        counts[rec["status"]] = counts.get(rec["status"], 0) + 1
+    bad = [cid for cid, rec in final.items() if rec["status"] in UNEXPECTED]
+    summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    print(f"done: {summary}; records in {run.records_path}", flush=True)
+    if bad:
+        print(f"unexpected fates ({len(bad)}): {', '.join(bad)}", flush=True)
+        return EXIT_UNEXPECTED
+    return EXIT_OK
+
+
+def _interrupted(run: Run | None, what: str) -> None:
+    if run is None:
+        print(f"interrupted by {what}", file=sys.stderr, flush=True)
+        return
+    kept = len(run.finished())
+    print(
+        f"interrupted by {what}: {kept} finished cells kept in {run.records_path}; "
+        f"continue with --run-id {run.run_id} --resume",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
