@@ -72,7 +72,7 @@ class OffloadFlags:
             return "1" if v else "0"
 
         pf = self.dit_offload_prefetch_size
-        pf_text = str(int(pf)) if float(pf).is_integer() else f"{pf:g}"
+        pf_text = str(int(pf)) if float(pf).is_integer() else repr(float(pf))  # repr: distinct values, distinct ids
         return (
             f"cpu{b(self.dit_cpu_offload)}-lw{b(self.dit_layerwise_offload)}-te{b(self.text_encoder_cpu_offload)}"
             f"-vae{b(self.vae_cpu_offload)}-pf{pf_text}-pin{b(self.pin_cpu_memory)}"
@@ -85,14 +85,22 @@ def check_flag_value(name: str, value: Any, where: str = "flags") -> Any:
         raise FlagError(f"{where}: unknown flag {name!r}; known flags: {', '.join(OffloadFlags.names())}")
     if name == "dit_offload_prefetch_size":
         # bool is an int subclass; `true` as a prefetch size is a typo, not 1.
-        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-            raise FlagError(f"{where}.{name}: expected a number >= 0, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not is_finite_number(value):
+            raise FlagError(f"{where}.{name}: expected a finite number >= 0, got {value!r}")
         if value < 0:
             raise FlagError(f"{where}.{name}: must be >= 0 (0 means one layer), got {value!r}")
         return float(value)
     if not isinstance(value, bool):
         raise FlagError(f"{where}.{name}: expected true or false, got {value!r}")
     return value
+
+
+def is_finite_number(value: float) -> bool:
+    """True for a number that is finite as a float (an int too large for a float is not)."""
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def prefetch_layers(value: float, num_layers: int) -> int:
@@ -107,8 +115,8 @@ def prefetch_layers(value: float, num_layers: int) -> int:
     """
     if num_layers < 1:
         raise FlagError(f"num_layers: a layer group needs at least one layer, got {num_layers}")
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value) or value < 0:
-        raise FlagError(f"dit_offload_prefetch_size: must be a number >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not is_finite_number(value) or value < 0:
+        raise FlagError(f"dit_offload_prefetch_size: must be a finite number >= 0, got {value!r}")
     if value == 0:
         p = 1
     elif value < 1:

@@ -17,7 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.flags import FlagError, OffloadFlags, Resolution, check_flag_value, check_policy, resolve
+from harness.flags import (
+    FlagError,
+    OffloadFlags,
+    Resolution,
+    check_flag_value,
+    check_policy,
+    is_finite_number,
+    resolve,
+)
 from harness.models import UnknownModelError, get_model
 
 GIB, MIB = 2**30, 2**20
@@ -160,8 +168,8 @@ def _card(value: Any, path: Path, where: str) -> Card:
         if unknown or "name" not in value or len({"gib", "mib"} & set(value)) != 1:
             raise _err(path, where, "a card table needs `name` and exactly one of `gib` or `mib`")
         size = value.get("gib", value.get("mib"))
-        if isinstance(size, bool) or not isinstance(size, int | float) or size <= 0:
-            raise _err(path, where, f"card size must be a positive number, got {size!r}")
+        if isinstance(size, bool) or not isinstance(size, int | float) or not is_finite_number(size) or size <= 0:
+            raise _err(path, where, f"card size must be a positive finite number, got {size!r}")
         return Card(str(value["name"]), round(size * (GIB if "gib" in value else MIB)))
     raise _err(path, where, f"expected a card name or table, got {value!r}")
 
@@ -209,10 +217,11 @@ def load_scenario(path: Path | str) -> Scenario:
     if len({c.name for c in cards}) != len(cards):
         raise _err(path, "cards", "card names must be unique")
     cfg = data.get("true_cfg_scale", 4.0)
-    if isinstance(cfg, bool) or not isinstance(cfg, int | float) or cfg < 1:
+    if isinstance(cfg, bool) or not isinstance(cfg, int | float) or not is_finite_number(cfg) or cfg < 1:
         raise _err(path, "true_cfg_scale", f"expected a number >= 1 (1 = no CFG), got {cfg!r}")
     timeout = data.get("timeout_s", 1800)
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not is_finite_number(timeout) \
+            or timeout <= 0:
         raise _err(path, "timeout_s", f"expected a positive number of seconds, got {timeout!r}")
     base_flags = _flag_table(data.get("flags", {}), path, "flags")
     axes = _axes(data.get("axes", {}), path)
@@ -320,7 +329,8 @@ def _expect(data: Any, path: Path, cards: tuple[Card, ...]) -> Expectations:
             raise _err(path, f"{where}.phase", f"expected one of {PHASES}, got {phase!r}")
         fcards = f.get("cards")
         if fcards is not None:
-            if not isinstance(fcards, list) or not set(fcards) <= card_names:
+            names_ok = isinstance(fcards, list) and all(isinstance(c, str) for c in fcards)
+            if not names_ok or not set(fcards) <= card_names:
                 raise _err(path, f"{where}.cards", f"expected a list of this scenario's cards {sorted(card_names)}")
             fcards = tuple(fcards)
         where_flags = _flag_table(f.get("where", {}), path, f"{where}.where")

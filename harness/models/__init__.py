@@ -8,6 +8,7 @@ component; a `ModelSpec` groups the three components a DiT pipeline runs (text e
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import importlib
 import json
@@ -64,7 +65,9 @@ class ComponentSpec:
             importlib.import_module(module_name), fn_name
         )
         with parameters_on_meta():
-            module = factory(dict(self.config))
+            # A deep copy: transformers' configs write into nested dicts (rope_scaling), which would otherwise
+            # change this spec's config, and with it its checkpoint cache key.
+            module = factory(copy.deepcopy(dict(self.config)))
         return module.to(getattr(torch, self.dtype)).eval().requires_grad_(False)
 
 
@@ -147,4 +150,4 @@ def model_names() -> list[str]:
 
 def _load_families() -> None:
     # Imported lazily so that `harness.models` itself stays free of torch/diffusers imports.
-    from harness.models import qwen_image  # noqa: F401
+    from harness.models import flux, qwen_image, wan  # noqa: F401

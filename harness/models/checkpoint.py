@@ -85,6 +85,8 @@ class CheckpointReader:
             header = json.loads(header_bytes)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{self.path}: header is not valid JSON ({e})") from e
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: header is {type(header).__name__}, not a JSON object")
         self.header_digest = hashlib.sha256(header_bytes).hexdigest()
         self.data_start = 8 + header_len
         self.entries: dict[str, TensorEntry] = {}
@@ -92,6 +94,8 @@ class CheckpointReader:
             if name == "__metadata__":
                 continue
             try:
+                if not isinstance(info, dict):
+                    raise TypeError(f"entry is {type(info).__name__}")
                 dtype = _FROM_NAME[info["dtype"]]
                 begin, end = info["data_offsets"]
                 shape = tuple(int(s) for s in info["shape"])
@@ -225,7 +229,7 @@ def ensure_checkpoint(
             if reader.header_digest == want["header_sha256"] and path.stat().st_size == want["bytes"]:
                 return path
             reason = "size or header digest differs from complete.json"
-        except (CheckpointError, json.JSONDecodeError, KeyError, OSError) as e:
+        except (CheckpointError, json.JSONDecodeError, KeyError, TypeError, OSError) as e:
             reason = str(e)
         if progress:
             progress(f"checkpoint {folder.name} is corrupt ({reason}); regenerating")

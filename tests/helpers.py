@@ -1,0 +1,150 @@
+"""Test helpers: a tiny TOML writer (for scenario files built from dicts) and a result-record builder."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import math
+from typing import Any
+
+from harness.flags import OffloadFlags
+
+# ------------------------------------------------------------------------------------------------ TOML writer
+
+
+def toml_string(s: str) -> str:
+    """A TOML basic string: quote, backslash and control characters escaped."""
+    out = ['"']
+    for ch in s:
+        if ch == '"':
+            out.append('\\"')
+        elif ch == "\\":
+            out.append("\\\\")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04X}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def toml_value(v: Any) -> str:
+    """An inline TOML value (inline tables for dicts, so any nesting fits on one `key = value` line)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        return toml_string(v)
+    if isinstance(v, dt.date):
+        return v.isoformat()
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{toml_string(str(k))} = {toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"no TOML form for {v!r}")
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    return "".join(f"{toml_string(k)} = {toml_value(v)}\n" for k, v in data.items())
+
+
+DELETE = object()
+
+
+def base_scenario() -> dict[str, Any]:
+    """A valid CPU scenario (every optional section present, so each can be mutated)."""
+    return {
+        "name": "unit",
+        "description": "unit-test scenario",
+        "model": "qwen-image-edit-tiny",
+        "profile": "cpu",
+        "cards": [{"name": "tiny-6m", "mib": 6}, "native"],
+        "height": 64,
+        "width": 64,
+        "steps": 2,
+        "true_cfg_scale": 4.0,
+        "seed": 0,
+        "policy": "sglang",
+        "timeout_s": 300,
+        "flags": {"dit_offload_prefetch_size": 1, "pin_cpu_memory": True},
+        "axes": {"dit_cpu_offload": [False, True], "dit_layerwise_offload": [False, True]},
+        "exclude": [{"dit_cpu_offload": False, "dit_layerwise_offload": False}],
+        "expect": {
+            "lowest_peak": {"dit_cpu_offload": True, "dit_layerwise_offload": True},
+            "same_output": True,
+            "host": {"max_rss_over_weights": 3.0, "min_setup_gbps": {"dit": 0.01}},
+            "fate": [
+                {
+                    "cards": ["tiny-6m"],
+                    "where": {"dit_cpu_offload": False, "dit_layerwise_offload": True},
+                    "status": "oom",
+                    "phase": "load",
+                },
+            ],
+        },
+    }
+
+
+def mutate(data: dict[str, Any], path: tuple[Any, ...], value: Any) -> dict[str, Any]:
+    """A deep copy of `data` with the item at `path` (keys / list indices) set to `value` (or DELETE-d)."""
+    out = copy.deepcopy(data)
+    node: Any = out
+    for key in path[:-1]:
+        node = node[key]
+    if value is DELETE:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ records
+
+
+def make_record(
+    cpu: bool = True,
+    lw: bool = True,
+    *,
+    status: str = "ok",
+    failed_phase: str | None = None,
+    card: str = "tiny-6m",
+    scenario: str = "unit",
+    device: str = "cpu",
+    load: int | None = 1_000,
+    runtime: int | None = 2_000,
+    digest: str | None = "a" * 64,
+    **flags: Any,
+) -> dict[str, Any]:
+    """A result record as the worker writes it, with the peak counter of `device` set per phase."""
+    requested = OffloadFlags(dit_cpu_offload=cpu, dit_layerwise_offload=lw, **flags)
+    counter = "alloc_peak_reserved_bytes" if device == "cuda" else "ledger_peak_bytes"
+    phases: dict[str, dict[str, Any]] = {}
+    if load is not None:
+        phases["load"] = {counter: load, "time_ms": 1.0}
+    if runtime is not None:
+        for i, phase in enumerate(("encode", "denoise", "decode")):
+            phases[phase] = {counter: runtime - (1 - i % 2) * 10, "time_ms": 1.0}  # denoise holds the max
+    record: dict[str, Any] = {
+        "schema_version": 1,
+        "cell_id": f"{scenario}/{card}/{requested.label()}",
+        "scenario": scenario,
+        "card": {"name": card, "cap_bytes": None},
+        "device": device,
+        "policy": "sglang",
+        "requested": requested.as_dict(),
+        "effective": requested.as_dict(),
+        "status": status,
+        "failed_phase": failed_phase,
+        "reason": None if status == "ok" else f"{status} in {failed_phase}",
+        "phases": phases,
+    }
+    if digest is not None:
+        record["outputs"] = {"latents_sha256": digest}
+    return record

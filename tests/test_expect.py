@@ -1,0 +1,219 @@
+"""harness/expect.py evaluated on hand-written records: lowest_peak, same_output and fates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness.expect import demand, evaluate, fate_failures, lowest_peak_verdict, same_output_verdict
+from harness.scenario import FateExpectation, expand, load_scenario
+from tests.helpers import make_record
+
+REPO = Path(__file__).resolve().parent.parent
+BOTH_ON = {"dit_cpu_offload": True, "dit_layerwise_offload": True}
+MIB = 2**20
+
+
+def matrix(**overrides: dict[str, Any]) -> list[dict[str, Any]]:
+    """The 2x2 #26925 matrix with healthy numbers: both-on lowest. `overrides` keyed 'cpuX_lwY' change a cell."""
+    peaks = {"cpu0_lw0": (8, 9), "cpu0_lw1": (8, 5), "cpu1_lw0": (1, 9), "cpu1_lw1": (1, 3)}
+    records = []
+    for key, (load, runtime) in peaks.items():
+        cpu, lw = key[3] == "1", key[-1] == "1"
+        kw: dict[str, Any] = {"load": load * MIB, "runtime": runtime * MIB, **overrides.get(key, {})}
+        records.append(make_record(cpu, lw, **kw))
+    return records
+
+
+# ------------------------------------------------------------------------------------------------ lowest_peak
+
+
+def test_lowest_peak_passes_if_both_on_is_lowest() -> None:
+    v = lowest_peak_verdict("tiny-6m", matrix(), BOTH_ON)
+    assert v.passed, v.message
+    assert (v.check, v.card) == ("lowest_peak", "tiny-6m")
+    assert "3 MiB" in v.message
+
+
+@pytest.mark.parametrize("runtime_mib", [2, 3], ids=["lower", "equal"])
+def test_lowest_peak_fails_if_another_loaded_cell_is_not_above(runtime_mib: int) -> None:
+    records = matrix(cpu1_lw0={"load": 1 * MIB, "runtime": runtime_mib * MIB})
+    v = lowest_peak_verdict("tiny-6m", records, BOTH_ON)
+    assert not v.passed
+    assert "not below every cell that loaded" in v.message
+    assert f"cpu1-lw0-te0-vae0-pf0-pin1={runtime_mib} MiB" in v.message
+
+
+def test_lowest_peak_counts_runtime_oom_as_above_cap_if_its_measured_peak_is_lower() -> None:
+    # The allocator's peak stops short of the allocation that failed, so the measured number is misleading.
+    records = matrix(cpu1_lw0={"status": "oom", "failed_phase": "denoise", "load": MIB // 2, "runtime": MIB})
+    assert demand(records[2]) == float("inf")
+    v = lowest_peak_verdict("tiny-6m", records, BOTH_ON)
+    assert v.passed, v.message
+    assert "cpu1-lw0-te0-vae0-pf0-pin1=> cap (oom)" in v.message
+
+
+def test_lowest_peak_ignores_cells_that_failed_to_load() -> None:
+    records = matrix(cpu0_lw1={"status": "oom", "failed_phase": "load", "load": MIB // 4, "runtime": None})
+    v = lowest_peak_verdict("tiny-6m", records, BOTH_ON)
+    assert v.passed, v.message
+    assert "cpu0-lw1" not in v.message
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        {"status": "oom", "failed_phase": "load", "runtime": None},
+        {"status": "error", "failed_phase": "denoise"},
+        {"status": "crash", "failed_phase": None},
+    ],
+    ids=["oom-in-load", "error-in-denoise", "crash"],
+)
+def test_lowest_peak_fails_if_target_did_not_run(target: dict[str, Any]) -> None:
+    v = lowest_peak_verdict("tiny-6m", matrix(cpu1_lw1=target), BOTH_ON)
+    assert not v.passed
+    assert "did not run" in v.message and target["status"] in v.message
+
+
+@pytest.mark.parametrize("count", [0, 2])
+def test_lowest_peak_fails_if_target_is_not_exactly_one_cell(count: int) -> None:
+    records = [r for r in matrix() if r["requested"] != make_record(True, True)["requested"]]
+    records += [make_record(True, True, load=MIB, runtime=MIB)] * count
+    v = lowest_peak_verdict("tiny-6m", records, BOTH_ON)
+    assert not v.passed and f"{count} cells match" in v.message
+
+
+def test_lowest_peak_fails_if_target_has_no_peak() -> None:
+    v = lowest_peak_verdict("tiny-6m", matrix(cpu1_lw1={"load": None, "runtime": None}), BOTH_ON)
+    assert not v.passed
+
+
+def test_lowest_peak_compares_allocator_reserved_if_device_is_cuda() -> None:
+    records = [make_record(True, True, device="cuda", load=MIB, runtime=3 * MIB)]
+    records.append(make_record(False, False, device="cuda", load=9 * MIB, runtime=9 * MIB))
+    records[1]["phases"]["load"]["ledger_peak_bytes"] = 1  # not the counter on CUDA
+    v = lowest_peak_verdict("native", records, BOTH_ON)
+    assert v.passed and "alloc_peak_reserved_bytes" in v.message
+
+
+def legacy_records() -> tuple[Any, list[dict[str, Any]]]:
+    """Records as the runner writes them for the legacy tiny scenario: layerwise-only OOMs at load, and both-on
+    (same effective flags) is a copy of it."""
+    scenario = load_scenario(REPO / "scenarios" / "cpu" / "qwen_image_edit_tiny_legacy.toml")
+    lw_only, both = expand(scenario)
+    source = make_record(
+        False,
+        True,
+        scenario=scenario.name,
+        status="oom",
+        failed_phase="load",
+        load=6 * MIB,
+        runtime=None,
+        digest=None,
+        dit_offload_prefetch_size=1.0,
+    )
+    assert source["cell_id"] == lw_only.cell_id
+    copy = {**source, **both.resolution.as_dict(), "cell_id": both.cell_id, "same_as": both.same_as}
+    return scenario, [source, copy]
+
+
+def test_lowest_peak_fails_if_policy_is_legacy() -> None:
+    """What the pre-#26925 policy produces: the both-on cell never ran with dit_cpu_offload."""
+    scenario, records = legacy_records()
+    (verdict,) = evaluate(scenario, records)
+    assert verdict.check == "lowest_peak" and verdict.card == "tiny-6m"
+    assert not verdict.passed
+    assert "cpu1-lw1" in verdict.message and "did not run: oom in load" in verdict.message
+
+
+# ------------------------------------------------------------------------------------------------ same_output
+
+
+def test_same_output_passes_if_every_cell_that_ran_has_the_same_digest() -> None:
+    records = [*matrix(), make_record(False, True, status="oom", failed_phase="load", digest="b" * 64, runtime=None)]
+    v = same_output_verdict("native", records)
+    assert v.passed and "4 cells" in v.message
+
+
+def test_same_output_fails_naming_cells_if_digests_differ() -> None:
+    records = matrix(cpu1_lw1={"digest": "f" * 64})
+    v = same_output_verdict("native", records)
+    assert not v.passed
+    assert "ffffffffffff: cpu1-lw1-te0-vae0-pf0-pin1" in v.message
+    assert "aaaaaaaaaaaa: cpu0-lw0-te0-vae0-pf0-pin1, cpu0-lw1-te0-vae0-pf0-pin1, cpu1-lw0" in v.message
+
+
+def test_same_output_fails_if_a_cell_that_ran_has_no_digest() -> None:
+    v = same_output_verdict("native", matrix(cpu0_lw0={"digest": None}))
+    assert not v.passed and "missing" in v.message
+
+
+# ------------------------------------------------------------------------------------------------ fates
+
+OOM_AT_LOAD = FateExpectation({"dit_cpu_offload": False, "dit_layerwise_offload": True}, "oom", "load", ("tiny-6m",))
+ALL_OK_NATIVE = FateExpectation({}, "ok", None, ("native",))
+
+
+def test_fate_failures_is_empty_if_record_meets_its_fate() -> None:
+    record = make_record(False, True, status="oom", failed_phase="load")
+    assert fate_failures(record, (OOM_AT_LOAD, ALL_OK_NATIVE)) == []
+
+
+def test_fate_failures_reports_status_mismatch() -> None:
+    record = make_record(False, True, status="ok")
+    (msg,) = fate_failures(record, (OOM_AT_LOAD,))
+    assert msg.startswith(record["cell_id"]) and "expected oom in load, got ok" in msg
+
+
+def test_fate_failures_reports_phase_mismatch() -> None:
+    record = make_record(False, True, status="oom", failed_phase="denoise")
+    (msg,) = fate_failures(record, (OOM_AT_LOAD,))
+    assert "expected oom in load, got oom in denoise" in msg
+
+
+def test_fate_failures_skips_records_on_other_cards() -> None:
+    record = make_record(False, True, status="ok", card="native")
+    assert fate_failures(record, (OOM_AT_LOAD,)) == []
+    failing = make_record(False, True, status="oom", failed_phase="load", card="native")
+    assert len(fate_failures(failing, (OOM_AT_LOAD, ALL_OK_NATIVE))) == 1
+
+
+def test_fate_failures_skips_records_that_do_not_match_where() -> None:
+    assert fate_failures(make_record(True, True, status="ok"), (OOM_AT_LOAD,)) == []
+
+
+def test_fate_without_cards_applies_to_every_card() -> None:
+    fate = FateExpectation({}, "ok", None, None)
+    for card in ("tiny-6m", "native", "anything"):
+        assert len(fate_failures(make_record(card=card, status="timeout"), (fate,))) == 1
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+
+
+def test_evaluate_passes_everything_if_tiny_scenario_behaves() -> None:
+    scenario = load_scenario(REPO / "scenarios" / "cpu" / "qwen_image_edit_tiny.toml")
+    records = []
+    for card in ("tiny-6m", "native"):
+        for r in matrix(
+            cpu0_lw1={"status": "oom", "failed_phase": "load", "runtime": None} if card == "tiny-6m" else {}
+        ):
+            base = make_record(
+                r["requested"]["dit_cpu_offload"],
+                r["requested"]["dit_layerwise_offload"],
+                scenario=scenario.name,
+                card=card,
+                dit_offload_prefetch_size=1.0,
+            )
+            records.append({**r, **{k: base[k] for k in ("cell_id", "scenario", "card", "requested")}})
+    checks = ("lowest_peak", "same_output", "fates")  # the ones these records carry the fields for
+    verdicts = [v for v in evaluate(scenario, records) if v.check in checks]
+    expected = [(card, check) for card in ("tiny-6m", "native") for check in checks]
+    assert [(v.card, v.check) for v in verdicts] == expected
+    assert all(v.passed for v in verdicts), [v.message for v in verdicts if not v.passed]
+    # and a layerwise-only cell that loads on the capped card breaks the declared fate
+    records[1] = {**records[1], "status": "ok", "failed_phase": None}
+    fates = [v for v in evaluate(scenario, records) if v.check == "fates" and v.card == "tiny-6m"]
+    assert not fates[0].passed

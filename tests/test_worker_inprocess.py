@@ -1,0 +1,46 @@
+"""harness.worker.run_cell in this process on the tiny CPU scenario (the subprocess path is tested elsewhere)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from harness.results import PHASES, migrate
+from harness.scenario import expand, load_scenario
+
+SCENARIO = Path(__file__).resolve().parent.parent / "scenarios" / "cpu" / "qwen_image_edit_tiny.toml"
+
+
+def test_worker_runs_tiny_cells_in_process_with_same_output_and_lower_peak_if_both_on() -> None:
+    from harness.worker import run_cell
+
+    cells = {(c.card.name, c.requested.label()[:8]): c for c in expand(load_scenario(SCENARIO))}
+    # One measured round per cell: repetitions (warmup/rounds) only cost time here.
+    records = {
+        key: run_cell({**cells[key].spec("cpu"), "warmup": 0, "rounds": 1})
+        for key in [("native", "cpu1-lw1"), ("native", "cpu0-lw0"), ("tiny-6m", "cpu0-lw1")]
+    }
+
+    both = records[("native", "cpu1-lw1")]
+    resident = records[("native", "cpu0-lw0")]
+    capped = records[("tiny-6m", "cpu0-lw1")]
+    for rec in (both, resident):
+        assert rec["status"] == "ok", (rec["reason"], rec.get("traceback"))
+        assert rec["failed_phase"] is None
+        assert set(PHASES) <= set(rec["phases"])
+        assert all(rec["phases"][p]["time_ms"] > 0 for p in PHASES)
+        assert rec["peaks"]["counter"] == "ledger_peak_bytes"
+        assert migrate(rec, rec["cell_id"]) is rec
+    assert both["placements"]["dit"] == "layerwise-from-host"
+    assert resident["placements"]["dit"] == "resident"
+    assert both["outputs"]["latents_sha256"] == resident["outputs"]["latents_sha256"]
+    assert both["outputs"]["latents_stats"]["finite"]
+    assert both["peaks"]["peak"] < resident["peaks"]["peak"]
+    assert both["phases"]["load"]["ledger_peak_bytes"] < resident["phases"]["load"]["ledger_peak_bytes"]
+
+    # layerwise alone on the 6 MiB card: the whole DiT is placed first (#26925), and the load runs out
+    assert capped["status"] == "oom", (capped["reason"], capped.get("traceback"))
+    assert capped["failed_phase"] == "load"
+    assert capped["placements"]["dit"] == "layerwise-from-device"
+    assert "simulated card" in capped["reason"]
+    assert capped["cap"]["cap_bytes"] == 6 * 2**20
+    assert migrate(capped, capped["cell_id"]) is capped
