@@ -198,7 +198,235 @@ def run_qwen_image(
     }
 
 
-FAMILIES = {"qwen-image": run_qwen_image}
+# black-forest-labs/FLUX.1-dev scheduler/scheduler_config.json
+FLUX_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+
+
+def run_flux(
+    model: ModelSpec,
+    comps: dict[str, LoadedComponent],
+    settings: RunSettings,
+    device: Device,
+    meter: Meter,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """FLUX.1-dev as diffusers' FluxPipeline: CLIP pooled + T5 hidden states, 2x2 packing, the guidance embedding,
+    one DiT forward a step (guidance-distilled; true CFG only when true_cfg_scale > 1), dynamic-shift flow match."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    dev, dtype = device.torch, torch.bfloat16
+    te, dit, vae = comps["text_encoder"], comps["dit"], comps["vae"]
+    scale, p = model.vae_scale, model.patch
+    lat_h, lat_w = settings.height // scale, settings.width // scale
+    if lat_h % p or lat_w % p:
+        raise ValueError(f"height/width must be multiples of {scale * p}, got {settings.height}x{settings.width}")
+    gen = torch.Generator("cpu").manual_seed(settings.seed)
+    clip_vocab, t5_vocab = int(te.module.clip.config.vocab_size), int(te.module.t5.config.vocab_size)
+    clip_tokens = int(model.extra["clip_tokens"])
+
+    def prompt() -> tuple[torch.Tensor, torch.Tensor]:
+        # CLIP ids as its tokenizer lays out a prompt that fills the 77 slots: start-of-text (vocab - 2), words,
+        # end-of-text (vocab - 1), which CLIPTextModel pools; T5 ids fill max_sequence_length.
+        words = torch.randint(0, clip_vocab - 2, (1, clip_tokens - 2), generator=gen)
+        clip_ids = torch.cat([torch.tensor([[clip_vocab - 2]]), words, torch.tensor([[clip_vocab - 1]])], dim=1)
+        t5_ids = torch.randint(0, t5_vocab, (1, model.prompt_tokens), generator=gen)
+        return clip_ids, t5_ids
+
+    prompts = [prompt(), prompt()]  # positive, negative (the negative is used only with true CFG)
+    channels = int(vae.module.config.latent_channels)
+    noise = torch.randn(1, channels, 1, lat_h, lat_w, generator=gen)
+    vae_scaling, vae_shift = float(vae.module.config.scaling_factor), float(vae.module.config.shift_factor)
+
+    with meter.phase("encode"), torch.inference_mode():
+        te.before_use()
+        conds = []
+        for clip_ids, t5_ids in prompts[: settings.forwards_per_step]:
+            pooled, hidden = te.module(clip_ids.to(dev), t5_ids.to(dev))
+            conds.append((pooled.to(dtype), hidden.to(dtype)))
+        te.after_use()
+
+    with meter.phase("denoise") as rec, torch.inference_mode():
+        dit.before_use()
+        scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
+        latents = _pack(noise, p).to(dev, dtype)
+        seq = latents.shape[1]
+        text_len = conds[0][1].shape[1]
+        txt_ids = torch.zeros(text_len, 3).to(dev, dtype)
+        img_ids = torch.zeros(lat_h // p, lat_w // p, 3)
+        img_ids[..., 1] += torch.arange(lat_h // p)[:, None]
+        img_ids[..., 2] += torch.arange(lat_w // p)[None, :]
+        img_ids = img_ids.reshape(-1, 3).to(dev, dtype)
+        guidance = None
+        if dit.module.config.guidance_embeds:
+            guidance = torch.full([1], float(model.extra.get("guidance_scale", 3.5)), device=dev, dtype=torch.float32)
+        sigmas = np.linspace(1.0, 1 / settings.steps, settings.steps)
+        scheduler.set_timesteps(sigmas=sigmas, device=dev, mu=_shift_mu(seq, FLUX_SCHEDULER))
+        scheduler.set_begin_index(0)
+        timer = Timer(device)
+        timer.mark()
+        for i, t in enumerate(scheduler.timesteps):
+            timestep = t.expand(1).to(dtype)
+            preds = []
+            for pooled, hidden in conds:
+                out = dit.module(
+                    hidden_states=latents,
+                    timestep=timestep / 1000,
+                    guidance=guidance,
+                    pooled_projections=pooled,
+                    encoder_hidden_states=hidden,
+                    txt_ids=txt_ids,
+                    img_ids=img_ids,
+                    return_dict=False,
+                )[0]
+                preds.append(out)
+            if len(preds) == 2:
+                cond, uncond = preds
+                noise_pred = uncond + settings.true_cfg_scale * (cond - uncond)
+            else:
+                noise_pred = preds[0]
+            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            timer.mark()
+            if progress:
+                progress(f"denoise step {i + 1}/{settings.steps}")
+        dit.after_use()
+        rec["step_ms"] = timer.intervals_ms()
+        rec["forwards"] = settings.steps * settings.forwards_per_step
+
+    with meter.phase("decode"), torch.inference_mode():
+        vae.before_use()
+        z = _unpack(latents, lat_h, lat_w, p)[:, :, 0]
+        z = z / vae_scaling + vae_shift
+        image = vae.module.decode(z.to(dtype), return_dict=False)[0]
+        image = image.clamp(-1, 1)
+        vae.after_use()
+
+    return {
+        "latents_sha256": _digest(latents),
+        "latents_stats": _stats(latents),
+        "image_stats": _stats(image),
+        "image_seq_len": seq,
+        "cond_seq_len": 0,
+        "text_seq_len": int(text_len),
+        "final_latents": latents.detach().float().cpu(),
+    }
+
+
+# Wan-AI/Wan2.1-T2V-14B-Diffusers scheduler/scheduler_config.json (UniPC, flow prediction, flow_shift 3.0 for 480p)
+WAN_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "solver_order": 2,
+    "prediction_type": "flow_prediction",
+    "predict_x0": True,
+    "solver_type": "bh2",
+    "lower_order_final": True,
+    "disable_corrector": [],
+    "use_flow_sigmas": True,
+    "flow_shift": 3.0,
+    "timestep_spacing": "linspace",
+    "final_sigmas_type": "zero",
+}
+
+
+def run_wan(
+    model: ModelSpec,
+    comps: dict[str, LoadedComponent],
+    settings: RunSettings,
+    device: Device,
+    meter: Meter,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Wan2.1 text-to-video as diffusers' WanPipeline: UMT5 hidden states, float32 latents of
+    (1, z, (frames - 1) // 4 + 1, H/8, W/8), true CFG as two DiT forwards a step (no norm rescale), UniPC with
+    flow sigmas, decode with latents / (1 / std) + mean."""
+    from diffusers import UniPCMultistepScheduler
+
+    dev, dtype = device.torch, torch.bfloat16
+    te, dit, vae = comps["text_encoder"], comps["dit"], comps["vae"]
+    scale, p = model.vae_scale, model.patch
+    lat_h, lat_w = settings.height // scale, settings.width // scale
+    if lat_h % p or lat_w % p:
+        raise ValueError(f"height/width must be multiples of {scale * p}, got {settings.height}x{settings.width}")
+    vcfg = vae.module.config
+    temporal = int(getattr(vcfg, "scale_factor_temporal", None) or 2 ** sum(vcfg.temperal_downsample))
+    if settings.frames < 1 or (settings.frames - 1) % temporal:
+        raise ValueError(f"frames must be 1 + a multiple of {temporal}, got {settings.frames}")
+    lat_f = (settings.frames - 1) // temporal + 1
+    gen = torch.Generator("cpu").manual_seed(settings.seed)
+    vocab = int(te.module.config.vocab_size)
+    pos_ids = torch.randint(0, vocab, (1, model.prompt_tokens), generator=gen)
+    neg_ids = torch.randint(0, vocab, (1, model.prompt_tokens), generator=gen)
+    z_dim = int(vcfg.z_dim)
+    noise = torch.randn(1, z_dim, lat_f, lat_h, lat_w, generator=gen)
+
+    with meter.phase("encode"), torch.inference_mode():
+        te.before_use()
+        embeds = []
+        for ids in (pos_ids, neg_ids)[: settings.forwards_per_step]:
+            out = te.module(input_ids=ids.to(dev), attention_mask=torch.ones_like(ids).to(dev))
+            embeds.append(out.last_hidden_state.to(dtype))
+        te.after_use()
+
+    with meter.phase("denoise") as rec, torch.inference_mode():
+        dit.before_use()
+        scheduler = UniPCMultistepScheduler(**WAN_SCHEDULER)
+        scheduler.set_timesteps(settings.steps, device=dev)
+        scheduler.set_begin_index(0)
+        latents = noise.to(dev)  # float32, as WanPipeline keeps them; the DiT sees a bf16 copy
+        seq = lat_f * (lat_h // p) * (lat_w // p)
+        timer = Timer(device)
+        timer.mark()
+        for i, t in enumerate(scheduler.timesteps):
+            x = latents.to(dtype)
+            timestep = t.expand(1)
+            preds = []
+            for emb in embeds:
+                out = dit.module(hidden_states=x, timestep=timestep, encoder_hidden_states=emb, return_dict=False)[0]
+                preds.append(out)
+            if len(preds) == 2:
+                cond, uncond = preds
+                noise_pred = uncond + settings.true_cfg_scale * (cond - uncond)
+            else:
+                noise_pred = preds[0]
+            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            timer.mark()
+            if progress:
+                progress(f"denoise step {i + 1}/{settings.steps}")
+        dit.after_use()
+        rec["step_ms"] = timer.intervals_ms()
+        rec["forwards"] = settings.steps * settings.forwards_per_step
+
+    with meter.phase("decode"), torch.inference_mode():
+        vae.before_use()
+        z = latents.to(dev, dtype)
+        lat_mean = torch.tensor(vcfg.latents_mean).view(1, z_dim, 1, 1, 1).to(dev, dtype)
+        lat_inv_std = 1.0 / torch.tensor(vcfg.latents_std).view(1, z_dim, 1, 1, 1).to(dev, dtype)
+        z = z / lat_inv_std + lat_mean
+        video = vae.module.decode(z, return_dict=False)[0]
+        video = video.clamp(-1, 1)
+        vae.after_use()
+
+    return {
+        "latents_sha256": _digest(latents),
+        "latents_stats": _stats(latents),
+        "image_stats": _stats(video),
+        "image_seq_len": seq,
+        "cond_seq_len": 0,
+        "text_seq_len": int(embeds[0].shape[1]),
+        "latent_frames": lat_f,
+        "final_latents": latents.detach().float().cpu(),
+    }
+
+
+FAMILIES = {"qwen-image": run_qwen_image, "flux": run_flux, "wan": run_wan}
 
 
 def run_pipeline(model: ModelSpec, *args: Any, **kwargs: Any) -> dict[str, Any]:
