@@ -1,18 +1,34 @@
 """Scenario expectations, evaluated on records (never on live objects).
 
-- `fate`: cells matching `where` (requested flags) on the given cards end with `status` (and `phase`).
-- `lowest_peak`: on every card, the cell matching `where` loads, and its peak device memory (max of load and
-  runtime peaks, on the record's peak counter) is strictly the lowest of all cells that loaded. This is the
-  #26925 guard: dit_cpu_offload + layerwise must load and must be the most frugal combination.
+- `fate`: cells matching `where` (requested flags) on the given cards end with `status` (and `phase`), under
+  every backend.
+- `lowest_peak`: on every card, the harness-backend cell matching `where` loads, and its peak device memory (max
+  of load and runtime peaks, on the record's peak counter) is strictly the lowest of all harness-backend cells
+  that loaded. This is the #26925 guard: dit_cpu_offload + layerwise must load and must be the most frugal
+  combination. (Other backends' cells are peers for comparison, not part of this guard.)
+- `same_output`: within each backend, every cell that ran computed bit-identical final latents.
+- `close_output_rtol = r`: every cell of another backend that ran computed final latents within relative L2
+  distance r (||x - ref|| / ||ref||, in float32) of those of the harness-backend cell with the same requested
+  flags on the same card, which must have run too. Latents are read from the files the runner has the child save
+  (`latents_path` in the record: <run>/cells/<cell>/latents.pt). Bit equality is not asked across backends:
+  diffusers' hooks place weights in other buffers, so kernels may differ.
+- `invariants`, `host`: per-cell checks, below.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from harness.results import loaded, summarize_peaks
-from harness.scenario import FateExpectation, Scenario, matches
+from harness.scenario import HARNESS_BACKEND, FateExpectation, Scenario, matches
+
+
+def backend_of(record: dict[str, Any]) -> str:
+    """The cell's backend; records from before backends existed ran the harness's own runtime."""
+    return record.get("backend") or HARNESS_BACKEND
 
 
 @dataclass(frozen=True)
@@ -55,6 +71,7 @@ def _fmt(v: float | None) -> str:
 
 
 def lowest_peak_verdict(card: str, records: list[dict[str, Any]], where: dict[str, Any]) -> Verdict:
+    records = [r for r in records if backend_of(r) == HARNESS_BACKEND]
     targets = [r for r in records if matches(r["requested"], where)]
     if len(targets) != 1:
         return Verdict("lowest_peak", card, False, f"{len(targets)} cells match {where}; expected exactly one")
@@ -86,15 +103,73 @@ def _label(record: dict[str, Any]) -> str:
 
 
 def same_output_verdict(card: str, records: list[dict[str, Any]]) -> Verdict:
-    """Every cell that ran to the end computed the same final latents, bit for bit (same seed, same math)."""
+    """Every cell that ran to the end computed the same final latents, bit for bit (same seed, same math), within
+    each backend."""
     ran = [r for r in records if r["status"] == "ok"]
-    digests: dict[str, list[str]] = {}
-    for r in ran:
-        digests.setdefault((r.get("outputs") or {}).get("latents_sha256", "missing"), []).append(_label(r))
-    if len(digests) <= 1:
-        return Verdict("same_output", card, True, f"{len(ran)} cells that ran agree bit for bit")
-    groups = "; ".join(f"{d[:12]}: {', '.join(cells)}" for d, cells in digests.items())
-    return Verdict("same_output", card, False, f"final latents differ between cells: {groups}")
+    differ = []
+    for backend in dict.fromkeys(backend_of(r) for r in ran):
+        digests: dict[str, list[str]] = {}
+        for r in ran:
+            if backend_of(r) == backend:
+                digests.setdefault((r.get("outputs") or {}).get("latents_sha256", "missing"), []).append(_label(r))
+        if len(digests) > 1:
+            differ.append("; ".join(f"{d[:12]}: {', '.join(cells)}" for d, cells in digests.items()))
+    if not differ:
+        return Verdict("same_output", card, True, f"{len(ran)} cells that ran agree bit for bit (per backend)")
+    return Verdict("same_output", card, False, f"final latents differ between cells: {' | '.join(differ)}")
+
+
+def _flags_key(record: dict[str, Any]) -> str:
+    return json.dumps(record.get("requested") or {}, sort_keys=True)
+
+
+def latents_distance(path: str | Path, ref_path: str | Path) -> float:
+    """Relative L2 distance ||x - ref|| / ||ref|| of two saved latent tensors, in float32 on the host.
+
+    Raises:
+        OSError: a file is missing or unreadable.
+        ValueError: the shapes differ, or a tensor is not finite.
+    """
+    import torch
+
+    x = torch.load(path, map_location="cpu", weights_only=True).float()
+    ref = torch.load(ref_path, map_location="cpu", weights_only=True).float()
+    if x.shape != ref.shape:
+        raise ValueError(f"shapes differ: {tuple(x.shape)} vs {tuple(ref.shape)}")
+    if not (torch.isfinite(x).all() and torch.isfinite(ref).all()):
+        raise ValueError("latents are not finite")
+    ref_norm = float(ref.norm())
+    diff = float((x - ref).norm())
+    return diff / ref_norm if ref_norm else (0.0 if diff == 0 else float("inf"))
+
+
+def close_output_verdict(card: str, records: list[dict[str, Any]], rtol: float) -> Verdict:
+    """Every other-backend cell that ran is within `rtol` (relative L2 of final latents) of the harness-backend cell
+    with the same requested flags."""
+    ref = {_flags_key(r): r for r in records if backend_of(r) == HARNESS_BACKEND}
+    problems, passed = [], []
+    for r in records:
+        if backend_of(r) == HARNESS_BACKEND or r["status"] != "ok":
+            continue
+        peer = ref.get(_flags_key(r))
+        if peer is None or peer["status"] != "ok":
+            why = "has no record" if peer is None else f"ended {peer['status']}"
+            problems.append(f"{_label(r)}: the harness cell with the same flags {why}, nothing to compare with")
+            continue
+        try:
+            if not r.get("latents_path") or not peer.get("latents_path"):
+                raise ValueError(f"no latents_path in the record of {_label(r if not r.get('latents_path') else peer)}")
+            dist = latents_distance(r["latents_path"], peer["latents_path"])
+        except (OSError, ValueError, RuntimeError) as e:
+            problems.append(f"{_label(r)}: cannot compare with {_label(peer)}: {type(e).__name__}: {e}")
+            continue
+        line = f"{_label(r)} vs {_label(peer)}: {dist:.3g}"
+        (passed if dist <= rtol else problems).append(line + ("" if dist <= rtol else f" > {rtol}"))
+    if problems:
+        return Verdict("close_output", card, False, "; ".join(problems))
+    if not passed:
+        return Verdict("close_output", card, True, "no other-backend cell ran: nothing to compare")
+    return Verdict("close_output", card, True, f"relative L2 of final latents within {rtol}: {'; '.join(passed)}")
 
 
 def host_failures(record: dict[str, Any], bounds: dict[str, Any]) -> list[str]:
@@ -196,6 +271,8 @@ def evaluate(scenario: Scenario, records: list[dict[str, Any]]) -> list[Verdict]
             verdicts.append(lowest_peak_verdict(card.name, group, scenario.expect.lowest_peak))
         if scenario.expect.same_output:
             verdicts.append(same_output_verdict(card.name, group))
+        if scenario.expect.close_output_rtol is not None:
+            verdicts.append(close_output_verdict(card.name, group, scenario.expect.close_output_rtol))
         if scenario.expect.invariants:
             inv = [m for r in group if r["status"] == "ok" for m in invariant_failures(r)]
             verdicts.append(Verdict("invariants", card.name, not inv, "; ".join(inv) or "all hold"))

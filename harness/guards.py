@@ -7,8 +7,9 @@ that gives the numbers and a `guard` dict in its record, instead of a misleading
 
 Checks (each with a margin, default 10 %, `OFFLOAD_BENCH_GUARD_MARGIN`):
 - host: the weight bytes the cell places in host memory (text encoder / VAE with *_cpu_offload, the DiT with
-  dit_cpu_offload or layerwise; on the CPU profile the simulated device is host memory too, so every component
-  counts there as well) against min(/proc/meminfo MemAvailable, cgroup v2 memory.max - memory.current).
+  dit_cpu_offload or layerwise; under diffusers' group offload also its pinned copies, rounded up to powers of
+  two; on the CPU profile the simulated device is host memory too, so every component counts there as well)
+  against min(/proc/meminfo MemAvailable, cgroup v2 memory.max - memory.current).
 - disk: the bytes of the synthetic checkpoints not yet cached against the free space at the checkpoint cache.
 - gpu (CUDA cells only): memory other processes already use, read through NVML before this child has a CUDA
   context: a capped card needs free >= its cap; an uncapped one needs others to hold at most 5 % of the GPU.
@@ -44,8 +45,12 @@ CHECKPOINT_SEED = 0  # the worker generates every checkpoint with seed 0
 HOST_PLACEMENTS = {
     "text_encoder": ("cpu-offload",),
     "vae": ("cpu-offload",),
-    "dit": ("cpu-offload", "layerwise-from-host", "layerwise-from-device"),
+    "dit": ("cpu-offload", "layerwise-from-host", "layerwise-from-device", "diffusers-group-offload"),
 }
+# Placements that hold a second host copy: diffusers' group offload pins a copy of every block tensor through
+# torch's caching host allocator (each rounded up to a power of two) while the pageable region it was read into
+# is still alive; the peak is both.
+PINNED_COPY_PLACEMENTS = ("diffusers-group-offload",)
 
 
 class GuardConfigError(ValueError):
@@ -171,6 +176,24 @@ def weight_bytes(spec: Any) -> int:
         _WEIGHT_BYTES[key] = sum(t.numel() * t.element_size() for t in module.state_dict().values())
         del module
     return _WEIGHT_BYTES[key]
+
+
+_PINNED_COPY_BYTES: dict[tuple[str, str], int] = {}
+
+
+def pinned_copy_bytes(spec: Any) -> int:
+    """Host bytes of a pinned copy of every tensor of a component through torch's caching host allocator (each
+    rounded up to a power of two): an upper bound on what diffusers' streamed group offload pins."""
+    from harness.offload.memory import pinned_allocator_bytes
+
+    key = (spec.role, spec.key(CHECKPOINT_SEED))
+    if key not in _PINNED_COPY_BYTES:
+        module = spec.build_on_meta()
+        _PINNED_COPY_BYTES[key] = sum(
+            pinned_allocator_bytes(t.numel() * t.element_size()) for t in module.state_dict().values()
+        )
+        del module
+    return _PINNED_COPY_BYTES[key]
 
 
 def checkpoint_device() -> str:
@@ -302,6 +325,8 @@ def _host_check(spec: dict[str, Any], placements: dict[str, str], model: Any, m:
         on_host = placements.get(role) in HOST_PLACEMENTS.get(role, ())
         # On the CPU profile the simulated device is host memory as well: what sits "on the device" counts too.
         host_bytes = nbytes * (int(on_host) + int(device_is_host))
+        if placements.get(role) in PINNED_COPY_PLACEMENTS:
+            host_bytes += pinned_copy_bytes(comp)
         components[role] = {"placement": placements.get(role), "weight_bytes": nbytes, "host_bytes": host_bytes}
         weights_on_host += host_bytes
     needed = with_margin(weights_on_host, m)

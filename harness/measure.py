@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from harness.offload.memory import PINNED, Device
+from harness.offload.memory import PINNED, Device, HostRegion
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -217,7 +217,11 @@ class Meter:
             if cuda:
                 with contextlib.suppress(Exception):
                     stats = torch.cuda.host_memory_stats()
-                    rec["pinned_torch_allocator_bytes"] = int(stats.get("reserved_bytes.current", 0))
+                    # Bytes of pinned blocks torch's caching host allocator owns now (rounded up to powers of two:
+                    # pin_memory(), diffusers' group offload). torch names it allocated_bytes; there never was a
+                    # reserved_bytes key for the host allocator, which this read until the backend axis needed it.
+                    held = stats.get("allocated_bytes.current", stats.get("reserved_bytes.current", 0))
+                    rec["pinned_torch_allocator_bytes"] = int(held)
             self.current = None
 
 
@@ -285,23 +289,44 @@ def warm_kernels(device: Device) -> None:
 
 
 def pinned_h2d_gbps(device: Device, nbytes: int = 256 * 2**20, repeats: int = 5) -> float | None:
-    """A short pinned host-to-device copy probe (median of `repeats`), recorded in machine info."""
+    """A short pinned host-to-device copy probe (median of `repeats`), recorded in machine info.
+
+    The source is page-locked in place with cudaHostRegister, as the runtimes' regions are, and unregistered after:
+    neither the harness's pinned ledger nor torch's caching host allocator (the record's
+    pinned_torch_allocator_bytes, where diffusers' group offload pins) keeps anything of the probe.
+    """
     if not device.is_cuda:
         return None
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    src.fill_(1)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device=device.torch)
-    dst.copy_(src, non_blocking=True)
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
+    region = HostRegion(nbytes, pin=False)  # pageable; registered below without going through the ledger
+    cudart = torch.cuda.cudart()
+    rc = cudart.cudaHostRegister(region.tensor.data_ptr(), nbytes, 0)
+    registered = int(getattr(rc, "value", rc)) == 0
+    src = region.tensor if registered else torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    try:
+        src.fill_(1)
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=device.torch)
         dst.copy_(src, non_blocking=True)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
+        times = []
+        for _ in range(repeats):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            dst.copy_(src, non_blocking=True)
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        torch.cuda.synchronize(device.torch)
+    finally:
+        if registered:
+            cudart.cudaHostUnregister(region.tensor.data_ptr())
     del src, dst
     torch.cuda.empty_cache()
+    if not registered:  # the fallback's block went to torch's host allocator: hand it back
+        empty_host_cache = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None) or getattr(
+            torch._C, "_host_emptyCache", None
+        )
+        with contextlib.suppress(Exception):
+            if empty_host_cache is not None:
+                empty_host_cache()
     return round(nbytes / sorted(times)[len(times) // 2] / 1e9, 2)
 
 

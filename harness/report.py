@@ -56,6 +56,8 @@ def cell_row(record: dict[str, Any]) -> dict[str, Any]:
         row["peak MiB (alloc allocated)"] = _mib(_phase_max(record, "alloc_peak_allocated_bytes"))
         row["peak MiB (NVML per-process)"] = _mib(_phase_max(record, "nvml_proc_peak_bytes"))
     row["pinned host MiB (requested)"] = _mib(_phase_max(record, "pinned_requested_bytes"))
+    if cuda:  # pin_memory() blocks, rounded up to powers of two: where diffusers' group offload pins its copies
+        row["pinned host MiB (torch allocator)"] = _mib(_phase_max(record, "pinned_torch_allocator_bytes"))
     row["host RSS peak MiB"] = _mib(_phase_max(record, "rss_peak_bytes"))
     for p in PHASES:
         ms = (phases.get(p) or {}).get("time_ms")

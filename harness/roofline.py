@@ -8,6 +8,12 @@ with the compute time taken from a cell of the same scenario whose DiT was whole
 CPU-offloaded: it is moved once per denoise phase, not per step) and the H2D rate from the pinned-copy probe the
 same child ran at start (`machine.pinned_h2d_gbps`). Efficiency is predicted / measured; the effective H2D rate is
 streamed bytes x forwards / measured step time. Both read records only.
+
+Each row names its backend: our layerwise runtime (streamed bytes: its per-layer host regions) or diffusers'
+group offload (streamed bytes: the block groups it moves on its stream; the non-block weights it moves
+synchronously around each forward are left out of the prediction, so they show as lost efficiency). The
+whole-DiT reference is the fastest resident / CPU-offloaded cell of the scenario, whatever its backend (those
+cells run the same code under every backend).
 """
 
 from __future__ import annotations
@@ -27,14 +33,23 @@ def _forwards_per_step(record: dict[str, Any]) -> int:
     return 2 if (record.get("settings") or {}).get("true_cfg_scale", 1) > 1 else 1
 
 
+def _streamed_bytes(dit: dict[str, Any]) -> int | None:
+    """Bytes a streamed DiT moves host -> device per forward: our runtime's layer regions, or diffusers' groups."""
+    if dit.get("layerwise"):
+        return dit["layerwise"]["host_bytes"]
+    if dit.get("diffusers_group"):
+        return dit["diffusers_group"]["streamed_bytes"]
+    return None
+
+
 def roofline_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per layerwise cell that ran, against the fastest whole-DiT cell of its scenario."""
+    """One row per streamed-DiT cell that ran (any backend), against the fastest whole-DiT cell of its scenario."""
     ok = [r for r in records if r.get("status") == "ok" and r.get("components")]
     rows = []
     for r in ok:
-        lw = r["components"]["dit"].get("layerwise")
+        streamed = _streamed_bytes(r["components"]["dit"])
         measured = _median_step_s(r)
-        if not lw or measured is None:
+        if not streamed or measured is None:
             continue
         whole = [
             s for x in ok
@@ -44,21 +59,22 @@ def roofline_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         forwards = _forwards_per_step(r)
         compute_s = min(whole) / forwards if whole else None
         gbps = (r.get("machine") or {}).get("pinned_h2d_gbps")
-        transfer_s = lw["host_bytes"] / (gbps * 1e9) if gbps else None
+        transfer_s = streamed / (gbps * 1e9) if gbps else None
         parts = [v for v in (compute_s, transfer_s) if v is not None]
         predicted = forwards * max(parts) if parts else None
         rows.append({
             "cell": r["cell_id"],
+            "backend": r.get("backend") or "harness",
             "forwards/step": forwards,
-            "streamed GB/forward": round(lw["host_bytes"] / 1e9, 2),
+            "streamed GB/forward": round(streamed / 1e9, 2),
             "probe H2D GB/s": gbps,
             "resident compute s/forward": None if compute_s is None else round(compute_s, 3),
             "bound": None if not parts else ("transfer" if (transfer_s or 0) >= (compute_s or 0) else "compute"),
             "predicted s/step": None if predicted is None else round(predicted, 3),
             "measured s/step (median)": round(measured, 3),
             "efficiency % (predicted/measured)": None if predicted is None else round(100 * predicted / measured, 1),
-            "effective H2D GB/s": round(lw["host_bytes"] * forwards / measured / 1e9, 2),
-            "H2D % of probe": None if not gbps else round(100 * lw["host_bytes"] * forwards / measured / 1e9 / gbps, 1),
+            "effective H2D GB/s": round(streamed * forwards / measured / 1e9, 2),
+            "H2D % of probe": None if not gbps else round(100 * streamed * forwards / measured / 1e9 / gbps, 1),
             "overhead % vs whole-DiT step": None if not whole else round(100 * (measured / min(whole) - 1), 1),
         })
     return rows

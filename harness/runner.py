@@ -268,6 +268,7 @@ def _base_record(run: Run, cell: Cell) -> dict[str, Any]:
         "device": run.device,
         "policy": cell.scenario.policy,
         **cell.resolution.as_dict(),
+        "backend": cell.backend,
         "failed_phase": None,
         "phases": {},
     }

@@ -1,7 +1,9 @@
-"""Scenario files (TOML): parse, validate, and expand into cells, one per card and combination of flag values.
+"""Scenario files (TOML): parse, validate, and expand into cells, one per card, backend and combination of flag
+values.
 
-A scenario names a model, the cards to simulate, the pipeline settings, a policy, base flags, the axes to sweep,
-cells to exclude and what to expect. Every error names the file and the field. Cells whose flags the policy
+A scenario names a model, the cards to simulate, the backends to run (`BACKENDS`: our layerwise runtime and/or
+diffusers' group-offload hooks), the pipeline settings, a policy, base flags, the axes to sweep, cells to exclude
+and what to expect. Every error names the file and the field. Cells whose flags the policy
 resolves to the same effective flags are run once; the others point at the one that ran (`same_as`).
 
 This module imports no torch.
@@ -38,11 +40,16 @@ CARDS: dict[str, int | None] = {
 }
 
 PROFILES = ("gpu", "cpu")
+# Who moves the DiT's weights under layerwise offload: our runtime (harness.offload.layerwise), or diffusers' own
+# group-offload hooks (block level, one block per group, a side stream; "-rs" adds record_stream). Everything else
+# (text encoder, VAE, cells without layerwise) runs the same code under every backend.
+HARNESS_BACKEND = "harness"
+BACKENDS = (HARNESS_BACKEND, "diffusers-group", "diffusers-group-rs")
 _TOP_KEYS = {
     "name", "description", "model", "profile", "cards", "height", "width", "frames", "steps", "warmup", "rounds",
-    "true_cfg_scale", "seed", "policy", "timeout_s", "flags", "axes", "exclude", "expect", "xfail",
+    "true_cfg_scale", "seed", "policy", "timeout_s", "flags", "axes", "exclude", "expect", "xfail", "backends",
 }
-_EXPECT_KEYS = {"lowest_peak", "fate", "same_output", "host", "invariants"}
+_EXPECT_KEYS = {"lowest_peak", "fate", "same_output", "host", "invariants", "close_output_rtol"}
 _HOST_KEYS = {"max_rss_over_weights", "max_pinned_held_over_requested", "min_setup_gbps"}
 _FATE_KEYS = {"cards", "where", "status", "phase"}
 
@@ -75,6 +82,9 @@ class Expectations:
     same_output: bool = False  # every cell that ran to the end produced bit-identical final latents
     host: dict[str, Any] | None = None  # host-cost bounds checked on every cell that ran (see harness.expect)
     invariants: bool = False  # the offload memory invariants hold in every cell that ran (harness.expect)
+    # final latents of every other-backend cell that ran lie within this relative L2 distance of the harness cell
+    # with the same flags (harness.expect.close_output_verdict)
+    close_output_rtol: float | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,7 @@ class Scenario:
     exclude: tuple[dict[str, Any], ...]
     expect: Expectations = field(default_factory=Expectations)
     xfail: str | None = None  # the expectations are known to fail, and why (e.g. the pre-#26925 policy)
+    backends: tuple[str, ...] = (HARNESS_BACKEND,)  # BACKENDS: who runs the layerwise DiT, swept like cards
 
 
 @dataclass(frozen=True)
@@ -107,7 +118,8 @@ class Cell:
     scenario: Scenario
     card: Card
     resolution: Resolution
-    same_as: str | None = None  # cell id of an earlier cell with the same effective flags
+    same_as: str | None = None  # cell id of an earlier cell with the same effective flags (and backend)
+    backend: str = HARNESS_BACKEND
 
     @property
     def requested(self) -> OffloadFlags:
@@ -115,7 +127,10 @@ class Cell:
 
     @property
     def cell_id(self) -> str:
-        return f"{self.scenario.name}/{self.card.name}/{self.requested.label()}"
+        """`<scenario>/<card>/<flags label>`, plus `+<backend>` for a backend other than the harness's own (so the
+        ids that results and baselines already key on stay as they were)."""
+        suffix = "" if self.backend == HARNESS_BACKEND else f"+{self.backend}"
+        return f"{self.scenario.name}/{self.card.name}/{self.requested.label()}{suffix}"
 
     def spec(self, device: str) -> dict[str, Any]:
         """Everything the child needs, as JSON."""
@@ -138,11 +153,17 @@ class Cell:
             "warmup": s.warmup,
             "rounds": s.rounds,
             "requested": self.requested.as_dict(),
+            "backend": self.backend,
             "device": device,
         }
 
     def spec_hash(self, device: str) -> str:
-        return hashlib.sha256(json.dumps(self.spec(device), sort_keys=True).encode()).hexdigest()[:12]
+        """A digest of the spec. The harness backend hashes as specs did before backends existed, so that a run
+        begun by an older harness resumes its cells instead of running them again."""
+        spec = self.spec(device)
+        if spec["backend"] == HARNESS_BACKEND:
+            del spec["backend"]
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _err(path: Path | str, field_name: str, msg: str) -> ScenarioError:
@@ -229,6 +250,7 @@ def load_scenario(path: Path | str) -> Scenario:
     if both:
         raise _err(path, f"axes.{both[0]}", "is also set in [flags]; a flag is either fixed or an axis")
     exclude = _exclude(data.get("exclude", []), path, axes)
+    backends = _backends(data.get("backends", [HARNESS_BACKEND]), path)
     model_spec = get_model(model)
     multiple = model_spec.vae_scale * model_spec.patch
     height, width = _int(data, "height", path), _int(data, "width", path)
@@ -255,8 +277,9 @@ def load_scenario(path: Path | str) -> Scenario:
         base_flags=base_flags,
         axes=axes,
         exclude=exclude,
-        expect=_expect(data.get("expect", {}), path, cards),
+        expect=_expect(data.get("expect", {}), path, cards, backends),
         xfail=_xfail(data.get("xfail"), path),
+        backends=backends,
     )
     if not expand(scenario):
         raise _err(path, "exclude", "excludes every cell")
@@ -267,6 +290,17 @@ def _xfail(value: Any, path: Path) -> str | None:
     if value is not None and (not isinstance(value, str) or not value.strip()):
         raise _err(path, "xfail", f"expected a reason (a non-empty string), got {value!r}")
     return value
+
+
+def _backends(data: Any, path: Path) -> tuple[str, ...]:
+    if not isinstance(data, list) or not data:
+        raise _err(path, "backends", f"expected a non-empty list of backends among {list(BACKENDS)}, got {data!r}")
+    for i, b in enumerate(data):
+        if not isinstance(b, str) or b not in BACKENDS:
+            raise _err(path, f"backends[{i}]", f"unknown backend {b!r}; known backends: {', '.join(BACKENDS)}")
+    if len(set(data)) != len(data):
+        raise _err(path, "backends", f"repeats a backend: {data!r}")
+    return tuple(data)
 
 
 def _axes(data: Any, path: Path) -> dict[str, list[Any]]:
@@ -302,7 +336,7 @@ def _exclude(data: Any, path: Path, axes: dict[str, list[Any]]) -> tuple[dict[st
     return tuple(out)
 
 
-def _expect(data: Any, path: Path, cards: tuple[Card, ...]) -> Expectations:
+def _expect(data: Any, path: Path, cards: tuple[Card, ...], backends: tuple[str, ...]) -> Expectations:
     if not isinstance(data, dict):
         raise _err(path, "expect", "expected a table")
     unknown = sorted(set(data) - _EXPECT_KEYS)
@@ -341,7 +375,15 @@ def _expect(data: Any, path: Path, cards: tuple[Card, ...]) -> Expectations:
     invariants = data.get("invariants", False)
     if not isinstance(invariants, bool):
         raise _err(path, "expect.invariants", f"expected true or false, got {invariants!r}")
-    return Expectations(lowest, tuple(fates), same, _host_bounds(data.get("host"), path), invariants)
+    rtol = data.get("close_output_rtol")
+    if rtol is not None:
+        if isinstance(rtol, bool) or not isinstance(rtol, int | float) or not is_finite_number(rtol) or rtol <= 0:
+            raise _err(path, "expect.close_output_rtol", f"expected a positive finite number, got {rtol!r}")
+        if HARNESS_BACKEND not in backends or len(backends) < 2:
+            raise _err(path, "expect.close_output_rtol", f"compares other backends' latents with the harness "
+                       f"backend's, so `backends` must list {HARNESS_BACKEND!r} and another; got {list(backends)}")
+        rtol = float(rtol)
+    return Expectations(lowest, tuple(fates), same, _host_bounds(data.get("host"), path), invariants, rtol)
 
 
 def _host_bounds(data: Any, path: Path) -> dict[str, Any] | None:
@@ -367,20 +409,25 @@ def matches(flags: dict[str, Any], where: dict[str, Any]) -> bool:
 
 
 def expand(scenario: Scenario) -> list[Cell]:
-    """All cells of a scenario in a stable order: cards outermost, then the axes in file order."""
+    """All cells of a scenario in a stable order: cards outermost, then backends, then the axes in file order.
+
+    Cells of one card and backend whose flags resolve to the same effective flags run once (`same_as`); cells of
+    different backends never stand in for each other.
+    """
     names = list(scenario.axes)
     cells: list[Cell] = []
     for card in scenario.cards:
-        first_by_effective: dict[OffloadFlags, str] = {}
-        for combo in itertools.product(*(scenario.axes[n] for n in names)):
-            values = dict(zip(names, combo, strict=True))
-            if any(matches(values, ex) for ex in scenario.exclude):
-                continue
-            requested = OffloadFlags(**{**scenario.base_flags, **values})
-            resolution = resolve(requested, scenario.policy)
-            cell = Cell(scenario, card, resolution)
-            same = first_by_effective.setdefault(resolution.effective, cell.cell_id)
-            cells.append(cell if same == cell.cell_id else Cell(scenario, card, resolution, same_as=same))
+        for backend in scenario.backends:
+            first_by_effective: dict[OffloadFlags, str] = {}
+            for combo in itertools.product(*(scenario.axes[n] for n in names)):
+                values = dict(zip(names, combo, strict=True))
+                if any(matches(values, ex) for ex in scenario.exclude):
+                    continue
+                requested = OffloadFlags(**{**scenario.base_flags, **values})
+                resolution = resolve(requested, scenario.policy)
+                cell = Cell(scenario, card, resolution, backend=backend)
+                same = first_by_effective.setdefault(resolution.effective, cell.cell_id)
+                cells.append(cell if same == cell.cell_id else Cell(scenario, card, resolution, same, backend))
     return cells
 
 

@@ -7,10 +7,17 @@ Placement of each component follows the engine's rules (SGLang, June 2026, see t
 - `layerwise`: with dit_cpu_offload on, checkpoint bytes go straight into the per-layer host regions and only the
   non-layer weights reach the device. With dit_cpu_offload off the engine first materialises the whole DiT on the
   device and then packs it to the host, so the load peak is the whole DiT.
+- `diffusers-group-offload` (a scenario's `backends` other than "harness", with layerwise on): the peer of our
+  layerwise runtime. The DiT is read into a plain pageable host region (as `from_pretrained` leaves a model on the
+  host), then diffusers' own `apply_group_offloading` takes over: block level, one block per group, a side stream,
+  `record_stream` for the "-rs" backend. diffusers pins its own copy of every block tensor through torch's caching
+  host allocator (rounded up to powers of two; the record's `pinned_torch_allocator_bytes` shows it), after which
+  the pageable region is freed. Its hooks move the weights; the harness never does.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,15 +30,26 @@ from harness.models import ComponentSpec
 from harness.models.checkpoint import CheckpointError, CheckpointReader
 from harness.offload.component import ComponentOffload
 from harness.offload.layerwise import LayerwiseRuntime
-from harness.offload.memory import Device, HostRegion
+from harness.offload.memory import Device, HostRegion, pinned_allocator_bytes
 
-PLACEMENTS = ("resident", "cpu-offload", "layerwise-from-host", "layerwise-from-device")
+DIFFUSERS_GROUP = "diffusers-group-offload"
+PLACEMENTS = ("resident", "cpu-offload", "layerwise-from-host", "layerwise-from-device", DIFFUSERS_GROUP)
+DIFFUSERS_BACKENDS = ("diffusers-group", "diffusers-group-rs")  # harness.scenario.BACKENDS other than "harness"
+DIFFUSERS_NEEDS_CUDA = "diffusers group offload with streams needs CUDA"
 
 
-def placement_for(role: str, flags: OffloadFlags) -> str:
-    """Where the loader puts component `role` under the effective `flags`."""
+def placement_for(role: str, flags: OffloadFlags, backend: str = "harness") -> str:
+    """Where the loader puts component `role` under the effective `flags` and the cell's `backend`.
+
+    A diffusers backend changes only the layerwise DiT (whatever dit_cpu_offload says, diffusers' hooks stream it
+    from the host); every other component and cell runs as under the harness backend.
+    """
+    if backend != "harness" and backend not in DIFFUSERS_BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}")
     if role == "dit":
         if flags.dit_layerwise_offload:
+            if backend in DIFFUSERS_BACKENDS:
+                return DIFFUSERS_GROUP
             return "layerwise-from-host" if flags.dit_cpu_offload else "layerwise-from-device"
         return "cpu-offload" if flags.dit_cpu_offload else "resident"
     if role == "text_encoder":
@@ -52,7 +70,10 @@ class LoadedComponent:
     offload: ComponentOffload | None = None
     layerwise: LayerwiseRuntime | None = None
     setup_s: dict[str, float] = field(default_factory=dict)
+    diffusers_group: dict[str, Any] | None = None  # what diffusers' group offload set up (DIFFUSERS_GROUP only)
 
+    # Under DIFFUSERS_GROUP both are no-ops: diffusers' hooks onload each block as its forward starts (the next one
+    # prefetched on their stream) and offload it as it ends, so between forwards no weight is on the device.
     def before_use(self) -> None:
         if self.offload is not None:
             self.offload.onload()
@@ -96,6 +117,8 @@ class LoadedComponent:
             }
         if self.offload is not None:
             d["cpu_offload"] = {"host_bytes": self.offload.host_bytes, "pinned": self.offload.region.pinned}
+        if self.diffusers_group is not None:
+            d["diffusers_group"] = dict(self.diffusers_group)
         return d
 
 
@@ -170,9 +193,13 @@ def _materialise(module: torch.nn.Module, reader: CheckpointReader, device: Devi
             staging.close()
 
 
-def _place_buffers(module: torch.nn.Module, device: Device) -> None:
-    """Non-persistent buffers (RoPE tables) are computed at build time on the host; move them once."""
-    for owner in module.modules():
+def _place_buffers(module: torch.nn.Module, device: Device, buffers: bool = True) -> None:
+    """Non-persistent buffers (RoPE tables) are computed at build time on the host; move them once.
+
+    With `buffers=False` only the plain tensor attributes move: diffusers' group offload moves a module's buffers
+    with its weights, but never looks at plain attributes.
+    """
+    for owner in module.modules() if buffers else ():
         for attr, buf in list(owner._buffers.items()):
             if buf is not None and buf.device != device.torch:
                 owner._buffers[attr] = buf.to(device.torch)
@@ -184,19 +211,32 @@ def _place_buffers(module: torch.nn.Module, device: Device) -> None:
 
 
 def load_component(
-    spec: ComponentSpec, checkpoint: Path, placement: str, device: Device, *, pin: bool, prefetch_size: float = 0.0
+    spec: ComponentSpec,
+    checkpoint: Path,
+    placement: str,
+    device: Device,
+    *,
+    pin: bool,
+    prefetch_size: float = 0.0,
+    backend: str = "harness",
 ) -> LoadedComponent:
     """Builds `spec`'s module on meta, fills it from `checkpoint` and places it.
 
     Setup times are recorded per step: build (module on meta), alloc (host regions), read (file -> host
-    regions), pin (page-locking them), place (file -> device).
+    regions), pin (page-locking them; under DIFFUSERS_GROUP, diffusers' setup, which pins its copies), place
+    (file -> device). `backend` matters only for DIFFUSERS_GROUP ("diffusers-group-rs": record_stream on).
 
     Raises:
         CheckpointError: the file does not match the module.
         torch.OutOfMemoryError: the device ran out while placing (the caller records the phase).
+        RuntimeError: DIFFUSERS_GROUP on a device that is not CUDA (DIFFUSERS_NEEDS_CUDA), or without a
+            diffusers backend.
     """
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    if placement == DIFFUSERS_GROUP and (backend not in DIFFUSERS_BACKENDS or not device.is_cuda):
+        why = f"backend {backend!r} is not one of {DIFFUSERS_BACKENDS}" if device.is_cuda else DIFFUSERS_NEEDS_CUDA
+        raise RuntimeError(f"{placement}: {why}")
     clock = _Clock()
     module = spec.build_on_meta()
     reader = CheckpointReader(checkpoint)
@@ -219,6 +259,8 @@ def load_component(
         clock.lap("pin_s")
         _materialise(module, reader, device, persistent_buffers)
         clock.lap("place_s")
+    elif placement == DIFFUSERS_GROUP:
+        loaded.diffusers_group = _diffusers_group(module, reader, persistent_buffers, device, backend, clock)
     else:
         if placement == "layerwise-from-device":
             # What the engine does when dit_cpu_offload is off: the whole DiT lands on the device first.
@@ -242,12 +284,102 @@ def load_component(
             clock.lap("place_s")
         rt.attach()
         loaded.layerwise = rt
-    _place_buffers(module, device)
+    _place_buffers(module, device, buffers=placement != DIFFUSERS_GROUP)
     if device.is_cuda:
         torch.cuda.synchronize(device.torch)
     clock.lap("place_s")
     clock.laps["total_s"] = clock.total()
     return loaded
+
+
+def _diffusers_group(
+    module: torch.nn.Module,
+    reader: CheckpointReader,
+    persistent_buffers: list[str],
+    device: Device,
+    backend: str,
+    clock: _Clock,
+) -> dict[str, Any]:
+    """DIFFUSERS_GROUP: the weights into one plain pageable host region (ComponentOffload's fill), then diffusers'
+    `apply_group_offloading`; returns what it set up, for the record."""
+    import diffusers
+    from diffusers.hooks import apply_group_offloading
+
+    host = ComponentOffload(module, device, False, "dit")  # pageable: diffusers pins its own copies
+    clock.lap("alloc_s")
+    host.fill(reader.read_into)
+    for name in persistent_buffers:  # the rest of the state dict, on the host too: diffusers moves buffers
+        e = reader.entries[name]
+        buf = torch.empty(e.shape, dtype=e.dtype)
+        reader.read_into(name, buf)
+        _set_tensor(module, name, buf)
+    clock.lap("read_s")
+    record_stream = backend == "diffusers-group-rs"
+    apply_group_offloading(
+        module,
+        onload_device=device.torch,
+        offload_device=torch.device("cpu"),
+        offload_type="block_level",
+        num_blocks_per_group=1,
+        use_stream=True,
+        record_stream=record_stream,
+        non_blocking=True,
+    )
+    clock.lap("pin_s")
+    info = _describe_groups(module, host.region.nbytes)
+    # The group of non-block weights has no stream and no pinned copy: its tensors still view the pageable region,
+    # which would keep all of it alive. Give them their own (small) storage; the region goes with `host`.
+    begin = host.region.tensor.data_ptr()
+    end = begin + host.region.nbytes
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        if t.device.type == "cpu" and begin <= t.data_ptr() < end:
+            t.data = t.data.clone()
+    del host
+    clock.lap("place_s")
+    return {
+        "backend": backend,
+        "diffusers": diffusers.__version__,
+        "offload_type": "block_level",
+        "num_blocks_per_group": 1,
+        "use_stream": True,
+        "record_stream": record_stream,
+        "non_blocking": True,
+        **info,
+    }
+
+
+def _describe_groups(module: torch.nn.Module, host_bytes: int) -> dict[str, Any]:
+    """diffusers' module groups on `module`: how many, the bytes they move, and the host bytes they pinned."""
+    groups: dict[int, Any] = {}
+    for sub in module.modules():
+        registry = getattr(sub, "_diffusers_hook", None)
+        hook = registry.get_hook("group_offloading") if registry is not None else None
+        if hook is not None:
+            groups.setdefault(id(hook.group), hook.group)
+
+    def tensors(group: Any) -> list[torch.Tensor]:
+        out = [t for m in group.modules for t in itertools.chain(m.parameters(), m.buffers())]
+        out += list(group.parameters) + list(group.buffers)
+        return list({id(t): t for t in out}.values())
+
+    def nbytes(ts: list[torch.Tensor]) -> int:
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    streamed = [g for g in groups.values() if g.stream is not None]
+    unstreamed = [g for g in groups.values() if g.stream is None]
+    pinned = [t for g in streamed for t in g.cpu_param_dict.values()]
+    return {
+        "groups": len(streamed),
+        # moved host -> device on diffusers' side stream, one block per group, every forward
+        "streamed_bytes": sum(nbytes(tensors(g)) for g in streamed),
+        # the non-block weights: moved to the device synchronously before each forward, and back after it
+        "unstreamed_bytes": sum(nbytes(tensors(g)) for g in unstreamed),
+        "host_bytes": host_bytes,  # the pageable region the checkpoint was read into (freed once diffusers pinned)
+        "pinned_requested_bytes": nbytes(pinned),  # diffusers' pinned copies, as asked for
+        # what torch's caching host allocator holds for them: each tensor rounded up to a power of two
+        "pinned_allocator_bytes": sum(pinned_allocator_bytes(t.numel() * t.element_size()) for t in pinned),
+        "pinned": bool(pinned) and all(t.is_pinned() for t in pinned),
+    }
 
 
 class _Clock:

@@ -1,0 +1,427 @@
+"""The backend axis: our layerwise runtime and diffusers' group offload as peers in one scenario.
+
+Scenario validation of `backends`, cell ids (unchanged for the harness backend, suffixed otherwise), dedupe per
+backend, the CPU profile's skip of diffusers' streamed offload, the `close_output_rtol` expectation, and what the
+roofline, guards and other expectations make of other backends' records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from harness.expect import close_output_verdict, evaluate, lowest_peak_verdict, same_output_verdict
+from harness.results import migrate
+from harness.roofline import roofline_rows
+from harness.scenario import BACKENDS, HARNESS_BACKEND, ScenarioError, expand, load_scenario
+from tests.helpers import DELETE, base_scenario, make_record, mutate, to_toml
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "scenarios" / "cpu" / "qwen_image_edit_tiny.toml"
+PEER = REPO / "scenarios" / "gpu" / "qwen_image_peer.toml"
+NEEDS_CUDA = "diffusers group offload with streams needs CUDA"
+
+
+def write(tmp_path: Path, data: dict[str, Any], name: str = "scenario.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(to_toml(data), encoding="utf-8")
+    return path
+
+
+def peer_scenario(**changes: Any) -> dict[str, Any]:
+    """The unit scenario with all three backends and no expectations that single out one cell."""
+    data = base_scenario()
+    data["backends"] = list(BACKENDS)
+    data["expect"] = {"close_output_rtol": 0.02}
+    data.update(changes)
+    return data
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+def test_backends_default_to_the_harness_alone(tmp_path: Path) -> None:
+    s = load_scenario(write(tmp_path, base_scenario()))
+    assert s.backends == (HARNESS_BACKEND,)
+    assert {c.backend for c in expand(s)} == {HARNESS_BACKEND}
+
+
+def test_backends_load_in_file_order(tmp_path: Path) -> None:
+    s = load_scenario(write(tmp_path, peer_scenario(backends=["diffusers-group-rs", "harness"])))
+    assert s.backends == ("diffusers-group-rs", "harness")
+
+
+BAD_BACKENDS: list[tuple[str, Any, str]] = [
+    ("not-a-list", "harness", "backends"),
+    ("empty", [], "backends"),
+    ("unknown", ["harness", "diffusers-leaf"], "backends[1]"),
+    ("not-a-string", [1], "backends[0]"),
+    ("repeats", ["harness", "harness"], "backends"),
+    ("table", {"harness": True}, "backends"),
+]
+
+
+@pytest.mark.parametrize(("value", "field"), [b[1:] for b in BAD_BACKENDS], ids=[b[0] for b in BAD_BACKENDS])
+def test_backends_raise_naming_file_and_field_if_malformed(tmp_path: Path, value: Any, field: str) -> None:
+    file = write(tmp_path, mutate(base_scenario(), ("backends",), value))
+    with pytest.raises(ScenarioError) as info:
+        load_scenario(file)
+    assert str(info.value).startswith(f"{file}: {field}: "), str(info.value)
+
+
+BAD_RTOL: list[tuple[str, Any]] = [("bool", True), ("zero", 0), ("negative", -0.1), ("string", "0.02"),
+                                   ("inf", float("inf")), ("nan", float("nan"))]
+
+
+@pytest.mark.parametrize("value", [b[1] for b in BAD_RTOL], ids=[b[0] for b in BAD_RTOL])
+def test_close_output_rtol_raises_naming_file_and_field_if_not_a_positive_number(tmp_path: Path, value: Any) -> None:
+    file = write(tmp_path, mutate(peer_scenario(), ("expect", "close_output_rtol"), value))
+    with pytest.raises(ScenarioError) as info:
+        load_scenario(file)
+    assert str(info.value).startswith(f"{file}: expect.close_output_rtol: "), str(info.value)
+
+
+@pytest.mark.parametrize("backends", [DELETE, ["harness"], ["diffusers-group", "diffusers-group-rs"]],
+                         ids=["default", "harness-only", "no-harness"])
+def test_close_output_rtol_raises_if_there_is_nothing_to_compare(tmp_path: Path, backends: Any) -> None:
+    file = write(tmp_path, mutate(peer_scenario(), ("backends",), backends))
+    with pytest.raises(ScenarioError, match=r"expect\.close_output_rtol: .*backends") as info:
+        load_scenario(file)
+    assert str(info.value).startswith(f"{file}: ")
+
+
+def test_close_output_rtol_loads_as_a_float(tmp_path: Path) -> None:
+    s = load_scenario(write(tmp_path, mutate(peer_scenario(), ("expect", "close_output_rtol"), 1)))
+    assert s.expect.close_output_rtol == 1.0 and isinstance(s.expect.close_output_rtol, float)
+    assert load_scenario(write(tmp_path, base_scenario(), "plain.toml")).expect.close_output_rtol is None
+
+
+# ------------------------------------------------------------------------------------------------ cells
+
+
+def test_harness_cells_keep_their_ids_and_spec_hashes(tmp_path: Path) -> None:
+    before = expand(load_scenario(write(tmp_path, base_scenario())))
+    after = [c for c in expand(load_scenario(write(tmp_path, peer_scenario())))  # the same file, rewritten
+             if c.backend == HARNESS_BACKEND]
+    assert [c.cell_id for c in after] == [c.cell_id for c in before]
+    assert [c.same_as for c in after] == [c.same_as for c in before]
+    for old, new in zip(before, after, strict=True):
+        spec = new.spec("cpu")
+        assert spec["backend"] == HARNESS_BACKEND
+        # the hash is what specs hashed to before backends existed: runs begun then resume their cells
+        del spec["backend"]
+        legacy = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+        assert new.spec_hash("cpu") == old.spec_hash("cpu") == legacy
+
+
+def test_other_backends_get_a_suffix_and_carry_the_backend_in_the_spec(tmp_path: Path) -> None:
+    s = load_scenario(write(tmp_path, peer_scenario()))
+    cells = expand(s)
+    assert len(cells) == len(s.cards) * len(BACKENDS) * 3  # 2 x 2 axes, one combination excluded
+    harness = {(c.card.name, c.requested): c for c in cells if c.backend == HARNESS_BACKEND}
+    for c in cells:
+        if c.backend == HARNESS_BACKEND:
+            assert "+" not in c.cell_id
+            continue
+        twin = harness[(c.card.name, c.requested)]
+        assert c.cell_id == f"{twin.cell_id}+{c.backend}"
+        assert c.cell_id == f"unit/{c.card.name}/{c.requested.label()}+{c.backend}"
+        assert c.spec("cpu")["backend"] == c.backend
+        assert c.spec_hash("cpu") != twin.spec_hash("cpu")
+    assert len({c.cell_id for c in cells}) == len(cells)
+
+
+def test_cells_expand_cards_then_backends_then_axes(tmp_path: Path) -> None:
+    cells = expand(load_scenario(write(tmp_path, peer_scenario())))
+    order = [(c.card.name, c.backend) for c in cells]
+    expected = [(card, b) for card in ("tiny-6m", "native") for b in BACKENDS for _ in range(3)]
+    assert order == expected
+
+
+def test_dedupe_by_effective_flags_is_per_card_and_backend(tmp_path: Path) -> None:
+    # without layerwise, the prefetch size resolves to 0: pf0 and pf1 are the same effective cell
+    data = peer_scenario(
+        axes={"dit_layerwise_offload": [False], "dit_offload_prefetch_size": [0, 1]},
+        flags={"pin_cpu_memory": True}, exclude=[],
+    )
+    cells = expand(load_scenario(write(tmp_path, data)))
+    assert len(cells) == 2 * 3 * 2
+    for card in ("tiny-6m", "native"):
+        for backend in BACKENDS:
+            first, second = [c for c in cells if c.card.name == card and c.backend == backend]
+            assert first.same_as is None
+            assert second.same_as == first.cell_id  # the cell of its own card and backend, never another's
+
+
+def test_committed_peer_scenario_runs_every_backend_with_and_without_layerwise() -> None:
+    s = load_scenario(PEER)
+    assert s.model == "qwen-image" and s.backends == BACKENDS
+    assert s.expect.close_output_rtol == 0.02 and not s.expect.same_output
+    cells = expand(s)
+    assert {(c.backend, c.requested.dit_layerwise_offload) for c in cells} == {
+        (b, lw) for b in BACKENDS for lw in (False, True)
+    }
+    assert all(c.same_as is None for c in cells)
+
+
+# ------------------------------------------------------------------------------------------------ loader, guards
+
+
+def test_placement_changes_only_the_layerwise_dit_under_a_diffusers_backend() -> None:
+    from harness.flags import OffloadFlags
+    from harness.offload.loader import DIFFUSERS_GROUP, PLACEMENTS, placement_for
+
+    for cpu in (False, True):
+        for lw in (False, True):
+            flags = OffloadFlags(dit_cpu_offload=cpu, dit_layerwise_offload=lw, text_encoder_cpu_offload=True)
+            for backend in ("diffusers-group", "diffusers-group-rs"):
+                want = DIFFUSERS_GROUP if lw else placement_for("dit", flags)
+                assert placement_for("dit", flags, backend) == want
+                for role in ("text_encoder", "vae"):
+                    assert placement_for(role, flags, backend) == placement_for(role, flags)
+    assert DIFFUSERS_GROUP in PLACEMENTS
+    with pytest.raises(ValueError, match="unknown backend"):
+        placement_for("dit", OffloadFlags(), "accelerate")
+
+
+def test_load_component_refuses_diffusers_group_without_cuda(tmp_path: Path) -> None:
+    from harness.models import get_model
+    from harness.offload.loader import DIFFUSERS_GROUP, load_component
+    from harness.offload.memory import Device
+
+    spec = get_model("qwen-image-edit-tiny").components["dit"]
+    with pytest.raises(RuntimeError, match=NEEDS_CUDA):
+        load_component(spec, tmp_path / "unused.safetensors", DIFFUSERS_GROUP, Device("cpu"), pin=True,
+                       backend="diffusers-group")
+
+
+def test_pinned_allocator_bytes_round_up_to_a_power_of_two() -> None:
+    from harness.offload.memory import pinned_allocator_bytes
+
+    assert [pinned_allocator_bytes(n) for n in (0, 1, 2, 3, 4, 5, 1023, 1024, 1025)] == [0, 1, 2, 4, 4, 8, 1024,
+                                                                                          1024, 2048]
+    assert pinned_allocator_bytes(round(0.63 * 2**30)) == 2**30
+
+
+def test_host_guard_counts_diffusers_pinned_copies_on_top_of_the_host_weights() -> None:
+    from harness.guards import _host_check, pinned_copy_bytes, weight_bytes
+    from harness.models import get_model
+
+    model = get_model("qwen-image-edit-tiny")
+    spec = {"device": "cuda", "model": model.name}
+    ours = _host_check(spec, {"text_encoder": "resident", "dit": "layerwise-from-host", "vae": "resident"}, model, 0)
+    peer = _host_check(spec, {"text_encoder": "resident", "dit": "diffusers-group-offload", "vae": "resident"},
+                       model, 0)
+    dit = model.components["dit"]
+    assert ours[1]["components"]["dit"]["host_bytes"] == weight_bytes(dit)
+    assert peer[1]["components"]["dit"]["host_bytes"] == weight_bytes(dit) + pinned_copy_bytes(dit)
+    assert weight_bytes(dit) < pinned_copy_bytes(dit) < 2 * weight_bytes(dit)
+
+
+# ------------------------------------------------------------------------------------------------ worker, runner
+
+
+def _tiny_cells(backends: list[str]) -> dict[tuple[str, str, str], Any]:
+    s = dataclasses.replace(load_scenario(TINY), backends=tuple(backends))
+    return {(c.card.name, c.requested.label()[:8], c.backend): c for c in expand(s)}
+
+
+def test_worker_skips_a_diffusers_layerwise_cell_on_the_cpu_profile() -> None:
+    from harness.worker import run_cell
+
+    cells = _tiny_cells(["harness", "diffusers-group", "diffusers-group-rs"])
+    for backend in ("diffusers-group", "diffusers-group-rs"):
+        cell = cells[("native", "cpu1-lw1", backend)]
+        rec = run_cell({**cell.spec("cpu"), "warmup": 0, "rounds": 1})
+        assert rec["status"] == "skipped", (rec["reason"], rec.get("traceback"))
+        assert NEEDS_CUDA in rec["reason"] and backend in rec["reason"]
+        assert rec["cell_id"].endswith(f"+{backend}")
+        assert rec["backend"] == backend
+        assert rec["placements"]["dit"] == "diffusers-group-offload"
+        assert rec["failed_phase"] is None and rec["phases"] == {}
+        assert "guard" not in rec  # skipped before the guards: nothing on this machine could run it
+        assert migrate(rec, rec["cell_id"]) is rec
+
+
+def test_worker_runs_a_diffusers_cell_without_layerwise_as_the_harness_would(tmp_path: Path) -> None:
+    from harness.worker import run_cell
+
+    cells = _tiny_cells(["harness", "diffusers-group"])
+    recs = {}
+    for backend in ("harness", "diffusers-group"):
+        cell = cells[("native", "cpu1-lw0", backend)]
+        out = tmp_path / f"{backend}.pt"
+        recs[backend] = run_cell({**cell.spec("cpu"), "warmup": 0, "rounds": 1, "latents_out": str(out)})
+    ours, peer = recs["harness"], recs["diffusers-group"]
+    for rec in (ours, peer):
+        assert rec["status"] == "ok", (rec["reason"], rec.get("traceback"))
+        assert Path(rec["latents_path"]).is_file()
+    assert ours["backend"] == "harness" and peer["backend"] == "diffusers-group"
+    assert peer["placements"] == ours["placements"]
+    assert peer["placements"]["dit"] == "cpu-offload"
+    assert peer["outputs"]["latents_sha256"] == ours["outputs"]["latents_sha256"]
+    verdict = close_output_verdict("native", [ours, peer], 1e-6)
+    assert verdict.passed and "0" in verdict.message, verdict.message
+
+
+def test_runner_records_the_backend_and_the_skip(tmp_path: Path) -> None:
+    from harness.runner import Run, run_cell
+
+    cell = _tiny_cells(["harness", "diffusers-group-rs"])[("native", "cpu1-lw1", "diffusers-group-rs")]
+    run = Run.create(tmp_path, "cpu", "backends", verbose=False)
+    rec = run_cell(run, cell)
+    assert rec["status"] == "skipped" and NEEDS_CUDA in rec["reason"]
+    assert rec["backend"] == "diffusers-group-rs"
+    assert rec["spec_hash"] == cell.spec_hash("cpu")
+    assert run.finished()[cell.cell_id]["status"] == "skipped"
+    spec = json.loads((run.run_dir / "cells" / cell.cell_id.replace("/", "__") / "cell.json").read_text())
+    assert spec["backend"] == "diffusers-group-rs"
+
+
+# ------------------------------------------------------------------------------------------------ expectations
+
+
+def _rec(tmp_path: Path, backend: str, latents: torch.Tensor | None, *, lw: bool = True, status: str = "ok",
+         card: str = "native") -> dict[str, Any]:
+    rec = make_record(True, lw, status=status, card=card,
+                      failed_phase=None if status == "ok" else "denoise")
+    rec["backend"] = backend
+    if backend != HARNESS_BACKEND:
+        rec["cell_id"] += f"+{backend}"
+    if latents is not None:
+        path = tmp_path / f"{rec['cell_id'].replace('/', '__')}.pt"
+        torch.save(latents, path)
+        rec["latents_path"] = str(path)
+    return rec
+
+
+def _latents(seed: int = 0) -> torch.Tensor:
+    return torch.randn(1, 16, 1, 8, 8, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+
+
+def test_close_output_passes_within_rtol_and_fails_beyond(tmp_path: Path) -> None:
+    ref = _latents()
+    near = (ref.float() * 1.001).to(torch.bfloat16)
+    far = (ref.float() + 0.5 * _latents(1).float()).to(torch.bfloat16)
+    ours = _rec(tmp_path, "harness", ref)
+    good = _rec(tmp_path, "diffusers-group", near)
+    bad = _rec(tmp_path, "diffusers-group-rs", far)
+    v = close_output_verdict("native", [ours, good], 0.02)
+    assert v.passed and v.check == "close_output" and "+diffusers-group vs cpu1-lw1" in v.message, v.message
+    v = close_output_verdict("native", [ours, good, bad], 0.02)
+    assert not v.passed
+    assert "+diffusers-group-rs" in v.message and "> 0.02" in v.message, v.message
+    # the relative distance is what is compared: 0.5 x the noise is about 0.5 of the reference's norm
+    assert close_output_verdict("native", [ours, bad], 0.9).passed
+
+
+def test_close_output_compares_only_cells_with_the_same_flags(tmp_path: Path) -> None:
+    ref_lw1, ref_lw0 = _latents(0), _latents(5)
+    recs = [
+        _rec(tmp_path, "harness", ref_lw1, lw=True),
+        _rec(tmp_path, "harness", ref_lw0, lw=False),
+        _rec(tmp_path, "diffusers-group", ref_lw1, lw=True),
+        _rec(tmp_path, "diffusers-group", ref_lw0, lw=False),
+    ]
+    v = close_output_verdict("native", recs, 1e-9)
+    assert v.passed and v.message.count(": 0") == 2, v.message
+
+
+@pytest.mark.parametrize("problem", ["no-peer", "peer-failed", "no-file", "no-path", "shape", "non-finite"])
+def test_close_output_fails_if_it_cannot_compare(tmp_path: Path, problem: str) -> None:
+    ref = _latents()
+    ours = _rec(tmp_path, "harness", ref, status="oom" if problem == "peer-failed" else "ok")
+    peer = _rec(tmp_path, "diffusers-group", ref)
+    if problem == "no-file":
+        Path(peer["latents_path"]).unlink()
+    elif problem == "no-path":
+        del ours["latents_path"]
+    elif problem == "shape":
+        torch.save(ref[..., :4], peer["latents_path"])
+    elif problem == "non-finite":
+        torch.save(torch.full_like(ref, float("nan")), peer["latents_path"])
+    records = [peer] if problem == "no-peer" else [ours, peer]
+    v = close_output_verdict("native", records, 0.02)
+    assert not v.passed, v.message
+    assert "+diffusers-group" in v.message
+    want = {"no-peer": "has no record", "peer-failed": "ended oom", "no-file": "cannot compare",
+            "no-path": "no latents_path", "shape": "shapes differ", "non-finite": "not finite"}[problem]
+    assert want in v.message, v.message
+
+
+def test_close_output_ignores_other_backends_that_did_not_run(tmp_path: Path) -> None:
+    ours = _rec(tmp_path, "harness", _latents())
+    skipped = _rec(tmp_path, "diffusers-group", None, status="skipped")
+    v = close_output_verdict("native", [ours, skipped], 0.02)
+    assert v.passed and "nothing to compare" in v.message
+
+
+def test_evaluate_runs_close_output_per_card(tmp_path: Path) -> None:
+    s = load_scenario(write(tmp_path, peer_scenario()))
+    ref = _latents()
+    records = []
+    for card in ("tiny-6m", "native"):
+        records.append(_rec(tmp_path, "harness", ref, card=card))
+        records.append(_rec(tmp_path, "diffusers-group", ref if card == "native" else -ref, card=card))
+    verdicts = {v.card: v for v in evaluate(s, records) if v.check == "close_output"}
+    assert verdicts["native"].passed
+    assert not verdicts["tiny-6m"].passed
+
+
+def test_lowest_peak_and_same_output_look_within_the_harness_backend(tmp_path: Path) -> None:
+    ours = make_record(True, True, load=100, runtime=200)
+    ours_lw0 = make_record(True, False, load=500, runtime=900, digest="a" * 64)
+    peer = make_record(True, True, load=50, runtime=60, digest="b" * 64)
+    peer["backend"] = "diffusers-group"
+    peer["cell_id"] += "+diffusers-group"
+    where = {"dit_cpu_offload": True, "dit_layerwise_offload": True}
+    v = lowest_peak_verdict("tiny-6m", [ours, ours_lw0, peer], where)
+    assert v.passed, v.message
+    assert "diffusers-group" not in v.message
+    assert same_output_verdict("tiny-6m", [ours, ours_lw0, peer]).passed
+    peer_lw0 = {**ours_lw0, "backend": "diffusers-group", "cell_id": ours_lw0["cell_id"] + "+diffusers-group",
+                "outputs": {"latents_sha256": "c" * 64}}
+    v = same_output_verdict("tiny-6m", [ours, ours_lw0, peer, peer_lw0])
+    assert not v.passed and "+diffusers-group" in v.message
+    assert "a" * 12 not in v.message  # the harness cells agree among themselves
+
+
+# ------------------------------------------------------------------------------------------------ roofline
+
+
+def _roof_record(backend: str, placement: str, step_ms: list[float], **dit: Any) -> dict[str, Any]:
+    cell = f"peer/native/{placement}" + ("" if backend == HARNESS_BACKEND else f"+{backend}")
+    return {
+        "cell_id": cell, "scenario": "peer", "status": "ok", "backend": backend,
+        "settings": {"true_cfg_scale": 4.0}, "machine": {"pinned_h2d_gbps": 50.0},
+        "phases": {"denoise": {"step_ms": step_ms}},
+        "components": {"dit": {"placement": placement, **dit}},
+    }
+
+
+def test_roofline_rows_name_the_backend_and_stream_diffusers_groups() -> None:
+    whole = _roof_record("harness", "cpu-offload", [999.0, 400.0, 400.0])
+    peer_whole = _roof_record("diffusers-group", "cpu-offload", [999.0, 300.0, 300.0])
+    ours = _roof_record("harness", "layerwise-from-host", [999.0, 2000.0, 2000.0], layerwise={"host_bytes": 40e9})
+    peer = _roof_record("diffusers-group-rs", "diffusers-group-offload", [999.0, 2500.0, 2500.0],
+                        diffusers_group={"streamed_bytes": 40e9, "unstreamed_bytes": 1e8})
+    old = _roof_record("harness", "layerwise-from-host", [2000.0], layerwise={"host_bytes": 40e9})
+    del old["backend"]  # a record from before backends existed
+    old["cell_id"] = "peer/native/old"
+    rows = {r["cell"]: r for r in roofline_rows([whole, peer_whole, ours, peer, old])}
+    assert set(rows) == {ours["cell_id"], peer["cell_id"], old["cell_id"]}
+    assert rows[ours["cell_id"]]["backend"] == rows[old["cell_id"]]["backend"] == "harness"
+    assert rows[peer["cell_id"]]["backend"] == "diffusers-group-rs"
+    for r in rows.values():
+        # the whole-DiT reference is the fastest resident/cpu-offload cell, whatever its backend: 300 ms / 2
+        assert r["resident compute s/forward"] == 0.15
+        assert r["streamed GB/forward"] == 40.0
+        assert r["predicted s/step"] == 1.6  # 2 x max(0.15, 40 GB / 50 GB/s)
+    assert rows[peer["cell_id"]]["measured s/step (median)"] == 2.5
+    assert rows[peer["cell_id"]]["efficiency % (predicted/measured)"] == 64.0
