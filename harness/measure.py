@@ -355,7 +355,11 @@ def machine_info(device: Device, nvml: Nvml | None) -> dict[str, Any]:
         )
         if nvml:
             info.update(nvml.info())
-        info["pinned_h2d_gbps"] = pinned_h2d_gbps(device)
+        try:  # a probe that fails must not take the cell down with it
+            info["pinned_h2d_gbps"] = pinned_h2d_gbps(device)
+        except Exception as e:
+            info["pinned_h2d_gbps"] = None
+            info["pinned_h2d_probe_error"] = f"{type(e).__name__}: {e}"
     else:
         info.update(gpu=None, sku="cpu")
     return info
