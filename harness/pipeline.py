@@ -97,6 +97,43 @@ def _stats(t: torch.Tensor) -> dict[str, Any]:
     }
 
 
+def _denoise_loop(
+    rec: dict[str, Any],
+    dit: LoadedComponent,
+    scheduler: Any,
+    latents: torch.Tensor,
+    settings: RunSettings,
+    device: Device,
+    forward: Any,
+    combine: Any,
+    progress: Any,
+) -> torch.Tensor:
+    """The loop every family shares: per step, `forward(t, latents)` runs the DiT once per prompt (true CFG: cond
+    then uncond), `combine(preds)` turns the predictions into one, the scheduler steps. Each step is timed (CUDA
+    events on the device), and the DiT is handed back (component offload, layerwise release) at the end."""
+    timer = Timer(device)
+    timer.mark()
+    for i, t in enumerate(scheduler.timesteps):
+        preds = forward(t, latents)
+        noise_pred = combine(preds) if len(preds) == 2 else preds[0]
+        latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+        timer.mark()
+        if progress:
+            progress(f"denoise step {i + 1}/{settings.steps}")
+    dit.after_use()
+    rec["step_ms"] = timer.intervals_ms()
+    rec["forwards"] = settings.steps * settings.forwards_per_step
+    return latents
+
+
+def _plain_cfg(scale: float) -> Any:
+    def combine(preds: list[torch.Tensor]) -> torch.Tensor:
+        cond, uncond = preds
+        return uncond + scale * (cond - uncond)
+
+    return combine
+
+
 def run_qwen_image(
     model: ModelSpec,
     comps: dict[str, LoadedComponent],
@@ -149,35 +186,29 @@ def run_qwen_image(
         if cond_tokens is not None:
             shapes.append((1, lat_h // p, lat_w // p))
         img_shapes = [shapes]
-        timer = Timer(device)
-        timer.mark()
-        for i, t in enumerate(scheduler.timesteps):
+
+        def forward(t: torch.Tensor, latents: torch.Tensor) -> list[torch.Tensor]:
             x = latents if cond_tokens is None else torch.cat([latents, cond_tokens], dim=1)
             timestep = t.expand(1).to(dtype) / 1000
-            preds = []
-            for emb in embeds:
-                out = dit.module(
+            return [
+                dit.module(
                     hidden_states=x,
                     timestep=timestep,
                     encoder_hidden_states=emb,
                     encoder_hidden_states_mask=None,  # all tokens valid: diffusers skips the mask then too
                     img_shapes=img_shapes,
                     return_dict=False,
-                )[0]
-                preds.append(out[:, :seq])
-            if len(preds) == 2:
-                cond, uncond = preds
-                comb = uncond + settings.true_cfg_scale * (cond - uncond)
-                noise_pred = comb * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
-            else:
-                noise_pred = preds[0]
-            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-            timer.mark()
-            if progress:
-                progress(f"denoise step {i + 1}/{settings.steps}")
-        dit.after_use()
-        rec["step_ms"] = timer.intervals_ms()
-        rec["forwards"] = settings.steps * settings.forwards_per_step
+                )[0][:, :seq]
+                for emb in embeds
+            ]
+
+        def combine(preds: list[torch.Tensor]) -> torch.Tensor:
+            # true CFG with QwenImagePipeline's norm rescale
+            cond, uncond = preds
+            comb = uncond + settings.true_cfg_scale * (cond - uncond)
+            return comb * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
+
+        latents = _denoise_loop(rec, dit, scheduler, latents, settings, device, forward, combine, progress)
 
     with meter.phase("decode"), torch.inference_mode():
         vae.before_use()
@@ -271,13 +302,11 @@ def run_flux(
         sigmas = np.linspace(1.0, 1 / settings.steps, settings.steps)
         scheduler.set_timesteps(sigmas=sigmas, device=dev, mu=_shift_mu(seq, FLUX_SCHEDULER))
         scheduler.set_begin_index(0)
-        timer = Timer(device)
-        timer.mark()
-        for i, t in enumerate(scheduler.timesteps):
+
+        def forward(t: torch.Tensor, latents: torch.Tensor) -> list[torch.Tensor]:
             timestep = t.expand(1).to(dtype)
-            preds = []
-            for pooled, hidden in conds:
-                out = dit.module(
+            return [
+                dit.module(
                     hidden_states=latents,
                     timestep=timestep / 1000,
                     guidance=guidance,
@@ -287,19 +316,11 @@ def run_flux(
                     img_ids=img_ids,
                     return_dict=False,
                 )[0]
-                preds.append(out)
-            if len(preds) == 2:
-                cond, uncond = preds
-                noise_pred = uncond + settings.true_cfg_scale * (cond - uncond)
-            else:
-                noise_pred = preds[0]
-            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-            timer.mark()
-            if progress:
-                progress(f"denoise step {i + 1}/{settings.steps}")
-        dit.after_use()
-        rec["step_ms"] = timer.intervals_ms()
-        rec["forwards"] = settings.steps * settings.forwards_per_step
+                for pooled, hidden in conds
+            ]
+
+        combine = _plain_cfg(settings.true_cfg_scale)
+        latents = _denoise_loop(rec, dit, scheduler, latents, settings, device, forward, combine, progress)
 
     with meter.phase("decode"), torch.inference_mode():
         vae.before_use()
@@ -382,27 +403,16 @@ def run_wan(
         scheduler.set_begin_index(0)
         latents = noise.to(dev)  # float32, as WanPipeline keeps them; the DiT sees a bf16 copy
         seq = lat_f * (lat_h // p) * (lat_w // p)
-        timer = Timer(device)
-        timer.mark()
-        for i, t in enumerate(scheduler.timesteps):
-            x = latents.to(dtype)
-            timestep = t.expand(1)
-            preds = []
-            for emb in embeds:
-                out = dit.module(hidden_states=x, timestep=timestep, encoder_hidden_states=emb, return_dict=False)[0]
-                preds.append(out)
-            if len(preds) == 2:
-                cond, uncond = preds
-                noise_pred = uncond + settings.true_cfg_scale * (cond - uncond)
-            else:
-                noise_pred = preds[0]
-            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-            timer.mark()
-            if progress:
-                progress(f"denoise step {i + 1}/{settings.steps}")
-        dit.after_use()
-        rec["step_ms"] = timer.intervals_ms()
-        rec["forwards"] = settings.steps * settings.forwards_per_step
+
+        def forward(t: torch.Tensor, latents: torch.Tensor) -> list[torch.Tensor]:
+            x, timestep = latents.to(dtype), t.expand(1)
+            return [
+                dit.module(hidden_states=x, timestep=timestep, encoder_hidden_states=emb, return_dict=False)[0]
+                for emb in embeds
+            ]
+
+        combine = _plain_cfg(settings.true_cfg_scale)
+        latents = _denoise_loop(rec, dit, scheduler, latents, settings, device, forward, combine, progress)
 
     with meter.phase("decode"), torch.inference_mode():
         vae.before_use()
