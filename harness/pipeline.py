@@ -97,6 +97,22 @@ def _stats(t: torch.Tensor) -> dict[str, Any]:
     }
 
 
+def _outputs(latents: torch.Tensor, image: torch.Tensor, *, seq_len: int, cond_seq_len: int, text_seq_len: int,
+             **extra: Any) -> dict[str, Any]:
+    """What every family's run returns: the final latents' digest (bitwise equivalence across cells), stats of
+    latents and image, sequence lengths, and the latents themselves (saved by the worker, not recorded)."""
+    return {
+        "latents_sha256": _digest(latents),
+        "latents_stats": _stats(latents),
+        "image_stats": _stats(image),
+        "image_seq_len": seq_len,
+        "cond_seq_len": cond_seq_len,
+        "text_seq_len": text_seq_len,
+        "final_latents": latents.detach().float().cpu(),
+        **extra,
+    }
+
+
 def _denoise_loop(
     rec: dict[str, Any],
     dit: LoadedComponent,
@@ -218,15 +234,8 @@ def run_qwen_image(
         image = image.clamp(-1, 1)
         vae.after_use()
 
-    return {
-        "latents_sha256": _digest(latents),
-        "latents_stats": _stats(latents),
-        "image_stats": _stats(image),
-        "image_seq_len": seq,
-        "cond_seq_len": 0 if cond_tokens is None else int(cond_tokens.shape[1]),
-        "text_seq_len": int(embeds[0].shape[1]),
-        "final_latents": latents.detach().float().cpu(),
-    }
+    cond_len = 0 if cond_tokens is None else int(cond_tokens.shape[1])
+    return _outputs(latents, image, seq_len=seq, cond_seq_len=cond_len, text_seq_len=int(embeds[0].shape[1]))
 
 
 # black-forest-labs/FLUX.1-dev scheduler/scheduler_config.json
@@ -330,15 +339,7 @@ def run_flux(
         image = image.clamp(-1, 1)
         vae.after_use()
 
-    return {
-        "latents_sha256": _digest(latents),
-        "latents_stats": _stats(latents),
-        "image_stats": _stats(image),
-        "image_seq_len": seq,
-        "cond_seq_len": 0,
-        "text_seq_len": int(text_len),
-        "final_latents": latents.detach().float().cpu(),
-    }
+    return _outputs(latents, image, seq_len=seq, cond_seq_len=0, text_seq_len=int(text_len))
 
 
 # Wan-AI/Wan2.1-T2V-14B-Diffusers scheduler/scheduler_config.json (UniPC, flow prediction, flow_shift 3.0 for 480p)
@@ -424,16 +425,9 @@ def run_wan(
         video = video.clamp(-1, 1)
         vae.after_use()
 
-    return {
-        "latents_sha256": _digest(latents),
-        "latents_stats": _stats(latents),
-        "image_stats": _stats(video),
-        "image_seq_len": seq,
-        "cond_seq_len": 0,
-        "text_seq_len": int(embeds[0].shape[1]),
-        "latent_frames": lat_f,
-        "final_latents": latents.detach().float().cpu(),
-    }
+    return _outputs(
+        latents, video, seq_len=seq, cond_seq_len=0, text_seq_len=int(embeds[0].shape[1]), latent_frames=lat_f
+    )
 
 
 FAMILIES = {"qwen-image": run_qwen_image, "flux": run_flux, "wan": run_wan}
