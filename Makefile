@@ -10,7 +10,7 @@ RUN ?= $(lastword $(sort $(wildcard $(RESULTS)/runs/*)))
 
 deps:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==2.13.0
-	@$(PYTHON) -c "import diffusers, transformers, safetensors, tabulate, matplotlib, pynvml, pytest_benchmark, hypothesis, ruff" \
+	@$(PYTHON) -c "import diffusers, transformers, safetensors, tabulate, matplotlib, pynvml, pytest_benchmark, hypothesis, ruff, xdist" \
 		2>/dev/null || $(PYTHON) -m pip install -q -e '.[dev]'
 
 lint: deps

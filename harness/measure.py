@@ -105,9 +105,11 @@ class Nvml:
             ("pcie_gen", lambda: nv.nvmlDeviceGetCurrPcieLinkGeneration(h)),
             ("pcie_width", lambda: nv.nvmlDeviceGetCurrPcieLinkWidth(h)),
             ("pcie_gen_max", lambda: nv.nvmlDeviceGetMaxPcieLinkGeneration(h)),
+            ("gpu_uuid", lambda: nv.nvmlDeviceGetUUID(h)),  # which physical GPU this child measured
         ):
             with contextlib.suppress(Exception):
-                out[key] = fn()
+                value = fn()
+                out[key] = value.decode() if isinstance(value, bytes) else value
         return out
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from tabulate import tabulate
 
 from harness.expect import evaluate
-from harness.results import PHASES, summarize_peaks
+from harness.results import PHASES, by_gpu, summarize_peaks
 from harness.roofline import roofline_rows
 from harness.scenario import ScenarioError, load_scenario
 
@@ -79,6 +79,7 @@ def render(records: list[dict[str, Any]], title: str = "offload-bench run") -> s
             f"git {first.get('git_sha')}."
         )
         out.append("")
+    out += gpus_section(records)
     by_scenario: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         by_scenario.setdefault(r["scenario"], []).append(r)
@@ -113,6 +114,29 @@ def render(records: list[dict[str, Any]], title: str = "offload-bench run") -> s
         "needed more than its card, whatever its last measured peak."
     )
     return "\n".join(out) + "\n"
+
+
+def gpus_section(records: list[dict[str, Any]]) -> list[str]:
+    """Per-GPU cell counts and wall time (`results.by_gpu`), for a run spread over GPUs by pytest-xdist (any
+    record with an xdist worker, or cells on more than one GPU); nothing for a plain one-process run."""
+    groups = by_gpu(records)
+    spread = any(r.get("xdist_worker") for r in records) or len([k for k in groups if k is not None]) > 1
+    if not spread:
+        return []
+    rows = [
+        {
+            "GPU (CUDA_VISIBLE_DEVICES)": "cpu" if key is None else key,
+            "name": g["gpu"] or "",
+            "NVML uuid": g["gpu_uuid"] or "",
+            "xdist workers": ", ".join(g["workers"]),
+            "cells run": g["cells"],
+            "copies (same_as)": g["copies"],
+            "wall s (sum)": f"{g['wall_s']:,.1f}",
+            "fates": ", ".join(f"{k} {v}" for k, v in sorted(g["statuses"].items())),
+        }
+        for key, g in groups.items()
+    ]
+    return ["## GPUs", "", tabulate(rows, headers="keys", tablefmt="github"), ""]
 
 
 def _slug(s: str) -> str:

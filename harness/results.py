@@ -146,3 +146,39 @@ def latest_by_cell(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any
     for rec in records:
         out[rec["cell_id"]] = rec
     return out
+
+
+def _gpu_sort_key(key: Any) -> tuple[int, int, str]:
+    if key is None:
+        return (2, 0, "")
+    return (0, int(key), "") if str(key).isdigit() else (1, 0, str(key))
+
+
+def by_gpu(records: Iterable[dict[str, Any]]) -> dict[str | None, dict[str, Any]]:
+    """One run's records (several pytest-xdist workers append to one records.jsonl) merged per GPU id.
+
+    Keyed by each record's `gpu_index` (None: the CPU profile, or a record from before the field), in GPU order:
+    `cells` that ran (their latest record each), `wall_s` (the sum of their parent-side elapsed_s), `statuses`,
+    the `workers` that ran them, the GPU's name and NVML uuid as the child saw them, and `copies`: cells that took
+    another cell's record (same effective flags, no child of their own), not counted in cells or wall time.
+    """
+    out: dict[str | None, dict[str, Any]] = {}
+    for rec in latest_by_cell(records).values():
+        key = rec.get("gpu_index")
+        g = out.setdefault(key, {"gpu_index": key, "gpu": None, "gpu_uuid": None, "workers": [], "cells": 0,
+                                 "copies": 0, "wall_s": 0.0, "statuses": {}})
+        if rec.get("same_as"):
+            g["copies"] += 1
+            continue
+        g["cells"] += 1
+        g["wall_s"] = round(g["wall_s"] + float(rec.get("elapsed_s") or 0), 2)
+        g["statuses"][rec["status"]] = g["statuses"].get(rec["status"], 0) + 1
+        worker = rec.get("xdist_worker")
+        if worker and worker not in g["workers"]:
+            g["workers"].append(worker)
+        machine = rec.get("machine") or {}
+        g["gpu"] = g["gpu"] or machine.get("gpu")
+        g["gpu_uuid"] = g["gpu_uuid"] or machine.get("gpu_uuid")
+    for g in out.values():
+        g["workers"].sort(key=lambda w: (len(w), w))
+    return {k: out[k] for k in sorted(out, key=_gpu_sort_key)}

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.gpus import child_gpu
 from harness.results import (
     SCHEMA_VERSION,
     STATUSES,
@@ -81,6 +82,11 @@ def detect_device() -> str:
         return "cpu"
 
 
+def new_run_id() -> str:
+    """A fresh run id: the start time plus a random suffix (a folder name under <results>/runs)."""
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
 def complete_record(rec: dict[str, Any]) -> bool:
     """A record that may stand for a finished cell: a cell id, a known status and the spec hash it ran with."""
     return (
@@ -104,7 +110,7 @@ class Run:
 
     @classmethod
     def create(cls, results_root: Path, device: str, run_id: str | None = None, verbose: bool = True) -> Run:
-        run_id = run_id or time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        run_id = run_id or new_run_id()
         if not run_id or "/" in run_id or run_id in (".", ".."):
             raise ValueError(f"run id must be a plain folder name, got {run_id!r}")
         run_dir = Path(results_root) / "runs" / run_id
@@ -328,6 +334,7 @@ def _run_child(
     timeout = cell.scenario.timeout_s
     run.say(f"{label} {cell.cell_id}: starting (timeout {timeout:.0f} s)")
     started = time.monotonic()
+    child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log, "wb") as logf, _sigterm_raises():
         proc = subprocess.Popen(
             [sys.executable, "-m", "harness.worker", "--cell", str(cdir / "cell.json"), "--out", str(out)],
@@ -335,7 +342,7 @@ def _run_child(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=REPO,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            env=child_env,
             start_new_session=True,  # its own process group, so a timeout kills grandchildren too
             preexec_fn=_die_with_parent(os.getpid()),
         )
@@ -350,6 +357,8 @@ def _run_child(
         returncode=proc.returncode,
         child_pid=proc.pid,
         log=str(log.relative_to(run.run_dir)),
+        gpu_index=child_gpu(child_env, run.device),  # the GPU id the child ran on (harness.gpus), None on CPU
+        xdist_worker=os.environ.get("PYTEST_XDIST_WORKER"),  # the pytest-xdist worker that ran it, if any
     )
     append(run, record)
     where = f" in {record['failed_phase']}" if record.get("failed_phase") else ""

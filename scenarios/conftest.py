@@ -3,18 +3,27 @@
 `pytest scenarios` (what `make bench` runs) picks the profile from the machine: the GPU scenarios where NVML
 sees a GPU, the CPU profile (tiny models, simulated cards) otherwise, and says which in the header. Cells of the
 other profile are skipped with the reason. Records go to <results>/runs/<run id>/records.jsonl as each cell ends.
+
+Several GPUs (pytest-xdist): `pytest scenarios -n auto` (or `-n N`, N at most the visible GPUs) runs one worker per
+GPU; worker gw<k> starts its cell children with CUDA_VISIBLE_DEVICES=<k-th visible GPU> (`harness.gpus`). All
+workers share one run id and append to one records.jsonl; cells are handed out longest first, and a card's
+set-level test runs after its cells (a cell still running on another worker is waited for through the runner's
+per-cell lock, one missing is run there, so no cell runs twice).
 """
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from harness.gpus import cell_cost, child_env, gpu_for_worker, longest_first, nvml_count, visible_gpus
 from harness.results import latest_by_cell, read_records
-from harness.runner import Run, detect_device, run_cell
+from harness.runner import Run, detect_device, new_run_id, run_cell
 from harness.scenario import Cell, Scenario, discover, expand
 
 HERE = Path(__file__).parent
@@ -40,14 +49,74 @@ def _scenarios(config: pytest.Config) -> list[Scenario]:
     return [s for s in discover(HERE) if not wanted or s.name in wanted]
 
 
+def _xdist_workers(config: pytest.Config) -> int:
+    """How many pytest-xdist workers this (controller) session starts: 0 without xdist."""
+    if config.getoption("dist", "no") == "no":
+        return 0
+    count = 0
+    for spec in config.getoption("tx", None) or []:
+        head, star, _ = str(spec).partition("*")
+        count += int(head) if star and head.isdigit() else 1
+    return count
+
+
+def _worker_id(config: pytest.Config) -> str | None:
+    """This process's pytest-xdist worker id (its PYTEST_XDIST_WORKER), or None in the controller / without xdist."""
+    workerinput = getattr(config, "workerinput", None)
+    return workerinput.get("workerid") if workerinput else None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Controller of an xdist run: refuses more workers than GPUs on the GPU profile, and picks the one run id that
+    every worker appends to."""
+    workers = _xdist_workers(config)
+    if not workers or _worker_id(config) is not None:
+        return
+    if _profile(config) == "gpu":
+        gpus = visible_gpus(os.environ, nvml_count())
+        if workers > len(gpus):
+            raise pytest.UsageError(
+                f"offload-bench: -n {workers} asks for more pytest-xdist workers than visible GPUs ({len(gpus)}: "
+                f"{', '.join(gpus) or 'none'}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}). "
+                "Each worker owns one GPU: use -n auto or -n <= the number of GPUs."
+            )
+    config._offload_bench_run_id = config.getoption("--bench-run-id") or new_run_id()  # type: ignore[attr-defined]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """`-n auto` on the GPU profile: one worker per visible GPU (the CPU profile keeps xdist's CPU count)."""
+    if _profile(config) != "gpu":
+        return None
+    return len(visible_gpus(os.environ, nvml_count())) or None
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """Every worker gets the controller's run id, so that all of them append to one records.jsonl."""
+    node.workerinput["offload_bench_run_id"] = getattr(node.config, "_offload_bench_run_id", None)
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     profile = _profile(config)
+    lines = []
+    workers = _xdist_workers(config)
+    if workers:
+        run_id = getattr(config, "_offload_bench_run_id", None)
+        if profile == "gpu":
+            gpus = visible_gpus(os.environ, nvml_count())
+            where = ", ".join(f"gw{k} -> GPU {g}" for k, g in enumerate(gpus[:workers]))
+        else:
+            where = "CPU profile, no GPU assignment"
+        lines.append(f"offload-bench: {workers} pytest-xdist workers ({where}); run {run_id}, records -> "
+                     f"{Path(config.getoption('--bench-results')) / 'runs' / str(run_id) / 'records.jsonl'}")
     if profile == "cpu":
         return [
             "offload-bench: no CUDA GPU selected: running the CPU profile (tiny models, simulated cards, "
-            "device memory = harness ledger of weight bytes). GPU scenarios are skipped."
+            "device memory = harness ledger of weight bytes). GPU scenarios are skipped.",
+            *lines,
         ]
-    return ["offload-bench: GPU profile (real models, synthetic checkpoints, CUDA allocator + NVML counters)"]
+    return ["offload-bench: GPU profile (real models, synthetic checkpoints, CUDA allocator + NVML counters)", *lines]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -78,8 +147,26 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 MACHINE: dict[str, Any] = {}
 
 
+def _param(item: pytest.Item, name: str) -> Any:
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get(name) if callspec is not None else None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    runnable = [i for i in items if "cell" in getattr(i, "fixturenames", ()) and not i.get_closest_marker("skip")]
+    """Longest cells first (`harness.gpus.cell_cost`), then every set-level test after all cells (costliest
+    scenario first), then what this profile skips. Deterministic, so every xdist worker collects the same order,
+    and xdist's load schedulers (`--dist load`, the default with -n, or `loadgroup`) hand out the costliest cells
+    first."""
+    cells = [i for i in items if isinstance(_param(i, "cell"), Cell)]
+    sets = [i for i in items if _param(i, "scenario_card") is not None]
+    placed = {id(i) for i in cells + sets}
+    cells = longest_first(cells, lambda i: cell_cost(_param(i, "cell")))
+    sets = longest_first(sets, lambda i: cell_cost(expand(_param(i, "scenario_card")[0])[0]))
+    ordered = cells + sets + [i for i in items if id(i) not in placed]
+    items[:] = [i for i in ordered if not i.get_closest_marker("skip")] + [
+        i for i in ordered if i.get_closest_marker("skip")
+    ]
+    runnable = [i for i in cells if not i.get_closest_marker("skip")]
     config._offload_bench_cells = len(runnable)  # type: ignore[attr-defined]
 
 
@@ -93,10 +180,11 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
 class Records:
     """The session's run: runs a cell on first request, then serves its record."""
 
-    def __init__(self, run: Run, total: int = 0) -> None:
+    def __init__(self, run: Run, total: int = 0, env: dict[str, str] | None = None) -> None:
         self.run = run
         self.count = 0
         self.total = total
+        self.env = env  # on top of os.environ for every cell child (an xdist worker's CUDA_VISIBLE_DEVICES)
         self.started = time.monotonic()
 
     def get(self, cell: Cell) -> dict[str, Any]:
@@ -109,12 +197,17 @@ class Records:
         self.count += 1
         left = max(self.total - self.count, 0)
         label = f"[cell {self.count}/{self.total}, {left} left, {time.monotonic() - self.started:.0f} s]"
-        record = run_cell(self.run, cell, label)
+        worker = os.environ.get("PYTEST_XDIST_WORKER")
+        if worker:  # the other workers run the rest: no count of what is left here
+            label = f"[{worker} cell {self.count}, {time.monotonic() - self.started:.0f} s]"
+        record = run_cell(self.run, cell, label, env=self.env)
         if record.get("machine") and not MACHINE:
             MACHINE.update(record["machine"])
         return record
 
     def group(self, scenario: Scenario, card: str) -> list[dict[str, Any]]:
+        # Under xdist a cell may be running on another worker: run_cell waits on its per-cell lock and then takes
+        # that worker's record; a cell no worker has started yet runs here, on this worker's GPU.
         for cell in expand(scenario):
             if cell.card.name == card:
                 self.get(cell)
@@ -122,10 +215,22 @@ class Records:
         return [r for r in recs if r["scenario"] == scenario.name and r["card"]["name"] == card]
 
 
+def worker_child_env(worker_id: str | None, device: str, env: Mapping[str, str]) -> dict[str, str]:
+    """What this worker's cell children get on top of `env`: under xdist on the GPU profile, the worker's own GPU
+    as CUDA_VISIBLE_DEVICES (`harness.gpus.child_env`); nothing without xdist or on the CPU profile."""
+    if worker_id is None or device != "cuda":
+        return {}
+    return child_env(gpu_for_worker(worker_id, visible_gpus(env, nvml_count())), env)
+
+
 @pytest.fixture(scope="session")
 def bench(request: pytest.FixtureRequest) -> Records:
     config = request.config
     device = "cuda" if _profile(config) == "gpu" else "cpu"
-    run = Run.create(Path(config.getoption("--bench-results")), device, config.getoption("--bench-run-id"))
-    print(f"\noffload-bench: records -> {run.records_path}")
-    return Records(run, getattr(config, "_offload_bench_cells", 0))
+    worker = _worker_id(config)
+    run_id = (getattr(config, "workerinput", None) or {}).get("offload_bench_run_id")
+    run = Run.create(Path(config.getoption("--bench-results")), device, run_id or config.getoption("--bench-run-id"))
+    env = worker_child_env(worker, device, os.environ)
+    where = f" ({worker}: CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']})" if env else ""
+    print(f"\noffload-bench: records -> {run.records_path}{where}")
+    return Records(run, getattr(config, "_offload_bench_cells", 0), env or None)

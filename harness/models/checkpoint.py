@@ -9,6 +9,8 @@ it, or whose size or header digest disagrees with it, is regenerated.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -17,7 +19,7 @@ import os
 import struct
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -215,32 +217,61 @@ def write_synthetic(
     os.replace(tmp, path)
 
 
+def _cached(path: Path, marker: Path) -> tuple[bool, str | None]:
+    """Whether a complete, intact checkpoint is at `path`; else why not (None: there is none yet)."""
+    if not (marker.exists() and path.exists()):
+        return False, None
+    try:
+        want = json.loads(marker.read_text())
+        reader = CheckpointReader(path)
+        if reader.header_digest == want["header_sha256"] and path.stat().st_size == want["bytes"]:
+            return True, None
+        return False, "size or header digest differs from complete.json"
+    except (CheckpointError, json.JSONDecodeError, KeyError, TypeError, OSError) as e:
+        return False, str(e)
+
+
+@contextlib.contextmanager
+def _writer_lock(folder: Path, progress: Callable[[str], None] | None) -> Iterator[None]:
+    """An exclusive lock on the checkpoint's folder: cells running at once (pytest-xdist workers, one per GPU) that
+    need the same checkpoint generate it once, the others wait and then read it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                progress(f"checkpoint {folder.name} is being written by another process; waiting for it")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def ensure_checkpoint(
     spec: ComponentSpec, seed: int, device: str | None = None, progress: Callable[[str], None] | None = None
 ) -> Path:
-    """Returns the path of `spec`'s synthetic checkpoint, generating it (or regenerating a bad one) if needed."""
+    """Returns the path of `spec`'s synthetic checkpoint, generating it (or regenerating a bad one) if needed.
+    Generation holds a lock on the checkpoint's folder, so concurrent cells never write one checkpoint twice."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     folder = cache_root() / "checkpoints" / f"{spec.role}-{spec.key(seed)}-{device}"
     path, marker = folder / "model.safetensors", folder / "complete.json"
-    if marker.exists() and path.exists():
-        try:
-            want = json.loads(marker.read_text())
-            reader = CheckpointReader(path)
-            if reader.header_digest == want["header_sha256"] and path.stat().st_size == want["bytes"]:
-                return path
-            reason = "size or header digest differs from complete.json"
-        except (CheckpointError, json.JSONDecodeError, KeyError, TypeError, OSError) as e:
-            reason = str(e)
-        if progress:
+    if _cached(path, marker)[0]:
+        return path
+    with _writer_lock(folder, progress):
+        ok, reason = _cached(path, marker)  # again: another process may have written it while we waited
+        if ok:
+            return path
+        if reason and progress:
             progress(f"checkpoint {folder.name} is corrupt ({reason}); regenerating")
-    folder.mkdir(parents=True, exist_ok=True)
-    marker.unlink(missing_ok=True)
-    if progress:
-        progress(f"generating synthetic checkpoint {folder.name} on {device}")
-    module = spec.build_on_meta()
-    write_synthetic(module, path, seed, device, progress)
-    reader = CheckpointReader(path)
-    marker.write_text(
-        json.dumps({"header_sha256": reader.header_digest, "bytes": path.stat().st_size, "spec": spec.factory})
-    )
+        marker.unlink(missing_ok=True)
+        if progress:
+            progress(f"generating synthetic checkpoint {folder.name} on {device}")
+        module = spec.build_on_meta()
+        write_synthetic(module, path, seed, device, progress)
+        reader = CheckpointReader(path)
+        marker.write_text(
+            json.dumps({"header_sha256": reader.header_digest, "bytes": path.stat().st_size, "spec": spec.factory})
+        )
     return path
