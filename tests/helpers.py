@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import math
+import tomllib
+from pathlib import Path
 from typing import Any
 
 from harness.flags import OffloadFlags
@@ -53,6 +55,24 @@ def toml_value(v: Any) -> str:
 
 def to_toml(data: dict[str, Any]) -> str:
     return "".join(f"{toml_string(k)} = {toml_value(v)}\n" for k, v in data.items())
+
+
+TINY_SCENARIO = Path(__file__).resolve().parent.parent / "scenarios" / "cpu" / "qwen_image_edit_tiny.toml"
+
+
+def tiny_scenario_file(folder: Path, name: str, axes: dict[str, list], timeout_s: float | None = None) -> Path:
+    """The tiny CPU scenario under another name: native card only, these axes, no expectations, one pass per child
+    (so each child is fast), optionally another timeout."""
+    data = tomllib.loads(TINY_SCENARIO.read_text())
+    for key in ("expect", "exclude", "xfail"):
+        data.pop(key, None)
+    data.update(name=name, cards=["native"], axes=axes)
+    data.update({k: v for k, v in (("warmup", 0), ("rounds", 1)) if k in data})
+    if timeout_s is not None:
+        data["timeout_s"] = timeout_s
+    path = folder / f"{name}.toml"
+    path.write_text(to_toml(data))
+    return path
 
 
 DELETE = object()

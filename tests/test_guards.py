@@ -7,11 +7,9 @@ child and the command-line runner, to show the record lands in records.jsonl and
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +20,9 @@ from harness.flags import OffloadFlags, resolve
 from harness.offload.loader import placement_for
 from harness.results import read_records
 from harness.scenario import expand, load_scenario
+from tests.helpers import tiny_scenario_file
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = REPO / "scenarios" / "cpu" / "qwen_image_edit_tiny.toml"
 ENVS = (guards.HOST_ENV, guards.DISK_ENV, guards.GPU_FREE_ENV, guards.GPU_TOTAL_ENV, guards.GPU_FOREIGN_ENV,
         guards.MARGIN_ENV, guards.SWITCH_ENV, "OFFLOAD_BENCH_FAULT")
 
@@ -40,33 +38,8 @@ def _env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return cache
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
-    raise TypeError(v)
-
-
 def scenario_file(folder: Path, name: str, axes: dict[str, list]) -> Path:
-    """The tiny CPU scenario under another name, native card only, these axes, no expectations."""
-    data = tomllib.loads(TINY.read_text())
-    for key in ("expect", "exclude", "xfail"):
-        data.pop(key, None)
-    data.update(name=name, cards=["native"], axes=axes)
-    data.update({k: v for k, v in (("warmup", 0), ("rounds", 1)) if k in data})  # one pass per child: fast
-    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    for table in ("flags", "axes"):
-        lines += [f"[{table}]", *(f"{k} = {_toml_value(v)}" for k, v in data.get(table, {}).items())]
-    path = folder / f"{name}.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return tiny_scenario_file(folder, name, axes)
 
 
 def cell_spec(tmp_path: Path, device: str = "cpu", **axes: bool) -> dict[str, Any]:

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,44 +24,17 @@ from harness import runner
 from harness.results import append_record, read_records
 from harness.runner import Run, run_cell
 from harness.scenario import Cell, expand, load_scenario
+from tests.helpers import tiny_scenario_file
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = REPO / "scenarios" / "cpu" / "qwen_image_edit_tiny.toml"
 FAULT = "OFFLOAD_BENCH_FAULT"
 
 
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
-    raise TypeError(v)
-
-
 def scenario_file(folder: Path, name: str, axes: dict[str, list], timeout_s: float | None = None) -> Path:
-    """A copy of the tiny CPU scenario with another name, only the native card, these axes, no expectations."""
-    data = tomllib.loads(TINY.read_text())
-    for key in ("expect", "exclude", "xfail"):
-        data.pop(key, None)
-    data.update(name=name, cards=["native"], axes=axes)
-    data.update({k: v for k, v in (("warmup", 0), ("rounds", 1)) if k in data})  # one pass per child: fast
-    if timeout_s is not None:
-        data["timeout_s"] = timeout_s
-    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    for table in ("flags", "axes"):
-        lines += [f"[{table}]", *(f"{k} = {_toml_value(v)}" for k, v in data.get(table, {}).items())]
-    path = folder / f"{name}.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return tiny_scenario_file(folder, name, axes, timeout_s)
 
 
 def one_cell(path: Path) -> Cell:
