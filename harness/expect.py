@@ -12,6 +12,10 @@
   flags on the same card, which must have run too. Latents are read from the files the runner has the child save
   (`latents_path` in the record: <run>/cells/<cell>/latents.pt). Bit equality is not asked across backends:
   diffusers' hooks place weights in other buffers, so kernels may differ.
+- `beats_peer`: every other-backend cell that streamed the DiT is matched by the harness-backend cell with the
+  same requested flags on the same card, and ours is at least as fast (median denoise step, the first step left
+  out as in `harness.roofline`) and peaks no higher at runtime (max over encode/denoise/decode on the record's
+  peak counter). A peer cell that did not run is no comparison: the check fails and says why.
 - `invariants`, `host`: per-cell checks, below.
 """
 
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.results import loaded, summarize_peaks
+from harness.roofline import median_step_s
 from harness.scenario import HARNESS_BACKEND, FateExpectation, Scenario, matches
 
 
@@ -172,6 +177,39 @@ def close_output_verdict(card: str, records: list[dict[str, Any]], rtol: float) 
     return Verdict("close_output", card, True, f"relative L2 of final latents within {rtol}: {'; '.join(passed)}")
 
 
+def _streamed(record: dict[str, Any]) -> bool:
+    return bool((record.get("effective") or {}).get("dit_layerwise_offload"))
+
+
+def beats_peer_verdict(card: str, records: list[dict[str, Any]]) -> Verdict:
+    """Our layerwise runtime against each other backend's cell with the same flags: time and runtime peak."""
+    ours = {_flags_key(r): r for r in records if backend_of(r) == HARNESS_BACKEND and _streamed(r)}
+    problems, passed = [], []
+    for peer in records:
+        if backend_of(peer) == HARNESS_BACKEND or not _streamed(peer):
+            continue
+        mine = ours.get(_flags_key(peer))
+        for who in (peer, mine):
+            if who is None or who["status"] != "ok":
+                why = "has no record" if who is None else f"ended {who['status']} ({who.get('reason')})"
+                problems.append(f"{_label(peer)}: {'the harness cell' if who is mine else 'it'} {why}; not compared")
+                break
+        else:
+            t_mine, t_peer = median_step_s(mine), median_step_s(peer)
+            p_mine, p_peer = summarize_peaks(mine)["runtime"], summarize_peaks(peer)["runtime"]
+            if None in (t_mine, t_peer, p_mine, p_peer):
+                problems.append(f"{_label(peer)}: no denoise steps or runtime peak recorded; not compared")
+                continue
+            line = (f"{_label(peer)}: step {t_mine:.3f} s (ours) vs {t_peer:.3f} s, runtime peak {_mib(p_mine)} "
+                    f"(ours) vs {_mib(p_peer)} ({summarize_peaks(mine)['counter']})")
+            (passed if t_mine <= t_peer and p_mine <= p_peer else problems).append(line)
+    if problems:
+        return Verdict("beats_peer", card, False, "; ".join(problems))
+    if not passed:
+        return Verdict("beats_peer", card, False, "no other-backend cell streamed the DiT: nothing to compare")
+    return Verdict("beats_peer", card, True, "; ".join(passed))
+
+
 def host_failures(record: dict[str, Any], bounds: dict[str, Any]) -> list[str]:
     """Host-cost bounds of one cell that ran: peak RSS over all weight bytes, pinned held over requested, and the
     setup rate (weight bytes over setup seconds) of named components."""
@@ -273,6 +311,8 @@ def evaluate(scenario: Scenario, records: list[dict[str, Any]]) -> list[Verdict]
             verdicts.append(same_output_verdict(card.name, group))
         if scenario.expect.close_output_rtol is not None:
             verdicts.append(close_output_verdict(card.name, group, scenario.expect.close_output_rtol))
+        if scenario.expect.beats_peer:
+            verdicts.append(beats_peer_verdict(card.name, group))
         if scenario.expect.invariants:
             inv = [m for r in group if r["status"] == "ok" for m in invariant_failures(r)]
             verdicts.append(Verdict("invariants", card.name, not inv, "; ".join(inv) or "all hold"))

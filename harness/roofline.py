@@ -22,7 +22,7 @@ import statistics
 from typing import Any
 
 
-def _median_step_s(record: dict[str, Any]) -> float | None:
+def median_step_s(record: dict[str, Any]) -> float | None:
     steps = ((record.get("phases") or {}).get("denoise") or {}).get("step_ms") or []
     # The first step also pays one-off costs (cuBLAS handles, kernel loading): leave it out when there are more.
     steps = steps[1:] if len(steps) > 1 else steps
@@ -48,13 +48,13 @@ def roofline_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for r in ok:
         streamed = _streamed_bytes(r["components"]["dit"])
-        measured = _median_step_s(r)
+        measured = median_step_s(r)
         if not streamed or measured is None:
             continue
         whole = [
             s for x in ok
             if x["scenario"] == r["scenario"] and x["components"]["dit"]["placement"] in ("resident", "cpu-offload")
-            and (s := _median_step_s(x)) is not None
+            and (s := median_step_s(x)) is not None
         ]
         forwards = _forwards_per_step(r)
         compute_s = min(whole) / forwards if whole else None

@@ -315,7 +315,10 @@ def run_cell(run: Run, cell: Cell, label: str = "", env: dict[str, str] | None =
             source = done.get(cell.same_as)
             if source is None:
                 raise RuntimeError(f"{cell.cell_id} duplicates {cell.same_as}, which has no record yet")
-            record = {**source, **cell.resolution.as_dict(), "cell_id": cell.cell_id, "same_as": cell.same_as}
+            record = {
+                **source, **cell.resolution.as_dict(),
+                "cell_id": cell.cell_id, "same_as": cell.same_as, "backend": cell.backend,
+            }
             record.update(spec_hash=spec_hash, created=now_iso(), run_id=run.run_id)
             append(run, record)
             run.say(f"{label} {cell.cell_id}: same effective flags as {cell.same_as} -> {record['status']} (not rerun)")

@@ -49,7 +49,7 @@ _TOP_KEYS = {
     "name", "description", "model", "profile", "cards", "height", "width", "frames", "steps", "warmup", "rounds",
     "true_cfg_scale", "seed", "policy", "timeout_s", "flags", "axes", "exclude", "expect", "xfail", "backends",
 }
-_EXPECT_KEYS = {"lowest_peak", "fate", "same_output", "host", "invariants", "close_output_rtol"}
+_EXPECT_KEYS = {"lowest_peak", "fate", "same_output", "host", "invariants", "close_output_rtol", "beats_peer"}
 _HOST_KEYS = {"max_rss_over_weights", "max_pinned_held_over_requested", "min_setup_gbps"}
 _FATE_KEYS = {"cards", "where", "status", "phase"}
 
@@ -85,6 +85,8 @@ class Expectations:
     # final latents of every other-backend cell that ran lie within this relative L2 distance of the harness cell
     # with the same flags (harness.expect.close_output_verdict)
     close_output_rtol: float | None = None
+    # our layerwise cells are as fast as and peak no higher than other backends' (harness.expect.beats_peer_verdict)
+    beats_peer: bool = False
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,7 @@ class Cell:
     scenario: Scenario
     card: Card
     resolution: Resolution
-    same_as: str | None = None  # cell id of an earlier cell with the same effective flags (and backend)
+    same_as: str | None = None  # cell id of an earlier cell that runs the same code (see `expand`)
     backend: str = HARNESS_BACKEND
 
     @property
@@ -379,11 +381,20 @@ def _expect(data: Any, path: Path, cards: tuple[Card, ...], backends: tuple[str,
     if rtol is not None:
         if isinstance(rtol, bool) or not isinstance(rtol, int | float) or not is_finite_number(rtol) or rtol <= 0:
             raise _err(path, "expect.close_output_rtol", f"expected a positive finite number, got {rtol!r}")
-        if HARNESS_BACKEND not in backends or len(backends) < 2:
-            raise _err(path, "expect.close_output_rtol", f"compares other backends' latents with the harness "
-                       f"backend's, so `backends` must list {HARNESS_BACKEND!r} and another; got {list(backends)}")
+        _needs_peers(path, "expect.close_output_rtol", "latents", backends)
         rtol = float(rtol)
-    return Expectations(lowest, tuple(fates), same, _host_bounds(data.get("host"), path), invariants, rtol)
+    beats = data.get("beats_peer", False)
+    if not isinstance(beats, bool):
+        raise _err(path, "expect.beats_peer", f"expected true or false, got {beats!r}")
+    if beats:
+        _needs_peers(path, "expect.beats_peer", "step times and peaks", backends)
+    return Expectations(lowest, tuple(fates), same, _host_bounds(data.get("host"), path), invariants, rtol, beats)
+
+
+def _needs_peers(path: Path, field: str, what: str, backends: tuple[str, ...]) -> None:
+    if HARNESS_BACKEND not in backends or len(backends) < 2:
+        raise _err(path, field, f"compares other backends' {what} with the harness backend's, so `backends` must "
+                   f"list {HARNESS_BACKEND!r} and another; got {list(backends)}")
 
 
 def _host_bounds(data: Any, path: Path) -> dict[str, Any] | None:
@@ -411,14 +422,16 @@ def matches(flags: dict[str, Any], where: dict[str, Any]) -> bool:
 def expand(scenario: Scenario) -> list[Cell]:
     """All cells of a scenario in a stable order: cards outermost, then backends, then the axes in file order.
 
-    Cells of one card and backend whose flags resolve to the same effective flags run once (`same_as`); cells of
-    different backends never stand in for each other.
+    Cells of one card whose flags resolve to the same effective flags run once (`same_as`). Backends differ only
+    in who streams a layerwise DiT, so a cell without layerwise runs the same code under every backend and the
+    first backend's cell stands in for the others; layerwise cells of different backends never stand in for each
+    other.
     """
     names = list(scenario.axes)
     cells: list[Cell] = []
     for card in scenario.cards:
+        first_by_effective: dict[tuple[str, OffloadFlags], str] = {}
         for backend in scenario.backends:
-            first_by_effective: dict[OffloadFlags, str] = {}
             for combo in itertools.product(*(scenario.axes[n] for n in names)):
                 values = dict(zip(names, combo, strict=True))
                 if any(matches(values, ex) for ex in scenario.exclude):
@@ -426,7 +439,8 @@ def expand(scenario: Scenario) -> list[Cell]:
                 requested = OffloadFlags(**{**scenario.base_flags, **values})
                 resolution = resolve(requested, scenario.policy)
                 cell = Cell(scenario, card, resolution, backend=backend)
-                same = first_by_effective.setdefault(resolution.effective, cell.cell_id)
+                runs_as = backend if resolution.effective.dit_layerwise_offload else "every backend"
+                same = first_by_effective.setdefault((runs_as, resolution.effective), cell.cell_id)
                 cells.append(cell if same == cell.cell_id else Cell(scenario, card, resolution, same, backend))
     return cells
 

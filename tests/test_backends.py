@@ -16,7 +16,13 @@ from typing import Any
 import pytest
 import torch
 
-from harness.expect import close_output_verdict, evaluate, lowest_peak_verdict, same_output_verdict
+from harness.expect import (
+    beats_peer_verdict,
+    close_output_verdict,
+    evaluate,
+    lowest_peak_verdict,
+    same_output_verdict,
+)
 from harness.results import migrate
 from harness.roofline import roofline_rows
 from harness.scenario import BACKENDS, HARNESS_BACKEND, ScenarioError, expand, load_scenario
@@ -89,11 +95,20 @@ def test_close_output_rtol_raises_naming_file_and_field_if_not_a_positive_number
 
 @pytest.mark.parametrize("backends", [DELETE, ["harness"], ["diffusers-group", "diffusers-group-rs"]],
                          ids=["default", "harness-only", "no-harness"])
-def test_close_output_rtol_raises_if_there_is_nothing_to_compare(tmp_path: Path, backends: Any) -> None:
-    file = write(tmp_path, mutate(peer_scenario(), ("backends",), backends))
-    with pytest.raises(ScenarioError, match=r"expect\.close_output_rtol: .*backends") as info:
+@pytest.mark.parametrize("check", ["close_output_rtol", "beats_peer"])
+def test_peer_checks_raise_if_there_is_nothing_to_compare(tmp_path: Path, backends: Any, check: str) -> None:
+    data = peer_scenario(expect={check: 0.02 if check == "close_output_rtol" else True})
+    file = write(tmp_path, mutate(data, ("backends",), backends))
+    with pytest.raises(ScenarioError, match=rf"expect\.{check}: .*backends") as info:
         load_scenario(file)
     assert str(info.value).startswith(f"{file}: ")
+
+
+@pytest.mark.parametrize("value", ["yes", 1, [True]])
+def test_beats_peer_raises_naming_file_and_field_if_not_a_bool(tmp_path: Path, value: Any) -> None:
+    file = write(tmp_path, peer_scenario(expect={"beats_peer": value}))
+    with pytest.raises(ScenarioError, match=r"expect\.beats_peer: expected true or false"):
+        load_scenario(file)
 
 
 def test_close_output_rtol_loads_as_a_float(tmp_path: Path) -> None:
@@ -144,8 +159,9 @@ def test_cells_expand_cards_then_backends_then_axes(tmp_path: Path) -> None:
     assert order == expected
 
 
-def test_dedupe_by_effective_flags_is_per_card_and_backend(tmp_path: Path) -> None:
-    # without layerwise, the prefetch size resolves to 0: pf0 and pf1 are the same effective cell
+def test_cells_without_layerwise_run_once_for_every_backend_of_a_card(tmp_path: Path) -> None:
+    # without layerwise, the prefetch size resolves to 0: pf0 and pf1 are the same effective cell, and every
+    # backend runs it with the same code (backends differ only in who streams a layerwise DiT)
     data = peer_scenario(
         axes={"dit_layerwise_offload": [False], "dit_offload_prefetch_size": [0, 1]},
         flags={"pin_cpu_memory": True}, exclude=[],
@@ -153,10 +169,24 @@ def test_dedupe_by_effective_flags_is_per_card_and_backend(tmp_path: Path) -> No
     cells = expand(load_scenario(write(tmp_path, data)))
     assert len(cells) == 2 * 3 * 2
     for card in ("tiny-6m", "native"):
+        mine = [c for c in cells if c.card.name == card]
+        ran = [c for c in mine if c.same_as is None]
+        assert [(c.backend, c.requested.dit_offload_prefetch_size) for c in ran] == [(BACKENDS[0], 0)]
+        assert all(c.same_as == ran[0].cell_id for c in mine if c is not ran[0])  # never another card's
+
+
+def test_layerwise_cells_of_different_backends_never_stand_in_for_each_other(tmp_path: Path) -> None:
+    # with layerwise on, prefetch 2.5 is truncated to 2: the same effective cell within a backend, never across
+    data = peer_scenario(
+        axes={"dit_layerwise_offload": [True], "dit_offload_prefetch_size": [2, 2.5]},
+        flags={"pin_cpu_memory": True, "dit_cpu_offload": True}, exclude=[],
+    )
+    cells = expand(load_scenario(write(tmp_path, data)))
+    for card in ("tiny-6m", "native"):
         for backend in BACKENDS:
             first, second = [c for c in cells if c.card.name == card and c.backend == backend]
             assert first.same_as is None
-            assert second.same_as == first.cell_id  # the cell of its own card and backend, never another's
+            assert second.same_as == first.cell_id
 
 
 def test_committed_peer_scenario_runs_every_backend_with_and_without_layerwise() -> None:
@@ -167,7 +197,9 @@ def test_committed_peer_scenario_runs_every_backend_with_and_without_layerwise()
     assert {(c.backend, c.requested.dit_layerwise_offload) for c in cells} == {
         (b, lw) for b in BACKENDS for lw in (False, True)
     }
-    assert all(c.same_as is None for c in cells)
+    # the whole-DiT cell runs once (the roofline's compute reference); each backend streams the DiT once
+    ran = [(c.backend, c.requested.dit_layerwise_offload) for c in cells if c.same_as is None]
+    assert ran == [("harness", False), ("harness", True), ("diffusers-group", True), ("diffusers-group-rs", True)]
 
 
 # ------------------------------------------------------------------------------------------------ loader, guards
@@ -282,6 +314,23 @@ def test_runner_records_the_backend_and_the_skip(tmp_path: Path) -> None:
     assert run.finished()[cell.cell_id]["status"] == "skipped"
     spec = json.loads((run.run_dir / "cells" / cell.cell_id.replace("/", "__") / "cell.json").read_text())
     assert spec["backend"] == "diffusers-group-rs"
+
+
+
+def test_runner_copies_the_whole_dit_cell_to_other_backends_under_their_own_name(tmp_path: Path) -> None:
+    from harness.runner import Run, run_cell
+
+    cells = _tiny_cells(["harness", "diffusers-group"])
+    ours, peer = cells[("native", "cpu1-lw0", "harness")], cells[("native", "cpu1-lw0", "diffusers-group")]
+    assert peer.same_as == ours.cell_id
+    run = Run.create(tmp_path, "cpu", "backends", verbose=False)
+    source = run_cell(run, ours)
+    copy = run_cell(run, peer)
+    assert source["status"] == "ok", source.get("reason")
+    assert copy["cell_id"] == peer.cell_id and copy["same_as"] == ours.cell_id
+    assert copy["backend"] == "diffusers-group" and source["backend"] == "harness"
+    assert copy["outputs"] == source["outputs"] and copy["phases"] == source["phases"]
+    assert not (run.run_dir / "cells" / peer.cell_id.replace("/", "__")).joinpath("cell.json").exists()
 
 
 # ------------------------------------------------------------------------------------------------ expectations
@@ -425,3 +474,54 @@ def test_roofline_rows_name_the_backend_and_stream_diffusers_groups() -> None:
         assert r["predicted s/step"] == 1.6  # 2 x max(0.15, 40 GB / 50 GB/s)
     assert rows[peer["cell_id"]]["measured s/step (median)"] == 2.5
     assert rows[peer["cell_id"]]["efficiency % (predicted/measured)"] == 64.0
+
+
+# ------------------------------------------------------------------------------------------------ beats_peer
+
+
+def _timed(backend: str, step_ms: list[float], runtime: int, *, lw: bool = True, status: str = "ok") -> dict[str, Any]:
+    rec = make_record(True, lw, status=status, device="cuda", runtime=runtime,
+                      failed_phase=None if status == "ok" else "load")
+    rec["backend"] = backend
+    if backend != HARNESS_BACKEND:
+        rec["cell_id"] += f"+{backend}"
+    if status == "ok":
+        rec["phases"]["denoise"]["step_ms"] = step_ms
+    return rec
+
+
+def test_beats_peer_passes_when_ours_is_as_fast_and_as_frugal() -> None:
+    # the first step is left out: ours pays 9 s of one-off costs there and still wins on the median of the rest
+    records = [
+        _timed("harness", [9000, 1500, 1500, 1500], 20_000),
+        _timed("diffusers-group", [2000, 1600, 1600, 1600], 20_000),
+        _timed("diffusers-group-rs", [2000, 1500, 1500, 1500], 30_000),
+        _timed("diffusers-group", [100], 1, lw=False),  # whole-DiT cells are not part of the comparison
+    ]
+    v = beats_peer_verdict("native", records)
+    assert v.passed, v.message
+    assert "1.500 s (ours) vs 1.600 s" in v.message and "diffusers-group-rs" in v.message
+
+
+@pytest.mark.parametrize(("ours_ms", "ours_peak", "what"), [(1601.0, 20_000, "slower"), (1500.0, 20_001, "peak")])
+def test_beats_peer_fails_if_ours_is_slower_or_peaks_higher(ours_ms: float, ours_peak: int, what: str) -> None:
+    records = [_timed("harness", [1, ours_ms, ours_ms], ours_peak), _timed("diffusers-group", [1, 1600, 1600], 20_000)]
+    v = beats_peer_verdict("native", records)
+    assert not v.passed, (what, v.message)
+    assert "+diffusers-group" in v.message
+
+
+@pytest.mark.parametrize("broken", ["peer", "ours", "missing", "none"])
+def test_beats_peer_fails_if_it_cannot_compare(broken: str) -> None:
+    ours = _timed("harness", [1, 1000], 10, status="oom" if broken == "ours" else "ok")
+    peer = _timed("diffusers-group", [1, 2000], 20, status="error" if broken == "peer" else "ok")
+    records = {"peer": [ours, peer], "ours": [ours, peer], "missing": [peer], "none": [ours]}[broken]
+    v = beats_peer_verdict("native", records)
+    assert not v.passed
+    assert ("nothing to compare" if broken == "none" else "not compared") in v.message, v.message
+
+
+def test_evaluate_runs_beats_peer_when_declared(tmp_path: Path) -> None:
+    s = load_scenario(write(tmp_path, peer_scenario(expect={"beats_peer": True})))
+    checks = {v.check for v in evaluate(s, [])}
+    assert "beats_peer" in checks and "close_output" not in checks

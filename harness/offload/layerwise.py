@@ -3,19 +3,21 @@
 Shape (after SGLang's LayerwiseOffloadManager, written from its description, not its code):
 - each layer of each streamed ModuleList owns one host region holding all its parameters, packed and aligned
   (`memory.Layout`), pinned in place when `pin_cpu_memory` is on;
-- on the GPU a layer lives in one flat buffer, filled by a single copy on a side stream, and its parameters are
-  views of that buffer; outside its window a parameter points at an empty placeholder, so a forward that touched
-  a released layer would fail loudly instead of reading stale memory;
+- on the GPU a layer lives in one flat buffer, taken from the compute stream's allocator pool and filled by a
+  single copy on a side stream, and its parameters are views of that buffer; outside its window a parameter
+  points at an empty placeholder, so a forward that touched a released layer would fail loudly instead of
+  reading stale memory;
 - layers are grouped into windows of p layers. Entering window k prefetches window k+1 (the last window
   prefetches window 0 of the next forward, so the transfer wraps across denoise steps and CFG passes); leaving a
   layer releases it. So at most 2p layers are on the device: the window being computed and the one in flight.
   (SGLang prefetches `i+p .. i+2p-1 mod n`, which differs only when p does not divide n.)
 
-Why the host waits before a prefetch: the CPU enqueues kernels far ahead of the GPU. A released buffer is only
-reusable once the GPU has finished the kernels that read it, so without a bound the CPU would allocate fresh
-buffers for every layer ahead and the window would silently grow to the whole model. Before prefetching window
-k+1 we wait on the event that marks the end of window k-1's compute, whose buffers window k+1 reuses. When the
-run is transfer-bound that wait costs nothing: the GPU is behind the copies anyway.
+Why a prefetch copy waits for the compute stream: the CPU enqueues kernels far ahead of the GPU, and a buffer
+released on the compute stream goes back to its pool at once, in stream order, so the next allocation may get a
+block whose last readers have not run yet. The copy into it therefore starts only after the compute enqueued
+before it. The host also waits, before prefetching window k+1, on the event that marks the end of window k-1's
+compute (whose buffers window k+1 reuses), which keeps the CPU at most a window ahead; when the run is
+transfer-bound that wait costs nothing: the GPU is behind the copies anyway.
 """
 
 from __future__ import annotations
@@ -181,14 +183,19 @@ class LayerwiseRuntime:
 
     def _prefetch(self, g: _Group, i: int) -> _Resident:
         layout, region = g.layouts[i], g.regions[i]
+        # Allocated on the compute stream, not the copy stream: the caching allocator keeps one pool per stream,
+        # and only the compute stream's pool holds what a component freed after its phase (a 9 GiB text encoder
+        # block on FLUX), so buffers taken from the copy stream's pool would grow reserved memory past it.
+        buf = self.device.empty(layout.nbytes, f"{g.name}[{i}]")
         if self.copy_stream is not None:
+            # That block may be one the compute stream freed but has not finished reading: copy after it. (The
+            # host already waited for the window before, so this wait is on work that is done or nearly.)
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device.torch))
             with torch.cuda.stream(self.copy_stream):
-                buf = self.device.empty(layout.nbytes, f"{g.name}[{i}]")
                 buf.copy_(region.tensor, non_blocking=region.pinned)
                 ready = torch.cuda.Event()
                 ready.record(self.copy_stream)
         else:
-            buf = self.device.empty(layout.nbytes, f"{g.name}[{i}]")
             buf.copy_(region.tensor)
             ready = None
         self.copied_bytes += layout.nbytes
@@ -206,9 +213,11 @@ class LayerwiseRuntime:
         if res is None:
             return
         self._bind_placeholders(g, i)
-        if self.device.is_cuda:
-            # The buffer was allocated on the copy stream but read on the compute stream: tell the allocator.
-            res.buffer.record_stream(torch.cuda.current_stream(self.device.torch))
+        if res.ready is not None:
+            # Freed on the compute stream, the stream that allocated it, so the allocator may hand the block out
+            # again at once, in stream order. A prefetched layer that was never used may still be copying: order
+            # the free after its copy. (For a layer that ran, the compute stream waited on this event already.)
+            torch.cuda.current_stream(self.device.torch).wait_event(res.ready)
         self.device.discharge(g.layouts[i].nbytes)
 
     def _bind_placeholders(self, g: _Group, i: int) -> None:
