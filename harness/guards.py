@@ -9,7 +9,7 @@ Checks (each with a margin, default 10 %, `OFFLOAD_BENCH_GUARD_MARGIN`):
 - host: the weight bytes the cell places in host memory (text encoder / VAE with *_cpu_offload, the DiT with
   dit_cpu_offload or layerwise; under diffusers' group offload also its pinned copies, rounded up to powers of
   two; on the CPU profile the simulated device is host memory too, so every component counts there as well)
-  against min(/proc/meminfo MemAvailable, cgroup v2 memory.max - memory.current).
+  against min(/proc/meminfo MemAvailable, cgroup v2 memory.max - memory.current + its clean page cache).
 - disk: the bytes of the synthetic checkpoints not yet cached against the free space at the checkpoint cache.
 - gpu (CUDA cells only): memory other processes already use, read through NVML before this child has a CUDA
   context: a capped card needs free >= its cap; an uncapped one needs others to hold at most 5 % of the GPU.
@@ -123,8 +123,21 @@ def _cgroup_dirs(root: Path = Path("/sys/fs/cgroup")) -> list[Path]:
     return dirs
 
 
+def _reclaimable_file_bytes(d: Path) -> int:
+    """Clean page cache charged to cgroup `d` (memory.stat: file - shmem - file_dirty - file_writeback): the kernel
+    drops it before it kills anyone. memory.current counts it, and right after a 53 GB checkpoint was written or
+    read most of it is that file's pages, so without this the headroom looks 40+ GiB smaller than it is."""
+    try:
+        stat = dict(line.split() for line in (d / "memory.stat").read_text().splitlines() if line.strip())
+        file, shmem, dirty, writeback = (int(stat.get(k, 0)) for k in ("file", "shmem", "file_dirty", "file_writeback"))
+    except (OSError, ValueError):
+        return 0
+    return max(0, file - shmem - dirty - writeback)
+
+
 def cgroup_available_bytes(dirs: list[Path] | None = None) -> tuple[int | None, str | None]:
-    """The tightest memory.max - memory.current over this cgroup and its ancestors, and which folder set it."""
+    """The tightest memory.max - (memory.current - clean page cache) over this cgroup and its ancestors, and which
+    folder set it."""
     best: tuple[int | None, str | None] = (None, None)
     for d in _cgroup_dirs() if dirs is None else dirs:
         try:
@@ -135,7 +148,7 @@ def cgroup_available_bytes(dirs: list[Path] | None = None) -> tuple[int | None, 
         if limit == "max":
             continue
         try:
-            avail = max(0, int(limit) - current)
+            avail = max(0, int(limit) - current + _reclaimable_file_bytes(d))
         except ValueError:
             continue
         if best[0] is None or avail < best[0]:

@@ -125,6 +125,11 @@ def test_cgroup_headroom_is_the_tightest_limit(tmp_path: Path) -> None:
         dirs.append(d)
     assert guards.cgroup_available_bytes(dirs) == (600, str(tmp_path / "mid"))
     assert guards.cgroup_available_bytes([tmp_path / "missing"]) == (None, None)
+    # clean page cache counts in memory.current but the kernel reclaims it first (dirty and shmem pages it cannot)
+    (tmp_path / "mid" / "memory.stat").write_text("anon 100\nfile 350\nshmem 20\nfile_dirty 20\nfile_writeback 10\n")
+    assert guards.cgroup_available_bytes(dirs) == (900, str(tmp_path / "mid"))
+    (tmp_path / "mid" / "memory.stat").write_text("garbage\n")
+    assert guards.cgroup_available_bytes(dirs) == (600, str(tmp_path / "mid"))
     info = guards.host_available()
     assert info["available_bytes"] == min(v for v in (info["meminfo_available_bytes"],
                                                       info["cgroup_available_bytes"]) if v is not None)
