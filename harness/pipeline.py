@@ -150,6 +150,36 @@ def _plain_cfg(scale: float) -> Any:
     return combine
 
 
+def _latent_size(model: ModelSpec, settings: RunSettings) -> tuple[int, int]:
+    """Latent height and width; the image must split into whole VAE cells and whole DiT patches."""
+    scale, p = model.vae_scale, model.patch
+    lat_h, lat_w = settings.height // scale, settings.width // scale
+    if lat_h % p or lat_w % p:
+        raise ValueError(f"height/width must be multiples of {scale * p}, got {settings.height}x{settings.width}")
+    return lat_h, lat_w
+
+
+def _token_prompts(te: LoadedComponent, model: ModelSpec, gen: torch.Generator) -> list[torch.Tensor]:
+    """Seeded positive and negative prompt ids for a single-tokenizer text encoder (drawn in that order)."""
+    vocab = int(te.module.config.vocab_size)
+    return [torch.randint(0, vocab, (1, model.prompt_tokens), generator=gen) for _ in range(2)]
+
+
+def _encode_token_prompts(
+    te: LoadedComponent, prompts: list[torch.Tensor], model: ModelSpec, settings: RunSettings,
+    dev: torch.device, dtype: torch.dtype,
+) -> list[torch.Tensor]:
+    """The text encoder's last hidden states, template tokens dropped, for the prompts a step uses (the negative
+    only with true CFG); the encoder is on the device only meanwhile."""
+    te.before_use()
+    embeds = []
+    for ids in prompts[: settings.forwards_per_step]:
+        out = te.module(input_ids=ids.to(dev), attention_mask=torch.ones_like(ids).to(dev))
+        embeds.append(out.last_hidden_state[:, model.drop_tokens :].to(dtype))
+    te.after_use()
+    return embeds
+
+
 def run_qwen_image(
     model: ModelSpec,
     comps: dict[str, LoadedComponent],
@@ -162,14 +192,10 @@ def run_qwen_image(
 
     dev, dtype = device.torch, torch.bfloat16
     te, dit, vae = comps["text_encoder"], comps["dit"], comps["vae"]
-    scale, p = model.vae_scale, model.patch
-    lat_h, lat_w = settings.height // scale, settings.width // scale
-    if lat_h % p or lat_w % p:
-        raise ValueError(f"height/width must be multiples of {scale * p}, got {settings.height}x{settings.width}")
+    p = model.patch
+    lat_h, lat_w = _latent_size(model, settings)
     gen = torch.Generator("cpu").manual_seed(settings.seed)
-    vocab = int(te.module.config.vocab_size)
-    pos_ids = torch.randint(0, vocab, (1, model.prompt_tokens), generator=gen)
-    neg_ids = torch.randint(0, vocab, (1, model.prompt_tokens), generator=gen)
+    prompts = _token_prompts(te, model, gen)
     z_dim = int(vae.module.config.z_dim)
     noise = torch.randn(1, z_dim, 1, lat_h, lat_w, generator=gen)
     ref_image = torch.rand(1, 3, 1, settings.height, settings.width, generator=gen) * 2 - 1 if model.edit else None
@@ -177,12 +203,7 @@ def run_qwen_image(
     lat_std = torch.tensor(vae.module.config.latents_std).view(1, z_dim, 1, 1, 1)
 
     with meter.phase("encode"), torch.inference_mode():
-        te.before_use()
-        embeds = []
-        for ids in (pos_ids, neg_ids)[: settings.forwards_per_step]:
-            out = te.module(input_ids=ids.to(dev), attention_mask=torch.ones_like(ids).to(dev))
-            embeds.append(out.last_hidden_state[:, model.drop_tokens :].to(dtype))
-        te.after_use()
+        embeds = _encode_token_prompts(te, prompts, model, settings, dev, dtype)
         cond_tokens = None
         if ref_image is not None:
             vae.before_use()
@@ -265,10 +286,8 @@ def run_flux(
 
     dev, dtype = device.torch, torch.bfloat16
     te, dit, vae = comps["text_encoder"], comps["dit"], comps["vae"]
-    scale, p = model.vae_scale, model.patch
-    lat_h, lat_w = settings.height // scale, settings.width // scale
-    if lat_h % p or lat_w % p:
-        raise ValueError(f"height/width must be multiples of {scale * p}, got {settings.height}x{settings.width}")
+    p = model.patch
+    lat_h, lat_w = _latent_size(model, settings)
     gen = torch.Generator("cpu").manual_seed(settings.seed)
     clip_vocab, t5_vocab = int(te.module.clip.config.vocab_size), int(te.module.t5.config.vocab_size)
     clip_tokens = int(model.extra["clip_tokens"])
@@ -373,29 +392,20 @@ def run_wan(
 
     dev, dtype = device.torch, torch.bfloat16
     te, dit, vae = comps["text_encoder"], comps["dit"], comps["vae"]
-    scale, p = model.vae_scale, model.patch
-    lat_h, lat_w = settings.height // scale, settings.width // scale
-    if lat_h % p or lat_w % p:
-        raise ValueError(f"height/width must be multiples of {scale * p}, got {settings.height}x{settings.width}")
+    p = model.patch
+    lat_h, lat_w = _latent_size(model, settings)
     vcfg = vae.module.config
     temporal = int(getattr(vcfg, "scale_factor_temporal", None) or 2 ** sum(vcfg.temperal_downsample))
     if settings.frames < 1 or (settings.frames - 1) % temporal:
         raise ValueError(f"frames must be 1 + a multiple of {temporal}, got {settings.frames}")
     lat_f = (settings.frames - 1) // temporal + 1
     gen = torch.Generator("cpu").manual_seed(settings.seed)
-    vocab = int(te.module.config.vocab_size)
-    pos_ids = torch.randint(0, vocab, (1, model.prompt_tokens), generator=gen)
-    neg_ids = torch.randint(0, vocab, (1, model.prompt_tokens), generator=gen)
+    prompts = _token_prompts(te, model, gen)
     z_dim = int(vcfg.z_dim)
     noise = torch.randn(1, z_dim, lat_f, lat_h, lat_w, generator=gen)
 
     with meter.phase("encode"), torch.inference_mode():
-        te.before_use()
-        embeds = []
-        for ids in (pos_ids, neg_ids)[: settings.forwards_per_step]:
-            out = te.module(input_ids=ids.to(dev), attention_mask=torch.ones_like(ids).to(dev))
-            embeds.append(out.last_hidden_state.to(dtype))
-        te.after_use()
+        embeds = _encode_token_prompts(te, prompts, model, settings, dev, dtype)
 
     with meter.phase("denoise") as rec, torch.inference_mode():
         dit.before_use()
