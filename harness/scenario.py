@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,9 +43,11 @@ CARDS: dict[str, int | None] = {
 PROFILES = ("gpu", "cpu")
 # Who moves the DiT's weights under layerwise offload: our runtime (harness.offload.layerwise), or diffusers' own
 # group-offload hooks (block level, one block per group, a side stream; "-rs" adds record_stream). Everything else
-# (text encoder, VAE, cells without layerwise) runs the same code under every backend.
+# (text encoder, VAE, cells without layerwise) runs the same code under every backend. "sglang@<version>" is SGLang's
+# own LayerwiseOffloadManager from an installed release (harness.engine.layerwise); "sglang" the newest installed.
 HARNESS_BACKEND = "harness"
-BACKENDS = (HARNESS_BACKEND, "diffusers-group", "diffusers-group-rs")
+BACKENDS = (HARNESS_BACKEND, "diffusers-group", "diffusers-group-rs", "sglang")
+_SGLANG_BACKEND = re.compile(r"^sglang(@\d+\.\d+\.\d+(\.post\d+)?)?$")
 _TOP_KEYS = {
     "name", "description", "model", "profile", "cards", "height", "width", "frames", "steps", "warmup", "rounds",
     "true_cfg_scale", "seed", "policy", "timeout_s", "flags", "axes", "exclude", "expect", "xfail", "backends",
@@ -298,8 +301,9 @@ def _backends(data: Any, path: Path) -> tuple[str, ...]:
     if not isinstance(data, list) or not data:
         raise _err(path, "backends", f"expected a non-empty list of backends among {list(BACKENDS)}, got {data!r}")
     for i, b in enumerate(data):
-        if not isinstance(b, str) or b not in BACKENDS:
-            raise _err(path, f"backends[{i}]", f"unknown backend {b!r}; known backends: {', '.join(BACKENDS)}")
+        if not isinstance(b, str) or (b not in BACKENDS and not _SGLANG_BACKEND.match(b)):
+            known = ", ".join((*BACKENDS, "sglang@<version>"))
+            raise _err(path, f"backends[{i}]", f"unknown backend {b!r}; known backends: {known}")
     if len(set(data)) != len(data):
         raise _err(path, "backends", f"repeats a backend: {data!r}")
     return tuple(data)

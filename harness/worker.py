@@ -58,7 +58,14 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     from harness.measure import Meter, Nvml, Sampler, apply_card_cap, host_rss_bytes, machine_info, run_end_stats
     from harness.models import get_model
     from harness.models.checkpoint import ensure_checkpoint
-    from harness.offload.loader import DIFFUSERS_GROUP, DIFFUSERS_NEEDS_CUDA, load_component, placement_for
+    from harness.offload.loader import (
+        DIFFUSERS_GROUP,
+        DIFFUSERS_NEEDS_CUDA,
+        SGLANG_LAYERWISE,
+        SGLANG_NEEDS_CUDA,
+        load_component,
+        placement_for,
+    )
     from harness.offload.memory import Device
     from harness.pipeline import RunSettings, run_pipeline
     from harness.results import SCHEMA_VERSION, now_iso, summarize_peaks
@@ -90,10 +97,11 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     if device_kind == "cuda" and not torch.cuda.is_available():
         record["reason"] = "cell asks for CUDA but torch.cuda.is_available() is False"
         return record
-    if placements["dit"] == DIFFUSERS_GROUP and device_kind != "cuda":
-        # diffusers' streamed group offload has no CPU form (apply_group_offloading refuses use_stream off CUDA):
-        # a fact of this profile, not a failure of the cell.
-        record.update(status="skipped", reason=f"{DIFFUSERS_NEEDS_CUDA} (backend {backend}, device {device_kind})",
+    needs_cuda = {DIFFUSERS_GROUP: DIFFUSERS_NEEDS_CUDA, SGLANG_LAYERWISE: SGLANG_NEEDS_CUDA}.get(placements["dit"])
+    if needs_cuda and device_kind != "cuda":
+        # diffusers' streamed group offload has no CPU form (apply_group_offloading refuses use_stream off CUDA),
+        # and SGLang's manager disables itself without CUDA: a fact of this profile, not a failure of the cell.
+        record.update(status="skipped", reason=f"{needs_cuda} (backend {backend}, device {device_kind})",
                       peaks=summarize_peaks(record))
         record["child_elapsed_s"] = round(time.monotonic() - started, 3)
         _progress(f"{spec['cell_id']}: skipped: {record['reason']}")
@@ -145,6 +153,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
                     pin=flags.pin_cpu_memory,
                     prefetch_size=flags.dit_offload_prefetch_size,
                     backend=backend,
+                    flags=flags,
                 )
         record["components"] = {role: c.describe() for role, c in comps.items()}
         # Weights each component holds on the device, read at every phase start and end (the invariants).

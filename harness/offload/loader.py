@@ -18,6 +18,7 @@ Placement of each component follows the engine's rules (SGLang, June 2026, see t
 from __future__ import annotations
 
 import itertools
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,14 @@ DIFFUSERS_GROUP = "diffusers-group-offload"
 PLACEMENTS = ("resident", "cpu-offload", "layerwise-from-host", "layerwise-from-device", DIFFUSERS_GROUP)
 DIFFUSERS_BACKENDS = ("diffusers-group", "diffusers-group-rs")  # harness.scenario.BACKENDS other than "harness"
 DIFFUSERS_NEEDS_CUDA = "diffusers group offload with streams needs CUDA"
+SGLANG_LAYERWISE = "sglang-layerwise"  # SGLang's LayerwiseOffloadManager on the DiT (harness.engine.layerwise)
+PLACEMENTS = (*PLACEMENTS, SGLANG_LAYERWISE)
+SGLANG_NEEDS_CUDA = "SGLang's layerwise manager enables itself only on CUDA"
+
+
+def is_sglang_backend(backend: str) -> bool:
+    """"sglang" (the newest installed release) or "sglang@<version>"."""
+    return backend == "sglang" or backend.startswith("sglang@")
 
 
 def placement_for(role: str, flags: OffloadFlags, backend: str = "harness") -> str:
@@ -44,12 +53,14 @@ def placement_for(role: str, flags: OffloadFlags, backend: str = "harness") -> s
     A diffusers backend changes only the layerwise DiT (whatever dit_cpu_offload says, diffusers' hooks stream it
     from the host); every other component and cell runs as under the harness backend.
     """
-    if backend != "harness" and backend not in DIFFUSERS_BACKENDS:
+    if backend != "harness" and backend not in DIFFUSERS_BACKENDS and not is_sglang_backend(backend):
         raise ValueError(f"unknown backend {backend!r}")
     if role == "dit":
         if flags.dit_layerwise_offload:
             if backend in DIFFUSERS_BACKENDS:
                 return DIFFUSERS_GROUP
+            if is_sglang_backend(backend):
+                return SGLANG_LAYERWISE
             return "layerwise-from-host" if flags.dit_cpu_offload else "layerwise-from-device"
         return "cpu-offload" if flags.dit_cpu_offload else "resident"
     if role == "text_encoder":
@@ -71,18 +82,23 @@ class LoadedComponent:
     layerwise: LayerwiseRuntime | None = None
     setup_s: dict[str, float] = field(default_factory=dict)
     diffusers_group: dict[str, Any] | None = None  # what diffusers' group offload set up (DIFFUSERS_GROUP only)
+    sglang: Any = None  # harness.engine.layerwise.SGLangLayerwise (SGLANG_LAYERWISE only)
 
     # Under DIFFUSERS_GROUP both are no-ops: diffusers' hooks onload each block as its forward starts (the next one
     # prefetched on their stream) and offload it as it ends, so between forwards no weight is on the device.
     def before_use(self) -> None:
         if self.offload is not None:
             self.offload.onload()
+        if self.sglang is not None:
+            self.sglang.before_use()
 
     def after_use(self) -> None:
         if self.offload is not None:
             self.offload.offload()
         if self.layerwise is not None:
             self.layerwise.release_all()
+        if self.sglang is not None:
+            self.sglang.after_use()
 
     def device_weight_bytes(self, device: Device) -> int:
         """Parameter bytes of this component that live on `device` now (placeholders are empty).
@@ -119,6 +135,8 @@ class LoadedComponent:
             d["cpu_offload"] = {"host_bytes": self.offload.host_bytes, "pinned": self.offload.region.pinned}
         if self.diffusers_group is not None:
             d["diffusers_group"] = dict(self.diffusers_group)
+        if self.sglang is not None:
+            d["sglang_layerwise"] = self.sglang.describe()
         return d
 
 
@@ -219,6 +237,7 @@ def load_component(
     pin: bool,
     prefetch_size: float = 0.0,
     backend: str = "harness",
+    flags: OffloadFlags | None = None,
 ) -> LoadedComponent:
     """Builds `spec`'s module on meta, fills it from `checkpoint` and places it.
 
@@ -237,6 +256,8 @@ def load_component(
     if placement == DIFFUSERS_GROUP and (backend not in DIFFUSERS_BACKENDS or not device.is_cuda):
         why = f"backend {backend!r} is not one of {DIFFUSERS_BACKENDS}" if device.is_cuda else DIFFUSERS_NEEDS_CUDA
         raise RuntimeError(f"{placement}: {why}")
+    if placement == SGLANG_LAYERWISE and not device.is_cuda:
+        raise RuntimeError(f"{placement}: {SGLANG_NEEDS_CUDA}")
     clock = _Clock()
     module = spec.build_on_meta()
     reader = CheckpointReader(checkpoint)
@@ -261,6 +282,8 @@ def load_component(
         clock.lap("place_s")
     elif placement == DIFFUSERS_GROUP:
         loaded.diffusers_group = _diffusers_group(module, reader, persistent_buffers, device, backend, clock)
+    elif placement == SGLANG_LAYERWISE:
+        loaded.sglang = _sglang_layerwise(spec, module, reader, device, backend, flags, clock)
     else:
         if placement == "layerwise-from-device":
             # What the engine does when dit_cpu_offload is off: the whole DiT lands on the device first.
@@ -346,6 +369,55 @@ def _diffusers_group(
         "non_blocking": True,
         **info,
     }
+
+
+def _sglang_layerwise(
+    spec: ComponentSpec,
+    module: torch.nn.Module,
+    reader: CheckpointReader,
+    device: Device,
+    backend: str,
+    flags: OffloadFlags | None,
+    clock: _Clock,
+) -> Any:
+    """SGLANG_LAYERWISE: the weights where SGLang's loader leaves them (host with dit_cpu_offload, else the whole
+    DiT on the device), then SGLang's own mixin and managers take the DiT over (harness.engine.layerwise)."""
+    from harness.engine.install import installed
+    from harness.engine.layerwise import SGLangLayerwise
+
+    if flags is None:
+        raise ValueError(f"{SGLANG_LAYERWISE} needs the effective flags")
+    if backend == "sglang":
+        versions = sorted(installed(), key=lambda v: tuple(int(x) for x in re.findall(r"\d+", v)))
+        version = versions[-1] if versions else "(none installed)"
+    else:
+        version = backend.partition("@")[2]
+    host = None
+    if flags.dit_cpu_offload:
+        host = ComponentOffload(module, device, False, "dit")  # pageable host tensors, as SGLang's CPU load
+        clock.lap("alloc_s")
+        host.fill(reader.read_into)
+        in_file = set(reader.names())
+        for name, _ in list(module.named_buffers()):
+            if name in in_file:
+                e = reader.entries[name]
+                buf = torch.empty(e.shape, dtype=e.dtype)
+                reader.read_into(name, buf)
+                _set_tensor(module, name, buf)
+        clock.lap("read_s")
+    else:
+        # What SGLang's loader does without dit_cpu_offload: the whole DiT lands on the device first.
+        _materialise(module, reader, device, list(reader.names()))
+        clock.lap("place_s")
+    engine = SGLangLayerwise(module, spec.layer_groups, flags, version)
+    clock.lap("pin_s")
+    if host is not None:
+        # The non-layer weights went to the device with the mixin's module.to(); nothing views the region now
+        # but the module's plain tensor attributes (RoPE tables), which _place_buffers moves below.
+        del host
+    else:
+        device.discharge(sum(g["host_bytes"] for g in engine.describe()["groups"].values()))
+    return engine
 
 
 def _describe_groups(module: torch.nn.Module, host_bytes: int) -> dict[str, Any]:
