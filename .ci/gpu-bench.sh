@@ -9,6 +9,12 @@ if ! python3 -c "import diffusers" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1;
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export OFFLOAD_BENCH_CACHE="${OFFLOAD_BENCH_CACHE:-$PWD/.cache/offload-bench}"
+# Carried SGLang releases (`python -m harness.engine.install V --python 3.12 --archive .engine/X.tar.xz`): unpacked
+# into the engine root, where harness.engine.install.installed() finds them.
+for a in .engine/*.tar.xz; do
+  [ -f "$a" ] || continue
+  mkdir -p "$OFFLOAD_BENCH_CACHE/sglang" && tar -xJf "$a" -C "$OFFLOAD_BENCH_CACHE/sglang" || exit 3
+done
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.current,pcie.link.width.current --format=csv
 df -h . | tail -1; free -g | head -2

@@ -274,15 +274,30 @@ def _layerwise_module(site: Path) -> str | None:
     return None
 
 
-def archive(versions: list[str], python: str, out: Path, root: Path | None = None) -> Path:
-    """Packs installed folders for `python` into one .tar.xz, to carry to a machine without a network."""
+def archive(versions: list[str], python: str, out: Path, root: Path | None = None,
+            exclude: tuple[str, ...] = ()) -> Path:
+    """Packs installed folders for `python` into one .tar.xz, to carry to a machine without a network.
+
+    `exclude`: top-level package folders of `site/` to leave out, for a machine that has them already (the
+    worker puts a version's folder last on sys.path, so the machine's own copies are the ones imported there).
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
+    skip = {_norm(e) for e in exclude}
+
+    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        parts = Path(info.name).parts
+        if len(parts) >= 3 and parts[1] == "site":
+            top = parts[2].split("-")[0] if parts[2].endswith(".dist-info") else parts[2]
+            if _norm(top.removesuffix(".libs").removesuffix(".py")) in skip:
+                return None
+        return info
+
     with tarfile.open(out, "w:xz", preset=6) as tar:
         for v in versions:
             d = version_dir(v, python, root)
             if not (d / "engine.json").is_file():
                 raise InstallError(f"sglang {v} for Python {python} is not installed in {d}")
-            tar.add(d, arcname=d.name)
+            tar.add(d, arcname=d.name, filter=keep)
     return out
 
 
@@ -292,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python", help="build for this interpreter (e.g. 3.12), not the running one")
     parser.add_argument("--wheels", type=Path, help="a folder holding the sglang wheels (no download)")
     parser.add_argument("--archive", type=Path, help="also pack the installed folders into this .tar.xz")
+    parser.add_argument("--exclude", default="", help="comma-separated packages the target machine has (archive)")
     parser.add_argument("--list", action="store_true", help="print what is installed and exit")
     args = parser.parse_args(argv)
     if args.list:
@@ -302,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         for v in args.versions:
             install(v, python=args.python, wheels=args.wheels)
         if args.archive:
-            print(f"wrote {archive(args.versions, python_tag(args.python), args.archive)}")
+            exclude = tuple(e for e in args.exclude.split(",") if e)
+            print(f"wrote {archive(args.versions, python_tag(args.python), args.archive, exclude=exclude)}")
     except InstallError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
