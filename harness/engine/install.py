@@ -54,9 +54,12 @@ IMPORT_DEPS = (
     "IPython", "loguru", "msgspec", "opentelemetry-api", "opentelemetry-sdk", "pillow", "psutil", "pybase64",
     "pydantic", "python-multipart", "pyzmq", "remote-pdb", "requests", "sentencepiece", "starlette", "tqdm",
     "uvicorn", "httpx", "pyyaml", "regex", "safetensors", "diffusers", "setproctitle", "openai",
-    "partial-json-parser", "cache-dit", "opencv-python-headless", "trimesh",
+    "partial-json-parser", "cache-dit", "opencv-python-headless", "trimesh", "orjson", "cloudpickle",
+    "python-dateutil", "scipy",
 )
-"""What `sglang.multimodal_gen`'s ServerArgs and layerwise manager import, beyond torch/triton/torchvision/numpy."""
+"""What `sglang.multimodal_gen`'s ServerArgs and layerwise manager import, beyond torch/triton/torchvision/numpy:
+found by importing them in a virtual environment holding only torch and numpy (a developer's machine hides what it
+already has: the first GPU run failed on orjson, which every CPU box here happened to have)."""
 
 NO_DEPS = ("cache-dit", "compressed-tensors", "diffusers", "gguf", "opencv-python-headless", "transformers")
 """Installed without their dependencies: those name torch (which must stay the host's) or numpy."""
