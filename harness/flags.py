@@ -313,7 +313,6 @@ def _resolve_sglang(flags: OffloadFlags, context: EngineContext | None = None,
 def _sglang_defaults(flags: OffloadFlags, ctx: EngineContext, policy: str,
                      messages: list[str]) -> tuple[OffloadFlags, EngineDetails]:
     requested = flags
-    rich = ctx.memory_gib >= KEEP_RESIDENT_MIN_GIB[ctx.is_image]
     if flags.dit_layerwise_offload:
         components: list[str] = ["dit"]
         te = True if flags.text_encoder_cpu_offload is None else flags.text_encoder_cpu_offload
@@ -324,17 +323,20 @@ def _sglang_defaults(flags: OffloadFlags, ctx: EngineContext, policy: str,
         if flags.text_encoder_cpu_offload is None:
             raise _refuse(policy, requested, "text encoder layerwise offload",
                           "SGLang's auto mode streams an unset text encoder layer by layer")
-        if flags.vae_cpu_offload is None and not rich:
+        if flags.vae_cpu_offload is None:
             raise _refuse(policy, requested, "VAE layerwise offload",
-                          f"SGLang's auto mode streams an unset VAE layer by layer below "
-                          f"{KEEP_RESIDENT_MIN_GIB[ctx.is_image]:g} GiB")
+                          "SGLang's auto mode streams an unset VAE layer by layer (0.5.23 keeps it resident on some "
+                          "memory-rich cards, per model)")
         components.append("image_encoder")  # SGLang's default group; none of the zoo families has one
         te = flags.text_encoder_cpu_offload
         vae = False if flags.vae_cpu_offload is None else flags.vae_cpu_offload
-        if flags.dit_cpu_offload is not None:
-            cpu = flags.dit_cpu_offload
-        else:
-            cpu = not (rich and ctx.is_image and flags.dit_layerwise_offload is None)
+        if flags.dit_cpu_offload is None:
+            # 0.5.13 defaults it on; 0.5.23 clears it under an explicit `--dit-layerwise-offload false`
+            # (server_args.py `_adjust_layerwise_offload_components`) and on memory-rich cards (auto_tune.py
+            # `maybe_adjust_auto_component_residency_after_offload`): the releases differ, so no single answer
+            raise _refuse(policy, requested, "dit_cpu_offload set when DiT layerwise is not on",
+                          "its default differs between SGLang 0.5.13 and 0.5.23")
+        cpu = flags.dit_cpu_offload
     effective = replace(flags, dit_cpu_offload=cpu, dit_layerwise_offload=bool(flags.dit_layerwise_offload),
                         text_encoder_cpu_offload=te, vae_cpu_offload=vae,
                         pin_cpu_memory=True if flags.pin_cpu_memory is None else flags.pin_cpu_memory)

@@ -88,6 +88,9 @@ class _Capture(logging.Handler):
         self.records.append(f"{record.levelname}: {text}")
 
 
+_CONFIG_CLASSES: dict[str, Any] = {}
+
+
 def _pipeline_config(family: str, task: str) -> tuple[Any, str]:
     """An instance of the release's pipeline config for `family`, and a note saying which class and why."""
     from sglang.multimodal_gen.configs.pipeline_configs.base import ModelTaskType, PipelineConfig
@@ -98,9 +101,11 @@ def _pipeline_config(family: str, task: str) -> tuple[Any, str]:
         try:
             from sglang.multimodal_gen.registry import _get_config_info
 
-            info = _get_config_info(checkpoint)
-            if info is not None:
-                config = info.pipeline_config_cls()
+            if family not in _CONFIG_CLASSES:  # the registry lookup is slow; a fresh instance per request is not
+                info = _get_config_info(checkpoint)
+                _CONFIG_CLASSES[family] = info.pipeline_config_cls if info is not None else None
+            if _CONFIG_CLASSES[family] is not None:
+                config = _CONFIG_CLASSES[family]()
                 cls = type(config)
                 note = f"{cls.__module__}.{cls.__name__}: the release's registered config for {checkpoint}"
                 got = getattr(config.task_type, "name", str(config.task_type))
