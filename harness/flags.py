@@ -11,9 +11,10 @@ This module imports no torch: the parent process and the CPU tests use it freely
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from typing import Any, Literal
 
 
 class FlagError(ValueError):
@@ -23,6 +24,9 @@ class FlagError(ValueError):
 @dataclass(frozen=True)
 class OffloadFlags:
     """The offload flags of a DiT serving engine, with SGLang's names and meanings.
+
+    A boolean may be None: unset, as when a user does not pass the flag, so the engine's defaults for the card and
+    task decide (`resolve` needs an `EngineContext` then). The defaults below are the values of a fully set request.
 
     Args:
         dit_cpu_offload (bool, defaults to False): DiT weights start on the host; the whole module moves to the
@@ -35,12 +39,12 @@ class OffloadFlags:
         pin_cpu_memory (bool, defaults to True): host copies are page-locked, so copies to the GPU run async.
     """
 
-    dit_cpu_offload: bool = False
-    dit_layerwise_offload: bool = False
-    text_encoder_cpu_offload: bool = False
-    vae_cpu_offload: bool = False
+    dit_cpu_offload: bool | None = False
+    dit_layerwise_offload: bool | None = False
+    text_encoder_cpu_offload: bool | None = False
+    vae_cpu_offload: bool | None = False
     dit_offload_prefetch_size: float = 0.0
-    pin_cpu_memory: bool = True
+    pin_cpu_memory: bool | None = True
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -65,11 +69,16 @@ class OffloadFlags:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def unset(self) -> tuple[str, ...]:
+        """Names of the flags left to the engine's defaults."""
+        return tuple(f.name for f in fields(self) if getattr(self, f.name) is None)
+
     def label(self) -> str:
         """A short, readable id of these flags, used in cell ids and table rows."""
 
-        def b(v: bool) -> str:
-            return "1" if v else "0"
+        def b(v: bool | None) -> str:
+            # U for unset: a new letter, so labels of fully set flags (in records and baselines) stay as they were
+            return "U" if v is None else "1" if v else "0"
 
         pf = self.dit_offload_prefetch_size
         pf_text = str(int(pf)) if float(pf).is_integer() else repr(float(pf))  # repr: distinct values, distinct ids
@@ -90,8 +99,8 @@ def check_flag_value(name: str, value: Any, where: str = "flags") -> Any:
         if value < 0:
             raise FlagError(f"{where}.{name}: must be >= 0 (0 means one layer), got {value!r}")
         return float(value)
-    if not isinstance(value, bool):
-        raise FlagError(f"{where}.{name}: expected true or false, got {value!r}")
+    if value is not None and not isinstance(value, bool):
+        raise FlagError(f"{where}.{name}: expected true or false (or None: unset), got {value!r}")
     return value
 
 
@@ -126,26 +135,112 @@ def prefetch_layers(value: float, num_layers: int) -> int:
     return max(1, min(num_layers, p))
 
 
+Task = Literal["T2I", "I2I", "T2V", "I2V"]
+TASKS: tuple[str, ...] = ("T2I", "I2I", "T2V", "I2V")
+FAMILY_TASKS: dict[str, str] = {"qwen-image": "T2I", "qwen-image-edit": "I2I", "flux": "T2I", "wan": "T2V"}
+"""The zoo families SGLang's policy is asked about, and the task type SGLang's pipeline config gives each."""
+
+
+@dataclass(frozen=True)
+class EngineContext:
+    """What SGLang's defaults for unset flags depend on: the card, the task type and the model family.
+
+    Args:
+        memory_gib (float): the card's total memory in GiB (SGLang reads total and available memory; a fresh card).
+        task (str): SGLang's task type: T2I, I2I (image generation) or T2V, I2V (video).
+        family (str): the zoo family (`FAMILY_TASKS`), which selects SGLang's pipeline config.
+        performance_mode (str | None): SGLang's `--performance-mode`; None is the release's default (auto).
+    """
+
+    memory_gib: float
+    task: str
+    family: str
+    performance_mode: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.memory_gib, bool) or not isinstance(self.memory_gib, int | float) or self.memory_gib <= 0:
+            raise FlagError(f"context.memory_gib: expected a number of GiB > 0, got {self.memory_gib!r}")
+        if self.task not in TASKS:
+            raise FlagError(f"context.task: expected one of {', '.join(TASKS)}, got {self.task!r}")
+        if not isinstance(self.family, str) or not self.family:
+            raise FlagError(f"context.family: expected a zoo family name, got {self.family!r}")
+
+    @property
+    def is_image(self) -> bool:
+        return self.task in ("T2I", "I2I")
+
+    @classmethod
+    def for_model(cls, family: str, edit: bool, memory_gib: float) -> EngineContext:
+        """The context of a zoo model (`ModelSpec.family`, `.edit`) on a card of `memory_gib` GiB."""
+        name = "qwen-image-edit" if family == "qwen-image" and edit else family
+        return cls(memory_gib=memory_gib, task=FAMILY_TASKS.get(name, "T2I"), family=name)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class EngineDetails:
+    """What a policy decided beyond the six flags, in SGLang's terms.
+
+    Args:
+        source (str): "model" (our hand-written policy's prediction) or "sglang" (the release's ServerArgs).
+        version (str | None): the SGLang release asked, or the release era the model follows.
+        layerwise_components (tuple[str, ...]): SGLang's `layerwise_offload_components` (empty before 0.5.13 had
+            it); "image_encoder" is listed as SGLang lists it, though none of the zoo families has one.
+        dit_residency (str | None): the DiT's residency mode (resident, component-offload, layerwise-offload),
+            None where the release has no such notion (before 0.5.23).
+        pipeline_config (str | None): the SGLang pipeline config class used, and why.
+        context (EngineContext | None): the card and task the defaults were taken for.
+    """
+
+    source: str
+    version: str | None
+    layerwise_components: tuple[str, ...] = ()
+    dit_residency: str | None = None
+    pipeline_config: str | None = None
+    context: EngineContext | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "version": self.version,
+            "layerwise_components": list(self.layerwise_components),
+            "dit_residency": self.dit_residency,
+            "pipeline_config": self.pipeline_config,
+            "context": self.context.as_dict() if self.context else None,
+        }
+
+
 @dataclass(frozen=True)
 class Resolution:
-    """What a policy made of the requested flags."""
+    """What a policy made of the requested flags (`engine`: the details, when a context or the engine was used)."""
 
     policy: str
     requested: OffloadFlags
     effective: OffloadFlags
     messages: tuple[str, ...]
+    engine: EngineDetails | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "policy": self.policy,
             "requested": self.requested.as_dict(),
             "effective": self.effective.as_dict(),
             "messages": list(self.messages),
         }
+        if self.engine is not None:  # absent, not null, so records of context-free cells stay as they were
+            out["engine"] = self.engine.as_dict()
+        return out
 
 
 def _common_prefetch_rules(flags: OffloadFlags, messages: list[str]) -> OffloadFlags:
-    """Prefetch-size handling shared by both SGLang eras (ServerArgs._validate_offload)."""
+    """Prefetch-size handling shared by the SGLang eras that have the flag (ServerArgs._validate_offload).
+
+    SGLang keeps (and truncates) the value without layerwise too; here it is recorded as 0 there, since no manager
+    reads it and cells that differ only in it are the same run. The differential grid compares it where the DiT is
+    layerwise only, for that reason.
+    """
     v = flags.dit_offload_prefetch_size
     if not flags.dit_layerwise_offload:
         if v != 0:
@@ -161,22 +256,107 @@ def _common_prefetch_rules(flags: OffloadFlags, messages: list[str]) -> OffloadF
     return flags
 
 
-def _resolve_sglang(flags: OffloadFlags) -> tuple[OffloadFlags, list[str]]:
-    """After SGLang #26925 (2026-06-01): dit_cpu_offload is kept together with DiT layerwise offload.
+def _refuse(policy: str, flags: OffloadFlags, needs: str, why: str) -> FlagError:
+    return FlagError(f"policy {policy!r}: cannot express {flags.label()}: needs {needs} ({why})")
+
+
+def _need_context(policy: str, flags: OffloadFlags, context: EngineContext | None) -> EngineContext | None:
+    """Unset flags take SGLang's defaults for a card and task, which only a context gives."""
+    if context is not None and context.performance_mode not in (None, "auto"):
+        raise _refuse(policy, flags, f"performance_mode={context.performance_mode}",
+                      "the model follows SGLang's default mode, auto; manual/speed/memory place components otherwise")
+    if flags.unset() and context is None:
+        raise FlagError(f"policy {policy!r}: {', '.join(flags.unset())} unset: SGLang's defaults depend on the card "
+                        f"and task; pass an EngineContext")
+    return context
+
+
+def _dit_residency(flags: OffloadFlags) -> str:
+    """SGLang 0.5.23's residency_mode("transformer") for resolved flags: layerwise wins over component offload."""
+    if flags.dit_layerwise_offload:
+        return "layerwise-offload"
+    return "component-offload" if flags.dit_cpu_offload else "resident"
+
+
+KEEP_RESIDENT_MIN_GIB = {True: 45.0, False: 120.0}
+"""SGLang 0.5.23 auto mode, per task (image: True): the free memory from which the deployment config's
+keep-resident components (the VAE; and the DiT for image generation) stay out of the default offload
+(`runtime/server_args/auto_tune.py`: IMAGE_GEN_KEEP_RESIDENT_MIN_AVAILABLE_GB, DEFAULT_KEEP_RESIDENT_MIN_AVAILABLE_GB;
+none of the zoo families' configs declares its own threshold)."""
+
+
+def _resolve_sglang(flags: OffloadFlags, context: EngineContext | None = None,
+                    policy: str = "sglang") -> tuple[OffloadFlags, list[str], EngineDetails | None]:
+    """After SGLang #26925 (2026-06-01; releases 0.5.13 and later): dit_cpu_offload is kept with DiT layerwise.
 
     Only non-DiT component CPU offload is cleared for components that layerwise manages; our layerwise runtime
-    manages the DiT alone, so no component flag changes here.
+    manages the DiT alone. Unset flags (with a context) take the defaults of SGLang's auto mode on one CUDA GPU
+    with no local checkpoint to size (`ServerArgs._adjust_offload`, `ServerArgsAutoTuner`):
+
+    - DiT CPU offload defaults on; from 45 GiB free on an image task it stays off when neither DiT flag is given
+      (0.5.23's keep-resident rule); DiT layerwise defaults off for the zoo's families;
+    - a text encoder or VAE whose flag is unset goes layerwise (the default layerwise group), which our runtime
+      cannot do: refused. The VAE stays resident instead from the keep-resident threshold up (0.5.23). With
+      `dit_layerwise_offload` on, the default group is not added and the text encoder defaults to CPU offload.
     """
     messages: list[str] = []
+    details: EngineDetails | None = None
+    context = _need_context(policy, flags, context)
+    if context is not None:
+        flags, details = _sglang_defaults(flags, context, policy, messages)
     flags = _common_prefetch_rules(flags, messages)
-    return flags, messages
+    if details is not None:
+        details = replace(details, dit_residency=_dit_residency(flags))
+    return flags, messages, details
 
 
-def _resolve_sglang_legacy(flags: OffloadFlags) -> tuple[OffloadFlags, list[str]]:
+def _sglang_defaults(flags: OffloadFlags, ctx: EngineContext, policy: str,
+                     messages: list[str]) -> tuple[OffloadFlags, EngineDetails]:
+    requested = flags
+    if flags.dit_layerwise_offload:
+        components: list[str] = ["dit"]
+        te = True if flags.text_encoder_cpu_offload is None else flags.text_encoder_cpu_offload
+        vae = False if flags.vae_cpu_offload is None else flags.vae_cpu_offload
+        cpu = True if flags.dit_cpu_offload is None else flags.dit_cpu_offload
+    else:
+        components = []
+        if flags.text_encoder_cpu_offload is None:
+            raise _refuse(policy, requested, "text encoder layerwise offload",
+                          "SGLang's auto mode streams an unset text encoder layer by layer")
+        if flags.vae_cpu_offload is None:
+            raise _refuse(policy, requested, "VAE layerwise offload",
+                          "SGLang's auto mode streams an unset VAE layer by layer (0.5.23 keeps it resident on some "
+                          "memory-rich cards, per model)")
+        components.append("image_encoder")  # SGLang's default group; none of the zoo families has one
+        te = flags.text_encoder_cpu_offload
+        vae = False if flags.vae_cpu_offload is None else flags.vae_cpu_offload
+        if flags.dit_cpu_offload is None:
+            # 0.5.13 defaults it on; 0.5.23 clears it under an explicit `--dit-layerwise-offload false`
+            # (server_args.py `_adjust_layerwise_offload_components`) and on memory-rich cards (auto_tune.py
+            # `maybe_adjust_auto_component_residency_after_offload`): the releases differ, so no single answer
+            raise _refuse(policy, requested, "dit_cpu_offload set when DiT layerwise is not on",
+                          "its default differs between SGLang 0.5.13 and 0.5.23")
+        cpu = flags.dit_cpu_offload
+    effective = replace(flags, dit_cpu_offload=cpu, dit_layerwise_offload=bool(flags.dit_layerwise_offload),
+                        text_encoder_cpu_offload=te, vae_cpu_offload=vae,
+                        pin_cpu_memory=True if flags.pin_cpu_memory is None else flags.pin_cpu_memory)
+    for name in requested.unset():
+        messages.append(f"{name} unset: SGLang's default for {ctx.task} on {ctx.memory_gib:g} GiB is "
+                        f"{getattr(effective, name)}")
+    return effective, EngineDetails(source="model", version=None, layerwise_components=tuple(components),
+                                    context=ctx)
+
+
+def _resolve_sglang_legacy(flags: OffloadFlags, context: EngineContext | None = None,
+                           policy: str = "sglang-legacy") -> tuple[OffloadFlags, list[str], EngineDetails | None]:
     """Between SGLang #24593 and #26925 (2026-05-07 .. 2026-06-01): DiT layerwise forces dit_cpu_offload off.
 
     This is the bug: the loader then materialises the whole DiT on the GPU before layerwise packs it to the host.
+    No release shipped this era's code (0.5.13 already has #26925), so there is no engine to check it against and
+    it models fully set flags only.
     """
+    if flags.unset():
+        raise _refuse(policy, flags, "set flags", "this era's defaults were never released; use sglang@<version>")
     messages: list[str] = []
     flags = _common_prefetch_rules(flags, messages)
     if flags.dit_layerwise_offload and flags.dit_cpu_offload:
@@ -184,28 +364,156 @@ def _resolve_sglang_legacy(flags: OffloadFlags) -> tuple[OffloadFlags, list[str]
             "layerwise offload is selected for DiT components, automatically disabling dit_cpu_offload."
         )
         flags = replace(flags, dit_cpu_offload=False)
-    return flags, messages
+    return flags, messages, None
 
 
-POLICIES: dict[str, Callable[[OffloadFlags], tuple[OffloadFlags, list[str]]]] = {
+def _resolve_sglang_pre18997(flags: OffloadFlags, context: EngineContext | None = None,
+                             policy: str = "sglang-pre18997") -> tuple[OffloadFlags, list[str], EngineDetails | None]:
+    """Before SGLang #18997 (2026-02-19; release 0.5.8): DiT layerwise forces dit_cpu_offload off, unconditionally.
+
+    0.5.8's `ServerArgs` (`runtime/server_args.py`, `adjust_offload` and `check_server_args`): unset component flags
+    default by task type (image: DiT and text encoder offloaded, VAE resident; video: all three offloaded), with no
+    memory rule; a Wan pipeline gets DiT layerwise when the flag is unset; then layerwise on clears
+    dit_cpu_offload, whether the user set it or the default did. 0.5.8 has no `dit_offload_prefetch_size` (its
+    manager prefetches the next layer, which is 0 here): any other value is refused.
+    """
+    if flags.dit_offload_prefetch_size != 0:
+        raise _refuse(policy, flags, "dit_offload_prefetch_size",
+                      "0.5.8 has no such flag; its layerwise manager always prefetches the next layer")
+    context = _need_context(policy, flags, context)
+    messages: list[str] = []
+    details: EngineDetails | None = None
+    if context is not None:
+        image = context.is_image
+        lw = flags.dit_layerwise_offload
+        if lw is None and context.family == "wan":
+            messages.append("Automatically enable dit_layerwise_offload for Wan for best performance")
+            lw = True
+        flags = replace(
+            flags,
+            dit_cpu_offload=True if flags.dit_cpu_offload is None else flags.dit_cpu_offload,
+            dit_layerwise_offload=bool(lw),
+            text_encoder_cpu_offload=True if flags.text_encoder_cpu_offload is None else flags.text_encoder_cpu_offload,
+            vae_cpu_offload=(not image) if flags.vae_cpu_offload is None else flags.vae_cpu_offload,
+            pin_cpu_memory=True if flags.pin_cpu_memory is None else flags.pin_cpu_memory,
+        )
+        details = EngineDetails(source="model", version="0.5.8", context=context)
+    if flags.dit_layerwise_offload and flags.dit_cpu_offload:
+        messages.append("dit_layerwise_offload is enabled, automatically disabling dit_cpu_offload.")
+        flags = replace(flags, dit_cpu_offload=False)
+    return flags, messages, details
+
+
+PolicyFn = Callable[..., tuple[OffloadFlags, list[str], EngineDetails | None]]
+
+POLICIES: dict[str, PolicyFn] = {
     "sglang": _resolve_sglang,
     "sglang-legacy": _resolve_sglang_legacy,
+    "sglang-pre18997": _resolve_sglang_pre18997,
 }
+"""Our hand-written models. `sglang@<version>` and `sglang@installed` ask the real engine instead."""
+
+ENGINE_PREFIX = "sglang@"
+MODEL_FOR_VERSION: dict[str, str] = {"0.5.8": "sglang-pre18997", "0.5.13": "sglang", "0.5.23": "sglang"}
+"""Which hand-written model follows which release (checked by tests/test_engine_differential.py)."""
 
 
 def check_policy(name: Any, where: str = "policy") -> str:
+    """Returns a valid policy name: one of POLICIES, `sglang@<version>` or `sglang@installed`.
+
+    The engine policies are checked by form only: whether the version is installed is asked when resolving.
+    """
+    if isinstance(name, str) and name.startswith(ENGINE_PREFIX):
+        version = name[len(ENGINE_PREFIX):]
+        if version == "installed" or re.fullmatch(r"\d+(\.\d+){1,3}([a-z0-9.+-]*)", version):
+            return name
+        raise FlagError(f"{where}: {name!r}: expected sglang@<version> (e.g. sglang@0.5.23) or sglang@installed")
     if not isinstance(name, str) or name not in POLICIES:
-        raise FlagError(f"{where}: unknown policy {name!r}; known policies: {', '.join(POLICIES)}")
+        known = [*POLICIES, "sglang@<version>", "sglang@installed"]
+        raise FlagError(f"{where}: unknown policy {name!r}; known policies: {', '.join(known)}")
     return name
 
 
-def resolve(flags: OffloadFlags, policy: str) -> Resolution:
-    """Resolves requested flags under a named policy.
+def engine_version(policy: str) -> str | None:
+    """The SGLang release an engine policy names (`installed`: the newest installed), or None for our models.
+
+    Raises:
+        FlagError: `sglang@installed` with no release installed.
+    """
+    if not policy.startswith(ENGINE_PREFIX):
+        return None
+    version = policy[len(ENGINE_PREFIX):]
+    if version == "installed":
+        from harness.engine.policy import available_versions
+
+        versions = available_versions()
+        if not versions:
+            raise FlagError("policy 'sglang@installed': no SGLang release is installed; install one with "
+                            "`python -m harness.engine.install 0.5.23`")
+        version = versions[-1]
+    return version
+
+
+def resolve(flags: OffloadFlags, policy: str, context: EngineContext | None = None) -> Resolution:
+    """Resolves requested flags under a named policy (`context`: the card and task, for unset flags).
 
     Example:
         >>> r = resolve(OffloadFlags(dit_cpu_offload=True, dit_layerwise_offload=True), "sglang-legacy")
         >>> r.effective.dit_cpu_offload
         False
     """
-    effective, messages = POLICIES[check_policy(policy)](flags)
-    return Resolution(policy=policy, requested=flags, effective=effective, messages=tuple(messages))
+    return resolve_many([flags], policy, context)[0]
+
+
+def resolve_many(flags_list: list[OffloadFlags], policy: str,
+                 context: EngineContext | None = None) -> list[Resolution]:
+    """`resolve` for many flag sets under one policy and context: an engine policy asks one child for all.
+
+    Raises:
+        FlagError: an unknown policy, unset flags without a context, or flags our model cannot express.
+        harness.engine.policy.EngineError: the engine policy's release is not installed or its child failed.
+    """
+    check_policy(policy)
+    version = engine_version(policy)
+    if version is None:
+        out = []
+        for flags in flags_list:
+            effective, messages, details = POLICIES[policy](flags, context, policy)
+            out.append(Resolution(policy, flags, effective, tuple(messages), details))
+        return out
+    return _resolve_with_engine(flags_list, policy, version, context)
+
+
+def _resolve_with_engine(flags_list: list[OffloadFlags], policy: str, version: str,
+                         context: EngineContext | None) -> list[Resolution]:
+    from harness.engine.policy import EngineRequest, resolve_engine
+
+    if context is None:
+        raise FlagError(f"policy {policy!r}: SGLang's ServerArgs needs the card and task; pass an EngineContext")
+    requests = [EngineRequest(flags=flags.as_dict(), memory_gib=float(context.memory_gib), family=context.family,
+                              task=context.task, performance_mode=context.performance_mode)  # type: ignore[arg-type]
+                for flags in flags_list]
+    out = []
+    for flags, answer in zip(flags_list, resolve_engine(version, requests), strict=True):
+        if answer.error:
+            raise FlagError(f"policy {policy!r}: SGLang {version} refuses {flags.label()}: {answer.error}")
+        effective = engine_flags(answer.effective)
+        details = EngineDetails(source="sglang", version=answer.version,
+                                layerwise_components=answer.layerwise_components,
+                                dit_residency=answer.dit_residency, pipeline_config=answer.pipeline_config,
+                                context=context)
+        out.append(Resolution(policy, flags, effective, answer.messages, details))
+    return out
+
+
+def engine_flags(effective: Mapping[str, Any]) -> OffloadFlags:
+    """SGLang's resolved values as OffloadFlags: a None left by a release without finalisation (0.5.8) is off, as
+    SGLang's runtime reads it; a release without the prefetch flag (0.5.8) prefetches the next layer, 0 here."""
+    values: dict[str, Any] = {}
+    for name in OffloadFlags.names():
+        value = effective.get(name)
+        if name == "dit_offload_prefetch_size":
+            values[name] = float(value) if value is not None else 0.0
+        else:
+            values[name] = bool(value) if name != "pin_cpu_memory" or value is not None else True
+    return OffloadFlags(**values)

@@ -10,7 +10,12 @@ This module imports no torch.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 Task = Literal["T2I", "I2I", "T2V", "I2V"]
@@ -46,3 +51,102 @@ class EngineResolution:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EngineResolution:
+        return cls(
+            version=str(data["version"]),
+            effective=dict(data.get("effective") or {}),
+            layerwise_components=tuple(data.get("layerwise_components") or ()),
+            dit_residency=data.get("dit_residency"),
+            messages=tuple(data.get("messages") or ()),
+            pipeline_config=str(data.get("pipeline_config") or ""),
+            error=data.get("error"),
+            extra=dict(data.get("extra") or {}),
+        )
+
+
+class EngineError(RuntimeError):
+    """The engine could not be asked: a version not installed, a child that failed or timed out. The message names
+    the version and says what to do."""
+
+
+DEFAULT_TIMEOUT_S = 900.0
+"""A child imports SGLang (10-60 s, depending on the disk) and then answers about 1-5 ms a request."""
+
+_CACHE: dict[tuple[str, str], EngineResolution] = {}
+
+
+def available_versions() -> list[str]:
+    """Installed SGLang versions for this interpreter, oldest first (by release number)."""
+    from harness.engine.install import installed
+
+    return sorted(installed(), key=version_key)
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    """0.5.8 < 0.5.13 < 0.5.23, as releases order (string order would put 0.5.13 first)."""
+    return tuple(int(p) if p.isdigit() else 0 for p in version.split("."))
+
+
+def _request_key(request: EngineRequest) -> str:
+    return json.dumps(request.as_dict(), sort_keys=True)
+
+
+def resolve_engine(version: str, requests: list[EngineRequest], *,
+                   timeout_s: float = DEFAULT_TIMEOUT_S) -> list[EngineResolution]:
+    """SGLang `version`'s real ServerArgs for each request, in order: one child for all requests not yet cached.
+
+    Raises:
+        EngineError: the version is not installed (with the install command), the child failed (with the tail of
+            its stderr) or ran past `timeout_s`.
+    """
+    from harness.engine.install import engine_root, installed
+
+    engines = installed()
+    if version not in engines:
+        have = ", ".join(sorted(engines, key=version_key)) or "none"
+        raise EngineError(
+            f"sglang {version} is not installed under {engine_root()} (installed: {have}); install it with "
+            f"`python -m harness.engine.install {version}` (or point OFFLOAD_BENCH_SGLANG_ROOT at a folder holding it)"
+        )
+    keys = [_request_key(r) for r in requests]
+    todo: dict[str, EngineRequest] = {}
+    for key, request in zip(keys, requests, strict=True):
+        if (version, key) not in _CACHE:
+            todo.setdefault(key, request)
+    if todo:
+        answers = _ask_child(version, list(todo.values()), timeout_s)
+        for key, answer in zip(todo, answers, strict=True):
+            _CACHE[(version, key)] = answer
+    return [_CACHE[(version, key)] for key in keys]
+
+
+def _ask_child(version: str, requests: list[EngineRequest], timeout_s: float) -> list[EngineResolution]:
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo), env.get("PYTHONPATH", "")) if p)
+    payload = json.dumps([r.as_dict() for r in requests])
+    cmd = [sys.executable, "-m", "harness.engine.serverargs", "--version", version]
+    try:
+        proc = subprocess.run(cmd, input=payload, capture_output=True, text=True, timeout=timeout_s, env=env,
+                              cwd=repo)
+    except subprocess.TimeoutExpired as e:
+        tail = _tail(e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or ""))
+        raise EngineError(f"sglang {version}: the ServerArgs child ran past {timeout_s:.0f} s "
+                          f"({len(requests)} requests); its stderr ended with:\n{tail}") from None
+    if proc.returncode != 0:
+        raise EngineError(f"sglang {version}: the ServerArgs child exited with {proc.returncode} "
+                          f"({len(requests)} requests); its stderr ended with:\n{_tail(proc.stderr)}")
+    try:
+        raw = json.loads(proc.stdout)
+    except json.JSONDecodeError as e:
+        raise EngineError(f"sglang {version}: the ServerArgs child wrote no JSON answer ({e}); its stderr ended "
+                          f"with:\n{_tail(proc.stderr)}") from None
+    if not isinstance(raw, list) or len(raw) != len(requests):
+        raise EngineError(f"sglang {version}: the ServerArgs child answered {len(raw)} of {len(requests)} requests")
+    return [EngineResolution.from_dict(item) for item in raw]
+
+
+def _tail(text: str, lines: int = 30) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:]) or "(empty)"

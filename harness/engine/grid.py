@@ -1,0 +1,252 @@
+"""The differential grid: SGLang's real ServerArgs of each release against our hand-written model of its era.
+
+`python -m harness.engine.grid --out results/sglang-policy-grid.md [--versions 0.5.8 0.5.13 0.5.23]` asks each
+installed release (one child per release for the whole grid) and our model (`MODEL_FOR_VERSION`) about every
+input, and writes a markdown report: per release, inputs compared, agreements, disagreements (each with inputs,
+SGLang's answer and ours), and inputs our model refuses as inexpressible. Exit status 1 on any disagreement.
+
+What is compared, per input our model answers: the six flags (the prefetch size only where the DiT is layerwise:
+elsewhere no manager reads it, and our model records it as 0), SGLang's `layerwise_offload_components` (from
+0.5.13) and the DiT's residency mode (from 0.5.23). A release that refuses an input (ServerArgs raising) agrees
+with our model only if our model refuses it too.
+
+This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.engine.policy import EngineRequest, EngineResolution, resolve_engine, version_key
+from harness.flags import (
+    FAMILY_TASKS,
+    MODEL_FOR_VERSION,
+    EngineContext,
+    FlagError,
+    OffloadFlags,
+    Resolution,
+    engine_flags,
+    resolve,
+)
+
+BOOL_VALUES: tuple[bool | None, ...] = (False, True, None)
+PREFETCH_SIZES: tuple[float, ...] = (0.0, 1.0, 4.0, 0.1, 0.5, 2.5)
+CARD_GIB: tuple[float, ...] = (16.0, 24.0, 31.36, 80.0, 141.0)
+FAMILIES: tuple[str, ...] = tuple(FAMILY_TASKS)
+BOOL_FLAGS = ("dit_cpu_offload", "dit_layerwise_offload", "text_encoder_cpu_offload", "vae_cpu_offload",
+              "pin_cpu_memory")
+
+
+@dataclass(frozen=True)
+class GridInput:
+    flags: OffloadFlags
+    context: EngineContext
+
+    def describe(self) -> str:
+        return f"{self.context.family} {self.context.task} {self.context.memory_gib:g} GiB {self.flags.label()}"
+
+
+def grid_inputs(cards: tuple[float, ...] = CARD_GIB, families: tuple[str, ...] = FAMILIES,
+                prefetch: tuple[float, ...] = PREFETCH_SIZES) -> list[GridInput]:
+    """Every combination of set/unset booleans x prefetch sizes x cards x families (each with its task type)."""
+    out = []
+    for family, gib in itertools.product(families, cards):
+        ctx = EngineContext(memory_gib=gib, task=FAMILY_TASKS[family], family=family)
+        for bools in itertools.product(BOOL_VALUES, repeat=len(BOOL_FLAGS)):
+            for pf in prefetch:
+                flags = OffloadFlags(**dict(zip(BOOL_FLAGS, bools, strict=True)), dit_offload_prefetch_size=pf)
+                out.append(GridInput(flags, ctx))
+    return out
+
+
+@dataclass
+class Outcome:
+    kind: str  # agree | agree-refused (both refuse) | disagree | refused (ours refuses, SGLang answers)
+    item: GridInput
+    engine: EngineResolution
+    ours: Resolution | None
+    ours_error: str | None
+    diffs: list[str] = field(default_factory=list)
+
+
+def compare(item: GridInput, engine: EngineResolution, policy: str) -> Outcome:
+    """One input: SGLang's answer against our model's."""
+    try:
+        ours = resolve(item.flags, policy, item.context)
+        ours_error = None
+    except FlagError as e:
+        ours, ours_error = None, str(e)
+    if engine.error:
+        kind = "agree-refused" if ours is None else "disagree"
+        diffs = [] if ours is None else [f"SGLang refuses ({engine.error}), ours answers"]
+        return Outcome(kind, item, engine, ours, ours_error, diffs)
+    if ours is None:
+        return Outcome("refused", item, engine, None, ours_error)
+    diffs = differences(engine, ours)
+    return Outcome("disagree" if diffs else "agree", item, engine, ours, None, diffs)
+
+
+def differences(engine: EngineResolution, ours: Resolution) -> list[str]:
+    theirs = engine_flags(engine.effective)
+    mine = ours.effective
+    diffs = []
+    for name in BOOL_FLAGS:
+        if getattr(theirs, name) != getattr(mine, name):
+            diffs.append(f"{name}: SGLang {getattr(theirs, name)}, ours {getattr(mine, name)}")
+    if theirs.dit_layerwise_offload and theirs.dit_offload_prefetch_size != mine.dit_offload_prefetch_size:
+        diffs.append(f"dit_offload_prefetch_size: SGLang {theirs.dit_offload_prefetch_size:g}, "
+                     f"ours {mine.dit_offload_prefetch_size:g}")
+    our_components = tuple(ours.engine.layerwise_components) if ours.engine else ()
+    if engine.extra.get("has_layerwise_offload_components") and tuple(engine.layerwise_components) != our_components:
+        diffs.append(f"layerwise_components: SGLang {list(engine.layerwise_components)}, ours {list(our_components)}")
+    our_residency = ours.engine.dit_residency if ours.engine else None
+    if engine.dit_residency is not None and engine.dit_residency != our_residency:
+        diffs.append(f"dit_residency: SGLang {engine.dit_residency}, ours {our_residency}")
+    return diffs
+
+
+def run_version(version: str, items: list[GridInput], timeout_s: float = 1800.0) -> list[Outcome]:
+    """All inputs through one child of `version` and through our model of its era."""
+    requests = [EngineRequest(flags=i.flags.as_dict(), memory_gib=i.context.memory_gib, family=i.context.family,
+                              task=i.context.task) for i in items]  # type: ignore[arg-type]
+    answers = resolve_engine(version, requests, timeout_s=timeout_s)
+    policy = MODEL_FOR_VERSION[version]
+    return [compare(item, answer, policy) for item, answer in zip(items, answers, strict=True)]
+
+
+def summary(outcomes: list[Outcome]) -> Counter[str]:
+    return Counter(o.kind for o in outcomes)
+
+
+def _engine_text(e: EngineResolution) -> str:
+    if e.error:
+        return f"error: {e.error}"
+    f = engine_flags(e.effective)
+    bits = [f"cpu={int(bool(f.dit_cpu_offload))} lw={int(bool(f.dit_layerwise_offload))} "
+            f"te={int(bool(f.text_encoder_cpu_offload))} vae={int(bool(f.vae_cpu_offload))} "
+            f"pf={f.dit_offload_prefetch_size:g} pin={int(bool(f.pin_cpu_memory))}"]
+    if e.extra.get("has_layerwise_offload_components"):
+        bits.append(f"layerwise={list(e.layerwise_components)}")
+    if e.dit_residency:
+        bits.append(f"dit={e.dit_residency}")
+    return "; ".join(bits)
+
+
+def _ours_text(o: Outcome) -> str:
+    if o.ours is None:
+        return f"refused: {o.ours_error}"
+    f = o.ours.effective
+    text = (f"cpu={int(bool(f.dit_cpu_offload))} lw={int(bool(f.dit_layerwise_offload))} "
+            f"te={int(bool(f.text_encoder_cpu_offload))} vae={int(bool(f.vae_cpu_offload))} "
+            f"pf={f.dit_offload_prefetch_size:g} pin={int(bool(f.pin_cpu_memory))}")
+    if o.ours.engine:
+        text += f"; layerwise={list(o.ours.engine.layerwise_components)}; dit={o.ours.engine.dit_residency}"
+    return text
+
+
+def report(results: dict[str, list[Outcome]], elapsed: dict[str, float], examples: int = 6) -> str:
+    """The markdown report of a grid run."""
+    lines = [
+        "# SGLang offload policy: real ServerArgs against our model",
+        "",
+        "Written by `python -m harness.engine.grid --out results/sglang-policy-grid.md` (CPU only). Each release's",
+        "`ServerArgs` is built as SGLang's unit tests build it: platform mocked as one CUDA GPU of the card's memory,",
+        "all of it free; the release's own pipeline config for the family's checkpoint; performance mode left at the",
+        "release's default; only set flags passed; no checkpoint on disk. See `harness/engine/serverargs.py`.",
+        "",
+        f"Grid: booleans {', '.join(BOOL_FLAGS)} each false/true/unset; prefetch {list(PREFETCH_SIZES)}; cards "
+        f"{list(CARD_GIB)} GiB; families {', '.join(f'{f} ({t})' for f, t in FAMILY_TASKS.items())}.",
+        "",
+        "Compared: the six flags (prefetch only where the DiT is layerwise), `layerwise_offload_components` (0.5.13+),",
+        "the DiT residency mode (0.5.23). *refused*: our model refuses the input as inexpressible (text encoder or",
+        "VAE layerwise, a prefetch flag 0.5.8 lacks) and SGLang answers; *both refuse*: SGLang raises and so do we.",
+        "",
+        "| release | our model | compared | agree | disagree | refused (inexpressible) | both refuse | time |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for version, outcomes in results.items():
+        c = summary(outcomes)
+        lines.append(f"| {version} | `{MODEL_FOR_VERSION[version]}` | {len(outcomes)} | {c['agree']} | "
+                     f"{c['disagree']} | {c['refused']} | {c['agree-refused']} | {elapsed[version]:.0f} s |")
+    for version, outcomes in results.items():
+        lines += ["", f"## SGLang {version}", ""]
+        configs = sorted({o.engine.pipeline_config for o in outcomes})
+        lines += ["Pipeline configs: " + "; ".join(f"`{c}`" for c in configs), ""]
+        reasons = Counter(_reason(o.ours_error) for o in outcomes if o.kind == "refused")
+        if reasons:
+            lines += ["Refused as inexpressible, by reason:", ""]
+            lines += [f"- {n}: {r}" for r, n in reasons.most_common()]
+            lines.append("")
+        for kind in ("disagree", "refused", "agree"):
+            picked = [o for o in outcomes if o.kind == kind]
+            if not picked:
+                continue
+            shown = picked if kind == "disagree" else _spread(picked, examples)
+            lines += [f"### {kind} ({len(picked)}{', examples' if len(shown) < len(picked) else ''})", "",
+                      "| input | SGLang | ours | differences |", "|---|---|---|---|"]
+            for o in shown:
+                lines.append(f"| {o.item.describe()} | {_engine_text(o.engine)} | {_ours_text(o)} | "
+                             f"{'; '.join(o.diffs) or '-'} |")
+            lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _reason(error: str | None) -> str:
+    text = error or ""
+    return text.split(": needs ", 1)[1] if ": needs " in text else text
+
+
+def _spread(items: list[Outcome], n: int) -> list[Outcome]:
+    """n examples spread over the list (so families and cards vary)."""
+    if len(items) <= n:
+        return items
+    step = len(items) / n
+    return [items[int(i * step)] for i in range(n)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from harness.engine.policy import available_versions
+
+    parser = argparse.ArgumentParser(prog="python -m harness.engine.grid", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, help="write the markdown report here")
+    parser.add_argument("--versions", nargs="*", help="releases to ask (default: those MODEL_FOR_VERSION covers)")
+    args = parser.parse_args(argv)
+    versions = args.versions or sorted(MODEL_FOR_VERSION, key=version_key)
+    missing = [v for v in versions if v not in available_versions()]
+    if missing:
+        print(f"not installed: {', '.join(missing)}; install with `python -m harness.engine.install "
+              f"{' '.join(missing)}`", file=sys.stderr)
+        return 2
+    items = grid_inputs()
+    results: dict[str, list[Outcome]] = {}
+    elapsed: dict[str, float] = {}
+    for version in versions:
+        t0 = time.monotonic()
+        results[version] = run_version(version, items)
+        elapsed[version] = time.monotonic() - t0
+        c = summary(results[version])
+        print(f"sglang {version}: {len(items)} inputs, {dict(c)} in {elapsed[version]:.0f} s", file=sys.stderr)
+    text = report(results, elapsed)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    else:
+        print(text)
+    return 1 if any(o.kind == "disagree" for outs in results.values() for o in outs) else 0
+
+
+def as_rows(outcomes: list[Outcome]) -> list[dict[str, Any]]:
+    """Disagreements as plain dicts (for test messages)."""
+    return [{"input": o.item.describe(), "sglang": _engine_text(o.engine), "ours": _ours_text(o), "diffs": o.diffs}
+            for o in outcomes if o.kind == "disagree"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Our hand-written SGLang policies against the real ServerArgs of released SGLang versions (the full grid).
+
+Needs the releases installed (`python -m harness.engine.install 0.5.8 0.5.13 0.5.23`). A missing release fails
+the test; `OFFLOAD_BENCH_SGLANG=0` turns the engine off and skips it, with the reason. One child per release
+answers the whole grid (`harness.engine.grid`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from harness.engine.grid import as_rows, grid_inputs, run_version, summary
+from harness.engine.policy import EngineError, available_versions
+from harness.flags import MODEL_FOR_VERSION
+
+VERSIONS = ("0.5.8", "0.5.13", "0.5.23")
+ENGINE_OFF = os.environ.get("OFFLOAD_BENCH_SGLANG", "1") == "0"
+
+
+@pytest.fixture(scope="module")
+def grid() -> list:
+    return grid_inputs()
+
+
+@pytest.mark.skipif(ENGINE_OFF, reason="OFFLOAD_BENCH_SGLANG=0: the SGLang install is turned off")
+@pytest.mark.parametrize("version", VERSIONS)
+def test_model_agrees_with_release_on_every_expressible_input(version: str, grid: list) -> None:
+    if version not in available_versions():
+        pytest.fail(f"sglang {version} is not installed: run `python -m harness.engine.install {version}` "
+                    f"(or set OFFLOAD_BENCH_SGLANG=0 to skip the engine tests)")
+    try:
+        outcomes = run_version(version, grid)
+    except EngineError as e:
+        pytest.fail(str(e))
+    counts = summary(outcomes)
+    rows = as_rows(outcomes)
+    listing = "\n".join(f"{r['input']}: SGLang {r['sglang']} | ours {r['ours']} | {'; '.join(r['diffs'])}"
+                        for r in rows)
+    assert not rows, (f"{MODEL_FOR_VERSION[version]} disagrees with sglang {version} on {len(rows)} of "
+                      f"{len(outcomes)} inputs ({dict(counts)}):\n{listing}")
+    assert counts["agree"] > 0, "nothing was compared"
+
+
+def test_grid_covers_unset_flags_prefetch_cards_and_both_task_kinds(grid: list) -> None:
+    labels = {g.flags.label() for g in grid}
+    assert any("cpuU" in label for label in labels) and any("pf2.5" in label for label in labels)
+    assert {g.context.memory_gib for g in grid} == {16.0, 24.0, 31.36, 80.0, 141.0}
+    assert {g.context.is_image for g in grid} == {True, False}
