@@ -88,6 +88,9 @@ class OffloadFlags:
         )
 
 
+UNSET = "unset"
+
+
 def check_flag_value(name: str, value: Any, where: str = "flags") -> Any:
     """Returns `value` normalised for flag `name`, or raises FlagError naming the field."""
     if name not in OffloadFlags.names():
@@ -99,6 +102,8 @@ def check_flag_value(name: str, value: Any, where: str = "flags") -> Any:
         if value < 0:
             raise FlagError(f"{where}.{name}: must be >= 0 (0 means one layer), got {value!r}")
         return float(value)
+    if value == UNSET:  # TOML has no null: a scenario spells SGLang's None (not passed) "unset"
+        return None
     if value is not None and not isinstance(value, bool):
         raise FlagError(f"{where}.{name}: expected true or false (or None: unset), got {value!r}")
     return value
@@ -232,6 +237,11 @@ class Resolution:
         if self.engine is not None:  # absent, not null, so records of context-free cells stay as they were
             out["engine"] = self.engine.as_dict()
         return out
+
+    @property
+    def engine_asked(self) -> bool:
+        """The answer came from a release's own ServerArgs (an engine policy), not from our model."""
+        return self.engine is not None and self.engine.source == "sglang"
 
 
 def _common_prefetch_rules(flags: OffloadFlags, messages: list[str]) -> OffloadFlags:
@@ -497,6 +507,13 @@ def _resolve_with_engine(flags_list: list[OffloadFlags], policy: str, version: s
     for flags, answer in zip(flags_list, resolve_engine(version, requests), strict=True):
         if answer.error:
             raise FlagError(f"policy {policy!r}: SGLang {version} refuses {flags.label()}: {answer.error}")
+        streamed = [c for c in answer.layerwise_components if c not in RUNNABLE_LAYERWISE_COMPONENTS]
+        if streamed:
+            raise FlagError(
+                f"policy {policy!r}: SGLang {version} streams {', '.join(streamed)} layer by layer for "
+                f"{flags.label()}; the harness streams only the DiT: set text_encoder_cpu_offload and "
+                "vae_cpu_offload explicitly"
+            )
         effective = engine_flags(answer.effective)
         details = EngineDetails(source="sglang", version=answer.version,
                                 layerwise_components=answer.layerwise_components,
@@ -504,6 +521,11 @@ def _resolve_with_engine(flags_list: list[OffloadFlags], policy: str, version: s
                                 context=context)
         out.append(Resolution(policy, flags, effective, answer.messages, details))
     return out
+
+
+RUNNABLE_LAYERWISE_COMPONENTS = ("dit", "image_encoder")
+"""Layerwise selections the harness can run: the DiT, and SGLang's image_encoder group, which selects nothing in
+the zoo's families (none has a separate image encoder)."""
 
 
 def engine_flags(effective: Mapping[str, Any]) -> OffloadFlags:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -21,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from harness.flags import (
+    EngineContext,
     FlagError,
     OffloadFlags,
     Resolution,
     check_flag_value,
     check_policy,
     is_finite_number,
-    resolve,
+    resolve_many,
 )
 from harness.models import UnknownModelError, get_model
 
@@ -160,6 +162,9 @@ class Cell:
             "requested": self.requested.as_dict(),
             "backend": self.backend,
             "device": device,
+            # An engine policy (sglang@<version>) was asked once, in the parent, for every cell of the card: the
+            # child runs what SGLang's ServerArgs answered instead of asking again.
+            **({"resolution": self.resolution.as_dict()} if self.resolution.engine_asked else {}),
         }
 
     def spec_hash(self, device: str) -> str:
@@ -432,21 +437,49 @@ def expand(scenario: Scenario) -> list[Cell]:
     other.
     """
     names = list(scenario.axes)
+    combos: list[OffloadFlags] = []
+    for combo in itertools.product(*(scenario.axes[n] for n in names)):
+        values = dict(zip(names, combo, strict=True))
+        if not any(matches(values, ex) for ex in scenario.exclude):
+            combos.append(OffloadFlags(**{**scenario.base_flags, **values}))
     cells: list[Cell] = []
     for card in scenario.cards:
         first_by_effective: dict[tuple[str, OffloadFlags], str] = {}
+        resolutions = resolve_many(combos, scenario.policy, _engine_context(scenario, card))
         for backend in scenario.backends:
-            for combo in itertools.product(*(scenario.axes[n] for n in names)):
-                values = dict(zip(names, combo, strict=True))
-                if any(matches(values, ex) for ex in scenario.exclude):
-                    continue
-                requested = OffloadFlags(**{**scenario.base_flags, **values})
-                resolution = resolve(requested, scenario.policy)
+            for resolution in resolutions:
                 cell = Cell(scenario, card, resolution, backend=backend)
                 runs_as = backend if resolution.effective.dit_layerwise_offload else "every backend"
                 same = first_by_effective.setdefault((runs_as, resolution.effective), cell.cell_id)
                 cells.append(cell if same == cell.cell_id else Cell(scenario, card, resolution, same, backend))
     return cells
+
+
+def _engine_context(scenario: Scenario, card: Card) -> EngineContext | None:
+    """What SGLang's defaults depend on for this card: its memory (the cap; uncapped, the GPU NVML sees or
+    OFFLOAD_BENCH_GPU_TOTAL_BYTES), the model's task type and family. None where no GPU memory is known: a policy
+    that needs it then says so (harness.flags)."""
+    model = get_model(scenario.model)
+    total = card.cap_bytes or _visible_gpu_total_bytes()
+    if total is None:
+        return None
+    return EngineContext.for_model(model.family, model.edit, total / GIB)
+
+
+def _visible_gpu_total_bytes() -> int | None:
+    env = os.environ.get("OFFLOAD_BENCH_GPU_TOTAL_BYTES")
+    if env:
+        return int(env)
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).total)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no driver, no GPU: the card's memory is unknown here
+        return None
 
 
 def discover(folder: Path | str, profile: str | None = None) -> list[Scenario]:

@@ -71,8 +71,12 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     from harness.results import SCHEMA_VERSION, now_iso, summarize_peaks
 
     started = time.monotonic()
-    resolution = resolve(OffloadFlags.from_mapping(spec["requested"], "requested"), spec["policy"])
-    flags = resolution.effective
+    if "resolution" in spec:  # an engine policy, asked once by the parent (harness.scenario.Cell.spec)
+        resolved = dict(spec["resolution"])
+        flags = OffloadFlags.from_mapping(resolved["effective"], "resolution.effective")
+    else:
+        resolution = resolve(OffloadFlags.from_mapping(spec["requested"], "requested"), spec["policy"])
+        flags, resolved = resolution.effective, resolution.as_dict()
     backend = spec.get("backend", "harness")
     placements = {role: placement_for(role, flags, backend) for role in ("text_encoder", "dit", "vae")}
     record: dict[str, Any] = {
@@ -85,7 +89,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         "card": spec["card"],
         "settings": spec["settings"],
         "device": spec["device"],
-        **{k: v for k, v in resolution.as_dict().items()},
+        **resolved,
         "backend": backend,
         "placements": placements,
         "status": "error",

@@ -103,6 +103,10 @@ def resolve_engine(version: str, requests: list[EngineRequest], *,
     """
     from harness.engine.install import engine_root, installed
 
+    keys = [_request_key(r) for r in requests]
+    recorded = _recorded_answers()
+    if recorded is not None and all((version, k) in recorded for k in keys):
+        return [recorded[(version, k)] for k in keys]
     engines = installed()
     if version not in engines:
         have = ", ".join(sorted(engines, key=version_key)) or "none"
@@ -110,7 +114,6 @@ def resolve_engine(version: str, requests: list[EngineRequest], *,
             f"sglang {version} is not installed under {engine_root()} (installed: {have}); install it with "
             f"`python -m harness.engine.install {version}` (or point OFFLOAD_BENCH_SGLANG_ROOT at a folder holding it)"
         )
-    keys = [_request_key(r) for r in requests]
     todo: dict[str, EngineRequest] = {}
     for key, request in zip(keys, requests, strict=True):
         if (version, key) not in _CACHE:
@@ -119,7 +122,42 @@ def resolve_engine(version: str, requests: list[EngineRequest], *,
         answers = _ask_child(version, list(todo.values()), timeout_s)
         for key, answer in zip(todo, answers, strict=True):
             _CACHE[(version, key)] = answer
+        if recorded is not None:
+            _record_answers({(version, k): _CACHE[(version, k)] for k in todo})
     return [_CACHE[(version, key)] for key in keys]
+
+
+ANSWERS_ENV = "OFFLOAD_BENCH_SGLANG_ANSWERS"
+"""A JSON-lines file of ServerArgs answers, read before asking a child and appended to after. The answer depends
+only on the release and the request (the child mocks the platform, runs offline with an empty HF cache), so answers
+recorded on one machine hold on another: the lent GPU machine, which carries the file instead of every release
+and its pinned transformers. Each answer keeps `extra.answered_by` (the machine and Python that asked)."""
+
+
+def _recorded_answers() -> dict[tuple[str, str], EngineResolution] | None:
+    path = os.environ.get(ANSWERS_ENV)
+    if not path:
+        return None
+    out: dict[tuple[str, str], EngineResolution] = {}
+    if Path(path).is_file():
+        for line in Path(path).read_text().splitlines():
+            if line.strip():
+                item = json.loads(line)
+                out[(item["version"], item["request_key"])] = EngineResolution.from_dict(item["answer"])
+    return out
+
+
+def _record_answers(answers: dict[tuple[str, str], EngineResolution]) -> None:
+    import platform
+
+    path = Path(os.environ[ANSWERS_ENV])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    by = f"{platform.node()} python {platform.python_version()}"
+    with path.open("a") as f:
+        for (version, key), answer in answers.items():
+            item = answer.as_dict()
+            item["extra"] = {**item.get("extra", {}), "answered_by": by}
+            f.write(json.dumps({"version": version, "request_key": key, "answer": item}) + "\n")
 
 
 def _ask_child(version: str, requests: list[EngineRequest], timeout_s: float) -> list[EngineResolution]:
