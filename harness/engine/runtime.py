@@ -4,7 +4,7 @@
 transformers must win there) or last for the GPU worker (our pipeline keeps the host's diffusers/transformers; the
 layerwise manager needs nothing the host lacks but SGLang's own modules).
 
-One module may be missing on a CPU box: torchvision. SGLang imports it at module level in files that
+Modules may be missing that SGLang imports but the offload path never runs. On a CPU box: torchvision. SGLang imports it at module level in files that
 `ServerArgs` reaches (0.5.13 `srt/utils/common.py`: `decode_jpeg`; 0.5.23 the OCR configs) but never calls it for
 offload decisions, and PyPI's torchvision cannot load beside the CPU build of torch ("operator torchvision::nms
 does not exist"). So where `import torchvision` fails, and only then, a stand-in module answers every attribute
@@ -24,7 +24,12 @@ import types
 from pathlib import Path
 from typing import Any
 
-STAND_IN_CANDIDATES = ("torchvision",)
+STAND_IN_CANDIDATES = ("torchvision", "sgl_kernel", "flashinfer", "deep_gemm", "flash_attn", "flash_mla")
+"""torchvision (CPU box only, see above) and SGLang's CUDA kernel packages, never installed here: on CUDA,
+0.5.23's quantization configs import `sgl_kernel` at module level (`compressed_tensors_w8a8_int8`: int8_scaled_mm),
+which ServerArgs and the layerwise manager reach through the DiT config classes; nothing on the offload path calls
+a kernel. Found on the lent H200 (the first sglang-backend cell failed there on exactly that import) and by
+importing the manager with torch.cuda patched to report an H200 on this box."""
 _stood_in: list[str] = []
 
 
