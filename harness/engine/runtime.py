@@ -4,7 +4,8 @@
 transformers must win there) or last for the GPU worker (our pipeline keeps the host's diffusers/transformers; the
 layerwise manager needs nothing the host lacks but SGLang's own modules).
 
-Modules may be missing that SGLang imports but the offload path never runs. On a CPU box: torchvision. SGLang imports it at module level in files that
+Modules may be missing that SGLang imports but the offload path never runs. On a CPU box: torchvision. SGLang
+imports it at module level in files that
 `ServerArgs` reaches (0.5.13 `srt/utils/common.py`: `decode_jpeg`; 0.5.23 the OCR configs) but never calls it for
 offload decisions, and PyPI's torchvision cannot load beside the CPU build of torch ("operator torchvision::nms
 does not exist"). So where `import torchvision` fails, and only then, a stand-in module answers every attribute
