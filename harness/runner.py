@@ -287,7 +287,8 @@ def skip_cell(run: Run, cell: Cell, reason: str, label: str = "") -> dict[str, A
     if prior is not None and prior.get("spec_hash") == spec_hash:
         return prior
     record = _base_record(run, cell)
-    record.update(status="skipped", reason=reason, run_id=run.run_id, git_sha=run.sha, spec_hash=spec_hash)
+    record.update(status="skipped", reason=reason, run_id=run.run_id, git_sha=run.sha, spec_hash=spec_hash,
+                  portable_spec_hash=cell.portable_spec_hash(run.device))
     record["peaks"] = summarize_peaks(record)
     append(run, record)
     run.say(f"{label} {cell.cell_id}: skipped ({reason})")
@@ -319,7 +320,8 @@ def run_cell(run: Run, cell: Cell, label: str = "", env: dict[str, str] | None =
                 **source, **cell.resolution.as_dict(),
                 "cell_id": cell.cell_id, "same_as": cell.same_as, "backend": cell.backend,
             }
-            record.update(spec_hash=spec_hash, created=now_iso(), run_id=run.run_id)
+            record.update(spec_hash=spec_hash, portable_spec_hash=cell.portable_spec_hash(run.device),
+                          created=now_iso(), run_id=run.run_id)
             append(run, record)
             run.say(f"{label} {cell.cell_id}: same effective flags as {cell.same_as} -> {record['status']} (not rerun)")
             return record
@@ -356,6 +358,7 @@ def _run_child(
         run_id=run.run_id,
         git_sha=run.sha,
         spec_hash=spec_hash,
+        portable_spec_hash=cell.portable_spec_hash(run.device),  # what a baseline keeps (harness.baseline)
         elapsed_s=round(elapsed, 2),
         returncode=proc.returncode,
         child_pid=proc.pid,

@@ -167,6 +167,16 @@ class Cell:
             del spec["backend"]
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
+    def portable_spec_hash(self, device: str) -> str:
+        """`spec_hash` without the scenario file's path. `spec_hash` keys resume within one checkout, but the path
+        is absolute, so two checkouts (or machines) hash one unchanged cell differently; a baseline made on one
+        machine and compared on another needs a digest of what the cell runs, and only that."""
+        spec = self.spec(device)
+        del spec["scenario_file"]
+        if spec["backend"] == HARNESS_BACKEND:
+            del spec["backend"]
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
 
 def _err(path: Path | str, field_name: str, msg: str) -> ScenarioError:
     return ScenarioError(f"{path}: {field_name}: {msg}")
