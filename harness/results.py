@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import subprocess
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,33 @@ RUNTIME_PHASES = ("encode", "denoise", "decode")
 
 class ResultsError(ValueError):
     """A results file or record is unreadable. The message names the file and line."""
+
+
+class NoRecordsError(ResultsError):
+    """A run folder or records file holds no readable record: there is nothing to report, baseline or compare."""
+
+
+class UnwritableError(OSError):
+    """A folder the command must write to cannot be written. The message names it."""
+
+
+class DiskFullError(OSError):
+    """Too little free space to write a record safely, or an append that failed for lack of space."""
+
+
+def ensure_writable(folder: Path | str) -> Path:
+    """Creates `folder` if needed and proves it writable by creating and removing a file in it, so a command
+    fails in one line naming the folder before doing any work, not with a traceback after it. (os.access is not
+    enough: it says yes to root on a read-only mount.)"""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".offload-bench-write-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UnwritableError(f"{folder}: not writable ({e.strerror or type(e).__name__})") from None
+    return folder
 
 
 def now_iso() -> str:
