@@ -8,7 +8,9 @@ reports it instead of failing the whole file.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import errno
 import fcntl
 import json
 import os
@@ -98,18 +100,39 @@ def loaded(record: dict[str, Any]) -> bool:
     return record.get("status") in ("oom", "error") and record.get("failed_phase") in RUNTIME_PHASES
 
 
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
 def append_record(path: Path, record: dict[str, Any]) -> None:
-    """Appends one record as one line, under an exclusive lock, and fsyncs before returning."""
+    """Appends one record as one line, under an exclusive lock, and fsyncs before returning.
+
+    A write or fsync that fails (disk full, quota) cuts the file back to its size before the append, still under
+    the lock, so a failed append leaves the file exactly as it was: never half a line that would make the next
+    record unreadable. Out of space is a `DiskFullError` naming the file; any other OSError is re-raised.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n"
-    with open(path, "a", encoding="utf-8") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    data = (json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
         try:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            view = memoryview(data)
+            while view:  # os.write may write less than asked (a nearly full disk does exactly that)
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            if e.errno in NO_SPACE:
+                raise DiskFullError(
+                    f"{path}: no space left to append the record of {record.get('cell_id')!r} "
+                    f"({os.strerror(e.errno)}); the file is as it was before the append"
+                ) from None
+            raise
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
