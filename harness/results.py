@@ -43,14 +43,21 @@ class DiskFullError(OSError):
     """Too little free space to write a record safely, or an append that failed for lack of space."""
 
 
-def ensure_writable(folder: Path | str) -> Path:
-    """Creates `folder` if needed and proves it writable by creating and removing a file in it, so a command
-    fails in one line naming the folder before doing any work, not with a traceback after it. (os.access is not
-    enough: it says yes to root on a read-only mount.)"""
+def ensure_writable(folder: Path | str, create: bool = True) -> Path:
+    """Proves `folder` writable by creating and removing a file in it, so a command fails in one line naming the
+    folder before doing any work, not with a traceback after it. (os.access is not enough: it says yes to root on
+    a read-only mount.) With `create` the folder is made first; without, nothing is left behind: the probe goes
+    into the nearest existing ancestor, which must be a folder."""
     folder = Path(folder)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".offload-bench-write-probe-", dir=folder)
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+            target = folder
+        else:
+            target = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+            if not target.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        fd, probe = tempfile.mkstemp(prefix=".offload-bench-write-probe-", dir=target)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:

@@ -21,8 +21,9 @@ from typing import Any
 
 import pytest
 
+from harness import exitcodes
 from harness.gpus import cell_cost, child_env, gpu_for_worker, longest_first, nvml_count, visible_gpus
-from harness.results import latest_by_cell, read_records
+from harness.results import DiskFullError, UnwritableError, ensure_writable, latest_by_cell, read_records
 from harness.runner import Run, detect_device, new_run_id, run_cell
 from harness.scenario import Cell, Scenario, discover, expand
 
@@ -67,8 +68,13 @@ def _worker_id(config: pytest.Config) -> str | None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Controller of an xdist run: refuses more workers than GPUs on the GPU profile, and picks the one run id that
+    """Refuses an unwritable --bench-results before any cell runs (one line naming it, pytest's usage exit 4).
+    Controller of an xdist run: refuses more workers than GPUs on the GPU profile, and picks the one run id that
     every worker appends to."""
+    try:
+        ensure_writable(Path(config.getoption("--bench-results")) / "runs", create=False)  # --collect-only: no folder
+    except UnwritableError as e:
+        raise pytest.UsageError(f"offload-bench: --bench-results: {e}") from None
     workers = _xdist_workers(config)
     if not workers or _worker_id(config) is not None:
         return
@@ -200,7 +206,11 @@ class Records:
         worker = os.environ.get("PYTEST_XDIST_WORKER")
         if worker:  # the other workers run the rest: no count of what is left here
             label = f"[{worker} cell {self.count}, {time.monotonic() - self.started:.0f} s]"
-        record = run_cell(self.run, cell, label, env=self.env)
+        try:
+            record = run_cell(self.run, cell, label, env=self.env)
+        except DiskFullError as e:
+            # every later cell would fail the same way: stop the session with the runner's code and one line
+            pytest.exit(f"offload-bench: {e}", returncode=exitcodes.DISK_FULL)
         if record.get("machine") and not MACHINE:
             MACHINE.update(record["machine"])
         return record

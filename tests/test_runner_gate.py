@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -180,3 +182,18 @@ def test_retry_failed_needs_resume(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         runner.main([str(toml), "--results", str(tmp_path), "--retry-failed"])
     assert e.value.code == exitcodes.USAGE and "--retry-failed needs --resume" in capsys.readouterr().err
+
+
+def test_pytest_refuses_an_unwritable_bench_results_in_one_line(tmp_path):
+    """Under pytest (make bench) the same check runs at configure time, before collection: pytest's usage code 4."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "scenarios", "-p", "no:cacheprovider", "--collect-only", "-q",
+         "--bench-results", str(blocker / "results")],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 4
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert lines == [f"ERROR: offload-bench: --bench-results: {blocker / 'results' / 'runs'}: not writable "
+                     "(Not a directory)"]
