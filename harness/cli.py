@@ -103,7 +103,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         args.out = str(beside(args.run, "report.md"))
     if args.out:
         out = Path(args.out)
-        ensure_writable(out if out.suffix != ".md" else out.parent)
+        ensure_writable(out if out.suffix != ".md" else out.parent, create=False)
     _, records = _read_run(args.run)
     title = args.title or f"offload-bench run {records[0].get('run_id', '')}"
     if args.out:
@@ -125,14 +125,14 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     from harness.baseline import BaselineError, baseline_path, build_baseline, read_baseline, run_sku, write_baseline
 
     if args.out:
-        ensure_writable(Path(args.out).parent)
+        ensure_writable(Path(args.out).parent, create=False)
     elif args.baselines_dir:
-        ensure_writable(args.baselines_dir)
+        ensure_writable(args.baselines_dir, create=False)
     path, records = _read_run(args.run)
     _require_measured(records, path)
     sku = run_sku(records, args.sku, where=str(path))
     out = Path(args.out) if args.out else baseline_path(sku, args.baselines_dir)
-    ensure_writable(out.parent)
+    ensure_writable(out.parent, create=False)
     previous = None
     if out.exists():
         try:
@@ -155,6 +155,11 @@ def cmd_baseline(args: argparse.Namespace) -> int:
         note = f"; refreshed ({len(added)} cells added, {len(dropped)} dropped, tolerances kept)"
     print(f"wrote {out}: SKU {sku}, {len(cells)} cells ({fates}) from {path}{note}")
     return 0
+
+
+def _write(path: str, text: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)
 
 
 def _make_baseline_command(args: argparse.Namespace) -> str:
@@ -182,13 +187,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
         args.gab_json = args.gab_json or str(beside(args.run, "benchmark.json"))
     for out in (args.markdown, args.gab_json):
         if out:  # before reading anything: a gate that cannot write its verdict must say so first
-            ensure_writable(Path(out).parent)
+            ensure_writable(Path(out).parent, create=False)  # made when written
     checks = [Check.parse(spec) for spec in args.threshold]
 
     def stop(code: int, line: str) -> Stop:
         """The one-line reason, also as the markdown comparison (the nightly job shows that file)."""
         if args.markdown:
-            Path(args.markdown).write_text(f"# Comparison with the baseline\n\n**Nothing compared:** {line}\n")
+            _write(args.markdown, f"# Comparison with the baseline\n\n**Nothing compared:** {line}\n")
         return Stop(code, line)
 
     try:
@@ -202,7 +207,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     sku = run_sku(records, args.sku, where=str(path))
     cells = run_cells(records, sku)
     if args.gab_json:
-        Path(args.gab_json).write_text(json.dumps(gab_entries(cells, sku), indent=1) + "\n")
+        _write(args.gab_json, json.dumps(gab_entries(cells, sku), indent=1) + "\n")
         print(f"wrote {args.gab_json}", file=sys.stderr)
     base_file = Path(args.baseline) if args.baseline else baseline_path(sku, args.baselines_dir)
     if not args.baseline and not base_file.exists():
@@ -233,7 +238,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                    f"{_make_baseline_command(args)}")
     print(render(comparison), end="")
     if args.markdown:
-        Path(args.markdown).write_text(render(comparison, markdown=True))
+        _write(args.markdown, render(comparison, markdown=True))
         print(f"wrote {args.markdown}", file=sys.stderr)
     for failure in comparison.failures:
         print(f"FAIL {failure}", file=sys.stderr)

@@ -84,8 +84,11 @@ def test_run_with_no_records(tmp_path, capsys):
 
 
 def test_missing_path_is_still_a_usage_error(tmp_path, capsys):
-    assert cli.main(["compare", str(tmp_path / "typo.jsonl"), "--baselines-dir", str(BASELINES)]) == exitcodes.USAGE
+    md = tmp_path / "new" / "c.md"
+    rc = cli.main(["compare", str(tmp_path / "typo.jsonl"), "--baselines-dir", str(BASELINES), "--markdown", str(md)])
+    assert rc == exitcodes.USAGE
     assert "no such results file" in one_line_error(capsys.readouterr().err)
+    assert not md.parent.exists()  # the writability check leaves nothing behind
 
 
 def test_every_cell_skipped(tmp_path, capsys):
