@@ -158,11 +158,59 @@ def _param(item: pytest.Item, name: str) -> Any:
     return callspec.params.get(name) if callspec is not None else None
 
 
+def _recorded(config: pytest.Config) -> set[str]:
+    """Cell ids with a complete record of their current spec in the --bench-run-id run (none without one)."""
+    run_id = config.getoption("--bench-run-id")
+    path = Path(config.getoption("--bench-results")) / "runs" / str(run_id) / "records.jsonl"
+    if not run_id or not path.is_file():
+        return set()
+    device = "cuda" if _profile(config) == "gpu" else "cpu"
+    hashes = {c.cell_id: c.spec_hash(device) for s in _scenarios(config) for c in expand(s)}
+    return {r["cell_id"] for r in read_records(path).records
+            if r.get("status") and hashes.get(r["cell_id"]) == r.get("spec_hash")}
+
+
+def _deselect_partial_sets(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A card's set-level test runs every cell of the card that has no record yet. When -k/-m deselected some of
+    them, running it would run those cells anyway: it is deselected with them (unless each such cell is already
+    recorded in the --bench-run-id run, when the set test only reads records), and the summary says so."""
+    selected = {c.cell_id for i in items if isinstance(c := _param(i, "cell"), Cell)}
+    recorded: set[str] | None = None
+    dropped: list[pytest.Item] = []
+    for item in items:
+        pair = _param(item, "scenario_card")
+        if pair is None:
+            continue
+        scenario, card = pair
+        left_out = [c.cell_id for c in expand(scenario) if c.card.name == card and c.cell_id not in selected]
+        if not left_out:
+            continue
+        recorded = _recorded(config) if recorded is None else recorded
+        if any(cid not in recorded for cid in left_out):
+            dropped.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [i for i in items if i not in dropped]
+        config._offload_bench_partial_sets = [i.name for i in dropped]  # type: ignore[attr-defined]
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    dropped = getattr(config, "_offload_bench_partial_sets", None)
+    if dropped:
+        terminalreporter.write_line(
+            f"offload-bench: {len(dropped)} set-level tests deselected because -k/-m left out cells of their card "
+            f"(they would have run them): {', '.join(dropped)}"
+        )
+
+
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection, so the set-level check sees what is selected
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Longest cells first (`harness.gpus.cell_cost`), then every set-level test after all cells (costliest
+    """Set-level tests whose card lost cells to -k/-m are deselected with them (`_deselect_partial_sets`). Then
+    longest cells first (`harness.gpus.cell_cost`), then every set-level test after all cells (costliest
     scenario first), then what this profile skips. Deterministic, so every xdist worker collects the same order,
     and xdist's load schedulers (`--dist load`, the default with -n, or `loadgroup`) hand out the costliest cells
     first."""
+    _deselect_partial_sets(config, items)
     cells = [i for i in items if isinstance(_param(i, "cell"), Cell)]
     sets = [i for i in items if _param(i, "scenario_card") is not None]
     placed = {id(i) for i in cells + sets}

@@ -4,8 +4,10 @@ line saying why (harness/exitcodes.py), and the Makefile targets accept a record
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,8 @@ import pytest
 from harness import cli, exitcodes
 from harness.baseline import build_baseline, run_cells
 from harness.compare import NOT_COMPARABLE, NOT_COMPARED, REGRESSED, compare
+from harness.results import append_record
+from harness.scenario import expand, load_scenario
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -234,8 +238,6 @@ def test_every_cell_not_comparable_is_no_baseline(tmp_path, capsys):
 
 
 def test_portable_spec_hash_ignores_the_checkout(tmp_path):
-    from harness.scenario import expand, load_scenario
-
     src = REPO / "scenarios" / "cpu" / "qwen_image_edit_tiny.toml"
     other = tmp_path / "elsewhere" / src.name
     other.parent.mkdir()
@@ -302,3 +304,39 @@ def test_unwritable_outputs_are_one_line_before_any_work(tmp_path, capsys):
     assert str(bad) in one_line_error(capsys.readouterr().err)
     assert cli.main(["baseline", str(H100), "--baselines-dir", str(bad)]) == exitcodes.UNWRITABLE
     assert str(bad) in one_line_error(capsys.readouterr().err)
+
+
+# ------------------------------------------------------------------------------------------------ -k and set tests
+
+
+def _collect(args: list[str], results: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST") and k != "PYTEST_ADDOPTS"}
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "scenarios", "-p", "no:cacheprovider", "--collect-only", "-q",
+         "--bench-profile", "cpu", "--bench-results", str(results), "--bench-scenario", "qwen-image-edit-tiny",
+         *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_k_that_drops_cells_of_a_card_drops_its_set_test(tmp_path):
+    """The set-level test used to stay selected and run every cell of its card that -k had deselected."""
+    proc = _collect(["-k", "not cpu0"], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "test_expectations[" not in proc.stdout.split("offload-bench:")[0]
+    assert "2 set-level tests deselected because -k/-m left out cells of their card" in proc.stdout
+    assert "test_expectations[qwen-image-edit-tiny/native]" in proc.stdout  # named in the summary line
+    # nothing deselected: every set test stays
+    proc = _collect([], tmp_path)
+    assert proc.stdout.count("test_expectations[") == 2 and "set-level tests deselected" not in proc.stdout
+
+
+def test_set_test_stays_when_the_left_out_cells_are_already_recorded(tmp_path):
+    scenario = load_scenario(REPO / "scenarios" / "cpu" / "qwen_image_edit_tiny.toml")
+    path = tmp_path / "runs" / "r" / "records.jsonl"
+    for cell in expand(scenario):
+        append_record(path, {"schema_version": 1, "cell_id": cell.cell_id, "status": "ok",
+                             "spec_hash": cell.spec_hash("cpu")})
+    proc = _collect(["-k", "not cpu0", "--bench-run-id", "r"], tmp_path)
+    assert proc.stdout.count("test_expectations[") == 2, proc.stdout  # it only reads records: nothing reruns
+
