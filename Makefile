@@ -45,7 +45,8 @@ compare: deps
 	@test -n "$(RUN)" || { echo "no run under $(RESULTS)/runs: pass RUN=<run folder or records.jsonl>" >&2; exit 2; }
 	@$(PYTHON) -m harness compare $(RUN) $(if $(SKU),--sku $(SKU)) $(if $(BASELINES),--baselines-dir $(BASELINES)) \
 		--write; rc=$$?; [ $$rc -eq 0 ] || echo "make compare: harness compare exited $$rc (make itself exits 2 on \
-	any failure; for the code run: $(PYTHON) -m harness compare $(RUN) --write)" >&2; exit $$rc
+	any failure; for the code run: $(PYTHON) -m harness compare $(RUN)$(if $(SKU), --sku $(SKU))$(if $(BASELINES), \
+	--baselines-dir $(BASELINES)) --write)" >&2; exit $$rc
 
 list: deps
 	$(PYTHON) -m harness list
