@@ -25,7 +25,7 @@ from harness import exitcodes
 from harness.gpus import cell_cost, child_env, gpu_for_worker, longest_first, nvml_count, visible_gpus
 from harness.results import DiskFullError, UnwritableError, ensure_writable, latest_by_cell, read_records
 from harness.runner import Run, detect_device, new_run_id, run_cell
-from harness.scenario import Cell, Scenario, discover, expand
+from harness.scenario import Cell, Scenario, ScenarioError, discover, expand
 
 HERE = Path(__file__).parent
 
@@ -36,6 +36,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--bench-run-id", default=None, help="run id; an existing run's cells that ended are not rerun")
     g.addoption("--bench-profile", default="auto", choices=["auto", "cpu", "gpu"], help="which scenarios run")
     g.addoption("--bench-scenario", action="append", default=[], help="only scenarios with this name (repeat)")
+    g.addoption("--bench-scenarios-dir", default=None,
+                help="folder of scenario TOML files, searched recursively (default: the scenarios/ folder)")
 
 
 def _profile(config: pytest.Config) -> str:
@@ -46,8 +48,32 @@ def _profile(config: pytest.Config) -> str:
 
 
 def _scenarios(config: pytest.Config) -> list[Scenario]:
-    wanted = set(config.getoption("--bench-scenario"))
-    return [s for s in discover(HERE) if not wanted or s.name in wanted]
+    cached = getattr(config, "_offload_bench_scenarios", None)
+    if cached is None:
+        cached = config._offload_bench_scenarios = _load_scenarios(config)  # type: ignore[attr-defined]
+    return cached
+
+
+def _load_scenarios(config: pytest.Config) -> list[Scenario]:
+    """The selected scenarios. A bad scenario file is one usage line naming file and field (not a pluggy
+    traceback), and a --bench-scenario name that matches nothing lists the names there are (it used to be an
+    INTERNALERROR from an empty parametrization)."""
+    folder = Path(config.getoption("--bench-scenarios-dir") or HERE)
+    if not folder.is_dir():
+        raise pytest.UsageError(f"offload-bench: --bench-scenarios-dir {folder}: no such folder")
+    try:
+        scenarios = discover(folder)
+    except ScenarioError as e:
+        raise pytest.UsageError(f"offload-bench: {e}") from None
+    wanted = config.getoption("--bench-scenario")
+    names = sorted(s.name for s in scenarios)
+    unknown = [w for w in wanted if w not in names]
+    if unknown:
+        raise pytest.UsageError(
+            f"offload-bench: --bench-scenario {', '.join(unknown)} matches no scenario; the scenarios are: "
+            f"{', '.join(names)}"
+        )
+    return [s for s in scenarios if not wanted or s.name in wanted]
 
 
 def _xdist_workers(config: pytest.Config) -> int:
@@ -75,6 +101,7 @@ def pytest_configure(config: pytest.Config) -> None:
         ensure_writable(Path(config.getoption("--bench-results")) / "runs", create=False)  # --collect-only: no folder
     except UnwritableError as e:
         raise pytest.UsageError(f"offload-bench: --bench-results: {e}") from None
+    _scenarios(config)  # scenario problems are usage errors before collection
     workers = _xdist_workers(config)
     if not workers or _worker_id(config) is not None:
         return
@@ -179,7 +206,7 @@ def _deselect_partial_sets(config: pytest.Config, items: list[pytest.Item]) -> N
     dropped: list[pytest.Item] = []
     for item in items:
         pair = _param(item, "scenario_card")
-        if pair is None:
+        if not isinstance(pair, tuple):
             continue
         scenario, card = pair
         left_out = [c.cell_id for c in expand(scenario) if c.card.name == card and c.cell_id not in selected]

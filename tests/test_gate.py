@@ -18,6 +18,7 @@ from harness.baseline import build_baseline, run_cells
 from harness.compare import NOT_COMPARABLE, NOT_COMPARED, REGRESSED, compare
 from harness.results import append_record
 from harness.scenario import expand, load_scenario
+from tests.helpers import tiny_scenario_file
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -340,3 +341,44 @@ def test_set_test_stays_when_the_left_out_cells_are_already_recorded(tmp_path):
     proc = _collect(["-k", "not cpu0", "--bench-run-id", "r"], tmp_path)
     assert proc.stdout.count("test_expectations[") == 2, proc.stdout  # it only reads records: nothing reruns
 
+
+
+# ------------------------------------------------------------------------------------------------ pytest scenarios
+
+
+def _pytest_scenarios(args: list[str], results: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST") and k != "PYTEST_ADDOPTS"}
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "scenarios", "-p", "no:cacheprovider", "--collect-only", "-q",
+         "--bench-profile", "cpu", "--bench-results", str(results), *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+
+
+def _lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+
+
+def test_bench_scenario_that_matches_nothing_lists_the_names(tmp_path):
+    """It used to be INTERNALERROR TypeError 'NotSetType', exit 3."""
+    proc = _pytest_scenarios(["--bench-scenario", "nope"], tmp_path)
+    assert proc.returncode == 4
+    [line] = _lines(proc)
+    assert line.startswith("ERROR: offload-bench: --bench-scenario nope matches no scenario; the scenarios are: ")
+    assert "qwen-image-edit-tiny" in line
+
+
+def test_bench_scenarios_dir_and_a_bad_scenario_is_one_line(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    tiny_scenario_file(folder, "mine", {"dit_cpu_offload": [True], "dit_layerwise_offload": [True]})
+    proc = _pytest_scenarios(["--bench-scenarios-dir", str(folder)], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "test_cell[mine/native/cpu1-lw1-te0-vae0-pf1-pin1]" in proc.stdout and "qwen" not in proc.stdout
+    (folder / "bad.toml").write_text('name = "bad"\nmodel = "qwen-image-edit-tiny"\nsteps = "many"\n')
+    proc = _pytest_scenarios(["--bench-scenarios-dir", str(folder)], tmp_path)
+    assert proc.returncode == 4
+    [line] = _lines(proc)
+    assert line.startswith(f"ERROR: offload-bench: {folder / 'bad.toml'}: ") and "Traceback" not in proc.stderr
+    proc = _pytest_scenarios(["--bench-scenarios-dir", str(tmp_path / "nope")], tmp_path)
+    assert proc.returncode == 4 and "no such folder" in proc.stdout + proc.stderr
