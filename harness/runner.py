@@ -695,7 +695,8 @@ def main(argv: list[str] | None = None) -> int:
         names = [s.name for s in scenarios]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            print(f"error: scenario name {dupes[0]!r} is used by more than one file", file=sys.stderr)
+            files = ", ".join(str(p) for p, s in zip(args.scenarios, scenarios, strict=True) if s.name == dupes[0])
+            print(f"error: scenario name {dupes[0]!r} is used by more than one file: {files}", file=sys.stderr)
             return EXIT_USAGE
         run_id = args.run_id
         if args.resume:

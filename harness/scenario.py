@@ -200,6 +200,10 @@ def _card(value: Any, path: Path, where: str) -> Card:
         unknown = set(value) - {"name", "gib", "mib"}
         if unknown or "name" not in value or len({"gib", "mib"} & set(value)) != 1:
             raise _err(path, where, "a card table needs `name` and exactly one of `gib` or `mib`")
+        card_name = value["name"]
+        if not isinstance(card_name, str) or not card_name.strip() or "/" in card_name:
+            # the card is the middle part of every cell id "<scenario>/<card>/<flags>"
+            raise _err(path, f"{where}.name", f"expected a non-empty card name without '/', got {card_name!r}")
         size = value.get("gib", value.get("mib"))
         if isinstance(size, bool) or not isinstance(size, int | float) or not is_finite_number(size) or size <= 0:
             raise _err(path, where, f"card size must be a positive finite number, got {size!r}")
@@ -293,9 +297,32 @@ def load_scenario(path: Path | str) -> Scenario:
         xfail=_xfail(data.get("xfail"), path),
         backends=backends,
     )
-    if not expand(scenario):
+    cells = expand(scenario)
+    if not cells:
         raise _err(path, "exclude", "excludes every cell")
+    _check_expectations_match(scenario, cells, path)
     return scenario
+
+
+def _check_expectations_match(scenario: Scenario, cells: list[Cell], path: Path) -> None:
+    """Every expectation names cells that exist, so a typo fails here, at load time, and not after the whole
+    suite (lowest_peak: "0 cells match") or never (a fate whose `where` matches nothing checks nothing)."""
+    expect = scenario.expect
+    for card in scenario.cards:
+        mine = [c for c in cells if c.card.name == card.name]
+        if expect.lowest_peak is not None:
+            hits = [c for c in mine if c.backend == HARNESS_BACKEND
+                    and matches(c.requested.as_dict(), expect.lowest_peak)]
+            if len(hits) != 1:
+                raise _err(path, "expect.lowest_peak",
+                           f"{expect.lowest_peak} matches {len(hits)} harness-backend cells of card {card.name!r} "
+                           f"({', '.join(c.cell_id.rsplit('/', 1)[1] for c in hits) or 'none'}); "
+                           "expected exactly one")
+    for i, f in enumerate(expect.fates):
+        scope = [c for c in cells if f.cards is None or c.card.name in f.cards]
+        if not any(matches(c.requested.as_dict(), f.where) for c in scope):
+            raise _err(path, f"expect.fate[{i}].where",
+                       f"{f.where} matches no cell of the matrix (cards {', '.join(sorted(f.cards or [])) or 'all'})")
 
 
 def _xfail(value: Any, path: Path) -> str | None:
@@ -458,9 +485,12 @@ def expand(scenario: Scenario) -> list[Cell]:
 def discover(folder: Path | str, profile: str | None = None) -> list[Scenario]:
     """Every scenario file under `folder` (recursively), optionally only those of one profile."""
     paths = sorted(Path(folder).rglob("*.toml"))
+    if not Path(folder).is_dir():
+        raise ScenarioError(f"{folder}: no such scenarios folder")
     scenarios = [load_scenario(p) for p in paths]
     names = [s.name for s in scenarios]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise ScenarioError(f"{folder}: scenario name {dupes[0]!r} is used by more than one file")
+        files = [s.path for s in scenarios if s.name == dupes[0]]
+        raise ScenarioError(f"scenario name {dupes[0]!r} is used by more than one file: {', '.join(files)}")
     return [s for s in scenarios if profile is None or s.profile == profile]

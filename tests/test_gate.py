@@ -17,8 +17,8 @@ from harness import cli, exitcodes
 from harness.baseline import build_baseline, run_cells
 from harness.compare import NOT_COMPARABLE, NOT_COMPARED, REGRESSED, compare
 from harness.results import append_record
-from harness.scenario import expand, load_scenario
-from tests.helpers import tiny_scenario_file
+from harness.scenario import ScenarioError, expand, load_scenario
+from tests.helpers import base_scenario, mutate, tiny_scenario_file, to_toml
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -382,3 +382,50 @@ def test_bench_scenarios_dir_and_a_bad_scenario_is_one_line(tmp_path):
     assert line.startswith(f"ERROR: offload-bench: {folder / 'bad.toml'}: ") and "Traceback" not in proc.stderr
     proc = _pytest_scenarios(["--bench-scenarios-dir", str(tmp_path / "nope")], tmp_path)
     assert proc.returncode == 4 and "no such folder" in proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------ scenario load
+
+
+def _scenario(tmp_path: Path, name: str = "unit", **changes: Any) -> Path:
+    """The helpers' base scenario with `a__b__0=value` changes (a path of keys and list indices)."""
+    data = base_scenario()
+    data["name"] = name
+    for key, value in changes.items():
+        data = mutate(data, tuple(int(k) if k.isdigit() else k for k in key.split("__")), value)
+    path = tmp_path / f"{name}.toml"
+    path.write_text(to_toml(data))
+    return path
+
+
+def test_expectations_outside_the_matrix_fail_at_load(tmp_path):
+    load_scenario(_scenario(tmp_path))  # the base scenario is fine
+    # excluded cell named by lowest_peak: it used to fail only after the whole suite ("0 cells match")
+    bad = _scenario(tmp_path, expect__lowest_peak={"dit_cpu_offload": False, "dit_layerwise_offload": False})
+    with pytest.raises(ScenarioError, match=r"expect\.lowest_peak: .* matches 0 harness-backend cells"):
+        load_scenario(bad)
+    # a fate whose where matches no cell used to check nothing, silently
+    fate = {"status": "oom", "where": {"dit_cpu_offload": False, "dit_layerwise_offload": False}}
+    bad = _scenario(tmp_path, expect__fate=[fate])
+    with pytest.raises(ScenarioError, match=r"expect\.fate\[0\]\.where: .* matches no cell of the matrix"):
+        load_scenario(bad)
+
+
+@pytest.mark.parametrize("card", ["", " ", "a/b"])
+def test_card_names_must_be_usable_in_cell_ids(tmp_path, card):
+    with pytest.raises(ScenarioError, match=r"cards\[0\]\.name: expected a non-empty card name without '/'"):
+        load_scenario(_scenario(tmp_path, cards__0={"name": card, "mib": 6}))
+
+
+def test_duplicate_scenario_names_name_both_files(tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, b = _scenario(tmp_path / "a", "same"), _scenario(tmp_path / "b", "same")
+    assert cli.main(["list", "--scenarios", str(tmp_path)]) == exitcodes.USAGE
+    line = one_line_error(capsys.readouterr().err)
+    assert str(a) in line and str(b) in line
+
+
+def test_list_on_a_missing_folder_is_one_line(tmp_path, capsys):
+    assert cli.main(["list", "--scenarios", str(tmp_path / "nope")]) == exitcodes.USAGE
+    assert "no such scenarios folder" in one_line_error(capsys.readouterr().err)
