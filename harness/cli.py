@@ -231,6 +231,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 "allocator figures may move for that reason alone")
         comparison.notes.append(line)
         print(f"warning: {line}", file=sys.stderr)
+    if any(c.get("portable_spec_hash") for c in cells.values()) and not any(
+        c.get("portable_spec_hash") for c in baseline["cells"].values()
+    ):
+        comparison.notes.append("the baseline predates portable_spec_hash: an edited scenario cannot be told from a "
+                                "regression until the baseline is refreshed")
     compared = [c for c in comparison.cells if c.verdict not in ("new", "missing")]
     if compared and all(c.verdict == "not comparable" for c in compared) and not comparison.failed:
         raise stop(exitcodes.NO_BASELINE,

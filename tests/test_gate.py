@@ -231,6 +231,12 @@ def test_edited_cell_is_not_comparable_never_regressed():
     assert any(r.verdict == REGRESSED for r in comp.rows if r.cell_id == OK) and comp.failed
 
 
+def test_old_baseline_without_spec_hashes_says_so(tmp_path, capsys):
+    run = write_records(tmp_path / "run.jsonl", _with_spec(records(H100), "a"))
+    assert cli.main(["compare", str(run), "--baselines-dir", str(BASELINES)]) == exitcodes.OK
+    assert "Note: the baseline predates portable_spec_hash" in capsys.readouterr().out
+
+
 def test_every_cell_not_comparable_is_no_baseline(tmp_path, capsys):
     (tmp_path / f"{SKU}.json").write_text(json.dumps(build_baseline(_with_spec(records(H100), "a"))))
     run = write_records(tmp_path / "run.jsonl", _with_spec(records(H100), "b"))
