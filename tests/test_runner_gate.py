@@ -30,8 +30,8 @@ AXES = {"dit_cpu_offload": [False, True], "dit_layerwise_offload": [True]}
 def _env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OFFLOAD_BENCH_PROFILE", "gpu")  # the CPU scenario is then skipped without a child
     monkeypatch.setenv("OFFLOAD_BENCH_GIT_SHA", "test")
-    monkeypatch.delenv(runner.RESULTS_FREE_ENV, raising=False)
-    monkeypatch.delenv(runner.RESULTS_MIN_FREE_ENV, raising=False)
+    monkeypatch.delenv("OFFLOAD_BENCH_RESULTS_FREE_BYTES", raising=False)
+    monkeypatch.delenv("OFFLOAD_BENCH_RESULTS_MIN_FREE_BYTES", raising=False)
 
 
 def statuses(path: Path) -> list[tuple[str, str]]:
@@ -70,6 +70,23 @@ def test_enospc_during_append_leaves_the_file_as_it_was(tmp_path, monkeypatch, a
     assert str(path) in str(e.value) and "'b'" in str(e.value) and "as it was" in str(e.value)
     append_record(path, {"cell_id": "c", "n": 3})
     assert [json.loads(line)["cell_id"] for line in path.read_text().splitlines()] == ["a", "c"]
+
+
+def test_enospc_at_fsync_takes_the_line_back(tmp_path, monkeypatch):
+    """The line reached the page cache but cannot be made durable (ENOSPC on fsync, as on NFS or a thin pool):
+    the append is undone rather than left behind as a record the caller was told had failed."""
+    path = tmp_path / "records.jsonl"
+    append_record(path, {"cell_id": "a"})
+    before = path.read_bytes()
+
+    def fsync(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(DiskFullError):
+        append_record(path, {"cell_id": "b"})
+    monkeypatch.undo()
+    assert path.read_bytes() == before
 
 
 def test_other_write_errors_are_not_called_disk_full(tmp_path, monkeypatch):
