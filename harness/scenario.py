@@ -482,15 +482,30 @@ def expand(scenario: Scenario) -> list[Cell]:
     return cells
 
 
-def discover(folder: Path | str, profile: str | None = None) -> list[Scenario]:
-    """Every scenario file under `folder` (recursively), optionally only those of one profile."""
-    paths = sorted(Path(folder).rglob("*.toml"))
+def load_all(folder: Path | str) -> tuple[list[Scenario], list[ScenarioError]]:
+    """Every scenario file under `folder` (recursively), each loaded on its own: the scenarios that load and the
+    errors of those that do not, so a caller that wants some scenarios by name is not blocked by an unrelated bad
+    file. A missing folder or two files with one name raise."""
     if not Path(folder).is_dir():
         raise ScenarioError(f"{folder}: no such scenarios folder")
-    scenarios = [load_scenario(p) for p in paths]
+    scenarios, errors = [], []
+    for path in sorted(Path(folder).rglob("*.toml")):
+        try:
+            scenarios.append(load_scenario(path))
+        except ScenarioError as e:
+            errors.append(e)
     names = [s.name for s in scenarios]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         files = [s.path for s in scenarios if s.name == dupes[0]]
         raise ScenarioError(f"scenario name {dupes[0]!r} is used by more than one file: {', '.join(files)}")
+    return scenarios, errors
+
+
+def discover(folder: Path | str, profile: str | None = None) -> list[Scenario]:
+    """Every scenario file under `folder` (recursively), optionally only those of one profile. Any bad file
+    raises its ScenarioError."""
+    scenarios, errors = load_all(folder)
+    if errors:
+        raise errors[0]
     return [s for s in scenarios if profile is None or s.profile == profile]

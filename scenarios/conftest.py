@@ -25,7 +25,7 @@ from harness import exitcodes
 from harness.gpus import cell_cost, child_env, gpu_for_worker, longest_first, nvml_count, visible_gpus
 from harness.results import DiskFullError, UnwritableError, ensure_writable, latest_by_cell, read_records
 from harness.runner import Run, detect_device, new_run_id, run_cell
-from harness.scenario import Cell, Scenario, ScenarioError, discover, expand
+from harness.scenario import Cell, Scenario, ScenarioError, expand, load_all
 
 HERE = Path(__file__).parent
 
@@ -62,12 +62,16 @@ def _load_scenarios(config: pytest.Config) -> list[Scenario]:
     if not folder.is_dir():
         raise pytest.UsageError(f"offload-bench: --bench-scenarios-dir {folder}: no such folder")
     try:
-        scenarios = discover(folder)
+        scenarios, errors = load_all(folder)
     except ScenarioError as e:
         raise pytest.UsageError(f"offload-bench: {e}") from None
     wanted = config.getoption("--bench-scenario")
     names = sorted(s.name for s in scenarios)
     unknown = [w for w in wanted if w not in names]
+    if errors and (not wanted or unknown):  # the bad file may be the one asked for: its error, not "unknown"
+        raise pytest.UsageError(f"offload-bench: {errors[0]}")
+    for e in errors:  # every scenario asked for by name loaded: an unrelated bad file does not block them
+        config.issue_config_time_warning(pytest.PytestConfigWarning(f"offload-bench: skipping {e}"), stacklevel=2)
     if unknown:
         raise pytest.UsageError(
             f"offload-bench: --bench-scenario {', '.join(unknown)} matches no scenario; the scenarios are: "

@@ -386,6 +386,14 @@ def test_bench_scenarios_dir_and_a_bad_scenario_is_one_line(tmp_path):
     assert proc.returncode == 4
     [line] = _lines(proc)
     assert line.startswith(f"ERROR: offload-bench: {folder / 'bad.toml'}: ") and "Traceback" not in proc.stderr
+    # selected by name, the good scenario runs despite the unrelated bad file (a one-line warning names it)
+    proc = _pytest_scenarios(["--bench-scenarios-dir", str(folder), "--bench-scenario", "mine"], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "test_cell[mine/native/cpu1-lw1-te0-vae0-pf1-pin1]" in proc.stdout
+    assert f"offload-bench: skipping {folder / 'bad.toml'}: " in proc.stdout + proc.stderr
+    # asked for a name that only a bad file could hold: that file's error, not "matches no scenario"
+    proc = _pytest_scenarios(["--bench-scenarios-dir", str(folder), "--bench-scenario", "bad"], tmp_path)
+    assert proc.returncode == 4 and f"ERROR: offload-bench: {folder / 'bad.toml'}: " in proc.stdout + proc.stderr
     proc = _pytest_scenarios(["--bench-scenarios-dir", str(tmp_path / "nope")], tmp_path)
     assert proc.returncode == 4 and "no such folder" in proc.stdout + proc.stderr
 
