@@ -2,7 +2,7 @@
 code can tell "the gate failed" from "the gate could not judge" and never mistakes the second for a pass.
 
 0 and 1 are the verdicts; every other code means nothing was judged, and why. The README's "Baselines and
-compare" section and the runner's paragraph list them; tests/test_gate.py pins each one.
+compare" section and the runner's paragraph list them; tests/test_gate.py and tests/test_runner_gate.py pin them.
 """
 
 from __future__ import annotations
