@@ -5,6 +5,7 @@ PYTHON ?= python3
 RESULTS ?= results
 BENCH_ARGS ?=
 RUN ?= $(lastword $(sort $(wildcard $(RESULTS)/runs/*)))
+BASELINES ?=
 
 .PHONY: deps test lint bench report list
 
@@ -24,23 +25,28 @@ bench: deps
 	$(PYTHON) -m pytest scenarios -p no:cacheprovider -rA --bench-results $(RESULTS) \
 		--benchmark-json $(RESULTS)/pytest-benchmark.json $(BENCH_ARGS)
 
-# Markdown report plus PNG plots (peak vs denoise latency with the Pareto front; memory over time) in $(RUN).
+# Markdown report plus PNG plots (peak vs denoise latency with the Pareto front; memory over time) in the run folder,
+# or beside a records file named after it (x.records.jsonl -> x.report.md).
 report: deps
 	@test -n "$(RUN)" || { echo "no run under $(RESULTS)/runs: pass RUN=<run folder or records.jsonl>" >&2; exit 2; }
-	$(PYTHON) -m harness report $(RUN) --out $(RUN)/report.md
+	$(PYTHON) -m harness report $(RUN) --write
 
 # Write/refresh results/baselines/<gpu sku>.json from $(RUN) (SKU=... picks one when a run mixes SKUs).
 .PHONY: baseline compare
 baseline: deps
 	@test -n "$(RUN)" || { echo "no run under $(RESULTS)/runs: pass RUN=<run folder or records.jsonl>" >&2; exit 2; }
-	$(PYTHON) -m harness baseline $(RUN) $(if $(SKU),--sku $(SKU))
+	$(PYTHON) -m harness baseline $(RUN) $(if $(SKU),--sku $(SKU)) $(if $(BASELINES),--baselines-dir $(BASELINES))
 
-# Compare $(RUN) with its SKU's baseline: table on stdout, compare.md and github-action-benchmark JSON in $(RUN);
-# exit 1 on a regression or a lost/changed/missing cell.
+# Compare $(RUN) with its SKU's baseline: table on stdout, compare.md and github-action-benchmark JSON in the run
+# folder (or beside a records file: x.compare.md, x.benchmark.json). harness compare exits 1 on a regression and
+# 3-7 when it could judge nothing (README, "Baselines and compare"), but GNU make turns any failing recipe into its
+# own exit 2: the recipe prints the real code, and a gate that needs the code runs `python -m harness compare`.
 compare: deps
 	@test -n "$(RUN)" || { echo "no run under $(RESULTS)/runs: pass RUN=<run folder or records.jsonl>" >&2; exit 2; }
-	$(PYTHON) -m harness compare $(RUN) $(if $(SKU),--sku $(SKU)) --markdown $(RUN)/compare.md \
-		--gab-json $(RUN)/benchmark.json
+	@$(PYTHON) -m harness compare $(RUN) $(if $(SKU),--sku $(SKU)) $(if $(BASELINES),--baselines-dir $(BASELINES)) \
+		--write; rc=$$?; [ $$rc -eq 0 ] || echo "make compare: harness compare exited $$rc (make itself exits 2 on \
+	any failure; for the code run: $(PYTHON) -m harness compare $(RUN)$(if $(SKU), --sku $(SKU))$(if $(BASELINES), \
+	--baselines-dir $(BASELINES)) --write)" >&2; exit $$rc
 
 list: deps
 	$(PYTHON) -m harness list

@@ -128,6 +128,9 @@ def cell_entry(record: dict[str, Any]) -> dict[str, Any]:
         "run_id": record.get("run_id"),
         "created": record.get("created"),
         "git_sha": record.get("git_sha"),
+        # What the cell ran (settings, card, flags, rounds, ...) without the scenario file's path; compare calls a
+        # cell whose digest changed "not comparable" instead of judging numbers of a different experiment.
+        "portable_spec_hash": record.get("portable_spec_hash"),
     }
 
 
@@ -158,6 +161,29 @@ def run_cells(records: Iterable[dict[str, Any]], sku: str) -> dict[str, dict[str
 
 
 # ------------------------------------------------------------------------------------------------ files
+
+
+# The software under the numbers: a change in any of these can move times (and allocator reserve) on its own.
+STACK_KEYS = ("driver", "cuda", "torch")
+
+
+def run_machine(records: Iterable[dict[str, Any]], sku: str) -> dict[str, Any]:
+    """The machine fields of the first record of `sku` that has them ({} if none does)."""
+    for r in records:
+        if record_sku(r) == sku and isinstance(r.get("machine"), dict):
+            return r["machine"]
+    return {}
+
+
+def stack_differences(baseline_machine: dict[str, Any], machine: dict[str, Any]) -> list[str]:
+    """'torch 2.11.0+cu130 -> 2.13.0+cu130' for each of driver, CUDA and torch that differ between the baseline's
+    machine and the run's (a field that either side lacks is not a difference: old baselines lack some)."""
+    out = []
+    for key in STACK_KEYS:
+        old, new = baseline_machine.get(key), machine.get(key)
+        if old is not None and new is not None and old != new:
+            out.append(f"{key} {old} -> {new}")
+    return out
 
 
 def baseline_path(sku: str, baselines_dir: Path | str | None = None) -> Path:
@@ -268,3 +294,6 @@ def validate(data: Any, where: str) -> None:
         metrics = cell["metrics"]
         if not isinstance(metrics, dict) or not all(_number(v) for v in metrics.values()):
             raise bad(f"cells[{cell_id!r}].metrics must map metric names to numbers")
+        digest = cell.get("portable_spec_hash")  # optional: baselines made before it existed lack it
+        if digest is not None and not (isinstance(digest, str) and digest):
+            raise bad(f"cells[{cell_id!r}].portable_spec_hash must be a non-empty string or null")

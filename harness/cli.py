@@ -5,6 +5,10 @@
 - baseline: writes or refreshes results/baselines/<gpu sku>.json from a run's records.
 - compare: compares a run with its SKU's baseline; exit 1 on a regression or a lost, changed or missing cell.
 - list: the scenarios and their cells, with effective flags, without running anything.
+
+Exit codes (harness/exitcodes.py): 0 pass, 1 regressed, 2 usage or unreadable input, 3 no baseline for the SKU,
+4 no records, 5 every cell skipped, 6 every cell crashed/errored/timed out, 7 an output folder is not writable.
+Codes 3-7 mean nothing was judged; each comes with one line saying why.
 """
 
 from __future__ import annotations
@@ -15,12 +19,31 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from harness import exitcodes
 from harness.baseline import BaselineError
 from harness.compare import CheckSpecError
-from harness.results import ResultsError, latest_by_cell, read_records
+from harness.results import (
+    NoRecordsError,
+    ResultsError,
+    UnwritableError,
+    ensure_writable,
+    latest_by_cell,
+    read_records,
+)
 from harness.scenario import ScenarioError, discover, expand
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+FAILED_FATES = ("crash", "error", "timeout")
+
+
+class Stop(Exception):
+    """Ends a command with `code` (harness.exitcodes) and one line saying why."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def _records_path(arg: str) -> Path:
@@ -28,21 +51,59 @@ def _records_path(arg: str) -> Path:
     return p / "records.jsonl" if p.is_dir() else p
 
 
+def beside(run: str, name: str) -> Path:
+    """Where a file derived from a run goes: inside a run folder, or next to a records file and named after it
+    (results/h100/x.records.jsonl -> results/h100/x.compare.md), so RUN may be either (as the Makefile says)."""
+    p = Path(run)
+    if p.is_dir():
+        return p / name
+    stem = p.name.removesuffix(".jsonl").removesuffix(".records")
+    return p.with_name(f"{stem}.{name}")
+
+
 def _read_run(arg: str) -> tuple[Path, list[dict[str, Any]]]:
-    """The latest record of each cell of a run; unreadable lines are warned about. No records: ResultsError."""
+    """The latest record of each cell of a run; unreadable lines are warned about. A path that does not exist is
+    a ResultsError (usage); a run folder without records.jsonl, or a file without one readable record, is a
+    NoRecordsError (its own exit code: the bench ran and left nothing)."""
     path = _records_path(arg)
+    if Path(arg).is_dir() and not path.exists():
+        raise NoRecordsError(f"{arg}: run folder without records.jsonl: no records (did the bench run any cell?)")
     result = read_records(path)
     for problem in result.problems:
         print(f"warning: {problem}", file=sys.stderr)
     records = list(latest_by_cell(result.records).values())
     if not records:
-        raise ResultsError(f"{path}: no records")
+        bad = f" ({len(result.problems)} unreadable lines)" if result.problems else ""
+        raise NoRecordsError(f"{path}: no records{bad}")
     return path, records
+
+
+def _require_measured(records: list[dict[str, Any]], path: Path) -> None:
+    """Stops when no cell measured anything: all skipped (ALL_SKIPPED) or all skipped/crashed/errored/timed out
+    with at least one failure (ALL_FAILED). Such a run compared with a baseline would read as 'every cell
+    missing' at best, or pass where the baseline lacks the cells: neither says what happened."""
+    statuses = [r.get("status") for r in records]
+    if any(s not in ("skipped", *FAILED_FATES) for s in statuses):
+        return
+    n = len(statuses)
+    if all(s == "skipped" for s in statuses):
+        reason = next((r.get("reason") for r in records if r.get("reason")), "no reason recorded")
+        reason = str(reason).replace("\n", " ")[:200]
+        raise Stop(exitcodes.ALL_SKIPPED,
+                   f"{path}: all {n} cells were skipped, nothing measured (first reason: {reason})")
+    counts = ", ".join(f"{s} {statuses.count(s)}" for s in ("crash", "error", "timeout", "skipped") if s in statuses)
+    raise Stop(exitcodes.ALL_FAILED,
+               f"{path}: all {n} cells ended without a measurement ({counts}); see each record's reason and log")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from harness.report import render, write_report
 
+    if args.write:
+        args.out = str(beside(args.run, "report.md"))
+    if args.out:
+        out = Path(args.out)
+        ensure_writable(out if out.suffix != ".md" else out.parent, create=False)
     _, records = _read_run(args.run)
     title = args.title or f"offload-bench run {records[0].get('run_id', '')}"
     if args.out:
@@ -63,9 +124,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_baseline(args: argparse.Namespace) -> int:
     from harness.baseline import BaselineError, baseline_path, build_baseline, read_baseline, run_sku, write_baseline
 
+    if args.out:
+        ensure_writable(Path(args.out).parent, create=False)
+    elif args.baselines_dir:
+        ensure_writable(args.baselines_dir, create=False)
     path, records = _read_run(args.run)
+    _require_measured(records, path)
     sku = run_sku(records, args.sku, where=str(path))
     out = Path(args.out) if args.out else baseline_path(sku, args.baselines_dir)
+    ensure_writable(out.parent, create=False)
     previous = None
     if out.exists():
         try:
@@ -90,40 +157,93 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    from harness.baseline import BaselineError, baseline_path, read_baseline, run_cells, run_sku
-    from harness.compare import Check, compare, gab_entries, render
+def _write(path: str, text: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)
 
-    path, records = _read_run(args.run)
+
+def _make_baseline_command(args: argparse.Namespace) -> str:
+    """The exact command that makes the missing baseline from this run."""
+    py = f"python -m harness baseline {args.run}" + (f" --sku {args.sku}" if args.sku else "")
+    if args.baselines_dir:
+        return py + f" --baselines-dir {args.baselines_dir}"
+    return f"make baseline RUN={args.run}" + (f" SKU={args.sku}" if args.sku else "") + f" (or: {py})"
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from harness.baseline import (
+        BaselineError,
+        baseline_path,
+        read_baseline,
+        run_cells,
+        run_machine,
+        run_sku,
+        stack_differences,
+    )
+    from harness.compare import Check, compare, gab_entries, render, scenario_card
+
+    if args.write:
+        args.markdown = args.markdown or str(beside(args.run, "compare.md"))
+        args.gab_json = args.gab_json or str(beside(args.run, "benchmark.json"))
+    for out in (args.markdown, args.gab_json):
+        if out:  # before reading anything: a gate that cannot write its verdict must say so first
+            ensure_writable(Path(out).parent, create=False)  # made when written
+    checks = [Check.parse(spec) for spec in args.threshold]
+
+    def stop(code: int, line: str) -> Stop:
+        """The one-line reason, also as the markdown comparison (the nightly job shows that file)."""
+        if args.markdown:
+            _write(args.markdown, f"# Comparison with the baseline\n\n**Nothing compared:** {line}\n")
+        return Stop(code, line)
+
+    try:
+        path, records = _read_run(args.run)
+    except NoRecordsError as e:
+        raise stop(exitcodes.NO_RECORDS, str(e)) from None
+    try:
+        _require_measured(records, path)
+    except Stop as e:
+        raise stop(e.code, str(e)) from None
     sku = run_sku(records, args.sku, where=str(path))
     cells = run_cells(records, sku)
-    checks = [Check.parse(spec) for spec in args.threshold]
     if args.gab_json:
-        Path(args.gab_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.gab_json).write_text(json.dumps(gab_entries(cells, sku), indent=1) + "\n")
+        _write(args.gab_json, json.dumps(gab_entries(cells, sku), indent=1) + "\n")
         print(f"wrote {args.gab_json}", file=sys.stderr)
     base_file = Path(args.baseline) if args.baseline else baseline_path(sku, args.baselines_dir)
     if not args.baseline and not base_file.exists():
-        text = (
-            f"No baseline for SKU {sku} ({base_file} does not exist): nothing compared. "
-            f"To make one from this run: python -m harness baseline {args.run}\n"
-        )
-        print(text, end="")
-        if args.markdown:
-            Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.markdown).write_text(f"# Comparison with the {sku} baseline\n\n{text}")
-        return 0
+        raise stop(exitcodes.NO_BASELINE,
+                   f"no baseline for SKU {sku} ({base_file} does not exist): nothing compared; make one from this "
+                   f"run with: {_make_baseline_command(args)}")
     baseline = read_baseline(base_file)
     if baseline["sku"] != sku:
         raise BaselineError(f"{base_file}: baseline is for SKU {baseline['sku']!r}, the run is {sku!r}")
-    only = {cell_id.split("/", 1)[0] for cell_id in cells} if args.partial else None
+    only = {cell_id.split("/", 1)[0] for cell_id in cells} if args.partial == "scenario" else None
+    only_cards = {scenario_card(cell_id) for cell_id in cells} if args.partial == "card" else None
     shown = base_file.resolve()
     shown = shown.relative_to(Path.cwd()) if shown.is_relative_to(Path.cwd()) else shown
-    comparison = compare(baseline, cells, overrides=checks, only_scenarios=only, source=str(shown))
+    # CPU timings move by tens of percent from run to run on a shared box: judging them would fail on noise.
+    timing = args.timing or sku != "cpu"
+    comparison = compare(baseline, cells, overrides=checks, only_scenarios=only, source=str(shown),
+                         only_cards=only_cards, timing=timing)
+    changed = stack_differences(baseline.get("machine") or {}, run_machine(records, sku))
+    if changed:
+        line = (f"the run's software differs from the baseline machine's ({', '.join(changed)}): times and "
+                "allocator figures may move for that reason alone")
+        comparison.notes.append(line)
+        print(f"warning: {line}", file=sys.stderr)
+    if any(c.get("portable_spec_hash") for c in cells.values()) and not any(
+        c.get("portable_spec_hash") for c in baseline["cells"].values()
+    ):
+        comparison.notes.append("the baseline predates portable_spec_hash: an edited scenario cannot be told from a "
+                                "regression until the baseline is refreshed")
+    compared = [c for c in comparison.cells if c.verdict not in ("new", "missing")]
+    if compared and all(c.verdict == "not comparable" for c in compared) and not comparison.failed:
+        raise stop(exitcodes.NO_BASELINE,
+                   f"every cell's spec changed since {shown}: nothing comparable; make a new baseline with: "
+                   f"{_make_baseline_command(args)}")
     print(render(comparison), end="")
     if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(render(comparison, markdown=True))
+        _write(args.markdown, render(comparison, markdown=True))
         print(f"wrote {args.markdown}", file=sys.stderr)
     for failure in comparison.failures:
         print(f"FAIL {failure}", file=sys.stderr)
@@ -157,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--out", help="a .md file or a folder (report.md): markdown plus PNGs next to it")
     rep.add_argument("--title")
     rep.add_argument("--no-plots", action="store_true", help="with --out: the markdown only")
+    rep.add_argument("--write", action="store_true",
+                     help="write report.md (and PNGs) in the run folder, or beside a records file as <name>.report.md")
     base = sub.add_parser("baseline", help="write/refresh results/baselines/<sku>.json from a run")
     base.add_argument("run", help="a run folder or a records.jsonl file")
     base.add_argument("--sku", help="the GPU SKU to take (required when the run mixes SKUs)")
@@ -172,8 +294,15 @@ def main(argv: list[str] | None = None) -> int:
     cmp.add_argument("--gab-json", help="write github-action-benchmark customSmallerIsBetter JSON here")
     cmp.add_argument("--threshold", action="append", default=[], metavar="METRIC:+N%",
                      help="override a metric's tolerance (repeatable), e.g. e2e_ms:+30%%")
-    cmp.add_argument("--partial", action="store_true",
-                     help="only the baseline cells of scenarios the run has (a run of some scenarios)")
+    cmp.add_argument("--partial", nargs="?", const="scenario", choices=("scenario", "card"), default=None,
+                     help="only the baseline cells of the scenarios the run has (--partial), or of the scenario/card "
+                     "pairs it has (--partial=card: a run of some cards of a scenario)")
+    cmp.add_argument("--timing", action="store_true",
+                     help="judge time metrics on the CPU profile too (by default CPU runs compare memory and "
+                     "validity only: CPU times are noise)")
+    cmp.add_argument("--write", action="store_true",
+                     help="write compare.md and benchmark.json in the run folder, or beside a records file as "
+                     "<name>.compare.md and <name>.benchmark.json")
     ls = sub.add_parser("list", help="list scenarios and cells")
     ls.add_argument("--scenarios", default=str(REPO / "scenarios"))
     args, rest = parser.parse_known_args(argv)
@@ -189,9 +318,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "compare":
             return cmd_compare(args)
         return cmd_list(args)
+    except Stop as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.code
+    except NoRecordsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return exitcodes.NO_RECORDS
+    except UnwritableError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return exitcodes.UNWRITABLE
     except (ScenarioError, ResultsError, BaselineError, CheckSpecError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return exitcodes.USAGE
 
 
 if __name__ == "__main__":

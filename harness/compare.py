@@ -6,7 +6,9 @@ Two questions, kept apart:
   failed in encode < ... < ok. Less progress than the baseline is `lost` (ok -> oom is the typical case), more is
   `fixed` (it now loads, or now runs to the end, where it used to run out of memory), the same progress with
   another fate (oom -> crash) is `changed`. A baseline cell the run lacks is `missing`, a run cell the baseline
-  lacks is `new`.
+  lacks is `new`. A cell whose spec changed since the baseline (its `portable_spec_hash` differs: the scenario
+  was edited, e.g. `steps`) is `not comparable`: its numbers measure another experiment, so none is judged and
+  it never fails the comparison (asv's rule); refreshing the baseline takes the new spec.
 - **Metrics** (is a cell that ran in both slower or hungrier?): each metric of each cell gets `regressed` (it grew
   by more than its tolerance), `improved` (it shrank by more than the improvement threshold), `within tolerance`,
   `missing` (the baseline has it, the run does not), `new` (the run has it, the baseline does not) or
@@ -16,7 +18,9 @@ Two questions, kept apart:
 Every metric is smaller-is-better. `Check` is a small regression check in the style of pytest-benchmark's
 (`Check.parse("load_peak_reserved_bytes:+1%")`, `fails(baseline, current) -> str | None`).
 
-The comparison fails on any regressed or missing metric and any lost, changed or missing cell.
+The comparison fails on any regressed or missing metric and any lost, changed or missing cell. With
+`timing=False` (the CPU profile, where times are noise) only memory metrics and validity are judged; the time
+metrics are left out and the summary says so.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ REGRESSED, IMPROVED, WITHIN, MISSING, NEW, NOT_COMPARED = (
     "regressed", "improved", "within tolerance", "missing", "new", "not compared",
 )
 LOST, FIXED, CHANGED = "lost", "fixed", "changed"
+NOT_COMPARABLE = "not comparable"
 FAILING_METRIC_VERDICTS = (REGRESSED, MISSING)
 FAILING_CELL_VERDICTS = (LOST, CHANGED, MISSING)
 
@@ -99,7 +104,7 @@ class MetricRow:
 @dataclass(frozen=True)
 class CellRow:
     cell_id: str
-    verdict: str  # lost | fixed | changed | missing | new | unchanged
+    verdict: str  # lost | fixed | changed | missing | new | not comparable | unchanged
     baseline_fate: str | None
     current_fate: str | None
     note: str = ""
@@ -112,6 +117,8 @@ class Comparison:
     improvement_threshold: float
     cells: list[CellRow] = field(default_factory=list)
     rows: list[MetricRow] = field(default_factory=list)
+    timing: bool = True  # False: time metrics were not judged (the CPU profile)
+    notes: list[str] = field(default_factory=list)  # one-line caveats shown under the summary
 
     @property
     def failures(self) -> list[str]:
@@ -165,11 +172,24 @@ def needs_phase(name: str) -> int:
     return len(PHASES) - 1
 
 
+def spec_changed(base: dict[str, Any] | None, cur: dict[str, Any] | None) -> bool:
+    """Both sides carry a portable spec digest and they differ. A side without one (a baseline or record from
+    before the digest existed) cannot show a change, so it is compared as before."""
+    b, c = (base or {}).get("portable_spec_hash"), (cur or {}).get("portable_spec_hash")
+    return bool(b and c and b != c)
+
+
 def cell_verdict(cell_id: str, base: dict[str, Any] | None, cur: dict[str, Any] | None) -> CellRow:
     if cur is None:
         return CellRow(cell_id, MISSING, fate(base), None, "in the baseline, not in the run")
     if base is None:
         return CellRow(cell_id, NEW, None, fate(cur), "not in the baseline")
+    if spec_changed(base, cur):
+        return CellRow(
+            cell_id, NOT_COMPARABLE, fate(base), fate(cur),
+            f"spec changed since the baseline ({base['portable_spec_hash']} -> {cur['portable_spec_hash']}); "
+            "refresh the baseline",
+        )
     b, c = progress(base), progress(cur)
     if c < b:
         what = "used to run to the end" if base["status"] == "ok" else f"used to get further ({fate(base)})"
@@ -193,9 +213,14 @@ def metric_rows(
     cur: dict[str, Any] | None,
     checks: dict[str, Check],
     improvement_threshold: float,
+    timing: bool = True,
 ) -> list[MetricRow]:
     base_m = (base or {}).get("metrics") or {}
     cur_m = (cur or {}).get("metrics") or {}
+    if not timing:
+        base_m = {k: v for k, v in base_m.items() if metric(k).kind != "time"}
+        cur_m = {k: v for k, v in cur_m.items() if metric(k).kind != "time"}
+    other_spec = spec_changed(base, cur)
     completed = min(progress(base), progress(cur)) if base is not None and cur is not None else -1
     rows = []
     for name in sorted(set(base_m) | set(cur_m), key=metric_order):
@@ -207,6 +232,8 @@ def metric_rows(
             verdict, note = MISSING, "cell not in the run"
         elif base is None:
             verdict, note = NEW, "cell not in the baseline"
+        elif other_spec:
+            verdict, note = NOT_COMPARED, "spec changed since the baseline"
         elif needs_phase(name) >= completed:
             verdict, note = NOT_COMPARED, f"baseline {fate(base)}, run {fate(cur)}"
         elif c is None:
@@ -229,23 +256,33 @@ def compare(
     overrides: list[Check] | tuple[Check, ...] = (),
     only_scenarios: set[str] | None = None,
     source: str = "baseline",
+    only_cards: set[str] | None = None,
+    timing: bool = True,
 ) -> Comparison:
     """Compares `current` (cell id -> cell entry, as `harness.baseline.run_cells` makes) with a baseline dict.
     `overrides` replace the baseline's tolerances for their metrics; `only_scenarios` limits the baseline to
-    those scenarios (a partial run then does not report the others' cells as missing)."""
+    those scenarios and `only_cards` to those "<scenario>/<card>" pairs (a partial run then does not report the
+    others' cells as missing). `timing=False` judges memory and validity only (the CPU profile)."""
     checks = {name: Check(name, tol) for name, tol in baseline["tolerances"].items()}
     checks.update({c.metric: c for c in overrides})
     threshold = baseline["improvement_threshold"]
     base_cells = baseline["cells"]
     if only_scenarios is not None:
         base_cells = {k: v for k, v in base_cells.items() if k.split("/", 1)[0] in only_scenarios}
-    out = Comparison(baseline["sku"], source, threshold)
+    if only_cards is not None:
+        base_cells = {k: v for k, v in base_cells.items() if scenario_card(k) in only_cards}
+    out = Comparison(baseline["sku"], source, threshold, timing=timing)
     order = sorted(base_cells) + [k for k in current if k not in base_cells]
     for cell_id in order:
         base, cur = base_cells.get(cell_id), current.get(cell_id)
         out.cells.append(cell_verdict(cell_id, base, cur))
-        out.rows += metric_rows(cell_id, base, cur, checks, threshold)
+        out.rows += metric_rows(cell_id, base, cur, checks, threshold, timing)
     return out
+
+
+def scenario_card(cell_id: str) -> str:
+    """'<scenario>/<card>' of a cell id '<scenario>/<card>/<flags label>[+backend]' (the label has no '/')."""
+    return cell_id.rsplit("/", 1)[0]
 
 
 # ------------------------------------------------------------------------------------------------ rendering
@@ -298,12 +335,13 @@ def summary(comp: Comparison) -> str:
         f"{n} {v}" for v in (REGRESSED, MISSING, IMPROVED, WITHIN, NEW, NOT_COMPARED) if (n := comp.count(v))
     )
     cell_counts = ", ".join(
-        f"{n} {v}" for v in (LOST, CHANGED, MISSING, FIXED, NEW) if (n := comp.count_cells(v))
+        f"{n} {v}" for v in (LOST, CHANGED, MISSING, FIXED, NEW, NOT_COMPARABLE) if (n := comp.count_cells(v))
     )
     verdict = "FAIL" if comp.failed else "PASS"
+    scope = "" if comp.timing else "; memory and validity only (CPU profile: timing not compared)"
     return (
         f"{verdict}: {len(comp.cells)} cells vs {comp.baseline_source} (SKU {comp.sku}); "
-        f"cells: {cell_counts or 'all as in the baseline'}; metrics: {metric_counts or 'none'}"
+        f"cells: {cell_counts or 'all as in the baseline'}; metrics: {metric_counts or 'none'}{scope}"
     )
 
 
@@ -314,6 +352,8 @@ def render(comp: Comparison, markdown: bool = False) -> str:
         out += [f"# Comparison with the {comp.sku} baseline", "", f"**{summary(comp)}**", ""]
     else:
         out += [summary(comp), ""]
+    for note in comp.notes:
+        out += [f"Note: {note}", ""]
     out += ["## Validity (cells whose fate changed)" if markdown else "Validity (cells whose fate changed):", ""]
     out += [validity_table(comp) or "Every cell ends as it did in the baseline.", ""]
     out += ["## Metrics" if markdown else "Metrics:", ""]

@@ -8,11 +8,14 @@ reports it instead of failing the whole file.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import errno
 import fcntl
 import json
 import os
 import subprocess
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +29,40 @@ RUNTIME_PHASES = ("encode", "denoise", "decode")
 
 class ResultsError(ValueError):
     """A results file or record is unreadable. The message names the file and line."""
+
+
+class NoRecordsError(ResultsError):
+    """A run folder or records file holds no readable record: there is nothing to report, baseline or compare."""
+
+
+class UnwritableError(OSError):
+    """A folder the command must write to cannot be written. The message names it."""
+
+
+class DiskFullError(OSError):
+    """Too little free space to write a record safely, or an append that failed for lack of space."""
+
+
+def ensure_writable(folder: Path | str, create: bool = True) -> Path:
+    """Proves `folder` writable by creating and removing a file in it, so a command fails in one line naming the
+    folder before doing any work, not with a traceback after it. (os.access is not enough: it says yes to root on
+    a read-only mount.) With `create` the folder is made first; without, nothing is left behind: the probe goes
+    into the nearest existing ancestor, which must be a folder."""
+    folder = Path(folder)
+    try:
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+            target = folder
+        else:
+            target = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+            if not target.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        fd, probe = tempfile.mkstemp(prefix=".offload-bench-write-probe-", dir=target)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UnwritableError(f"{folder}: not writable ({e.strerror or type(e).__name__})") from None
+    return folder
 
 
 def now_iso() -> str:
@@ -70,18 +107,39 @@ def loaded(record: dict[str, Any]) -> bool:
     return record.get("status") in ("oom", "error") and record.get("failed_phase") in RUNTIME_PHASES
 
 
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
 def append_record(path: Path, record: dict[str, Any]) -> None:
-    """Appends one record as one line, under an exclusive lock, and fsyncs before returning."""
+    """Appends one record as one line, under an exclusive lock, and fsyncs before returning.
+
+    A write or fsync that fails (disk full, quota) cuts the file back to its size before the append, still under
+    the lock, so a failed append leaves the file exactly as it was: never half a line that would make the next
+    record unreadable. Out of space is a `DiskFullError` naming the file; any other OSError is re-raised.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n"
-    with open(path, "a", encoding="utf-8") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    data = (json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
         try:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            view = memoryview(data)
+            while view:  # os.write may write less than asked (a nearly full disk does exactly that)
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            if e.errno in NO_SPACE:
+                raise DiskFullError(
+                    f"{path}: no space left to append the record of {record.get('cell_id')!r} "
+                    f"({os.strerror(e.errno)}); the file is as it was before the append"
+                ) from None
+            raise
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -13,10 +13,18 @@ Rerunning with the same run id runs only cells without a complete record of the 
 (a writer that died mid-line) or garbage lines are reported as file:line warnings and never rewritten.
 Two parents sharing a run folder take a per-cell lock, so they never run one cell twice or share its files.
 
+`--resume --retry-failed` also reruns the cells whose latest record (from before this invocation) ended crash,
+error or timeout; plain `--resume` counts them as finished, as before.
+
+Disk: before each child starts, the results folder must have OFFLOAD_BENCH_RESULTS_MIN_FREE_BYTES free (default
+256 MiB; OFFLOAD_BENCH_RESULTS_FREE_BYTES overrides what is measured, for tests), and an append that fails for
+lack of space leaves records.jsonl as it was (`results.append_record`); either stops the run with exit 8.
+
 Command line (no pytest):
-    python -m harness.runner SCENARIO.toml... [--results DIR] [--run-id ID] [--resume]
+    python -m harness.runner SCENARIO.toml... [--results DIR] [--run-id ID] [--resume [--retry-failed]]
 prints "[i/N elapsed] cell_id: status" per cell and exits 0 when no cell ended as error / crash / timeout, 1 when
-one did, 130 on SIGINT, 143 on SIGTERM, 2 on bad arguments or scenario files.
+one did, 2 on bad arguments or scenario files, 7 when the results folder is not writable (before any cell), 8 when
+the results folder's disk is (nearly) full, 130 on SIGINT, 143 on SIGTERM (harness/exitcodes.py).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,12 +48,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness import exitcodes
 from harness.gpus import child_gpu
 from harness.results import (
     SCHEMA_VERSION,
     STATUSES,
+    DiskFullError,
     ResultsError,
+    UnwritableError,
     append_record,
+    ensure_writable,
     git_sha,
     migrate,
     now_iso,
@@ -55,7 +68,15 @@ from harness.scenario import Cell, ScenarioError, expand, load_scenario
 
 REPO = Path(__file__).resolve().parent.parent
 UNEXPECTED = ("error", "crash", "timeout")  # the fates that make a run fail (as in scenarios/test_offload_matrix.py)
-EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
+EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE = exitcodes.OK, exitcodes.FAILED, exitcodes.USAGE
+EXIT_UNWRITABLE, EXIT_DISK_FULL = exitcodes.UNWRITABLE, exitcodes.DISK_FULL
+EXIT_SIGINT, EXIT_SIGTERM = exitcodes.SIGINT, exitcodes.SIGTERM
+RESULTS_MIN_FREE_ENV = "OFFLOAD_BENCH_RESULTS_MIN_FREE_BYTES"
+RESULTS_FREE_ENV = "OFFLOAD_BENCH_RESULTS_FREE_BYTES"
+# A cell leaves its record (tens of KiB with the trace), its log, its spec and its final latents (a few MiB for
+# video models) in the results folder; 256 MiB is room for dozens of cells, so a run stops well before a write
+# could fail halfway.
+RESULTS_MIN_FREE_DEFAULT = 256 * 2**20
 
 
 class Terminated(KeyboardInterrupt):
@@ -105,8 +126,10 @@ class Run:
     run_id: str
     sha: str | None = None
     verbose: bool = True
+    retry_failed: bool = False  # see retry_failures()
     _executed: dict[str, dict[str, Any]] = field(default_factory=dict)
     _warned: set[str] = field(default_factory=set)
+    _stale_before: int = 0  # records[:_stale_before] predate retry_failures(); their failures are rerun
 
     @classmethod
     def create(cls, results_root: Path, device: str, run_id: str | None = None, verbose: bool = True) -> Run:
@@ -121,6 +144,17 @@ class Run:
     def records_path(self) -> Path:
         return self.run_dir / "records.jsonl"
 
+    def retry_failures(self) -> list[str]:
+        """From now on, a cell whose latest record so far ended crash/error/timeout does not count as finished,
+        so it runs again. Only records already in the file are affected: a cell that fails again in this run
+        keeps its new record (it is not retried in a loop), and another parent sharing the run sees the new one.
+        Returns the cells that will be rerun."""
+        records = _read_tolerant(self.records_path)[0] if self.records_path.exists() else []
+        self._stale_before = len(records)
+        self.retry_failed = True
+        latest = {r["cell_id"]: r for r in records if complete_record(r)}
+        return sorted(cid for cid, r in latest.items() if r["status"] in UNEXPECTED)
+
     def finished(self) -> dict[str, dict[str, Any]]:
         """The latest complete record of each cell in this run's file (a resumed run skips these cells).
 
@@ -133,9 +167,12 @@ class Run:
         for problem in problems:
             self.warn(problem)
         out: dict[str, dict[str, Any]] = {}
-        for rec in records:
+        for i, rec in enumerate(records):
             if complete_record(rec):
-                out[rec["cell_id"]] = rec
+                if self.retry_failed and i < self._stale_before and rec["status"] in UNEXPECTED:
+                    out.pop(rec["cell_id"], None)  # a failure from before --retry-failed: not finished
+                else:
+                    out[rec["cell_id"]] = rec
             else:
                 self.warn(
                     f"{self.records_path}: a record of {rec.get('cell_id')!r} lacks cell_id/status/spec_hash; "
@@ -224,7 +261,11 @@ def append(run: Run, record: dict[str, Any]) -> None:
         if _end_torn_line(run.records_path):
             run.warn(f"{run.records_path}: the last line was torn (an interrupted write); it is kept as it is and "
                      "the next record starts on a new line")
-        append_record(run.records_path, record)
+        try:
+            append_record(run.records_path, record)
+        except DiskFullError as e:
+            raise DiskFullError(f"{e}; finished cells are kept: free space and continue with --run-id "
+                                f"{run.run_id} --resume") from None
 
 
 # ---------------------------------------------------------------------------------------------- one cell
@@ -287,7 +328,8 @@ def skip_cell(run: Run, cell: Cell, reason: str, label: str = "") -> dict[str, A
     if prior is not None and prior.get("spec_hash") == spec_hash:
         return prior
     record = _base_record(run, cell)
-    record.update(status="skipped", reason=reason, run_id=run.run_id, git_sha=run.sha, spec_hash=spec_hash)
+    record.update(status="skipped", reason=reason, run_id=run.run_id, git_sha=run.sha, spec_hash=spec_hash,
+                  portable_spec_hash=cell.portable_spec_hash(run.device))
     record["peaks"] = summarize_peaks(record)
     append(run, record)
     run.say(f"{label} {cell.cell_id}: skipped ({reason})")
@@ -319,11 +361,33 @@ def run_cell(run: Run, cell: Cell, label: str = "", env: dict[str, str] | None =
                 **source, **cell.resolution.as_dict(),
                 "cell_id": cell.cell_id, "same_as": cell.same_as, "backend": cell.backend,
             }
-            record.update(spec_hash=spec_hash, created=now_iso(), run_id=run.run_id)
+            record.update(spec_hash=spec_hash, portable_spec_hash=cell.portable_spec_hash(run.device),
+                          created=now_iso(), run_id=run.run_id)
             append(run, record)
             run.say(f"{label} {cell.cell_id}: same effective flags as {cell.same_as} -> {record['status']} (not rerun)")
             return record
+        check_results_space(run)
         return _run_child(run, cell, cdir, spec_hash, label, env)
+
+
+def results_free_bytes(folder: Path) -> int:
+    """Free bytes on the filesystem of the results folder (or the OFFLOAD_BENCH_RESULTS_FREE_BYTES override)."""
+    override = os.environ.get(RESULTS_FREE_ENV)
+    if override:
+        return int(float(override))
+    return shutil.disk_usage(folder).free
+
+
+def check_results_space(run: Run) -> None:
+    """Refuses to start a cell when the results folder is nearly full: the child's log and latents and the
+    record append need room, and a run that stops here loses nothing (every finished record is on disk)."""
+    need = int(float(os.environ.get(RESULTS_MIN_FREE_ENV) or RESULTS_MIN_FREE_DEFAULT))
+    free = results_free_bytes(run.run_dir)
+    if free < need:
+        raise DiskFullError(
+            f"{run.run_dir}: only {free / 2**20:,.1f} MiB free, a cell needs {need / 2**20:,.0f} MiB "
+            f"({RESULTS_MIN_FREE_ENV}); free space and continue with --run-id {run.run_id} --resume"
+        )
 
 
 def _run_child(
@@ -356,6 +420,7 @@ def _run_child(
         run_id=run.run_id,
         git_sha=run.sha,
         spec_hash=spec_hash,
+        portable_spec_hash=cell.portable_spec_hash(run.device),  # what a baseline keeps (harness.baseline)
         elapsed_s=round(elapsed, 2),
         returncode=proc.returncode,
         child_pid=proc.pid,
@@ -604,14 +669,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m harness.runner",
         description="Runs every cell of the given scenario files, one child per cell, without pytest. Exit 0: no "
-        "cell ended as error/crash/timeout; 1: some did; 130: SIGINT; 143: SIGTERM; 2: bad arguments.",
+        "cell ended as error/crash/timeout; 1: some did; 2: bad arguments; 7: the results folder is not writable; "
+        "8: disk full in the results folder; 130: SIGINT; 143: SIGTERM.",
     )
     parser.add_argument("scenarios", nargs="+", type=Path, help="scenario TOML files")
     parser.add_argument("--results", type=Path, default=Path("results"), help="results folder (default: results)")
     parser.add_argument("--run-id", help="run id (a folder under RESULTS/runs); an existing run keeps its cells")
     parser.add_argument("--resume", action="store_true", help="continue a run: --run-id's, else the newest one")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="with --resume: also rerun cells whose record ended crash, error or timeout "
+                        "(plain --resume keeps them as recorded)")
     parser.add_argument("--quiet", action="store_true", help="only one line per cell (no child progress)")
     args = parser.parse_args(argv)
+    if args.retry_failed and not args.resume:
+        parser.error("--retry-failed needs --resume (it reruns the failed cells of an existing run)")
     old_term = signal.signal(signal.SIGTERM, _raise_terminated)
     old_int = signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     run: Run | None = None
@@ -624,7 +695,8 @@ def main(argv: list[str] | None = None) -> int:
         names = [s.name for s in scenarios]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            print(f"error: scenario name {dupes[0]!r} is used by more than one file", file=sys.stderr)
+            files = ", ".join(str(p) for p, s in zip(args.scenarios, scenarios, strict=True) if s.name == dupes[0])
+            print(f"error: scenario name {dupes[0]!r} is used by more than one file: {files}", file=sys.stderr)
             return EXIT_USAGE
         run_id = args.run_id
         if args.resume:
@@ -638,10 +710,19 @@ def main(argv: list[str] | None = None) -> int:
                 return EXIT_USAGE
         device = detect_device()
         try:
+            ensure_writable(args.results / "runs")  # before any cell: a run that cannot record must not start
             run = Run.create(args.results, device, run_id, verbose=not args.quiet)
+            ensure_writable(run.run_dir)
+        except UnwritableError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_UNWRITABLE
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_USAGE
+        if args.retry_failed:
+            retried = run.retry_failures()
+            print(f"--retry-failed: {len(retried)} cells ended crash/error/timeout and run again"
+                  + (f": {', '.join(retried)}" if retried else ""), flush=True)
         cells = [c for s in scenarios for c in expand(s)]
         n = len(cells)
         print(f"offload-bench runner: run {run.run_id}, {n} cells, device {device}, records -> {run.records_path}",
@@ -662,6 +743,9 @@ def main(argv: list[str] | None = None) -> int:
             final[cell.cell_id] = rec
             note = " (recorded earlier)" if resumed else ""
             print(f"[{i}/{n} {time.monotonic() - t0:.0f}s] {cell.cell_id}: {_describe(rec)}{note}", flush=True)
+    except DiskFullError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_DISK_FULL
     except Terminated:
         _interrupted(run, "SIGTERM")
         return EXIT_SIGTERM

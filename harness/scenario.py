@@ -175,6 +175,16 @@ class Cell:
             del spec["backend"]
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
+    def portable_spec_hash(self, device: str) -> str:
+        """`spec_hash` without the scenario file's path. `spec_hash` keys resume within one checkout, but the path
+        is absolute, so two checkouts (or machines) hash one unchanged cell differently; a baseline made on one
+        machine and compared on another needs a digest of what the cell runs, and only that."""
+        spec = self.spec(device)
+        del spec["scenario_file"]
+        if spec["backend"] == HARNESS_BACKEND:
+            del spec["backend"]
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
 
 def _err(path: Path | str, field_name: str, msg: str) -> ScenarioError:
     return ScenarioError(f"{path}: {field_name}: {msg}")
@@ -198,6 +208,10 @@ def _card(value: Any, path: Path, where: str) -> Card:
         unknown = set(value) - {"name", "gib", "mib"}
         if unknown or "name" not in value or len({"gib", "mib"} & set(value)) != 1:
             raise _err(path, where, "a card table needs `name` and exactly one of `gib` or `mib`")
+        card_name = value["name"]
+        if not isinstance(card_name, str) or not card_name.strip() or "/" in card_name:
+            # the card is the middle part of every cell id "<scenario>/<card>/<flags>"
+            raise _err(path, f"{where}.name", f"expected a non-empty card name without '/', got {card_name!r}")
         size = value.get("gib", value.get("mib"))
         if isinstance(size, bool) or not isinstance(size, int | float) or not is_finite_number(size) or size <= 0:
             raise _err(path, where, f"card size must be a positive finite number, got {size!r}")
@@ -291,9 +305,32 @@ def load_scenario(path: Path | str) -> Scenario:
         xfail=_xfail(data.get("xfail"), path),
         backends=backends,
     )
-    if not expand(scenario):
+    cells = expand(scenario)
+    if not cells:
         raise _err(path, "exclude", "excludes every cell")
+    _check_expectations_match(scenario, cells, path)
     return scenario
+
+
+def _check_expectations_match(scenario: Scenario, cells: list[Cell], path: Path) -> None:
+    """Every expectation names cells that exist, so a typo fails here, at load time, and not after the whole
+    suite (lowest_peak: "0 cells match") or never (a fate whose `where` matches nothing checks nothing)."""
+    expect = scenario.expect
+    for card in scenario.cards:
+        mine = [c for c in cells if c.card.name == card.name]
+        if expect.lowest_peak is not None:
+            hits = [c for c in mine if c.backend == HARNESS_BACKEND
+                    and matches(c.requested.as_dict(), expect.lowest_peak)]
+            if len(hits) != 1:
+                raise _err(path, "expect.lowest_peak",
+                           f"{expect.lowest_peak} matches {len(hits)} harness-backend cells of card {card.name!r} "
+                           f"({', '.join(c.cell_id.rsplit('/', 1)[1] for c in hits) or 'none'}); "
+                           "expected exactly one")
+    for i, f in enumerate(expect.fates):
+        scope = [c for c in cells if f.cards is None or c.card.name in f.cards]
+        if not any(matches(c.requested.as_dict(), f.where) for c in scope):
+            raise _err(path, f"expect.fate[{i}].where",
+                       f"{f.where} matches no cell of the matrix (cards {', '.join(sorted(f.cards or [])) or 'all'})")
 
 
 def _xfail(value: Any, path: Path) -> str | None:
@@ -482,12 +519,30 @@ def _visible_gpu_total_bytes() -> int | None:
         return None
 
 
-def discover(folder: Path | str, profile: str | None = None) -> list[Scenario]:
-    """Every scenario file under `folder` (recursively), optionally only those of one profile."""
-    paths = sorted(Path(folder).rglob("*.toml"))
-    scenarios = [load_scenario(p) for p in paths]
+def load_all(folder: Path | str) -> tuple[list[Scenario], list[ScenarioError]]:
+    """Every scenario file under `folder` (recursively), each loaded on its own: the scenarios that load and the
+    errors of those that do not, so a caller that wants some scenarios by name is not blocked by an unrelated bad
+    file. A missing folder or two files with one name raise."""
+    if not Path(folder).is_dir():
+        raise ScenarioError(f"{folder}: no such scenarios folder")
+    scenarios, errors = [], []
+    for path in sorted(Path(folder).rglob("*.toml")):
+        try:
+            scenarios.append(load_scenario(path))
+        except ScenarioError as e:
+            errors.append(e)
     names = [s.name for s in scenarios]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise ScenarioError(f"{folder}: scenario name {dupes[0]!r} is used by more than one file")
+        files = [s.path for s in scenarios if s.name == dupes[0]]
+        raise ScenarioError(f"scenario name {dupes[0]!r} is used by more than one file: {', '.join(files)}")
+    return scenarios, errors
+
+
+def discover(folder: Path | str, profile: str | None = None) -> list[Scenario]:
+    """Every scenario file under `folder` (recursively), optionally only those of one profile. Any bad file
+    raises its ScenarioError."""
+    scenarios, errors = load_all(folder)
+    if errors:
+        raise errors[0]
     return [s for s in scenarios if profile is None or s.profile == profile]

@@ -21,10 +21,11 @@ from typing import Any
 
 import pytest
 
+from harness import exitcodes
 from harness.gpus import cell_cost, child_env, gpu_for_worker, longest_first, nvml_count, visible_gpus
-from harness.results import latest_by_cell, read_records
+from harness.results import DiskFullError, UnwritableError, ensure_writable, latest_by_cell, read_records
 from harness.runner import Run, detect_device, new_run_id, run_cell
-from harness.scenario import Cell, Scenario, discover, expand
+from harness.scenario import Cell, Scenario, ScenarioError, expand, load_all
 
 HERE = Path(__file__).parent
 
@@ -35,6 +36,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--bench-run-id", default=None, help="run id; an existing run's cells that ended are not rerun")
     g.addoption("--bench-profile", default="auto", choices=["auto", "cpu", "gpu"], help="which scenarios run")
     g.addoption("--bench-scenario", action="append", default=[], help="only scenarios with this name (repeat)")
+    g.addoption("--bench-scenarios-dir", default=None,
+                help="folder of scenario TOML files, searched recursively (default: the scenarios/ folder)")
 
 
 def _profile(config: pytest.Config) -> str:
@@ -45,8 +48,36 @@ def _profile(config: pytest.Config) -> str:
 
 
 def _scenarios(config: pytest.Config) -> list[Scenario]:
-    wanted = set(config.getoption("--bench-scenario"))
-    return [s for s in discover(HERE) if not wanted or s.name in wanted]
+    cached = getattr(config, "_offload_bench_scenarios", None)
+    if cached is None:
+        cached = config._offload_bench_scenarios = _load_scenarios(config)  # type: ignore[attr-defined]
+    return cached
+
+
+def _load_scenarios(config: pytest.Config) -> list[Scenario]:
+    """The selected scenarios. A bad scenario file is one usage line naming file and field (not a pluggy
+    traceback), and a --bench-scenario name that matches nothing lists the names there are (it used to be an
+    INTERNALERROR from an empty parametrization)."""
+    folder = Path(config.getoption("--bench-scenarios-dir") or HERE)
+    if not folder.is_dir():
+        raise pytest.UsageError(f"offload-bench: --bench-scenarios-dir {folder}: no such folder")
+    try:
+        scenarios, errors = load_all(folder)
+    except ScenarioError as e:
+        raise pytest.UsageError(f"offload-bench: {e}") from None
+    wanted = config.getoption("--bench-scenario")
+    names = sorted(s.name for s in scenarios)
+    unknown = [w for w in wanted if w not in names]
+    if errors and (not wanted or unknown):  # the bad file may be the one asked for: its error, not "unknown"
+        raise pytest.UsageError(f"offload-bench: {errors[0]}")
+    for e in errors:  # every scenario asked for by name loaded: an unrelated bad file does not block them
+        config.issue_config_time_warning(pytest.PytestConfigWarning(f"offload-bench: skipping {e}"), stacklevel=2)
+    if unknown:
+        raise pytest.UsageError(
+            f"offload-bench: --bench-scenario {', '.join(unknown)} matches no scenario; the scenarios are: "
+            f"{', '.join(names)}"
+        )
+    return [s for s in scenarios if not wanted or s.name in wanted]
 
 
 def _xdist_workers(config: pytest.Config) -> int:
@@ -67,8 +98,14 @@ def _worker_id(config: pytest.Config) -> str | None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Controller of an xdist run: refuses more workers than GPUs on the GPU profile, and picks the one run id that
+    """Refuses an unwritable --bench-results before any cell runs (one line naming it, pytest's usage exit 4).
+    Controller of an xdist run: refuses more workers than GPUs on the GPU profile, and picks the one run id that
     every worker appends to."""
+    try:
+        ensure_writable(Path(config.getoption("--bench-results")) / "runs", create=False)  # --collect-only: no folder
+    except UnwritableError as e:
+        raise pytest.UsageError(f"offload-bench: --bench-results: {e}") from None
+    _scenarios(config)  # scenario problems are usage errors before collection
     workers = _xdist_workers(config)
     if not workers or _worker_id(config) is not None:
         return
@@ -152,11 +189,59 @@ def _param(item: pytest.Item, name: str) -> Any:
     return callspec.params.get(name) if callspec is not None else None
 
 
+def _recorded(config: pytest.Config) -> set[str]:
+    """Cell ids with a complete record of their current spec in the --bench-run-id run (none without one)."""
+    run_id = config.getoption("--bench-run-id")
+    path = Path(config.getoption("--bench-results")) / "runs" / str(run_id) / "records.jsonl"
+    if not run_id or not path.is_file():
+        return set()
+    device = "cuda" if _profile(config) == "gpu" else "cpu"
+    hashes = {c.cell_id: c.spec_hash(device) for s in _scenarios(config) for c in expand(s)}
+    return {r["cell_id"] for r in read_records(path).records
+            if r.get("status") and hashes.get(r["cell_id"]) == r.get("spec_hash")}
+
+
+def _deselect_partial_sets(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A card's set-level test runs every cell of the card that has no record yet. When -k/-m deselected some of
+    them, running it would run those cells anyway: it is deselected with them (unless each such cell is already
+    recorded in the --bench-run-id run, when the set test only reads records), and the summary says so."""
+    selected = {c.cell_id for i in items if isinstance(c := _param(i, "cell"), Cell)}
+    recorded: set[str] | None = None
+    dropped: list[pytest.Item] = []
+    for item in items:
+        pair = _param(item, "scenario_card")
+        if not isinstance(pair, tuple):
+            continue
+        scenario, card = pair
+        left_out = [c.cell_id for c in expand(scenario) if c.card.name == card and c.cell_id not in selected]
+        if not left_out:
+            continue
+        recorded = _recorded(config) if recorded is None else recorded
+        if any(cid not in recorded for cid in left_out):
+            dropped.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [i for i in items if i not in dropped]
+        config._offload_bench_partial_sets = [i.name for i in dropped]  # type: ignore[attr-defined]
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    dropped = getattr(config, "_offload_bench_partial_sets", None)
+    if dropped:
+        terminalreporter.write_line(
+            f"offload-bench: {len(dropped)} set-level tests deselected because -k/-m left out cells of their card "
+            f"(they would have run them): {', '.join(dropped)}"
+        )
+
+
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection, so the set-level check sees what is selected
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Longest cells first (`harness.gpus.cell_cost`), then every set-level test after all cells (costliest
+    """Set-level tests whose card lost cells to -k/-m are deselected with them (`_deselect_partial_sets`). Then
+    longest cells first (`harness.gpus.cell_cost`), then every set-level test after all cells (costliest
     scenario first), then what this profile skips. Deterministic, so every xdist worker collects the same order,
     and xdist's load schedulers (`--dist load`, the default with -n, or `loadgroup`) hand out the costliest cells
     first."""
+    _deselect_partial_sets(config, items)
     cells = [i for i in items if isinstance(_param(i, "cell"), Cell)]
     sets = [i for i in items if _param(i, "scenario_card") is not None]
     placed = {id(i) for i in cells + sets}
@@ -200,7 +285,11 @@ class Records:
         worker = os.environ.get("PYTEST_XDIST_WORKER")
         if worker:  # the other workers run the rest: no count of what is left here
             label = f"[{worker} cell {self.count}, {time.monotonic() - self.started:.0f} s]"
-        record = run_cell(self.run, cell, label, env=self.env)
+        try:
+            record = run_cell(self.run, cell, label, env=self.env)
+        except DiskFullError as e:
+            # every later cell would fail the same way: stop the session with the runner's code and one line
+            pytest.exit(f"offload-bench: {e}", returncode=exitcodes.DISK_FULL)
         if record.get("machine") and not MACHINE:
             MACHINE.update(record["machine"])
         return record

@@ -340,14 +340,15 @@ def test_cli_partial_run(tmp_path, capsys):
     assert cli.main(["compare", str(run), "--baselines-dir", str(BASELINES), "--partial"]) == 0
 
 
-def test_cli_unknown_sku_compares_nothing_and_exits_0(tmp_path, capsys):
+def test_cli_unknown_sku_compares_nothing_and_exits_3(tmp_path, capsys):
     md, gab = tmp_path / "c.md", tmp_path / "gab.json"
     rc = cli.main(["compare", str(CPU), "--baselines-dir", str(tmp_path / "none"), "--markdown", str(md),
                    "--gab-json", str(gab)])
-    out = capsys.readouterr().out
-    assert rc == 0
-    assert "No baseline for SKU cpu" in out and "nothing compared" in out
-    assert "python -m harness baseline" in out
+    err = capsys.readouterr().err
+    assert rc == 3  # exitcodes.NO_BASELINE: a first run on a new SKU must not pass the gate
+    assert "no baseline for SKU cpu" in err and "nothing compared" in err
+    assert f"python -m harness baseline {CPU} --baselines-dir {tmp_path / 'none'}" in err
+    assert len(err.strip().splitlines()) == 2  # "wrote gab.json" and the one-line reason
     assert "nothing compared" in md.read_text()
     assert json.loads(gab.read_text())  # the chart data does not need a baseline
 

@@ -102,7 +102,7 @@ def test_cli_report_no_plots_and_stdout(tmp_path, capsys):
 def test_cli_report_errors_are_clear(tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    assert cli.main(["report", str(empty)]) == 2
+    assert cli.main(["report", str(empty)]) == 4  # exitcodes.NO_RECORDS: its own code, not a usage error
     assert "no records" in capsys.readouterr().err
     assert cli.main(["report", str(tmp_path / "missing.jsonl")]) == 2
     assert "no such results file" in capsys.readouterr().err

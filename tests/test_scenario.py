@@ -92,6 +92,7 @@ def test_cells_with_same_effective_flags_share_a_run_if_policy_merges_them(tmp_p
     data = mutate(base_scenario(), ("axes", "dit_offload_prefetch_size"), [1, 2])
     data = mutate(data, ("flags",), {"pin_cpu_memory": True})
     data = mutate(data, ("exclude",), [])
+    data = mutate(data, ("expect", "lowest_peak"), {**data["expect"]["lowest_peak"], "dit_offload_prefetch_size": 1})
     cells = [c for c in expand(load_scenario(write(tmp_path, data))) if c.card.name == "native"]
     assert len(cells) == 8
     by_label = {c.requested.label(): c for c in cells}
@@ -260,6 +261,7 @@ def test_load_raises_if_number_is_nan(tmp_path: Path, key: str) -> None:
 def test_cell_ids_are_unique_if_prefetch_values_are_close(tmp_path: Path) -> None:
     data = mutate(base_scenario(), ("axes", "dit_offload_prefetch_size"), [0.1, 0.1000001])
     data = mutate(data, ("flags",), {})
+    data = mutate(data, ("expect", "lowest_peak"), DELETE)  # two cells would match it: refused at load time
     ids = [c.cell_id for c in expand(load_scenario(write(tmp_path, data)))]
     assert len(ids) == len(set(ids))
 
