@@ -6,6 +6,9 @@ RESULTS ?= results
 BENCH_ARGS ?=
 RUN ?= $(lastword $(sort $(wildcard $(RESULTS)/runs/*)))
 BASELINES ?=
+# SGLang releases whose real ServerArgs and layerwise manager the harness runs (harness.engine.install: each in its
+# own folder under $$OFFLOAD_BENCH_CACHE/sglang, no CUDA packages, kept between runs). OFFLOAD_BENCH_SGLANG=0 skips.
+SGLANG ?= 0.5.8 0.5.13 0.5.23
 
 .PHONY: deps test lint bench report list
 
@@ -13,6 +16,7 @@ deps:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==2.13.0
 	@$(PYTHON) -c "import diffusers, transformers, safetensors, tabulate, matplotlib, pynvml, pytest_benchmark, hypothesis, ruff, xdist" \
 		2>/dev/null || $(PYTHON) -m pip install -q -e '.[dev]'
+	@if [ "$${OFFLOAD_BENCH_SGLANG:-1}" != 0 ]; then $(PYTHON) -m harness.engine.install $(SGLANG); fi
 
 lint: deps
 	$(PYTHON) -m ruff check harness scenarios tests

@@ -216,7 +216,7 @@ def install(version: str, *, python: str | None = None, root: Path | None = None
     target = version_dir(version, python, root)
     manifest_path = target / "engine.json"
     if manifest_path.is_file():
-        return installed(root, python)[version]
+        return installed(root, python)[version]  # complete: nothing to say, nothing to fetch
     download = (root or engine_root()) / "wheels"
     wheel = fetch_wheel(version, download, wheels)
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=target.parent if target.parent.exists() else None))

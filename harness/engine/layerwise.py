@@ -26,9 +26,11 @@ defaults.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -101,7 +103,9 @@ class SGLangLayerwise:
         configure = module.configure_layerwise_offload
         named = "component_name" in inspect.signature(configure).parameters  # 0.5.23 tunes per component
         kwargs = {"component_name": "transformer"} if named else {}
-        configure(self.server_args, **kwargs)
+        self.hosting: dict[str, dict[str, int]] = {}
+        with _recording_layer_hosting(layerwise.LayerwiseOffloadManager, self.hosting):
+            configure(self.server_args, **kwargs)
         self.managers = list(getattr(module, "layerwise_offload_managers", None) or [])
         if not self.managers or not all(getattr(m, "enabled", False) for m in self.managers):
             raise RuntimeError(f"sglang {version}: no enabled layerwise manager on {cls.__name__} {layer_groups}")
@@ -138,4 +142,31 @@ class SGLangLayerwise:
                 "host_bytes": host,
                 "pin_cpu_memory": bool(getattr(m, "pin_cpu_memory", False)),
             }
-        return {**self.info, "groups": groups, "prefetch_size_flag": self.server_args.dit_offload_prefetch_size}
+        return {**self.info, "groups": groups, "prefetch_size_flag": self.server_args.dit_offload_prefetch_size,
+                "layer_hosting": self.hosting}
+
+
+@contextlib.contextmanager
+def _recording_layer_hosting(manager_cls: Any, out: dict[str, dict[str, int]]) -> Iterator[None]:
+    """Records where 0.5.23's managers host each group's layers (pinned / pageable / mapped: its HostPinBudget
+    decides, from the host's available memory). Our pinned counters cannot see SGLang's pins (it registers its
+    own buffers), and a pageable layer copies synchronously, so this is what explains its step time. Releases
+    without a hosting plan record nothing."""
+    plan = getattr(manager_cls, "_plan_layer_hosting", None)
+    if plan is None:
+        yield
+        return
+
+    def recorded(self: Any, layer_groups: Any) -> Any:
+        hosting, untracked = plan(self, layer_groups)
+        counts: dict[str, int] = {}
+        for where in hosting.values():
+            counts[where] = counts.get(where, 0) + 1
+        out[self.layers_attr_str] = counts
+        return hosting, untracked
+
+    manager_cls._plan_layer_hosting = recorded
+    try:
+        yield
+    finally:
+        manager_cls._plan_layer_hosting = plan
