@@ -288,12 +288,6 @@ def _dit_residency(flags: OffloadFlags) -> str:
     return "component-offload" if flags.dit_cpu_offload else "resident"
 
 
-KEEP_RESIDENT_MIN_GIB = {True: 45.0, False: 120.0}
-"""SGLang 0.5.23 auto mode, per task (image: True): the free memory from which the deployment config's
-keep-resident components (the VAE; and the DiT for image generation) stay out of the default offload
-(`runtime/server_args/auto_tune.py`: IMAGE_GEN_KEEP_RESIDENT_MIN_AVAILABLE_GB, DEFAULT_KEEP_RESIDENT_MIN_AVAILABLE_GB;
-none of the zoo families' configs declares its own threshold)."""
-
 
 def _resolve_sglang(flags: OffloadFlags, context: EngineContext | None = None,
                     policy: str = "sglang") -> tuple[OffloadFlags, list[str], EngineDetails | None]:
