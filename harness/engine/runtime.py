@@ -25,12 +25,14 @@ import types
 from pathlib import Path
 from typing import Any
 
-STAND_IN_CANDIDATES = ("torchvision", "sgl_kernel", "flashinfer", "deep_gemm", "flash_attn", "flash_mla")
+STAND_IN_CANDIDATES = ("torchvision", "sgl_kernel")
 """torchvision (CPU box only, see above) and SGLang's CUDA kernel packages, never installed here: on CUDA,
 0.5.23's quantization configs import `sgl_kernel` at module level (`compressed_tensors_w8a8_int8`: int8_scaled_mm),
 which ServerArgs and the layerwise manager reach through the DiT config classes; nothing on the offload path calls
 a kernel. Found on the lent H200 (the first sglang-backend cell failed there on exactly that import) and by
-importing the manager with torch.cuda patched to report an H200 on this box."""
+importing the manager with torch.cuda patched to report an H200 on this box. Keep the list to what was seen: a
+stand-in also answers `importlib.util.find_spec`, and libraries that probe for an optional package then believe it
+is there (transformers 5.8 with a flash_attn stand-in: KeyError 'flash_attn' in is_flash_attn_2_available)."""
 _stood_in: list[str] = []
 
 
