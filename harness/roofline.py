@@ -34,11 +34,17 @@ def _forwards_per_step(record: dict[str, Any]) -> int:
 
 
 def _streamed_bytes(dit: dict[str, Any]) -> int | None:
-    """Bytes a streamed DiT moves host -> device per forward: our runtime's layer regions, or diffusers' groups."""
+    """Bytes a streamed DiT moves host -> device per forward: our runtime's layer regions, diffusers' groups, or
+    SGLang's managers' host buffers (no resident layers: every layer streams every forward)."""
     if dit.get("layerwise"):
         return dit["layerwise"]["host_bytes"]
     if dit.get("diffusers_group"):
         return dit["diffusers_group"]["streamed_bytes"]
+    if dit.get("sglang_layerwise"):
+        groups = dit["sglang_layerwise"]["groups"].values()
+        if any(g.get("resident_layers") for g in groups):
+            return None  # resident layers stream once per use, not per forward: not this model's shape
+        return sum(g["host_bytes"] for g in groups) or None
     return None
 
 

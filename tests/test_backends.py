@@ -477,6 +477,22 @@ def test_roofline_rows_name_the_backend_and_stream_diffusers_groups() -> None:
     assert rows[peer["cell_id"]]["efficiency % (predicted/measured)"] == 64.0
 
 
+def test_roofline_streams_sglang_managers_host_buffers_unless_layers_stay_resident() -> None:
+    whole = _roof_record("harness", "cpu-offload", [999.0, 300.0, 300.0])
+    groups = {"transformer_blocks": {"host_bytes": 30e9, "resident_layers": 0},
+              "single_blocks": {"host_bytes": 10e9, "resident_layers": 0}}
+    sgl = _roof_record("sglang@0.5.23", "sglang-layerwise", [999.0, 4000.0, 4000.0],
+                       sglang_layerwise={"groups": groups})
+    resident = _roof_record("sglang@0.5.23", "sglang-layerwise", [999.0, 1000.0],
+                            sglang_layerwise={"groups": {"blocks": {"host_bytes": 40e9, "resident_layers": 8}}})
+    resident["cell_id"] += "-resident"
+    rows = {r["cell"]: r for r in roofline_rows([whole, sgl, resident])}
+    assert set(rows) == {sgl["cell_id"]}  # resident layers stream once per use: no per-forward prediction
+    row = rows[sgl["cell_id"]]
+    assert row["backend"] == "sglang@0.5.23" and row["streamed GB/forward"] == 40.0
+    assert row["H2D % of probe"] == 40.0  # 2 x 40 GB in 4 s = 20 GB/s of a 50 GB/s probe
+
+
 # ------------------------------------------------------------------------------------------------ beats_peer
 
 
