@@ -18,7 +18,6 @@ Placement of each component follows the engine's rules (SGLang, June 2026, see t
 from __future__ import annotations
 
 import itertools
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -382,14 +381,14 @@ def _sglang_layerwise(
 ) -> Any:
     """SGLANG_LAYERWISE: the weights where SGLang's loader leaves them (host with dit_cpu_offload, else the whole
     DiT on the device), then SGLang's own mixin and managers take the DiT over (harness.engine.layerwise)."""
-    from harness.engine.install import installed
     from harness.engine.layerwise import SGLangLayerwise
+    from harness.engine.policy import available_versions
 
     if flags is None:
         raise ValueError(f"{SGLANG_LAYERWISE} needs the effective flags")
     if backend == "sglang":
-        versions = sorted(installed(), key=lambda v: tuple(int(x) for x in re.findall(r"\d+", v)))
-        version = versions[-1] if versions else "(none installed)"
+        versions = available_versions()
+        version = versions[-1] if versions else "(none installed)"  # load_engine then says how to install one
     else:
         version = backend.partition("@")[2]
     host = None
