@@ -20,8 +20,9 @@ the policy resolved. The resolution itself is checked against SGLang's real `Ser
 (`harness.engine.policy`); what the runtime reads of it are plain fields and `layerwise_tuning_for`.
 
 Not used from SGLang, and why: its checkpoint loader and pipeline (they load HF folders and run SGLang's own DiT
-classes; the harness feeds the same synthetic checkpoint to every backend); its `HostPinBudget` runs with its
-defaults.
+classes; the harness feeds the same synthetic checkpoint to every backend). Its `HostPinBudget` runs with its
+defaults (the host's available memory decides which layers it pins); the plan it made is recorded per group
+(`layer_hosting`), because our pinned-memory counters cannot see the buffers SGLang registers itself.
 """
 
 from __future__ import annotations
