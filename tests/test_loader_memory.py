@@ -27,7 +27,7 @@ SPEC = {
 }
 
 CHILD = """
-import gc, json, resource, sys
+import gc, json, sys
 from harness.measure import host_rss_bytes
 from harness.models import ComponentSpec
 from harness.models.checkpoint import ensure_checkpoint
@@ -43,7 +43,10 @@ gc.collect()
 before = host_rss_bytes()
 comp = load_component(spec, path, placement, Device("cpu"), pin=True, prefetch_size=1)
 after = host_rss_bytes()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # since start; nothing earlier came close
+# VmHWM: this process's own high-water mark. Not ru_maxrss: Linux carries the maxrss of the image a process
+# exec'd from, and subprocess vforks, so ru_maxrss started at the pytest parent's peak (a whole-suite run whose
+# differential grid held ~0.5 GB failed here by 86 MB while the test alone passed).
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 host = comp.layerwise.host_bytes if comp.layerwise else comp.offload.host_bytes
 print(json.dumps({"weights": comp.weight_bytes, "host": host, "growth": after - before, "peak_growth": peak - before}))
 """
