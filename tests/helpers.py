@@ -168,3 +168,14 @@ def make_record(
     if digest is not None:
         record["outputs"] = {"latents_sha256": digest}
     return record
+
+
+# The committed compare fixtures: H100 records of the #26925 scenario, a variant run, a CPU run, and baselines.
+FIXTURES = Path(__file__).parent / "fixtures"
+H100 = FIXTURES / "h100-qwen-image-edit-5090.records.jsonl"
+VARIANT = FIXTURES / "h100-qwen-image-edit-5090-variant.records.jsonl"
+CPU = FIXTURES / "cpu-qwen-image-edit-tiny.records.jsonl"
+BASELINES = FIXTURES / "baselines"
+SKU = "nvidia-h100-80gb-hbm3"
+S = "qwen-image-edit-5090"
+OK = f"{S}/native/cpu1-lw1-te0-vae0-pf4-pin1"

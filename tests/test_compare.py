@@ -28,15 +28,8 @@ from harness.compare import (
     relative_change,
     render,
 )
+from tests.helpers import BASELINES, CPU, H100, OK, SKU, VARIANT, S
 
-FIXTURES = Path(__file__).parent / "fixtures"
-H100 = FIXTURES / "h100-qwen-image-edit-5090.records.jsonl"
-VARIANT = FIXTURES / "h100-qwen-image-edit-5090-variant.records.jsonl"
-CPU = FIXTURES / "cpu-qwen-image-edit-tiny.records.jsonl"
-BASELINES = FIXTURES / "baselines"
-SKU = "nvidia-h100-80gb-hbm3"
-S = "qwen-image-edit-5090"
-OK = f"{S}/native/cpu1-lw1-te0-vae0-pf4-pin1"
 OK2 = f"{S}/native/cpu0-lw0-te0-vae0-pf4-pin1"
 OOM_LOAD = f"{S}/rtx5090-32g/cpu0-lw0-te0-vae0-pf4-pin1"
 OOM_DENOISE = f"{S}/rtx5090-32g/cpu1-lw0-te0-vae0-pf4-pin1"

@@ -18,17 +18,21 @@ from harness.baseline import build_baseline, run_cells
 from harness.compare import NOT_COMPARABLE, NOT_COMPARED, REGRESSED, compare
 from harness.results import append_record
 from harness.scenario import ScenarioError, expand, load_scenario
-from tests.helpers import base_scenario, mutate, tiny_scenario_file, to_toml
+from tests.helpers import (
+    BASELINES,
+    CPU,
+    H100,
+    OK,
+    SKU,
+    VARIANT,
+    S,
+    base_scenario,
+    mutate,
+    tiny_scenario_file,
+    to_toml,
+)
 
 REPO = Path(__file__).resolve().parent.parent
-FIXTURES = Path(__file__).parent / "fixtures"
-H100 = FIXTURES / "h100-qwen-image-edit-5090.records.jsonl"
-VARIANT = FIXTURES / "h100-qwen-image-edit-5090-variant.records.jsonl"
-CPU = FIXTURES / "cpu-qwen-image-edit-tiny.records.jsonl"
-BASELINES = FIXTURES / "baselines"
-SKU = "nvidia-h100-80gb-hbm3"
-S = "qwen-image-edit-5090"
-OK = f"{S}/native/cpu1-lw1-te0-vae0-pf4-pin1"
 
 
 def records(path: Path) -> list[dict[str, Any]]:
