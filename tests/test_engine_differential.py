@@ -48,3 +48,26 @@ def test_grid_covers_unset_flags_prefetch_cards_and_both_task_kinds(grid: list) 
     assert any("cpuU" in label for label in labels) and any("pf2.5" in label for label in labels)
     assert {g.context.memory_gib for g in grid} == {16.0, 24.0, 31.36, 80.0, 141.0}
     assert {g.context.is_image for g in grid} == {True, False}
+
+
+def test_grid_answers_do_not_stay_in_the_process_cache(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """The grid asks ~29,000 questions a release that no scenario asks again: `cache=False` keeps none of them,
+    while a scenario's resolution (the default) is kept for the next card. No child runs here."""
+    from harness.engine import install, policy
+
+    monkeypatch.setattr(install, "installed", lambda *a, **k: {"9.9.9": object()})
+    monkeypatch.delenv(policy.ANSWERS_ENV, raising=False)
+    asked: list[int] = []
+
+    def child(version: str, requests: list, timeout_s: float) -> list:
+        asked.append(len(requests))
+        return [policy.EngineResolution(version, dict(r.flags), (), None, (), "test") for r in requests]
+
+    monkeypatch.setattr(policy, "_ask_child", child)
+    monkeypatch.setattr(policy, "_CACHE", {})
+    request = policy.EngineRequest({"dit_layerwise_offload": True}, 32.0, "wan", "video")
+    policy.resolve_engine("9.9.9", [request, request], cache=False)
+    assert policy._CACHE == {} and asked == [1]
+    policy.resolve_engine("9.9.9", [request])
+    policy.resolve_engine("9.9.9", [request])
+    assert len(policy._CACHE) == 1 and asked == [1, 1]

@@ -93,9 +93,12 @@ def _request_key(request: EngineRequest) -> str:
     return json.dumps(request.as_dict(), sort_keys=True)
 
 
-def resolve_engine(version: str, requests: list[EngineRequest], *,
-                   timeout_s: float = DEFAULT_TIMEOUT_S) -> list[EngineResolution]:
+def resolve_engine(version: str, requests: list[EngineRequest], *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                   cache: bool = True) -> list[EngineResolution]:
     """SGLang `version`'s real ServerArgs for each request, in order: one child for all requests not yet cached.
+
+    `cache=False` asks the child for every request and keeps nothing in this process: the differential grid asks
+    about 29,000 distinct questions a release, which a scenario never asks again.
 
     Raises:
         EngineError: the version is not installed (with the install command), the child failed (with the tail of
@@ -114,17 +117,18 @@ def resolve_engine(version: str, requests: list[EngineRequest], *,
             f"sglang {version} is not installed under {engine_root()} (installed: {have}); install it with "
             f"`python -m harness.engine.install {version}` (or point OFFLOAD_BENCH_SGLANG_ROOT at a folder holding it)"
         )
+    store: dict[tuple[str, str], EngineResolution] = _CACHE if cache else {}
     todo: dict[str, EngineRequest] = {}
     for key, request in zip(keys, requests, strict=True):
-        if (version, key) not in _CACHE:
+        if (version, key) not in store:
             todo.setdefault(key, request)
     if todo:
         answers = _ask_child(version, list(todo.values()), timeout_s)
         for key, answer in zip(todo, answers, strict=True):
-            _CACHE[(version, key)] = answer
+            store[(version, key)] = answer
         if recorded is not None:
-            _record_answers({(version, k): _CACHE[(version, k)] for k in todo})
-    return [_CACHE[(version, key)] for key in keys]
+            _record_answers({(version, k): store[(version, k)] for k in todo})
+    return [store[(version, key)] for key in keys]
 
 
 ANSWERS_ENV = "OFFLOAD_BENCH_SGLANG_ANSWERS"
