@@ -169,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("sglang_numerics: needs CUDA (SGLang's layerwise manager enables itself only on CUDA); not run")
         return 0
+    # As the worker does: transformers' generation stack (sklearn -> scipy.stats) is imported before the engine's
+    # site joins sys.path; imported after, scipy's docscrape found a partial `sphinx` there and failed (H200 run).
+    import transformers.generation  # noqa: F401
+
     layerwise, _, _ = load_engine(args.version)
     dev = torch.device("cuda")
     lines = []
