@@ -16,11 +16,21 @@
   same requested flags on the same card, and ours is at least as fast (median denoise step, the first step left
   out as in `harness.roofline`) and peaks no higher at runtime (max over encode/denoise/decode on the record's
   peak counter). A peer cell that did not run is no comparison: the check fails and says why.
+- `prefetch_peak_monotone`: among harness-backend layerwise cells of a card that differ only in the prefetch
+  size, a larger window (in layers, as the runtime recorded it) never has a lower denoise peak (on the record's
+  peak counter; 2 % slack, SGLang CI's runtime-peak tolerance). A cell that ran out of memory after load counts
+  as above every cell that ran.
+- `resident_never_slows`: among harness-backend layerwise cells of a card that differ only in resident layers
+  (count and policy), a cell with more resident layers steps no slower (median denoise step, first left out; 3 %
+  slack) than one with fewer whose step is transfer-bound: its streamed bytes x forwards over the probe's pinned
+  H2D rate are at least half its measured step. Pairs whose smaller cell is not transfer-bound, or that lack the
+  probe, are listed as not compared.
 - `invariants`, `host`: per-cell checks, below.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,6 +220,99 @@ def beats_peer_verdict(card: str, records: list[dict[str, Any]]) -> Verdict:
     return Verdict("beats_peer", card, True, "; ".join(passed))
 
 
+PREFETCH_PEAK_SLACK = 0.02  # SGLang CI's runtime_peak_vram tolerance
+RESIDENT_STEP_SLACK = 0.03
+TRANSFER_BOUND_SHARE = 0.5  # transfer time at the probe's rate over the measured step, at or above: transfer-bound
+
+
+def _layerwise_groups(record: dict[str, Any]) -> dict[str, Any]:
+    return (((record.get("components") or {}).get("dit") or {}).get("layerwise") or {}).get("groups") or {}
+
+
+def _group_key(record: dict[str, Any], drop: tuple[str, ...]) -> str:
+    flags = {k: v for k, v in (record.get("effective") or {}).items() if k not in drop}
+    return json.dumps(flags, sort_keys=True)
+
+
+def _harness_layerwise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in records if backend_of(r) == HARNESS_BACKEND and _streamed(r) and not r.get("same_as")]
+
+
+def _denoise_peak(record: dict[str, Any]) -> float | None:
+    if record["status"] == "oom" and loaded(record):
+        return float("inf")
+    if record["status"] != "ok":
+        return None
+    counter = summarize_peaks(record)["counter"]
+    return ((record.get("phases") or {}).get("denoise") or {}).get(counter)
+
+
+def prefetch_peak_verdict(card: str, records: list[dict[str, Any]]) -> Verdict:
+    """A larger prefetch window never lowers the denoise peak, between cells that differ only in the prefetch."""
+    by_key: dict[str, list[tuple[int, float, dict[str, Any]]]] = {}
+    for r in _harness_layerwise(records):
+        peak = _denoise_peak(r)
+        window = sum(g.get("prefetch", 0) for g in _layerwise_groups(r).values()) or \
+            (r.get("effective") or {}).get("dit_offload_prefetch_size")
+        if peak is not None and window is not None:
+            by_key.setdefault(_group_key(r, ("dit_offload_prefetch_size",)), []).append((window, peak, r))
+    problems, passed = [], []
+    for cells in by_key.values():
+        cells.sort(key=lambda c: (c[0], c[1]))
+        for (w1, p1, r1), (w2, p2, r2) in itertools.pairwise(cells):
+            line = f"{_label(r2)} (p={w2}) {_fmt(p2)} vs {_label(r1)} (p={w1}) {_fmt(p1)}"
+            ok = w1 == w2 or p2 >= p1 * (1 - PREFETCH_PEAK_SLACK)
+            (passed if ok else problems).append(line)
+    if problems:
+        return Verdict("prefetch_peak", card, False,
+                       "a larger prefetch lowered the denoise peak: " + "; ".join(problems))
+    if not passed:
+        return Verdict("prefetch_peak", card, False,
+                       "no two layerwise cells differ only in prefetch: nothing compared")
+    return Verdict("prefetch_peak", card, True, "; ".join(passed))
+
+
+def _transfer_bound(record: dict[str, Any], step_s: float) -> bool | None:
+    lw = ((record.get("components") or {}).get("dit") or {}).get("layerwise") or {}
+    gbps = (record.get("machine") or {}).get("pinned_h2d_gbps")
+    streamed = lw.get("streamed_bytes", lw.get("host_bytes"))
+    if not gbps or not streamed:
+        return None
+    forwards = 2 if (record.get("settings") or {}).get("true_cfg_scale", 1) > 1 else 1
+    return forwards * streamed / (gbps * 1e9) >= TRANSFER_BOUND_SHARE * step_s
+
+
+def resident_speed_verdict(card: str, records: list[dict[str, Any]]) -> Verdict:
+    """More resident layers never slow a transfer-bound step, between cells that differ only in residency."""
+    by_key: dict[str, list[tuple[int, float, dict[str, Any]]]] = {}
+    for r in _harness_layerwise(records):
+        step = median_step_s(r) if r["status"] == "ok" else None
+        if step is not None:
+            kept = sum(g.get("resident_layers", 0) for g in _layerwise_groups(r).values())
+            key = _group_key(r, ("dit_layerwise_resident_layers", "dit_layerwise_residency_policy"))
+            by_key.setdefault(key, []).append((kept, step, r))
+    problems, passed, skipped = [], [], []
+    for cells in by_key.values():
+        for k1, s1, r1 in cells:
+            bound = _transfer_bound(r1, s1)
+            for k2, s2, r2 in cells:
+                if k2 <= k1:
+                    continue
+                line = f"{_label(r2)} (r={k2}) {s2:.3f} s vs {_label(r1)} (r={k1}) {s1:.3f} s"
+                if not bound:
+                    skipped.append(line + (" (not transfer-bound)" if bound is False else " (no H2D probe)"))
+                    continue
+                (passed if s2 <= s1 * (1 + RESIDENT_STEP_SLACK) else problems).append(line)
+    note = f"; not compared: {'; '.join(skipped)}" if skipped else ""
+    if problems:
+        return Verdict("resident_speed", card, False, "more resident layers stepped slower: " + "; ".join(problems)
+                       + note)
+    if not passed:
+        return Verdict("resident_speed", card, False, "no transfer-bound pair of cells differing only in resident "
+                       "layers ran: nothing compared" + note)
+    return Verdict("resident_speed", card, True, "; ".join(passed) + note)
+
+
 def host_failures(record: dict[str, Any], bounds: dict[str, Any]) -> list[str]:
     """Host-cost bounds of one cell that ran: peak RSS over all weight bytes, pinned held over requested, and the
     setup rate (weight bytes over setup seconds) of named components."""
@@ -247,8 +350,9 @@ def invariant_failures(record: dict[str, Any]) -> list[str]:
     1. At every phase start and end, a CPU-offloaded component holds no weights on the device, and a layerwise
        DiT holds only its non-layer weights (no layer left resident from a window).
     2. During denoise the ledger peak <= weights of resident components + the DiT's non-layer weights
-       + sum over streamed groups of (2p + 1) x that group's largest layer (2p in flight or computing, +1 slack
-       for a wrap-around prefetch), + the DiT whole when it is CPU-offloaded.
+       + its resident layers (`dit_layerwise_resident_layers`) + sum over streamed groups of (2p + 1) x that
+       group's largest layer (2p in flight or computing, +1 slack for a wrap-around prefetch), + the DiT whole
+       when it is CPU-offloaded.
     3. With dit_cpu_offload + layerwise, the load phase never holds the whole DiT: ledger load peak minus the
        other resident components < the DiT's weight bytes.
     4. Pinned host bytes (peak requested) <= 2.1 x the bytes the layerwise runtime streams.
@@ -279,8 +383,10 @@ def invariant_failures(record: dict[str, Any]) -> list[str]:
         if lw and "largest_layer_by_group" in lw:  # records from before the field existed skip this check
             window = sum((2 * g["prefetch"] + 1) * lw["largest_layer_by_group"][name]
                          for name, g in lw["groups"].items())
-            bound = resident + nonlayer + window
-            formula = f"resident {_mib(resident)} + non-layer {_mib(nonlayer)} + sum (2p+1) x largest layer"
+            kept = lw.get("resident_bytes", 0)  # the DiT's resident layers (0 in records from before them)
+            bound = resident + nonlayer + kept + window
+            formula = (f"resident {_mib(resident)} + non-layer {_mib(nonlayer)} + resident layers {_mib(kept)} "
+                       "+ sum (2p+1) x largest layer")
         else:
             offloaded = (dit.get("cpu_offload") or {}).get("host_bytes", 0)  # the one device buffer it moves into
             bound: int | None = resident + (offloaded if dit.get("placement") == "cpu-offload" else 0)
@@ -313,6 +419,10 @@ def evaluate(scenario: Scenario, records: list[dict[str, Any]]) -> list[Verdict]
             verdicts.append(close_output_verdict(card.name, group, scenario.expect.close_output_rtol))
         if scenario.expect.beats_peer:
             verdicts.append(beats_peer_verdict(card.name, group))
+        if scenario.expect.prefetch_peak_monotone:
+            verdicts.append(prefetch_peak_verdict(card.name, group))
+        if scenario.expect.resident_never_slows:
+            verdicts.append(resident_speed_verdict(card.name, group))
         if scenario.expect.invariants:
             inv = [m for r in group if r["status"] == "ok" for m in invariant_failures(r)]
             verdicts.append(Verdict("invariants", card.name, not inv, "; ".join(inv) or "all hold"))

@@ -37,6 +37,11 @@ class OffloadFlags:
         vae_cpu_offload (bool, defaults to False): as dit_cpu_offload, for the VAE.
         dit_offload_prefetch_size (float, defaults to 0.0): the layerwise prefetch window; see `prefetch_layers`.
         pin_cpu_memory (bool, defaults to True): host copies are page-locked, so copies to the GPU run async.
+        dit_layerwise_resident_layers (float, defaults to 0.0): with DiT layerwise, this many layers stay on the
+            device from the first forward of a request to its end and the rest stream; a fraction of the group
+            below 1, a count from 1 (SGLang #31538; see `resident_layer_count`).
+        dit_layerwise_residency_policy (str, defaults to "leading"): which layers stay: "leading" (the first r)
+            or "strided" (spread evenly); see `streamed_layer_indices` (SGLang #34534).
     """
 
     dit_cpu_offload: bool | None = False
@@ -45,6 +50,8 @@ class OffloadFlags:
     vae_cpu_offload: bool | None = False
     dit_offload_prefetch_size: float = 0.0
     pin_cpu_memory: bool | None = True
+    dit_layerwise_resident_layers: float = 0.0
+    dit_layerwise_residency_policy: str = "leading"
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -80,28 +87,44 @@ class OffloadFlags:
             # U for unset: a new letter, so labels of fully set flags (in records and baselines) stay as they were
             return "U" if v is None else "1" if v else "0"
 
-        pf = self.dit_offload_prefetch_size
-        pf_text = str(int(pf)) if float(pf).is_integer() else repr(float(pf))  # repr: distinct values, distinct ids
-        return (
+        def num(v: float) -> str:
+            return str(int(v)) if float(v).is_integer() else repr(float(v))  # repr: distinct values, distinct ids
+
+        label = (
             f"cpu{b(self.dit_cpu_offload)}-lw{b(self.dit_layerwise_offload)}-te{b(self.text_encoder_cpu_offload)}"
-            f"-vae{b(self.vae_cpu_offload)}-pf{pf_text}-pin{b(self.pin_cpu_memory)}"
+            f"-vae{b(self.vae_cpu_offload)}-pf{num(self.dit_offload_prefetch_size)}-pin{b(self.pin_cpu_memory)}"
         )
+        # Appended only when not at SGLang's defaults, so the ids of earlier records and baselines stay as they were
+        if self.dit_layerwise_resident_layers:
+            label += f"-res{num(self.dit_layerwise_resident_layers)}"
+        if self.dit_layerwise_residency_policy != "leading":
+            label += f"-{self.dit_layerwise_residency_policy}"
+        return label
 
 
 UNSET = "unset"
+RESIDENCY_POLICIES: tuple[str, ...] = ("leading", "strided")
+"""SGLang's `--dit-layerwise-residency-policy` choices (0.5.23 `RESIDENCY_POLICIES`)."""
+NUMBER_FLAGS = ("dit_offload_prefetch_size", "dit_layerwise_resident_layers")
 
 
 def check_flag_value(name: str, value: Any, where: str = "flags") -> Any:
     """Returns `value` normalised for flag `name`, or raises FlagError naming the field."""
     if name not in OffloadFlags.names():
         raise FlagError(f"{where}: unknown flag {name!r}; known flags: {', '.join(OffloadFlags.names())}")
-    if name == "dit_offload_prefetch_size":
+    if name in NUMBER_FLAGS:
         # bool is an int subclass; `true` as a prefetch size is a typo, not 1.
         if isinstance(value, bool) or not isinstance(value, int | float) or not is_finite_number(value):
             raise FlagError(f"{where}.{name}: expected a finite number >= 0, got {value!r}")
         if value < 0:
-            raise FlagError(f"{where}.{name}: must be >= 0 (0 means one layer), got {value!r}")
+            # SGLang: prefetch < 0 with a layerwise component, and any resident count < 0, raise ValueError
+            meaning = "0 means one layer" if name == "dit_offload_prefetch_size" else "0 means none resident"
+            raise FlagError(f"{where}.{name}: must be >= 0 ({meaning}), got {value!r}")
         return float(value)
+    if name == "dit_layerwise_residency_policy":
+        if value not in RESIDENCY_POLICIES:
+            raise FlagError(f"{where}.{name}: expected one of {', '.join(RESIDENCY_POLICIES)}, got {value!r}")
+        return value
     if value == UNSET:  # TOML has no null: a scenario spells SGLang's None (not passed) "unset"
         return None
     if value is not None and not isinstance(value, bool):
@@ -138,6 +161,51 @@ def prefetch_layers(value: float, num_layers: int) -> int:
     else:
         p = int(value)
     return max(1, min(num_layers, p))
+
+
+def resident_layer_count(value: float, num_layers: int) -> int:
+    """How many layers of a group of `num_layers` SGLang's layerwise manager keeps resident for
+    `dit_layerwise_resident_layers` = value (0.5.23 `configure_layerwise_offload`).
+
+    0 -> none; 0 < v < 1 -> a fraction of the group, max(1, round(v * n)) (Python's round, as SGLang); v >= 1 ->
+    int(v) (so 1.0 is one layer, and ServerArgs has already floored 30.7 to 30), at most n.
+
+    Example:
+        >>> resident_layer_count(0.5, 60), resident_layer_count(0.001, 60), resident_layer_count(30.7, 60)
+        (30, 1, 30)
+    """
+    if num_layers < 1:
+        raise FlagError(f"num_layers: a layer group needs at least one layer, got {num_layers}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not is_finite_number(value) or value < 0:
+        raise FlagError(f"dit_layerwise_resident_layers: must be a finite number >= 0, got {value!r}")
+    if value == 0:
+        return 0
+    if value < 1:
+        return max(1, round(value * num_layers))
+    return min(num_layers, int(value))
+
+
+def streamed_layer_indices(num_layers: int, resident: int, policy: str) -> tuple[int, ...]:
+    """The layers of a group that stream (sorted); the other `resident` stay on the device.
+
+    leading: layers 0..r-1 stay, r..n-1 stream. strided: the n - r streamed layers are spread evenly over the
+    group, layer round(k * n / (n - r)) for k = 0..n-r-1 (SGLang 0.5.23 `compute_streamed_layers`): the step
+    n / (n - r) is >= 1, so the indices are distinct. Both stream the same count, so the same bytes.
+
+    Example:
+        >>> streamed_layer_indices(6, 2, "leading"), streamed_layer_indices(6, 2, "strided")
+        ((2, 3, 4, 5), (0, 2, 3, 4))
+    """
+    if policy not in RESIDENCY_POLICIES:
+        raise FlagError(f"dit_layerwise_residency_policy: expected one of {', '.join(RESIDENCY_POLICIES)}, "
+                        f"got {policy!r}")
+    r = min(max(0, resident), num_layers)
+    m = num_layers - r
+    if m == 0:
+        return ()
+    if r == 0 or policy == "leading":
+        return tuple(range(r, num_layers))
+    return tuple(round(k * num_layers / m) for k in range(m))
 
 
 Task = Literal["T2I", "I2I", "T2V", "I2V"]
@@ -245,25 +313,50 @@ class Resolution:
 
 
 def _common_prefetch_rules(flags: OffloadFlags, messages: list[str]) -> OffloadFlags:
-    """Prefetch-size handling shared by the SGLang eras that have the flag (ServerArgs._validate_offload).
+    """Prefetch-size and resident-layer handling shared by the SGLang eras that have the flags
+    (ServerArgs._validate_offload).
 
-    SGLang keeps (and truncates) the value without layerwise too; here it is recorded as 0 there, since no manager
-    reads it and cells that differ only in it are the same run. The differential grid compares it where the DiT is
-    layerwise only, for that reason.
+    SGLang keeps (and truncates) the values without layerwise too, with a warning for the resident ones; here they
+    are recorded as 0 / leading there, since no manager reads them and cells that differ only in them are the same
+    run. Likewise `strided` with no resident layer is the same run as `leading` (SGLang warns: no resident set to
+    place) and is recorded as leading. The differential grid compares them where they act, for that reason.
     """
     v = flags.dit_offload_prefetch_size
+    r = flags.dit_layerwise_resident_layers
+    policy = flags.dit_layerwise_residency_policy
     if not flags.dit_layerwise_offload:
         if v != 0:
             messages.append(
                 f"dit_offload_prefetch_size={v:g} has no effect without dit_layerwise_offload; recorded as 0"
             )
-        return replace(flags, dit_offload_prefetch_size=0.0)
+        if r != 0:
+            messages.append("--dit-layerwise-resident-layers has no effect because the DiT is not layerwise-offloaded;"
+                            " recorded as 0")
+        if policy != "leading":
+            messages.append("--dit-layerwise-residency-policy has no effect because the DiT is not "
+                            "layerwise-offloaded; recorded as leading")
+        return replace(flags, dit_offload_prefetch_size=0.0, dit_layerwise_resident_layers=0.0,
+                       dit_layerwise_residency_policy="leading")
     if v > 1 and not float(v).is_integer():
         messages.append(f"Invalid --dit-offload-prefetch-size value passed, truncated to: {int(v)}")
-        return replace(flags, dit_offload_prefetch_size=float(int(v)))
+        flags = replace(flags, dit_offload_prefetch_size=float(int(v)))
     if 0.5 <= v < 1.0:
         messages.append("We do not recommend --dit-offload-prefetch-size to be between 0.5 and 1.0")
+    if r > 1 and not float(r).is_integer():
+        messages.append(f"Invalid --dit-layerwise-resident-layers value passed, truncated to: {int(r)}")
+        flags = replace(flags, dit_layerwise_resident_layers=float(int(r)))
+    if policy != "leading" and r <= 0:
+        messages.append("--dit-layerwise-residency-policy has no effect because --dit-layerwise-resident-layers is 0;"
+                        " recorded as leading")
+        flags = replace(flags, dit_layerwise_residency_policy="leading")
     return flags
+
+
+def _refuse_resident_layers(policy: str, flags: OffloadFlags, era: str) -> None:
+    """Resident layers arrived with SGLang #31538 (2026-07-17) and the policy with #34534: earlier eras refuse."""
+    if flags.dit_layerwise_resident_layers != 0 or flags.dit_layerwise_residency_policy != "leading":
+        raise _refuse(policy, flags, "dit_layerwise_resident_layers / dit_layerwise_residency_policy",
+                      f"{era} has no resident layers (SGLang #31538, #34534)")
 
 
 def _refuse(policy: str, flags: OffloadFlags, needs: str, why: str) -> FlagError:
@@ -361,6 +454,7 @@ def _resolve_sglang_legacy(flags: OffloadFlags, context: EngineContext | None = 
     """
     if flags.unset():
         raise _refuse(policy, flags, "set flags", "this era's defaults were never released; use sglang@<version>")
+    _refuse_resident_layers(policy, flags, "this era (May 2026)")
     messages: list[str] = []
     flags = _common_prefetch_rules(flags, messages)
     if flags.dit_layerwise_offload and flags.dit_cpu_offload:
@@ -384,6 +478,7 @@ def _resolve_sglang_pre18997(flags: OffloadFlags, context: EngineContext | None 
     if flags.dit_offload_prefetch_size != 0:
         raise _refuse(policy, flags, "dit_offload_prefetch_size",
                       "0.5.8 has no such flag; its layerwise manager always prefetches the next layer")
+    _refuse_resident_layers(policy, flags, "0.5.8")
     context = _need_context(policy, flags, context)
     messages: list[str] = []
     details: EngineDetails | None = None
@@ -524,12 +619,16 @@ the zoo's families (none has a separate image encoder)."""
 
 def engine_flags(effective: Mapping[str, Any]) -> OffloadFlags:
     """SGLang's resolved values as OffloadFlags: a None left by a release without finalisation (0.5.8) is off, as
-    SGLang's runtime reads it; a release without the prefetch flag (0.5.8) prefetches the next layer, 0 here."""
+    SGLang's runtime reads it; a release without the prefetch flag (0.5.8) prefetches the next layer, 0 here; one
+    without resident layers (before 0.5.23) streams every layer (0, leading)."""
     values: dict[str, Any] = {}
+    defaults = OffloadFlags()
     for name in OffloadFlags.names():
         value = effective.get(name)
-        if name == "dit_offload_prefetch_size":
+        if name in NUMBER_FLAGS:
             values[name] = float(value) if value is not None else 0.0
+        elif name == "dit_layerwise_residency_policy":  # absent before 0.5.23: every layer streamed
+            values[name] = str(value) if value is not None else defaults.dit_layerwise_residency_policy
         else:
             values[name] = bool(value) if name != "pin_cpu_memory" or value is not None else True
     return OffloadFlags(**values)

@@ -34,10 +34,12 @@ def _forwards_per_step(record: dict[str, Any]) -> int:
 
 
 def _streamed_bytes(dit: dict[str, Any]) -> int | None:
-    """Bytes a streamed DiT moves host -> device per forward: our runtime's layer regions, diffusers' groups, or
-    SGLang's managers' host buffers (no resident layers: every layer streams every forward)."""
+    """Bytes a streamed DiT moves host -> device per forward: our runtime's streamed layer regions (not its
+    resident layers), diffusers' groups, or SGLang's managers' host buffers (no resident layers: every layer
+    streams every forward)."""
     if dit.get("layerwise"):
-        return dit["layerwise"]["host_bytes"]
+        # resident layers move once per pipeline call, not per forward (records from before them: all streamed)
+        return dit["layerwise"].get("streamed_bytes", dit["layerwise"]["host_bytes"])
     if dit.get("diffusers_group"):
         return dit["diffusers_group"]["streamed_bytes"]
     if dit.get("sglang_layerwise"):

@@ -54,7 +54,8 @@ _TOP_KEYS = {
     "name", "description", "model", "profile", "cards", "height", "width", "frames", "steps", "warmup", "rounds",
     "true_cfg_scale", "seed", "policy", "timeout_s", "flags", "axes", "exclude", "expect", "xfail", "backends",
 }
-_EXPECT_KEYS = {"lowest_peak", "fate", "same_output", "host", "invariants", "close_output_rtol", "beats_peer"}
+_EXPECT_KEYS = {"lowest_peak", "fate", "same_output", "host", "invariants", "close_output_rtol", "beats_peer",
+                "prefetch_peak_monotone", "resident_never_slows"}
 _HOST_KEYS = {"max_rss_over_weights", "max_pinned_held_over_requested", "min_setup_gbps"}
 _FATE_KEYS = {"cards", "where", "status", "phase"}
 
@@ -92,6 +93,10 @@ class Expectations:
     close_output_rtol: float | None = None
     # our layerwise cells are as fast as and peak no higher than other backends' (harness.expect.beats_peer_verdict)
     beats_peer: bool = False
+    # a larger prefetch window never lowers the denoise peak (harness.expect.prefetch_peak_verdict)
+    prefetch_peak_monotone: bool = False
+    # more resident DiT layers never slow a transfer-bound denoise step (harness.expect.resident_speed_verdict)
+    resident_never_slows: bool = False
 
 
 @dataclass(frozen=True)
@@ -434,7 +439,13 @@ def _expect(data: Any, path: Path, cards: tuple[Card, ...], backends: tuple[str,
         raise _err(path, "expect.beats_peer", f"expected true or false, got {beats!r}")
     if beats:
         _needs_peers(path, "expect.beats_peer", "step times and peaks", backends)
-    return Expectations(lowest, tuple(fates), same, _host_bounds(data.get("host"), path), invariants, rtol, beats)
+    switches = {}
+    for key in ("prefetch_peak_monotone", "resident_never_slows"):
+        switches[key] = data.get(key, False)
+        if not isinstance(switches[key], bool):
+            raise _err(path, f"expect.{key}", f"expected true or false, got {switches[key]!r}")
+    return Expectations(lowest, tuple(fates), same, _host_bounds(data.get("host"), path), invariants, rtol, beats,
+                        **switches)
 
 
 def _needs_peers(path: Path, field: str, what: str, backends: tuple[str, ...]) -> None:

@@ -493,6 +493,15 @@ def test_roofline_streams_sglang_managers_host_buffers_unless_layers_stay_reside
     assert row["H2D % of probe"] == 40.0  # 2 x 40 GB in 4 s = 20 GB/s of a 50 GB/s probe
 
 
+def test_roofline_counts_only_the_streamed_layers_of_our_runtime() -> None:
+    whole = _roof_record("harness", "cpu-offload", [999.0, 300.0, 300.0])
+    half = _roof_record("harness", "layerwise-from-host", [999.0, 1000.0, 1000.0],
+                        layerwise={"host_bytes": 40e9, "resident_bytes": 20e9, "streamed_bytes": 20e9})
+    row = roofline_rows([whole, half])[0]
+    assert row["streamed GB/forward"] == 20.0  # the resident half moves once per call, not per forward
+    assert row["predicted s/step"] == 0.8  # 2 x max(0.15, 20 GB / 50 GB/s)
+
+
 # ------------------------------------------------------------------------------------------------ beats_peer
 
 

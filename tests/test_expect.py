@@ -7,7 +7,14 @@ from typing import Any
 
 import pytest
 
-from harness.expect import demand, evaluate, fate_failures, lowest_peak_verdict, same_output_verdict
+from harness.expect import (
+    demand,
+    evaluate,
+    fate_failures,
+    invariant_failures,
+    lowest_peak_verdict,
+    same_output_verdict,
+)
 from harness.scenario import FateExpectation, expand, load_scenario
 from tests.helpers import make_record
 
@@ -217,3 +224,15 @@ def test_evaluate_passes_everything_if_tiny_scenario_behaves() -> None:
     records[1] = {**records[1], "status": "ok", "failed_phase": None}
     fates = [v for v in evaluate(scenario, records) if v.check == "fates" and v.card == "tiny-6m"]
     assert not fates[0].passed
+
+
+def test_invariant_bound_counts_the_dit_resident_layers() -> None:
+    layer, kept = 100, 3
+    lw = {"groups": {"blocks": {"layers": 6, "prefetch": 1}}, "largest_layer_by_group": {"blocks": layer},
+          "param_bytes": 6 * layer, "host_bytes": 6 * layer, "resident_bytes": kept * layer}
+    record = {"cell_id": "s/c/x", "components": {"dit": {"placement": "layerwise-from-host",
+                                                         "weight_bytes": 6 * layer + 50, "layerwise": lw}},
+              "phases": {"denoise": {"ledger_peak_bytes": 50 + kept * layer + 3 * layer}}}
+    assert invariant_failures(record) == []
+    record["phases"]["denoise"]["ledger_peak_bytes"] += 1
+    assert "resident layers" in invariant_failures(record)[0]

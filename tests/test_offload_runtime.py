@@ -75,10 +75,12 @@ def forward_all(model: nn.Module, inputs: list[torch.Tensor]) -> list[torch.Tens
         return [model(x) for x in inputs]
 
 
-def streamed(model: Toy, state: dict[str, torch.Tensor], p: float) -> tuple[Toy, LayerwiseRuntime, Device]:
+def streamed(model: Toy, state: dict[str, torch.Tensor], p: float, resident: float = 0.0,
+             policy: str = "leading") -> tuple[Toy, LayerwiseRuntime, Device]:
     m = copy.deepcopy(model)
     device = Device("cpu")
-    rt = LayerwiseRuntime(m, ("blocks",), device, prefetch_size=p, pin=True)
+    rt = LayerwiseRuntime(m, ("blocks",), device, prefetch_size=p, pin=True, resident_layers=resident,
+                          residency_policy=policy)
     rt.fill(reader(state))
     rt.attach()
     return m, rt, device
@@ -229,6 +231,64 @@ def test_layerwise_load_raises_simulated_oom_if_window_exceeds_cap(toy) -> None:
     assert rt.device.ledger_bytes <= 3 * layer
 
 
+@pytest.mark.parametrize("policy", ["leading", "strided"])
+@pytest.mark.parametrize(("resident", "kept"), [(0, 0), (2, 2), (0.5, 3), (5.0, 5), (6, 6), (99, 6)])
+@pytest.mark.parametrize("p", [1, 2, 4])
+def test_resident_layers_stay_and_the_rest_stream_with_the_window_rule(
+    toy, policy: str, resident: float, kept: int, p: int
+) -> None:
+    model, state, inputs = toy
+    expected = forward_all(model, inputs)
+    m, rt, device = streamed(model, state, p, resident, policy)
+    g = rt.groups[0]
+    layer = rt.layer_bytes()[0]
+    assert len(g.kept) == kept and len(g.streamed) == NUM_LAYERS - kept
+    assert g.kept | set(g.streamed) == set(range(NUM_LAYERS))
+    if policy == "leading":
+        assert g.kept == set(range(kept))
+    window = min(p, NUM_LAYERS - kept) if kept < NUM_LAYERS else 1
+    assert g.prefetch == window
+    assert rt.kept_bytes() == kept * layer and rt.streamed_bytes() == (NUM_LAYERS - kept) * layer
+    assert device.ledger_bytes == 0  # nothing is placed before the first forward (SGLang's "forward" lifetime)
+
+    got = forward_all(m, inputs)  # two forwards of one "request"
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert g.kept <= set(g.resident)  # kept layers stay between forwards
+    streamed_now = len(set(g.resident) - g.kept)
+    assert device.ledger_bytes == (kept + streamed_now) * layer
+    bound = kept + (2 * window if g.streamed else 0)
+    assert device.ledger_peak_bytes <= bound * layer
+    # kept layers move once per request, streamed ones once per forward (+ the wrap-around prefetch of window 0)
+    wrap = len(g.window(0)) if g.streamed and g.num_windows > 1 else 0
+    assert rt.copied_bytes == (kept + 2 * (NUM_LAYERS - kept) + wrap) * layer
+    rt.release_all()
+    assert device.ledger_bytes == 0 and rt.resident_layers() == 0
+    got = forward_all(m, inputs)  # the next request re-arms the kept set from the host regions
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_strided_residency_spreads_the_kept_layers() -> None:
+    torch.manual_seed(0)
+    m = Toy(layers=10)
+    rt = LayerwiseRuntime(m, ("blocks",), Device("cpu"), prefetch_size=1, pin=False, resident_layers=5,
+                          residency_policy="strided")
+    assert rt.groups[0].streamed == (0, 2, 4, 6, 8)
+    assert rt.groups[0].kept == {1, 3, 5, 7, 9}
+
+
+def test_resident_layers_over_the_cap_fail_at_the_first_forward_not_at_load(toy) -> None:
+    model, state, inputs = toy
+    m = copy.deepcopy(model)
+    rt = LayerwiseRuntime(m, ("blocks",), Device("cpu"), prefetch_size=1, pin=False, resident_layers=4)
+    layer = rt.layer_bytes()[0]
+    rt.device.cap_bytes = 5 * layer  # 4 kept + a window of 1 fit; the next window's prefetch does not
+    rt.fill(reader(state))
+    rt.attach()
+    assert rt.device.ledger_bytes == 0
+    with pytest.raises(SimulatedOutOfMemoryError):
+        forward_all(m, inputs[:1])
+
+
 # ------------------------------------------------------------------------------------------------ ComponentOffload
 
 
@@ -375,6 +435,30 @@ def test_tiny_dit_output_equals_resident_if_offloaded(tiny_dit, placement: str, 
     if comp.layerwise is not None:
         assert comp.layerwise.resident_layers() == 0
         assert device.ledger_bytes == resident_bytes - comp.layerwise.param_bytes()
-        assert comp.describe()["layerwise"]["groups"]["transformer_blocks"] == {"layers": 6, "prefetch": p}
+        assert comp.describe()["layerwise"]["groups"]["transformer_blocks"] == {
+            "layers": 6, "prefetch": p, "resident_layers": 0, "residency_policy": "leading", "resident_bytes": 0,
+            "streamed_layers": 6,
+        }
     else:
         assert device.ledger_bytes == 0
+
+
+@pytest.mark.parametrize("policy", ["leading", "strided"])
+@pytest.mark.parametrize("resident", [2, 0.5])
+def test_tiny_dit_with_resident_layers_equals_resident_and_records_them(tiny_dit, resident: float,
+                                                                        policy: str) -> None:
+    spec, ckpt, forward, expected, resident_bytes = tiny_dit
+    device = Device("cpu")
+    flags = OffloadFlags(dit_cpu_offload=True, dit_layerwise_offload=True, dit_offload_prefetch_size=1,
+                         dit_layerwise_resident_layers=resident, dit_layerwise_residency_policy=policy)
+    comp = load_component(spec, ckpt, "layerwise-from-host", device, pin=True, prefetch_size=1, flags=flags)
+    comp.before_use()
+    outs = [forward(comp.module), forward(comp.module)]
+    comp.after_use()
+    assert all(torch.equal(o, expected) for o in outs)
+    lw = comp.describe()["layerwise"]
+    kept = 2 if resident == 2 else 3
+    group = lw["groups"]["transformer_blocks"]
+    assert (group["resident_layers"], group["streamed_layers"], group["residency_policy"]) == (kept, 6 - kept, policy)
+    assert lw["resident_bytes"] + lw["streamed_bytes"] == lw["host_bytes"]
+    assert device.ledger_bytes == resident_bytes - comp.layerwise.param_bytes()  # after_use dropped the kept set

@@ -90,7 +90,14 @@ def version_key(version: str) -> tuple[int, ...]:
 
 
 def _request_key(request: EngineRequest) -> str:
-    return json.dumps(request.as_dict(), sort_keys=True)
+    """The request as JSON; flags newer than the recorded answers are left out at their defaults, so answers recorded
+    before the flags existed still match (the child passes them only off their defaults too)."""
+    from harness.engine.serverargs import LATER_FLAG_DEFAULTS
+
+    data = request.as_dict()
+    data["flags"] = {k: v for k, v in data["flags"].items()
+                     if k not in LATER_FLAG_DEFAULTS or v != LATER_FLAG_DEFAULTS[k]}
+    return json.dumps(data, sort_keys=True)
 
 
 def resolve_engine(version: str, requests: list[EngineRequest], *, timeout_s: float = DEFAULT_TIMEOUT_S,

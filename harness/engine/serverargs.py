@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -49,7 +50,16 @@ MODELLED_FLAGS = (
     "vae_cpu_offload",
     "dit_offload_prefetch_size",
     "pin_cpu_memory",
+    "dit_layerwise_resident_layers",
+    "dit_layerwise_residency_policy",
 )
+
+LATER_FLAG_DEFAULTS: dict[str, Any] = {
+    "dit_layerwise_resident_layers": 0.0,
+    "dit_layerwise_residency_policy": "leading",
+}
+"""Flags only newer releases have (0.5.23), with their ServerArgs defaults: passed only when a request moves them
+off the default (passing a default would mark it explicitly set), refused by a release without the field."""
 
 FAMILY_CHECKPOINTS: dict[str, tuple[str, str]] = {
     # family: (published checkpoint whose pipeline config SGLang registers, task type SGLang gives it)
@@ -63,8 +73,6 @@ EXTRA_FIELDS = (
     "image_encoder_cpu_offload",
     "use_fsdp_inference",
     "performance_mode",
-    "dit_layerwise_resident_layers",
-    "dit_layerwise_residency_policy",
     "component_residency",
     "cpu_offload_components",
 )
@@ -170,8 +178,14 @@ def resolve_one(server_args_cls: Any, version: str, request: dict[str, Any], cap
 
     config, note = _pipeline_config(request["family"], request["task"])
     kwargs: dict[str, Any] = {"model_path": FAMILY_CHECKPOINTS.get(request["family"], ("/fake",))[0]}
+    fields = {f.name for f in dataclasses.fields(server_args_cls)}
+    missing: list[str] = []
     for name, value in request["flags"].items():
-        if value is not None:
+        if name in LATER_FLAG_DEFAULTS and value == LATER_FLAG_DEFAULTS[name]:
+            continue
+        if name in LATER_FLAG_DEFAULTS and name not in fields:
+            missing.append(name)  # from_dict would drop it without a word
+        elif value is not None:
             kwargs[name] = value
     if request.get("performance_mode") is not None:
         kwargs["performance_mode"] = request["performance_mode"]
@@ -187,6 +201,9 @@ def resolve_one(server_args_cls: Any, version: str, request: dict[str, Any], cap
         "error": None,
         "extra": {},
     }
+    if missing:
+        answer["error"] = f"SGLang {version} has no {', '.join(missing)}"
+        return answer
     with _mocked_cuda(float(request["memory_gib"])), mock.patch.object(PipelineConfig, "from_kwargs",
                                                                        return_value=config):
         try:

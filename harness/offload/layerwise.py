@@ -7,10 +7,16 @@ Shape (after SGLang's LayerwiseOffloadManager, written from its description, not
   single copy on a side stream, and its parameters are views of that buffer; outside its window a parameter
   points at an empty placeholder, so a forward that touched a released layer would fail loudly instead of
   reading stale memory;
-- layers are grouped into windows of p layers. Entering window k prefetches window k+1 (the last window
-  prefetches window 0 of the next forward, so the transfer wraps across denoise steps and CFG passes); leaving a
-  layer releases it. So at most 2p layers are on the device: the window being computed and the one in flight.
-  (SGLang prefetches `i+p .. i+2p-1 mod n`, which differs only when p does not divide n.)
+- `dit_layerwise_resident_layers` r of a group's n layers stay on the device (which ones: the residency policy,
+  `harness.flags.streamed_layer_indices`): copied in at the first forward of a request (the first layer's
+  pre-hook) and dropped when the component's use ends (`release_all`), SGLang's default "forward" lifetime, so
+  they are transferred once per pipeline call instead of once per forward;
+- the other n - r layers stream: in their order they are grouped into windows of p layers. Entering window k
+  prefetches window k+1 (the last window prefetches window 0 of the next forward, so the transfer wraps across
+  denoise steps and CFG passes); leaving a layer releases it. So at most r + 2p layers are on the device: the
+  resident set, the window being computed and the one in flight. (SGLang prefetches `i+p .. i+2p-1 mod n`, which
+  differs only when p does not divide n, and under `strided` tops the stream up at every layer; here both
+  policies use the window rule, so a residency policy changes only which layers stream.)
 
 Why a prefetch copy waits for the compute stream: the CPU enqueues kernels far ahead of the GPU, and a buffer
 released on the compute stream goes back to its pool at once, in stream order, so the next allocation may get a
@@ -28,7 +34,7 @@ from typing import Any
 
 import torch
 
-from harness.flags import prefetch_layers
+from harness.flags import prefetch_layers, resident_layer_count, streamed_layer_indices
 from harness.offload.memory import Device, HostRegion, Layout, fill_regions, fresh_parameter, pin_all
 
 
@@ -41,21 +47,39 @@ class _Resident:
 
 @dataclass
 class _Group:
+    """One streamed ModuleList. `streamed`: its streamed layer indices in order (windows are taken over these
+    positions); `kept`: the layers kept on the device for a whole request; `prefetch`: p, at most the number of
+    streamed layers. `resident` holds every layer now on the device, kept or streamed."""
+
     name: str
     layers: list[torch.nn.Module]
     prefetch: int
+    streamed: tuple[int, ...]
+    kept: frozenset[int]
+    policy: str
     layouts: list[Layout] = field(default_factory=list)
     regions: list[HostRegion] = field(default_factory=list)
     params: list[list[tuple[torch.nn.Parameter, str]]] = field(default_factory=list)
     resident: dict[int, _Resident] = field(default_factory=dict)
     window_done: dict[int, Any] = field(default_factory=dict)
+    position: dict[int, int] = field(default_factory=dict)  # streamed layer -> its place in `streamed`
+    kept_armed: bool = False
+
+    def __post_init__(self) -> None:
+        self.position = {layer: s for s, layer in enumerate(self.streamed)}
 
     @property
     def num_windows(self) -> int:
-        return -(-len(self.layers) // self.prefetch)
+        return -(-len(self.streamed) // self.prefetch)
 
-    def window(self, k: int) -> range:
-        return range(k * self.prefetch, min((k + 1) * self.prefetch, len(self.layers)))
+    def window(self, k: int) -> tuple[int, ...]:
+        return self.streamed[k * self.prefetch : (k + 1) * self.prefetch]
+
+    def kept_bytes(self) -> int:
+        return sum(self.layouts[i].nbytes for i in self.kept)
+
+    def streamed_bytes(self) -> int:
+        return sum(self.layouts[i].nbytes for i in self.streamed)
 
 
 class LayerwiseRuntime:
@@ -67,6 +91,9 @@ class LayerwiseRuntime:
         device (Device): where layers are computed.
         prefetch_size (float): SGLang's `dit_offload_prefetch_size`; see `harness.flags.prefetch_layers`.
         pin (bool): page-lock the host regions.
+        resident_layers (float): SGLang's `dit_layerwise_resident_layers` per group; see
+            `harness.flags.resident_layer_count`.
+        residency_policy (str): "leading" or "strided"; see `harness.flags.streamed_layer_indices`.
 
     Example:
         >>> rt = LayerwiseRuntime(dit, ("transformer_blocks",), device, prefetch_size=4, pin=True)
@@ -75,7 +102,8 @@ class LayerwiseRuntime:
     """
 
     def __init__(
-        self, module: torch.nn.Module, groups: tuple[str, ...], device: Device, prefetch_size: float, pin: bool
+        self, module: torch.nn.Module, groups: tuple[str, ...], device: Device, prefetch_size: float, pin: bool,
+        resident_layers: float = 0.0, residency_policy: str = "leading",
     ) -> None:
         if not groups:
             raise ValueError(f"{type(module).__name__} declares no layer groups to stream")
@@ -88,7 +116,12 @@ class LayerwiseRuntime:
         self.copied_bytes = 0
         for gname in groups:
             layers = list(getattr(module, gname))
-            group = _Group(gname, layers, prefetch_layers(prefetch_size, len(layers)))
+            n = len(layers)
+            streamed = streamed_layer_indices(n, resident_layer_count(resident_layers, n), residency_policy)
+            # p counts streamed layers: with r kept, a window larger than the n - r streamed ones is all of them
+            prefetch = max(1, min(prefetch_layers(prefetch_size, n), len(streamed)))
+            kept = frozenset(range(n)) - set(streamed)
+            group = _Group(gname, layers, prefetch, streamed, kept, residency_policy)
             for i, layer in enumerate(layers):
                 named = list(layer.named_parameters(recurse=True))
                 layout = Layout.plan((f"{gname}.{i}.{n}", p.dtype, tuple(p.shape)) for n, p in named)
@@ -113,6 +146,14 @@ class LayerwiseRuntime:
 
     def layer_bytes(self) -> list[int]:
         return [layout.nbytes for g in self.groups for layout in g.layouts]
+
+    def kept_bytes(self) -> int:
+        """Device bytes of the layers kept for a whole request (region sizes: what a kept layer's buffer takes)."""
+        return sum(g.kept_bytes() for g in self.groups)
+
+    def streamed_bytes(self) -> int:
+        """Bytes one forward moves host -> device: the streamed layers' regions (kept layers move once a call)."""
+        return sum(g.streamed_bytes() for g in self.groups)
 
     def fill(self, read: Callable[[str, torch.Tensor], None]) -> None:
         """Fills every layer's region with `read(name, slot_view)`: a checkpoint reader's read_into, or a copy
@@ -143,15 +184,23 @@ class LayerwiseRuntime:
             for i in list(g.resident):
                 self._release(g, i)
             g.window_done.clear()
+            g.kept_armed = False
 
     # ----------------------------------------------------------------------------------------------- hooks
     def _make_pre_hook(self, g: _Group, i: int) -> Callable[..., None]:
         def pre_hook(module: torch.nn.Module, args: Any) -> None:
-            p = g.prefetch
-            if i % p == 0:
-                k = i // p
-                if k == 0:
+            if i == 0:
+                if not g.kept_armed:
+                    # The kept set first (the forward needs all of it), then the head of the stream.
+                    for j in sorted(g.kept):
+                        if j not in g.resident:
+                            self._prefetch(g, j)
+                    g.kept_armed = True
+                if g.streamed:
                     self._prefetch_window(g, 0)
+            s = g.position.get(i)
+            if s is not None and s % g.prefetch == 0:
+                k = s // g.prefetch
                 nxt = (k + 1) % g.num_windows
                 if nxt != k:
                     self._wait_window_done(g, k - 1 if k > 0 else g.num_windows - 1)
@@ -166,12 +215,15 @@ class LayerwiseRuntime:
 
     def _make_post_hook(self, g: _Group, i: int) -> Callable[..., None]:
         def post_hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            s = g.position.get(i)
+            if s is None:
+                return  # a kept layer stays until the component's use ends (release_all)
             self._release(g, i)
             p = g.prefetch
-            if self.device.is_cuda and (i % p == p - 1 or i == len(g.layers) - 1):
+            if self.device.is_cuda and (s % p == p - 1 or s == len(g.streamed) - 1):
                 done = torch.cuda.Event()
                 done.record(torch.cuda.current_stream(self.device.torch))
-                g.window_done[i // p] = done
+                g.window_done[s // p] = done
 
         return post_hook
 

@@ -121,8 +121,20 @@ class LoadedComponent:
         }
         if self.layerwise is not None:
             d["layerwise"] = {
-                "groups": {g.name: {"layers": len(g.layers), "prefetch": g.prefetch} for g in self.layerwise.groups},
+                "groups": {
+                    g.name: {
+                        "layers": len(g.layers),
+                        "prefetch": g.prefetch,
+                        "resident_layers": len(g.kept),
+                        "residency_policy": g.policy,
+                        "resident_bytes": g.kept_bytes(),
+                        "streamed_layers": len(g.streamed),
+                    }
+                    for g in self.layerwise.groups
+                },
                 "host_bytes": self.layerwise.host_bytes,
+                "resident_bytes": self.layerwise.kept_bytes(),
+                "streamed_bytes": self.layerwise.streamed_bytes(),
                 "param_bytes": self.layerwise.param_bytes(),
                 "largest_layer_by_group": {
                     g.name: max(layout.nbytes for layout in g.layouts) for g in self.layerwise.groups
@@ -289,7 +301,11 @@ def load_component(
             _materialise(module, reader, device, list(reader.names()))
             clock.lap("place_s")
         live = dict(module.named_parameters())  # the device copies, if any, read once by fill() below
-        rt = LayerwiseRuntime(module, spec.layer_groups, device, prefetch_size, pin)
+        rt = LayerwiseRuntime(
+            module, spec.layer_groups, device, prefetch_size, pin,
+            resident_layers=flags.dit_layerwise_resident_layers if flags is not None else 0.0,
+            residency_policy=flags.dit_layerwise_residency_policy if flags is not None else "leading",
+        )
         clock.lap("alloc_s")
         if placement == "layerwise-from-host":
             rt.fill(reader.read_into)
