@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
-from harness.flags import FlagError, OffloadFlags, check_policy, prefetch_layers, resolve
+from harness.flags import (
+    FlagError,
+    OffloadFlags,
+    check_policy,
+    prefetch_layers,
+    resident_layer_count,
+    resolve,
+    streamed_layer_indices,
+)
 
 LEGACY_MESSAGE = "layerwise offload is selected for DiT components, automatically disabling dit_cpu_offload."
 
@@ -183,3 +192,119 @@ def test_label_differs_if_prefetch_differs() -> None:
     a = OffloadFlags(dit_layerwise_offload=True, dit_offload_prefetch_size=0.1)
     b = OffloadFlags(dit_layerwise_offload=True, dit_offload_prefetch_size=0.1000001)
     assert a.label() != b.label()
+
+
+# ------------------------------------------------------------------------------------------------ resident layers
+
+
+@pytest.mark.parametrize("value", [-1, -0.25, math.nan, math.inf, True, "3", None, [2]])
+def test_resident_layers_flag_rejects_negative_nan_bool_or_non_number_naming_the_field(value: object) -> None:
+    # SGLang: "dit_layerwise_resident_layers must be non-negative" (ServerArgs._validate_offload, ValueError)
+    with pytest.raises(FlagError, match="dit_layerwise_resident_layers"):
+        OffloadFlags.from_mapping({"dit_layerwise_resident_layers": value})
+
+
+@pytest.mark.parametrize("value", ["Leading", "interleaved", "", None, 1, True])
+def test_residency_policy_flag_rejects_unknown_names_naming_the_field(value: object) -> None:
+    # SGLang: "Invalid --dit-layerwise-residency-policy ...; expected one of ('leading', 'strided')"
+    with pytest.raises(FlagError, match=r"dit_layerwise_residency_policy.*leading, strided"):
+        OffloadFlags.from_mapping({"dit_layerwise_residency_policy": value})
+
+
+def test_resident_flags_read_from_a_mapping_as_sglang_types() -> None:
+    flags = OffloadFlags.from_mapping({"dit_layerwise_resident_layers": 30,
+                                       "dit_layerwise_residency_policy": "strided"})
+    assert flags.dit_layerwise_resident_layers == 30.0 and isinstance(flags.dit_layerwise_resident_layers, float)
+    assert flags.dit_layerwise_residency_policy == "strided"
+
+
+@pytest.mark.parametrize(
+    ("value", "num_layers", "expected"),
+    [
+        (0, 60, 0),
+        (0.25, 60, 15),  # a fraction: max(1, round(v * n)) (layerwise_offload.configure_layerwise_offload)
+        (0.5, 60, 30),
+        (0.001, 60, 1),  # a tiny fraction still keeps one layer
+        (0.625, 4, 2),  # round(2.5) = 2: Python's banker's rounding, as SGLang's
+        (1.0, 60, 1),  # 1.0 is a count, not "all": v >= 1 -> int(v)
+        (38, 60, 38),
+        (99, 60, 60),  # at most the group
+        (30.7, 60, 30),  # int() (ServerArgs has floored it already)
+    ],
+)
+def test_resident_layer_count_follows_sglang(value: float, num_layers: int, expected: int) -> None:
+    assert resident_layer_count(value, num_layers) == expected
+
+
+@pytest.mark.parametrize("value", [-1, math.nan, True])
+def test_resident_layer_count_raises_if_value_is_invalid(value: object) -> None:
+    with pytest.raises(FlagError, match="dit_layerwise_resident_layers"):
+        resident_layer_count(value, 60)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 6, 19, 38, 60])
+@pytest.mark.parametrize("policy", ["leading", "strided"])
+def test_streamed_layers_partition_the_group_with_the_resident_count(num_layers: int, policy: str) -> None:
+    for resident in range(num_layers + 1):
+        streamed = streamed_layer_indices(num_layers, resident, policy)
+        assert len(streamed) == num_layers - resident
+        assert list(streamed) == sorted(set(streamed)) and all(0 <= i < num_layers for i in streamed)
+        if policy == "leading":
+            assert streamed == tuple(range(resident, num_layers))
+
+
+def test_strided_streams_layers_spread_evenly_as_sglang() -> None:
+    # compute_streamed_layers: round(k * n / (n - r)) for k < n - r
+    assert streamed_layer_indices(60, 30, "strided") == tuple(range(0, 60, 2))
+    assert streamed_layer_indices(6, 2, "strided") == (0, 2, 3, 4)
+    assert streamed_layer_indices(60, 0, "strided") == tuple(range(60))
+    with pytest.raises(FlagError, match="dit_layerwise_residency_policy"):
+        streamed_layer_indices(60, 1, "trailing")
+
+
+def test_label_names_resident_layers_and_policy_only_off_their_defaults() -> None:
+    base = OffloadFlags(dit_cpu_offload=True, dit_layerwise_offload=True, dit_offload_prefetch_size=1)
+    assert base.label() == "cpu1-lw1-te0-vae0-pf1-pin1"  # ids of records from before the flags stay
+    assert replace(base, dit_layerwise_resident_layers=30).label() == "cpu1-lw1-te0-vae0-pf1-pin1-res30"
+    assert replace(base, dit_layerwise_resident_layers=0.25, dit_layerwise_residency_policy="strided").label() \
+        == "cpu1-lw1-te0-vae0-pf1-pin1-res0.25-strided"
+
+
+@pytest.mark.parametrize(("value", "floored"), [(30.7, 30.0), (1.5, 1.0)])
+def test_resident_layers_are_floored_with_sglangs_message_if_non_integer_above_one(value: float,
+                                                                                   floored: float) -> None:
+    flags = OffloadFlags(dit_cpu_offload=True, dit_layerwise_offload=True, dit_layerwise_resident_layers=value)
+    r = resolve(flags, "sglang")
+    assert r.effective.dit_layerwise_resident_layers == floored
+    assert f"Invalid --dit-layerwise-resident-layers value passed, truncated to: {int(floored)}" in r.messages
+
+
+@pytest.mark.parametrize("value", [0.25, 0.5, 1.0, 38.0])
+def test_resident_layers_are_kept_if_fraction_or_integer(value: float) -> None:
+    flags = OffloadFlags(dit_cpu_offload=True, dit_layerwise_offload=True, dit_layerwise_resident_layers=value)
+    assert resolve(flags, "sglang").effective.dit_layerwise_resident_layers == value
+
+
+def test_resident_layers_and_policy_are_recorded_as_defaults_without_layerwise() -> None:
+    flags = OffloadFlags(dit_cpu_offload=True, dit_layerwise_resident_layers=30,
+                         dit_layerwise_residency_policy="strided")
+    r = resolve(flags, "sglang")
+    assert (r.effective.dit_layerwise_resident_layers, r.effective.dit_layerwise_residency_policy) == (0.0, "leading")
+    assert any("resident-layers has no effect" in m for m in r.messages)
+    assert any("residency-policy has no effect" in m for m in r.messages)
+
+
+def test_strided_without_resident_layers_is_the_leading_run() -> None:
+    flags = OffloadFlags(dit_cpu_offload=True, dit_layerwise_offload=True, dit_layerwise_residency_policy="strided")
+    r = resolve(flags, "sglang")
+    assert r.effective == replace(flags, dit_layerwise_residency_policy="leading")
+    assert any("--dit-layerwise-resident-layers is 0" in m for m in r.messages)
+
+
+@pytest.mark.parametrize("policy", ["sglang-legacy", "sglang-pre18997"])
+@pytest.mark.parametrize("change", [{"dit_layerwise_resident_layers": 4.0},
+                                    {"dit_layerwise_residency_policy": "strided"}])
+def test_eras_before_resident_layers_refuse_them(policy: str, change: dict[str, object]) -> None:
+    flags = replace(OffloadFlags(dit_cpu_offload=True, dit_layerwise_offload=True), **change)  # type: ignore[arg-type]
+    with pytest.raises(FlagError, match="#31538"):
+        resolve(flags, policy)
