@@ -3,6 +3,7 @@ the sampler interval option, per-round spread, and the copy timeline of our laye
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +143,7 @@ def test_copy_timeline_overlapping_copies_count_once() -> None:
     assert steps[0]["busy_ms"] == 6.0 and steps[0]["idle_gaps"] == 0
 
 
-def test_worker_records_telemetry_per_round_and_copy_timeline(tmp_path: Path) -> None:
+def test_worker_records_telemetry_per_round_and_copy_timeline(tmp_path: Path, capsys: Any) -> None:
     from harness.worker import run_cell
 
     path = _run_table(tmp_path, "copy_timeline = true\nsampler_interval_ms = 100")
@@ -164,3 +165,12 @@ def test_worker_records_telemetry_per_round_and_copy_timeline(tmp_path: Path) ->
     assert abs(rounds[1]["copy_timeline"]["steps"][1]["bytes"] - 2 * layer_bytes) <= layer_bytes
     assert "step_machine" not in rec["phases"]["denoise"] and "copy_timeline" not in rec["phases"]["denoise"]
     assert rec["rounds"]["spread"]["steady_step_ms"]["n"] == 2
+
+    # python -m harness.drift reads it back: one row per round, the spread, the null fields' reason
+    from harness import drift
+
+    run = tmp_path / "x.records.jsonl"
+    run.write_text(json.dumps(rec) + "\n")
+    assert drift.main([str(run)]) == 0
+    text = capsys.readouterr().out
+    assert "1 (warm-up)" in text and "| 3 " in text and "max/min" in text and "no NVML handle" in text
