@@ -131,7 +131,26 @@ def cell_entry(record: dict[str, Any]) -> dict[str, Any]:
         # What the cell ran (settings, card, flags, rounds, ...) without the scenario file's path; compare calls a
         # cell whose digest changed "not comparable" instead of judging numbers of a different experiment.
         "portable_spec_hash": record.get("portable_spec_hash"),
+        # The relative spread of each time metric across the cell's measured rounds; compare sets the timing
+        # tolerance from it (harness.compare.spread_tolerance). Absent with fewer than two measured rounds.
+        **({"spread": spread} if (spread := timing_spread(record)) else {}),
     }
+
+
+# Which per-round series of record["rounds"] measures the noise of which time metric.
+SPREAD_SERIES = {"denoise_step_ms": "steady_step_ms", "denoise_ms": "denoise_ms", "e2e_ms": "e2e_ms"}
+
+
+def timing_spread(record: dict[str, Any]) -> dict[str, float]:
+    """{time metric: (max - min) / median of its per-round series} over the record's measured rounds (two or more
+    with a value); records from before per-round step medians still give denoise_ms and e2e_ms."""
+    rounds = record.get("rounds") or {}
+    out: dict[str, float] = {}
+    for name, series in SPREAD_SERIES.items():
+        values = [v for v in rounds.get(series) or [] if _number(v)]
+        if len(values) >= 2 and (mid := statistics.median(values)) > 0:
+            out[name] = round((max(values) - min(values)) / mid, 4)
+    return out
 
 
 def run_sku(records: Iterable[dict[str, Any]], sku: str | None = None, where: str = "run") -> str:
@@ -294,6 +313,10 @@ def validate(data: Any, where: str) -> None:
         metrics = cell["metrics"]
         if not isinstance(metrics, dict) or not all(_number(v) for v in metrics.values()):
             raise bad(f"cells[{cell_id!r}].metrics must map metric names to numbers")
+        spread = cell.get("spread")  # optional: cells of one measured round, and older baselines, lack it
+        if spread is not None and not (isinstance(spread, dict) and all(_number(v) and v >= 0
+                                                                          for v in spread.values())):
+            raise bad(f"cells[{cell_id!r}].spread must map time metrics to non-negative numbers")
         digest = cell.get("portable_spec_hash")  # optional: baselines made before it existed lack it
         if digest is not None and not (isinstance(digest, str) and digest):
             raise bad(f"cells[{cell_id!r}].portable_spec_hash must be a non-empty string or null")

@@ -9,6 +9,9 @@ Counters, each under a name that says which it is:
 - `ledger_peak_bytes`: weight bytes the harness's runtimes placed on the device; on the CPU profile it is the only
   device counter (no allocator there), and a simulated card's cap is enforced against it.
 - `rss_peak_bytes`: host resident set, polled; `pinned_*`: host bytes page-locked by this process.
+- machine state per denoise step (`machine_state`: SM and memory clocks, temperature, power, throttle reasons, from
+  NVML), allocator statistics (`allocator_stats`: torch.cuda.memory_stats) and the host page cache
+  (`host_memory_state`: /proc/meminfo) per round: what the drift experiments of issue 18 read.
 Times come from CUDA events on the compute stream (`time_ms`) and from the host clock after a synchronize
 (`wall_ms`); on the CPU profile both are host-clock times.
 """
@@ -113,10 +116,113 @@ class Nvml:
         return out
 
 
+# NVML's clock event ("throttle") reason bits (nvml.h: nvmlClocksEventReason*), named here so that a record says
+# which limit held the clocks without the reader looking the mask up.
+THROTTLE_REASONS: dict[int, str] = {
+    0x1: "gpu_idle",
+    0x2: "applications_clocks_setting",
+    0x4: "sw_power_cap",
+    0x8: "hw_slowdown",
+    0x10: "sync_boost",
+    0x20: "sw_thermal_slowdown",
+    0x40: "hw_thermal_slowdown",
+    0x80: "hw_power_brake_slowdown",
+    0x100: "display_clock_setting",
+}
+MACHINE_FIELDS = ("sm_clock_mhz", "mem_clock_mhz", "temperature_c", "power_w", "throttle_reasons")
+
+
+def throttle_names(mask: int) -> list[str]:
+    """The names of the reason bits set in `mask` (unknown bits as hex)."""
+    names = [name for bit, name in THROTTLE_REASONS.items() if mask & bit]
+    rest = mask & ~sum(THROTTLE_REASONS)
+    return names + ([hex(rest)] if rest else [])
+
+
+def machine_state(nvml: Nvml | None) -> tuple[dict[str, Any], dict[str, str]]:
+    """One reading of the GPU's clocks, temperature, power and throttle reasons: (values, why each missing value
+    is missing). Every field of MACHINE_FIELDS is present in values; an unavailable one is None, with its reason
+    (no NVML, or the call's error: NVML_ERROR_NOT_SUPPORTED on some boards and in some containers)."""
+    values: dict[str, Any] = dict.fromkeys(MACHINE_FIELDS)
+    if nvml is None or nvml.handle is None:
+        why = "no NVML handle (CPU profile, or pynvml/driver unavailable)"
+        return values, dict.fromkeys(MACHINE_FIELDS, why)
+    nv, h = nvml._nv, nvml.handle
+    # pynvml renamed "throttle" to "clocks event" reasons; older releases have only the first name.
+    event_reasons = getattr(nv, "nvmlDeviceGetCurrentClocksEventReasons", None) or getattr(
+        nv, "nvmlDeviceGetCurrentClocksThrottleReasons", None
+    )
+    reads: dict[str, Any] = {
+        "sm_clock_mhz": lambda: int(nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM)),
+        "mem_clock_mhz": lambda: int(nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_MEM)),
+        "temperature_c": lambda: int(nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU)),
+        "power_w": lambda: round(nv.nvmlDeviceGetPowerUsage(h) / 1e3, 1),  # NVML reports milliwatts
+        "throttle_reasons": lambda: int(event_reasons(h)),
+    }
+    missing: dict[str, str] = {}
+    for key, read in reads.items():
+        try:
+            values[key] = read()
+        except Exception as e:  # pynvml.NVMLError and friends: the field stays None, with the reason
+            missing[key] = f"{type(e).__name__}: {e}"
+    if values["throttle_reasons"] is not None:
+        values["throttle_reason_names"] = throttle_names(values["throttle_reasons"])
+    return values, missing
+
+
+# torch.cuda.memory_stats keys kept per phase and per round, under names that say what they count.
+_ALLOCATOR_KEYS = {
+    "allocated_bytes.all.current": "allocated_bytes",
+    "allocated_bytes.all.peak": "allocated_peak_bytes",
+    "reserved_bytes.all.current": "reserved_bytes",
+    "reserved_bytes.all.peak": "reserved_peak_bytes",
+    "inactive_split_bytes.all.current": "inactive_split_bytes",
+    "inactive_split_bytes.all.peak": "inactive_split_peak_bytes",
+    "segment.all.current": "segments",
+    "segment.all.peak": "segments_peak",
+    "num_alloc_retries": "num_alloc_retries",
+    "num_ooms": "num_ooms",
+    "num_device_alloc": "num_device_alloc",
+    "num_device_free": "num_device_free",
+}
+
+
+def allocator_stats(stats: dict[str, Any]) -> dict[str, int]:
+    """The caching allocator's counters of `torch.cuda.memory_stats()` that explain reserved memory: current and
+    peak allocated/reserved bytes, inactive split bytes (free parts of split blocks: fragmentation), segments
+    (cudaMalloc'd blocks), and the cumulative retries (a cudaMalloc that failed, emptied the cache and retried: the
+    allocator at its limit), OOMs and device allocs/frees. Peaks are since the last reset (each phase start)."""
+    return {name: int(stats[key]) for key, name in _ALLOCATOR_KEYS.items() if key in stats}
+
+
+# /proc/meminfo fields of the host page cache and write-back, in bytes (the kernel writes kB).
+_MEMINFO_KEYS = {"MemAvailable": "mem_available_bytes", "Cached": "page_cache_bytes", "Dirty": "dirty_bytes",
+                 "Writeback": "writeback_bytes", "Mlocked": "mlocked_bytes"}
+
+
+def host_memory_state(meminfo: str | None = None) -> dict[str, int]:
+    """The host page cache (Cached), dirty and write-back bytes, available memory and mlocked bytes, from
+    /proc/meminfo (`meminfo`: its text, for tests); {} where it cannot be read."""
+    if meminfo is None:
+        try:
+            with open("/proc/meminfo") as f:
+                meminfo = f.read()
+        except OSError:
+            return {}
+    out: dict[str, int] = {}
+    for line in meminfo.splitlines():
+        key, _, rest = line.partition(":")
+        if key in _MEMINFO_KEYS and rest.split():
+            out[_MEMINFO_KEYS[key]] = int(rest.split()[0]) * 1024
+    return out
+
+
 class Sampler(threading.Thread):
     """Polls NVML per-process memory and host RSS; keeps the peak of the current phase and a coarse trace."""
 
     def __init__(self, nvml: Nvml | None, interval_s: float = 0.01, trace_every_s: float = 0.25) -> None:
+        """`interval_s` 0 means off: `start()` then starts no thread, and the peaks come from the samples taken
+        at each phase's start and end only (RunOptions.sampler_interval_ms)."""
         super().__init__(daemon=True, name="offload-bench-sampler")
         self.nvml, self.interval_s, self.trace_every_s = nvml, interval_s, trace_every_s
         self._stop_event = threading.Event()
@@ -126,6 +232,10 @@ class Sampler(threading.Thread):
         self.peaks: dict[str, dict[str, int]] = {}
         self.trace: list[tuple[float, str, int | None, int]] = []
         self._last_trace = -1e9
+
+    def start(self) -> None:
+        if self.interval_s > 0:
+            super().start()
 
     def run(self) -> None:
         while not self._stop_event.is_set():
@@ -170,6 +280,8 @@ class Meter:
     failed_phase: str | None = None
     on_enter: Any = None  # called with the phase name as it starts (fault injection in tests)
     probe: Any = None  # returns {component role: weight bytes on the device}, read at each phase start and end
+    step_probe: Any = None  # returns (values, why missing) of the machine (`machine_state`), read at each step mark
+    link_gbps: float | None = None  # the pinned-copy probe's rate: the copy timeline's limit
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[dict[str, Any]]:
@@ -206,6 +318,8 @@ class Meter:
                 rec["alloc_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device.torch)
                 rec["alloc_peak_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device.torch)
                 rec["alloc_end_allocated_bytes"] = torch.cuda.memory_allocated(self.device.torch)
+                with contextlib.suppress(Exception):
+                    rec["allocator"] = allocator_stats(torch.cuda.memory_stats(self.device.torch))
             else:
                 rec["time_ms"] = rec["wall_ms"]
             if self.probe is not None:
@@ -228,11 +342,18 @@ class Meter:
 
 
 class Timer:
-    """Per-step timing: CUDA events on the device (read after one synchronize at the end), host clock on CPU."""
+    """Per-step timing: CUDA events on the device (read after one synchronize at the end), host clock on CPU.
 
-    def __init__(self, device: Device) -> None:
+    With `probe` (e.g. `lambda: machine_state(nvml)`), each mark also takes one reading, in `readings`. It is
+    taken on the host as it enqueues the mark, not when the GPU reaches it: under layerwise offload the host is
+    at most a prefetch window ahead of the GPU, under a resident DiT it may be further ahead.
+    """
+
+    def __init__(self, device: Device, probe: Any = None) -> None:
         self.cuda = device.is_cuda
         self.marks: list[Any] = []
+        self.probe = probe
+        self.readings: list[Any] = []
 
     def mark(self) -> None:
         if self.cuda:
@@ -241,6 +362,17 @@ class Timer:
             self.marks.append(ev)
         else:
             self.marks.append(time.perf_counter())
+        if self.probe is not None:
+            self.readings.append(self.probe())
+
+    def offsets_ms(self) -> list[float]:
+        """Each mark's time since the first, in ms (on one clock with `harness.offload.timeline` readings)."""
+        if not self.marks:
+            return []
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [self.marks[0].elapsed_time(m) for m in self.marks]
+        return [(m - self.marks[0]) * 1e3 for m in self.marks]
 
     def intervals_ms(self) -> list[float]:
         if self.cuda:

@@ -20,6 +20,7 @@ import torch
 
 from harness.measure import Meter, Timer
 from harness.models import ModelSpec
+from harness.offload import timeline as copy_timeline
 from harness.offload.loader import LoadedComponent
 from harness.offload.memory import Device
 
@@ -115,6 +116,7 @@ def _outputs(latents: torch.Tensor, image: torch.Tensor, *, seq_len: int, cond_s
 
 def _denoise_loop(
     rec: dict[str, Any],
+    meter: Meter,
     dit: LoadedComponent,
     scheduler: Any,
     latents: torch.Tensor,
@@ -126,8 +128,15 @@ def _denoise_loop(
 ) -> torch.Tensor:
     """The loop every family shares: per step, `forward(t, latents)` runs the DiT once per prompt (true CFG: cond
     then uncond), `combine(preds)` turns the predictions into one, the scheduler steps. Each step is timed (CUDA
-    events on the device), and the DiT is handed back (component offload, layerwise release) at the end."""
-    timer = Timer(device)
+    events on the device), and the DiT is handed back (component offload, layerwise release) at the end.
+
+    With the meter's `step_probe`, each step mark also reads the machine (clocks, temperature, power, throttle
+    reasons: `step_machine`); with a copy recorder on our layerwise runtime, the copies are cut at the step marks
+    (`copy_timeline`, harness.offload.timeline)."""
+    timer = Timer(device, probe=meter.step_probe)
+    recorder = dit.layerwise.copy_recorder if dit.layerwise is not None else None
+    if recorder is not None:
+        recorder.clear()
     timer.mark()
     for i, t in enumerate(scheduler.timesteps):
         preds = forward(t, latents)
@@ -139,7 +148,21 @@ def _denoise_loop(
     dit.after_use()
     rec["step_ms"] = timer.intervals_ms()
     rec["forwards"] = settings.steps * settings.forwards_per_step
+    if timer.readings:
+        rec["step_machine"] = step_machine(timer.readings)
+    if recorder is not None:
+        steps = copy_timeline.per_step(recorder.spans(timer.marks[0]), timer.offsets_ms(), meter.link_gbps)
+        rec["copy_timeline"] = {"steps": steps, **copy_timeline.summary(steps)}
     return latents
+
+
+def step_machine(readings: list[tuple[dict[str, Any], dict[str, str]]]) -> dict[str, Any]:
+    """The machine readings of one denoise loop: the one before step 1, one at the end of each step, and why any
+    field is null (the union of the readings' reasons)."""
+    unavailable: dict[str, str] = {}
+    for _, missing in readings:
+        unavailable.update(missing)
+    return {"at_start": readings[0][0], "steps": [values for values, _ in readings[1:]], "unavailable": unavailable}
 
 
 def _plain_cfg(scale: float) -> Any:
@@ -245,7 +268,7 @@ def run_qwen_image(
             comb = uncond + settings.true_cfg_scale * (cond - uncond)
             return comb * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
 
-        latents = _denoise_loop(rec, dit, scheduler, latents, settings, device, forward, combine, progress)
+        latents = _denoise_loop(rec, meter, dit, scheduler, latents, settings, device, forward, combine, progress)
 
     with meter.phase("decode"), torch.inference_mode():
         vae.before_use()
@@ -348,7 +371,7 @@ def run_flux(
             ]
 
         combine = _plain_cfg(settings.true_cfg_scale)
-        latents = _denoise_loop(rec, dit, scheduler, latents, settings, device, forward, combine, progress)
+        latents = _denoise_loop(rec, meter, dit, scheduler, latents, settings, device, forward, combine, progress)
 
     with meter.phase("decode"), torch.inference_mode():
         vae.before_use()
@@ -423,7 +446,7 @@ def run_wan(
             ]
 
         combine = _plain_cfg(settings.true_cfg_scale)
-        latents = _denoise_loop(rec, dit, scheduler, latents, settings, device, forward, combine, progress)
+        latents = _denoise_loop(rec, meter, dit, scheduler, latents, settings, device, forward, combine, progress)
 
     with meter.phase("decode"), torch.inference_mode():
         vae.before_use()

@@ -53,6 +53,7 @@ _SGLANG_BACKEND = re.compile(r"^sglang(@\d+\.\d+\.\d+(\.post\d+)?)?$")
 _TOP_KEYS = {
     "name", "description", "model", "profile", "cards", "height", "width", "frames", "steps", "warmup", "rounds",
     "true_cfg_scale", "seed", "policy", "timeout_s", "flags", "axes", "exclude", "expect", "xfail", "backends",
+    "run",
 }
 _EXPECT_KEYS = {"lowest_peak", "fate", "same_output", "host", "invariants", "close_output_rtol", "beats_peer",
                 "prefetch_peak_monotone", "resident_never_slows"}
@@ -62,6 +63,45 @@ _FATE_KEYS = {"cards", "where", "status", "phase"}
 
 class ScenarioError(ValueError):
     """A scenario file is malformed or contradictory. The message starts with 'file: field:'."""
+
+
+# Families whose pipeline can run the two CFG passes as one batched forward (harness.pipeline).
+CFG_BATCH_FAMILIES = ("qwen-image", "wan")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How the child measures a cell: the scenario's `[run]` table. Only options that differ from the defaults
+    enter the cell's spec (so the spec hashes of scenarios without `[run]` stay as they were).
+
+    Args:
+        sampler_interval_ms (float): the NVML/RSS polling thread's period; 0 = off (peaks then come from the
+            samples taken at phase boundaries only). Default 10, as every record before this option.
+        copy_timeline (bool): CUDA events around every layer copy of our layerwise runtime, summarised per step
+            (copy busy time, idle gaps, bytes); opt-in, the events cost a little.
+        cfg_batch (tuple[bool, ...]): swept like backends: true runs the two CFG passes as one batched forward
+            (cell id suffix `+cfg-batch`); Qwen-Image and Wan families, true_cfg_scale > 1.
+        empty_cache_between_phases (bool): `torch.cuda.empty_cache()` after encode and after denoise, where
+            SGLang's pipeline frees an offloaded component's cache; the record says which mechanism ran.
+    """
+
+    sampler_interval_ms: float = 10.0
+    copy_timeline: bool = False
+    cfg_batch: tuple[bool, ...] = (False,)
+    empty_cache_between_phases: bool = False
+
+    def spec(self, cfg_batch: bool) -> dict[str, Any]:
+        """The options of one cell that differ from the defaults."""
+        out: dict[str, Any] = {}
+        if self.sampler_interval_ms != RunOptions.sampler_interval_ms:
+            out["sampler_interval_ms"] = self.sampler_interval_ms
+        if self.copy_timeline:
+            out["copy_timeline"] = True
+        if cfg_batch:
+            out["cfg_batch"] = True
+        if self.empty_cache_between_phases:
+            out["empty_cache_between_phases"] = True
+        return out
 
 
 @dataclass(frozen=True)
@@ -123,6 +163,7 @@ class Scenario:
     expect: Expectations = field(default_factory=Expectations)
     xfail: str | None = None  # the expectations are known to fail, and why (e.g. the pre-#26925 policy)
     backends: tuple[str, ...] = (HARNESS_BACKEND,)  # BACKENDS: who runs the layerwise DiT, swept like cards
+    run: RunOptions = field(default_factory=RunOptions)  # the `[run]` table: how the child measures
 
 
 @dataclass(frozen=True)
@@ -132,6 +173,7 @@ class Cell:
     resolution: Resolution
     same_as: str | None = None  # cell id of an earlier cell that runs the same code (see `expand`)
     backend: str = HARNESS_BACKEND
+    cfg_batch: bool = False  # the two CFG passes as one batched forward (RunOptions.cfg_batch)
 
     @property
     def requested(self) -> OffloadFlags:
@@ -141,7 +183,8 @@ class Cell:
     def cell_id(self) -> str:
         """`<scenario>/<card>/<flags label>`, plus `+<backend>` for a backend other than the harness's own (so the
         ids that results and baselines already key on stay as they were)."""
-        suffix = "" if self.backend == HARNESS_BACKEND else f"+{self.backend}"
+        suffix = "+cfg-batch" if self.cfg_batch else ""
+        suffix += "" if self.backend == HARNESS_BACKEND else f"+{self.backend}"
         return f"{self.scenario.name}/{self.card.name}/{self.requested.label()}{suffix}"
 
     def spec(self, device: str) -> dict[str, Any]:
@@ -167,6 +210,7 @@ class Cell:
             "requested": self.requested.as_dict(),
             "backend": self.backend,
             "device": device,
+            **({"run": run} if (run := s.run.spec(self.cfg_batch)) else {}),
             # An engine policy (sglang@<version>) was asked once, in the parent, for every cell of the card: the
             # child runs what SGLang's ServerArgs answered instead of asking again.
             **({"resolution": self.resolution.as_dict()} if self.resolution.engine_asked else {}),
@@ -309,6 +353,7 @@ def load_scenario(path: Path | str) -> Scenario:
         expect=_expect(data.get("expect", {}), path, cards, backends),
         xfail=_xfail(data.get("xfail"), path),
         backends=backends,
+        run=_run_options(data.get("run", {}), path, get_model(model).family, float(cfg)),
     )
     cells = expand(scenario)
     if not cells:
@@ -336,6 +381,35 @@ def _check_expectations_match(scenario: Scenario, cells: list[Cell], path: Path)
         if not any(matches(c.requested.as_dict(), f.where) for c in scope):
             raise _err(path, f"expect.fate[{i}].where",
                        f"{f.where} matches no cell of the matrix (cards {', '.join(sorted(f.cards or [])) or 'all'})")
+
+
+def _run_options(data: Any, path: Path, family: str, true_cfg_scale: float) -> RunOptions:
+    if not isinstance(data, dict):
+        raise _err(path, "run", "expected a table ([run])")
+    known = ("sampler_interval_ms", "copy_timeline", "cfg_batch", "empty_cache_between_phases")
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise _err(path, f"run.{unknown[0]}", f"unknown run option; known: {', '.join(known)}")
+    interval = data.get("sampler_interval_ms", RunOptions.sampler_interval_ms)
+    if isinstance(interval, bool) or not isinstance(interval, int | float) or not is_finite_number(interval) \
+            or interval < 0:
+        raise _err(path, "run.sampler_interval_ms", f"expected milliseconds >= 0 (0 = off), got {interval!r}")
+    for key in ("copy_timeline", "empty_cache_between_phases"):
+        if not isinstance(data.get(key, False), bool):
+            raise _err(path, f"run.{key}", f"expected true or false, got {data[key]!r}")
+    batch = data.get("cfg_batch", False)
+    values = batch if isinstance(batch, list) else [batch]
+    if not values or not all(isinstance(v, bool) for v in values) or len(set(values)) != len(values):
+        raise _err(path, "run.cfg_batch", f"expected true, false or a list of distinct booleans, got {batch!r}")
+    if any(values):
+        if family not in CFG_BATCH_FAMILIES:
+            raise _err(path, "run.cfg_batch", f"the {family!r} family has no batched CFG pipeline "
+                       f"(families: {', '.join(CFG_BATCH_FAMILIES)})")
+        if true_cfg_scale <= 1:
+            raise _err(path, "run.cfg_batch", "needs true CFG (true_cfg_scale > 1): one forward a step has nothing "
+                       "to batch")
+    return RunOptions(float(interval), data.get("copy_timeline", False), tuple(values),
+                      data.get("empty_cache_between_phases", False))
 
 
 def _xfail(value: Any, path: Path) -> str | None:
@@ -492,14 +566,16 @@ def expand(scenario: Scenario) -> list[Cell]:
             combos.append(OffloadFlags(**{**scenario.base_flags, **values}))
     cells: list[Cell] = []
     for card in scenario.cards:
-        first_by_effective: dict[tuple[str, OffloadFlags], str] = {}
+        first_by_effective: dict[tuple[str, bool, OffloadFlags], str] = {}
         resolutions = resolve_many(combos, scenario.policy, _engine_context(scenario, card))
         for backend in scenario.backends:
-            for resolution in resolutions:
-                cell = Cell(scenario, card, resolution, backend=backend)
-                runs_as = backend if resolution.effective.dit_layerwise_offload else "every backend"
-                same = first_by_effective.setdefault((runs_as, resolution.effective), cell.cell_id)
-                cells.append(cell if same == cell.cell_id else Cell(scenario, card, resolution, same, backend))
+            for batch in scenario.run.cfg_batch:
+                for resolution in resolutions:
+                    cell = Cell(scenario, card, resolution, backend=backend, cfg_batch=batch)
+                    runs_as = backend if resolution.effective.dit_layerwise_offload else "every backend"
+                    same = first_by_effective.setdefault((runs_as, batch, resolution.effective), cell.cell_id)
+                    cells.append(cell if same == cell.cell_id
+                                 else Cell(scenario, card, resolution, same, backend, batch))
     return cells
 
 

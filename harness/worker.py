@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import sys
 import time
 import traceback
@@ -55,7 +56,16 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from harness.flags import OffloadFlags, resolve
-    from harness.measure import Meter, Nvml, Sampler, apply_card_cap, host_rss_bytes, machine_info, run_end_stats
+    from harness.measure import (
+        Meter,
+        Nvml,
+        Sampler,
+        apply_card_cap,
+        host_rss_bytes,
+        machine_info,
+        machine_state,
+        run_end_stats,
+    )
     from harness.models import get_model
     from harness.models.checkpoint import ensure_checkpoint
     from harness.offload.loader import (
@@ -126,12 +136,16 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         return record
     device = Device(device_kind)
     nvml = Nvml(torch.cuda.current_device()) if device.is_cuda else None
-    sampler = Sampler(nvml)
+    options = run_options(spec)
+    record["run_options"] = options
+    sampler = Sampler(nvml, interval_s=options["sampler_interval_ms"] / 1e3)
     sampler.start()
     record["rss_start_bytes"] = host_rss_bytes()
-    meter = Meter(device, sampler, on_enter=_phase_start_hook(os.environ.get(FAULT_ENV)))
+    meter = Meter(device, sampler, on_enter=_phase_start_hook(os.environ.get(FAULT_ENV)),
+                  step_probe=lambda: machine_state(nvml))
     try:
         record["machine"] = machine_info(device, nvml)
+        meter.link_gbps = record["machine"].get("pinned_h2d_gbps")
         cap = spec["card"].get("cap_bytes")
         if cap:
             record["cap"] = apply_card_cap(int(cap), device, nvml)
@@ -160,16 +174,20 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
                     flags=flags,
                 )
         record["components"] = {role: c.describe() for role, c in comps.items()}
+        record["copy_timeline"] = attach_copy_recorder(comps["dit"], device, options["copy_timeline"])
         # Weights each component holds on the device, read at every phase start and end (the invariants).
         meter.probe = lambda: {role: c.device_weight_bytes(device) for role, c in comps.items()}
         warmup, rounds = int(spec.get("warmup", 0)), int(spec.get("rounds", 1))
         per_round: list[dict[str, Any]] = []
+        telemetry: list[dict[str, Any]] = []
+        record["telemetry"] = {"sampler_interval_ms": options["sampler_interval_ms"], "rounds": telemetry}
         for r in range(warmup + rounds):
             if warmup + rounds > 1:
                 _progress(f"round {r + 1}/{warmup + rounds}" + (" (warm-up)" if r < warmup else ""))
             meter.phases = {"load": meter.phases["load"]}
             out = run_pipeline(model, comps, settings, device, meter, progress=_progress)
             per_round.append({k: v for k, v in meter.phases.items() if k != "load"})
+            telemetry.append(round_telemetry(per_round[-1], r, warmup))
         meter.phases = merge_rounds(meter.phases["load"], per_round, warmup)
         record["rounds"] = round_times(per_round, warmup)
         latents = out.pop("final_latents")
@@ -204,6 +222,73 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
 
 _TIME_KEYS = ("time_ms", "wall_ms")
 
+# The run options a cell's spec may carry (harness.scenario.RunOptions), with the defaults of a spec without them.
+RUN_OPTION_DEFAULTS: dict[str, Any] = {
+    "sampler_interval_ms": 10.0,
+    "copy_timeline": False,
+    "cfg_batch": False,
+    "empty_cache_between_phases": False,
+}
+
+
+def run_options(spec: dict[str, Any]) -> dict[str, Any]:
+    """Every run option of the cell, its spec's value or the default (the record keeps them all)."""
+    return {**RUN_OPTION_DEFAULTS, **(spec.get("run") or {})}
+
+
+def attach_copy_recorder(dit: Any, device: Any, wanted: bool) -> dict[str, Any]:
+    """Under `copy_timeline`, gives our layerwise runtime a copy recorder; the record says whether one ran."""
+    if not wanted:
+        return {"enabled": False}
+    if dit.layerwise is None:
+        return {"enabled": False, "reason": f"the DiT is not streamed by our runtime ({dit.placement})"}
+    from harness.offload.timeline import CopyRecorder
+
+    dit.layerwise.copy_recorder = CopyRecorder(device.is_cuda)
+    return {"enabled": True, "clock": "CUDA events on the copy stream" if device.is_cuda else "host clock"}
+
+
+# Per-round phase keys that move to record["telemetry"] (they are per round; the merged phases keep one round).
+_PER_ROUND_KEYS = ("step_machine", "copy_timeline")
+
+
+def round_telemetry(phases: dict[str, dict[str, Any]], index: int, warmup: int) -> dict[str, Any]:
+    """What one pipeline call showed of the machine: per-step readings and copy timeline (moved out of its denoise
+    phase), the allocator's counters at each phase end, and the host's page cache and pinned bytes at its end."""
+    from harness.measure import host_memory_state, kernel_locked_bytes
+    from harness.offload.memory import PINNED
+
+    denoise = phases.get("denoise") or {}
+    out: dict[str, Any] = {"round": index, "warmup": index < warmup, "step_ms": denoise.get("step_ms"),
+                           "steady_step_ms": steady_median(denoise.get("step_ms") or [])}
+    for key in _PER_ROUND_KEYS:
+        if key in denoise:
+            out[key] = denoise.pop(key)
+    allocator = {name: rec["allocator"] for name, rec in phases.items() if "allocator" in rec}
+    if allocator:
+        out["allocator"] = allocator
+        out["alloc_peak_allocated_bytes"] = max(rec.get("allocated_peak_bytes", 0) for rec in allocator.values())
+        out["alloc_peak_reserved_bytes"] = max(rec.get("reserved_peak_bytes", 0) for rec in allocator.values())
+    out["host"] = {**host_memory_state(), **PINNED.snapshot(), **kernel_locked_bytes()}
+    return out
+
+
+def steady_median(step_ms: list[float]) -> float | None:
+    """The median of steps 2..n (the first step pays one-off costs), or of the one step there is."""
+    steps = step_ms[1:] if len(step_ms) > 1 else step_ms
+    return round(statistics.median(steps), 3) if steps else None
+
+
+def spread(values: list[float | None]) -> dict[str, Any] | None:
+    """min / median / max of per-round values and their relative spread (max - min) / median; None under 2."""
+    known = [v for v in values if isinstance(v, int | float)]
+    if len(known) < 2:
+        return None
+    mid = statistics.median(known)
+    return {"n": len(known), "min": min(known), "median": round(mid, 3), "max": max(known),
+            "max_over_min": round(max(known) / min(known), 4) if min(known) > 0 else None,
+            "relative": round((max(known) - min(known)) / mid, 4) if mid > 0 else None}
+
 
 def merge_rounds(load: dict[str, Any], per_round: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
     """One phases dict for the record: memory counters are the max over every round (a peak in the warm-up is
@@ -234,6 +319,10 @@ def round_times(per_round: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
         out[f"{phase}_ms"] = [r.get(phase, {}).get("time_ms") for r in measured]
     out["e2e_ms"] = [round(sum(r.get(p, {}).get("time_ms") or 0 for p in ("encode", "denoise", "decode")), 3)
                      for r in measured]
+    # Steady step time per measured round (median of steps 2..n) and the spread of each per-round series across
+    # rounds: what compare widens or narrows its timing tolerance by (harness.compare).
+    out["steady_step_ms"] = [steady_median(r.get("denoise", {}).get("step_ms") or []) for r in measured]
+    out["spread"] = {key: spread(out[key]) for key in ("steady_step_ms", "denoise_ms", "e2e_ms")}
     return out
 
 

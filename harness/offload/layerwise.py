@@ -36,6 +36,7 @@ import torch
 
 from harness.flags import prefetch_layers, resident_layer_count, streamed_layer_indices
 from harness.offload.memory import Device, HostRegion, Layout, fill_regions, fresh_parameter, pin_all
+from harness.offload.timeline import CopyRecorder, recorded
 
 
 @dataclass
@@ -114,6 +115,8 @@ class LayerwiseRuntime:
         self._placeholders: dict[torch.dtype, torch.Tensor] = {}
         self.copy_stream = torch.cuda.Stream(device.torch) if device.is_cuda else None
         self.copied_bytes = 0
+        # Set by the worker under `[run] copy_timeline`: brackets each layer copy (harness.offload.timeline).
+        self.copy_recorder: CopyRecorder | None = None
         for gname in groups:
             layers = list(getattr(module, gname))
             n = len(layers)
@@ -244,11 +247,13 @@ class LayerwiseRuntime:
             # host already waited for the window before, so this wait is on work that is done or nearly.)
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device.torch))
             with torch.cuda.stream(self.copy_stream):
-                buf.copy_(region.tensor, non_blocking=region.pinned)
+                with recorded(self.copy_recorder, layout.nbytes):
+                    buf.copy_(region.tensor, non_blocking=region.pinned)
                 ready = torch.cuda.Event()
                 ready.record(self.copy_stream)
         else:
-            buf.copy_(region.tensor)
+            with recorded(self.copy_recorder, layout.nbytes):
+                buf.copy_(region.tensor)
             ready = None
         self.copied_bytes += layout.nbytes
         res = _Resident(buf, ready, layout.views(buf))
