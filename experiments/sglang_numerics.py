@@ -11,9 +11,15 @@ published layer widths but few layers (seeded random weights, bf16), runs one fo
   alignment of each weight's device address (SGLang packs a layer into one flat buffer with 32-byte slices; our
   runtime uses 256 because cuBLAS chooses kernels by pointer alignment, harness/offload/memory.py),
 - under SGLang again with its slice alignment patched to 512 bytes,
+- again under SGLang, three uses of four forwards each (a denoise loop's lifecycle),
+- resident before SGLang is imported at all (the harness cells never import it), against the same after,
 
 and prints, per model, the relative L2 of the output and the first block whose output differs. One JSON line per
 model and variant goes to stdout and to --out.
+
+Measured on the H200 (session 4, results/h200/sglang-numerics.jsonl): with the first five steps, every model and
+variant was bit-identical to the resident forward, every forward of every use, and the full cells' difference is
+deterministic (the same latents digest with CUDA_LAUNCH_BLOCKING=1). The last step was added after that run.
 
     python -m experiments.sglang_numerics --version 0.5.23 --out results/h200/sglang-numerics.jsonl
 """
@@ -134,6 +140,7 @@ def run_variant(name: str, dit_cpu: torch.nn.Module, groups: tuple[str, ...], ve
         torch.cuda.synchronize()
         for h in handles:
             h.remove()
+        report["later_forwards_rel_l2"] = later_forwards(module, engine, inputs, ref_out)
         first = next((i for i, (a, b) in enumerate(zip(blocks, ref_blocks, strict=True)) if not torch.equal(a, b)),
                      None)
         report.update(bit_identical=bool(torch.equal(out, ref_out)), output_rel_l2=rel_l2(out, ref_out),
@@ -144,6 +151,19 @@ def run_variant(name: str, dit_cpu: torch.nn.Module, groups: tuple[str, ...], ve
     finally:
         if undo:
             undo()
+
+
+def later_forwards(module: torch.nn.Module, engine: SGLangLayerwise, inputs: dict[str, Any],
+                   ref_out: torch.Tensor, uses: int = 3, forwards_per_use: int = 4) -> list[list[float]]:
+    """The same input again, as a denoise loop calls it: several uses (before_use/after_use), several forwards
+    each (steps x CFG passes). A fresh forward matching says nothing about the second one."""
+    rows = []
+    with torch.inference_mode():
+        for _ in range(uses):
+            engine.before_use()
+            rows.append([rel_l2(module(**inputs)[0], ref_out) for _ in range(forwards_per_use)])
+            engine.after_use()
+    return rows
 
 
 def align_slices_to(nbytes: int, manager_cls: Any) -> Callable[[], Callable[[], None]]:
@@ -171,10 +191,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # As the worker does: transformers' generation stack (sklearn -> scipy.stats) is imported before the engine's
     # site joins sys.path; imported after, scipy's docscrape found a partial `sphinx` there and failed (H200 run).
+    import scipy.stats  # noqa: F401
     import transformers.generation  # noqa: F401
+    from transformers import AutoProcessor  # noqa: F401
 
-    layerwise, _, _ = load_engine(args.version)
     dev = torch.device("cuda")
+    # The harness cells never import SGLang; the sglang cells do. A global setting changed by that import would
+    # change every kernel of the sglang cell, not just the DiT's streaming: so one resident forward per model is
+    # taken before the import and compared with the same forward after it.
+    before_import = {}
+    for model in args.models:
+        dit, _ = build_dit(model, args.layers, args.seed)
+        resident = dit.to(dev)
+        move_plain_tensors(resident, dev)
+        with torch.inference_mode():
+            before_import[model] = resident(**inputs_for(model, dev, args.seed))[0].cpu()
+        del dit, resident
+        torch.cuda.empty_cache()
+    layerwise, _, _ = load_engine(args.version)
     lines = []
     for model in args.models:
         dit, groups = build_dit(model, args.layers, args.seed)
@@ -190,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                 h.remove()
             again = ref(**inputs)[0]
         base = {"model": model, "layers": args.layers, "version": args.version,
-                "reference_deterministic": bool(torch.equal(ref_out, again))}
+                "reference_deterministic": bool(torch.equal(ref_out, again)),
+                "reference_unchanged_by_engine_import": bool(torch.equal(ref_out.cpu(), before_import[model]))}
         for name, patch in (("sglang-default", None),
                             ("sglang-slices-512B", align_slices_to(512, layerwise.LayerwiseOffloadManager))):
             row = {**base, **run_variant(name, dit, groups, args.version, inputs, ref_out, ref_blocks, reference,
