@@ -129,8 +129,9 @@ class Expectations:
     host: dict[str, Any] | None = None  # host-cost bounds checked on every cell that ran (see harness.expect)
     invariants: bool = False  # the offload memory invariants hold in every cell that ran (harness.expect)
     # final latents of every other-backend cell that ran lie within this relative L2 distance of the harness cell
-    # with the same flags (harness.expect.close_output_verdict)
+    # with the same flags (harness.expect.close_output_verdict); a table in TOML names a backend's own distance
     close_output_rtol: float | None = None
+    close_output_rtol_by_backend: tuple[tuple[str, float], ...] = ()
     # our layerwise cells are as fast as and peak no higher than other backends' (harness.expect.beats_peer_verdict)
     beats_peer: bool = False
     # a larger prefetch window never lowers the denoise peak (harness.expect.prefetch_peak_verdict)
@@ -502,12 +503,7 @@ def _expect(data: Any, path: Path, cards: tuple[Card, ...], backends: tuple[str,
     invariants = data.get("invariants", False)
     if not isinstance(invariants, bool):
         raise _err(path, "expect.invariants", f"expected true or false, got {invariants!r}")
-    rtol = data.get("close_output_rtol")
-    if rtol is not None:
-        if isinstance(rtol, bool) or not isinstance(rtol, int | float) or not is_finite_number(rtol) or rtol <= 0:
-            raise _err(path, "expect.close_output_rtol", f"expected a positive finite number, got {rtol!r}")
-        _needs_peers(path, "expect.close_output_rtol", "latents", backends)
-        rtol = float(rtol)
+    rtol, rtol_by_backend = _close_output_rtol(data.get("close_output_rtol"), path, backends)
     beats = data.get("beats_peer", False)
     if not isinstance(beats, bool):
         raise _err(path, "expect.beats_peer", f"expected true or false, got {beats!r}")
@@ -518,8 +514,30 @@ def _expect(data: Any, path: Path, cards: tuple[Card, ...], backends: tuple[str,
         switches[key] = data.get(key, False)
         if not isinstance(switches[key], bool):
             raise _err(path, f"expect.{key}", f"expected true or false, got {switches[key]!r}")
-    return Expectations(lowest, tuple(fates), same, _host_bounds(data.get("host"), path), invariants, rtol, beats,
-                        **switches)
+    return Expectations(lowest, tuple(fates), same, _host_bounds(data.get("host"), path), invariants, rtol,
+                        rtol_by_backend, beats, **switches)
+
+
+def _close_output_rtol(value: Any, path: Path, backends: tuple[str, ...]
+                       ) -> tuple[float | None, tuple[tuple[str, float], ...]]:
+    """`close_output_rtol = 0.02`, or a table: `{ default = 0.02, "sglang@0.5.23" = 0.05 }` (a backend of the
+    scenario other than the harness one; the default covers the others)."""
+    field = "expect.close_output_rtol"
+    if value is None:
+        return None, ()
+    table = value if isinstance(value, dict) else {"default": value}
+    for key, rtol in table.items():
+        if isinstance(rtol, bool) or not isinstance(rtol, int | float) or not is_finite_number(rtol) or rtol <= 0:
+            raise _err(path, f"{field}.{key}" if isinstance(value, dict) else field,
+                       f"expected a positive finite number, got {rtol!r}")
+        if key != "default" and (key not in backends or key == HARNESS_BACKEND):
+            others = [b for b in backends if b != HARNESS_BACKEND]
+            raise _err(path, f"{field}.{key}", f"names no other backend of this scenario (backends: {others})")
+    if "default" not in table:
+        raise _err(path, field, "a table needs `default`, the distance for backends it does not name")
+    _needs_peers(path, field, "latents", backends)
+    by_backend = tuple(sorted((k, float(v)) for k, v in table.items() if k != "default"))
+    return float(table["default"]), by_backend
 
 
 def _needs_peers(path: Path, field: str, what: str, backends: tuple[str, ...]) -> None:

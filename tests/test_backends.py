@@ -371,6 +371,33 @@ def test_close_output_passes_within_rtol_and_fails_beyond(tmp_path: Path) -> Non
     assert close_output_verdict("native", [ours, bad], 0.9).passed
 
 
+def test_close_output_bound_of_a_named_backend_replaces_the_default_for_it_alone(tmp_path: Path) -> None:
+    ref = _latents()
+    far = (ref.float() + 0.5 * _latents(1).float()).to(torch.bfloat16)
+    ours = _rec(tmp_path, "harness", ref)
+    bad = _rec(tmp_path, "diffusers-group-rs", far)
+    other = _rec(tmp_path, "diffusers-group", far)
+    v = close_output_verdict("native", [ours, bad], 0.02, {"diffusers-group-rs": 0.9})
+    assert v.passed and "(its bound 0.9)" in v.message, v.message
+    v = close_output_verdict("native", [ours, bad, other], 0.02, {"diffusers-group-rs": 0.9})
+    assert not v.passed and "+diffusers-group vs" in v.message and "> 0.02" in v.message, v.message
+
+
+def test_close_output_rtol_table_loads_per_backend_and_refuses_unknown_names(tmp_path: Path) -> None:
+    table = {"default": 0.02, "diffusers-group": 0.05}
+    s = load_scenario(write(tmp_path, mutate(peer_scenario(), ("expect", "close_output_rtol"), table)))
+    assert s.expect.close_output_rtol == 0.02
+    assert s.expect.close_output_rtol_by_backend == (("diffusers-group", 0.05),)
+    for bad, field in (({"default": 0.02, "sglang@9.9.9": 0.05}, "sglang@9.9.9"),
+                       ({"default": 0.02, "harness": 0.05}, "harness"),
+                       ({"diffusers-group": 0.05}, None), ({"default": 0.02, "diffusers-group": 0}, "diffusers-group")):
+        file = write(tmp_path, mutate(peer_scenario(), ("expect", "close_output_rtol"), bad), "bad.toml")
+        with pytest.raises(ScenarioError) as info:
+            load_scenario(file)
+        where = "expect.close_output_rtol" + (f".{field}" if field else "")
+        assert str(info.value).startswith(f"{file}: {where}: "), str(info.value)
+
+
 def test_close_output_compares_only_cells_with_the_same_flags(tmp_path: Path) -> None:
     ref_lw1, ref_lw0 = _latents(0), _latents(5)
     recs = [
