@@ -56,7 +56,7 @@ _TOP_KEYS = {
     "run",
 }
 _EXPECT_KEYS = {"lowest_peak", "fate", "same_output", "host", "invariants", "close_output_rtol", "beats_peer",
-                "prefetch_peak_monotone", "resident_never_slows"}
+                "prefetch_peak_monotone", "resident_never_slows", "cfg_batch_rtol"}
 _HOST_KEYS = {"max_rss_over_weights", "max_pinned_held_over_requested", "min_setup_gbps"}
 _FATE_KEYS = {"cards", "where", "status", "phase"}
 
@@ -137,6 +137,9 @@ class Expectations:
     prefetch_peak_monotone: bool = False
     # more resident DiT layers never slow a transfer-bound denoise step (harness.expect.resident_speed_verdict)
     resident_never_slows: bool = False
+    # final latents of every cfg-batch cell within this relative L2 distance of the two-pass cell with the same flags
+    # and backend (harness.expect.cfg_batch_verdict); needs `[run] cfg_batch = [false, true]`
+    cfg_batch_rtol: float | None = None
 
 
 @dataclass(frozen=True)
@@ -325,6 +328,7 @@ def load_scenario(path: Path | str) -> Scenario:
     exclude = _exclude(data.get("exclude", []), path, axes)
     backends = _backends(data.get("backends", [HARNESS_BACKEND]), path)
     model_spec = get_model(model)
+    run = _run_options(data.get("run", {}), path, model_spec.family, float(cfg))
     multiple = model_spec.vae_scale * model_spec.patch
     height, width = _int(data, "height", path), _int(data, "width", path)
     for key, v in (("height", height), ("width", width)):
@@ -350,10 +354,10 @@ def load_scenario(path: Path | str) -> Scenario:
         base_flags=base_flags,
         axes=axes,
         exclude=exclude,
-        expect=_expect(data.get("expect", {}), path, cards, backends),
+        expect=_expect(data.get("expect", {}), path, cards, backends, run.cfg_batch),
         xfail=_xfail(data.get("xfail"), path),
         backends=backends,
-        run=_run_options(data.get("run", {}), path, get_model(model).family, float(cfg)),
+        run=run,
     )
     cells = expand(scenario)
     if not cells:
@@ -369,7 +373,7 @@ def _check_expectations_match(scenario: Scenario, cells: list[Cell], path: Path)
     for card in scenario.cards:
         mine = [c for c in cells if c.card.name == card.name]
         if expect.lowest_peak is not None:
-            hits = [c for c in mine if c.backend == HARNESS_BACKEND
+            hits = [c for c in mine if c.backend == HARNESS_BACKEND and not c.cfg_batch
                     and matches(c.requested.as_dict(), expect.lowest_peak)]
             if len(hits) != 1:
                 raise _err(path, "expect.lowest_peak",
@@ -463,7 +467,9 @@ def _exclude(data: Any, path: Path, axes: dict[str, list[Any]]) -> tuple[dict[st
     return tuple(out)
 
 
-def _expect(data: Any, path: Path, cards: tuple[Card, ...], backends: tuple[str, ...]) -> Expectations:
+def _expect(
+    data: Any, path: Path, cards: tuple[Card, ...], backends: tuple[str, ...], cfg_batch: tuple[bool, ...]
+) -> Expectations:
     if not isinstance(data, dict):
         raise _err(path, "expect", "expected a table")
     unknown = sorted(set(data) - _EXPECT_KEYS)
@@ -518,8 +524,17 @@ def _expect(data: Any, path: Path, cards: tuple[Card, ...], backends: tuple[str,
         switches[key] = data.get(key, False)
         if not isinstance(switches[key], bool):
             raise _err(path, f"expect.{key}", f"expected true or false, got {switches[key]!r}")
+    batch_rtol = data.get("cfg_batch_rtol")
+    if batch_rtol is not None:
+        if isinstance(batch_rtol, bool) or not isinstance(batch_rtol, int | float) or not is_finite_number(batch_rtol) \
+                or batch_rtol <= 0:
+            raise _err(path, "expect.cfg_batch_rtol", f"expected a positive finite number, got {batch_rtol!r}")
+        if set(cfg_batch) != {False, True}:
+            raise _err(path, "expect.cfg_batch_rtol", "compares cfg-batch cells with two-pass ones, so `[run] "
+                       f"cfg_batch` must be [false, true]; got {list(cfg_batch)}")
+        batch_rtol = float(batch_rtol)
     return Expectations(lowest, tuple(fates), same, _host_bounds(data.get("host"), path), invariants, rtol, beats,
-                        **switches)
+                        cfg_batch_rtol=batch_rtol, **switches)
 
 
 def _needs_peers(path: Path, field: str, what: str, backends: tuple[str, ...]) -> None:

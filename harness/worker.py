@@ -157,7 +157,8 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         record["checkpoint_s"] = round(time.perf_counter() - t0, 3)
         s = spec["settings"]
         settings = RunSettings(
-            s["height"], s["width"], s["steps"], s["true_cfg_scale"], s["seed"], frames=s.get("frames", 1)
+            s["height"], s["width"], s["steps"], s["true_cfg_scale"], s["seed"], frames=s.get("frames", 1),
+            cfg_batch=bool(options["cfg_batch"]),
         )
         comps: dict[str, Any] = {}
         with meter.phase("load"):
