@@ -176,6 +176,13 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
                 )
         record["components"] = {role: c.describe() for role, c in comps.items()}
         record["copy_timeline"] = attach_copy_recorder(comps["dit"], device, options["copy_timeline"])
+        if options["empty_cache_between_phases"]:
+            meter.on_exit = cache_release(placements, device)
+        record["cache_release"] = {
+            "mechanism": "torch.cuda.empty_cache" if options["empty_cache_between_phases"] else "none",
+            "after": [p for p in RUNTIME_PHASES if release_point(p, placements)]
+            if options["empty_cache_between_phases"] else [],
+        }
         # Weights each component holds on the device, read at every phase start and end (the invariants).
         meter.probe = lambda: {role: c.device_weight_bytes(device) for role, c in comps.items()}
         warmup, rounds = int(spec.get("warmup", 0)), int(spec.get("rounds", 1))
@@ -247,6 +254,35 @@ def attach_copy_recorder(dit: Any, device: Any, wanted: bool) -> dict[str, Any]:
 
     dit.layerwise.copy_recorder = CopyRecorder(device.is_cuda)
     return {"enabled": True, "clock": "CUDA events on the copy stream" if device.is_cuda else "host clock"}
+
+
+RUNTIME_PHASES = ("encode", "denoise", "decode")
+
+
+def release_point(phase: str, placements: dict[str, str]) -> bool:
+    """Whether SGLang's pipeline empties the allocator cache after `phase` (0.5.23: ComponentManager empties it
+    after releasing an offloaded or layerwise component's storage, gpu_worker at the end of each request): after
+    encode when the text encoder is offloaded, after denoise when the DiT is not resident, after decode always."""
+    if phase == "encode":
+        return placements["text_encoder"] != "resident"
+    if phase == "denoise":
+        return placements["dit"] != "resident"
+    return phase == "decode"
+
+
+def cache_release(placements: dict[str, str], device: Any) -> Any:
+    """The Meter's on_exit under `empty_cache_between_phases`: `torch.cuda.empty_cache()` at SGLang's release
+    points, recording in the phase the reserved bytes it handed back to the driver."""
+    import torch
+
+    def release(phase: str, rec: dict[str, Any]) -> None:
+        if not device.is_cuda or not release_point(phase, placements):
+            return
+        before = torch.cuda.memory_reserved(device.torch)
+        torch.cuda.empty_cache()
+        rec["empty_cache_freed_bytes"] = before - torch.cuda.memory_reserved(device.torch)
+
+    return release
 
 
 # Per-round phase keys that move to record["telemetry"] (they are per round; the merged phases keep one round).
