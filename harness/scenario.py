@@ -81,14 +81,20 @@ class RunOptions:
             (copy busy time, idle gaps, bytes); opt-in, the events cost a little.
         cfg_batch (tuple[bool, ...]): swept like backends: true runs the two CFG passes as one batched forward
             (cell id suffix `+cfg-batch`); Qwen-Image and Wan families, true_cfg_scale > 1.
-        empty_cache_between_phases (bool): `torch.cuda.empty_cache()` after encode and after denoise, where
-            SGLang's pipeline frees an offloaded component's cache; the record says which mechanism ran.
+        empty_cache_between_phases (bool): `torch.cuda.empty_cache()` at SGLang's release points (after encode
+            with the text encoder offloaded, after denoise with the DiT not resident, after decode); the record
+            says which mechanism ran.
+        setup_threads (int): threads that read checkpoints into host regions at load (harness.offload.memory).
+        setup_overlap_pin (bool): pin each host region as soon as it is read, overlapping other regions' reads;
+            false: all reads, then all pins (the loader before issue 18).
     """
 
     sampler_interval_ms: float = 10.0
     copy_timeline: bool = False
     cfg_batch: tuple[bool, ...] = (False,)
     empty_cache_between_phases: bool = False
+    setup_threads: int = 8
+    setup_overlap_pin: bool = True
 
     def spec(self, cfg_batch: bool) -> dict[str, Any]:
         """The options of one cell that differ from the defaults."""
@@ -101,6 +107,10 @@ class RunOptions:
             out["cfg_batch"] = True
         if self.empty_cache_between_phases:
             out["empty_cache_between_phases"] = True
+        if self.setup_threads != RunOptions.setup_threads:
+            out["setup_threads"] = self.setup_threads
+        if not self.setup_overlap_pin:
+            out["setup_overlap_pin"] = False
         return out
 
 
@@ -390,7 +400,8 @@ def _check_expectations_match(scenario: Scenario, cells: list[Cell], path: Path)
 def _run_options(data: Any, path: Path, family: str, true_cfg_scale: float) -> RunOptions:
     if not isinstance(data, dict):
         raise _err(path, "run", "expected a table ([run])")
-    known = ("sampler_interval_ms", "copy_timeline", "cfg_batch", "empty_cache_between_phases")
+    known = ("sampler_interval_ms", "copy_timeline", "cfg_batch", "empty_cache_between_phases", "setup_threads",
+             "setup_overlap_pin")
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise _err(path, f"run.{unknown[0]}", f"unknown run option; known: {', '.join(known)}")
@@ -398,9 +409,12 @@ def _run_options(data: Any, path: Path, family: str, true_cfg_scale: float) -> R
     if isinstance(interval, bool) or not isinstance(interval, int | float) or not is_finite_number(interval) \
             or interval < 0:
         raise _err(path, "run.sampler_interval_ms", f"expected milliseconds >= 0 (0 = off), got {interval!r}")
-    for key in ("copy_timeline", "empty_cache_between_phases"):
+    for key in ("copy_timeline", "empty_cache_between_phases", "setup_overlap_pin"):
         if not isinstance(data.get(key, False), bool):
             raise _err(path, f"run.{key}", f"expected true or false, got {data[key]!r}")
+    threads = data.get("setup_threads", RunOptions.setup_threads)
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 256:
+        raise _err(path, "run.setup_threads", f"expected an integer from 1 to 256, got {threads!r}")
     batch = data.get("cfg_batch", False)
     values = batch if isinstance(batch, list) else [batch]
     if not values or not all(isinstance(v, bool) for v in values) or len(set(values)) != len(values):
@@ -413,7 +427,7 @@ def _run_options(data: Any, path: Path, family: str, true_cfg_scale: float) -> R
             raise _err(path, "run.cfg_batch", "needs true CFG (true_cfg_scale > 1): one forward a step has nothing "
                        "to batch")
     return RunOptions(float(interval), data.get("copy_timeline", False), tuple(values),
-                      data.get("empty_cache_between_phases", False))
+                      data.get("empty_cache_between_phases", False), threads, data.get("setup_overlap_pin", True))
 
 
 def _xfail(value: Any, path: Path) -> str | None:

@@ -161,6 +161,9 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
             cfg_batch=bool(options["cfg_batch"]),
         )
         comps: dict[str, Any] = {}
+        from harness.offload import memory
+
+        memory.SETUP = memory.SetupOptions(int(options["setup_threads"]), bool(options["setup_overlap_pin"]))
         with meter.phase("load"):
             for role in ("text_encoder", "dit", "vae"):
                 _progress(f"loading {role} ({placements[role]})")
@@ -230,18 +233,14 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
 
 _TIME_KEYS = ("time_ms", "wall_ms")
 
-# The run options a cell's spec may carry (harness.scenario.RunOptions), with the defaults of a spec without them.
-RUN_OPTION_DEFAULTS: dict[str, Any] = {
-    "sampler_interval_ms": 10.0,
-    "copy_timeline": False,
-    "cfg_batch": False,
-    "empty_cache_between_phases": False,
-}
-
-
 def run_options(spec: dict[str, Any]) -> dict[str, Any]:
-    """Every run option of the cell, its spec's value or the default (the record keeps them all)."""
-    return {**RUN_OPTION_DEFAULTS, **(spec.get("run") or {})}
+    """Every run option of the cell (harness.scenario.RunOptions): its spec's value or the default; the record
+    keeps them all. cfg_batch is the cell's own value (a scenario sweeps it)."""
+    from dataclasses import asdict
+
+    from harness.scenario import RunOptions
+
+    return {**asdict(RunOptions()), "cfg_batch": False, **(spec.get("run") or {})}
 
 
 def attach_copy_recorder(dit: Any, device: Any, wanted: bool) -> dict[str, Any]:
