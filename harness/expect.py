@@ -178,51 +178,50 @@ def _latents_line(r: dict[str, Any], ref: dict[str, Any], rtol: float) -> tuple[
     return dist <= rtol, f"{_label(r)} vs {_label(ref)}: {dist:.3g}" + ("" if dist <= rtol else f" > {rtol}")
 
 
+def _close_to_reference(
+    check: str, card: str, pairs: list[tuple[dict[str, Any], dict[str, Any] | None]], rtol: float, which: str,
+    when_none: tuple[bool, str], note: Any = None,
+) -> Verdict:
+    """Each (cell, reference) pair's final latents within `rtol` (relative L2); a reference that did not run
+    fails the check; `note(cell, reference)` adds to a pair's line; `when_none` is the verdict without pairs."""
+    problems, passed = [], []
+    for r, ref in pairs:
+        if ref is None or ref["status"] != "ok":
+            why = "has no record" if ref is None else f"ended {ref['status']}"
+            problems.append(f"{_label(r)}: the {which} cell with the same flags {why}, nothing to compare with")
+            continue
+        ok, line = _latents_line(r, ref, rtol)
+        line += note(r, ref) if note else ""
+        (passed if ok else problems).append(line)
+    if problems:
+        return Verdict(check, card, False, "; ".join(problems))
+    if not passed:
+        return Verdict(check, card, *when_none)
+    return Verdict(check, card, True, f"relative L2 of final latents within {rtol}: {'; '.join(passed)}")
+
+
 def close_output_verdict(card: str, records: list[dict[str, Any]], rtol: float) -> Verdict:
     """Every other-backend cell that ran is within `rtol` (relative L2 of final latents) of the harness-backend cell
     with the same requested flags."""
     ref = {_flags_key(r): r for r in records if backend_of(r) == HARNESS_BACKEND}
-    problems, passed = [], []
-    for r in records:
-        if backend_of(r) == HARNESS_BACKEND or r["status"] != "ok":
-            continue
-        peer = ref.get(_flags_key(r))
-        if peer is None or peer["status"] != "ok":
-            why = "has no record" if peer is None else f"ended {peer['status']}"
-            problems.append(f"{_label(r)}: the harness cell with the same flags {why}, nothing to compare with")
-            continue
-        ok, line = _latents_line(r, peer, rtol)
-        (passed if ok else problems).append(line)
-    if problems:
-        return Verdict("close_output", card, False, "; ".join(problems))
-    if not passed:
-        return Verdict("close_output", card, True, "no other-backend cell ran: nothing to compare")
-    return Verdict("close_output", card, True, f"relative L2 of final latents within {rtol}: {'; '.join(passed)}")
+    pairs = [(r, ref.get(_flags_key(r))) for r in records if backend_of(r) != HARNESS_BACKEND and r["status"] == "ok"]
+    return _close_to_reference("close_output", card, pairs, rtol, "harness",
+                               (True, "no other-backend cell ran: nothing to compare"))
 
 
 def cfg_batch_verdict(card: str, records: list[dict[str, Any]], rtol: float) -> Verdict:
     """Every cfg-batch cell that ran is within `rtol` (relative L2 of final latents) of the two-pass cell with the
     same flags and backend; each line also gives the steady step time of both and their ratio."""
     two_pass = {(backend_of(r), _flags_key(r)): r for r in records if not cfg_batched(r)}
-    problems, passed = [], []
-    for r in records:
-        if not cfg_batched(r) or r["status"] != "ok":
-            continue
-        ref = two_pass.get((backend_of(r), _flags_key(r)))
-        if ref is None or ref["status"] != "ok":
-            why = "has no record" if ref is None else f"ended {ref['status']}"
-            problems.append(f"{_label(r)}: the two-pass cell with the same flags {why}, nothing to compare with")
-            continue
-        ok, line = _latents_line(r, ref, rtol)
+    pairs = [(r, two_pass.get((backend_of(r), _flags_key(r)))) for r in records
+             if cfg_batched(r) and r["status"] == "ok"]
+
+    def step_ratio(r: dict[str, Any], ref: dict[str, Any]) -> str:
         t_batch, t_two = median_step_s(r), median_step_s(ref)
-        if t_batch and t_two:
-            line += f"; step {t_batch:.3f} s vs {t_two:.3f} s two-pass ({t_batch / t_two:.2f}x)"
-        (passed if ok else problems).append(line)
-    if problems:
-        return Verdict("cfg_batch", card, False, "; ".join(problems))
-    if not passed:
-        return Verdict("cfg_batch", card, False, "no cfg-batch cell ran: nothing to compare")
-    return Verdict("cfg_batch", card, True, f"relative L2 of final latents within {rtol}: {'; '.join(passed)}")
+        return f"; step {t_batch:.3f} s vs {t_two:.3f} s two-pass ({t_batch / t_two:.2f}x)" if t_batch and t_two else ""
+
+    return _close_to_reference("cfg_batch", card, pairs, rtol, "two-pass",
+                               (False, "no cfg-batch cell ran: nothing to compare"), step_ratio)
 
 
 def _streamed(record: dict[str, Any]) -> bool:
