@@ -63,6 +63,26 @@ def round_rows(record: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
+def reserved_rows(record: dict[str, Any]) -> list[list[Any]]:
+    """One row per phase with a reserved-memory attribution (the merged phases: peaks are the max over rounds)."""
+    rows = []
+    for name, ph in (record.get("phases") or {}).items():
+        att = ph.get("reserved_attribution")
+        if not att:
+            continue
+        streams = att.get("reserved_by_stream_bytes") or {}
+        rows.append([name, _mib(att.get("reserved_peak_bytes")), _mib(att.get("allocated_peak_bytes")),
+                     _mib(att.get("gap_bytes")), _mib(att.get("cached_from_earlier_bytes")),
+                     _mib(att.get("inactive_split_peak_bytes")), _mib(att.get("unexplained_bytes")),
+                     ", ".join(f"{k}: {_mib(v)}" for k, v in sorted(streams.items())),
+                     _mib(ph.get("empty_cache_freed_bytes"))])
+    return rows
+
+
+RESERVED_HEADERS = ["phase", "alloc peak reserved MiB", "alloc peak allocated MiB", "gap MiB",
+                    "cached from earlier MiB", "inactive split peak MiB", "unexplained MiB",
+                    "reserved by stream MiB (end)", "empty_cache freed MiB"]
+
 HEADERS = ["round", "steady step ms", "SM MHz", "mem MHz", "temp C", "power W", "throttle reasons",
            "alloc peak allocated MiB", "alloc peak reserved MiB", "alloc retries (cumulative)", "segments",
            "host page cache MiB", "host dirty MiB", "pinned requested MiB", "copy busy fraction",
@@ -83,6 +103,11 @@ def render(records: list[dict[str, Any]]) -> str:
         if spread:
             out += [f"measured rounds' steady step: min {spread['min']} / median {spread['median']} / max "
                     f"{spread['max']} ms, max/min {spread['max_over_min']}", ""]
+        reserved = reserved_rows(rec)
+        if reserved:
+            mechanism = (rec.get("cache_release") or {}).get("mechanism", "none")
+            out += [f"reserved memory by phase (allocator; cache release: {mechanism})", "",
+                    tabulate(reserved, headers=RESERVED_HEADERS, tablefmt="github", disable_numparse=True), ""]
         unavailable = {k: v for r in (tele.get("rounds") or [])
                        for k, v in ((r.get("step_machine") or {}).get("unavailable") or {}).items()}
         if unavailable:

@@ -26,6 +26,10 @@
   slack) than one with fewer whose step is transfer-bound: its streamed bytes x forwards over the probe's pinned
   H2D rate are at least half its measured step. Pairs whose smaller cell is not transfer-bound, or that lack the
   probe, are listed as not compared.
+- `cfg_batch_rtol = r`: every cfg-batch cell (`[run] cfg_batch`, the two CFG passes as one batched forward: a
+  different workload) that ran computed final latents within relative L2 distance r of the two-pass cell with the
+  same flags and backend; the verdict also gives the step-time ratio batched / two-pass. lowest_peak, same_output,
+  close_output and beats_peer judge the two-pass cells only.
 - `invariants`, `host`: per-cell checks, below.
 """
 
@@ -41,6 +45,11 @@ from typing import Any
 from harness.results import loaded, summarize_peaks
 from harness.roofline import median_step_s
 from harness.scenario import HARNESS_BACKEND, FateExpectation, Scenario, matches
+
+
+def cfg_batched(record: dict[str, Any]) -> bool:
+    """The cell ran true CFG's two passes as one batched forward (`[run] cfg_batch`)."""
+    return bool((record.get("run_options") or {}).get("cfg_batch"))
 
 
 def backend_of(record: dict[str, Any]) -> str:
@@ -160,35 +169,64 @@ def latents_distance(path: str | Path, ref_path: str | Path) -> float:
     return diff / ref_norm if ref_norm else (0.0 if diff == 0 else float("inf"))
 
 
+def _latents_line(r: dict[str, Any], ref: dict[str, Any], rtol: float) -> tuple[bool, str]:
+    """(within rtol, the line saying so) for the final latents of `r` against those of `ref`."""
+    try:
+        if not r.get("latents_path") or not ref.get("latents_path"):
+            raise ValueError(f"no latents_path in the record of {_label(r if not r.get('latents_path') else ref)}")
+        dist = latents_distance(r["latents_path"], ref["latents_path"])
+    except (OSError, ValueError, RuntimeError) as e:
+        return False, f"{_label(r)}: cannot compare with {_label(ref)}: {type(e).__name__}: {e}"
+    return dist <= rtol, f"{_label(r)} vs {_label(ref)}: {dist:.3g}" + ("" if dist <= rtol else f" > {rtol}")
+
+
+def _close_to_reference(
+    check: str, card: str, pairs: list[tuple[dict[str, Any], dict[str, Any] | None]], rtol: float, which: str,
+    when_none: tuple[bool, str], note: Any = None, rtol_by_backend: Mapping[str, float] | None = None,
+) -> Verdict:
+    """Each (cell, reference) pair's final latents within `rtol` (relative L2; `rtol_by_backend` where it names the
+    cell's backend); a reference that did not run fails the check; `note(cell, reference)` adds to a pair's line;
+    `when_none` is the verdict without pairs."""
+    problems, passed = [], []
+    for r, ref in pairs:
+        if ref is None or ref["status"] != "ok":
+            why = "has no record" if ref is None else f"ended {ref['status']}"
+            problems.append(f"{_label(r)}: the {which} cell with the same flags {why}, nothing to compare with")
+            continue
+        bound = (rtol_by_backend or {}).get(backend_of(r), rtol)
+        ok, line = _latents_line(r, ref, bound)
+        line += ("" if bound == rtol else f" (its bound {bound})") + (note(r, ref) if note else "")
+        (passed if ok else problems).append(line)
+    if problems:
+        return Verdict(check, card, False, "; ".join(problems))
+    if not passed:
+        return Verdict(check, card, *when_none)
+    return Verdict(check, card, True, f"relative L2 of final latents within {rtol}: {'; '.join(passed)}")
+
+
 def close_output_verdict(card: str, records: list[dict[str, Any]], rtol: float,
                          rtol_by_backend: Mapping[str, float] | None = None) -> Verdict:
     """Every other-backend cell that ran is within `rtol` (relative L2 of final latents; `rtol_by_backend` where it
     names the cell's backend) of the harness-backend cell with the same requested flags."""
     ref = {_flags_key(r): r for r in records if backend_of(r) == HARNESS_BACKEND}
-    problems, passed = [], []
-    for r in records:
-        if backend_of(r) == HARNESS_BACKEND or r["status"] != "ok":
-            continue
-        peer = ref.get(_flags_key(r))
-        if peer is None or peer["status"] != "ok":
-            why = "has no record" if peer is None else f"ended {peer['status']}"
-            problems.append(f"{_label(r)}: the harness cell with the same flags {why}, nothing to compare with")
-            continue
-        try:
-            if not r.get("latents_path") or not peer.get("latents_path"):
-                raise ValueError(f"no latents_path in the record of {_label(r if not r.get('latents_path') else peer)}")
-            dist = latents_distance(r["latents_path"], peer["latents_path"])
-        except (OSError, ValueError, RuntimeError) as e:
-            problems.append(f"{_label(r)}: cannot compare with {_label(peer)}: {type(e).__name__}: {e}")
-            continue
-        bound = (rtol_by_backend or {}).get(backend_of(r), rtol)
-        line = f"{_label(r)} vs {_label(peer)}: {dist:.3g}" + ("" if bound == rtol else f" (its bound {bound})")
-        (passed if dist <= bound else problems).append(line + ("" if dist <= bound else f" > {bound}"))
-    if problems:
-        return Verdict("close_output", card, False, "; ".join(problems))
-    if not passed:
-        return Verdict("close_output", card, True, "no other-backend cell ran: nothing to compare")
-    return Verdict("close_output", card, True, f"relative L2 of final latents within {rtol}: {'; '.join(passed)}")
+    pairs = [(r, ref.get(_flags_key(r))) for r in records if backend_of(r) != HARNESS_BACKEND and r["status"] == "ok"]
+    return _close_to_reference("close_output", card, pairs, rtol, "harness",
+                               (True, "no other-backend cell ran: nothing to compare"), rtol_by_backend=rtol_by_backend)
+
+
+def cfg_batch_verdict(card: str, records: list[dict[str, Any]], rtol: float) -> Verdict:
+    """Every cfg-batch cell that ran is within `rtol` (relative L2 of final latents) of the two-pass cell with the
+    same flags and backend; each line also gives the steady step time of both and their ratio."""
+    two_pass = {(backend_of(r), _flags_key(r)): r for r in records if not cfg_batched(r)}
+    pairs = [(r, two_pass.get((backend_of(r), _flags_key(r)))) for r in records
+             if cfg_batched(r) and r["status"] == "ok"]
+
+    def step_ratio(r: dict[str, Any], ref: dict[str, Any]) -> str:
+        t_batch, t_two = median_step_s(r), median_step_s(ref)
+        return f"; step {t_batch:.3f} s vs {t_two:.3f} s two-pass ({t_batch / t_two:.2f}x)" if t_batch and t_two else ""
+
+    return _close_to_reference("cfg_batch", card, pairs, rtol, "two-pass",
+                               (False, "no cfg-batch cell ran: nothing to compare"), step_ratio)
 
 
 def _streamed(record: dict[str, Any]) -> bool:
@@ -415,19 +453,22 @@ def evaluate(scenario: Scenario, records: list[dict[str, Any]]) -> list[Verdict]
     verdicts = []
     for card in scenario.cards:
         group = [r for r in records if r["card"]["name"] == card.name and r["scenario"] == scenario.name]
+        two_pass = [r for r in group if not cfg_batched(r)]  # cfg-batch cells are another workload: judged apart
         if scenario.expect.lowest_peak is not None:
-            verdicts.append(lowest_peak_verdict(card.name, group, scenario.expect.lowest_peak))
+            verdicts.append(lowest_peak_verdict(card.name, two_pass, scenario.expect.lowest_peak))
         if scenario.expect.same_output:
-            verdicts.append(same_output_verdict(card.name, group))
+            verdicts.append(same_output_verdict(card.name, two_pass))
         if scenario.expect.close_output_rtol is not None:
-            verdicts.append(close_output_verdict(card.name, group, scenario.expect.close_output_rtol,
+            verdicts.append(close_output_verdict(card.name, two_pass, scenario.expect.close_output_rtol,
                                                  dict(scenario.expect.close_output_rtol_by_backend)))
         if scenario.expect.beats_peer:
-            verdicts.append(beats_peer_verdict(card.name, group))
+            verdicts.append(beats_peer_verdict(card.name, two_pass))
         if scenario.expect.prefetch_peak_monotone:
-            verdicts.append(prefetch_peak_verdict(card.name, group))
+            verdicts.append(prefetch_peak_verdict(card.name, two_pass))
         if scenario.expect.resident_never_slows:
-            verdicts.append(resident_speed_verdict(card.name, group))
+            verdicts.append(resident_speed_verdict(card.name, two_pass))
+        if scenario.expect.cfg_batch_rtol is not None:
+            verdicts.append(cfg_batch_verdict(card.name, group, scenario.expect.cfg_batch_rtol))
         if scenario.expect.invariants:
             inv = [m for r in group if r["status"] == "ok" for m in invariant_failures(r)]
             verdicts.append(Verdict("invariants", card.name, not inv, "; ".join(inv) or "all hold"))

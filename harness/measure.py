@@ -195,6 +195,40 @@ def allocator_stats(stats: dict[str, Any]) -> dict[str, int]:
     return {name: int(stats[key]) for key, name in _ALLOCATOR_KEYS.items() if key in stats}
 
 
+def reserved_attribution(
+    start: dict[str, int], end: dict[str, int], segments: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Where a phase's reserved-over-allocated gap can come from, from allocator counters (`allocator_stats` at the
+    phase's start and end) and optionally the segments of `torch.cuda.memory_snapshot()` at its end:
+
+    - `cached_from_earlier_bytes`: reserved but unallocated at the phase start: blocks an earlier phase freed and
+      the allocator kept (an offloaded text encoder's, a previous round's);
+    - `inactive_split_peak_bytes`: the peak of free parts of split blocks during the phase (fragmentation);
+    - `reserved_by_stream_bytes`: reserved bytes per stream at the end (0 = the default stream), since each stream
+      has its own pool: blocks one stream freed cannot serve another's allocations.
+
+    The parts are measured at different moments, so they bound the gap rather than sum to it; `unexplained_bytes`
+    is what neither of the first two covers."""
+    gap = end.get("reserved_peak_bytes", 0) - end.get("allocated_peak_bytes", 0)
+    cached = max(0, start.get("reserved_bytes", 0) - start.get("allocated_bytes", 0))
+    split = end.get("inactive_split_peak_bytes", 0)
+    out: dict[str, Any] = {
+        "reserved_peak_bytes": end.get("reserved_peak_bytes"),
+        "allocated_peak_bytes": end.get("allocated_peak_bytes"),
+        "gap_bytes": gap,
+        "cached_from_earlier_bytes": cached,
+        "inactive_split_peak_bytes": split,
+        "unexplained_bytes": max(0, gap - cached - split),
+    }
+    if segments is not None:
+        by_stream: dict[str, int] = {}
+        for seg in segments:
+            key = str(seg.get("stream", 0))
+            by_stream[key] = by_stream.get(key, 0) + int(seg.get("total_size", 0))
+        out["reserved_by_stream_bytes"] = by_stream
+    return out
+
+
 # /proc/meminfo fields of the host page cache and write-back, in bytes (the kernel writes kB).
 _MEMINFO_KEYS = {"MemAvailable": "mem_available_bytes", "Cached": "page_cache_bytes", "Dirty": "dirty_bytes",
                  "Writeback": "writeback_bytes", "Mlocked": "mlocked_bytes"}
@@ -281,6 +315,7 @@ class Meter:
     on_enter: Any = None  # called with the phase name as it starts (fault injection in tests)
     probe: Any = None  # returns {component role: weight bytes on the device}, read at each phase start and end
     step_probe: Any = None  # returns (values, why missing) of the machine (`machine_state`), read at each step mark
+    on_exit: Any = None  # called with (phase name, its record) after the phase is measured (cache release)
     link_gbps: float | None = None  # the pinned-copy probe's rate: the copy timeline's limit
 
     @contextlib.contextmanager
@@ -295,14 +330,20 @@ class Meter:
         self.sampler.enter(name)
         self.current = name
         rec: dict[str, Any] = {}
+        at_start: dict[str, int] = {}
+        if cuda:
+            with contextlib.suppress(Exception):
+                at_start = allocator_stats(torch.cuda.memory_stats(self.device.torch))
         self.phases[name] = rec
         if self.probe is not None:
             rec["device_weights_at_start"] = self.probe()
         t0 = time.perf_counter()
+        completed = False
         try:
             if self.on_enter is not None:
                 self.on_enter(name)
             yield rec
+            completed = True
         except BaseException:
             self.failed_phase = name
             raise
@@ -320,6 +361,9 @@ class Meter:
                 rec["alloc_end_allocated_bytes"] = torch.cuda.memory_allocated(self.device.torch)
                 with contextlib.suppress(Exception):
                     rec["allocator"] = allocator_stats(torch.cuda.memory_stats(self.device.torch))
+                    rec["reserved_attribution"] = reserved_attribution(
+                        at_start, rec["allocator"], torch.cuda.memory_snapshot()
+                    )
             else:
                 rec["time_ms"] = rec["wall_ms"]
             if self.probe is not None:
@@ -339,6 +383,8 @@ class Meter:
                     held = stats.get("allocated_bytes.current", stats.get("reserved_bytes.current", 0))
                     rec["pinned_torch_allocator_bytes"] = int(held)
             self.current = None
+            if completed and self.on_exit is not None:
+                self.on_exit(name, rec)
 
 
 class Timer:

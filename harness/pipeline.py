@@ -48,6 +48,8 @@ class RunSettings:
         true_cfg_scale (float): > 1 runs true CFG, two DiT forwards a step; 1 runs one forward.
         seed (int): seeds every input.
         frames (int, defaults to 1): video frames (video models only).
+        cfg_batch (bool, defaults to False): true CFG's two passes as one forward of batch 2 (Qwen-Image, Wan), so
+            each streamed layer crosses to the device once a step instead of twice.
     """
 
     height: int
@@ -56,10 +58,16 @@ class RunSettings:
     true_cfg_scale: float
     seed: int
     frames: int = 1
+    cfg_batch: bool = False
 
     @property
     def forwards_per_step(self) -> int:
+        """Prompts a step conditions on (two with true CFG), whether or not they share one DiT call."""
         return 2 if self.true_cfg_scale > 1 else 1
+
+    @property
+    def dit_calls_per_step(self) -> int:
+        return 1 if self.cfg_batch and self.forwards_per_step == 2 else self.forwards_per_step
 
 
 def _shift_mu(seq_len: int, cfg: dict[str, Any]) -> float:
@@ -147,7 +155,8 @@ def _denoise_loop(
             progress(f"denoise step {i + 1}/{settings.steps}")
     dit.after_use()
     rec["step_ms"] = timer.intervals_ms()
-    rec["forwards"] = settings.steps * settings.forwards_per_step
+    rec["forwards"] = settings.steps * settings.dit_calls_per_step  # DiT calls: each streams every layer once
+    rec["forward_batch"] = settings.forwards_per_step // settings.dit_calls_per_step
     if timer.readings:
         rec["step_machine"] = step_machine(timer.readings)
     if recorder is not None:
@@ -163,6 +172,20 @@ def step_machine(readings: list[tuple[dict[str, Any], dict[str, str]]]) -> dict[
     for _, missing in readings:
         unavailable.update(missing)
     return {"at_start": readings[0][0], "steps": [values for values, _ in readings[1:]], "unavailable": unavailable}
+
+
+def batch_text(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The prompts' hidden states (1, L_i, D) as one batch (n, max L, D): shorter ones zero-padded at the end, as
+    WanPipeline pads every prompt, with a mask of the real tokens (1) for models that take one; the mask is None
+    when every prompt has the same length (nothing padded: the models then skip masking, as for one prompt)."""
+    longest = max(e.shape[1] for e in embeds)
+    padded = [torch.nn.functional.pad(e, (0, 0, 0, longest - e.shape[1])) for e in embeds]
+    if all(e.shape[1] == longest for e in embeds):
+        return torch.cat(padded), None
+    mask = torch.zeros(len(embeds), longest, dtype=torch.long, device=embeds[0].device)
+    for i, e in enumerate(embeds):
+        mask[i, : e.shape[1]] = 1
+    return torch.cat(padded), mask
 
 
 def _plain_cfg(scale: float) -> Any:
@@ -247,9 +270,23 @@ def run_qwen_image(
             shapes.append((1, lat_h // p, lat_w // p))
         img_shapes = [shapes]
 
+        batched_text, batched_mask = batch_text(embeds) if settings.dit_calls_per_step == 1 < len(embeds) \
+            else (None, None)
+
         def forward(t: torch.Tensor, latents: torch.Tensor) -> list[torch.Tensor]:
             x = latents if cond_tokens is None else torch.cat([latents, cond_tokens], dim=1)
             timestep = t.expand(1).to(dtype) / 1000
+            if batched_text is not None:  # cfg_batch: cond and uncond in one call, split after
+                n = batched_text.shape[0]
+                out = dit.module(
+                    hidden_states=x.expand(n, -1, -1),
+                    timestep=timestep.expand(n),
+                    encoder_hidden_states=batched_text,
+                    encoder_hidden_states_mask=batched_mask,
+                    img_shapes=img_shapes * n,
+                    return_dict=False,
+                )[0][:, :seq]
+                return list(out.chunk(n))
             return [
                 dit.module(
                     hidden_states=x,
@@ -438,8 +475,15 @@ def run_wan(
         latents = noise.to(dev)  # float32, as WanPipeline keeps them; the DiT sees a bf16 copy
         seq = lat_f * (lat_h // p) * (lat_w // p)
 
+        batched_text = batch_text(embeds)[0] if settings.dit_calls_per_step == 1 < len(embeds) else None
+
         def forward(t: torch.Tensor, latents: torch.Tensor) -> list[torch.Tensor]:
             x, timestep = latents.to(dtype), t.expand(1)
+            if batched_text is not None:  # cfg_batch: cond and uncond in one call (Wan takes no text mask)
+                n = batched_text.shape[0]
+                out = dit.module(hidden_states=x.expand(n, *x.shape[1:]), timestep=timestep.expand(n),
+                                 encoder_hidden_states=batched_text, return_dict=False)[0]
+                return list(out.chunk(n))
             return [
                 dit.module(hidden_states=x, timestep=timestep, encoder_hidden_states=emb, return_dict=False)[0]
                 for emb in embeds

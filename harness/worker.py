@@ -163,9 +163,13 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.empty_cache()
         s = spec["settings"]
         settings = RunSettings(
-            s["height"], s["width"], s["steps"], s["true_cfg_scale"], s["seed"], frames=s.get("frames", 1)
+            s["height"], s["width"], s["steps"], s["true_cfg_scale"], s["seed"], frames=s.get("frames", 1),
+            cfg_batch=bool(options["cfg_batch"]),
         )
         comps: dict[str, Any] = {}
+        from harness.offload import memory
+
+        memory.SETUP = memory.SetupOptions(int(options["setup_threads"]), bool(options["setup_overlap_pin"]))
         with meter.phase("load"):
             for role in ("text_encoder", "dit", "vae"):
                 _progress(f"loading {role} ({placements[role]})")
@@ -181,6 +185,13 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
                 )
         record["components"] = {role: c.describe() for role, c in comps.items()}
         record["copy_timeline"] = attach_copy_recorder(comps["dit"], device, options["copy_timeline"])
+        if options["empty_cache_between_phases"]:
+            meter.on_exit = cache_release(placements, device)
+        record["cache_release"] = {
+            "mechanism": "torch.cuda.empty_cache" if options["empty_cache_between_phases"] else "none",
+            "after": [p for p in RUNTIME_PHASES if release_point(p, placements)]
+            if options["empty_cache_between_phases"] else [],
+        }
         # Weights each component holds on the device, read at every phase start and end (the invariants).
         meter.probe = lambda: {role: c.device_weight_bytes(device) for role, c in comps.items()}
         warmup, rounds = int(spec.get("warmup", 0)), int(spec.get("rounds", 1))
@@ -228,18 +239,14 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
 
 _TIME_KEYS = ("time_ms", "wall_ms")
 
-# The run options a cell's spec may carry (harness.scenario.RunOptions), with the defaults of a spec without them.
-RUN_OPTION_DEFAULTS: dict[str, Any] = {
-    "sampler_interval_ms": 10.0,
-    "copy_timeline": False,
-    "cfg_batch": False,
-    "empty_cache_between_phases": False,
-}
-
-
 def run_options(spec: dict[str, Any]) -> dict[str, Any]:
-    """Every run option of the cell, its spec's value or the default (the record keeps them all)."""
-    return {**RUN_OPTION_DEFAULTS, **(spec.get("run") or {})}
+    """Every run option of the cell (harness.scenario.RunOptions): its spec's value or the default; the record
+    keeps them all. cfg_batch is the cell's own value (a scenario sweeps it)."""
+    from dataclasses import asdict
+
+    from harness.scenario import RunOptions
+
+    return {**asdict(RunOptions()), "cfg_batch": False, **(spec.get("run") or {})}
 
 
 def attach_copy_recorder(dit: Any, device: Any, wanted: bool) -> dict[str, Any]:
@@ -252,6 +259,35 @@ def attach_copy_recorder(dit: Any, device: Any, wanted: bool) -> dict[str, Any]:
 
     dit.layerwise.copy_recorder = CopyRecorder(device.is_cuda)
     return {"enabled": True, "clock": "CUDA events on the copy stream" if device.is_cuda else "host clock"}
+
+
+RUNTIME_PHASES = ("encode", "denoise", "decode")
+
+
+def release_point(phase: str, placements: dict[str, str]) -> bool:
+    """Whether SGLang's pipeline empties the allocator cache after `phase` (0.5.23: ComponentManager empties it
+    after releasing an offloaded or layerwise component's storage, gpu_worker at the end of each request): after
+    encode when the text encoder is offloaded, after denoise when the DiT is not resident, after decode always."""
+    if phase == "encode":
+        return placements["text_encoder"] != "resident"
+    if phase == "denoise":
+        return placements["dit"] != "resident"
+    return phase == "decode"
+
+
+def cache_release(placements: dict[str, str], device: Any) -> Any:
+    """The Meter's on_exit under `empty_cache_between_phases`: `torch.cuda.empty_cache()` at SGLang's release
+    points, recording in the phase the reserved bytes it handed back to the driver."""
+    import torch
+
+    def release(phase: str, rec: dict[str, Any]) -> None:
+        if not device.is_cuda or not release_point(phase, placements):
+            return
+        before = torch.cuda.memory_reserved(device.torch)
+        torch.cuda.empty_cache()
+        rec["empty_cache_freed_bytes"] = before - torch.cuda.memory_reserved(device.torch)
+
+    return release
 
 
 # Per-round phase keys that move to record["telemetry"] (they are per round; the merged phases keep one round).

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from harness.offload.memory import Device, HostRegion, Layout, fill_regions, fresh_parameter
+from harness.offload.memory import Device, FillStats, HostRegion, Layout, fill_regions, fresh_parameter
 
 
 class ComponentOffload:
@@ -29,6 +29,7 @@ class ComponentOffload:
         self.region = HostRegion(self.layout.nbytes, pin)
         self.host_views = self.layout.views(self.region.tensor)
         self._buffer: torch.Tensor | None = None
+        self.fill_stats: FillStats | None = None  # what fill() took
 
     @property
     def host_bytes(self) -> int:
@@ -40,7 +41,7 @@ class ComponentOffload:
 
     def fill(self, read: Callable[[str, torch.Tensor], None]) -> None:
         """Fills the region with `read(name, slot_view)` and points the parameters at it."""
-        fill_regions([(self.layout, self.region)], read)
+        self.fill_stats = fill_regions([(self.layout, self.region)], read)
         self._bind(self.host_views)
 
     def pin(self) -> None:

@@ -35,7 +35,15 @@ from typing import Any
 import torch
 
 from harness.flags import prefetch_layers, resident_layer_count, streamed_layer_indices
-from harness.offload.memory import Device, HostRegion, Layout, fill_regions, fresh_parameter, pin_all
+from harness.offload.memory import (
+    Device,
+    FillStats,
+    HostRegion,
+    Layout,
+    fill_regions,
+    fresh_parameter,
+    pin_all,
+)
 from harness.offload.timeline import CopyRecorder, recorded
 
 
@@ -117,6 +125,7 @@ class LayerwiseRuntime:
         self.copied_bytes = 0
         # Set by the worker under `[run] copy_timeline`: brackets each layer copy (harness.offload.timeline).
         self.copy_recorder: CopyRecorder | None = None
+        self.fill_stats: FillStats | None = None  # what fill() took (threads, reads, pins overlapped or not)
         for gname in groups:
             layers = list(getattr(module, gname))
             n = len(layers)
@@ -161,7 +170,9 @@ class LayerwiseRuntime:
     def fill(self, read: Callable[[str, torch.Tensor], None]) -> None:
         """Fills every layer's region with `read(name, slot_view)`: a checkpoint reader's read_into, or a copy
         from a live tensor."""
-        fill_regions([(lay, reg) for g in self.groups for lay, reg in zip(g.layouts, g.regions, strict=True)], read)
+        self.fill_stats = fill_regions(
+            [(lay, reg) for g in self.groups for lay, reg in zip(g.layouts, g.regions, strict=True)], read
+        )
 
     def pin(self) -> None:
         """Page-locks every layer region (after the fill: see HostRegion)."""

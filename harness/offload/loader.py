@@ -141,9 +141,11 @@ class LoadedComponent:
                 },
                 "pinned": self.layerwise.pinned,
                 "largest_layer_bytes": max(self.layerwise.layer_bytes(), default=0),
+                "fill": self.layerwise.fill_stats.as_dict() if self.layerwise.fill_stats else None,
             }
         if self.offload is not None:
-            d["cpu_offload"] = {"host_bytes": self.offload.host_bytes, "pinned": self.offload.region.pinned}
+            d["cpu_offload"] = {"host_bytes": self.offload.host_bytes, "pinned": self.offload.region.pinned,
+                                "fill": self.offload.fill_stats.as_dict() if self.offload.fill_stats else None}
         if self.diffusers_group is not None:
             d["diffusers_group"] = dict(self.diffusers_group)
         if self.sglang is not None:
