@@ -340,6 +340,7 @@ def load_scenario(path: Path | str) -> Scenario:
     backends = _backends(data.get("backends", [HARNESS_BACKEND]), path)
     model_spec = get_model(model)
     run = _run_options(data.get("run", {}), path, model_spec.family, float(cfg))
+    _check_prefetch_fits(model_spec.components["dit"].layer_group_sizes(), base_flags, axes, path, model)
     multiple = model_spec.vae_scale * model_spec.patch
     height, width = _int(data, "height", path), _int(data, "width", path)
     for key, v in (("height", height), ("width", width)):
@@ -429,6 +430,27 @@ def _run_options(data: Any, path: Path, family: str, true_cfg_scale: float) -> R
                        "to batch")
     return RunOptions(float(interval), data.get("copy_timeline", False), tuple(values),
                       data.get("empty_cache_between_phases", False), threads, data.get("setup_overlap_pin", False))
+
+
+def _check_prefetch_fits(
+    groups: dict[str, int], base_flags: dict[str, Any], axes: dict[str, list[Any]], path: Path, model: str
+) -> None:
+    """A prefetch size of more layers than the largest layer group is refused: the runtime (like SGLang's manager)
+    clamps it to the group, so a cell id saying `pf999` would run `pf60`, and two such sizes would be two ids of
+    one experiment. Refused rather than relabelled because a model's groups can differ in size (FLUX: 19 and
+    38), so the clamped value has no single label; a size between the groups' sizes is kept (it is exact for
+    the larger group)."""
+    if not groups:
+        return
+    largest = max(groups.values())
+    name = "dit_offload_prefetch_size"
+    values = [(f"flags.{name}", base_flags[name])] if name in base_flags else []
+    values += [(f"axes.{name}[{i}]", v) for i, v in enumerate(axes.get(name, []))]
+    for where, v in values:
+        if v >= 1 and int(v) > largest:
+            sizes = ", ".join(f"{g}: {n}" for g, n in groups.items())
+            raise _err(path, where, f"{v:g} layers is more than the largest layer group of {model} ({sizes}); it "
+                       f"would run as {largest} under a cell id saying pf{v:g}: use at most {largest}")
 
 
 def _xfail(value: Any, path: Path) -> str | None:

@@ -159,6 +159,8 @@ MALFORMED: list[tuple[str, tuple[Any, ...], Any, str]] = [
     ("unknown-flag-in-axes", ("axes", "dit_gpu_offload"), [True], "dit_gpu_offload"),
     ("negative-prefetch", ("flags", "dit_offload_prefetch_size"), -1, "flags.dit_offload_prefetch_size"),
     ("negative-prefetch-axis", ("axes", "dit_offload_prefetch_size"), [0, -2], "axes.dit_offload_prefetch_size"),
+    # qwen-image-edit-tiny has one group of 6 layers: 999 would be clamped to 6 under the id pf999
+    ("prefetch-beyond-every-group", ("flags", "dit_offload_prefetch_size"), 999, "flags.dit_offload_prefetch_size"),
     ("axis-value-wrong-type", ("axes", "dit_cpu_offload"), [0, 1], "axes.dit_cpu_offload"),
     ("axis-empty", ("axes", "dit_cpu_offload"), [], "axes.dit_cpu_offload"),
     ("axis-repeats", ("axes", "dit_cpu_offload"), [True, True], "axes.dit_cpu_offload"),
@@ -374,3 +376,18 @@ def test_load_returns_scenario_or_raises_scenario_error_if_any_field_is_mutated(
         return
     assert isinstance(scenario, Scenario)
     assert expand(scenario)
+
+
+def test_prefetch_size_up_to_the_largest_layer_group_loads(tmp_path: Path) -> None:
+    """The refusal is for sizes no group can hold: the largest group's size, a fraction, or (FLUX: groups of 4 and
+    8 in the tiny twin) a size between the groups' sizes still load."""
+    for value in (6, 6.9, 0.5):
+        load_scenario(write(tmp_path, mutate(base_scenario(), ("flags", "dit_offload_prefetch_size"), value)))
+    flux = mutate(mutate(base_scenario(), ("model",), "flux-tiny"), ("flags", "dit_offload_prefetch_size"), 8)
+    load_scenario(write(tmp_path, flux, "flux.toml"))
+    with pytest.raises(ScenarioError, match=r"flags\.dit_offload_prefetch_size: 9 layers .*at most 8"):
+        load_scenario(write(tmp_path, mutate(flux, ("flags", "dit_offload_prefetch_size"), 9), "flux9.toml"))
+    axis = mutate(mutate(base_scenario(), ("flags", "dit_offload_prefetch_size"), DELETE),
+                  ("axes", "dit_offload_prefetch_size"), [1, 7.5])
+    with pytest.raises(ScenarioError, match=r"axes\.dit_offload_prefetch_size\[1\]: 7\.5 layers .*at most 6"):
+        load_scenario(write(tmp_path, axis, "axis.toml"))

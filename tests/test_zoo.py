@@ -36,6 +36,14 @@ def test_zoo_registers_flux_and_wan() -> None:
     assert get_model("wan2.1-t2v-14b").components["dit"].layer_groups == ("blocks",)
 
 
+@pytest.mark.parametrize("model", sorted(model_names()))
+def test_declared_layer_group_sizes_match_the_built_dit(model: str) -> None:
+    """The scenario loader checks prefetch sizes against `layer_group_sizes` (from the config, no torch)."""
+    dit = get_model(model).components["dit"]
+    module = dit.build_on_meta()
+    assert dit.layer_group_sizes() == {g: len(getattr(module, g)) for g in dit.layer_groups}
+
+
 @pytest.mark.parametrize(
     ("model", "role", "attr", "published"),
     [

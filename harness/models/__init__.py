@@ -39,6 +39,8 @@ class ComponentSpec:
         dtype (str, defaults to "bfloat16"): the weight dtype of the checkpoint.
         layer_groups (tuple[str, ...], defaults to ()): attribute names of the ModuleLists that the layerwise
             runtime streams (SGLang's `layer_names`).
+        layer_count_keys (tuple[str, ...], defaults to ()): the config key holding each layer group's length, in
+            `layer_groups` order, so a scenario's prefetch size can be checked without building the module.
     """
 
     role: str
@@ -46,6 +48,11 @@ class ComponentSpec:
     config: Mapping[str, Any]
     dtype: str = "bfloat16"
     layer_groups: tuple[str, ...] = ()
+    layer_count_keys: tuple[str, ...] = ()
+
+    def layer_group_sizes(self) -> dict[str, int]:
+        """Layers per streamed group, from the config (no torch): {"transformer_blocks": 60}."""
+        return {g: int(self.config[k]) for g, k in zip(self.layer_groups, self.layer_count_keys, strict=True)}
 
     def key(self, seed: int) -> str:
         """A short digest of everything that decides the checkpoint's bytes, for the checkpoint cache."""

@@ -173,7 +173,8 @@ def _spec(name: str, dit: dict, clip: dict, t5: dict, vae: dict, t5_tokens: int,
         components={
             "text_encoder": ComponentSpec("text_encoder", f"{_HERE}:build_text_encoder", {"clip": clip, "t5": t5}),
             "dit": ComponentSpec(
-                "dit", f"{_HERE}:build_dit", dit, layer_groups=("transformer_blocks", "single_transformer_blocks")
+                "dit", f"{_HERE}:build_dit", dit, layer_groups=("transformer_blocks", "single_transformer_blocks"),
+                layer_count_keys=("num_layers", "num_single_layers"),
             ),
             "vae": ComponentSpec("vae", f"{_HERE}:build_vae", vae),
         },

@@ -103,7 +103,8 @@ def _spec(name: str, dit: dict, te: dict, vae: dict, edit: bool, tokens: int, dr
         family="qwen-image",
         components={
             "text_encoder": ComponentSpec("text_encoder", f"{_HERE}:build_text_encoder", te),
-            "dit": ComponentSpec("dit", f"{_HERE}:build_dit", dit, layer_groups=("transformer_blocks",)),
+            "dit": ComponentSpec("dit", f"{_HERE}:build_dit", dit, layer_groups=("transformer_blocks",),
+                                 layer_count_keys=("num_layers",)),
             "vae": ComponentSpec("vae", f"{_HERE}:build_vae", vae),
         },
         prompt_tokens=tokens,

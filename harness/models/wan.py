@@ -115,7 +115,8 @@ def _spec(name: str, dit: dict, te: dict, vae: dict, tokens: int, desc: str) -> 
         family="wan",
         components={
             "text_encoder": ComponentSpec("text_encoder", f"{_HERE}:build_text_encoder", te),
-            "dit": ComponentSpec("dit", f"{_HERE}:build_dit", dit, layer_groups=("blocks",)),
+            "dit": ComponentSpec("dit", f"{_HERE}:build_dit", dit, layer_groups=("blocks",),
+                                 layer_count_keys=("num_layers",)),
             "vae": ComponentSpec("vae", f"{_HERE}:build_vae", vae),
         },
         prompt_tokens=tokens,  # WanPipeline's max_sequence_length: 512
