@@ -24,10 +24,10 @@ lint: deps
 test: lint
 	$(PYTHON) -m pytest tests -q -p no:cacheprovider
 
+# Records, cell logs and pytest-benchmark's JSON all go to $(RESULTS)/runs/<run id>/ (ignored by git).
 bench: deps
 	@mkdir -p $(RESULTS)
-	$(PYTHON) -m pytest scenarios -p no:cacheprovider -rA --bench-results $(RESULTS) \
-		--benchmark-json $(RESULTS)/pytest-benchmark.json $(BENCH_ARGS)
+	$(PYTHON) -m pytest scenarios -p no:cacheprovider -rA --bench-results $(RESULTS) $(BENCH_ARGS)
 
 # Markdown report plus PNG plots (peak vs denoise latency with the Pareto front; memory over time) in the run folder,
 # or beside a records file named after it (x.records.jsonl -> x.report.md).
@@ -35,7 +35,8 @@ report: deps
 	@test -n "$(RUN)" || { echo "no run under $(RESULTS)/runs: pass RUN=<run folder or records.jsonl>" >&2; exit 2; }
 	$(PYTHON) -m harness report $(RUN) --write
 
-# Write/refresh results/baselines/<gpu sku>.json from $(RUN) (SKU=... picks one when a run mixes SKUs).
+# Write/refresh results/baselines/<gpu sku>.json from $(RUN) (SKU=... picks one when a run mixes SKUs). The CPU
+# profile's cpu.json is this machine's own and ignored by git; GPU baselines are committed.
 .PHONY: baseline compare
 baseline: deps
 	@test -n "$(RUN)" || { echo "no run under $(RESULTS)/runs: pass RUN=<run folder or records.jsonl>" >&2; exit 2; }

@@ -26,11 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness import locations
 from harness.results import PHASES, RUNTIME_PHASES, STATUSES, now_iso, summarize_peaks, write_json_atomic
 
 BASELINE_SCHEMA_VERSION = 1
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_BASELINES_DIR = REPO / "results" / "baselines"
 
 # Short names of the peak counters, used in metric keys.
 COUNTER_KEYS = {"alloc_peak_reserved_bytes": "reserved", "ledger_peak_bytes": "ledger"}
@@ -206,7 +205,9 @@ def stack_differences(baseline_machine: dict[str, Any], machine: dict[str, Any])
 
 
 def baseline_path(sku: str, baselines_dir: Path | str | None = None) -> Path:
-    return Path(baselines_dir or DEFAULT_BASELINES_DIR) / f"{sku}.json"
+    """<baselines_dir>/<sku>.json; by default the checkout's results/baselines, or ./results/baselines where the
+    harness is installed from a wheel (harness.locations)."""
+    return Path(baselines_dir or locations.baselines_dir()) / f"{sku}.json"
 
 
 def build_baseline(

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from harness import exitcodes
+from harness import exitcodes, locations
 from harness.baseline import BaselineError
 from harness.compare import CheckSpecError
 from harness.results import (
@@ -31,9 +31,6 @@ from harness.results import (
     read_records,
 )
 from harness.scenario import ScenarioError, discover, expand
-
-REPO = Path(__file__).resolve().parent.parent
-
 
 FAILED_FATES = ("crash", "error", "timeout")
 
@@ -251,7 +248,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    for s in discover(args.scenarios):
+    for s in discover(args.scenarios or locations.scenarios_dir()):
         print(f"{s.name} [{s.profile}] model={s.model} policy={s.policy}: {s.description}")
         for c in expand(s):
             note = f" (same as {c.same_as.rsplit('/', 1)[-1]})" if c.same_as else ""
@@ -263,15 +260,27 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
+    """pytest on the scenario suite: the checkout's scenarios/, or the copy an installed wheel ships
+    (harness.locations); records go under --results (default ./results) of the working folder."""
     import pytest
 
-    return int(pytest.main([str(REPO / "scenarios"), "-p", "no:cacheprovider", "-rA", *rest]))
+    folder = Path(args.scenarios) if args.scenarios else locations.scenarios_dir()
+    if not (folder / "conftest.py").is_file():
+        raise Stop(exitcodes.USAGE, f"{folder}: no scenario suite there (its conftest.py is missing); pass "
+                   "--scenarios <folder with conftest.py and the scenario files>")
+    mine = ["--bench-results", args.results]
+    if args.profile:
+        mine += ["--bench-profile", args.profile]
+    return int(pytest.main([str(folder), "-p", "no:cacheprovider", "-rA", *mine, *rest]))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="offload-bench", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("bench", help="run the scenario suite (extra args go to pytest)")
+    bench = sub.add_parser("bench", help="run the scenario suite (extra args go to pytest)")
+    bench.add_argument("--profile", choices=("auto", "cpu", "gpu"), help="pytest's --bench-profile")
+    bench.add_argument("--results", default="results", help="results folder (default: ./results)")
+    bench.add_argument("--scenarios", help="the scenario suite's folder (default: the checkout's or the shipped one)")
     rep = sub.add_parser("report", help="markdown report of a run (with --out: and PNG plots)")
     rep.add_argument("run", help="a run folder or a records.jsonl file")
     rep.add_argument("--out", help="a .md file or a folder (report.md): markdown plus PNGs next to it")
@@ -304,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="write compare.md and benchmark.json in the run folder, or beside a records file as "
                      "<name>.compare.md and <name>.benchmark.json")
     ls = sub.add_parser("list", help="list scenarios and cells")
-    ls.add_argument("--scenarios", default=str(REPO / "scenarios"))
+    ls.add_argument("--scenarios", help="folder of scenario files (default: the checkout's or the shipped one)")
     args, rest = parser.parse_known_args(argv)
     try:
         if args.cmd == "bench":

@@ -136,7 +136,9 @@ class Run:
         run_id = run_id or new_run_id()
         if not run_id or "/" in run_id or run_id in (".", ".."):
             raise ValueError(f"run id must be a plain folder name, got {run_id!r}")
-        run_dir = Path(results_root) / "runs" / run_id
+        # absolute: the child runs in the package's folder (cwd=REPO), so a relative results path (an installed
+        # offload-bench's default ./results) would name another place there
+        run_dir = Path(results_root).resolve() / "runs" / run_id
         run_dir.mkdir(parents=True, exist_ok=True)
         return cls(run_dir, device, run_id, git_sha(REPO), verbose)
 

@@ -23,6 +23,7 @@ import pytest
 
 from harness import exitcodes
 from harness.gpus import cell_cost, child_env, gpu_for_worker, longest_first, nvml_count, visible_gpus
+from harness.pytest_options import add_options
 from harness.results import DiskFullError, UnwritableError, ensure_writable, latest_by_cell, read_records
 from harness.runner import Run, detect_device, new_run_id, run_cell
 from harness.scenario import Cell, Scenario, ScenarioError, expand, load_all
@@ -31,13 +32,7 @@ HERE = Path(__file__).parent
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    g = parser.getgroup("offload-bench")
-    g.addoption("--bench-results", default="results", help="results folder (default: results)")
-    g.addoption("--bench-run-id", default=None, help="run id; an existing run's cells that ended are not rerun")
-    g.addoption("--bench-profile", default="auto", choices=["auto", "cpu", "gpu"], help="which scenarios run")
-    g.addoption("--bench-scenario", action="append", default=[], help="only scenarios with this name (repeat)")
-    g.addoption("--bench-scenarios-dir", default=None,
-                help="folder of scenario TOML files, searched recursively (default: the scenarios/ folder)")
+    add_options(parser)  # a no-op under the checkout's root conftest.py, which registered them first
 
 
 def _profile(config: pytest.Config) -> str:
@@ -97,6 +92,7 @@ def _worker_id(config: pytest.Config) -> str | None:
     return workerinput.get("workerid") if workerinput else None
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-benchmark's, which reads --benchmark-json as it starts
 def pytest_configure(config: pytest.Config) -> None:
     """Refuses an unwritable --bench-results before any cell runs (one line naming it, pytest's usage exit 4).
     Controller of an xdist run: refuses more workers than GPUs on the GPU profile, and picks the one run id that
@@ -106,8 +102,14 @@ def pytest_configure(config: pytest.Config) -> None:
     except UnwritableError as e:
         raise pytest.UsageError(f"offload-bench: --bench-results: {e}") from None
     _scenarios(config)  # scenario problems are usage errors before collection
+    if _worker_id(config) is not None:
+        return
+    # One run id for the session, chosen here: xdist workers get it (pytest_configure_node), and pytest-benchmark's
+    # JSON goes into that run's folder (results/runs/<id>/), not into the results tree beside the runs.
+    config._offload_bench_run_id = config.getoption("--bench-run-id") or new_run_id()  # type: ignore[attr-defined]
+    _benchmark_json_in_run_folder(config)
     workers = _xdist_workers(config)
-    if not workers or _worker_id(config) is not None:
+    if not workers:
         return
     if _profile(config) == "gpu":
         gpus = visible_gpus(os.environ, nvml_count())
@@ -117,7 +119,22 @@ def pytest_configure(config: pytest.Config) -> None:
                 f"{', '.join(gpus) or 'none'}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}). "
                 "Each worker owns one GPU: use -n auto or -n <= the number of GPUs."
             )
-    config._offload_bench_run_id = config.getoption("--bench-run-id") or new_run_id()  # type: ignore[attr-defined]
+
+
+def _benchmark_json_in_run_folder(config: pytest.Config) -> None:
+    """Without --benchmark-json, pytest-benchmark's JSON (the measured rounds fed by test_cell) is written to
+    <results>/runs/<run id>/pytest-benchmark.json beside the records, so a bench run leaves nothing outside the
+    ignored runs/ folder. Nothing under --collect-only, without pytest-benchmark, or under xdist (which turns
+    pytest-benchmark off)."""
+    option = config.option
+    if option.collectonly or not hasattr(option, "benchmark_json") or option.benchmark_json is not None:
+        return
+    if _xdist_workers(config) or getattr(option, "benchmark_disable", False) or getattr(option, "benchmark_skip", 0):
+        return
+    run_id: str = config._offload_bench_run_id  # type: ignore[attr-defined]
+    run_dir = Path(config.getoption("--bench-results")) / "runs" / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    option.benchmark_json = open(run_dir / "pytest-benchmark.json", "wb")  # pytest-benchmark writes and closes it
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -318,7 +335,8 @@ def bench(request: pytest.FixtureRequest) -> Records:
     device = "cuda" if _profile(config) == "gpu" else "cpu"
     worker = _worker_id(config)
     run_id = (getattr(config, "workerinput", None) or {}).get("offload_bench_run_id")
-    run = Run.create(Path(config.getoption("--bench-results")), device, run_id or config.getoption("--bench-run-id"))
+    run_id = run_id or getattr(config, "_offload_bench_run_id", None) or config.getoption("--bench-run-id")
+    run = Run.create(Path(config.getoption("--bench-results")), device, run_id)
     env = worker_child_env(worker, device, os.environ)
     where = f" ({worker}: CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']})" if env else ""
     print(f"\noffload-bench: records -> {run.records_path}{where}")

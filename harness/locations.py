@@ -1,0 +1,31 @@
+"""Where the scenario files and the baselines are, in a checkout and in an installed wheel.
+
+In a checkout (this package beside `pyproject.toml` and `scenarios/`): its `scenarios/` and `results/baselines/`.
+Installed from a wheel (`pip install .`): the scenario folder that `setup.py` ships inside the package
+(`harness/_shipped/scenarios`, the pytest glue included, so `offload-bench bench` runs the same suite), and
+`results/baselines` under the working folder: baselines are per machine and written by `offload-bench baseline`,
+so they never live in site-packages. `--scenarios` / `--baselines-dir` override both.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent
+SHIPPED = PACKAGE / "_shipped"  # filled by setup.py's build_py, in a wheel only
+
+
+def checkout() -> Path | None:
+    """The source checkout this package runs from, or None when it is installed from a wheel."""
+    root = PACKAGE.parent
+    return root if (root / "pyproject.toml").is_file() and (root / "scenarios").is_dir() else None
+
+
+def scenarios_dir() -> Path:
+    root = checkout()
+    return root / "scenarios" if root is not None else SHIPPED / "scenarios"
+
+
+def baselines_dir() -> Path:
+    root = checkout()
+    return root / "results" / "baselines" if root is not None else Path("results") / "baselines"

@@ -1,0 +1,25 @@
+"""The scenario suite's pytest options (`--bench-*`), registered from two places.
+
+The repository's root conftest.py registers them for every pytest run from the checkout, so a command line that
+names them parses whatever it collects (`pytest --bench-profile cpu scenarios`, or with the options before the
+path); scenarios/conftest.py registers them where the suite runs without the checkout's root (the copy an
+installed wheel ships, harness.locations). Whichever comes second finds them there and adds nothing.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+GROUP = "offload-bench"
+
+
+def add_options(parser: pytest.Parser) -> None:
+    group = parser.getgroup(GROUP)
+    if any("--bench-results" in option.names() for option in group.options):
+        return
+    group.addoption("--bench-results", default="results", help="results folder (default: results)")
+    group.addoption("--bench-run-id", default=None, help="run id; an existing run's cells that ended are not rerun")
+    group.addoption("--bench-profile", default="auto", choices=["auto", "cpu", "gpu"], help="which scenarios run")
+    group.addoption("--bench-scenario", action="append", default=[], help="only scenarios with this name (repeat)")
+    group.addoption("--bench-scenarios-dir", default=None,
+                    help="folder of scenario TOML files, searched recursively (default: the scenarios/ folder)")

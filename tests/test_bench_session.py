@@ -1,0 +1,72 @@
+"""The scenario suite as a person runs it: pytest options from the repository root, a bare `pytest` running the
+unit tests only, a bench run that writes nothing outside its run folder, and progress shown while a cell runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import tiny_scenario_file
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _pytest(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST") and k != "PYTEST_ADDOPTS"}
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_bench_options_parse_from_the_repository_root() -> None:
+    """`pytest --bench-profile cpu ...` used to stop with 'unrecognized arguments' unless scenarios/ was the first
+    path: the options lived in scenarios/conftest.py only."""
+    proc = _pytest(["--bench-profile", "cpu", "--bench-results", "results", "--collect-only", "-q",
+                    "tests/test_bench_session.py"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "test_bench_options_parse_from_the_repository_root" in proc.stdout
+
+
+def test_bare_pytest_collects_the_unit_tests_only() -> None:
+    ini = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert ini["testpaths"] == ["tests"]
+
+
+@pytest.mark.slow
+def test_bench_run_writes_only_its_run_folder_and_shows_progress_live(tmp_path: Path) -> None:
+    """`make bench` used to leave results/pytest-benchmark.json beside the runs (untracked in the checkout), and every
+    progress line was captured and shown after the run; now pytest-benchmark's JSON is in the run folder and the
+    runner's lines go through pytest's terminal writer while the cell runs."""
+    folder = tmp_path / "scenarios"
+    folder.mkdir()
+    tiny_scenario_file(folder, "one", {"dit_cpu_offload": [True], "dit_layerwise_offload": [True]})
+    results = tmp_path / "results"
+    env = {"OFFLOAD_BENCH_PROGRESS_S": "1"}
+    os.environ.update(env)
+    try:
+        proc = _pytest(["scenarios", "--bench-profile", "cpu", "--bench-results", str(results),
+                        "--bench-scenarios-dir", str(folder), "--bench-run-id", "r1", "--show-capture=no"])
+    finally:
+        for key in env:
+            os.environ.pop(key)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    written = sorted(p.relative_to(results).as_posix() for p in results.rglob("*") if p.is_file())
+    assert all(p.startswith("runs/r1/") for p in written), written
+    assert "runs/r1/pytest-benchmark.json" in written and "runs/r1/records.jsonl" in written
+    assert '"fullname": "scenarios/test_offload_matrix.py::test_cell[one/native/' in (
+        results / "runs" / "r1" / "pytest-benchmark.json").read_text()
+
+
+def test_cpu_baseline_is_ignored_by_git() -> None:
+    """`make baseline` on a CPU box writes results/baselines/cpu.json: this machine's own, never committed."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    proc = subprocess.run(["git", "check-ignore", "-q", "results/baselines/cpu.json"], cwd=REPO)
+    assert proc.returncode == 0
+    tracked = subprocess.run(["git", "check-ignore", "-q", "results/baselines/nvidia-h100-80gb-hbm3.json"], cwd=REPO)
+    assert tracked.returncode == 1
