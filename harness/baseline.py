@@ -7,7 +7,11 @@ fate (status, failed_phase) and the metrics `cell_metrics` extracts from its rec
 - load_peak_<c>_bytes, runtime_peak_<c>_bytes: `harness.results.summarize_peaks` on the record's peak counter,
   named after it (`reserved` = allocator reserved on CUDA, `ledger` = harness ledger on the CPU profile);
 - nvml_proc_peak_bytes: NVML per-process peak over all phases (CUDA only);
-- e2e_ms: encode + denoise + decode phase time; load_ms, denoise_ms; denoise_step_ms: median denoise step.
+- e2e_ms: encode + denoise + decode phase time; load_ms, denoise_ms; denoise_steady_step_ms: the median denoise
+  step from the second on (harness.roofline.STEP_CONVENTION, the report's and roofline's ms/step).
+
+`RETIRED_METRICS` are names an older harness wrote with another meaning (`denoise_step_ms`: the median of every
+step, the first included); compare never judges them against the new metric: it says "not compared" and why.
 
 Every metric is "smaller is better". Tolerances are relative increases a metric may show before it counts as a
 regression; the defaults are SGLang-diffusion's perf-baseline tolerances, and a file's own values (hand-tuned)
@@ -28,6 +32,7 @@ from typing import Any
 
 from harness import locations
 from harness.results import PHASES, RUNTIME_PHASES, STATUSES, now_iso, summarize_peaks, write_json_atomic
+from harness.roofline import STEP_CONVENTION, steady_step_ms
 
 BASELINE_SCHEMA_VERSION = 1
 
@@ -54,8 +59,13 @@ METRICS: tuple[Metric, ...] = (
     Metric("e2e_ms", "ms", "time", 0.25, "encode+denoise+decode time"),
     Metric("load_ms", "ms", "time", 0.40, "load time"),
     Metric("denoise_ms", "ms", "time", 0.25, "denoise time"),
-    Metric("denoise_step_ms", "ms", "time", 0.30, "denoise step time (median)"),
+    Metric("denoise_steady_step_ms", "ms", "time", 0.30, f"denoise step time ({STEP_CONVENTION})"),
 )
+# Metric name -> what it meant, for baselines written before the name was retired.
+RETIRED_METRICS = {
+    "denoise_step_ms": "the median of every denoise step, the first included (a baseline made before "
+    f"denoise_steady_step_ms, the {STEP_CONVENTION})",
+}
 METRIC_BY_NAME = {m.name: m for m in METRICS}
 DEFAULT_TOLERANCES = {m.name: m.tolerance for m in METRICS}
 DEFAULT_IMPROVEMENT_THRESHOLD = 0.20
@@ -75,6 +85,8 @@ class BaselineError(ValueError):
 
 def metric(name: str) -> Metric:
     """The metric called `name`; an unknown one (a hand-added key) is treated as a time-like, unitless metric."""
+    if name in RETIRED_METRICS:
+        return Metric(name, "ms", "time", DEFAULT_TOLERANCES.get(name, 0.30), f"retired: {RETIRED_METRICS[name]}")
     return METRIC_BY_NAME.get(name) or Metric(name, "", "other", DEFAULT_TOLERANCES.get(name, 0.25), name)
 
 
@@ -112,9 +124,9 @@ def cell_metrics(record: dict[str, Any]) -> dict[str, float]:
         put("e2e_ms", round(sum(runtime_ms), 3))
     put("load_ms", (phases.get("load") or {}).get("time_ms"))
     put("denoise_ms", (phases.get("denoise") or {}).get("time_ms"))
-    steps = (phases.get("denoise") or {}).get("step_ms") or []
-    if steps:
-        put("denoise_step_ms", round(statistics.median(steps), 3))
+    steady = steady_step_ms(record)
+    if steady is not None:
+        put("denoise_steady_step_ms", round(steady, 3))
     return out
 
 
@@ -137,7 +149,7 @@ def cell_entry(record: dict[str, Any]) -> dict[str, Any]:
 
 
 # Which per-round series of record["rounds"] measures the noise of which time metric.
-SPREAD_SERIES = {"denoise_step_ms": "steady_step_ms", "denoise_ms": "denoise_ms", "e2e_ms": "e2e_ms"}
+SPREAD_SERIES = {"denoise_steady_step_ms": "steady_step_ms", "denoise_ms": "denoise_ms", "e2e_ms": "e2e_ms"}
 
 
 def timing_spread(record: dict[str, Any]) -> dict[str, float]:
@@ -230,7 +242,7 @@ def build_baseline(
     tolerances = dict(DEFAULT_TOLERANCES)
     improvement = DEFAULT_IMPROVEMENT_THRESHOLD
     if previous is not None:
-        tolerances.update(previous["tolerances"])
+        tolerances.update({k: v for k, v in previous["tolerances"].items() if k not in RETIRED_METRICS})
         improvement = previous["improvement_threshold"]
         if merge:
             cells = {**previous["cells"], **cells}
@@ -250,6 +262,29 @@ def build_baseline(
         "improvement_threshold": improvement,
         "cells": dict(sorted(cells.items())),
     }
+
+
+def migrate_retired(baseline: dict[str, Any], records: Iterable[dict[str, Any]]) -> list[str]:
+    """Replaces each cell's retired metrics with today's, recomputed from the cell's own record (same cell id and
+    run id) where `records` holds it; tolerances follow. Returns the cells left with a retired metric (no record):
+    compare says "not compared" for those. How the committed baselines moved to denoise_steady_step_ms."""
+    by_run = {(r.get("cell_id"), r.get("run_id")): r for r in records}
+    left = []
+    for cell_id, cell in baseline["cells"].items():
+        retired = [name for name in cell["metrics"] if name in RETIRED_METRICS]
+        record = by_run.get((cell_id, cell.get("run_id")))
+        if not retired:
+            continue
+        if record is None:
+            left.append(cell_id)
+            continue
+        for name in retired:
+            del cell["metrics"][name]
+        cell["metrics"].update({k: v for k, v in cell_metrics(record).items() if k not in cell["metrics"]})
+    for name in RETIRED_METRICS:
+        if name in baseline["tolerances"] and not left:
+            baseline["tolerances"].setdefault("denoise_steady_step_ms", baseline["tolerances"].pop(name))
+    return left
 
 
 def write_baseline(path: Path, baseline: dict[str, Any]) -> None:

@@ -162,8 +162,10 @@ def _write(path: str, text: str) -> None:
 def _make_baseline_command(args: argparse.Namespace) -> str:
     """The exact command that makes the missing baseline from this run."""
     py = f"python -m harness baseline {args.run}" + (f" --sku {args.sku}" if args.sku else "")
-    if args.baselines_dir:
-        return py + f" --baselines-dir {args.baselines_dir}"
+    if locations.checkout() is None:  # installed from a wheel: no Makefile, the console script
+        py = "offload-bench" + py.removeprefix("python -m harness")
+    if args.baselines_dir or locations.checkout() is None:
+        return py + (f" --baselines-dir {args.baselines_dir}" if args.baselines_dir else "")
     return f"make baseline RUN={args.run}" + (f" SKU={args.sku}" if args.sku else "") + f" (or: {py})"
 
 

@@ -20,7 +20,7 @@ Every metric is smaller-is-better. `Check` is a small regression check in the st
 
 Timing tolerance from the measured noise: where the baseline cell carries the spread of its measured rounds
 (`spread`: (max - min) / median per time metric, from `harness.baseline.timing_spread`), the tolerance of
-e2e_ms, denoise_ms and denoise_step_ms is max(SPREAD_FLOOR, SPREAD_FACTOR x the larger of the baseline's and the
+e2e_ms, denoise_ms and denoise_steady_step_ms is max(SPREAD_FLOOR, SPREAD_FACTOR x the larger of the baseline's and the
 run's spread) instead of the fixed one, so a quiet cell is judged tightly and a noisy one loosely. A baseline cell
 without a spread (one measured round, or a baseline from before spreads were kept) keeps the fixed tolerance, and
 the output says how many cells did. A `--threshold` override always wins.
@@ -39,7 +39,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from harness.baseline import metric, metric_order
+from harness.baseline import RETIRED_METRICS, metric, metric_order
 from harness.results import PHASES
 
 MIB = 2**20
@@ -58,7 +58,7 @@ FAILING_CELL_VERDICTS = (LOST, CHANGED, MISSING)
 # three rounds is about 1.7 sigma of one; 3 x that range keeps a repeat of the same code inside the tolerance.
 SPREAD_FLOOR = 0.03
 SPREAD_FACTOR = 3.0
-SPREAD_METRICS = ("e2e_ms", "denoise_ms", "denoise_step_ms")
+SPREAD_METRICS = ("e2e_ms", "denoise_ms", "denoise_steady_step_ms")
 
 
 def spread_tolerance(name: str, base: dict[str, Any] | None, cur: dict[str, Any] | None) -> float | None:
@@ -263,6 +263,8 @@ def metric_rows(
             verdict, note = MISSING, "cell not in the run"
         elif base is None:
             verdict, note = NEW, "cell not in the baseline"
+        elif name in RETIRED_METRICS:  # another meaning under an old name: neither judged nor missing
+            verdict, note = NOT_COMPARED, "retired metric: refresh the baseline"
         elif other_spec:
             verdict, note = NOT_COMPARED, "spec changed since the baseline"
         elif needs_phase(name) >= completed:
@@ -313,6 +315,9 @@ def compare(
                                 frozenset(c.metric for c in overrides))
     if timing:
         out.notes += spread_notes(base_cells, current, {c.metric for c in overrides})
+    for name in sorted({r.metric for r in out.rows if r.metric in RETIRED_METRICS}):
+        out.notes.append(f"the baseline's {name} is {RETIRED_METRICS[name]}: not compared with this run; refresh "
+                         "the baseline to judge step times")
     return out
 
 

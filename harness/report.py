@@ -8,7 +8,6 @@ memory over time (NVML per-process, host RSS, phases shaded). The markdown links
 from __future__ import annotations
 
 import re
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from tabulate import tabulate
 
 from harness.expect import evaluate
 from harness.results import PHASES, by_gpu, summarize_peaks
-from harness.roofline import roofline_rows
+from harness.roofline import STEP_CONVENTION, first_step_ms, roofline_rows, steady_step_ms
 from harness.scenario import ScenarioError, load_scenario
 
 MIB = 2**20
@@ -41,7 +40,6 @@ def _phase_max(record: dict[str, Any], key: str, phases: tuple[str, ...] = PHASE
 def cell_row(record: dict[str, Any]) -> dict[str, Any]:
     peaks = summarize_peaks(record)
     phases = record.get("phases", {})
-    steps = (phases.get("denoise") or {}).get("step_ms") or []
     status = record["status"] + (f" ({record['failed_phase']})" if record.get("failed_phase") else "")
     cuda = record.get("device") == "cuda"
     row = {
@@ -62,7 +60,9 @@ def cell_row(record: dict[str, Any]) -> dict[str, Any]:
     for p in PHASES:
         ms = (phases.get(p) or {}).get("time_ms")
         row[f"{p} ms"] = "" if ms is None else f"{ms:,.0f}"
-    row["denoise ms/step (median)"] = f"{statistics.median(steps):,.0f}" if steps else ""
+    steady, first = steady_step_ms(record), first_step_ms(record)
+    row[f"denoise ms/step ({STEP_CONVENTION})"] = "" if steady is None else f"{steady:,.0f}"
+    row["denoise first step ms"] = "" if first is None else f"{first:,.0f}"
     return row
 
 

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import exitcodes
-from harness.gpus import child_gpu
+from harness.gpus import cell_cost, child_gpu
 from harness.results import (
     SCHEMA_VERSION,
     STATUSES,
@@ -71,6 +71,9 @@ UNEXPECTED = ("error", "crash", "timeout")  # the fates that make a run fail (as
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE = exitcodes.OK, exitcodes.FAILED, exitcodes.USAGE
 EXIT_UNWRITABLE, EXIT_DISK_FULL = exitcodes.UNWRITABLE, exitcodes.DISK_FULL
 EXIT_SIGINT, EXIT_SIGTERM = exitcodes.SIGINT, exitcodes.SIGTERM
+# Seconds between the progress lines of a running cell (phase, elapsed, ETA); tests set it to 1.
+PROGRESS_EVERY_ENV = "OFFLOAD_BENCH_PROGRESS_S"
+PROGRESS_EVERY_DEFAULT_S = 15.0
 RESULTS_MIN_FREE_ENV = "OFFLOAD_BENCH_RESULTS_MIN_FREE_BYTES"
 RESULTS_FREE_ENV = "OFFLOAD_BENCH_RESULTS_FREE_BYTES"
 # A cell leaves its record (tens of KiB with the trace), its log, its spec and its final latents (a few MiB for
@@ -118,6 +121,29 @@ def complete_record(rec: dict[str, Any]) -> bool:
 
 
 @dataclass
+class Pace:
+    """Seconds per unit of a cell's cost hint (`harness.gpus.cell_cost`: steps x frames x pixels x forwards x
+    calls), learnt from the cells this process ran to the end: the ETAs of progress lines. Before the first cell
+    ends there is no ETA. A hint, not a model: load and checkpoint generation do not scale with it."""
+
+    seconds: float = 0.0
+    cost: float = 0.0
+
+    def learn(self, cost: float, seconds: float) -> None:
+        self.seconds += seconds
+        self.cost += cost
+
+    def estimate_s(self, cost: float) -> float | None:
+        return cost * self.seconds / self.cost if self.cost > 0 else None
+
+
+def eta_text(seconds: float | None) -> str:
+    if seconds is None:
+        return "ETA after the first cell"
+    return f"ETA {seconds / 60:.1f} min" if seconds >= 120 else f"ETA {seconds:.0f} s"
+
+
+@dataclass
 class Run:
     """One run of the harness: a folder with records.jsonl, per-cell specs and logs."""
 
@@ -130,6 +156,10 @@ class Run:
     _executed: dict[str, dict[str, Any]] = field(default_factory=dict)
     _warned: set[str] = field(default_factory=set)
     _stale_before: int = 0  # records[:_stale_before] predate retry_failures(); their failures are rerun
+    pace: Pace = field(default_factory=Pace)
+    # Where progress and warning lines go: stderr, or under pytest its terminal writer (scenarios/conftest.py), so
+    # that a cell running for minutes shows them live instead of in the captured output after the test.
+    sink: Callable[[str], None] | None = None
 
     @classmethod
     def create(cls, results_root: Path, device: str, run_id: str | None = None, verbose: bool = True) -> Run:
@@ -185,11 +215,17 @@ class Run:
     def warn(self, msg: str) -> None:
         if msg not in self._warned:
             self._warned.add(msg)
-            print(f"warning: {msg}", file=sys.stderr, flush=True)
+            self._emit(f"warning: {msg}")
 
     def say(self, msg: str) -> None:
         if self.verbose:
-            print(msg, file=sys.stderr, flush=True)
+            self._emit(msg)
+
+    def _emit(self, line: str) -> None:
+        if self.sink is not None:
+            self.sink(line)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
 
 def _read_tolerant(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
@@ -401,8 +437,15 @@ def _run_child(
     out, log = cdir / "record.json", cdir / "child.log"
     out.unlink(missing_ok=True)  # a record left by an interrupted earlier attempt must not pass for this one's
     timeout = cell.scenario.timeout_s
-    run.say(f"{label} {cell.cell_id}: starting (timeout {timeout:.0f} s)")
+    cost = cell_cost(cell)
+    expected = run.pace.estimate_s(cost)
+    run.say(f"{label} {cell.cell_id}: starting (timeout {timeout:.0f} s, {eta_text(expected)})")
     started = time.monotonic()
+
+    def progress() -> None:
+        elapsed = time.monotonic() - started
+        left = None if expected is None else max(expected - elapsed, 0.0)
+        run.say(f"{label} {cell.cell_id}: phase {_last_phase(log) or 'start'}, {elapsed:.0f} s, {eta_text(left)}")
     child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log, "wb") as logf, _sigterm_raises():
         proc = subprocess.Popen(
@@ -415,7 +458,7 @@ def _run_child(
             start_new_session=True,  # its own process group, so a timeout kills grandchildren too
             preexec_fn=_die_with_parent(os.getpid()),
         )
-        fate = _wait(proc, log, timeout, run)
+        fate = _wait(proc, log, timeout, run, progress)
     elapsed = time.monotonic() - started
     record = _record_from_child(run, cell, out, log, proc.returncode, fate)
     record.update(
@@ -431,6 +474,8 @@ def _run_child(
         xdist_worker=os.environ.get("PYTEST_XDIST_WORKER"),  # the pytest-xdist worker that ran it, if any
     )
     append(run, record)
+    if record["status"] == "ok":
+        run.pace.learn(cost, elapsed)
     where = f" in {record['failed_phase']}" if record.get("failed_phase") else ""
     run.say(f"{label} {cell.cell_id}: {record['status']}{where} after {elapsed:.1f} s")
     return record
@@ -529,9 +574,14 @@ def _kill_leftovers(pgid: int) -> None:
 _kill_group = _kill_tree
 
 
-def _wait(proc: subprocess.Popen, log: Path, timeout: float, run: Run) -> str | None:
-    """Waits for the child, echoing its log; returns 'timeout' if it had to be killed."""
+def _wait(
+    proc: subprocess.Popen, log: Path, timeout: float, run: Run, progress: Callable[[], None] | None = None
+) -> str | None:
+    """Waits for the child, echoing its log and calling `progress` every OFFLOAD_BENCH_PROGRESS_S seconds;
+    returns 'timeout' if it had to be killed."""
     deadline = time.monotonic() + timeout
+    every = float(os.environ.get(PROGRESS_EVERY_ENV) or PROGRESS_EVERY_DEFAULT_S)
+    next_progress = time.monotonic() + every
     shown = 0
     try:
         while True:
@@ -541,6 +591,9 @@ def _wait(proc: subprocess.Popen, log: Path, timeout: float, run: Run) -> str | 
             except subprocess.TimeoutExpired:
                 pass
             shown = _echo(log, shown, run)
+            if progress is not None and time.monotonic() >= next_progress:
+                progress()
+                next_progress += every
             if time.monotonic() > deadline:
                 _kill_tree(proc)
                 return "timeout"
@@ -563,7 +616,7 @@ def _echo(log: Path, shown: int, run: Run) -> int:
         return shown
     for line in data[shown:].decode("utf-8", "replace").splitlines():
         if line.startswith("[worker"):
-            print(f"    {line}", file=sys.stderr, flush=True)
+            run.say(f"    {line}")
     return len(data) if data.endswith(b"\n") else shown
 
 
@@ -731,8 +784,10 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         t0 = time.monotonic()
         final: dict[str, dict[str, Any]] = {}
+        costs = [0 if c.same_as else cell_cost(c) for c in cells]
         for i, cell in enumerate(cells, 1):
-            label = f"[{i}/{n} {time.monotonic() - t0:.0f}s]"
+            left = run.pace.estimate_s(sum(costs[i - 1:]))
+            label = f"[{i}/{n} {time.monotonic() - t0:.0f}s, run {eta_text(left)}]"
             earlier = run.finished().get(cell.cell_id)
             resumed = earlier is not None and earlier.get("spec_hash") == cell.spec_hash(device)
             wanted = "cuda" if cell.scenario.profile == "gpu" else "cpu"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from harness import exitcodes
 from harness.gpus import cell_cost, child_env, gpu_for_worker, longest_first, nvml_count, visible_gpus
 from harness.pytest_options import add_options
 from harness.results import DiskFullError, UnwritableError, ensure_writable, latest_by_cell, read_records
-from harness.runner import Run, detect_device, new_run_id, run_cell
+from harness.runner import Run, detect_device, eta_text, new_run_id, run_cell
 from harness.scenario import Cell, Scenario, ScenarioError, expand, load_all
 
 HERE = Path(__file__).parent
@@ -270,6 +270,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     ]
     runnable = [i for i in cells if not i.get_closest_marker("skip")]
     config._offload_bench_cells = len(runnable)  # type: ignore[attr-defined]
+    # the run's ETA: what is left of the cost hints of the cells that run a child (copies take no time)
+    config._offload_bench_cost = sum(  # type: ignore[attr-defined]
+        cell_cost(c) for i in runnable if (c := _param(i, "cell")).same_as is None)
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
@@ -282,10 +285,11 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
 class Records:
     """The session's run: runs a cell on first request, then serves its record."""
 
-    def __init__(self, run: Run, total: int = 0, env: dict[str, str] | None = None) -> None:
+    def __init__(self, run: Run, total: int = 0, env: dict[str, str] | None = None, total_cost: float = 0) -> None:
         self.run = run
         self.count = 0
         self.total = total
+        self.cost_left = total_cost
         self.env = env  # on top of os.environ for every cell child (an xdist worker's CUDA_VISIBLE_DEVICES)
         self.started = time.monotonic()
 
@@ -298,7 +302,10 @@ class Records:
             return known
         self.count += 1
         left = max(self.total - self.count, 0)
-        label = f"[cell {self.count}/{self.total}, {left} left, {time.monotonic() - self.started:.0f} s]"
+        eta = eta_text(self.run.pace.estimate_s(self.cost_left))
+        label = f"[cell {self.count}/{self.total}, {left} left, {time.monotonic() - self.started:.0f} s, run {eta}]"
+        if cell.same_as is None:
+            self.cost_left = max(self.cost_left - cell_cost(cell), 0)
         worker = os.environ.get("PYTEST_XDIST_WORKER")
         if worker:  # the other workers run the rest: no count of what is left here
             label = f"[{worker} cell {self.count}, {time.monotonic() - self.started:.0f} s]"
@@ -339,5 +346,24 @@ def bench(request: pytest.FixtureRequest) -> Records:
     run = Run.create(Path(config.getoption("--bench-results")), device, run_id)
     env = worker_child_env(worker, device, os.environ)
     where = f" ({worker}: CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']})" if env else ""
-    print(f"\noffload-bench: records -> {run.records_path}{where}")
-    return Records(run, getattr(config, "_offload_bench_cells", 0), env or None)
+    if worker is None:  # an xdist worker's terminal is not shown: its lines stay in the captured output
+        run.sink = live_lines(config)
+    (run.sink or print)(f"offload-bench: records -> {run.records_path}{where}")
+    return Records(run, getattr(config, "_offload_bench_cells", 0), env or None,
+                   getattr(config, "_offload_bench_cost", 0))
+
+
+def live_lines(config: pytest.Config) -> Callable[[str], None] | None:
+    """Writes a line through pytest's terminal writer with capture suspended for it (as pytest's live logging
+    does), so progress shows while a cell runs instead of after its test; None without a terminal reporter."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or capture is None:
+        return None
+
+    def write(line: str) -> None:
+        with capture.global_and_fixture_disabled():
+            reporter.ensure_newline()
+            reporter.write_line(line)
+
+    return write

@@ -60,6 +60,11 @@ def test_bench_run_writes_only_its_run_folder_and_shows_progress_live(tmp_path: 
     assert "runs/r1/pytest-benchmark.json" in written and "runs/r1/records.jsonl" in written
     assert '"fullname": "scenarios/test_offload_matrix.py::test_cell[one/native/' in (
         results / "runs" / "r1" / "pytest-benchmark.json").read_text()
+    # with --show-capture=no, captured output is never printed: these lines came through the terminal writer, and
+    # with OFFLOAD_BENCH_PROGRESS_S=1 the running cell said its phase and elapsed time at least once
+    cell = "one/native/cpu1-lw1-te0-vae0-pf1-pin1"
+    assert f"[cell 1/1, 0 left, 0 s, run ETA after the first cell] {cell}: starting" in proc.stdout
+    assert f"{cell}: phase " in proc.stdout and "[worker " in proc.stdout
 
 
 def test_cpu_baseline_is_ignored_by_git() -> None:

@@ -190,3 +190,11 @@ def test_spec_key_is_unchanged_if_module_is_built(role: str) -> None:
     fresh.build_on_meta()
     assert fresh.config == snapshot
     assert fresh.key(0) == key
+
+
+def test_generation_reports_bytes_written_and_rate(cache: Path) -> None:
+    """A person watching a 40 GiB checkpoint being generated sees how much is written and how fast."""
+    messages: list[str] = []
+    path = ensure_checkpoint(SPEC, seed=0, device="cpu", progress=messages.append)
+    size_gib = f"{(path.stat().st_size - CheckpointReader(path).data_start) / 2**30:.2f} GiB written in "
+    assert any(m.endswith("GB/s)") and "done, " + size_gib in m for m in messages), messages

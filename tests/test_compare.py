@@ -65,7 +65,7 @@ def cell_of(comp, cell_id):
     [
         ("load_peak_reserved_bytes:+1%", "load_peak_reserved_bytes", 0.01),
         ("e2e_ms:25%", "e2e_ms", 0.25),
-        ("denoise_step_ms : +2.5 %", "denoise_step_ms", 0.025),
+        ("denoise_steady_step_ms : +2.5 %", "denoise_steady_step_ms", 0.025),
         ("load_ms:0.4", "load_ms", 0.4),
     ],
 )
@@ -119,8 +119,8 @@ def test_regressed_beyond_tolerance(baseline, current):
     [
         ("e2e_ms", 1.24, WITHIN),
         ("e2e_ms", 1.26, REGRESSED),
-        ("denoise_step_ms", 1.29, WITHIN),
-        ("denoise_step_ms", 1.31, REGRESSED),
+        ("denoise_steady_step_ms", 1.29, WITHIN),
+        ("denoise_steady_step_ms", 1.31, REGRESSED),
         ("load_ms", 1.39, WITHIN),
         ("load_ms", 1.41, REGRESSED),
         ("nvml_proc_peak_bytes", 1.021, REGRESSED),
@@ -154,9 +154,9 @@ def test_missing_metric_fails(baseline, current):
 
 
 def test_metric_new_to_the_baseline_is_new(baseline, current):
-    del baseline["cells"][OK]["metrics"]["denoise_step_ms"]
+    del baseline["cells"][OK]["metrics"]["denoise_steady_step_ms"]
     comp = compare(baseline, current)
-    assert rows_of(comp, OK)["denoise_step_ms"].verdict == NEW
+    assert rows_of(comp, OK)["denoise_steady_step_ms"].verdict == NEW
     assert comp.exit_code == 0
 
 

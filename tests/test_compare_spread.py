@@ -30,7 +30,7 @@ def _with_rounds(records: list[dict], steady: list[float]) -> list[dict]:
 
 def test_timing_spread_of_a_record() -> None:
     rec = {"rounds": {"steady_step_ms": [100.0, 102.0, 101.0], "denoise_ms": [400.0], "e2e_ms": [None, 5.0]}}
-    assert timing_spread(rec) == {"denoise_step_ms": 0.0198}
+    assert timing_spread(rec) == {"denoise_steady_step_ms": 0.0198}
     assert timing_spread({"rounds": {"denoise_ms": [400.0, 410.0], "e2e_ms": [500.0, 500.0]}}) == {
         "denoise_ms": 0.0247, "e2e_ms": 0.0}  # older records: no step medians, still the phase times
     assert timing_spread({}) == {}
@@ -47,9 +47,9 @@ def test_spread_tolerance_floor_factor_and_the_noisier_side() -> None:
 def test_a_quiet_baseline_catches_a_slowdown_the_fixed_tolerance_let_through() -> None:
     base = build_baseline(_with_rounds(_records(), [1000.0, 1002.0, 1001.0]))
     current = run_cells(_with_rounds(_records(), [1000.0, 1001.0, 1002.0]), SKU)
-    current[OK]["metrics"]["denoise_step_ms"] *= 1.05  # within the fixed 30 %, beyond 3 % from a 0.2 % spread
+    current[OK]["metrics"]["denoise_steady_step_ms"] *= 1.05  # within the fixed 30 %, beyond 3 % from a 0.2 % spread
     comp = compare(base, current)
-    row = next(r for r in comp.rows if r.cell_id == OK and r.metric == "denoise_step_ms")
+    row = next(r for r in comp.rows if r.cell_id == OK and r.metric == "denoise_steady_step_ms")
     assert row.verdict == REGRESSED and row.tolerance == 0.03 and "spread" in row.note
     assert any("from the measured rounds" in n for n in comp.notes)
     # the same slowdown against the old, fixed tolerance passes
@@ -57,7 +57,7 @@ def test_a_quiet_baseline_catches_a_slowdown_the_fixed_tolerance_let_through() -
     for cell in old["cells"].values():
         cell.pop("spread", None)
     comp_old = compare(old, current)
-    assert next(r for r in comp_old.rows if r.cell_id == OK and r.metric == "denoise_step_ms").verdict == WITHIN
+    assert next(r for r in comp_old.rows if r.cell_id == OK and r.metric == "denoise_steady_step_ms").verdict == WITHIN
     assert any("keep the fixed timing tolerances" in n for n in comp_old.notes)
     assert "keep the fixed timing tolerances" in render(comp_old)
 
@@ -65,17 +65,17 @@ def test_a_quiet_baseline_catches_a_slowdown_the_fixed_tolerance_let_through() -
 def test_a_noisy_run_widens_the_tolerance() -> None:
     base = build_baseline(_with_rounds(_records(), [1000.0, 1002.0, 1001.0]))
     current = run_cells(_with_rounds(_records(), [1000.0, 1100.0, 1050.0]), SKU)  # 9.5 % spread
-    current[OK]["metrics"]["denoise_step_ms"] *= 1.2
-    row = next(r for r in compare(base, current).rows if r.cell_id == OK and r.metric == "denoise_step_ms")
+    current[OK]["metrics"]["denoise_steady_step_ms"] *= 1.2
+    row = next(r for r in compare(base, current).rows if r.cell_id == OK and r.metric == "denoise_steady_step_ms")
     assert row.verdict == WITHIN and row.tolerance == pytest.approx(3 * 0.0952, abs=1e-3)
 
 
 def test_a_threshold_override_wins_over_the_spread() -> None:
     base = build_baseline(_with_rounds(_records(), [1000.0, 1002.0, 1001.0]))
     current = run_cells(_with_rounds(_records(), [1000.0, 1002.0, 1001.0]), SKU)
-    current[OK]["metrics"]["denoise_step_ms"] *= 1.05
-    comp = compare(base, current, overrides=[Check("denoise_step_ms", 0.10)])
-    row = next(r for r in comp.rows if r.cell_id == OK and r.metric == "denoise_step_ms")
+    current[OK]["metrics"]["denoise_steady_step_ms"] *= 1.05
+    comp = compare(base, current, overrides=[Check("denoise_steady_step_ms", 0.10)])
+    row = next(r for r in comp.rows if r.cell_id == OK and r.metric == "denoise_steady_step_ms")
     assert row.verdict == WITHIN and row.tolerance == 0.10
 
 

@@ -79,6 +79,7 @@ def test_installed_report_baseline_and_compare_from_another_folder(venv: Path, t
     first = _run([tool, "compare", run], tmp_path)
     assert first.returncode == exitcodes.NO_BASELINE, first.stderr
     assert "results/baselines/cpu.json does not exist" in first.stderr
+    assert first.stderr.rstrip().endswith(f"make one from this run with: offload-bench baseline {run}")
     made = _run([tool, "baseline", run], tmp_path)
     assert made.returncode == 0, made.stderr
     assert (tmp_path / "results" / "baselines" / "cpu.json").is_file()

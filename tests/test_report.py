@@ -34,7 +34,7 @@ def test_render_keeps_counter_labels_cuda():
     for label in (
         "load peak MiB (alloc reserved)", "runtime peak MiB (alloc reserved)", "peak MiB (alloc allocated)",
         "peak MiB (NVML per-process)", "pinned host MiB (requested)", "host RSS peak MiB",
-        "denoise ms/step (median)",
+        "denoise ms/step (median of steps 2..n)", "denoise first step ms",
     ):
         assert label in text
     assert "## qwen-image-edit-5090" in text and "## qwen-image-edit-5090-legacy" in text
