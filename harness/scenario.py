@@ -53,10 +53,13 @@ _SGLANG_BACKEND = re.compile(r"^sglang(@\d+\.\d+\.\d+(\.post\d+)?)?$")
 _TOP_KEYS = {
     "name", "description", "model", "profile", "cards", "height", "width", "frames", "steps", "warmup", "rounds",
     "true_cfg_scale", "seed", "policy", "timeout_s", "flags", "axes", "exclude", "expect", "xfail", "backends",
-    "run",
+    "run", "few_rounds",
 }
 _EXPECT_KEYS = {"lowest_peak", "fate", "same_output", "host", "invariants", "close_output_rtol", "beats_peer",
                 "prefetch_peak_monotone", "resident_never_slows", "cfg_batch_rtol"}
+# pytest-benchmark's statistics (mean, stddev, IQR) need a few rounds to mean anything: a GPU scenario measuring
+# fewer says why in `few_rounds` (it reaches each benchmark's extra_info).
+MIN_BENCHMARK_ROUNDS = 3
 _HOST_KEYS = {"max_rss_over_weights", "max_pinned_held_over_requested", "min_setup_gbps"}
 _FATE_KEYS = {"cards", "where", "status", "phase"}
 
@@ -178,6 +181,7 @@ class Scenario:
     xfail: str | None = None  # the expectations are known to fail, and why (e.g. the pre-#26925 policy)
     backends: tuple[str, ...] = (HARNESS_BACKEND,)  # BACKENDS: who runs the layerwise DiT, swept like cards
     run: RunOptions = field(default_factory=RunOptions)  # the `[run]` table: how the child measures
+    few_rounds: str | None = None  # why a GPU scenario measures fewer than MIN_BENCHMARK_ROUNDS rounds
 
 
 @dataclass(frozen=True)
@@ -370,6 +374,7 @@ def load_scenario(path: Path | str) -> Scenario:
         xfail=_xfail(data.get("xfail"), path),
         backends=backends,
         run=run,
+        few_rounds=_few_rounds(data, profile, path),
     )
     cells = expand(scenario)
     if not cells:
@@ -451,6 +456,21 @@ def _check_prefetch_fits(
             sizes = ", ".join(f"{g}: {n}" for g, n in groups.items())
             raise _err(path, where, f"{v:g} layers is more than the largest layer group of {model} ({sizes}); it "
                        f"would run as {largest} under a cell id saying pf{v:g}: use at most {largest}")
+
+
+def _few_rounds(data: dict[str, Any], profile: str, path: Path) -> str | None:
+    """The reason a GPU scenario measures fewer than MIN_BENCHMARK_ROUNDS rounds: required there (each cell is a
+    pytest-benchmark benchmark whose statistics need rounds), refused where it explains nothing."""
+    value, rounds = data.get("few_rounds"), data.get("rounds", 1)
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise _err(path, "few_rounds", f"expected a reason (a non-empty string), got {value!r}")
+    few = isinstance(rounds, int) and rounds < MIN_BENCHMARK_ROUNDS
+    if profile == "gpu" and few and value is None:
+        raise _err(path, "rounds", f"{rounds} measured round(s) feed pytest-benchmark, whose statistics need "
+                   f"{MIN_BENCHMARK_ROUNDS}: measure {MIN_BENCHMARK_ROUNDS} or say why not in `few_rounds`")
+    if value is not None and not few:
+        raise _err(path, "few_rounds", f"rounds = {rounds} is at least {MIN_BENCHMARK_ROUNDS}: nothing to explain")
+    return value
 
 
 def _xfail(value: Any, path: Path) -> str | None:

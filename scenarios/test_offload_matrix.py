@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from harness.expect import evaluate, fate_failures
-from harness.scenario import Cell, Scenario
+from harness.scenario import MIN_BENCHMARK_ROUNDS, Cell, Scenario
 
 UNEXPECTED = ("error", "crash", "timeout")
 
@@ -30,7 +30,7 @@ class ReplayClock:
         self.t += next(self.pending)
 
 
-def _feed_benchmark(benchmark, record: dict) -> None:
+def _feed_benchmark(benchmark, record: dict, cell: Cell) -> None:
     info = benchmark.extra_info  # filled in place: the fixture shares this dict with its JSON metadata
     info.update(
         cell_id=record["cell_id"], status=record["status"], failed_phase=record.get("failed_phase"),
@@ -41,6 +41,8 @@ def _feed_benchmark(benchmark, record: dict) -> None:
         rounds=record.get("rounds"), components=record.get("components"),
     )
     e2e = [ms for ms in ((record.get("rounds") or {}).get("e2e_ms") or []) if ms]
+    if len(e2e) < MIN_BENCHMARK_ROUNDS:  # its statistics rest on too few rounds: the scenario says why
+        info["few_rounds"] = cell.scenario.few_rounds or f"{cell.scenario.profile} profile: times are not compared"
     if record["status"] == "ok" and e2e:
         clock = ReplayClock([ms / 1e3 for ms in e2e])
         benchmark._timer = clock.now  # no public hook for an external clock in pytest-benchmark 5.x
@@ -51,8 +53,10 @@ def test_cell(cell: Cell, bench, benchmark) -> None:
     record = bench.get(cell)
     if record["status"] == "skipped":  # a guard found the machine too small right now: not a verdict
         pytest.skip(f"{cell.cell_id}: {record.get('reason')}")
-    if not benchmark.disabled:  # pytest-benchmark turns itself off under xdist (-n): our record stands alone
-        _feed_benchmark(benchmark, record)
+    # pytest-benchmark turns itself off under xdist (-n): our record stands alone. A copy of another cell's record
+    # (same_as: the same effective flags) is not a second benchmark of the same rounds.
+    if not benchmark.disabled and cell.same_as is None:
+        _feed_benchmark(benchmark, record, cell)
     failures = fate_failures(record, cell.scenario.expect.fates)
     declared = any(f.status == record["status"] for f in cell.scenario.expect.fates)
     if record["status"] in UNEXPECTED and not declared:
