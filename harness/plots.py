@@ -1,11 +1,12 @@
 """PNG plots of a run's records (matplotlib, Agg; no pyplot, so no global figure state and no display needed).
 
-- `pareto_plot`: peak device memory (the record's peak counter, labelled) against denoise latency, one point per
+- `pareto_plot`: peak device memory (the record's peak counter, labelled) against denoise ms/step, one point per
   cell that ran its denoise loop, the Pareto front (lowest memory for its latency) marked, the card's cap drawn as
-  a horizontal line where the card has one, and the cells that did not get through denoise listed with their fate.
+  a horizontal line where the card has one, with panels for host memory and first-vs-steady step times beside it
+  and a key naming every numbered cell with its fate.
 - `trace_plot`: memory over time of each cell from record["trace"] ([t_s, phase, nvml_proc_bytes|None,
   rss_bytes]): NVML per-process on the left axis (with the cap), host RSS on the right axis, phases shaded and
-  labelled.
+  labelled where they are wide enough; every panel on one time, device and host scale.
 
 Both take the records of one scenario on one card and write one PNG.
 """
@@ -19,6 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from harness.results import summarize_peaks
+from harness.roofline import STEP_CONVENTION, first_step_ms, steady_step_ms
 
 GIB, MIB = 2**30, 2**20
 PHASE_COLORS = {
@@ -41,16 +43,17 @@ def _fate(record: dict[str, Any]) -> str:
 
 
 def plot_points(records: list[dict[str, Any]]) -> tuple[list[tuple[str, float, float]], list[dict[str, Any]]]:
-    """(label, denoise ms, peak bytes) of the cells that finished their denoise loop; the others."""
+    """(cell id, denoise ms/step by STEP_CONVENTION, peak bytes) of the cells that finished their denoise loop;
+    the others."""
     points, others = [], []
     for r in records:
         if r.get("same_as"):
             continue  # a copy of another cell's record: same point
-        ms = ((r.get("phases") or {}).get("denoise") or {}).get("time_ms")
+        ms = steady_step_ms(r)
         peak = summarize_peaks(r)["peak"]
         finished_denoise = r["status"] == "ok" or r.get("failed_phase") == "decode"
         if finished_denoise and ms is not None and peak is not None:
-            points.append((short(r["cell_id"]), float(ms), float(peak)))
+            points.append((r["cell_id"], float(ms), float(peak)))
         else:
             others.append(r)
     return points, others
@@ -75,39 +78,117 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
+# One colour and marker per backend, the same in every figure (our runtime first; an engine release shares its
+# engine's entry).
+BACKEND_STYLES = {
+    "harness": ("#1f77b4", "o"),
+    "diffusers-group": ("#ff7f0e", "s"),
+    "diffusers-group-rs": ("#2ca02c", "^"),
+    "sglang": ("#d62728", "D"),
+}
+_OTHER_STYLE = ("#7f7f7f", "v")
+
+
+def backend_style(backend: str | None) -> tuple[str, str]:
+    """(colour, marker) of a backend; `sglang@0.5.23` is drawn as `sglang`."""
+    return BACKEND_STYLES.get((backend or "harness").split("@", 1)[0], _OTHER_STYLE)
+
+
+def _phase_max(record: dict[str, Any], key: str) -> float | None:
+    values = [ph.get(key) for ph in (record.get("phases") or {}).values() if isinstance(ph, dict)]
+    values = [v for v in values if isinstance(v, int | float)]
+    return max(values) if values else None
+
+
 def pareto_plot(records: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Three panels over the cells of one scenario on one card, each cell numbered the same in all three and named
+    in the key below them (labels never sit on the points, so none overprint another):
+
+    - peak device memory against denoise ms/step (STEP_CONVENTION), colour and marker per backend, the Pareto
+      front and the card's cap;
+    - host memory per cell: peak RSS and pinned bytes (requested: ours, cudaHostRegister; torch caching host
+      allocator: where diffusers' group offload pins), one GiB axis;
+    - denoise step times per cell: the first step against the steady state, one ms axis.
+    """
     points, others = plot_points(records)
+    cells = [r for r in records if not r.get("same_as")]
+    number = {r["cell_id"]: i for i, r in enumerate(cells, 1)}
     counter = summarize_peaks(records[0])["counter"] if records else "alloc_peak_reserved_bytes"
     cap = next((r["card"].get("cap_bytes") for r in records if r.get("card")), None)
     scale, unit = _unit(max([p[2] for p in points] + [cap or 0, 1]))
-    fig = Figure(figsize=(8, 5.2))
-    ax = fig.add_subplot()
+    key_lines = [f"{number[r['cell_id']]}  {short(r['cell_id'])}: {_fate(r)}" for r in cells]
+    fig = Figure(figsize=(13, 4.9 + 0.15 * len(key_lines)))
+    grid = fig.add_gridspec(2, 3, height_ratios=[4.6, 0.15 * len(key_lines) + 0.2], width_ratios=[1.3, 1, 1])
+    ax, host, steps = (fig.add_subplot(grid[0, i]) for i in range(3))
+    by_id = {r["cell_id"]: r for r in cells}
+
+    # peak device memory against ms/step
     if points:
+        for backend in dict.fromkeys(by_id[cid].get("backend") or "harness" for cid, _, _ in points):
+            mine = [p for p in points if (by_id[p[0]].get("backend") or "harness") == backend]
+            colour, marker = backend_style(backend)
+            ax.scatter([p[1] for p in mine], [p[2] / scale for p in mine], color=colour, marker=marker, s=46,
+                       zorder=3, label=backend)
+            for cid, ms, peak in mine:
+                ax.annotate(str(number[cid]), (ms, peak / scale), textcoords="offset points", xytext=(6, 5),
+                            fontsize=8, fontweight="bold", color=colour, zorder=5)
         front = pareto_front(points)
-        ax.scatter([p[1] for p in points], [p[2] / scale for p in points], color="#4a7ab5", zorder=3,
-                   label="cell")
-        ax.plot([p[1] for p in front], [p[2] / scale for p in front], color="#c0392b", marker="o",
-                markerfacecolor="none", markersize=12, linestyle="--", zorder=4, label="Pareto front")
-        for label, ms, peak in points:
-            ax.annotate(label, (ms, peak / scale), textcoords="offset points", xytext=(6, 4), fontsize=7)
+        ax.plot([p[1] for p in front], [p[2] / scale for p in front], color="#444444", marker="o",
+                markerfacecolor="none", markersize=14, linestyle="--", linewidth=1, zorder=4, label="Pareto front")
+        ax.set_xlim(left=0, right=max(p[1] for p in points) * 1.12)
     else:
         ax.text(0.5, 0.5, "no cell finished its denoise loop", transform=ax.transAxes, ha="center", va="center")
     if cap:
         ax.axhline(cap / scale, color="#7f0000", linestyle=":", linewidth=1.5,
                    label=f"card cap {cap / scale:,.2f} {unit}")
-    if others:
-        lines = [f"{short(r['cell_id'])}: {_fate(r)}" for r in others]
-        ax.text(0.01, 0.01, "did not finish denoise:\n" + "\n".join(lines), transform=ax.transAxes,
-                fontsize=7, va="bottom", ha="left", bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "#999"})
-    ax.set_xlabel("denoise latency (ms, all steps)")
+    ax.set_xlabel(f"denoise ms/step ({STEP_CONVENTION})")
     ax.set_ylabel(f"peak device memory ({unit}, {_COUNTER_LABELS.get(counter, counter)})")
-    ax.set_title(title, fontsize=10)
     ax.set_ylim(bottom=0, top=max([p[2] / scale for p in points] + [(cap or 0) / scale, 1e-9]) * 1.12)
-    if points:
-        ax.set_xlim(left=0, right=max(p[1] for p in points) * 1.35)  # room for the labels right of the points
     ax.grid(True, alpha=0.3)
-    if points or cap:
-        ax.legend(loc="lower right", fontsize=8)
+    if points or cap:  # legends above the panels: inside they would cover points or bars
+        ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=3, fontsize=7, frameon=False)
+
+    # host memory per cell, one axis
+    ys = list(range(len(cells)))
+    host_scale, host_unit = _unit(max([_phase_max(r, "rss_peak_bytes") or 0 for r in cells] + [1]))
+    bars = (("rss_peak_bytes", "host RSS peak", "#9e9e9e"),
+            ("pinned_requested_bytes", "pinned (requested)", "#1f77b4"),
+            ("pinned_torch_allocator_bytes", "pinned (torch allocator)", "#ff7f0e"))
+    height = 0.8 / len(bars)
+    for k, (field, label, colour) in enumerate(bars):
+        values = [(_phase_max(r, field) or 0) / host_scale for r in cells]
+        host.barh([y - 0.4 + (k + 0.5) * height for y in ys], values, height=height, color=colour, label=label)
+    host.set_yticks(ys, [str(number[r["cell_id"]]) for r in cells], fontsize=7)
+    host.invert_yaxis()
+    host.set_xlabel(f"host memory ({host_unit})")
+    host.set_ylabel("cell (key below)", fontsize=8)
+    host.grid(True, axis="x", alpha=0.3)
+    host.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=2, fontsize=7, frameon=False)
+
+    # first step vs steady state, one axis
+    first = [first_step_ms(r) for r in cells]
+    steady = [steady_step_ms(r) for r in cells]
+    steps.barh([y - 0.2 for y in ys], [v or 0 for v in first], height=0.4, color="#c7c7c7", label="first step")
+    steps.barh([y + 0.2 for y in ys], [v or 0 for v in steady], height=0.4,
+               color=[backend_style(r.get("backend"))[0] for r in cells],
+               label=f"steady ({STEP_CONVENTION}), backend colour")
+    steps.set_yticks(ys, [str(number[r["cell_id"]]) for r in cells], fontsize=7)
+    steps.invert_yaxis()
+    steps.set_xlabel("denoise step (ms)")
+    steps.grid(True, axis="x", alpha=0.3)
+    steps.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=1, fontsize=7, frameon=False)
+
+    keyax = fig.add_subplot(grid[1, :])
+    keyax.axis("off")
+    columns = 2 if len(key_lines) > 6 else 1
+    per = -(-len(key_lines) // columns)
+    for c in range(columns):
+        keyax.text(c / columns, 1.0, "\n".join(key_lines[c * per:(c + 1) * per]), transform=keyax.transAxes,
+                   va="top", ha="left", fontsize=7, family="monospace")
+    if others:
+        ax.text(0.01, 0.99, f"{len(others)} cell(s) did not finish denoise (see the key)", transform=ax.transAxes,
+                va="top", fontsize=7)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -125,48 +206,64 @@ def _phase_spans(trace: list[list[Any]]) -> list[tuple[str, float, float]]:
 
 
 def trace_plot(records: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Memory over time, one panel per cell, on one scale: every panel shares the time axis, the device axis and
+    the host RSS axis, so panels compare by eye. A phase is named inside its span only where the span is wide
+    enough for the name; the colour key under the title names them all."""
     cells = [r for r in records if not r.get("same_as")]
-    fig = Figure(figsize=(9, max(2.6, 2.3 * len(cells) + 0.6)))
+    fig = Figure(figsize=(9, max(2.6, 2.3 * len(cells) + 0.9)))
     if not cells:
         fig.text(0.5, 0.5, "no cells", ha="center")
         return _save(fig, path)
-    axes = fig.subplots(len(cells), 1, squeeze=False)[:, 0]
-    for ax, r in zip(axes, cells, strict=True):
-        trace = [row for row in (r.get("trace") or []) if len(row) >= 4]
-        cap = (r.get("card") or {}).get("cap_bytes")
+    axes = fig.subplots(len(cells), 1, squeeze=False, sharex=True, sharey=True)[:, 0]
+    traces = [[row for row in (r.get("trace") or []) if len(row) >= 4] for r in cells]
+    rows = [row for trace in traces for row in trace]
+    cap = next(((r.get("card") or {}).get("cap_bytes") for r in cells if (r.get("card") or {}).get("cap_bytes")), None)
+    has_nvml = any(row[2] is not None for row in rows)
+    device_top = max([row[2] for row in rows if row[2] is not None] + [cap or 0, 1]) if has_nvml else 1
+    rss_top = max([row[3] for row in rows if row[3] is not None] + [1])
+    scale, unit = _unit(device_top if has_nvml else rss_top)
+    t_end = max([row[0] for row in rows] + [1e-9])
+    twins = []
+    for ax, r, trace in zip(axes, cells, traces, strict=True):
         ax.set_title(f"{short(r['cell_id'])}: {_fate(r)}", fontsize=9, loc="left")
         if not trace:
             ax.text(0.5, 0.5, "no trace in the record", transform=ax.transAxes, ha="center", va="center")
             continue
         t = [row[0] for row in trace]
-        nvml = [row[2] for row in trace]
-        rss = [row[3] for row in trace]
-        has_nvml = any(v is not None for v in nvml)
-        top = max([v for v in nvml if v is not None] + [cap or 0, 1]) if has_nvml else max([*rss, 1])
-        scale, unit = _unit(top)
         for phase, t0, t1 in _phase_spans(trace):
             ax.axvspan(t0, t1, color=PHASE_COLORS.get(phase, "#eeeeee"), alpha=0.45, linewidth=0)
-            ax.text((t0 + t1) / 2, 0.97, phase, transform=ax.get_xaxis_transform(), ha="center", va="top",
-                    fontsize=7, clip_on=True)
+            if (t1 - t0) >= 0.012 * t_end * max(len(phase), 4):  # room for the name at this figure width
+                ax.text((t0 + t1) / 2, 0.97, phase, transform=ax.get_xaxis_transform(), ha="center", va="top",
+                        fontsize=7, clip_on=True)
         if has_nvml:
+            nvml = [row[2] for row in trace]
             ax.plot(t, [float("nan") if v is None else v / scale for v in nvml], color="#1f4e79", linewidth=1.4,
                     label="NVML per-process")
-            ax.set_ylabel(f"device {unit}\n(NVML per-process)", fontsize=8)
             if cap:
                 ax.axhline(cap / scale, color="#7f0000", linestyle=":", linewidth=1.2, label="card cap")
             host = ax.twinx()
-            host.plot(t, [v / GIB for v in rss], color="#888888", linewidth=1, linestyle="--", label="host RSS")
+            twins.append(host)
+            host.plot(t, [row[3] / GIB for row in trace], color="#888888", linewidth=1, linestyle="--",
+                      label="host RSS")
             host.set_ylabel("host RSS GiB", fontsize=8)
-            host.set_ylim(bottom=0)
             handles = ax.get_legend_handles_labels()[0] + host.get_legend_handles_labels()[0]
             ax.legend(handles=handles, loc="center left", fontsize=7)
         else:
-            ax.plot(t, [v / scale for v in rss], color="#888888", linewidth=1.2, label="host RSS")
-            ax.set_ylabel(f"host RSS {unit}\n(no NVML: CPU profile)", fontsize=8)
+            ax.plot(t, [row[3] / scale for row in trace], color="#888888", linewidth=1.2, label="host RSS")
             ax.legend(loc="center left", fontsize=7)
-        ax.set_ylim(bottom=0)
+        ax.set_ylabel(f"device {unit}\n(NVML per-process)" if has_nvml else
+                      f"host RSS {unit}\n(no NVML: CPU profile)", fontsize=8)
         ax.grid(True, alpha=0.25)
+    axes[0].set_ylim(bottom=0, top=(device_top if has_nvml else rss_top) / scale * 1.08)
+    axes[0].set_xlim(left=0, right=t_end)
+    for host in twins:  # one host scale too
+        host.set_ylim(bottom=0, top=rss_top / GIB * 1.08)
     axes[-1].set_xlabel("seconds since the child started")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    from matplotlib.patches import Patch
+
+    seen = list(dict.fromkeys(row[1] for row in rows))
+    fig.legend(handles=[Patch(color=PHASE_COLORS.get(p, "#eeeeee"), alpha=0.45, label=p) for p in seen],
+               loc="upper right", ncols=len(seen) or 1, fontsize=7, frameon=False)
+    fig.suptitle(title, fontsize=10, x=0.02, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     return _save(fig, path)

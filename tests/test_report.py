@@ -117,7 +117,7 @@ def test_pareto_front():
 def test_plot_points_skip_unfinished_and_copies():
     recs = records(H100)
     points, others = plot_points([r for r in recs if r["card"]["name"] == "rtx5090-32g"])
-    assert [p[0] for p in points] == ["cpu1-lw1-te0-vae0-pf4-pin1"]
+    assert [p[0].rsplit("/", 1)[-1] for p in points] == ["cpu1-lw1-te0-vae0-pf4-pin1"]
     assert all(r["status"] == "oom" for r in others)
     legacy = [r for r in recs if r["scenario"].endswith("legacy")]
     points, others = plot_points(legacy)
@@ -152,3 +152,41 @@ def test_render_skips_cards_that_did_not_run_and_latents_it_cannot_read(monkeypa
     peer = [json.loads(line) for line in (root / "results/h100/wan21-14b-peer.records.jsonl").open()]
     text = render(peer)
     assert "**close_output** on native: not re-evaluated here" in text and "**beats_peer** on native: PASS" in text
+
+
+def test_plots_style_backends_apart_and_share_their_scales(tmp_path):
+    """Plots: one colour and marker per backend (an engine release drawn as its engine), every cell numbered with
+    its name in a key (labels beside points overprinted each other), host memory and first-vs-steady step panels,
+    and one scale across the memory trace's panels."""
+    from harness.plots import backend_style
+
+    assert len({backend_style(b) for b in ("harness", "diffusers-group", "diffusers-group-rs", "sglang")}) == 4
+    assert backend_style("sglang@0.5.23") == backend_style("sglang")
+    root = Path(__file__).resolve().parents[1]
+    peer = [json.loads(line) for line in (root / "results/h100/qwen-image-peer.records.jsonl").open()]
+    figures = []
+
+    def keep(fig, path):
+        figures.append(fig)
+        return path
+
+    import harness.plots as plots
+
+    original = plots._save
+    plots._save = keep
+    try:
+        pareto_plot(peer, tmp_path / "p.png", "peer")
+        trace_plot(peer, tmp_path / "t.png", "peer")
+    finally:
+        plots._save = original
+    pareto, trace = figures
+    device, host, steps, key = pareto.axes
+    assert {t.get_text() for t in device.texts} >= {"1", "2", "3", "4"}
+    assert "2  cpu1-lw1-te0-vae0-pf1-pin1: ok" in key.texts[0].get_text()
+    assert host.get_xlabel() == "host memory (GiB)"
+    assert next(t.get_text() for t in steps.get_legend().get_texts()) == "first step"
+    panels = [ax for ax in trace.axes if ax.get_ylabel().startswith("device")]
+    assert len(panels) == 4
+    assert len({ax.get_ylim() for ax in panels}) == 1 and len({ax.get_xlim() for ax in panels}) == 1
+    twins = [ax for ax in trace.axes if ax.get_ylabel() == "host RSS GiB"]
+    assert len(twins) == 4 and len({ax.get_ylim() for ax in twins}) == 1
