@@ -174,6 +174,9 @@ def pareto_plot(records: list[dict[str, Any]], path: Path, title: str) -> Path:
                label=f"steady ({STEP_CONVENTION}), backend colour")
     steps.set_yticks(ys, [str(number[r["cell_id"]]) for r in cells], fontsize=7)
     steps.invert_yaxis()
+    if not any(first + steady):
+        steps.text(0.5, 0.5, "no denoise steps recorded", transform=steps.transAxes, ha="center", va="center")
+        steps.set_xlim(0, 1)
     steps.set_xlabel("denoise step (ms)")
     steps.grid(True, axis="x", alpha=0.3)
     steps.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=1, fontsize=7, frameon=False)
@@ -224,6 +227,7 @@ def trace_plot(records: list[dict[str, Any]], path: Path, title: str) -> Path:
     scale, unit = _unit(device_top if has_nvml else rss_top)
     t_end = max([row[0] for row in rows] + [1e-9])
     twins = []
+    lines: list[Any] = []  # the curves' key, once for the figure (inside a panel it covered the curves)
     for ax, r, trace in zip(axes, cells, traces, strict=True):
         ax.set_title(f"{short(r['cell_id'])}: {_fate(r)}", fontsize=9, loc="left")
         if not trace:
@@ -246,11 +250,10 @@ def trace_plot(records: list[dict[str, Any]], path: Path, title: str) -> Path:
             host.plot(t, [row[3] / GIB for row in trace], color="#888888", linewidth=1, linestyle="--",
                       label="host RSS")
             host.set_ylabel("host RSS GiB", fontsize=8)
-            handles = ax.get_legend_handles_labels()[0] + host.get_legend_handles_labels()[0]
-            ax.legend(handles=handles, loc="center left", fontsize=7)
+            lines = lines or ax.get_legend_handles_labels()[0] + host.get_legend_handles_labels()[0]
         else:
             ax.plot(t, [row[3] / scale for row in trace], color="#888888", linewidth=1.2, label="host RSS")
-            ax.legend(loc="center left", fontsize=7)
+            lines = lines or ax.get_legend_handles_labels()[0]
         ax.set_ylabel(f"device {unit}\n(NVML per-process)" if has_nvml else
                       f"host RSS {unit}\n(no NVML: CPU profile)", fontsize=8)
         ax.grid(True, alpha=0.25)
@@ -262,8 +265,9 @@ def trace_plot(records: list[dict[str, Any]], path: Path, title: str) -> Path:
     from matplotlib.patches import Patch
 
     seen = list(dict.fromkeys(row[1] for row in rows))
-    fig.legend(handles=[Patch(color=PHASE_COLORS.get(p, "#eeeeee"), alpha=0.45, label=p) for p in seen],
-               loc="upper right", ncols=len(seen) or 1, fontsize=7, frameon=False)
-    fig.suptitle(title, fontsize=10, x=0.02, ha="left")
-    fig.tight_layout(rect=(0, 0, 1, 0.98))
+    handles = lines + [Patch(color=PHASE_COLORS.get(p, "#eeeeee"), alpha=0.45, label=p) for p in seen]
+    key_height = 0.35 / fig.get_figheight()  # one row of key under the time axis, whatever the panel count
+    fig.legend(handles=handles, loc="lower center", ncols=len(handles) or 1, fontsize=7, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, key_height, 1, 1 - 0.3 / fig.get_figheight()))  # the title's row kept free
     return _save(fig, path)

@@ -181,24 +181,31 @@ def groups(records: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str
     return out
 
 
-def write_plots(records: list[dict[str, Any]], folder: Path, stem: str) -> dict[tuple[str, str], dict[str, Path]]:
-    """Two PNGs per scenario and card: '<stem>-<scenario>-<card>-pareto.png' and '...-memory.png' (without the
-    stem where the scenario name starts with it)."""
-    from harness.plots import pareto_plot, trace_plot
-
+def plot_paths(records: list[dict[str, Any]], folder: Path, stem: str) -> dict[tuple[str, str], dict[str, Path]]:
+    """Where the two PNGs of each scenario and card go: '<stem>-<scenario>-<card>-pareto.png' and '...-memory.png'
+    (without the stem where the scenario name starts with it)."""
     out = {}
     used: set[str] = set()
-    for (scenario, card), recs in groups(records).items():
+    for scenario, card in groups(records):
         # a report named after its scenario (results/h100/<scenario>.md) does not repeat the name
         base = f"{_slug(scenario)}-{_slug(card)}"
         base = base if base.startswith(f"{stem}-") else f"{stem}-{base}"
         while base in used:
             base += "-x"
         used.add(base)
-        out[(scenario, card)] = {
-            "pareto": pareto_plot(recs, folder / f"{base}-pareto.png", f"{scenario} on {card}: peak vs denoise"),
-            "memory": trace_plot(recs, folder / f"{base}-memory.png", f"{scenario} on {card}: memory over time"),
-        }
+        out[(scenario, card)] = {"pareto": folder / f"{base}-pareto.png", "memory": folder / f"{base}-memory.png"}
+    return out
+
+
+def write_plots(records: list[dict[str, Any]], folder: Path, stem: str) -> dict[tuple[str, str], dict[str, Path]]:
+    """Draws the PNGs `plot_paths` names, per scenario and card."""
+    from harness.plots import pareto_plot, trace_plot
+
+    by_group = groups(records)
+    for (scenario, card), files in (out := plot_paths(records, folder, stem)).items():
+        recs = by_group[(scenario, card)]
+        pareto_plot(recs, files["pareto"], f"{scenario} on {card}: peak vs denoise")
+        trace_plot(recs, files["memory"], f"{scenario} on {card}: memory over time")
     return out
 
 
@@ -215,11 +222,12 @@ def plots_section(
         pareto = files["pareto"].relative_to(relative_to).as_posix()
         memory = files["memory"].relative_to(relative_to).as_posix()
         out += [
-            f"**{card}**: peak device memory (the table's peak counter) against denoise latency, Pareto front "
-            "marked, card cap as a horizontal line; then each cell's memory over time (NVML per-process, host RSS, "
-            "phases shaded).",
+            f"**{card}**: peak device memory (the table's peak counter) against denoise ms/step ({STEP_CONVENTION}), "
+            "one colour per backend, Pareto front marked, card cap as a horizontal line; host memory per cell (RSS, "
+            "pinned); first step against steady state; then each cell's memory over time on one scale (NVML "
+            "per-process, host RSS, phases shaded).",
             "",
-            f"![{scen} on {card}: peak memory vs denoise latency]({pareto})",
+            f"![{scen} on {card}: peak memory vs ms/step, host memory, step times]({pareto})",
             "",
             f"![{scen} on {card}: memory over time]({memory})",
             "",
