@@ -75,3 +75,14 @@ def test_cpu_baseline_is_ignored_by_git() -> None:
     assert proc.returncode == 0
     tracked = subprocess.run(["git", "check-ignore", "-q", "results/baselines/nvidia-h100-80gb-hbm3.json"], cwd=REPO)
     assert tracked.returncode == 1
+
+
+def test_a_relative_results_folder_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An installed offload-bench's default is ./results, and the cell child runs in the package's folder: the
+    child was handed a cell.json path relative to another folder and every cell crashed ("child exited with code 1
+    without writing a record")."""
+    from harness.runner import Run
+
+    monkeypatch.chdir(tmp_path)
+    run = Run.create(Path("results"), "cpu", "r")
+    assert run.run_dir == tmp_path / "results" / "runs" / "r" and run.records_path.is_absolute()
