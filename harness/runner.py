@@ -412,12 +412,7 @@ def _run_child(
 ) -> dict[str, Any]:
     child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     gpu = child_gpu(child_env, run.device)
-    spec = cell.spec(run.device)  # what spec_hash covers; the keys added below do not change what the cell runs
-    spec["latents_out"] = str(cdir / "latents.pt")
-    probe = run.h2d_probes.get(gpu) if os.environ.get(H2D_PROBE_ENV) != "each" else None
-    if run.device == "cuda" and probe is not None:
-        spec[H2D_PROBE_SPEC_KEY] = probe
-    spec["spawned_at"] = time.time()  # the child's process_start_s starts here
+    spec = child_spec(run, cell, cdir, gpu)
     (cdir / "cell.json").write_text(json.dumps(spec, indent=1))
     out, log = cdir / "record.json", cdir / "child.log"
     out.unlink(missing_ok=True)  # a record left by an interrupted earlier attempt must not pass for this one's
@@ -457,6 +452,19 @@ def _run_child(
     where = f" in {record['failed_phase']}" if record.get("failed_phase") else ""
     run.say(f"{label} {cell.cell_id}: {record['status']}{where} after {elapsed:.1f} s")
     return record
+
+
+def child_spec(run: Run, cell: Cell, cdir: Path, gpu: str | None) -> dict[str, Any]:
+    """The cell.json a child reads: the cell's spec (what spec_hash covers) plus what does not change what the cell
+    runs: where its latents go, the pinned H2D probe an earlier cell measured on this GPU (one probe per run and
+    GPU; OFFLOAD_BENCH_H2D_PROBE=each makes every cell probe) and the spawn time its process_start_s counts from."""
+    spec = cell.spec(run.device)
+    spec["latents_out"] = str(cdir / "latents.pt")
+    probe = run.h2d_probes.get(gpu) if os.environ.get(H2D_PROBE_ENV) != "each" else None
+    if run.device == "cuda" and probe is not None:
+        spec[H2D_PROBE_SPEC_KEY] = probe
+    spec["spawned_at"] = time.time()
+    return spec
 
 
 def finish_overhead(record: dict[str, Any], elapsed_s: float, exited_at: float) -> None:
