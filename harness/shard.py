@@ -17,7 +17,7 @@ the average before it), which `tests/test_shard.py` asserts for N = 1..8.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from harness.gpus import cell_cost
@@ -69,6 +69,12 @@ def assign_cards(cells: Iterable[Cell], count: int, device: str) -> list[dict[st
     costs: dict[str, int] = {}
     for cell in cells:
         costs[card_key(cell)] = costs.get(card_key(cell), 0) + shard_cost(cell, device)
+    return assign(costs, count)
+
+
+def assign(costs: Mapping[str, int], count: int) -> list[dict[str, int]]:
+    """Greedy assignment of weighted keys to `count` shards: costliest first (ties by key), each to the shard with
+    the least cost so far (ties: fewer keys, then the lower index)."""
     shards: list[dict[str, int]] = [{} for _ in range(count)]
     loads = [0] * count
     for key in sorted(costs, key=lambda k: (-costs[k], k)):
