@@ -429,5 +429,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_now(code: int) -> None:
+    """Ends the child without the interpreter's teardown. Its record is on disk (written and fsynced), its latents
+    saved and its log flushed; what teardown would do (finalise torch, transformers and diffusers, free host
+    regions, destroy the CUDA context) the kernel and the driver do at process exit anyway. Measured on the shared
+    2-core CPU box: 7.3 s from record written to exit with the teardown, 0.2 s without (tiny Flux cell)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
