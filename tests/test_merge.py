@@ -152,3 +152,44 @@ def test_default_out_is_beside_the_first_run_and_missing_shards_are_named(tmp_pa
     assert (tmp_path / "big-merged" / "records.jsonl").exists()
     assert "no records of shard 2/2" in capsys.readouterr().err
     assert missing_shards([{"shard": "1/3"}, {"shard": "3/3"}]) == ["2/3"]
+
+
+@pytest.mark.slow
+def test_two_shards_in_two_processes_merge_to_the_unsharded_run(tmp_path, capsys):
+    """End to end on the CPU profile: one cell on each of two cards, run unsharded and as shards 1/2 and 2/2 of one
+    run id in two runner processes, merged: the same cells, fates, peaks, latents and set-level verdicts; every
+    record that ran a child carries its fixed cost."""
+    from harness import runner
+    from harness.expect import evaluate
+    from harness.scenario import load_scenario
+    from tests.helpers import base_scenario, to_toml
+
+    data = base_scenario()
+    data["expect"].pop("fate")
+    data.update(axes={"dit_cpu_offload": [True], "dit_layerwise_offload": [True]}, exclude=[])
+    scenario_file = tmp_path / "unit.toml"
+    scenario_file.write_text(to_toml(data))
+    assert runner.main([str(scenario_file), "--results", str(tmp_path / "one"), "--run-id", "r", "--quiet"]) == 0
+    for i in (1, 2):
+        assert runner.main([str(scenario_file), "--results", str(tmp_path / f"s{i}"), "--run-id", "r", "--quiet",
+                            "--shard", f"{i}/2"]) == 0
+    shards = [str(tmp_path / f"s{i}" / "runs" / "r") for i in (1, 2)]
+    assert cli(["merge", *shards, "--out", str(tmp_path / "merged")]) == exitcodes.OK
+    single = latest_by_cell(read_records(tmp_path / "one" / "runs" / "r" / "records.jsonl").records)
+    merged = latest_by_cell(read_records(tmp_path / "merged" / "records.jsonl").records)
+    assert sorted(merged) == sorted(single) and len(merged) == 2
+    assert {r["shard"] for r in merged.values()} == {"1/2", "2/2"}
+
+    def essence(r: dict[str, Any]) -> tuple:
+        return (r["status"], r["failed_phase"], r["peaks"], (r.get("outputs") or {}).get("latents_sha256"))
+
+    assert {k: essence(r) for k, r in merged.items()} == {k: essence(r) for k, r in single.items()}
+    scenario = load_scenario(scenario_file)
+    verdicts = [(v.check, v.card, v.passed) for v in evaluate(scenario, list(merged.values()))]
+    assert verdicts == [(v.check, v.card, v.passed) for v in evaluate(scenario, list(single.values()))]
+    assert any(check == "lowest_peak" for check, _, _ in verdicts)
+    for r in merged.values():
+        o = r["overhead"]
+        assert {"process_start_s", "imports_s", "guards_s", "measured_s", "teardown_s", "fixed_s", "other_s"} <= set(o)
+        assert o["fixed_s"] == pytest.approx(r["elapsed_s"] - o["measured_s"], abs=0.01)
+        assert o["teardown_s"] < 3  # os._exit: no interpreter teardown (7 s with it on the loaded CPU box)
