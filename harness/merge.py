@@ -23,7 +23,7 @@ Records of one cell, and when they conflict:
 The merged folder gets `records.jsonl` (every distinct record, ordered by `created`; a stable sort, so each source's
 own order of one cell's records is kept), `merge.json` (the sources, and per source its hosts, shards and record
 count) and each source's `cells/` folders (logs, specs, latents). Records are not rewritten: each keeps its
-`machine` (the child's GPU, host, driver, probe), `host` and `shard` (the runner's), so the report shows which
+`machine` (the child's GPU, host, driver, probe), `runner_host` and `shard` (the runner's), so the report shows which
 machine ran which cell.
 """
 
@@ -90,8 +90,8 @@ class Merged:
 
 
 def host_of(record: dict[str, Any]) -> str | None:
-    """The machine that ran a record: the runner's `host`, else the child's `machine.host` (older records)."""
-    return record.get("host") or (record.get("machine") or {}).get("host")
+    """The machine that ran a record: the runner's `runner_host`, else the child's `machine.host` (older records)."""
+    return record.get("runner_host") or (record.get("machine") or {}).get("host")
 
 
 def read_source(arg: str | Path) -> Source:

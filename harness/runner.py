@@ -159,7 +159,7 @@ class Run:
     def provenance(self) -> dict[str, Any]:
         """What every record of this process carries besides the child's machine info (which a crash or a skip
         lacks): the host that ran it and the --shard it belonged to, so a merged run shows which machine ran what."""
-        return {"host": platform.node(), "shard": None if self.shard is None else str(self.shard)}
+        return {"runner_host": platform.node(), "shard": None if self.shard is None else str(self.shard)}
 
     def retry_failures(self) -> list[str]:
         """From now on, a cell whose latest record so far ended crash/error/timeout does not count as finished,

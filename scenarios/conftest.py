@@ -9,6 +9,10 @@ GPU; worker gw<k> starts its cell children with CUDA_VISIBLE_DEVICES=<k-th visib
 workers share one run id and append to one records.jsonl; cells are handed out longest first, and a card's
 set-level test runs after its cells (a cell still running on another worker is waited for through the runner's
 per-cell lock, one missing is run there, so no cell runs twice).
+
+Several machines: `--shard I/N` keeps the cards of the I-th of N cost-balanced shares (harness/shard.py, the same
+share the runner's --shard picks) and deselects the rest; `--tier pr` keeps the scenarios whose file says
+tier = "pr". `python -m harness merge` joins the shards' run folders afterwards.
 """
 
 from __future__ import annotations

@@ -34,13 +34,13 @@ def _shards(tmp_path: Path) -> tuple[Path, Path]:
     one, two = [], []
     for r in _records():
         native = r["card"]["name"] == "native"
-        r = {**r, "host": "gpu-b" if native else "gpu-a", "shard": "2/2" if native else "1/2"}
+        r = {**r, "runner_host": "gpu-b" if native else "gpu-a", "shard": "2/2" if native else "1/2"}
         (two if native else one).append(r)
     return _write_run(tmp_path / "shard1", one), _write_run(tmp_path / "shard2", two)
 
 
 def _canon(records: list[dict[str, Any]]) -> list[str]:
-    drop = ("host", "shard")  # what a sharded runner adds to each record
+    drop = ("runner_host", "shard")  # what a sharded runner adds to each record
     return sorted(json.dumps({k: v for k, v in r.items() if k not in drop}, sort_keys=True) for r in records)
 
 
@@ -84,7 +84,7 @@ def test_a_cell_measured_in_two_sources_is_refused_naming_both(tmp_path, capsys)
     a, b = _shards(tmp_path)
     stolen = copy.deepcopy(next(r for r in read_records(a / "records.jsonl").records if r["status"] == "ok"))
     stolen["phases"]["load"]["alloc_peak_reserved_bytes"] += 1  # measured again, elsewhere: another number
-    stolen["host"] = "gpu-b"
+    stolen["runner_host"] = "gpu-b"
     _write_run(b, [*read_records(b / "records.jsonl").records, stolen])
     assert cli(["merge", str(a), str(b), "--out", str(tmp_path / "m")]) == exitcodes.MERGE_CONFLICT == 9
     err = capsys.readouterr().err
