@@ -14,7 +14,7 @@ SGLANG ?= 0.5.8 0.5.13 0.5.23
 
 deps:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==2.13.0
-	@$(PYTHON) -c "import diffusers, transformers, safetensors, tabulate, matplotlib, pynvml, pytest_benchmark, hypothesis, ruff, xdist" \
+	@$(PYTHON) -c "import diffusers, transformers, safetensors, tabulate, matplotlib, pynvml, pytest_benchmark, hypothesis, ruff, xdist, yaml" \
 		2>/dev/null || $(PYTHON) -m pip install -q -e '.[dev]'
 	@if [ "$${OFFLOAD_BENCH_SGLANG:-1}" != 0 ]; then $(PYTHON) -m harness.engine.install $(SGLANG); fi
 

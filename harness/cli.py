@@ -5,10 +5,12 @@
 - baseline: writes or refreshes results/baselines/<gpu sku>.json from a run's records.
 - compare: compares a run with its SKU's baseline; exit 1 on a regression or a lost, changed or missing cell.
 - list: the scenarios and their cells, with effective flags, without running anything.
+- merge: joins the records of several runs of one run id (shards on several machines) into one run folder.
 
 Exit codes (harness/exitcodes.py): 0 pass, 1 regressed, 2 usage or unreadable input, 3 no baseline for the SKU,
-4 no records, 5 every cell skipped, 6 every cell crashed/errored/timed out, 7 an output folder is not writable.
-Codes 3-7 mean nothing was judged; each comes with one line saying why.
+4 no records, 5 every cell skipped, 6 every cell crashed/errored/timed out, 7 an output folder is not writable,
+9 merge refused (the runs disagree, or measured one cell twice). Codes 3-9 mean nothing was judged; each comes
+with one line saying why.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 from harness import exitcodes, locations
 from harness.baseline import BaselineError
 from harness.compare import CheckSpecError
+from harness.merge import MergeConflict
 from harness.results import (
     NoRecordsError,
     ResultsError,
@@ -314,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     cmp.add_argument("--write", action="store_true",
                      help="write compare.md and benchmark.json in the run folder, or beside a records file as "
                      "<name>.compare.md and <name>.benchmark.json")
+    mrg = sub.add_parser("merge", help="join the records of shards of one run (several run folders) into one run")
+    mrg.add_argument("runs", nargs="+", help="run folders or records files of one run id")
+    mrg.add_argument("--out", help="the merged run folder (default: <first run's folder>/<run id>-merged)")
     ls = sub.add_parser("list", help="list scenarios and cells")
     ls.add_argument("--scenarios", help="folder of scenario files (default: the checkout's or the shipped one)")
     args, rest = parser.parse_known_args(argv)
@@ -328,9 +334,16 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_baseline(args)
         if args.cmd == "compare":
             return cmd_compare(args)
+        if args.cmd == "merge":
+            from harness.merge import run_merge
+
+            return run_merge(args.runs, args.out)
         return cmd_list(args)
     except Stop as e:
         print(f"error: {e}", file=sys.stderr)
+        return e.code
+    except MergeConflict as e:
+        print(f"error: merge refused: {e}", file=sys.stderr)
         return e.code
     except NoRecordsError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -16,6 +16,7 @@ ALL_SKIPPED = 5  # compare: every cell of the run was skipped (a guard, or the w
 ALL_FAILED = 6  # compare: every cell of the run ended crash/error/timeout: nothing measured
 UNWRITABLE = 7  # a results/baseline/report folder that cannot be written (checked before any work)
 DISK_FULL = 8  # runner: too little free space in the results folder, or a record append failed (ENOSPC)
+MERGE_CONFLICT = 9  # merge: the runs disagree (run id, git sha, a cell's spec) or hold two verdicts of one cell
 SIGINT = 130  # runner: Ctrl-C (finished cells are kept)
 SIGTERM = 143  # runner: SIGTERM (finished cells are kept)
 
@@ -29,6 +30,7 @@ MEANING = {
     ALL_FAILED: "every cell crashed / errored / timed out",
     UNWRITABLE: "an output folder is not writable",
     DISK_FULL: "disk full in the results folder",
+    MERGE_CONFLICT: "merge refused: the runs are not one run, or measured one cell twice",
     SIGINT: "interrupted (SIGINT)",
     SIGTERM: "terminated (SIGTERM)",
 }

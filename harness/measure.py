@@ -510,7 +510,28 @@ def pinned_h2d_gbps(device: Device, nbytes: int = 256 * 2**20, repeats: int = 5)
     return round(nbytes / sorted(times)[len(times) // 2] / 1e9, 2)
 
 
-def machine_info(device: Device, nvml: Nvml | None) -> dict[str, Any]:
+def h2d_probe(device: Device, known: dict[str, Any] | None) -> dict[str, Any]:
+    """The machine fields of the pinned H2D probe: measured here, or `known` (what an earlier cell of this run
+    measured on the same GPU, passed down by the runner: `harness.worker.H2D_PROBE_SPEC_KEY`), so that the probe
+    runs once per run and GPU instead of once per cell. `pinned_h2d_source` says which; `pinned_h2d_probe_s` is
+    what the probe cost this cell (0 when it was passed down)."""
+    if not device.is_cuda:
+        return {}
+    if known and isinstance(known.get("gbps"), int | float):
+        return {"pinned_h2d_gbps": known["gbps"], "pinned_h2d_probe_s": 0.0,
+                "pinned_h2d_source": f"passed down by the runner (measured by {known.get('cell_id')})"}
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {"pinned_h2d_source": "this cell"}
+    try:  # a probe that fails must not take the cell down with it
+        out["pinned_h2d_gbps"] = pinned_h2d_gbps(device)
+    except Exception as e:
+        out["pinned_h2d_gbps"] = None
+        out["pinned_h2d_probe_error"] = f"{type(e).__name__}: {e}"
+    out["pinned_h2d_probe_s"] = round(time.perf_counter() - t0, 3)
+    return out
+
+
+def machine_info(device: Device, nvml: Nvml | None, known_h2d: dict[str, Any] | None = None) -> dict[str, Any]:
     import diffusers
     import transformers
 
@@ -535,11 +556,7 @@ def machine_info(device: Device, nvml: Nvml | None) -> dict[str, Any]:
         )
         if nvml:
             info.update(nvml.info())
-        try:  # a probe that fails must not take the cell down with it
-            info["pinned_h2d_gbps"] = pinned_h2d_gbps(device)
-        except Exception as e:
-            info["pinned_h2d_gbps"] = None
-            info["pinned_h2d_probe_error"] = f"{type(e).__name__}: {e}"
+        info.update(h2d_probe(device, known_h2d))
     else:
         info.update(gpu=None, sku="cpu")
     return info

@@ -14,6 +14,7 @@ from typing import Any
 from tabulate import tabulate
 
 from harness.expect import evaluate
+from harness.merge import host_of
 from harness.results import PHASES, by_gpu, summarize_peaks
 from harness.roofline import STEP_CONVENTION, first_step_ms, roofline_rows, steady_step_ms
 from harness.scenario import ScenarioError, load_scenario
@@ -80,13 +81,16 @@ def render(records: list[dict[str, Any]], title: str = "offload-bench run") -> s
         )
         out.append("")
     out += gpus_section(records)
+    # a merged run of shards (harness.merge): each row says where it ran, as host and GPU id
+    several_hosts = len({host_of(r) for r in records}) > 1
     by_scenario: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         by_scenario.setdefault(r["scenario"], []).append(r)
     for name, recs in by_scenario.items():
         out += [f"## {name}", ""]
         scen_file = next((r.get("scenario_file") for r in recs if r.get("scenario_file")), None)
-        out.append(tabulate([cell_row(r) for r in recs], headers="keys", tablefmt="github"))
+        rows = [cell_row(r) | ({"machine": machine_label(r)} if several_hosts else {}) for r in recs]
+        out.append(tabulate(rows, headers="keys", tablefmt="github"))
         out.append("")
         roof = roofline_rows(recs)
         if roof:
@@ -123,6 +127,13 @@ def render(records: list[dict[str, Any]], title: str = "offload-bench run") -> s
         "needed more than its card, whatever its last measured peak."
     )
     return "\n".join(out) + "\n"
+
+
+def machine_label(record: dict[str, Any]) -> str:
+    """`host` or `host GPU <id>`, and the shard the record came from, for a run that several machines made."""
+    gpu = record.get("gpu_index")
+    shard = f" (shard {record['shard']})" if record.get("shard") else ""
+    return f"{host_of(record) or '?'}{f' GPU {gpu}' if gpu is not None else ''}{shard}"
 
 
 def _local_scenario_file(recorded: str | None) -> Path | None:

@@ -35,6 +35,7 @@ import ctypes
 import fcntl
 import json
 import os
+import platform
 import re
 import shutil
 import signal
@@ -64,7 +65,9 @@ from harness.results import (
     read_records,
     summarize_peaks,
 )
-from harness.scenario import Cell, ScenarioError, expand, load_scenario
+from harness.scenario import TIERS, Cell, ScenarioError, expand, in_tier, load_scenario
+from harness.shard import Shard, ShardError, describe, parse_shard, select
+from harness.worker import H2D_PROBE_SPEC_KEY
 
 REPO = Path(__file__).resolve().parent.parent
 UNEXPECTED = ("error", "crash", "timeout")  # the fates that make a run fail (as in scenarios/test_offload_matrix.py)
@@ -80,6 +83,12 @@ RESULTS_FREE_ENV = "OFFLOAD_BENCH_RESULTS_FREE_BYTES"
 # video models) in the results folder; 256 MiB is room for dozens of cells, so a run stops well before a write
 # could fail halfway.
 RESULTS_MIN_FREE_DEFAULT = 256 * 2**20
+# "each": every cell child runs its own pinned H2D probe, as before the probe was passed down (the A/B of the
+# saving); anything else: the first cell on a GPU probes and the runner passes its figure to the later ones.
+H2D_PROBE_ENV = "OFFLOAD_BENCH_H2D_PROBE"
+# The named parts of a cell's fixed cost (harness.worker.run_cell's `overhead`); other_s is the rest of fixed_s.
+OVERHEAD_PARTS = ("process_start_s", "imports_s", "guards_s", "cuda_init_s", "h2d_probe_s", "checkpoint_s",
+                  "warmup_s", "teardown_s")
 
 
 class Terminated(KeyboardInterrupt):
@@ -153,6 +162,9 @@ class Run:
     sha: str | None = None
     verbose: bool = True
     retry_failed: bool = False  # see retry_failures()
+    shard: Shard | None = None  # the --shard this process runs, stamped into its records
+    # the pinned H2D probe measured by the first cell on each GPU id: {"gbps", "cell_id"}, passed to later cells
+    h2d_probes: dict[str | None, dict[str, Any]] = field(default_factory=dict)
     _executed: dict[str, dict[str, Any]] = field(default_factory=dict)
     _warned: set[str] = field(default_factory=set)
     _stale_before: int = 0  # records[:_stale_before] predate retry_failures(); their failures are rerun
@@ -175,6 +187,11 @@ class Run:
     @property
     def records_path(self) -> Path:
         return self.run_dir / "records.jsonl"
+
+    def provenance(self) -> dict[str, Any]:
+        """What every record of this process carries besides the child's machine info (which a crash or a skip
+        lacks): the host that ran it and the --shard it belonged to, so a merged run shows which machine ran what."""
+        return {"runner_host": platform.node(), "shard": None if self.shard is None else str(self.shard)}
 
     def retry_failures(self) -> list[str]:
         """From now on, a cell whose latest record so far ended crash/error/timeout does not count as finished,
@@ -367,7 +384,7 @@ def skip_cell(run: Run, cell: Cell, reason: str, label: str = "") -> dict[str, A
         return prior
     record = _base_record(run, cell)
     record.update(status="skipped", reason=reason, run_id=run.run_id, git_sha=run.sha, spec_hash=spec_hash,
-                  portable_spec_hash=cell.portable_spec_hash(run.device))
+                  portable_spec_hash=cell.portable_spec_hash(run.device), **run.provenance())
     record["peaks"] = summarize_peaks(record)
     append(run, record)
     run.say(f"{label} {cell.cell_id}: skipped ({reason})")
@@ -400,7 +417,7 @@ def run_cell(run: Run, cell: Cell, label: str = "", env: dict[str, str] | None =
                 "cell_id": cell.cell_id, "same_as": cell.same_as, "backend": cell.backend,
             }
             record.update(spec_hash=spec_hash, portable_spec_hash=cell.portable_spec_hash(run.device),
-                          created=now_iso(), run_id=run.run_id)
+                          created=now_iso(), run_id=run.run_id, **run.provenance())
             append(run, record)
             run.say(f"{label} {cell.cell_id}: same effective flags as {cell.same_as} -> {record['status']} (not rerun)")
             return record
@@ -431,8 +448,9 @@ def check_results_space(run: Run) -> None:
 def _run_child(
     run: Run, cell: Cell, cdir: Path, spec_hash: str, label: str, env: dict[str, str] | None
 ) -> dict[str, Any]:
-    spec = cell.spec(run.device)
-    spec["latents_out"] = str(cdir / "latents.pt")
+    child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    gpu = child_gpu(child_env, run.device)
+    spec = child_spec(run, cell, cdir, gpu)
     (cdir / "cell.json").write_text(json.dumps(spec, indent=1))
     out, log = cdir / "record.json", cdir / "child.log"
     out.unlink(missing_ok=True)  # a record left by an interrupted earlier attempt must not pass for this one's
@@ -446,7 +464,7 @@ def _run_child(
         elapsed = time.monotonic() - started
         left = None if expected is None else max(expected - elapsed, 0.0)
         run.say(f"{label} {cell.cell_id}: phase {_last_phase(log) or 'start'}, {elapsed:.0f} s, {eta_text(left)}")
-    child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+
     with open(log, "wb") as logf, _sigterm_raises():
         proc = subprocess.Popen(
             [sys.executable, "-m", "harness.worker", "--cell", str(cdir / "cell.json"), "--out", str(out)],
@@ -459,8 +477,10 @@ def _run_child(
             preexec_fn=_die_with_parent(os.getpid()),
         )
         fate = _wait(proc, log, timeout, run, progress)
-    elapsed = time.monotonic() - started
+    elapsed, exited_at = time.monotonic() - started, time.time()
     record = _record_from_child(run, cell, out, log, proc.returncode, fate)
+    finish_overhead(record, elapsed, exited_at)
+    remember_h2d_probe(run, gpu, record)
     record.update(
         run_id=run.run_id,
         git_sha=run.sha,
@@ -470,8 +490,9 @@ def _run_child(
         returncode=proc.returncode,
         child_pid=proc.pid,
         log=str(log.relative_to(run.run_dir)),
-        gpu_index=child_gpu(child_env, run.device),  # the GPU id the child ran on (harness.gpus), None on CPU
+        gpu_index=gpu,  # the GPU id the child ran on (harness.gpus), None on CPU
         xdist_worker=os.environ.get("PYTEST_XDIST_WORKER"),  # the pytest-xdist worker that ran it, if any
+        **run.provenance(),
     )
     append(run, record)
     if record["status"] == "ok":
@@ -479,6 +500,45 @@ def _run_child(
     where = f" in {record['failed_phase']}" if record.get("failed_phase") else ""
     run.say(f"{label} {cell.cell_id}: {record['status']}{where} after {elapsed:.1f} s")
     return record
+
+
+def child_spec(run: Run, cell: Cell, cdir: Path, gpu: str | None) -> dict[str, Any]:
+    """The cell.json a child reads: the cell's spec (what spec_hash covers) plus what does not change what the cell
+    runs: where its latents go, the pinned H2D probe an earlier cell measured on this GPU (one probe per run and
+    GPU; OFFLOAD_BENCH_H2D_PROBE=each makes every cell probe) and the spawn time its process_start_s counts from."""
+    spec = cell.spec(run.device)
+    spec["latents_out"] = str(cdir / "latents.pt")
+    probe = run.h2d_probes.get(gpu) if os.environ.get(H2D_PROBE_ENV) != "each" else None
+    if run.device == "cuda" and probe is not None:
+        spec[H2D_PROBE_SPEC_KEY] = probe
+    spec["spawned_at"] = time.time()
+    return spec
+
+
+def finish_overhead(record: dict[str, Any], elapsed_s: float, exited_at: float) -> None:
+    """Completes the child's `overhead` (harness.worker.run_cell) with what only the parent sees: teardown_s
+    (record written to child exited), fixed_s (the parent's elapsed time minus the measured load and rounds) and
+    other_s (fixed_s minus the named parts). A child that left no record has no overhead of its own."""
+    overhead = record.get("overhead")
+    if not isinstance(overhead, dict):
+        return
+    record_at = overhead.pop("record_at", None)
+    if isinstance(record_at, int | float):
+        overhead["teardown_s"] = round(max(exited_at - record_at, 0.0), 3)
+    measured = overhead.get("measured_s")
+    if isinstance(measured, int | float):
+        overhead["fixed_s"] = round(elapsed_s - measured, 3)
+        named = sum(v for k in OVERHEAD_PARTS if isinstance(v := overhead.get(k), int | float))
+        overhead["other_s"] = round(overhead["fixed_s"] - named, 3)
+
+
+def remember_h2d_probe(run: Run, gpu: str | None, record: dict[str, Any]) -> None:
+    """Keeps the pinned H2D probe a cell measured on `gpu` for the later cells on it (one probe per run and GPU)."""
+    machine = record.get("machine") or {}
+    gbps = machine.get("pinned_h2d_gbps")
+    if run.device == "cuda" and gpu not in run.h2d_probes and isinstance(gbps, int | float) \
+            and machine.get("pinned_h2d_source", "this cell") == "this cell":
+        run.h2d_probes[gpu] = {"gbps": gbps, "cell_id": record.get("cell_id")}
 
 
 # ------------------------------------------------------------------------------------- the child's process tree
@@ -735,9 +795,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --resume: also rerun cells whose record ended crash, error or timeout "
                         "(plain --resume keeps them as recorded)")
     parser.add_argument("--quiet", action="store_true", help="only one line per cell (no child progress)")
+    parser.add_argument("--shard", metavar="I/N",
+                        help="run only the I-th of N cost-balanced shares of the cells (harness/shard.py); N machines "
+                        "running 1/N..N/N under one --run-id cover every cell once; join them with harness merge")
+    parser.add_argument("--tier", choices=TIERS,
+                        help="pr: only the scenarios with tier = \"pr\"; nightly (the default): every scenario")
     args = parser.parse_args(argv)
     if args.retry_failed and not args.resume:
         parser.error("--retry-failed needs --resume (it reruns the failed cells of an existing run)")
+    try:
+        shard = parse_shard(args.shard) if args.shard is not None else None
+    except ShardError as e:
+        parser.error(str(e))
     old_term = signal.signal(signal.SIGTERM, _raise_terminated)
     old_int = signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     run: Run | None = None
@@ -753,6 +822,11 @@ def main(argv: list[str] | None = None) -> int:
             files = ", ".join(str(p) for p, s in zip(args.scenarios, scenarios, strict=True) if s.name == dupes[0])
             print(f"error: scenario name {dupes[0]!r} is used by more than one file: {files}", file=sys.stderr)
             return EXIT_USAGE
+        if args.tier:
+            left_out = [s.name for s in scenarios if not in_tier(s, args.tier)]
+            scenarios = [s for s in scenarios if in_tier(s, args.tier)]
+            if left_out:
+                print(f"--tier {args.tier}: {len(left_out)} scenarios left out ({', '.join(left_out)})", flush=True)
         run_id = args.run_id
         if args.resume:
             if run_id is None:
@@ -779,6 +853,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--retry-failed: {len(retried)} cells ended crash/error/timeout and run again"
                   + (f": {', '.join(retried)}" if retried else ""), flush=True)
         cells = [c for s in scenarios for c in expand(s)]
+        if shard is not None:
+            print(describe(cells, shard, device), flush=True)
+            cells = select(cells, shard, device)
+            run.shard = shard
         n = len(cells)
         print(f"offload-bench runner: run {run.run_id}, {n} cells, device {device}, records -> {run.records_path}",
               flush=True)

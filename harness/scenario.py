@@ -53,8 +53,11 @@ _SGLANG_BACKEND = re.compile(r"^sglang(@\d+\.\d+\.\d+(\.post\d+)?)?$")
 _TOP_KEYS = {
     "name", "description", "model", "profile", "cards", "height", "width", "frames", "steps", "warmup", "rounds",
     "true_cfg_scale", "seed", "policy", "timeout_s", "flags", "axes", "exclude", "expect", "xfail", "backends",
-    "run", "few_rounds",
+    "run", "few_rounds", "tier",
 }
+# `--tier pr` runs the scenarios marked `tier = "pr"` (a subset that fits a pull request's time: the seed
+# assertion and one peer comparison); `--tier nightly` (and no --tier) runs every scenario, "pr" ones included.
+TIERS = ("pr", "nightly")
 _EXPECT_KEYS = {"lowest_peak", "fate", "same_output", "host", "invariants", "close_output_rtol", "beats_peer",
                 "prefetch_peak_monotone", "resident_never_slows", "cfg_batch_rtol"}
 # pytest-benchmark's statistics (mean, stddev, IQR) need a few rounds to mean anything: a GPU scenario measuring
@@ -182,6 +185,7 @@ class Scenario:
     backends: tuple[str, ...] = (HARNESS_BACKEND,)  # BACKENDS: who runs the layerwise DiT, swept like cards
     run: RunOptions = field(default_factory=RunOptions)  # the `[run]` table: how the child measures
     few_rounds: str | None = None  # why a GPU scenario measures fewer than MIN_BENCHMARK_ROUNDS rounds
+    tier: str = "nightly"  # TIERS: the smallest tier that runs it
 
 
 @dataclass(frozen=True)
@@ -375,6 +379,7 @@ def load_scenario(path: Path | str) -> Scenario:
         backends=backends,
         run=run,
         few_rounds=_few_rounds(data, profile, path),
+        tier=_tier(data.get("tier", "nightly"), path),
     )
     cells = expand(scenario)
     if not cells:
@@ -477,6 +482,17 @@ def _xfail(value: Any, path: Path) -> str | None:
     if value is not None and (not isinstance(value, str) or not value.strip()):
         raise _err(path, "xfail", f"expected a reason (a non-empty string), got {value!r}")
     return value
+
+
+def _tier(value: Any, path: Path) -> str:
+    if value not in TIERS:
+        raise _err(path, "tier", f"expected one of {', '.join(TIERS)}, got {value!r}")
+    return value
+
+
+def in_tier(scenario: Scenario, tier: str | None) -> bool:
+    """Whether `--tier tier` runs `scenario`: "pr" only the pr scenarios, "nightly" (or None) every scenario."""
+    return tier in (None, "nightly") or scenario.tier == tier
 
 
 def _backends(data: Any, path: Path) -> tuple[str, ...]:

@@ -9,6 +9,10 @@ GPU; worker gw<k> starts its cell children with CUDA_VISIBLE_DEVICES=<k-th visib
 workers share one run id and append to one records.jsonl; cells are handed out longest first, and a card's
 set-level test runs after its cells (a cell still running on another worker is waited for through the runner's
 per-cell lock, one missing is run there, so no cell runs twice).
+
+Several machines: `--shard I/N` keeps the cards of the I-th of N cost-balanced shares (harness/shard.py, the same
+share the runner's --shard picks) and deselects the rest; `--tier pr` keeps the scenarios whose file says
+tier = "pr". `python -m harness merge` joins the shards' run folders afterwards.
 """
 
 from __future__ import annotations
@@ -26,13 +30,24 @@ from harness.gpus import cell_cost, child_env, gpu_for_worker, longest_first, nv
 from harness.pytest_options import add_options
 from harness.results import DiskFullError, UnwritableError, ensure_writable, latest_by_cell, read_records
 from harness.runner import Run, detect_device, eta_text, new_run_id, run_cell
-from harness.scenario import Cell, Scenario, ScenarioError, expand, load_all
+from harness.scenario import Cell, Scenario, ScenarioError, expand, in_tier, load_all
+from harness.shard import Shard, ShardError, assign_cards, card_key, parse_shard
 
 HERE = Path(__file__).parent
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     add_options(parser)  # a no-op under the checkout's root conftest.py, which registered them first
+
+
+def _shard(config: pytest.Config) -> Shard | None:
+    text = config.getoption("bench_shard")
+    if text is None:
+        return None
+    try:
+        return parse_shard(text)
+    except ShardError as e:
+        raise pytest.UsageError(f"offload-bench: {e}") from None
 
 
 def _profile(config: pytest.Config) -> str:
@@ -72,7 +87,13 @@ def _load_scenarios(config: pytest.Config) -> list[Scenario]:
             f"offload-bench: --bench-scenario {', '.join(unknown)} matches no scenario; the scenarios are: "
             f"{', '.join(names)}"
         )
-    return [s for s in scenarios if not wanted or s.name in wanted]
+    chosen = [s for s in scenarios if not wanted or s.name in wanted]
+    tier = config.getoption("bench_tier")
+    in_it = [s for s in chosen if in_tier(s, tier)]
+    if not in_it:
+        raise pytest.UsageError(f"offload-bench: --tier {tier}: none of the selected scenarios is of that tier "
+                                f"({', '.join(s.name for s in chosen)})")
+    return in_it
 
 
 def _xdist_workers(config: pytest.Config) -> int:
@@ -102,6 +123,7 @@ def pytest_configure(config: pytest.Config) -> None:
     except UnwritableError as e:
         raise pytest.UsageError(f"offload-bench: --bench-results: {e}") from None
     _scenarios(config)  # scenario problems are usage errors before collection
+    _shard(config)  # and so is a bad --shard
     if _worker_id(config) is not None:
         return
     # One run id for the session, chosen here: xdist workers get it (pytest_configure_node), and pytest-benchmark's
@@ -242,7 +264,34 @@ def _deselect_partial_sets(config: pytest.Config, items: list[pytest.Item]) -> N
         config._offload_bench_partial_sets = [i.name for i in dropped]  # type: ignore[attr-defined]
 
 
+def _deselect_other_shards(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """--shard i/N: the cells and set-level tests of the cards of the other shards are deselected (whole cards, so
+    a set-level test never runs another shard's cells; harness/shard.py)."""
+    shard = _shard(config)
+    if shard is None:
+        return
+    device = "cuda" if _profile(config) == "gpu" else "cpu"
+    all_cells = [c for s in _scenarios(config) for c in expand(s)]
+    mine = assign_cards(all_cells, shard.count, device)[shard.index - 1]
+
+    def key(item: pytest.Item) -> str | None:
+        cell, pair = _param(item, "cell"), _param(item, "scenario_card")
+        if isinstance(cell, Cell):
+            return card_key(cell)
+        return f"{pair[0].name}/{pair[1]}" if isinstance(pair, tuple) else None
+
+    dropped = [i for i in items if (k := key(i)) is not None and k not in mine]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [i for i in items if i not in dropped]
+    config._offload_bench_shard_line = (  # type: ignore[attr-defined]
+        f"offload-bench: shard {shard}: {len(mine)} cards ({', '.join(sorted(mine)) or 'none'})")
+
+
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    shard_line = getattr(config, "_offload_bench_shard_line", None)
+    if shard_line:
+        terminalreporter.write_line(shard_line)
     dropped = getattr(config, "_offload_bench_partial_sets", None)
     if dropped:
         terminalreporter.write_line(
@@ -258,6 +307,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     scenario first), then what this profile skips. Deterministic, so every xdist worker collects the same order,
     and xdist's load schedulers (`--dist load`, the default with -n, or `loadgroup`) hand out the costliest cells
     first."""
+    _deselect_other_shards(config, items)
     _deselect_partial_sets(config, items)
     cells = [i for i in items if isinstance(_param(i, "cell"), Cell)]
     sets = [i for i in items if _param(i, "scenario_card") is not None]
@@ -344,6 +394,7 @@ def bench(request: pytest.FixtureRequest) -> Records:
     run_id = (getattr(config, "workerinput", None) or {}).get("offload_bench_run_id")
     run_id = run_id or getattr(config, "_offload_bench_run_id", None) or config.getoption("--bench-run-id")
     run = Run.create(Path(config.getoption("--bench-results")), device, run_id)
+    run.shard = _shard(config)
     env = worker_child_env(worker, device, os.environ)
     where = f" ({worker}: CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']})" if env else ""
     if worker is None:  # an xdist worker's terminal is not shown: its lines stay in the captured output

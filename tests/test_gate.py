@@ -57,7 +57,7 @@ def one_line_error(err: str) -> str:
 def test_exit_codes_are_distinct():
     codes = [exitcodes.OK, exitcodes.FAILED, exitcodes.USAGE, exitcodes.NO_BASELINE, exitcodes.NO_RECORDS,
              exitcodes.ALL_SKIPPED, exitcodes.ALL_FAILED, exitcodes.UNWRITABLE, exitcodes.DISK_FULL,
-             exitcodes.SIGINT, exitcodes.SIGTERM]
+             exitcodes.MERGE_CONFLICT, exitcodes.SIGINT, exitcodes.SIGTERM]
     assert len(set(codes)) == len(codes) and set(codes) == set(exitcodes.MEANING)
 
 

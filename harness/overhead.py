@@ -1,0 +1,76 @@
+"""`python -m harness.overhead RUN...`: the fixed cost of each cell of a run (what a cell costs besides its measured
+load and rounds), part by part, with the median over the run's cells, to quote a before/after.
+
+A record from this harness carries `overhead` (harness.worker.run_cell, completed by harness.runner.finish_overhead).
+An older record has none: its fixed cost is estimated as elapsed_s minus the load phase's and the runtime phases'
+wall times (times the rounds), and the row says "estimated".
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+from harness.results import RUNTIME_PHASES, latest_by_cell, read_records
+
+PARTS = ("process_start_s", "imports_s", "guards_s", "cuda_init_s", "h2d_probe_s", "checkpoint_s", "warmup_s",
+         "teardown_s", "other_s")
+
+
+def fixed_cost(record: dict[str, Any]) -> dict[str, Any] | None:
+    """{"elapsed_s", "measured_s", "fixed_s", parts..., "estimated"} of a cell that ran a child to the end (ok),
+    None for the others (a copy, a skip, a failure: no measured part to subtract)."""
+    if record.get("status") != "ok" or record.get("same_as") or not isinstance(record.get("elapsed_s"), int | float):
+        return None
+    overhead = record.get("overhead")
+    if isinstance(overhead, dict) and isinstance(overhead.get("fixed_s"), int | float):
+        return {"elapsed_s": record["elapsed_s"], **overhead, "estimated": False}
+    phases = record.get("phases") or {}
+    load = (phases.get("load") or {}).get("wall_ms") or 0
+    calls = int((record.get("rounds") or {}).get("warmup") or 0) + int((record.get("rounds") or {}).get("rounds") or 1)
+    runtime = sum((phases.get(p) or {}).get("wall_ms") or 0 for p in RUNTIME_PHASES) * calls
+    measured = (load + runtime) / 1e3
+    return {"elapsed_s": record["elapsed_s"], "measured_s": round(measured, 3),
+            "fixed_s": round(record["elapsed_s"] - measured, 3), "estimated": True}
+
+
+def rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for r in latest_by_cell(records).values():
+        cost = fixed_cost(r)
+        if cost is None:
+            continue
+        row = {"cell": r["cell_id"], "elapsed s": cost["elapsed_s"], "measured s": cost.get("measured_s"),
+               "fixed s": cost["fixed_s"]}
+        row |= {p.removesuffix("_s").replace("_", " "): cost.get(p) for p in PARTS}
+        row["estimated"] = "yes" if cost["estimated"] else ""
+        out.append(row)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness.overhead", description=__doc__)
+    parser.add_argument("runs", nargs="+", help="run folders or records files")
+    args = parser.parse_args(argv)
+    for run in args.runs:
+        path = Path(run) / "records.jsonl" if Path(run).is_dir() else Path(run)
+        table = rows(read_records(path).records)
+        print(f"## {run}\n")
+        if not table:
+            print("no cell ran to the end: no fixed cost to show\n")
+            continue
+        print(tabulate(table, headers="keys", tablefmt="github"))
+        fixed = [r["fixed s"] for r in table]
+        print(f"\nfixed cost per cell: median {statistics.median(fixed):.2f} s, min {min(fixed):.2f} s, max "
+              f"{max(fixed):.2f} s over {len(fixed)} cells; measured part median "
+              f"{statistics.median(r['measured s'] for r in table):.2f} s\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
