@@ -5,6 +5,7 @@
 - baseline: writes or refreshes results/baselines/<gpu sku>.json from a run's records.
 - compare: compares a run with its SKU's baseline; exit 1 on a regression or a lost, changed or missing cell.
 - list: the scenarios and their cells, with effective flags, without running anything.
+- plan, advise, plan-fit: what a flag combination costs on a card, before running it (harness/plan_cli.py).
 
 Exit codes (harness/exitcodes.py): 0 pass, 1 regressed, 2 usage or unreadable input, 3 no baseline for the SKU,
 4 no records, 5 every cell skipped, 6 every cell crashed/errored/timed out, 7 an output folder is not writable.
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from harness import exitcodes
+from harness import exitcodes, plan_cli
 from harness.baseline import BaselineError
 from harness.compare import CheckSpecError
 from harness.results import (
@@ -305,12 +306,15 @@ def main(argv: list[str] | None = None) -> int:
                      "<name>.compare.md and <name>.benchmark.json")
     ls = sub.add_parser("list", help="list scenarios and cells")
     ls.add_argument("--scenarios", default=str(REPO / "scenarios"))
+    plan_cli.add_commands(sub)
     args, rest = parser.parse_known_args(argv)
     try:
         if args.cmd == "bench":
             return cmd_bench(args, rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        if args.cmd in plan_cli.COMMANDS:
+            return plan_cli.COMMANDS[args.cmd](args)
         if args.cmd == "report":
             return cmd_report(args)
         if args.cmd == "baseline":
@@ -327,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     except UnwritableError as e:
         print(f"error: {e}", file=sys.stderr)
         return exitcodes.UNWRITABLE
-    except (ScenarioError, ResultsError, BaselineError, CheckSpecError) as e:
+    except (ScenarioError, ResultsError, BaselineError, CheckSpecError, *plan_cli.ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
         return exitcodes.USAGE
 

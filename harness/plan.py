@@ -342,7 +342,8 @@ class _Allocator:
 
     def _grow(self, nbytes: int) -> None:
         if self.limit is not None and self.reserved + nbytes > self.limit:
-            self.reserved -= sum(self.regions) + (self.layer_pool - self.pool_in_use) + self.dead
+            # every cached block not in use goes back to the driver (activation blocks too, being freed by now)
+            self.reserved = self.live + self.pool_in_use  # (layer buffers being reused count once window is live)
             self.regions, self.layer_pool, self.dead = [], self.pool_in_use, 0
         self.reserved += nbytes
         self.high = max(self.high, self.reserved)
@@ -352,8 +353,8 @@ class _Allocator:
 
     def load(self, nbytes: int) -> int:
         self.high = self.need = self.reserved
+        self._grow(max(0, self.live + nbytes - self.reserved))
         self.live += nbytes
-        self._grow(max(0, self.live - self.reserved))
         return self.high
 
     def discard(self, nbytes: int) -> None:
@@ -386,11 +387,11 @@ class _Allocator:
         if rest and window_host is None:
             self._grow(rest)
         self.live += window
+        self.pool_in_use = 0  # now part of `live`
         self._grow(max(0, activations - (self.reserved - self.live - self.dead)))
         self.live -= sum(moved) + window
         self.regions += hosts + ([window_host] if window_host else [])
         self.layer_pool = max(self.layer_pool, pooled + (rest if window_host is None else 0))
-        self.pool_in_use = 0
         return self.high
 
 
@@ -581,17 +582,34 @@ def measured(record: Mapping[str, Any]) -> Measured:
 
 @dataclass(frozen=True)
 class Check:
-    """A plan against a record: fate and the relative error of each figure (measured / predicted - 1)."""
+    """A plan against a record: the fate, and each figure predicted and measured (errors: measured / predicted - 1,
+    None where there is nothing to compare)."""
 
     cell: str
-    plan: Plan
+    source: str  # "recorded": the plan the run stored beside its numbers; "derived": planned now from the record
     status: str
     failed_phase: str | None
+    predicted_oom_phase: str | None
     verdict_ok: bool  # the plan's fate (fits, or the phase it would OOM in) is the record's
-    load_error: float | None
-    runtime_error: float | None
-    step_error: float | None
+    predicted_load: int | None
+    measured_load: int | None
+    predicted_runtime: int | None
+    measured_runtime: int | None
+    predicted_step: float | None
+    measured_step: float | None
     note: str | None = None
+
+    @property
+    def load_error(self) -> float | None:
+        return _rel(self.measured_load, self.predicted_load)
+
+    @property
+    def runtime_error(self) -> float | None:
+        return _rel(self.measured_runtime, self.predicted_runtime)
+
+    @property
+    def step_error(self) -> float | None:
+        return _rel(self.measured_step, self.predicted_step)
 
 
 def _rel(measured_value: float | None, predicted: float | None) -> float | None:
@@ -600,28 +618,39 @@ def _rel(measured_value: float | None, predicted: float | None) -> float | None:
     return measured_value / predicted - 1
 
 
-def check_record(record: Mapping[str, Any], plan_: Plan | None = None) -> Check | None:
-    """The record's plan (the one it carries, re-derived from its cell when it has none) against its numbers."""
-    p = plan_ or plan_for_record(record)
+def recorded_plan(record: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """The plan a record carries (`record["plan"]`, written by the runner), else one derived from it now."""
+    stored = record.get("plan")
+    if isinstance(stored, dict) and "error" not in stored:
+        return stored, "recorded"
+    derived = plan_for_record(record)
+    return (None if derived is None else derived.as_dict()), "derived"
+
+
+def check_record(record: Mapping[str, Any]) -> Check | None:
+    """The record's plan against its numbers; None for a cell the planner does not model."""
+    p, source = recorded_plan(record)
     if p is None:
         return None
     m = measured(record)
     status = record.get("status", "")
     if status == "ok":
-        verdict = p.fits
+        verdict = p["fits"]
     elif status == "oom":
-        verdict = p.oom_phase == record.get("failed_phase")
+        verdict = p["oom_phase"] == record.get("failed_phase")
     else:
         verdict = False
     # a phase that ran out of memory measured the cap, not the need: only phases that completed are compared
     load_done = status == "ok" or (status == "oom" and record.get("failed_phase") != "load")
     comparable = not generated_on_device(record)
     return Check(
-        cell=record.get("cell_id", ""), plan=p, status=status, failed_phase=record.get("failed_phase"),
-        verdict_ok=verdict,
-        load_error=_rel(m.load_peak, p.load_peak_bytes) if load_done and comparable else None,
-        runtime_error=_rel(m.runtime_peak, p.runtime_peak_bytes) if comparable else None,
-        step_error=_rel(m.step_s, p.step_s),
+        cell=record.get("cell_id", ""), source=source, status=status, failed_phase=record.get("failed_phase"),
+        predicted_oom_phase=p["oom_phase"], verdict_ok=verdict,
+        predicted_load=p["load_peak_reserved_bytes"],
+        measured_load=m.load_peak if load_done and comparable else None,
+        predicted_runtime=p["runtime_peak_reserved_bytes"],
+        measured_runtime=m.runtime_peak if comparable else None,
+        predicted_step=p["step_s"], measured_step=m.step_s,
         note=None if comparable else GENERATED_NOTE,
     )
 
