@@ -340,12 +340,19 @@ class _Allocator:
     need: int = 0  # the reservation the phase needed after giving back every free block (an OOM's figure)
     oom: bool = False
 
-    def _grow(self, nbytes: int) -> None:
-        if self.limit is not None and self.reserved + nbytes > self.limit:
-            # every cached block not in use goes back to the driver (activation blocks too, being freed by now)
-            self.reserved = self.live + self.pool_in_use  # (layer buffers being reused count once window is live)
+    def _grow(self, nbytes: int, from_free: bool = False) -> None:
+        """Reserves room for a request of `nbytes`: a new segment, or (`from_free`: activations, load-time
+        tensors) whatever free cached bytes there are first."""
+
+        def growth() -> int:
+            return max(0, nbytes - (self.reserved - self.live - self.dead if from_free else 0))
+
+        if self.limit is not None and self.reserved + growth() > self.limit:
+            # every cached block not in use goes back to the driver (activation blocks too, being freed by now;
+            # layer buffers being reused are counted until the window is live)
+            self.reserved = self.live + self.pool_in_use
             self.regions, self.layer_pool, self.dead = [], self.pool_in_use, 0
-        self.reserved += nbytes
+        self.reserved += growth()
         self.high = max(self.high, self.reserved)
         self.need = max(self.need, self.reserved)
         if self.limit is not None and self.reserved > self.limit:
@@ -353,7 +360,7 @@ class _Allocator:
 
     def load(self, nbytes: int) -> int:
         self.high = self.need = self.reserved
-        self._grow(max(0, self.live + nbytes - self.reserved))
+        self._grow(nbytes, from_free=True)
         self.live += nbytes
         return self.high
 
@@ -388,7 +395,7 @@ class _Allocator:
             self._grow(rest)
         self.live += window
         self.pool_in_use = 0  # now part of `live`
-        self._grow(max(0, activations - (self.reserved - self.live - self.dead)))
+        self._grow(activations, from_free=True)
         self.live -= sum(moved) + window
         self.regions += hosts + ([window_host] if window_host else [])
         self.layer_pool = max(self.layer_pool, pooled + (rest if window_host is None else 0))
@@ -480,6 +487,7 @@ def plan(
         if allocator.oom and oom is None:
             oom = phase
             peak = allocator.need  # what the phase needed, not the cap it stopped at
+            allocator.limit = None  # the later phases: what they would need on a card large enough
         phases.append(PhasePlan(phase, w, window, round(act[phase]), allocated, peak + slack,
                                 peak + slack + machine.context_bytes))
 
@@ -780,3 +788,54 @@ def fit(records: Iterable[Mapping[str, Any]], data: Mapping[str, Any] | None = N
         if m["context_bytes"] is None:
             m["context_bytes"] = next((x["context_bytes"] for x in machines.values() if x["context_bytes"]), 0)
     return {"fits": fits, "machines": machines}
+
+
+# ------------------------------------------------------------------------------------- records: store, report
+
+
+def plan_entry(record: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The plan the runner stores beside a cell's measurements (`record["plan"]`): the cell's effective flags,
+    card and settings on its machine (its own H2D probe). Planning never costs a run its record: a failure is
+    stored as {"error": ...}; None for a cell the planner does not model (another backend, no settings)."""
+    try:
+        p = plan_for_record(record)
+    except (PlanError, ValueError, KeyError) as e:  # FlagError is a ValueError; a zoo change, a KeyError
+        return {"error": f"{type(e).__name__}: {e}"}
+    return None if p is None else p.as_dict()
+
+
+def _pct(v: float | None) -> str:
+    return "" if v is None else f"{100 * v:+.1f} %"
+
+
+def _mib(v: float | None) -> str:
+    return "" if v is None else f"{v / MIB:,.0f}"
+
+
+def plan_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Predicted vs measured, one row per GPU cell the planner models (reserved peaks in MiB, steps in s; errors
+    are measured / predicted - 1)."""
+    rows = []
+    for r in records:
+        if r.get("device") != "cuda" or r.get("same_as") or r.get("status") not in ("ok", "oom"):
+            continue
+        c = check_record(r)
+        if c is None:
+            continue
+        fate = "fits" if c.predicted_oom_phase is None else f"oom in {c.predicted_oom_phase}"
+        got = "ok" if c.status == "ok" else f"oom in {c.failed_phase}"
+        rows.append({
+            "cell": c.cell,
+            "fate planned / measured": f"{fate} / {got}" + ("" if c.verdict_ok else " (MISMATCH)"),
+            "load peak MiB planned": _mib(c.predicted_load),
+            "measured": _mib(c.measured_load),
+            "error": _pct(c.load_error),
+            "runtime peak MiB planned": _mib(c.predicted_runtime) if c.predicted_oom_phase is None else "",
+            "measured ": _mib(c.measured_runtime),
+            "error ": _pct(c.runtime_error),
+            "step s planned": "" if c.predicted_step is None else f"{c.predicted_step:.3f}",
+            "measured  ": "" if c.measured_step is None else f"{c.measured_step:.3f}",
+            "error  ": _pct(c.step_error),
+            "plan": c.source + (f"; {c.note}" if c.note else ""),
+        })
+    return rows

@@ -19,7 +19,7 @@ from typing import Any
 
 from harness.flags import EngineContext, FlagError, OffloadFlags, check_flag_value, resolve
 from harness.models import UnknownModelError
-from harness.plan import GIB, PHASES, DATA_PATH, Plan, PlanError, Workload, load_data, machine_profile, plan
+from harness.plan import DATA_PATH, GIB, PHASES, Plan, PlanError, Workload, load_data, machine_profile, plan
 
 
 class PlanUsageError(ValueError):

@@ -50,6 +50,7 @@ from typing import Any
 
 from harness import exitcodes
 from harness.gpus import child_gpu
+from harness.plan import plan_entry
 from harness.results import (
     SCHEMA_VERSION,
     STATUSES,
@@ -428,6 +429,8 @@ def _run_child(
         gpu_index=child_gpu(child_env, run.device),  # the GPU id the child ran on (harness.gpus), None on CPU
         xdist_worker=os.environ.get("PYTEST_XDIST_WORKER"),  # the pytest-xdist worker that ran it, if any
     )
+    # what the planner predicted for this cell, beside what it measured (planned here: the planner needs no torch)
+    record["plan"] = plan_entry(record)
     append(run, record)
     where = f" in {record['failed_phase']}" if record.get("failed_phase") else ""
     run.say(f"{label} {cell.cell_id}: {record['status']}{where} after {elapsed:.1f} s")

@@ -56,7 +56,8 @@ _TOP_KEYS = {
     "run",
 }
 _EXPECT_KEYS = {"lowest_peak", "fate", "same_output", "host", "invariants", "close_output_rtol", "beats_peer",
-                "prefetch_peak_monotone", "resident_never_slows", "cfg_batch_rtol"}
+                "prefetch_peak_monotone", "resident_never_slows", "cfg_batch_rtol", "plan_within"}
+_PLAN_WITHIN_KEYS = ("peak", "time")
 _HOST_KEYS = {"max_rss_over_weights", "max_pinned_held_over_requested", "min_setup_gbps"}
 _FATE_KEYS = {"cards", "where", "status", "phase"}
 
@@ -151,6 +152,9 @@ class Expectations:
     # final latents of every cfg-batch cell within this relative L2 distance of the two-pass cell with the same flags
     # and backend (harness.expect.cfg_batch_verdict); needs `[run] cfg_batch = [false, true]`
     cfg_batch_rtol: float | None = None
+    # every GPU cell's fate is the plan's and its peaks / step time lie within these fractions of the plan's
+    # ({"peak": 0.05, "time": 0.10}; harness.expect.plan_within_verdict)
+    plan_within: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -544,7 +548,8 @@ def _expect(
                        f"cfg_batch` must be [false, true]; got {list(cfg_batch)}")
         batch_rtol = float(batch_rtol)
     return Expectations(lowest, tuple(fates), same, _host_bounds(data.get("host"), path), invariants, rtol,
-                        rtol_by_backend, beats, cfg_batch_rtol=batch_rtol, **switches)
+                        rtol_by_backend, beats, cfg_batch_rtol=batch_rtol, **switches,
+                        plan_within=_plan_within(data.get("plan_within"), path))
 
 
 def _close_output_rtol(value: Any, path: Path, backends: tuple[str, ...]
@@ -567,6 +572,18 @@ def _close_output_rtol(value: Any, path: Path, backends: tuple[str, ...]
     _needs_peers(path, field, "latents", backends)
     by_backend = tuple(sorted((k, float(v)) for k, v in table.items() if k != "default"))
     return float(table["default"]), by_backend
+
+
+def _plan_within(data: Any, path: Path) -> dict[str, float] | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict) or not data or set(data) - set(_PLAN_WITHIN_KEYS):
+        raise _err(path, "expect.plan_within", f"expected a table with keys among {list(_PLAN_WITHIN_KEYS)}, "
+                   "e.g. {peak = 0.05, time = 0.10}")
+    for key, v in data.items():
+        if isinstance(v, bool) or not isinstance(v, int | float) or not is_finite_number(v) or v <= 0:
+            raise _err(path, f"expect.plan_within.{key}", f"expected a positive fraction (0.05 = 5 %), got {v!r}")
+    return {k: float(v) for k, v in data.items()}
 
 
 def _needs_peers(path: Path, field: str, what: str, backends: tuple[str, ...]) -> None:
