@@ -6,6 +6,7 @@
 - compare: compares a run with its SKU's baseline; exit 1 on a regression or a lost, changed or missing cell.
 - list: the scenarios and their cells, with effective flags, without running anything.
 - plan, advise, plan-fit: what a flag combination costs on a card, before running it (harness/plan_cli.py).
+- capacity: the largest frame count or resolution each combination completes, searched on the device.
 
 Exit codes (harness/exitcodes.py): 0 pass, 1 regressed, 2 usage or unreadable input, 3 no baseline for the SKU,
 4 no records, 5 every cell skipped, 6 every cell crashed/errored/timed out, 7 an output folder is not writable.
@@ -307,10 +308,16 @@ def main(argv: list[str] | None = None) -> int:
     ls = sub.add_parser("list", help="list scenarios and cells")
     ls.add_argument("--scenarios", default=str(REPO / "scenarios"))
     plan_cli.add_commands(sub)
+    sub.add_parser("capacity", add_help=False,
+                   help="largest frames / resolution per combination, on the device (harness/capacity.py)")
     args, rest = parser.parse_known_args(argv)
     try:
         if args.cmd == "bench":
             return cmd_bench(args, rest)
+        if args.cmd == "capacity":
+            from harness.capacity import main as capacity_main
+
+            return capacity_main(rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.cmd in plan_cli.COMMANDS:

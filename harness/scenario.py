@@ -54,7 +54,9 @@ _TOP_KEYS = {
     "name", "description", "model", "profile", "cards", "height", "width", "frames", "steps", "warmup", "rounds",
     "true_cfg_scale", "seed", "policy", "timeout_s", "flags", "axes", "exclude", "expect", "xfail", "backends",
     "run",
+    "capacity",
 }
+CAPACITY_AXES = ("frames", "resolution")
 _EXPECT_KEYS = {"lowest_peak", "fate", "same_output", "host", "invariants", "close_output_rtol", "beats_peer",
                 "prefetch_peak_monotone", "resident_never_slows", "cfg_batch_rtol", "plan_within"}
 _PLAN_WITHIN_KEYS = ("peak", "time")
@@ -158,6 +160,21 @@ class Expectations:
 
 
 @dataclass(frozen=True)
+class CapacitySpec:
+    """A capacity search (`harness.capacity`): per card and combination, the largest value of `axis` that
+    completes, between `minimum` and `maximum` in steps of `step`. "frames": the frame count (video); "resolution":
+    the height, the width following the scenario's aspect ratio."""
+
+    axis: str
+    minimum: int
+    maximum: int
+    step: int
+
+    def values(self) -> list[int]:
+        return list(range(self.minimum, self.maximum + 1, self.step))
+
+
+@dataclass(frozen=True)
 class Scenario:
     name: str
     path: str
@@ -182,6 +199,7 @@ class Scenario:
     xfail: str | None = None  # the expectations are known to fail, and why (e.g. the pre-#26925 policy)
     backends: tuple[str, ...] = (HARNESS_BACKEND,)  # BACKENDS: who runs the layerwise DiT, swept like cards
     run: RunOptions = field(default_factory=RunOptions)  # the `[run]` table: how the child measures
+    capacity: CapacitySpec | None = None  # a capacity search, run by `python -m harness capacity`, not by pytest
 
 
 @dataclass(frozen=True)
@@ -373,6 +391,7 @@ def load_scenario(path: Path | str) -> Scenario:
         xfail=_xfail(data.get("xfail"), path),
         backends=backends,
         run=run,
+        capacity=_capacity(data.get("capacity"), path, model_spec),
     )
     cells = expand(scenario)
     if not cells:
@@ -433,6 +452,37 @@ def _run_options(data: Any, path: Path, family: str, true_cfg_scale: float) -> R
                        "to batch")
     return RunOptions(float(interval), data.get("copy_timeline", False), tuple(values),
                       data.get("empty_cache_between_phases", False), threads, data.get("setup_overlap_pin", False))
+
+
+def _capacity(data: Any, path: Path, model: Any) -> CapacitySpec | None:
+    """[capacity] axis = "frames" | "resolution", min, max, step (frames: a multiple of the VAE's temporal factor,
+    from 1 + step; resolution: heights, multiples of the model's pixel grid)."""
+    if data is None:
+        return None
+    if not isinstance(data, dict) or set(data) - {"axis", "min", "max", "step"} or "axis" not in data \
+            or "max" not in data:
+        raise _err(path, "capacity", "expected a table with axis, max and optional min, step")
+    axis = data["axis"]
+    if axis not in CAPACITY_AXES:
+        raise _err(path, "capacity.axis", f"expected one of {CAPACITY_AXES}, got {axis!r}")
+    video = model.family == "wan"
+    if axis == "frames" and not video:
+        raise _err(path, "capacity.axis", f"frames needs a video model; {model.name} makes images")
+    grid = 4 if axis == "frames" else model.vae_scale * model.patch
+    step = data.get("step", grid)
+    lo = data.get("min", 1 if axis == "frames" else grid)
+    for key, v in (("min", lo), ("max", data["max"]), ("step", step)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise _err(path, f"capacity.{key}", f"expected an integer >= 1, got {v!r}")
+    if step % grid:
+        raise _err(path, "capacity.step", f"must be a multiple of {grid} for {axis}, got {step}")
+    if axis == "frames" and (lo - 1) % 4:
+        raise _err(path, "capacity.min", f"frames must be 1 + a multiple of 4, got {lo}")
+    if axis == "resolution" and lo % grid:
+        raise _err(path, "capacity.min", f"must be a multiple of {grid}, got {lo}")
+    if data["max"] <= lo:
+        raise _err(path, "capacity.max", f"must be above min ({lo}), got {data['max']}")
+    return CapacitySpec(axis, lo, data["max"], step)
 
 
 def _xfail(value: Any, path: Path) -> str | None:
