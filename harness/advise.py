@@ -29,7 +29,7 @@ PREFETCH_SIZES = (1, 2, 4, 8)
 DEFAULT_MARGIN = 0.05  # of the card's memory: allocator fragmentation the plan does not see (up to +12 % measured)
 
 
-def combinations(prefetch_sizes: Iterable[int] = PREFETCH_SIZES, resident_layers: int = 0) -> list[OffloadFlags]:
+def combinations(prefetch_sizes: Iterable[int] = PREFETCH_SIZES) -> list[OffloadFlags]:
     """The requested combinations advise considers: every on/off of the four component switches, and under DiT
     layerwise offload each prefetch size."""
     out = []
@@ -163,7 +163,7 @@ def _key(flags: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
 
 
 def advise(model: str, card: str, cap_bytes: int | None, workload: Workload, *, policy: str = "sglang",
-           margin: float = DEFAULT_MARGIN, machine: Machine | None = None, resident_layers: int = 0,
+           margin: float = DEFAULT_MARGIN, machine: Machine | None = None, resident_layers: int | None = None,
            records_glob: str | None = "results/**/*.records.jsonl") -> Advice:
     spec = get_model(model)
     machine = machine or machine_profile()
@@ -171,7 +171,7 @@ def advise(model: str, card: str, cap_bytes: int | None, workload: Workload, *, 
     seen: set[OffloadFlags] = set()
     options, refused = [], []
     measured_cells = measurements(model, card, workload, records_glob)
-    for requested in combinations(resident_layers=resident_layers):
+    for requested in combinations():
         try:
             resolution = resolve(requested, policy, context)
         except FlagError as e:

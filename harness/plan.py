@@ -27,8 +27,9 @@ What it reads, all data (`harness/models/plan_data.json`):
 A model without fits of its own borrows those of the model with the same DiT (qwen-image <-> qwen-image-edit);
 one without any is planned with zero activations and says so in `notes`.
 
-Resident layers (`resident_layers`, default 0) are one input: layers kept on the device for the whole run, taken
-from the streamed groups in order; they leave the window and the streamed bytes.
+Resident layers are one input (`resident_layers`; by default the flags' `dit_layerwise_resident_layers` where
+OffloadFlags has it, else 0): layers kept on the device for the whole run, taken from the streamed groups in
+order; they leave the window and the streamed bytes.
 
 This module imports no torch.
 """
@@ -283,6 +284,17 @@ def placements(flags: OffloadFlags) -> dict[str, str]:
     }
 
 
+RESIDENT_LAYERS_FLAG = "dit_layerwise_resident_layers"
+
+
+def resident_layer_count(flags: OffloadFlags, layers: int) -> int:
+    """DiT layers the flags keep resident: SGLang's `dit_layerwise_resident_layers`, a count (>= 1) or a fraction
+    of the layers (< 1, floored), when OffloadFlags has the field (issue 15); 0 until then or when unset."""
+    value = getattr(flags, RESIDENT_LAYERS_FLAG, None) or 0
+    count = int(value * layers) if 0 < value < 1 else int(value)
+    return max(0, min(layers, count))
+
+
 @dataclass(frozen=True)
 class Streaming:
     resident_bytes: int  # layers kept on the device all run
@@ -413,7 +425,7 @@ def plan(
     *,
     card: str = "",
     machine: Machine | None = None,
-    resident_layers: int = 0,
+    resident_layers: int | None = None,
     data: Mapping[str, Any] | None = None,
 ) -> Plan:
     """Predicts what `flags` (effective: resolve them first) cost for `model` on a card of `cap_bytes`.
@@ -440,6 +452,8 @@ def plan(
     dit = weights["dit"]
     te_b, vae_b, dit_b = weights["text_encoder"]["weight_bytes"], weights["vae"]["weight_bytes"], dit["weight_bytes"]
     layerwise = bool(flags.dit_layerwise_offload)
+    if resident_layers is None:
+        resident_layers = resident_layer_count(flags, sum(g["layers"] for g in dit["groups"].values()))
     stream = streaming(dit, flags.dit_offload_prefetch_size, resident_layers) if layerwise else Streaming(0, 0, 0)
     act = {
         "load": 0.0,

@@ -40,7 +40,8 @@ def add_commands(sub: Any) -> None:
                        help="true CFG scale; > 1 runs two DiT forwards a step (default: 4.0, FLUX 1.0)")
         p.add_argument("--policy", default="sglang", help="the policy that resolves the flags (default sglang)")
         p.add_argument("--machine", default=None, help="GPU SKU of the step-time profile (plan_data.json machines)")
-        p.add_argument("--resident-layers", type=int, default=0, help="DiT layers kept on the device (default 0)")
+        p.add_argument("--resident-layers", type=int, default=None,
+                       help="DiT layers kept on the device (default: the flags' dit_layerwise_resident_layers, else 0)")
         if name == "plan":
             p.add_argument("--flags", default=None,
                            help="requested flags, e.g. dit_cpu_offload=true,dit_layerwise_offload=true,"

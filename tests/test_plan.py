@@ -220,6 +220,22 @@ def test_more_resident_layers_never_raise_step_time_nor_lower_the_peak() -> None
         assert loads == sorted(loads), model
 
 
+def test_resident_layers_come_from_the_flags_when_they_have_the_field() -> None:
+    """Issue 15 adds `dit_layerwise_resident_layers` (a count, or a fraction floored) to OffloadFlags: the plan
+    reads it without being told."""
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class ModernFlags(OffloadFlags):
+        dit_layerwise_resident_layers: float = 0.0
+
+    for value, layers in ((30, 30), (0.5, 30), (0.51, 30), (0, 0), (99, 60)):
+        modern = ModernFlags(**{**BOTH_ON.as_dict(), "dit_layerwise_resident_layers": value})
+        assert plan("qwen-image-edit", modern, None, Workload()).resident_layers == layers
+        assert plan("qwen-image-edit", modern, None, Workload()).streamed_bytes_per_forward == \
+            plan("qwen-image-edit", BOTH_ON, None, Workload(), resident_layers=layers).streamed_bytes_per_forward
+
+
 def test_memory_terms_add_up_to_the_model_bytes() -> None:
     """At rest (after the call) the device holds what is not offloaded and the host the rest: their sum is the
     model's bytes, plus the layer regions' alignment padding under layerwise."""
