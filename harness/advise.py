@@ -31,7 +31,7 @@ DEFAULT_MARGIN = 0.05  # of the card's memory: allocator fragmentation the plan 
 
 def combinations(prefetch_sizes: Iterable[int] = PREFETCH_SIZES) -> list[OffloadFlags]:
     """The requested combinations advise considers: every on/off of the four component switches, and under DiT
-    layerwise offload each prefetch size."""
+    layerwise offload each prefetch size (whole layers)."""
     out = []
     for lw, cpu, te, vae in itertools.product((False, True), repeat=4):
         for pf in (prefetch_sizes if lw else (0,)):
@@ -127,11 +127,12 @@ class Advice:
 
 def measurements(model: str, card: str, workload: Workload,
                  records_glob: str | None) -> dict[tuple[tuple[str, Any], ...], Measurement]:
-    """Committed records of `model` on `card` with this workload, by effective flags (the newest record of each
-    cell; harness backend only)."""
+    """Committed records of `model` on `card` with this workload, by effective flags (the newest record of the
+    combination across all files, by `created`; harness backend only)."""
     if not records_glob:
         return {}
     out: dict[tuple[tuple[str, Any], ...], Measurement] = {}
+    created: dict[tuple[tuple[str, Any], ...], str] = {}
     for path in sorted(glob.glob(records_glob, recursive=True)):
         records = latest_by_cell(read_records(Path(path)).records).values()
         for r in records:
@@ -143,11 +144,14 @@ def measurements(model: str, card: str, workload: Workload,
                     continue
             except (KeyError, TypeError, ValueError):
                 continue
+            key = _key(r["effective"])
+            if str(r.get("created", "")) < created.get(key, ""):
+                continue  # an older run of the same combination
+            created[key] = str(r.get("created", ""))
             m = measured(r)
             nvml = [(p or {}).get("nvml_proc_peak_bytes") for p in (r.get("phases") or {}).values()]
             nvml = [v for v in nvml if v is not None]
-            out[_key(r["effective"])] = Measurement(path, r["status"], r.get("failed_phase"),
-                                                    max(nvml) if nvml else None, m.step_s)
+            out[key] = Measurement(path, r["status"], r.get("failed_phase"), max(nvml) if nvml else None, m.step_s)
     return out
 
 
@@ -171,7 +175,9 @@ def advise(model: str, card: str, cap_bytes: int | None, workload: Workload, *, 
     seen: set[OffloadFlags] = set()
     options, refused = [], []
     measured_cells = measurements(model, card, workload, records_glob)
-    for requested in combinations():
+    # the prefetch sizes that committed records ran, too, so that their measurements have a row to go to
+    recorded = {dict(k)["dit_offload_prefetch_size"] for k in measured_cells if dict(k)["dit_layerwise_offload"]}
+    for requested in combinations(sorted({*PREFETCH_SIZES, *(int(v) for v in recorded if v >= 1)})):
         try:
             resolution = resolve(requested, policy, context)
         except FlagError as e:
