@@ -5,8 +5,9 @@ records count it:
 
     allocated = weights on the device in that phase (by placement) + the layerwise window (+ resident layers)
                 + activations(phase, workload) + base
-    reserved  = max(reserved before, allocated + the allocator's slack)   (the caching allocator keeps what it
-                                                                            reserved: the pipeline never empties it)
+    reserved  = what a coarse model of the caching allocator (`_Allocator`) has reserved by the phase's peak
+                (it keeps what it reserved, reuses a freed block only for what fits in it, and at the card's
+                limit gives the free cached blocks back before an OOM), + the allocator's slack
     device    = reserved + the CUDA context (what NVML counts per process; the card's cap applies to it)
 
 and a cell fits its card when every phase's device bytes stay within the cap (the first that does not is the
@@ -20,7 +21,7 @@ What it reads, all data (`harness/models/plan_data.json`):
 - "fits": per model, activation bytes per unit of what drives them (DiT tokens per forward for denoise, pixels
   per frame for decode, text tokens or, for an edit model, reference pixels for encode), the base and the
   allocator's slack, and the compute time of one forward at a known token count; fitted from committed GPU
-  records by `python -m harness.plan fit RECORDS... --write`;
+  records by `python -m harness plan-fit RECORDS... --write`;
 - "machines": per GPU SKU, the pinned and pageable H2D rates, the CUDA context's bytes and the effective
   TFLOPS, from the same records.
 
@@ -512,7 +513,7 @@ def plan(
         offloaded += sum(g["host_bytes"] for g in dit["groups"].values()) - stream.resident_bytes
     pinned = bool(flags.pin_cpu_memory)
 
-    compute = _compute_s(fits, dit, drv, machine, notes)
+    compute = _compute_s(fits, dit, drv, machine, notes, data)
     transfer = None
     if layerwise:
         rate = machine.pinned_h2d_gbps if pinned else machine.pageable_h2d_gbps
@@ -533,14 +534,14 @@ def plan(
 
 
 def _compute_s(fits: Mapping[str, Any], dit: Mapping[str, Any], drv: Drivers, machine: Machine,
-               notes: list[str]) -> float | None:
+               notes: list[str], data: Mapping[str, Any]) -> float | None:
     """One forward's compute: a timed forward of this model scaled by FLOPs to this workload's tokens, or, with
     none, the FLOPs at the machine's effective TFLOPS."""
     timed = fits.get("compute")
     flops = dit_flops(dit, drv.dit_tokens)
     if timed:
         seconds = timed["s_per_forward"] * flops / dit_flops(dit, timed["tokens"])
-        timed_on = (load_data().get("machines") or {}).get(timed.get("sku"), {}).get("tflops")
+        timed_on = (data.get("machines") or {}).get(timed.get("sku"), {}).get("tflops")
         if timed.get("sku") != machine.name and machine.tflops and timed_on:
             seconds *= timed_on / machine.tflops  # timed on another GPU: scale by the two machines' rates
         return seconds
