@@ -16,7 +16,7 @@ from __future__ import annotations
 import glob
 import itertools
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +140,7 @@ def measurements(model: str, card: str, workload: Workload,
                     or (r.get("backend") or "harness") != "harness" or r.get("status") not in ("ok", "oom"):
                 continue
             try:
-                if Workload.from_settings(r.get("settings") or {}) != _same_steps(workload, r):
+                if Workload.from_settings(r.get("settings") or {}, r.get("run_options")) != _same_steps(workload, r):
                     continue
             except (KeyError, TypeError, ValueError):
                 continue
@@ -158,8 +158,7 @@ def measurements(model: str, card: str, workload: Workload,
 def _same_steps(workload: Workload, record: Mapping[str, Any]) -> Workload:
     """The step count does not change a step's cost: match records whatever their steps."""
     steps = (record.get("settings") or {}).get("steps")
-    return Workload(workload.height, workload.width, workload.frames, workload.true_cfg_scale,
-                    int(steps) if steps else workload.steps)
+    return replace(workload, steps=int(steps) if steps else workload.steps)
 
 
 def _key(flags: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:

@@ -101,7 +101,7 @@ def probe_scenario(scenario: Scenario, value: int) -> Scenario:
 
 
 def probe_cell(cell: Cell, value: int) -> Cell:
-    return Cell(probe_scenario(cell.scenario, value), cell.card, cell.resolution, None, cell.backend)
+    return replace(cell, scenario=probe_scenario(cell.scenario, value), same_as=None)
 
 
 def planned_capacity(cell: Cell, values: list[int]) -> int | None:
@@ -114,7 +114,8 @@ def planned_capacity(cell: Cell, values: list[int]) -> int | None:
     while lo <= hi:  # the plan's need grows with the axis: bisect
         mid = (lo + hi) // 2
         s = probe_scenario(cell.scenario, values[mid])
-        w = Workload(s.height, s.width, s.frames, s.true_cfg_scale, s.steps)
+        w = Workload(s.height, s.width, s.frames, s.true_cfg_scale, s.steps, cell.cfg_batch,
+                     s.run.empty_cache_between_phases)
         if plan(s.model, cell.resolution.effective, cell.card.cap_bytes, w, card=cell.card.name).fits:
             best, lo = values[mid], mid + 1
         else:

@@ -38,6 +38,8 @@ def add_commands(sub: Any) -> None:
         p.add_argument("--frames", type=int, default=None, help="video frames (video models; default 81, else 1)")
         p.add_argument("--cfg", type=float, default=None,
                        help="true CFG scale; > 1 runs two DiT forwards a step (default: 4.0, FLUX 1.0)")
+        p.add_argument("--cfg-batch", action="store_true", help="the two CFG passes as one batched forward")
+        p.add_argument("--empty-cache", action="store_true", help="torch.cuda.empty_cache() between phases")
         p.add_argument("--policy", default="sglang", help="the policy that resolves the flags (default sglang)")
         p.add_argument("--machine", default=None, help="GPU SKU of the step-time profile (plan_data.json machines)")
         p.add_argument("--resident-layers", type=int, default=None,
@@ -83,7 +85,8 @@ def workload_of(args: argparse.Namespace) -> Workload:
     width, height = int(m.group(1)), int(m.group(2))
     if width % multiple or height % multiple:
         raise PlanUsageError(f"--resolution: width and height must be multiples of {multiple} for {args.model}")
-    return Workload(height=height, width=width, frames=frames, true_cfg_scale=cfg)
+    return Workload(height=height, width=width, frames=frames, true_cfg_scale=cfg, cfg_batch=args.cfg_batch,
+                    empty_cache=args.empty_cache)
 
 
 def parse_flags(text: str) -> OffloadFlags:
