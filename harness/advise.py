@@ -26,17 +26,24 @@ from harness.plan import GIB, Machine, Plan, Workload, machine_profile, measured
 from harness.results import latest_by_cell, read_records
 
 PREFETCH_SIZES = (1, 2, 4, 8)
+RESIDENT_SHARES = (0.0, 0.25, 0.5, 0.75)  # dit_layerwise_resident_layers as a fraction of each group
 DEFAULT_MARGIN = 0.05  # of the card's memory: allocator fragmentation the plan does not see (up to +12 % measured)
 
 
-def combinations(prefetch_sizes: Iterable[int] = PREFETCH_SIZES) -> list[OffloadFlags]:
+def combinations(prefetch_sizes: Iterable[int] = PREFETCH_SIZES,
+                 resident_shares: Iterable[float] = (0.0,)) -> list[OffloadFlags]:
     """The requested combinations advise considers: every on/off of the four component switches, and under DiT
-    layerwise offload each prefetch size (whole layers)."""
+    layerwise offload each prefetch size (whole layers) and each share of resident layers (both residency
+    policies where the share is not 0)."""
     out = []
     for lw, cpu, te, vae in itertools.product((False, True), repeat=4):
         for pf in (prefetch_sizes if lw else (0,)):
-            out.append(OffloadFlags(dit_cpu_offload=cpu, dit_layerwise_offload=lw, text_encoder_cpu_offload=te,
-                                    vae_cpu_offload=vae, dit_offload_prefetch_size=float(pf), pin_cpu_memory=True))
+            for share in (resident_shares if lw else (0.0,)):
+                for policy in (("leading", "strided") if share else ("leading",)):
+                    out.append(OffloadFlags(
+                        dit_cpu_offload=cpu, dit_layerwise_offload=lw, text_encoder_cpu_offload=te,
+                        vae_cpu_offload=vae, dit_offload_prefetch_size=float(pf), pin_cpu_memory=True,
+                        dit_layerwise_resident_layers=float(share), dit_layerwise_residency_policy=policy))
     return out
 
 
@@ -174,9 +181,15 @@ def advise(model: str, card: str, cap_bytes: int | None, workload: Workload, *, 
     seen: set[OffloadFlags] = set()
     options, refused = [], []
     measured_cells = measurements(model, card, workload, records_glob)
-    # the prefetch sizes that committed records ran, too, so that their measurements have a row to go to
-    recorded = {dict(k)["dit_offload_prefetch_size"] for k in measured_cells if dict(k)["dit_layerwise_offload"]}
-    for requested in combinations(sorted({*PREFETCH_SIZES, *(int(v) for v in recorded if v >= 1)})):
+    # the prefetch sizes and resident layers that committed records ran, too, so that their measurements have a
+    # row to go to
+    streamed = [dict(k) for k in measured_cells if dict(k)["dit_layerwise_offload"]]
+    prefetch = sorted({*PREFETCH_SIZES, *(int(f["dit_offload_prefetch_size"]) for f in streamed
+                                          if f["dit_offload_prefetch_size"] >= 1)})
+    shares = sorted({*RESIDENT_SHARES, *(f["dit_layerwise_resident_layers"] for f in streamed)})
+    if resident_layers is not None:
+        shares = [0.0]  # an explicit count replaces the sweep
+    for requested in combinations(prefetch, shares):
         try:
             resolution = resolve(requested, policy, context)
         except FlagError as e:
@@ -208,6 +221,8 @@ def describe(flags: OffloadFlags) -> str:
     if flags.vae_cpu_offload:
         parts.append("vae_cpu_offload")
     text = " + ".join(parts) or "all resident"
+    if flags.dit_layerwise_offload and flags.dit_layerwise_resident_layers:
+        text += f", {flags.dit_layerwise_resident_layers:g} of the layers kept ({flags.dit_layerwise_residency_policy})"
     if flags.dit_layerwise_offload and not flags.dit_cpu_offload:
         text += " (without dit_cpu_offload)"
     return text
@@ -217,14 +232,18 @@ def _gib(v: int | None) -> str:
     return "-" if v is None else f"{v / GIB:.2f}"
 
 
+def _source(o: Option) -> str:
+    return "plan" if o.measurement is None else f"measured ({Path(o.measurement.source).name})"
+
+
 def _row(o: Option) -> list[Any]:
-    m = o.measurement
-    source = f"measured ({Path(m.source).name})" if m is not None else "plan"
+    source = _source(o)
     p = o.plan
     return [describe(o.plan.flags), _gib(p.load_peak_bytes), _gib(p.runtime_peak_bytes), _gib(o.peak_device_bytes),
             "-" if o.step_s is None else f"{o.step_s:.3f}", p.bound or "-", _gib(p.host_pinned_bytes), source]
 
 
+MAX_ROWS = 20  # rows of the table of combinations that fit
 HEADERS = ["flags (effective)", "load GiB", "runtime GiB", "peak device GiB", "step s", "bound",
            "pinned host GiB", "numbers"]
 
@@ -251,15 +270,19 @@ def render(advice: Advice) -> str:
         lines.append("no committed record of this model, card and workload: every number is the plan's.")
     if a.fastest is not None:
         lines.append(f"fastest that fits:  {describe(a.fastest.plan.flags)}  "
-                     f"({a.fastest.step_s:.3f} s/step, peak {_gib(a.fastest.peak_device_bytes)} GiB)"
+                     f"({a.fastest.step_s:.3f} s/step, peak {_gib(a.fastest.peak_device_bytes)} GiB, "
+                     f"{_source(a.fastest)})"
                      if a.fastest.step_s is not None else f"fits: {describe(a.fastest.plan.flags)}")
     if a.lowest_memory is not None:
         lines.append(f"lowest memory:      {describe(a.lowest_memory.plan.flags)}  "
-                     f"(peak {_gib(a.lowest_memory.peak_device_bytes)} GiB)")
+                     f"(peak {_gib(a.lowest_memory.peak_device_bytes)} GiB, {_source(a.lowest_memory)})")
     if a.fastest is None:
         lines.append("nothing fits with the margin")
-    lines += ["", "fits (fastest first):", tabulate([_row(o) for o in a.fitting], HEADERS, tablefmt="simple")
-              if a.fitting else "  none"]
+    shown = a.fitting[:MAX_ROWS]
+    lines += ["", "fits (fastest first):", tabulate([_row(o) for o in shown], HEADERS, tablefmt="simple")
+              if shown else "  none"]
+    if len(a.fitting) > MAX_ROWS:
+        lines.append(f"  ... and {len(a.fitting) - MAX_ROWS} more that fit")
     if a.tight:
         lines += ["", f"fits, but within the {a.margin:.0%} margin (risky):",
                   tabulate([_row(o) for o in a.tight], HEADERS, tablefmt="simple")]

@@ -42,8 +42,9 @@ def add_commands(sub: Any) -> None:
         p.add_argument("--empty-cache", action="store_true", help="torch.cuda.empty_cache() between phases")
         p.add_argument("--policy", default="sglang", help="the policy that resolves the flags (default sglang)")
         p.add_argument("--machine", default=None, help="GPU SKU of the step-time profile (plan_data.json machines)")
-        p.add_argument("--resident-layers", type=int, default=None,
-                       help="DiT layers kept on the device (default: the flags' dit_layerwise_resident_layers, else 0)")
+        p.add_argument("--resident-layers", type=float, default=None,
+                       help="DiT layers kept on the device per group, a count or a fraction (default: the flags' "
+                       "dit_layerwise_resident_layers; advise sweeps 0, 1/4, 1/2, 3/4)")
         if name == "plan":
             p.add_argument("--flags", default=None,
                            help="requested flags, e.g. dit_cpu_offload=true,dit_layerwise_offload=true,"
@@ -140,8 +141,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.flags is None:
         from harness.advise import advise, describe
 
+        # one row per switch combination and prefetch size; `advise` also sweeps resident layers
         a = advise(args.model, card, cap, workload, policy=args.policy, machine=machine,
-                   resident_layers=args.resident_layers, records_glob=None)
+                   resident_layers=args.resident_layers or 0.0, records_glob=None)
         from tabulate import tabulate
 
         rows = [[describe(o.plan.flags), _gib(o.plan.load_peak_bytes), _gib(o.plan.runtime_peak_bytes),
