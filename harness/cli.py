@@ -6,6 +6,8 @@
 - compare: compares a run with its SKU's baseline; exit 1 on a regression or a lost, changed or missing cell.
 - list: the scenarios and their cells, with effective flags, without running anything.
 - merge: joins the records of several runs of one run id (shards on several machines) into one run folder.
+- plan, advise, plan-fit: what a flag combination costs on a card, before running it (harness/plan_cli.py).
+- capacity: the largest frame count or resolution each combination completes, searched on the device.
 
 Exit codes (harness/exitcodes.py): 0 pass, 1 regressed, 2 usage or unreadable input, 3 no baseline for the SKU,
 4 no records, 5 every cell skipped, 6 every cell crashed/errored/timed out, 7 an output folder is not writable,
@@ -21,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from harness import exitcodes, locations
+from harness import exitcodes, locations, plan_cli
 from harness.baseline import BaselineError
 from harness.compare import CheckSpecError
 from harness.merge import MergeConflict
@@ -322,12 +324,21 @@ def main(argv: list[str] | None = None) -> int:
     mrg.add_argument("--out", help="the merged run folder (default: <first run's folder>/<run id>-merged)")
     ls = sub.add_parser("list", help="list scenarios and cells")
     ls.add_argument("--scenarios", help="folder of scenario files (default: the checkout's or the shipped one)")
+    plan_cli.add_commands(sub)
+    sub.add_parser("capacity", add_help=False,
+                   help="largest frames / resolution per combination, on the device (harness/capacity.py)")
     args, rest = parser.parse_known_args(argv)
     try:
         if args.cmd == "bench":
             return cmd_bench(args, rest)
+        if args.cmd == "capacity":
+            from harness.capacity import main as capacity_main
+
+            return capacity_main(rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        if args.cmd in plan_cli.COMMANDS:
+            return plan_cli.COMMANDS[args.cmd](args)
         if args.cmd == "report":
             return cmd_report(args)
         if args.cmd == "baseline":
@@ -351,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     except UnwritableError as e:
         print(f"error: {e}", file=sys.stderr)
         return exitcodes.UNWRITABLE
-    except (ScenarioError, ResultsError, BaselineError, CheckSpecError) as e:
+    except (ScenarioError, ResultsError, BaselineError, CheckSpecError, *plan_cli.ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
         return exitcodes.USAGE
 

@@ -30,6 +30,11 @@
   different workload) that ran computed final latents within relative L2 distance r of the two-pass cell with the
   same flags and backend; the verdict also gives the step-time ratio batched / two-pass. lowest_peak, same_output,
   close_output and beats_peer judge the two-pass cells only.
+- `plan_within = {peak = p, time = t}`: on every GPU cell of our runtime that ran or ran out of memory, the
+  planner (`harness.plan`: the plan the runner stored in the record) predicted its fate (fits, or the phase of
+  the OOM), and its allocator reserved load and runtime peaks lie within p, its median steady step within t, of
+  the plan (relative to the plan). Phases that ran out of memory and peaks the synthetic checkpoint's generation
+  inflated are not compared; the CPU profile is not judged (the plan predicts CUDA counters).
 - `invariants`, `host`: per-cell checks, below.
 """
 
@@ -355,6 +360,35 @@ def resident_speed_verdict(card: str, records: list[dict[str, Any]]) -> Verdict:
     return Verdict("resident_speed", card, True, "; ".join(passed) + note)
 
 
+def plan_within_verdict(card: str, records: list[dict[str, Any]], tolerance: dict[str, float]) -> Verdict:
+    """The planner against every GPU cell of our runtime: fate, peaks within tolerance["peak"], step within
+    tolerance["time"] (each relative to the plan)."""
+    from harness.plan import check_record
+
+    gpu = [r for r in records if r.get("device") == "cuda" and backend_of(r) == HARNESS_BACKEND
+           and r["status"] in ("ok", "oom")]
+    if not gpu:
+        return Verdict("plan_within", card, True, "no GPU cell of our runtime ran: not judged (the plan predicts "
+                       "CUDA allocator counters)")
+    problems, checked = [], 0
+    for r in gpu:
+        c = check_record(r)
+        if c is None:
+            problems.append(f"{_label(r)}: no plan")
+            continue
+        checked += 1
+        if not c.verdict_ok:
+            planned = "fits" if c.predicted_oom_phase is None else f"OOM in {c.predicted_oom_phase}"
+            problems.append(f"{_label(r)}: planned {planned}, ended {r['status']} {r.get('failed_phase') or ''}")
+        for what, err, key in (("load peak", c.load_error, "peak"), ("runtime peak", c.runtime_error, "peak"),
+                               ("step", c.step_error, "time")):
+            if key in tolerance and err is not None and abs(err) > tolerance[key]:
+                problems.append(f"{_label(r)}: {what} {100 * err:+.1f} % off the plan (> {tolerance[key]:.0%})")
+    if problems:
+        return Verdict("plan_within", card, False, "; ".join(problems))
+    return Verdict("plan_within", card, True, f"{checked} cells within {tolerance} of their plans")
+
+
 def host_failures(record: dict[str, Any], bounds: dict[str, Any]) -> list[str]:
     """Host-cost bounds of one cell that ran: peak RSS over all weight bytes, pinned held over requested, and the
     setup rate (weight bytes over setup seconds) of named components."""
@@ -469,6 +503,8 @@ def evaluate(scenario: Scenario, records: list[dict[str, Any]]) -> list[Verdict]
             verdicts.append(resident_speed_verdict(card.name, two_pass))
         if scenario.expect.cfg_batch_rtol is not None:
             verdicts.append(cfg_batch_verdict(card.name, group, scenario.expect.cfg_batch_rtol))
+        if scenario.expect.plan_within is not None:
+            verdicts.append(plan_within_verdict(card.name, group, scenario.expect.plan_within))
         if scenario.expect.invariants:
             inv = [m for r in group if r["status"] == "ok" for m in invariant_failures(r)]
             verdicts.append(Verdict("invariants", card.name, not inv, "; ".join(inv) or "all hold"))

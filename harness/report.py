@@ -15,6 +15,7 @@ from tabulate import tabulate
 
 from harness.expect import evaluate
 from harness.merge import host_of
+from harness.plan import plan_rows
 from harness.results import PHASES, by_gpu, summarize_peaks
 from harness.roofline import STEP_CONVENTION, first_step_ms, roofline_rows, steady_step_ms
 from harness.scenario import ScenarioError, load_scenario
@@ -97,6 +98,11 @@ def render(records: list[dict[str, Any]], title: str = "offload-bench run") -> s
             out += ["Layerwise roofline (harness.roofline: predicted step = forwards x max(resident compute per "
                     "forward, streamed bytes / same-run pinned H2D probe)):", ""]
             out += [tabulate(roof, headers="keys", tablefmt="github"), ""]
+        planned = plan_rows(recs)
+        if planned:
+            out += ["Plan vs measured (harness.plan; allocator reserved peaks, median steady step; error = measured "
+                    "/ planned - 1; a phase that ran out of memory measured the cap, not the need):", ""]
+            out += [tabulate(planned, headers="keys", tablefmt="github"), ""]
         messages = sorted({m for r in recs for m in r.get("messages", [])})
         if messages:
             out.append("Policy messages: " + "; ".join(f"`{m}`" for m in messages))

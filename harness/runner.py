@@ -51,6 +51,7 @@ from typing import Any
 
 from harness import exitcodes
 from harness.gpus import cell_cost, child_gpu
+from harness.plan import plan_entry
 from harness.results import (
     SCHEMA_VERSION,
     STATUSES,
@@ -494,6 +495,8 @@ def _run_child(
         xdist_worker=os.environ.get("PYTEST_XDIST_WORKER"),  # the pytest-xdist worker that ran it, if any
         **run.provenance(),
     )
+    # what the planner predicted for this cell, beside what it measured (planned here: the planner needs no torch)
+    record["plan"] = plan_entry(record)
     append(run, record)
     if record["status"] == "ok":
         run.pace.learn(cost, elapsed)

@@ -54,12 +54,15 @@ _TOP_KEYS = {
     "name", "description", "model", "profile", "cards", "height", "width", "frames", "steps", "warmup", "rounds",
     "true_cfg_scale", "seed", "policy", "timeout_s", "flags", "axes", "exclude", "expect", "xfail", "backends",
     "run", "few_rounds", "tier",
+    "capacity",
 }
 # `--tier pr` runs the scenarios marked `tier = "pr"` (a subset that fits a pull request's time: the seed
 # assertion and one peer comparison); `--tier nightly` (and no --tier) runs every scenario, "pr" ones included.
 TIERS = ("pr", "nightly")
+CAPACITY_AXES = ("frames", "resolution")
 _EXPECT_KEYS = {"lowest_peak", "fate", "same_output", "host", "invariants", "close_output_rtol", "beats_peer",
-                "prefetch_peak_monotone", "resident_never_slows", "cfg_batch_rtol"}
+                "prefetch_peak_monotone", "resident_never_slows", "cfg_batch_rtol", "plan_within"}
+_PLAN_WITHIN_KEYS = ("peak", "time")
 # pytest-benchmark's statistics (mean, stddev, IQR) need a few rounds to mean anything: a GPU scenario measuring
 # fewer says why in `few_rounds` (it reaches each benchmark's extra_info).
 MIN_BENCHMARK_ROUNDS = 3
@@ -157,6 +160,24 @@ class Expectations:
     # final latents of every cfg-batch cell within this relative L2 distance of the two-pass cell with the same flags
     # and backend (harness.expect.cfg_batch_verdict); needs `[run] cfg_batch = [false, true]`
     cfg_batch_rtol: float | None = None
+    # every GPU cell's fate is the plan's and its peaks / step time lie within these fractions of the plan's
+    # ({"peak": 0.05, "time": 0.10}; harness.expect.plan_within_verdict)
+    plan_within: dict[str, float] | None = None
+
+
+@dataclass(frozen=True)
+class CapacitySpec:
+    """A capacity search (`harness.capacity`): per card and combination, the largest value of `axis` that
+    completes, between `minimum` and `maximum` in steps of `step`. "frames": the frame count (video); "resolution":
+    the height, the width following the scenario's aspect ratio."""
+
+    axis: str
+    minimum: int
+    maximum: int
+    step: int
+
+    def values(self) -> list[int]:
+        return list(range(self.minimum, self.maximum + 1, self.step))
 
 
 @dataclass(frozen=True)
@@ -186,6 +207,7 @@ class Scenario:
     run: RunOptions = field(default_factory=RunOptions)  # the `[run]` table: how the child measures
     few_rounds: str | None = None  # why a GPU scenario measures fewer than MIN_BENCHMARK_ROUNDS rounds
     tier: str = "nightly"  # TIERS: the smallest tier that runs it
+    capacity: CapacitySpec | None = None  # a capacity search, run by `python -m harness capacity`, not by pytest
 
 
 @dataclass(frozen=True)
@@ -380,6 +402,7 @@ def load_scenario(path: Path | str) -> Scenario:
         run=run,
         few_rounds=_few_rounds(data, profile, path),
         tier=_tier(data.get("tier", "nightly"), path),
+        capacity=_capacity(data.get("capacity"), path, model_spec),
     )
     cells = expand(scenario)
     if not cells:
@@ -476,6 +499,35 @@ def _few_rounds(data: dict[str, Any], profile: str, path: Path) -> str | None:
     if value is not None and not few:
         raise _err(path, "few_rounds", f"rounds = {rounds} is at least {MIN_BENCHMARK_ROUNDS}: nothing to explain")
     return value
+def _capacity(data: Any, path: Path, model: Any) -> CapacitySpec | None:
+    """[capacity] axis = "frames" | "resolution", min, max, step (frames: a multiple of the VAE's temporal factor,
+    from 1 + step; resolution: heights, multiples of the model's pixel grid)."""
+    if data is None:
+        return None
+    if not isinstance(data, dict) or set(data) - {"axis", "min", "max", "step"} or "axis" not in data \
+            or "max" not in data:
+        raise _err(path, "capacity", "expected a table with axis, max and optional min, step")
+    axis = data["axis"]
+    if axis not in CAPACITY_AXES:
+        raise _err(path, "capacity.axis", f"expected one of {CAPACITY_AXES}, got {axis!r}")
+    video = model.family == "wan"
+    if axis == "frames" and not video:
+        raise _err(path, "capacity.axis", f"frames needs a video model; {model.name} makes images")
+    grid = 4 if axis == "frames" else model.vae_scale * model.patch
+    step = data.get("step", grid)
+    lo = data.get("min", 1 if axis == "frames" else grid)
+    for key, v in (("min", lo), ("max", data["max"]), ("step", step)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise _err(path, f"capacity.{key}", f"expected an integer >= 1, got {v!r}")
+    if step % grid:
+        raise _err(path, "capacity.step", f"must be a multiple of {grid} for {axis}, got {step}")
+    if axis == "frames" and (lo - 1) % 4:
+        raise _err(path, "capacity.min", f"frames must be 1 + a multiple of 4, got {lo}")
+    if axis == "resolution" and lo % grid:
+        raise _err(path, "capacity.min", f"must be a multiple of {grid}, got {lo}")
+    if data["max"] <= lo:
+        raise _err(path, "capacity.max", f"must be above min ({lo}), got {data['max']}")
+    return CapacitySpec(axis, lo, data["max"], step)
 
 
 def _xfail(value: Any, path: Path) -> str | None:
@@ -602,7 +654,8 @@ def _expect(
                        f"cfg_batch` must be [false, true]; got {list(cfg_batch)}")
         batch_rtol = float(batch_rtol)
     return Expectations(lowest, tuple(fates), same, _host_bounds(data.get("host"), path), invariants, rtol,
-                        rtol_by_backend, beats, cfg_batch_rtol=batch_rtol, **switches)
+                        rtol_by_backend, beats, cfg_batch_rtol=batch_rtol, **switches,
+                        plan_within=_plan_within(data.get("plan_within"), path))
 
 
 def _close_output_rtol(value: Any, path: Path, backends: tuple[str, ...]
@@ -625,6 +678,18 @@ def _close_output_rtol(value: Any, path: Path, backends: tuple[str, ...]
     _needs_peers(path, field, "latents", backends)
     by_backend = tuple(sorted((k, float(v)) for k, v in table.items() if k != "default"))
     return float(table["default"]), by_backend
+
+
+def _plan_within(data: Any, path: Path) -> dict[str, float] | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict) or not data or set(data) - set(_PLAN_WITHIN_KEYS):
+        raise _err(path, "expect.plan_within", f"expected a table with keys among {list(_PLAN_WITHIN_KEYS)}, "
+                   "e.g. {peak = 0.05, time = 0.10}")
+    for key, v in data.items():
+        if isinstance(v, bool) or not isinstance(v, int | float) or not is_finite_number(v) or v <= 0:
+            raise _err(path, f"expect.plan_within.{key}", f"expected a positive fraction (0.05 = 5 %), got {v!r}")
+    return {k: float(v) for k, v in data.items()}
 
 
 def _needs_peers(path: Path, field: str, what: str, backends: tuple[str, ...]) -> None:

@@ -205,6 +205,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         if s.profile != profile:
             why = "no CUDA GPU (CPU profile)" if s.profile == "gpu" else "the GPU profile runs instead"
             m.append(pytest.mark.skip(reason=f"{s.name}: {why}"))
+        elif s.capacity is not None:
+            m.append(pytest.mark.skip(reason=f"{s.name}: a capacity search: python -m harness capacity {s.path}"))
         return m
 
     if "cell" in metafunc.fixturenames:

@@ -1,0 +1,296 @@
+"""Which offload flags for my card? Every flag combination planned (or looked up in committed records), ranked.
+
+`offload-bench advise --model M --card C [--resolution WxH --frames N --cfg X]` resolves each combination of the
+DiT, text-encoder and VAE switches and a few prefetch sizes under the policy (SGLang's, by default), plans it
+(`harness.plan`), and sorts the combinations into those that fit with a safety margin (ranked by step time),
+those that fit only within the margin, and those that do not fit (with the phase that would run out of memory).
+When a committed record ran the same model, card, workload and effective flags, its measured fate, peak and step
+time replace the plan's, and the row says so.
+
+pin_cpu_memory is left on: pageable copies never lower the device peak and stream 8x slower (H100: 6.7 against
+54 GB/s). This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from harness.flags import EngineContext, FlagError, OffloadFlags, resolve
+from harness.models import get_model
+from harness.plan import GIB, Machine, Plan, Workload, machine_profile, measured, plan
+from harness.results import latest_by_cell, read_records
+
+PREFETCH_SIZES = (1, 2, 4, 8)
+RESIDENT_SHARES = (0.0, 0.25, 0.5, 0.75)  # dit_layerwise_resident_layers as a fraction of each group
+DEFAULT_MARGIN = 0.05  # of the card's memory: allocator fragmentation the plan does not see (up to +12 % measured)
+
+
+def combinations(prefetch_sizes: Iterable[int] = PREFETCH_SIZES,
+                 resident_shares: Iterable[float] = (0.0,)) -> list[OffloadFlags]:
+    """The requested combinations advise considers: every on/off of the four component switches, and under DiT
+    layerwise offload each prefetch size (whole layers) and each share of resident layers (both residency
+    policies where the share is not 0)."""
+    out = []
+    for lw, cpu, te, vae in itertools.product((False, True), repeat=4):
+        for pf in (prefetch_sizes if lw else (0,)):
+            for share in (resident_shares if lw else (0.0,)):
+                for policy in (("leading", "strided") if share else ("leading",)):
+                    out.append(OffloadFlags(
+                        dit_cpu_offload=cpu, dit_layerwise_offload=lw, text_encoder_cpu_offload=te,
+                        vae_cpu_offload=vae, dit_offload_prefetch_size=float(pf), pin_cpu_memory=True,
+                        dit_layerwise_resident_layers=float(share), dit_layerwise_residency_policy=policy))
+    return out
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What a committed record of the same cell measured."""
+
+    source: str  # records file
+    status: str
+    failed_phase: str | None
+    peak_device_bytes: int | None  # NVML per-process peak
+    step_s: float | None
+
+
+@dataclass(frozen=True)
+class Option:
+    requested: OffloadFlags
+    plan: Plan
+    messages: tuple[str, ...]
+    measurement: Measurement | None = None
+
+    @property
+    def peak_device_bytes(self) -> int:
+        if self.measurement is not None and self.measurement.peak_device_bytes and self.measurement.status == "ok":
+            return self.measurement.peak_device_bytes
+        return self.plan.peak_device_bytes
+
+    @property
+    def step_s(self) -> float | None:
+        if self.measurement is not None and self.measurement.step_s is not None:
+            return self.measurement.step_s
+        return self.plan.step_s
+
+    @property
+    def runs(self) -> bool:
+        if self.measurement is not None:
+            return self.measurement.status == "ok"
+        return self.plan.fits
+
+    @property
+    def oom_line(self) -> str | None:
+        m = self.measurement
+        if m is not None and m.status == "oom":
+            planned = f"; plan: {self.plan.oom_line()}" if self.plan.oom_line() else "; the plan says it fits"
+            return f"ran out of memory in {m.failed_phase} (measured, {m.source}{planned})"
+        return None if self.runs else self.plan.oom_line()
+
+    def within(self, cap_bytes: int | None, margin: float) -> bool:
+        return self.runs and (cap_bytes is None or self.peak_device_bytes <= cap_bytes * (1 - margin))
+
+
+@dataclass(frozen=True)
+class Advice:
+    model: str
+    card: str
+    cap_bytes: int | None
+    workload: Workload
+    margin: float
+    machine: Machine
+    policy: str
+    options: tuple[Option, ...]
+    refused: tuple[str, ...]  # combinations the policy refuses, with why
+
+    @property
+    def fitting(self) -> list[Option]:
+        """Fit with the margin, fastest first (ties: lower peak)."""
+        ok = [o for o in self.options if o.within(self.cap_bytes, self.margin)]
+        return sorted(ok, key=lambda o: (o.step_s if o.step_s is not None else float("inf"), o.peak_device_bytes))
+
+    @property
+    def tight(self) -> list[Option]:
+        """Fit the card, but not with the margin."""
+        return [o for o in self.options if o.runs and not o.within(self.cap_bytes, self.margin)]
+
+    @property
+    def not_fitting(self) -> list[Option]:
+        return [o for o in self.options if not o.runs]
+
+    @property
+    def fastest(self) -> Option | None:
+        return self.fitting[0] if self.fitting else None
+
+    @property
+    def lowest_memory(self) -> Option | None:
+        fits = self.fitting
+        return min(fits, key=lambda o: (o.peak_device_bytes, o.step_s or 0)) if fits else None
+
+
+def measurements(model: str, card: str, workload: Workload,
+                 records_glob: str | None) -> dict[tuple[tuple[str, Any], ...], Measurement]:
+    """Committed records of `model` on `card` with this workload, by effective flags (the newest record of the
+    combination across all files, by `created`; harness backend only)."""
+    if not records_glob:
+        return {}
+    out: dict[tuple[tuple[str, Any], ...], Measurement] = {}
+    created: dict[tuple[tuple[str, Any], ...], str] = {}
+    for path in sorted(glob.glob(records_glob, recursive=True)):
+        records = latest_by_cell(read_records(Path(path)).records).values()
+        for r in records:
+            if r.get("model") != model or (r.get("card") or {}).get("name") != card or r.get("device") != "cuda" \
+                    or (r.get("backend") or "harness") != "harness" or r.get("status") not in ("ok", "oom"):
+                continue
+            try:
+                if Workload.from_settings(r.get("settings") or {}, r.get("run_options")) != _same_steps(workload, r):
+                    continue
+            except (KeyError, TypeError, ValueError):
+                continue
+            key = _key(r["effective"])
+            if str(r.get("created", "")) < created.get(key, ""):
+                continue  # an older run of the same combination
+            created[key] = str(r.get("created", ""))
+            m = measured(r)
+            nvml = [(p or {}).get("nvml_proc_peak_bytes") for p in (r.get("phases") or {}).values()]
+            nvml = [v for v in nvml if v is not None]
+            out[key] = Measurement(path, r["status"], r.get("failed_phase"), max(nvml) if nvml else None, m.step_s)
+    return out
+
+
+def _same_steps(workload: Workload, record: Mapping[str, Any]) -> Workload:
+    """The step count does not change a step's cost: match records whatever their steps."""
+    steps = (record.get("settings") or {}).get("steps")
+    return replace(workload, steps=int(steps) if steps else workload.steps)
+
+
+def _key(flags: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(OffloadFlags.from_mapping(flags).as_dict().items()))
+
+
+def advise(model: str, card: str, cap_bytes: int | None, workload: Workload, *, policy: str = "sglang",
+           margin: float = DEFAULT_MARGIN, machine: Machine | None = None, resident_layers: int | None = None,
+           records_glob: str | None = "results/**/*.records.jsonl") -> Advice:
+    spec = get_model(model)
+    machine = machine or machine_profile()
+    context = EngineContext.for_model(spec.family, spec.edit, (cap_bytes or 80 * GIB) / GIB)
+    seen: set[OffloadFlags] = set()
+    options, refused = [], []
+    measured_cells = measurements(model, card, workload, records_glob)
+    # the prefetch sizes and resident layers that committed records ran, too, so that their measurements have a
+    # row to go to
+    streamed = [dict(k) for k in measured_cells if dict(k)["dit_layerwise_offload"]]
+    prefetch = sorted({*PREFETCH_SIZES, *(int(f["dit_offload_prefetch_size"]) for f in streamed
+                                          if f["dit_offload_prefetch_size"] >= 1)})
+    shares = sorted({*RESIDENT_SHARES, *(f["dit_layerwise_resident_layers"] for f in streamed)})
+    if resident_layers is not None:
+        shares = [0.0]  # an explicit count replaces the sweep
+    for requested in combinations(prefetch, shares):
+        try:
+            resolution = resolve(requested, policy, context)
+        except FlagError as e:
+            refused.append(f"{requested.label()}: {e}")
+            continue
+        effective = resolution.effective
+        if effective in seen:  # the policy turned it into a combination already listed
+            continue
+        seen.add(effective)
+        p = plan(model, effective, cap_bytes, workload, card=card, machine=machine, resident_layers=resident_layers)
+        options.append(Option(requested, p, resolution.messages,
+                              measured_cells.get(tuple(sorted(effective.as_dict().items())))))
+    return Advice(model, card, cap_bytes, workload, margin, machine, policy, tuple(options), tuple(refused))
+
+
+# --------------------------------------------------------------------------------------------------- output
+
+
+def describe(flags: OffloadFlags) -> str:
+    """'dit_cpu_offload + layerwise (prefetch 4) + text_encoder_cpu_offload', or 'all resident'."""
+    parts = []
+    if flags.dit_layerwise_offload:
+        parts.append(("dit_cpu_offload + " if flags.dit_cpu_offload else "")
+                     + f"layerwise (prefetch {flags.dit_offload_prefetch_size:g})")
+    elif flags.dit_cpu_offload:
+        parts.append("dit_cpu_offload")
+    if flags.text_encoder_cpu_offload:
+        parts.append("text_encoder_cpu_offload")
+    if flags.vae_cpu_offload:
+        parts.append("vae_cpu_offload")
+    text = " + ".join(parts) or "all resident"
+    if flags.dit_layerwise_offload and flags.dit_layerwise_resident_layers:
+        text += f", {flags.dit_layerwise_resident_layers:g} of the layers kept ({flags.dit_layerwise_residency_policy})"
+    if flags.dit_layerwise_offload and not flags.dit_cpu_offload:
+        text += " (without dit_cpu_offload)"
+    return text
+
+
+def _gib(v: int | None) -> str:
+    return "-" if v is None else f"{v / GIB:.2f}"
+
+
+def _source(o: Option) -> str:
+    return "plan" if o.measurement is None else f"measured ({Path(o.measurement.source).name})"
+
+
+def _row(o: Option) -> list[Any]:
+    source = _source(o)
+    p = o.plan
+    return [describe(o.plan.flags), _gib(p.load_peak_bytes), _gib(p.runtime_peak_bytes), _gib(o.peak_device_bytes),
+            "-" if o.step_s is None else f"{o.step_s:.3f}", p.bound or "-", _gib(p.host_pinned_bytes), source]
+
+
+MAX_ROWS = 20  # rows of the table of combinations that fit
+HEADERS = ["flags (effective)", "load GiB", "runtime GiB", "peak device GiB", "step s", "bound",
+           "pinned host GiB", "numbers"]
+
+
+def render(advice: Advice) -> str:
+    from tabulate import tabulate
+
+    a = advice
+    cap = "no cap" if a.cap_bytes is None else f"{a.cap_bytes / GIB:.2f} GiB"
+    w = a.workload
+    lines = [
+        f"advise: {a.model} on {a.card} ({cap}), {w.width}x{w.height}"
+        + (f"x{w.frames} frames" if w.frames > 1 else "")
+        + f", {w.forwards_per_step} DiT forward(s)/step, policy {a.policy}, safety margin {a.margin:.0%}",
+        f"machine for step times: {a.machine.name} (pinned H2D {a.machine.pinned_h2d_gbps} GB/s; {a.machine.source})",
+        "peaks: allocator reserved (load, runtime) and device = reserved + CUDA context (NVML per process)",
+        "",
+    ]
+    measured_rows = sum(o.measurement is not None for o in a.options)
+    if measured_rows:
+        lines.append(f"{measured_rows} combination(s) use measured numbers from committed records of this model, "
+                     "card and workload (column 'numbers').")
+    else:
+        lines.append("no committed record of this model, card and workload: every number is the plan's.")
+    if a.fastest is not None:
+        lines.append(f"fastest that fits:  {describe(a.fastest.plan.flags)}  "
+                     f"({a.fastest.step_s:.3f} s/step, peak {_gib(a.fastest.peak_device_bytes)} GiB, "
+                     f"{_source(a.fastest)})"
+                     if a.fastest.step_s is not None else f"fits: {describe(a.fastest.plan.flags)}")
+    if a.lowest_memory is not None:
+        lines.append(f"lowest memory:      {describe(a.lowest_memory.plan.flags)}  "
+                     f"(peak {_gib(a.lowest_memory.peak_device_bytes)} GiB, {_source(a.lowest_memory)})")
+    if a.fastest is None:
+        lines.append("nothing fits with the margin")
+    shown = a.fitting[:MAX_ROWS]
+    lines += ["", "fits (fastest first):", tabulate([_row(o) for o in shown], HEADERS, tablefmt="simple")
+              if shown else "  none"]
+    if len(a.fitting) > MAX_ROWS:
+        lines.append(f"  ... and {len(a.fitting) - MAX_ROWS} more that fit")
+    if a.tight:
+        lines += ["", f"fits, but within the {a.margin:.0%} margin (risky):",
+                  tabulate([_row(o) for o in a.tight], HEADERS, tablefmt="simple")]
+    lines += ["", "does not fit:"]
+    lines += [f"  {describe(o.plan.flags)}: {o.oom_line}" for o in a.not_fitting] or ["  none"]
+    notes = sorted({n for o in a.options for n in o.plan.notes})
+    if notes:
+        lines += ["", *[f"note: {n}" for n in notes]]
+    if a.refused:
+        lines += ["", f"{len(a.refused)} combination(s) refused by the policy (first: {a.refused[0]})"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,202 @@
+"""Capacity: how large an image or video a flag combination can still produce on a card, found on the device.
+
+A scenario with a `[capacity]` table (axis "frames" or "resolution", min, max, step) is not run by pytest; instead
+
+    python -m harness capacity scenarios/gpu/wan21_14b_capacity.toml [--results results] [--run-id ID]
+
+searches, per card and combination, the largest value of the axis that completes, with OOM as the oracle: each
+probe is a normal isolated cell (its own child and record in the run's records.jsonl, id
+`<scenario>@<axis>-<value>/<card>/<flags>`, so `--run-id` resumes a search without repeating probes). The search
+starts at the plan's capacity (`harness.plan`), then steps outward by doubling until the fate flips, then bisects:
+two probes when the plan is right. A probe that ends neither ok nor oom (error, crash, timeout, skipped) stops its
+combination's search, which is reported as undecided with that probe's fate. The result, next to the plan's
+prediction, goes to `capacity.md` and `capacity.json` in the run folder.
+
+This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from harness.plan import Workload, plan
+from harness.scenario import HARNESS_BACKEND, CapacitySpec, Cell, Scenario, ScenarioError, expand, load_scenario
+
+
+@dataclass(frozen=True)
+class Probe:
+    value: int
+    status: str
+    cell_id: str
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    largest_ok: int | None  # None: not even the smallest value completed
+    smallest_oom: int | None  # None: the largest value completed
+    probes: tuple[Probe, ...]
+    undecided: str | None = None  # why the search stopped early (a probe's fate other than ok / oom)
+
+
+def search(values: list[int], probe: Callable[[int], Probe], start: int | None = None) -> SearchResult:
+    """The boundary between values that complete and values that run out of memory (assumed monotone: a larger
+    value needs more memory), starting at `start` (the plan's answer; else the middle) and probing outward by
+    doubling steps until the fate flips, then bisecting."""
+    ok_i, oom_i = -1, len(values)  # values[ok_i] completed, values[oom_i] ran out of memory (sentinels outside)
+    probes: list[Probe] = []
+
+    def run(i: int) -> bool | None:
+        p = probe(values[i])
+        probes.append(p)
+        if p.status not in ("ok", "oom"):
+            return None
+        return p.status == "ok"
+
+    i = len(values) // 2 if start is None else max((k for k, v in enumerate(values) if v <= start), default=0)
+    step = 1
+    while True:
+        fits = run(i)
+        if fits is None:
+            return _result(values, ok_i, oom_i, probes, f"{probes[-1].cell_id} ended {probes[-1].status}")
+        if fits:
+            ok_i = i
+        else:
+            oom_i = i
+        if oom_i - ok_i <= 1:
+            return _result(values, ok_i, oom_i, probes)
+        if ok_i >= 0 and oom_i < len(values):  # bracketed: bisect
+            i = (ok_i + oom_i) // 2
+        elif fits:  # still climbing: double the stride
+            i = min(len(values) - 1, i + step)
+            step *= 2
+        else:
+            i = max(0, i - step)
+            step *= 2
+
+
+def _result(values: list[int], ok_i: int, oom_i: int, probes: list[Probe], why: str | None = None) -> SearchResult:
+    return SearchResult(values[ok_i] if ok_i >= 0 else None, values[oom_i] if oom_i < len(values) else None,
+                        tuple(probes), why)
+
+
+def probe_scenario(scenario: Scenario, value: int) -> Scenario:
+    """The scenario of one probe: the axis set to `value` (a resolution probe keeps the aspect ratio, the width
+    rounded to the model's pixel grid), under a name of its own so its cells have ids of their own."""
+    cap = scenario.capacity
+    assert cap is not None
+    if cap.axis == "frames":
+        return replace(scenario, name=f"{scenario.name}@frames-{value}", frames=value)
+    from harness.models import get_model
+
+    spec = get_model(scenario.model)
+    grid = spec.vae_scale * spec.patch
+    width = max(grid, round(value * scenario.width / scenario.height / grid) * grid)
+    return replace(scenario, name=f"{scenario.name}@resolution-{value}", height=value, width=width)
+
+
+def probe_cell(cell: Cell, value: int) -> Cell:
+    return replace(cell, scenario=probe_scenario(cell.scenario, value), same_as=None)
+
+
+def planned_capacity(cell: Cell, values: list[int]) -> int | None:
+    """The largest value whose plan fits the cell's card (None: none does, or the planner does not model the
+    cell's backend)."""
+    if cell.backend != HARNESS_BACKEND:
+        return None
+    best = None
+    lo, hi = 0, len(values) - 1
+    while lo <= hi:  # the plan's need grows with the axis: bisect
+        mid = (lo + hi) // 2
+        s = probe_scenario(cell.scenario, values[mid])
+        w = Workload(s.height, s.width, s.frames, s.true_cfg_scale, s.steps, cell.cfg_batch,
+                     s.run.empty_cache_between_phases)
+        if plan(s.model, cell.resolution.effective, cell.card.cap_bytes, w, card=cell.card.name).fits:
+            best, lo = values[mid], mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
+@dataclass(frozen=True)
+class CapacityRow:
+    cell: str  # the combination's cell id at the scenario's own size
+    card: str
+    flags: str
+    axis: str
+    planned: int | None
+    largest_ok: int | None
+    smallest_oom: int | None
+    probes: tuple[Probe, ...]
+    undecided: str | None
+
+
+def run_capacity(scenario: Scenario, probe_fn: Callable[[Cell], dict[str, Any]]) -> list[CapacityRow]:
+    """Searches every combination of `scenario` (cells that duplicate another are searched once); `probe_fn`
+    runs one probe cell and returns its record (`harness.runner.run_cell` on the device)."""
+    cap: CapacitySpec | None = scenario.capacity
+    if cap is None:
+        raise ScenarioError(f"{scenario.path}: no [capacity] table: not a capacity scenario")
+    values = cap.values()
+    rows = []
+    for cell in expand(scenario):
+        if cell.same_as is not None:
+            continue
+        planned = planned_capacity(cell, values)
+
+        def probe(value: int, cell: Cell = cell) -> Probe:
+            pc = probe_cell(cell, value)
+            record = probe_fn(pc)
+            return Probe(value, record["status"], pc.cell_id)
+
+        found = search(values, probe, planned)
+        rows.append(CapacityRow(cell.cell_id, cell.card.name, cell.resolution.effective.label(), cap.axis, planned,
+                                found.largest_ok, found.smallest_oom, found.probes, found.undecided))
+    return rows
+
+
+def render(rows: list[CapacityRow], title: str) -> str:
+    from tabulate import tabulate
+
+    table = [{
+        "card": r.card,
+        "flags (effective)": r.flags,
+        f"planned max {r.axis}": "none fits" if r.planned is None else r.planned,
+        f"measured max {r.axis}": "none completed" if r.largest_ok is None else r.largest_ok,
+        "first OOM": r.smallest_oom if r.smallest_oom is not None else "none up to max",
+        "plan error": "" if None in (r.planned, r.largest_ok) else f"{r.planned - r.largest_ok:+d}",
+        "probes": ", ".join(f"{p.value}:{p.status}" for p in r.probes),
+        "note": r.undecided or "",
+    } for r in rows]
+    return f"# {title}\n\n" + tabulate(table, headers="keys", tablefmt="github") + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from harness.runner import Run, detect_device, run_cell
+
+    parser = argparse.ArgumentParser(prog="python -m harness capacity", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("scenario", type=Path, help="a scenario file with a [capacity] table")
+    parser.add_argument("--results", type=Path, default=Path("results"), help="results folder (default: results)")
+    parser.add_argument("--run-id", help="run id (a folder under RESULTS/runs); an existing run keeps its probes")
+    args = parser.parse_args(argv)
+    try:
+        scenario = load_scenario(args.scenario)
+        if scenario.capacity is None:
+            raise ScenarioError(f"{args.scenario}: no [capacity] table: not a capacity scenario")
+    except ScenarioError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run = Run.create(args.results, detect_device(), args.run_id)
+    rows = run_capacity(scenario, lambda cell: run_cell(run, cell, label="[capacity]"))
+    text = render(rows, f"capacity: {scenario.name} ({scenario.capacity.axis}), run {run.run_id}")
+    (run.run_dir / "capacity.md").write_text(text)
+    (run.run_dir / "capacity.json").write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
+    print(text, end="")
+    print(f"wrote {run.run_dir / 'capacity.md'} and capacity.json", file=sys.stderr)
+    return 0

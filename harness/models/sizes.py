@@ -1,0 +1,89 @@
+"""Weight bytes of every zoo model, per component and per streamed layer, read from its module built on meta.
+
+The planner (`harness.plan`) must run without torch, so these numbers are computed here once and committed as data
+(`harness/models/plan_data.json`, section "weights"); `tests/test_plan.py` rebuilds them on meta and checks the
+file still says the same, so a zoo change cannot leave the planner on stale sizes.
+
+    python -m harness.models.sizes --write     # refresh the "weights" section of plan_data.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from harness.models import ModelSpec, get_model, model_names
+
+SLICE_ALIGN = 256  # harness.offload.memory.SLICE_ALIGN: each parameter of a layer region starts on this boundary
+
+
+def _aligned_bytes(params: list[Any]) -> int:
+    """Bytes of one layer's host region as `memory.Layout.plan` packs it: parameters back to back, each aligned."""
+    offset = 0
+    for p in params:
+        offset += -offset % SLICE_ALIGN
+        offset += p.numel() * p.element_size()
+    return offset
+
+
+def component_weights(spec: ModelSpec, role: str) -> dict[str, Any]:
+    """One component's bytes: all parameters, and for a DiT each streamed group's layer count and layer bytes."""
+    comp = spec.components[role]
+    module = comp.build_on_meta()
+    out: dict[str, Any] = {
+        "dtype": comp.dtype,
+        "weight_bytes": sum(p.numel() * p.element_size() for p in module.parameters()),
+        "params": sum(p.numel() for p in module.parameters()),
+    }
+    if comp.layer_groups:
+        groups = {}
+        layer_param_bytes = 0
+        for name in comp.layer_groups:
+            layers = list(getattr(module, name))
+            region = [_aligned_bytes(list(layer.parameters())) for layer in layers]
+            layer_param_bytes += sum(p.numel() * p.element_size() for layer in layers for p in layer.parameters())
+            groups[name] = {
+                "layers": len(layers),
+                "layer_bytes": max(region),  # host region (aligned) = device buffer of one layer
+                "layer_params": max(sum(p.numel() for p in layer.parameters()) for layer in layers),
+                "host_bytes": sum(region),
+            }
+        out["groups"] = groups
+        out["non_layer_bytes"] = out["weight_bytes"] - layer_param_bytes
+        cfg = comp.config
+        out["hidden"] = int(cfg.get("num_attention_heads", 0)) * int(cfg.get("attention_head_dim", 0))
+    return out
+
+
+def model_weights(name: str) -> dict[str, Any]:
+    spec = get_model(name)
+    return {role: component_weights(spec, role) for role in ("text_encoder", "dit", "vae")}
+
+
+def all_weights() -> dict[str, Any]:
+    return {name: model_weights(name) for name in model_names()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from harness.plan import DATA_PATH
+
+    parser = argparse.ArgumentParser(prog="python -m harness.models.sizes", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write", action="store_true", help=f"update the weights section of {DATA_PATH}")
+    args = parser.parse_args(argv)
+    weights = all_weights()
+    if not args.write:
+        json.dump(weights, sys.stdout, indent=1)
+        print()
+        return 0
+    data = json.loads(DATA_PATH.read_text()) if DATA_PATH.exists() else {}
+    data["weights"] = weights
+    DATA_PATH.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    print(f"wrote the weights of {len(weights)} models to {DATA_PATH}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,899 @@
+"""The planner: what a flag combination will cost on a card, before anything runs, without torch or a GPU.
+
+A plan predicts, per phase (load, encode, denoise, decode), the device memory a cell needs, counted as the
+records count it:
+
+    allocated = weights on the device in that phase (by placement) + the layerwise window (+ resident layers)
+                + activations(phase, workload) + base
+    reserved  = what a coarse model of the caching allocator (`_Allocator`) has reserved by the phase's peak
+                (it keeps what it reserved, reuses a freed block only for what fits in it, and at the card's
+                limit gives the free cached blocks back before an OOM), + the allocator's slack
+    device    = reserved + the CUDA context (what NVML counts per process; the card's cap applies to it)
+
+and a cell fits its card when every phase's device bytes stay within the cap (the first that does not is the
+phase that would OOM). It also predicts host bytes (pinned, pageable) and the denoise step time by the roofline
+(`harness.roofline`): forwards x max(compute of one forward, streamed bytes / H2D rate) under layerwise offload,
+forwards x compute otherwise.
+
+What it reads, all data (`harness/models/plan_data.json`):
+- "weights": bytes per component and per streamed layer of every zoo model, computed from the module built on
+  meta by `harness.models.sizes` (torch, once; a test checks the file against the zoo);
+- "fits": per model, activation bytes per unit of what drives them (DiT tokens per forward for denoise, pixels
+  per frame for decode, text tokens or, for an edit model, reference pixels for encode), the base and the
+  allocator's slack, and the compute time of one forward at a known token count; fitted from committed GPU
+  records by `python -m harness plan-fit RECORDS... --write`;
+- "machines": per GPU SKU, the pinned and pageable H2D rates, the CUDA context's bytes and the effective
+  TFLOPS, from the same records.
+
+A model without fits of its own borrows those of the model with the same DiT (qwen-image <-> qwen-image-edit);
+one without any is planned with zero activations and says so in `notes`.
+
+Resident layers (`dit_layerwise_resident_layers`, a count per streamed group or a fraction of it, as the
+runtime reads it; `resident_layers` overrides the flags' value) are copied to the device at the first forward of
+a call and dropped when the denoise phase ends (SGLang's "forward" lifetime): they add to the denoise phase's
+device bytes and leave the bytes streamed per forward; their host regions stay (pinned like the others).
+
+This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from harness.flags import OffloadFlags, prefetch_layers, resident_layer_count
+from harness.models import ModelSpec, get_model
+
+DATA_PATH = Path(__file__).resolve().parent / "models" / "plan_data.json"
+GIB, MIB = 2**30, 2**20
+PHASES = ("load", "encode", "denoise", "decode")
+RUNTIME_PHASES = ("encode", "denoise", "decode")
+DIT_PLACEMENTS = ("resident", "cpu-offload", "layerwise-from-host", "layerwise-from-device")
+DEFAULT_MACHINE = "nvidia-h100-80gb-hbm3"  # the machine most committed records ran on
+
+
+class PlanError(ValueError):
+    """The planner lacks what it needs (an unknown model, a model without weights data)."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one pipeline call computes: the image or video size, the DiT forwards per step, and how the pipeline
+    runs them (a scenario's `[run]` options `cfg_batch` and `empty_cache_between_phases`)."""
+
+    height: int = 1024
+    width: int = 1024
+    frames: int = 1
+    true_cfg_scale: float = 4.0
+    steps: int = 4
+    cfg_batch: bool = False  # the two CFG passes as one forward of batch 2: streamed once a step, twice the work
+    empty_cache: bool = False  # torch.cuda.empty_cache() after encode and after denoise
+
+    @property
+    def cfg(self) -> bool:
+        return self.true_cfg_scale > 1
+
+    @property
+    def forwards_per_step(self) -> int:
+        """DiT forwards a step, each streaming every layer once."""
+        return 2 if self.cfg and not self.cfg_batch else 1
+
+    @property
+    def batch(self) -> int:
+        """Samples in one forward (its activations and compute scale with it)."""
+        return 2 if self.cfg and self.cfg_batch else 1
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], run_options: Mapping[str, Any] | None = None) -> Workload:
+        run = run_options or {}
+        return cls(height=int(settings["height"]), width=int(settings["width"]),
+                   frames=int(settings.get("frames") or 1), true_cfg_scale=float(settings.get("true_cfg_scale", 1)),
+                   steps=int(settings.get("steps") or 1), cfg_batch=bool(run.get("cfg_batch")),
+                   empty_cache=bool(run.get("empty_cache_between_phases")))
+
+
+@dataclass(frozen=True)
+class Machine:
+    """The device the plan is for: H2D rates, the CUDA context's bytes and the effective bf16 TFLOPS.
+
+    Args:
+        name (str): a GPU SKU (`machine.sku` in records) or a description.
+        pinned_h2d_gbps (float): host -> device copy rate from page-locked memory.
+        pageable_h2d_gbps (float): the same from pageable memory (`pin_cpu_memory` off).
+        context_bytes (int): device bytes the CUDA context holds outside the allocator (NVML minus reserved).
+        tflops (float | None): effective TFLOPS of a DiT forward, for models without a timed record.
+        source (str): where the numbers come from.
+    """
+
+    name: str
+    pinned_h2d_gbps: float
+    pageable_h2d_gbps: float
+    context_bytes: int
+    tflops: float | None = None
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class PhasePlan:
+    phase: str
+    weight_bytes: int  # component weights on the device during the phase (whole, or non-layer + resident layers)
+    window_bytes: int  # streamed layers on the device at once (the prefetch window), layerwise only
+    activation_bytes: int
+    allocated_bytes: int  # PyTorch caching allocator, allocated peak
+    reserved_bytes: int  # PyTorch caching allocator, reserved peak
+    device_bytes: int  # reserved + CUDA context: what NVML counts per process
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    card: str
+    cap_bytes: int | None
+    flags: OffloadFlags  # effective
+    resident_layers: int  # DiT layers kept on the device through denoise (all groups)
+    workload: Workload
+    machine: Machine
+    placements: dict[str, str]
+    phases: tuple[PhasePlan, ...]
+    host_pinned_bytes: int
+    host_pageable_bytes: int
+    streamed_bytes_per_forward: int
+    compute_s_per_forward: float | None
+    transfer_s_per_forward: float | None
+    step_s: float | None
+    bound: str | None  # "compute" or "transfer" (layerwise), "compute" otherwise
+    oom_phase: str | None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def fits(self) -> bool:
+        return self.oom_phase is None
+
+    def phase(self, name: str) -> PhasePlan:
+        return next(p for p in self.phases if p.phase == name)
+
+    @property
+    def load_peak_bytes(self) -> int:
+        """Allocator reserved at load (the counter the suite compares)."""
+        return self.phase("load").reserved_bytes
+
+    @property
+    def runtime_peak_bytes(self) -> int:
+        return max(p.reserved_bytes for p in self.phases if p.phase in RUNTIME_PHASES)
+
+    @property
+    def peak_device_bytes(self) -> int:
+        return max(p.device_bytes for p in self.phases)
+
+    def oom_line(self) -> str | None:
+        """'load needs 52.7 GiB > 31.36 GiB' for a plan that does not fit."""
+        if self.oom_phase is None or self.cap_bytes is None:
+            return None
+        need = self.phase(self.oom_phase).device_bytes
+        return f"{self.oom_phase} needs {need / GIB:.1f} GiB > {self.cap_bytes / GIB:.2f} GiB"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The plan as a record stores it (`record["plan"]`)."""
+        return {
+            "model": self.model,
+            "card": self.card,
+            "cap_bytes": self.cap_bytes,
+            "flags": self.flags.as_dict(),
+            "resident_layers": self.resident_layers,
+            "workload": asdict(self.workload),
+            "machine": asdict(self.machine),
+            "placements": self.placements,
+            "phases": {p.phase: {k: v for k, v in asdict(p).items() if k != "phase"} for p in self.phases},
+            "load_peak_reserved_bytes": self.load_peak_bytes,
+            "runtime_peak_reserved_bytes": self.runtime_peak_bytes,
+            "peak_device_bytes": self.peak_device_bytes,
+            "host_pinned_bytes": self.host_pinned_bytes,
+            "host_pageable_bytes": self.host_pageable_bytes,
+            "streamed_bytes_per_forward": self.streamed_bytes_per_forward,
+            "compute_s_per_forward": self.compute_s_per_forward,
+            "transfer_s_per_forward": self.transfer_s_per_forward,
+            "step_s": self.step_s,
+            "bound": self.bound,
+            "fits": self.fits,
+            "oom_phase": self.oom_phase,
+            "notes": list(self.notes),
+        }
+
+
+# ------------------------------------------------------------------------------------------------- the data
+
+
+@cache
+def load_data(path: str = str(DATA_PATH)) -> dict[str, Any]:
+    p = Path(path)
+    if not p.exists():
+        raise PlanError(f"{p}: no planner data; write it with `python -m harness.models.sizes --write`")
+    return json.loads(p.read_text())
+
+
+def model_weights(name: str, data: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    data = data or load_data()
+    try:
+        return data["weights"][name]
+    except KeyError:
+        raise PlanError(f"no weights data for model {name!r} in {DATA_PATH}: run "
+                        "`python -m harness.models.sizes --write`") from None
+
+
+def model_fits(name: str, data: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], str | None]:
+    """The fitted coefficients of `name`, or of a model with the same DiT weights; and where they came from."""
+    data = data or load_data()
+    fits = data.get("fits", {})
+    if name in fits:
+        return fits[name], name
+    mine = model_weights(name, data)["dit"]
+    for other, f in sorted(fits.items()):
+        if data["weights"].get(other, {}).get("dit") == mine:
+            return f, other
+    return {}, None
+
+
+def machine_profile(sku: str | None = None, data: Mapping[str, Any] | None = None) -> Machine:
+    data = data or load_data()
+    machines = data.get("machines", {})
+    name = sku if sku in machines else DEFAULT_MACHINE
+    m = machines.get(name)
+    if m is None:
+        raise PlanError(f"no machine profile {name!r} in {DATA_PATH}")
+    source = m.get("source", "")
+    if sku is not None and sku != name:
+        source = f"no profile for {sku}; {name}'s: {source}"
+    return Machine(name=name, pinned_h2d_gbps=m["pinned_h2d_gbps"], pageable_h2d_gbps=m["pageable_h2d_gbps"],
+                   context_bytes=int(m["context_bytes"]), tflops=m.get("tflops"), source=source)
+
+
+# ------------------------------------------------------------------------------------------- the workload
+
+
+@dataclass(frozen=True)
+class Drivers:
+    """What activations and compute scale with, for one model and workload."""
+
+    dit_tokens: int  # tokens of one DiT forward: image (+ reference image) + text
+    pixels: int  # height x width: one frame, what a frame-wise VAE decodes at a time
+    encode_units: int  # text tokens, or reference pixels for an edit model
+    video: bool
+
+
+def drivers(spec: ModelSpec, workload: Workload) -> Drivers:
+    lat_h, lat_w = workload.height // spec.vae_scale, workload.width // spec.vae_scale
+    tokens = (lat_h // spec.patch) * (lat_w // spec.patch)
+    video = spec.family == "wan"
+    if video:
+        down = spec.components["vae"].config.get("temperal_downsample") or []
+        temporal = 2 ** sum(bool(d) for d in down)
+        tokens *= (workload.frames - 1) // temporal + 1
+    image_tokens = tokens * (2 if spec.edit else 1)  # an edit model attends to its reference image's latents too
+    text = spec.prompt_tokens - spec.drop_tokens
+    pixels = workload.height * workload.width
+    return Drivers(image_tokens + text, pixels, pixels if spec.edit else spec.prompt_tokens, video)
+
+
+def dit_flops(dit: Mapping[str, Any], tokens: int) -> float:
+    """Multiply-adds x 2 of one DiT forward: every weight once per token, plus attention's two T x T products."""
+    layers = sum(g["layers"] for g in dit["groups"].values())
+    return 2.0 * dit["params"] * tokens + 4.0 * layers * tokens * tokens * dit["hidden"]
+
+
+# ------------------------------------------------------------------------------------------- placements
+
+
+def placements(flags: OffloadFlags) -> dict[str, str]:
+    """Where the harness's loader puts each component (as `harness.offload.loader.placement_for`, our backend)."""
+    if flags.dit_layerwise_offload:
+        dit = "layerwise-from-host" if flags.dit_cpu_offload else "layerwise-from-device"
+    else:
+        dit = "cpu-offload" if flags.dit_cpu_offload else "resident"
+    return {
+        "text_encoder": "cpu-offload" if flags.text_encoder_cpu_offload else "resident",
+        "dit": dit,
+        "vae": "cpu-offload" if flags.vae_cpu_offload else "resident",
+    }
+
+
+@dataclass(frozen=True)
+class Streaming:
+    resident_layers: int  # layers kept on the device through the denoise phase, over all groups
+    resident_bytes: int
+    window_bytes: int  # most streamed-layer bytes on the device at once
+    streamed_bytes: int  # host -> device bytes per forward
+    groups: tuple[tuple[int, int, int], ...] = ()  # per group: kept bytes, streamed bytes, first window's bytes
+
+
+def streaming(dit: Mapping[str, Any], prefetch_size: float, resident_value: float = 0.0) -> Streaming:
+    """The layerwise runtime's device footprint (`harness.offload.layerwise`): per group, r resident layers
+    (`harness.flags.resident_layer_count`), and a window of p of the streamed ones computing while the next is in
+    flight (2p), while every other group holds its window 0, prefetched at the end of its last window for the next
+    forward. p counts streamed layers: with r kept, a window larger than the n - r streamed ones is all of them."""
+    groups = []
+    kept_layers = kept_bytes = 0
+    per_group = []
+    for g in dit["groups"].values():
+        n, b = g["layers"], g["layer_bytes"]
+        keep = resident_layer_count(resident_value, n)
+        kept_layers += keep
+        kept_bytes += keep * b
+        p = max(1, min(prefetch_layers(prefetch_size, n), n - keep))
+        per_group.append((keep * b, (n - keep) * b, min(p, n - keep) * b))
+        if n - keep:
+            groups.append((n - keep, p, b))
+    window = max(
+        (min(2 * p, n) * b + sum(min(p2, n2) * b2 for j, (n2, p2, b2) in enumerate(groups) if j != i)
+         for i, (n, p, b) in enumerate(groups)),
+        default=0,
+    )
+    return Streaming(kept_layers, kept_bytes, window, sum(n * b for n, _, b in groups), tuple(per_group))
+
+
+@dataclass
+class _Allocator:
+    """A coarse model of PyTorch's caching allocator over one pipeline call: what it has reserved is kept (nothing
+    empties the cache) until a request would pass the card's limit, when the free cached blocks are given back
+    first (as the allocator does before it reports an OOM); and a freed block serves a later request only when it
+    is large enough.
+
+    Three kinds of request, as the harness makes them: weights materialised tensor by tensor at load (their
+    blocks, once freed, are too small for anything later: `dead`), one-block copies of a CPU-offloaded component
+    (freed after use into `regions`, which can host a later component or a layer window), and the layer buffers of
+    the layerwise window (freed into `layer_pool`). Activations take any free bytes. What this reproduces in the
+    committed records: uncapped, a CPU-offloaded DiT after a CPU-offloaded text encoder grows the reservation by the
+    whole DiT (Wan: 11,380 -> 38,634 MiB) and a layer window after a resident encoder by the whole window (Qwen);
+    on the 4090 cap the same DiT fits (FLUX: 23,516 MiB) because the encoder's cached block is given back.
+    """
+
+    limit: int | None = None
+    reserved: int = 0
+    live: int = 0
+    dead: int = 0
+    regions: list[int] = field(default_factory=list)
+    layer_pool: int = 0
+    pool_in_use: int = 0
+    high: int = 0
+    need: int = 0  # the reservation the phase needed after giving back every free block (an OOM's figure)
+    oom: bool = False
+
+    def _grow(self, nbytes: int, from_free: bool = False) -> None:
+        """Reserves room for a request of `nbytes`: a new segment, or (`from_free`: activations, load-time
+        tensors) whatever free cached bytes there are first."""
+
+        def growth() -> int:
+            return max(0, nbytes - (self.reserved - self.live - self.dead if from_free else 0))
+
+        if self.limit is not None and self.reserved + growth() > self.limit:
+            # every cached block not in use goes back to the driver (activation blocks too, being freed by now;
+            # layer buffers being reused are counted until the window is live)
+            self.reserved = self.live + self.pool_in_use
+            self.regions, self.layer_pool, self.dead = [], self.pool_in_use, 0
+        self.reserved += growth()
+        self.high = max(self.high, self.reserved)
+        self.need = max(self.need, self.reserved)
+        if self.limit is not None and self.reserved > self.limit:
+            self.oom = True
+
+    def load(self, nbytes: int) -> int:
+        self.high = self.need = self.reserved
+        self._grow(nbytes, from_free=True)
+        self.live += nbytes
+        return self.high
+
+    def empty_cache(self) -> None:
+        """torch.cuda.empty_cache(): every cached block not in use goes back to the driver."""
+        self.reserved = self.live
+        self.regions, self.layer_pool, self.dead = [], 0, 0
+
+    def discard(self, nbytes: int) -> None:
+        self.live -= nbytes
+        self.dead += nbytes
+
+    def _take(self, nbytes: int) -> int | None:
+        """The smallest free region that holds `nbytes`, removed from the free list; None: a new segment."""
+        fitting = [r for r in self.regions if r >= nbytes]
+        if not fitting:
+            return None
+        self.regions.remove(min(fitting))
+        return min(fitting)
+
+    def run(self, moved: list[int], window: int, activations: int) -> int:
+        """One runtime phase: components moved in as one block each, the layer window, then activations; all freed
+        at the end. Returns the phase's reserved peak (at least what it started with, as the records count)."""
+        self.high = self.need = self.reserved
+        hosts = []
+        for size in sorted(moved, reverse=True):
+            host = self._take(size)
+            if host is None:
+                self._grow(size)
+            hosts.append(host or size)
+            self.live += size
+        pooled = min(window, self.layer_pool)
+        self.pool_in_use = pooled
+        rest = window - pooled
+        window_host = self._take(rest) if rest else None
+        if rest and window_host is None:
+            self._grow(rest)
+        self.live += window
+        self.pool_in_use = 0  # now part of `live`
+        self._grow(activations, from_free=True)
+        self.live -= sum(moved) + window
+        self.regions += hosts + ([window_host] if window_host else [])
+        self.layer_pool = max(self.layer_pool, pooled + (rest if window_host is None else 0))
+        return self.high
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+
+
+def plan(
+    model: str,
+    flags: OffloadFlags,
+    cap_bytes: int | None,
+    workload: Workload,
+    *,
+    card: str = "",
+    machine: Machine | None = None,
+    resident_layers: float | None = None,
+    data: Mapping[str, Any] | None = None,
+) -> Plan:
+    """Predicts what `flags` (effective: resolve them first) cost for `model` on a card of `cap_bytes`.
+
+    Example:
+        >>> p = plan("qwen-image-edit", OffloadFlags(dit_cpu_offload=True, dit_layerwise_offload=True,
+        ...          dit_offload_prefetch_size=4), round(31.36 * GIB), Workload())
+        >>> p.fits, round(p.load_peak_bytes / GIB, 1)
+        (True, 13.7)
+    """
+    data = data or load_data()
+    spec = get_model(model)
+    weights = model_weights(model, data)
+    fits, fits_from = model_fits(model, data)
+    machine = machine or machine_profile(data=data)
+    notes: list[str] = []
+    if fits_from is None:
+        notes.append(f"no records of {model} (or a model with its DiT): activations, allocator slack and compute "
+                     "unknown, counted as 0")
+    elif fits_from != model:
+        notes.append(f"activations and compute from {fits_from} (same DiT)")
+    drv = drivers(spec, workload)
+    where = placements(flags)
+    dit = weights["dit"]
+    te_b, vae_b, dit_b = weights["text_encoder"]["weight_bytes"], weights["vae"]["weight_bytes"], dit["weight_bytes"]
+    layerwise = bool(flags.dit_layerwise_offload)
+    value = flags.dit_layerwise_resident_layers if resident_layers is None else resident_layers
+    stream = streaming(dit, flags.dit_offload_prefetch_size, value) if layerwise else Streaming(0, 0, 0, 0)
+    act = {
+        "load": 0.0,
+        "encode": fits.get("encode_per_unit", 0.0) * drv.encode_units,
+        "denoise": fits.get("denoise_per_token", 0.0) * drv.dit_tokens * workload.batch,
+        "decode": fits.get("decode_per_pixel", 0.0) * drv.pixels,
+    }
+    base = int(fits.get("base_bytes", 0))
+    slack = int(fits.get("reserved_slack_bytes", 0))
+
+    def on_device(phase: str) -> tuple[int, int]:
+        """(weights, window) on the device during `phase`: a resident component always, a CPU-offloaded one only
+        in the phase that uses it (the VAE also in an edit model's encode, which encodes the reference image)."""
+        w = 0
+        if where["text_encoder"] == "resident" or phase == "encode":
+            w += te_b
+        if where["vae"] == "resident" or phase == "decode" or (phase == "encode" and spec.edit):
+            w += vae_b
+        window = 0
+        if where["dit"] == "resident" or (where["dit"] == "cpu-offload" and phase == "denoise"):
+            w += dit_b
+        elif where["dit"] == "layerwise-from-device" and phase == "load":
+            w += dit_b  # the loader puts the whole DiT on the device before packing it to the host
+        elif layerwise:
+            w += dit["non_layer_bytes"] + (stream.resident_bytes if phase == "denoise" else 0)
+            window = stream.window_bytes if phase == "denoise" else 0
+        return w, window
+
+    used_in = {"encode": ["text_encoder", *(["vae"] if spec.edit else [])], "denoise": ["dit"], "decode": ["vae"]}
+    sizes = {"text_encoder": te_b, "dit": dit_b, "vae": vae_b}
+    limit = None if cap_bytes is None else cap_bytes - machine.context_bytes - slack
+    allocator = _Allocator(limit=limit)
+    phases = []
+    oom = None
+    for phase in PHASES:
+        w, window = on_device(phase)
+        allocated = base + w + window + round(act[phase])
+        if phase == "load":
+            peak = allocator.load(base + w)
+            if where["dit"] == "layerwise-from-device":
+                allocator.discard(dit_b - dit["non_layer_bytes"])  # packed to the host: its tensors' blocks freed
+        else:
+            moved = [sizes[r] for r in used_in[phase] if where[r] == "cpu-offload"]
+            kept = stream.resident_bytes if phase == "denoise" else 0  # layer buffers like the window's
+            peak = allocator.run(moved, window + kept, round(act[phase]))
+            if workload.empty_cache and phase in ("encode", "denoise"):
+                allocator.empty_cache()
+        if allocator.oom and oom is None:
+            oom = phase
+            peak = allocator.need  # what the phase needed, not the cap it stopped at
+            allocator.limit = None  # the later phases: what they would need on a card large enough
+        phases.append(PhasePlan(phase, w, window, round(act[phase]), allocated, peak + slack,
+                                peak + slack + machine.context_bytes))
+
+    offloaded = sum(b for role, b in (("text_encoder", te_b), ("vae", vae_b)) if where[role] == "cpu-offload")
+    if where["dit"] == "cpu-offload":
+        offloaded += dit_b
+    elif layerwise:
+        offloaded += sum(g["host_bytes"] for g in dit["groups"].values())  # resident layers keep their regions
+    pinned = bool(flags.pin_cpu_memory)
+
+    compute = _compute_s(fits, dit, drv, machine, notes, data)
+    if compute is not None:
+        compute *= workload.batch  # a batched CFG forward does both passes' work
+    transfer = None
+    if layerwise:
+        rate = machine.pinned_h2d_gbps if pinned else machine.pageable_h2d_gbps
+        transfer = stream.streamed_bytes / (rate * 1e9)
+    parts = [v for v in (compute, transfer) if v is not None]
+    per_forward = max(parts) if parts else None
+    if compute is not None and transfer is not None and stream.resident_layers \
+            and flags.dit_layerwise_residency_policy == "leading":
+        per_forward = _leading_forward_s(compute, stream, rate)
+    if compute is None and transfer is not None:
+        notes.append("step time is the transfer bound alone (no compute time known)")
+    step = None if per_forward is None else workload.forwards_per_step * per_forward
+    bound = None if not parts else ("transfer" if transfer is not None and transfer >= (compute or 0) else "compute")
+    return Plan(
+        model=model, card=card, cap_bytes=cap_bytes, flags=flags, resident_layers=stream.resident_layers,
+        workload=workload, machine=machine, placements=where, phases=tuple(phases),
+        host_pinned_bytes=offloaded if pinned else 0, host_pageable_bytes=0 if pinned else offloaded,
+        streamed_bytes_per_forward=stream.streamed_bytes, compute_s_per_forward=compute,
+        transfer_s_per_forward=transfer, step_s=step, bound=bound, oom_phase=oom, notes=tuple(notes),
+    )
+
+
+def _leading_forward_s(compute: float, stream: Streaming, rate_gbps: float) -> float:
+    """One forward when each group's kept layers lead it (residency "leading"): while they compute, only the first
+    window of the group's streamed layers can be in flight (prefetched at the end of the previous forward), so the
+    rest of its transfer overlaps its streamed layers' compute alone. Per group, compute shared by layer bytes.
+    Measured on the H200 (Qwen-Image, 5090 cap, 0.5 of 60 layers kept): 0.819 s/step leading at prefetch 4 and
+    0.890 at prefetch 1, against 0.741 strided at prefetch 1."""
+    total = sum(kept + streamed for kept, streamed, _ in stream.groups)
+    seconds = 0.0
+    for kept, streamed, first in stream.groups:
+        c = compute * (kept + streamed) / total
+        share = kept / (kept + streamed)
+        t_first, t_all = first / (rate_gbps * 1e9), streamed / (rate_gbps * 1e9)
+        seconds += max(c * share, t_first) + max(c * (1 - share), t_all - t_first) if streamed else c
+    return seconds
+
+
+def _compute_s(fits: Mapping[str, Any], dit: Mapping[str, Any], drv: Drivers, machine: Machine,
+               notes: list[str], data: Mapping[str, Any]) -> float | None:
+    """One forward's compute: a timed forward of this model scaled by FLOPs to this workload's tokens, or, with
+    none, the FLOPs at the machine's effective TFLOPS."""
+    timed = fits.get("compute")
+    flops = dit_flops(dit, drv.dit_tokens)
+    if timed:
+        seconds = timed["s_per_forward"] * flops / dit_flops(dit, timed["tokens"])
+        timed_on = (data.get("machines") or {}).get(timed.get("sku"), {}).get("tflops")
+        if timed.get("sku") != machine.name and machine.tflops and timed_on:
+            seconds *= timed_on / machine.tflops  # timed on another GPU: scale by the two machines' rates
+        return seconds
+    if machine.tflops:
+        notes.append(f"compute from {machine.name}'s effective {machine.tflops:.0f} TFLOPS (no timed forward)")
+        return flops / (machine.tflops * 1e12)
+    return None
+
+
+# --------------------------------------------------------------------------------- plans of cells and records
+
+
+def plan_for_record(record: Mapping[str, Any], data: Mapping[str, Any] | None = None) -> Plan | None:
+    """The plan of a recorded cell: its effective flags, card and settings, on its machine (the H2D probe its
+    child ran). None for a cell the planner does not model (another backend's streamed DiT, a record without
+    settings)."""
+    data = data or load_data()
+    if (record.get("backend") or "harness") != "harness" or not record.get("settings") \
+            or not record.get("effective") or record.get("model") not in data.get("weights", {}):
+        return None
+    return plan(record["model"], OffloadFlags.from_mapping(record["effective"]),
+                (record.get("card") or {}).get("cap_bytes"), workload_of_record(record),
+                card=(record.get("card") or {}).get("name", ""), machine=machine_of_record(record, data), data=data)
+
+
+def workload_of_record(record: Mapping[str, Any]) -> Workload:
+    return Workload.from_settings(record["settings"], record.get("run_options"))
+
+
+def machine_of_record(record: Mapping[str, Any], data: Mapping[str, Any] | None = None) -> Machine:
+    """The machine profile of a record's SKU, with the pinned H2D rate its child measured."""
+    m = record.get("machine") or {}
+    profile = machine_profile(m.get("sku"), data)
+    if m.get("pinned_h2d_gbps"):
+        profile = replace(profile, pinned_h2d_gbps=float(m["pinned_h2d_gbps"]),
+                          source=f"{profile.source}; pinned H2D from the cell's own probe")
+    return profile
+
+
+# ------------------------------------------------------------------------------------ predicted vs measured
+
+
+@dataclass(frozen=True)
+class Measured:
+    load_peak: int | None
+    runtime_peak: int | None
+    step_s: float | None
+
+
+def measured(record: Mapping[str, Any]) -> Measured:
+    """Allocator reserved peaks at load and at run time, and the median steady denoise step (steps 2..n)."""
+    from harness.roofline import median_step_s
+
+    phases = record.get("phases") or {}
+
+    def reserved(names: Iterable[str]) -> int | None:
+        vals = [(phases.get(p) or {}).get("alloc_peak_reserved_bytes") for p in names]
+        vals = [v for v in vals if v is not None]
+        return max(vals) if vals else None
+
+    ran = record.get("status") == "ok"
+    return Measured(reserved(["load"]), reserved(RUNTIME_PHASES) if ran else None,
+                    median_step_s(dict(record)) if ran else None)
+
+
+@dataclass(frozen=True)
+class Check:
+    """A plan against a record: the fate, and each figure predicted and measured (errors: measured / predicted - 1,
+    None where there is nothing to compare)."""
+
+    cell: str
+    source: str  # "recorded": the plan the run stored beside its numbers; "derived": planned now from the record
+    status: str
+    failed_phase: str | None
+    predicted_oom_phase: str | None
+    verdict_ok: bool  # the plan's fate (fits, or the phase it would OOM in) is the record's
+    predicted_load: int | None
+    measured_load: int | None
+    predicted_runtime: int | None
+    measured_runtime: int | None
+    predicted_step: float | None
+    measured_step: float | None
+    note: str | None = None
+
+    @property
+    def load_error(self) -> float | None:
+        return _rel(self.measured_load, self.predicted_load)
+
+    @property
+    def runtime_error(self) -> float | None:
+        return _rel(self.measured_runtime, self.predicted_runtime)
+
+    @property
+    def step_error(self) -> float | None:
+        return _rel(self.measured_step, self.predicted_step)
+
+
+def _rel(measured_value: float | None, predicted: float | None) -> float | None:
+    if measured_value is None or not predicted:
+        return None
+    return measured_value / predicted - 1
+
+
+def recorded_plan(record: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """The plan a record carries (`record["plan"]`, written by the runner), else one derived from it now."""
+    stored = record.get("plan")
+    if isinstance(stored, dict) and "error" not in stored:
+        return stored, "recorded"
+    derived = plan_for_record(record)
+    return (None if derived is None else derived.as_dict()), "derived"
+
+
+def check_record(record: Mapping[str, Any]) -> Check | None:
+    """The record's plan against its numbers; None for a cell the planner does not model."""
+    p, source = recorded_plan(record)
+    if p is None:
+        return None
+    m = measured(record)
+    status = record.get("status", "")
+    if status == "ok":
+        verdict = p["fits"]
+    elif status == "oom":
+        verdict = p["oom_phase"] == record.get("failed_phase")
+    else:
+        verdict = False
+    # a phase that ran out of memory measured the cap, not the need: only phases that completed are compared
+    load_done = status == "ok" or (status == "oom" and record.get("failed_phase") != "load")
+    comparable = not generated_on_device(record)
+    return Check(
+        cell=record.get("cell_id", ""), source=source, status=status, failed_phase=record.get("failed_phase"),
+        predicted_oom_phase=p["oom_phase"], verdict_ok=verdict,
+        predicted_load=p["load_peak_reserved_bytes"],
+        measured_load=m.load_peak if load_done and comparable else None,
+        predicted_runtime=p["runtime_peak_reserved_bytes"],
+        measured_runtime=m.runtime_peak if comparable else None,
+        predicted_step=p["step_s"], measured_step=m.step_s,
+        note=None if comparable else GENERATED_NOTE,
+    )
+
+
+GENERATED_NOTE = "peaks not compared: the child generated its synthetic checkpoint on the device first"
+
+
+def generated_on_device(record: Mapping[str, Any]) -> bool:
+    """The cell's child generated missing synthetic checkpoints on the GPU before loading: the generator's
+    blocks stay in the allocator's reservation (Wan: 6,472 MiB reserved at a 274 MiB load), so reserved peaks
+    say nothing about the plan (allocated peaks are unaffected)."""
+    disk = (record.get("guard") or {}).get("disk") or {}
+    return bool(disk.get("checkpoint_bytes_missing")) and disk.get("generator_device") == "cuda"
+
+
+# ------------------------------------------------------------------------------------------------- fitting
+
+
+@dataclass
+class _Samples:
+    base: list[float] = field(default_factory=list)
+    encode: list[float] = field(default_factory=list)
+    denoise: list[float] = field(default_factory=list)
+    decode: list[float] = field(default_factory=list)
+    slack: list[float] = field(default_factory=list)
+    compute: list[tuple[int, float, str]] = field(default_factory=list)  # (tokens, s/forward, sku)
+    sources: set[str] = field(default_factory=set)
+
+
+def fit(records: Iterable[Mapping[str, Any]], data: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Fits every model's activation coefficients, base, slack and forward time, and each SKU's machine profile,
+    from GPU records of harness-backend cells (copies of another cell, `same_as`, count once).
+
+    Each phase's activations are its allocated peak less the weights the plan puts on the device then (a phase
+    that ran out of memory is left out); the coefficient is their median per unit of the phase's driver.
+    """
+    data = data or load_data()
+    zero = {"fits": {}, "machines": {}}
+    samples: dict[str, _Samples] = {}
+    h2d: dict[str, list[float]] = {}
+    pageable: dict[str, list[float]] = {}
+    context: dict[str, list[float]] = {}
+    tflops: dict[str, list[float]] = {}
+    for r in records:
+        if r.get("device") != "cuda" or r.get("same_as") or r.get("status") not in ("ok", "oom"):
+            continue
+        if (r.get("placements") or {}).get("dit") not in DIT_PLACEMENTS or not r.get("settings") \
+                or r.get("model") not in data.get("weights", {}):
+            continue
+        sku = (r.get("machine") or {}).get("sku", "")
+        bare = Machine(sku, float((r.get("machine") or {}).get("pinned_h2d_gbps") or 1.0), 1.0, 0)
+        # weights only: no activations, base, slack or context, so that what the record shows beyond is theirs
+        p = plan(r["model"], OffloadFlags.from_mapping(r["effective"]), None, workload_of_record(r),
+                 machine=bare, data={**data, **zero})
+        s = samples.setdefault(r["model"], _Samples())
+        s.sources.add(str(r.get("_source", "")))
+        drv = drivers(get_model(r["model"]), p.workload)
+        phases = r.get("phases") or {}
+        done = [ph for ph in PHASES if ph in phases and not (r["status"] == "oom" and ph == r.get("failed_phase"))]
+        units = {"encode": drv.encode_units, "denoise": drv.dit_tokens, "decode": drv.pixels}
+        for ph in done:
+            alloc = phases[ph].get("alloc_peak_allocated_bytes")
+            res = phases[ph].get("alloc_peak_reserved_bytes")
+            if alloc is None:
+                continue
+            pp = p.phase(ph)
+            extra = alloc - pp.weight_bytes - pp.window_bytes
+            if ph == "load":
+                s.base.append(extra)
+            else:
+                getattr(s, ph).append(extra / units[ph] / (p.workload.batch if ph == "denoise" else 1))
+            if res is not None and ph == "load" and not generated_on_device(r):
+                s.slack.append(res - alloc)
+        cap = r.get("cap") or {}
+        if cap.get("context_overhead_bytes"):
+            context.setdefault(sku, []).append(cap["context_overhead_bytes"])
+        gbps = (r.get("machine") or {}).get("pinned_h2d_gbps")
+        if gbps:
+            h2d.setdefault(sku, []).append(gbps)
+        step = measured(r).step_s
+        if step is None:
+            continue
+        per_forward = step / p.workload.forwards_per_step / p.workload.batch  # one sample's forward
+        if p.placements["dit"] in ("resident", "cpu-offload"):
+            s.compute.append((drv.dit_tokens, per_forward, sku))
+            tflops.setdefault(sku, []).append(dit_flops(model_weights(r["model"], data)["dit"], drv.dit_tokens)
+                                              / per_forward / 1e12)
+        elif not r["effective"].get("pin_cpu_memory", True):
+            # every forward streams the layers once, whatever its batch
+            pageable.setdefault(sku, []).append(p.streamed_bytes_per_forward * p.workload.forwards_per_step
+                                                / step / 1e9)
+
+    fits: dict[str, Any] = {}
+    for model, s in sorted(samples.items()):
+        f: dict[str, Any] = {"sources": sorted(x for x in s.sources if x)}
+        if s.base:
+            f["base_bytes"] = round(statistics.median(s.base))
+        for ph in RUNTIME_PHASES:
+            vals = getattr(s, ph)
+            if vals:
+                key = {"encode": "encode_per_unit", "denoise": "denoise_per_token", "decode": "decode_per_pixel"}[ph]
+                f[key] = round(max(0.0, statistics.median(vals)), 2)
+        if s.slack:
+            f["reserved_slack_bytes"] = round(statistics.median(s.slack))
+        if s.compute:
+            tokens = statistics.median_low([t for t, _, _ in s.compute])
+            sku = statistics.mode([k for _, _, k in s.compute])
+            times = [v for t, v, k in s.compute if t == tokens and k == sku]
+            dit = model_weights(model, data)["dit"]
+            sec = statistics.median(times)
+            f["compute"] = {"tokens": tokens, "s_per_forward": round(sec, 4), "sku": sku,
+                            "tflops": round(dit_flops(dit, tokens) / sec / 1e12, 1), "records": len(times)}
+        fits[model] = f
+    machines: dict[str, Any] = {}
+    for sku in sorted(h2d):
+        machines[sku] = {
+            "pinned_h2d_gbps": round(statistics.median(h2d[sku]), 2),
+            # pageable: from a pin_cpu_memory=false layerwise cell, else the H100's measured 6.7 GB/s (run2)
+            "pageable_h2d_gbps": round(statistics.median(pageable[sku]), 2) if sku in pageable else None,
+            "context_bytes": round(statistics.median(context[sku])) if sku in context else None,
+            "tflops": round(statistics.median(tflops[sku]), 1) if sku in tflops else None,
+            "source": f"{len(h2d[sku])} records",
+        }
+    known = [m for m in machines.values() if m["pageable_h2d_gbps"]]
+    for m in machines.values():  # a SKU without its own pageable / context figure takes another SKU's
+        if m["pageable_h2d_gbps"] is None and known:
+            m["pageable_h2d_gbps"] = known[0]["pageable_h2d_gbps"]
+            m["source"] += "; pageable H2D from another SKU"
+        if m["context_bytes"] is None:
+            m["context_bytes"] = next((x["context_bytes"] for x in machines.values() if x["context_bytes"]), 0)
+    return {"fits": fits, "machines": machines}
+
+
+# ------------------------------------------------------------------------------------- records: store, report
+
+
+def plan_entry(record: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The plan the runner stores beside a cell's measurements (`record["plan"]`): the cell's effective flags,
+    card and settings on its machine (its own H2D probe). Planning never costs a run its record: a failure is
+    stored as {"error": ...}; None for a cell the planner does not model (another backend, no settings)."""
+    try:
+        p = plan_for_record(record)
+    except (PlanError, ValueError, KeyError) as e:  # FlagError is a ValueError; a zoo change, a KeyError
+        return {"error": f"{type(e).__name__}: {e}"}
+    return None if p is None else p.as_dict()
+
+
+def _pct(v: float | None) -> str:
+    return "" if v is None else f"{100 * v:+.1f} %"
+
+
+def _mib(v: float | None) -> str:
+    return "" if v is None else f"{v / MIB:,.0f}"
+
+
+def plan_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Predicted vs measured, one row per GPU cell the planner models (reserved peaks in MiB, steps in s; errors
+    are measured / predicted - 1)."""
+    rows = []
+    for r in records:
+        if r.get("device") != "cuda" or r.get("same_as") or r.get("status") not in ("ok", "oom"):
+            continue
+        c = check_record(r)
+        if c is None:
+            continue
+        fate = "fits" if c.predicted_oom_phase is None else f"oom in {c.predicted_oom_phase}"
+        got = "ok" if c.status == "ok" else f"oom in {c.failed_phase}"
+        rows.append({
+            "cell": c.cell,
+            "fate planned / measured": f"{fate} / {got}" + ("" if c.verdict_ok else " (MISMATCH)"),
+            "load peak MiB planned": _mib(c.predicted_load),
+            "measured": _mib(c.measured_load),
+            "error": _pct(c.load_error),
+            "runtime peak MiB planned": _mib(c.predicted_runtime) if c.predicted_oom_phase is None else "",
+            "measured ": _mib(c.measured_runtime),
+            "error ": _pct(c.runtime_error),
+            "step s planned": "" if c.predicted_step is None else f"{c.predicted_step:.3f}",
+            "measured  ": "" if c.measured_step is None else f"{c.measured_step:.3f}",
+            "error  ": _pct(c.step_error),
+            "plan": c.source + (f"; {c.note}" if c.note else ""),
+        })
+    return rows

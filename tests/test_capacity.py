@@ -1,0 +1,156 @@
+"""Capacity search (harness.capacity): the bisection, the probe cells, the scenario table, and a CPU run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness.capacity import (
+    Probe,
+    planned_capacity,
+    probe_cell,
+    probe_scenario,
+    render,
+    run_capacity,
+    search,
+)
+from harness.scenario import ScenarioError, expand, load_scenario
+
+REPO = Path(__file__).resolve().parent.parent
+WAN_CAPACITY = REPO / "scenarios" / "gpu" / "wan21_14b_capacity_5090.toml"
+
+
+def _oracle(boundary: float, calls: list[int], fate: str = "oom") -> Any:
+    def probe(value: int) -> Probe:
+        calls.append(value)
+        return Probe(value, "ok" if value <= boundary else fate, f"cell@{value}")
+
+    return probe
+
+
+@pytest.mark.parametrize("boundary", [-1, 0, 1, 37, 64, 98, 99, 1000])
+@pytest.mark.parametrize("start", [None, 0, 40, 99])
+def test_search_finds_the_boundary_from_any_start(boundary: int, start: int | None) -> None:
+    values = list(range(100))
+    calls: list[int] = []
+    found = search(values, _oracle(boundary, calls), start)
+    want_ok = None if boundary < 0 else min(boundary, 99)
+    assert found.largest_ok == want_ok
+    assert found.smallest_oom == (None if boundary >= 99 else boundary + 1)
+    assert len(calls) == len(set(calls)) <= 2 * math.ceil(math.log2(len(values))) + 2
+    assert found.undecided is None
+
+
+def test_a_right_plan_costs_two_probes() -> None:
+    calls: list[int] = []
+    found = search(list(range(1, 322, 4)), _oracle(85, calls), start=85)
+    assert found.largest_ok == 85 and found.smallest_oom == 89 and calls == [85, 89]
+
+
+def test_a_probe_that_neither_runs_nor_ooms_stops_the_search() -> None:
+    calls: list[int] = []
+    found = search(list(range(10)), _oracle(4, calls, fate="crash"), start=3)
+    assert calls == [3, 4, 6]  # up by 1, then by 2: the probe at 6 crashed
+    assert found.undecided == "cell@6 ended crash" and found.largest_ok == 4 and found.smallest_oom is None
+
+
+def test_capacity_table_parses_and_checks(tmp_path: Path) -> None:
+    scenario = load_scenario(WAN_CAPACITY)
+    assert scenario.capacity is not None and scenario.capacity.axis == "frames"
+    assert scenario.capacity.values()[:3] == [5, 9, 13] and scenario.capacity.values()[-1] == 321
+    src = WAN_CAPACITY.read_text()
+    for bad, field in (('axis = "steps"', "capacity.axis"), ("step = 3", "capacity.step"),
+                       ("min = 4", "capacity.min"), ("max = 1", "capacity.max")):
+        key = bad.split(" =")[0]
+        lines = [ln for ln in src.splitlines() if not ln.startswith(f"{key} ")]
+        text = "\n".join(lines).replace("[capacity]", f"[capacity]\n{bad}")
+        (tmp_path / "bad.toml").write_text(text)
+        with pytest.raises(ScenarioError, match=field.replace(".", r"\.")):
+            load_scenario(tmp_path / "bad.toml")
+    image = (REPO / "scenarios" / "gpu" / "flux_dev_4090.toml").read_text()
+    (tmp_path / "img.toml").write_text(image + '\n[capacity]\naxis = "frames"\nmax = 81\n')
+    with pytest.raises(ScenarioError, match="needs a video model"):
+        load_scenario(tmp_path / "img.toml")
+
+
+def test_probes_are_cells_of_their_own() -> None:
+    scenario = load_scenario(WAN_CAPACITY)
+    cell = expand(scenario)[0]
+    a, b = probe_cell(cell, 49), probe_cell(cell, 85)
+    assert a.scenario.frames == 49 and b.scenario.frames == 85
+    assert a.cell_id == "wan21-14b-capacity-5090@frames-49/rtx5090-32g/cpu1-lw0-te1-vae0-pf1-pin1"
+    assert a.cell_id != b.cell_id and a.spec_hash("cuda") != b.spec_hash("cuda")
+    assert a.spec("cuda")["settings"]["frames"] == 49
+
+
+def test_resolution_probes_keep_the_aspect_on_the_pixel_grid(tmp_path: Path) -> None:
+    src = (REPO / "scenarios" / "gpu" / "flux_dev_4090.toml").read_text()
+    path = tmp_path / "flux_capacity.toml"
+    path.write_text(src.replace("width = 1024", "width = 1536") + '\n[capacity]\naxis = "resolution"\nmin = 512\n'
+                    "max = 2048\nstep = 64\n")
+    scenario = load_scenario(path)
+    s = probe_scenario(scenario, 768)
+    assert (s.height, s.width) == (768, 1152) and s.name.endswith("@resolution-768")
+
+
+def test_the_plan_gives_layerwise_more_frames_than_whole_dit_offload() -> None:
+    scenario = load_scenario(WAN_CAPACITY)
+    planned = {c.resolution.effective.dit_layerwise_offload: planned_capacity(c, scenario.capacity.values())
+               for c in expand(scenario)}
+    assert planned[False] is not None and planned[True] is not None and planned[True] > planned[False] >= 49
+
+
+def test_run_capacity_searches_each_combination_from_its_plan() -> None:
+    scenario = load_scenario(WAN_CAPACITY)
+    seen: list[str] = []
+
+    def device(cell: Any) -> dict[str, Any]:  # fits 85 frames with the DiT whole, 201 layerwise
+        seen.append(cell.cell_id)
+        limit = 85 if not cell.resolution.effective.dit_layerwise_offload else 201
+        return {"status": "ok" if cell.scenario.frames <= limit else "oom"}
+
+    rows = run_capacity(scenario, device)
+    by_lw = {r.flags: r for r in rows}
+    whole, layerwise = by_lw["cpu1-lw0-te1-vae0-pf0-pin1"], by_lw["cpu1-lw1-te1-vae0-pf1-pin1"]
+    assert (whole.largest_ok, whole.smallest_oom, whole.planned) == (85, 89, 85)
+    assert len(whole.probes) == 2
+    assert (layerwise.largest_ok, layerwise.smallest_oom) == (201, 205)
+    assert all("@frames-" in cid for cid in seen)
+    text = render(rows, "capacity")
+    assert "planned max frames" in text and "85:ok, 89:oom" in text
+
+
+def test_capacity_command_refuses_a_scenario_without_the_table() -> None:
+    out = subprocess.run([sys.executable, "-m", "harness", "capacity", "scenarios/gpu/wan21_14b_h100.toml"],
+                         cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 2 and "no [capacity] table" in out.stderr
+
+
+@pytest.mark.slow
+def test_capacity_runs_probe_cells_end_to_end_on_cpu(tmp_path: Path) -> None:
+    """The tiny FLUX twin, both DiT flags on, on the CPU profile: the plan says every size fits, so the search
+    probes the largest first, as an isolated child with its record (and plan); the CPU ledger counts weights
+    only, so it completes."""
+    path = tmp_path / "flux_tiny_capacity.toml"
+    path.write_text(
+        'name = "flux-tiny-capacity"\nmodel = "flux-tiny"\nprofile = "cpu"\ncards = ["native"]\nheight = 64\n'
+        "width = 64\nsteps = 1\ntrue_cfg_scale = 1.0\ntimeout_s = 300\n"
+        "[flags]\ndit_cpu_offload = true\ndit_layerwise_offload = true\ndit_offload_prefetch_size = 1\n"
+        '[capacity]\naxis = "resolution"\nmin = 64\nmax = 96\nstep = 16\n'
+    )
+    out = subprocess.run([sys.executable, "-m", "harness", "capacity", str(path), "--results", str(tmp_path),
+                          "--run-id", "cap"], cwd=REPO, capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "OFFLOAD_BENCH_CACHE": str(tmp_path / "cache")})
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads((tmp_path / "runs" / "cap" / "capacity.json").read_text())
+    assert [(r["planned"], r["largest_ok"], r["smallest_oom"]) for r in rows] == [(96, 96, None)]
+    records = [json.loads(line) for line in (tmp_path / "runs" / "cap" / "records.jsonl").read_text().splitlines()]
+    assert [r["cell_id"] for r in records] == ["flux-tiny-capacity@resolution-96/native/cpu1-lw1-te0-vae0-pf1-pin1"]
+    assert records[0]["status"] == "ok" and records[0]["settings"]["height"] == 96 and records[0]["plan"]["fits"]

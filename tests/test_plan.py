@@ -1,0 +1,444 @@
+"""The planner (harness.plan), advise and their hooks: against the committed GPU records, and by physics."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness.advise import advise, combinations, describe
+from harness.expect import plan_within_verdict
+from harness.flags import OffloadFlags
+from harness.models import get_model, model_names
+from harness.plan import (
+    GIB,
+    Workload,
+    check_record,
+    fit,
+    load_data,
+    machine_profile,
+    plan,
+    plan_entry,
+    plan_for_record,
+    plan_rows,
+)
+from harness.scenario import CARDS, ScenarioError, load_scenario
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "results"
+FULL_MODELS = [m for m in model_names() if "tiny" not in m]
+BOTH_ON = OffloadFlags(dit_cpu_offload=True, dit_layerwise_offload=True, dit_offload_prefetch_size=4)
+LAYERWISE_ONLY = OffloadFlags(dit_layerwise_offload=True, dit_offload_prefetch_size=4)
+CAP_5090 = CARDS["rtx5090-32g"]
+
+
+def _records(pattern: str) -> list[dict[str, Any]]:
+    out = []
+    for path in sorted(glob.glob(str(RESULTS / pattern))):
+        out += [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [r for r in out if not r.get("same_as")]
+
+
+def _gpu_records() -> list[dict[str, Any]]:
+    return [r for r in _records("h*/*.records.jsonl") if r.get("device") == "cuda"]
+
+
+# ------------------------------------------------------------------------------------------ data and speed
+
+
+@pytest.mark.parametrize("model", model_names())
+def test_weights_data_is_the_zoo_built_on_meta(model: str) -> None:
+    """plan_data.json's weights are what harness.models.sizes reads from the module on meta: a zoo change that
+    leaves them stale fails here (refresh with `python -m harness.models.sizes --write`)."""
+    from harness.models.sizes import model_weights
+
+    assert load_data()["weights"][model] == model_weights(model)
+
+
+def test_weights_data_matches_what_records_measured() -> None:
+    qwen = load_data()["weights"]["qwen-image-edit"]
+    record = next(r for r in _records("h100/qwen-image-edit-5090-s2.records.jsonl") if r["status"] == "ok")
+    assert qwen["dit"]["weight_bytes"] == record["components"]["dit"]["weight_bytes"]
+    assert qwen["dit"]["groups"]["transformer_blocks"]["host_bytes"] == \
+        record["components"]["dit"]["layerwise"]["host_bytes"]
+    assert qwen["dit"]["groups"]["transformer_blocks"]["layer_bytes"] == \
+        record["components"]["dit"]["layerwise"]["largest_layer_bytes"]
+
+
+def test_fits_are_what_plan_fit_makes_of_the_committed_records(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The committed fits come from the committed records, not from hand edits."""
+    monkeypatch.chdir(REPO)
+    records = []
+    for path in sorted(glob.glob("results/h*/*.records.jsonl")):
+        records += [{**json.loads(line), "_source": path} for line in Path(path).read_text().splitlines()]
+    data = load_data()
+    assert fit(records) == {"fits": data["fits"], "machines": data["machines"]}
+
+
+def test_planner_imports_no_torch() -> None:
+    code = ("import sys, harness.plan, harness.advise, harness.plan_cli, harness.cli, harness.runner; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_plan_command_prints_its_table_in_under_two_seconds() -> None:
+    cmd = [sys.executable, "-m", "harness", "plan", "--model", "qwen-image-edit", "--card", "rtx5090-32g"]
+    times = []
+    for _ in range(2):  # the best of two: the box is shared
+        start = time.monotonic()
+        out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+        times.append(time.monotonic() - start)
+    assert min(times) < 2.0, times
+    assert "dit_cpu_offload + layerwise (prefetch 4)" in out.stdout
+    assert "load needs" in out.stdout
+
+
+# ------------------------------------------------------------------------------- against the GPU records
+
+
+def test_every_committed_gpu_cell_gets_the_fate_the_plan_predicts() -> None:
+    checks = [c for r in _gpu_records() if r["status"] in ("ok", "oom") and (c := check_record(r))]
+    assert len(checks) >= 40
+    wrong = [f"{c.cell}: planned {c.predicted_oom_phase}, got {c.status} {c.failed_phase}"
+             for c in checks if not c.verdict_ok]
+    assert not wrong
+
+
+def test_allocated_peaks_of_every_phase_within_two_and_a_half_percent() -> None:
+    """The additive part of the plan (weights by placement + window + activations) against the allocator's
+    allocated peaks of every phase that completed, on every committed GPU cell of our runtime. The tiny twins'
+    cells are left out: a few MiB each, their phases are the allocator's block rounding (up to 12 % here)."""
+    worst = 0.0
+    for r in _gpu_records():
+        p = plan_for_record(r) if r["model"] in FULL_MODELS else None
+        if p is None or r["status"] not in ("ok", "oom"):
+            continue
+        for phase in p.phases:
+            got = (r["phases"].get(phase.phase) or {}).get("alloc_peak_allocated_bytes")
+            if got is None or (r["status"] == "oom" and phase.phase == r["failed_phase"]):
+                continue
+            worst = max(worst, abs(got / phase.allocated_bytes - 1))
+    assert worst < 0.025  # the worst: 2.1 %, Qwen-Image's resident-sweep cell without resident layers (denoise)
+
+
+def test_qwen_5090_cells_reproduce_their_verdicts_within_tolerance() -> None:
+    """The #26925 matrix on the 31.36 GiB cap, current code (session 2 on the H100, SGLang 0.5.23 on the H200):
+    both-on fits (peaks within 5 %, step within 10 %), layerwise-only and resident OOM at load, DiT CPU offload
+    alone in denoise."""
+    records = _records("h100/qwen-image-edit-5090-s2.records.jsonl") + \
+        _records("h200/qwen-image-edit-5090-sglang-0.5.23.records.jsonl")
+    seen = set()
+    for r in records:
+        c = check_record(r)
+        assert c is not None and c.verdict_ok, r["cell_id"]
+        eff = OffloadFlags.from_mapping(r["effective"])
+        if eff.dit_layerwise_offload and eff.dit_cpu_offload:
+            assert c.predicted_oom_phase is None
+            assert abs(c.load_error) < 0.01 and abs(c.runtime_error) < 0.05 and abs(c.step_error) < 0.10
+            seen.add("both")
+        elif eff.dit_layerwise_offload:
+            assert c.predicted_oom_phase == "load" == r["failed_phase"]
+            # the NVML peak at the OOM (32,074 MiB) is the cap; the plan's need is the whole pipeline resident
+            assert r["phases"]["load"]["nvml_proc_peak_bytes"] < CAP_5090 < c.predicted_load
+            seen.add("layerwise-only")
+        elif eff.dit_cpu_offload:
+            assert c.predicted_oom_phase == "denoise" and abs(c.load_error) < 0.01
+    assert seen == {"both", "layerwise-only"}
+
+
+def test_plan_line_names_the_phase_and_the_need() -> None:
+    p = plan("qwen-image-edit", LAYERWISE_ONLY, CAP_5090, Workload(), card="rtx5090-32g")
+    assert p.oom_phase == "load"
+    assert p.oom_line() == f"load needs {p.phase('load').device_bytes / GIB:.1f} GiB > 31.36 GiB"
+    both = plan("qwen-image-edit", BOTH_ON, CAP_5090, Workload(), card="rtx5090-32g")
+    assert both.fits and both.oom_line() is None
+
+
+# ------------------------------------------------------------------------------------------------- physics
+
+
+def _grid() -> list[tuple[str, str, OffloadFlags]]:
+    return [(m, c, f) for m in model_names() for c in CARDS for f in combinations()]
+
+
+def test_plans_are_deterministic() -> None:
+    for model, card, flags in _grid()[::7]:
+        a = plan(model, flags, CARDS[card], Workload(), card=card)
+        b = plan(model, flags, CARDS[card], Workload(), card=card)
+        assert a == b and json.dumps(a.as_dict(), sort_keys=True) == json.dumps(b.as_dict(), sort_keys=True)
+
+
+@pytest.mark.parametrize("switch", ["dit_cpu_offload", "text_encoder_cpu_offload", "vae_cpu_offload",
+                                    "dit_layerwise_offload"])
+def test_more_offload_never_raises_the_planned_peak(switch: str) -> None:
+    """Turning an offload switch on never raises the planned device peak nor loses a fit. The tiny twins are
+    left out for layerwise: there the DiT's non-layer weights, which stay on the device through decode (a
+    CPU-offloaded DiT leaves it), outweigh the window, so layerwise really can peak a few KiB higher."""
+    models = FULL_MODELS if switch == "dit_layerwise_offload" else model_names()
+    for model in models:
+        for card, cap in CARDS.items():
+            for flags in combinations():
+                if getattr(flags, switch):
+                    continue
+                more = replace(flags, **{switch: True})
+                if switch == "dit_layerwise_offload":
+                    more = replace(more, dit_offload_prefetch_size=1.0)
+                a, b = plan(model, flags, cap, Workload()), plan(model, more, cap, Workload())
+                assert b.fits or not a.fits, (model, card, flags.label(), more.label())
+                if a.fits and b.fits:
+                    assert b.peak_device_bytes <= a.peak_device_bytes, (model, card, flags.label(), more.label())
+
+
+def test_smaller_prefetch_never_raises_the_planned_peak() -> None:
+    for model in model_names():
+        for cpu in (False, True):
+            peaks = [plan(model, replace(BOTH_ON, dit_cpu_offload=cpu, dit_offload_prefetch_size=float(pf)), None,
+                          Workload()).runtime_peak_bytes for pf in (1, 2, 4, 8, 16)]
+            assert peaks == sorted(peaks), (model, cpu)
+
+
+def test_more_resident_layers_never_raise_step_time_nor_lower_the_peak() -> None:
+    for model in FULL_MODELS:
+        layers = max(g["layers"] for g in load_data()["weights"][model]["dit"]["groups"].values())
+        for policy in ("leading", "strided"):
+            flags = replace(BOTH_ON, dit_layerwise_residency_policy=policy)
+            plans = [plan(model, flags, None, Workload(), resident_layers=r) for r in range(0, layers + 1, 5)]
+            steps = [p.step_s for p in plans]
+            assert steps == sorted(steps, reverse=True), (model, policy, steps)
+            streamed = [p.streamed_bytes_per_forward for p in plans]
+            assert streamed == sorted(streamed, reverse=True)
+            peaks = [p.runtime_peak_bytes for p in plans]
+            assert peaks == sorted(peaks), (model, policy)
+            assert len({p.load_peak_bytes for p in plans}) == 1  # kept layers arrive with the first forward
+
+
+def test_resident_layers_come_from_the_flags() -> None:
+    """`dit_layerwise_resident_layers` is read per streamed group as the runtime reads it: a count, or a fraction
+    of the group (harness.flags.resident_layer_count)."""
+    for value, kept in ((30, 30), (0.5, 30), (0.8, 48), (0, 0), (99, 60)):
+        flags = replace(BOTH_ON, dit_layerwise_resident_layers=float(value))
+        p = plan("qwen-image", flags, None, Workload())
+        assert p.resident_layers == kept
+        assert p.streamed_bytes_per_forward == (60 - kept) * 679662592
+    flux = plan("flux-dev", replace(BOTH_ON, dit_layerwise_resident_layers=0.5), None, Workload())
+    assert flux.resident_layers == round(0.5 * 19) + 19  # each group its own share
+
+
+def test_the_resident_layers_sweep_on_the_5090_cap_is_within_three_percent() -> None:
+    """H200, Qwen-Image 20B on the 5090 cap: resident 0 .. 42 layers, leading and strided, prefetch 1 / 4 / 16.
+    Leading residency leaves the kept layers' compute without a transfer to hide (0.890 s against 0.741 s strided
+    at 0.5), which the plan's step follows; the 0.8 cell runs out of memory in denoise, as planned."""
+    records = _records("h200/qwen-image-resident-5090.records.jsonl")
+    assert len(records) == 10
+    for r in records:
+        c = check_record(r)
+        assert c is not None and c.verdict_ok, r["cell_id"]
+        if r["status"] == "ok":
+            assert abs(c.step_error) < 0.03, (r["cell_id"], c.step_error)
+            assert c.runtime_error is None or abs(c.runtime_error) < 0.04, (r["cell_id"], c.runtime_error)
+
+
+def test_batched_cfg_streams_once_a_step_with_twice_the_activations() -> None:
+    two = plan("qwen-image", BOTH_ON, None, Workload())
+    one = plan("qwen-image", BOTH_ON, None, Workload(cfg_batch=True))
+    assert one.workload.forwards_per_step == 1 and two.workload.forwards_per_step == 2
+    assert one.phase("denoise").activation_bytes == pytest.approx(2 * two.phase("denoise").activation_bytes, abs=1)
+    assert one.step_s < two.step_s  # transfer-bound: half the bytes a step
+    assert one.compute_s_per_forward == pytest.approx(2 * two.compute_s_per_forward)
+    record = next(r for r in _records("h100/qwen-image-edit-5090-s2.records.jsonl") if r["status"] == "ok")
+    batched = plan_for_record({**record, "run_options": {"cfg_batch": True}})
+    assert batched.workload.cfg_batch and not plan_for_record(record).workload.cfg_batch
+
+
+def test_empty_cache_between_phases_gives_cached_blocks_back() -> None:
+    flags = replace(BOTH_ON, text_encoder_cpu_offload=True)
+    kept = plan("wan2.1-t2v-14b", flags, None, Workload(480, 832, 81, 5.0))
+    emptied = plan("wan2.1-t2v-14b", flags, None, Workload(480, 832, 81, 5.0, empty_cache=True))
+    assert emptied.phase("decode").reserved_bytes < kept.phase("decode").reserved_bytes
+    assert [p.allocated_bytes for p in emptied.phases] == [p.allocated_bytes for p in kept.phases]
+
+
+def test_memory_terms_add_up_to_the_model_bytes() -> None:
+    """At rest (after the call) the device holds what is not offloaded and the host the rest: their sum is the
+    model's bytes, plus the layer regions' alignment padding under layerwise."""
+    for model in model_names():
+        w = load_data()["weights"][model]
+        total = sum(w[r]["weight_bytes"] for r in ("text_encoder", "dit", "vae"))
+        padding = sum(g["host_bytes"] for g in w["dit"]["groups"].values()) - \
+            (w["dit"]["weight_bytes"] - w["dit"]["non_layer_bytes"])
+        for flags in combinations():
+            for pin in (True, False):
+                p = plan(model, replace(flags, pin_cpu_memory=pin), None, Workload())
+                at_rest = p.phase("decode").weight_bytes - (w["vae"]["weight_bytes"] if flags.vae_cpu_offload else 0)
+                host = p.host_pinned_bytes + p.host_pageable_bytes
+                assert (p.host_pinned_bytes == 0) != pin or host == 0
+                assert at_rest + host == total + (padding if flags.dit_layerwise_offload else 0), \
+                    (model, flags.label())
+
+
+def test_pageable_copies_make_layerwise_steps_slower_by_the_machine_rates() -> None:
+    pinned = plan("qwen-image-edit", BOTH_ON, None, Workload())
+    pageable = plan("qwen-image-edit", replace(BOTH_ON, pin_cpu_memory=False), None, Workload())
+    m = machine_profile()
+    assert pageable.step_s / pinned.step_s == pytest.approx(m.pinned_h2d_gbps / m.pageable_h2d_gbps, rel=1e-6)
+
+
+def test_larger_images_cost_more_memory_and_time() -> None:
+    small = plan("qwen-image", BOTH_ON, None, Workload(768, 768))
+    large = plan("qwen-image", BOTH_ON, None, Workload(1536, 1536))
+    assert large.runtime_peak_bytes > small.runtime_peak_bytes
+    assert large.compute_s_per_forward > small.compute_s_per_forward
+    frames = [plan("wan2.1-t2v-14b", BOTH_ON, None, Workload(480, 832, f, 5.0)) for f in (17, 49, 81)]
+    assert [p.phase("denoise").activation_bytes for p in frames] == \
+        sorted(p.phase("denoise").activation_bytes for p in frames)
+
+
+def test_a_model_without_records_borrows_its_dit_twin_or_says_so() -> None:
+    edit = plan("qwen-image-edit", BOTH_ON, None, Workload())
+    assert not edit.notes
+    data = load_data()
+    no_edit_fits = {**data, "fits": {k: v for k, v in data["fits"].items() if k != "qwen-image-edit"}}
+    borrowed = plan("qwen-image-edit", BOTH_ON, None, Workload(), data=no_edit_fits)
+    assert any("from qwen-image" in n for n in borrowed.notes)
+    nothing = plan("qwen-image-edit", BOTH_ON, None, Workload(), data={**data, "fits": {}})
+    assert any("no records" in n for n in nothing.notes)
+
+
+# -------------------------------------------------------------------------------------- records and checks
+
+
+def test_plan_entry_is_the_records_plan_and_never_raises() -> None:
+    record = next(r for r in _records("h100/qwen-image-edit-5090-s2.records.jsonl") if r["status"] == "ok")
+    entry = plan_entry(record)
+    assert entry is not None and entry["fits"] and entry["placements"]["dit"] == "layerwise-from-host"
+    assert check_record({**record, "plan": entry}).source == "recorded"
+    assert check_record(record).source == "derived"
+    broken = {**record, "effective": {**record["effective"], "dit_cpu_offload": "maybe"}}
+    assert "error" in plan_entry(broken)
+    assert plan_entry({**record, "backend": "diffusers-group"}) is None
+
+
+def test_plan_within_fails_a_cell_that_strays(tmp_path: Path) -> None:
+    records = _records("h100/qwen-image-edit-5090-s2.records.jsonl")
+    tolerance = {"peak": 0.05, "time": 0.10}
+    assert plan_within_verdict("rtx5090-32g", records, tolerance).passed
+    slow = []
+    for r in records:
+        if r["status"] == "ok":
+            r = json.loads(json.dumps(r))
+            r["phases"]["denoise"]["step_ms"] = [s * 1.2 for s in r["phases"]["denoise"]["step_ms"]]
+        slow.append(r)
+    verdict = plan_within_verdict("rtx5090-32g", slow, tolerance)
+    assert not verdict.passed and "step" in verdict.message
+    fat = [{**r, "phases": {**r["phases"], "load": {**r["phases"]["load"],
+            "alloc_peak_reserved_bytes": r["phases"]["load"]["alloc_peak_reserved_bytes"] * 1.1}}}
+           if r["status"] == "ok" else r for r in records]
+    assert "load peak" in plan_within_verdict("rtx5090-32g", fat, tolerance).message
+    fate = [{**r, "status": "ok", "failed_phase": None} if r["status"] == "oom" else r for r in records]
+    assert "planned OOM in load" in plan_within_verdict("rtx5090-32g", fate, tolerance).message
+    cpu = [{**r, "device": "cpu"} for r in records]
+    assert plan_within_verdict("rtx5090-32g", cpu, tolerance).passed
+
+
+def test_scenario_plan_within_is_parsed_and_checked(tmp_path: Path) -> None:
+    src = (REPO / "scenarios" / "cpu" / "qwen_image_edit_tiny.toml").read_text()
+    ok = tmp_path / "ok.toml"
+    ok.write_text(src.replace("[expect]\n", "[expect]\nplan_within = { peak = 0.05, time = 0.10 }\n", 1))
+    assert load_scenario(ok).expect.plan_within == {"peak": 0.05, "time": 0.10}
+    for bad in ("{ peak = -1 }", "{ memory = 0.05 }", "0.05", "{ peak = true }"):
+        path = tmp_path / "bad.toml"
+        path.write_text(src.replace("[expect]\n", f"[expect]\nplan_within = {bad}\n", 1))
+        with pytest.raises(ScenarioError, match=r"expect\.plan_within"):
+            load_scenario(path)
+
+
+def test_report_has_the_predicted_vs_measured_table() -> None:
+    from harness.report import render
+
+    records = _records("h100/qwen-image-edit-5090-s2.records.jsonl")
+    text = render(records)
+    assert "Plan vs measured" in text and "oom in load / oom in load" in text
+    rows = plan_rows(records)
+    both = next(r for r in rows if "cpu1-lw1" in r["cell"])
+    assert both["fate planned / measured"] == "fits / ok" and both["error  "].endswith("%")
+
+
+# ------------------------------------------------------------------------------------------------ advise
+
+
+def test_advise_qwen_5090_ranks_both_on_and_explains_layerwise_only() -> None:
+    a = advise("qwen-image-edit", "rtx5090-32g", CAP_5090, Workload(), records_glob=None)
+    assert a.fastest is not None and a.fastest.plan.flags.dit_cpu_offload and a.fastest.plan.flags.dit_layerwise_offload
+    lines = {describe(o.plan.flags): o.oom_line for o in a.not_fitting}
+    assert lines["layerwise (prefetch 4) (without dit_cpu_offload)"].startswith("load needs ")
+    assert lines["dit_cpu_offload"].startswith("denoise needs ")
+    assert all(o.measurement is None for o in a.options)
+    steps = [o.step_s for o in a.fitting]
+    assert steps == sorted(steps)
+
+
+def test_advise_uses_committed_measurements_and_says_so() -> None:
+    from harness.advise import render
+
+    a = advise("qwen-image-edit", "rtx5090-32g", CAP_5090, Workload(),
+               records_glob=str(RESULTS / "h*" / "qwen-image-edit-5090*.records.jsonl"))
+    measured = [o for o in a.options if o.measurement is not None]
+    assert len(measured) >= 4
+    both = next(o for o in measured if o.plan.flags == replace(BOTH_ON, pin_cpu_memory=True))
+    assert both.runs and both.step_s == both.measurement.step_s
+    text = render(a)
+    assert "measured numbers from committed records" in text and "ran out of memory in load (measured" in text
+
+
+def test_advise_flux_4090_puts_the_hairline_fit_behind_the_margin() -> None:
+    """DiT + encoder CPU offload ran on the 4090 cap at 24,202 of 24,207 MiB (NVML), 0.181 s/step: the fastest cell
+    that ran, but inside the margin. Keeping 3/4 of the layers resident is planned as fast (compute-bound) with
+    4.5 GiB to spare, so it leads; without resident layers, both-on with resident encoders (measured 0.434 s)."""
+    glob_ = str(RESULTS / "h100" / "flux-dev-4090.records.jsonl")
+    a = advise("flux-dev", "rtx4090-24g", CARDS["rtx4090-24g"], Workload(true_cfg_scale=1.0), records_glob=glob_)
+    assert "dit_cpu_offload + text_encoder_cpu_offload" in [describe(o.plan.flags) for o in a.tight]
+    hairline = next(o for o in a.tight if describe(o.plan.flags) == "dit_cpu_offload + text_encoder_cpu_offload")
+    assert hairline.measurement is not None and hairline.step_s == pytest.approx(0.181, abs=0.001)
+    assert a.fastest.plan.flags.dit_layerwise_resident_layers > 0
+    assert a.fastest.step_s == pytest.approx(hairline.step_s, rel=0.02)
+    plain = [o for o in a.fitting if not o.plan.flags.dit_layerwise_resident_layers]
+    assert describe(plain[0].plan.flags) == "dit_cpu_offload + layerwise (prefetch 5)"
+    assert plain[0].measurement is not None and plain[0].step_s == pytest.approx(0.434, abs=0.001)
+
+
+def test_cli_advise_and_bad_arguments() -> None:
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "harness", *args], cwd=REPO, capture_output=True, text=True)
+
+    out = run("advise", "--model", "flux-dev", "--card", "rtx4090-24g", "--records", "")
+    assert out.returncode == 0 and "fastest that fits" in out.stdout
+    out = run("plan", "--model", "wan2.1-t2v-14b", "--card", "rtx5090-32g", "--resolution", "832x480",
+              "--frames", "81", "--flags", "dit_cpu_offload=true,dit_layerwise_offload=true,"
+              "text_encoder_cpu_offload=true,dit_offload_prefetch_size=1", "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["fits"] is True
+    for args in (("plan", "--model", "nope"), ("plan", "--model", "flux-dev", "--card", "rtx9090"),
+                 ("advise", "--model", "flux-dev", "--resolution", "1000x1000"),
+                 ("plan", "--model", "flux-dev", "--flags", "dit_cpu_offload=maybe")):
+        out = run(*args)
+        assert out.returncode == 2 and out.stderr.startswith("error:"), (args, out.stderr)
+
+
+def test_every_model_card_and_combination_plans() -> None:
+    for model in model_names():
+        spec = get_model(model)
+        w = Workload(frames=81 if spec.family == "wan" else 1)
+        for card, cap in CARDS.items():
+            for flags in combinations():
+                p = plan(model, flags, cap, w, card=card)
+                assert p.step_s is None or p.step_s > 0
+                assert all(ph.reserved_bytes >= ph.allocated_bytes >= 0 for ph in p.phases), (model, flags.label())
