@@ -424,14 +424,14 @@ def invariant_failures(record: dict[str, Any]) -> list[str]:
     (the harness ledger and per-component probes, so activations do not blur them):
 
     1. At every phase start and end, a CPU-offloaded component holds no weights on the device, and a layerwise
-       DiT holds only its non-layer weights (no layer left resident from a window).
+       component (DiT, text encoder, VAE) holds only its non-layer weights (no layer left from a window).
     2. During denoise the ledger peak <= weights of resident components + the DiT's non-layer weights
        + its resident layers (`dit_layerwise_resident_layers`) + sum over streamed groups of (2p + 1) x that
        group's largest layer (2p in flight or computing, +1 slack for a wrap-around prefetch), + the DiT whole
        when it is CPU-offloaded.
     3. With dit_cpu_offload + layerwise, the load phase never holds the whole DiT: ledger load peak minus the
        other resident components < the DiT's weight bytes.
-    4. Pinned host bytes (peak requested) <= 2.1 x the bytes the layerwise runtime streams.
+    4. Pinned host bytes (peak requested) <= 2.1 x the bytes the layerwise runtimes stream (all components).
     """
     comps = record.get("components") or {}
     phases = record.get("phases") or {}
@@ -440,6 +440,9 @@ def invariant_failures(record: dict[str, Any]) -> list[str]:
     dit = comps.get("dit") or {}
     lw = dit.get("layerwise")
     nonlayer = dit.get("weight_bytes", 0) - (lw or {}).get("param_bytes", 0) if lw else None
+    # what a layerwise component keeps on the device between its uses: its non-layer weights
+    kept_between = {role: c["weight_bytes"] - c["layerwise"]["param_bytes"]
+                    for role, c in comps.items() if c.get("layerwise")}
     for pname, ph in phases.items():
         for when in ("device_weights_at_start", "device_weights_at_end"):
             held = ph.get(when) or {}
@@ -450,10 +453,12 @@ def invariant_failures(record: dict[str, Any]) -> list[str]:
                 if c["placement"] == "cpu-offload" and got != 0:
                     out.append(f"{cid}: {role} is CPU-offloaded but holds {_mib(got)} on the device at {pname} "
                                f"{when.rsplit('_', 1)[-1]}")
-                if role == "dit" and lw and got != nonlayer:
-                    out.append(f"{cid}: layerwise DiT holds {_mib(got)} at {pname} {when.rsplit('_', 1)[-1]}, "
-                               f"expected its non-layer weights {_mib(nonlayer)}")
+                if role in kept_between and got != kept_between[role]:
+                    out.append(f"{cid}: layerwise {'DiT' if role == 'dit' else role} holds {_mib(got)} at {pname} "
+                               f"{when.rsplit('_', 1)[-1]}, expected its non-layer weights "
+                               f"{_mib(kept_between[role])}")
     resident = sum(c["weight_bytes"] for c in comps.values() if c["placement"] == "resident")
+    resident += sum(b for role, b in kept_between.items() if role != "dit")  # layerwise te/VAE: non-layer weights
     denoise = phases.get("denoise") or {}
     if denoise.get("ledger_peak_bytes") is not None:
         if lw and "largest_layer_by_group" in lw:  # records from before the field existed skip this check
@@ -477,8 +482,9 @@ def invariant_failures(record: dict[str, Any]) -> list[str]:
             out.append(f"{cid}: load held the whole DiT ({_mib(load['ledger_peak_bytes'] - others)} of DiT weights)")
     if lw:
         pinned = max((p.get("pinned_requested_peak_bytes", 0) for p in phases.values()), default=0)
-        if pinned > PINNED_OVER_STREAMED * lw["host_bytes"]:
-            out.append(f"{cid}: pinned {_mib(pinned)} > {PINNED_OVER_STREAMED} x streamed {_mib(lw['host_bytes'])}")
+        streamed = sum(c["layerwise"]["host_bytes"] for c in comps.values() if c.get("layerwise"))
+        if pinned > PINNED_OVER_STREAMED * streamed:
+            out.append(f"{cid}: pinned {_mib(pinned)} > {PINNED_OVER_STREAMED} x streamed {_mib(streamed)}")
     return out
 
 

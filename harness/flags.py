@@ -42,6 +42,15 @@ class OffloadFlags:
             below 1, a count from 1 (SGLang #31538; see `resident_layer_count`).
         dit_layerwise_residency_policy (str, defaults to "leading"): which layers stay: "leading" (the first r)
             or "strided" (spread evenly); see `streamed_layer_indices` (SGLang #34534).
+        layerwise_offload_components (tuple[str, ...] | None, defaults to None): SGLang's
+            `--layerwise-offload-components`, normalised as SGLang does (`normalize_components`): groups "dit",
+            "text_encoder", "image_encoder", "vae", "default" (= text_encoder, image_encoder, vae) or "all". None
+            is not passed (SGLang's default: the memory defaults may fill it); () is passed empty (explicitly
+            none). A selected component streams layer by layer and its CPU-offload flag is cleared.
+        layerwise_prefetch_size, layerwise_resident_layers, layerwise_residency_policy (tuple of (component,
+            value) pairs, default empty): SGLang's per-component maps (`--layerwise-prefetch-size
+            text_encoder=2,...`), keyed by "transformer", "text_encoder" or "vae". A component without an entry
+            takes the `dit_*` value if it is the DiT, else 0 / 0 / leading (ServerArgs.layerwise_tuning_for).
     """
 
     dit_cpu_offload: bool | None = False
@@ -52,6 +61,10 @@ class OffloadFlags:
     pin_cpu_memory: bool | None = True
     dit_layerwise_resident_layers: float = 0.0
     dit_layerwise_residency_policy: str = "leading"
+    layerwise_offload_components: tuple[str, ...] | None = None
+    layerwise_prefetch_size: tuple[tuple[str, float], ...] = ()
+    layerwise_resident_layers: tuple[tuple[str, float], ...] = ()
+    layerwise_residency_policy: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -74,11 +87,23 @@ class OffloadFlags:
         return cls(**values)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON-ready: components as a list (or None), the per-component maps as tables."""
+        out = asdict(self)
+        if self.layerwise_offload_components is not None:
+            out["layerwise_offload_components"] = list(self.layerwise_offload_components)
+        for name in MAP_FLAGS:
+            out[name] = dict(getattr(self, name))
+        return out
 
     def unset(self) -> tuple[str, ...]:
-        """Names of the flags left to the engine's defaults."""
-        return tuple(f.name for f in fields(self) if getattr(self, f.name) is None)
+        """Names of the switches left to the engine's defaults (`layerwise_offload_components` None is SGLang's
+        default and needs no card to resolve unless a switch is unset too)."""
+        return tuple(f.name for f in fields(self)
+                     if getattr(self, f.name) is None and f.name != "layerwise_offload_components")
+
+    def component_value(self, name: str, component: str) -> Any:
+        """A per-component map's value for `component` (None without an entry)."""
+        return dict(getattr(self, name)).get(component)
 
     def label(self) -> str:
         """A short, readable id of these flags, used in cell ids and table rows."""
@@ -99,6 +124,13 @@ class OffloadFlags:
             label += f"-res{num(self.dit_layerwise_resident_layers)}"
         if self.dit_layerwise_residency_policy != "leading":
             label += f"-{self.dit_layerwise_residency_policy}"
+        if self.layerwise_offload_components is not None:
+            short = {"dit": "dit", "text_encoder": "te", "image_encoder": "ie", "vae": "vae", "all": "all"}
+            label += "-lwc-" + ("+".join(short[c] for c in self.layerwise_offload_components) or "none")
+        for name, tag in (("layerwise_prefetch_size", "pf"), ("layerwise_resident_layers", "res"),
+                          ("layerwise_residency_policy", "pol")):
+            for component, value in getattr(self, name):
+                label += f"-{COMPONENT_TAGS[component]}{tag}{num(value) if tag != 'pol' else value}"
         return label
 
 
@@ -106,6 +138,85 @@ UNSET = "unset"
 RESIDENCY_POLICIES: tuple[str, ...] = ("leading", "strided")
 """SGLang's `--dit-layerwise-residency-policy` choices (0.5.23 `RESIDENCY_POLICIES`)."""
 NUMBER_FLAGS = ("dit_offload_prefetch_size", "dit_layerwise_resident_layers")
+LAYERWISE_GROUPS: tuple[str, ...] = ("dit", "text_encoder", "image_encoder", "vae")
+DEFAULT_GROUP: tuple[str, ...] = ("text_encoder", "image_encoder", "vae")
+"""SGLang's "default" layerwise group (LAYERWISE_OFFLOAD_DEFAULT_COMPONENTS)."""
+MAP_FLAGS = ("layerwise_prefetch_size", "layerwise_resident_layers", "layerwise_residency_policy")
+COMPONENT_TAGS: dict[str, str] = {"transformer": "dit", "text_encoder": "te", "vae": "vae"}
+"""Keys of the per-component maps: SGLang's component names (the DiT is "transformer"), and their label tags."""
+
+
+def flag_json(name: str, value: Any) -> Any:
+    """A normalised flag value in the form records hold (`OffloadFlags.as_dict`): components as a list, maps as
+    tables; other values as they are. Accepts either form, so a record's value and a scenario's compare equal."""
+    if name == "layerwise_offload_components" and value is not None:
+        return list(value)
+    if name in MAP_FLAGS:
+        return dict(value)
+    return value
+
+
+def normalize_components(value: Any, where: str = "flags") -> tuple[str, ...] | None:
+    """SGLang's `normalize_layerwise_offload_components` for the groups the zoo has: a string or a list of strings,
+    each split on commas, stripped, lowercased, '-' as '_'; "default" expands to text_encoder, image_encoder, vae;
+    "all" is the whole answer; duplicates dropped, order kept. None stays None; an empty list stays empty
+    (passed explicitly, so SGLang's memory defaults add nothing).
+
+    Raises:
+        FlagError: not a string or list of strings, or a name that is not a group (SGLang also takes exact
+            component names of a pipeline's model_index.json; the harness does not).
+    """
+    name = "layerwise_offload_components"
+    if value is None or value == UNSET:
+        return None
+    raw = [value] if isinstance(value, str) else value
+    if not isinstance(raw, list | tuple) or not all(isinstance(v, str) for v in raw):
+        raise FlagError(f"{where}.{name}: expected a list of component groups or a comma-separated string, "
+                        f"got {value!r}")
+    out: list[str] = []
+    for item in raw:
+        for part in item.split(","):
+            c = part.strip().replace("-", "_").lower()
+            if not c:
+                continue
+            if c == "all":
+                return ("all",)
+            if c not in (*LAYERWISE_GROUPS, "default"):
+                raise FlagError(f"{where}.{name}: unknown component group {c!r}; expected dit, text_encoder, "
+                                "image_encoder, vae, default or all")
+            for g in DEFAULT_GROUP if c == "default" else (c,):
+                if g not in out:
+                    out.append(g)
+    return tuple(out)
+
+
+def _component_map(name: str, value: Any, where: str) -> tuple[tuple[str, Any], ...]:
+    """A per-component map from a table or SGLang's "component=value,..." string, each value checked as its
+    dit_* counterpart's."""
+    if isinstance(value, str):
+        table: dict[str, Any] = {}
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            key, sep, v = part.partition("=")
+            if not sep:
+                raise FlagError(f"{where}.{name}: expected component=value entries, got {part!r}")
+            table[key.strip()] = v.strip()
+        value = table
+    if not isinstance(value, Mapping):
+        raise FlagError(f"{where}.{name}: expected a table of component -> value, got {value!r}")
+    counterpart = {"layerwise_prefetch_size": "dit_offload_prefetch_size",
+                   "layerwise_resident_layers": "dit_layerwise_resident_layers",
+                   "layerwise_residency_policy": "dit_layerwise_residency_policy"}[name]
+    out = []
+    for key, v in value.items():
+        if key not in COMPONENT_TAGS:
+            raise FlagError(f"{where}.{name}: unknown component {key!r}; expected one of {', '.join(COMPONENT_TAGS)}")
+        if isinstance(v, str) and counterpart in NUMBER_FLAGS:
+            try:
+                v = float(v)
+            except ValueError:
+                raise FlagError(f"{where}.{name}.{key}: expected a number, got {v!r}") from None
+        out.append((key, check_flag_value(counterpart, v, f"{where}.{name}[{key}]")))
+    return tuple(sorted(out))
 
 
 def check_flag_value(name: str, value: Any, where: str = "flags") -> Any:
@@ -121,6 +232,10 @@ def check_flag_value(name: str, value: Any, where: str = "flags") -> Any:
             meaning = "0 means one layer" if name == "dit_offload_prefetch_size" else "0 means none resident"
             raise FlagError(f"{where}.{name}: must be >= 0 ({meaning}), got {value!r}")
         return float(value)
+    if name == "layerwise_offload_components":
+        return normalize_components(value, where)
+    if name in MAP_FLAGS:
+        return _component_map(name, value, where)
     if name == "dit_layerwise_residency_policy":
         if value not in RESIDENCY_POLICIES:
             raise FlagError(f"{where}.{name}: expected one of {', '.join(RESIDENCY_POLICIES)}, got {value!r}")
@@ -263,6 +378,8 @@ class EngineDetails:
             it); "image_encoder" is listed as SGLang lists it, though none of the zoo families has one.
         dit_residency (str | None): the DiT's residency mode (resident, component-offload, layerwise-offload),
             None where the release has no such notion (before 0.5.23).
+        residency (dict[str, str] | None): the residency mode of each zoo role ("dit", "text_encoder", "vae"),
+            where known (0.5.23's `residency_mode`).
         pipeline_config (str | None): the SGLang pipeline config class used, and why.
         context (EngineContext | None): the card and task the defaults were taken for.
     """
@@ -273,9 +390,10 @@ class EngineDetails:
     dit_residency: str | None = None
     pipeline_config: str | None = None
     context: EngineContext | None = None
+    residency: dict[str, str] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "source": self.source,
             "version": self.version,
             "layerwise_components": list(self.layerwise_components),
@@ -283,6 +401,9 @@ class EngineDetails:
             "pipeline_config": self.pipeline_config,
             "context": self.context.as_dict() if self.context else None,
         }
+        if self.residency is not None:  # absent in records from before it
+            out["residency"] = dict(self.residency)
+        return out
 
 
 @dataclass(frozen=True)
@@ -353,10 +474,14 @@ def _common_prefetch_rules(flags: OffloadFlags, messages: list[str]) -> OffloadF
 
 
 def _refuse_resident_layers(policy: str, flags: OffloadFlags, era: str) -> None:
-    """Resident layers arrived with SGLang #31538 (2026-07-17) and the policy with #34534: earlier eras refuse."""
+    """Resident layers arrived with SGLang #31538 (2026-07-17) and the policy with #34534, the per-component maps
+    later still: earlier eras refuse them. (Layerwise components exist from 0.5.13 on; a model that cannot
+    express them refuses them itself.)"""
     if flags.dit_layerwise_resident_layers != 0 or flags.dit_layerwise_residency_policy != "leading":
         raise _refuse(policy, flags, "dit_layerwise_resident_layers / dit_layerwise_residency_policy",
                       f"{era} has no resident layers (SGLang #31538, #34534)")
+    if any(getattr(flags, n) for n in MAP_FLAGS):
+        raise _refuse(policy, flags, ", ".join(MAP_FLAGS), f"{era} has no per-component layerwise maps")
 
 
 def _refuse(policy: str, flags: OffloadFlags, needs: str, why: str) -> FlagError:
@@ -382,9 +507,290 @@ def _dit_residency(flags: OffloadFlags) -> str:
 
 
 
+@dataclass(frozen=True)
+class DeploymentHints:
+    """What SGLang 0.5.23's pipeline config declares for the auto policy (`ModelDeploymentConfig`), per family.
+
+    Args:
+        keep_resident_min_available_gb (float | None): free GiB from which `keep_resident_components` stay
+            resident; None takes the task's default (45 for image generation, 120 otherwise).
+        keep_resident_components (tuple[str, ...]): those components ("dit" is added for image generation).
+        dit_layerwise_offload_modes (tuple[str, ...]): performance modes that stream the DiT by default.
+    """
+
+    keep_resident_min_available_gb: float | None = None
+    keep_resident_components: tuple[str, ...] = ("vae",)
+    dit_layerwise_offload_modes: tuple[str, ...] = ()
+
+
+DEPLOYMENT_HINTS: dict[str, DeploymentHints] = {
+    # Read from 0.5.23's registered configs (QwenImagePipelineConfig, QwenImageEditPlusPipelineConfig,
+    # FluxPipelineConfig: the defaults; WanT2V720PConfig: 60 GiB, ("dit",), ("memory",)).
+    "qwen-image": DeploymentHints(),
+    "qwen-image-edit": DeploymentHints(),
+    "flux": DeploymentHints(),
+    "wan": DeploymentHints(60.0, ("dit",), ("memory",)),
+}
+PERFORMANCE_MODES: tuple[str, ...] = ("auto", "manual", "speed", "memory")
+LOW_MEMORY_GIB = 30.0  # ServerArgs._adjust_offload: total device memory below this offloads the large components
+IMAGE_KEEP_RESIDENT_GIB = 45.0  # auto_tune.IMAGE_GEN_KEEP_RESIDENT_MIN_AVAILABLE_GB
+DEFAULT_KEEP_RESIDENT_GIB = 120.0  # auto_tune.DEFAULT_KEEP_RESIDENT_MIN_AVAILABLE_GB
+_CPU_FLAG = {"dit": "dit_cpu_offload", "text_encoder": "text_encoder_cpu_offload",
+             "image_encoder": "image_encoder_cpu_offload", "vae": "vae_cpu_offload"}
+
+
+class _ServerArgs0523:
+    """SGLang 0.5.23's `ServerArgs._adjust_parameters` and `_validate_offload`, for the offload fields, on one
+    CUDA GPU with all of `memory_gib` free, no FSDP, no cache-dit, no canonical residency, and no local checkpoint
+    (so the memory-rich "every weight twice over" tier and the DiT-overflow sizing never fire: as the engine child
+    runs it). Written from the release's rules, each step named after the method it follows."""
+
+    def __init__(self, flags: OffloadFlags, ctx: EngineContext | None, messages: list[str]) -> None:
+        self.flags = flags
+        self.msgs = messages
+        self.explicit = {n for n in ("dit_cpu_offload", "dit_layerwise_offload", "text_encoder_cpu_offload",
+                                     "vae_cpu_offload", "pin_cpu_memory") if getattr(flags, n) is not None}
+        self.components_explicit = flags.layerwise_offload_components is not None
+        mode = (ctx.performance_mode if ctx else None) or "auto"
+        if mode.lower() not in PERFORMANCE_MODES:  # _normalize_performance_mode: ValueError
+            raise FlagError(f"performance_mode: expected one of {', '.join(PERFORMANCE_MODES)}, got {mode!r}")
+        self.mode = mode.lower()
+        self.ctx = ctx
+        self.v: dict[str, Any] = {
+            "dit_cpu_offload": flags.dit_cpu_offload,
+            "dit_layerwise_offload": flags.dit_layerwise_offload,
+            "text_encoder_cpu_offload": flags.text_encoder_cpu_offload,
+            "image_encoder_cpu_offload": None,  # no zoo family has an image encoder; the flag is never passed
+            "vae_cpu_offload": False if flags.vae_cpu_offload is None else flags.vae_cpu_offload,  # field default
+        }
+        # an explicit empty list stays [] (not None) until _adjust_layerwise_offload_components normalises it, so
+        # the auto steps that only fill a None list leave it alone
+        self.components: list[str] | None = (None if flags.layerwise_offload_components is None
+                                              else list(flags.layerwise_offload_components))
+
+    # -------------------------------------------------------------------------------------------- helpers
+    @property
+    def hints(self) -> DeploymentHints:
+        return DEPLOYMENT_HINTS.get(self.ctx.family, DeploymentHints()) if self.ctx else DeploymentHints()
+
+    @property
+    def keep_resident_gib(self) -> float:
+        explicit = self.hints.keep_resident_min_available_gb
+        if explicit is not None:
+            return explicit
+        return IMAGE_KEEP_RESIDENT_GIB if self.ctx is None or self.ctx.is_image else DEFAULT_KEEP_RESIDENT_GIB
+
+    def rich(self) -> bool:
+        """At least the keep-resident threshold free (a fresh card: free = total)."""
+        return self.ctx is not None and self.ctx.memory_gib >= self.keep_resident_gib
+
+    def explicit_layerwise(self, component: str) -> bool:
+        """is_explicit_layerwise_offload_component: an explicit selection naming it (or "all"), or an explicit
+        `--dit-layerwise-offload true` for the DiT."""
+        if self.components_explicit and self.components and ("all" in self.components
+                                                             or component in self.components):
+            return True
+        return component == "dit" and "dit_layerwise_offload" in self.explicit and bool(self.v["dit_layerwise_offload"])
+
+    def explicit_mode(self, component: str) -> str | None:
+        """explicit_residency_mode: explicit layerwise, then an explicit legacy flag, then an explicit
+        `--dit-layerwise-offload false` (the DiT resident)."""
+        if self.explicit_layerwise(component):
+            return "layerwise-offload"
+        flag = _CPU_FLAG[component]
+        if flag in self.explicit:
+            return "component-offload" if self.v[flag] else "resident"
+        if component == "dit" and "dit_layerwise_offload" in self.explicit:
+            return "resident"
+        return None
+
+    def residency(self, component: str) -> str:
+        """residency_mode: explicit first, then the (implicit) layerwise list, then the legacy flag."""
+        mode = self.explicit_mode(component)
+        if mode is not None:
+            return mode
+        if self.components and ("all" in self.components or component in self.components):
+            return "layerwise-offload"
+        return "component-offload" if self.v[_CPU_FLAG[component]] else "resident"
+
+    def fill(self, **values: bool) -> None:
+        for name, value in values.items():
+            if self.v[name] is None:
+                self.v[name] = value
+
+    def default_components(self) -> list[str]:
+        """_default_layerwise_components_for_unset_placement (+ _filter_high_memory_resident_components)."""
+        if self.components_explicit or self.v["dit_layerwise_offload"] is True:
+            return []
+        comps = [c for c in DEFAULT_GROUP if self.explicit_mode(c) is None]
+        if self.mode == "auto" and self.rich():
+            kept = [c for c in comps if c in self.hints.keep_resident_components]
+            comps = [c for c in comps if c not in self.hints.keep_resident_components]
+            if kept:
+                self.msgs.append(f"Keeping default layerwise components resident because minimum available memory "
+                                 f"on selected GPUs is {self.ctx.memory_gib:.2f} GiB: {', '.join(kept)}")
+        # _should_auto_enable_dit_layerwise_offload: the model lists the mode (the DiT-overflow sizing needs a
+        # local checkpoint, which the engine child never has)
+        if self.explicit_mode("dit") is None and self.mode in self.hints.dit_layerwise_offload_modes:
+            comps.insert(0, "dit")
+        return comps
+
+    # -------------------------------------------------------------------------------------------- steps
+    def adjust(self) -> None:
+        mode = self.mode
+        if mode == "speed":  # _set_gpu_resident_defaults(use_fsdp=False)
+            self.fill(dit_cpu_offload=False, dit_layerwise_offload=False, text_encoder_cpu_offload=False,
+                      image_encoder_cpu_offload=False)
+        elif mode == "memory":  # _set_layerwise_offload_defaults (CUDA)
+            if self.components is None:
+                self.components = self.default_components() or None
+            self.fill(dit_cpu_offload=True, text_encoder_cpu_offload=False, image_encoder_cpu_offload=False)
+        if mode != "manual":
+            self.adjust_offload()
+            if mode == "auto":
+                self.auto_default_layerwise()
+                self.auto_residency_after_offload()
+            self.replace_cpu_offload_with_layerwise()
+        self.adjust_layerwise_components()
+        if mode != "manual":  # finalize_auto_flags
+            self.fill(dit_cpu_offload=False, dit_layerwise_offload=False, text_encoder_cpu_offload=False,
+                      image_encoder_cpu_offload=False)
+
+    def adjust_offload(self) -> None:
+        """_adjust_offload: the < 30 GiB row, then image vs video; the VAE is not touched."""
+        if self.ctx is None:  # every switch is set (checked by the caller): nothing to fill
+            return
+        if self.ctx.memory_gib < LOW_MEMORY_GIB:
+            self.msgs.append("Enabling large component offloading for GPU with low device memory")
+            self.fill(dit_cpu_offload=True, text_encoder_cpu_offload=True, image_encoder_cpu_offload=True)
+        elif self.ctx.is_image:
+            self.fill(dit_cpu_offload=True, text_encoder_cpu_offload=True, image_encoder_cpu_offload=False)
+        else:
+            self.fill(dit_cpu_offload=True, text_encoder_cpu_offload=True, image_encoder_cpu_offload=True)
+
+    def auto_default_layerwise(self) -> None:
+        """maybe_adjust_auto_default_layerwise_offload."""
+        if self.components is not None or self.v["dit_layerwise_offload"] is True:
+            return
+        comps = self.default_components()
+        if comps:
+            self.msgs.append(f"Auto memory policy selects layerwise offload for {', '.join(comps)}")
+            self.components = comps
+
+    def auto_residency_after_offload(self) -> None:
+        """maybe_adjust_auto_component_residency_after_offload: from the keep-resident threshold, the model's
+        keep-resident components (+ the DiT for image generation) leave the implicit layerwise list and lose an
+        implicit CPU offload."""
+        if not self.rich():
+            return
+        keep = set(self.hints.keep_resident_components)
+        if self.ctx is not None and self.ctx.is_image:
+            keep.add("dit")
+        changed = []
+        if self.components is not None and not self.components_explicit:
+            left = [c for c in self.components if c not in keep]
+            if left != self.components:
+                self.components = left or None
+                changed.append(f"layerwise_offload_components={self.components}")
+        explicit_dit_layerwise = self.explicit_layerwise("dit") or (
+            self.components_explicit and bool(self.components) and "all" in (self.components or []))
+        if (self.v["dit_cpu_offload"] and "dit" in keep and self.explicit_mode("dit") is None
+                and "dit_layerwise_offload" not in self.explicit and not explicit_dit_layerwise):
+            self.v["dit_cpu_offload"] = False
+            changed.append("dit_cpu_offload=False")
+        for component in ("text_encoder", "image_encoder", "vae"):
+            flag = _CPU_FLAG[component]
+            if self.v[flag] and component in keep and self.explicit_mode(component) is None:
+                self.v[flag] = False
+                changed.append(f"{flag}=False")
+        if changed:
+            self.msgs.append(f"Disabling component offload because minimum available memory on selected GPUs is "
+                             f"{self.ctx.memory_gib:.2f} GiB: {', '.join(changed)}")  # type: ignore[union-attr]
+
+    def replace_cpu_offload_with_layerwise(self) -> None:
+        """maybe_replace_cpu_offloaded_components_with_layerwise: implicit te/ie/vae CPU offload goes layerwise."""
+        if self.components is not None or self.v["dit_layerwise_offload"] is True:
+            return
+        comps = ["dit"] if self.v["dit_layerwise_offload"] else []
+        changed = [c for c in DEFAULT_GROUP if self.v[_CPU_FLAG[c]] and self.explicit_mode(c) is None]
+        if changed:
+            self.components = comps + changed
+            self.msgs.append("Automatically replacing CPU offload with layerwise offload for components: "
+                             + ", ".join(changed))
+
+    def adjust_layerwise_components(self) -> None:
+        """_adjust_layerwise_offload_components: `dit_layerwise_offload` adds "dit" first; selected groups clear
+        their component's CPU offload (not the DiT's, since #26925); an explicit `--dit-layerwise-offload false`
+        with no explicit DiT offload keeps the DiT resident."""
+        sel = list(self.components) if self.components else None
+        if self.v["dit_layerwise_offload"]:
+            if sel is None:
+                sel = ["dit"]
+            elif "dit" not in sel:
+                sel = ["dit", *sel]
+        self.components = sel
+        chosen = set(sel or ())
+        cleared = []
+        for component in ("text_encoder", "image_encoder", "vae"):
+            flag = _CPU_FLAG[component]
+            if ("all" in chosen or component in chosen) and self.v[flag] is not False:
+                self.v[flag] = False
+                if flag in self.explicit:
+                    cleared.append(flag)
+        if cleared:
+            self.msgs.append("Ignoring component-offload flags because layerwise offload controls the same "
+                             f"component groups: {', '.join(cleared)}")
+        has_explicit_dit_offload = self.explicit_layerwise("dit") or (
+            "dit_cpu_offload" in self.explicit and bool(self.v["dit_cpu_offload"]))
+        if ("dit_layerwise_offload" in self.explicit and not self.v["dit_layerwise_offload"]
+                and not has_explicit_dit_offload):
+            self.v["dit_cpu_offload"] = False
+
+
 def _resolve_sglang(flags: OffloadFlags, context: EngineContext | None = None,
                     policy: str = "sglang") -> tuple[OffloadFlags, list[str], EngineDetails | None]:
-    """After SGLang #26925 (2026-06-01; releases 0.5.13 and later): dit_cpu_offload is kept with DiT layerwise.
+    """SGLang 0.5.23 (the newest release modelled): after #26925 dit_cpu_offload is kept with DiT layerwise, and
+    layerwise offload covers the text encoder and the VAE too (`layerwise_offload_components`, per-component
+    maps), with resident DiT layers and the memory/task defaults of `performance_mode` (`_ServerArgs0523`).
+
+    Unset switches need a context (the card's memory, the task, the family). The effective flags say what runs:
+    `dit_layerwise_offload` is whether the DiT resolves to layerwise offload (SGLang's residency_mode, so a
+    selection of "dit" or "all" counts), `layerwise_offload_components` SGLang's final list (() for none), the
+    CPU-offload flags after layerwise cleared them; in manual mode a switch left unset is off, as the runtime
+    reads it.
+    """
+    if context is None and flags.unset():
+        raise FlagError(f"policy {policy!r}: {', '.join(flags.unset())} unset: SGLang's defaults depend on the card "
+                        f"and task; pass an EngineContext")
+    messages: list[str] = []
+    state = _ServerArgs0523(flags, context, messages)
+    state.adjust()
+    residency = {c: state.residency(c) for c in ("dit", "text_encoder", "vae")}
+    v = state.v
+    effective = replace(
+        flags,
+        dit_cpu_offload=bool(v["dit_cpu_offload"]),
+        dit_layerwise_offload=residency["dit"] == "layerwise-offload",
+        text_encoder_cpu_offload=bool(v["text_encoder_cpu_offload"]),
+        vae_cpu_offload=bool(v["vae_cpu_offload"]),
+        pin_cpu_memory=True if flags.pin_cpu_memory is None else flags.pin_cpu_memory,
+        layerwise_offload_components=tuple(state.components or ()),
+    )
+    effective = _common_prefetch_rules(effective, messages)
+    for name in flags.unset():
+        messages.append(f"{name} unset: SGLang 0.5.23's default ({state.mode} mode) is {getattr(effective, name)}")
+    details = EngineDetails(source="model", version="0.5.23", layerwise_components=tuple(state.components or ()),
+                            dit_residency=residency["dit"], context=context, residency=residency) \
+        if context is not None or flags.layerwise_offload_components is not None else None
+    return effective, messages, details
+
+
+def _resolve_sglang_0513(flags: OffloadFlags, context: EngineContext | None = None,
+                         policy: str = "sglang-0.5.13") -> tuple[OffloadFlags, list[str], EngineDetails | None]:
+    """SGLang 0.5.13 (after #26925, 2026-06-01; before resident layers): dit_cpu_offload is kept with DiT layerwise.
+
+    The model of the June era, kept for the differential grid against 0.5.13 (`MODEL_FOR_VERSION`); policy
+    "sglang" models the newest release. It refuses the flags 0.5.13 does not have and whatever it cannot express.
 
     Only non-DiT component CPU offload is cleared for components that layerwise manages; our layerwise runtime
     manages the DiT alone. Unset flags (with a context) take the defaults of SGLang's auto mode on one CUDA GPU
@@ -396,6 +802,9 @@ def _resolve_sglang(flags: OffloadFlags, context: EngineContext | None = None,
       cannot do: refused. The VAE stays resident instead from the keep-resident threshold up (0.5.23). With
       `dit_layerwise_offload` on, the default group is not added and the text encoder defaults to CPU offload.
     """
+    _refuse_resident_layers(policy, flags, "0.5.13")
+    if flags.layerwise_offload_components is not None:
+        raise _refuse(policy, flags, "layerwise_offload_components", "this model of 0.5.13 streams the DiT alone")
     messages: list[str] = []
     details: EngineDetails | None = None
     context = _need_context(policy, flags, context)
@@ -404,6 +813,7 @@ def _resolve_sglang(flags: OffloadFlags, context: EngineContext | None = None,
     flags = _common_prefetch_rules(flags, messages)
     if details is not None:
         details = replace(details, dit_residency=_dit_residency(flags))
+        flags = replace(flags, layerwise_offload_components=details.layerwise_components)
     return flags, messages, details
 
 
@@ -455,6 +865,8 @@ def _resolve_sglang_legacy(flags: OffloadFlags, context: EngineContext | None = 
     if flags.unset():
         raise _refuse(policy, flags, "set flags", "this era's defaults were never released; use sglang@<version>")
     _refuse_resident_layers(policy, flags, "this era (May 2026)")
+    if flags.layerwise_offload_components is not None:
+        raise _refuse(policy, flags, "layerwise_offload_components", "this model streams the DiT alone")
     messages: list[str] = []
     flags = _common_prefetch_rules(flags, messages)
     if flags.dit_layerwise_offload and flags.dit_cpu_offload:
@@ -479,6 +891,8 @@ def _resolve_sglang_pre18997(flags: OffloadFlags, context: EngineContext | None 
         raise _refuse(policy, flags, "dit_offload_prefetch_size",
                       "0.5.8 has no such flag; its layerwise manager always prefetches the next layer")
     _refuse_resident_layers(policy, flags, "0.5.8")
+    if flags.layerwise_offload_components is not None:
+        raise _refuse(policy, flags, "layerwise_offload_components", "0.5.8 has no such flag")
     context = _need_context(policy, flags, context)
     messages: list[str] = []
     details: EngineDetails | None = None
@@ -507,13 +921,14 @@ PolicyFn = Callable[..., tuple[OffloadFlags, list[str], EngineDetails | None]]
 
 POLICIES: dict[str, PolicyFn] = {
     "sglang": _resolve_sglang,
+    "sglang-0.5.13": _resolve_sglang_0513,
     "sglang-legacy": _resolve_sglang_legacy,
     "sglang-pre18997": _resolve_sglang_pre18997,
 }
 """Our hand-written models. `sglang@<version>` and `sglang@installed` ask the real engine instead."""
 
 ENGINE_PREFIX = "sglang@"
-MODEL_FOR_VERSION: dict[str, str] = {"0.5.8": "sglang-pre18997", "0.5.13": "sglang", "0.5.23": "sglang"}
+MODEL_FOR_VERSION: dict[str, str] = {"0.5.8": "sglang-pre18997", "0.5.13": "sglang-0.5.13", "0.5.23": "sglang"}
 """Which hand-written model follows which release (checked by tests/test_engine_differential.py)."""
 
 
@@ -600,27 +1015,29 @@ def _resolve_with_engine(flags_list: list[OffloadFlags], policy: str, version: s
         if streamed:
             raise FlagError(
                 f"policy {policy!r}: SGLang {version} streams {', '.join(streamed)} layer by layer for "
-                f"{flags.label()}; the harness streams only the DiT: set text_encoder_cpu_offload and "
-                "vae_cpu_offload explicitly"
+                f"{flags.label()}; the harness streams the zoo's roles only (DiT, text encoder, VAE)"
             )
-        effective = engine_flags(answer.effective)
+        effective = engine_flags(answer.effective, answer.layerwise_components, answer.dit_residency)
         details = EngineDetails(source="sglang", version=answer.version,
                                 layerwise_components=answer.layerwise_components,
                                 dit_residency=answer.dit_residency, pipeline_config=answer.pipeline_config,
-                                context=context)
+                                context=context, residency=answer.extra.get("residency"))
         out.append(Resolution(policy, flags, effective, answer.messages, details))
     return out
 
 
-RUNNABLE_LAYERWISE_COMPONENTS = ("dit", "image_encoder")
-"""Layerwise selections the harness can run: the DiT, and SGLang's image_encoder group, which selects nothing in
-the zoo's families (none has a separate image encoder)."""
+RUNNABLE_LAYERWISE_COMPONENTS = ("dit", "text_encoder", "image_encoder", "vae", "all")
+"""Layerwise selections the harness can run: the DiT, the text encoder and the VAE (harness.offload.layerwise), and
+SGLang's image_encoder group, which selects nothing in the zoo's families (none has a separate image encoder)."""
 
 
-def engine_flags(effective: Mapping[str, Any]) -> OffloadFlags:
+def engine_flags(effective: Mapping[str, Any], components: tuple[str, ...] | list[str] | None = None,
+                 dit_residency: str | None = None) -> OffloadFlags:
     """SGLang's resolved values as OffloadFlags: a None left by a release without finalisation (0.5.8) is off, as
     SGLang's runtime reads it; a release without the prefetch flag (0.5.8) prefetches the next layer, 0 here; one
-    without resident layers (before 0.5.23) streams every layer (0, leading)."""
+    without resident layers (before 0.5.23) streams every layer (0, leading). With the release's final component
+    list and DiT residency (0.5.23), `dit_layerwise_offload` is whether the DiT resolves to layerwise offload and
+    `layerwise_offload_components` that list, as our model reports them."""
     values: dict[str, Any] = {}
     defaults = OffloadFlags()
     for name in OffloadFlags.names():
@@ -629,6 +1046,12 @@ def engine_flags(effective: Mapping[str, Any]) -> OffloadFlags:
             values[name] = float(value) if value is not None else 0.0
         elif name == "dit_layerwise_residency_policy":  # absent before 0.5.23: every layer streamed
             values[name] = str(value) if value is not None else defaults.dit_layerwise_residency_policy
+        elif name == "layerwise_offload_components":
+            values[name] = tuple(components or ())
+        elif name in MAP_FLAGS:
+            values[name] = _component_map(name, value, "engine") if value else ()
         else:
             values[name] = bool(value) if name != "pin_cpu_memory" or value is not None else True
+    if dit_residency is not None:
+        values["dit_layerwise_offload"] = dit_residency == "layerwise-offload"
     return OffloadFlags(**values)

@@ -43,8 +43,8 @@ DEFAULT_MARGIN = 0.10
 DEFAULT_GPU_FOREIGN_FRACTION = 0.05
 CHECKPOINT_SEED = 0  # the worker generates every checkpoint with seed 0
 HOST_PLACEMENTS = {
-    "text_encoder": ("cpu-offload",),
-    "vae": ("cpu-offload",),
+    "text_encoder": ("cpu-offload", "layerwise-from-host"),
+    "vae": ("cpu-offload", "layerwise-from-host"),
     "dit": ("cpu-offload", "layerwise-from-host", "layerwise-from-device", "diffusers-group-offload"),
 }
 # Placements that hold a second host copy: diffusers' group offload pins a copy of every block tensor through

@@ -28,6 +28,7 @@ from harness.flags import (
     Resolution,
     check_flag_value,
     check_policy,
+    flag_json,
     is_finite_number,
     resolve_many,
 )
@@ -718,7 +719,8 @@ def _host_bounds(data: Any, path: Path) -> dict[str, Any] | None:
 
 
 def matches(flags: dict[str, Any], where: dict[str, Any]) -> bool:
-    return all(flags.get(k) == v for k, v in where.items())
+    """Flags (a record's or a cell's, or normalised axis values) that take every value of `where`."""
+    return all(flag_json(k, flags.get(k)) == flag_json(k, v) for k, v in where.items())
 
 
 def expand(scenario: Scenario) -> list[Cell]:

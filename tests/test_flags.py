@@ -102,7 +102,7 @@ def test_sglang_keeps_dit_cpu_offload_if_layerwise_is_on() -> None:
     r = resolve(both_on(dit_offload_prefetch_size=4), "sglang")
     assert r.effective.dit_cpu_offload is True
     assert r.effective.dit_layerwise_offload is True
-    assert r.effective == r.requested
+    assert r.effective == replace(r.requested, layerwise_offload_components=("dit",))  # SGLang's final list
     assert not any("dit_cpu_offload" in m or "DiT" in m for m in r.messages)
 
 
@@ -147,7 +147,7 @@ def test_prefetch_is_recorded_as_zero_if_layerwise_is_off(policy: str, value: fl
 
 
 def test_resolve_says_nothing_if_prefetch_is_already_zero_without_layerwise() -> None:
-    assert resolve(OffloadFlags(), "sglang").messages == ()
+    assert not any("prefetch" in m for m in resolve(OffloadFlags(), "sglang").messages)
 
 
 def test_resolve_raises_naming_the_policy_if_unknown() -> None:
@@ -297,7 +297,8 @@ def test_resident_layers_and_policy_are_recorded_as_defaults_without_layerwise()
 def test_strided_without_resident_layers_is_the_leading_run() -> None:
     flags = OffloadFlags(dit_cpu_offload=True, dit_layerwise_offload=True, dit_layerwise_residency_policy="strided")
     r = resolve(flags, "sglang")
-    assert r.effective == replace(flags, dit_layerwise_residency_policy="leading")
+    assert r.effective == replace(flags, dit_layerwise_residency_policy="leading",
+                                  layerwise_offload_components=("dit",))
     assert any("--dit-layerwise-resident-layers is 0" in m for m in r.messages)
 
 

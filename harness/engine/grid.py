@@ -94,7 +94,7 @@ def compare(item: GridInput, engine: EngineResolution, policy: str) -> Outcome:
 
 
 def differences(engine: EngineResolution, ours: Resolution) -> list[str]:
-    theirs = engine_flags(engine.effective)
+    theirs = engine_flags(engine.effective, engine.layerwise_components, engine.dit_residency)
     mine = ours.effective
     diffs = []
     for name in BOOL_FLAGS:
@@ -109,6 +109,16 @@ def differences(engine: EngineResolution, ours: Resolution) -> list[str]:
     our_residency = ours.engine.dit_residency if ours.engine else None
     if engine.dit_residency is not None and engine.dit_residency != our_residency:
         diffs.append(f"dit_residency: SGLang {engine.dit_residency}, ours {our_residency}")
+    theirs_all = engine.extra.get("residency") or {}
+    mine_all = (ours.engine.residency if ours.engine else None) or {}
+    for role in ("text_encoder", "vae"):
+        if role in theirs_all and mine_all.get(role) != theirs_all[role]:
+            diffs.append(f"{role} residency: SGLang {theirs_all[role]}, ours {mine_all.get(role)}")
+    if theirs.dit_layerwise_offload:  # resident layers act only on a layerwise DiT (elsewhere ours records 0)
+        for name in ("dit_layerwise_resident_layers", "dit_layerwise_residency_policy"):
+            if getattr(theirs, name) != getattr(mine, name) and not (
+                    name == "dit_layerwise_residency_policy" and not theirs.dit_layerwise_resident_layers):
+                diffs.append(f"{name}: SGLang {getattr(theirs, name)}, ours {getattr(mine, name)}")
     return diffs
 
 
@@ -128,7 +138,7 @@ def summary(outcomes: list[Outcome]) -> Counter[str]:
 def _engine_text(e: EngineResolution) -> str:
     if e.error:
         return f"error: {e.error}"
-    f = engine_flags(e.effective)
+    f = engine_flags(e.effective, e.layerwise_components, e.dit_residency)
     bits = [f"cpu={int(bool(f.dit_cpu_offload))} lw={int(bool(f.dit_layerwise_offload))} "
             f"te={int(bool(f.text_encoder_cpu_offload))} vae={int(bool(f.vae_cpu_offload))} "
             f"pf={f.dit_offload_prefetch_size:g} pin={int(bool(f.pin_cpu_memory))}"]

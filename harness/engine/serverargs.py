@@ -52,12 +52,22 @@ MODELLED_FLAGS = (
     "pin_cpu_memory",
     "dit_layerwise_resident_layers",
     "dit_layerwise_residency_policy",
+    "layerwise_offload_components",
+    "layerwise_prefetch_size",
+    "layerwise_resident_layers",
+    "layerwise_residency_policy",
 )
 
 LATER_FLAG_DEFAULTS: dict[str, Any] = {
     "dit_layerwise_resident_layers": 0.0,
     "dit_layerwise_residency_policy": "leading",
+    "layerwise_offload_components": None,
+    "layerwise_prefetch_size": {},
+    "layerwise_resident_layers": {},
+    "layerwise_residency_policy": {},
 }
+RESIDENCY_NAMES = {"dit": "transformer", "text_encoder": "text_encoder", "vae": "vae"}
+"""The zoo's roles by the component names SGLang's residency_mode takes."""
 """Flags only newer releases have (0.5.23), with their ServerArgs defaults: passed only when a request moves them
 off the default (passing a default would mark it explicitly set), refused by a release without the field."""
 
@@ -217,7 +227,10 @@ def resolve_one(server_args_cls: Any, version: str, request: dict[str, Any], cap
         answer["layerwise_components"] = list(comps or [])
         if hasattr(args, "residency_mode"):
             answer["dit_residency"] = str(args.residency_mode("transformer"))
-        answer["extra"] = {n: _jsonable(getattr(args, n)) for n in EXTRA_FIELDS if hasattr(args, n)}
+            answer["extra"]["residency"] = {role: str(args.residency_mode(name))
+                                            for role, name in RESIDENCY_NAMES.items()}
+        answer["extra"] = {**answer["extra"],
+                           **{n: _jsonable(getattr(args, n)) for n in EXTRA_FIELDS if hasattr(args, n)}}
         answer["extra"]["has_layerwise_offload_components"] = hasattr(args, "layerwise_offload_components")
     answer["messages"] = list(capture.records)
     return answer

@@ -26,6 +26,9 @@ class UnknownModelError(KeyError):
 
 
 ROLES = ("text_encoder", "dit", "vae")
+VAE_DECODER_LAYERS = ("decoder.up_blocks",)
+"""What a VAE streams under layerwise offload: its decoder's blocks (SGLang's VAE `layer_names`); the encoder,
+which only the edit models run, stays on the device."""
 
 
 @dataclass(frozen=True)

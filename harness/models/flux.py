@@ -17,7 +17,7 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
-from harness.models import ComponentSpec, ModelSpec, register
+from harness.models import VAE_DECODER_LAYERS, ComponentSpec, ModelSpec, register
 
 
 @functools.cache
@@ -75,6 +75,7 @@ def build_vae(config: Mapping[str, Any]) -> Any:
     return AutoencoderKL(**config)
 
 
+TEXT_ENCODER_LAYERS = ("clip.encoder.layers", "t5.encoder.block")
 _HERE = "harness.models.flux"
 
 # black-forest-labs/FLUX.1-dev transformer/config.json: 19 double + 38 single blocks, 24 heads x 128 -> 11.90 B.
@@ -171,12 +172,14 @@ def _spec(name: str, dit: dict, clip: dict, t5: dict, vae: dict, t5_tokens: int,
         name=name,
         family="flux",
         components={
-            "text_encoder": ComponentSpec("text_encoder", f"{_HERE}:build_text_encoder", {"clip": clip, "t5": t5}),
+            # the layers SGLang's text encoders and VAE declare as `layer_names` for layerwise offload
+            "text_encoder": ComponentSpec("text_encoder", f"{_HERE}:build_text_encoder", {"clip": clip, "t5": t5},
+                                          layer_groups=TEXT_ENCODER_LAYERS),
             "dit": ComponentSpec(
                 "dit", f"{_HERE}:build_dit", dit, layer_groups=("transformer_blocks", "single_transformer_blocks"),
                 layer_count_keys=("num_layers", "num_single_layers"),
             ),
-            "vae": ComponentSpec("vae", f"{_HERE}:build_vae", vae),
+            "vae": ComponentSpec("vae", f"{_HERE}:build_vae", vae, layer_groups=VAE_DECODER_LAYERS),
         },
         prompt_tokens=t5_tokens,  # T5 tokens (FluxPipeline's max_sequence_length: 512 for FLUX.1-dev)
         drop_tokens=0,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from harness.models import ComponentSpec, ModelSpec, register
+from harness.models import VAE_DECODER_LAYERS, ComponentSpec, ModelSpec, register
 
 
 def build_dit(config: Mapping[str, Any]) -> Any:
@@ -33,6 +33,7 @@ def build_vae(config: Mapping[str, Any]) -> Any:
     return AutoencoderKLQwenImage(**config)
 
 
+TEXT_ENCODER_LAYERS = ("layers",)
 _HERE = "harness.models.qwen_image"
 
 # Qwen/Qwen-Image transformer/config.json: 60 layers, 24 heads x 128, joint_attention_dim 3584 -> 20.43 B params.
@@ -102,10 +103,12 @@ def _spec(name: str, dit: dict, te: dict, vae: dict, edit: bool, tokens: int, dr
         name=name,
         family="qwen-image",
         components={
-            "text_encoder": ComponentSpec("text_encoder", f"{_HERE}:build_text_encoder", te),
+            # the layers SGLang's text encoder and VAE declare as `layer_names` for layerwise offload
+            "text_encoder": ComponentSpec("text_encoder", f"{_HERE}:build_text_encoder", te,
+                                          layer_groups=TEXT_ENCODER_LAYERS),
             "dit": ComponentSpec("dit", f"{_HERE}:build_dit", dit, layer_groups=("transformer_blocks",),
                                  layer_count_keys=("num_layers",)),
-            "vae": ComponentSpec("vae", f"{_HERE}:build_vae", vae),
+            "vae": ComponentSpec("vae", f"{_HERE}:build_vae", vae, layer_groups=VAE_DECODER_LAYERS),
         },
         prompt_tokens=tokens,
         drop_tokens=drop,

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from harness.models import ComponentSpec, ModelSpec, register
+from harness.models import VAE_DECODER_LAYERS, ComponentSpec, ModelSpec, register
 from harness.models.flux import untie_t5_embedding
 
 
@@ -49,6 +49,7 @@ def build_vae(config: Mapping[str, Any]) -> Any:
     return AutoencoderKLWan(**config)
 
 
+TEXT_ENCODER_LAYERS = ("encoder.block",)
 _HERE = "harness.models.wan"
 
 # Wan-AI/Wan2.1-T2V-14B-Diffusers transformer/config.json: 40 blocks, 40 heads x 128, ffn 13824 -> 14.29 B params.
@@ -114,10 +115,12 @@ def _spec(name: str, dit: dict, te: dict, vae: dict, tokens: int, desc: str) -> 
         name=name,
         family="wan",
         components={
-            "text_encoder": ComponentSpec("text_encoder", f"{_HERE}:build_text_encoder", te),
+            # the layers SGLang's text encoder and VAE declare as `layer_names` for layerwise offload
+            "text_encoder": ComponentSpec("text_encoder", f"{_HERE}:build_text_encoder", te,
+                                          layer_groups=TEXT_ENCODER_LAYERS),
             "dit": ComponentSpec("dit", f"{_HERE}:build_dit", dit, layer_groups=("blocks",),
                                  layer_count_keys=("num_layers",)),
-            "vae": ComponentSpec("vae", f"{_HERE}:build_vae", vae),
+            "vae": ComponentSpec("vae", f"{_HERE}:build_vae", vae, layer_groups=VAE_DECODER_LAYERS),
         },
         prompt_tokens=tokens,  # WanPipeline's max_sequence_length: 512
         drop_tokens=0,

@@ -96,7 +96,8 @@ class LayerwiseRuntime:
 
     Args:
         module (nn.Module): the DiT; its layer parameters may be on meta, host or device when built.
-        groups (tuple[str, ...]): attribute names of the streamed ModuleLists (e.g. ("transformer_blocks",)).
+        groups (tuple[str, ...]): dotted paths of the streamed ModuleLists (e.g. ("transformer_blocks",),
+            ("t5.encoder.block",)).
         device (Device): where layers are computed.
         prefetch_size (float): SGLang's `dit_offload_prefetch_size`; see `harness.flags.prefetch_layers`.
         pin (bool): page-lock the host regions.
@@ -127,7 +128,7 @@ class LayerwiseRuntime:
         self.copy_recorder: CopyRecorder | None = None
         self.fill_stats: FillStats | None = None  # what fill() took (threads, reads, pins overlapped or not)
         for gname in groups:
-            layers = list(getattr(module, gname))
+            layers = list(module.get_submodule(gname))
             n = len(layers)
             streamed = streamed_layer_indices(n, resident_layer_count(resident_layers, n), residency_policy)
             # p counts streamed layers: with r kept, a window larger than the n - r streamed ones is all of them

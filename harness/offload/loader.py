@@ -62,11 +62,35 @@ def placement_for(role: str, flags: OffloadFlags, backend: str = "harness") -> s
                 return SGLANG_LAYERWISE
             return "layerwise-from-host" if flags.dit_cpu_offload else "layerwise-from-device"
         return "cpu-offload" if flags.dit_cpu_offload else "resident"
-    if role == "text_encoder":
-        return "cpu-offload" if flags.text_encoder_cpu_offload else "resident"
-    if role == "vae":
-        return "cpu-offload" if flags.vae_cpu_offload else "resident"
+    if role in ("text_encoder", "vae"):
+        # a component selected for layerwise offload streams from the host whatever its CPU-offload flag says
+        # (SGLang's residency_mode: an explicit layerwise selection wins, and the selection clears the flag)
+        if role in selected_layerwise(flags):
+            return "layerwise-from-host"
+        on_host = flags.text_encoder_cpu_offload if role == "text_encoder" else flags.vae_cpu_offload
+        return "cpu-offload" if on_host else "resident"
     raise ValueError(f"unknown component role {role!r}")
+
+
+def selected_layerwise(flags: OffloadFlags) -> set[str]:
+    """The zoo roles `layerwise_offload_components` selects ("all": every role; the DiT by its own flag)."""
+    chosen = set(flags.layerwise_offload_components or ())
+    roles = {"text_encoder", "vae", "dit"} if "all" in chosen else chosen & {"text_encoder", "vae", "dit"}
+    return roles | ({"dit"} if flags.dit_layerwise_offload else set())
+
+
+def layerwise_tuning(role: str, flags: OffloadFlags | None, prefetch_size: float) -> tuple[float, float, str]:
+    """Prefetch size, resident layers and residency policy for a layerwise component (SGLang's
+    `layerwise_tuning_for`): its per-component map entry, else the `dit_*` values for the DiT and 0 / 0 / leading
+    for the others."""
+    if flags is None:
+        return (prefetch_size, 0.0, "leading")
+    name = "transformer" if role == "dit" else role
+    defaults = ((prefetch_size, flags.dit_layerwise_resident_layers, flags.dit_layerwise_residency_policy)
+                if role == "dit" else (0.0, 0.0, "leading"))
+    picked = [flags.component_value(m, name) for m in ("layerwise_prefetch_size", "layerwise_resident_layers",
+                                                       "layerwise_residency_policy")]
+    return tuple(d if v is None else v for v, d in zip(picked, defaults, strict=True))  # type: ignore[return-value]
 
 
 @dataclass
@@ -303,11 +327,9 @@ def load_component(
             _materialise(module, reader, device, list(reader.names()))
             clock.lap("place_s")
         live = dict(module.named_parameters())  # the device copies, if any, read once by fill() below
-        rt = LayerwiseRuntime(
-            module, spec.layer_groups, device, prefetch_size, pin,
-            resident_layers=flags.dit_layerwise_resident_layers if flags is not None else 0.0,
-            residency_policy=flags.dit_layerwise_residency_policy if flags is not None else "leading",
-        )
+        prefetch, resident, policy = layerwise_tuning(spec.role, flags, prefetch_size)
+        rt = LayerwiseRuntime(module, spec.layer_groups, device, prefetch, pin, resident_layers=resident,
+                              residency_policy=policy)
         clock.lap("alloc_s")
         if placement == "layerwise-from-host":
             rt.fill(reader.read_into)
