@@ -17,7 +17,7 @@ from harness.expect import evaluate
 from harness.merge import host_of
 from harness.plan import plan_rows
 from harness.results import PHASES, by_gpu, summarize_peaks
-from harness.roofline import STEP_CONVENTION, first_step_ms, roofline_rows, steady_step_ms
+from harness.roofline import STEP_CONVENTION, first_step_ms, median_step_s, roofline_rows, steady_step_ms
 from harness.scenario import ScenarioError, load_scenario
 
 MIB = 2**20
@@ -68,6 +68,57 @@ def cell_row(record: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def _fits(record: dict[str, Any]) -> bool:
+    """Ran to the end, and (where NVML measured it under a card cap) its per-process peak stayed within the cap."""
+    return record["status"] == "ok" and (record.get("cap") or {}).get("within_cap") is not False
+
+
+def frontier_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Peak against step time, per card: every cell that ran (one row per distinct run), sorted by runtime peak,
+    with the Pareto front (no other cell that ran is both lower in runtime peak and faster per median steady
+    step) and the fastest cell that fits its card marked. A cell with resident DiT layers also shows its step
+    against the cell with none and otherwise the same effective flags."""
+    ran = [r for r in records if r["status"] == "ok" and not r.get("same_as") and median_step_s(r) is not None]
+    rows = []
+    for card in dict.fromkeys(r["card"]["name"] for r in ran):
+        mine = [r for r in ran if r["card"]["name"] == card]
+        peak = {id(r): summarize_peaks(r)["runtime"] for r in mine}
+        step = {id(r): median_step_s(r) for r in mine}
+        fitting = [r for r in mine if _fits(r)]
+        fastest = min(fitting, key=lambda r: step[id(r)], default=None)
+        for r in sorted(mine, key=lambda r: (peak[id(r)] or 0, step[id(r)])):
+            dominated = any(peak[id(o)] is not None and peak[id(r)] is not None and peak[id(o)] <= peak[id(r)]
+                            and step[id(o)] <= step[id(r)] and (peak[id(o)], step[id(o)]) != (peak[id(r)], step[id(r)])
+                            for o in mine)
+            base = _resident_zero_twin(r, mine)
+            cuda = r.get("device") == "cuda"
+            rows.append({
+                "card": card,
+                "cell": r["cell_id"].rsplit("/", 1)[-1] + ("" if (r.get("backend") or "harness") == "harness"
+                                                           else f" +{r['backend']}"),
+                f"runtime peak MiB ({'alloc reserved' if cuda else 'ledger'})": _mib(peak[id(r)]),
+                "runtime peak MiB (NVML per-process)": _mib(_phase_max(r, "nvml_proc_peak_bytes",
+                                                                         ("encode", "denoise", "decode"))),
+                "step s (median, steady)": round(step[id(r)], 3),
+                "vs resident 0": "" if base is None else f"{step[id(base)] / step[id(r)]:.2f}x faster"
+                if step[id(r)] < step[id(base)] else f"{step[id(r)] / step[id(base)]:.2f}x slower",
+                "frontier": "yes" if not dominated else "",
+                "fastest that fits": "**fastest**" if r is fastest else "",
+            })
+    return rows
+
+
+def _resident_zero_twin(record: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    eff = record.get("effective") or {}
+    if not eff.get("dit_layerwise_resident_layers"):
+        return None
+    drop = ("dit_layerwise_resident_layers", "dit_layerwise_residency_policy")
+    key = {k: v for k, v in eff.items() if k not in drop}
+    return next((o for o in records if not (o.get("effective") or {}).get("dit_layerwise_resident_layers")
+                 and {k: v for k, v in (o.get("effective") or {}).items() if k not in drop} == key
+                 and (o.get("backend") or "harness") == (record.get("backend") or "harness")), None)
+
+
 def render(records: list[dict[str, Any]], title: str = "offload-bench run") -> str:
     out = [f"# {title}", ""]
     machines = {(r.get("machine") or {}).get("gpu") or "cpu" for r in records}
@@ -93,6 +144,12 @@ def render(records: list[dict[str, Any]], title: str = "offload-bench run") -> s
         rows = [cell_row(r) | ({"machine": machine_label(r)} if several_hosts else {}) for r in recs]
         out.append(tabulate(rows, headers="keys", tablefmt="github"))
         out.append("")
+        front = frontier_rows(recs)
+        if len(front) > 1:
+            out += ["Peak against step time (runtime peak: max over encode/denoise/decode; step: median denoise step, "
+                    "the first left out; frontier: no other cell both lower and faster; **fastest**: the fastest "
+                    "cell that ran within its card):", ""]
+            out += [tabulate(front, headers="keys", tablefmt="github"), ""]
         roof = roofline_rows(recs)
         if roof:
             out += ["Layerwise roofline (harness.roofline: predicted step = forwards x max(resident compute per "

@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from harness.engine.grid import as_rows, grid_inputs, run_version, summary
+from harness.engine.grid import MODERN_VERSION, as_rows, grid_inputs, modern_inputs, run_version, summary
 from harness.engine.policy import EngineError, available_versions
 from harness.flags import MODEL_FOR_VERSION
 
@@ -41,6 +41,30 @@ def test_model_agrees_with_release_on_every_expressible_input(version: str, grid
     assert not rows, (f"{MODEL_FOR_VERSION[version]} disagrees with sglang {version} on {len(rows)} of "
                       f"{len(outcomes)} inputs ({dict(counts)}):\n{listing}")
     assert counts["agree"] > 0, "nothing was compared"
+
+
+@pytest.mark.skipif(ENGINE_OFF, reason="OFFLOAD_BENCH_SGLANG=0: the SGLang install is turned off")
+def test_model_agrees_with_newest_release_on_modes_components_and_resident_layers() -> None:
+    if MODERN_VERSION not in available_versions():
+        pytest.fail(f"sglang {MODERN_VERSION} is not installed: run `python -m harness.engine.install "
+                    f"{MODERN_VERSION}`")
+    outcomes = run_version(MODERN_VERSION, modern_inputs())
+    rows = as_rows(outcomes)
+    listing = "\n".join(f"{r['input']}: SGLang {r['sglang']} | ours {r['ours']} | {'; '.join(r['diffs'])}"
+                         for r in rows[:40])
+    counts = summary(outcomes)
+    assert not rows, f"sglang disagrees with {MODERN_VERSION} on {len(rows)} inputs ({dict(counts)}):\n{listing}"
+    assert counts["agree"] > 0.9 * len(outcomes), dict(counts)
+
+
+def test_modern_grid_covers_modes_cards_components_and_resident_layers() -> None:
+    items = modern_inputs()
+    assert {i.context.performance_mode for i in items} == {None, "manual", "speed", "memory"}
+    assert {i.context.memory_gib for i in items} >= {16.0, 24.0, 31.36, 48.0, 80.0, 141.0}
+    assert {i.context.is_image for i in items} == {True, False}
+    labels = {i.flags.label() for i in items}
+    assert any("-lwc-all" in x for x in labels) and any("-lwc-none" in x for x in labels)
+    assert any("-res30.7-strided" in x for x in labels) and any("-tepf2" in x for x in labels)
 
 
 def test_grid_covers_unset_flags_prefetch_cards_and_both_task_kinds(grid: list) -> None:

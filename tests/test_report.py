@@ -10,7 +10,8 @@ import pytest
 
 from harness import cli
 from harness.plots import pareto_front, pareto_plot, plot_points, trace_plot
-from harness.report import render, report_paths, write_report
+from harness.report import frontier_rows, render, report_paths, write_report
+from tests.helpers import make_record
 
 FIXTURES = Path(__file__).parent / "fixtures"
 H100 = FIXTURES / "h100-qwen-image-edit-5090.records.jsonl"
@@ -190,3 +191,20 @@ def test_plots_style_backends_apart_and_share_their_scales(tmp_path):
     assert len({ax.get_ylim() for ax in panels}) == 1 and len({ax.get_xlim() for ax in panels}) == 1
     twins = [ax for ax in trace.axes if ax.get_ylabel() == "host RSS GiB"]
     assert len(twins) == 4 and len({ax.get_ylim() for ax in twins}) == 1
+
+
+def test_frontier_marks_the_fastest_cell_that_fits_and_the_pareto_front() -> None:
+    def cell(resident: float, runtime_mib: int, step_ms: float, status: str = "ok") -> dict:
+        r = make_record(True, True, status=status, runtime=runtime_mib * 2**20,
+                        dit_layerwise_resident_layers=resident)
+        r["phases"]["denoise"]["step_ms"] = [999.0, step_ms, step_ms]
+        return r
+
+    slow, mid, fast, dominated = cell(0, 100, 1000.0), cell(15, 300, 700.0), cell(30, 500, 500.0), cell(38, 600, 800.0)
+    over = cell(48, 0, 0.0, status="oom")
+    rows = {r["cell"]: r for r in frontier_rows([slow, mid, fast, dominated, over])}
+    assert list(rows) == [x["cell_id"].rsplit("/", 1)[-1] for x in (slow, mid, fast, dominated)]  # by peak; oom out
+    assert [rows[k]["frontier"] for k in rows] == ["yes", "yes", "yes", ""]
+    assert [rows[k]["fastest that fits"] for k in rows] == ["", "", "**fastest**", ""]
+    assert rows[fast["cell_id"].rsplit("/", 1)[-1]]["vs resident 0"] == "2.00x faster"
+    assert rows[slow["cell_id"].rsplit("/", 1)[-1]]["vs resident 0"] == ""

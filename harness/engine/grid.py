@@ -40,6 +40,7 @@ BOOL_VALUES: tuple[bool | None, ...] = (False, True, None)
 PREFETCH_SIZES: tuple[float, ...] = (0.0, 1.0, 4.0, 0.1, 0.5, 2.5)
 CARD_GIB: tuple[float, ...] = (16.0, 24.0, 31.36, 80.0, 141.0)
 FAMILIES: tuple[str, ...] = tuple(FAMILY_TASKS)
+MODERN_VERSION = "0.5.23"  # the release modern_inputs() is asked of
 BOOL_FLAGS = ("dit_cpu_offload", "dit_layerwise_offload", "text_encoder_cpu_offload", "vae_cpu_offload",
               "pin_cpu_memory")
 
@@ -50,7 +51,8 @@ class GridInput:
     context: EngineContext
 
     def describe(self) -> str:
-        return f"{self.context.family} {self.context.task} {self.context.memory_gib:g} GiB {self.flags.label()}"
+        mode = f" {self.context.performance_mode}" if self.context.performance_mode else ""
+        return f"{self.context.family} {self.context.task} {self.context.memory_gib:g} GiB{mode} {self.flags.label()}"
 
 
 def grid_inputs(cards: tuple[float, ...] = CARD_GIB, families: tuple[str, ...] = FAMILIES,
@@ -63,6 +65,46 @@ def grid_inputs(cards: tuple[float, ...] = CARD_GIB, families: tuple[str, ...] =
             for pf in prefetch:
                 flags = OffloadFlags(**dict(zip(BOOL_FLAGS, bools, strict=True)), dit_offload_prefetch_size=pf)
                 out.append(GridInput(flags, ctx))
+    return out
+
+
+MODES: tuple[str | None, ...] = (None, "manual", "speed", "memory")
+MODERN_CARD_GIB: tuple[float, ...] = (16.0, 24.0, 31.36, 48.0, 80.0, 141.0)
+MODERN_SWITCHES: tuple[tuple[bool | None, ...], ...] = (
+    # dit_cpu_offload, dit_layerwise_offload, text_encoder_cpu_offload, vae_cpu_offload
+    (None, None, None, None), (True, True, None, None), (True, None, True, None), (False, False, False, False),
+    (None, False, None, True), (True, True, True, False),
+)
+COMPONENT_SELECTIONS: tuple[tuple[str, ...] | None, ...] = (
+    None, (), ("text_encoder",), ("vae",), ("all",), ("dit", "text_encoder"),
+)
+RESIDENT_VALUES: tuple[float, ...] = (0.25, 1.0, 30.0, 30.7, 99.0)
+
+
+def modern_inputs() -> list[GridInput]:
+    """The flags of 0.5.23 that older releases lack, asked of 0.5.23 only: performance modes x component
+    selections x cards (the < 30 GiB row, 45 / 60 / 120 GiB keep-resident thresholds) x families, then resident
+    layers x policy x prefetch, then the per-component maps."""
+    out = []
+    for family, gib, mode in itertools.product(FAMILIES, MODERN_CARD_GIB, MODES):
+        ctx = EngineContext(memory_gib=gib, task=FAMILY_TASKS[family], family=family, performance_mode=mode)
+        for switches, comps in itertools.product(MODERN_SWITCHES, COMPONENT_SELECTIONS):
+            out.append(GridInput(OffloadFlags(*switches, dit_offload_prefetch_size=1.0,  # type: ignore[misc]
+                                              layerwise_offload_components=comps), ctx))
+    for family, gib in itertools.product(("qwen-image", "wan"), (24.0, 80.0)):
+        ctx = EngineContext(memory_gib=gib, task=FAMILY_TASKS[family], family=family)
+        for switches, resident, policy, pf in itertools.product(
+                ((True, True, None, None), (None, True, True, False), (True, False, True, False)),
+                RESIDENT_VALUES, ("leading", "strided"), (0.0, 4.0)):
+            out.append(GridInput(OffloadFlags(*switches, dit_offload_prefetch_size=pf,  # type: ignore[misc]
+                                              dit_layerwise_resident_layers=resident,
+                                              dit_layerwise_residency_policy=policy), ctx))
+    for gib, comps, maps in itertools.product((24.0, 80.0), (("text_encoder", "vae"), ("all",)), (
+            {"layerwise_prefetch_size": (("text_encoder", 2.0),)}, {"layerwise_resident_layers": (("vae", 1.0),)},
+            {"layerwise_residency_policy": (("text_encoder", "strided"),)})):
+        ctx = EngineContext(memory_gib=gib, task="T2I", family="flux")
+        out.append(GridInput(OffloadFlags(True, True, None, None, layerwise_offload_components=comps,
+                                          **maps), ctx))  # type: ignore[arg-type]
     return out
 
 
@@ -125,7 +167,8 @@ def differences(engine: EngineResolution, ours: Resolution) -> list[str]:
 def run_version(version: str, items: list[GridInput], timeout_s: float = 1800.0) -> list[Outcome]:
     """All inputs through one child of `version` and through our model of its era."""
     requests = [EngineRequest(flags=i.flags.as_dict(), memory_gib=i.context.memory_gib, family=i.context.family,
-                              task=i.context.task) for i in items]  # type: ignore[arg-type]
+                              task=i.context.task, performance_mode=i.context.performance_mode)  # type: ignore[arg-type]
+                for i in items]
     answers = resolve_engine(version, requests, timeout_s=timeout_s, cache=False)
     policy = MODEL_FOR_VERSION[version]
     return [compare(item, answer, policy) for item, answer in zip(items, answers, strict=True)]
@@ -239,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     elapsed: dict[str, float] = {}
     for version in versions:
         t0 = time.monotonic()
-        results[version] = run_version(version, items)
+        results[version] = run_version(version, items + (modern_inputs() if version == MODERN_VERSION else []))
         elapsed[version] = time.monotonic() - t0
         c = summary(results[version])
         print(f"sglang {version}: {len(items)} inputs, {dict(c)} in {elapsed[version]:.0f} s", file=sys.stderr)
