@@ -252,13 +252,15 @@ class Cell:
             "policy": s.policy,
             "warmup": s.warmup,
             "rounds": s.rounds,
-            "requested": self.requested.as_dict(),
+            "requested": self.requested.spec_dict(),  # the child builds OffloadFlags from it: defaults fill in
             "backend": self.backend,
             "device": device,
             **({"run": run} if (run := s.run.spec(self.cfg_batch)) else {}),
             # An engine policy (sglang@<version>) was asked once, in the parent, for every cell of the card: the
-            # child runs what SGLang's ServerArgs answered instead of asking again.
-            **({"resolution": self.resolution.as_dict()} if self.resolution.engine_asked else {}),
+            # child runs what SGLang's ServerArgs answered instead of asking again. Likewise our model's answer for
+            # unset flags, which took the card's memory and task (the child does not know them).
+            **({"resolution": self.resolution.as_dict()}
+               if self.resolution.engine_asked or self.requested.unset() else {}),
         }
 
     def spec_hash(self, device: str) -> str:

@@ -43,6 +43,8 @@ from collections.abc import Iterator
 from typing import Any
 from unittest import mock
 
+from harness.flags import LATER_FLAGS_AT_DEFAULT
+
 MODELLED_FLAGS = (
     "dit_cpu_offload",
     "dit_layerwise_offload",
@@ -58,14 +60,7 @@ MODELLED_FLAGS = (
     "layerwise_residency_policy",
 )
 
-LATER_FLAG_DEFAULTS: dict[str, Any] = {
-    "dit_layerwise_resident_layers": 0.0,
-    "dit_layerwise_residency_policy": "leading",
-    "layerwise_offload_components": None,
-    "layerwise_prefetch_size": {},
-    "layerwise_resident_layers": {},
-    "layerwise_residency_policy": {},
-}
+LATER_FLAG_DEFAULTS: dict[str, Any] = LATER_FLAGS_AT_DEFAULT
 RESIDENCY_NAMES = {"dit": "transformer", "text_encoder": "text_encoder", "vae": "vae"}
 """The zoo's roles by the component names SGLang's residency_mode takes."""
 """Flags only newer releases have (0.5.23), with their ServerArgs defaults: passed only when a request moves them
