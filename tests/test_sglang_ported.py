@@ -2,9 +2,9 @@
 
 Each test names the case of `python/sglang/multimodal_gen/test/unit/test_server_args.py` it ports (0.5.13, and
 0.5.23 where marked). SGLang builds ServerArgs on a mocked CUDA platform; here the same inputs go through
-`harness.flags.resolve` with an `EngineContext` (card GiB, task, family). Cases whose inputs our model cannot
-express (component selectors, performance modes other than auto, multi-GPU, text encoder / VAE layerwise) either
-assert the clear refusal or are strict expected failures naming the feature they need.
+`harness.flags.resolve` with an `EngineContext` (card GiB, task, family, performance mode), and the expected values
+are 0.5.23's (our `sglang` model). What our model cannot express (exact component names, a Wan2.2 family) asserts
+the clear refusal or is a strict expected failure naming what it needs.
 """
 
 from __future__ import annotations
@@ -14,9 +14,6 @@ import pytest
 from harness.flags import EngineContext, FlagError, OffloadFlags, resolve
 
 U = None  # unset: SGLang's None, the engine's defaults decide
-
-LW_SELECTOR = "needs layerwise_offload_components (our model selects the DiT only, by dit_layerwise_offload)"
-
 
 def flags(cpu: bool | None = U, lw: bool | None = U, te: bool | None = U, vae: bool | None = U, pf: float = 0.0,
           pin: bool | None = U) -> OffloadFlags:
@@ -64,82 +61,89 @@ def test_explicit_dit_layerwise_default_keeps_text_encoder_cpu_offload() -> None
 
 def test_invalid_performance_mode_raises() -> None:
     """0.5.13 test_invalid_performance_mode_raises: a mode SGLang does not know is an error here too."""
-    with pytest.raises(FlagError, match="performance_mode=fast"):
+    with pytest.raises(FlagError, match=r"performance_mode: expected one of .*'fast'"):
         resolve(flags(cpu=True, lw=False, te=False, vae=False), "sglang", ctx(mode="fast"))
 
 
-# ------------------------------------------------------------------ inexpressible: our model must refuse clearly
+# ------------------------------------------------------------------ memory defaults, modes and selectors
+
+LW, CO, RES = "layerwise-offload", "component-offload", "resident"
 
 
 @pytest.mark.parametrize(
-    ("sglang_test", "requested", "context", "needs"),
+    ("sglang_test", "requested", "context", "residency", "components"),
     [
-        ("test_vae_cpu_offload_defaults_false_for_video_generation", flags(), ctx("wan"), "text encoder layerwise"),
+        # (DiT, text encoder, VAE) residency and SGLang's final layerwise list, as 0.5.23 answers
+        ("test_vae_cpu_offload_defaults_false_for_video_generation", flags(), ctx("wan"),
+         (RES, LW, LW), ("text_encoder", "image_encoder", "vae")),
         ("test_vae_cpu_offload_defaults_false_on_low_memory_gpu", flags(), ctx("wan", 16, "memory"),
-         "performance_mode=memory"),
+         (LW, LW, LW), ("dit", "text_encoder", "image_encoder", "vae")),
         ("test_explicit_vae_cpu_offload_true_is_preserved_by_default_layerwise", flags(vae=True), ctx("wan"),
-         "text encoder layerwise"),
+         (RES, LW, CO), ("text_encoder", "image_encoder")),
         ("test_explicit_component_resident_is_preserved_by_default_layerwise", flags(cpu=True, te=False),
-         ctx("wan"), "VAE layerwise"),
+         ctx("wan"), (CO, RES, LW), ("image_encoder", "vae")),
         ("test_default_auto_replaces_text_encoder_cpu_offload_with_layerwise", flags(), ctx("qwen-image"),
-         "text encoder layerwise"),
-        ("test_auto_wan_layerwise_offload_is_enabled_without_fsdp", flags(), ctx("wan"), "text encoder layerwise"),
+         (RES, LW, RES), ("text_encoder", "image_encoder")),
         ("test_auto_wan2_1_14b_layerwise_offload_uses_non_dit_default", flags(), ctx("wan"),
-         "text encoder layerwise"),
+         (RES, LW, LW), ("text_encoder", "image_encoder", "vae")),
         ("test_auto_wan_layerwise_offload_preserves_explicit_dit_cpu_offload", flags(cpu=True), ctx("wan"),
-         "text encoder layerwise"),
-        ("test_manual_mode_preserves_unset_performance_args", flags(), ctx(mode="manual"), "performance_mode=manual"),
-        ("test_speed_mode_single_gpu_disables_offload", flags(), ctx(mode="speed"), "performance_mode=speed"),
+         (CO, LW, LW), ("text_encoder", "image_encoder", "vae")),
+        ("test_manual_mode_preserves_unset_performance_args", flags(), ctx(mode="manual"), (RES, RES, RES), ()),
+        ("test_speed_mode_single_gpu_disables_offload", flags(), ctx(mode="speed"), (RES, RES, RES), ()),
         ("test_speed_mode_preserves_explicit_offload", flags(cpu=True, lw=False, te=True, vae=False),
-         ctx(mode="speed"), "performance_mode=speed"),
+         ctx(mode="speed"), (CO, CO, RES), ()),
         ("test_memory_mode_wan_uses_layerwise_offload", flags(), ctx("wan", mode="memory"),
-         "performance_mode=memory"),
-        ("test_dit_layerwise_offload_selects_dit_group", flags(lw=True), ctx(mode="manual"),
-         "performance_mode=manual"),
-        ("test_dit_layerwise_offload_from_kwargs", flags(lw=True), ctx(mode="manual"), "performance_mode=manual"),
+         (LW, LW, LW), ("dit", "text_encoder", "image_encoder", "vae")),
+        ("test_dit_layerwise_offload_selects_dit_group", flags(lw=True), ctx(mode="manual"), (LW, RES, RES),
+         ("dit",)),
+        ("test_dit_layerwise_offload_cli_arg (`--dit-layerwise-offload true`)", flags(lw=True), ctx(mode="manual"),
+         (LW, RES, RES), ("dit",)),
         ("0.5.23 test_explicit_false_layerwise_keeps_dit_resident", flags(lw=False, te=True, vae=False),
-         ctx("qwen-image"), "dit_cpu_offload set"),
+         ctx("qwen-image"), (RES, CO, RES), ("image_encoder",)),
         ("0.5.23 test_explicit_layerwise_takes_precedence_over_legacy_cpu_offload", flags(cpu=True, lw=True),
-         ctx(mode="manual"), "performance_mode=manual"),
+         ctx(mode="manual"), (LW, RES, RES), ("dit",)),
     ],
 )
-def test_inexpressible_sglang_case_is_refused_clearly(sglang_test: str, requested: OffloadFlags,
-                                                      context: EngineContext, needs: str) -> None:
-    with pytest.raises(FlagError, match=f"needs {needs}"):
-        resolve(requested, "sglang", context)
+def test_sglang_case_answers_as_the_release(sglang_test: str, requested: OffloadFlags, context: EngineContext,
+                                            residency: tuple[str, str, str], components: tuple[str, ...]) -> None:
+    r = resolve(requested, "sglang", context)
+    assert r.engine is not None and r.engine.residency is not None
+    assert tuple(r.engine.residency[c] for c in ("dit", "text_encoder", "vae")) == residency
+    assert r.effective.layerwise_offload_components == components
 
 
-# ------------------------------------------------------------------ features our model does not have
+def test_layerwise_offload_components_imply_layerwise() -> None:
+    """0.5.13 test_layerwise_offload_components_imply_layerwise: a selected group streams."""
+    f = OffloadFlags(dit_cpu_offload=True, dit_layerwise_offload=False, text_encoder_cpu_offload=True,
+                     vae_cpu_offload=False, layerwise_offload_components=("text_encoder",))
+    r = resolve(f, "sglang", ctx())
+    assert r.engine is not None and r.engine.residency is not None
+    assert r.engine.residency["text_encoder"] == LW and r.effective.text_encoder_cpu_offload is False
 
 
-def _needs_components() -> None:
-    raise FlagError("our model has no layerwise_offload_components input")
+def test_layerwise_offload_components_normalize_default_group() -> None:
+    """0.5.13 test_layerwise_offload_components_normalize_default_group."""
+    f = OffloadFlags.from_mapping({"layerwise_offload_components": "default"})
+    assert f.layerwise_offload_components == ("text_encoder", "image_encoder", "vae")
 
 
-@pytest.mark.xfail(strict=True, raises=FlagError, reason=LW_SELECTOR)
-@pytest.mark.parametrize(
-    "sglang_test",
-    [
-        "test_layerwise_offload_components_imply_layerwise",
-        "test_layerwise_offload_components_normalize_commas",
-        "test_layerwise_offload_components_normalize_default_group",
-        "test_layerwise_offload_components_cli_args",
-        "test_layerwise_components_disable_matching_non_dit_cpu_offloads",
-    ],
-)
-def test_component_selector_case(sglang_test: str) -> None:
-    _needs_components()
+def test_layerwise_components_disable_matching_non_dit_cpu_offloads() -> None:
+    """0.5.13 test_layerwise_components_disable_matching_non_dit_cpu_offloads (#26925: the DiT's flag stays)."""
+    f = OffloadFlags(dit_cpu_offload=True, dit_layerwise_offload=True, text_encoder_cpu_offload=True,
+                     vae_cpu_offload=True, layerwise_offload_components=("text_encoder", "image_encoder", "vae"))
+    e = resolve(f, "sglang", ctx()).effective
+    assert (e.dit_cpu_offload, e.text_encoder_cpu_offload, e.vae_cpu_offload) == (True, False, False)
+    assert e.layerwise_offload_components == ("dit", "text_encoder", "image_encoder", "vae")
 
 
-@pytest.mark.xfail(strict=True, raises=FlagError, reason="needs the SGLang CLI (StoreBoolean `--dit-layerwise-offload "
-                   "true`) and performance_mode=manual")
-def test_dit_layerwise_offload_cli_arg() -> None:
-    """0.5.13 test_dit_layerwise_offload_cli_arg."""
-    resolve(flags(lw=True), "sglang", ctx(mode="manual"))
+def test_layerwise_offload_components_normalize_commas_refuses_exact_component_names() -> None:
+    """0.5.13 test_layerwise_offload_components_normalize_commas passes "text-encoder,transformer": SGLang takes a
+    pipeline's exact component names too; ours takes the groups only and says so."""
+    with pytest.raises(FlagError, match="unknown component group 'transformer'"):
+        OffloadFlags.from_mapping({"layerwise_offload_components": "text-encoder,transformer"})
 
 
 @pytest.mark.xfail(strict=True, raises=FlagError, reason="needs a Wan2.2-A14B family (auto DiT layerwise, prefetch 2)")
 def test_auto_wan2_2_a14b_layerwise_offload_adds_dit() -> None:
-    """0.5.13 test_auto_wan2_2_a14b_layerwise_offload_adds_dit: the zoo's Wan is Wan2.1."""
-    r = resolve(flags(), "sglang", ctx("wan"))
-    assert r.engine is not None and r.engine.layerwise_components[0] == "dit"
+    """0.5.13 test_auto_wan2_2_a14b_layerwise_offload_adds_dit: the zoo's Wan is Wan2.1 (no "auto" DiT mode)."""
+    raise FlagError("no Wan2.2-A14B family in the zoo")
