@@ -441,7 +441,7 @@ def invariant_failures(record: dict[str, Any]) -> list[str]:
     lw = dit.get("layerwise")
     nonlayer = dit.get("weight_bytes", 0) - (lw or {}).get("param_bytes", 0) if lw else None
     # what a layerwise component keeps on the device between its uses: its non-layer weights
-    kept_between = {role: c["weight_bytes"] - c["layerwise"]["param_bytes"]
+    kept_between = {role: c.get("weight_bytes", 0) - c["layerwise"].get("param_bytes", 0)
                     for role, c in comps.items() if c.get("layerwise")}
     for pname, ph in phases.items():
         for when in ("device_weights_at_start", "device_weights_at_end"):
