@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from harness.results import PHASES, migrate
 from harness.scenario import expand, load_scenario
 
@@ -44,3 +46,28 @@ def test_worker_runs_tiny_cells_in_process_with_same_output_and_lower_peak_if_bo
     assert "simulated card" in capped["reason"]
     assert capped["cap"]["cap_bytes"] == 6 * 2**20
     assert migrate(capped, capped["cell_id"]) is capped
+
+
+@pytest.mark.parametrize(("model", "size", "frames"), [("qwen-image-edit-tiny", 64, 1), ("wan-tiny", 64, 5)])
+def test_layerwise_text_encoder_and_vae_compute_what_resident_ones_do(tmp_path: Path, model: str, size: int,
+                                                                      frames: int) -> None:
+    """Every component streamed ("all": Qwen2.5-VL's or UMT5's layers, the VAE decoder's blocks with its causal
+    cache, the DiT's) against the same cell with the encoder and VAE on the device and the DiT CPU-offloaded: the
+    same latents and the same image."""
+    from harness.expect import invariant_failures
+    from harness.worker import run_cell
+
+    path = tmp_path / "s.toml"
+    path.write_text(f'name = "lw-all"\nmodel = "{model}"\nprofile = "cpu"\ncards = ["native"]\nheight = {size}\n'
+                    f'width = {size}\nframes = {frames}\nsteps = 2\ntrue_cfg_scale = 4.0\n'
+                    '[flags]\ndit_cpu_offload = true\ntext_encoder_cpu_offload = false\nvae_cpu_offload = false\n'
+                    '[axes]\nlayerwise_offload_components = ["unset", "all"]\n')
+    resident, streamed = (run_cell({**c.spec("cpu"), "warmup": 0, "rounds": 1})
+                          for c in expand(load_scenario(path)))
+    for rec in (resident, streamed):
+        assert rec["status"] == "ok", (rec["reason"], rec.get("traceback"))
+    assert set(streamed["placements"].values()) == {"layerwise-from-host"}
+    assert resident["placements"] == {"text_encoder": "resident", "dit": "cpu-offload", "vae": "resident"}
+    assert streamed["outputs"]["latents_sha256"] == resident["outputs"]["latents_sha256"]
+    assert streamed["outputs"]["image_stats"] == resident["outputs"]["image_stats"]
+    assert invariant_failures(streamed) == []
