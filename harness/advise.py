@@ -168,8 +168,14 @@ def _same_steps(workload: Workload, record: Mapping[str, Any]) -> Workload:
     return replace(workload, steps=int(steps) if steps else workload.steps)
 
 
-def _key(flags: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
-    return tuple(sorted(OffloadFlags.from_mapping(flags).as_dict().items()))
+def _key(flags: Mapping[str, Any] | OffloadFlags) -> OffloadFlags:
+    """A combination as a dict key, by what runs: the flags (frozen; lists and tables as tuples) with the layerwise
+    selection reduced to the streamed non-DiT roles, since the DiT's streaming is `dit_layerwise_offload` and the
+    image encoder selects nothing in the zoo (so records from before the selection was recorded match too)."""
+    f = flags if isinstance(flags, OffloadFlags) else OffloadFlags.from_mapping(flags)
+    chosen = set(f.layerwise_offload_components or ())
+    roles = {"text_encoder", "vae"} if "all" in chosen else chosen & {"text_encoder", "vae"}
+    return replace(f, layerwise_offload_components=tuple(sorted(roles)))
 
 
 def advise(model: str, card: str, cap_bytes: int | None, workload: Workload, *, policy: str = "sglang",
@@ -183,7 +189,7 @@ def advise(model: str, card: str, cap_bytes: int | None, workload: Workload, *, 
     measured_cells = measurements(model, card, workload, records_glob)
     # the prefetch sizes and resident layers that committed records ran, too, so that their measurements have a
     # row to go to
-    streamed = [dict(k) for k in measured_cells if dict(k)["dit_layerwise_offload"]]
+    streamed = [k.as_dict() for k in measured_cells if k.dit_layerwise_offload]
     prefetch = sorted({*PREFETCH_SIZES, *(int(f["dit_offload_prefetch_size"]) for f in streamed
                                           if f["dit_offload_prefetch_size"] >= 1)})
     shares = sorted({*RESIDENT_SHARES, *(f["dit_layerwise_resident_layers"] for f in streamed)})
@@ -201,7 +207,7 @@ def advise(model: str, card: str, cap_bytes: int | None, workload: Workload, *, 
         seen.add(effective)
         p = plan(model, effective, cap_bytes, workload, card=card, machine=machine, resident_layers=resident_layers)
         options.append(Option(requested, p, resolution.messages,
-                              measured_cells.get(tuple(sorted(effective.as_dict().items())))))
+                              measured_cells.get(_key(effective))))
     return Advice(model, card, cap_bytes, workload, margin, machine, policy, tuple(options), tuple(refused))
 
 

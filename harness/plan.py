@@ -463,6 +463,9 @@ def plan(
     elif fits_from != model:
         notes.append(f"activations and compute from {fits_from} (same DiT)")
     drv = drivers(spec, workload)
+    streamed = set(flags.layerwise_offload_components or ()) & {"text_encoder", "vae", "all"}
+    if streamed:  # the planner models a layerwise DiT only; a streamed encoder or VAE is not planned (yet)
+        raise PlanError(f"layerwise {', '.join(sorted(streamed))} (layerwise_offload_components) is not modelled")
     where = placements(flags)
     dit = weights["dit"]
     te_b, vae_b, dit_b = weights["text_encoder"]["weight_bytes"], weights["vae"]["weight_bytes"], dit["weight_bytes"]

@@ -20,6 +20,7 @@ from harness.flags import OffloadFlags
 from harness.models import get_model, model_names
 from harness.plan import (
     GIB,
+    PlanError,
     Workload,
     check_record,
     fit,
@@ -394,7 +395,9 @@ def test_advise_uses_committed_measurements_and_says_so() -> None:
                records_glob=str(RESULTS / "h*" / "qwen-image-edit-5090*.records.jsonl"))
     measured = [o for o in a.options if o.measurement is not None]
     assert len(measured) >= 4
-    both = next(o for o in measured if o.plan.flags == replace(BOTH_ON, pin_cpu_memory=True))
+    # effective flags carry SGLang's final layerwise list (["dit"] here); the combination is the both-on one
+    both = next(o for o in measured
+                if replace(o.plan.flags, layerwise_offload_components=None) == replace(BOTH_ON, pin_cpu_memory=True))
     assert both.runs and both.step_s == both.measurement.step_s
     text = render(a)
     assert "measured numbers from committed records" in text and "ran out of memory in load (measured" in text
@@ -442,3 +445,11 @@ def test_every_model_card_and_combination_plans() -> None:
                 p = plan(model, flags, cap, w, card=card)
                 assert p.step_s is None or p.step_s > 0
                 assert all(ph.reserved_bytes >= ph.allocated_bytes >= 0 for ph in p.phases), (model, flags.label())
+
+
+def test_a_streamed_text_encoder_or_vae_is_refused_not_planned_as_resident() -> None:
+    """The planner models a layerwise DiT only: a cell that streams its text encoder or VAE (their CPU-offload flags
+    cleared by the selection) gets a PlanError, which plan_entry stores as the record's plan error."""
+    flags = replace(BOTH_ON, layerwise_offload_components=("dit", "text_encoder"))
+    with pytest.raises(PlanError, match="layerwise text_encoder"):
+        plan("qwen-image-edit", flags, CAP_5090, Workload(), card="rtx5090-32g")

@@ -37,11 +37,11 @@ def component_weights(spec: ModelSpec, role: str) -> dict[str, Any]:
         "weight_bytes": sum(p.numel() * p.element_size() for p in module.parameters()),
         "params": sum(p.numel() for p in module.parameters()),
     }
-    if comp.layer_groups:
+    if role == "dit" and comp.layer_groups:  # the planner streams the DiT only (text encoder / VAE: not planned)
         groups = {}
         layer_param_bytes = 0
         for name in comp.layer_groups:
-            layers = list(getattr(module, name))
+            layers = list(module.get_submodule(name))
             region = [_aligned_bytes(list(layer.parameters())) for layer in layers]
             layer_param_bytes += sum(p.numel() * p.element_size() for layer in layers for p in layer.parameters())
             groups[name] = {
