@@ -206,6 +206,16 @@ def normalize_components(value: Any, where: str = "flags") -> tuple[str, ...] | 
     return tuple(out)
 
 
+def streamed_roles(components: Any) -> tuple[str, ...] | None:
+    """The effective form of a final layerwise list: the zoo roles beyond the DiT that stream ("text_encoder",
+    "vae"), None for none. The DiT's streaming is `dit_layerwise_offload` (a "dit" or "all" selection sets it) and
+    "image_encoder" selects nothing in the zoo, so cells that run alike have equal effective flags (one run) and
+    labels as before; SGLang's own list stays in the resolution's `engine.layerwise_components`."""
+    chosen = set(components or ())
+    roles = ("text_encoder", "vae") if "all" in chosen else tuple(r for r in ("text_encoder", "vae") if r in chosen)
+    return roles or None
+
+
 def _component_map(name: str, value: Any, where: str) -> tuple[tuple[str, Any], ...]:
     """A per-component map from a table or SGLang's "component=value,..." string, each value checked as its
     dit_* counterpart's."""
@@ -771,8 +781,9 @@ def _resolve_sglang(flags: OffloadFlags, context: EngineContext | None = None,
 
     Unset switches need a context (the card's memory, the task, the family). The effective flags say what runs:
     `dit_layerwise_offload` is whether the DiT resolves to layerwise offload (SGLang's residency_mode, so a
-    selection of "dit" or "all" counts), `layerwise_offload_components` SGLang's final list (() for none), the
-    CPU-offload flags after layerwise cleared them; in manual mode a switch left unset is off, as the runtime
+    selection of "dit" or "all" counts), `layerwise_offload_components` the text encoder / VAE that stream
+    (`streamed_roles`; SGLang's final list is `engine.layerwise_components`), the CPU-offload flags after
+    layerwise cleared them; in manual mode a switch left unset is off, as the runtime
     reads it.
     """
     if context is None and flags.unset():
@@ -790,7 +801,7 @@ def _resolve_sglang(flags: OffloadFlags, context: EngineContext | None = None,
         text_encoder_cpu_offload=bool(v["text_encoder_cpu_offload"]),
         vae_cpu_offload=bool(v["vae_cpu_offload"]),
         pin_cpu_memory=True if flags.pin_cpu_memory is None else flags.pin_cpu_memory,
-        layerwise_offload_components=tuple(state.components or ()),
+        layerwise_offload_components=streamed_roles(state.components),
     )
     effective = _common_prefetch_rules(effective, messages)
     for name in flags.unset():
@@ -829,7 +840,6 @@ def _resolve_sglang_0513(flags: OffloadFlags, context: EngineContext | None = No
     flags = _common_prefetch_rules(flags, messages)
     if details is not None:
         details = replace(details, dit_residency=_dit_residency(flags))
-        flags = replace(flags, layerwise_offload_components=details.layerwise_components)
     return flags, messages, details
 
 
@@ -1053,7 +1063,7 @@ def engine_flags(effective: Mapping[str, Any], components: tuple[str, ...] | lis
     SGLang's runtime reads it; a release without the prefetch flag (0.5.8) prefetches the next layer, 0 here; one
     without resident layers (before 0.5.23) streams every layer (0, leading). With the release's final component
     list and DiT residency (0.5.23), `dit_layerwise_offload` is whether the DiT resolves to layerwise offload and
-    `layerwise_offload_components` that list, as our model reports them."""
+    `layerwise_offload_components` the roles beyond the DiT it streams (`streamed_roles`), as our model reports."""
     values: dict[str, Any] = {}
     defaults = OffloadFlags()
     for name in OffloadFlags.names():
@@ -1063,7 +1073,7 @@ def engine_flags(effective: Mapping[str, Any], components: tuple[str, ...] | lis
         elif name == "dit_layerwise_residency_policy":  # absent before 0.5.23: every layer streamed
             values[name] = str(value) if value is not None else defaults.dit_layerwise_residency_policy
         elif name == "layerwise_offload_components":
-            values[name] = tuple(components or ())
+            values[name] = streamed_roles(components)
         elif name in MAP_FLAGS:
             values[name] = _component_map(name, value, "engine") if value else ()
         else:

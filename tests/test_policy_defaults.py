@@ -21,7 +21,7 @@ def resolved(family: str, gib: float, mode: str | None = None, flags: OffloadFla
     r = resolve(flags, "sglang", EngineContext(gib, FAMILY_TASKS[family], family, mode))
     assert r.engine is not None and r.engine.residency is not None
     return r.engine.residency["dit"], r.engine.residency["text_encoder"], r.engine.residency["vae"], \
-        r.effective.layerwise_offload_components
+        r.engine.layerwise_components
 
 
 # (family, card GiB) -> (DiT, text encoder, VAE residency, layerwise list), auto mode, every switch unset.
@@ -102,7 +102,8 @@ def test_dit_layerwise_offload_adds_dit_and_a_selection_clears_its_components_cp
     flags = OffloadFlags(dit_cpu_offload=True, dit_layerwise_offload=True, text_encoder_cpu_offload=True,
                          layerwise_offload_components=("text_encoder",))
     r = resolve(flags, "sglang")
-    assert r.effective.layerwise_offload_components == ("dit", "text_encoder")
+    assert r.engine is not None and r.engine.layerwise_components == ("dit", "text_encoder")
+    assert r.effective.layerwise_offload_components == ("text_encoder",)  # what streams beyond the DiT
     assert (r.effective.dit_cpu_offload, r.effective.text_encoder_cpu_offload) == (True, False)
     assert any("Ignoring component-offload flags" in m and "text_encoder_cpu_offload" in m for m in r.messages)
 
@@ -110,7 +111,8 @@ def test_dit_layerwise_offload_adds_dit_and_a_selection_clears_its_components_cp
 def test_all_streams_the_dit_without_dit_layerwise_offload() -> None:
     # residency_mode: an explicit "all" selects the DiT too; "all" is the whole normalised list
     r = resolve(OffloadFlags(dit_cpu_offload=True, layerwise_offload_components=("all",)), "sglang")
-    assert r.effective.dit_layerwise_offload and r.effective.layerwise_offload_components == ("all",)
+    assert r.engine is not None and r.engine.layerwise_components == ("all",)
+    assert r.effective.dit_layerwise_offload and r.effective.layerwise_offload_components == ("text_encoder", "vae")
     assert r.engine is not None and r.engine.residency == {"dit": LW, "text_encoder": LW, "vae": LW}
 
 

@@ -109,7 +109,7 @@ def test_sglang_case_answers_as_the_release(sglang_test: str, requested: Offload
     r = resolve(requested, "sglang", context)
     assert r.engine is not None and r.engine.residency is not None
     assert tuple(r.engine.residency[c] for c in ("dit", "text_encoder", "vae")) == residency
-    assert r.effective.layerwise_offload_components == components
+    assert r.engine.layerwise_components == components
 
 
 def test_layerwise_offload_components_imply_layerwise() -> None:
@@ -133,7 +133,7 @@ def test_layerwise_components_disable_matching_non_dit_cpu_offloads() -> None:
                      vae_cpu_offload=True, layerwise_offload_components=("text_encoder", "image_encoder", "vae"))
     e = resolve(f, "sglang", ctx()).effective
     assert (e.dit_cpu_offload, e.text_encoder_cpu_offload, e.vae_cpu_offload) == (True, False, False)
-    assert e.layerwise_offload_components == ("dit", "text_encoder", "image_encoder", "vae")
+    assert e.layerwise_offload_components == ("text_encoder", "vae")
 
 
 def test_layerwise_offload_components_normalize_commas_refuses_exact_component_names() -> None:
