@@ -24,7 +24,7 @@ from harness.expect import (
     same_output_verdict,
 )
 from harness.results import migrate
-from harness.roofline import roofline_rows
+from harness.roofline import STEP_CONVENTION, roofline_rows
 from harness.scenario import BACKENDS, HARNESS_BACKEND, ScenarioError, expand, load_scenario
 from tests.helpers import DELETE, base_scenario, make_record, mutate, to_toml
 
@@ -500,7 +500,7 @@ def test_roofline_rows_name_the_backend_and_stream_diffusers_groups() -> None:
         assert r["resident compute s/forward"] == 0.15
         assert r["streamed GB/forward"] == 40.0
         assert r["predicted s/step"] == 1.6  # 2 x max(0.15, 40 GB / 50 GB/s)
-    assert rows[peer["cell_id"]]["measured s/step (median)"] == 2.5
+    assert rows[peer["cell_id"]][f"measured s/step ({STEP_CONVENTION})"] == 2.5
     assert rows[peer["cell_id"]]["efficiency % (predicted/measured)"] == 64.0
 
 
