@@ -4,7 +4,7 @@ A baseline lives at results/baselines/<sku>.json, where the SKU is record["machi
 "nvidia-h100-80gb-hbm3"; the CPU profile's records say "cpu"). It is keyed by cell id and holds, per cell, the
 fate (status, failed_phase) and the metrics `cell_metrics` extracts from its record:
 
-- load_peak_<c>_bytes, runtime_peak_<c>_bytes: `harness.results.summarize_peaks` on the record's peak counter,
+- load_peak_<c>_bytes, runtime_peak_<c>_bytes: `CellRecord.peaks` on the record's peak counter,
   named after it (`reserved` = allocator reserved on CUDA, `ledger` = harness ledger on the CPU profile);
 - nvml_proc_peak_bytes: NVML per-process peak over all phases (CUDA only);
 - e2e_ms: encode + denoise + decode phase time; load_ms, denoise_ms; denoise_steady_step_ms: the median denoise
@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from harness import locations
-from harness.results import PHASES, RUNTIME_PHASES, STATUSES, now_iso, summarize_peaks, write_json_atomic
-from harness.roofline import STEP_CONVENTION, steady_step_ms
+from harness.contract import PHASES, RUNTIME_PHASES, STATUSES, STEP_CONVENTION, as_record
+from harness.results import now_iso, write_json_atomic
 
 BASELINE_SCHEMA_VERSION = 1
 
@@ -105,7 +105,8 @@ def record_sku(record: dict[str, Any]) -> str | None:
 def cell_metrics(record: dict[str, Any]) -> dict[str, float]:
     """The baseline metrics of one record; a metric the record does not have is left out (never null)."""
     phases = record.get("phases") or {}
-    peaks = summarize_peaks(record)
+    rec = as_record(record)
+    peaks = rec.peaks.as_dict()
     short = COUNTER_KEYS.get(peaks["counter"], peaks["counter"].removesuffix("_bytes"))
     out: dict[str, float] = {}
 
@@ -115,16 +116,13 @@ def cell_metrics(record: dict[str, Any]) -> dict[str, float]:
 
     put(f"load_peak_{short}_bytes", peaks["load"])
     put(f"runtime_peak_{short}_bytes", peaks["runtime"])
-    nvml = [(phases.get(p) or {}).get("nvml_proc_peak_bytes") for p in PHASES]
-    nvml = [v for v in nvml if isinstance(v, int | float)]
-    if nvml:
-        put("nvml_proc_peak_bytes", max(nvml))
+    put("nvml_proc_peak_bytes", rec.phase_max("nvml_proc_peak_bytes"))
     runtime_ms = [(phases.get(p) or {}).get("time_ms") for p in RUNTIME_PHASES]
     if all(isinstance(v, int | float) for v in runtime_ms):
         put("e2e_ms", round(sum(runtime_ms), 3))
     put("load_ms", (phases.get("load") or {}).get("time_ms"))
     put("denoise_ms", (phases.get("denoise") or {}).get("time_ms"))
-    steady = steady_step_ms(record)
+    steady = rec.steady_step_ms()
     if steady is not None:
         put("denoise_steady_step_ms", round(steady, 3))
     return out

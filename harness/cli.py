@@ -25,7 +25,8 @@ from typing import Any
 
 from harness import exitcodes, locations, plan_cli
 from harness.baseline import BaselineError
-from harness.compare import CheckSpecError
+from harness.compare import CheckSpecError, Comparison
+from harness.contract import Status, fate_text, label_in
 from harness.merge import MergeConflict
 from harness.results import (
     NoRecordsError,
@@ -143,8 +144,8 @@ def cmd_baseline(args: argparse.Namespace) -> int:
             raise BaselineError(f"{e} (fix it or delete it to write a fresh baseline)") from None
     baseline = build_baseline(records, sku, previous=previous, merge=args.merge, source=str(path))
     for cell_id, cell in baseline["cells"].items():
-        if cell["status"] in ("error", "crash", "timeout"):
-            print(f"warning: {cell_id} is in the baseline as {cell['status']} in {cell['failed_phase']}",
+        if Status(cell["status"]).unexpected:
+            print(f"warning: {cell_id} is in the baseline as {fate_text(cell['status'], cell['failed_phase'])}",
                   file=sys.stderr)
     write_baseline(out, baseline)
     cells = baseline["cells"]
@@ -175,16 +176,8 @@ def _make_baseline_command(args: argparse.Namespace) -> str:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from harness.baseline import (
-        BaselineError,
-        baseline_path,
-        read_baseline,
-        run_cells,
-        run_machine,
-        run_sku,
-        stack_differences,
-    )
-    from harness.compare import Check, compare, gab_entries, render, scenario_card
+    from harness.baseline import run_cells, run_sku
+    from harness.compare import Check, compare, gab_entries, scenario_card
 
     if args.write:
         args.markdown = args.markdown or str(beside(args.run, "compare.md"))
@@ -193,42 +186,62 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if out:  # before reading anything: a gate that cannot write its verdict must say so first
             ensure_writable(Path(out).parent, create=False)  # made when written
     checks = [Check.parse(spec) for spec in args.threshold]
-
-    def stop(code: int, line: str) -> Stop:
-        """The one-line reason, also as the markdown comparison (the nightly job shows that file)."""
-        if args.markdown:
-            _write(args.markdown, f"# Comparison with the baseline\n\n**Nothing compared:** {line}\n")
-        return Stop(code, line)
-
     try:
         path, records = _read_run(args.run)
-    except NoRecordsError as e:
-        raise stop(exitcodes.NO_RECORDS, str(e)) from None
-    try:
         _require_measured(records, path)
+    except NoRecordsError as e:
+        raise _stop(args, exitcodes.NO_RECORDS, str(e)) from None
     except Stop as e:
-        raise stop(e.code, str(e)) from None
+        raise _stop(args, e.code, str(e)) from None
     sku = run_sku(records, args.sku, where=str(path))
     cells = run_cells(records, sku)
     if args.gab_json:
         _write(args.gab_json, json.dumps(gab_entries(cells, sku), indent=1) + "\n")
         print(f"wrote {args.gab_json}", file=sys.stderr)
-    base_file = Path(args.baseline) if args.baseline else baseline_path(sku, args.baselines_dir)
-    if not args.baseline and not base_file.exists():
-        raise stop(exitcodes.NO_BASELINE,
-                   f"no baseline for SKU {sku} ({base_file} does not exist): nothing compared; make one from this "
-                   f"run with: {_make_baseline_command(args)}")
-    baseline = read_baseline(base_file)
-    if baseline["sku"] != sku:
-        raise BaselineError(f"{base_file}: baseline is for SKU {baseline['sku']!r}, the run is {sku!r}")
+    baseline, shown = _baseline_of(args, sku)
     only = {cell_id.split("/", 1)[0] for cell_id in cells} if args.partial == "scenario" else None
     only_cards = {scenario_card(cell_id) for cell_id in cells} if args.partial == "card" else None
-    shown = base_file.resolve()
-    shown = shown.relative_to(Path.cwd()) if shown.is_relative_to(Path.cwd()) else shown
     # CPU timings move by tens of percent from run to run on a shared box: judging them would fail on noise.
     timing = args.timing or sku != "cpu"
     comparison = compare(baseline, cells, overrides=checks, only_scenarios=only, source=str(shown),
                          only_cards=only_cards, timing=timing)
+    _add_notes(comparison, baseline, cells, records, sku)
+    compared = [c for c in comparison.cells if c.verdict not in ("new", "missing")]
+    if compared and all(c.verdict == "not comparable" for c in compared) and not comparison.failed:
+        raise _stop(args, exitcodes.NO_BASELINE,
+                    f"every cell's spec changed since {shown}: nothing comparable; make a new baseline with: "
+                    f"{_make_baseline_command(args)}")
+    return _emit_comparison(args, comparison)
+
+
+def _stop(args: argparse.Namespace, code: int, line: str) -> Stop:
+    """The one-line reason, also as the markdown comparison (the nightly job shows that file)."""
+    if args.markdown:
+        _write(args.markdown, f"# Comparison with the baseline\n\n**Nothing compared:** {line}\n")
+    return Stop(code, line)
+
+
+def _baseline_of(args: argparse.Namespace, sku: str) -> tuple[dict[str, Any], Path]:
+    """The baseline to compare with (--baseline, else the SKU's), and its path as shown."""
+    from harness.baseline import BaselineError, baseline_path, read_baseline
+
+    base_file = Path(args.baseline) if args.baseline else baseline_path(sku, args.baselines_dir)
+    if not args.baseline and not base_file.exists():
+        raise _stop(args, exitcodes.NO_BASELINE,
+                    f"no baseline for SKU {sku} ({base_file} does not exist): nothing compared; make one from this "
+                    f"run with: {_make_baseline_command(args)}")
+    baseline = read_baseline(base_file)
+    if baseline["sku"] != sku:
+        raise BaselineError(f"{base_file}: baseline is for SKU {baseline['sku']!r}, the run is {sku!r}")
+    shown = base_file.resolve()
+    return baseline, shown.relative_to(Path.cwd()) if shown.is_relative_to(Path.cwd()) else shown
+
+
+def _add_notes(comparison: Comparison, baseline: dict[str, Any], cells: dict[str, Any], records: list[dict[str, Any]],
+               sku: str) -> None:
+    """What the reader of a comparison must know beyond the verdicts: another software stack, an old baseline."""
+    from harness.baseline import run_machine, stack_differences
+
     changed = stack_differences(baseline.get("machine") or {}, run_machine(records, sku))
     if changed:
         line = (f"the run's software differs from the baseline machine's ({', '.join(changed)}): times and "
@@ -240,11 +253,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     ):
         comparison.notes.append("the baseline predates portable_spec_hash: an edited scenario cannot be told from a "
                                 "regression until the baseline is refreshed")
-    compared = [c for c in comparison.cells if c.verdict not in ("new", "missing")]
-    if compared and all(c.verdict == "not comparable" for c in compared) and not comparison.failed:
-        raise stop(exitcodes.NO_BASELINE,
-                   f"every cell's spec changed since {shown}: nothing comparable; make a new baseline with: "
-                   f"{_make_baseline_command(args)}")
+
+
+def _emit_comparison(args: argparse.Namespace, comparison: Comparison) -> int:
+    from harness.compare import render
+
     print(render(comparison), end="")
     if args.markdown:
         _write(args.markdown, render(comparison, markdown=True))
@@ -258,7 +271,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     for s in discover(args.scenarios or locations.scenarios_dir()):
         print(f"{s.name} [{s.profile}] model={s.model} policy={s.policy}: {s.description}")
         for c in expand(s):
-            note = f" (same as {c.same_as.rsplit('/', 1)[-1]})" if c.same_as else ""
+            note = f" (same as {label_in(c.same_as)})" if c.same_as else ""
             eff = c.resolution.effective.label()
             print(f"  {c.cell_id}  -> effective {eff}{note}")
             for m in c.resolution.messages:
@@ -281,7 +294,7 @@ def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     return int(pytest.main([str(folder), "-p", "no:cacheprovider", "-rA", *mine, *rest]))
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="offload-bench", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     bench = sub.add_parser("bench", help="run the scenario suite (extra args go to pytest)")
@@ -301,6 +314,19 @@ def main(argv: list[str] | None = None) -> int:
     base.add_argument("--baselines-dir", help="folder of <sku>.json files (default: results/baselines)")
     base.add_argument("--out", help="write this file instead of <baselines-dir>/<sku>.json")
     base.add_argument("--merge", action="store_true", help="keep the baseline's cells this run did not measure")
+    _compare_parser(sub)
+    plan_cli.add_commands(sub)
+    sub.add_parser("capacity", add_help=False,
+                   help="largest frames / resolution per combination, on the device (harness/capacity.py)")
+    mrg = sub.add_parser("merge", help="join the records of shards of one run (several run folders) into one run")
+    mrg.add_argument("runs", nargs="+", help="run folders or records files of one run id")
+    mrg.add_argument("--out", help="the merged run folder (default: <first run's folder>/<run id>-merged)")
+    ls = sub.add_parser("list", help="list scenarios and cells")
+    ls.add_argument("--scenarios", help="folder of scenario files (default: the checkout's or the shipped one)")
+    return parser
+
+
+def _compare_parser(sub: Any) -> None:
     cmp = sub.add_parser("compare", help="compare a run with its SKU's baseline (exit 1 on regression)")
     cmp.add_argument("run", help="a run folder or a records.jsonl file")
     cmp.add_argument("--baseline", help="baseline file (default: <baselines-dir>/<run's sku>.json)")
@@ -319,37 +345,37 @@ def main(argv: list[str] | None = None) -> int:
     cmp.add_argument("--write", action="store_true",
                      help="write compare.md and benchmark.json in the run folder, or beside a records file as "
                      "<name>.compare.md and <name>.benchmark.json")
-    mrg = sub.add_parser("merge", help="join the records of shards of one run (several run folders) into one run")
-    mrg.add_argument("runs", nargs="+", help="run folders or records files of one run id")
-    mrg.add_argument("--out", help="the merged run folder (default: <first run's folder>/<run id>-merged)")
-    ls = sub.add_parser("list", help="list scenarios and cells")
-    ls.add_argument("--scenarios", help="folder of scenario files (default: the checkout's or the shipped one)")
-    plan_cli.add_commands(sub)
-    sub.add_parser("capacity", add_help=False,
-                   help="largest frames / resolution per combination, on the device (harness/capacity.py)")
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> int:
+    if args.cmd == "bench":
+        return cmd_bench(args, rest)
+    if args.cmd == "capacity":
+        from harness.capacity import main as capacity_main
+
+        return capacity_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.cmd == "report":
+        return cmd_report(args)
+    if args.cmd == "baseline":
+        return cmd_baseline(args)
+    if args.cmd == "compare":
+        return cmd_compare(args)
+    if args.cmd == "merge":
+        from harness.merge import run_merge
+
+        return run_merge(args.runs, args.out)
+    if args.cmd in plan_cli.COMMANDS:
+        return plan_cli.COMMANDS[args.cmd](args)
+    return cmd_list(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args, rest = parser.parse_known_args(argv)
     try:
-        if args.cmd == "bench":
-            return cmd_bench(args, rest)
-        if args.cmd == "capacity":
-            from harness.capacity import main as capacity_main
-
-            return capacity_main(rest)
-        if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        if args.cmd in plan_cli.COMMANDS:
-            return plan_cli.COMMANDS[args.cmd](args)
-        if args.cmd == "report":
-            return cmd_report(args)
-        if args.cmd == "baseline":
-            return cmd_baseline(args)
-        if args.cmd == "compare":
-            return cmd_compare(args)
-        if args.cmd == "merge":
-            from harness.merge import run_merge
-
-            return run_merge(args.runs, args.out)
-        return cmd_list(args)
+        return _dispatch(parser, args, rest)
     except Stop as e:
         print(f"error: {e}", file=sys.stderr)
         return e.code

@@ -40,7 +40,7 @@ from typing import Any
 from tabulate import tabulate
 
 from harness.baseline import RETIRED_METRICS, metric, metric_order
-from harness.results import PHASES
+from harness.contract import PHASES, Phase, fate_text
 
 MIB = 2**20
 
@@ -178,7 +178,8 @@ class Comparison:
 
 
 def fate(cell: dict[str, Any]) -> str:
-    return cell["status"] + (f" ({cell['failed_phase']})" if cell.get("failed_phase") else "")
+    """A baseline cell's (or a record's) fate in words."""
+    return fate_text(cell["status"], cell.get("failed_phase"))
 
 
 def progress(cell: dict[str, Any]) -> int:
@@ -186,7 +187,7 @@ def progress(cell: dict[str, Any]) -> int:
     if cell["status"] == "ok":
         return len(PHASES)
     phase = cell.get("failed_phase")
-    return PHASES.index(phase) if phase in PHASES else -1
+    return Phase(phase).progress if phase in set(Phase) else -1
 
 
 def needs_phase(name: str) -> int:

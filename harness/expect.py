@@ -42,24 +42,13 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.results import loaded, summarize_peaks
-from harness.roofline import median_step_s
+from harness.contract import CellRecord, PhaseStats, Placement, Record, Status, as_record, fate_text
 from harness.scenario import HARNESS_BACKEND, FateExpectation, Scenario, matches
-
-
-def cfg_batched(record: dict[str, Any]) -> bool:
-    """The cell ran true CFG's two passes as one batched forward (`[run] cfg_batch`)."""
-    return bool((record.get("run_options") or {}).get("cfg_batch"))
-
-
-def backend_of(record: dict[str, Any]) -> str:
-    """The cell's backend; records from before backends existed ran the harness's own runtime."""
-    return record.get("backend") or HARNESS_BACKEND
 
 
 @dataclass(frozen=True)
@@ -74,75 +63,65 @@ def _mib(v: int | None) -> str:
     return "n/a" if v is None else f"{v / 2**20:,.0f} MiB"
 
 
-def fate_failures(record: dict[str, Any], fates: tuple[FateExpectation, ...]) -> list[str]:
+def fate_failures(record: Record, fates: tuple[FateExpectation, ...]) -> list[str]:
     """Messages for each declared fate this record should meet and does not."""
+    rec = as_record(record)
     out = []
     for f in fates:
-        if f.cards is not None and record["card"]["name"] not in f.cards:
+        if f.cards is not None and rec.card_name not in f.cards:
             continue
-        if not matches(record["requested"], f.where):
+        if not matches(rec.requested, f.where):
             continue
-        want = f.status + (f" in {f.phase}" if f.phase else "")
-        got = record["status"] + (f" in {record.get('failed_phase')}" if record.get("failed_phase") else "")
-        if record["status"] != f.status or (f.phase is not None and record.get("failed_phase") != f.phase):
-            out.append(f"{record['cell_id']}: expected {want}, got {got} ({record.get('reason')})")
+        if rec.status != f.status or (f.phase is not None and rec.failed_phase != f.phase):
+            out.append(f"{rec.cell_id}: expected {fate_text(f.status, f.phase)}, got {rec.fate} ({rec.reason})")
     return out
 
 
-def demand(record: dict[str, Any]) -> float | None:
+def demand(record: Record) -> float | None:
     """Peak device memory a cell needed: its measured peak, or infinity if it ran out (it needed more than the
     card has; the allocator's peak stops short of the allocation that failed)."""
-    if record["status"] == "oom":
-        return float("inf")
-    return summarize_peaks(record)["peak"]
+    rec = as_record(record)
+    return float("inf") if rec.status is Status.OOM else rec.peaks.peak
 
 
 def _fmt(v: float | None) -> str:
     return "> cap (oom)" if v == float("inf") else _mib(None if v is None else int(v))
 
 
-def lowest_peak_verdict(card: str, records: list[dict[str, Any]], where: dict[str, Any]) -> Verdict:
-    records = [r for r in records if backend_of(r) == HARNESS_BACKEND]
-    targets = [r for r in records if matches(r["requested"], where)]
+def lowest_peak_verdict(card: str, records: Iterable[Record], where: dict[str, Any]) -> Verdict:
+    recs = [r for r in map(as_record, records) if r.backend == HARNESS_BACKEND]
+    targets = [r for r in recs if matches(r.requested, where)]
     if len(targets) != 1:
         return Verdict("lowest_peak", card, False, f"{len(targets)} cells match {where}; expected exactly one")
     target = targets[0]
-    if target["status"] != "ok":
-        return Verdict(
-            "lowest_peak", card, False,
-            f"{target['cell_id']} did not run: {target['status']} in {target.get('failed_phase')} "
-            f"({target.get('reason')})",
-        )
+    if target.status is not Status.OK:
+        return Verdict("lowest_peak", card, False, f"{target.cell_id} did not run: {target.fate} ({target.reason})")
     mine = demand(target)
-    others = [r for r in records if r is not target and loaded(r)]
+    others = [r for r in recs if r is not target and r.loaded]
     not_above = [r for r in others if (d := demand(r)) is not None and mine is not None and d <= mine]
-    counter = summarize_peaks(target)["counter"]
-    listing = ", ".join(f"{_label(r)}={_fmt(demand(r))}" for r in others) or "none"
+    counter = target.peak_counter
+    listing = ", ".join(f"{r.label}={_fmt(demand(r))}" for r in others) or "none"
     if not_above or mine is None:
         return Verdict(
             "lowest_peak", card, False,
-            f"{target['cell_id']} peaked at {_fmt(mine)} ({counter}), not below every cell that loaded: {listing}",
+            f"{target.cell_id} peaked at {_fmt(mine)} ({counter}), not below every cell that loaded: {listing}",
         )
     return Verdict(
         "lowest_peak", card, True,
-        f"{_label(target)} loads and peaks at {_fmt(mine)} ({counter}); others that loaded: {listing}",
+        f"{target.label} loads and peaks at {_fmt(mine)} ({counter}); others that loaded: {listing}",
     )
 
 
-def _label(record: dict[str, Any]) -> str:
-    return record["cell_id"].rsplit("/", 1)[-1]
-
-
-def same_output_verdict(card: str, records: list[dict[str, Any]]) -> Verdict:
+def same_output_verdict(card: str, records: Iterable[Record]) -> Verdict:
     """Every cell that ran to the end computed the same final latents, bit for bit (same seed, same math), within
     each backend."""
-    ran = [r for r in records if r["status"] == "ok"]
+    ran = [r for r in map(as_record, records) if r.status is Status.OK]
     differ = []
-    for backend in dict.fromkeys(backend_of(r) for r in ran):
+    for backend in dict.fromkeys(r.backend for r in ran):
         digests: dict[str, list[str]] = {}
         for r in ran:
-            if backend_of(r) == backend:
-                digests.setdefault((r.get("outputs") or {}).get("latents_sha256", "missing"), []).append(_label(r))
+            if r.backend == backend:
+                digests.setdefault((r.outputs or {}).get("latents_sha256", "missing"), []).append(r.label)
         if len(digests) > 1:
             differ.append("; ".join(f"{d[:12]}: {', '.join(cells)}" for d, cells in digests.items()))
     if not differ:
@@ -150,8 +129,8 @@ def same_output_verdict(card: str, records: list[dict[str, Any]]) -> Verdict:
     return Verdict("same_output", card, False, f"final latents differ between cells: {' | '.join(differ)}")
 
 
-def _flags_key(record: dict[str, Any]) -> str:
-    return json.dumps(record.get("requested") or {}, sort_keys=True)
+def _flags_key(record: CellRecord) -> str:
+    return json.dumps(record.requested, sort_keys=True)
 
 
 def latents_distance(path: str | Path, ref_path: str | Path) -> float:
@@ -174,31 +153,32 @@ def latents_distance(path: str | Path, ref_path: str | Path) -> float:
     return diff / ref_norm if ref_norm else (0.0 if diff == 0 else float("inf"))
 
 
-def _latents_line(r: dict[str, Any], ref: dict[str, Any], rtol: float) -> tuple[bool, str]:
+def _latents_line(r: CellRecord, ref: CellRecord, rtol: float) -> tuple[bool, str]:
     """(within rtol, the line saying so) for the final latents of `r` against those of `ref`."""
     try:
-        if not r.get("latents_path") or not ref.get("latents_path"):
-            raise ValueError(f"no latents_path in the record of {_label(r if not r.get('latents_path') else ref)}")
-        dist = latents_distance(r["latents_path"], ref["latents_path"])
+        if not r.latents_path or not ref.latents_path:
+            raise ValueError(f"no latents_path in the record of {(r if not r.latents_path else ref).label}")
+        dist = latents_distance(r.latents_path, ref.latents_path)
     except (OSError, ValueError, RuntimeError) as e:
-        return False, f"{_label(r)}: cannot compare with {_label(ref)}: {type(e).__name__}: {e}"
-    return dist <= rtol, f"{_label(r)} vs {_label(ref)}: {dist:.3g}" + ("" if dist <= rtol else f" > {rtol}")
+        return False, f"{r.label}: cannot compare with {ref.label}: {type(e).__name__}: {e}"
+    return dist <= rtol, f"{r.label} vs {ref.label}: {dist:.3g}" + ("" if dist <= rtol else f" > {rtol}")
 
 
 def _close_to_reference(
-    check: str, card: str, pairs: list[tuple[dict[str, Any], dict[str, Any] | None]], rtol: float, which: str,
-    when_none: tuple[bool, str], note: Any = None, rtol_by_backend: Mapping[str, float] | None = None,
+    check: str, card: str, pairs: list[tuple[CellRecord, CellRecord | None]], rtol: float, which: str,
+    when_none: tuple[bool, str], note: Callable[[CellRecord, CellRecord], str] | None = None,
+    rtol_by_backend: Mapping[str, float] | None = None,
 ) -> Verdict:
     """Each (cell, reference) pair's final latents within `rtol` (relative L2; `rtol_by_backend` where it names the
     cell's backend); a reference that did not run fails the check; `note(cell, reference)` adds to a pair's line;
     `when_none` is the verdict without pairs."""
     problems, passed = [], []
     for r, ref in pairs:
-        if ref is None or ref["status"] != "ok":
-            why = "has no record" if ref is None else f"ended {ref['status']}"
-            problems.append(f"{_label(r)}: the {which} cell with the same flags {why}, nothing to compare with")
+        if ref is None or ref.status is not Status.OK:
+            why = "has no record" if ref is None else f"ended {ref.status}"
+            problems.append(f"{r.label}: the {which} cell with the same flags {why}, nothing to compare with")
             continue
-        bound = (rtol_by_backend or {}).get(backend_of(r), rtol)
+        bound = (rtol_by_backend or {}).get(r.backend, rtol)
         ok, line = _latents_line(r, ref, bound)
         line += ("" if bound == rtol else f" (its bound {bound})") + (note(r, ref) if note else "")
         (passed if ok else problems).append(line)
@@ -209,56 +189,87 @@ def _close_to_reference(
     return Verdict(check, card, True, f"relative L2 of final latents within {rtol}: {'; '.join(passed)}")
 
 
-def close_output_verdict(card: str, records: list[dict[str, Any]], rtol: float,
+def close_output_verdict(card: str, records: Iterable[Record], rtol: float,
                          rtol_by_backend: Mapping[str, float] | None = None) -> Verdict:
     """Every other-backend cell that ran is within `rtol` (relative L2 of final latents; `rtol_by_backend` where it
     names the cell's backend) of the harness-backend cell with the same requested flags."""
-    ref = {_flags_key(r): r for r in records if backend_of(r) == HARNESS_BACKEND}
-    pairs = [(r, ref.get(_flags_key(r))) for r in records if backend_of(r) != HARNESS_BACKEND and r["status"] == "ok"]
+    recs = [as_record(r) for r in records]
+    ref = {_flags_key(r): r for r in recs if r.backend == HARNESS_BACKEND}
+    pairs = [(r, ref.get(_flags_key(r))) for r in recs if r.backend != HARNESS_BACKEND and r.status is Status.OK]
     return _close_to_reference("close_output", card, pairs, rtol, "harness",
                                (True, "no other-backend cell ran: nothing to compare"), rtol_by_backend=rtol_by_backend)
 
 
-def cfg_batch_verdict(card: str, records: list[dict[str, Any]], rtol: float) -> Verdict:
+def cfg_batch_verdict(card: str, records: Iterable[Record], rtol: float) -> Verdict:
     """Every cfg-batch cell that ran is within `rtol` (relative L2 of final latents) of the two-pass cell with the
     same flags and backend; each line also gives the steady step time of both and their ratio."""
-    two_pass = {(backend_of(r), _flags_key(r)): r for r in records if not cfg_batched(r)}
-    pairs = [(r, two_pass.get((backend_of(r), _flags_key(r)))) for r in records
-             if cfg_batched(r) and r["status"] == "ok"]
+    recs = [as_record(r) for r in records]
+    two_pass = {(r.backend, _flags_key(r)): r for r in recs if not r.cfg_batch}
+    pairs = [(r, two_pass.get((r.backend, _flags_key(r)))) for r in recs if r.cfg_batch and r.status is Status.OK]
 
-    def step_ratio(r: dict[str, Any], ref: dict[str, Any]) -> str:
-        t_batch, t_two = median_step_s(r), median_step_s(ref)
+    def step_ratio(r: CellRecord, ref: CellRecord) -> str:
+        t_batch, t_two = r.median_step_s(), ref.median_step_s()
         return f"; step {t_batch:.3f} s vs {t_two:.3f} s two-pass ({t_batch / t_two:.2f}x)" if t_batch and t_two else ""
 
     return _close_to_reference("cfg_batch", card, pairs, rtol, "two-pass",
                                (False, "no cfg-batch cell ran: nothing to compare"), step_ratio)
 
 
-def _streamed(record: dict[str, Any]) -> bool:
-    return bool((record.get("effective") or {}).get("dit_layerwise_offload"))
+def plan_within_verdict(card: str, records: Iterable[Record], tolerance: dict[str, float]) -> Verdict:
+    """The planner against every GPU cell of our runtime: fate, peaks within tolerance["peak"], step within
+    tolerance["time"] (each relative to the plan)."""
+    from harness.plan import check_record
+
+    gpu = [r for r in map(as_record, records) if r.device == "cuda" and r.backend == HARNESS_BACKEND
+           and r.status in (Status.OK, Status.OOM)]
+    if not gpu:
+        return Verdict("plan_within", card, True, "no GPU cell of our runtime ran: not judged (the plan predicts "
+                       "CUDA allocator counters)")
+    problems, checked = [], 0
+    for r in gpu:
+        c = check_record(r.to_dict())
+        if c is None:
+            problems.append(f"{r.label}: no plan")
+            continue
+        checked += 1
+        if not c.verdict_ok:
+            planned = "fits" if c.predicted_oom_phase is None else f"OOM in {c.predicted_oom_phase}"
+            problems.append(f"{r.label}: planned {planned}, ended {r.fate}")
+        for what, err, key in (("load peak", c.load_error, "peak"), ("runtime peak", c.runtime_error, "peak"),
+                               ("step", c.step_error, "time")):
+            if key in tolerance and err is not None and abs(err) > tolerance[key]:
+                problems.append(f"{r.label}: {what} {100 * err:+.1f} % off the plan (> {tolerance[key]:.0%})")
+    if problems:
+        return Verdict("plan_within", card, False, "; ".join(problems))
+    return Verdict("plan_within", card, True, f"{checked} cells within {tolerance} of their plans")
 
 
-def beats_peer_verdict(card: str, records: list[dict[str, Any]]) -> Verdict:
+def _streamed(record: CellRecord) -> bool:
+    return bool(record.effective.get("dit_layerwise_offload"))
+
+
+def beats_peer_verdict(card: str, records: Iterable[Record]) -> Verdict:
     """Our layerwise runtime against each other backend's cell with the same flags: time and runtime peak."""
-    ours = {_flags_key(r): r for r in records if backend_of(r) == HARNESS_BACKEND and _streamed(r)}
+    recs = [as_record(r) for r in records]
+    ours = {_flags_key(r): r for r in recs if r.backend == HARNESS_BACKEND and _streamed(r)}
     problems, passed = [], []
-    for peer in records:
-        if backend_of(peer) == HARNESS_BACKEND or not _streamed(peer):
+    for peer in recs:
+        if peer.backend == HARNESS_BACKEND or not _streamed(peer):
             continue
         mine = ours.get(_flags_key(peer))
         for who in (peer, mine):
-            if who is None or who["status"] != "ok":
-                why = "has no record" if who is None else f"ended {who['status']} ({who.get('reason')})"
-                problems.append(f"{_label(peer)}: {'the harness cell' if who is mine else 'it'} {why}; not compared")
+            if who is None or who.status is not Status.OK:
+                why = "has no record" if who is None else f"ended {who.status} ({who.reason})"
+                problems.append(f"{peer.label}: {'the harness cell' if who is mine else 'it'} {why}; not compared")
                 break
         else:
-            t_mine, t_peer = median_step_s(mine), median_step_s(peer)
-            p_mine, p_peer = summarize_peaks(mine)["runtime"], summarize_peaks(peer)["runtime"]
+            t_mine, t_peer = mine.median_step_s(), peer.median_step_s()
+            p_mine, p_peer = mine.peaks.runtime, peer.peaks.runtime
             if None in (t_mine, t_peer, p_mine, p_peer):
-                problems.append(f"{_label(peer)}: no denoise steps or runtime peak recorded; not compared")
+                problems.append(f"{peer.label}: no denoise steps or runtime peak recorded; not compared")
                 continue
-            line = (f"{_label(peer)}: step {t_mine:.3f} s (ours) vs {t_peer:.3f} s, runtime peak {_mib(p_mine)} "
-                    f"(ours) vs {_mib(p_peer)} ({summarize_peaks(mine)['counter']})")
+            line = (f"{peer.label}: step {t_mine:.3f} s (ours) vs {t_peer:.3f} s, runtime peak {_mib(p_mine)} "
+                    f"(ours) vs {_mib(p_peer)} ({mine.peak_counter})")
             (passed if t_mine <= t_peer and p_mine <= p_peer else problems).append(line)
     if problems:
         return Verdict("beats_peer", card, False, "; ".join(problems))
@@ -272,42 +283,44 @@ RESIDENT_STEP_SLACK = 0.03
 TRANSFER_BOUND_SHARE = 0.5  # transfer time at the probe's rate over the measured step, at or above: transfer-bound
 
 
-def _layerwise_groups(record: dict[str, Any]) -> dict[str, Any]:
-    return (((record.get("components") or {}).get("dit") or {}).get("layerwise") or {}).get("groups") or {}
+def _layerwise(record: CellRecord) -> dict[str, Any]:
+    """The DiT's layerwise section of the record (our runtime), or {}."""
+    return ((record.components or {}).get("dit") or {}).get("layerwise") or {}
 
 
-def _group_key(record: dict[str, Any], drop: tuple[str, ...]) -> str:
-    flags = {k: v for k, v in (record.get("effective") or {}).items() if k not in drop}
+def _group_key(record: CellRecord, drop: tuple[str, ...]) -> str:
+    flags = {k: v for k, v in record.effective.items() if k not in drop}
     return json.dumps(flags, sort_keys=True)
 
 
-def _harness_layerwise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in records if backend_of(r) == HARNESS_BACKEND and _streamed(r) and not r.get("same_as")]
+def _harness_layerwise(records: Iterable[Record]) -> list[CellRecord]:
+    recs = map(as_record, records)
+    return [r for r in recs if r.backend == HARNESS_BACKEND and _streamed(r) and not r.same_as]
 
 
-def _denoise_peak(record: dict[str, Any]) -> float | None:
-    if record["status"] == "oom" and loaded(record):
+def _denoise_peak(record: CellRecord) -> float | None:
+    if record.status is Status.OOM and record.loaded:
         return float("inf")
-    if record["status"] != "ok":
+    if record.status is not Status.OK:
         return None
-    counter = summarize_peaks(record)["counter"]
-    return ((record.get("phases") or {}).get("denoise") or {}).get(counter)
+    denoise = record.phases.get("denoise")
+    return denoise.get(record.peak_counter) if denoise else None
 
 
-def prefetch_peak_verdict(card: str, records: list[dict[str, Any]]) -> Verdict:
+def prefetch_peak_verdict(card: str, records: Iterable[Record]) -> Verdict:
     """A larger prefetch window never lowers the denoise peak, between cells that differ only in the prefetch."""
-    by_key: dict[str, list[tuple[int, float, dict[str, Any]]]] = {}
+    by_key: dict[str, list[tuple[int, float, CellRecord]]] = {}
     for r in _harness_layerwise(records):
         peak = _denoise_peak(r)
-        window = sum(g.get("prefetch", 0) for g in _layerwise_groups(r).values()) or \
-            (r.get("effective") or {}).get("dit_offload_prefetch_size")
+        window = sum(g.get("prefetch", 0) for g in (_layerwise(r).get("groups") or {}).values()) or \
+            r.effective.get("dit_offload_prefetch_size")
         if peak is not None and window is not None:
             by_key.setdefault(_group_key(r, ("dit_offload_prefetch_size",)), []).append((window, peak, r))
     problems, passed = [], []
     for cells in by_key.values():
         cells.sort(key=lambda c: (c[0], c[1]))
         for (w1, p1, r1), (w2, p2, r2) in itertools.pairwise(cells):
-            line = f"{_label(r2)} (p={w2}) {_fmt(p2)} vs {_label(r1)} (p={w1}) {_fmt(p1)}"
+            line = f"{r2.label} (p={w2}) {_fmt(p2)} vs {r1.label} (p={w1}) {_fmt(p1)}"
             ok = w1 == w2 or p2 >= p1 * (1 - PREFETCH_PEAK_SLACK)
             (passed if ok else problems).append(line)
     if problems:
@@ -319,23 +332,22 @@ def prefetch_peak_verdict(card: str, records: list[dict[str, Any]]) -> Verdict:
     return Verdict("prefetch_peak", card, True, "; ".join(passed))
 
 
-def _transfer_bound(record: dict[str, Any], step_s: float) -> bool | None:
-    lw = ((record.get("components") or {}).get("dit") or {}).get("layerwise") or {}
-    gbps = (record.get("machine") or {}).get("pinned_h2d_gbps")
+def _transfer_bound(record: CellRecord, step_s: float) -> bool | None:
+    lw = _layerwise(record)
+    gbps = (record.machine or {}).get("pinned_h2d_gbps")
     streamed = lw.get("streamed_bytes", lw.get("host_bytes"))
     if not gbps or not streamed:
         return None
-    forwards = 2 if (record.get("settings") or {}).get("true_cfg_scale", 1) > 1 else 1
-    return forwards * streamed / (gbps * 1e9) >= TRANSFER_BOUND_SHARE * step_s
+    return record.forwards_per_step * streamed / (gbps * 1e9) >= TRANSFER_BOUND_SHARE * step_s
 
 
-def resident_speed_verdict(card: str, records: list[dict[str, Any]]) -> Verdict:
+def resident_speed_verdict(card: str, records: Iterable[Record]) -> Verdict:
     """More resident layers never slow a transfer-bound step, between cells that differ only in residency."""
-    by_key: dict[str, list[tuple[int, float, dict[str, Any]]]] = {}
+    by_key: dict[str, list[tuple[int, float, CellRecord]]] = {}
     for r in _harness_layerwise(records):
-        step = median_step_s(r) if r["status"] == "ok" else None
+        step = r.median_step_s() if r.status is Status.OK else None
         if step is not None:
-            kept = sum(g.get("resident_layers", 0) for g in _layerwise_groups(r).values())
+            kept = sum(g.get("resident_layers", 0) for g in (_layerwise(r).get("groups") or {}).values())
             key = _group_key(r, ("dit_layerwise_resident_layers", "dit_layerwise_residency_policy"))
             by_key.setdefault(key, []).append((kept, step, r))
     problems, passed, skipped = [], [], []
@@ -345,7 +357,7 @@ def resident_speed_verdict(card: str, records: list[dict[str, Any]]) -> Verdict:
             for k2, s2, r2 in cells:
                 if k2 <= k1:
                     continue
-                line = f"{_label(r2)} (r={k2}) {s2:.3f} s vs {_label(r1)} (r={k1}) {s1:.3f} s"
+                line = f"{r2.label} (r={k2}) {s2:.3f} s vs {r1.label} (r={k1}) {s1:.3f} s"
                 if not bound:
                     skipped.append(line + (" (not transfer-bound)" if bound is False else " (no H2D probe)"))
                     continue
@@ -360,58 +372,30 @@ def resident_speed_verdict(card: str, records: list[dict[str, Any]]) -> Verdict:
     return Verdict("resident_speed", card, True, "; ".join(passed) + note)
 
 
-def plan_within_verdict(card: str, records: list[dict[str, Any]], tolerance: dict[str, float]) -> Verdict:
-    """The planner against every GPU cell of our runtime: fate, peaks within tolerance["peak"], step within
-    tolerance["time"] (each relative to the plan)."""
-    from harness.plan import check_record
-
-    gpu = [r for r in records if r.get("device") == "cuda" and backend_of(r) == HARNESS_BACKEND
-           and r["status"] in ("ok", "oom")]
-    if not gpu:
-        return Verdict("plan_within", card, True, "no GPU cell of our runtime ran: not judged (the plan predicts "
-                       "CUDA allocator counters)")
-    problems, checked = [], 0
-    for r in gpu:
-        c = check_record(r)
-        if c is None:
-            problems.append(f"{_label(r)}: no plan")
-            continue
-        checked += 1
-        if not c.verdict_ok:
-            planned = "fits" if c.predicted_oom_phase is None else f"OOM in {c.predicted_oom_phase}"
-            problems.append(f"{_label(r)}: planned {planned}, ended {r['status']} {r.get('failed_phase') or ''}")
-        for what, err, key in (("load peak", c.load_error, "peak"), ("runtime peak", c.runtime_error, "peak"),
-                               ("step", c.step_error, "time")):
-            if key in tolerance and err is not None and abs(err) > tolerance[key]:
-                problems.append(f"{_label(r)}: {what} {100 * err:+.1f} % off the plan (> {tolerance[key]:.0%})")
-    if problems:
-        return Verdict("plan_within", card, False, "; ".join(problems))
-    return Verdict("plan_within", card, True, f"{checked} cells within {tolerance} of their plans")
-
-
-def host_failures(record: dict[str, Any], bounds: dict[str, Any]) -> list[str]:
+def host_failures(record: Record, bounds: dict[str, Any]) -> list[str]:
     """Host-cost bounds of one cell that ran: peak RSS over all weight bytes, pinned held over requested, and the
     setup rate (weight bytes over setup seconds) of named components."""
-    comps = record.get("components") or {}
+    rec = as_record(record)
+    comps = rec.components or {}
     weights = sum(c.get("weight_bytes", 0) for c in comps.values())
-    phases = (record.get("phases") or {}).values()
+    phases = rec.phases.values()
     out = []
     ratio = bounds.get("max_rss_over_weights")
     if ratio is not None:
-        rss = max([p.get("rss_peak_bytes", 0) for p in phases] + [record.get("ru_maxrss_bytes", 0)])
+        rss = max([p.get("rss_peak_bytes", 0) for p in phases] + [rec.ru_maxrss_bytes or 0])
         if not weights or rss > ratio * weights:
-            out.append(f"{record['cell_id']}: host peak RSS {_mib(rss)} > {ratio} x weights {_mib(weights)}")
+            out.append(f"{rec.cell_id}: host peak RSS {_mib(rss)} > {ratio} x weights {_mib(weights)}")
     ratio = bounds.get("max_pinned_held_over_requested")
     if ratio is not None:
         requested = max((p.get("pinned_requested_peak_bytes", 0) for p in phases), default=0)
         held = max((p.get("pinned_registered_bytes", 0) + p.get("pinned_torch_allocator_bytes", 0) for p in phases),
                    default=0)
         if held > ratio * requested:
-            out.append(f"{record['cell_id']}: pinned held {_mib(held)} > {ratio} x requested {_mib(requested)}")
+            out.append(f"{rec.cell_id}: pinned held {_mib(held)} > {ratio} x requested {_mib(requested)}")
     for role, floor in (bounds.get("min_setup_gbps") or {}).items():
         rate = (comps.get(role) or {}).get("setup_gbps")
         if rate is None or rate < floor:
-            out.append(f"{record['cell_id']}: {role} setup at {rate} GB/s, below {floor} GB/s")
+            out.append(f"{rec.cell_id}: {role} setup at {rate} GB/s, below {floor} GB/s")
     return out
 
 
@@ -419,7 +403,7 @@ def host_failures(record: dict[str, Any], bounds: dict[str, Any]) -> list[str]:
 PINNED_OVER_STREAMED = 2.1
 
 
-def invariant_failures(record: dict[str, Any]) -> list[str]:
+def invariant_failures(record: Record) -> list[str]:
     """The offload memory invariants of one cell that ran, on the weight bytes the components hold on the device
     (the harness ledger and per-component probes, so activations do not blur them):
 
@@ -433,16 +417,33 @@ def invariant_failures(record: dict[str, Any]) -> list[str]:
        other resident components < the DiT's weight bytes.
     4. Pinned host bytes (peak requested) <= 2.1 x the bytes the layerwise runtimes stream (all components).
     """
-    comps = record.get("components") or {}
-    phases = record.get("phases") or {}
-    out: list[str] = []
-    cid = record["cell_id"]
+    rec = as_record(record)
+    comps = rec.components or {}
     dit = comps.get("dit") or {}
     lw = dit.get("layerwise")
     nonlayer = dit.get("weight_bytes", 0) - (lw or {}).get("param_bytes", 0) if lw else None
     # what a layerwise component keeps on the device between its uses: its non-layer weights
     kept_between = {role: c.get("weight_bytes", 0) - c["layerwise"].get("param_bytes", 0)
                     for role, c in comps.items() if c.get("layerwise")}
+    out = _between_phases(rec.cell_id, comps, rec.phases, kept_between)
+    out += _denoise_bound(rec.cell_id, comps, rec.phases, nonlayer, kept_between)
+    load_peak = rec.phase_max("ledger_peak_bytes", ("load",))
+    if dit.get("placement") == Placement.LAYERWISE_FROM_HOST and load_peak is not None:
+        others = sum(c["weight_bytes"] for r, c in comps.items() if r != "dit" and c["placement"] == Placement.RESIDENT)
+        if load_peak - others >= dit["weight_bytes"]:
+            out.append(f"{rec.cell_id}: load held the whole DiT ({_mib(load_peak - others)} of DiT weights)")
+    if lw:
+        pinned = rec.phase_max("pinned_requested_peak_bytes", rec.phases) or 0
+        streamed = sum(c["layerwise"]["host_bytes"] for c in comps.values() if c.get("layerwise"))
+        if pinned > PINNED_OVER_STREAMED * streamed:
+            out.append(f"{rec.cell_id}: pinned {_mib(pinned)} > {PINNED_OVER_STREAMED} x streamed {_mib(streamed)}")
+    return out
+
+
+def _between_phases(cid: str, comps: dict[str, Any], phases: dict[str, PhaseStats], kept_between: dict[str, int],
+                    ) -> list[str]:
+    """Invariant 1: what each component holds on the device at every phase start and end."""
+    out = []
     for pname, ph in phases.items():
         for when in ("device_weights_at_start", "device_weights_at_end"):
             held = ph.get(when) or {}
@@ -450,50 +451,48 @@ def invariant_failures(record: dict[str, Any]) -> list[str]:
                 got = held.get(role)
                 if got is None:
                     continue
-                if c["placement"] == "cpu-offload" and got != 0:
+                if c["placement"] == Placement.CPU_OFFLOAD and got != 0:
                     out.append(f"{cid}: {role} is CPU-offloaded but holds {_mib(got)} on the device at {pname} "
                                f"{when.rsplit('_', 1)[-1]}")
                 if role in kept_between and got != kept_between[role]:
                     out.append(f"{cid}: layerwise {'DiT' if role == 'dit' else role} holds {_mib(got)} at {pname} "
                                f"{when.rsplit('_', 1)[-1]}, expected its non-layer weights "
                                f"{_mib(kept_between[role])}")
-    resident = sum(c["weight_bytes"] for c in comps.values() if c["placement"] == "resident")
-    resident += sum(b for role, b in kept_between.items() if role != "dit")  # layerwise te/VAE: non-layer weights
-    denoise = phases.get("denoise") or {}
-    if denoise.get("ledger_peak_bytes") is not None:
-        if lw and "largest_layer_by_group" in lw:  # records from before the field existed skip this check
-            window = sum((2 * g["prefetch"] + 1) * lw["largest_layer_by_group"][name]
-                         for name, g in lw["groups"].items())
-            kept = lw.get("resident_bytes", 0)  # the DiT's resident layers (0 in records from before them)
-            bound = resident + nonlayer + kept + window
-            formula = (f"resident {_mib(resident)} + non-layer {_mib(nonlayer)} + resident layers {_mib(kept)} "
-                       "+ sum (2p+1) x largest layer")
-        else:
-            offloaded = (dit.get("cpu_offload") or {}).get("host_bytes", 0)  # the one device buffer it moves into
-            bound: int | None = resident + (offloaded if dit.get("placement") == "cpu-offload" else 0)
-            formula = "resident components + the DiT when CPU-offloaded"
-        if bound is not None and denoise["ledger_peak_bytes"] > bound:
-            out.append(f"{cid}: denoise weight peak {_mib(denoise['ledger_peak_bytes'])} > {_mib(bound)} "
-                       f"({formula})")
-    load = phases.get("load") or {}
-    if dit.get("placement") == "layerwise-from-host" and load.get("ledger_peak_bytes") is not None:
-        others = sum(c["weight_bytes"] for r, c in comps.items() if r != "dit" and c["placement"] == "resident")
-        if load["ledger_peak_bytes"] - others >= dit["weight_bytes"]:
-            out.append(f"{cid}: load held the whole DiT ({_mib(load['ledger_peak_bytes'] - others)} of DiT weights)")
-    if lw:
-        pinned = max((p.get("pinned_requested_peak_bytes", 0) for p in phases.values()), default=0)
-        streamed = sum(c["layerwise"]["host_bytes"] for c in comps.values() if c.get("layerwise"))
-        if pinned > PINNED_OVER_STREAMED * streamed:
-            out.append(f"{cid}: pinned {_mib(pinned)} > {PINNED_OVER_STREAMED} x streamed {_mib(streamed)}")
     return out
 
 
-def evaluate(scenario: Scenario, records: list[dict[str, Any]]) -> list[Verdict]:
+def _denoise_bound(cid: str, comps: dict[str, Any], phases: dict[str, PhaseStats], nonlayer: int | None,
+                   kept_between: dict[str, int]) -> list[str]:
+    """Invariant 2: the denoise weight peak against what the placements allow on the device."""
+    denoise = phases.get("denoise")
+    if denoise is None or denoise.ledger_peak_bytes is None:
+        return []
+    dit = comps.get("dit") or {}
+    lw = dit.get("layerwise")
+    resident = sum(c["weight_bytes"] for c in comps.values() if c["placement"] == Placement.RESIDENT)
+    resident += sum(b for role, b in kept_between.items() if role != "dit")  # layerwise te/VAE: non-layer weights
+    if lw and "largest_layer_by_group" in lw and nonlayer is not None:  # older records lack the field: skipped
+        window = sum((2 * g["prefetch"] + 1) * lw["largest_layer_by_group"][name] for name, g in lw["groups"].items())
+        kept = lw.get("resident_bytes", 0)  # the DiT's resident layers (0 in records from before them)
+        bound = resident + nonlayer + kept + window
+        formula = (f"resident {_mib(resident)} + non-layer {_mib(nonlayer)} + resident layers {_mib(kept)} "
+                   "+ sum (2p+1) x largest layer")
+    else:
+        offloaded = (dit.get("cpu_offload") or {}).get("host_bytes", 0)  # the one device buffer it moves into
+        bound = resident + (offloaded if dit.get("placement") == Placement.CPU_OFFLOAD else 0)
+        formula = "resident components + the DiT when CPU-offloaded"
+    if denoise.ledger_peak_bytes > bound:
+        return [f"{cid}: denoise weight peak {_mib(denoise.ledger_peak_bytes)} > {_mib(bound)} ({formula})"]
+    return []
+
+
+def evaluate(scenario: Scenario, records: Iterable[Record]) -> list[Verdict]:
     """All set-level verdicts of a scenario, one per card."""
+    recs = [as_record(r) for r in records]
     verdicts = []
     for card in scenario.cards:
-        group = [r for r in records if r["card"]["name"] == card.name and r["scenario"] == scenario.name]
-        two_pass = [r for r in group if not cfg_batched(r)]  # cfg-batch cells are another workload: judged apart
+        group = [r for r in recs if r.card_name == card.name and r.scenario == scenario.name]
+        two_pass = [r for r in group if not r.cfg_batch]  # cfg-batch cells are another workload: judged apart
         if scenario.expect.lowest_peak is not None:
             verdicts.append(lowest_peak_verdict(card.name, two_pass, scenario.expect.lowest_peak))
         if scenario.expect.same_output:
@@ -512,10 +511,10 @@ def evaluate(scenario: Scenario, records: list[dict[str, Any]]) -> list[Verdict]
         if scenario.expect.plan_within is not None:
             verdicts.append(plan_within_verdict(card.name, group, scenario.expect.plan_within))
         if scenario.expect.invariants:
-            inv = [m for r in group if r["status"] == "ok" for m in invariant_failures(r)]
+            inv = [m for r in group if r.status is Status.OK for m in invariant_failures(r)]
             verdicts.append(Verdict("invariants", card.name, not inv, "; ".join(inv) or "all hold"))
         if scenario.expect.host is not None:
-            host = [m for r in group if r["status"] == "ok" for m in host_failures(r, scenario.expect.host)]
+            host = [m for r in group if r.status is Status.OK for m in host_failures(r, scenario.expect.host)]
             verdicts.append(Verdict("host", card.name, not host, "; ".join(host) or "within the host-cost bounds"))
         failures = [m for r in group for m in fate_failures(r, scenario.expect.fates)]
         if scenario.expect.fates:

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.contract import CellSpec, Placement
+
 HOST_ENV = "OFFLOAD_BENCH_HOST_AVAILABLE_BYTES"
 DISK_ENV = "OFFLOAD_BENCH_DISK_FREE_BYTES"
 GPU_FREE_ENV = "OFFLOAD_BENCH_GPU_FREE_BYTES"
@@ -42,17 +44,6 @@ SWITCH_ENV = "OFFLOAD_BENCH_GUARDS"
 DEFAULT_MARGIN = 0.10
 DEFAULT_GPU_FOREIGN_FRACTION = 0.05
 CHECKPOINT_SEED = 0  # the worker generates every checkpoint with seed 0
-HOST_PLACEMENTS = {
-    "text_encoder": ("cpu-offload", "layerwise-from-host"),
-    "vae": ("cpu-offload", "layerwise-from-host"),
-    "dit": ("cpu-offload", "layerwise-from-host", "layerwise-from-device", "diffusers-group-offload"),
-}
-# Placements that hold a second host copy: diffusers' group offload pins a copy of every block tensor through
-# torch's caching host allocator (each rounded up to a power of two) while the pageable region it was read into
-# is still alive; the peak is both.
-PINNED_COPY_PLACEMENTS = ("diffusers-group-offload",)
-
-
 class GuardConfigError(ValueError):
     """An OFFLOAD_BENCH_* guard override is not a number. The message names the variable."""
 
@@ -194,16 +185,16 @@ def weight_bytes(spec: Any) -> int:
 _PINNED_COPY_BYTES: dict[tuple[str, str], int] = {}
 
 
-def pinned_copy_bytes(spec: Any) -> int:
-    """Host bytes of a pinned copy of every tensor of a component through torch's caching host allocator (each
-    rounded up to a power of two): an upper bound on what diffusers' streamed group offload pins."""
-    from harness.offload.memory import pinned_allocator_bytes
+def pinned_torch_allocator_bytes(spec: Any) -> int:
+    """What torch's caching host allocator holds for a pinned copy of every tensor of a component (each rounded up
+    to a power of two): an upper bound on what diffusers' streamed group offload pins."""
+    from harness.offload.memory import torch_pinned_block_bytes
 
     key = (spec.role, spec.key(CHECKPOINT_SEED))
     if key not in _PINNED_COPY_BYTES:
         module = spec.build_on_meta()
         _PINNED_COPY_BYTES[key] = sum(
-            pinned_allocator_bytes(t.numel() * t.element_size()) for t in module.state_dict().values()
+            torch_pinned_block_bytes(t.numel() * t.element_size()) for t in module.state_dict().values()
         )
         del module
     return _PINNED_COPY_BYTES[key]
@@ -330,16 +321,17 @@ class GuardResult:
         }
 
 
-def _host_check(spec: dict[str, Any], placements: dict[str, str], model: Any, m: float) -> tuple[bool, dict, str]:
-    device_is_host = spec.get("device") != "cuda"
+def _host_check(device: str, placements: dict[str, str], model: Any, m: float) -> tuple[bool, dict, str]:
+    device_is_host = device != "cuda"
     components, weights_on_host = {}, 0
     for role, comp in model.components.items():
         nbytes = weight_bytes(comp)
-        on_host = placements.get(role) in HOST_PLACEMENTS.get(role, ())
+        placement = Placement(placements[role])
+        on_host = placement.holds_host_copy
         # On the CPU profile the simulated device is host memory as well: what sits "on the device" counts too.
         host_bytes = nbytes * (int(on_host) + int(device_is_host))
-        if placements.get(role) in PINNED_COPY_PLACEMENTS:
-            host_bytes += pinned_copy_bytes(comp)
+        if placement.pins_second_copy:
+            host_bytes += pinned_torch_allocator_bytes(comp)
         components[role] = {"placement": placements.get(role), "weight_bytes": nbytes, "host_bytes": host_bytes}
         weights_on_host += host_bytes
     needed = with_margin(weights_on_host, m)
@@ -380,8 +372,8 @@ def _disk_check(model: Any, m: float) -> tuple[bool, dict, str]:
     return ok, check, reason
 
 
-def check_cell(spec: dict[str, Any], placements: dict[str, str]) -> GuardResult:
-    """Runs every guard for the cell `spec` (the runner's cell JSON) with the loader's `placements`.
+def check_cell(spec: CellSpec, placements: dict[str, str]) -> GuardResult:
+    """Runs every guard for the cell `spec` with the loader's `placements`.
 
     A guard that cannot read its numbers (or raises) is recorded under `problems` and does not skip the cell.
     """
@@ -394,17 +386,17 @@ def check_cell(spec: dict[str, Any], placements: dict[str, str]) -> GuardResult:
 
     try:
         m = margin()
-        model = get_model(spec["model"])
+        model = get_model(spec.model)
     except Exception as e:
         result.problems.append(f"guards not run: {type(e).__name__}: {e}")
         return result
-    checks = [("host", lambda: _host_check(spec, placements, model, m)), ("disk", lambda: _disk_check(model, m))]
-    if spec.get("device") == "cuda":
+    checks = [("host", lambda: _host_check(spec.device, placements, model, m)), ("disk", lambda: _disk_check(model, m))]
+    if spec.device == "cuda":
 
         def gpu() -> tuple[bool, dict, str]:
             info = gpu_memory()
-            ok, reason = gpu_verdict(info, (spec.get("card") or {}).get("cap_bytes"))
-            return ok, {"ok": ok, "cap_bytes": (spec.get("card") or {}).get("cap_bytes"), **info}, reason
+            ok, reason = gpu_verdict(info, spec.card.cap_bytes)
+            return ok, {"ok": ok, "cap_bytes": spec.card.cap_bytes, **info}, reason
 
         checks.append(("gpu", gpu))
     for name, fn in checks:

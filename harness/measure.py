@@ -320,20 +320,15 @@ class Meter:
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[dict[str, Any]]:
-        cuda = self.device.is_cuda
-        if cuda:
-            torch.cuda.synchronize(self.device.torch)
-            torch.cuda.reset_peak_memory_stats(self.device.torch)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+        events = self._start_cuda() if self.device.is_cuda else None
+        at_start: dict[str, int] = {}
+        if events is not None:
+            with contextlib.suppress(Exception):
+                at_start = allocator_stats(torch.cuda.memory_stats(self.device.torch))
         self.device.reset_ledger_peak()
         self.sampler.enter(name)
         self.current = name
         rec: dict[str, Any] = {}
-        at_start: dict[str, int] = {}
-        if cuda:
-            with contextlib.suppress(Exception):
-                at_start = allocator_stats(torch.cuda.memory_stats(self.device.torch))
         self.phases[name] = rec
         if self.probe is not None:
             rec["device_weights_at_start"] = self.probe()
@@ -348,43 +343,59 @@ class Meter:
             self.failed_phase = name
             raise
         finally:
-            if cuda:
-                end.record()
+            if events is not None:
+                events[1].record()
                 with contextlib.suppress(Exception):
                     torch.cuda.synchronize(self.device.torch)
             rec["wall_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
-            if cuda:
-                with contextlib.suppress(Exception):
-                    rec["time_ms"] = round(start.elapsed_time(end), 3)
-                rec["alloc_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device.torch)
-                rec["alloc_peak_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device.torch)
-                rec["alloc_end_allocated_bytes"] = torch.cuda.memory_allocated(self.device.torch)
-                with contextlib.suppress(Exception):
-                    rec["allocator"] = allocator_stats(torch.cuda.memory_stats(self.device.torch))
-                    rec["reserved_attribution"] = reserved_attribution(
-                        at_start, rec["allocator"], torch.cuda.memory_snapshot()
-                    )
+            if events is not None:
+                self._cuda_counters(rec, at_start, *events)
             else:
                 rec["time_ms"] = rec["wall_ms"]
-            if self.probe is not None:
-                with contextlib.suppress(Exception):
-                    rec["device_weights_at_end"] = self.probe()
-            rec["ledger_peak_bytes"] = self.device.ledger_peak_bytes
-            rec["ledger_end_bytes"] = self.device.ledger_bytes
-            rec.update(self.sampler.phase_peaks(name))
-            rec.update(PINNED.snapshot())
-            rec.update(kernel_locked_bytes())
-            if cuda:
-                with contextlib.suppress(Exception):
-                    stats = torch.cuda.host_memory_stats()
-                    # Bytes of pinned blocks torch's caching host allocator owns now (rounded up to powers of two:
-                    # pin_memory(), diffusers' group offload). torch names it allocated_bytes; there never was a
-                    # reserved_bytes key for the host allocator, which this read until the backend axis needed it.
-                    held = stats.get("allocated_bytes.current", stats.get("reserved_bytes.current", 0))
-                    rec["pinned_torch_allocator_bytes"] = int(held)
+            self._end_counters(rec, name)
             self.current = None
             if completed and self.on_exit is not None:
                 self.on_exit(name, rec)
+
+    def _start_cuda(self) -> tuple[Any, Any]:
+        torch.cuda.synchronize(self.device.torch)
+        torch.cuda.reset_peak_memory_stats(self.device.torch)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        return start, end
+
+    def _cuda_counters(self, rec: dict[str, Any], at_start: dict[str, int], start: Any, end: Any) -> None:
+        """The phase's CUDA-event time, the allocator's peaks and where its reserved-over-allocated gap comes from
+        (`reserved_attribution`, against the allocator's counters at the phase start), after the end event was
+        synchronized."""
+        dev = self.device.torch
+        with contextlib.suppress(Exception):
+            rec["time_ms"] = round(start.elapsed_time(end), 3)
+        rec["alloc_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(dev)
+        rec["alloc_peak_reserved_bytes"] = torch.cuda.max_memory_reserved(dev)
+        rec["alloc_end_allocated_bytes"] = torch.cuda.memory_allocated(dev)
+        with contextlib.suppress(Exception):
+            rec["allocator"] = allocator_stats(torch.cuda.memory_stats(dev))
+            rec["reserved_attribution"] = reserved_attribution(at_start, rec["allocator"], torch.cuda.memory_snapshot())
+
+    def _end_counters(self, rec: dict[str, Any], name: str) -> None:
+        """Weights on the device, the ledger, the sampler's peaks and the pinned host bytes at the phase end."""
+        if self.probe is not None:
+            with contextlib.suppress(Exception):
+                rec["device_weights_at_end"] = self.probe()
+        rec["ledger_peak_bytes"] = self.device.ledger_peak_bytes
+        rec["ledger_end_bytes"] = self.device.ledger_bytes
+        rec.update(self.sampler.phase_peaks(name))
+        rec.update(PINNED.snapshot())
+        rec.update(kernel_locked_bytes())
+        if self.device.is_cuda:
+            with contextlib.suppress(Exception):
+                stats = torch.cuda.host_memory_stats()
+                # Bytes of pinned blocks torch's caching host allocator owns now (rounded up to powers of two:
+                # pin_memory(), diffusers' group offload). torch names it allocated_bytes; there never was a
+                # reserved_bytes key for the host allocator, which this read until the backend axis needed it.
+                held = stats.get("allocated_bytes.current", stats.get("reserved_bytes.current", 0))
+                rec["pinned_torch_allocator_bytes"] = int(held)
 
 
 class Timer:
@@ -552,7 +563,7 @@ def machine_info(device: Device, nvml: Nvml | None, known_h2d: dict[str, Any] | 
             gpu=props.name,
             gpu_memory_bytes=props.total_memory,
             cuda=torch.version.cuda,
-            sku=sku_of(props.name, props.total_memory),
+            sku=sku_of(props.name),
         )
         if nvml:
             info.update(nvml.info())
@@ -562,7 +573,7 @@ def machine_info(device: Device, nvml: Nvml | None, known_h2d: dict[str, Any] | 
     return info
 
 
-def sku_of(name: str, total_bytes: int) -> str:
+def sku_of(name: str) -> str:
     """A stable, filename-safe GPU SKU key such as 'nvidia-h100-80gb-hbm3'."""
     slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
     while "--" in slug:

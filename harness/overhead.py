@@ -16,7 +16,8 @@ from typing import Any
 
 from tabulate import tabulate
 
-from harness.results import RUNTIME_PHASES, latest_by_cell, read_records
+from harness.contract import RUNTIME_PHASES
+from harness.results import latest_by_cell, read_records
 
 PARTS = ("process_start_s", "imports_s", "guards_s", "cuda_init_s", "h2d_probe_s", "checkpoint_s", "warmup_s",
          "teardown_s", "other_s")

@@ -12,15 +12,15 @@ every cell of a scenario computes the same function and its final latents can be
 from __future__ import annotations
 
 import hashlib
-import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from harness.contract import RunSettings
 from harness.measure import Meter, Timer
 from harness.models import ModelSpec
 from harness.offload import timeline as copy_timeline
+from harness.offload.layerwise import LayerwiseRuntime
 from harness.offload.loader import LoadedComponent
 from harness.offload.memory import Device
 
@@ -36,38 +36,6 @@ QWEN_SCHEDULER = {
     "shift_terminal": 0.02,
     "time_shift_type": "exponential",
 }
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """What one pipeline call computes.
-
-    Args:
-        height (int), width (int): output image size in pixels (multiples of vae_scale * patch).
-        steps (int): denoise steps.
-        true_cfg_scale (float): > 1 runs true CFG, two DiT forwards a step; 1 runs one forward.
-        seed (int): seeds every input.
-        frames (int, defaults to 1): video frames (video models only).
-        cfg_batch (bool, defaults to False): true CFG's two passes as one forward of batch 2 (Qwen-Image, Wan), so
-            each streamed layer crosses to the device once a step instead of twice.
-    """
-
-    height: int
-    width: int
-    steps: int
-    true_cfg_scale: float
-    seed: int
-    frames: int = 1
-    cfg_batch: bool = False
-
-    @property
-    def forwards_per_step(self) -> int:
-        """Prompts a step conditions on (two with true CFG), whether or not they share one DiT call."""
-        return 2 if self.true_cfg_scale > 1 else 1
-
-    @property
-    def dit_calls_per_step(self) -> int:
-        return 1 if self.cfg_batch and self.forwards_per_step == 2 else self.forwards_per_step
 
 
 def _shift_mu(seq_len: int, cfg: dict[str, Any]) -> float:
@@ -122,38 +90,103 @@ def _outputs(latents: torch.Tensor, image: torch.Tensor, *, seq_len: int, cond_s
     }
 
 
-def _denoise_loop(
-    rec: dict[str, Any],
-    meter: Meter,
-    dit: LoadedComponent,
-    scheduler: Any,
-    latents: torch.Tensor,
+class Family:
+    """What one model family's pipeline does differently; `run_pipeline` drives every family the same way.
+
+    The constructor draws every seeded input (token ids, reference image, noise) from one CPU generator, in a fixed
+    order, before any phase starts. Then, per phase: `encode_prompts` (the text encoder is on the device only
+    meanwhile) and `encode_conditions` (anything else, e.g. the edit model's reference image through the VAE);
+    `schedule` (the scheduler and the initial latents, with the DiT on the device), then per step `forward` (one
+    DiT forward per prompt) and `combine` (true CFG); `decode` (the VAE on the device meanwhile); `outputs`.
+    """
+
+    def __init__(self, model: ModelSpec, comps: dict[str, LoadedComponent], settings: RunSettings,
+                 device: Device) -> None:
+        self.model, self.settings = model, settings
+        self.te, self.dit, self.vae = comps["text_encoder"], comps["dit"], comps["vae"]
+        self.dev, self.dtype = device.torch, torch.bfloat16
+        self.lat_h, self.lat_w = _latent_size(model, settings)
+        self.gen = torch.Generator("cpu").manual_seed(settings.seed)
+
+    def encode_prompts(self) -> None:
+        raise NotImplementedError
+
+    def encode_conditions(self) -> None:
+        """Conditions other than the prompts (none by default)."""
+
+    def schedule(self) -> tuple[Any, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, t: torch.Tensor, latents: torch.Tensor) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def combine(self, preds: list[torch.Tensor]) -> torch.Tensor:
+        """Plain true CFG (cond, then uncond)."""
+        cond, uncond = preds
+        return uncond + self.settings.true_cfg_scale * (cond - uncond)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def outputs(self, latents: torch.Tensor, image: torch.Tensor) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+def run_pipeline(
+    model: ModelSpec,
+    comps: dict[str, LoadedComponent],
     settings: RunSettings,
     device: Device,
-    forward: Any,
-    combine: Any,
+    meter: Meter,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """One pipeline call, each phase measured: encode -> denoise (true CFG) -> decode."""
+    try:
+        family = FAMILIES[model.family](model, comps, settings, device)
+    except KeyError:
+        raise ValueError(f"model {model.name!r}: no pipeline for family {model.family!r}") from None
+    with meter.phase("encode"), torch.inference_mode():
+        family.te.before_use()
+        family.encode_prompts()
+        family.te.after_use()
+        family.encode_conditions()
+    with meter.phase("denoise") as rec, torch.inference_mode():
+        family.dit.before_use()
+        scheduler, latents = family.schedule()
+        latents = _denoise_loop(rec, meter, family, scheduler, latents, device, progress)
+    with meter.phase("decode"), torch.inference_mode():
+        family.vae.before_use()
+        image = family.decode(latents).clamp(-1, 1)
+        family.vae.after_use()
+    return family.outputs(latents, image)
+
+
+def _denoise_loop(
+    rec: dict[str, Any], meter: Meter, family: Family, scheduler: Any, latents: torch.Tensor, device: Device,
     progress: Any,
 ) -> torch.Tensor:
-    """The loop every family shares: per step, `forward(t, latents)` runs the DiT once per prompt (true CFG: cond
-    then uncond), `combine(preds)` turns the predictions into one, the scheduler steps. Each step is timed (CUDA
-    events on the device), and the DiT is handed back (component offload, layerwise release) at the end.
+    """Per step, `forward(t, latents)` runs the DiT once per prompt (true CFG: cond then uncond), `combine(preds)`
+    turns the predictions into one, the scheduler steps. Each step is timed (CUDA events on the device), and the
+    DiT is handed back (component offload, layerwise release) at the end.
 
     With the meter's `step_probe`, each step mark also reads the machine (clocks, temperature, power, throttle
     reasons: `step_machine`); with a copy recorder on our layerwise runtime, the copies are cut at the step marks
     (`copy_timeline`, harness.offload.timeline)."""
+    settings = family.settings
     timer = Timer(device, probe=meter.step_probe)
-    recorder = dit.layerwise.copy_recorder if dit.layerwise is not None else None
+    runtime = family.dit.runtime
+    recorder = runtime.copy_recorder if isinstance(runtime, LayerwiseRuntime) else None
     if recorder is not None:
         recorder.clear()
     timer.mark()
     for i, t in enumerate(scheduler.timesteps):
-        preds = forward(t, latents)
-        noise_pred = combine(preds) if len(preds) == 2 else preds[0]
+        preds = family.forward(t, latents)
+        noise_pred = family.combine(preds) if len(preds) == 2 else preds[0]
         latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
         timer.mark()
         if progress:
             progress(f"denoise step {i + 1}/{settings.steps}")
-    dit.after_use()
+    family.dit.after_use()
     rec["step_ms"] = timer.intervals_ms()
     rec["forwards"] = settings.steps * settings.dit_calls_per_step  # DiT calls: each streams every layer once
     rec["forward_batch"] = settings.forwards_per_step // settings.dit_calls_per_step
@@ -188,14 +221,6 @@ def batch_text(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor |
     return torch.cat(padded), mask
 
 
-def _plain_cfg(scale: float) -> Any:
-    def combine(preds: list[torch.Tensor]) -> torch.Tensor:
-        cond, uncond = preds
-        return uncond + scale * (cond - uncond)
-
-    return combine
-
-
 def _latent_size(model: ModelSpec, settings: RunSettings) -> tuple[int, int]:
     """Latent height and width; the image must split into whole VAE cells and whole DiT patches."""
     scale, p = model.vae_scale, model.patch
@@ -205,118 +230,109 @@ def _latent_size(model: ModelSpec, settings: RunSettings) -> tuple[int, int]:
     return lat_h, lat_w
 
 
-def _token_prompts(te: LoadedComponent, model: ModelSpec, gen: torch.Generator) -> list[torch.Tensor]:
-    """Seeded positive and negative prompt ids for a single-tokenizer text encoder (drawn in that order)."""
-    vocab = int(te.module.config.vocab_size)
-    return [torch.randint(0, vocab, (1, model.prompt_tokens), generator=gen) for _ in range(2)]
+class _TokenPrompts(Family):
+    """A single-tokenizer text encoder: seeded positive and negative prompt ids (drawn in that order), encoded to
+    the last hidden states with the template tokens dropped (the negative only with true CFG)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        vocab = int(self.te.module.config.vocab_size)
+        self.prompts = [torch.randint(0, vocab, (1, self.model.prompt_tokens), generator=self.gen) for _ in range(2)]
+        self.embeds: list[torch.Tensor] = []
+
+    def encode_prompts(self) -> None:
+        for ids in self.prompts[: self.settings.forwards_per_step]:
+            out = self.te.module(input_ids=ids.to(self.dev), attention_mask=torch.ones_like(ids).to(self.dev))
+            self.embeds.append(out.last_hidden_state[:, self.model.drop_tokens :].to(self.dtype))
+
+    def batched_text(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Under cfg_batch, cond and uncond text as one batch (and its mask); (None, None) otherwise."""
+        if self.settings.dit_calls_per_step == 1 < len(self.embeds):
+            return batch_text(self.embeds)
+        return None, None
 
 
-def _encode_token_prompts(
-    te: LoadedComponent, prompts: list[torch.Tensor], model: ModelSpec, settings: RunSettings,
-    dev: torch.device, dtype: torch.dtype,
-) -> list[torch.Tensor]:
-    """The text encoder's last hidden states, template tokens dropped, for the prompts a step uses (the negative
-    only with true CFG); the encoder is on the device only meanwhile."""
-    te.before_use()
-    embeds = []
-    for ids in prompts[: settings.forwards_per_step]:
-        out = te.module(input_ids=ids.to(dev), attention_mask=torch.ones_like(ids).to(dev))
-        embeds.append(out.last_hidden_state[:, model.drop_tokens :].to(dtype))
-    te.after_use()
-    return embeds
+class QwenImage(_TokenPrompts):
+    """Qwen-Image (and -Edit) as diffusers' QwenImagePipeline: 2x2 packing, the edit model's reference latents
+    appended to the sequence, true CFG with the norm rescale, dynamic-shift flow match."""
 
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        s, vcfg = self.settings, self.vae.module.config
+        self.z_dim = int(vcfg.z_dim)
+        self.noise = torch.randn(1, self.z_dim, 1, self.lat_h, self.lat_w, generator=self.gen)
+        self.ref_image = (torch.rand(1, 3, 1, s.height, s.width, generator=self.gen) * 2 - 1
+                          if self.model.edit else None)
+        self.lat_mean = torch.tensor(vcfg.latents_mean).view(1, self.z_dim, 1, 1, 1)
+        self.lat_std = torch.tensor(vcfg.latents_std).view(1, self.z_dim, 1, 1, 1)
+        self.cond_tokens: torch.Tensor | None = None
 
-def run_qwen_image(
-    model: ModelSpec,
-    comps: dict[str, LoadedComponent],
-    settings: RunSettings,
-    device: Device,
-    meter: Meter,
-    progress: Any = None,
-) -> dict[str, Any]:
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    def encode_conditions(self) -> None:
+        if self.ref_image is None:
+            return
+        self.vae.before_use()
+        z = self.vae.module.encode(self.ref_image.to(self.dev, self.dtype)).latent_dist.mode()
+        z = (z - self.lat_mean.to(self.dev, z.dtype)) / self.lat_std.to(self.dev, z.dtype)
+        self.cond_tokens = _pack(z.to(self.dtype), self.model.patch)
+        self.vae.after_use()
 
-    dev, dtype = device.torch, torch.bfloat16
-    te, dit, vae = comps["text_encoder"], comps["dit"], comps["vae"]
-    p = model.patch
-    lat_h, lat_w = _latent_size(model, settings)
-    gen = torch.Generator("cpu").manual_seed(settings.seed)
-    prompts = _token_prompts(te, model, gen)
-    z_dim = int(vae.module.config.z_dim)
-    noise = torch.randn(1, z_dim, 1, lat_h, lat_w, generator=gen)
-    ref_image = torch.rand(1, 3, 1, settings.height, settings.width, generator=gen) * 2 - 1 if model.edit else None
-    lat_mean = torch.tensor(vae.module.config.latents_mean).view(1, z_dim, 1, 1, 1)
-    lat_std = torch.tensor(vae.module.config.latents_std).view(1, z_dim, 1, 1, 1)
+    def schedule(self) -> tuple[Any, torch.Tensor]:
+        from diffusers import FlowMatchEulerDiscreteScheduler
 
-    with meter.phase("encode"), torch.inference_mode():
-        embeds = _encode_token_prompts(te, prompts, model, settings, dev, dtype)
-        cond_tokens = None
-        if ref_image is not None:
-            vae.before_use()
-            z = vae.module.encode(ref_image.to(dev, dtype)).latent_dist.mode()
-            z = (z - lat_mean.to(dev, z.dtype)) / lat_std.to(dev, z.dtype)
-            cond_tokens = _pack(z.to(dtype), p)
-            vae.after_use()
-
-    with meter.phase("denoise") as rec, torch.inference_mode():
-        dit.before_use()
+        steps, p = self.settings.steps, self.model.patch
         scheduler = FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER)
-        latents = _pack(noise, p).to(dev, dtype)
-        seq = latents.shape[1]
-        sigmas = [1.0 - i * (1.0 - 1.0 / settings.steps) / max(settings.steps - 1, 1) for i in range(settings.steps)]
-        scheduler.set_timesteps(sigmas=sigmas, device=dev, mu=_shift_mu(seq, QWEN_SCHEDULER))
-        shapes = [(1, lat_h // p, lat_w // p)]
-        if cond_tokens is not None:
-            shapes.append((1, lat_h // p, lat_w // p))
-        img_shapes = [shapes]
+        latents = _pack(self.noise, p).to(self.dev, self.dtype)
+        self.seq = latents.shape[1]
+        sigmas = [1.0 - i * (1.0 - 1.0 / steps) / max(steps - 1, 1) for i in range(steps)]
+        scheduler.set_timesteps(sigmas=sigmas, device=self.dev, mu=_shift_mu(self.seq, QWEN_SCHEDULER))
+        shapes = [(1, self.lat_h // p, self.lat_w // p)]
+        if self.cond_tokens is not None:
+            shapes.append((1, self.lat_h // p, self.lat_w // p))
+        self.img_shapes = [shapes]
+        self.batched, self.batched_mask = self.batched_text()
+        return scheduler, latents
 
-        batched_text, batched_mask = batch_text(embeds) if settings.dit_calls_per_step == 1 < len(embeds) \
-            else (None, None)
+    def forward(self, t: torch.Tensor, latents: torch.Tensor) -> list[torch.Tensor]:
+        x = latents if self.cond_tokens is None else torch.cat([latents, self.cond_tokens], dim=1)
+        timestep = t.expand(1).to(self.dtype) / 1000
+        if self.batched is not None:  # cfg_batch: cond and uncond in one call, split after
+            n = self.batched.shape[0]
+            out = self.dit.module(
+                hidden_states=x.expand(n, -1, -1),
+                timestep=timestep.expand(n),
+                encoder_hidden_states=self.batched,
+                encoder_hidden_states_mask=self.batched_mask,
+                img_shapes=self.img_shapes * n,
+                return_dict=False,
+            )[0][:, : self.seq]
+            return list(out.chunk(n))
+        return [
+            self.dit.module(
+                hidden_states=x,
+                timestep=timestep,
+                encoder_hidden_states=emb,
+                encoder_hidden_states_mask=None,  # all tokens valid: diffusers skips the mask then too
+                img_shapes=self.img_shapes,
+                return_dict=False,
+            )[0][:, : self.seq]
+            for emb in self.embeds
+        ]
 
-        def forward(t: torch.Tensor, latents: torch.Tensor) -> list[torch.Tensor]:
-            x = latents if cond_tokens is None else torch.cat([latents, cond_tokens], dim=1)
-            timestep = t.expand(1).to(dtype) / 1000
-            if batched_text is not None:  # cfg_batch: cond and uncond in one call, split after
-                n = batched_text.shape[0]
-                out = dit.module(
-                    hidden_states=x.expand(n, -1, -1),
-                    timestep=timestep.expand(n),
-                    encoder_hidden_states=batched_text,
-                    encoder_hidden_states_mask=batched_mask,
-                    img_shapes=img_shapes * n,
-                    return_dict=False,
-                )[0][:, :seq]
-                return list(out.chunk(n))
-            return [
-                dit.module(
-                    hidden_states=x,
-                    timestep=timestep,
-                    encoder_hidden_states=emb,
-                    encoder_hidden_states_mask=None,  # all tokens valid: diffusers skips the mask then too
-                    img_shapes=img_shapes,
-                    return_dict=False,
-                )[0][:, :seq]
-                for emb in embeds
-            ]
+    def combine(self, preds: list[torch.Tensor]) -> torch.Tensor:
+        # true CFG with QwenImagePipeline's norm rescale
+        cond, _ = preds
+        comb = super().combine(preds)
+        return comb * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
 
-        def combine(preds: list[torch.Tensor]) -> torch.Tensor:
-            # true CFG with QwenImagePipeline's norm rescale
-            cond, uncond = preds
-            comb = uncond + settings.true_cfg_scale * (cond - uncond)
-            return comb * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        z = _unpack(latents, self.lat_h, self.lat_w, self.model.patch).to(self.dtype)
+        z = z * self.lat_std.to(self.dev, self.dtype) + self.lat_mean.to(self.dev, self.dtype)
+        return self.vae.module.decode(z, return_dict=False)[0][:, :, 0]
 
-        latents = _denoise_loop(rec, meter, dit, scheduler, latents, settings, device, forward, combine, progress)
-
-    with meter.phase("decode"), torch.inference_mode():
-        vae.before_use()
-        z = _unpack(latents, lat_h, lat_w, p).to(dtype)
-        z = z * lat_std.to(dev, dtype) + lat_mean.to(dev, dtype)
-        image = vae.module.decode(z, return_dict=False)[0][:, :, 0]
-        image = image.clamp(-1, 1)
-        vae.after_use()
-
-    cond_len = 0 if cond_tokens is None else int(cond_tokens.shape[1])
-    return _outputs(latents, image, seq_len=seq, cond_seq_len=cond_len, text_seq_len=int(embeds[0].shape[1]))
+    def outputs(self, latents: torch.Tensor, image: torch.Tensor) -> dict[str, Any]:
+        cond_len = 0 if self.cond_tokens is None else int(self.cond_tokens.shape[1])
+        return _outputs(latents, image, seq_len=self.seq, cond_seq_len=cond_len,
+                        text_seq_len=int(self.embeds[0].shape[1]))
 
 
 # black-forest-labs/FLUX.1-dev scheduler/scheduler_config.json
@@ -331,94 +347,78 @@ FLUX_SCHEDULER = {
 }
 
 
-def run_flux(
-    model: ModelSpec,
-    comps: dict[str, LoadedComponent],
-    settings: RunSettings,
-    device: Device,
-    meter: Meter,
-    progress: Any = None,
-) -> dict[str, Any]:
+class Flux(Family):
     """FLUX.1-dev as diffusers' FluxPipeline: CLIP pooled + T5 hidden states, 2x2 packing, the guidance embedding,
     one DiT forward a step (guidance-distilled; true CFG only when true_cfg_scale > 1), dynamic-shift flow match."""
-    import numpy as np
-    from diffusers import FlowMatchEulerDiscreteScheduler
 
-    dev, dtype = device.torch, torch.bfloat16
-    te, dit, vae = comps["text_encoder"], comps["dit"], comps["vae"]
-    p = model.patch
-    lat_h, lat_w = _latent_size(model, settings)
-    gen = torch.Generator("cpu").manual_seed(settings.seed)
-    clip_vocab, t5_vocab = int(te.module.clip.config.vocab_size), int(te.module.t5.config.vocab_size)
-    clip_tokens = int(model.extra["clip_tokens"])
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.prompts = [self._prompt(), self._prompt()]  # positive, negative (the negative only with true CFG)
+        vcfg = self.vae.module.config
+        self.noise = torch.randn(1, int(vcfg.latent_channels), 1, self.lat_h, self.lat_w, generator=self.gen)
+        self.vae_scaling, self.vae_shift = float(vcfg.scaling_factor), float(vcfg.shift_factor)
+        self.conds: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def prompt() -> tuple[torch.Tensor, torch.Tensor]:
+    def _prompt(self) -> tuple[torch.Tensor, torch.Tensor]:
         # CLIP ids as its tokenizer lays out a prompt that fills the 77 slots: start-of-text (vocab - 2), words,
         # end-of-text (vocab - 1), which CLIPTextModel pools; T5 ids fill max_sequence_length.
-        words = torch.randint(0, clip_vocab - 2, (1, clip_tokens - 2), generator=gen)
+        clip_vocab, t5_vocab = int(self.te.module.clip.config.vocab_size), int(self.te.module.t5.config.vocab_size)
+        words = torch.randint(0, clip_vocab - 2, (1, int(self.model.extra["clip_tokens"]) - 2), generator=self.gen)
         clip_ids = torch.cat([torch.tensor([[clip_vocab - 2]]), words, torch.tensor([[clip_vocab - 1]])], dim=1)
-        t5_ids = torch.randint(0, t5_vocab, (1, model.prompt_tokens), generator=gen)
+        t5_ids = torch.randint(0, t5_vocab, (1, self.model.prompt_tokens), generator=self.gen)
         return clip_ids, t5_ids
 
-    prompts = [prompt(), prompt()]  # positive, negative (the negative is used only with true CFG)
-    channels = int(vae.module.config.latent_channels)
-    noise = torch.randn(1, channels, 1, lat_h, lat_w, generator=gen)
-    vae_scaling, vae_shift = float(vae.module.config.scaling_factor), float(vae.module.config.shift_factor)
+    def encode_prompts(self) -> None:
+        for clip_ids, t5_ids in self.prompts[: self.settings.forwards_per_step]:
+            pooled, hidden = self.te.module(clip_ids.to(self.dev), t5_ids.to(self.dev))
+            self.conds.append((pooled.to(self.dtype), hidden.to(self.dtype)))
 
-    with meter.phase("encode"), torch.inference_mode():
-        te.before_use()
-        conds = []
-        for clip_ids, t5_ids in prompts[: settings.forwards_per_step]:
-            pooled, hidden = te.module(clip_ids.to(dev), t5_ids.to(dev))
-            conds.append((pooled.to(dtype), hidden.to(dtype)))
-        te.after_use()
+    def schedule(self) -> tuple[Any, torch.Tensor]:
+        import numpy as np
+        from diffusers import FlowMatchEulerDiscreteScheduler
 
-    with meter.phase("denoise") as rec, torch.inference_mode():
-        dit.before_use()
+        p, dev, dtype, steps = self.model.patch, self.dev, self.dtype, self.settings.steps
         scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
-        latents = _pack(noise, p).to(dev, dtype)
-        seq = latents.shape[1]
-        text_len = conds[0][1].shape[1]
-        txt_ids = torch.zeros(text_len, 3).to(dev, dtype)
-        img_ids = torch.zeros(lat_h // p, lat_w // p, 3)
-        img_ids[..., 1] += torch.arange(lat_h // p)[:, None]
-        img_ids[..., 2] += torch.arange(lat_w // p)[None, :]
-        img_ids = img_ids.reshape(-1, 3).to(dev, dtype)
-        guidance = None
-        if dit.module.config.guidance_embeds:
-            guidance = torch.full([1], float(model.extra.get("guidance_scale", 3.5)), device=dev, dtype=torch.float32)
-        sigmas = np.linspace(1.0, 1 / settings.steps, settings.steps)
-        scheduler.set_timesteps(sigmas=sigmas, device=dev, mu=_shift_mu(seq, FLUX_SCHEDULER))
+        latents = _pack(self.noise, p).to(dev, dtype)
+        self.seq = latents.shape[1]
+        self.text_len = self.conds[0][1].shape[1]
+        self.txt_ids = torch.zeros(self.text_len, 3).to(dev, dtype)
+        img_ids = torch.zeros(self.lat_h // p, self.lat_w // p, 3)
+        img_ids[..., 1] += torch.arange(self.lat_h // p)[:, None]
+        img_ids[..., 2] += torch.arange(self.lat_w // p)[None, :]
+        self.img_ids = img_ids.reshape(-1, 3).to(dev, dtype)
+        self.guidance = None
+        if self.dit.module.config.guidance_embeds:
+            scale = float(self.model.extra.get("guidance_scale", 3.5))
+            self.guidance = torch.full([1], scale, device=dev, dtype=torch.float32)
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=dev,
+                                mu=_shift_mu(self.seq, FLUX_SCHEDULER))
         scheduler.set_begin_index(0)
+        return scheduler, latents
 
-        def forward(t: torch.Tensor, latents: torch.Tensor) -> list[torch.Tensor]:
-            timestep = t.expand(1).to(dtype)
-            return [
-                dit.module(
-                    hidden_states=latents,
-                    timestep=timestep / 1000,
-                    guidance=guidance,
-                    pooled_projections=pooled,
-                    encoder_hidden_states=hidden,
-                    txt_ids=txt_ids,
-                    img_ids=img_ids,
-                    return_dict=False,
-                )[0]
-                for pooled, hidden in conds
-            ]
+    def forward(self, t: torch.Tensor, latents: torch.Tensor) -> list[torch.Tensor]:
+        timestep = t.expand(1).to(self.dtype)
+        return [
+            self.dit.module(
+                hidden_states=latents,
+                timestep=timestep / 1000,
+                guidance=self.guidance,
+                pooled_projections=pooled,
+                encoder_hidden_states=hidden,
+                txt_ids=self.txt_ids,
+                img_ids=self.img_ids,
+                return_dict=False,
+            )[0]
+            for pooled, hidden in self.conds
+        ]
 
-        combine = _plain_cfg(settings.true_cfg_scale)
-        latents = _denoise_loop(rec, meter, dit, scheduler, latents, settings, device, forward, combine, progress)
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        z = _unpack(latents, self.lat_h, self.lat_w, self.model.patch)[:, :, 0]
+        z = z / self.vae_scaling + self.vae_shift
+        return self.vae.module.decode(z.to(self.dtype), return_dict=False)[0]
 
-    with meter.phase("decode"), torch.inference_mode():
-        vae.before_use()
-        z = _unpack(latents, lat_h, lat_w, p)[:, :, 0]
-        z = z / vae_scaling + vae_shift
-        image = vae.module.decode(z.to(dtype), return_dict=False)[0]
-        image = image.clamp(-1, 1)
-        vae.after_use()
-
-    return _outputs(latents, image, seq_len=seq, cond_seq_len=0, text_seq_len=int(text_len))
+    def outputs(self, latents: torch.Tensor, image: torch.Tensor) -> dict[str, Any]:
+        return _outputs(latents, image, seq_len=self.seq, cond_seq_len=0, text_seq_len=int(self.text_len))
 
 
 # Wan-AI/Wan2.1-T2V-14B-Diffusers scheduler/scheduler_config.json (UniPC, flow prediction, flow_shift 3.0 for 480p)
@@ -437,87 +437,55 @@ WAN_SCHEDULER = {
 }
 
 
-def run_wan(
-    model: ModelSpec,
-    comps: dict[str, LoadedComponent],
-    settings: RunSettings,
-    device: Device,
-    meter: Meter,
-    progress: Any = None,
-) -> dict[str, Any]:
+class Wan(_TokenPrompts):
     """Wan2.1 text-to-video as diffusers' WanPipeline: UMT5 hidden states, float32 latents of
     (1, z, (frames - 1) // 4 + 1, H/8, W/8), true CFG as two DiT forwards a step (no norm rescale), UniPC with
     flow sigmas, decode with latents / (1 / std) + mean."""
-    from diffusers import UniPCMultistepScheduler
 
-    dev, dtype = device.torch, torch.bfloat16
-    te, dit, vae = comps["text_encoder"], comps["dit"], comps["vae"]
-    p = model.patch
-    lat_h, lat_w = _latent_size(model, settings)
-    vcfg = vae.module.config
-    temporal = int(getattr(vcfg, "scale_factor_temporal", None) or 2 ** sum(vcfg.temperal_downsample))
-    if settings.frames < 1 or (settings.frames - 1) % temporal:
-        raise ValueError(f"frames must be 1 + a multiple of {temporal}, got {settings.frames}")
-    lat_f = (settings.frames - 1) // temporal + 1
-    gen = torch.Generator("cpu").manual_seed(settings.seed)
-    prompts = _token_prompts(te, model, gen)
-    z_dim = int(vcfg.z_dim)
-    noise = torch.randn(1, z_dim, lat_f, lat_h, lat_w, generator=gen)
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        vcfg, frames = self.vae.module.config, self.settings.frames
+        temporal = int(getattr(vcfg, "scale_factor_temporal", None) or 2 ** sum(vcfg.temperal_downsample))
+        if frames < 1 or (frames - 1) % temporal:
+            raise ValueError(f"frames must be 1 + a multiple of {temporal}, got {frames}")
+        self.lat_f = (frames - 1) // temporal + 1
+        self.z_dim = int(vcfg.z_dim)
+        self.noise = torch.randn(1, self.z_dim, self.lat_f, self.lat_h, self.lat_w, generator=self.gen)
 
-    with meter.phase("encode"), torch.inference_mode():
-        embeds = _encode_token_prompts(te, prompts, model, settings, dev, dtype)
+    def schedule(self) -> tuple[Any, torch.Tensor]:
+        from diffusers import UniPCMultistepScheduler
 
-    with meter.phase("denoise") as rec, torch.inference_mode():
-        dit.before_use()
         scheduler = UniPCMultistepScheduler(**WAN_SCHEDULER)
-        scheduler.set_timesteps(settings.steps, device=dev)
+        scheduler.set_timesteps(self.settings.steps, device=self.dev)
         scheduler.set_begin_index(0)
-        latents = noise.to(dev)  # float32, as WanPipeline keeps them; the DiT sees a bf16 copy
-        seq = lat_f * (lat_h // p) * (lat_w // p)
+        p = self.model.patch
+        self.seq = self.lat_f * (self.lat_h // p) * (self.lat_w // p)
+        self.batched = self.batched_text()[0]  # Wan takes no text mask
+        return scheduler, self.noise.to(self.dev)  # float32, as WanPipeline keeps them; the DiT sees a bf16 copy
 
-        batched_text = batch_text(embeds)[0] if settings.dit_calls_per_step == 1 < len(embeds) else None
+    def forward(self, t: torch.Tensor, latents: torch.Tensor) -> list[torch.Tensor]:
+        x, timestep = latents.to(self.dtype), t.expand(1)
+        if self.batched is not None:  # cfg_batch: cond and uncond in one call
+            n = self.batched.shape[0]
+            out = self.dit.module(hidden_states=x.expand(n, *x.shape[1:]), timestep=timestep.expand(n),
+                                  encoder_hidden_states=self.batched, return_dict=False)[0]
+            return list(out.chunk(n))
+        return [
+            self.dit.module(hidden_states=x, timestep=timestep, encoder_hidden_states=emb, return_dict=False)[0]
+            for emb in self.embeds
+        ]
 
-        def forward(t: torch.Tensor, latents: torch.Tensor) -> list[torch.Tensor]:
-            x, timestep = latents.to(dtype), t.expand(1)
-            if batched_text is not None:  # cfg_batch: cond and uncond in one call (Wan takes no text mask)
-                n = batched_text.shape[0]
-                out = dit.module(hidden_states=x.expand(n, *x.shape[1:]), timestep=timestep.expand(n),
-                                 encoder_hidden_states=batched_text, return_dict=False)[0]
-                return list(out.chunk(n))
-            return [
-                dit.module(hidden_states=x, timestep=timestep, encoder_hidden_states=emb, return_dict=False)[0]
-                for emb in embeds
-            ]
-
-        combine = _plain_cfg(settings.true_cfg_scale)
-        latents = _denoise_loop(rec, meter, dit, scheduler, latents, settings, device, forward, combine, progress)
-
-    with meter.phase("decode"), torch.inference_mode():
-        vae.before_use()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vcfg, dev, dtype = self.vae.module.config, self.dev, self.dtype
         z = latents.to(dev, dtype)
-        lat_mean = torch.tensor(vcfg.latents_mean).view(1, z_dim, 1, 1, 1).to(dev, dtype)
-        lat_inv_std = 1.0 / torch.tensor(vcfg.latents_std).view(1, z_dim, 1, 1, 1).to(dev, dtype)
+        lat_mean = torch.tensor(vcfg.latents_mean).view(1, self.z_dim, 1, 1, 1).to(dev, dtype)
+        lat_inv_std = 1.0 / torch.tensor(vcfg.latents_std).view(1, self.z_dim, 1, 1, 1).to(dev, dtype)
         z = z / lat_inv_std + lat_mean
-        video = vae.module.decode(z, return_dict=False)[0]
-        video = video.clamp(-1, 1)
-        vae.after_use()
+        return self.vae.module.decode(z, return_dict=False)[0]
 
-    return _outputs(
-        latents, video, seq_len=seq, cond_seq_len=0, text_seq_len=int(embeds[0].shape[1]), latent_frames=lat_f
-    )
+    def outputs(self, latents: torch.Tensor, image: torch.Tensor) -> dict[str, Any]:
+        return _outputs(latents, image, seq_len=self.seq, cond_seq_len=0, text_seq_len=int(self.embeds[0].shape[1]),
+                        latent_frames=self.lat_f)
 
 
-FAMILIES = {"qwen-image": run_qwen_image, "flux": run_flux, "wan": run_wan}
-
-
-def run_pipeline(model: ModelSpec, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    try:
-        runner = FAMILIES[model.family]
-    except KeyError:
-        raise ValueError(f"model {model.name!r}: no pipeline for family {model.family!r}") from None
-    return runner(model, *args, **kwargs)
-
-
-def isclose_latents(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:
-    """Relative L2 closeness: ||a - b|| <= rtol * ||b||, used where the math differs (none of our runtimes)."""
-    return float(torch.linalg.vector_norm(a - b)) <= rtol * max(float(torch.linalg.vector_norm(b)), math.ulp(1.0))
+FAMILIES: dict[str, type[Family]] = {"qwen-image": QwenImage, "flux": Flux, "wan": Wan}

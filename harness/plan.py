@@ -633,7 +633,7 @@ class Measured:
 
 def measured(record: Mapping[str, Any]) -> Measured:
     """Allocator reserved peaks at load and at run time, and the median steady denoise step (steps 2..n)."""
-    from harness.roofline import median_step_s
+    from harness.contract import median_step
 
     phases = record.get("phases") or {}
 
@@ -643,8 +643,9 @@ def measured(record: Mapping[str, Any]) -> Measured:
         return max(vals) if vals else None
 
     ran = record.get("status") == "ok"
+    step_ms = median_step((phases.get("denoise") or {}).get("step_ms") or [], skip_first=True)  # STEP_CONVENTION
     return Measured(reserved(["load"]), reserved(RUNTIME_PHASES) if ran else None,
-                    median_step_s(dict(record)) if ran else None)
+                    step_ms / 1e3 if ran and step_ms is not None else None)
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from harness.results import summarize_peaks
-from harness.roofline import STEP_CONVENTION, first_step_ms, steady_step_ms
+from harness.contract import STEP_CONVENTION, as_record
 
 GIB, MIB = 2**30, 2**20
 PHASE_COLORS = {
@@ -30,16 +29,8 @@ _COUNTER_LABELS = {"alloc_peak_reserved_bytes": "alloc reserved", "ledger_peak_b
 _PNG_META = {"Software": None}  # no matplotlib version in the file: the same records give the same bytes
 
 
-def short(cell_id: str) -> str:
-    return cell_id.rsplit("/", 1)[-1]
-
-
 def _unit(max_bytes: float) -> tuple[float, str]:
     return (GIB, "GiB") if max_bytes >= 4 * GIB else (MIB, "MiB")
-
-
-def _fate(record: dict[str, Any]) -> str:
-    return record["status"] + (f" in {record['failed_phase']}" if record.get("failed_phase") else "")
 
 
 def plot_points(records: list[dict[str, Any]]) -> tuple[list[tuple[str, float, float]], list[dict[str, Any]]]:
@@ -49,8 +40,8 @@ def plot_points(records: list[dict[str, Any]]) -> tuple[list[tuple[str, float, f
     for r in records:
         if r.get("same_as"):
             continue  # a copy of another cell's record: same point
-        ms = steady_step_ms(r)
-        peak = summarize_peaks(r)["peak"]
+        ms = as_record(r).steady_step_ms()
+        peak = as_record(r).peaks.peak
         finished_denoise = r["status"] == "ok" or r.get("failed_phase") == "decode"
         if finished_denoise and ms is not None and peak is not None:
             points.append((r["cell_id"], float(ms), float(peak)))
@@ -94,12 +85,6 @@ def backend_style(backend: str | None) -> tuple[str, str]:
     return BACKEND_STYLES.get((backend or "harness").split("@", 1)[0], _OTHER_STYLE)
 
 
-def _phase_max(record: dict[str, Any], key: str) -> float | None:
-    values = [ph.get(key) for ph in (record.get("phases") or {}).values() if isinstance(ph, dict)]
-    values = [v for v in values if isinstance(v, int | float)]
-    return max(values) if values else None
-
-
 def pareto_plot(records: list[dict[str, Any]], path: Path, title: str) -> Path:
     """Three panels over the cells of one scenario on one card, each cell numbered the same in all three and named
     in the key below them (labels never sit on the points, so none overprint another):
@@ -113,16 +98,28 @@ def pareto_plot(records: list[dict[str, Any]], path: Path, title: str) -> Path:
     points, others = plot_points(records)
     cells = [r for r in records if not r.get("same_as")]
     number = {r["cell_id"]: i for i, r in enumerate(cells, 1)}
-    counter = summarize_peaks(records[0])["counter"] if records else "alloc_peak_reserved_bytes"
+    counter = as_record(records[0]).peak_counter if records else "alloc_peak_reserved_bytes"
     cap = next((r["card"].get("cap_bytes") for r in records if r.get("card")), None)
-    scale, unit = _unit(max([p[2] for p in points] + [cap or 0, 1]))
-    key_lines = [f"{number[r['cell_id']]}  {short(r['cell_id'])}: {_fate(r)}" for r in cells]
+    key_lines = [f"{number[r['cell_id']]}  {(rec := as_record(r)).label}: {rec.fate}" for r in cells]
     fig = Figure(figsize=(13, 4.9 + 0.15 * len(key_lines)))
     grid = fig.add_gridspec(2, 3, height_ratios=[4.6, 0.15 * len(key_lines) + 0.2], width_ratios=[1.3, 1, 1])
     ax, host, steps = (fig.add_subplot(grid[0, i]) for i in range(3))
-    by_id = {r["cell_id"]: r for r in cells}
+    _memory_panel(ax, points, {r["cell_id"]: r for r in cells}, number, cap, counter)
+    _host_panel(host, cells, number)
+    _steps_panel(steps, cells, number)
+    _key_panel(fig.add_subplot(grid[1, :]), key_lines)
+    if others:
+        ax.text(0.01, 0.99, f"{len(others)} cell(s) did not finish denoise (see the key)", transform=ax.transAxes,
+                va="top", fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
 
-    # peak device memory against ms/step
+
+def _memory_panel(ax: Any, points: list[tuple[str, float, float]], by_id: dict[str, dict[str, Any]],
+                  number: dict[str, int], cap: int | None, counter: str) -> None:
+    """Peak device memory against ms/step: colour and marker per backend, the Pareto front, the card's cap."""
+    scale, unit = _unit(max([p[2] for p in points] + [cap or 0, 1]))
     if points:
         for backend in dict.fromkeys(by_id[cid].get("backend") or "harness" for cid, _, _ in points):
             mine = [p for p in points if (by_id[p[0]].get("backend") or "harness") == backend]
@@ -148,15 +145,18 @@ def pareto_plot(records: list[dict[str, Any]], path: Path, title: str) -> Path:
     if points or cap:  # legends above the panels: inside they would cover points or bars
         ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=3, fontsize=7, frameon=False)
 
-    # host memory per cell, one axis
+
+
+def _host_panel(host: Any, cells: list[dict[str, Any]], number: dict[str, int]) -> None:
+    """Host memory per cell on one axis: peak RSS and the pinned bytes, requested and held by torch."""
     ys = list(range(len(cells)))
-    host_scale, host_unit = _unit(max([_phase_max(r, "rss_peak_bytes") or 0 for r in cells] + [1]))
+    host_scale, host_unit = _unit(max([as_record(r).phase_max("rss_peak_bytes") or 0 for r in cells] + [1]))
     bars = (("rss_peak_bytes", "host RSS peak", "#9e9e9e"),
             ("pinned_requested_bytes", "pinned (requested)", "#1f77b4"),
             ("pinned_torch_allocator_bytes", "pinned (torch allocator)", "#ff7f0e"))
     height = 0.8 / len(bars)
     for k, (field, label, colour) in enumerate(bars):
-        values = [(_phase_max(r, field) or 0) / host_scale for r in cells]
+        values = [(as_record(r).phase_max(field) or 0) / host_scale for r in cells]
         host.barh([y - 0.4 + (k + 0.5) * height for y in ys], values, height=height, color=colour, label=label)
     host.set_yticks(ys, [str(number[r["cell_id"]]) for r in cells], fontsize=7)
     host.invert_yaxis()
@@ -165,9 +165,13 @@ def pareto_plot(records: list[dict[str, Any]], path: Path, title: str) -> Path:
     host.grid(True, axis="x", alpha=0.3)
     host.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=2, fontsize=7, frameon=False)
 
-    # first step vs steady state, one axis
-    first = [first_step_ms(r) for r in cells]
-    steady = [steady_step_ms(r) for r in cells]
+
+
+def _steps_panel(steps: Any, cells: list[dict[str, Any]], number: dict[str, int]) -> None:
+    """Denoise step times per cell: the first step against the steady state, one ms axis."""
+    ys = list(range(len(cells)))
+    first = [as_record(r).first_step_ms() for r in cells]
+    steady = [as_record(r).steady_step_ms() for r in cells]
     steps.barh([y - 0.2 for y in ys], [v or 0 for v in first], height=0.4, color="#c7c7c7", label="first step")
     steps.barh([y + 0.2 for y in ys], [v or 0 for v in steady], height=0.4,
                color=[backend_style(r.get("backend"))[0] for r in cells],
@@ -181,19 +185,16 @@ def pareto_plot(records: list[dict[str, Any]], path: Path, title: str) -> Path:
     steps.grid(True, axis="x", alpha=0.3)
     steps.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=1, fontsize=7, frameon=False)
 
-    keyax = fig.add_subplot(grid[1, :])
+
+
+def _key_panel(keyax: Any, key_lines: list[str]) -> None:
+    """The key under the panels: each cell's number, label and fate, in one or two columns."""
     keyax.axis("off")
     columns = 2 if len(key_lines) > 6 else 1
     per = -(-len(key_lines) // columns)
     for c in range(columns):
         keyax.text(c / columns, 1.0, "\n".join(key_lines[c * per:(c + 1) * per]), transform=keyax.transAxes,
                    va="top", ha="left", fontsize=7, family="monospace")
-    if others:
-        ax.text(0.01, 0.99, f"{len(others)} cell(s) did not finish denoise (see the key)", transform=ax.transAxes,
-                va="top", fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return _save(fig, path)
 
 
 def _phase_spans(trace: list[list[Any]]) -> list[tuple[str, float, float]]:
@@ -209,9 +210,8 @@ def _phase_spans(trace: list[list[Any]]) -> list[tuple[str, float, float]]:
 
 
 def trace_plot(records: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """Memory over time, one panel per cell, on one scale: every panel shares the time axis, the device axis and
-    the host RSS axis, so panels compare by eye. A phase is named inside its span only where the span is wide
-    enough for the name; the colour key under the title names them all."""
+    """Memory over time, one panel per cell, on one scale (time, device and host RSS axes shared, so panels compare
+    by eye). A phase is named in its span where the span is wide enough; the key under the panels names them all."""
     cells = [r for r in records if not r.get("same_as")]
     fig = Figure(figsize=(9, max(2.6, 2.3 * len(cells) + 0.9)))
     if not cells:
@@ -220,25 +220,21 @@ def trace_plot(records: list[dict[str, Any]], path: Path, title: str) -> Path:
     axes = fig.subplots(len(cells), 1, squeeze=False, sharex=True, sharey=True)[:, 0]
     traces = [[row for row in (r.get("trace") or []) if len(row) >= 4] for r in cells]
     rows = [row for trace in traces for row in trace]
-    cap = next(((r.get("card") or {}).get("cap_bytes") for r in cells if (r.get("card") or {}).get("cap_bytes")), None)
+    cap = next((c for r in cells if (c := (r.get("card") or {}).get("cap_bytes"))), None)
     has_nvml = any(row[2] is not None for row in rows)
     device_top = max([row[2] for row in rows if row[2] is not None] + [cap or 0, 1]) if has_nvml else 1
     rss_top = max([row[3] for row in rows if row[3] is not None] + [1])
     scale, unit = _unit(device_top if has_nvml else rss_top)
     t_end = max([row[0] for row in rows] + [1e-9])
-    twins = []
-    lines: list[Any] = []  # the curves' key, once for the figure (inside a panel it covered the curves)
+    twins, lines = [], []  # lines: the curves' key, once for the figure (inside a panel it covered the curves)
     for ax, r, trace in zip(axes, cells, traces, strict=True):
-        ax.set_title(f"{short(r['cell_id'])}: {_fate(r)}", fontsize=9, loc="left")
+        rec = as_record(r)
+        ax.set_title(f"{rec.label}: {rec.fate}", fontsize=9, loc="left")
         if not trace:
             ax.text(0.5, 0.5, "no trace in the record", transform=ax.transAxes, ha="center", va="center")
             continue
         t = [row[0] for row in trace]
-        for phase, t0, t1 in _phase_spans(trace):
-            ax.axvspan(t0, t1, color=PHASE_COLORS.get(phase, "#eeeeee"), alpha=0.45, linewidth=0)
-            if (t1 - t0) >= 0.012 * t_end * max(len(phase), 4):  # room for the name at this figure width
-                ax.text((t0 + t1) / 2, 0.97, phase, transform=ax.get_xaxis_transform(), ha="center", va="top",
-                        fontsize=7, clip_on=True)
+        _shade_phases(ax, trace, t_end)
         if has_nvml:
             nvml = [row[2] for row in trace]
             ax.plot(t, [float("nan") if v is None else v / scale for v in nvml], color="#1f4e79", linewidth=1.4,
@@ -261,13 +257,26 @@ def trace_plot(records: list[dict[str, Any]], path: Path, title: str) -> Path:
     axes[0].set_xlim(left=0, right=t_end)
     for host in twins:  # one host scale too
         host.set_ylim(bottom=0, top=rss_top / GIB * 1.08)
-    axes[-1].set_xlabel("seconds since the child started")
+    _trace_key(fig, axes[-1], lines, list(dict.fromkeys(row[1] for row in rows)), title)
+    return _save(fig, path)
+
+
+def _shade_phases(ax: Any, trace: list[list[Any]], t_end: float) -> None:
+    """Each phase's span shaded in its colour, named inside where the span is wide enough for the name."""
+    for phase, t0, t1 in _phase_spans(trace):
+        ax.axvspan(t0, t1, color=PHASE_COLORS.get(phase, "#eeeeee"), alpha=0.45, linewidth=0)
+        if (t1 - t0) >= 0.012 * t_end * max(len(phase), 4):  # room for the name at this figure width
+            ax.text((t0 + t1) / 2, 0.97, phase, transform=ax.get_xaxis_transform(), ha="center", va="top",
+                    fontsize=7, clip_on=True)
+
+
+def _trace_key(fig: Figure, bottom: Any, lines: list[Any], phases: list[str], title: str) -> None:
+    """One key for the figure under the time axis (the curves, then the phase colours), and the title above."""
     from matplotlib.patches import Patch
 
-    seen = list(dict.fromkeys(row[1] for row in rows))
-    handles = lines + [Patch(color=PHASE_COLORS.get(p, "#eeeeee"), alpha=0.45, label=p) for p in seen]
+    bottom.set_xlabel("seconds since the child started")
+    handles = lines + [Patch(color=PHASE_COLORS.get(p, "#eeeeee"), alpha=0.45, label=p) for p in phases]
     key_height = 0.35 / fig.get_figheight()  # one row of key under the time axis, whatever the panel count
     fig.legend(handles=handles, loc="lower center", ncols=len(handles) or 1, fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, key_height, 1, 1 - 0.3 / fig.get_figheight()))  # the title's row kept free
-    return _save(fig, path)

@@ -13,11 +13,12 @@ from typing import Any
 
 from tabulate import tabulate
 
+from harness.contract import PHASES, RUNTIME_PHASES, STEP_CONVENTION, as_record, fate_text, label_in
 from harness.expect import evaluate
 from harness.merge import host_of
 from harness.plan import plan_rows
-from harness.results import PHASES, by_gpu, summarize_peaks
-from harness.roofline import STEP_CONVENTION, first_step_ms, median_step_s, roofline_rows, steady_step_ms
+from harness.results import by_gpu
+from harness.roofline import roofline_rows
 from harness.scenario import ScenarioError, load_scenario
 
 MIB = 2**20
@@ -33,36 +34,30 @@ def _flag_diff(record: dict[str, Any]) -> str:
     return ", ".join(changed) or "as requested"
 
 
-def _phase_max(record: dict[str, Any], key: str, phases: tuple[str, ...] = PHASES) -> int | None:
-    values = [(record.get("phases", {}).get(p) or {}).get(key) for p in phases]
-    values = [v for v in values if v is not None]
-    return max(values) if values else None
-
-
 def cell_row(record: dict[str, Any]) -> dict[str, Any]:
-    peaks = summarize_peaks(record)
+    rec = as_record(record)
+    peaks = rec.peaks.as_dict()
     phases = record.get("phases", {})
-    status = record["status"] + (f" ({record['failed_phase']})" if record.get("failed_phase") else "")
     cuda = record.get("device") == "cuda"
     row = {
         "card": record["card"]["name"],
-        "requested": record["cell_id"].rsplit("/", 1)[-1],
+        "requested": rec.label,
         "effective": _flag_diff(record),
-        "status": status + (" [same as " + record["same_as"].rsplit("/", 1)[-1] + "]" if record.get("same_as") else ""),
+        "status": rec.fate + (f" [same as {label_in(rec.same_as)}]" if rec.same_as else ""),
         f"load peak MiB ({'alloc reserved' if cuda else 'ledger'})": _mib(peaks["load"]),
         f"runtime peak MiB ({'alloc reserved' if cuda else 'ledger'})": _mib(peaks["runtime"]),
     }
     if cuda:
-        row["peak MiB (alloc allocated)"] = _mib(_phase_max(record, "alloc_peak_allocated_bytes"))
-        row["peak MiB (NVML per-process)"] = _mib(_phase_max(record, "nvml_proc_peak_bytes"))
-    row["pinned host MiB (requested)"] = _mib(_phase_max(record, "pinned_requested_bytes"))
+        row["peak MiB (alloc allocated)"] = _mib(rec.phase_max("alloc_peak_allocated_bytes"))
+        row["peak MiB (NVML per-process)"] = _mib(rec.phase_max("nvml_proc_peak_bytes"))
+    row["pinned host MiB (requested)"] = _mib(rec.phase_max("pinned_requested_bytes"))
     if cuda:  # pin_memory() blocks, rounded up to powers of two: where diffusers' group offload pins its copies
-        row["pinned host MiB (torch allocator)"] = _mib(_phase_max(record, "pinned_torch_allocator_bytes"))
-    row["host RSS peak MiB"] = _mib(_phase_max(record, "rss_peak_bytes"))
+        row["pinned host MiB (torch allocator)"] = _mib(rec.phase_max("pinned_torch_allocator_bytes"))
+    row["host RSS peak MiB"] = _mib(rec.phase_max("rss_peak_bytes"))
     for p in PHASES:
         ms = (phases.get(p) or {}).get("time_ms")
         row[f"{p} ms"] = "" if ms is None else f"{ms:,.0f}"
-    steady, first = steady_step_ms(record), first_step_ms(record)
+    steady, first = rec.steady_step_ms(), rec.first_step_ms()
     row[f"denoise ms/step ({STEP_CONVENTION})"] = "" if steady is None else f"{steady:,.0f}"
     row["denoise first step ms"] = "" if first is None else f"{first:,.0f}"
     return row
@@ -78,14 +73,13 @@ def frontier_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     with the Pareto front (no other cell that ran is both lower in runtime peak and faster per median steady
     step) and the fastest cell that fits its card marked. A cell with resident DiT layers also shows its step
     against the cell with none and otherwise the same effective flags."""
-    ran = [r for r in records if r["status"] == "ok" and not r.get("same_as") and median_step_s(r) is not None]
+    ran = [r for r in records if r["status"] == "ok" and not r.get("same_as") and as_record(r).median_step_s()]
     rows = []
     for card in dict.fromkeys(r["card"]["name"] for r in ran):
         mine = [r for r in ran if r["card"]["name"] == card]
-        peak = {id(r): summarize_peaks(r)["runtime"] for r in mine}
-        step = {id(r): median_step_s(r) for r in mine}
-        fitting = [r for r in mine if _fits(r)]
-        fastest = min(fitting, key=lambda r: step[id(r)], default=None)
+        peak = {id(r): as_record(r).peaks.runtime for r in mine}
+        step = {id(r): as_record(r).median_step_s() or 0.0 for r in mine}
+        fastest = min((r for r in mine if _fits(r)), key=lambda r: step[id(r)], default=None)
         for r in sorted(mine, key=lambda r: (peak[id(r)] or 0, step[id(r)])):
             dominated = any(peak[id(o)] is not None and peak[id(r)] is not None and peak[id(o)] <= peak[id(r)]
                             and step[id(o)] <= step[id(r)] and (peak[id(o)], step[id(o)]) != (peak[id(r)], step[id(r)])
@@ -94,11 +88,10 @@ def frontier_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             cuda = r.get("device") == "cuda"
             rows.append({
                 "card": card,
-                "cell": r["cell_id"].rsplit("/", 1)[-1] + ("" if (r.get("backend") or "harness") == "harness"
-                                                           else f" +{r['backend']}"),
+                "cell": as_record(r).label,
                 f"runtime peak MiB ({'alloc reserved' if cuda else 'ledger'})": _mib(peak[id(r)]),
-                "runtime peak MiB (NVML per-process)": _mib(_phase_max(r, "nvml_proc_peak_bytes",
-                                                                         ("encode", "denoise", "decode"))),
+                "runtime peak MiB (NVML per-process)": _mib(as_record(r).phase_max("nvml_proc_peak_bytes",
+                                                                                     RUNTIME_PHASES)),
                 "step s (median, steady)": round(step[id(r)], 3),
                 "vs resident 0": "" if base is None else f"{step[id(base)] / step[id(r)]:.2f}x faster"
                 if step[id(r)] < step[id(base)] else f"{step[id(r)] / step[id(base)]:.2f}x slower",
@@ -116,22 +109,11 @@ def _resident_zero_twin(record: dict[str, Any], records: list[dict[str, Any]]) -
     key = {k: v for k, v in eff.items() if k not in drop}
     return next((o for o in records if not (o.get("effective") or {}).get("dit_layerwise_resident_layers")
                  and {k: v for k, v in (o.get("effective") or {}).items() if k not in drop} == key
-                 and (o.get("backend") or "harness") == (record.get("backend") or "harness")), None)
+                 and as_record(o).backend == as_record(record).backend), None)
 
 
 def render(records: list[dict[str, Any]], title: str = "offload-bench run") -> str:
-    out = [f"# {title}", ""]
-    machines = {(r.get("machine") or {}).get("gpu") or "cpu" for r in records}
-    first = next((r for r in records if r.get("machine")), None)
-    if first:
-        m = first["machine"]
-        out.append(
-            f"Machine: {', '.join(sorted(machines))}; torch {m.get('torch')}, diffusers {m.get('diffusers')}, "
-            f"driver {m.get('driver', 'n/a')}, PCIe gen {m.get('pcie_gen', 'n/a')} x{m.get('pcie_width', 'n/a')}, "
-            f"pinned H2D probe {m.get('pinned_h2d_gbps', 'n/a')} GB/s. Run {first.get('run_id')}, "
-            f"git {first.get('git_sha')}."
-        )
-        out.append("")
+    out = [f"# {title}", "", *_machine_line(records)]
     out += gpus_section(records)
     # a merged run of shards (harness.merge): each row says where it ran, as host and GPU id
     several_hosts = len({host_of(r) for r in records}) > 1
@@ -140,20 +122,19 @@ def render(records: list[dict[str, Any]], title: str = "offload-bench run") -> s
         by_scenario.setdefault(r["scenario"], []).append(r)
     for name, recs in by_scenario.items():
         out += [f"## {name}", ""]
-        scen_file = next((r.get("scenario_file") for r in recs if r.get("scenario_file")), None)
         rows = [cell_row(r) | ({"machine": machine_label(r)} if several_hosts else {}) for r in recs]
         out.append(tabulate(rows, headers="keys", tablefmt="github"))
         out.append("")
         front = frontier_rows(recs)
         if len(front) > 1:
-            out += ["Peak against step time (runtime peak: max over encode/denoise/decode; step: median denoise step, "
-                    "the first left out; frontier: no other cell both lower and faster; **fastest**: the fastest "
-                    "cell that ran within its card):", ""]
+            out += ["Peak against step time (runtime peak: max over encode/denoise/decode; step: median denoise "
+                    "step, the first left out; frontier: no other cell both lower and faster; **fastest**: the "
+                    "fastest cell that ran within its card):", ""]
             out += [tabulate(front, headers="keys", tablefmt="github"), ""]
         roof = roofline_rows(recs)
         if roof:
-            out += ["Layerwise roofline (harness.roofline: predicted step = forwards x max(resident compute per "
-                    "forward, streamed bytes / same-run pinned H2D probe)):", ""]
+            out += ["Layerwise roofline (harness.roofline: predicted step = forwards x max(resident compute "
+                    "per forward, streamed bytes / same-run pinned H2D probe)):", ""]
             out += [tabulate(roof, headers="keys", tablefmt="github"), ""]
         planned = plan_rows(recs)
         if planned:
@@ -164,25 +145,7 @@ def render(records: list[dict[str, Any]], title: str = "offload-bench run") -> s
         if messages:
             out.append("Policy messages: " + "; ".join(f"`{m}`" for m in messages))
             out.append("")
-        scen_path = _local_scenario_file(scen_file)
-        if scen_path is not None:
-            try:
-                scenario = load_scenario(scen_path)
-            except ScenarioError as e:
-                out += [f"(expectations not evaluated: {e})", ""]
-                continue
-            ran_cards = {r["card"]["name"] for r in recs}
-            latents_elsewhere = any(r.get("latents_path") and not Path(r["latents_path"]).exists() for r in recs)
-            for v in evaluate(scenario, recs):
-                if v.card not in ran_cards:  # a run of part of the scenario (pytest -k)
-                    continue
-                if v.check == "close_output" and latents_elsewhere:
-                    out.append(f"- **close_output** on {v.card}: not re-evaluated here: the latents files stay on "
-                               "the machine that ran the cells (its pytest output has the verdict)")
-                    continue
-                note = f" (expected to fail: {scenario.xfail})" if scenario.xfail else ""
-                out.append(f"- **{v.check}** on {v.card}: {'PASS' if v.passed else 'FAIL'}{note}: {v.message}")
-            out.append("")
+        out += _verdict_lines(recs)
     out.append(
         "Counters: `alloc reserved`/`alloc allocated` are PyTorch caching-allocator peaks (reset per phase); "
         "`NVML per-process` is polled every 10 ms and includes the CUDA context; `ledger` is weight bytes the "
@@ -190,6 +153,46 @@ def render(records: list[dict[str, Any]], title: str = "offload-bench run") -> s
         "needed more than its card, whatever its last measured peak."
     )
     return "\n".join(out) + "\n"
+
+
+def _machine_line(records: list[dict[str, Any]]) -> list[str]:
+    machines = {(r.get("machine") or {}).get("gpu") or "cpu" for r in records}
+    first = next((r for r in records if r.get("machine")), None)
+    if not first:
+        return []
+    m = first["machine"]
+    return [
+        f"Machine: {', '.join(sorted(machines))}; torch {m.get('torch')}, diffusers {m.get('diffusers')}, "
+        f"driver {m.get('driver', 'n/a')}, PCIe gen {m.get('pcie_gen', 'n/a')} x{m.get('pcie_width', 'n/a')}, "
+        f"pinned H2D probe {m.get('pinned_h2d_gbps', 'n/a')} GB/s. Run {first.get('run_id')}, "
+        f"git {first.get('git_sha')}.",
+        "",
+    ]
+
+
+def _verdict_lines(recs: list[dict[str, Any]]) -> list[str]:
+    """The scenario's expectations evaluated on one scenario's records, when its file is at hand."""
+    scen_file = next((r.get("scenario_file") for r in recs if r.get("scenario_file")), None)
+    scen_path = _local_scenario_file(scen_file)
+    if scen_path is None:
+        return []
+    try:
+        scenario = load_scenario(scen_path)
+    except ScenarioError as e:
+        return [f"(expectations not evaluated: {e})", ""]
+    out = []
+    ran_cards = {r["card"]["name"] for r in recs}
+    latents_elsewhere = any(r.get("latents_path") and not Path(r["latents_path"]).exists() for r in recs)
+    for v in evaluate(scenario, recs):
+        if v.card not in ran_cards:  # a run of part of the scenario (pytest -k)
+            continue
+        if v.check == "close_output" and latents_elsewhere:
+            out.append(f"- **close_output** on {v.card}: not re-evaluated here: the latents files stay on "
+                       "the machine that ran the cells (its pytest output has the verdict)")
+            continue
+        note = f" (expected to fail: {scenario.xfail})" if scenario.xfail else ""
+        out.append(f"- **{v.check}** on {v.card}: {'PASS' if v.passed else 'FAIL'}{note}: {v.message}")
+    return [*out, ""]
 
 
 def machine_label(record: dict[str, Any]) -> str:
@@ -307,7 +310,7 @@ def plots_section(
             "",
         ]
         for r in by_group.get((scen, card), []):
-            fate = r["status"] + (f" in {r['failed_phase']}" if r.get("failed_phase") else "")
+            fate = fate_text(r["status"], r.get("failed_phase"))
             same = f", same record as `{r['same_as']}` (not plotted)" if r.get("same_as") else ""
             out.append(f"- `{r['cell_id']}`: {fate}{same}")
         out.append("")

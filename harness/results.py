@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
-STATUSES = ("ok", "oom", "error", "crash", "timeout", "skipped")
-PHASES = ("load", "encode", "denoise", "decode")
-RUNTIME_PHASES = ("encode", "denoise", "decode")
+from harness.contract import PHASES, SCHEMA_VERSION, STATUSES, CellRecord, RecordError, dumps_line, migrate
+
+__all__ = ["PHASES", "SCHEMA_VERSION", "STATUSES", "CellRecord", "RecordError", "migrate"]
 
 
 class ResultsError(ValueError):
@@ -82,35 +81,10 @@ def git_sha(cwd: Path | None = None) -> str | None:
     return out.stdout.strip() or None
 
 
-def peak_counter(record: dict[str, Any]) -> str:
-    """The device-memory counter peaks are compared on: allocator reserved on CUDA (SGLang CI's choice), else
-    the harness ledger (the CPU profile has no device allocator)."""
-    return "alloc_peak_reserved_bytes" if record.get("device") == "cuda" else "ledger_peak_bytes"
-
-
-def summarize_peaks(record: dict[str, Any]) -> dict[str, Any]:
-    """Load peak, runtime peak (max over encode/denoise/decode) and their max, on the record's peak counter."""
-    counter = peak_counter(record)
-    phases = record.get("phases") or {}
-    load = (phases.get("load") or {}).get(counter)
-    runtime_values = [(phases.get(p) or {}).get(counter) for p in RUNTIME_PHASES]
-    runtime_values = [v for v in runtime_values if v is not None]
-    runtime = max(runtime_values) if runtime_values else None
-    both = [v for v in (load, runtime) if v is not None]
-    return {"counter": counter, "load": load, "runtime": runtime, "peak": max(both) if both else None}
-
-
-def loaded(record: dict[str, Any]) -> bool:
-    """Did the cell get past its load phase? (ok, or failed in a later phase.)"""
-    if record.get("status") == "ok":
-        return True
-    return record.get("status") in ("oom", "error") and record.get("failed_phase") in RUNTIME_PHASES
-
-
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
-def append_record(path: Path, record: dict[str, Any]) -> None:
+def append_record(path: Path, record: CellRecord | dict[str, Any]) -> None:
     """Appends one record as one line, under an exclusive lock, and fsyncs before returning.
 
     A write or fsync that fails (disk full, quota) cuts the file back to its size before the append, still under
@@ -118,7 +92,9 @@ def append_record(path: Path, record: dict[str, Any]) -> None:
     record unreadable. Out of space is a `DiskFullError` naming the file; any other OSError is re-raised.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = (json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n").encode("utf-8")
+    line = record.to_json() if isinstance(record, CellRecord) else dumps_line(record)
+    cell_id = record.cell_id if isinstance(record, CellRecord) else record.get("cell_id")
+    data = (line + "\n").encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -134,7 +110,7 @@ def append_record(path: Path, record: dict[str, Any]) -> None:
                 os.fsync(fd)
             if e.errno in NO_SPACE:
                 raise DiskFullError(
-                    f"{path}: no space left to append the record of {record.get('cell_id')!r} "
+                    f"{path}: no space left to append the record of {cell_id!r} "
                     f"({os.strerror(e.errno)}); the file is as it was before the append"
                 ) from None
             raise
@@ -174,28 +150,14 @@ def read_records(path: Path, strict: bool = False) -> ReadResult:
             rec = json.loads(line)
             if not isinstance(rec, dict):
                 raise ValueError("not a JSON object")
-            if not isinstance(rec.get("cell_id"), str):
-                raise ValueError("record has no cell_id")
             out.records.append(migrate(rec, f"{path}:{lineno}"))
-        except (ValueError, ResultsError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:
             torn = lineno == len(lines) and not text.endswith("\n")
             msg = f"{path}:{lineno}: {'torn last line (interrupted write)' if torn else 'unreadable record'}: {e}"
             if strict:
                 raise ResultsError(msg) from None
             out.problems.append(msg)
     return out
-
-
-def migrate(record: dict[str, Any], where: str) -> dict[str, Any]:
-    """Brings an older record up to SCHEMA_VERSION (none older exists yet; newer ones are refused)."""
-    version = record.get("schema_version")
-    if not isinstance(version, int):
-        raise ResultsError(f"{where}: record has no integer schema_version")
-    if version > SCHEMA_VERSION:
-        raise ResultsError(f"{where}: schema_version {version} is newer than this harness ({SCHEMA_VERSION})")
-    if record.get("status") not in STATUSES:
-        raise ResultsError(f"{where}: status {record.get('status')!r} is not one of {STATUSES}")
-    return record
 
 
 def latest_by_cell(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:

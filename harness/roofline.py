@@ -18,38 +18,12 @@ cells run the same code under every backend).
 
 from __future__ import annotations
 
-import statistics
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-# The one meaning of "ms/step" in the report, the baseline metric (denoise_steady_step_ms), this roofline and the
-# README: the first step also pays one-off costs (cuBLAS handles, kernel loading, the first layerwise window), so it
-# is left out when there are more, and shown on its own as "first step".
-STEP_CONVENTION = "median of steps 2..n"
+from harness.contract import STEP_CONVENTION, CellRecord, Placement, Status, as_record
 
-
-def _steps_ms(record: dict[str, Any]) -> list[float]:
-    return ((record.get("phases") or {}).get("denoise") or {}).get("step_ms") or []
-
-
-def steady_step_ms(record: dict[str, Any]) -> float | None:
-    """ms/step by STEP_CONVENTION: the median denoise step from the second on (the only step, if one)."""
-    steps = _steps_ms(record)
-    steps = steps[1:] if len(steps) > 1 else steps
-    return statistics.median(steps) if steps else None
-
-
-def first_step_ms(record: dict[str, Any]) -> float | None:
-    steps = _steps_ms(record)
-    return steps[0] if steps else None
-
-
-def median_step_s(record: dict[str, Any]) -> float | None:
-    ms = steady_step_ms(record)
-    return None if ms is None else ms / 1e3
-
-
-def _forwards_per_step(record: dict[str, Any]) -> int:
-    return 2 if (record.get("settings") or {}).get("true_cfg_scale", 1) > 1 else 1
+__all__ = ["STEP_CONVENTION", "roofline_rows"]
 
 
 def _streamed_bytes(dit: dict[str, Any]) -> int | None:
@@ -69,29 +43,29 @@ def _streamed_bytes(dit: dict[str, Any]) -> int | None:
     return None
 
 
-def roofline_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def roofline_rows(records: Iterable[CellRecord | Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One row per streamed-DiT cell that ran (any backend), against the fastest whole-DiT cell of its scenario."""
-    ok = [r for r in records if r.get("status") == "ok" and r.get("components")]
+    ok = [r for r in map(as_record, records) if r.status is Status.OK and r.components]
     rows = []
     for r in ok:
-        streamed = _streamed_bytes(r["components"]["dit"])
-        measured = median_step_s(r)
+        streamed = _streamed_bytes(r.components["dit"])
+        measured = r.median_step_s()
         if not streamed or measured is None:
             continue
         whole = [
             s for x in ok
-            if x["scenario"] == r["scenario"] and x["components"]["dit"]["placement"] in ("resident", "cpu-offload")
-            and (s := median_step_s(x)) is not None
+            if x.scenario == r.scenario and Placement(x.components["dit"]["placement"]).whole_on_device
+            and (s := x.median_step_s()) is not None
         ]
-        forwards = _forwards_per_step(r)
+        forwards = r.forwards_per_step
         compute_s = min(whole) / forwards if whole else None
-        gbps = (r.get("machine") or {}).get("pinned_h2d_gbps")
+        gbps = (r.machine or {}).get("pinned_h2d_gbps")
         transfer_s = streamed / (gbps * 1e9) if gbps else None
         parts = [v for v in (compute_s, transfer_s) if v is not None]
         predicted = forwards * max(parts) if parts else None
         rows.append({
-            "cell": r["cell_id"],
-            "backend": r.get("backend") or "harness",
+            "cell": r.cell_id,
+            "backend": r.backend,
             "forwards/step": forwards,
             "streamed GB/forward": round(streamed / 1e9, 2),
             "probe H2D GB/s": gbps,

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import fcntl
 import json
 import os
@@ -49,29 +50,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import exitcodes
+from harness import REPO, exitcodes
+from harness.contract import STATUSES, CellRecord, CellSpec, Status, fate_text, migrate
 from harness.gpus import cell_cost, child_gpu
 from harness.plan import plan_entry
 from harness.results import (
-    SCHEMA_VERSION,
-    STATUSES,
     DiskFullError,
     ResultsError,
     UnwritableError,
     append_record,
     ensure_writable,
     git_sha,
-    migrate,
     now_iso,
     read_records,
-    summarize_peaks,
 )
 from harness.scenario import TIERS, Cell, ScenarioError, expand, in_tier, load_scenario
 from harness.shard import Shard, ShardError, describe, parse_shard, select
-from harness.worker import H2D_PROBE_SPEC_KEY
 
-REPO = Path(__file__).resolve().parent.parent
-UNEXPECTED = ("error", "crash", "timeout")  # the fates that make a run fail (as in scenarios/test_offload_matrix.py)
+UNEXPECTED = tuple(s.value for s in Status if s.unexpected)  # the fates that make a run fail
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE = exitcodes.OK, exitcodes.FAILED, exitcodes.USAGE
 EXIT_UNWRITABLE, EXIT_DISK_FULL = exitcodes.UNWRITABLE, exitcodes.DISK_FULL
 EXIT_SIGINT, EXIT_SIGTERM = exitcodes.SIGINT, exitcodes.SIGTERM
@@ -166,7 +162,6 @@ class Run:
     shard: Shard | None = None  # the --shard this process runs, stamped into its records
     # the pinned H2D probe measured by the first cell on each GPU id: {"gbps", "cell_id"}, passed to later cells
     h2d_probes: dict[str | None, dict[str, Any]] = field(default_factory=dict)
-    _executed: dict[str, dict[str, Any]] = field(default_factory=dict)
     _warned: set[str] = field(default_factory=set)
     _stale_before: int = 0  # records[:_stale_before] predate retry_failures(); their failures are rerun
     pace: Pace = field(default_factory=Pace)
@@ -229,6 +224,12 @@ class Run:
                     "not counted as finished"
                 )
         return out
+
+    def recorded(self, cell: Cell, records: dict[str, dict[str, Any]] | None = None) -> dict[str, Any] | None:
+        """The cell's finished record in this run (or in `records`) if it ran with today's spec, else None: the
+        one test of "already recorded" (resume, the per-cell lock, pytest's session)."""
+        prior = (self.finished() if records is None else records).get(cell.cell_id)
+        return prior if prior is not None and prior.get("spec_hash") == cell.spec_hash(self.device) else None
 
     def warn(self, msg: str) -> None:
         if msg not in self._warned:
@@ -359,37 +360,35 @@ def _tail(path: Path, nbytes: int = 3000) -> str:
         return ""
 
 
-def _base_record(run: Run, cell: Cell) -> dict[str, Any]:
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "created": now_iso(),
-        "cell_id": cell.cell_id,
-        "scenario": cell.scenario.name,
-        "scenario_file": cell.scenario.path,
-        "model": cell.scenario.model,
-        "card": cell.card.as_dict(),
-        "device": run.device,
-        "policy": cell.scenario.policy,
-        **cell.resolution.as_dict(),
-        "backend": cell.backend,
-        "failed_phase": None,
-        "phases": {},
-    }
+def _base_record(run: Run, cell: Cell, status: Status) -> CellRecord:
+    """The record of a cell whose child left none (or never ran): the spec and the resolution, no measurements."""
+    return CellRecord(
+        cell_id=cell.cell_id, status=status, created=now_iso(), scenario=cell.scenario.name,
+        scenario_file=cell.scenario.path, model=cell.scenario.model, card=cell.card.as_dict(), device=run.device,
+        backend=cell.backend, **cell.resolution.as_dict(),
+    )
 
 
 def skip_cell(run: Run, cell: Cell, reason: str, label: str = "") -> dict[str, Any]:
     """Records `cell` as skipped (without a child) for `reason`, unless it already has a record of this spec."""
-    spec_hash = cell.spec_hash(run.device)
-    prior = run.finished().get(cell.cell_id)
-    if prior is not None and prior.get("spec_hash") == spec_hash:
+    prior = run.recorded(cell)
+    if prior is not None:
         return prior
-    record = _base_record(run, cell)
-    record.update(status="skipped", reason=reason, run_id=run.run_id, git_sha=run.sha, spec_hash=spec_hash,
-                  portable_spec_hash=cell.portable_spec_hash(run.device), **run.provenance())
-    record["peaks"] = summarize_peaks(record)
+    record = _base_record(run, cell, Status.SKIPPED)
+    record.reason = reason
+    _stamp(run, cell, record)
     append(run, record)
     run.say(f"{label} {cell.cell_id}: skipped ({reason})")
-    return record
+    return record.to_dict()
+
+
+def _stamp(run: Run, cell: Cell, record: CellRecord) -> None:
+    """What the parent adds to every record: the run, the checkout and the spec the cell ran with."""
+    spec = cell.spec(run.device)
+    record.run_id, record.git_sha = run.run_id, run.sha
+    record.spec_hash = spec.spec_hash
+    record.portable_spec_hash = spec.portable_spec_hash  # what a baseline keeps (harness.baseline)
+    record.runner_host, record.shard = run.provenance()["runner_host"], run.provenance()["shard"]
 
 
 def run_cell(run: Run, cell: Cell, label: str = "", env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -397,33 +396,35 @@ def run_cell(run: Run, cell: Cell, label: str = "", env: dict[str, str] | None =
 
     A cell that already has a complete record of the same spec in this run is not rerun; its record is returned.
     """
-    spec_hash = cell.spec_hash(run.device)
-    prior = run.finished().get(cell.cell_id)
-    if prior is not None and prior.get("spec_hash") == spec_hash:
+    prior = run.recorded(cell)
+    if prior is not None:
         run.say(f"{label} {cell.cell_id}: already recorded ({prior['status']}), skipped on resume")
         return prior
     cdir = _cell_dir(run, cell)
     with _cell_lock(run, cdir, label, cell.cell_id):
         done = run.finished()  # again: another parent may have finished it while we waited for the lock
-        prior = done.get(cell.cell_id)
-        if prior is not None and prior.get("spec_hash") == spec_hash:
+        prior = run.recorded(cell, done)
+        if prior is not None:
             run.say(f"{label} {cell.cell_id}: recorded meanwhile by another runner ({prior['status']})")
             return prior
         if cell.same_as is not None:
-            source = done.get(cell.same_as)
-            if source is None:
-                raise RuntimeError(f"{cell.cell_id} duplicates {cell.same_as}, which has no record yet")
-            record = {
-                **source, **cell.resolution.as_dict(),
-                "cell_id": cell.cell_id, "same_as": cell.same_as, "backend": cell.backend,
-            }
-            record.update(spec_hash=spec_hash, portable_spec_hash=cell.portable_spec_hash(run.device),
-                          created=now_iso(), run_id=run.run_id, **run.provenance())
-            append(run, record)
-            run.say(f"{label} {cell.cell_id}: same effective flags as {cell.same_as} -> {record['status']} (not rerun)")
-            return record
+            return _copy_record(run, cell, done, label)
         check_results_space(run)
-        return _run_child(run, cell, cdir, spec_hash, label, env)
+        return _run_child(run, cell, cdir, label, env)
+
+
+def _copy_record(run: Run, cell: Cell, done: dict[str, dict[str, Any]], label: str) -> dict[str, Any]:
+    """A cell with the same effective flags as an earlier one takes that one's record instead of a child."""
+    source = done.get(cell.same_as or "")
+    if source is None:
+        raise RuntimeError(f"{cell.cell_id} duplicates {cell.same_as}, which has no record yet")
+    record = CellRecord.from_dict({**source, **cell.resolution.as_dict(), "cell_id": cell.cell_id,
+                                   "same_as": cell.same_as, "backend": cell.backend})
+    _stamp(run, cell, record)
+    record.created = now_iso()
+    append(run, record)
+    run.say(f"{label} {cell.cell_id}: same effective flags as {cell.same_as} -> {record.status} (not rerun)")
+    return record.to_dict()
 
 
 def results_free_bytes(folder: Path) -> int:
@@ -446,13 +447,10 @@ def check_results_space(run: Run) -> None:
         )
 
 
-def _run_child(
-    run: Run, cell: Cell, cdir: Path, spec_hash: str, label: str, env: dict[str, str] | None
-) -> dict[str, Any]:
+def _run_child(run: Run, cell: Cell, cdir: Path, label: str, env: dict[str, str] | None) -> dict[str, Any]:
     child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     gpu = child_gpu(child_env, run.device)
-    spec = child_spec(run, cell, cdir, gpu)
-    (cdir / "cell.json").write_text(json.dumps(spec, indent=1))
+    (cdir / "cell.json").write_text(child_spec(run, cell, cdir, gpu).to_json())
     out, log = cdir / "record.json", cdir / "child.log"
     out.unlink(missing_ok=True)  # a record left by an interrupted earlier attempt must not pass for this one's
     timeout = cell.scenario.timeout_s
@@ -482,47 +480,37 @@ def _run_child(
     record = _record_from_child(run, cell, out, log, proc.returncode, fate)
     finish_overhead(record, elapsed, exited_at)
     remember_h2d_probe(run, gpu, record)
-    record.update(
-        run_id=run.run_id,
-        git_sha=run.sha,
-        spec_hash=spec_hash,
-        portable_spec_hash=cell.portable_spec_hash(run.device),  # what a baseline keeps (harness.baseline)
-        elapsed_s=round(elapsed, 2),
-        returncode=proc.returncode,
-        child_pid=proc.pid,
-        log=str(log.relative_to(run.run_dir)),
-        gpu_index=gpu,  # the GPU id the child ran on (harness.gpus), None on CPU
-        xdist_worker=os.environ.get("PYTEST_XDIST_WORKER"),  # the pytest-xdist worker that ran it, if any
-        **run.provenance(),
-    )
+    _stamp(run, cell, record)
+    record.elapsed_s = round(elapsed, 2)
+    record.returncode, record.child_pid = proc.returncode, proc.pid
+    record.log = str(log.relative_to(run.run_dir))
+    record.gpu_index = gpu  # the GPU id the child ran on (harness.gpus), None on CPU
+    record.xdist_worker = os.environ.get("PYTEST_XDIST_WORKER")  # the pytest-xdist worker that ran it, if any
     # what the planner predicted for this cell, beside what it measured (planned here: the planner needs no torch)
-    record["plan"] = plan_entry(record)
+    record.plan = plan_entry(record.to_dict())
     append(run, record)
-    if record["status"] == "ok":
+    if record.status is Status.OK:
         run.pace.learn(cost, elapsed)
-    where = f" in {record['failed_phase']}" if record.get("failed_phase") else ""
-    run.say(f"{label} {cell.cell_id}: {record['status']}{where} after {elapsed:.1f} s")
-    return record
+    run.say(f"{label} {cell.cell_id}: {record.fate} after {elapsed:.1f} s")
+    return record.to_dict()
 
 
-def child_spec(run: Run, cell: Cell, cdir: Path, gpu: str | None) -> dict[str, Any]:
+def child_spec(run: Run, cell: Cell, cdir: Path, gpu: str | None) -> CellSpec:
     """The cell.json a child reads: the cell's spec (what spec_hash covers) plus what does not change what the cell
     runs: where its latents go, the pinned H2D probe an earlier cell measured on this GPU (one probe per run and
     GPU; OFFLOAD_BENCH_H2D_PROBE=each makes every cell probe) and the spawn time its process_start_s counts from."""
-    spec = cell.spec(run.device)
-    spec["latents_out"] = str(cdir / "latents.pt")
     probe = run.h2d_probes.get(gpu) if os.environ.get(H2D_PROBE_ENV) != "each" else None
-    if run.device == "cuda" and probe is not None:
-        spec[H2D_PROBE_SPEC_KEY] = probe
-    spec["spawned_at"] = time.time()
-    return spec
+    return dataclasses.replace(
+        cell.spec(run.device), latents_out=str(cdir / "latents.pt"),
+        pinned_h2d_probe=probe if run.device == "cuda" else None, spawned_at=time.time(),
+    )
 
 
-def finish_overhead(record: dict[str, Any], elapsed_s: float, exited_at: float) -> None:
+def finish_overhead(record: CellRecord, elapsed_s: float, exited_at: float) -> None:
     """Completes the child's `overhead` (harness.worker.run_cell) with what only the parent sees: teardown_s
     (record written to child exited), fixed_s (the parent's elapsed time minus the measured load and rounds) and
     other_s (fixed_s minus the named parts). A child that left no record has no overhead of its own."""
-    overhead = record.get("overhead")
+    overhead = record.overhead
     if not isinstance(overhead, dict):
         return
     record_at = overhead.pop("record_at", None)
@@ -535,13 +523,13 @@ def finish_overhead(record: dict[str, Any], elapsed_s: float, exited_at: float) 
         overhead["other_s"] = round(overhead["fixed_s"] - named, 3)
 
 
-def remember_h2d_probe(run: Run, gpu: str | None, record: dict[str, Any]) -> None:
+def remember_h2d_probe(run: Run, gpu: str | None, record: CellRecord) -> None:
     """Keeps the pinned H2D probe a cell measured on `gpu` for the later cells on it (one probe per run and GPU)."""
-    machine = record.get("machine") or {}
+    machine = record.machine or {}
     gbps = machine.get("pinned_h2d_gbps")
     if run.device == "cuda" and gpu not in run.h2d_probes and isinstance(gbps, int | float) \
             and machine.get("pinned_h2d_source", "this cell") == "this cell":
-        run.h2d_probes[gpu] = {"gbps": gbps, "cell_id": record.get("cell_id")}
+        run.h2d_probes[gpu] = {"gbps": gbps, "cell_id": record.cell_id}
 
 
 # ------------------------------------------------------------------------------------- the child's process tree
@@ -633,10 +621,6 @@ def _kill_leftovers(pgid: int) -> None:
             os.killpg(pgid, signal.SIGKILL)
 
 
-# kept for callers of the earlier name
-_kill_group = _kill_tree
-
-
 def _wait(
     proc: subprocess.Popen, log: Path, timeout: float, run: Run, progress: Callable[[], None] | None = None
 ) -> str | None:
@@ -690,47 +674,50 @@ def _signal_name(num: int) -> str:
         return "?"
 
 
+def _child_record(cell: Cell, out: Path, log: Path) -> tuple[CellRecord | None, str | None]:
+    """The record the child wrote, or None and what is wrong with it."""
+    try:
+        data = json.loads(out.read_text())
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError) as e:
+        return None, f"its record is unreadable ({e})"
+    if not isinstance(data, dict) or data.get("status") not in STATUSES:
+        status = data.get("status") if isinstance(data, dict) else data
+        return None, f"its record has no valid status ({status!r})"
+    if data.get("cell_id") != cell.cell_id:
+        return None, f"its record is of another cell ({data.get('cell_id')!r})"
+    try:
+        record = CellRecord.from_dict(data, str(out))
+    except ValueError as e:
+        return None, f"its record is unreadable ({e})"
+    if record.status is not Status.OK:
+        record.log_tail = _tail(log)
+    return record, None
+
+
 def _record_from_child(
     run: Run, cell: Cell, out: Path, log: Path, returncode: int | None, fate: str | None
-) -> dict[str, Any]:
+) -> CellRecord:
     problem = None
     if fate is None and out.exists():
-        try:
-            record = json.loads(out.read_text())
-            if not isinstance(record, dict) or record.get("status") not in STATUSES:
-                status = record.get("status") if isinstance(record, dict) else record
-                problem = f"its record has no valid status ({status!r})"
-            elif record.get("cell_id") != cell.cell_id:
-                problem = f"its record is of another cell ({record.get('cell_id')!r})"
-            else:
-                if record["status"] != "ok":
-                    record["log_tail"] = _tail(log)
-                return record
-        except (json.JSONDecodeError, OSError, UnicodeDecodeError) as e:
-            problem = f"its record is unreadable ({e})"
-    record = _base_record(run, cell)
-    record["log_tail"] = _tail(log)
+        record, problem = _child_record(cell, out, log)
+        if record is not None:
+            return record
     if fate == "timeout":
-        record.update(
-            status="timeout",
-            reason=f"killed (with its process group) after the {cell.scenario.timeout_s:.0f} s cell timeout",
-            signal=int(signal.SIGKILL),
-        )
+        record = _base_record(run, cell, Status.TIMEOUT)
+        record.reason = f"killed (with its process group) after the {cell.scenario.timeout_s:.0f} s cell timeout"
+        record.signal = int(signal.SIGKILL)
     elif returncode is not None and returncode < 0:
-        record.update(
-            status="crash",
-            reason=f"child killed by signal {-returncode} ({_signal_name(-returncode)}) without writing a record",
-            signal=-returncode,
-        )
+        record = _base_record(run, cell, Status.CRASH)
+        record.reason = (f"child killed by signal {-returncode} ({_signal_name(-returncode)}) without writing "
+                         "a record")
+        record.signal = -returncode
     else:
-        record.update(
-            status="crash",
-            reason=f"child exited with code {returncode} "
-            + (f"but {problem}" if problem else "without writing a record"),
-            exit_code=returncode,
-        )
-    record["failed_phase"] = _last_phase(log)
-    record["peaks"] = summarize_peaks(record)
+        record = _base_record(run, cell, Status.CRASH)
+        record.reason = f"child exited with code {returncode} " + (
+            f"but {problem}" if problem else "without writing a record")
+        record.exit_code = returncode
+    record.log_tail = _tail(log)
+    record.failed_phase = _last_phase(log)
     return record
 
 
@@ -774,16 +761,22 @@ def _newest_run(results: Path) -> str | None:
 
 
 def _describe(rec: dict[str, Any]) -> str:
-    text = rec["status"]
-    if rec.get("failed_phase"):
-        text += f" in {rec['failed_phase']}"
+    text = fate_text(rec["status"], rec.get("failed_phase"))
     if rec["status"] != "ok" and rec.get("reason"):
         reason = str(rec["reason"]).replace("\n", " ")
         text += f": {reason[:300]}"
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
+class _Refused(Exception):
+    """The command cannot start: a one-line message and its exit code."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Shard | None]:
     parser = argparse.ArgumentParser(
         prog="python -m harness.runner",
         description="Runs every cell of the given scenario files, one child per cell, without pytest. Exit 0: no "
@@ -807,80 +800,110 @@ def main(argv: list[str] | None = None) -> int:
     if args.retry_failed and not args.resume:
         parser.error("--retry-failed needs --resume (it reruns the failed cells of an existing run)")
     try:
-        shard = parse_shard(args.shard) if args.shard is not None else None
+        return args, parse_shard(args.shard) if args.shard is not None else None
     except ShardError as e:
         parser.error(str(e))
+        raise  # parser.error exits; for the type checker
+
+
+def _load_scenarios(paths: list[Path], tier: str | None) -> list[Any]:
+    try:
+        scenarios = [load_scenario(p) for p in paths]
+    except ScenarioError as e:
+        raise _Refused(EXIT_USAGE, str(e)) from None
+    names = [s.name for s in scenarios]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        files = ", ".join(str(p) for p, s in zip(paths, scenarios, strict=True) if s.name == dupes[0])
+        raise _Refused(EXIT_USAGE, f"scenario name {dupes[0]!r} is used by more than one file: {files}")
+    if tier:
+        left_out = [s.name for s in scenarios if not in_tier(s, tier)]
+        scenarios = [s for s in scenarios if in_tier(s, tier)]
+        if left_out:
+            print(f"--tier {tier}: {len(left_out)} scenarios left out ({', '.join(left_out)})", flush=True)
+    return scenarios
+
+
+def _open_run(args: argparse.Namespace) -> Run:
+    """The run to record into: a new one, or with --resume the named or newest one. The results folder must be
+    writable before any cell runs."""
+    run_id = args.run_id
+    if args.resume:
+        if run_id is None:
+            run_id = _newest_run(args.results)
+            if run_id is None:
+                raise _Refused(EXIT_USAGE, f"--resume: no run with records under {args.results / 'runs'}")
+        elif not (args.results / "runs" / run_id).is_dir():
+            raise _Refused(EXIT_USAGE, f"--resume: no run {run_id!r} under {args.results / 'runs'}")
+    try:
+        ensure_writable(args.results / "runs")  # before any cell: a run that cannot record must not start
+        run = Run.create(args.results, detect_device(), run_id, verbose=not args.quiet)
+        ensure_writable(run.run_dir)
+    except UnwritableError as e:
+        raise _Refused(EXIT_UNWRITABLE, str(e)) from None
+    except ValueError as e:
+        raise _Refused(EXIT_USAGE, str(e)) from None
+    if args.retry_failed:
+        retried = run.retry_failures()
+        print(f"--retry-failed: {len(retried)} cells ended crash/error/timeout and run again"
+              + (f": {', '.join(retried)}" if retried else ""), flush=True)
+    return run
+
+
+def _run_all(run: Run, cells: list[Cell], shard: Shard | None) -> dict[str, dict[str, Any]]:
+    """Every cell in order (a cell of the other profile is recorded as skipped); the final record of each."""
+    if shard is not None:
+        print(describe(cells, shard, run.device), flush=True)
+        cells = select(cells, shard, run.device)
+        run.shard = shard
+    n = len(cells)
+    print(f"offload-bench runner: run {run.run_id}, {n} cells, device {run.device}, records -> {run.records_path}",
+          flush=True)
+    t0 = time.monotonic()
+    final: dict[str, dict[str, Any]] = {}
+    costs = [0 if c.same_as else cell_cost(c) for c in cells]
+    for i, cell in enumerate(cells, 1):
+        left = run.pace.estimate_s(sum(costs[i - 1:]))
+        label = f"[{i}/{n} {time.monotonic() - t0:.0f}s, run {eta_text(left)}]"
+        resumed = run.recorded(cell) is not None
+        wanted = "cuda" if cell.scenario.profile == "gpu" else "cpu"
+        if wanted != run.device:
+            why = "no CUDA GPU on this machine" if wanted == "cuda" else "a CUDA GPU is present (GPU profile)"
+            rec = skip_cell(run, cell, f"{cell.scenario.name} is a {cell.scenario.profile}-profile scenario and "
+                            f"{why}", label)
+        else:
+            rec = run_cell(run, cell, label)
+        final[cell.cell_id] = rec
+        note = " (recorded earlier)" if resumed else ""
+        print(f"[{i}/{n} {time.monotonic() - t0:.0f}s] {cell.cell_id}: {_describe(rec)}{note}", flush=True)
+    return final
+
+
+def _summary(run: Run, final: dict[str, dict[str, Any]]) -> int:
+    counts: dict[str, int] = {}
+    for rec in final.values():
+        counts[rec["status"]] = counts.get(rec["status"], 0) + 1
+    bad = [cid for cid, rec in final.items() if rec["status"] in UNEXPECTED]
+    summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    print(f"done: {summary}; records in {run.records_path}", flush=True)
+    if bad:
+        print(f"unexpected fates ({len(bad)}): {', '.join(bad)}", flush=True)
+        return EXIT_UNEXPECTED
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, shard = _parse_args(argv)
     old_term = signal.signal(signal.SIGTERM, _raise_terminated)
     old_int = signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     run: Run | None = None
     try:
-        try:
-            scenarios = [load_scenario(p) for p in args.scenarios]
-        except ScenarioError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return EXIT_USAGE
-        names = [s.name for s in scenarios]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            files = ", ".join(str(p) for p, s in zip(args.scenarios, scenarios, strict=True) if s.name == dupes[0])
-            print(f"error: scenario name {dupes[0]!r} is used by more than one file: {files}", file=sys.stderr)
-            return EXIT_USAGE
-        if args.tier:
-            left_out = [s.name for s in scenarios if not in_tier(s, args.tier)]
-            scenarios = [s for s in scenarios if in_tier(s, args.tier)]
-            if left_out:
-                print(f"--tier {args.tier}: {len(left_out)} scenarios left out ({', '.join(left_out)})", flush=True)
-        run_id = args.run_id
-        if args.resume:
-            if run_id is None:
-                run_id = _newest_run(args.results)
-                if run_id is None:
-                    print(f"error: --resume: no run with records under {args.results / 'runs'}", file=sys.stderr)
-                    return EXIT_USAGE
-            elif not (args.results / "runs" / run_id).is_dir():
-                print(f"error: --resume: no run {run_id!r} under {args.results / 'runs'}", file=sys.stderr)
-                return EXIT_USAGE
-        device = detect_device()
-        try:
-            ensure_writable(args.results / "runs")  # before any cell: a run that cannot record must not start
-            run = Run.create(args.results, device, run_id, verbose=not args.quiet)
-            ensure_writable(run.run_dir)
-        except UnwritableError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return EXIT_UNWRITABLE
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return EXIT_USAGE
-        if args.retry_failed:
-            retried = run.retry_failures()
-            print(f"--retry-failed: {len(retried)} cells ended crash/error/timeout and run again"
-                  + (f": {', '.join(retried)}" if retried else ""), flush=True)
-        cells = [c for s in scenarios for c in expand(s)]
-        if shard is not None:
-            print(describe(cells, shard, device), flush=True)
-            cells = select(cells, shard, device)
-            run.shard = shard
-        n = len(cells)
-        print(f"offload-bench runner: run {run.run_id}, {n} cells, device {device}, records -> {run.records_path}",
-              flush=True)
-        t0 = time.monotonic()
-        final: dict[str, dict[str, Any]] = {}
-        costs = [0 if c.same_as else cell_cost(c) for c in cells]
-        for i, cell in enumerate(cells, 1):
-            left = run.pace.estimate_s(sum(costs[i - 1:]))
-            label = f"[{i}/{n} {time.monotonic() - t0:.0f}s, run {eta_text(left)}]"
-            earlier = run.finished().get(cell.cell_id)
-            resumed = earlier is not None and earlier.get("spec_hash") == cell.spec_hash(device)
-            wanted = "cuda" if cell.scenario.profile == "gpu" else "cpu"
-            if wanted != device:
-                why = "no CUDA GPU on this machine" if wanted == "cuda" else "a CUDA GPU is present (GPU profile)"
-                rec = skip_cell(run, cell, f"{cell.scenario.name} is a {cell.scenario.profile}-profile scenario and "
-                                f"{why}", label)
-            else:
-                rec = run_cell(run, cell, label)
-            final[cell.cell_id] = rec
-            note = " (recorded earlier)" if resumed else ""
-            print(f"[{i}/{n} {time.monotonic() - t0:.0f}s] {cell.cell_id}: {_describe(rec)}{note}", flush=True)
+        scenarios = _load_scenarios(args.scenarios, args.tier)
+        run = _open_run(args)
+        final = _run_all(run, [c for s in scenarios for c in expand(s)], shard)
+    except _Refused as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.code
     except DiskFullError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_DISK_FULL
@@ -893,16 +916,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, old_term)
         signal.signal(signal.SIGINT, old_int)
-    counts: dict[str, int] = {}
-    for rec in final.values():
-        counts[rec["status"]] = counts.get(rec["status"], 0) + 1
-    bad = [cid for cid, rec in final.items() if rec["status"] in UNEXPECTED]
-    summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-    print(f"done: {summary}; records in {run.records_path}", flush=True)
-    if bad:
-        print(f"unexpected fates ({len(bad)}): {', '.join(bad)}", flush=True)
-        return EXIT_UNEXPECTED
-    return EXIT_OK
+    return _summary(run, final)
 
 
 def _interrupted(run: Run | None, what: str) -> None:

@@ -11,9 +11,7 @@ This module imports no torch.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import os
 import re
 import tomllib
@@ -21,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.contract import PHASES, STATUSES, Backend, Card, CellSpec, RunSettings, cell_id_of
 from harness.flags import (
     EngineContext,
     FlagError,
@@ -48,25 +47,24 @@ PROFILES = ("gpu", "cpu")
 # group-offload hooks (block level, one block per group, a side stream; "-rs" adds record_stream). Everything else
 # (text encoder, VAE, cells without layerwise) runs the same code under every backend. "sglang@<version>" is SGLang's
 # own LayerwiseOffloadManager from an installed release (harness.engine.layerwise); "sglang" the newest installed.
-HARNESS_BACKEND = "harness"
-BACKENDS = (HARNESS_BACKEND, "diffusers-group", "diffusers-group-rs", "sglang")
+HARNESS_BACKEND = Backend.HARNESS.value
+BACKENDS = tuple(b.value for b in Backend)
 _SGLANG_BACKEND = re.compile(r"^sglang(@\d+\.\d+\.\d+(\.post\d+)?)?$")
 _TOP_KEYS = {
     "name", "description", "model", "profile", "cards", "height", "width", "frames", "steps", "warmup", "rounds",
     "true_cfg_scale", "seed", "policy", "timeout_s", "flags", "axes", "exclude", "expect", "xfail", "backends",
-    "run", "few_rounds", "tier",
-    "capacity",
+    "run", "few_rounds", "tier", "capacity",
 }
+CAPACITY_AXES = ("frames", "resolution")
 # `--tier pr` runs the scenarios marked `tier = "pr"` (a subset that fits a pull request's time: the seed
 # assertion and one peer comparison); `--tier nightly` (and no --tier) runs every scenario, "pr" ones included.
 TIERS = ("pr", "nightly")
-CAPACITY_AXES = ("frames", "resolution")
 _EXPECT_KEYS = {"lowest_peak", "fate", "same_output", "host", "invariants", "close_output_rtol", "beats_peer",
                 "prefetch_peak_monotone", "resident_never_slows", "cfg_batch_rtol", "plan_within"}
-_PLAN_WITHIN_KEYS = ("peak", "time")
 # pytest-benchmark's statistics (mean, stddev, IQR) need a few rounds to mean anything: a GPU scenario measuring
 # fewer says why in `few_rounds` (it reaches each benchmark's extra_info).
 MIN_BENCHMARK_ROUNDS = 3
+_PLAN_WITHIN_KEYS = ("peak", "time")
 _HOST_KEYS = {"max_rss_over_weights", "max_pinned_held_over_requested", "min_setup_gbps"}
 _FATE_KEYS = {"cards", "where", "status", "phase"}
 
@@ -125,15 +123,6 @@ class RunOptions:
 
 
 @dataclass(frozen=True)
-class Card:
-    name: str
-    cap_bytes: int | None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "cap_bytes": self.cap_bytes}
-
-
-@dataclass(frozen=True)
 class FateExpectation:
     where: dict[str, Any]
     status: str
@@ -152,7 +141,8 @@ class Expectations:
     # with the same flags (harness.expect.close_output_verdict); a table in TOML names a backend's own distance
     close_output_rtol: float | None = None
     close_output_rtol_by_backend: tuple[tuple[str, float], ...] = ()
-    # our layerwise cells are as fast as and peak no higher than other backends' (harness.expect.beats_peer_verdict)
+    # our layerwise cells are as fast as and peak no higher than other backends'
+    # (harness.expect.beats_peer_verdict)
     beats_peer: bool = False
     # a larger prefetch window never lowers the denoise peak (harness.expect.prefetch_peak_verdict)
     prefetch_peak_monotone: bool = False
@@ -226,60 +216,29 @@ class Cell:
 
     @property
     def cell_id(self) -> str:
-        """`<scenario>/<card>/<flags label>`, plus `+<backend>` for a backend other than the harness's own (so the
-        ids that results and baselines already key on stay as they were)."""
-        suffix = "+cfg-batch" if self.cfg_batch else ""
-        suffix += "" if self.backend == HARNESS_BACKEND else f"+{self.backend}"
-        return f"{self.scenario.name}/{self.card.name}/{self.requested.label()}{suffix}"
+        return cell_id_of(self.scenario.name, self.card.name, self.requested.label(), self.backend, self.cfg_batch)
 
-    def spec(self, device: str) -> dict[str, Any]:
-        """Everything the child needs, as JSON."""
+    def spec(self, device: str) -> CellSpec:
+        """Everything the child needs."""
         s = self.scenario
-        return {
-            "cell_id": self.cell_id,
-            "scenario": s.name,
-            "scenario_file": s.path,
-            "model": s.model,
-            "card": self.card.as_dict(),
-            "settings": {
-                "height": s.height,
-                "width": s.width,
-                "steps": s.steps,
-                "frames": s.frames,
-                "true_cfg_scale": s.true_cfg_scale,
-                "seed": s.seed,
-            },
-            "policy": s.policy,
-            "warmup": s.warmup,
-            "rounds": s.rounds,
-            "requested": self.requested.spec_dict(),  # the child builds OffloadFlags from it: defaults fill in
-            "backend": self.backend,
-            "device": device,
-            **({"run": run} if (run := s.run.spec(self.cfg_batch)) else {}),
+        return CellSpec(
+            cell_id=self.cell_id, scenario=s.name, scenario_file=s.path, model=s.model, card=self.card,
+            settings=RunSettings(s.height, s.width, s.steps, s.true_cfg_scale, s.seed, frames=s.frames),
+            policy=s.policy, warmup=s.warmup, rounds=s.rounds,
+            requested=self.requested.spec_dict(),  # the child builds OffloadFlags from it: defaults fill in
+            backend=self.backend, device=device, run=s.run.spec(self.cfg_batch) or None,
             # An engine policy (sglang@<version>) was asked once, in the parent, for every cell of the card: the
             # child runs what SGLang's ServerArgs answered instead of asking again. Likewise our model's answer for
             # unset flags, which took the card's memory and task (the child does not know them).
-            **({"resolution": self.resolution.as_dict()}
-               if self.resolution.engine_asked or self.requested.unset() else {}),
-        }
+            resolution=self.resolution.as_dict()
+            if self.resolution.engine_asked or self.requested.unset() else None,
+        )
 
     def spec_hash(self, device: str) -> str:
-        """A digest of the spec. The harness backend hashes as specs did before backends existed, so that a run
-        begun by an older harness resumes its cells instead of running them again."""
-        spec = self.spec(device)
-        if spec["backend"] == HARNESS_BACKEND:
-            del spec["backend"]
-        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+        return self.spec(device).spec_hash
 
     def portable_spec_hash(self, device: str) -> str:
-        """`spec_hash` without the scenario file's path. `spec_hash` keys resume within one checkout, but the path
-        is absolute, so two checkouts (or machines) hash one unchanged cell differently; a baseline made on one
-        machine and compared on another needs a digest of what the cell runs, and only that."""
-        spec = self.spec(device)
-        del spec["scenario_file"]
-        if spec["backend"] == HARNESS_BACKEND:
-            del spec["backend"]
-        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+        return self.spec(device).portable_spec_hash
 
 
 def _err(path: Path | str, field_name: str, msg: str) -> ScenarioError:
@@ -331,6 +290,49 @@ def load_scenario(path: Path | str) -> Scenario:
         ScenarioError: the file cannot be read or parsed, or a field is missing, unknown, or out of range.
     """
     path = Path(path)
+    data = _read_toml(path)
+    name = data.get("name")
+    if not isinstance(name, str) or not name or "/" in name:
+        raise _err(path, "name", f"expected a non-empty name without '/', got {name!r}")
+    try:
+        model = get_model(data.get("model"), f"{path}: model")
+        policy = check_policy(data.get("policy", "sglang"), f"{path}: policy")
+    except (UnknownModelError, FlagError) as e:
+        raise ScenarioError(str(e)) from None
+    profile = data.get("profile", "gpu")
+    if profile not in PROFILES:
+        raise _err(path, "profile", f"expected one of {PROFILES}, got {profile!r}")
+    cards = _cards(data.get("cards", ["native"]), path)
+    cfg = _number(data, "true_cfg_scale", path, 4.0, lambda v: v >= 1, "a number >= 1 (1 = no CFG)")
+    timeout = _number(data, "timeout_s", path, 1800, lambda v: v > 0, "a positive number of seconds")
+    base_flags = _flag_table(data.get("flags", {}), path, "flags")
+    axes = _axes(data.get("axes", {}), path)
+    both = sorted(set(axes) & set(base_flags))
+    if both:
+        raise _err(path, f"axes.{both[0]}", "is also set in [flags]; a flag is either fixed or an axis")
+    backends = _backends(data.get("backends", [HARNESS_BACKEND]), path)
+    run = _run_options(data.get("run", {}), path, model.family, cfg)
+    _check_prefetch_fits(model.components["dit"].layer_group_sizes(), base_flags, axes, path, model.name)
+    scenario = Scenario(
+        name=name, path=str(path), description=str(data.get("description", "")), model=model.name, profile=profile,
+        cards=cards, height=_size(data, "height", path, model), width=_size(data, "width", path, model),
+        steps=_int(data, "steps", path), frames=_int(data, "frames", path, default=1),
+        warmup=_int(data, "warmup", path, default=0, minimum=0), rounds=_int(data, "rounds", path, default=1),
+        true_cfg_scale=cfg, seed=_int(data, "seed", path, default=0, minimum=0), policy=policy, timeout_s=timeout,
+        base_flags=base_flags, axes=axes, exclude=_exclude(data.get("exclude", []), path, axes),
+        expect=_expect(data.get("expect", {}), path, cards, backends, run.cfg_batch),
+        xfail=_xfail(data.get("xfail"), path), backends=backends, run=run,
+        few_rounds=_few_rounds(data, profile, path), tier=_tier(data.get("tier", "nightly"), path),
+        capacity=_capacity(data.get("capacity"), path, model),
+    )
+    cells = expand(scenario)
+    if not cells:
+        raise _err(path, "exclude", "excludes every cell")
+    _check_expectations_match(scenario, cells, path)
+    return scenario
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
@@ -340,78 +342,33 @@ def load_scenario(path: Path | str) -> Scenario:
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
         raise _err(path, unknown[0], f"unknown field; known fields: {', '.join(sorted(_TOP_KEYS))}")
-    name = data.get("name")
-    if not isinstance(name, str) or not name or "/" in name:
-        raise _err(path, "name", f"expected a non-empty name without '/', got {name!r}")
-    try:
-        model = get_model(data.get("model"), f"{path}: model").name
-        policy = check_policy(data.get("policy", "sglang"), f"{path}: policy")
-    except (UnknownModelError, FlagError) as e:
-        raise ScenarioError(str(e)) from None
-    profile = data.get("profile", "gpu")
-    if profile not in PROFILES:
-        raise _err(path, "profile", f"expected one of {PROFILES}, got {profile!r}")
-    raw_cards = data.get("cards", ["native"])
-    if not isinstance(raw_cards, list) or not raw_cards:
+    return data
+
+
+def _cards(raw: Any, path: Path) -> tuple[Card, ...]:
+    if not isinstance(raw, list) or not raw:
         raise _err(path, "cards", "expected a non-empty list of cards")
-    cards = tuple(_card(c, path, f"cards[{i}]") for i, c in enumerate(raw_cards))
+    cards = tuple(_card(c, path, f"cards[{i}]") for i, c in enumerate(raw))
     if len({c.name for c in cards}) != len(cards):
         raise _err(path, "cards", "card names must be unique")
-    cfg = data.get("true_cfg_scale", 4.0)
-    if isinstance(cfg, bool) or not isinstance(cfg, int | float) or not is_finite_number(cfg) or cfg < 1:
-        raise _err(path, "true_cfg_scale", f"expected a number >= 1 (1 = no CFG), got {cfg!r}")
-    timeout = data.get("timeout_s", 1800)
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not is_finite_number(timeout) \
-            or timeout <= 0:
-        raise _err(path, "timeout_s", f"expected a positive number of seconds, got {timeout!r}")
-    base_flags = _flag_table(data.get("flags", {}), path, "flags")
-    axes = _axes(data.get("axes", {}), path)
-    both = sorted(set(axes) & set(base_flags))
-    if both:
-        raise _err(path, f"axes.{both[0]}", "is also set in [flags]; a flag is either fixed or an axis")
-    exclude = _exclude(data.get("exclude", []), path, axes)
-    backends = _backends(data.get("backends", [HARNESS_BACKEND]), path)
-    model_spec = get_model(model)
-    run = _run_options(data.get("run", {}), path, model_spec.family, float(cfg))
-    _check_prefetch_fits(model_spec.components["dit"].layer_group_sizes(), base_flags, axes, path, model)
-    multiple = model_spec.vae_scale * model_spec.patch
-    height, width = _int(data, "height", path), _int(data, "width", path)
-    for key, v in (("height", height), ("width", width)):
-        if v % multiple:
-            raise _err(path, key, f"must be a multiple of {multiple} for {model}, got {v}")
-    scenario = Scenario(
-        name=name,
-        path=str(path),
-        description=str(data.get("description", "")),
-        model=model,
-        profile=profile,
-        cards=cards,
-        height=height,
-        width=width,
-        steps=_int(data, "steps", path),
-        frames=_int(data, "frames", path, default=1),
-        warmup=_int(data, "warmup", path, default=0, minimum=0),
-        rounds=_int(data, "rounds", path, default=1),
-        true_cfg_scale=float(cfg),
-        seed=_int(data, "seed", path, default=0, minimum=0),
-        policy=policy,
-        timeout_s=float(timeout),
-        base_flags=base_flags,
-        axes=axes,
-        exclude=exclude,
-        expect=_expect(data.get("expect", {}), path, cards, backends, run.cfg_batch),
-        xfail=_xfail(data.get("xfail"), path),
-        backends=backends,
-        run=run,
-        few_rounds=_few_rounds(data, profile, path),
-        tier=_tier(data.get("tier", "nightly"), path),
-        capacity=_capacity(data.get("capacity"), path, model_spec),
-    )
-    cells = expand(scenario)
-    if not cells:
-        raise _err(path, "exclude", "excludes every cell")
-    _check_expectations_match(scenario, cells, path)
-    return scenario
+    return cards
+
+
+def _number(data: dict, key: str, path: Path, default: float, ok: Any, expected: str) -> float:
+    """A finite number (not a boolean) for which `ok` holds."""
+    v = data.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int | float) or not is_finite_number(v) or not ok(v):
+        raise _err(path, key, f"expected {expected}, got {v!r}")
+    return float(v)
+
+
+def _size(data: dict, key: str, path: Path, model: Any) -> int:
+    """Height or width: whole VAE cells of whole DiT patches."""
+    v = _int(data, key, path)
+    multiple = model.vae_scale * model.patch
+    if v % multiple:
+        raise _err(path, key, f"must be a multiple of {multiple} for {model.name}, got {v}")
+    return v
 
 
 def _check_expectations_match(scenario: Scenario, cells: list[Cell], path: Path) -> None:
@@ -503,6 +460,8 @@ def _few_rounds(data: dict[str, Any], profile: str, path: Path) -> str | None:
     if value is not None and not few:
         raise _err(path, "few_rounds", f"rounds = {rounds} is at least {MIN_BENCHMARK_ROUNDS}: nothing to explain")
     return value
+
+
 def _capacity(data: Any, path: Path, model: Any) -> CapacitySpec | None:
     """[capacity] axis = "frames" | "resolution", min, max, step (frames: a multiple of the VAE's temporal factor,
     from 1 + step; resolution: heights, multiples of the model's pixel grid)."""
@@ -532,6 +491,18 @@ def _capacity(data: Any, path: Path, model: Any) -> CapacitySpec | None:
     if data["max"] <= lo:
         raise _err(path, "capacity.max", f"must be above min ({lo}), got {data['max']}")
     return CapacitySpec(axis, lo, data["max"], step)
+
+
+def _plan_within(data: Any, path: Path) -> dict[str, float] | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict) or not data or set(data) - set(_PLAN_WITHIN_KEYS):
+        raise _err(path, "expect.plan_within", f"expected a table with keys among {list(_PLAN_WITHIN_KEYS)}, "
+                   "e.g. {peak = 0.05, time = 0.10}")
+    for key, v in data.items():
+        if isinstance(v, bool) or not isinstance(v, int | float) or not is_finite_number(v) or v <= 0:
+            raise _err(path, f"expect.plan_within.{key}", f"expected a positive fraction (0.05 = 5 %), got {v!r}")
+    return {k: float(v) for k, v in data.items()}
 
 
 def _xfail(value: Any, path: Path) -> str | None:
@@ -607,59 +578,56 @@ def _expect(
     lowest = data.get("lowest_peak")
     if lowest is not None:
         lowest = _flag_table(lowest, path, "expect.lowest_peak")
-    fates = []
-    card_names = {c.name for c in cards}
     raw_fates = data.get("fate", [])
     if not isinstance(raw_fates, list):
         raise _err(path, "expect.fate", "expected a list of tables ([[expect.fate]])")
-    for i, f in enumerate(raw_fates):
-        where = f"expect.fate[{i}]"
-        if not isinstance(f, dict) or set(f) - _FATE_KEYS or "status" not in f:
-            raise _err(path, where, f"expected a table with `status` and optional {sorted(_FATE_KEYS - {'status'})}")
-        from harness.results import PHASES, STATUSES
-
-        if f["status"] not in STATUSES:
-            raise _err(path, f"{where}.status", f"expected one of {STATUSES}, got {f['status']!r}")
-        phase = f.get("phase")
-        if phase is not None and phase not in PHASES:
-            raise _err(path, f"{where}.phase", f"expected one of {PHASES}, got {phase!r}")
-        fcards = f.get("cards")
-        if fcards is not None:
-            names_ok = isinstance(fcards, list) and all(isinstance(c, str) for c in fcards)
-            if not names_ok or not set(fcards) <= card_names:
-                raise _err(path, f"{where}.cards", f"expected a list of this scenario's cards {sorted(card_names)}")
-            fcards = tuple(fcards)
-        where_flags = _flag_table(f.get("where", {}), path, f"{where}.where")
-        fates.append(FateExpectation(where_flags, f["status"], phase, fcards))
-    same = data.get("same_output", False)
-    if not isinstance(same, bool):
-        raise _err(path, "expect.same_output", f"expected true or false, got {same!r}")
-    invariants = data.get("invariants", False)
-    if not isinstance(invariants, bool):
-        raise _err(path, "expect.invariants", f"expected true or false, got {invariants!r}")
+    card_names = {c.name for c in cards}
+    fates = tuple(_fate(f, path, f"expect.fate[{i}]", card_names) for i, f in enumerate(raw_fates))
+    switches = {key: _switch(data, key, path) for key in
+                ("same_output", "invariants", "beats_peer", "prefetch_peak_monotone", "resident_never_slows")}
     rtol, rtol_by_backend = _close_output_rtol(data.get("close_output_rtol"), path, backends)
-    beats = data.get("beats_peer", False)
-    if not isinstance(beats, bool):
-        raise _err(path, "expect.beats_peer", f"expected true or false, got {beats!r}")
-    if beats:
+    if switches["beats_peer"]:
         _needs_peers(path, "expect.beats_peer", "step times and peaks", backends)
-    switches = {}
-    for key in ("prefetch_peak_monotone", "resident_never_slows"):
-        switches[key] = data.get(key, False)
-        if not isinstance(switches[key], bool):
-            raise _err(path, f"expect.{key}", f"expected true or false, got {switches[key]!r}")
-    batch_rtol = data.get("cfg_batch_rtol")
-    if batch_rtol is not None:
-        if isinstance(batch_rtol, bool) or not isinstance(batch_rtol, int | float) or not is_finite_number(batch_rtol) \
-                or batch_rtol <= 0:
-            raise _err(path, "expect.cfg_batch_rtol", f"expected a positive finite number, got {batch_rtol!r}")
-        if set(cfg_batch) != {False, True}:
-            raise _err(path, "expect.cfg_batch_rtol", "compares cfg-batch cells with two-pass ones, so `[run] "
-                       f"cfg_batch` must be [false, true]; got {list(cfg_batch)}")
-        batch_rtol = float(batch_rtol)
-    return Expectations(lowest, tuple(fates), same, _host_bounds(data.get("host"), path), invariants, rtol,
-                        rtol_by_backend, beats, cfg_batch_rtol=batch_rtol, **switches,
+    return Expectations(lowest, fates, host=_host_bounds(data.get("host"), path), close_output_rtol=rtol,
+                        close_output_rtol_by_backend=rtol_by_backend,
+                        cfg_batch_rtol=_cfg_batch_rtol(data.get("cfg_batch_rtol"), path, cfg_batch), **switches,
                         plan_within=_plan_within(data.get("plan_within"), path))
+
+
+def _cfg_batch_rtol(value: Any, path: Path, cfg_batch: tuple[bool, ...]) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not is_finite_number(value) or value <= 0:
+        raise _err(path, "expect.cfg_batch_rtol", f"expected a positive finite number, got {value!r}")
+    if set(cfg_batch) != {False, True}:
+        raise _err(path, "expect.cfg_batch_rtol", "compares cfg-batch cells with two-pass ones, so `[run] "
+                   f"cfg_batch` must be [false, true]; got {list(cfg_batch)}")
+    return float(value)
+
+
+def _switch(data: dict, key: str, path: Path) -> bool:
+    value = data.get(key, False)
+    if not isinstance(value, bool):
+        raise _err(path, f"expect.{key}", f"expected true or false, got {value!r}")
+    return value
+
+
+def _fate(f: Any, path: Path, where: str, card_names: set[str]) -> FateExpectation:
+    """One [[expect.fate]] table: the status (and phase) the cells it names must end with."""
+    if not isinstance(f, dict) or set(f) - _FATE_KEYS or "status" not in f:
+        raise _err(path, where, f"expected a table with `status` and optional {sorted(_FATE_KEYS - {'status'})}")
+    if f["status"] not in STATUSES:
+        raise _err(path, f"{where}.status", f"expected one of {STATUSES}, got {f['status']!r}")
+    phase = f.get("phase")
+    if phase is not None and phase not in PHASES:
+        raise _err(path, f"{where}.phase", f"expected one of {PHASES}, got {phase!r}")
+    fcards = f.get("cards")
+    if fcards is not None:
+        names_ok = isinstance(fcards, list) and all(isinstance(c, str) for c in fcards)
+        if not names_ok or not set(fcards) <= card_names:
+            raise _err(path, f"{where}.cards", f"expected a list of this scenario's cards {sorted(card_names)}")
+        fcards = tuple(fcards)
+    return FateExpectation(_flag_table(f.get("where", {}), path, f"{where}.where"), f["status"], phase, fcards)
 
 
 def _close_output_rtol(value: Any, path: Path, backends: tuple[str, ...]
@@ -682,18 +650,6 @@ def _close_output_rtol(value: Any, path: Path, backends: tuple[str, ...]
     _needs_peers(path, field, "latents", backends)
     by_backend = tuple(sorted((k, float(v)) for k, v in table.items() if k != "default"))
     return float(table["default"]), by_backend
-
-
-def _plan_within(data: Any, path: Path) -> dict[str, float] | None:
-    if data is None:
-        return None
-    if not isinstance(data, dict) or not data or set(data) - set(_PLAN_WITHIN_KEYS):
-        raise _err(path, "expect.plan_within", f"expected a table with keys among {list(_PLAN_WITHIN_KEYS)}, "
-                   "e.g. {peak = 0.05, time = 0.10}")
-    for key, v in data.items():
-        if isinstance(v, bool) or not isinstance(v, int | float) or not is_finite_number(v) or v <= 0:
-            raise _err(path, f"expect.plan_within.{key}", f"expected a positive fraction (0.05 = 5 %), got {v!r}")
-    return {k: float(v) for k, v in data.items()}
 
 
 def _needs_peers(path: Path, field: str, what: str, backends: tuple[str, ...]) -> None:

@@ -349,8 +349,8 @@ class Records:
         if cell.same_as is not None and cell.same_as not in self.run.finished():
             source = next(c for c in expand(cell.scenario) if c.cell_id == cell.same_as)
             self.get(source)
-        known = self.run.finished().get(cell.cell_id)
-        if known is not None and known.get("spec_hash") == cell.spec_hash(self.run.device):
+        known = self.run.recorded(cell)
+        if known is not None:
             return known
         self.count += 1
         left = max(self.total - self.count, 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from harness.contract import as_record
 from harness.expect import evaluate, fate_failures
 from harness.scenario import MIN_BENCHMARK_ROUNDS, Cell, Scenario
 
@@ -34,7 +35,7 @@ def _feed_benchmark(benchmark, record: dict, cell: Cell) -> None:
     info = benchmark.extra_info  # filled in place: the fixture shares this dict with its JSON metadata
     info.update(
         cell_id=record["cell_id"], status=record["status"], failed_phase=record.get("failed_phase"),
-        requested=record.get("requested"), effective=record.get("effective"), peaks=record.get("peaks"),
+        requested=record.get("requested"), effective=record.get("effective"), peaks=as_record(record).peaks.as_dict(),
         phases={name: {k: v for k, v in ph.items() if not k.startswith("device_weights") and k != "step_ms"}
                 for name, ph in (record.get("phases") or {}).items()},
         denoise_step_ms=((record.get("phases") or {}).get("denoise") or {}).get("step_ms"),

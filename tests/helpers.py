@@ -9,6 +9,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from harness.contract import migrate
 from harness.flags import OffloadFlags
 
 # ------------------------------------------------------------------------------------------------ TOML writer
@@ -142,7 +143,8 @@ def make_record(
     digest: str | None = "a" * 64,
     **flags: Any,
 ) -> dict[str, Any]:
-    """A result record as the worker writes it, with the peak counter of `device` set per phase."""
+    """A result record as the worker writes it (the current schema), with the peak counter of `device` set per
+    phase."""
     requested = OffloadFlags(dit_cpu_offload=cpu, dit_layerwise_offload=lw, **flags)
     counter = "alloc_peak_reserved_bytes" if device == "cuda" else "ledger_peak_bytes"
     phases: dict[str, dict[str, Any]] = {}
@@ -167,7 +169,7 @@ def make_record(
     }
     if digest is not None:
         record["outputs"] = {"latents_sha256": digest}
-    return record
+    return migrate(record)  # as a reader sees it: every field of the current schema
 
 
 # The committed compare fixtures: H100 records of the #26925 scenario, a variant run, a CPU run, and baselines.

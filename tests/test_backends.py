@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,7 @@ def test_harness_cells_keep_their_ids_and_spec_hashes(tmp_path: Path) -> None:
     assert [c.cell_id for c in after] == [c.cell_id for c in before]
     assert [c.same_as for c in after] == [c.same_as for c in before]
     for old, new in zip(before, after, strict=True):
-        spec = new.spec("cpu")
+        spec = new.spec("cpu").as_dict()
         assert spec["backend"] == HARNESS_BACKEND
         # the hash is what specs hashed to before backends existed: runs begun then resume their cells
         del spec["backend"]
@@ -147,7 +148,7 @@ def test_other_backends_get_a_suffix_and_carry_the_backend_in_the_spec(tmp_path:
         twin = harness[(c.card.name, c.requested)]
         assert c.cell_id == f"{twin.cell_id}+{c.backend}"
         assert c.cell_id == f"unit/{c.card.name}/{c.requested.label()}+{c.backend}"
-        assert c.spec("cpu")["backend"] == c.backend
+        assert c.spec("cpu").backend == c.backend
         assert c.spec_hash("cpu") != twin.spec_hash("cpu")
     assert len({c.cell_id for c in cells}) == len(cells)
 
@@ -207,8 +208,11 @@ def test_committed_peer_scenario_runs_every_backend_with_and_without_layerwise()
 
 
 def test_placement_changes_only_the_layerwise_dit_under_a_diffusers_backend() -> None:
+    from harness.contract import Placement
     from harness.flags import OffloadFlags
-    from harness.offload.loader import DIFFUSERS_GROUP, PLACEMENTS, placement_for
+
+    placement_for = Placement.for_role
+    DIFFUSERS_GROUP = Placement.DIFFUSERS_GROUP
 
     for cpu in (False, True):
         for lw in (False, True):
@@ -218,24 +222,24 @@ def test_placement_changes_only_the_layerwise_dit_under_a_diffusers_backend() ->
                 assert placement_for("dit", flags, backend) == want
                 for role in ("text_encoder", "vae"):
                     assert placement_for(role, flags, backend) == placement_for(role, flags)
-    assert DIFFUSERS_GROUP in PLACEMENTS
     with pytest.raises(ValueError, match="unknown backend"):
         placement_for("dit", OffloadFlags(), "accelerate")
 
 
 def test_load_component_refuses_diffusers_group_without_cuda(tmp_path: Path) -> None:
+    from harness.contract import Placement
     from harness.models import get_model
-    from harness.offload.loader import DIFFUSERS_GROUP, load_component
+    from harness.offload.loader import load_component
     from harness.offload.memory import Device
 
     spec = get_model("qwen-image-edit-tiny").components["dit"]
     with pytest.raises(RuntimeError, match=NEEDS_CUDA):
-        load_component(spec, tmp_path / "unused.safetensors", DIFFUSERS_GROUP, Device("cpu"), pin=True,
+        load_component(spec, tmp_path / "unused.safetensors", Placement.DIFFUSERS_GROUP, Device("cpu"), pin=True,
                        backend="diffusers-group")
 
 
 def test_pinned_allocator_bytes_round_up_to_a_power_of_two() -> None:
-    from harness.offload.memory import pinned_allocator_bytes
+    from harness.offload.memory import torch_pinned_block_bytes as pinned_allocator_bytes
 
     assert [pinned_allocator_bytes(n) for n in (0, 1, 2, 3, 4, 5, 1023, 1024, 1025)] == [0, 1, 2, 4, 4, 8, 1024,
                                                                                           1024, 2048]
@@ -243,13 +247,13 @@ def test_pinned_allocator_bytes_round_up_to_a_power_of_two() -> None:
 
 
 def test_host_guard_counts_diffusers_pinned_copies_on_top_of_the_host_weights() -> None:
-    from harness.guards import _host_check, pinned_copy_bytes, weight_bytes
+    from harness.guards import _host_check, weight_bytes
+    from harness.guards import pinned_torch_allocator_bytes as pinned_copy_bytes
     from harness.models import get_model
 
     model = get_model("qwen-image-edit-tiny")
-    spec = {"device": "cuda", "model": model.name}
-    ours = _host_check(spec, {"text_encoder": "resident", "dit": "layerwise-from-host", "vae": "resident"}, model, 0)
-    peer = _host_check(spec, {"text_encoder": "resident", "dit": "diffusers-group-offload", "vae": "resident"},
+    ours = _host_check("cuda", {"text_encoder": "resident", "dit": "layerwise-from-host", "vae": "resident"}, model, 0)
+    peer = _host_check("cuda", {"text_encoder": "resident", "dit": "diffusers-group-offload", "vae": "resident"},
                        model, 0)
     dit = model.components["dit"]
     assert ours[1]["components"]["dit"]["host_bytes"] == weight_bytes(dit)
@@ -271,15 +275,15 @@ def test_worker_skips_a_diffusers_layerwise_cell_on_the_cpu_profile() -> None:
     cells = _tiny_cells(["harness", "diffusers-group", "diffusers-group-rs"])
     for backend in ("diffusers-group", "diffusers-group-rs"):
         cell = cells[("native", "cpu1-lw1", backend)]
-        rec = run_cell({**cell.spec("cpu"), "warmup": 0, "rounds": 1})
+        rec = run_cell(replace(cell.spec("cpu"), warmup=0, rounds=1)).to_dict()
         assert rec["status"] == "skipped", (rec["reason"], rec.get("traceback"))
         assert NEEDS_CUDA in rec["reason"] and backend in rec["reason"]
         assert rec["cell_id"].endswith(f"+{backend}")
         assert rec["backend"] == backend
         assert rec["placements"]["dit"] == "diffusers-group-offload"
         assert rec["failed_phase"] is None and rec["phases"] == {}
-        assert "guard" not in rec  # skipped before the guards: nothing on this machine could run it
-        assert migrate(rec, rec["cell_id"]) is rec
+        assert rec["guard"] is None  # skipped before the guards: nothing on this machine could run it
+        assert migrate(rec, rec["cell_id"]) == rec
 
 
 def test_worker_runs_a_diffusers_cell_without_layerwise_as_the_harness_would(tmp_path: Path) -> None:
@@ -290,7 +294,7 @@ def test_worker_runs_a_diffusers_cell_without_layerwise_as_the_harness_would(tmp
     for backend in ("harness", "diffusers-group"):
         cell = cells[("native", "cpu1-lw0", backend)]
         out = tmp_path / f"{backend}.pt"
-        recs[backend] = run_cell({**cell.spec("cpu"), "warmup": 0, "rounds": 1, "latents_out": str(out)})
+        recs[backend] = run_cell(replace(cell.spec("cpu"), warmup=0, rounds=1, latents_out=str(out))).to_dict()
     ours, peer = recs["harness"], recs["diffusers-group"]
     for rec in (ours, peer):
         assert rec["status"] == "ok", (rec["reason"], rec.get("traceback"))
@@ -475,7 +479,7 @@ def test_lowest_peak_and_same_output_look_within_the_harness_backend(tmp_path: P
 def _roof_record(backend: str, placement: str, step_ms: list[float], **dit: Any) -> dict[str, Any]:
     cell = f"peer/native/{placement}" + ("" if backend == HARNESS_BACKEND else f"+{backend}")
     return {
-        "cell_id": cell, "scenario": "peer", "status": "ok", "backend": backend,
+        "schema_version": 2, "cell_id": cell, "scenario": "peer", "status": "ok", "backend": backend,
         "settings": {"true_cfg_scale": 4.0}, "machine": {"pinned_h2d_gbps": 50.0},
         "phases": {"denoise": {"step_ms": step_ms}},
         "components": {"dit": {"placement": placement, **dit}},

@@ -4,6 +4,7 @@ end to end: batched latents close to the two-pass cell's, one DiT call a step.""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -55,8 +56,8 @@ def test_cfg_batch_cells_are_labelled_and_carry_the_option(tmp_path: Path) -> No
     cells = expand(load_scenario(path))
     batched = [c for c in cells if c.cfg_batch]
     assert len(batched) == len(cells) // 2
-    assert all(c.cell_id.endswith("+cfg-batch") and c.spec("cpu")["run"] == {"cfg_batch": True} for c in batched)
-    assert all("run" not in c.spec("cpu") for c in cells if not c.cfg_batch)
+    assert all(c.cell_id.endswith("+cfg-batch") and c.spec("cpu").run == {"cfg_batch": True} for c in batched)
+    assert all("run" not in c.spec("cpu").as_dict() for c in cells if not c.cfg_batch)
     # a batched cell never stands in for a two-pass one (or the reverse)
     by_id = {c.cell_id: c for c in cells}
     assert all(by_id[c.same_as].cfg_batch == c.cfg_batch for c in cells if c.same_as)
@@ -80,7 +81,8 @@ def test_cfg_batch_needs_true_cfg(tmp_path: Path) -> None:
 
 
 def test_cfg_batch_verdict_without_its_two_pass_cell_fails() -> None:
-    rec = {"cell_id": "s/c/x+cfg-batch", "status": "ok", "requested": {}, "run_options": {"cfg_batch": True}}
+    rec = {"schema_version": 2, "cell_id": "s/c/x+cfg-batch", "status": "ok", "requested": {},
+           "run_options": {"cfg_batch": True}}
     verdict = cfg_batch_verdict("c", [rec], 0.05)
     assert not verdict.passed and "two-pass cell with the same flags has no record" in verdict.message
 
@@ -95,8 +97,9 @@ def test_tiny_cfg_batch_latents_close_to_two_pass(tmp_path: Path, source: str) -
              and c.requested.dit_cpu_offload]
     records = []
     for cell in cells:
-        spec = {**cell.spec("cpu"), "warmup": 0, "rounds": 1, "latents_out": str(tmp_path / f"{cell.cfg_batch}.pt")}
-        rec = run_cell(spec)
+        spec = dataclasses.replace(cell.spec("cpu"), warmup=0, rounds=1,
+                                   latents_out=str(tmp_path / f"{cell.cfg_batch}.pt"))
+        rec = run_cell(spec).to_dict()
         assert rec["status"] == "ok", (rec["reason"], rec.get("traceback"))
         records.append({**rec, "card": cell.card.as_dict()})
     two_pass, batched = sorted(records, key=lambda r: r["run_options"]["cfg_batch"])

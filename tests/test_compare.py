@@ -183,7 +183,7 @@ def test_cell_that_now_ooms_is_lost(baseline, current):
     cur["metrics"] = {k: v for k, v in cur["metrics"].items() if k.startswith("load")}
     comp = compare(baseline, current)
     cell = cell_of(comp, OK)
-    assert cell.verdict == LOST and cell.baseline_fate == "ok" and cell.current_fate == "oom (load)"
+    assert cell.verdict == LOST and cell.baseline_fate == "ok" and cell.current_fate == "oom in load"
     # its numbers are not judged as metrics: the fate is the finding
     assert {r.verdict for r in rows_of(comp, OK).values()} == {NOT_COMPARED}
     assert comp.exit_code == 1

@@ -230,8 +230,9 @@ def test_invariant_bound_counts_the_dit_resident_layers() -> None:
     layer, kept = 100, 3
     lw = {"groups": {"blocks": {"layers": 6, "prefetch": 1}}, "largest_layer_by_group": {"blocks": layer},
           "param_bytes": 6 * layer, "host_bytes": 6 * layer, "resident_bytes": kept * layer}
-    record = {"cell_id": "s/c/x", "components": {"dit": {"placement": "layerwise-from-host",
-                                                         "weight_bytes": 6 * layer + 50, "layerwise": lw}},
+    record = {"schema_version": 2, "cell_id": "s/c/x", "status": "ok",
+              "components": {"dit": {"placement": "layerwise-from-host", "weight_bytes": 6 * layer + 50,
+                                     "layerwise": lw}},
               "phases": {"denoise": {"ledger_peak_bytes": 50 + kept * layer + 3 * layer}}}
     assert invariant_failures(record) == []
     record["phases"]["denoise"]["ledger_peak_bytes"] += 1

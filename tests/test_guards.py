@@ -7,6 +7,7 @@ child and the command-line runner, to show the record lands in records.jsonl and
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -16,8 +17,8 @@ from typing import Any
 import pytest
 
 from harness import guards
+from harness.contract import Card, CellSpec, Placement
 from harness.flags import OffloadFlags, resolve
-from harness.offload.loader import placement_for
 from harness.results import read_records
 from harness.scenario import expand, load_scenario
 from tests.helpers import tiny_scenario_file
@@ -42,17 +43,15 @@ def scenario_file(folder: Path, name: str, axes: dict[str, list]) -> Path:
     return tiny_scenario_file(folder, name, axes)
 
 
-def cell_spec(tmp_path: Path, device: str = "cpu", **axes: bool) -> dict[str, Any]:
+def cell_spec(tmp_path: Path, device: str = "cpu", **axes: bool) -> CellSpec:
     axes = axes or {"dit_cpu_offload": True}
     [cell] = expand(load_scenario(scenario_file(tmp_path, "guarded", {k: [v] for k, v in axes.items()})))
-    spec = cell.spec(device)
-    spec["latents_out"] = str(tmp_path / "latents.pt")
-    return spec
+    return dataclasses.replace(cell.spec(device), latents_out=str(tmp_path / "latents.pt"))
 
 
-def placements(spec: dict[str, Any]) -> dict[str, str]:
-    flags = resolve(OffloadFlags.from_mapping(spec["requested"]), spec["policy"]).effective
-    return {role: placement_for(role, flags) for role in ("text_encoder", "dit", "vae")}
+def placements(spec: CellSpec) -> dict[str, str]:
+    flags = resolve(OffloadFlags.from_mapping(spec.requested), spec.policy).effective
+    return {role: Placement.for_role(role, flags) for role in ("text_encoder", "dit", "vae")}
 
 
 def tiny_weight_bytes() -> dict[str, int]:
@@ -61,10 +60,10 @@ def tiny_weight_bytes() -> dict[str, int]:
     return {role: guards.weight_bytes(c) for role, c in get_model("qwen-image-edit-tiny").components.items()}
 
 
-def run_worker_in_process(spec: dict[str, Any]) -> dict[str, Any]:
+def run_worker_in_process(spec: CellSpec) -> dict[str, Any]:
     from harness.worker import run_cell
 
-    return run_cell(spec)
+    return run_cell(spec).to_dict()
 
 
 # ------------------------------------------------------------------------------------------------- host RAM
@@ -191,7 +190,7 @@ def test_gpu_used_by_others(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cap
     monkeypatch.setenv(guards.GPU_FREE_ENV, str(free))
     monkeypatch.setenv(guards.GPU_TOTAL_ENV, str(total))
     spec = cell_spec(tmp_path, "cuda")
-    spec["card"] = {"name": "fake", "cap_bytes": cap}
+    spec = dataclasses.replace(spec, card=Card("fake", cap))
     result = guards.check_cell(spec, placements(spec))
     assert result.skip is skip
     gpu = result.checks["gpu"]

@@ -47,7 +47,7 @@ after = host_rss_bytes()
 # exec'd from, and subprocess vforks, so ru_maxrss started at the pytest parent's peak (a whole-suite run whose
 # differential grid held ~0.5 GB failed here by 86 MB while the test alone passed).
 peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-host = comp.layerwise.host_bytes if comp.layerwise else comp.offload.host_bytes
+host = comp.runtime.host_bytes
 print(json.dumps({"weights": comp.weight_bytes, "host": host, "growth": after - before, "peak_growth": peak - before}))
 """
 

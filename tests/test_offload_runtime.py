@@ -15,12 +15,13 @@ import pytest
 import torch
 from torch import nn
 
+from harness.contract import Placement
 from harness.flags import OffloadFlags
 from harness.models import get_model
 from harness.models.checkpoint import ensure_checkpoint
 from harness.offload.component import ComponentOffload
 from harness.offload.layerwise import LayerwiseRuntime
-from harness.offload.loader import PLACEMENTS, load_component, placement_for
+from harness.offload.loader import load_component
 from harness.offload.memory import SLICE_ALIGN, Device, HostRegion, Layout, SimulatedOutOfMemoryError
 
 NUM_LAYERS = 6
@@ -379,15 +380,15 @@ def test_placement_follows_effective_flags(cpu: bool, lw: bool, te: bool, vae: b
         (True, False): "cpu-offload",
         (False, False): "resident",
     }[(cpu, lw)]
-    assert placement_for("dit", flags) == dit
-    assert placement_for("text_encoder", flags) == ("cpu-offload" if te else "resident")
-    assert placement_for("vae", flags) == ("cpu-offload" if vae else "resident")
-    assert {placement_for(r, flags) for r in ("dit", "text_encoder", "vae")} <= set(PLACEMENTS)
+    assert Placement.for_role("dit", flags) == dit
+    assert Placement.for_role("text_encoder", flags) == ("cpu-offload" if te else "resident")
+    assert Placement.for_role("vae", flags) == ("cpu-offload" if vae else "resident")
+    assert all(isinstance(Placement.for_role(r, flags), Placement) for r in ("dit", "text_encoder", "vae"))
 
 
 def test_placement_raises_if_role_unknown() -> None:
     with pytest.raises(ValueError, match="unknown component role"):
-        placement_for("unet", OffloadFlags())
+        Placement.for_role("unet", OffloadFlags())
 
 
 # ------------------------------------------------------------------------------------------------ tiny real DiT
@@ -432,9 +433,9 @@ def test_tiny_dit_output_equals_resident_if_offloaded(tiny_dit, placement: str, 
         assert load_peak >= resident_bytes  # the engine materialises the whole DiT first (the #26925 load peak)
     else:
         assert load_peak < resident_bytes / 4
-    if comp.layerwise is not None:
-        assert comp.layerwise.resident_layers() == 0
-        assert device.ledger_bytes == resident_bytes - comp.layerwise.param_bytes()
+    if isinstance(comp.runtime, LayerwiseRuntime):
+        assert comp.runtime.resident_layers() == 0
+        assert device.ledger_bytes == resident_bytes - comp.runtime.param_bytes()
         assert comp.describe()["layerwise"]["groups"]["transformer_blocks"] == {
             "layers": 6, "prefetch": p, "resident_layers": 0, "residency_policy": "leading", "resident_bytes": 0,
             "streamed_layers": 6,
@@ -461,4 +462,4 @@ def test_tiny_dit_with_resident_layers_equals_resident_and_records_them(tiny_dit
     group = lw["groups"]["transformer_blocks"]
     assert (group["resident_layers"], group["streamed_layers"], group["residency_policy"]) == (kept, 6 - kept, policy)
     assert lw["resident_bytes"] + lw["streamed_bytes"] == lw["host_bytes"]
-    assert device.ledger_bytes == resident_bytes - comp.layerwise.param_bytes()  # after_use dropped the kept set
+    assert device.ledger_bytes == resident_bytes - comp.runtime.param_bytes()  # after_use dropped the kept set

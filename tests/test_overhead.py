@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import pytest
 
 from harness import measure, runner
+from harness.contract import H2D_PROBE_SPEC_KEY, CellRecord, Status
 from harness.overhead import fixed_cost
 from harness.runner import Run, child_spec, finish_overhead, remember_h2d_probe
 from harness.scenario import expand, load_scenario
-from harness.worker import H2D_PROBE_SPEC_KEY
 from tests.helpers import TINY_SCENARIO
 
 
@@ -25,26 +25,27 @@ def _run(tmp_path: Path, device: str = "cuda") -> Run:
     return Run(tmp_path / "run", device, "r1")
 
 
-def _probed(cell_id: str, source: str = "this cell") -> dict:
-    return {"cell_id": cell_id, "machine": {"pinned_h2d_gbps": 55.3, "pinned_h2d_source": source}}
+def _probed(cell_id: str, source: str = "this cell") -> CellRecord:
+    return CellRecord(cell_id, Status.OK, machine={"pinned_h2d_gbps": 55.3, "pinned_h2d_source": source})
 
 
 def test_the_first_probe_on_a_gpu_is_passed_to_the_later_cells_on_it(tmp_path, cell, monkeypatch):
     monkeypatch.delenv(runner.H2D_PROBE_ENV, raising=False)
     run = _run(tmp_path)
-    assert H2D_PROBE_SPEC_KEY not in child_spec(run, cell, tmp_path, "0")  # nothing measured yet: the cell probes
+    # nothing measured yet: the cell probes
+    assert H2D_PROBE_SPEC_KEY not in child_spec(run, cell, tmp_path, "0").as_dict()
     remember_h2d_probe(run, "0", _probed("a/b/first"))
     remember_h2d_probe(run, "0", _probed("a/b/second"))  # the first figure stays
-    assert child_spec(run, cell, tmp_path, "0")[H2D_PROBE_SPEC_KEY] == {"gbps": 55.3, "cell_id": "a/b/first"}
-    assert H2D_PROBE_SPEC_KEY not in child_spec(run, cell, tmp_path, "1")  # another GPU probes for itself
+    assert child_spec(run, cell, tmp_path, "0").as_dict()[H2D_PROBE_SPEC_KEY] == {"gbps": 55.3, "cell_id": "a/b/first"}
+    assert H2D_PROBE_SPEC_KEY not in child_spec(run, cell, tmp_path, "1").as_dict()  # another GPU probes for itself
     monkeypatch.setenv(runner.H2D_PROBE_ENV, "each")  # the A/B: every cell probes, as before
-    assert H2D_PROBE_SPEC_KEY not in child_spec(run, cell, tmp_path, "0")
+    assert H2D_PROBE_SPEC_KEY not in child_spec(run, cell, tmp_path, "0").as_dict()
 
 
 def test_a_passed_down_figure_is_not_passed_on_as_a_measurement(tmp_path):
     run = _run(tmp_path)
     remember_h2d_probe(run, "0", _probed("a/b/c", source="passed down by the runner (measured by x)"))
-    remember_h2d_probe(run, "1", {"cell_id": "crashed", "machine": {}})
+    remember_h2d_probe(run, "1", CellRecord("crashed", Status.CRASH, machine={}))
     assert run.h2d_probes == {}
     cpu = _run(tmp_path, "cpu")
     remember_h2d_probe(cpu, None, _probed("a/b/c"))
@@ -55,8 +56,9 @@ def test_the_probe_result_in_the_spec_does_not_change_the_spec_hash(tmp_path, ce
     run = _run(tmp_path)
     before = cell.spec_hash("cuda")
     remember_h2d_probe(run, "0", _probed("a/b/first"))
-    spec = child_spec(run, cell, tmp_path, "0")
-    assert {k for k in spec if k not in cell.spec("cuda")} == {"latents_out", H2D_PROBE_SPEC_KEY, "spawned_at"}
+    spec = child_spec(run, cell, tmp_path, "0").as_dict()
+    plain = cell.spec("cuda").as_dict()
+    assert {k for k in spec if k not in plain} == {"latents_out", H2D_PROBE_SPEC_KEY, "spawned_at"}
     assert cell.spec_hash("cuda") == before  # a resumed run still finds the cells it recorded
 
 
@@ -76,15 +78,16 @@ def test_the_child_takes_a_passed_down_probe_instead_of_probing(monkeypatch):
 
 
 def test_finish_overhead_adds_what_only_the_parent_sees():
-    record = {"overhead": {"process_start_s": 1.0, "imports_s": 4.0, "cuda_init_s": 2.0, "h2d_probe_s": 0.5,
-                           "checkpoint_s": 0.5, "warmup_s": 1.0, "measured_s": 3.0, "record_at": 100.0}}
+    record = CellRecord("s/c/x", Status.OK, overhead={
+        "process_start_s": 1.0, "imports_s": 4.0, "cuda_init_s": 2.0, "h2d_probe_s": 0.5, "checkpoint_s": 0.5,
+        "warmup_s": 1.0, "measured_s": 3.0, "record_at": 100.0})
     finish_overhead(record, elapsed_s=14.0, exited_at=101.5)
-    o = record["overhead"]
+    o = record.overhead
     assert "record_at" not in o
     assert (o["teardown_s"], o["fixed_s"], o["other_s"]) == (1.5, 11.0, 0.5)
-    crash = {"status": "crash"}
+    crash = CellRecord("s/c/x", Status.CRASH)
     finish_overhead(crash, 3.0, 0.0)
-    assert "overhead" not in crash
+    assert crash.overhead is None
 
 
 def test_fixed_cost_of_records_with_and_without_overhead():

@@ -39,7 +39,7 @@ def test_render_keeps_counter_labels_cuda():
     ):
         assert label in text
     assert "## qwen-image-edit-5090" in text and "## qwen-image-edit-5090-legacy" in text
-    assert "oom (load)" in text and "[same as cpu0-lw1-te0-vae0-pf4-pin1]" in text
+    assert "oom in load" in text and "[same as cpu0-lw1-te0-vae0-pf4-pin1]" in text
 
 
 def test_render_keeps_counter_labels_cpu():

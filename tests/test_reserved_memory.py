@@ -3,6 +3,7 @@ that empties the allocator cache where SGLang's pipeline would (CUDA calls faked
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -61,7 +62,7 @@ def test_worker_records_which_mechanism_ran(tmp_path: Path) -> None:
     path.write_text(source.read_text().replace("[flags]", "[run]\nempty_cache_between_phases = true\n\n[flags]"))
     cell = next(c for c in expand(load_scenario(path)) if c.card.name == "native"
                 and c.requested.dit_layerwise_offload and c.requested.dit_cpu_offload)
-    rec = run_cell({**cell.spec("cpu"), "warmup": 0, "rounds": 1})
+    rec = run_cell(dataclasses.replace(cell.spec("cpu"), warmup=0, rounds=1)).to_dict()
     assert rec["status"] == "ok", (rec["reason"], rec.get("traceback"))
     assert rec["cache_release"] == {"mechanism": "torch.cuda.empty_cache", "after": ["denoise", "decode"]}
     assert "empty_cache_freed_bytes" not in rec["phases"]["denoise"]  # the CPU profile has no allocator cache

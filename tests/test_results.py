@@ -8,15 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from harness.contract import CellRecord, RecordError
 from harness.results import (
     SCHEMA_VERSION,
     ResultsError,
     append_record,
     latest_by_cell,
-    loaded,
     migrate,
     read_records,
-    summarize_peaks,
     write_json_atomic,
 )
 from tests.helpers import make_record
@@ -87,7 +86,7 @@ def test_read_raises_if_file_is_missing(tmp_path: Path) -> None:
 def test_record_is_refused_if(tmp_path: Path, change: dict, message: str) -> None:
     record = {**make_record(), **change}
     record = {k: v for k, v in record.items() if v is not None}
-    with pytest.raises(ResultsError, match=rf"^here: .*{message}"):
+    with pytest.raises(RecordError, match=rf"^here: .*{message}"):
         migrate(record, "here")
     path = tmp_path / "records.jsonl"
     append_record(path, record)
@@ -114,28 +113,29 @@ def test_latest_by_cell_keeps_the_last_record_of_each_cell() -> None:
 
 
 @pytest.mark.parametrize(("device", "counter"), [("cuda", "alloc_peak_reserved_bytes"), ("cpu", "ledger_peak_bytes")])
-def test_summarize_peaks_uses_the_device_counter(device: str, counter: str) -> None:
+def test_peaks_uses_the_device_counter(device: str, counter: str) -> None:
     record = make_record(device=device, load=500, runtime=3_000)
     # a decoy: the other counter, much larger, must be ignored
     other = "ledger_peak_bytes" if device == "cuda" else "alloc_peak_reserved_bytes"
     for phase in record["phases"].values():
         phase[other] = 10**12
-    peaks = summarize_peaks(record)
+    peaks = CellRecord.from_dict(record).peaks.as_dict()
     assert peaks == {"counter": counter, "load": 500, "runtime": 3_000, "peak": 3_000}
 
 
-def test_summarize_peaks_takes_load_if_above_runtime() -> None:
-    peaks = summarize_peaks(make_record(load=9_000, runtime=3_000))
+def test_peaks_takes_load_if_above_runtime() -> None:
+    peaks = CellRecord.from_dict(make_record(load=9_000, runtime=3_000)).peaks.as_dict()
     assert (peaks["load"], peaks["runtime"], peaks["peak"]) == (9_000, 3_000, 9_000)
 
 
-def test_summarize_peaks_is_none_if_no_phase_ran() -> None:
-    peaks = summarize_peaks(make_record(load=None, runtime=None))
+def test_peaks_is_none_if_no_phase_ran() -> None:
+    peaks = CellRecord.from_dict(make_record(load=None, runtime=None)).peaks.as_dict()
     assert (peaks["load"], peaks["runtime"], peaks["peak"]) == (None, None, None)
 
 
-def test_summarize_peaks_has_no_runtime_if_failed_in_load() -> None:
-    peaks = summarize_peaks(make_record(status="oom", failed_phase="load", load=7_000, runtime=None))
+def test_peaks_has_no_runtime_if_failed_in_load() -> None:
+    record = make_record(status="oom", failed_phase="load", load=7_000, runtime=None)
+    peaks = CellRecord.from_dict(record).peaks.as_dict()
     assert (peaks["load"], peaks["runtime"], peaks["peak"]) == (7_000, None, 7_000)
 
 
@@ -153,7 +153,7 @@ def test_summarize_peaks_has_no_runtime_if_failed_in_load() -> None:
     ],
 )
 def test_loaded_if_status_and_phase(status: str, phase: str | None, expected: bool) -> None:
-    assert loaded(make_record(status=status, failed_phase=phase)) is expected
+    assert CellRecord.from_dict(make_record(status=status, failed_phase=phase)).loaded is expected
 
 
 def test_write_json_atomic_leaves_no_temp_file(tmp_path: Path) -> None:

@@ -65,7 +65,7 @@ def test_setup_run_options(tmp_path: Path) -> None:
     path = tmp_path / "s.toml"
     path.write_text(source.read_text().replace("[flags]", "[run]\nsetup_threads = 16\nsetup_overlap_pin = true\n\n"
                                                           "[flags]"))
-    assert expand(load_scenario(path))[0].spec("cpu")["run"] == {"setup_threads": 16, "setup_overlap_pin": True}
+    assert expand(load_scenario(path))[0].spec("cpu").run == {"setup_threads": 16, "setup_overlap_pin": True}
     path.write_text(source.read_text().replace("[flags]", "[run]\nsetup_threads = 0\n\n[flags]"))
     with pytest.raises(ScenarioError, match=r"run\.setup_threads"):
         load_scenario(path)

@@ -13,9 +13,10 @@ import pytest
 
 from harness.baseline import RETIRED_METRICS, build_baseline, cell_metrics, migrate_retired, read_baseline, run_cells
 from harness.compare import NEW, NOT_COMPARED, compare
+from harness.contract import STEP_CONVENTION, as_record
 from harness.report import cell_row
 from harness.results import read_records
-from harness.roofline import STEP_CONVENTION, roofline_rows, steady_step_ms
+from harness.roofline import roofline_rows
 from tests.helpers import H100, SKU
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,8 +43,9 @@ def test_report_roofline_and_baseline_agree_on_a_layerwise_cell() -> None:
 
 
 def test_one_step_is_its_own_median() -> None:
-    assert steady_step_ms({"phases": {"denoise": {"step_ms": [7.0]}}}) == 7.0
-    assert steady_step_ms({"phases": {"denoise": {}}}) is None
+    one = {"schema_version": 2, "cell_id": "s/c/x", "status": "ok", "phases": {"denoise": {"step_ms": [7.0]}}}
+    assert as_record(one).steady_step_ms() == 7.0
+    assert as_record({**one, "phases": {"denoise": {}}}).steady_step_ms() is None
 
 
 def test_readme_names_the_convention() -> None:

@@ -3,6 +3,7 @@ the sampler interval option, per-round spread, and the copy timeline of our laye
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -109,10 +110,10 @@ def _run_table(tmp_path: Path, table: str) -> Path:
 
 
 def test_run_options_enter_the_spec_only_when_set(tmp_path: Path) -> None:
-    plain = expand(load_scenario(SCENARIO))[0].spec("cpu")
+    plain = expand(load_scenario(SCENARIO))[0].spec("cpu").as_dict()
     assert "run" not in plain  # spec hashes of scenarios without [run] are as they were
     cell = expand(load_scenario(_run_table(tmp_path, "sampler_interval_ms = 0\ncopy_timeline = true")))[0]
-    assert cell.spec("cpu")["run"] == {"sampler_interval_ms": 0.0, "copy_timeline": True}
+    assert cell.spec("cpu").run == {"sampler_interval_ms": 0.0, "copy_timeline": True}
 
 
 @pytest.mark.parametrize(("table", "field"), [
@@ -149,7 +150,7 @@ def test_worker_records_telemetry_per_round_and_copy_timeline(tmp_path: Path, ca
     path = _run_table(tmp_path, "copy_timeline = true\nsampler_interval_ms = 100")
     cell = next(c for c in expand(load_scenario(path)) if c.card.name == "native"
                 and c.requested.label().startswith("cpu1-lw1"))
-    rec = run_cell({**cell.spec("cpu"), "warmup": 1, "rounds": 2})
+    rec = run_cell(dataclasses.replace(cell.spec("cpu"), warmup=1, rounds=2)).to_dict()
     assert rec["status"] == "ok", (rec["reason"], rec.get("traceback"))
     assert rec["run_options"]["sampler_interval_ms"] == 100.0 and rec["copy_timeline"]["enabled"]
     fill = rec["components"]["dit"]["layerwise"]["fill"]  # issue 18 item 6: the setup fill, measured

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from harness.results import PHASES, migrate
+from harness.contract import PHASES, as_record, migrate
 from harness.scenario import expand, load_scenario
 
 SCENARIO = Path(__file__).resolve().parent.parent / "scenarios" / "cpu" / "qwen_image_edit_tiny.toml"
@@ -18,7 +19,7 @@ def test_worker_runs_tiny_cells_in_process_with_same_output_and_lower_peak_if_bo
     cells = {(c.card.name, c.requested.label()[:8]): c for c in expand(load_scenario(SCENARIO))}
     # One measured round per cell: repetitions (warmup/rounds) only cost time here.
     records = {
-        key: run_cell({**cells[key].spec("cpu"), "warmup": 0, "rounds": 1})
+        key: run_cell(replace(cells[key].spec("cpu"), warmup=0, rounds=1)).to_dict()
         for key in [("native", "cpu1-lw1"), ("native", "cpu0-lw0"), ("tiny-6m", "cpu0-lw1")]
     }
 
@@ -30,13 +31,13 @@ def test_worker_runs_tiny_cells_in_process_with_same_output_and_lower_peak_if_bo
         assert rec["failed_phase"] is None
         assert set(PHASES) <= set(rec["phases"])
         assert all(rec["phases"][p]["time_ms"] > 0 for p in PHASES)
-        assert rec["peaks"]["counter"] == "ledger_peak_bytes"
-        assert migrate(rec, rec["cell_id"]) is rec
+        assert as_record(rec).peak_counter == "ledger_peak_bytes"
+        assert migrate(rec, rec["cell_id"]) == rec
     assert both["placements"]["dit"] == "layerwise-from-host"
     assert resident["placements"]["dit"] == "resident"
     assert both["outputs"]["latents_sha256"] == resident["outputs"]["latents_sha256"]
     assert both["outputs"]["latents_stats"]["finite"]
-    assert both["peaks"]["peak"] < resident["peaks"]["peak"]
+    assert as_record(both).peaks.peak < as_record(resident).peaks.peak
     assert both["phases"]["load"]["ledger_peak_bytes"] < resident["phases"]["load"]["ledger_peak_bytes"]
 
     # layerwise alone on the 6 MiB card: the whole DiT is placed first (#26925), and the load runs out
@@ -45,7 +46,7 @@ def test_worker_runs_tiny_cells_in_process_with_same_output_and_lower_peak_if_bo
     assert capped["placements"]["dit"] == "layerwise-from-device"
     assert "simulated card" in capped["reason"]
     assert capped["cap"]["cap_bytes"] == 6 * 2**20
-    assert migrate(capped, capped["cell_id"]) is capped
+    assert migrate(capped, capped["cell_id"]) == capped
 
 
 @pytest.mark.parametrize(("model", "size", "frames"), [("qwen-image-edit-tiny", 64, 1), ("wan-tiny", 64, 5)])
@@ -62,7 +63,7 @@ def test_layerwise_text_encoder_and_vae_compute_what_resident_ones_do(tmp_path: 
                     f'width = {size}\nframes = {frames}\nsteps = 2\ntrue_cfg_scale = 4.0\n'
                     '[flags]\ndit_cpu_offload = true\ntext_encoder_cpu_offload = false\nvae_cpu_offload = false\n'
                     '[axes]\nlayerwise_offload_components = ["unset", "all"]\n')
-    resident, streamed = (run_cell({**c.spec("cpu"), "warmup": 0, "rounds": 1})
+    resident, streamed = (run_cell(replace(c.spec("cpu"), warmup=0, rounds=1)).to_dict()
                           for c in expand(load_scenario(path)))
     for rec in (resident, streamed):
         assert rec["status"] == "ok", (rec["reason"], rec.get("traceback"))

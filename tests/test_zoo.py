@@ -93,10 +93,10 @@ def test_tiny_end_to_end_both_on_matches_resident(scenario_file: str, both_on: s
     both = run_cell(cells[both_on].spec("cpu"))
     resident = run_cell(cells[resident_key].spec("cpu"))
     for rec in (both, resident):
-        assert rec["status"] == "ok", (rec["reason"], rec.get("traceback"))
-        assert rec["outputs"]["latents_stats"]["finite"]
-        assert rec["outputs"]["image_stats"]["finite"]
-    assert both["placements"]["dit"] == "layerwise-from-host"
-    assert resident["placements"]["dit"] == "resident"
-    assert both["outputs"]["latents_sha256"] == resident["outputs"]["latents_sha256"]
-    assert both["peaks"]["peak"] < resident["peaks"]["peak"]
+        assert rec.status == "ok", (rec.reason, rec.traceback)
+        assert rec.outputs["latents_stats"]["finite"]
+        assert rec.outputs["image_stats"]["finite"]
+    assert both.placements["dit"] == "layerwise-from-host"
+    assert resident.placements["dit"] == "resident"
+    assert both.outputs["latents_sha256"] == resident.outputs["latents_sha256"]
+    assert both.peaks.peak < resident.peaks.peak

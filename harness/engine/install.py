@@ -42,6 +42,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,6 +211,30 @@ def _transformers_companions(site: Path) -> list[str]:
     return [deps[name] for name in TRANSFORMERS_COMPANIONS if name in deps]
 
 
+def _install_deps(
+    wheel: Path, site: Path, version: str, python: str | None, log: Callable[[str], None]
+) -> dict[str, str | list[str]]:
+    """The transformers the wheel pins and the pure-Python packages its imports need, into `site`; the host's
+    torch, triton and numpy stay the only ones. Returns what the manifest records of them."""
+    pins = wheel_requirements(wheel)
+    cross = _cross_args(python)
+    with_deps = [pins.get(_norm(d), d) for d in IMPORT_DEPS if d not in NO_DEPS]
+    no_deps = [pins.get(_norm(d), d) for d in NO_DEPS if d != "transformers"]
+    transformers_req = pins.get("transformers", "transformers")
+    log(f"sglang {version}: installing {transformers_req} and {len(with_deps) + len(no_deps)} import deps")
+    common = ["install", "-q", "--no-compile", "--target", str(site), *cross]
+    _pip([*common, "--no-deps", transformers_req, *no_deps], f"sglang {version}")
+    companions = _transformers_companions(site)
+    # torch, triton and numpy stay the host's: a second torch is what `--no-deps` on the wheel is for.
+    host_triton = cross or importlib.util.find_spec("triton") is not None  # another Python: the GPU box's own
+    extra = [] if host_triton else [CPU_TRITON]
+    _pip([*common, *with_deps, *companions, *extra], f"sglang {version}")
+    for shadow in ("torch", "numpy", "nvidia", *(("triton",) if host_triton else ())):
+        for path in site.glob(f"{shadow}*"):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
+    return {"transformers": transformers_req, "import_deps": with_deps + no_deps + companions + extra}
+
+
 def install(version: str, *, python: str | None = None, root: Path | None = None, wheels: Path | None = None,
             log=print) -> InstalledEngine:
     """Installs one version (a no-op when it is already complete). Returns what is installed."""
@@ -225,30 +250,14 @@ def install(version: str, *, python: str | None = None, root: Path | None = None
         site.mkdir(parents=True)
         log(f"sglang {version}: unpacking {wheel.name}")
         unpacked = unpack_engine(wheel, site, version)
-        pins = wheel_requirements(wheel)
-        cross = _cross_args(python)
-        with_deps = [pins.get(_norm(d), d) for d in IMPORT_DEPS if d not in NO_DEPS]
-        no_deps = [pins.get(_norm(d), d) for d in NO_DEPS if d != "transformers"]
-        transformers_req = pins.get("transformers", "transformers")
-        log(f"sglang {version}: installing {transformers_req} and {len(with_deps) + len(no_deps)} import deps")
-        common = ["install", "-q", "--no-compile", "--target", str(site), *cross]
-        _pip([*common, "--no-deps", transformers_req, *no_deps], f"sglang {version}")
-        companions = _transformers_companions(site)
-        # torch, triton and numpy stay the host's: a second torch is what `--no-deps` on the wheel is for.
-        host_triton = cross or importlib.util.find_spec("triton") is not None  # another Python: the GPU box's own
-        extra = [] if host_triton else [CPU_TRITON]
-        _pip([*common, *with_deps, *companions, *extra], f"sglang {version}")
-        for shadow in ("torch", "numpy", "nvidia", *(("triton",) if host_triton else ())):
-            for path in site.glob(f"{shadow}*"):
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
+        deps = _install_deps(wheel, site, version, python, log)
         layerwise = _layerwise_module(site)
         manifest = {
             "version": version,
             "python": python_tag(python),
             "wheel": wheel.name,
             "wheel_sha256": hashlib.sha256(wheel.read_bytes()).hexdigest(),
-            "transformers": transformers_req,
-            "import_deps": with_deps + no_deps + companions + extra,
+            **deps,
             "layerwise_module": layerwise,
             **unpacked,
         }

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from harness import REPO
+
 Task = Literal["T2I", "I2I", "T2V", "I2V"]
 
 
@@ -172,14 +174,13 @@ def _record_answers(answers: dict[tuple[str, str], EngineResolution]) -> None:
 
 
 def _ask_child(version: str, requests: list[EngineRequest], timeout_s: float) -> list[EngineResolution]:
-    repo = Path(__file__).resolve().parents[2]
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     payload = json.dumps([r.as_dict() for r in requests])
     cmd = [sys.executable, "-m", "harness.engine.serverargs", "--version", version]
     try:
         proc = subprocess.run(cmd, input=payload, capture_output=True, text=True, timeout=timeout_s, env=env,
-                              cwd=repo)
+                              cwd=REPO)
     except subprocess.TimeoutExpired as e:
         tail = _tail(e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or ""))
         raise EngineError(f"sglang {version}: the ServerArgs child ran past {timeout_s:.0f} s "

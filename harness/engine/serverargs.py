@@ -177,11 +177,9 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def resolve_one(server_args_cls: Any, version: str, request: dict[str, Any], capture: _Capture) -> dict[str, Any]:
-    """One EngineResolution dict for one EngineRequest dict (ServerArgs raising is an answer, not a failure)."""
-    from sglang.multimodal_gen.configs.pipeline_configs.base import PipelineConfig
-
-    config, note = _pipeline_config(request["family"], request["task"])
+def _server_kwargs(server_args_cls: Any, request: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """ServerArgs keyword arguments for a request, and the flags this release does not have (from_dict would drop
+    them without a word)."""
     kwargs: dict[str, Any] = {"model_path": FAMILY_CHECKPOINTS.get(request["family"], ("/fake",))[0]}
     fields = {f.name for f in dataclasses.fields(server_args_cls)}
     missing: list[str] = []
@@ -189,11 +187,20 @@ def resolve_one(server_args_cls: Any, version: str, request: dict[str, Any], cap
         if name in LATER_FLAG_DEFAULTS and value == LATER_FLAG_DEFAULTS[name]:
             continue
         if name in LATER_FLAG_DEFAULTS and name not in fields:
-            missing.append(name)  # from_dict would drop it without a word
+            missing.append(name)
         elif value is not None:
             kwargs[name] = value
     if request.get("performance_mode") is not None:
         kwargs["performance_mode"] = request["performance_mode"]
+    return kwargs, missing
+
+
+def resolve_one(server_args_cls: Any, version: str, request: dict[str, Any], capture: _Capture) -> dict[str, Any]:
+    """One EngineResolution dict for one EngineRequest dict (ServerArgs raising is an answer, not a failure)."""
+    from sglang.multimodal_gen.configs.pipeline_configs.base import PipelineConfig
+
+    config, note = _pipeline_config(request["family"], request["task"])
+    kwargs, missing = _server_kwargs(server_args_cls, request)
     capture.records.clear()
     _clear_log_once()
     answer: dict[str, Any] = {

@@ -9,6 +9,7 @@ device-to-host copy: inference never changes the weights, so the host region sta
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -63,6 +64,23 @@ class ComponentOffload:
         self._bind(self.host_views)
         self._buffer = None  # same stream as the compute that read it, so freeing is ordered after it
         self.device.discharge(self.layout.nbytes)
+
+    # --------------------------------------------------------------- the runtime protocol (harness.offload.loader)
+    def before_use(self) -> None:
+        self.onload()
+
+    def after_use(self) -> None:
+        self.offload()
+
+    def describe(self) -> dict[str, Any]:
+        return {"cpu_offload": {"host_bytes": self.host_bytes, "pinned": self.region.pinned,
+                                "fill": self.fill_stats.as_dict() if self.fill_stats else None}}
+
+    def device_weight_bytes(self, device: Device) -> int | None:
+        """On the CPU profile host and "device" are the same memory: the runtime's state says what is "on" it."""
+        if device.is_cuda:
+            return None
+        return self.layout.nbytes if self.on_device else 0
 
     def _bind(self, views: dict[str, torch.Tensor]) -> None:
         for name, param in self.params:

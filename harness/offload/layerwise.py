@@ -107,8 +107,9 @@ class LayerwiseRuntime:
 
     Example:
         >>> rt = LayerwiseRuntime(dit, ("transformer_blocks",), device, prefetch_size=4, pin=True)
-        >>> rt.fill(reader.tensor)   # checkpoint bytes go straight into the per-layer regions
-        >>> rt.attach()              # layers now stream; non-layer weights are placed by the loader
+        >>> rt.fill(reader.read_into)  # checkpoint bytes go straight into the per-layer regions
+        >>> rt.pin()                   # page-locked after the fill (see memory.HostRegion)
+        >>> rt.attach()                # layers now stream; non-layer weights are placed by the loader
     """
 
     def __init__(
@@ -200,6 +201,39 @@ class LayerwiseRuntime:
                 self._release(g, i)
             g.window_done.clear()
             g.kept_armed = False
+
+    # --------------------------------------------------------------- the runtime protocol (harness.offload.loader)
+    def before_use(self) -> None:
+        pass  # the hooks fetch each layer as its forward starts
+
+    def after_use(self) -> None:
+        self.release_all()
+
+    def describe(self) -> dict[str, Any]:
+        return {"layerwise": {
+            "groups": {
+                g.name: {
+                    "layers": len(g.layers),
+                    "prefetch": g.prefetch,
+                    "resident_layers": len(g.kept),
+                    "residency_policy": g.policy,
+                    "resident_bytes": g.kept_bytes(),
+                    "streamed_layers": len(g.streamed),
+                }
+                for g in self.groups
+            },
+            "host_bytes": self.host_bytes,
+            "resident_bytes": self.kept_bytes(),
+            "streamed_bytes": self.streamed_bytes(),
+            "param_bytes": self.param_bytes(),
+            "largest_layer_by_group": {g.name: max(layout.nbytes for layout in g.layouts) for g in self.groups},
+            "pinned": self.pinned,
+            "largest_layer_bytes": max(self.layer_bytes(), default=0),
+            "fill": self.fill_stats.as_dict() if self.fill_stats else None,
+        }}
+
+    def device_weight_bytes(self, device: Device) -> int | None:
+        return None
 
     # ----------------------------------------------------------------------------------------------- hooks
     def _make_pre_hook(self, g: _Group, i: int) -> Callable[..., None]:

@@ -19,64 +19,20 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
+from harness.contract import Backend, Placement
 from harness.flags import OffloadFlags
 from harness.models import ComponentSpec
 from harness.models.checkpoint import CheckpointError, CheckpointReader
 from harness.offload.component import ComponentOffload
 from harness.offload.layerwise import LayerwiseRuntime
-from harness.offload.memory import Device, HostRegion, pinned_allocator_bytes
-
-DIFFUSERS_GROUP = "diffusers-group-offload"
-PLACEMENTS = ("resident", "cpu-offload", "layerwise-from-host", "layerwise-from-device", DIFFUSERS_GROUP)
-DIFFUSERS_BACKENDS = ("diffusers-group", "diffusers-group-rs")  # harness.scenario.BACKENDS other than "harness"
-DIFFUSERS_NEEDS_CUDA = "diffusers group offload with streams needs CUDA"
-SGLANG_LAYERWISE = "sglang-layerwise"  # SGLang's LayerwiseOffloadManager on the DiT (harness.engine.layerwise)
-PLACEMENTS = (*PLACEMENTS, SGLANG_LAYERWISE)
-SGLANG_NEEDS_CUDA = "SGLang's layerwise manager enables itself only on CUDA"
-
-
-def is_sglang_backend(backend: str) -> bool:
-    """"sglang" (the newest installed release) or "sglang@<version>"."""
-    return backend == "sglang" or backend.startswith("sglang@")
-
-
-def placement_for(role: str, flags: OffloadFlags, backend: str = "harness") -> str:
-    """Where the loader puts component `role` under the effective `flags` and the cell's `backend`.
-
-    A diffusers backend changes only the layerwise DiT (whatever dit_cpu_offload says, diffusers' hooks stream it
-    from the host); every other component and cell runs as under the harness backend.
-    """
-    if backend != "harness" and backend not in DIFFUSERS_BACKENDS and not is_sglang_backend(backend):
-        raise ValueError(f"unknown backend {backend!r}")
-    if role == "dit":
-        if flags.dit_layerwise_offload:
-            if backend in DIFFUSERS_BACKENDS:
-                return DIFFUSERS_GROUP
-            if is_sglang_backend(backend):
-                return SGLANG_LAYERWISE
-            return "layerwise-from-host" if flags.dit_cpu_offload else "layerwise-from-device"
-        return "cpu-offload" if flags.dit_cpu_offload else "resident"
-    if role in ("text_encoder", "vae"):
-        # a component selected for layerwise offload streams from the host whatever its CPU-offload flag says
-        # (SGLang's residency_mode: an explicit layerwise selection wins, and the selection clears the flag)
-        if role in selected_layerwise(flags):
-            return "layerwise-from-host"
-        on_host = flags.text_encoder_cpu_offload if role == "text_encoder" else flags.vae_cpu_offload
-        return "cpu-offload" if on_host else "resident"
-    raise ValueError(f"unknown component role {role!r}")
-
-
-def selected_layerwise(flags: OffloadFlags) -> set[str]:
-    """The zoo roles `layerwise_offload_components` selects ("all": every role; the DiT by its own flag)."""
-    chosen = set(flags.layerwise_offload_components or ())
-    roles = {"text_encoder", "vae", "dit"} if "all" in chosen else chosen & {"text_encoder", "vae", "dit"}
-    return roles | ({"dit"} if flags.dit_layerwise_offload else set())
+from harness.offload.memory import Device, HostRegion, torch_pinned_block_bytes
 
 
 def layerwise_tuning(role: str, flags: OffloadFlags | None, prefetch_size: float) -> tuple[float, float, str]:
@@ -93,35 +49,82 @@ def layerwise_tuning(role: str, flags: OffloadFlags | None, prefetch_size: float
     return tuple(d if v is None else v for v, d in zip(picked, defaults, strict=True))  # type: ignore[return-value]
 
 
+class OffloadRuntime(Protocol):
+    """What moves a loaded component's weights between uses: one per placement (`_PLACERS`), so a new placement
+    (a backend, resident layers) plugs in by giving these four methods."""
+
+    def before_use(self) -> None:
+        """Brings what the component needs onto the device before a pipeline stage uses it."""
+
+    def after_use(self) -> None:
+        """Gives the device back after the stage."""
+
+    def describe(self) -> dict[str, Any]:
+        """Record sections for the component (e.g. {"layerwise": {...}}); empty when there is nothing to say."""
+
+    def device_weight_bytes(self, device: Device) -> int | None:
+        """Weight bytes on the device now when the runtime knows better than the parameters, else None."""
+
+
+class _Resident:
+    """Resident weights: nothing moves."""
+
+    def before_use(self) -> None:
+        pass
+
+    def after_use(self) -> None:
+        pass
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+    def device_weight_bytes(self, device: Device) -> int | None:
+        return None
+
+
+class _DiffusersGroup(_Resident):
+    """diffusers' hooks onload each block as its forward starts (the next one prefetched on their stream) and
+    offload it as it ends, so between forwards no weight is on the device: before/after use are no-ops."""
+
+    def __init__(self, info: dict[str, Any]) -> None:
+        self.info = info
+
+    def describe(self) -> dict[str, Any]:
+        return {"diffusers_group": dict(self.info)}
+
+
+class _SGLang(_Resident):
+    """SGLang's managers (harness.engine.layerwise.SGLangLayerwise) with their per-use lifecycle."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def before_use(self) -> None:
+        self.engine.before_use()
+
+    def after_use(self) -> None:
+        self.engine.after_use()
+
+    def describe(self) -> dict[str, Any]:
+        return {"sglang_layerwise": self.engine.describe()}
+
+
 @dataclass
 class LoadedComponent:
     """A component ready to run, with what it cost to set up."""
 
     role: str
     module: torch.nn.Module
-    placement: str
+    placement: Placement
     weight_bytes: int
-    offload: ComponentOffload | None = None
-    layerwise: LayerwiseRuntime | None = None
+    runtime: OffloadRuntime
     setup_s: dict[str, float] = field(default_factory=dict)
-    diffusers_group: dict[str, Any] | None = None  # what diffusers' group offload set up (DIFFUSERS_GROUP only)
-    sglang: Any = None  # harness.engine.layerwise.SGLangLayerwise (SGLANG_LAYERWISE only)
 
-    # Under DIFFUSERS_GROUP both are no-ops: diffusers' hooks onload each block as its forward starts (the next one
-    # prefetched on their stream) and offload it as it ends, so between forwards no weight is on the device.
     def before_use(self) -> None:
-        if self.offload is not None:
-            self.offload.onload()
-        if self.sglang is not None:
-            self.sglang.before_use()
+        self.runtime.before_use()
 
     def after_use(self) -> None:
-        if self.offload is not None:
-            self.offload.offload()
-        if self.layerwise is not None:
-            self.layerwise.release_all()
-        if self.sglang is not None:
-            self.sglang.after_use()
+        self.runtime.after_use()
 
     def device_weight_bytes(self, device: Device) -> int:
         """Parameter bytes of this component that live on `device` now (placeholders are empty).
@@ -129,52 +132,22 @@ class LoadedComponent:
         On CUDA this reads where every parameter really is. On the CPU profile host and "device" are the same
         memory, so a CPU-offloaded component reports its runtime's state instead.
         """
-        if self.offload is not None and not device.is_cuda:
-            return self.offload.layout.nbytes if self.offload.on_device else 0
+        known = self.runtime.device_weight_bytes(device)
+        if known is not None:
+            return known
         return sum(
             p.numel() * p.element_size() for p in self.module.parameters() if p.device == device.torch and p.numel()
         )
 
     def describe(self) -> dict[str, Any]:
         total = self.setup_s.get("total_s") or 0.0
-        d: dict[str, Any] = {
-            "placement": self.placement,
+        return {
+            "placement": str(self.placement),
             "weight_bytes": self.weight_bytes,
             "setup_s": {k: round(v, 4) for k, v in self.setup_s.items()},
             "setup_gbps": round(self.weight_bytes / total / 1e9, 3) if total else None,
+            **self.runtime.describe(),
         }
-        if self.layerwise is not None:
-            d["layerwise"] = {
-                "groups": {
-                    g.name: {
-                        "layers": len(g.layers),
-                        "prefetch": g.prefetch,
-                        "resident_layers": len(g.kept),
-                        "residency_policy": g.policy,
-                        "resident_bytes": g.kept_bytes(),
-                        "streamed_layers": len(g.streamed),
-                    }
-                    for g in self.layerwise.groups
-                },
-                "host_bytes": self.layerwise.host_bytes,
-                "resident_bytes": self.layerwise.kept_bytes(),
-                "streamed_bytes": self.layerwise.streamed_bytes(),
-                "param_bytes": self.layerwise.param_bytes(),
-                "largest_layer_by_group": {
-                    g.name: max(layout.nbytes for layout in g.layouts) for g in self.layerwise.groups
-                },
-                "pinned": self.layerwise.pinned,
-                "largest_layer_bytes": max(self.layerwise.layer_bytes(), default=0),
-                "fill": self.layerwise.fill_stats.as_dict() if self.layerwise.fill_stats else None,
-            }
-        if self.offload is not None:
-            d["cpu_offload"] = {"host_bytes": self.offload.host_bytes, "pinned": self.offload.region.pinned,
-                                "fill": self.offload.fill_stats.as_dict() if self.offload.fill_stats else None}
-        if self.diffusers_group is not None:
-            d["diffusers_group"] = dict(self.diffusers_group)
-        if self.sglang is not None:
-            d["sglang_layerwise"] = self.sglang.describe()
-        return d
 
 
 def _set_tensor(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
@@ -265,10 +238,30 @@ def _place_buffers(module: torch.nn.Module, device: Device, buffers: bool = True
                 setattr(owner, attr, value.to(device.torch))
 
 
+@dataclass
+class _Load:
+    """What every placer gets: the module on meta, its checkpoint, the device and the flags that matter."""
+
+    spec: ComponentSpec
+    module: torch.nn.Module
+    reader: CheckpointReader
+    device: Device
+    pin: bool
+    prefetch_size: float
+    backend: str
+    flags: OffloadFlags | None
+    clock: _Clock
+
+    @property
+    def persistent_buffers(self) -> list[str]:
+        in_file = set(self.reader.names())
+        return [n for n, _ in self.module.named_buffers() if n in in_file]
+
+
 def load_component(
     spec: ComponentSpec,
     checkpoint: Path,
-    placement: str,
+    placement: Placement,
     device: Device,
     *,
     pin: bool,
@@ -276,7 +269,7 @@ def load_component(
     backend: str = "harness",
     flags: OffloadFlags | None = None,
 ) -> LoadedComponent:
-    """Builds `spec`'s module on meta, fills it from `checkpoint` and places it.
+    """Builds `spec`'s module on meta, fills it from `checkpoint` and places it (one `_place_*` per placement).
 
     Setup times are recorded per step: build (module on meta), alloc (host regions), read (file -> host
     regions), pin (page-locking them; under DIFFUSERS_GROUP, diffusers' setup, which pins its copies), place
@@ -285,177 +278,162 @@ def load_component(
     Raises:
         CheckpointError: the file does not match the module.
         torch.OutOfMemoryError: the device ran out while placing (the caller records the phase).
-        RuntimeError: DIFFUSERS_GROUP on a device that is not CUDA (DIFFUSERS_NEEDS_CUDA), or without a
-            diffusers backend.
+        RuntimeError: a placement that needs CUDA on another device, or DIFFUSERS_GROUP without a diffusers
+            backend.
     """
-    if placement not in PLACEMENTS:
-        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
-    if placement == DIFFUSERS_GROUP and (backend not in DIFFUSERS_BACKENDS or not device.is_cuda):
-        why = f"backend {backend!r} is not one of {DIFFUSERS_BACKENDS}" if device.is_cuda else DIFFUSERS_NEEDS_CUDA
-        raise RuntimeError(f"{placement}: {why}")
-    if placement == SGLANG_LAYERWISE and not device.is_cuda:
-        raise RuntimeError(f"{placement}: {SGLANG_NEEDS_CUDA}")
+    placement = Placement(placement)
+    if placement.needs_cuda and not device.is_cuda:
+        raise RuntimeError(f"{placement}: {placement.needs_cuda}")
+    if placement is Placement.DIFFUSERS_GROUP and not Backend.of(backend).is_diffusers:
+        raise RuntimeError(f"{placement}: backend {backend!r} is not a diffusers backend")
     clock = _Clock()
     module = spec.build_on_meta()
     reader = CheckpointReader(checkpoint)
     _check_names(module, reader)
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     clock.lap("build_s")
-    loaded = LoadedComponent(spec.role, module, placement, weight_bytes, setup_s=clock.laps)
-    in_file = set(reader.names())
-    persistent_buffers = [n for n, _ in module.named_buffers() if n in in_file]
-
-    if placement == "resident":
-        _materialise(module, reader, device, list(reader.names()))
-        clock.lap("place_s")
-    elif placement == "cpu-offload":
-        loaded.offload = ComponentOffload(module, device, pin, spec.role)
-        clock.lap("alloc_s")
-        loaded.offload.fill(reader.read_into)
-        clock.lap("read_s")
-        loaded.offload.pin()
-        clock.lap("pin_s")
-        _materialise(module, reader, device, persistent_buffers)
-        clock.lap("place_s")
-    elif placement == DIFFUSERS_GROUP:
-        loaded.diffusers_group = _diffusers_group(module, reader, persistent_buffers, device, backend, clock)
-    elif placement == SGLANG_LAYERWISE:
-        loaded.sglang = _sglang_layerwise(spec, module, reader, device, backend, flags, clock)
-    else:
-        if placement == "layerwise-from-device":
-            # What the engine does when dit_cpu_offload is off: the whole DiT lands on the device first.
-            _materialise(module, reader, device, list(reader.names()))
-            clock.lap("place_s")
-        live = dict(module.named_parameters())  # the device copies, if any, read once by fill() below
-        prefetch, resident, policy = layerwise_tuning(spec.role, flags, prefetch_size)
-        rt = LayerwiseRuntime(module, spec.layer_groups, device, prefetch, pin, resident_layers=resident,
-                              residency_policy=policy)
-        clock.lap("alloc_s")
-        if placement == "layerwise-from-host":
-            rt.fill(reader.read_into)
-        else:
-            rt.fill(lambda name, dst: dst.copy_(live[name].data))
-            # Layer weights now live in the host regions; give their device copies back.
-            device.discharge(rt.param_bytes())
-        del live
-        clock.lap("read_s")
-        rt.pin()
-        clock.lap("pin_s")
-        if placement == "layerwise-from-host":
-            _materialise(module, reader, device, [n for n in reader.names() if n not in rt.layer_param_names])
-            clock.lap("place_s")
-        rt.attach()
-        loaded.layerwise = rt
-    _place_buffers(module, device, buffers=placement != DIFFUSERS_GROUP)
+    load = _Load(spec, module, reader, device, pin, prefetch_size, backend, flags, clock)
+    runtime = _PLACERS[placement](load, placement)
+    _place_buffers(module, device, buffers=placement is not Placement.DIFFUSERS_GROUP)
     if device.is_cuda:
         torch.cuda.synchronize(device.torch)
     clock.lap("place_s")
     clock.laps["total_s"] = clock.total()
-    return loaded
+    return LoadedComponent(spec.role, module, placement, weight_bytes, runtime, setup_s=clock.laps)
 
 
-def _diffusers_group(
-    module: torch.nn.Module,
-    reader: CheckpointReader,
-    persistent_buffers: list[str],
-    device: Device,
-    backend: str,
-    clock: _Clock,
-) -> dict[str, Any]:
-    """DIFFUSERS_GROUP: the weights into one plain pageable host region (ComponentOffload's fill), then diffusers'
-    `apply_group_offloading`; returns what it set up, for the record."""
+def _place_resident(load: _Load, placement: Placement) -> OffloadRuntime:
+    _materialise(load.module, load.reader, load.device, list(load.reader.names()))
+    load.clock.lap("place_s")
+    return _Resident()
+
+
+def _place_cpu_offload(load: _Load, placement: Placement) -> OffloadRuntime:
+    offload = ComponentOffload(load.module, load.device, load.pin, load.spec.role)
+    load.clock.lap("alloc_s")
+    offload.fill(load.reader.read_into)
+    load.clock.lap("read_s")
+    offload.pin()
+    load.clock.lap("pin_s")
+    _materialise(load.module, load.reader, load.device, load.persistent_buffers)
+    load.clock.lap("place_s")
+    return offload
+
+
+def _place_layerwise(load: _Load, placement: Placement) -> OffloadRuntime:
+    """Our layerwise runtime. From the host: checkpoint bytes go straight into the per-layer host regions. From
+    the device: what the engine does when dit_cpu_offload is off, the whole DiT lands on the device first and is
+    then packed to the host."""
+    module, reader, device, clock = load.module, load.reader, load.device, load.clock
+    from_host = placement is Placement.LAYERWISE_FROM_HOST
+    if not from_host:
+        _materialise(module, reader, device, list(reader.names()))
+        clock.lap("place_s")
+    live = dict(module.named_parameters())  # the device copies, if any, read once by fill() below
+    prefetch, resident, policy = layerwise_tuning(load.spec.role, load.flags, load.prefetch_size)
+    rt = LayerwiseRuntime(module, load.spec.layer_groups, device, prefetch, pin=load.pin, resident_layers=resident,
+                          residency_policy=policy)
+    clock.lap("alloc_s")
+    if from_host:
+        rt.fill(reader.read_into)
+    else:
+        rt.fill(lambda name, dst: dst.copy_(live[name].data))
+        device.discharge(rt.param_bytes())  # layer weights now live in the host regions: free the device copies
+    live.clear()
+    clock.lap("read_s")
+    rt.pin()
+    clock.lap("pin_s")
+    if from_host:
+        _materialise(module, reader, device, [n for n in reader.names() if n not in rt.layer_param_names])
+        clock.lap("place_s")
+    rt.attach()
+    return rt
+
+
+def _place_diffusers_group(load: _Load, placement: Placement) -> OffloadRuntime:
+    return _DiffusersGroup(_diffusers_group(load))
+
+
+def _place_sglang(load: _Load, placement: Placement) -> OffloadRuntime:
+    return _SGLang(_sglang_layerwise(load))
+
+
+_PLACERS: dict[Placement, Callable[[_Load, Placement], OffloadRuntime]] = {
+    Placement.RESIDENT: _place_resident,
+    Placement.CPU_OFFLOAD: _place_cpu_offload,
+    Placement.LAYERWISE_FROM_HOST: _place_layerwise,
+    Placement.LAYERWISE_FROM_DEVICE: _place_layerwise,
+    Placement.DIFFUSERS_GROUP: _place_diffusers_group,
+    Placement.SGLANG_LAYERWISE: _place_sglang,
+}
+
+
+def _read_to_host(load: _Load) -> ComponentOffload:
+    """The whole state dict into pageable host memory, as `from_pretrained` (and SGLang's CPU load) leaves a model:
+    parameters into one region (ComponentOffload's fill), the persistent buffers beside them."""
+    host = ComponentOffload(load.module, load.device, False, load.spec.role)
+    load.clock.lap("alloc_s")
+    host.fill(load.reader.read_into)
+    for name in load.persistent_buffers:
+        e = load.reader.entries[name]
+        buf = torch.empty(e.shape, dtype=e.dtype)
+        load.reader.read_into(name, buf)
+        _set_tensor(load.module, name, buf)
+    load.clock.lap("read_s")
+    return host
+
+
+def _diffusers_group(load: _Load) -> dict[str, Any]:
+    """DIFFUSERS_GROUP: the weights into a plain pageable host region (diffusers pins its own copies), then
+    diffusers' `apply_group_offloading`; returns what it set up, for the record."""
     import diffusers
     from diffusers.hooks import apply_group_offloading
 
-    host = ComponentOffload(module, device, False, "dit")  # pageable: diffusers pins its own copies
-    clock.lap("alloc_s")
-    host.fill(reader.read_into)
-    for name in persistent_buffers:  # the rest of the state dict, on the host too: diffusers moves buffers
-        e = reader.entries[name]
-        buf = torch.empty(e.shape, dtype=e.dtype)
-        reader.read_into(name, buf)
-        _set_tensor(module, name, buf)
-    clock.lap("read_s")
-    record_stream = backend == "diffusers-group-rs"
-    apply_group_offloading(
-        module,
-        onload_device=device.torch,
-        offload_device=torch.device("cpu"),
-        offload_type="block_level",
-        num_blocks_per_group=1,
-        use_stream=True,
-        record_stream=record_stream,
-        non_blocking=True,
-    )
-    clock.lap("pin_s")
-    info = _describe_groups(module, host.region.nbytes)
+    host = _read_to_host(load)
+    options = {"offload_type": "block_level", "num_blocks_per_group": 1, "use_stream": True,
+               "record_stream": Backend.of(load.backend) is Backend.DIFFUSERS_GROUP_RS, "non_blocking": True}
+    apply_group_offloading(load.module, onload_device=load.device.torch, offload_device=torch.device("cpu"),
+                           **options)
+    load.clock.lap("pin_s")
+    info = _describe_groups(load.module, host.region.nbytes)
     # The group of non-block weights has no stream and no pinned copy: its tensors still view the pageable region,
     # which would keep all of it alive. Give them their own (small) storage; the region goes with `host`.
     begin = host.region.tensor.data_ptr()
     end = begin + host.region.nbytes
-    for t in itertools.chain(module.parameters(), module.buffers()):
+    for t in itertools.chain(load.module.parameters(), load.module.buffers()):
         if t.device.type == "cpu" and begin <= t.data_ptr() < end:
             t.data = t.data.clone()
     del host
-    clock.lap("place_s")
-    return {
-        "backend": backend,
-        "diffusers": diffusers.__version__,
-        "offload_type": "block_level",
-        "num_blocks_per_group": 1,
-        "use_stream": True,
-        "record_stream": record_stream,
-        "non_blocking": True,
-        **info,
-    }
+    load.clock.lap("place_s")
+    return {"backend": load.backend, "diffusers": diffusers.__version__, **options, **info}
 
 
-def _sglang_layerwise(
-    spec: ComponentSpec,
-    module: torch.nn.Module,
-    reader: CheckpointReader,
-    device: Device,
-    backend: str,
-    flags: OffloadFlags | None,
-    clock: _Clock,
-) -> Any:
+def _sglang_layerwise(load: _Load) -> Any:
     """SGLANG_LAYERWISE: the weights where SGLang's loader leaves them (host with dit_cpu_offload, else the whole
     DiT on the device), then SGLang's own mixin and managers take the DiT over (harness.engine.layerwise)."""
     from harness.engine.layerwise import SGLangLayerwise
     from harness.engine.policy import available_versions
 
-    if flags is None:
-        raise ValueError(f"{SGLANG_LAYERWISE} needs the effective flags")
-    if backend == "sglang":
+    if load.flags is None:
+        raise ValueError(f"{Placement.SGLANG_LAYERWISE} needs the effective flags")
+    if load.backend == "sglang":
         versions = available_versions()
         version = versions[-1] if versions else "(none installed)"  # load_engine then says how to install one
     else:
-        version = backend.partition("@")[2]
-    host = None
-    if flags.dit_cpu_offload:
-        host = ComponentOffload(module, device, False, "dit")  # pageable host tensors, as SGLang's CPU load
-        clock.lap("alloc_s")
-        host.fill(reader.read_into)
-        in_file = set(reader.names())
-        for name, _ in list(module.named_buffers()):
-            if name in in_file:
-                e = reader.entries[name]
-                buf = torch.empty(e.shape, dtype=e.dtype)
-                reader.read_into(name, buf)
-                _set_tensor(module, name, buf)
-        clock.lap("read_s")
-    else:
-        # What SGLang's loader does without dit_cpu_offload: the whole DiT lands on the device first.
-        _materialise(module, reader, device, list(reader.names()))
-        clock.lap("place_s")
-    engine = SGLangLayerwise(module, spec.layer_groups, flags, version)
-    clock.lap("pin_s")
+        version = load.backend.partition("@")[2]
+    # Without dit_cpu_offload SGLang's loader puts the whole DiT on the device first.
+    host = _read_to_host(load) if load.flags.dit_cpu_offload else None
+    if host is None:
+        _materialise(load.module, load.reader, load.device, list(load.reader.names()))
+        load.clock.lap("place_s")
+    engine = SGLangLayerwise(load.module, load.spec.layer_groups, load.flags, version)
+    load.clock.lap("pin_s")
     if host is not None:
         # The non-layer weights went to the device with the mixin's module.to(); nothing views the region now
         # but the module's plain tensor attributes (RoPE tables), which _place_buffers moves below.
         del host
     else:
-        device.discharge(sum(g["host_bytes"] for g in engine.describe()["groups"].values()))
+        load.device.discharge(sum(g["host_bytes"] for g in engine.describe()["groups"].values()))
     return engine
 
 
@@ -488,7 +466,7 @@ def _describe_groups(module: torch.nn.Module, host_bytes: int) -> dict[str, Any]
         "host_bytes": host_bytes,  # the pageable region the checkpoint was read into (freed once diffusers pinned)
         "pinned_requested_bytes": nbytes(pinned),  # diffusers' pinned copies, as asked for
         # what torch's caching host allocator holds for them: each tensor rounded up to a power of two
-        "pinned_allocator_bytes": sum(pinned_allocator_bytes(t.numel() * t.element_size()) for t in pinned),
+        "pinned_torch_allocator_bytes": sum(torch_pinned_block_bytes(t.numel() * t.element_size()) for t in pinned),
         "pinned": bool(pinned) and all(t.is_pinned() for t in pinned),
     }
 

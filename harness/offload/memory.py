@@ -112,7 +112,7 @@ class PinnedLedger:
 PINNED = PinnedLedger()
 
 
-def pinned_allocator_bytes(nbytes: int) -> int:
+def torch_pinned_block_bytes(nbytes: int) -> int:
     """Host bytes torch's caching host allocator holds for a pinned request of `nbytes` (`pin_memory()`, as
     diffusers' group offload pins): the next power of two."""
     return 1 << (nbytes - 1).bit_length() if nbytes > 0 else 0
