@@ -6,11 +6,11 @@ A scenario with a `[capacity]` table (axis "frames" or "resolution", min, max, s
 
 searches, per card and combination, the largest value of the axis that completes, with OOM as the oracle: each
 probe is a normal isolated cell (its own child and record in the run's records.jsonl, id
-`<scenario>@<axis>-<value>/<card>/<flags>`, so `--run-id` resumes a search without repeating probes). The search
-starts at the plan's capacity (`harness.plan`), then steps outward by doubling until the fate flips, then bisects:
-two probes when the plan is right. A probe that ends neither ok nor oom (error, crash, timeout, skipped) stops its
-combination's search, which is reported as undecided with that probe's fate. The result, next to the plan's
-prediction, goes to `capacity.md` and `capacity.json` in the run folder.
+`<scenario>@<axis>-<value>/<card>/<flags>`, so `--run-id` resumes a search without repeating probes). The
+search starts at the plan's capacity (`harness.plan`), then steps outward by doubling until the fate flips,
+then bisects: two probes when the plan is right. A probe that ends neither ok nor oom (error, crash, timeout,
+skipped) stops its combination's search, which is reported as undecided with that probe's fate. The result,
+next to the plan's prediction, goes to `capacity.md` and `capacity.json` in the run folder.
 
 This module imports no torch.
 """

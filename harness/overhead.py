@@ -1,9 +1,9 @@
-"""`python -m harness.overhead RUN...`: the fixed cost of each cell of a run (what a cell costs besides its measured
-load and rounds), part by part, with the median over the run's cells, to quote a before/after.
+"""`python -m harness.overhead RUN...`: the fixed cost of each cell of a run (what a cell costs besides
+its measured load and rounds), part by part, with the median over the run's cells, to quote a before/after.
 
-A record from this harness carries `overhead` (harness.worker.run_cell, completed by harness.runner.finish_overhead).
-An older record has none: its fixed cost is estimated as elapsed_s minus the load phase's and the runtime phases'
-wall times (times the rounds), and the row says "estimated".
+A record from this harness carries `overhead` (harness.worker.run_cell, completed by
+harness.runner.finish_overhead). An older record has none: its fixed cost is estimated as elapsed_s minus the
+load phase's and the runtime phases' wall times (times the rounds), and the row says "estimated".
 """
 
 from __future__ import annotations

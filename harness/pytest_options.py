@@ -26,7 +26,7 @@ def add_options(parser: pytest.Parser) -> None:
     group.addoption("--bench-scenarios-dir", default=None,
                     help="folder of scenario TOML files, searched recursively (default: the scenarios/ folder)")
     group.addoption("--bench-shard", "--shard", dest="bench_shard", default=None, metavar="I/N",
-                    help="only the I-th of N cost-balanced shares of the cells, whole cards each (harness/shard.py); "
-                    "N machines running 1/N..N/N with one --bench-run-id cover every cell once")
+                    help="only the I-th of N cost-balanced shares of the cells, whole cards each "
+                    "(harness/shard.py); N machines running 1/N..N/N with one --bench-run-id cover every cell once")
     group.addoption("--bench-tier", "--tier", dest="bench_tier", default=None, choices=TIERS,
                     help="pr: only scenarios with tier = \"pr\"; nightly (the default): every scenario")

@@ -138,8 +138,8 @@ def render(records: list[dict[str, Any]], title: str = "offload-bench run") -> s
             out += [tabulate(roof, headers="keys", tablefmt="github"), ""]
         planned = plan_rows(recs)
         if planned:
-            out += ["Plan vs measured (harness.plan; allocator reserved peaks, median steady step; error = measured "
-                    "/ planned - 1; a phase that ran out of memory measured the cap, not the need):", ""]
+            out += ["Plan vs measured (harness.plan; allocator reserved peaks, median steady step; error = "
+                    "measured / planned - 1; a phase that ran out of memory measured the cap, not the need):", ""]
             out += [tabulate(planned, headers="keys", tablefmt="github"), ""]
         messages = sorted({m for r in recs for m in r.get("messages", [])})
         if messages:

@@ -792,8 +792,9 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Shard | Non
                         "(plain --resume keeps them as recorded)")
     parser.add_argument("--quiet", action="store_true", help="only one line per cell (no child progress)")
     parser.add_argument("--shard", metavar="I/N",
-                        help="run only the I-th of N cost-balanced shares of the cells (harness/shard.py); N machines "
-                        "running 1/N..N/N under one --run-id cover every cell once; join them with harness merge")
+                        help="run only the I-th of N cost-balanced shares of the cells (harness/shard.py); "
+                        "N machines running 1/N..N/N under one --run-id cover every cell once; join them with "
+                        "harness merge")
     parser.add_argument("--tier", choices=TIERS,
                         help="pr: only the scenarios with tier = \"pr\"; nightly (the default): every scenario")
     args = parser.parse_args(argv)

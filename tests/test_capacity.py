@@ -87,7 +87,7 @@ def test_probes_are_cells_of_their_own() -> None:
     assert a.scenario.frames == 49 and b.scenario.frames == 85
     assert a.cell_id == "wan21-14b-capacity-5090@frames-49/rtx5090-32g/cpu1-lw0-te1-vae0-pf1-pin1"
     assert a.cell_id != b.cell_id and a.spec_hash("cuda") != b.spec_hash("cuda")
-    assert a.spec("cuda")["settings"]["frames"] == 49
+    assert a.spec("cuda").settings.frames == 49
 
 
 def test_resolution_probes_keep_the_aspect_on_the_pixel_grid(tmp_path: Path) -> None:

@@ -85,7 +85,8 @@ def test_fits_are_what_plan_fit_makes_of_the_committed_records(monkeypatch: pyte
 
 
 def test_planner_imports_no_torch() -> None:
-    code = ("import sys, harness.plan, harness.advise, harness.plan_cli, harness.cli, harness.runner; "
+    code = ("import sys, harness.plan, harness.advise, harness.plan_cli\n"
+            "import harness.cli, harness.runner\n"
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

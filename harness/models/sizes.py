@@ -1,7 +1,7 @@
 """Weight bytes of every zoo model, per component and per streamed layer, read from its module built on meta.
 
-The planner (`harness.plan`) must run without torch, so these numbers are computed here once and committed as data
-(`harness/models/plan_data.json`, section "weights"); `tests/test_plan.py` rebuilds them on meta and checks the
+The planner (`harness.plan`) must run without torch, so these numbers are computed here once and committed as
+data (`harness/models/plan_data.json`, section "weights"); `tests/test_plan.py` rebuilds them on meta and checks the
 file still says the same, so a zoo change cannot leave the planner on stale sizes.
 
     python -m harness.models.sizes --write     # refresh the "weights" section of plan_data.json
