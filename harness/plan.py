@@ -46,10 +46,11 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from harness import locations
 from harness.flags import OffloadFlags, prefetch_layers, resident_layer_count
 from harness.models import ModelSpec, get_model
 
-DATA_PATH = Path(__file__).resolve().parent / "models" / "plan_data.json"
+DATA_PATH = locations.PACKAGE / "models" / "plan_data.json"  # the package's, wherever this module sits in it
 GIB, MIB = 2**30, 2**20
 PHASES = ("load", "encode", "denoise", "decode")
 RUNTIME_PHASES = ("encode", "denoise", "decode")
