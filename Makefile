@@ -19,7 +19,7 @@ deps:
 	@if [ "$${OFFLOAD_BENCH_SGLANG:-1}" != 0 ]; then $(PYTHON) -m harness.engine.install $(SGLANG); fi
 
 lint: deps
-	$(PYTHON) -m ruff check harness scenarios tests
+	$(PYTHON) -m ruff check harness scenarios tests experiments
 
 test: lint
 	$(PYTHON) -m pytest tests -q -p no:cacheprovider
