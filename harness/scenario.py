@@ -268,7 +268,7 @@ def _card(value: Any, path: Path, where: str) -> Card:
             # the card is the middle part of every cell id "<scenario>/<card>/<flags>"
             raise _err(path, f"{where}.name", f"expected a non-empty card name without '/', got {card_name!r}")
         size = value.get("gib", value.get("mib"))
-        if isinstance(size, bool) or not isinstance(size, int | float) or not is_finite_number(size) or size <= 0:
+        if not _positive_number(size):
             raise _err(path, where, f"card size must be a positive finite number, got {size!r}")
         return Card(str(value["name"]), round(size * (GIB if "gib" in value else MIB)))
     raise _err(path, where, f"expected a card name or table, got {value!r}")
@@ -352,6 +352,11 @@ def _cards(raw: Any, path: Path) -> tuple[Card, ...]:
     if len({c.name for c in cards}) != len(cards):
         raise _err(path, "cards", "card names must be unique")
     return cards
+
+
+def _positive_number(v: Any) -> bool:
+    """A finite number above zero, and not a boolean (TOML's true is an int to Python)."""
+    return not isinstance(v, bool) and isinstance(v, int | float) and is_finite_number(v) and v > 0
 
 
 def _number(data: dict, key: str, path: Path, default: float, ok: Any, expected: str) -> float:
@@ -500,7 +505,7 @@ def _plan_within(data: Any, path: Path) -> dict[str, float] | None:
         raise _err(path, "expect.plan_within", f"expected a table with keys among {list(_PLAN_WITHIN_KEYS)}, "
                    "e.g. {peak = 0.05, time = 0.10}")
     for key, v in data.items():
-        if isinstance(v, bool) or not isinstance(v, int | float) or not is_finite_number(v) or v <= 0:
+        if not _positive_number(v):
             raise _err(path, f"expect.plan_within.{key}", f"expected a positive fraction (0.05 = 5 %), got {v!r}")
     return {k: float(v) for k, v in data.items()}
 
@@ -597,7 +602,7 @@ def _expect(
 def _cfg_batch_rtol(value: Any, path: Path, cfg_batch: tuple[bool, ...]) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not is_finite_number(value) or value <= 0:
+    if not _positive_number(value):
         raise _err(path, "expect.cfg_batch_rtol", f"expected a positive finite number, got {value!r}")
     if set(cfg_batch) != {False, True}:
         raise _err(path, "expect.cfg_batch_rtol", "compares cfg-batch cells with two-pass ones, so `[run] "
@@ -639,7 +644,7 @@ def _close_output_rtol(value: Any, path: Path, backends: tuple[str, ...]
         return None, ()
     table = value if isinstance(value, dict) else {"default": value}
     for key, rtol in table.items():
-        if isinstance(rtol, bool) or not isinstance(rtol, int | float) or not is_finite_number(rtol) or rtol <= 0:
+        if not _positive_number(rtol):
             raise _err(path, f"{field}.{key}" if isinstance(value, dict) else field,
                        f"expected a positive finite number, got {rtol!r}")
         if key != "default" and (key not in backends or key == HARNESS_BACKEND):
