@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 
-from harness.measure import host_memory_state
+from harness.cell.checkpoint import CheckpointReader, ensure_checkpoint
+from harness.cell.measure import host_memory_state
+from harness.cell.offload.layerwise import LayerwiseRuntime
+from harness.cell.offload.memory import Device, SetupOptions, fill_regions
 from harness.models import get_model
-from harness.models.checkpoint import CheckpointReader, ensure_checkpoint
-from harness.offload.layerwise import LayerwiseRuntime
-from harness.offload.memory import Device, SetupOptions, fill_regions
 
 
 def measure(model_name: str, threads: int, overlap_pin: bool, device: Device) -> dict[str, Any]:

@@ -9,7 +9,7 @@ published layer widths but few layers (seeded random weights, bf16), runs one fo
 - under SGLang's LayerwiseOffloadManager as the "sglang" backend sets it up, checking in a pre-forward hook of
   each layer (after SGLang's own) that every streamed weight equals the reference bit for bit, and recording the
   alignment of each weight's device address (SGLang packs a layer into one flat buffer with 32-byte slices; our
-  runtime uses 256 because cuBLAS chooses kernels by pointer alignment, harness/offload/memory.py),
+  runtime uses 256 because cuBLAS chooses kernels by pointer alignment, harness/cell/offload/memory.py),
 - under SGLang again with its slice alignment patched to 512 bytes,
 - again under SGLang, three uses of four forwards each (a denoise loop's lifecycle),
 - resident before SGLang is imported at all (the harness cells never import it), against the same after,
@@ -36,8 +36,8 @@ from typing import Any
 import torch
 
 from harness.engine.layerwise import SGLangLayerwise, load_engine
-from harness.flags import OffloadFlags
 from harness.models import get_model
+from harness.plan.flags import OffloadFlags
 
 DTYPE = torch.bfloat16
 

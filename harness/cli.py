@@ -6,7 +6,7 @@
 - compare: compares a run with its SKU's baseline; exit 1 on a regression or a lost, changed or missing cell.
 - list: the scenarios and their cells, with effective flags, without running anything.
 - merge: joins the records of several runs of one run id (shards on several machines) into one run folder.
-- plan, advise, plan-fit: what a flag combination costs on a card, before running it (harness/plan_cli.py).
+- plan, advise, plan-fit: what a flag combination costs on a card, before running it (harness/plan/plan_cli.py).
 - capacity: the largest frame count or resolution each combination completes, searched on the device.
 
 Exit codes (harness/exitcodes.py): 0 pass, 1 regressed, 2 usage or unreadable input, 3 no baseline for the SKU,
@@ -23,12 +23,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from harness import exitcodes, locations, plan_cli
-from harness.baseline import BaselineError
-from harness.compare import CheckSpecError, Comparison
+from harness import exitcodes, locations
+from harness.analyze.baseline import BaselineError
+from harness.analyze.compare import CheckSpecError, Comparison
 from harness.contract import Status, fate_text, label_in
-from harness.merge import MergeConflict
-from harness.results import (
+from harness.plan import plan_cli
+from harness.plan.scenario import ScenarioError, discover, expand
+from harness.run.merge import MergeConflict
+from harness.run.results import (
     NoRecordsError,
     ResultsError,
     UnwritableError,
@@ -36,7 +38,6 @@ from harness.results import (
     latest_by_cell,
     read_records,
 )
-from harness.scenario import ScenarioError, discover, expand
 
 FAILED_FATES = ("crash", "error", "timeout")
 
@@ -100,7 +101,7 @@ def _require_measured(records: list[dict[str, Any]], path: Path) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from harness.report import render, write_report
+    from harness.analyze.report import render, write_report
 
     if args.write:
         args.out = str(beside(args.run, "report.md"))
@@ -125,7 +126,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
-    from harness.baseline import BaselineError, baseline_path, build_baseline, read_baseline, run_sku, write_baseline
+    from harness.analyze.baseline import (
+        BaselineError,
+        baseline_path,
+        build_baseline,
+        read_baseline,
+        run_sku,
+        write_baseline,
+    )
 
     if args.out:
         ensure_writable(Path(args.out).parent, create=False)
@@ -176,8 +184,8 @@ def _make_baseline_command(args: argparse.Namespace) -> str:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from harness.baseline import run_cells, run_sku
-    from harness.compare import Check, compare, gab_entries, scenario_card
+    from harness.analyze.baseline import run_cells, run_sku
+    from harness.analyze.compare import Check, compare, gab_entries, scenario_card
 
     if args.write:
         args.markdown = args.markdown or str(beside(args.run, "compare.md"))
@@ -223,7 +231,7 @@ def _stop(args: argparse.Namespace, code: int, line: str) -> Stop:
 
 def _baseline_of(args: argparse.Namespace, sku: str) -> tuple[dict[str, Any], Path]:
     """The baseline to compare with (--baseline, else the SKU's), and its path as shown."""
-    from harness.baseline import BaselineError, baseline_path, read_baseline
+    from harness.analyze.baseline import BaselineError, baseline_path, read_baseline
 
     base_file = Path(args.baseline) if args.baseline else baseline_path(sku, args.baselines_dir)
     if not args.baseline and not base_file.exists():
@@ -240,7 +248,7 @@ def _baseline_of(args: argparse.Namespace, sku: str) -> tuple[dict[str, Any], Pa
 def _add_notes(comparison: Comparison, baseline: dict[str, Any], cells: dict[str, Any], records: list[dict[str, Any]],
                sku: str) -> None:
     """What the reader of a comparison must know beyond the verdicts: another software stack, an old baseline."""
-    from harness.baseline import run_machine, stack_differences
+    from harness.analyze.baseline import run_machine, stack_differences
 
     changed = stack_differences(baseline.get("machine") or {}, run_machine(records, sku))
     if changed:
@@ -256,7 +264,7 @@ def _add_notes(comparison: Comparison, baseline: dict[str, Any], cells: dict[str
 
 
 def _emit_comparison(args: argparse.Namespace, comparison: Comparison) -> int:
-    from harness.compare import render
+    from harness.analyze.compare import render
 
     print(render(comparison), end="")
     if args.markdown:
@@ -317,7 +325,7 @@ def _parser() -> argparse.ArgumentParser:
     _compare_parser(sub)
     plan_cli.add_commands(sub)
     sub.add_parser("capacity", add_help=False,
-                   help="largest frames / resolution per combination, on the device (harness/capacity.py)")
+                   help="largest frames / resolution per combination, on the device (harness/run/capacity.py)")
     mrg = sub.add_parser("merge", help="join the records of shards of one run (several run folders) into one run")
     mrg.add_argument("runs", nargs="+", help="run folders or records files of one run id")
     mrg.add_argument("--out", help="the merged run folder (default: <first run's folder>/<run id>-merged)")
@@ -351,7 +359,7 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: l
     if args.cmd == "bench":
         return cmd_bench(args, rest)
     if args.cmd == "capacity":
-        from harness.capacity import main as capacity_main
+        from harness.run.capacity import main as capacity_main
 
         return capacity_main(rest)
     if rest:
@@ -363,7 +371,7 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: l
     if args.cmd == "compare":
         return cmd_compare(args)
     if args.cmd == "merge":
-        from harness.merge import run_merge
+        from harness.run.merge import run_merge
 
         return run_merge(args.runs, args.out)
     if args.cmd in plan_cli.COMMANDS:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
-from harness.flags import OffloadFlags
+from harness.plan.flags import OffloadFlags
 
 SCHEMA_VERSION = 2
 ROLES = ("text_encoder", "dit", "vae")
@@ -87,7 +87,7 @@ SGLANG_NEEDS_CUDA = "SGLang's layerwise manager enables itself only on CUDA"
 
 
 class Placement(StrEnum):
-    """Where the loader puts a component's weights (harness.offload.loader has one function per placement)."""
+    """Where the loader puts a component's weights (harness.cell.offload.loader has one function per placement)."""
 
     RESIDENT = "resident"
     CPU_OFFLOAD = "cpu-offload"
@@ -271,7 +271,7 @@ class RunSettings:
 
 @dataclass(frozen=True)
 class CellSpec:
-    """Everything the parent hands one cell's child (`python -m harness.worker --cell SPEC.json`).
+    """Everything the parent hands one cell's child (`python -m harness.cell.worker --cell SPEC.json`).
 
     `resolution` is SGLang's answer for an engine policy (asked once by the parent for the whole card); without it
     the child resolves `requested` under `policy` itself. `latents_out` is where the child saves its final latents;
@@ -456,7 +456,7 @@ class CellRecord:
     messages: list[str] = field(default_factory=list)
     engine: JsonObject | None = None  # what SGLang's ServerArgs answered (engine policies only)
     placements: dict[str, str] = field(default_factory=dict)
-    run_options: JsonObject | None = None  # every run option of the cell (harness.worker.run_options)
+    run_options: JsonObject | None = None  # every run option of the cell (harness.cell.worker.run_options)
     # the fate
     failed_phase: str | None = None
     reason: str | None = None
@@ -494,7 +494,7 @@ class CellRecord:
     runner_host: str | None = None  # the host whose runner ran it (a merged run shows which machine ran what)
     shard: str | None = None  # the --shard i/N it belonged to
     overhead: JsonObject | None = None  # the cell's fixed cost: process start, imports, guards, probe, teardown
-    plan: JsonObject | None = None  # what the planner (harness.plan) predicted for the cell
+    plan: JsonObject | None = None  # what the planner (harness.plan.planner) predicted for the cell
     extra: JsonObject = field(default_factory=dict)
 
     # ------------------------------------------------------------------------------------------------ JSON edge

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.scenario import TIERS
+from harness.plan.scenario import TIERS
 
 GROUP = "offload-bench"
 
@@ -27,6 +27,6 @@ def add_options(parser: pytest.Parser) -> None:
                     help="folder of scenario TOML files, searched recursively (default: the scenarios/ folder)")
     group.addoption("--bench-shard", "--shard", dest="bench_shard", default=None, metavar="I/N",
                     help="only the I-th of N cost-balanced shares of the cells, whole cards each "
-                    "(harness/shard.py); N machines running 1/N..N/N with one --bench-run-id cover every cell once")
+                    "(harness/run/shard.py); N machines running 1/N..N/N with one --bench-run-id cover every cell once")
     group.addoption("--bench-tier", "--tier", dest="bench_tier", default=None, choices=TIERS,
                     help="pr: only scenarios with tier = \"pr\"; nightly (the default): every scenario")

@@ -5,12 +5,12 @@ sees a GPU, the CPU profile (tiny models, simulated cards) otherwise, and says w
 other profile are skipped with the reason. Records go to <results>/runs/<run id>/records.jsonl as each cell ends.
 
 Several GPUs (pytest-xdist): `pytest scenarios -n auto` (or `-n N`, N at most the visible GPUs) runs one worker per
-GPU; worker gw<k> starts its cell children with CUDA_VISIBLE_DEVICES=<k-th visible GPU> (`harness.gpus`). All
+GPU; worker gw<k> starts its cell children with CUDA_VISIBLE_DEVICES=<k-th visible GPU> (`harness.run.gpus`). All
 workers share one run id and append to one records.jsonl; cells are handed out longest first, and a card's
 set-level test runs after its cells (a cell still running on another worker is waited for through the runner's
 per-cell lock, one missing is run there, so no cell runs twice).
 
-Several machines: `--shard I/N` keeps the cards of the I-th of N cost-balanced shares (harness/shard.py, the same
+Several machines: `--shard I/N` keeps the cards of the I-th of N cost-balanced shares (harness/run/shard.py, the same
 share the runner's --shard picks) and deselects the rest; `--tier pr` keeps the scenarios whose file says
 tier = "pr". `python -m harness merge` joins the shards' run folders afterwards.
 """
@@ -26,12 +26,12 @@ from typing import Any
 import pytest
 
 from harness import exitcodes
-from harness.gpus import cell_cost, child_env, gpu_for_worker, longest_first, nvml_count, visible_gpus
+from harness.plan.scenario import Cell, Scenario, ScenarioError, expand, in_tier, load_all
 from harness.pytest_options import add_options
-from harness.results import DiskFullError, UnwritableError, ensure_writable, latest_by_cell, read_records
-from harness.runner import Run, detect_device, eta_text, new_run_id, run_cell
-from harness.scenario import Cell, Scenario, ScenarioError, expand, in_tier, load_all
-from harness.shard import Shard, ShardError, assign_cards, card_key, parse_shard
+from harness.run.gpus import cell_cost, child_env, gpu_for_worker, longest_first, nvml_count, visible_gpus
+from harness.run.results import DiskFullError, UnwritableError, ensure_writable, latest_by_cell, read_records
+from harness.run.runner import Run, detect_device, eta_text, new_run_id, run_cell
+from harness.run.shard import Shard, ShardError, assign_cards, card_key, parse_shard
 
 HERE = Path(__file__).parent
 
@@ -268,7 +268,7 @@ def _deselect_partial_sets(config: pytest.Config, items: list[pytest.Item]) -> N
 
 def _deselect_other_shards(config: pytest.Config, items: list[pytest.Item]) -> None:
     """--shard i/N: the cells and set-level tests of the cards of the other shards are deselected (whole cards, so
-    a set-level test never runs another shard's cells; harness/shard.py)."""
+    a set-level test never runs another shard's cells; harness/run/shard.py)."""
     shard = _shard(config)
     if shard is None:
         return
@@ -305,7 +305,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
 @pytest.hookimpl(trylast=True)  # after -k/-m deselection, so the set-level check sees what is selected
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Set-level tests whose card lost cells to -k/-m are deselected with them (`_deselect_partial_sets`). Then
-    longest cells first (`harness.gpus.cell_cost`), then every set-level test after all cells (costliest
+    longest cells first (`harness.run.gpus.cell_cost`), then every set-level test after all cells (costliest
     scenario first), then what this profile skips. Deterministic, so every xdist worker collects the same order,
     and xdist's load schedulers (`--dist load`, the default with -n, or `loadgroup`) hand out the costliest cells
     first."""
@@ -382,7 +382,7 @@ class Records:
 
 def worker_child_env(worker_id: str | None, device: str, env: Mapping[str, str]) -> dict[str, str]:
     """What this worker's cell children get on top of `env`: under xdist on the GPU profile, the worker's own GPU
-    as CUDA_VISIBLE_DEVICES (`harness.gpus.child_env`); nothing without xdist or on the CPU profile."""
+    as CUDA_VISIBLE_DEVICES (`harness.run.gpus.child_env`); nothing without xdist or on the CPU profile."""
     if worker_id is None or device != "cuda":
         return {}
     return child_env(gpu_for_worker(worker_id, visible_gpus(env, nvml_count())), env)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from harness.analyze.expect import evaluate, fate_failures
 from harness.contract import as_record
-from harness.expect import evaluate, fate_failures
-from harness.scenario import MIN_BENCHMARK_ROUNDS, Cell, Scenario
+from harness.plan.scenario import MIN_BENCHMARK_ROUNDS, Cell, Scenario
 
 UNEXPECTED = ("error", "crash", "timeout")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.contract import migrate
-from harness.flags import OffloadFlags
+from harness.plan.flags import OffloadFlags
 
 # ------------------------------------------------------------------------------------------------ TOML writer
 

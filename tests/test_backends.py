@@ -17,16 +17,16 @@ from typing import Any
 import pytest
 import torch
 
-from harness.expect import (
+from harness.analyze.expect import (
     beats_peer_verdict,
     close_output_verdict,
     evaluate,
     lowest_peak_verdict,
     same_output_verdict,
 )
-from harness.results import migrate
-from harness.roofline import STEP_CONVENTION, roofline_rows
-from harness.scenario import BACKENDS, HARNESS_BACKEND, ScenarioError, expand, load_scenario
+from harness.analyze.roofline import STEP_CONVENTION, roofline_rows
+from harness.plan.scenario import BACKENDS, HARNESS_BACKEND, ScenarioError, expand, load_scenario
+from harness.run.results import migrate
 from tests.helpers import DELETE, base_scenario, make_record, mutate, to_toml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -209,7 +209,7 @@ def test_committed_peer_scenario_runs_every_backend_with_and_without_layerwise()
 
 def test_placement_changes_only_the_layerwise_dit_under_a_diffusers_backend() -> None:
     from harness.contract import Placement
-    from harness.flags import OffloadFlags
+    from harness.plan.flags import OffloadFlags
 
     placement_for = Placement.for_role
     DIFFUSERS_GROUP = Placement.DIFFUSERS_GROUP
@@ -227,10 +227,10 @@ def test_placement_changes_only_the_layerwise_dit_under_a_diffusers_backend() ->
 
 
 def test_load_component_refuses_diffusers_group_without_cuda(tmp_path: Path) -> None:
+    from harness.cell.offload.loader import load_component
+    from harness.cell.offload.memory import Device
     from harness.contract import Placement
     from harness.models import get_model
-    from harness.offload.loader import load_component
-    from harness.offload.memory import Device
 
     spec = get_model("qwen-image-edit-tiny").components["dit"]
     with pytest.raises(RuntimeError, match=NEEDS_CUDA):
@@ -239,7 +239,7 @@ def test_load_component_refuses_diffusers_group_without_cuda(tmp_path: Path) -> 
 
 
 def test_pinned_allocator_bytes_round_up_to_a_power_of_two() -> None:
-    from harness.offload.memory import torch_pinned_block_bytes as pinned_allocator_bytes
+    from harness.cell.offload.memory import torch_pinned_block_bytes as pinned_allocator_bytes
 
     assert [pinned_allocator_bytes(n) for n in (0, 1, 2, 3, 4, 5, 1023, 1024, 1025)] == [0, 1, 2, 4, 4, 8, 1024,
                                                                                           1024, 2048]
@@ -247,8 +247,8 @@ def test_pinned_allocator_bytes_round_up_to_a_power_of_two() -> None:
 
 
 def test_host_guard_counts_diffusers_pinned_copies_on_top_of_the_host_weights() -> None:
-    from harness.guards import _host_check, weight_bytes
-    from harness.guards import pinned_torch_allocator_bytes as pinned_copy_bytes
+    from harness.cell.guards import _host_check, weight_bytes
+    from harness.cell.guards import pinned_torch_allocator_bytes as pinned_copy_bytes
     from harness.models import get_model
 
     model = get_model("qwen-image-edit-tiny")
@@ -270,7 +270,7 @@ def _tiny_cells(backends: list[str]) -> dict[tuple[str, str, str], Any]:
 
 
 def test_worker_skips_a_diffusers_layerwise_cell_on_the_cpu_profile() -> None:
-    from harness.worker import run_cell
+    from harness.cell.worker import run_cell
 
     cells = _tiny_cells(["harness", "diffusers-group", "diffusers-group-rs"])
     for backend in ("diffusers-group", "diffusers-group-rs"):
@@ -287,7 +287,7 @@ def test_worker_skips_a_diffusers_layerwise_cell_on_the_cpu_profile() -> None:
 
 
 def test_worker_runs_a_diffusers_cell_without_layerwise_as_the_harness_would(tmp_path: Path) -> None:
-    from harness.worker import run_cell
+    from harness.cell.worker import run_cell
 
     cells = _tiny_cells(["harness", "diffusers-group"])
     recs = {}
@@ -308,7 +308,7 @@ def test_worker_runs_a_diffusers_cell_without_layerwise_as_the_harness_would(tmp
 
 
 def test_runner_records_the_backend_and_the_skip(tmp_path: Path) -> None:
-    from harness.runner import Run, run_cell
+    from harness.run.runner import Run, run_cell
 
     cell = _tiny_cells(["harness", "diffusers-group-rs"])[("native", "cpu1-lw1", "diffusers-group-rs")]
     run = Run.create(tmp_path, "cpu", "backends", verbose=False)
@@ -323,7 +323,7 @@ def test_runner_records_the_backend_and_the_skip(tmp_path: Path) -> None:
 
 
 def test_runner_copies_the_whole_dit_cell_to_other_backends_under_their_own_name(tmp_path: Path) -> None:
-    from harness.runner import Run, run_cell
+    from harness.run.runner import Run, run_cell
 
     cells = _tiny_cells(["harness", "diffusers-group"])
     ours, peer = cells[("native", "cpu1-lw0", "harness")], cells[("native", "cpu1-lw0", "diffusers-group")]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from harness import cli
-from harness.baseline import (
+from harness.analyze.baseline import (
     DEFAULT_IMPROVEMENT_THRESHOLD,
     DEFAULT_TOLERANCES,
     BaselineError,

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from harness.contract import SCHEMA_VERSION
-from harness.scenario import Cell, ScenarioError, expand, load_scenario
+from harness.plan.scenario import Cell, ScenarioError, expand, load_scenario
 from scenarios import test_offload_matrix as matrix
 from tests.helpers import base_scenario, mutate, to_toml
 

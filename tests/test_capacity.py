@@ -1,4 +1,4 @@
-"""Capacity search (harness.capacity): the bisection, the probe cells, the scenario table, and a CPU run."""
+"""Capacity search (harness.run.capacity): the bisection, the probe cells, the scenario table, and a CPU run."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from harness.capacity import (
+from harness.plan.scenario import ScenarioError, expand, load_scenario
+from harness.run.capacity import (
     Probe,
     planned_capacity,
     probe_cell,
@@ -21,7 +22,6 @@ from harness.capacity import (
     run_capacity,
     search,
 )
-from harness.scenario import ScenarioError, expand, load_scenario
 
 REPO = Path(__file__).resolve().parent.parent
 WAN_CAPACITY = REPO / "scenarios" / "gpu" / "wan21_14b_capacity_5090.toml"

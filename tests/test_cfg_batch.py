@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.expect import cfg_batch_verdict, evaluate
-from harness.pipeline import batch_text
-from harness.scenario import ScenarioError, expand, load_scenario
+from harness.analyze.expect import cfg_batch_verdict, evaluate
+from harness.cell.pipeline import batch_text
+from harness.plan.scenario import ScenarioError, expand, load_scenario
 
 CPU = Path(__file__).resolve().parent.parent / "scenarios" / "cpu"
 
@@ -89,7 +89,7 @@ def test_cfg_batch_verdict_without_its_two_pass_cell_fails() -> None:
 
 @pytest.mark.parametrize("source", ["qwen_image_edit_tiny.toml", "wan_tiny.toml"])
 def test_tiny_cfg_batch_latents_close_to_two_pass(tmp_path: Path, source: str) -> None:
-    from harness.worker import run_cell
+    from harness.cell.worker import run_cell
 
     path = _scenario(tmp_path, source, "cfg_batch = [false, true]", "cfg_batch_rtol = 0.05")
     scenario = load_scenario(path)

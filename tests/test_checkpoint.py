@@ -1,4 +1,4 @@
-"""harness/models/checkpoint.py: synthetic safetensors checkpoints, their cache, and corruption handling."""
+"""harness/cell/checkpoint.py: synthetic safetensors checkpoints, their cache, and corruption handling."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from harness.cell.checkpoint import CheckpointError, CheckpointReader, cache_root, ensure_checkpoint
 from harness.models import get_model
-from harness.models.checkpoint import CheckpointError, CheckpointReader, cache_root, ensure_checkpoint
 
 SPEC = get_model("qwen-image-tiny").components["dit"]
 OLD = 1_000_000_000  # an mtime (s) long before any test ran: a rewritten file gets a fresh one

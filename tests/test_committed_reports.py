@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.report import plot_paths, plots_section, render
-from harness.results import latest_by_cell, read_records
+from harness.analyze.report import plot_paths, plots_section, render
+from harness.run.results import latest_by_cell, read_records
 
 REPO = Path(__file__).resolve().parent.parent
 REPORTS = sorted(md for md in (REPO / "results").rglob("*.md") if md.with_name(f"{md.stem}.records.jsonl").exists())

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from harness import cli
-from harness.baseline import build_baseline, read_baseline, run_cells
-from harness.compare import (
+from harness.analyze.baseline import build_baseline, read_baseline, run_cells
+from harness.analyze.compare import (
     CHANGED,
     FIXED,
     IMPROVED,

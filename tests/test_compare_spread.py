@@ -9,8 +9,8 @@ import json
 import pytest
 
 from harness import cli
-from harness.baseline import build_baseline, run_cells, timing_spread
-from harness.compare import REGRESSED, WITHIN, Check, compare, render, spread_tolerance
+from harness.analyze.baseline import build_baseline, run_cells, timing_spread
+from harness.analyze.compare import REGRESSED, WITHIN, Check, compare, render, spread_tolerance
 from tests.helpers import H100, OK, SKU
 
 

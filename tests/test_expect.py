@@ -1,4 +1,4 @@
-"""harness/expect.py evaluated on hand-written records: lowest_peak, same_output and fates."""
+"""harness/analyze/expect.py evaluated on hand-written records: lowest_peak, same_output and fates."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from harness.expect import (
+from harness.analyze.expect import (
     demand,
     evaluate,
     fate_failures,
@@ -15,7 +15,7 @@ from harness.expect import (
     lowest_peak_verdict,
     same_output_verdict,
 )
-from harness.scenario import FateExpectation, expand, load_scenario
+from harness.plan.scenario import FateExpectation, expand, load_scenario
 from tests.helpers import make_record
 
 REPO = Path(__file__).resolve().parent.parent

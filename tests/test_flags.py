@@ -1,4 +1,4 @@
-"""harness/flags.py: flag parsing, the prefetch-window arithmetic, and the two SGLang policies."""
+"""harness/plan/flags.py: flag parsing, the prefetch-window arithmetic, and the two SGLang policies."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from harness.flags import (
+from harness.plan.flags import (
     FlagError,
     OffloadFlags,
     check_policy,

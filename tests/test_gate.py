@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 
 from harness import cli, exitcodes
-from harness.baseline import build_baseline, run_cells
-from harness.compare import NOT_COMPARABLE, NOT_COMPARED, REGRESSED, compare
-from harness.results import append_record
-from harness.scenario import ScenarioError, expand, load_scenario
+from harness.analyze.baseline import build_baseline, run_cells
+from harness.analyze.compare import NOT_COMPARABLE, NOT_COMPARED, REGRESSED, compare
+from harness.plan.scenario import ScenarioError, expand, load_scenario
+from harness.run.results import append_record
 from tests.helpers import (
     BASELINES,
     CPU,

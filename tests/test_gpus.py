@@ -1,4 +1,4 @@
-"""Several GPUs: one pytest-xdist worker per GPU (harness.gpus + scenarios/conftest.py), longest cells first, one
+"""Several GPUs: one pytest-xdist worker per GPU (harness.run.gpus + scenarios/conftest.py), longest cells first, one
 shared records.jsonl merged per GPU (results.by_gpu). Everything here runs on CPU; the one end-to-end test runs the
 legacy tiny scenario with `-n 2` on the CPU profile (no GPU assignment there)."""
 
@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
-from harness import runner
-from harness.gpus import cell_cost, child_env, child_gpu, gpu_for_worker, longest_first, visible_gpus
-from harness.report import render
-from harness.results import by_gpu, read_records
-from harness.runner import Run
-from harness.scenario import expand, load_scenario
+from harness.analyze.report import render
+from harness.plan.scenario import expand, load_scenario
+from harness.run import runner
+from harness.run.gpus import cell_cost, child_env, child_gpu, gpu_for_worker, longest_first, visible_gpus
+from harness.run.results import by_gpu, read_records
+from harness.run.runner import Run
 
 REPO = Path(__file__).resolve().parent.parent
 LEGACY = REPO / "scenarios" / "cpu" / "qwen_image_edit_tiny_legacy.toml"
@@ -282,7 +282,8 @@ def test_cells_running_at_once_write_one_checkpoint_once(tmp_path: Path, monkeyp
     it (found on the CPU profile with -n 4: two writers renaming one model.partial)."""
     import threading
 
-    from harness.models import checkpoint, get_model
+    from harness.cell import checkpoint
+    from harness.models import get_model
 
     monkeypatch.setenv("OFFLOAD_BENCH_CACHE", str(tmp_path))
     spec = get_model("qwen-image-tiny").components["dit"]

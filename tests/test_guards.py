@@ -1,4 +1,4 @@
-"""Guards before a cell starts (harness.guards): host RAM, disk for checkpoints, GPU memory used by others.
+"""Guards before a cell starts (harness.cell.guards): host RAM, disk for checkpoints, GPU memory used by others.
 
 Small machines are faked through the OFFLOAD_BENCH_* overrides. Most checks run the worker's `run_cell`
 in-process (the guard runs before anything heavy, so a skipped cell costs no child); one goes through a real
@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from harness import guards
+from harness.cell import guards
 from harness.contract import Card, CellSpec, Placement
-from harness.flags import OffloadFlags, resolve
-from harness.results import read_records
-from harness.scenario import expand, load_scenario
+from harness.plan.flags import OffloadFlags, resolve
+from harness.plan.scenario import expand, load_scenario
+from harness.run.results import read_records
 from tests.helpers import tiny_scenario_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,7 +61,7 @@ def tiny_weight_bytes() -> dict[str, int]:
 
 
 def run_worker_in_process(spec: CellSpec) -> dict[str, Any]:
-    from harness.worker import run_cell
+    from harness.cell.worker import run_cell
 
     return run_cell(spec).to_dict()
 
@@ -154,8 +154,8 @@ def test_tiny_disk_skips_a_cell_whose_checkpoints_are_not_cached(tmp_path: Path,
 
 def test_cached_checkpoints_need_no_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Also keeps guards.checkpoint_folder in step with ensure_checkpoint's cache layout."""
+    from harness.cell.checkpoint import ensure_checkpoint
     from harness.models import get_model
-    from harness.models.checkpoint import ensure_checkpoint
 
     model = get_model("qwen-image-edit-tiny")
     paths = {role: ensure_checkpoint(c, seed=0) for role, c in model.components.items()}
@@ -226,7 +226,7 @@ def test_a_skipped_cell_is_recorded_and_the_run_exits_0(tmp_path: Path, _env: Pa
     path = scenario_file(tmp_path, "guard-e2e", {"dit_cpu_offload": [True]})
     env = {**os.environ, guards.HOST_ENV: "2048", guards.DISK_ENV: "1024"}
     proc = subprocess.run(
-        [sys.executable, "-m", "harness.runner", str(path), "--results", str(tmp_path / "results"),
+        [sys.executable, "-m", "harness.run.runner", str(path), "--results", str(tmp_path / "results"),
          "--run-id", "g", "--quiet"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )

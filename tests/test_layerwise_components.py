@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from harness.cell.offload.loader import layerwise_tuning
 from harness.contract import Placement
 from harness.engine.policy import EngineRequest, _request_key
-from harness.flags import FlagError, OffloadFlags, resolve
-from harness.offload.loader import layerwise_tuning
-from harness.scenario import expand, load_scenario, matches
+from harness.plan.flags import FlagError, OffloadFlags, resolve
+from harness.plan.scenario import expand, load_scenario, matches
 
 placement_for = Placement.for_role
 REPO = Path(__file__).resolve().parent.parent

@@ -28,11 +28,11 @@ SPEC = {
 
 CHILD = """
 import gc, json, sys
-from harness.measure import host_rss_bytes
+from harness.cell.measure import host_rss_bytes
 from harness.models import ComponentSpec
-from harness.models.checkpoint import ensure_checkpoint
-from harness.offload.loader import load_component
-from harness.offload.memory import Device
+from harness.cell.checkpoint import ensure_checkpoint
+from harness.cell.offload.loader import load_component
+from harness.cell.offload.memory import Device
 spec_d, placement, generate = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
 spec = ComponentSpec(spec_d["role"], spec_d["factory"], spec_d["config"], layer_groups=tuple(spec_d["layer_groups"]))
 path = ensure_checkpoint(spec, 0)

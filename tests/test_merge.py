@@ -13,8 +13,8 @@ import pytest
 from harness import exitcodes
 from harness.cli import main as cli
 from harness.contract import as_record
-from harness.merge import MergeConflict, Source, merge, missing_shards
-from harness.results import latest_by_cell, read_records
+from harness.run.merge import MergeConflict, Source, merge, missing_shards
+from harness.run.results import latest_by_cell, read_records
 from tests.helpers import FIXTURES, H100
 
 BASELINE = FIXTURES / "baselines" / "nvidia-h100-80gb-hbm3.json"
@@ -160,9 +160,9 @@ def test_two_shards_in_two_processes_merge_to_the_unsharded_run(tmp_path, capsys
     """End to end on the CPU profile: one cell on each of two cards, run unsharded and as shards 1/2 and 2/2 of one
     run id in two runner processes, merged: the same cells, fates, peaks, latents and set-level verdicts; every
     record that ran a child carries its fixed cost."""
-    from harness import runner
-    from harness.expect import evaluate
-    from harness.scenario import load_scenario
+    from harness.analyze.expect import evaluate
+    from harness.plan.scenario import load_scenario
+    from harness.run import runner
     from tests.helpers import base_scenario, to_toml
 
     data = base_scenario()

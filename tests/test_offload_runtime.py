@@ -1,4 +1,4 @@
-"""harness/offload on the CPU: layouts, the layerwise runtime, component offload, the ledger and placements.
+"""harness/cell/offload on the CPU: layouts, the layerwise runtime, component offload, the ledger and placements.
 
 The CPU profile's "device" is the host, so every check here is about bookkeeping and bit-exact outputs: a runtime
 that streams the wrong bytes, or none, must change the output, and the ledger must count what is resident.
@@ -15,14 +15,14 @@ import pytest
 import torch
 from torch import nn
 
+from harness.cell.checkpoint import ensure_checkpoint
+from harness.cell.offload.component import ComponentOffload
+from harness.cell.offload.layerwise import LayerwiseRuntime
+from harness.cell.offload.loader import load_component
+from harness.cell.offload.memory import SLICE_ALIGN, Device, HostRegion, Layout, SimulatedOutOfMemoryError
 from harness.contract import Placement
-from harness.flags import OffloadFlags
 from harness.models import get_model
-from harness.models.checkpoint import ensure_checkpoint
-from harness.offload.component import ComponentOffload
-from harness.offload.layerwise import LayerwiseRuntime
-from harness.offload.loader import load_component
-from harness.offload.memory import SLICE_ALIGN, Device, HostRegion, Layout, SimulatedOutOfMemoryError
+from harness.plan.flags import OffloadFlags
 
 NUM_LAYERS = 6
 

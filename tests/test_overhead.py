@@ -8,11 +8,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from harness import measure, runner
+from harness.analyze.overhead import fixed_cost
+from harness.cell import measure
 from harness.contract import H2D_PROBE_SPEC_KEY, CellRecord, Status
-from harness.overhead import fixed_cost
-from harness.runner import Run, child_spec, finish_overhead, remember_h2d_probe
-from harness.scenario import expand, load_scenario
+from harness.plan.scenario import expand, load_scenario
+from harness.run import runner
+from harness.run.runner import Run, child_spec, finish_overhead, remember_h2d_probe
 from tests.helpers import TINY_SCENARIO
 
 

@@ -1,4 +1,4 @@
-"""The planner (harness.plan), advise and their hooks: against the committed GPU records, and by physics."""
+"""The planner (harness.plan.planner), advise and their hooks: against the committed GPU records, and by physics."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from harness.advise import advise, combinations, describe
-from harness.expect import plan_within_verdict
-from harness.flags import OffloadFlags
+from harness.analyze.expect import plan_within_verdict
 from harness.models import get_model, model_names
-from harness.plan import (
+from harness.plan.advise import advise, combinations, describe
+from harness.plan.flags import OffloadFlags
+from harness.plan.planner import (
     GIB,
     PlanError,
     Workload,
@@ -31,7 +31,7 @@ from harness.plan import (
     plan_for_record,
     plan_rows,
 )
-from harness.scenario import CARDS, ScenarioError, load_scenario
+from harness.plan.scenario import CARDS, ScenarioError, load_scenario
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "results"
@@ -85,8 +85,8 @@ def test_fits_are_what_plan_fit_makes_of_the_committed_records(monkeypatch: pyte
 
 
 def test_planner_imports_no_torch() -> None:
-    code = ("import sys, harness.plan, harness.advise, harness.plan_cli\n"
-            "import harness.cli, harness.runner\n"
+    code = ("import sys, harness.plan.planner, harness.plan.advise, harness.plan.plan_cli\n"
+            "import harness.cli, harness.run.runner\n"
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -226,7 +226,7 @@ def test_more_resident_layers_never_raise_step_time_nor_lower_the_peak() -> None
 
 def test_resident_layers_come_from_the_flags() -> None:
     """`dit_layerwise_resident_layers` is read per streamed group as the runtime reads it: a count, or a fraction
-    of the group (harness.flags.resident_layer_count)."""
+    of the group (harness.plan.flags.resident_layer_count)."""
     for value, kept in ((30, 30), (0.5, 30), (0.8, 48), (0, 0), (99, 60)):
         flags = replace(BOTH_ON, dit_layerwise_resident_layers=float(value))
         p = plan("qwen-image", flags, None, Workload())
@@ -365,7 +365,7 @@ def test_scenario_plan_within_is_parsed_and_checked(tmp_path: Path) -> None:
 
 
 def test_report_has_the_predicted_vs_measured_table() -> None:
-    from harness.report import render
+    from harness.analyze.report import render
 
     records = _records("h100/qwen-image-edit-5090-s2.records.jsonl")
     text = render(records)
@@ -390,7 +390,7 @@ def test_advise_qwen_5090_ranks_both_on_and_explains_layerwise_only() -> None:
 
 
 def test_advise_uses_committed_measurements_and_says_so() -> None:
-    from harness.advise import render
+    from harness.plan.advise import render
 
     a = advise("qwen-image-edit", "rtx5090-32g", CAP_5090, Workload(),
                records_glob=str(RESULTS / "h*" / "qwen-image-edit-5090*.records.jsonl"))

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from harness import cli
-from harness.plots import pareto_front, pareto_plot, plot_points, trace_plot
-from harness.report import frontier_rows, render, report_paths, write_report
+from harness.analyze.plots import pareto_front, pareto_plot, plot_points, trace_plot
+from harness.analyze.report import frontier_rows, render, report_paths, write_report
 from tests.helpers import make_record
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -159,7 +159,7 @@ def test_plots_style_backends_apart_and_share_their_scales(tmp_path):
     """Plots: one colour and marker per backend (an engine release drawn as its engine), every cell numbered with
     its name in a key (labels beside points overprinted each other), host memory and first-vs-steady step panels,
     and one scale across the memory trace's panels."""
-    from harness.plots import backend_style
+    from harness.analyze.plots import backend_style
 
     assert len({backend_style(b) for b in ("harness", "diffusers-group", "diffusers-group-rs", "sglang")}) == 4
     assert backend_style("sglang@0.5.23") == backend_style("sglang")
@@ -171,7 +171,7 @@ def test_plots_style_backends_apart_and_share_their_scales(tmp_path):
         figures.append(fig)
         return path
 
-    import harness.plots as plots
+    import harness.analyze.plots as plots
 
     original = plots._save
     plots._save = keep

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from harness.measure import reserved_attribution
-from harness.worker import cache_release, release_point
+from harness.cell.measure import reserved_attribution
+from harness.cell.worker import cache_release, release_point
 
 MIB = 2**20
 LAYERWISE = {"text_encoder": "cpu-offload", "dit": "layerwise-from-host", "vae": "resident"}
@@ -54,8 +54,8 @@ def test_cache_release_empties_the_cache_and_records_what_it_freed(monkeypatch: 
 
 
 def test_worker_records_which_mechanism_ran(tmp_path: Path) -> None:
-    from harness.scenario import expand, load_scenario
-    from harness.worker import run_cell
+    from harness.cell.worker import run_cell
+    from harness.plan.scenario import expand, load_scenario
 
     source = Path(__file__).resolve().parent.parent / "scenarios" / "cpu" / "wan_tiny.toml"
     path = tmp_path / "s.toml"
@@ -69,7 +69,7 @@ def test_worker_records_which_mechanism_ran(tmp_path: Path) -> None:
 
 
 def test_drift_prints_the_attribution_per_phase() -> None:
-    from harness.drift import render
+    from harness.analyze.drift import render
 
     att = reserved_attribution({"reserved_bytes": 3 * MIB, "allocated_bytes": MIB},
                                {"reserved_peak_bytes": 10 * MIB, "allocated_peak_bytes": 4 * MIB}, [])

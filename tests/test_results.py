@@ -1,4 +1,4 @@
-"""harness/results.py: JSON-lines records, torn lines, schema checks, peaks, and concurrent appends."""
+"""harness/run/results.py: JSON-lines records, torn lines, schema checks, peaks, and concurrent appends."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from harness.contract import CellRecord, RecordError
-from harness.results import (
+from harness.run.results import (
     SCHEMA_VERSION,
     ResultsError,
     append_record,

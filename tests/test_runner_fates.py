@@ -1,7 +1,7 @@
 """Nothing lost, nothing hangs: every fate of a cell is recorded, interrupted runs keep what finished and resume.
 
-These tests spawn real children (`python -m harness.worker`) on the tiny CPU scenario, with faults injected
-through OFFLOAD_BENCH_FAULT, and real parents (`python -m harness.runner`) that they interrupt. Eleven worker
+These tests spawn real children (`python -m harness.cell.worker`) on the tiny CPU scenario, with faults injected
+through OFFLOAD_BENCH_FAULT, and real parents (`python -m harness.run.runner`) that they interrupt. Eleven worker
 children in all; the rest is in-process.
 """
 
@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from harness import runner
-from harness.results import append_record, read_records
-from harness.runner import Run, run_cell
-from harness.scenario import Cell, expand, load_scenario
+from harness.plan.scenario import Cell, expand, load_scenario
+from harness.run import runner
+from harness.run.results import append_record, read_records
+from harness.run.runner import Run, run_cell
 from tests.helpers import tiny_scenario_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -101,7 +101,7 @@ def grandchildren(tmp_path: Path) -> Iterator[tuple[dict[str, str], Path]]:
     (site / "sitecustomize.py").write_text(textwrap.dedent("""
         import os, subprocess
         out = os.environ.get("FATES_GRANDCHILDREN")
-        if out and b"harness.worker" in open("/proc/self/cmdline", "rb").read():
+        if out and b"harness.cell.worker" in open("/proc/self/cmdline", "rb").read():
             os.environ.pop("FATES_GRANDCHILDREN")
             a = subprocess.Popen(["sleep", "600"])
             b = subprocess.Popen(["sleep", "601"], start_new_session=True)
@@ -135,7 +135,7 @@ def start_runner(args: list[str], tmp_path: Path, env: dict[str, str] | None = N
     out, err = open(tmp_path / "runner.out", "ab"), open(tmp_path / "runner.err", "ab")
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "harness.runner", *args, "--quiet"],
+            [sys.executable, "-m", "harness.run.runner", *args, "--quiet"],
             cwd=REPO, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})},
         )
     finally:
@@ -162,7 +162,7 @@ def the_child(parent: subprocess.Popen, timeout: float = 60.0) -> int:
 
 def _is_worker(pid: int) -> bool:
     try:
-        return b"harness.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return b"harness.cell.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
 
@@ -356,7 +356,7 @@ def test_concurrent_parents_appending_to_one_file_do_not_corrupt_it(tmp_path: Pa
     script = textwrap.dedent(f"""
         import sys
         from pathlib import Path
-        from harness.runner import Run, append
+        from harness.run.runner import Run, append
         run = Run(Path({str(tmp_path)!r}), "cpu", "x", verbose=False)
         who = sys.argv[1]
         for i in range(150):

@@ -17,10 +17,11 @@ from typing import Any
 
 import pytest
 
-from harness import exitcodes, runner
-from harness.results import DiskFullError, append_record, read_records
-from harness.runner import Run
-from harness.scenario import expand, load_scenario
+from harness import exitcodes
+from harness.plan.scenario import expand, load_scenario
+from harness.run import runner
+from harness.run.results import DiskFullError, append_record, read_records
+from harness.run.runner import Run
 from tests.helpers import tiny_scenario_file
 
 AXES = {"dit_cpu_offload": [False, True], "dit_layerwise_offload": [True]}

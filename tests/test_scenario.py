@@ -1,4 +1,4 @@
-"""harness/scenario.py: the committed scenario files, cell expansion, and errors naming file and field."""
+"""harness/plan/scenario.py: the committed scenario files, cell expansion, and errors naming file and field."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harness.flags import OffloadFlags
-from harness.scenario import Scenario, ScenarioError, discover, expand, load_scenario
+from harness.plan.flags import OffloadFlags
+from harness.plan.scenario import Scenario, ScenarioError, discover, expand, load_scenario
 from tests.helpers import DELETE, base_scenario, mutate, to_toml
 
 REPO = Path(__file__).resolve().parent.parent

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.offload.memory import HostRegion, Layout, SetupOptions, fill_regions
-from harness.scenario import ScenarioError, expand, load_scenario
+from harness.cell.offload.memory import HostRegion, Layout, SetupOptions, fill_regions
+from harness.plan.scenario import ScenarioError, expand, load_scenario
 
 
 class _Recorded(HostRegion):

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import runner
-from harness.scenario import Cell, ScenarioError, expand, in_tier, load_scenario
-from harness.shard import Shard, ShardError, assign, card_key, parse_shard, select, shard_cost
+from harness.plan.scenario import Cell, ScenarioError, expand, in_tier, load_scenario
+from harness.run import runner
+from harness.run.shard import Shard, ShardError, assign, card_key, parse_shard, select, shard_cost
 from tests.helpers import TINY_SCENARIO, to_toml
 
 REPO = Path(__file__).resolve().parent.parent

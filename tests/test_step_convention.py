@@ -1,5 +1,5 @@
 """One meaning of "ms/step": the report's column, the baseline metric, the roofline and the README all use the
-median of denoise steps 2..n (harness.roofline.STEP_CONVENTION), with the first step a column of its own. The
+median of denoise steps 2..n (harness.analyze.roofline.STEP_CONVENTION), with the first step a column of its own. The
 report used to show the median of every step (1,600 ms/step where the roofline said 1.583 s for one cell)."""
 
 from __future__ import annotations
@@ -11,12 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from harness.baseline import RETIRED_METRICS, build_baseline, cell_metrics, migrate_retired, read_baseline, run_cells
-from harness.compare import NEW, NOT_COMPARED, compare
+from harness.analyze.baseline import (
+    RETIRED_METRICS,
+    build_baseline,
+    cell_metrics,
+    migrate_retired,
+    read_baseline,
+    run_cells,
+)
+from harness.analyze.compare import NEW, NOT_COMPARED, compare
+from harness.analyze.report import cell_row
+from harness.analyze.roofline import roofline_rows
 from harness.contract import STEP_CONVENTION, as_record
-from harness.report import cell_row
-from harness.results import read_records
-from harness.roofline import roofline_rows
+from harness.run.results import read_records
 from tests.helpers import H100, SKU
 
 REPO = Path(__file__).resolve().parent.parent

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from harness import measure
-from harness.offload.timeline import CopySpan, per_step, summary
-from harness.scenario import ScenarioError, expand, load_scenario
-from harness.worker import round_times, spread
+from harness.cell import measure
+from harness.cell.offload.timeline import CopySpan, per_step, summary
+from harness.cell.worker import round_times, spread
+from harness.plan.scenario import ScenarioError, expand, load_scenario
 
 SCENARIO = Path(__file__).resolve().parent.parent / "scenarios" / "cpu" / "qwen_image_edit_tiny.toml"
 
@@ -145,7 +145,7 @@ def test_copy_timeline_overlapping_copies_count_once() -> None:
 
 
 def test_worker_records_telemetry_per_round_and_copy_timeline(tmp_path: Path, capsys: Any) -> None:
-    from harness.worker import run_cell
+    from harness.cell.worker import run_cell
 
     path = _run_table(tmp_path, "copy_timeline = true\nsampler_interval_ms = 100")
     cell = next(c for c in expand(load_scenario(path)) if c.card.name == "native"
@@ -169,8 +169,8 @@ def test_worker_records_telemetry_per_round_and_copy_timeline(tmp_path: Path, ca
     assert "step_machine" not in rec["phases"]["denoise"] and "copy_timeline" not in rec["phases"]["denoise"]
     assert rec["rounds"]["spread"]["steady_step_ms"]["n"] == 2
 
-    # python -m harness.drift reads it back: one row per round, the spread, the null fields' reason
-    from harness import drift
+    # python -m harness.analyze.drift reads it back: one row per round, the spread, the null fields' reason
+    from harness.analyze import drift
 
     run = tmp_path / "x.records.jsonl"
     run.write_text(json.dumps(rec) + "\n")

@@ -1,4 +1,4 @@
-"""harness.worker.run_cell in this process on the tiny CPU scenario (the subprocess path is tested elsewhere)."""
+"""harness.cell.worker.run_cell in this process on the tiny CPU scenario (the subprocess path is tested elsewhere)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 from harness.contract import PHASES, as_record, migrate
-from harness.scenario import expand, load_scenario
+from harness.plan.scenario import expand, load_scenario
 
 SCENARIO = Path(__file__).resolve().parent.parent / "scenarios" / "cpu" / "qwen_image_edit_tiny.toml"
 
 
 def test_worker_runs_tiny_cells_in_process_with_same_output_and_lower_peak_if_both_on() -> None:
-    from harness.worker import run_cell
+    from harness.cell.worker import run_cell
 
     cells = {(c.card.name, c.requested.label()[:8]): c for c in expand(load_scenario(SCENARIO))}
     # One measured round per cell: repetitions (warmup/rounds) only cost time here.
@@ -55,8 +55,8 @@ def test_layerwise_text_encoder_and_vae_compute_what_resident_ones_do(tmp_path: 
     """Every component streamed ("all": Qwen2.5-VL's or UMT5's layers, the VAE decoder's blocks with its causal
     cache, the DiT's) against the same cell with the encoder and VAE on the device and the DiT CPU-offloaded: the
     same latents and the same image."""
-    from harness.expect import invariant_failures
-    from harness.worker import run_cell
+    from harness.analyze.expect import invariant_failures
+    from harness.cell.worker import run_cell
 
     path = tmp_path / "s.toml"
     path.write_text(f'name = "lw-all"\nmodel = "{model}"\nprofile = "cpu"\ncards = ["native"]\nheight = {size}\n'

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from harness.scenario import TIERS
+from harness.plan.scenario import TIERS
 
 yaml = pytest.importorskip("yaml", reason="PyYAML (the dev extra) reads the workflow file")
 

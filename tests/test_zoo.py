@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from harness.models import get_model, model_names
-from harness.scenario import expand, load_scenario
+from harness.plan.scenario import expand, load_scenario
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios" / "cpu"
 
@@ -85,7 +85,7 @@ def test_wan_rope_tables_stay_float32() -> None:
     [("flux_tiny.toml", "cpu1-lw1-te1"), ("wan_tiny.toml", "cpu1-lw1-te0")],
 )
 def test_tiny_end_to_end_both_on_matches_resident(scenario_file: str, both_on: str, checkpoint_cache_dir: Path) -> None:
-    from harness.worker import run_cell
+    from harness.cell.worker import run_cell
 
     scenario = load_scenario(SCENARIOS / scenario_file)
     cells = {c.requested.label()[:12]: c for c in expand(scenario) if c.card.name == "native"}

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.engine.policy import EngineRequest, EngineResolution, resolve_engine, version_key
-from harness.flags import (
+from harness.plan.flags import (
     FAMILY_TASKS,
     MODEL_FOR_VERSION,
     EngineContext,

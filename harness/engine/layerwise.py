@@ -38,7 +38,7 @@ import torch
 
 from harness.engine.install import installed
 from harness.engine.runtime import activate, stand_ins
-from harness.flags import OffloadFlags
+from harness.plan.flags import OffloadFlags
 
 SERVER_ARGS_MODULE = "sglang.multimodal_gen.runtime.server_args"
 

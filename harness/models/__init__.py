@@ -111,7 +111,7 @@ class ModelSpec:
 
     Args:
         name (str): the zoo name scenario files use.
-        family (str): which pipeline code runs it (see `harness.pipeline`).
+        family (str): which pipeline code runs it (see `harness.cell.pipeline`).
         components (Mapping[str, ComponentSpec]): by role.
         prompt_tokens (int): text tokens fed to the text encoder (template included).
         drop_tokens (int): leading template tokens dropped from the encoder output (Qwen-Image drops 34).

@@ -1,6 +1,6 @@
 """Weight bytes of every zoo model, per component and per streamed layer, read from its module built on meta.
 
-The planner (`harness.plan`) must run without torch, so these numbers are computed here once and committed as
+The planner (`harness.plan.planner`) must run without torch, so these numbers are computed here once and committed as
 data (`harness/models/plan_data.json`, section "weights"); `tests/test_plan.py` rebuilds them on meta and checks the
 file still says the same, so a zoo change cannot leave the planner on stale sizes.
 
@@ -16,7 +16,7 @@ from typing import Any
 
 from harness.models import ModelSpec, get_model, model_names
 
-SLICE_ALIGN = 256  # harness.offload.memory.SLICE_ALIGN: each parameter of a layer region starts on this boundary
+SLICE_ALIGN = 256  # harness.cell.offload.memory.SLICE_ALIGN: each parameter of a layer region starts on this boundary
 
 
 def _aligned_bytes(params: list[Any]) -> int:
@@ -67,7 +67,7 @@ def all_weights() -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from harness.plan import DATA_PATH
+    from harness.plan.planner import DATA_PATH
 
     parser = argparse.ArgumentParser(prog="python -m harness.models.sizes", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

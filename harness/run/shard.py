@@ -1,12 +1,12 @@
 """`--shard i/N`: a deterministic, cost-balanced share of a run's cells, so N machines each run one share of the
-same run id and `python -m harness merge` joins their records (harness/merge.py).
+same run id and `python -m harness merge` joins their records (harness/run/merge.py).
 
 The unit of a share is a scenario's card (every cell of `<scenario>/<card>/...`), never a single cell: the card's
 set-level test (lowest peak, same output, beats peer) reads all of the card's records and would run the missing
 ones, and a copy cell (`same_as`) takes its record from a cell of the same card. So a cell is in exactly one
 shard because its card is.
 
-Cost: the hint that orders cells today (`harness.gpus.cell_cost`, no torch), summed over the cells of a card that
+Cost: the hint that orders cells today (`harness.run.gpus.cell_cost`, no torch), summed over the cells of a card that
 start a child on this device: a copy (`same_as`) runs nothing, and a cell of the other profile is only recorded
 as skipped. Cards are handed out greedily, costliest first, each to the shard with the least cost so far (ties:
 fewer cards, then the lower index), which is deterministic for one list of scenarios and device. Greedy
@@ -20,8 +20,8 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from harness.gpus import cell_cost
-from harness.scenario import Cell
+from harness.plan.scenario import Cell
+from harness.run.gpus import cell_cost
 
 _SHARD = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
 

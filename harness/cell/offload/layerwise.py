@@ -8,7 +8,7 @@ Shape (after SGLang's LayerwiseOffloadManager, written from its description, not
   points at an empty placeholder, so a forward that touched a released layer would fail loudly instead of
   reading stale memory;
 - `dit_layerwise_resident_layers` r of a group's n layers stay on the device (which ones: the residency policy,
-  `harness.flags.streamed_layer_indices`): copied in at the first forward of a request (the first layer's
+  `harness.plan.flags.streamed_layer_indices`): copied in at the first forward of a request (the first layer's
   pre-hook) and dropped when the component's use ends (`release_all`), SGLang's default "forward" lifetime, so
   they are transferred once per pipeline call instead of once per forward;
 - the other n - r layers stream: in their order they are grouped into windows of p layers. Entering window k
@@ -34,8 +34,7 @@ from typing import Any
 
 import torch
 
-from harness.flags import prefetch_layers, resident_layer_count, streamed_layer_indices
-from harness.offload.memory import (
+from harness.cell.offload.memory import (
     Device,
     FillStats,
     HostRegion,
@@ -44,7 +43,8 @@ from harness.offload.memory import (
     fresh_parameter,
     pin_all,
 )
-from harness.offload.timeline import CopyRecorder, recorded
+from harness.cell.offload.timeline import CopyRecorder, recorded
+from harness.plan.flags import prefetch_layers, resident_layer_count, streamed_layer_indices
 
 
 @dataclass
@@ -99,11 +99,11 @@ class LayerwiseRuntime:
         groups (tuple[str, ...]): dotted paths of the streamed ModuleLists (e.g. ("transformer_blocks",),
             ("t5.encoder.block",)).
         device (Device): where layers are computed.
-        prefetch_size (float): SGLang's `dit_offload_prefetch_size`; see `harness.flags.prefetch_layers`.
+        prefetch_size (float): SGLang's `dit_offload_prefetch_size`; see `harness.plan.flags.prefetch_layers`.
         pin (bool): page-lock the host regions.
         resident_layers (float): SGLang's `dit_layerwise_resident_layers` per group; see
-            `harness.flags.resident_layer_count`.
-        residency_policy (str): "leading" or "strided"; see `harness.flags.streamed_layer_indices`.
+            `harness.plan.flags.resident_layer_count`.
+        residency_policy (str): "leading" or "strided"; see `harness.plan.flags.streamed_layer_indices`.
 
     Example:
         >>> rt = LayerwiseRuntime(dit, ("transformer_blocks",), device, prefetch_size=4, pin=True)
@@ -125,7 +125,7 @@ class LayerwiseRuntime:
         self._placeholders: dict[torch.dtype, torch.Tensor] = {}
         self.copy_stream = torch.cuda.Stream(device.torch) if device.is_cuda else None
         self.copied_bytes = 0
-        # Set by the worker under `[run] copy_timeline`: brackets each layer copy (harness.offload.timeline).
+        # Set by the worker under `[run] copy_timeline`: brackets each layer copy (harness.cell.offload.timeline).
         self.copy_recorder: CopyRecorder | None = None
         self.fill_stats: FillStats | None = None  # what fill() took (threads, reads, pins overlapped or not)
         for gname in groups:
@@ -202,7 +202,7 @@ class LayerwiseRuntime:
             g.window_done.clear()
             g.kept_armed = False
 
-    # --------------------------------------------------------------- the runtime protocol (harness.offload.loader)
+    # --------------------------------------------------------------- the runtime protocol (harness.cell.offload.loader)
     def before_use(self) -> None:
         pass  # the hooks fetch each layer as its forward starts
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from harness.offload.memory import PINNED, Device, HostRegion
+from harness.cell.offload.memory import PINNED, Device, HostRegion
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -423,7 +423,7 @@ class Timer:
             self.readings.append(self.probe())
 
     def offsets_ms(self) -> list[float]:
-        """Each mark's time since the first, in ms (on one clock with `harness.offload.timeline` readings)."""
+        """Each mark's time since the first, in ms (on one clock with `harness.cell.offload.timeline` readings)."""
         if not self.marks:
             return []
         if self.cuda:
@@ -523,7 +523,7 @@ def pinned_h2d_gbps(device: Device, nbytes: int = 256 * 2**20, repeats: int = 5)
 
 def h2d_probe(device: Device, known: dict[str, Any] | None) -> dict[str, Any]:
     """The machine fields of the pinned H2D probe: measured here, or `known` (what an earlier cell of this run
-    measured on the same GPU, passed down by the runner: `harness.worker.H2D_PROBE_SPEC_KEY`), so that the probe
+    measured on the same GPU, passed down by the runner: `harness.cell.worker.H2D_PROBE_SPEC_KEY`), so that the probe
     runs once per run and GPU instead of once per cell. `pinned_h2d_source` says which; `pinned_h2d_probe_s` is
     what the probe cost this cell (0 when it was passed down)."""
     if not device.is_cuda:

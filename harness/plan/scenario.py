@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.contract import PHASES, STATUSES, Backend, Card, CellSpec, RunSettings, cell_id_of
-from harness.flags import (
+from harness.models import UnknownModelError, get_model
+from harness.plan.flags import (
     EngineContext,
     FlagError,
     OffloadFlags,
@@ -31,7 +32,6 @@ from harness.flags import (
     is_finite_number,
     resolve_many,
 )
-from harness.models import UnknownModelError, get_model
 
 GIB, MIB = 2**30, 2**20
 
@@ -43,7 +43,7 @@ CARDS: dict[str, int | None] = {
 }
 
 PROFILES = ("gpu", "cpu")
-# Who moves the DiT's weights under layerwise offload: our runtime (harness.offload.layerwise), or diffusers' own
+# Who moves the DiT's weights under layerwise offload: our runtime (harness.cell.offload.layerwise), or diffusers' own
 # group-offload hooks (block level, one block per group, a side stream; "-rs" adds record_stream). Everything else
 # (text encoder, VAE, cells without layerwise) runs the same code under every backend. "sglang@<version>" is SGLang's
 # own LayerwiseOffloadManager from an installed release (harness.engine.layerwise); "sglang" the newest installed.
@@ -73,7 +73,7 @@ class ScenarioError(ValueError):
     """A scenario file is malformed or contradictory. The message starts with 'file: field:'."""
 
 
-# Families whose pipeline can run the two CFG passes as one batched forward (harness.pipeline).
+# Families whose pipeline can run the two CFG passes as one batched forward (harness.cell.pipeline).
 CFG_BATCH_FAMILIES = ("qwen-image", "wan")
 
 
@@ -92,7 +92,7 @@ class RunOptions:
         empty_cache_between_phases (bool): `torch.cuda.empty_cache()` at SGLang's release points (after encode
             with the text encoder offloaded, after denoise with the DiT not resident, after decode); the record
             says which mechanism ran.
-        setup_threads (int): threads that read checkpoints into host regions at load (harness.offload.memory).
+        setup_threads (int): threads that read checkpoints into host regions at load (harness.cell.offload.memory).
         setup_overlap_pin (bool): pin each host region as soon as it is read, overlapping other regions' reads
             (opt-in: written without a GPU, not yet measured on one); false: all reads, then all pins.
     """
@@ -135,30 +135,30 @@ class Expectations:
     lowest_peak: dict[str, Any] | None = None
     fates: tuple[FateExpectation, ...] = ()
     same_output: bool = False  # every cell that ran to the end produced bit-identical final latents
-    host: dict[str, Any] | None = None  # host-cost bounds checked on every cell that ran (see harness.expect)
-    invariants: bool = False  # the offload memory invariants hold in every cell that ran (harness.expect)
+    host: dict[str, Any] | None = None  # host-cost bounds checked on every cell that ran (see harness.analyze.expect)
+    invariants: bool = False  # the offload memory invariants hold in every cell that ran (harness.analyze.expect)
     # final latents of every other-backend cell that ran lie within this relative L2 distance of the harness cell
-    # with the same flags (harness.expect.close_output_verdict); a table in TOML names a backend's own distance
+    # with the same flags (harness.analyze.expect.close_output_verdict); a table in TOML names a backend's own distance
     close_output_rtol: float | None = None
     close_output_rtol_by_backend: tuple[tuple[str, float], ...] = ()
     # our layerwise cells are as fast as and peak no higher than other backends'
-    # (harness.expect.beats_peer_verdict)
+    # (harness.analyze.expect.beats_peer_verdict)
     beats_peer: bool = False
-    # a larger prefetch window never lowers the denoise peak (harness.expect.prefetch_peak_verdict)
+    # a larger prefetch window never lowers the denoise peak (harness.analyze.expect.prefetch_peak_verdict)
     prefetch_peak_monotone: bool = False
-    # more resident DiT layers never slow a transfer-bound denoise step (harness.expect.resident_speed_verdict)
+    # more resident DiT layers never slow a transfer-bound denoise step (harness.analyze.expect.resident_speed_verdict)
     resident_never_slows: bool = False
     # final latents of every cfg-batch cell within this relative L2 distance of the two-pass cell with the same flags
-    # and backend (harness.expect.cfg_batch_verdict); needs `[run] cfg_batch = [false, true]`
+    # and backend (harness.analyze.expect.cfg_batch_verdict); needs `[run] cfg_batch = [false, true]`
     cfg_batch_rtol: float | None = None
     # every GPU cell's fate is the plan's and its peaks / step time lie within these fractions of the plan's
-    # ({"peak": 0.05, "time": 0.10}; harness.expect.plan_within_verdict)
+    # ({"peak": 0.05, "time": 0.10}; harness.analyze.expect.plan_within_verdict)
     plan_within: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
 class CapacitySpec:
-    """A capacity search (`harness.capacity`): per card and combination, the largest value of `axis` that
+    """A capacity search (`harness.run.capacity`): per card and combination, the largest value of `axis` that
     completes, between `minimum` and `maximum` in steps of `step`. "frames": the frame count (video); "resolution":
     the height, the width following the scenario's aspect ratio."""
 
@@ -718,7 +718,7 @@ def expand(scenario: Scenario) -> list[Cell]:
 def _engine_context(scenario: Scenario, card: Card) -> EngineContext | None:
     """What SGLang's defaults depend on for this card: its memory (the cap; uncapped, the GPU NVML sees or
     OFFLOAD_BENCH_GPU_TOTAL_BYTES), the model's task type and family. None where no GPU memory is known: a policy
-    that needs it then says so (harness.flags)."""
+    that needs it then says so (harness.plan.flags)."""
     model = get_model(scenario.model)
     total = card.cap_bytes or _visible_gpu_total_bytes()
     if total is None:

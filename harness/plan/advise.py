@@ -2,7 +2,7 @@
 
 `offload-bench advise --model M --card C [--resolution WxH --frames N --cfg X]` resolves each combination of the
 DiT, text-encoder and VAE switches and a few prefetch sizes under the policy (SGLang's, by default), plans it
-(`harness.plan`), and sorts the combinations into those that fit with a safety margin (ranked by step time),
+(`harness.plan.planner`), and sorts the combinations into those that fit with a safety margin (ranked by step time),
 those that fit only within the margin, and those that do not fit (with the phase that would run out of memory).
 When a committed record ran the same model, card, workload and effective flags, its measured fate, peak and step
 time replace the plan's, and the row says so.
@@ -20,10 +20,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from harness.flags import EngineContext, FlagError, OffloadFlags, resolve
 from harness.models import get_model
-from harness.plan import GIB, Machine, Plan, Workload, machine_profile, measured, plan
-from harness.results import latest_by_cell, read_records
+from harness.plan.flags import EngineContext, FlagError, OffloadFlags, resolve
+from harness.plan.planner import GIB, Machine, Plan, Workload, machine_profile, measured, plan
+from harness.run.results import latest_by_cell, read_records
 
 PREFETCH_SIZES = (1, 2, 4, 8)
 RESIDENT_SHARES = (0.0, 0.25, 0.5, 0.75)  # dit_layerwise_resident_layers as a fraction of each group

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from harness.offload.memory import Device, FillStats, HostRegion, Layout, fill_regions, fresh_parameter
+from harness.cell.offload.memory import Device, FillStats, HostRegion, Layout, fill_regions, fresh_parameter
 
 
 class ComponentOffload:
@@ -65,7 +65,7 @@ class ComponentOffload:
         self._buffer = None  # same stream as the compute that read it, so freeing is ordered after it
         self.device.discharge(self.layout.nbytes)
 
-    # --------------------------------------------------------------- the runtime protocol (harness.offload.loader)
+    # --------------------------------------------------------------- the runtime protocol (harness.cell.offload.loader)
     def before_use(self) -> None:
         self.onload()
 

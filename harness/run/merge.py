@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import exitcodes
-from harness.results import NoRecordsError, ResultsError, ensure_writable, latest_by_cell, read_records
+from harness.run.results import NoRecordsError, ResultsError, ensure_writable, latest_by_cell, read_records
 
 FAILED = ("crash", "error", "timeout")  # fates a rerun elsewhere may follow without a conflict
 

@@ -188,7 +188,7 @@ _PINNED_COPY_BYTES: dict[tuple[str, str], int] = {}
 def pinned_torch_allocator_bytes(spec: Any) -> int:
     """What torch's caching host allocator holds for a pinned copy of every tensor of a component (each rounded up
     to a power of two): an upper bound on what diffusers' streamed group offload pins."""
-    from harness.offload.memory import torch_pinned_block_bytes
+    from harness.cell.offload.memory import torch_pinned_block_bytes
 
     key = (spec.role, spec.key(CHECKPOINT_SEED))
     if key not in _PINNED_COPY_BYTES:
@@ -208,9 +208,9 @@ def checkpoint_device() -> str:
 
 
 def checkpoint_folder(spec: Any, device: str) -> Path:
-    """The folder `harness.models.checkpoint.ensure_checkpoint` uses for `spec` (same formula, kept in step by
+    """The folder `harness.cell.checkpoint.ensure_checkpoint` uses for `spec` (same formula, kept in step by
     tests/test_guards.py)."""
-    from harness.models.checkpoint import cache_root
+    from harness.cell.checkpoint import cache_root
 
     return cache_root() / "checkpoints" / f"{spec.role}-{spec.key(CHECKPOINT_SEED)}-{device}"
 

@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 
+from harness.cell.measure import Meter, Timer
+from harness.cell.offload import timeline as copy_timeline
+from harness.cell.offload.layerwise import LayerwiseRuntime
+from harness.cell.offload.loader import LoadedComponent
+from harness.cell.offload.memory import Device
 from harness.contract import RunSettings
-from harness.measure import Meter, Timer
 from harness.models import ModelSpec
-from harness.offload import timeline as copy_timeline
-from harness.offload.layerwise import LayerwiseRuntime
-from harness.offload.loader import LoadedComponent
-from harness.offload.memory import Device
 
 # Qwen/Qwen-Image scheduler/scheduler_config.json
 QWEN_SCHEDULER = {
@@ -171,7 +171,7 @@ def _denoise_loop(
 
     With the meter's `step_probe`, each step mark also reads the machine (clocks, temperature, power, throttle
     reasons: `step_machine`); with a copy recorder on our layerwise runtime, the copies are cut at the step marks
-    (`copy_timeline`, harness.offload.timeline)."""
+    (`copy_timeline`, harness.cell.offload.timeline)."""
     settings = family.settings
     timer = Timer(device, probe=meter.step_probe)
     runtime = family.dit.runtime

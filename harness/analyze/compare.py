@@ -19,7 +19,7 @@ Every metric is smaller-is-better. `Check` is a small regression check in the st
 (`Check.parse("load_peak_reserved_bytes:+1%")`, `fails(baseline, current) -> str | None`).
 
 Timing tolerance from the measured noise: where the baseline cell carries the spread of its measured rounds
-(`spread`: (max - min) / median per time metric, from `harness.baseline.timing_spread`), the tolerance of
+(`spread`: (max - min) / median per time metric, from `harness.analyze.baseline.timing_spread`), the tolerance of
 e2e_ms, denoise_ms and denoise_steady_step_ms is max(SPREAD_FLOOR, SPREAD_FACTOR x the larger of the baseline's and the
 run's spread) instead of the fixed one, so a quiet cell is judged tightly and a noisy one loosely. A baseline cell
 without a spread (one measured round, or a baseline from before spreads were kept) keeps the fixed tolerance, and
@@ -39,7 +39,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from harness.baseline import RETIRED_METRICS, metric, metric_order
+from harness.analyze.baseline import RETIRED_METRICS, metric, metric_order
 from harness.contract import PHASES, Phase, fate_text
 
 MIB = 2**20
@@ -295,7 +295,7 @@ def compare(
     only_cards: set[str] | None = None,
     timing: bool = True,
 ) -> Comparison:
-    """Compares `current` (cell id -> cell entry, as `harness.baseline.run_cells` makes) with a baseline dict.
+    """Compares `current` (cell id -> cell entry, as `harness.analyze.baseline.run_cells` makes) with a baseline dict.
     `overrides` replace the baseline's tolerances for their metrics; `only_scenarios` limits the baseline to
     those scenarios and `only_cards` to those "<scenario>/<card>" pairs (a partial run then does not report the
     others' cells as missing). `timing=False` judges memory and validity only (the CPU profile)."""

@@ -1,4 +1,4 @@
-"""The child process of one cell: `python -m harness.worker --cell CELL.json --out RECORD.json`.
+"""The child process of one cell: `python -m harness.cell.worker --cell CELL.json --out RECORD.json`.
 
 It runs one flag combination end to end in a fresh process (allocator pools, pinned caches, hooks and CUDA
 context all start clean) and writes exactly one record to --out, whatever happens: ok, oom with the phase, or
@@ -29,8 +29,8 @@ from harness.contract import (
     Status,
     median_step,
 )
-from harness.flags import OffloadFlags, resolve
-from harness.results import now_iso, write_json_atomic
+from harness.plan.flags import OffloadFlags, resolve
+from harness.run.results import now_iso, write_json_atomic
 
 # When this module started running: with the parent's `spawned_at` (in the cell spec) it gives the process start
 # (interpreter, site packages, runpy), the first part of a cell's fixed cost (`record.overhead`).
@@ -61,7 +61,7 @@ def _phase_start_hook(spec: str | None) -> Any:
         if kind == "sigkill":
             os.kill(os.getpid(), signal.SIGKILL)
         if kind == "oom":
-            from harness.offload.memory import SimulatedOutOfMemoryError
+            from harness.cell.offload.memory import SimulatedOutOfMemoryError
 
             raise SimulatedOutOfMemoryError(f"injected out-of-memory in phase {name}")
         raise ValueError(f"{FAULT_ENV}: unknown fault kind {kind!r}")
@@ -71,7 +71,7 @@ def _phase_start_hook(spec: str | None) -> Any:
 
 def _resolve(spec: CellSpec) -> tuple[OffloadFlags, dict[str, Any]]:
     """The effective flags, and the resolution's record fields (policy, requested, effective, messages, engine)."""
-    if spec.resolution is not None:  # an engine policy, asked once by the parent (harness.scenario.Cell.spec)
+    if spec.resolution is not None:  # an engine policy, asked once by the parent (harness.plan.scenario.Cell.spec)
         resolved = dict(spec.resolution)
         return OffloadFlags.from_mapping(resolved["effective"], "resolution.effective"), resolved
     resolution = resolve(OffloadFlags.from_mapping(spec.requested, "requested"), spec.policy)
@@ -95,7 +95,7 @@ def _refusal(spec: CellSpec, record: CellRecord) -> str | None:
     CUDA context: a cell this machine cannot hold now is skipped, with numbers."""
     import torch
 
-    from harness.guards import GuardConfigError, check_cell
+    from harness.cell.guards import GuardConfigError, check_cell
 
     overhead = record.overhead if record.overhead is not None else {}
     if spec.device == "cuda" and not torch.cuda.is_available():
@@ -140,8 +140,8 @@ def run_cell(spec: CellSpec) -> CellRecord:
     t_imports = time.perf_counter()
     import torch  # noqa: F401  (timed: imports_s)
 
-    import harness.measure
-    import harness.pipeline  # noqa: F401
+    import harness.cell.measure
+    import harness.cell.pipeline  # noqa: F401
 
     overhead: dict[str, Any] = {"imports_s": _since(t_imports)}
     if spec.spawned_at is not None:
@@ -169,8 +169,8 @@ def _measure(spec: CellSpec, flags: OffloadFlags, record: CellRecord) -> None:
     """Loads the cell and runs its rounds under the meter, recording the fate in `record`."""
     import torch
 
-    from harness.measure import Meter, Nvml, Sampler, host_rss_bytes, machine_state, run_end_stats
-    from harness.offload.memory import Device
+    from harness.cell.measure import Meter, Nvml, Sampler, host_rss_bytes, machine_state, run_end_stats
+    from harness.cell.offload.memory import Device
 
     device = Device(spec.device)
     nvml = Nvml(torch.cuda.current_device()) if device.is_cuda else None
@@ -203,9 +203,9 @@ def _measure(spec: CellSpec, flags: OffloadFlags, record: CellRecord) -> None:
 
 
 def _load_and_run(spec: CellSpec, flags: OffloadFlags, record: CellRecord, meter: Any, nvml: Any) -> None:
-    from harness.measure import apply_card_cap, machine_info
+    from harness.cell.checkpoint import ensure_checkpoint
+    from harness.cell.measure import apply_card_cap, machine_info
     from harness.models import get_model
-    from harness.models.checkpoint import ensure_checkpoint
 
     device = meter.device
     record.machine = machine_info(device, nvml, spec.pinned_h2d_probe)
@@ -250,8 +250,8 @@ def _load_and_run(spec: CellSpec, flags: OffloadFlags, record: CellRecord, meter
 
 def _load(spec: CellSpec, flags: OffloadFlags, record: CellRecord, meter: Any, model: Any,
           ckpts: dict[str, Path]) -> dict[str, Any]:
-    from harness.offload import memory
-    from harness.offload.loader import load_component
+    from harness.cell.offload import memory
+    from harness.cell.offload.loader import load_component
 
     options = record.run_options or {}
     memory.SETUP = memory.SetupOptions(int(options["setup_threads"]), bool(options["setup_overlap_pin"]))
@@ -271,7 +271,7 @@ def _load(spec: CellSpec, flags: OffloadFlags, record: CellRecord, meter: Any, m
 
 
 def _run_rounds(spec: CellSpec, record: CellRecord, meter: Any, model: Any, comps: dict[str, Any]) -> dict[str, Any]:
-    from harness.pipeline import run_pipeline
+    from harness.cell.pipeline import run_pipeline
 
     warmup, total = spec.warmup, spec.warmup + spec.rounds
     settings = dataclasses.replace(spec.settings, cfg_batch=bool((record.run_options or {})["cfg_batch"]))
@@ -301,9 +301,9 @@ def _run_rounds(spec: CellSpec, record: CellRecord, meter: Any, model: Any, comp
 _TIME_KEYS = ("time_ms", "wall_ms")
 
 def run_options(spec: CellSpec) -> dict[str, Any]:
-    """Every run option of the cell (harness.scenario.RunOptions): its spec's value or the default; the record
+    """Every run option of the cell (harness.plan.scenario.RunOptions): its spec's value or the default; the record
     keeps them all. cfg_batch is the cell's own value (a scenario sweeps it)."""
-    from harness.scenario import RunOptions
+    from harness.plan.scenario import RunOptions
 
     return {**dataclasses.asdict(RunOptions()), "cfg_batch": False, **(spec.run or {})}
 
@@ -312,8 +312,8 @@ def attach_copy_recorder(dit: Any, device: Any, wanted: bool) -> dict[str, Any]:
     """Under `copy_timeline`, gives our layerwise runtime a copy recorder; the record says whether one ran."""
     if not wanted:
         return {"enabled": False}
-    from harness.offload.layerwise import LayerwiseRuntime
-    from harness.offload.timeline import CopyRecorder
+    from harness.cell.offload.layerwise import LayerwiseRuntime
+    from harness.cell.offload.timeline import CopyRecorder
 
     if not isinstance(dit.runtime, LayerwiseRuntime):
         return {"enabled": False, "reason": f"the DiT is not streamed by our runtime ({dit.placement})"}
@@ -354,8 +354,8 @@ _PER_ROUND_KEYS = ("step_machine", "copy_timeline")
 def round_telemetry(phases: dict[str, dict[str, Any]], index: int, warmup: int) -> dict[str, Any]:
     """What one pipeline call showed of the machine: per-step readings and copy timeline (moved out of its denoise
     phase), the allocator's counters at each phase end, and the host's page cache and pinned bytes at its end."""
-    from harness.measure import host_memory_state, kernel_locked_bytes
-    from harness.offload.memory import PINNED
+    from harness.cell.measure import host_memory_state, kernel_locked_bytes
+    from harness.cell.offload.memory import PINNED
 
     denoise = phases.get("denoise") or {}
     out: dict[str, Any] = {"round": index, "warmup": index < warmup, "step_ms": denoise.get("step_ms"),
@@ -420,7 +420,7 @@ def round_times(per_round: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
     out["e2e_ms"] = [round(sum(r.get(p, {}).get("time_ms") or 0 for p in ("encode", "denoise", "decode")), 3)
                      for r in measured]
     # Steady step time per measured round (median of steps 2..n) and the spread of each per-round series across
-    # rounds: what compare widens or narrows its timing tolerance by (harness.compare).
+    # rounds: what compare widens or narrows its timing tolerance by (harness.analyze.compare).
     out["steady_step_ms"] = [steady_median(r.get("denoise", {}).get("step_ms") or []) for r in measured]
     out["spread"] = {key: spread(out[key]) for key in ("steady_step_ms", "denoise_ms", "e2e_ms")}
     return out

@@ -12,7 +12,7 @@ records count it:
 
 and a cell fits its card when every phase's device bytes stay within the cap (the first that does not is the
 phase that would OOM). It also predicts host bytes (pinned, pageable) and the denoise step time by the roofline
-(`harness.roofline`): forwards x max(compute of one forward, streamed bytes / H2D rate) under layerwise offload,
+(`harness.analyze.roofline`): forwards x max(compute of one forward, streamed bytes / H2D rate) under layerwise offload,
 forwards x compute otherwise.
 
 What it reads, all data (`harness/models/plan_data.json`):
@@ -47,8 +47,8 @@ from pathlib import Path
 from typing import Any
 
 from harness import locations
-from harness.flags import OffloadFlags, prefetch_layers, resident_layer_count
 from harness.models import ModelSpec, get_model
+from harness.plan.flags import OffloadFlags, prefetch_layers, resident_layer_count
 
 DATA_PATH = locations.PACKAGE / "models" / "plan_data.json"  # the package's, wherever this module sits in it
 GIB, MIB = 2**30, 2**20
@@ -290,7 +290,7 @@ def dit_flops(dit: Mapping[str, Any], tokens: int) -> float:
 
 
 def placements(flags: OffloadFlags) -> dict[str, str]:
-    """Where the harness's loader puts each component (as `harness.offload.loader.placement_for`, our backend)."""
+    """Where the harness's loader puts each component (as `harness.cell.offload.loader.placement_for`, our backend)."""
     if flags.dit_layerwise_offload:
         dit = "layerwise-from-host" if flags.dit_cpu_offload else "layerwise-from-device"
     else:
@@ -312,8 +312,8 @@ class Streaming:
 
 
 def streaming(dit: Mapping[str, Any], prefetch_size: float, resident_value: float = 0.0) -> Streaming:
-    """The layerwise runtime's device footprint (`harness.offload.layerwise`): per group, r resident layers
-    (`harness.flags.resident_layer_count`), and a window of p of the streamed ones computing while the next is in
+    """The layerwise runtime's device footprint (`harness.cell.offload.layerwise`): per group, r resident layers
+    (`harness.plan.flags.resident_layer_count`), and a window of p of the streamed ones computing while the next is in
     flight (2p), while every other group holds its window 0, prefetched at the end of its last window for the next
     forward. p counts streamed layers: with r kept, a window larger than the n - r streamed ones is all of them."""
     groups = []

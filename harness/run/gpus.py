@@ -69,7 +69,7 @@ def gpu_for_worker(worker_id: str | None, gpus: list[str]) -> str | None:
 def child_env(gpu: str | None, env: Mapping[str, str]) -> dict[str, str]:
     """What a cell child started by a worker that owns `gpu` gets on top of the parent's environment:
     CUDA_VISIBLE_DEVICES=<gpu>, and CUDA_DEVICE_ORDER=PCI_BUS_ID unless the parent chose an order, so that an index
-    means the same GPU to CUDA as to NVML (which numbers GPUs in PCI order; `harness.guards` reads it that way).
+    means the same GPU to CUDA as to NVML (which numbers GPUs in PCI order; `harness.cell.guards` reads it that way).
     Nothing for `gpu` None (the CPU profile, or no xdist)."""
     if gpu is None:
         return {}

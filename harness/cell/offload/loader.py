@@ -26,13 +26,13 @@ from typing import Any, Protocol
 
 import torch
 
+from harness.cell.checkpoint import CheckpointError, CheckpointReader
+from harness.cell.offload.component import ComponentOffload
+from harness.cell.offload.layerwise import LayerwiseRuntime
+from harness.cell.offload.memory import Device, HostRegion, torch_pinned_block_bytes
 from harness.contract import Backend, Placement
-from harness.flags import OffloadFlags
 from harness.models import ComponentSpec
-from harness.models.checkpoint import CheckpointError, CheckpointReader
-from harness.offload.component import ComponentOffload
-from harness.offload.layerwise import LayerwiseRuntime
-from harness.offload.memory import Device, HostRegion, torch_pinned_block_bytes
+from harness.plan.flags import OffloadFlags
 
 
 def layerwise_tuning(role: str, flags: OffloadFlags | None, prefetch_size: float) -> tuple[float, float, str]:

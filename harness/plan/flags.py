@@ -1053,7 +1053,7 @@ def _resolve_with_engine(flags_list: list[OffloadFlags], policy: str, version: s
 
 
 RUNNABLE_LAYERWISE_COMPONENTS = ("dit", "text_encoder", "image_encoder", "vae", "all")
-"""Layerwise selections the harness can run: the DiT, the text encoder and the VAE (harness.offload.layerwise), and
+"""Layerwise selections the harness can run: the DiT, the text encoder and the VAE (harness.cell.offload.layerwise), and
 SGLang's image_encoder group, which selects nothing in the zoo's families (none has a separate image encoder)."""
 
 

@@ -7,7 +7,7 @@ A scenario with a `[capacity]` table (axis "frames" or "resolution", min, max, s
 searches, per card and combination, the largest value of the axis that completes, with OOM as the oracle: each
 probe is a normal isolated cell (its own child and record in the run's records.jsonl, id
 `<scenario>@<axis>-<value>/<card>/<flags>`, so `--run-id` resumes a search without repeating probes). The
-search starts at the plan's capacity (`harness.plan`), then steps outward by doubling until the fate flips,
+search starts at the plan's capacity (`harness.plan.planner`), then steps outward by doubling until the fate flips,
 then bisects: two probes when the plan is right. A probe that ends neither ok nor oom (error, crash, timeout,
 skipped) stops its combination's search, which is reported as undecided with that probe's fate. The result,
 next to the plan's prediction, goes to `capacity.md` and `capacity.json` in the run folder.
@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from harness.plan import Workload, plan
-from harness.scenario import HARNESS_BACKEND, CapacitySpec, Cell, Scenario, ScenarioError, expand, load_scenario
+from harness.plan.planner import Workload, plan
+from harness.plan.scenario import HARNESS_BACKEND, CapacitySpec, Cell, Scenario, ScenarioError, expand, load_scenario
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ class CapacityRow:
 
 def run_capacity(scenario: Scenario, probe_fn: Callable[[Cell], dict[str, Any]]) -> list[CapacityRow]:
     """Searches every combination of `scenario` (cells that duplicate another are searched once); `probe_fn`
-    runs one probe cell and returns its record (`harness.runner.run_cell` on the device)."""
+    runs one probe cell and returns its record (`harness.run.runner.run_cell` on the device)."""
     cap: CapacitySpec | None = scenario.capacity
     if cap is None:
         raise ScenarioError(f"{scenario.path}: no [capacity] table: not a capacity scenario")
@@ -177,7 +177,7 @@ def render(rows: list[CapacityRow], title: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from harness.runner import Run, detect_device, run_cell
+    from harness.run.runner import Run, detect_device, run_cell
 
     parser = argparse.ArgumentParser(prog="python -m harness capacity", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

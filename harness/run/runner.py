@@ -1,7 +1,7 @@
 """The parent side: one spawned child per cell, its fate recorded, every record appended as the cell ends.
 
 Fates (exactly one per cell): the child's own record says ok / oom (with the phase) / error (with the exception)
-/ skipped (a guard's numbers, `harness.guards`). If the child dies without a record it is a crash (signal or exit
+/ skipped (a guard's numbers, `harness.cell.guards`). If the child dies without a record it is a crash (signal or exit
 code recorded, with the tail of its log); if it outlives the scenario's timeout its whole process group (and any
 descendant that left the group) is killed and the cell is a timeout. The parent never imports torch, so it never
 holds a CUDA context that would distort the children's numbers.
@@ -21,7 +21,7 @@ Disk: before each child starts, the results folder must have OFFLOAD_BENCH_RESUL
 lack of space leaves records.jsonl as it was (`results.append_record`); either stops the run with exit 8.
 
 Command line (no pytest):
-    python -m harness.runner SCENARIO.toml... [--results DIR] [--run-id ID] [--resume [--retry-failed]]
+    python -m harness.run.runner SCENARIO.toml... [--results DIR] [--run-id ID] [--resume [--retry-failed]]
 prints "[i/N elapsed] cell_id: status" per cell and exits 0 when no cell ended as error / crash / timeout, 1 when
 one did, 2 on bad arguments or scenario files, 7 when the results folder is not writable (before any cell), 8 when
 the results folder's disk is (nearly) full, 130 on SIGINT, 143 on SIGTERM (harness/exitcodes.py).
@@ -52,9 +52,10 @@ from typing import Any
 
 from harness import REPO, exitcodes
 from harness.contract import STATUSES, CellRecord, CellSpec, Status, fate_text, migrate
-from harness.gpus import cell_cost, child_gpu
-from harness.plan import plan_entry
-from harness.results import (
+from harness.plan.planner import plan_entry
+from harness.plan.scenario import TIERS, Cell, ScenarioError, expand, in_tier, load_scenario
+from harness.run.gpus import cell_cost, child_gpu
+from harness.run.results import (
     DiskFullError,
     ResultsError,
     UnwritableError,
@@ -64,8 +65,7 @@ from harness.results import (
     now_iso,
     read_records,
 )
-from harness.scenario import TIERS, Cell, ScenarioError, expand, in_tier, load_scenario
-from harness.shard import Shard, ShardError, describe, parse_shard, select
+from harness.run.shard import Shard, ShardError, describe, parse_shard, select
 
 UNEXPECTED = tuple(s.value for s in Status if s.unexpected)  # the fates that make a run fail
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE = exitcodes.OK, exitcodes.FAILED, exitcodes.USAGE
@@ -83,7 +83,7 @@ RESULTS_MIN_FREE_DEFAULT = 256 * 2**20
 # "each": every cell child runs its own pinned H2D probe, as before the probe was passed down (the A/B of the
 # saving); anything else: the first cell on a GPU probes and the runner passes its figure to the later ones.
 H2D_PROBE_ENV = "OFFLOAD_BENCH_H2D_PROBE"
-# The named parts of a cell's fixed cost (harness.worker.run_cell's `overhead`); other_s is the rest of fixed_s.
+# The named parts of a cell's fixed cost (harness.cell.worker.run_cell's `overhead`); other_s is the rest of fixed_s.
 OVERHEAD_PARTS = ("process_start_s", "imports_s", "guards_s", "cuda_init_s", "h2d_probe_s", "checkpoint_s",
                   "warmup_s", "teardown_s")
 
@@ -128,7 +128,7 @@ def complete_record(rec: dict[str, Any]) -> bool:
 
 @dataclass
 class Pace:
-    """Seconds per unit of a cell's cost hint (`harness.gpus.cell_cost`: steps x frames x pixels x forwards x
+    """Seconds per unit of a cell's cost hint (`harness.run.gpus.cell_cost`: steps x frames x pixels x forwards x
     calls), learnt from the cells this process ran to the end: the ETAs of progress lines. Before the first cell
     ends there is no ETA. A hint, not a model: load and checkpoint generation do not scale with it."""
 
@@ -387,7 +387,7 @@ def _stamp(run: Run, cell: Cell, record: CellRecord) -> None:
     spec = cell.spec(run.device)
     record.run_id, record.git_sha = run.run_id, run.sha
     record.spec_hash = spec.spec_hash
-    record.portable_spec_hash = spec.portable_spec_hash  # what a baseline keeps (harness.baseline)
+    record.portable_spec_hash = spec.portable_spec_hash  # what a baseline keeps (harness.analyze.baseline)
     record.runner_host, record.shard = run.provenance()["runner_host"], run.provenance()["shard"]
 
 
@@ -466,7 +466,7 @@ def _run_child(run: Run, cell: Cell, cdir: Path, label: str, env: dict[str, str]
 
     with open(log, "wb") as logf, _sigterm_raises():
         proc = subprocess.Popen(
-            [sys.executable, "-m", "harness.worker", "--cell", str(cdir / "cell.json"), "--out", str(out)],
+            [sys.executable, "-m", "harness.cell.worker", "--cell", str(cdir / "cell.json"), "--out", str(out)],
             stdout=logf,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -484,7 +484,7 @@ def _run_child(run: Run, cell: Cell, cdir: Path, label: str, env: dict[str, str]
     record.elapsed_s = round(elapsed, 2)
     record.returncode, record.child_pid = proc.returncode, proc.pid
     record.log = str(log.relative_to(run.run_dir))
-    record.gpu_index = gpu  # the GPU id the child ran on (harness.gpus), None on CPU
+    record.gpu_index = gpu  # the GPU id the child ran on (harness.run.gpus), None on CPU
     record.xdist_worker = os.environ.get("PYTEST_XDIST_WORKER")  # the pytest-xdist worker that ran it, if any
     # what the planner predicted for this cell, beside what it measured (planned here: the planner needs no torch)
     record.plan = plan_entry(record.to_dict())
@@ -507,7 +507,7 @@ def child_spec(run: Run, cell: Cell, cdir: Path, gpu: str | None) -> CellSpec:
 
 
 def finish_overhead(record: CellRecord, elapsed_s: float, exited_at: float) -> None:
-    """Completes the child's `overhead` (harness.worker.run_cell) with what only the parent sees: teardown_s
+    """Completes the child's `overhead` (harness.cell.worker.run_cell) with what only the parent sees: teardown_s
     (record written to child exited), fixed_s (the parent's elapsed time minus the measured load and rounds) and
     other_s (fixed_s minus the named parts). A child that left no record has no overhead of its own."""
     overhead = record.overhead
@@ -778,7 +778,7 @@ class _Refused(Exception):
 
 def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Shard | None]:
     parser = argparse.ArgumentParser(
-        prog="python -m harness.runner",
+        prog="python -m harness.run.runner",
         description="Runs every cell of the given scenario files, one child per cell, without pytest. Exit 0: no "
         "cell ended as error/crash/timeout; 1: some did; 2: bad arguments; 7: the results folder is not writable; "
         "8: disk full in the results folder; 130: SIGINT; 143: SIGTERM.",
@@ -792,7 +792,7 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Shard | Non
                         "(plain --resume keeps them as recorded)")
     parser.add_argument("--quiet", action="store_true", help="only one line per cell (no child progress)")
     parser.add_argument("--shard", metavar="I/N",
-                        help="run only the I-th of N cost-balanced shares of the cells (harness/shard.py); "
+                        help="run only the I-th of N cost-balanced shares of the cells (harness/run/shard.py); "
                         "N machines running 1/N..N/N under one --run-id cover every cell once; join them with "
                         "harness merge")
     parser.add_argument("--tier", choices=TIERS,

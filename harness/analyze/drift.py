@@ -1,4 +1,4 @@
-"""Per-round telemetry of a run's cells as tables: `python -m harness.drift RUN [--cell SUBSTRING]`.
+"""Per-round telemetry of a run's cells as tables: `python -m harness.analyze.drift RUN [--cell SUBSTRING]`.
 
 What issue 18's drift and copy-limit experiments read: for each round of each cell that recorded telemetry
 (`record["telemetry"]`), the steady step time (median of steps 2..n), the GPU's SM clock range, temperature,
@@ -116,7 +116,7 @@ def render(records: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from harness.results import latest_by_cell, read_records
+    from harness.run.results import latest_by_cell, read_records
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a run folder or a records.jsonl file")

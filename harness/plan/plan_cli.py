@@ -1,7 +1,7 @@
 """The planner's commands: `offload-bench plan`, `offload-bench advise` and `offload-bench plan-fit`.
 
 - plan: the per-phase plan of one flag combination (`--flags`), or one row per combination without it.
-- advise: the combinations ranked for a card (`harness.advise`).
+- advise: the combinations ranked for a card (`harness.plan.advise`).
 - plan-fit: refits the activation, allocator and compute figures (and the machine profiles) from GPU records and,
   with --write, stores them in harness/models/plan_data.json.
 
@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from harness.flags import EngineContext, FlagError, OffloadFlags, check_flag_value, resolve
 from harness.models import UnknownModelError
-from harness.plan import DATA_PATH, GIB, PHASES, Plan, PlanError, Workload, load_data, machine_profile, plan
+from harness.plan.flags import EngineContext, FlagError, OffloadFlags, check_flag_value, resolve
+from harness.plan.planner import DATA_PATH, GIB, PHASES, Plan, PlanError, Workload, load_data, machine_profile, plan
 
 
 class PlanUsageError(ValueError):
@@ -62,7 +62,7 @@ def add_commands(sub: Any) -> None:
 
 
 def card_cap(text: str) -> tuple[str, int | None]:
-    from harness.scenario import CARDS
+    from harness.plan.scenario import CARDS
 
     if text in CARDS:
         return text, CARDS[text]
@@ -139,7 +139,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     workload = workload_of(args)
     machine = machine_profile(args.machine)
     if args.flags is None:
-        from harness.advise import advise, describe
+        from harness.plan.advise import advise, describe
 
         # one row per switch combination and prefetch size; `advise` also sweeps resident layers
         a = advise(args.model, card, cap, workload, policy=args.policy, machine=machine,
@@ -173,7 +173,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_advise(args: argparse.Namespace) -> int:
-    from harness.advise import DEFAULT_MARGIN, advise, render
+    from harness.plan.advise import DEFAULT_MARGIN, advise, render
 
     card, cap = card_cap(args.card)
     margin = DEFAULT_MARGIN if args.margin is None else args.margin
@@ -187,8 +187,8 @@ def cmd_advise(args: argparse.Namespace) -> int:
 
 
 def cmd_plan_fit(args: argparse.Namespace) -> int:
-    from harness.plan import fit
-    from harness.results import read_records
+    from harness.plan.planner import fit
+    from harness.run.results import read_records
 
     records = []
     for path in args.records:

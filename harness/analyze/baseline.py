@@ -8,7 +8,7 @@ fate (status, failed_phase) and the metrics `cell_metrics` extracts from its rec
   named after it (`reserved` = allocator reserved on CUDA, `ledger` = harness ledger on the CPU profile);
 - nvml_proc_peak_bytes: NVML per-process peak over all phases (CUDA only);
 - e2e_ms: encode + denoise + decode phase time; load_ms, denoise_ms; denoise_steady_step_ms: the median denoise
-  step from the second on (harness.roofline.STEP_CONVENTION, the report's and roofline's ms/step).
+  step from the second on (harness.analyze.roofline.STEP_CONVENTION, the report's and roofline's ms/step).
 
 `RETIRED_METRICS` are names an older harness wrote with another meaning (`denoise_step_ms`: the median of every
 step, the first included); compare never judges them against the new metric: it says "not compared" and why.
@@ -32,7 +32,7 @@ from typing import Any
 
 from harness import locations
 from harness.contract import PHASES, RUNTIME_PHASES, STATUSES, STEP_CONVENTION, as_record
-from harness.results import now_iso, write_json_atomic
+from harness.run.results import now_iso, write_json_atomic
 
 BASELINE_SCHEMA_VERSION = 1
 
@@ -141,7 +141,7 @@ def cell_entry(record: dict[str, Any]) -> dict[str, Any]:
         # cell whose digest changed "not comparable" instead of judging numbers of a different experiment.
         "portable_spec_hash": record.get("portable_spec_hash"),
         # The relative spread of each time metric across the cell's measured rounds; compare sets the timing
-        # tolerance from it (harness.compare.spread_tolerance). Absent with fewer than two measured rounds.
+        # tolerance from it (harness.analyze.compare.spread_tolerance). Absent with fewer than two measured rounds.
         **({"spread": spread} if (spread := timing_spread(record)) else {}),
     }
 

@@ -1,8 +1,8 @@
-"""`python -m harness.overhead RUN...`: the fixed cost of each cell of a run (what a cell costs besides
+"""`python -m harness.analyze.overhead RUN...`: the fixed cost of each cell of a run (what a cell costs besides
 its measured load and rounds), part by part, with the median over the run's cells, to quote a before/after.
 
-A record from this harness carries `overhead` (harness.worker.run_cell, completed by
-harness.runner.finish_overhead). An older record has none: its fixed cost is estimated as elapsed_s minus the
+A record from this harness carries `overhead` (harness.cell.worker.run_cell, completed by
+harness.run.runner.finish_overhead). An older record has none: its fixed cost is estimated as elapsed_s minus the
 load phase's and the runtime phases' wall times (times the rounds), and the row says "estimated".
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 from tabulate import tabulate
 
 from harness.contract import RUNTIME_PHASES
-from harness.results import latest_by_cell, read_records
+from harness.run.results import latest_by_cell, read_records
 
 PARTS = ("process_start_s", "imports_s", "guards_s", "cuda_init_s", "h2d_probe_s", "checkpoint_s", "warmup_s",
          "teardown_s", "other_s")
@@ -55,7 +55,7 @@ def rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m harness.overhead", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m harness.analyze.overhead", description=__doc__)
     parser.add_argument("runs", nargs="+", help="run folders or records files")
     args = parser.parse_args(argv)
     for run in args.runs:

@@ -15,7 +15,7 @@
   other buffers, so kernels may differ.
 - `beats_peer`: every other-backend cell that streamed the DiT is matched by the harness-backend cell with the
   same requested flags on the same card, and ours is at least as fast (median denoise step, the first step left
-  out as in `harness.roofline`) and peaks no higher at runtime (max over encode/denoise/decode on the record's
+  out as in `harness.analyze.roofline`) and peaks no higher at runtime (max over encode/denoise/decode on the record's
   peak counter). A peer cell that did not run is no comparison: the check fails and says why.
 - `prefetch_peak_monotone`: among harness-backend layerwise cells of a card that differ only in the prefetch
   size, a larger window (in layers, as the runtime recorded it) never has a lower denoise peak (on the record's
@@ -31,7 +31,7 @@
   same flags and backend; the verdict also gives the step-time ratio batched / two-pass. lowest_peak, same_output,
   close_output and beats_peer judge the two-pass cells only.
 - `plan_within = {peak = p, time = t}`: on every GPU cell of our runtime that ran or ran out of memory, the
-  planner (`harness.plan`: the plan the runner stored in the record) predicted its fate (fits, or the phase of
+  planner (`harness.plan.planner`: the plan the runner stored in the record) predicted its fate (fits, or the phase of
   the OOM), and its allocator reserved load and runtime peaks lie within p, its median steady step within t, of
   the plan (relative to the plan). Phases that ran out of memory and peaks the synthetic checkpoint's generation
   inflated are not compared; the CPU profile is not judged (the plan predicts CUDA counters).
@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.contract import CellRecord, PhaseStats, Placement, Record, Status, as_record, fate_text
-from harness.scenario import HARNESS_BACKEND, FateExpectation, Scenario, matches
+from harness.plan.scenario import HARNESS_BACKEND, FateExpectation, Scenario, matches
 
 
 @dataclass(frozen=True)
@@ -218,7 +218,7 @@ def cfg_batch_verdict(card: str, records: Iterable[Record], rtol: float) -> Verd
 def plan_within_verdict(card: str, records: Iterable[Record], tolerance: dict[str, float]) -> Verdict:
     """The planner against every GPU cell of our runtime: fate, peaks within tolerance["peak"], step within
     tolerance["time"] (each relative to the plan)."""
-    from harness.plan import check_record
+    from harness.plan.planner import check_record
 
     gpu = [r for r in map(as_record, records) if r.device == "cuda" and r.backend == HARNESS_BACKEND
            and r.status in (Status.OK, Status.OOM)]

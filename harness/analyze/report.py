@@ -1,6 +1,6 @@
 """Markdown report of a run's records: one table per scenario, every memory column labelled with its counter.
 
-`render` gives the markdown alone; `write_report` writes it with PNG plots next to it (`harness.plots`): per
+`render` gives the markdown alone; `write_report` writes it with PNG plots next to it (`harness.analyze.plots`): per
 scenario and card, peak memory against denoise latency with the Pareto front and the card's cap, and each cell's
 memory over time (NVML per-process, host RSS, phases shaded). The markdown links the PNGs by relative path.
 """
@@ -13,13 +13,13 @@ from typing import Any
 
 from tabulate import tabulate
 
+from harness.analyze.expect import evaluate
+from harness.analyze.roofline import roofline_rows
 from harness.contract import PHASES, RUNTIME_PHASES, STEP_CONVENTION, as_record, fate_text, label_in
-from harness.expect import evaluate
-from harness.merge import host_of
-from harness.plan import plan_rows
-from harness.results import by_gpu
-from harness.roofline import roofline_rows
-from harness.scenario import ScenarioError, load_scenario
+from harness.plan.planner import plan_rows
+from harness.plan.scenario import ScenarioError, load_scenario
+from harness.run.merge import host_of
+from harness.run.results import by_gpu
 
 MIB = 2**20
 
@@ -115,7 +115,7 @@ def _resident_zero_twin(record: dict[str, Any], records: list[dict[str, Any]]) -
 def render(records: list[dict[str, Any]], title: str = "offload-bench run") -> str:
     out = [f"# {title}", "", *_machine_line(records)]
     out += gpus_section(records)
-    # a merged run of shards (harness.merge): each row says where it ran, as host and GPU id
+    # a merged run of shards (harness.run.merge): each row says where it ran, as host and GPU id
     several_hosts = len({host_of(r) for r in records}) > 1
     by_scenario: dict[str, list[dict[str, Any]]] = {}
     for r in records:
@@ -133,12 +133,12 @@ def render(records: list[dict[str, Any]], title: str = "offload-bench run") -> s
             out += [tabulate(front, headers="keys", tablefmt="github"), ""]
         roof = roofline_rows(recs)
         if roof:
-            out += ["Layerwise roofline (harness.roofline: predicted step = forwards x max(resident compute "
+            out += ["Layerwise roofline (harness.analyze.roofline: predicted step = forwards x max(resident compute "
                     "per forward, streamed bytes / same-run pinned H2D probe)):", ""]
             out += [tabulate(roof, headers="keys", tablefmt="github"), ""]
         planned = plan_rows(recs)
         if planned:
-            out += ["Plan vs measured (harness.plan; allocator reserved peaks, median steady step; error = "
+            out += ["Plan vs measured (harness.plan.planner; allocator reserved peaks, median steady step; error = "
                     "measured / planned - 1; a phase that ran out of memory measured the cap, not the need):", ""]
             out += [tabulate(planned, headers="keys", tablefmt="github"), ""]
         messages = sorted({m for r in recs for m in r.get("messages", [])})
@@ -276,7 +276,7 @@ def plot_paths(records: list[dict[str, Any]], folder: Path, stem: str) -> dict[t
 
 def write_plots(records: list[dict[str, Any]], folder: Path, stem: str) -> dict[tuple[str, str], dict[str, Path]]:
     """Draws the PNGs `plot_paths` names, per scenario and card."""
-    from harness.plots import pareto_plot, trace_plot
+    from harness.analyze.plots import pareto_plot, trace_plot
 
     by_group = groups(records)
     for (scenario, card), files in (out := plot_paths(records, folder, stem)).items():
