@@ -454,108 +454,177 @@ def plan(
     """
     data = data or load_data()
     spec = get_model(model)
-    weights = model_weights(model, data)
     fits, fits_from = model_fits(model, data)
     machine = machine or machine_profile(data=data)
-    notes: list[str] = []
-    if fits_from is None:
-        notes.append(f"no records of {model} (or a model with its DiT): activations, allocator slack and compute "
-                     "unknown, counted as 0")
-    elif fits_from != model:
-        notes.append(f"activations and compute from {fits_from} (same DiT)")
-    drv = drivers(spec, workload)
-    streamed = set(flags.layerwise_offload_components or ()) & {"text_encoder", "vae", "all"}
-    if streamed:  # the planner models a layerwise DiT only; a streamed encoder or VAE is not planned (yet)
-        raise PlanError(f"layerwise {', '.join(sorted(streamed))} (layerwise_offload_components) is not modelled")
-    where = placements(flags)
-    dit = weights["dit"]
-    te_b, vae_b, dit_b = weights["text_encoder"]["weight_bytes"], weights["vae"]["weight_bytes"], dit["weight_bytes"]
-    layerwise = bool(flags.dit_layerwise_offload)
+    notes = _fits_notes(model, fits_from)
+    _refuse_streamed_encoder_or_vae(flags)
     value = flags.dit_layerwise_resident_layers if resident_layers is None else resident_layers
-    stream = streaming(dit, flags.dit_offload_prefetch_size, value) if layerwise else Streaming(0, 0, 0, 0)
-    act = {
-        "load": 0.0,
-        "encode": fits.get("encode_per_unit", 0.0) * drv.encode_units,
-        "denoise": fits.get("denoise_per_token", 0.0) * drv.dit_tokens * workload.batch,
-        "decode": fits.get("decode_per_pixel", 0.0) * drv.pixels,
-    }
-    base = int(fits.get("base_bytes", 0))
-    slack = int(fits.get("reserved_slack_bytes", 0))
+    parts = _DeviceParts.of(spec, model_weights(model, data), flags, value)
+    drv = drivers(spec, workload)
+    phases, oom = _phase_plans(parts, _activations(fits, drv, workload), int(fits.get("base_bytes", 0)),
+                               int(fits.get("reserved_slack_bytes", 0)), cap_bytes, machine, workload)
+    offloaded = parts.host_bytes()
+    pinned = bool(flags.pin_cpu_memory)
+    timing = _step_time(flags, parts, _compute_s(fits, parts.dit, drv, machine, notes, data), machine, workload, notes)
+    return Plan(
+        model=model, card=card, cap_bytes=cap_bytes, flags=flags, resident_layers=parts.stream.resident_layers,
+        workload=workload, machine=machine, placements=parts.where, phases=phases,
+        host_pinned_bytes=offloaded if pinned else 0, host_pageable_bytes=0 if pinned else offloaded,
+        streamed_bytes_per_forward=parts.stream.streamed_bytes, compute_s_per_forward=timing.compute,
+        transfer_s_per_forward=timing.transfer, step_s=timing.step, bound=timing.bound, oom_phase=oom,
+        notes=tuple(notes),
+    )
 
-    def on_device(phase: str) -> tuple[int, int]:
+
+def _fits_notes(model: str, fits_from: str | None) -> list[str]:
+    """What a plan says about where its fitted coefficients come from."""
+    if fits_from is None:
+        return [f"no records of {model} (or a model with its DiT): activations, allocator slack and compute "
+                "unknown, counted as 0"]
+    if fits_from != model:
+        return [f"activations and compute from {fits_from} (same DiT)"]
+    return []
+
+
+def _refuse_streamed_encoder_or_vae(flags: OffloadFlags) -> None:
+    """The planner models a layerwise DiT only; a streamed encoder or VAE is not planned (yet)."""
+    streamed = set(flags.layerwise_offload_components or ()) & {"text_encoder", "vae", "all"}
+    if streamed:
+        raise PlanError(f"layerwise {', '.join(sorted(streamed))} (layerwise_offload_components) is not modelled")
+
+
+def _activations(fits: Mapping[str, Any], drv: Drivers, workload: Workload) -> dict[str, int]:
+    """Each phase's activation bytes: the fitted bytes per unit of what drives them (x2 for a batched CFG)."""
+    return {
+        "load": 0,
+        "encode": round(fits.get("encode_per_unit", 0.0) * drv.encode_units),
+        "denoise": round(fits.get("denoise_per_token", 0.0) * drv.dit_tokens * workload.batch),
+        "decode": round(fits.get("decode_per_pixel", 0.0) * drv.pixels),
+    }
+
+
+@dataclass(frozen=True)
+class _DeviceParts:
+    """What a model's components put on the device under the flags' placements."""
+
+    where: dict[str, str]
+    sizes: dict[str, int]  # whole-component weight bytes by role
+    dit: Mapping[str, Any]  # the DiT's weights data (groups, non-layer bytes)
+    stream: Streaming  # the layerwise window (all zeros without layerwise offload)
+    edit: bool  # an edit model: the VAE also encodes the reference image
+
+    @classmethod
+    def of(cls, spec: ModelSpec, weights: Mapping[str, Any], flags: OffloadFlags,
+           resident_value: float) -> _DeviceParts:
+        dit = weights["dit"]
+        stream = streaming(dit, flags.dit_offload_prefetch_size, resident_value) if flags.dit_layerwise_offload \
+            else Streaming(0, 0, 0, 0)
+        sizes = {role: weights[role]["weight_bytes"] for role in ("text_encoder", "dit", "vae")}
+        return cls(placements(flags), sizes, dit, stream, spec.edit)
+
+    @property
+    def layerwise(self) -> bool:
+        return self.where["dit"].startswith("layerwise")
+
+    def used_in(self, phase: str) -> list[str]:
+        """The components a runtime phase runs (an edit model's encode also runs the VAE on the reference)."""
+        return {"encode": ["text_encoder", *(["vae"] if self.edit else [])], "denoise": ["dit"],
+                "decode": ["vae"]}[phase]
+
+    def on_device(self, phase: str) -> tuple[int, int]:
         """(weights, window) on the device during `phase`: a resident component always, a CPU-offloaded one only
         in the phase that uses it (the VAE also in an edit model's encode, which encodes the reference image)."""
+        where, dit = self.where, self.dit
         w = 0
         if where["text_encoder"] == "resident" or phase == "encode":
-            w += te_b
-        if where["vae"] == "resident" or phase == "decode" or (phase == "encode" and spec.edit):
-            w += vae_b
+            w += self.sizes["text_encoder"]
+        if where["vae"] == "resident" or phase == "decode" or (phase == "encode" and self.edit):
+            w += self.sizes["vae"]
         window = 0
         if where["dit"] == "resident" or (where["dit"] == "cpu-offload" and phase == "denoise"):
-            w += dit_b
+            w += self.sizes["dit"]
         elif where["dit"] == "layerwise-from-device" and phase == "load":
-            w += dit_b  # the loader puts the whole DiT on the device before packing it to the host
-        elif layerwise:
-            w += dit["non_layer_bytes"] + (stream.resident_bytes if phase == "denoise" else 0)
-            window = stream.window_bytes if phase == "denoise" else 0
+            w += self.sizes["dit"]  # the loader puts the whole DiT on the device before packing it to the host
+        elif self.layerwise:
+            w += dit["non_layer_bytes"] + (self.stream.resident_bytes if phase == "denoise" else 0)
+            window = self.stream.window_bytes if phase == "denoise" else 0
         return w, window
 
-    used_in = {"encode": ["text_encoder", *(["vae"] if spec.edit else [])], "denoise": ["dit"], "decode": ["vae"]}
-    sizes = {"text_encoder": te_b, "dit": dit_b, "vae": vae_b}
+    def host_bytes(self) -> int:
+        """Host bytes of the offloaded components (a layerwise DiT's per-layer regions, resident layers' too)."""
+        offloaded = sum(self.sizes[role] for role in ("text_encoder", "vae") if self.where[role] == "cpu-offload")
+        if self.where["dit"] == "cpu-offload":
+            offloaded += self.sizes["dit"]
+        elif self.layerwise:
+            offloaded += sum(g["host_bytes"] for g in self.dit["groups"].values())
+        return offloaded
+
+
+def _phase_plans(parts: _DeviceParts, act: Mapping[str, int], base: int, slack: int, cap_bytes: int | None,
+                 machine: Machine, workload: Workload) -> tuple[tuple[PhasePlan, ...], str | None]:
+    """Each phase's allocated and reserved peaks through the allocator model, and the first phase that would
+    not fit the card (None: all fit)."""
     limit = None if cap_bytes is None else cap_bytes - machine.context_bytes - slack
     allocator = _Allocator(limit=limit)
     phases = []
     oom = None
     for phase in PHASES:
-        w, window = on_device(phase)
-        allocated = base + w + window + round(act[phase])
-        if phase == "load":
-            peak = allocator.load(base + w)
-            if where["dit"] == "layerwise-from-device":
-                allocator.discard(dit_b - dit["non_layer_bytes"])  # packed to the host: its tensors' blocks freed
-        else:
-            moved = [sizes[r] for r in used_in[phase] if where[r] == "cpu-offload"]
-            kept = stream.resident_bytes if phase == "denoise" else 0  # layer buffers like the window's
-            peak = allocator.run(moved, window + kept, round(act[phase]))
-            if workload.empty_cache and phase in ("encode", "denoise"):
-                allocator.empty_cache()
+        w, window = parts.on_device(phase)
+        allocated = base + w + window + act[phase]
+        peak = _allocator_phase(allocator, parts, phase, base + w, window, act[phase], workload)
         if allocator.oom and oom is None:
             oom = phase
             peak = allocator.need  # what the phase needed, not the cap it stopped at
             allocator.limit = None  # the later phases: what they would need on a card large enough
-        phases.append(PhasePlan(phase, w, window, round(act[phase]), allocated, peak + slack,
+        phases.append(PhasePlan(phase, w, window, act[phase], allocated, peak + slack,
                                 peak + slack + machine.context_bytes))
+    return tuple(phases), oom
 
-    offloaded = sum(b for role, b in (("text_encoder", te_b), ("vae", vae_b)) if where[role] == "cpu-offload")
-    if where["dit"] == "cpu-offload":
-        offloaded += dit_b
-    elif layerwise:
-        offloaded += sum(g["host_bytes"] for g in dit["groups"].values())  # resident layers keep their regions
-    pinned = bool(flags.pin_cpu_memory)
 
-    compute = _compute_s(fits, dit, drv, machine, notes, data)
+def _allocator_phase(allocator: _Allocator, parts: _DeviceParts, phase: str, loaded: int, window: int,
+                     activations: int, workload: Workload) -> int:
+    """One phase through the allocator model; its reserved peak (before slack)."""
+    if phase == "load":
+        peak = allocator.load(loaded)
+        if parts.where["dit"] == "layerwise-from-device":
+            allocator.discard(parts.sizes["dit"] - parts.dit["non_layer_bytes"])  # packed to the host: blocks freed
+        return peak
+    moved = [parts.sizes[r] for r in parts.used_in(phase) if parts.where[r] == "cpu-offload"]
+    kept = parts.stream.resident_bytes if phase == "denoise" else 0  # layer buffers like the window's
+    peak = allocator.run(moved, window + kept, activations)
+    if workload.empty_cache and phase in ("encode", "denoise"):
+        allocator.empty_cache()
+    return peak
+
+
+@dataclass(frozen=True)
+class _StepTime:
+    compute: float | None  # one forward's compute (both passes of a batched CFG)
+    transfer: float | None  # one forward's streamed bytes at the H2D rate (layerwise)
+    step: float | None
+    bound: str | None
+
+
+def _step_time(flags: OffloadFlags, parts: _DeviceParts, compute: float | None, machine: Machine,
+               workload: Workload, notes: list[str]) -> _StepTime:
+    """The roofline step: forwards x max(compute, transfer) (leading resident layers: `_leading_forward_s`)."""
     if compute is not None:
         compute *= workload.batch  # a batched CFG forward does both passes' work
     transfer = None
-    if layerwise:
-        rate = machine.pinned_h2d_gbps if pinned else machine.pageable_h2d_gbps
+    stream = parts.stream
+    if parts.layerwise:
+        rate = machine.pinned_h2d_gbps if flags.pin_cpu_memory else machine.pageable_h2d_gbps
         transfer = stream.streamed_bytes / (rate * 1e9)
-    parts = [v for v in (compute, transfer) if v is not None]
-    per_forward = max(parts) if parts else None
+    known = [v for v in (compute, transfer) if v is not None]
+    per_forward = max(known) if known else None
     if compute is not None and transfer is not None and stream.resident_layers \
             and flags.dit_layerwise_residency_policy == "leading":
         per_forward = _leading_forward_s(compute, stream, rate)
     if compute is None and transfer is not None:
         notes.append("step time is the transfer bound alone (no compute time known)")
     step = None if per_forward is None else workload.forwards_per_step * per_forward
-    bound = None if not parts else ("transfer" if transfer is not None and transfer >= (compute or 0) else "compute")
-    return Plan(
-        model=model, card=card, cap_bytes=cap_bytes, flags=flags, resident_layers=stream.resident_layers,
-        workload=workload, machine=machine, placements=where, phases=tuple(phases),
-        host_pinned_bytes=offloaded if pinned else 0, host_pageable_bytes=0 if pinned else offloaded,
-        streamed_bytes_per_forward=stream.streamed_bytes, compute_s_per_forward=compute,
-        transfer_s_per_forward=transfer, step_s=step, bound=bound, oom_phase=oom, notes=tuple(notes),
-    )
+    bound = None if not known else ("transfer" if transfer is not None and transfer >= (compute or 0) else "compute")
+    return _StepTime(compute, transfer, step, bound)
 
 
 def _leading_forward_s(compute: float, stream: Streaming, rate_gbps: float) -> float:
@@ -740,6 +809,8 @@ def generated_on_device(record: Mapping[str, Any]) -> bool:
 
 @dataclass
 class _Samples:
+    """One model's samples from the records: per-phase activations per unit, load base, slack, timed forwards."""
+
     base: list[float] = field(default_factory=list)
     encode: list[float] = field(default_factory=list)
     denoise: list[float] = field(default_factory=list)
@@ -747,6 +818,22 @@ class _Samples:
     slack: list[float] = field(default_factory=list)
     compute: list[tuple[int, float, str]] = field(default_factory=list)  # (tokens, s/forward, sku)
     sources: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _MachineSamples:
+    """Per GPU SKU: pinned H2D probes, pageable rates of pin_cpu_memory=false cells, CUDA context bytes, TFLOPS."""
+
+    h2d: dict[str, list[float]] = field(default_factory=dict)
+    pageable: dict[str, list[float]] = field(default_factory=dict)
+    context: dict[str, list[float]] = field(default_factory=dict)
+    tflops: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, which: str, sku: str, value: float) -> None:
+        getattr(self, which).setdefault(sku, []).append(value)
+
+
+_FIT_KEYS = {"encode": "encode_per_unit", "denoise": "denoise_per_token", "decode": "decode_per_pixel"}
 
 
 def fit(records: Iterable[Mapping[str, Any]], data: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -757,100 +844,122 @@ def fit(records: Iterable[Mapping[str, Any]], data: Mapping[str, Any] | None = N
     that ran out of memory is left out); the coefficient is their median per unit of the phase's driver.
     """
     data = data or load_data()
-    zero = {"fits": {}, "machines": {}}
     samples: dict[str, _Samples] = {}
-    h2d: dict[str, list[float]] = {}
-    pageable: dict[str, list[float]] = {}
-    context: dict[str, list[float]] = {}
-    tflops: dict[str, list[float]] = {}
+    machines = _MachineSamples()
     for r in records:
-        if r.get("device") != "cuda" or r.get("same_as") or r.get("status") not in ("ok", "oom"):
-            continue
-        if (r.get("placements") or {}).get("dit") not in DIT_PLACEMENTS or not r.get("settings") \
-                or r.get("model") not in data.get("weights", {}):
-            continue
-        sku = (r.get("machine") or {}).get("sku", "")
-        bare = Machine(sku, float((r.get("machine") or {}).get("pinned_h2d_gbps") or 1.0), 1.0, 0)
-        # weights only: no activations, base, slack or context, so that what the record shows beyond is theirs
-        p = plan(r["model"], OffloadFlags.from_mapping(r["effective"]), None, workload_of_record(r),
-                 machine=bare, data={**data, **zero})
-        s = samples.setdefault(r["model"], _Samples())
-        s.sources.add(str(r.get("_source", "")))
-        drv = drivers(get_model(r["model"]), p.workload)
-        phases = r.get("phases") or {}
-        done = [ph for ph in PHASES if ph in phases and not (r["status"] == "oom" and ph == r.get("failed_phase"))]
-        units = {"encode": drv.encode_units, "denoise": drv.dit_tokens, "decode": drv.pixels}
-        for ph in done:
-            alloc = phases[ph].get("alloc_peak_allocated_bytes")
-            res = phases[ph].get("alloc_peak_reserved_bytes")
-            if alloc is None:
-                continue
-            pp = p.phase(ph)
-            extra = alloc - pp.weight_bytes - pp.window_bytes
-            if ph == "load":
-                s.base.append(extra)
-            else:
-                getattr(s, ph).append(extra / units[ph] / (p.workload.batch if ph == "denoise" else 1))
-            if res is not None and ph == "load" and not generated_on_device(r):
-                s.slack.append(res - alloc)
-        cap = r.get("cap") or {}
-        if cap.get("context_overhead_bytes"):
-            context.setdefault(sku, []).append(cap["context_overhead_bytes"])
-        gbps = (r.get("machine") or {}).get("pinned_h2d_gbps")
-        if gbps:
-            h2d.setdefault(sku, []).append(gbps)
-        step = measured(r).step_s
-        if step is None:
-            continue
-        per_forward = step / p.workload.forwards_per_step / p.workload.batch  # one sample's forward
-        if p.placements["dit"] in ("resident", "cpu-offload"):
-            s.compute.append((drv.dit_tokens, per_forward, sku))
-            tflops.setdefault(sku, []).append(dit_flops(model_weights(r["model"], data)["dit"], drv.dit_tokens)
-                                              / per_forward / 1e12)
-        elif not r["effective"].get("pin_cpu_memory", True):
-            # every forward streams the layers once, whatever its batch
-            pageable.setdefault(sku, []).append(p.streamed_bytes_per_forward * p.workload.forwards_per_step
-                                                / step / 1e9)
+        if _fits_from(r, data):
+            _sample_record(r, data, samples.setdefault(r["model"], _Samples()), machines)
+    fits = {model: _fit_model(model, s, data) for model, s in sorted(samples.items())}
+    return {"fits": fits, "machines": _fit_machines(machines)}
 
-    fits: dict[str, Any] = {}
-    for model, s in sorted(samples.items()):
-        f: dict[str, Any] = {"sources": sorted(x for x in s.sources if x)}
-        if s.base:
-            f["base_bytes"] = round(statistics.median(s.base))
-        for ph in RUNTIME_PHASES:
-            vals = getattr(s, ph)
-            if vals:
-                key = {"encode": "encode_per_unit", "denoise": "denoise_per_token", "decode": "decode_per_pixel"}[ph]
-                f[key] = round(max(0.0, statistics.median(vals)), 2)
-        if s.slack:
-            f["reserved_slack_bytes"] = round(statistics.median(s.slack))
-        if s.compute:
-            tokens = statistics.median_low([t for t, _, _ in s.compute])
-            sku = statistics.mode([k for _, _, k in s.compute])
-            times = [v for t, v, k in s.compute if t == tokens and k == sku]
-            dit = model_weights(model, data)["dit"]
-            sec = statistics.median(times)
-            f["compute"] = {"tokens": tokens, "s_per_forward": round(sec, 4), "sku": sku,
-                            "tflops": round(dit_flops(dit, tokens) / sec / 1e12, 1), "records": len(times)}
-        fits[model] = f
+
+def _fits_from(r: Mapping[str, Any], data: Mapping[str, Any]) -> bool:
+    """A record plan-fit learns from: a GPU cell of our runtime that ran or ran out of memory, not a copy."""
+    if r.get("device") != "cuda" or r.get("same_as") or r.get("status") not in ("ok", "oom"):
+        return False
+    return (r.get("placements") or {}).get("dit") in DIT_PLACEMENTS and bool(r.get("settings")) \
+        and r.get("model") in data.get("weights", {})
+
+
+def _sample_record(r: Mapping[str, Any], data: Mapping[str, Any], s: _Samples, machines: _MachineSamples) -> None:
+    """One record's samples: what each phase allocated beyond the plan's weights, and its machine's figures."""
+    sku = (r.get("machine") or {}).get("sku", "")
+    bare = Machine(sku, float((r.get("machine") or {}).get("pinned_h2d_gbps") or 1.0), 1.0, 0)
+    # weights only: no activations, base, slack or context, so that what the record shows beyond is theirs
+    p = plan(r["model"], OffloadFlags.from_mapping(r["effective"]), None, workload_of_record(r),
+             machine=bare, data={**data, "fits": {}, "machines": {}})
+    s.sources.add(str(r.get("_source", "")))
+    drv = drivers(get_model(r["model"]), p.workload)
+    _sample_phases(r, p, drv, s)
+    cap = r.get("cap") or {}
+    if cap.get("context_overhead_bytes"):
+        machines.add("context", sku, cap["context_overhead_bytes"])
+    gbps = (r.get("machine") or {}).get("pinned_h2d_gbps")
+    if gbps:
+        machines.add("h2d", sku, gbps)
+    _sample_step(r, p, drv, s, machines, data)
+
+
+def _sample_phases(r: Mapping[str, Any], p: Plan, drv: Drivers, s: _Samples) -> None:
+    """Per completed phase: activations per unit of its driver (load: the base), and the load's slack."""
+    phases = r.get("phases") or {}
+    done = [ph for ph in PHASES if ph in phases and not (r["status"] == "oom" and ph == r.get("failed_phase"))]
+    units = {"encode": drv.encode_units, "denoise": drv.dit_tokens, "decode": drv.pixels}
+    for ph in done:
+        alloc = phases[ph].get("alloc_peak_allocated_bytes")
+        res = phases[ph].get("alloc_peak_reserved_bytes")
+        if alloc is None:
+            continue
+        pp = p.phase(ph)
+        extra = alloc - pp.weight_bytes - pp.window_bytes
+        if ph == "load":
+            s.base.append(extra)
+        else:
+            getattr(s, ph).append(extra / units[ph] / (p.workload.batch if ph == "denoise" else 1))
+        if res is not None and ph == "load" and not generated_on_device(r):
+            s.slack.append(res - alloc)
+
+
+def _sample_step(r: Mapping[str, Any], p: Plan, drv: Drivers, s: _Samples, machines: _MachineSamples,
+                 data: Mapping[str, Any]) -> None:
+    """A resident or CPU-offloaded DiT's step is its compute; a pageable layerwise one's, the pageable rate."""
+    step = measured(r).step_s
+    if step is None:
+        return
+    sku = (r.get("machine") or {}).get("sku", "")
+    per_forward = step / p.workload.forwards_per_step / p.workload.batch  # one sample's forward
+    if p.placements["dit"] in ("resident", "cpu-offload"):
+        s.compute.append((drv.dit_tokens, per_forward, sku))
+        machines.add("tflops", sku, dit_flops(model_weights(r["model"], data)["dit"], drv.dit_tokens)
+                     / per_forward / 1e12)
+    elif not r["effective"].get("pin_cpu_memory", True):
+        # every forward streams the layers once, whatever its batch
+        machines.add("pageable", sku, p.streamed_bytes_per_forward * p.workload.forwards_per_step / step / 1e9)
+
+
+def _fit_model(model: str, s: _Samples, data: Mapping[str, Any]) -> dict[str, Any]:
+    """A model's fits: medians of its samples; the timed forward at the most common SKU's median-low tokens."""
+    f: dict[str, Any] = {"sources": sorted(x for x in s.sources if x)}
+    if s.base:
+        f["base_bytes"] = round(statistics.median(s.base))
+    for ph in RUNTIME_PHASES:
+        vals = getattr(s, ph)
+        if vals:
+            f[_FIT_KEYS[ph]] = round(max(0.0, statistics.median(vals)), 2)
+    if s.slack:
+        f["reserved_slack_bytes"] = round(statistics.median(s.slack))
+    if s.compute:
+        tokens = statistics.median_low([t for t, _, _ in s.compute])
+        sku = statistics.mode([k for _, _, k in s.compute])
+        times = [v for t, v, k in s.compute if t == tokens and k == sku]
+        dit = model_weights(model, data)["dit"]
+        sec = statistics.median(times)
+        f["compute"] = {"tokens": tokens, "s_per_forward": round(sec, 4), "sku": sku,
+                        "tflops": round(dit_flops(dit, tokens) / sec / 1e12, 1), "records": len(times)}
+    return f
+
+
+def _fit_machines(m: _MachineSamples) -> dict[str, Any]:
+    """Each SKU's profile: medians of its records' figures; a SKU without its own pageable or context figure
+    takes another SKU's."""
     machines: dict[str, Any] = {}
-    for sku in sorted(h2d):
+    for sku in sorted(m.h2d):
         machines[sku] = {
-            "pinned_h2d_gbps": round(statistics.median(h2d[sku]), 2),
+            "pinned_h2d_gbps": round(statistics.median(m.h2d[sku]), 2),
             # pageable: from a pin_cpu_memory=false layerwise cell, else the H100's measured 6.7 GB/s (run2)
-            "pageable_h2d_gbps": round(statistics.median(pageable[sku]), 2) if sku in pageable else None,
-            "context_bytes": round(statistics.median(context[sku])) if sku in context else None,
-            "tflops": round(statistics.median(tflops[sku]), 1) if sku in tflops else None,
-            "source": f"{len(h2d[sku])} records",
+            "pageable_h2d_gbps": round(statistics.median(m.pageable[sku]), 2) if sku in m.pageable else None,
+            "context_bytes": round(statistics.median(m.context[sku])) if sku in m.context else None,
+            "tflops": round(statistics.median(m.tflops[sku]), 1) if sku in m.tflops else None,
+            "source": f"{len(m.h2d[sku])} records",
         }
-    known = [m for m in machines.values() if m["pageable_h2d_gbps"]]
-    for m in machines.values():  # a SKU without its own pageable / context figure takes another SKU's
-        if m["pageable_h2d_gbps"] is None and known:
-            m["pageable_h2d_gbps"] = known[0]["pageable_h2d_gbps"]
-            m["source"] += "; pageable H2D from another SKU"
-        if m["context_bytes"] is None:
-            m["context_bytes"] = next((x["context_bytes"] for x in machines.values() if x["context_bytes"]), 0)
-    return {"fits": fits, "machines": machines}
+    known = [v for v in machines.values() if v["pageable_h2d_gbps"]]
+    for v in machines.values():
+        if v["pageable_h2d_gbps"] is None and known:
+            v["pageable_h2d_gbps"] = known[0]["pageable_h2d_gbps"]
+            v["source"] += "; pageable H2D from another SKU"
+        if v["context_bytes"] is None:
+            v["context_bytes"] = next((x["context_bytes"] for x in machines.values() if x["context_bytes"]), 0)
+    return machines
 
 
 # ------------------------------------------------------------------------------------- records: store, report
