@@ -42,6 +42,7 @@ import json
 import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from typing import Any
 from harness import locations
 from harness.models import ModelSpec, get_model
 from harness.plan.flags import OffloadFlags, prefetch_layers, resident_layer_count
+from harness.plan.segments import segment_size, window_segment_bytes
 
 DATA_PATH = locations.PACKAGE / "models" / "plan_data.json"  # the package's, wherever this module sits in it
 GIB, MIB = 2**30, 2**20
@@ -309,21 +311,29 @@ class Streaming:
     window_bytes: int  # most streamed-layer bytes on the device at once
     streamed_bytes: int  # host -> device bytes per forward
     groups: tuple[tuple[int, int, int], ...] = ()  # per group: kept bytes, streamed bytes, first window's bytes
+    # what the layer buffers (window and resident layers) reserve from an empty cache (`harness.plan.segments`):
+    # their bytes in 2 MiB segments, more where layers of two sizes split each other's segments (FLUX prefetch 5:
+    # 8,450 MiB for a 7,832 MiB window)
+    segment_bytes: int = 0
 
 
-def streaming(dit: Mapping[str, Any], prefetch_size: float, resident_value: float = 0.0) -> Streaming:
+def streaming(dit: Mapping[str, Any], prefetch_size: float, resident_value: float = 0.0,
+              order: Iterable[str] = ()) -> Streaming:
     """The layerwise runtime's device footprint (`harness.cell.offload.layerwise`): per group, r resident layers
     (`harness.plan.flags.resident_layer_count`), and a window of p of the streamed ones computing while the next is in
     flight (2p), while every other group holds its window 0, prefetched at the end of its last window for the next
-    forward. p counts streamed layers: with r kept, a window larger than the n - r streamed ones is all of them."""
+    forward. p counts streamed layers: with r kept, a window larger than the n - r streamed ones is all of them.
+    `order`: the groups' names in forward order (the zoo's `layer_groups`; the data's order otherwise)."""
     groups = []
-    kept_layers = kept_bytes = 0
+    kept_layers = kept_bytes = kept_segments = 0
     per_group = []
-    for g in dit["groups"].values():
+    names = [*order] or list(dit["groups"])
+    for g in (dit["groups"][name] for name in names):
         n, b = g["layers"], g["layer_bytes"]
         keep = resident_layer_count(resident_value, n)
         kept_layers += keep
         kept_bytes += keep * b
+        kept_segments += keep * segment_size(b)
         p = max(1, min(prefetch_layers(prefetch_size, n), n - keep))
         per_group.append((keep * b, (n - keep) * b, min(p, n - keep) * b))
         if n - keep:
@@ -333,7 +343,8 @@ def streaming(dit: Mapping[str, Any], prefetch_size: float, resident_value: floa
          for i, (n, p, b) in enumerate(groups)),
         default=0,
     )
-    return Streaming(kept_layers, kept_bytes, window, sum(n * b for n, _, b in groups), tuple(per_group))
+    return Streaming(kept_layers, kept_bytes, window, sum(n * b for n, _, b in groups), tuple(per_group),
+                     kept_segments + (window_segment_bytes(tuple(groups)) if groups else 0))
 
 
 @dataclass
@@ -346,10 +357,17 @@ class _Allocator:
     Three kinds of request, as the harness makes them: weights materialised tensor by tensor at load (their
     blocks, once freed, are too small for anything later: `dead`), one-block copies of a CPU-offloaded component
     (freed after use into `regions`, which can host a later component or a layer window), and the layer buffers of
-    the layerwise window (freed into `layer_pool`). Activations take any free bytes. What this reproduces in the
-    committed records: uncapped, a CPU-offloaded DiT after a CPU-offloaded text encoder grows the reservation by the
-    whole DiT (Wan: 11,380 -> 38,634 MiB) and a layer window after a resident encoder by the whole window (Qwen);
-    on the 4090 cap the same DiT fits (FLUX: 23,516 MiB) because the encoder's cached block is given back.
+    the layerwise window and resident layers (freed into `layer_pool`), which reserve their segments (`Streaming.
+    segment_bytes`: with layers of two sizes, more than the window). Activations take any free bytes, but
+    not the window's split-off leftovers while it is live. What this reproduces in the committed records:
+    uncapped, a CPU-offloaded DiT after a CPU-offloaded text encoder grows the reservation by the whole DiT (Wan:
+    11,380 -> 38,634 MiB) and a layer window after a resident encoder by the whole window (Qwen); on the 4090 cap
+    the same DiT fits (FLUX: 23,516 MiB) because the encoder's cached block is given back.
+
+    `layer_pool_apart`: the runtime before commit abd7f47 (2026-11-25 20:39 UTC) took layer buffers on its copy
+    stream, and the allocator keeps one pool per stream: a window could not take a component's cached block
+    (Wan prefetch 2: +2,688 MiB, its four 672 MiB layer segments, over the encoder's free 11.1 GiB block) and
+    activations could not take freed layer buffers (Qwen-Image decode: +4.3 GiB over a free 5 GiB window).
     """
 
     limit: int | None = None
@@ -362,13 +380,20 @@ class _Allocator:
     high: int = 0
     need: int = 0  # the reservation the phase needed after giving back every free block (an OOM's figure)
     oom: bool = False
+    layer_pool_apart: bool = False
+    layer_live: int = 0  # bytes of `layer_pool` the live window holds
+
+    def _free_bytes(self) -> int:
+        """Cached bytes a request of the compute stream may take (not another stream's idle layer buffers)."""
+        idle_layers = self.layer_pool - self.layer_live if self.layer_pool_apart else 0
+        return self.reserved - self.live - self.dead - idle_layers
 
     def _grow(self, nbytes: int, from_free: bool = False) -> None:
         """Reserves room for a request of `nbytes`: a new segment, or (`from_free`: activations, load-time
         tensors) whatever free cached bytes there are first."""
 
         def growth() -> int:
-            return max(0, nbytes - (self.reserved - self.live - self.dead if from_free else 0))
+            return max(0, nbytes - (self._free_bytes() if from_free else 0))
 
         if self.limit is not None and self.reserved + growth() > self.limit:
             # every cached block not in use goes back to the driver (activation blocks too, being freed by now;
@@ -405,8 +430,9 @@ class _Allocator:
         return min(fitting)
 
     def run(self, moved: list[int], window: int, activations: int) -> int:
-        """One runtime phase: components moved in as one block each, the layer window, then activations; all freed
-        at the end. Returns the phase's reserved peak (at least what it started with, as the records count)."""
+        """One runtime phase: components moved in as one block each, the layer window (the bytes its buffers
+        reserve), then activations; all freed at the end. Returns the phase's reserved peak (at least what it
+        started with, as the records count)."""
         self.high = self.need = self.reserved
         hosts = []
         for size in sorted(moved, reverse=True):
@@ -418,13 +444,14 @@ class _Allocator:
         pooled = min(window, self.layer_pool)
         self.pool_in_use = pooled
         rest = window - pooled
-        window_host = self._take(rest) if rest else None
+        window_host = self._take(rest) if rest and not self.layer_pool_apart else None
         if rest and window_host is None:
             self._grow(rest)
         self.live += window
-        self.pool_in_use = 0  # now part of `live`
+        self.layer_live, self.pool_in_use = pooled, 0  # now part of `live`
         self._grow(activations, from_free=True)
         self.live -= sum(moved) + window
+        self.layer_live = 0
         self.regions += hosts + ([window_host] if window_host else [])
         self.layer_pool = max(self.layer_pool, pooled + (rest if window_host is None else 0))
         return self.high
@@ -443,8 +470,11 @@ def plan(
     machine: Machine | None = None,
     resident_layers: float | None = None,
     data: Mapping[str, Any] | None = None,
+    layer_pool_apart: bool = False,
 ) -> Plan:
     """Predicts what `flags` (effective: resolve them first) cost for `model` on a card of `cap_bytes`.
+    `layer_pool_apart`: plan the layerwise runtime before commit abd7f47, whose layer buffers came from the copy
+    stream's own allocator pool (`_Allocator`; the plans of its records, `plan_for_record`).
 
     Example:
         >>> p = plan("qwen-image-edit", OffloadFlags(dit_cpu_offload=True, dit_layerwise_offload=True,
@@ -461,8 +491,11 @@ def plan(
     value = flags.dit_layerwise_resident_layers if resident_layers is None else resident_layers
     parts = _DeviceParts.of(spec, model_weights(model, data), flags, value)
     drv = drivers(spec, workload)
+    allocator = _Allocator(layer_pool_apart=layer_pool_apart and parts.layerwise)
+    if allocator.layer_pool_apart:
+        notes.append("layer buffers from the copy stream's own pool (the runtime before abd7f47)")
     phases, oom = _phase_plans(parts, _activations(fits, drv, workload), int(fits.get("base_bytes", 0)),
-                               int(fits.get("reserved_slack_bytes", 0)), cap_bytes, machine, workload)
+                               int(fits.get("reserved_slack_bytes", 0)), cap_bytes, machine, workload, allocator)
     offloaded = parts.host_bytes()
     pinned = bool(flags.pin_cpu_memory)
     timing = _step_time(flags, parts, _compute_s(fits, parts.dit, drv, machine, notes, data), machine, workload, notes)
@@ -517,8 +550,10 @@ class _DeviceParts:
     def of(cls, spec: ModelSpec, weights: Mapping[str, Any], flags: OffloadFlags,
            resident_value: float) -> _DeviceParts:
         dit = weights["dit"]
-        stream = streaming(dit, flags.dit_offload_prefetch_size, resident_value) if flags.dit_layerwise_offload \
-            else Streaming(0, 0, 0, 0)
+        stream = Streaming(0, 0, 0, 0)
+        if flags.dit_layerwise_offload:
+            stream = streaming(dit, flags.dit_offload_prefetch_size, resident_value,
+                               spec.components["dit"].layer_groups)
         sizes = {role: weights[role]["weight_bytes"] for role in ("text_encoder", "dit", "vae")}
         return cls(placements(flags), sizes, dit, stream, spec.edit)
 
@@ -561,17 +596,17 @@ class _DeviceParts:
 
 
 def _phase_plans(parts: _DeviceParts, act: Mapping[str, int], base: int, slack: int, cap_bytes: int | None,
-                 machine: Machine, workload: Workload) -> tuple[tuple[PhasePlan, ...], str | None]:
+                 machine: Machine, workload: Workload,
+                 allocator: _Allocator) -> tuple[tuple[PhasePlan, ...], str | None]:
     """Each phase's allocated and reserved peaks through the allocator model, and the first phase that would
     not fit the card (None: all fit)."""
-    limit = None if cap_bytes is None else cap_bytes - machine.context_bytes - slack
-    allocator = _Allocator(limit=limit)
+    allocator.limit = None if cap_bytes is None else cap_bytes - machine.context_bytes - slack
     phases = []
     oom = None
     for phase in PHASES:
         w, window = parts.on_device(phase)
         allocated = base + w + window + act[phase]
-        peak = _allocator_phase(allocator, parts, phase, base + w, window, act[phase], workload)
+        peak = _allocator_phase(allocator, parts, phase, base + w, act[phase], workload)
         if allocator.oom and oom is None:
             oom = phase
             peak = allocator.need  # what the phase needed, not the cap it stopped at
@@ -581,7 +616,7 @@ def _phase_plans(parts: _DeviceParts, act: Mapping[str, int], base: int, slack: 
     return tuple(phases), oom
 
 
-def _allocator_phase(allocator: _Allocator, parts: _DeviceParts, phase: str, loaded: int, window: int,
+def _allocator_phase(allocator: _Allocator, parts: _DeviceParts, phase: str, loaded: int,
                      activations: int, workload: Workload) -> int:
     """One phase through the allocator model; its reserved peak (before slack)."""
     if phase == "load":
@@ -590,8 +625,8 @@ def _allocator_phase(allocator: _Allocator, parts: _DeviceParts, phase: str, loa
             allocator.discard(parts.sizes["dit"] - parts.dit["non_layer_bytes"])  # packed to the host: blocks freed
         return peak
     moved = [parts.sizes[r] for r in parts.used_in(phase) if parts.where[r] == "cpu-offload"]
-    kept = parts.stream.resident_bytes if phase == "denoise" else 0  # layer buffers like the window's
-    peak = allocator.run(moved, window + kept, activations)
+    layers = parts.stream.segment_bytes if phase == "denoise" else 0  # the window's and resident layers' segments
+    peak = allocator.run(moved, layers, activations)
     if workload.empty_cache and phase in ("encode", "denoise"):
         allocator.empty_cache()
     return peak
@@ -674,7 +709,19 @@ def plan_for_record(record: Mapping[str, Any], data: Mapping[str, Any] | None = 
         return None
     return plan(record["model"], OffloadFlags.from_mapping(record["effective"]),
                 (record.get("card") or {}).get("cap_bytes"), workload_of_record(record),
-                card=(record.get("card") or {}).get("name", ""), machine=machine_of_record(record, data), data=data)
+                card=(record.get("card") or {}).get("name", ""), machine=machine_of_record(record, data), data=data,
+                layer_pool_apart=before_compute_pool(record))
+
+
+# commit abd7f47 (layer buffers from the compute stream's pool, so they reuse what offloaded components freed)
+COMPUTE_POOL_SINCE = datetime.fromisoformat("2026-11-25T20:39:34+00:00")
+
+
+def before_compute_pool(record: Mapping[str, Any]) -> bool:
+    """The record was made by the layerwise runtime that took its layer buffers from the copy stream's pool
+    (before abd7f47; records carry their creation time, not always their commit)."""
+    created = record.get("created")
+    return bool(created) and datetime.fromisoformat(created) < COMPUTE_POOL_SINCE
 
 
 def workload_of_record(record: Mapping[str, Any]) -> Workload:
