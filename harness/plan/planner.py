@@ -7,7 +7,8 @@ records count it:
                 + activations(phase, workload) + base
     reserved  = what a coarse model of the caching allocator (`_Allocator`) has reserved by the phase's peak
                 (it keeps what it reserved, reuses a freed block only for what fits in it, and at the card's
-                limit gives the free cached blocks back before an OOM), + the allocator's slack
+                limit gives the free cached blocks back before an OOM; layer buffers take the segments
+                `harness.plan.segments` replays), + the allocator's slack
     device    = reserved + the CUDA context (what NVML counts per process; the card's cap applies to it)
 
 and a cell fits its card when every phase's device bytes stay within the cap (the first that does not is the
