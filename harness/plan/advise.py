@@ -27,7 +27,7 @@ from harness.run.results import latest_by_cell, read_records
 
 PREFETCH_SIZES = (1, 2, 4, 8)
 RESIDENT_SHARES = (0.0, 0.25, 0.5, 0.75)  # dit_layerwise_resident_layers as a fraction of each group
-DEFAULT_MARGIN = 0.05  # of the card's memory: allocator fragmentation the plan does not see (up to +12 % measured)
+DEFAULT_MARGIN = 0.05  # of the card's memory: allocator blocks the plan does not see (up to +8 % measured: FLUX)
 
 
 def combinations(prefetch_sizes: Iterable[int] = PREFETCH_SIZES,

@@ -7,7 +7,8 @@ records count it:
                 + activations(phase, workload) + base
     reserved  = what a coarse model of the caching allocator (`_Allocator`) has reserved by the phase's peak
                 (it keeps what it reserved, reuses a freed block only for what fits in it, and at the card's
-                limit gives the free cached blocks back before an OOM), + the allocator's slack
+                limit gives the free cached blocks back before an OOM; layer buffers take the segments
+                `harness.plan.segments` replays), + the allocator's slack
     device    = reserved + the CUDA context (what NVML counts per process; the card's cap applies to it)
 
 and a cell fits its card when every phase's device bytes stay within the cap (the first that does not is the
@@ -42,6 +43,7 @@ import json
 import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,7 @@ from typing import Any
 from harness import locations
 from harness.models import ModelSpec, get_model
 from harness.plan.flags import OffloadFlags, prefetch_layers, resident_layer_count
+from harness.plan.segments import segment_size, window_segment_bytes
 
 DATA_PATH = locations.PACKAGE / "models" / "plan_data.json"  # the package's, wherever this module sits in it
 GIB, MIB = 2**30, 2**20
@@ -309,21 +312,29 @@ class Streaming:
     window_bytes: int  # most streamed-layer bytes on the device at once
     streamed_bytes: int  # host -> device bytes per forward
     groups: tuple[tuple[int, int, int], ...] = ()  # per group: kept bytes, streamed bytes, first window's bytes
+    # what the layer buffers (window and resident layers) reserve from an empty cache (`harness.plan.segments`):
+    # their bytes in 2 MiB segments, more where layers of two sizes split each other's segments (FLUX prefetch 5:
+    # 8,450 MiB for a 7,832 MiB window)
+    segment_bytes: int = 0
 
 
-def streaming(dit: Mapping[str, Any], prefetch_size: float, resident_value: float = 0.0) -> Streaming:
+def streaming(dit: Mapping[str, Any], prefetch_size: float, resident_value: float = 0.0,
+              order: Iterable[str] = ()) -> Streaming:
     """The layerwise runtime's device footprint (`harness.cell.offload.layerwise`): per group, r resident layers
     (`harness.plan.flags.resident_layer_count`), and a window of p of the streamed ones computing while the next is in
     flight (2p), while every other group holds its window 0, prefetched at the end of its last window for the next
-    forward. p counts streamed layers: with r kept, a window larger than the n - r streamed ones is all of them."""
+    forward. p counts streamed layers: with r kept, a window larger than the n - r streamed ones is all of them.
+    `order`: the groups' names in forward order (the zoo's `layer_groups`; the data's order otherwise)."""
     groups = []
-    kept_layers = kept_bytes = 0
+    kept_layers = kept_bytes = kept_segments = 0
     per_group = []
-    for g in dit["groups"].values():
+    names = [*order] or list(dit["groups"])
+    for g in (dit["groups"][name] for name in names):
         n, b = g["layers"], g["layer_bytes"]
         keep = resident_layer_count(resident_value, n)
         kept_layers += keep
         kept_bytes += keep * b
+        kept_segments += keep * segment_size(b)
         p = max(1, min(prefetch_layers(prefetch_size, n), n - keep))
         per_group.append((keep * b, (n - keep) * b, min(p, n - keep) * b))
         if n - keep:
@@ -333,7 +344,8 @@ def streaming(dit: Mapping[str, Any], prefetch_size: float, resident_value: floa
          for i, (n, p, b) in enumerate(groups)),
         default=0,
     )
-    return Streaming(kept_layers, kept_bytes, window, sum(n * b for n, _, b in groups), tuple(per_group))
+    return Streaming(kept_layers, kept_bytes, window, sum(n * b for n, _, b in groups), tuple(per_group),
+                     kept_segments + (window_segment_bytes(tuple(groups)) if groups else 0))
 
 
 @dataclass
@@ -346,10 +358,17 @@ class _Allocator:
     Three kinds of request, as the harness makes them: weights materialised tensor by tensor at load (their
     blocks, once freed, are too small for anything later: `dead`), one-block copies of a CPU-offloaded component
     (freed after use into `regions`, which can host a later component or a layer window), and the layer buffers of
-    the layerwise window (freed into `layer_pool`). Activations take any free bytes. What this reproduces in the
-    committed records: uncapped, a CPU-offloaded DiT after a CPU-offloaded text encoder grows the reservation by the
-    whole DiT (Wan: 11,380 -> 38,634 MiB) and a layer window after a resident encoder by the whole window (Qwen);
-    on the 4090 cap the same DiT fits (FLUX: 23,516 MiB) because the encoder's cached block is given back.
+    the layerwise window and resident layers (freed into `layer_pool`), which reserve their segments (`Streaming.
+    segment_bytes`: with layers of two sizes, more than the window). Activations take any free bytes, but
+    not the window's split-off leftovers while it is live. What this reproduces in the committed records:
+    uncapped, a CPU-offloaded DiT after a CPU-offloaded text encoder grows the reservation by the whole DiT (Wan:
+    11,380 -> 38,634 MiB) and a layer window after a resident encoder by the whole window (Qwen); on the 4090 cap
+    the same DiT fits (FLUX: 23,516 MiB) because the encoder's cached block is given back.
+
+    `layer_pool_apart`: the runtime before commit abd7f47 (2026-11-25 20:39 UTC) took layer buffers on its copy
+    stream, and the allocator keeps one pool per stream: a window could not take a component's cached block
+    (Wan prefetch 2: +2,688 MiB, its four 672 MiB layer segments, over the encoder's free 11.1 GiB block) and
+    activations could not take freed layer buffers (Qwen-Image decode: +4.3 GiB over a free 5 GiB window).
     """
 
     limit: int | None = None
@@ -362,13 +381,20 @@ class _Allocator:
     high: int = 0
     need: int = 0  # the reservation the phase needed after giving back every free block (an OOM's figure)
     oom: bool = False
+    layer_pool_apart: bool = False
+    layer_live: int = 0  # bytes of `layer_pool` the live window holds
+
+    def _free_bytes(self) -> int:
+        """Cached bytes a request of the compute stream may take (not another stream's idle layer buffers)."""
+        idle_layers = self.layer_pool - self.layer_live if self.layer_pool_apart else 0
+        return self.reserved - self.live - self.dead - idle_layers
 
     def _grow(self, nbytes: int, from_free: bool = False) -> None:
         """Reserves room for a request of `nbytes`: a new segment, or (`from_free`: activations, load-time
         tensors) whatever free cached bytes there are first."""
 
         def growth() -> int:
-            return max(0, nbytes - (self.reserved - self.live - self.dead if from_free else 0))
+            return max(0, nbytes - (self._free_bytes() if from_free else 0))
 
         if self.limit is not None and self.reserved + growth() > self.limit:
             # every cached block not in use goes back to the driver (activation blocks too, being freed by now;
@@ -405,8 +431,9 @@ class _Allocator:
         return min(fitting)
 
     def run(self, moved: list[int], window: int, activations: int) -> int:
-        """One runtime phase: components moved in as one block each, the layer window, then activations; all freed
-        at the end. Returns the phase's reserved peak (at least what it started with, as the records count)."""
+        """One runtime phase: components moved in as one block each, the layer window (the bytes its buffers
+        reserve), then activations; all freed at the end. Returns the phase's reserved peak (at least what it
+        started with, as the records count)."""
         self.high = self.need = self.reserved
         hosts = []
         for size in sorted(moved, reverse=True):
@@ -418,13 +445,14 @@ class _Allocator:
         pooled = min(window, self.layer_pool)
         self.pool_in_use = pooled
         rest = window - pooled
-        window_host = self._take(rest) if rest else None
+        window_host = self._take(rest) if rest and not self.layer_pool_apart else None
         if rest and window_host is None:
             self._grow(rest)
         self.live += window
-        self.pool_in_use = 0  # now part of `live`
+        self.layer_live, self.pool_in_use = pooled, 0  # now part of `live`
         self._grow(activations, from_free=True)
         self.live -= sum(moved) + window
+        self.layer_live = 0
         self.regions += hosts + ([window_host] if window_host else [])
         self.layer_pool = max(self.layer_pool, pooled + (rest if window_host is None else 0))
         return self.high
@@ -443,8 +471,11 @@ def plan(
     machine: Machine | None = None,
     resident_layers: float | None = None,
     data: Mapping[str, Any] | None = None,
+    layer_pool_apart: bool = False,
 ) -> Plan:
     """Predicts what `flags` (effective: resolve them first) cost for `model` on a card of `cap_bytes`.
+    `layer_pool_apart`: plan the layerwise runtime before commit abd7f47, whose layer buffers came from the copy
+    stream's own allocator pool (`_Allocator`; the plans of its records, `plan_for_record`).
 
     Example:
         >>> p = plan("qwen-image-edit", OffloadFlags(dit_cpu_offload=True, dit_layerwise_offload=True,
@@ -454,108 +485,182 @@ def plan(
     """
     data = data or load_data()
     spec = get_model(model)
-    weights = model_weights(model, data)
     fits, fits_from = model_fits(model, data)
     machine = machine or machine_profile(data=data)
-    notes: list[str] = []
-    if fits_from is None:
-        notes.append(f"no records of {model} (or a model with its DiT): activations, allocator slack and compute "
-                     "unknown, counted as 0")
-    elif fits_from != model:
-        notes.append(f"activations and compute from {fits_from} (same DiT)")
-    drv = drivers(spec, workload)
-    streamed = set(flags.layerwise_offload_components or ()) & {"text_encoder", "vae", "all"}
-    if streamed:  # the planner models a layerwise DiT only; a streamed encoder or VAE is not planned (yet)
-        raise PlanError(f"layerwise {', '.join(sorted(streamed))} (layerwise_offload_components) is not modelled")
-    where = placements(flags)
-    dit = weights["dit"]
-    te_b, vae_b, dit_b = weights["text_encoder"]["weight_bytes"], weights["vae"]["weight_bytes"], dit["weight_bytes"]
-    layerwise = bool(flags.dit_layerwise_offload)
+    notes = _fits_notes(model, fits_from)
+    _refuse_streamed_encoder_or_vae(flags)
     value = flags.dit_layerwise_resident_layers if resident_layers is None else resident_layers
-    stream = streaming(dit, flags.dit_offload_prefetch_size, value) if layerwise else Streaming(0, 0, 0, 0)
-    act = {
-        "load": 0.0,
-        "encode": fits.get("encode_per_unit", 0.0) * drv.encode_units,
-        "denoise": fits.get("denoise_per_token", 0.0) * drv.dit_tokens * workload.batch,
-        "decode": fits.get("decode_per_pixel", 0.0) * drv.pixels,
-    }
-    base = int(fits.get("base_bytes", 0))
-    slack = int(fits.get("reserved_slack_bytes", 0))
+    parts = _DeviceParts.of(spec, model_weights(model, data), flags, value)
+    drv = drivers(spec, workload)
+    allocator = _Allocator(layer_pool_apart=layer_pool_apart and parts.layerwise)
+    if allocator.layer_pool_apart:
+        notes.append("layer buffers from the copy stream's own pool (the runtime before abd7f47)")
+    phases, oom = _phase_plans(parts, _activations(fits, drv, workload), int(fits.get("base_bytes", 0)),
+                               int(fits.get("reserved_slack_bytes", 0)), cap_bytes, machine, workload, allocator)
+    offloaded = parts.host_bytes()
+    pinned = bool(flags.pin_cpu_memory)
+    timing = _step_time(flags, parts, _compute_s(fits, parts.dit, drv, machine, notes, data), machine, workload, notes)
+    return Plan(
+        model=model, card=card, cap_bytes=cap_bytes, flags=flags, resident_layers=parts.stream.resident_layers,
+        workload=workload, machine=machine, placements=parts.where, phases=phases,
+        host_pinned_bytes=offloaded if pinned else 0, host_pageable_bytes=0 if pinned else offloaded,
+        streamed_bytes_per_forward=parts.stream.streamed_bytes, compute_s_per_forward=timing.compute,
+        transfer_s_per_forward=timing.transfer, step_s=timing.step, bound=timing.bound, oom_phase=oom,
+        notes=tuple(notes),
+    )
 
-    def on_device(phase: str) -> tuple[int, int]:
+
+def _fits_notes(model: str, fits_from: str | None) -> list[str]:
+    """What a plan says about where its fitted coefficients come from."""
+    if fits_from is None:
+        return [f"no records of {model} (or a model with its DiT): activations, allocator slack and compute "
+                "unknown, counted as 0"]
+    if fits_from != model:
+        return [f"activations and compute from {fits_from} (same DiT)"]
+    return []
+
+
+def _refuse_streamed_encoder_or_vae(flags: OffloadFlags) -> None:
+    """The planner models a layerwise DiT only; a streamed encoder or VAE is not planned (yet)."""
+    streamed = set(flags.layerwise_offload_components or ()) & {"text_encoder", "vae", "all"}
+    if streamed:
+        raise PlanError(f"layerwise {', '.join(sorted(streamed))} (layerwise_offload_components) is not modelled")
+
+
+def _activations(fits: Mapping[str, Any], drv: Drivers, workload: Workload) -> dict[str, int]:
+    """Each phase's activation bytes: the fitted bytes per unit of what drives them (x2 for a batched CFG)."""
+    return {
+        "load": 0,
+        "encode": round(fits.get("encode_per_unit", 0.0) * drv.encode_units),
+        "denoise": round(fits.get("denoise_per_token", 0.0) * drv.dit_tokens * workload.batch),
+        "decode": round(fits.get("decode_per_pixel", 0.0) * drv.pixels),
+    }
+
+
+@dataclass(frozen=True)
+class _DeviceParts:
+    """What a model's components put on the device under the flags' placements."""
+
+    where: dict[str, str]
+    sizes: dict[str, int]  # whole-component weight bytes by role
+    dit: Mapping[str, Any]  # the DiT's weights data (groups, non-layer bytes)
+    stream: Streaming  # the layerwise window (all zeros without layerwise offload)
+    edit: bool  # an edit model: the VAE also encodes the reference image
+
+    @classmethod
+    def of(cls, spec: ModelSpec, weights: Mapping[str, Any], flags: OffloadFlags,
+           resident_value: float) -> _DeviceParts:
+        dit = weights["dit"]
+        stream = Streaming(0, 0, 0, 0)
+        if flags.dit_layerwise_offload:
+            stream = streaming(dit, flags.dit_offload_prefetch_size, resident_value,
+                               spec.components["dit"].layer_groups)
+        sizes = {role: weights[role]["weight_bytes"] for role in ("text_encoder", "dit", "vae")}
+        return cls(placements(flags), sizes, dit, stream, spec.edit)
+
+    @property
+    def layerwise(self) -> bool:
+        return self.where["dit"].startswith("layerwise")
+
+    def used_in(self, phase: str) -> list[str]:
+        """The components a runtime phase runs (an edit model's encode also runs the VAE on the reference)."""
+        return {"encode": ["text_encoder", *(["vae"] if self.edit else [])], "denoise": ["dit"],
+                "decode": ["vae"]}[phase]
+
+    def on_device(self, phase: str) -> tuple[int, int]:
         """(weights, window) on the device during `phase`: a resident component always, a CPU-offloaded one only
         in the phase that uses it (the VAE also in an edit model's encode, which encodes the reference image)."""
+        where, dit = self.where, self.dit
         w = 0
         if where["text_encoder"] == "resident" or phase == "encode":
-            w += te_b
-        if where["vae"] == "resident" or phase == "decode" or (phase == "encode" and spec.edit):
-            w += vae_b
+            w += self.sizes["text_encoder"]
+        if where["vae"] == "resident" or phase == "decode" or (phase == "encode" and self.edit):
+            w += self.sizes["vae"]
         window = 0
         if where["dit"] == "resident" or (where["dit"] == "cpu-offload" and phase == "denoise"):
-            w += dit_b
+            w += self.sizes["dit"]
         elif where["dit"] == "layerwise-from-device" and phase == "load":
-            w += dit_b  # the loader puts the whole DiT on the device before packing it to the host
-        elif layerwise:
-            w += dit["non_layer_bytes"] + (stream.resident_bytes if phase == "denoise" else 0)
-            window = stream.window_bytes if phase == "denoise" else 0
+            w += self.sizes["dit"]  # the loader puts the whole DiT on the device before packing it to the host
+        elif self.layerwise:
+            w += dit["non_layer_bytes"] + (self.stream.resident_bytes if phase == "denoise" else 0)
+            window = self.stream.window_bytes if phase == "denoise" else 0
         return w, window
 
-    used_in = {"encode": ["text_encoder", *(["vae"] if spec.edit else [])], "denoise": ["dit"], "decode": ["vae"]}
-    sizes = {"text_encoder": te_b, "dit": dit_b, "vae": vae_b}
-    limit = None if cap_bytes is None else cap_bytes - machine.context_bytes - slack
-    allocator = _Allocator(limit=limit)
+    def host_bytes(self) -> int:
+        """Host bytes of the offloaded components (a layerwise DiT's per-layer regions, resident layers' too)."""
+        offloaded = sum(self.sizes[role] for role in ("text_encoder", "vae") if self.where[role] == "cpu-offload")
+        if self.where["dit"] == "cpu-offload":
+            offloaded += self.sizes["dit"]
+        elif self.layerwise:
+            offloaded += sum(g["host_bytes"] for g in self.dit["groups"].values())
+        return offloaded
+
+
+def _phase_plans(parts: _DeviceParts, act: Mapping[str, int], base: int, slack: int, cap_bytes: int | None,
+                 machine: Machine, workload: Workload,
+                 allocator: _Allocator) -> tuple[tuple[PhasePlan, ...], str | None]:
+    """Each phase's allocated and reserved peaks through the allocator model, and the first phase that would
+    not fit the card (None: all fit)."""
+    allocator.limit = None if cap_bytes is None else cap_bytes - machine.context_bytes - slack
     phases = []
     oom = None
     for phase in PHASES:
-        w, window = on_device(phase)
-        allocated = base + w + window + round(act[phase])
-        if phase == "load":
-            peak = allocator.load(base + w)
-            if where["dit"] == "layerwise-from-device":
-                allocator.discard(dit_b - dit["non_layer_bytes"])  # packed to the host: its tensors' blocks freed
-        else:
-            moved = [sizes[r] for r in used_in[phase] if where[r] == "cpu-offload"]
-            kept = stream.resident_bytes if phase == "denoise" else 0  # layer buffers like the window's
-            peak = allocator.run(moved, window + kept, round(act[phase]))
-            if workload.empty_cache and phase in ("encode", "denoise"):
-                allocator.empty_cache()
+        w, window = parts.on_device(phase)
+        allocated = base + w + window + act[phase]
+        peak = _allocator_phase(allocator, parts, phase, base + w, act[phase], workload)
         if allocator.oom and oom is None:
             oom = phase
             peak = allocator.need  # what the phase needed, not the cap it stopped at
             allocator.limit = None  # the later phases: what they would need on a card large enough
-        phases.append(PhasePlan(phase, w, window, round(act[phase]), allocated, peak + slack,
+        phases.append(PhasePlan(phase, w, window, act[phase], allocated, peak + slack,
                                 peak + slack + machine.context_bytes))
+    return tuple(phases), oom
 
-    offloaded = sum(b for role, b in (("text_encoder", te_b), ("vae", vae_b)) if where[role] == "cpu-offload")
-    if where["dit"] == "cpu-offload":
-        offloaded += dit_b
-    elif layerwise:
-        offloaded += sum(g["host_bytes"] for g in dit["groups"].values())  # resident layers keep their regions
-    pinned = bool(flags.pin_cpu_memory)
 
-    compute = _compute_s(fits, dit, drv, machine, notes, data)
+def _allocator_phase(allocator: _Allocator, parts: _DeviceParts, phase: str, loaded: int,
+                     activations: int, workload: Workload) -> int:
+    """One phase through the allocator model; its reserved peak (before slack)."""
+    if phase == "load":
+        peak = allocator.load(loaded)
+        if parts.where["dit"] == "layerwise-from-device":
+            allocator.discard(parts.sizes["dit"] - parts.dit["non_layer_bytes"])  # packed to the host: blocks freed
+        return peak
+    moved = [parts.sizes[r] for r in parts.used_in(phase) if parts.where[r] == "cpu-offload"]
+    layers = parts.stream.segment_bytes if phase == "denoise" else 0  # the window's and resident layers' segments
+    peak = allocator.run(moved, layers, activations)
+    if workload.empty_cache and phase in ("encode", "denoise"):
+        allocator.empty_cache()
+    return peak
+
+
+@dataclass(frozen=True)
+class _StepTime:
+    compute: float | None  # one forward's compute (both passes of a batched CFG)
+    transfer: float | None  # one forward's streamed bytes at the H2D rate (layerwise)
+    step: float | None
+    bound: str | None
+
+
+def _step_time(flags: OffloadFlags, parts: _DeviceParts, compute: float | None, machine: Machine,
+               workload: Workload, notes: list[str]) -> _StepTime:
+    """The roofline step: forwards x max(compute, transfer) (leading resident layers: `_leading_forward_s`)."""
     if compute is not None:
         compute *= workload.batch  # a batched CFG forward does both passes' work
     transfer = None
-    if layerwise:
-        rate = machine.pinned_h2d_gbps if pinned else machine.pageable_h2d_gbps
+    stream = parts.stream
+    if parts.layerwise:
+        rate = machine.pinned_h2d_gbps if flags.pin_cpu_memory else machine.pageable_h2d_gbps
         transfer = stream.streamed_bytes / (rate * 1e9)
-    parts = [v for v in (compute, transfer) if v is not None]
-    per_forward = max(parts) if parts else None
+    known = [v for v in (compute, transfer) if v is not None]
+    per_forward = max(known) if known else None
     if compute is not None and transfer is not None and stream.resident_layers \
             and flags.dit_layerwise_residency_policy == "leading":
         per_forward = _leading_forward_s(compute, stream, rate)
     if compute is None and transfer is not None:
         notes.append("step time is the transfer bound alone (no compute time known)")
     step = None if per_forward is None else workload.forwards_per_step * per_forward
-    bound = None if not parts else ("transfer" if transfer is not None and transfer >= (compute or 0) else "compute")
-    return Plan(
-        model=model, card=card, cap_bytes=cap_bytes, flags=flags, resident_layers=stream.resident_layers,
-        workload=workload, machine=machine, placements=where, phases=tuple(phases),
-        host_pinned_bytes=offloaded if pinned else 0, host_pageable_bytes=0 if pinned else offloaded,
-        streamed_bytes_per_forward=stream.streamed_bytes, compute_s_per_forward=compute,
-        transfer_s_per_forward=transfer, step_s=step, bound=bound, oom_phase=oom, notes=tuple(notes),
-    )
+    bound = None if not known else ("transfer" if transfer is not None and transfer >= (compute or 0) else "compute")
+    return _StepTime(compute, transfer, step, bound)
 
 
 def _leading_forward_s(compute: float, stream: Streaming, rate_gbps: float) -> float:
@@ -605,7 +710,19 @@ def plan_for_record(record: Mapping[str, Any], data: Mapping[str, Any] | None = 
         return None
     return plan(record["model"], OffloadFlags.from_mapping(record["effective"]),
                 (record.get("card") or {}).get("cap_bytes"), workload_of_record(record),
-                card=(record.get("card") or {}).get("name", ""), machine=machine_of_record(record, data), data=data)
+                card=(record.get("card") or {}).get("name", ""), machine=machine_of_record(record, data), data=data,
+                layer_pool_apart=before_compute_pool(record))
+
+
+# commit abd7f47 (layer buffers from the compute stream's pool, so they reuse what offloaded components freed)
+COMPUTE_POOL_SINCE = datetime.fromisoformat("2026-11-25T20:39:34+00:00")
+
+
+def before_compute_pool(record: Mapping[str, Any]) -> bool:
+    """The record was made by the layerwise runtime that took its layer buffers from the copy stream's pool
+    (before abd7f47; records carry their creation time, not always their commit)."""
+    created = record.get("created")
+    return bool(created) and datetime.fromisoformat(created) < COMPUTE_POOL_SINCE
 
 
 def workload_of_record(record: Mapping[str, Any]) -> Workload:
@@ -740,6 +857,8 @@ def generated_on_device(record: Mapping[str, Any]) -> bool:
 
 @dataclass
 class _Samples:
+    """One model's samples from the records: per-phase activations per unit, load base, slack, timed forwards."""
+
     base: list[float] = field(default_factory=list)
     encode: list[float] = field(default_factory=list)
     denoise: list[float] = field(default_factory=list)
@@ -747,6 +866,22 @@ class _Samples:
     slack: list[float] = field(default_factory=list)
     compute: list[tuple[int, float, str]] = field(default_factory=list)  # (tokens, s/forward, sku)
     sources: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _MachineSamples:
+    """Per GPU SKU: pinned H2D probes, pageable rates of pin_cpu_memory=false cells, CUDA context bytes, TFLOPS."""
+
+    h2d: dict[str, list[float]] = field(default_factory=dict)
+    pageable: dict[str, list[float]] = field(default_factory=dict)
+    context: dict[str, list[float]] = field(default_factory=dict)
+    tflops: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, which: str, sku: str, value: float) -> None:
+        getattr(self, which).setdefault(sku, []).append(value)
+
+
+_FIT_KEYS = {"encode": "encode_per_unit", "denoise": "denoise_per_token", "decode": "decode_per_pixel"}
 
 
 def fit(records: Iterable[Mapping[str, Any]], data: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -757,100 +892,122 @@ def fit(records: Iterable[Mapping[str, Any]], data: Mapping[str, Any] | None = N
     that ran out of memory is left out); the coefficient is their median per unit of the phase's driver.
     """
     data = data or load_data()
-    zero = {"fits": {}, "machines": {}}
     samples: dict[str, _Samples] = {}
-    h2d: dict[str, list[float]] = {}
-    pageable: dict[str, list[float]] = {}
-    context: dict[str, list[float]] = {}
-    tflops: dict[str, list[float]] = {}
+    machines = _MachineSamples()
     for r in records:
-        if r.get("device") != "cuda" or r.get("same_as") or r.get("status") not in ("ok", "oom"):
-            continue
-        if (r.get("placements") or {}).get("dit") not in DIT_PLACEMENTS or not r.get("settings") \
-                or r.get("model") not in data.get("weights", {}):
-            continue
-        sku = (r.get("machine") or {}).get("sku", "")
-        bare = Machine(sku, float((r.get("machine") or {}).get("pinned_h2d_gbps") or 1.0), 1.0, 0)
-        # weights only: no activations, base, slack or context, so that what the record shows beyond is theirs
-        p = plan(r["model"], OffloadFlags.from_mapping(r["effective"]), None, workload_of_record(r),
-                 machine=bare, data={**data, **zero})
-        s = samples.setdefault(r["model"], _Samples())
-        s.sources.add(str(r.get("_source", "")))
-        drv = drivers(get_model(r["model"]), p.workload)
-        phases = r.get("phases") or {}
-        done = [ph for ph in PHASES if ph in phases and not (r["status"] == "oom" and ph == r.get("failed_phase"))]
-        units = {"encode": drv.encode_units, "denoise": drv.dit_tokens, "decode": drv.pixels}
-        for ph in done:
-            alloc = phases[ph].get("alloc_peak_allocated_bytes")
-            res = phases[ph].get("alloc_peak_reserved_bytes")
-            if alloc is None:
-                continue
-            pp = p.phase(ph)
-            extra = alloc - pp.weight_bytes - pp.window_bytes
-            if ph == "load":
-                s.base.append(extra)
-            else:
-                getattr(s, ph).append(extra / units[ph] / (p.workload.batch if ph == "denoise" else 1))
-            if res is not None and ph == "load" and not generated_on_device(r):
-                s.slack.append(res - alloc)
-        cap = r.get("cap") or {}
-        if cap.get("context_overhead_bytes"):
-            context.setdefault(sku, []).append(cap["context_overhead_bytes"])
-        gbps = (r.get("machine") or {}).get("pinned_h2d_gbps")
-        if gbps:
-            h2d.setdefault(sku, []).append(gbps)
-        step = measured(r).step_s
-        if step is None:
-            continue
-        per_forward = step / p.workload.forwards_per_step / p.workload.batch  # one sample's forward
-        if p.placements["dit"] in ("resident", "cpu-offload"):
-            s.compute.append((drv.dit_tokens, per_forward, sku))
-            tflops.setdefault(sku, []).append(dit_flops(model_weights(r["model"], data)["dit"], drv.dit_tokens)
-                                              / per_forward / 1e12)
-        elif not r["effective"].get("pin_cpu_memory", True):
-            # every forward streams the layers once, whatever its batch
-            pageable.setdefault(sku, []).append(p.streamed_bytes_per_forward * p.workload.forwards_per_step
-                                                / step / 1e9)
+        if _fits_from(r, data):
+            _sample_record(r, data, samples.setdefault(r["model"], _Samples()), machines)
+    fits = {model: _fit_model(model, s, data) for model, s in sorted(samples.items())}
+    return {"fits": fits, "machines": _fit_machines(machines)}
 
-    fits: dict[str, Any] = {}
-    for model, s in sorted(samples.items()):
-        f: dict[str, Any] = {"sources": sorted(x for x in s.sources if x)}
-        if s.base:
-            f["base_bytes"] = round(statistics.median(s.base))
-        for ph in RUNTIME_PHASES:
-            vals = getattr(s, ph)
-            if vals:
-                key = {"encode": "encode_per_unit", "denoise": "denoise_per_token", "decode": "decode_per_pixel"}[ph]
-                f[key] = round(max(0.0, statistics.median(vals)), 2)
-        if s.slack:
-            f["reserved_slack_bytes"] = round(statistics.median(s.slack))
-        if s.compute:
-            tokens = statistics.median_low([t for t, _, _ in s.compute])
-            sku = statistics.mode([k for _, _, k in s.compute])
-            times = [v for t, v, k in s.compute if t == tokens and k == sku]
-            dit = model_weights(model, data)["dit"]
-            sec = statistics.median(times)
-            f["compute"] = {"tokens": tokens, "s_per_forward": round(sec, 4), "sku": sku,
-                            "tflops": round(dit_flops(dit, tokens) / sec / 1e12, 1), "records": len(times)}
-        fits[model] = f
+
+def _fits_from(r: Mapping[str, Any], data: Mapping[str, Any]) -> bool:
+    """A record plan-fit learns from: a GPU cell of our runtime that ran or ran out of memory, not a copy."""
+    if r.get("device") != "cuda" or r.get("same_as") or r.get("status") not in ("ok", "oom"):
+        return False
+    return (r.get("placements") or {}).get("dit") in DIT_PLACEMENTS and bool(r.get("settings")) \
+        and r.get("model") in data.get("weights", {})
+
+
+def _sample_record(r: Mapping[str, Any], data: Mapping[str, Any], s: _Samples, machines: _MachineSamples) -> None:
+    """One record's samples: what each phase allocated beyond the plan's weights, and its machine's figures."""
+    sku = (r.get("machine") or {}).get("sku", "")
+    bare = Machine(sku, float((r.get("machine") or {}).get("pinned_h2d_gbps") or 1.0), 1.0, 0)
+    # weights only: no activations, base, slack or context, so that what the record shows beyond is theirs
+    p = plan(r["model"], OffloadFlags.from_mapping(r["effective"]), None, workload_of_record(r),
+             machine=bare, data={**data, "fits": {}, "machines": {}})
+    s.sources.add(str(r.get("_source", "")))
+    drv = drivers(get_model(r["model"]), p.workload)
+    _sample_phases(r, p, drv, s)
+    cap = r.get("cap") or {}
+    if cap.get("context_overhead_bytes"):
+        machines.add("context", sku, cap["context_overhead_bytes"])
+    gbps = (r.get("machine") or {}).get("pinned_h2d_gbps")
+    if gbps:
+        machines.add("h2d", sku, gbps)
+    _sample_step(r, p, drv, s, machines, data)
+
+
+def _sample_phases(r: Mapping[str, Any], p: Plan, drv: Drivers, s: _Samples) -> None:
+    """Per completed phase: activations per unit of its driver (load: the base), and the load's slack."""
+    phases = r.get("phases") or {}
+    done = [ph for ph in PHASES if ph in phases and not (r["status"] == "oom" and ph == r.get("failed_phase"))]
+    units = {"encode": drv.encode_units, "denoise": drv.dit_tokens, "decode": drv.pixels}
+    for ph in done:
+        alloc = phases[ph].get("alloc_peak_allocated_bytes")
+        res = phases[ph].get("alloc_peak_reserved_bytes")
+        if alloc is None:
+            continue
+        pp = p.phase(ph)
+        extra = alloc - pp.weight_bytes - pp.window_bytes
+        if ph == "load":
+            s.base.append(extra)
+        else:
+            getattr(s, ph).append(extra / units[ph] / (p.workload.batch if ph == "denoise" else 1))
+        if res is not None and ph == "load" and not generated_on_device(r):
+            s.slack.append(res - alloc)
+
+
+def _sample_step(r: Mapping[str, Any], p: Plan, drv: Drivers, s: _Samples, machines: _MachineSamples,
+                 data: Mapping[str, Any]) -> None:
+    """A resident or CPU-offloaded DiT's step is its compute; a pageable layerwise one's, the pageable rate."""
+    step = measured(r).step_s
+    if step is None:
+        return
+    sku = (r.get("machine") or {}).get("sku", "")
+    per_forward = step / p.workload.forwards_per_step / p.workload.batch  # one sample's forward
+    if p.placements["dit"] in ("resident", "cpu-offload"):
+        s.compute.append((drv.dit_tokens, per_forward, sku))
+        machines.add("tflops", sku, dit_flops(model_weights(r["model"], data)["dit"], drv.dit_tokens)
+                     / per_forward / 1e12)
+    elif not r["effective"].get("pin_cpu_memory", True):
+        # every forward streams the layers once, whatever its batch
+        machines.add("pageable", sku, p.streamed_bytes_per_forward * p.workload.forwards_per_step / step / 1e9)
+
+
+def _fit_model(model: str, s: _Samples, data: Mapping[str, Any]) -> dict[str, Any]:
+    """A model's fits: medians of its samples; the timed forward at the most common SKU's median-low tokens."""
+    f: dict[str, Any] = {"sources": sorted(x for x in s.sources if x)}
+    if s.base:
+        f["base_bytes"] = round(statistics.median(s.base))
+    for ph in RUNTIME_PHASES:
+        vals = getattr(s, ph)
+        if vals:
+            f[_FIT_KEYS[ph]] = round(max(0.0, statistics.median(vals)), 2)
+    if s.slack:
+        f["reserved_slack_bytes"] = round(statistics.median(s.slack))
+    if s.compute:
+        tokens = statistics.median_low([t for t, _, _ in s.compute])
+        sku = statistics.mode([k for _, _, k in s.compute])
+        times = [v for t, v, k in s.compute if t == tokens and k == sku]
+        dit = model_weights(model, data)["dit"]
+        sec = statistics.median(times)
+        f["compute"] = {"tokens": tokens, "s_per_forward": round(sec, 4), "sku": sku,
+                        "tflops": round(dit_flops(dit, tokens) / sec / 1e12, 1), "records": len(times)}
+    return f
+
+
+def _fit_machines(m: _MachineSamples) -> dict[str, Any]:
+    """Each SKU's profile: medians of its records' figures; a SKU without its own pageable or context figure
+    takes another SKU's."""
     machines: dict[str, Any] = {}
-    for sku in sorted(h2d):
+    for sku in sorted(m.h2d):
         machines[sku] = {
-            "pinned_h2d_gbps": round(statistics.median(h2d[sku]), 2),
+            "pinned_h2d_gbps": round(statistics.median(m.h2d[sku]), 2),
             # pageable: from a pin_cpu_memory=false layerwise cell, else the H100's measured 6.7 GB/s (run2)
-            "pageable_h2d_gbps": round(statistics.median(pageable[sku]), 2) if sku in pageable else None,
-            "context_bytes": round(statistics.median(context[sku])) if sku in context else None,
-            "tflops": round(statistics.median(tflops[sku]), 1) if sku in tflops else None,
-            "source": f"{len(h2d[sku])} records",
+            "pageable_h2d_gbps": round(statistics.median(m.pageable[sku]), 2) if sku in m.pageable else None,
+            "context_bytes": round(statistics.median(m.context[sku])) if sku in m.context else None,
+            "tflops": round(statistics.median(m.tflops[sku]), 1) if sku in m.tflops else None,
+            "source": f"{len(m.h2d[sku])} records",
         }
-    known = [m for m in machines.values() if m["pageable_h2d_gbps"]]
-    for m in machines.values():  # a SKU without its own pageable / context figure takes another SKU's
-        if m["pageable_h2d_gbps"] is None and known:
-            m["pageable_h2d_gbps"] = known[0]["pageable_h2d_gbps"]
-            m["source"] += "; pageable H2D from another SKU"
-        if m["context_bytes"] is None:
-            m["context_bytes"] = next((x["context_bytes"] for x in machines.values() if x["context_bytes"]), 0)
-    return {"fits": fits, "machines": machines}
+    known = [v for v in machines.values() if v["pageable_h2d_gbps"]]
+    for v in machines.values():
+        if v["pageable_h2d_gbps"] is None and known:
+            v["pageable_h2d_gbps"] = known[0]["pageable_h2d_gbps"]
+            v["source"] += "; pageable H2D from another SKU"
+        if v["context_bytes"] is None:
+            v["context_bytes"] = next((x["context_bytes"] for x in machines.values() if x["context_bytes"]), 0)
+    return machines
 
 
 # ------------------------------------------------------------------------------------- records: store, report
