@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from harness.analyze.expect import (
     fate_failures,
     invariant_failures,
     lowest_peak_verdict,
+    resident_speed_verdict,
     same_output_verdict,
 )
 from harness.plan.scenario import FateExpectation, expand, load_scenario
@@ -237,3 +239,39 @@ def test_invariant_bound_counts_the_dit_resident_layers() -> None:
     assert invariant_failures(record) == []
     record["phases"]["denoise"]["ledger_peak_bytes"] += 1
     assert "resident layers" in invariant_failures(record)[0]
+
+
+# --------------------------------------------------------------------------------------------- resident_speed
+
+RESIDENT_SWEEP = REPO / "results" / "h200" / "qwen-image-resident-5090.records.jsonl"
+
+
+def resident_sweep(slower: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """The measured H200 resident sweep (Qwen-Image, 5090 cap); `slower` sets a cell's denoise steps (ms) by label."""
+    records = [json.loads(line) for line in RESIDENT_SWEEP.read_text().splitlines() if line.strip()]
+    for r in records:
+        label = r["cell_id"].rsplit("/", 1)[-1]
+        if label in (slower or {}):
+            r["phases"]["denoise"]["step_ms"] = [slower[label]] * len(r["phases"]["denoise"]["step_ms"])
+    return records
+
+
+def test_resident_speed_passes_on_the_measured_sweep_where_strided_30_beats_leading_38() -> None:
+    v = resident_speed_verdict("rtx5090-32g", resident_sweep())
+    assert v.passed, v.message
+    assert "pin1-res38 (r=38) 0.770 s vs cpu1-lw1-te1-vae0-pf1-pin1-res0.5 (r=30) 0.905 s" in v.message
+    assert "res0.5-strided (r=30)" in v.message  # against the cell with none resident, its only peer
+    assert "res38 (r=38) 0.770 s vs cpu1-lw1-te1-vae0-pf1-pin1-res0.5-strided" not in v.message
+
+
+def test_resident_speed_fails_if_more_leading_layers_step_slower() -> None:
+    v = resident_speed_verdict("rtx5090-32g", resident_sweep(slower={"cpu1-lw1-te1-vae0-pf1-pin1-res38": 950.0}))
+    assert not v.passed
+    assert "res38 (r=38) 0.950 s vs cpu1-lw1-te1-vae0-pf1-pin1-res0.5 (r=30) 0.905 s" in v.message
+
+
+def test_resident_speed_compares_a_strided_cell_with_the_cell_that_keeps_none() -> None:
+    slower = {"cpu1-lw1-te1-vae0-pf1-pin1-res0.5-strided": 1600.0}
+    v = resident_speed_verdict("rtx5090-32g", resident_sweep(slower=slower))
+    assert not v.passed
+    assert "res0.5-strided (r=30) 1.600 s vs cpu1-lw1-te1-vae0-pf1-pin1 (r=0)" in v.message
