@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from harness.run.results import (
     SCHEMA_VERSION,
     ResultsError,
     append_record,
+    git_sha,
     latest_by_cell,
     migrate,
     read_records,
@@ -191,3 +193,24 @@ def test_concurrent_appends_from_several_processes_keep_every_line_intact(tmp_pa
     ids = sorted(r["cell_id"] for r in result.records)
     assert ids == sorted(f"p{p}/{i}" for p in range(PROCS) for i in range(PER_PROC))
     assert all(len(r["pad"]) == PAD and r["values"] == list(range(2_000)) for r in result.records)
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def test_git_sha_says_dirty_if_a_tracked_file_differs_from_the_commit(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OFFLOAD_BENCH_GIT_SHA", raising=False)
+    _git(tmp_path, "init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    _git(tmp_path, "add", "a.py")
+    _git(tmp_path, "commit", "-qm", "one")
+    head = _git(tmp_path, "rev-parse", "--short=12", "HEAD")
+    (tmp_path / "untracked.txt").write_text("not code that ran\n")
+    assert git_sha(tmp_path) == head
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert git_sha(tmp_path) == f"{head}-dirty"
+    monkeypatch.setenv("OFFLOAD_BENCH_GIT_SHA", "given")
+    assert git_sha(tmp_path) == "given"

@@ -69,16 +69,24 @@ def now_iso() -> str:
 
 
 def git_sha(cwd: Path | None = None) -> str | None:
-    """The checkout's commit, or OFFLOAD_BENCH_GIT_SHA where the tree has no .git (a copied working tree)."""
+    """The checkout's commit, with "-dirty" when tracked files differ from it, or OFFLOAD_BENCH_GIT_SHA where the
+    tree has no .git (a copied working tree).
+
+    "-dirty" because a commit alone can name code that did not run: the lent GPU machine gets the working tree over
+    a .git of an earlier commit, and its session-5 records said b4bfa57 for a tree one merge later."""
     if os.environ.get("OFFLOAD_BENCH_GIT_SHA"):
         return os.environ["OFFLOAD_BENCH_GIT_SHA"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5
         )
+        sha = out.stdout.strip()
+        if not sha:
+            return None
+        clean = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=cwd, capture_output=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() or None
+    return sha if clean.returncode == 0 else f"{sha}-dirty"
 
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
