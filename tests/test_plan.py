@@ -395,6 +395,26 @@ def test_plan_entry_is_the_records_plan_and_never_raises() -> None:
     assert plan_entry({**record, "backend": "diffusers-group"}) is None
 
 
+def test_a_cell_the_planner_cannot_plan_is_shown_not_raised() -> None:
+    """A report or an expectation over a cell whose flags the planner cannot plan (here flags it cannot read; the
+    runner stored the error as the record's plan) shows the cell with the reason and judges the others."""
+    from harness.analyze.report import render
+
+    records = _records("h100/qwen-image-edit-5090-s2.records.jsonl")
+    i, good = next((i, r) for i, r in enumerate(records) if r["status"] == "ok")
+    broken = {**good, "effective": {**good["effective"], "dit_cpu_offload": "maybe"}}
+    broken["plan"] = plan_entry(broken)
+    records[i] = broken
+    c = check_record(broken)
+    assert c is not None and c.not_planned.startswith("FlagError: ") and c.verdict_ok
+    assert c.predicted_load is None and c.measured_load == good["phases"]["load"]["alloc_peak_reserved_bytes"]
+    row = next(r for r in plan_rows(records) if r["cell"] == good["cell_id"])
+    assert row["fate planned / measured"] == "not planned / ok" and row["plan"].startswith("not planned: FlagError")
+    verdict = plan_within_verdict("rtx5090-32g", records, {"peak": 0.05, "time": 0.10})
+    assert verdict.passed and f"{broken['cell_id'].rsplit('/', 1)[-1]} not planned: FlagError" in verdict.message
+    assert "not planned: FlagError" in render(records)
+
+
 def test_plan_within_fails_a_cell_that_strays(tmp_path: Path) -> None:
     records = _records("h100/qwen-image-edit-5090-s2.records.jsonl")
     tolerance = {"peak": 0.05, "time": 0.10}

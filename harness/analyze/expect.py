@@ -34,7 +34,8 @@
   planner (`harness.plan.planner`: the plan the runner stored in the record) predicted its fate (fits, or the phase of
   the OOM), and its allocator reserved load and runtime peaks lie within p, its median steady step within t, of
   the plan (relative to the plan). Phases that ran out of memory and peaks the synthetic checkpoint's generation
-  inflated are not compared; the CPU profile is not judged (the plan predicts CUDA counters).
+  inflated are not compared; the CPU profile is not judged (the plan predicts CUDA counters); a cell the planner
+  cannot plan is named in the verdict as not planned, with the reason, and not judged.
 - `invariants`, `host`: per-cell checks, below.
 """
 
@@ -225,11 +226,14 @@ def plan_within_verdict(card: str, records: Iterable[Record], tolerance: dict[st
     if not gpu:
         return Verdict("plan_within", card, True, "no GPU cell of our runtime ran: not judged (the plan predicts "
                        "CUDA allocator counters)")
-    problems, checked = [], 0
+    problems, checked, skipped = [], 0, []
     for r in gpu:
         c = check_record(r.to_dict())
         if c is None:
             problems.append(f"{r.label}: no plan")
+            continue
+        if c.not_planned:  # flags the planner does not model: nothing predicted to judge, said in the verdict
+            skipped.append(f"{r.label} not planned: {c.not_planned}")
             continue
         checked += 1
         if not c.verdict_ok:
@@ -240,8 +244,9 @@ def plan_within_verdict(card: str, records: Iterable[Record], tolerance: dict[st
             if key in tolerance and err is not None and abs(err) > tolerance[key]:
                 problems.append(f"{r.label}: {what} {100 * err:+.1f} % off the plan (> {tolerance[key]:.0%})")
     if problems:
-        return Verdict("plan_within", card, False, "; ".join(problems))
-    return Verdict("plan_within", card, True, f"{checked} cells within {tolerance} of their plans")
+        return Verdict("plan_within", card, False, "; ".join(problems + skipped))
+    return Verdict("plan_within", card, True, "; ".join([f"{checked} cells within {tolerance} of their plans",
+                                                         *skipped]))
 
 
 def _streamed(record: CellRecord) -> bool:

@@ -784,6 +784,7 @@ class Check:
     predicted_step: float | None
     measured_step: float | None
     note: str | None = None
+    not_planned: str | None = None  # why the planner could not plan the cell (then nothing predicted is judged)
 
     @property
     def load_error(self) -> float | None:
@@ -814,8 +815,13 @@ def recorded_plan(record: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str
 
 
 def check_record(record: Mapping[str, Any]) -> Check | None:
-    """The record's plan against its numbers; None for a cell the planner does not model."""
-    p, source = recorded_plan(record)
+    """The record's plan against its numbers; None for a cell the planner does not model. A cell it models but
+    cannot plan (flags it does not model, flags or data it cannot read) gets a Check that says why
+    (`not_planned`), so a report or an expectation shows it instead of failing on it."""
+    try:
+        p, source = recorded_plan(record)
+    except PLAN_FAILURES as e:
+        return _not_planned(record, f"{type(e).__name__}: {e}")
     if p is None:
         return None
     m = measured(record)
@@ -839,6 +845,14 @@ def check_record(record: Mapping[str, Any]) -> Check | None:
         predicted_step=p["step_s"], measured_step=m.step_s,
         note=None if comparable else GENERATED_NOTE,
     )
+
+
+def _not_planned(record: Mapping[str, Any], reason: str) -> Check:
+    m = measured(record)
+    return Check(cell=record.get("cell_id", ""), source="not planned", status=record.get("status", ""),
+                 failed_phase=record.get("failed_phase"), predicted_oom_phase=None, verdict_ok=True,
+                 predicted_load=None, measured_load=m.load_peak, predicted_runtime=None,
+                 measured_runtime=m.runtime_peak, predicted_step=None, measured_step=m.step_s, not_planned=reason)
 
 
 GENERATED_NOTE = "peaks not compared: the child generated its synthetic checkpoint on the device first"
@@ -1013,13 +1027,17 @@ def _fit_machines(m: _MachineSamples) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------- records: store, report
 
 
+# what planning a recorded cell may raise: PlanError, a FlagError (a ValueError), a KeyError (a zoo change)
+PLAN_FAILURES = (PlanError, ValueError, KeyError)
+
+
 def plan_entry(record: Mapping[str, Any]) -> dict[str, Any] | None:
     """The plan the runner stores beside a cell's measurements (`record["plan"]`): the cell's effective flags,
     card and settings on its machine (its own H2D probe). Planning never costs a run its record: a failure is
     stored as {"error": ...}; None for a cell the planner does not model (another backend, no settings)."""
     try:
         p = plan_for_record(record)
-    except (PlanError, ValueError, KeyError) as e:  # FlagError is a ValueError; a zoo change, a KeyError
+    except PLAN_FAILURES as e:
         return {"error": f"{type(e).__name__}: {e}"}
     return None if p is None else p.as_dict()
 
@@ -1034,7 +1052,7 @@ def _mib(v: float | None) -> str:
 
 def plan_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Predicted vs measured, one row per GPU cell the planner models (reserved peaks in MiB, steps in s; errors
-    are measured / predicted - 1)."""
+    are measured / predicted - 1); a cell it cannot plan shows its measurements and why ("not planned: ...")."""
     rows = []
     for r in records:
         if r.get("device") != "cuda" or r.get("same_as") or r.get("status") not in ("ok", "oom"):
@@ -1044,6 +1062,8 @@ def plan_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
             continue
         fate = "fits" if c.predicted_oom_phase is None else f"oom in {c.predicted_oom_phase}"
         got = "ok" if c.status == "ok" else f"oom in {c.failed_phase}"
+        if c.not_planned:
+            fate = "not planned"
         rows.append({
             "cell": c.cell,
             "fate planned / measured": f"{fate} / {got}" + ("" if c.verdict_ok else " (MISMATCH)"),
@@ -1056,6 +1076,6 @@ def plan_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "step s planned": "" if c.predicted_step is None else f"{c.predicted_step:.3f}",
             "measured  ": "" if c.measured_step is None else f"{c.measured_step:.3f}",
             "error  ": _pct(c.step_error),
-            "plan": c.source + (f"; {c.note}" if c.note else ""),
+            "plan": f"not planned: {c.not_planned}" if c.not_planned else c.source + (f"; {c.note}" if c.note else ""),
         })
     return rows
