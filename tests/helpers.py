@@ -9,7 +9,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from harness.contract import migrate
+from harness.contract import CellRecord, migrate
 from harness.plan.flags import OffloadFlags
 
 # ------------------------------------------------------------------------------------------------ TOML writer
@@ -181,3 +181,13 @@ BASELINES = FIXTURES / "baselines"
 SKU = "nvidia-h100-80gb-hbm3"
 S = "qwen-image-edit-5090"
 OK = f"{S}/native/cpu1-lw1-te0-vae0-pf4-pin1"
+
+
+def cell_records(path: Path) -> list[CellRecord]:
+    """Every record of a JSON-lines file, as CellRecords (migrated), in file order."""
+    return [CellRecord.from_json(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def as_records(records: list[dict[str, Any]]) -> list[CellRecord]:
+    """JSON records (edited by a test) as CellRecords."""
+    return [CellRecord.from_dict(r) for r in records]
