@@ -12,7 +12,6 @@ import argparse
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
 
 from tabulate import tabulate
 
@@ -45,7 +44,7 @@ def fixed_cost(record: CellRecord) -> JsonObject | None:
             "estimated": True}
 
 
-def rows(records: list[CellRecord]) -> list[dict[str, Any]]:
+def rows(records: list[CellRecord]) -> list[dict[str, str | float | None]]:
     """The table: one row per cell that ran to the end, by column header."""
     out = []
     for r in latest_by_cell(records).values():

@@ -15,7 +15,7 @@ from tabulate import tabulate
 
 from harness.analyze.expect import evaluate
 from harness.analyze.roofline import roofline_rows
-from harness.contract import PHASES, RUNTIME_PHASES, STEP_CONVENTION, CellRecord, Status, label_in
+from harness.contract import PHASES, RUNTIME_PHASES, STEP_CONVENTION, CellRecord, JsonObject, Status, label_in
 from harness.plan.planner import plan_rows
 from harness.plan.scenario import ScenarioError, load_scenario
 from harness.run.merge import host_of
@@ -67,7 +67,7 @@ def _fits(record: CellRecord) -> bool:
     return record.status is Status.OK and (record.cap or {}).get("within_cap") is not False
 
 
-def frontier_rows(records: list[CellRecord]) -> list[dict[str, Any]]:
+def frontier_rows(records: list[CellRecord]) -> list[dict[str, str | float]]:
     """Peak against step time, per card: every cell that ran (one row per distinct run), sorted by runtime peak,
     with the Pareto front (no other cell that ran is both lower in runtime peak and faster per median steady
     step) and the fastest cell that fits its card marked. A cell with resident DiT layers also shows its step
@@ -104,7 +104,7 @@ def _resident_zero_twin(record: CellRecord, records: list[CellRecord]) -> CellRe
         return None
     drop = ("dit_layerwise_resident_layers", "dit_layerwise_residency_policy")
 
-    def rest(r: CellRecord) -> dict[str, Any]:
+    def rest(r: CellRecord) -> JsonObject:
         return {k: v for k, v in r.effective.items() if k not in drop}
 
     return next((o for o in records if not o.effective.get("dit_layerwise_resident_layers")
