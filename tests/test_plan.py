@@ -32,6 +32,7 @@ from harness.plan.planner import (
     plan_rows,
 )
 from harness.plan.scenario import CARDS, ScenarioError, load_scenario
+from tests.helpers import as_records
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "results"
@@ -368,7 +369,7 @@ def test_report_has_the_predicted_vs_measured_table() -> None:
     from harness.analyze.report import render
 
     records = _records("h100/qwen-image-edit-5090-s2.records.jsonl")
-    text = render(records)
+    text = render(as_records(records))
     assert "Plan vs measured" in text and "oom in load / oom in load" in text
     rows = plan_rows(records)
     both = next(r for r in rows if "cpu1-lw1" in r["cell"])
