@@ -312,11 +312,11 @@ def test_runner_records_the_backend_and_the_skip(tmp_path: Path) -> None:
 
     cell = _tiny_cells(["harness", "diffusers-group-rs"])[("native", "cpu1-lw1", "diffusers-group-rs")]
     run = Run.create(tmp_path, "cpu", "backends", verbose=False)
-    rec = run_cell(run, cell)
+    rec = run_cell(run, cell).to_dict()
     assert rec["status"] == "skipped" and NEEDS_CUDA in rec["reason"]
     assert rec["backend"] == "diffusers-group-rs"
     assert rec["spec_hash"] == cell.spec_hash("cpu")
-    assert run.finished()[cell.cell_id]["status"] == "skipped"
+    assert run.finished()[cell.cell_id].status == "skipped"
     spec = json.loads((run.run_dir / "cells" / cell.cell_id.replace("/", "__") / "cell.json").read_text())
     assert spec["backend"] == "diffusers-group-rs"
 
@@ -329,8 +329,8 @@ def test_runner_copies_the_whole_dit_cell_to_other_backends_under_their_own_name
     ours, peer = cells[("native", "cpu1-lw0", "harness")], cells[("native", "cpu1-lw0", "diffusers-group")]
     assert peer.same_as == ours.cell_id
     run = Run.create(tmp_path, "cpu", "backends", verbose=False)
-    source = run_cell(run, ours)
-    copy = run_cell(run, peer)
+    source = run_cell(run, ours).to_dict()
+    copy = run_cell(run, peer).to_dict()
     assert source["status"] == "ok", source.get("reason")
     assert copy["cell_id"] == peer.cell_id and copy["same_as"] == ours.cell_id
     assert copy["backend"] == "diffusers-group" and source["backend"] == "harness"

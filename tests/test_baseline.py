@@ -238,3 +238,13 @@ def test_corrupt_fixture_files_are_refused(tmp_path):
     for name in ("bad-json.json", "wrong-schema.json", "missing-keys.json"):
         with pytest.raises(BaselineError, match=name):
             read_baseline(FIXTURES / "baselines" / name)
+
+
+@pytest.mark.parametrize("path", [*sorted((FIXTURES.parent.parent / "results" / "baselines").glob("*.json")),
+                                  FIXTURES / "baselines" / f"{H100_SKU}.json"], ids=lambda p: p.name)
+def test_committed_baselines_write_back_as_the_same_json(tmp_path, path):
+    """Read into a Baseline and written again, a committed file (cells without portable_spec_hash or spread)
+    is the same JSON: no key added, none dropped."""
+    out = tmp_path / "again.json"
+    write_baseline(out, read_baseline(path))
+    assert json.loads(out.read_text()) == json.loads(path.read_text())

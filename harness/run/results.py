@@ -1,9 +1,9 @@
 """Result records: one self-describing JSON object per cell, appended to a JSON-lines file as each cell ends.
 
 Everything downstream (pytest assertions, report, compare) reads these records, never live objects, so any run
-can be re-reported later. Appends take an exclusive lock and fsync, so concurrent runs writing one file cannot
-interleave lines, and a crash loses at most the line being written: `read_records` skips a torn last line and
-reports it instead of failing the whole file.
+can be re-reported later: `read_cell_records` gives `CellRecord`s (JSON only in the file). Appends take an exclusive
+lock and fsync, so concurrent runs writing one file cannot interleave lines, and a crash loses at most the line being
+written: the readers skip a torn last line and report it instead of failing the whole file.
 """
 
 from __future__ import annotations
@@ -95,8 +95,9 @@ def git_sha(cwd: Path | None = None) -> str | None:
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
-def append_record(path: Path, record: CellRecord | dict[str, Any]) -> None:
-    """Appends one record as one line, under an exclusive lock, and fsyncs before returning.
+def append_record(path: Path, record: CellRecord | JsonObject) -> None:
+    """Appends one record as one line, under an exclusive lock, and fsyncs before returning. A JSON object is
+    written as it is (a record of an older schema, or a test's malformed one): the file edge.
 
     A write or fsync that fails (disk full, quota) cuts the file back to its size before the append, still under
     the lock, so a failed append leaves the file exactly as it was: never half a line that would make the next
