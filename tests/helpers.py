@@ -6,10 +6,11 @@ import copy
 import datetime as dt
 import math
 import tomllib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from harness.contract import CellRecord, migrate
+from harness.contract import CellRecord, Record, as_record, migrate
 from harness.plan.flags import OffloadFlags
 
 # ------------------------------------------------------------------------------------------------ TOML writer
@@ -188,6 +189,6 @@ def cell_records(path: Path) -> list[CellRecord]:
     return [CellRecord.from_json(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def as_records(records: list[dict[str, Any]]) -> list[CellRecord]:
-    """JSON records (edited by a test) as CellRecords."""
-    return [CellRecord.from_dict(r) for r in records]
+def as_records(records: Iterable[Record]) -> list[CellRecord]:
+    """JSON records (edited by a test) as CellRecords; a CellRecord stays as it is."""
+    return [as_record(r) for r in records]

@@ -189,8 +189,8 @@ def test_two_shards_in_two_processes_merge_to_the_unsharded_run(tmp_path, capsys
 
     assert {k: essence(r) for k, r in merged.items()} == {k: essence(r) for k, r in single.items()}
     scenario = load_scenario(scenario_file)
-    verdicts = [(v.check, v.card, v.passed) for v in evaluate(scenario, list(merged.values()))]
-    assert verdicts == [(v.check, v.card, v.passed) for v in evaluate(scenario, list(single.values()))]
+    verdicts = [(v.check, v.card, v.passed) for v in evaluate(scenario, as_records(list(merged.values())))]
+    assert verdicts == [(v.check, v.card, v.passed) for v in evaluate(scenario, as_records(list(single.values())))]
     assert any(check == "lowest_peak" for check, _, _ in verdicts)
     for r in merged.values():
         o = r["overhead"]

@@ -334,23 +334,23 @@ def test_plan_entry_is_the_records_plan_and_never_raises() -> None:
 def test_plan_within_fails_a_cell_that_strays(tmp_path: Path) -> None:
     records = _records("h100/qwen-image-edit-5090-s2.records.jsonl")
     tolerance = {"peak": 0.05, "time": 0.10}
-    assert plan_within_verdict("rtx5090-32g", records, tolerance).passed
+    assert plan_within_verdict("rtx5090-32g", as_records(records), tolerance).passed
     slow = []
     for r in records:
         if r["status"] == "ok":
             r = json.loads(json.dumps(r))
             r["phases"]["denoise"]["step_ms"] = [s * 1.2 for s in r["phases"]["denoise"]["step_ms"]]
         slow.append(r)
-    verdict = plan_within_verdict("rtx5090-32g", slow, tolerance)
+    verdict = plan_within_verdict("rtx5090-32g", as_records(slow), tolerance)
     assert not verdict.passed and "step" in verdict.message
     fat = [{**r, "phases": {**r["phases"], "load": {**r["phases"]["load"],
             "alloc_peak_reserved_bytes": r["phases"]["load"]["alloc_peak_reserved_bytes"] * 1.1}}}
            if r["status"] == "ok" else r for r in records]
-    assert "load peak" in plan_within_verdict("rtx5090-32g", fat, tolerance).message
+    assert "load peak" in plan_within_verdict("rtx5090-32g", as_records(fat), tolerance).message
     fate = [{**r, "status": "ok", "failed_phase": None} if r["status"] == "oom" else r for r in records]
-    assert "planned OOM in load" in plan_within_verdict("rtx5090-32g", fate, tolerance).message
+    assert "planned OOM in load" in plan_within_verdict("rtx5090-32g", as_records(fate), tolerance).message
     cpu = [{**r, "device": "cpu"} for r in records]
-    assert plan_within_verdict("rtx5090-32g", cpu, tolerance).passed
+    assert plan_within_verdict("rtx5090-32g", as_records(cpu), tolerance).passed
 
 
 def test_scenario_plan_within_is_parsed_and_checked(tmp_path: Path) -> None:
