@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from harness import exitcodes, locations
-from harness.analyze.baseline import BaselineError
+from harness.analyze.baseline import Baseline, BaselineCell, BaselineError
 from harness.analyze.compare import CheckSpecError, Comparison
-from harness.contract import Status, fate_text, label_in
+from harness.contract import CellRecord, Status, label_in
 from harness.plan import plan_cli
 from harness.plan.scenario import ScenarioError, discover, expand
 from harness.run.merge import MergeConflict
@@ -36,10 +36,8 @@ from harness.run.results import (
     UnwritableError,
     ensure_writable,
     latest_by_cell,
-    read_records,
+    read_cell_records,
 )
-
-FAILED_FATES = ("crash", "error", "timeout")
 
 
 class Stop(Exception):
@@ -65,14 +63,14 @@ def beside(run: str, name: str) -> Path:
     return p.with_name(f"{stem}.{name}")
 
 
-def _read_run(arg: str) -> tuple[Path, list[dict[str, Any]]]:
+def _read_run(arg: str) -> tuple[Path, list[CellRecord]]:
     """The latest record of each cell of a run; unreadable lines are warned about. A path that does not exist is
     a ResultsError (usage); a run folder without records.jsonl, or a file without one readable record, is a
     NoRecordsError (its own exit code: the bench ran and left nothing)."""
     path = _records_path(arg)
     if Path(arg).is_dir() and not path.exists():
         raise NoRecordsError(f"{arg}: run folder without records.jsonl: no records (did the bench run any cell?)")
-    result = read_records(path)
+    result = read_cell_records(path)
     for problem in result.problems:
         print(f"warning: {problem}", file=sys.stderr)
     records = list(latest_by_cell(result.records).values())
@@ -82,16 +80,16 @@ def _read_run(arg: str) -> tuple[Path, list[dict[str, Any]]]:
     return path, records
 
 
-def _require_measured(records: list[dict[str, Any]], path: Path) -> None:
+def _require_measured(records: list[CellRecord], path: Path) -> None:
     """Stops when no cell measured anything: all skipped (ALL_SKIPPED) or all skipped/crashed/errored/timed out
     with at least one failure (ALL_FAILED). Such a run compared with a baseline would read as 'every cell
     missing' at best, or pass where the baseline lacks the cells: neither says what happened."""
-    statuses = [r.get("status") for r in records]
-    if any(s not in ("skipped", *FAILED_FATES) for s in statuses):
+    statuses = [r.status for r in records]
+    if any(s is not Status.SKIPPED and not s.unexpected for s in statuses):
         return
     n = len(statuses)
-    if all(s == "skipped" for s in statuses):
-        reason = next((r.get("reason") for r in records if r.get("reason")), "no reason recorded")
+    if all(s is Status.SKIPPED for s in statuses):
+        reason = next((r.reason for r in records if r.reason), "no reason recorded")
         reason = str(reason).replace("\n", " ")[:200]
         raise Stop(exitcodes.ALL_SKIPPED,
                    f"{path}: all {n} cells were skipped, nothing measured (first reason: {reason})")
@@ -109,7 +107,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         out = Path(args.out)
         ensure_writable(out if out.suffix != ".md" else out.parent, create=False)
     _, records = _read_run(args.run)
-    title = args.title or f"offload-bench run {records[0].get('run_id', '')}"
+    title = args.title or f"offload-bench run {records[0].run_id or ''}"
     if args.out:
         try:
             written = write_report(records, args.out, title=title, plots=not args.no_plots)
@@ -151,18 +149,17 @@ def cmd_baseline(args: argparse.Namespace) -> int:
         except BaselineError as e:
             raise BaselineError(f"{e} (fix it or delete it to write a fresh baseline)") from None
     baseline = build_baseline(records, sku, previous=previous, merge=args.merge, source=str(path))
-    for cell_id, cell in baseline["cells"].items():
-        if Status(cell["status"]).unexpected:
-            print(f"warning: {cell_id} is in the baseline as {fate_text(cell['status'], cell['failed_phase'])}",
-                  file=sys.stderr)
+    for cell_id, cell in baseline.cells.items():
+        if cell.status.unexpected:
+            print(f"warning: {cell_id} is in the baseline as {cell.fate}", file=sys.stderr)
     write_baseline(out, baseline)
-    cells = baseline["cells"]
+    cells = baseline.cells
     fates = ", ".join(f"{n} {s}" for s in ("ok", "oom", "error", "crash", "timeout")
-                      if (n := sum(c["status"] == s for c in cells.values())))
+                      if (n := sum(c.status == s for c in cells.values())))
     note = ""
     if previous is not None:
-        added = sorted(set(cells) - set(previous["cells"]))
-        dropped = sorted(set(previous["cells"]) - set(cells))
+        added = sorted(set(cells) - set(previous.cells))
+        dropped = sorted(set(previous.cells) - set(cells))
         note = f"; refreshed ({len(added)} cells added, {len(dropped)} dropped, tolerances kept)"
     print(f"wrote {out}: SKU {sku}, {len(cells)} cells ({fates}) from {path}{note}")
     return 0
@@ -229,7 +226,7 @@ def _stop(args: argparse.Namespace, code: int, line: str) -> Stop:
     return Stop(code, line)
 
 
-def _baseline_of(args: argparse.Namespace, sku: str) -> tuple[dict[str, Any], Path]:
+def _baseline_of(args: argparse.Namespace, sku: str) -> tuple[Baseline, Path]:
     """The baseline to compare with (--baseline, else the SKU's), and its path as shown."""
     from harness.analyze.baseline import BaselineError, baseline_path, read_baseline
 
@@ -239,25 +236,25 @@ def _baseline_of(args: argparse.Namespace, sku: str) -> tuple[dict[str, Any], Pa
                     f"no baseline for SKU {sku} ({base_file} does not exist): nothing compared; make one from this "
                     f"run with: {_make_baseline_command(args)}")
     baseline = read_baseline(base_file)
-    if baseline["sku"] != sku:
-        raise BaselineError(f"{base_file}: baseline is for SKU {baseline['sku']!r}, the run is {sku!r}")
+    if baseline.sku != sku:
+        raise BaselineError(f"{base_file}: baseline is for SKU {baseline.sku!r}, the run is {sku!r}")
     shown = base_file.resolve()
     return baseline, shown.relative_to(Path.cwd()) if shown.is_relative_to(Path.cwd()) else shown
 
 
-def _add_notes(comparison: Comparison, baseline: dict[str, Any], cells: dict[str, Any], records: list[dict[str, Any]],
+def _add_notes(comparison: Comparison, baseline: Baseline, cells: dict[str, BaselineCell], records: list[CellRecord],
                sku: str) -> None:
     """What the reader of a comparison must know beyond the verdicts: another software stack, an old baseline."""
     from harness.analyze.baseline import run_machine, stack_differences
 
-    changed = stack_differences(baseline.get("machine") or {}, run_machine(records, sku))
+    changed = stack_differences(baseline.machine, run_machine(records, sku))
     if changed:
         line = (f"the run's software differs from the baseline machine's ({', '.join(changed)}): times and "
                 "allocator figures may move for that reason alone")
         comparison.notes.append(line)
         print(f"warning: {line}", file=sys.stderr)
-    if any(c.get("portable_spec_hash") for c in cells.values()) and not any(
-        c.get("portable_spec_hash") for c in baseline["cells"].values()
+    if any(c.portable_spec_hash for c in cells.values()) and not any(
+        c.portable_spec_hash for c in baseline.cells.values()
     ):
         comparison.notes.append("the baseline predates portable_spec_hash: an edited scenario cannot be told from a "
                                 "regression until the baseline is refreshed")
@@ -384,21 +381,19 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     try:
         return _dispatch(parser, args, rest)
-    except Stop as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.code
-    except MergeConflict as e:
-        print(f"error: merge refused: {e}", file=sys.stderr)
-        return e.code
-    except NoRecordsError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (Stop, MergeConflict, NoRecordsError, UnwritableError, ScenarioError, ResultsError, BaselineError,
+            CheckSpecError, *plan_cli.ERRORS) as e:
+        print(f"error: {'merge refused: ' if isinstance(e, MergeConflict) else ''}{e}", file=sys.stderr)
+        return _exit_code(e)
+
+
+def _exit_code(error: Exception) -> int:
+    """The exit code of an error `main` reports in one line (harness.exitcodes); a bad input or option is USAGE."""
+    if isinstance(error, Stop | MergeConflict):
+        return error.code
+    if isinstance(error, NoRecordsError):  # before ResultsError: it is one
         return exitcodes.NO_RECORDS
-    except UnwritableError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return exitcodes.UNWRITABLE
-    except (ScenarioError, ResultsError, BaselineError, CheckSpecError, *plan_cli.ERRORS) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return exitcodes.USAGE
+    return exitcodes.UNWRITABLE if isinstance(error, UnwritableError) else exitcodes.USAGE
 
 
 if __name__ == "__main__":

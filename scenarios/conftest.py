@@ -26,10 +26,11 @@ from typing import Any
 import pytest
 
 from harness import exitcodes
+from harness.contract import CellRecord
 from harness.plan.scenario import Cell, Scenario, ScenarioError, expand, in_tier, load_all
 from harness.pytest_options import add_options
 from harness.run.gpus import cell_cost, child_env, gpu_for_worker, longest_first, nvml_count, visible_gpus
-from harness.run.results import DiskFullError, UnwritableError, ensure_writable, latest_by_cell, read_records
+from harness.run.results import DiskFullError, UnwritableError, ensure_writable, latest_by_cell, read_cell_records
 from harness.run.runner import Run, detect_device, eta_text, new_run_id, run_cell
 from harness.run.shard import Shard, ShardError, assign_cards, card_key, parse_shard
 
@@ -238,8 +239,7 @@ def _recorded(config: pytest.Config) -> set[str]:
         return set()
     device = "cuda" if _profile(config) == "gpu" else "cpu"
     hashes = {c.cell_id: c.spec_hash(device) for s in _scenarios(config) for c in expand(s)}
-    return {r["cell_id"] for r in read_records(path).records
-            if r.get("status") and hashes.get(r["cell_id"]) == r.get("spec_hash")}
+    return {r.cell_id for r in read_cell_records(path).records if hashes.get(r.cell_id) == r.spec_hash}
 
 
 def _deselect_partial_sets(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -345,7 +345,7 @@ class Records:
         self.env = env  # on top of os.environ for every cell child (an xdist worker's CUDA_VISIBLE_DEVICES)
         self.started = time.monotonic()
 
-    def get(self, cell: Cell) -> dict[str, Any]:
+    def get(self, cell: Cell) -> CellRecord:
         if cell.same_as is not None and cell.same_as not in self.run.finished():
             source = next(c for c in expand(cell.scenario) if c.cell_id == cell.same_as)
             self.get(source)
@@ -366,18 +366,18 @@ class Records:
         except DiskFullError as e:
             # every later cell would fail the same way: stop the session with the runner's code and one line
             pytest.exit(f"offload-bench: {e}", returncode=exitcodes.DISK_FULL)
-        if record.get("machine") and not MACHINE:
-            MACHINE.update(record["machine"])
+        if record.machine and not MACHINE:
+            MACHINE.update(record.machine)
         return record
 
-    def group(self, scenario: Scenario, card: str) -> list[dict[str, Any]]:
+    def group(self, scenario: Scenario, card: str) -> list[CellRecord]:
         # Under xdist a cell may be running on another worker: run_cell waits on its per-cell lock and then takes
         # that worker's record; a cell no worker has started yet runs here, on this worker's GPU.
         for cell in expand(scenario):
             if cell.card.name == card:
                 self.get(cell)
-        recs = latest_by_cell(read_records(self.run.records_path).records).values()
-        return [r for r in recs if r["scenario"] == scenario.name and r["card"]["name"] == card]
+        recs = latest_by_cell(read_cell_records(self.run.records_path).records).values()
+        return [r for r in recs if r.scenario == scenario.name and r.card_name == card]
 
 
 def worker_child_env(worker_id: str | None, device: str, env: Mapping[str, str]) -> dict[str, str]:

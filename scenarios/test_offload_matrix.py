@@ -6,10 +6,8 @@ from __future__ import annotations
 import pytest
 
 from harness.analyze.expect import evaluate, fate_failures
-from harness.contract import as_record
+from harness.contract import CellRecord, Phase, Status
 from harness.plan.scenario import MIN_BENCHMARK_ROUNDS, Cell, Scenario
-
-UNEXPECTED = ("error", "crash", "timeout")
 
 
 class ReplayClock:
@@ -31,20 +29,21 @@ class ReplayClock:
         self.t += next(self.pending)
 
 
-def _feed_benchmark(benchmark, record: dict, cell: Cell) -> None:
-    info = benchmark.extra_info  # filled in place: the fixture shares this dict with its JSON metadata
+def _feed_benchmark(benchmark, record: CellRecord, cell: Cell) -> None:
+    info = benchmark.extra_info  # filled in place: the fixture shares this dict with its JSON metadata (JSON)
+    denoise = record.phases.get(Phase.DENOISE)
     info.update(
-        cell_id=record["cell_id"], status=record["status"], failed_phase=record.get("failed_phase"),
-        requested=record.get("requested"), effective=record.get("effective"), peaks=as_record(record).peaks.as_dict(),
-        phases={name: {k: v for k, v in ph.items() if not k.startswith("device_weights") and k != "step_ms"}
-                for name, ph in (record.get("phases") or {}).items()},
-        denoise_step_ms=((record.get("phases") or {}).get("denoise") or {}).get("step_ms"),
-        rounds=record.get("rounds"), components=record.get("components"),
+        cell_id=record.cell_id, status=str(record.status), failed_phase=record.failed_phase,
+        requested=record.requested, effective=record.effective, peaks=record.peaks.as_dict(),
+        phases={name: {k: v for k, v in ph.as_dict().items() if not k.startswith("device_weights") and k != "step_ms"}
+                for name, ph in record.phases.items()},
+        denoise_step_ms=denoise.step_ms if denoise else None,
+        rounds=record.rounds, components=record.components,
     )
-    e2e = [ms for ms in ((record.get("rounds") or {}).get("e2e_ms") or []) if ms]
+    e2e = [ms for ms in ((record.rounds or {}).get("e2e_ms") or []) if ms]
     if len(e2e) < MIN_BENCHMARK_ROUNDS:  # its statistics rest on too few rounds: the scenario says why
         info["few_rounds"] = cell.scenario.few_rounds or f"{cell.scenario.profile} profile: times are not compared"
-    if record["status"] == "ok" and e2e:
+    if record.status is Status.OK and e2e:
         clock = ReplayClock([ms / 1e3 for ms in e2e])
         benchmark._timer = clock.now  # no public hook for an external clock in pytest-benchmark 5.x
         benchmark.pedantic(clock.advance, rounds=len(e2e), iterations=1, warmup_rounds=0)
@@ -52,18 +51,18 @@ def _feed_benchmark(benchmark, record: dict, cell: Cell) -> None:
 
 def test_cell(cell: Cell, bench, benchmark) -> None:
     record = bench.get(cell)
-    if record["status"] == "skipped":  # a guard found the machine too small right now: not a verdict
-        pytest.skip(f"{cell.cell_id}: {record.get('reason')}")
+    if record.status is Status.SKIPPED:  # a guard found the machine too small right now: not a verdict
+        pytest.skip(f"{cell.cell_id}: {record.reason}")
     # pytest-benchmark turns itself off under xdist (-n): our record stands alone. A copy of another cell's record
     # (same_as: the same effective flags) is not a second benchmark of the same rounds.
     if not benchmark.disabled and cell.same_as is None:
         _feed_benchmark(benchmark, record, cell)
     failures = fate_failures(record, cell.scenario.expect.fates)
-    declared = any(f.status == record["status"] for f in cell.scenario.expect.fates)
-    if record["status"] in UNEXPECTED and not declared:
+    declared = any(f.status == record.status for f in cell.scenario.expect.fates)
+    if record.status.unexpected and not declared:
         failures.append(
-            f"{cell.cell_id}: {record['status']} in {record.get('failed_phase')}: {record.get('reason')}\n"
-            f"{record.get('traceback') or record.get('log_tail') or ''}"
+            f"{cell.cell_id}: {record.status} in {record.failed_phase}: {record.reason}\n"
+            f"{record.traceback or record.log_tail or ''}"
         )
     assert not failures, "\n".join(failures)
 
@@ -71,7 +70,7 @@ def test_cell(cell: Cell, bench, benchmark) -> None:
 def test_expectations(scenario_card: tuple[Scenario, str], bench) -> None:
     scenario, card = scenario_card
     records = bench.group(scenario, card)
-    skipped = [r["cell_id"] for r in records if r["status"] == "skipped"]
+    skipped = [r.cell_id for r in records if r.status is Status.SKIPPED]
     if skipped:
         pytest.skip(f"cells skipped by guards, set-level checks not evaluated: {', '.join(skipped)}")
     verdicts = [v for v in evaluate(scenario, records) if v.card == card]

@@ -6,10 +6,11 @@ import copy
 import datetime as dt
 import math
 import tomllib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from harness.contract import migrate
+from harness.contract import CellRecord, Record, as_record, migrate
 from harness.plan.flags import OffloadFlags
 
 # ------------------------------------------------------------------------------------------------ TOML writer
@@ -181,3 +182,13 @@ BASELINES = FIXTURES / "baselines"
 SKU = "nvidia-h100-80gb-hbm3"
 S = "qwen-image-edit-5090"
 OK = f"{S}/native/cpu1-lw1-te0-vae0-pf4-pin1"
+
+
+def cell_records(path: Path) -> list[CellRecord]:
+    """Every record of a JSON-lines file, as CellRecords (migrated), in file order."""
+    return [CellRecord.from_json(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def as_records(records: Iterable[Record]) -> list[CellRecord]:
+    """JSON records (edited by a test) as CellRecords; a CellRecord stays as it is."""
+    return [as_record(r) for r in records]

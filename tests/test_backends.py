@@ -27,7 +27,7 @@ from harness.analyze.expect import (
 from harness.analyze.roofline import STEP_CONVENTION, roofline_rows
 from harness.plan.scenario import BACKENDS, HARNESS_BACKEND, ScenarioError, expand, load_scenario
 from harness.run.results import migrate
-from tests.helpers import DELETE, base_scenario, make_record, mutate, to_toml
+from tests.helpers import DELETE, as_records, base_scenario, make_record, mutate, to_toml
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "scenarios" / "cpu" / "qwen_image_edit_tiny.toml"
@@ -303,7 +303,7 @@ def test_worker_runs_a_diffusers_cell_without_layerwise_as_the_harness_would(tmp
     assert peer["placements"] == ours["placements"]
     assert peer["placements"]["dit"] == "cpu-offload"
     assert peer["outputs"]["latents_sha256"] == ours["outputs"]["latents_sha256"]
-    verdict = close_output_verdict("native", [ours, peer], 1e-6)
+    verdict = close_output_verdict("native", as_records([ours, peer]), 1e-6)
     assert verdict.passed and "0" in verdict.message, verdict.message
 
 
@@ -312,11 +312,11 @@ def test_runner_records_the_backend_and_the_skip(tmp_path: Path) -> None:
 
     cell = _tiny_cells(["harness", "diffusers-group-rs"])[("native", "cpu1-lw1", "diffusers-group-rs")]
     run = Run.create(tmp_path, "cpu", "backends", verbose=False)
-    rec = run_cell(run, cell)
+    rec = run_cell(run, cell).to_dict()
     assert rec["status"] == "skipped" and NEEDS_CUDA in rec["reason"]
     assert rec["backend"] == "diffusers-group-rs"
     assert rec["spec_hash"] == cell.spec_hash("cpu")
-    assert run.finished()[cell.cell_id]["status"] == "skipped"
+    assert run.finished()[cell.cell_id].status == "skipped"
     spec = json.loads((run.run_dir / "cells" / cell.cell_id.replace("/", "__") / "cell.json").read_text())
     assert spec["backend"] == "diffusers-group-rs"
 
@@ -329,8 +329,8 @@ def test_runner_copies_the_whole_dit_cell_to_other_backends_under_their_own_name
     ours, peer = cells[("native", "cpu1-lw0", "harness")], cells[("native", "cpu1-lw0", "diffusers-group")]
     assert peer.same_as == ours.cell_id
     run = Run.create(tmp_path, "cpu", "backends", verbose=False)
-    source = run_cell(run, ours)
-    copy = run_cell(run, peer)
+    source = run_cell(run, ours).to_dict()
+    copy = run_cell(run, peer).to_dict()
     assert source["status"] == "ok", source.get("reason")
     assert copy["cell_id"] == peer.cell_id and copy["same_as"] == ours.cell_id
     assert copy["backend"] == "diffusers-group" and source["backend"] == "harness"
@@ -366,13 +366,13 @@ def test_close_output_passes_within_rtol_and_fails_beyond(tmp_path: Path) -> Non
     ours = _rec(tmp_path, "harness", ref)
     good = _rec(tmp_path, "diffusers-group", near)
     bad = _rec(tmp_path, "diffusers-group-rs", far)
-    v = close_output_verdict("native", [ours, good], 0.02)
+    v = close_output_verdict("native", as_records([ours, good]), 0.02)
     assert v.passed and v.check == "close_output" and "+diffusers-group vs cpu1-lw1" in v.message, v.message
-    v = close_output_verdict("native", [ours, good, bad], 0.02)
+    v = close_output_verdict("native", as_records([ours, good, bad]), 0.02)
     assert not v.passed
     assert "+diffusers-group-rs" in v.message and "> 0.02" in v.message, v.message
     # the relative distance is what is compared: 0.5 x the noise is about 0.5 of the reference's norm
-    assert close_output_verdict("native", [ours, bad], 0.9).passed
+    assert close_output_verdict("native", as_records([ours, bad]), 0.9).passed
 
 
 def test_close_output_bound_of_a_named_backend_replaces_the_default_for_it_alone(tmp_path: Path) -> None:
@@ -381,9 +381,9 @@ def test_close_output_bound_of_a_named_backend_replaces_the_default_for_it_alone
     ours = _rec(tmp_path, "harness", ref)
     bad = _rec(tmp_path, "diffusers-group-rs", far)
     other = _rec(tmp_path, "diffusers-group", far)
-    v = close_output_verdict("native", [ours, bad], 0.02, {"diffusers-group-rs": 0.9})
+    v = close_output_verdict("native", as_records([ours, bad]), 0.02, {"diffusers-group-rs": 0.9})
     assert v.passed and "(its bound 0.9)" in v.message, v.message
-    v = close_output_verdict("native", [ours, bad, other], 0.02, {"diffusers-group-rs": 0.9})
+    v = close_output_verdict("native", as_records([ours, bad, other]), 0.02, {"diffusers-group-rs": 0.9})
     assert not v.passed and "+diffusers-group vs" in v.message and "> 0.02" in v.message, v.message
 
 
@@ -410,7 +410,7 @@ def test_close_output_compares_only_cells_with_the_same_flags(tmp_path: Path) ->
         _rec(tmp_path, "diffusers-group", ref_lw1, lw=True),
         _rec(tmp_path, "diffusers-group", ref_lw0, lw=False),
     ]
-    v = close_output_verdict("native", recs, 1e-9)
+    v = close_output_verdict("native", as_records(recs), 1e-9)
     assert v.passed and v.message.count(": 0") == 2, v.message
 
 
@@ -428,7 +428,7 @@ def test_close_output_fails_if_it_cannot_compare(tmp_path: Path, problem: str) -
     elif problem == "non-finite":
         torch.save(torch.full_like(ref, float("nan")), peer["latents_path"])
     records = [peer] if problem == "no-peer" else [ours, peer]
-    v = close_output_verdict("native", records, 0.02)
+    v = close_output_verdict("native", as_records(records), 0.02)
     assert not v.passed, v.message
     assert "+diffusers-group" in v.message
     want = {"no-peer": "has no record", "peer-failed": "ended oom", "no-file": "cannot compare",
@@ -439,7 +439,7 @@ def test_close_output_fails_if_it_cannot_compare(tmp_path: Path, problem: str) -
 def test_close_output_ignores_other_backends_that_did_not_run(tmp_path: Path) -> None:
     ours = _rec(tmp_path, "harness", _latents())
     skipped = _rec(tmp_path, "diffusers-group", None, status="skipped")
-    v = close_output_verdict("native", [ours, skipped], 0.02)
+    v = close_output_verdict("native", as_records([ours, skipped]), 0.02)
     assert v.passed and "nothing to compare" in v.message
 
 
@@ -450,7 +450,7 @@ def test_evaluate_runs_close_output_per_card(tmp_path: Path) -> None:
     for card in ("tiny-6m", "native"):
         records.append(_rec(tmp_path, "harness", ref, card=card))
         records.append(_rec(tmp_path, "diffusers-group", ref if card == "native" else -ref, card=card))
-    verdicts = {v.card: v for v in evaluate(s, records) if v.check == "close_output"}
+    verdicts = {v.card: v for v in evaluate(s, as_records(records)) if v.check == "close_output"}
     assert verdicts["native"].passed
     assert not verdicts["tiny-6m"].passed
 
@@ -462,13 +462,13 @@ def test_lowest_peak_and_same_output_look_within_the_harness_backend(tmp_path: P
     peer["backend"] = "diffusers-group"
     peer["cell_id"] += "+diffusers-group"
     where = {"dit_cpu_offload": True, "dit_layerwise_offload": True}
-    v = lowest_peak_verdict("tiny-6m", [ours, ours_lw0, peer], where)
+    v = lowest_peak_verdict("tiny-6m", as_records([ours, ours_lw0, peer]), where)
     assert v.passed, v.message
     assert "diffusers-group" not in v.message
-    assert same_output_verdict("tiny-6m", [ours, ours_lw0, peer]).passed
+    assert same_output_verdict("tiny-6m", as_records([ours, ours_lw0, peer])).passed
     peer_lw0 = {**ours_lw0, "backend": "diffusers-group", "cell_id": ours_lw0["cell_id"] + "+diffusers-group",
                 "outputs": {"latents_sha256": "c" * 64}}
-    v = same_output_verdict("tiny-6m", [ours, ours_lw0, peer, peer_lw0])
+    v = same_output_verdict("tiny-6m", as_records([ours, ours_lw0, peer, peer_lw0]))
     assert not v.passed and "+diffusers-group" in v.message
     assert "a" * 12 not in v.message  # the harness cells agree among themselves
 
@@ -495,7 +495,7 @@ def test_roofline_rows_name_the_backend_and_stream_diffusers_groups() -> None:
     old = _roof_record("harness", "layerwise-from-host", [2000.0], layerwise={"host_bytes": 40e9})
     del old["backend"]  # a record from before backends existed
     old["cell_id"] = "peer/native/old"
-    rows = {r["cell"]: r for r in roofline_rows([whole, peer_whole, ours, peer, old])}
+    rows = {r["cell"]: r for r in roofline_rows(as_records([whole, peer_whole, ours, peer, old]))}
     assert set(rows) == {ours["cell_id"], peer["cell_id"], old["cell_id"]}
     assert rows[ours["cell_id"]]["backend"] == rows[old["cell_id"]]["backend"] == "harness"
     assert rows[peer["cell_id"]]["backend"] == "diffusers-group-rs"
@@ -517,7 +517,7 @@ def test_roofline_streams_sglang_managers_host_buffers_unless_layers_stay_reside
     resident = _roof_record("sglang@0.5.23", "sglang-layerwise", [999.0, 1000.0],
                             sglang_layerwise={"groups": {"blocks": {"host_bytes": 40e9, "resident_layers": 8}}})
     resident["cell_id"] += "-resident"
-    rows = {r["cell"]: r for r in roofline_rows([whole, sgl, resident])}
+    rows = {r["cell"]: r for r in roofline_rows(as_records([whole, sgl, resident]))}
     assert set(rows) == {sgl["cell_id"]}  # resident layers stream once per use: no per-forward prediction
     row = rows[sgl["cell_id"]]
     assert row["backend"] == "sglang@0.5.23" and row["streamed GB/forward"] == 40.0
@@ -528,7 +528,7 @@ def test_roofline_counts_only_the_streamed_layers_of_our_runtime() -> None:
     whole = _roof_record("harness", "cpu-offload", [999.0, 300.0, 300.0])
     half = _roof_record("harness", "layerwise-from-host", [999.0, 1000.0, 1000.0],
                         layerwise={"host_bytes": 40e9, "resident_bytes": 20e9, "streamed_bytes": 20e9})
-    row = roofline_rows([whole, half])[0]
+    row = roofline_rows(as_records([whole, half]))[0]
     assert row["streamed GB/forward"] == 20.0  # the resident half moves once per call, not per forward
     assert row["predicted s/step"] == 0.8  # 2 x max(0.15, 20 GB / 50 GB/s)
 
@@ -555,7 +555,7 @@ def test_beats_peer_passes_when_ours_is_as_fast_and_as_frugal() -> None:
         _timed("diffusers-group-rs", [2000, 1500, 1500, 1500], 30_000),
         _timed("diffusers-group", [100], 1, lw=False),  # whole-DiT cells are not part of the comparison
     ]
-    v = beats_peer_verdict("native", records)
+    v = beats_peer_verdict("native", as_records(records))
     assert v.passed, v.message
     assert "1.500 s (ours) vs 1.600 s" in v.message and "diffusers-group-rs" in v.message
 
@@ -563,7 +563,7 @@ def test_beats_peer_passes_when_ours_is_as_fast_and_as_frugal() -> None:
 @pytest.mark.parametrize(("ours_ms", "ours_peak", "what"), [(1601.0, 20_000, "slower"), (1500.0, 20_001, "peak")])
 def test_beats_peer_fails_if_ours_is_slower_or_peaks_higher(ours_ms: float, ours_peak: int, what: str) -> None:
     records = [_timed("harness", [1, ours_ms, ours_ms], ours_peak), _timed("diffusers-group", [1, 1600, 1600], 20_000)]
-    v = beats_peer_verdict("native", records)
+    v = beats_peer_verdict("native", as_records(records))
     assert not v.passed, (what, v.message)
     assert "+diffusers-group" in v.message
 
@@ -573,7 +573,7 @@ def test_beats_peer_fails_if_it_cannot_compare(broken: str) -> None:
     ours = _timed("harness", [1, 1000], 10, status="oom" if broken == "ours" else "ok")
     peer = _timed("diffusers-group", [1, 2000], 20, status="error" if broken == "peer" else "ok")
     records = {"peer": [ours, peer], "ours": [ours, peer], "missing": [peer], "none": [ours]}[broken]
-    v = beats_peer_verdict("native", records)
+    v = beats_peer_verdict("native", as_records(records))
     assert not v.passed
     assert ("nothing to compare" if broken == "none" else "not compared") in v.message, v.message
 

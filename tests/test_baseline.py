@@ -18,7 +18,10 @@ from harness.analyze.baseline import (
     cell_metrics,
     read_baseline,
     run_cells,
+    write_baseline,
 )
+from harness.contract import CellRecord
+from tests.helpers import as_records, cell_records
 
 FIXTURES = Path(__file__).parent / "fixtures"
 H100 = FIXTURES / "h100-qwen-image-edit-5090.records.jsonl"
@@ -32,8 +35,8 @@ def records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def by_id(path: Path) -> dict[str, dict]:
-    return {r["cell_id"]: r for r in records(path)}
+def by_id(path: Path) -> dict[str, CellRecord]:
+    return {r.cell_id: r for r in cell_records(path)}
 
 
 def test_default_tolerances_are_sglang_diffusions():
@@ -49,7 +52,7 @@ def test_default_tolerances_are_sglang_diffusions():
 
 def test_cuda_cell_metrics_come_from_the_phases():
     rec = by_id(H100)[OK_CELL]
-    ph = rec["phases"]
+    ph = rec.to_dict()["phases"]
     m = cell_metrics(rec)
     assert m["load_peak_reserved_bytes"] == ph["load"]["alloc_peak_reserved_bytes"]
     assert m["runtime_peak_reserved_bytes"] == max(ph[p]["alloc_peak_reserved_bytes"] for p in ("encode", "denoise",
@@ -70,7 +73,7 @@ def test_failed_cell_keeps_only_what_it_measured():
 def test_cpu_cell_metrics_name_the_ledger_counter():
     recs = records(CPU)
     ok = next(r for r in recs if r["status"] == "ok")
-    m = cell_metrics(ok)
+    m = cell_metrics(CellRecord.from_dict(ok))
     assert m["load_peak_ledger_bytes"] == ok["phases"]["load"]["ledger_peak_bytes"]
     assert m["runtime_peak_ledger_bytes"] == max(ok["phases"][p]["ledger_peak_bytes"]
                                                  for p in ("encode", "denoise", "decode"))
@@ -83,7 +86,8 @@ def test_baseline_cli_round_trip(tmp_path, capsys):
     out = capsys.readouterr().out
     path = tmp_path / f"{H100_SKU}.json"
     assert str(path) in out and "10 cells" in out
-    data = read_baseline(path)
+    baseline = read_baseline(path)
+    data = baseline.to_dict()
     assert data["schema_version"] == 1
     assert data["sku"] == H100_SKU
     assert data["source"]["run_id"] == "big"
@@ -92,16 +96,18 @@ def test_baseline_cli_round_trip(tmp_path, capsys):
     assert data["tolerances"] == DEFAULT_TOLERANCES
     assert data["improvement_threshold"] == DEFAULT_IMPROVEMENT_THRESHOLD
     assert data["created"]
-    expected = run_cells(records(H100), H100_SKU)
-    assert set(data["cells"]) == set(expected) == {r["cell_id"] for r in records(H100)}
-    for cell_id, cell in data["cells"].items():
-        assert cell["status"] == expected[cell_id]["status"]
-        assert cell["failed_phase"] == expected[cell_id]["failed_phase"]
-        assert cell["metrics"] == expected[cell_id]["metrics"]
-    assert data["cells"][OOM_LOAD_CELL]["status"] == "oom"
-    assert data["cells"][OOM_LOAD_CELL]["failed_phase"] == "load"
-    # the file is plain JSON that reads back to the same dict
+    expected = run_cells(cell_records(H100), H100_SKU)
+    assert set(baseline.cells) == set(expected) == {r["cell_id"] for r in records(H100)}
+    for cell_id, cell in baseline.cells.items():
+        assert cell.status == expected[cell_id].status
+        assert cell.failed_phase == expected[cell_id].failed_phase
+        assert cell.metrics == expected[cell_id].metrics
+    assert baseline.cells[OOM_LOAD_CELL].fate == "oom in load"
+    # the file is plain JSON that reads back to the same dict, and is written back byte for byte
     assert json.loads(path.read_text()) == data
+    rewritten = tmp_path / "again.json"
+    write_baseline(rewritten, baseline)
+    assert rewritten.read_text() == path.read_text()
 
 
 def test_run_folder_is_accepted(tmp_path, capsys):
@@ -123,23 +129,25 @@ def test_refresh_keeps_hand_tuned_tolerances_and_merge_keeps_other_cells(tmp_pat
 
     assert cli.main(["baseline", str(H100), "--baselines-dir", str(tmp_path), "--merge"]) == 0
     merged = read_baseline(path)
-    assert merged["tolerances"]["e2e_ms"] == 0.5
-    assert merged["improvement_threshold"] == 0.1
-    assert "other-scenario/native/cpu1" in merged["cells"]
+    assert merged.tolerances["e2e_ms"] == 0.5
+    assert merged.improvement_threshold == 0.1
+    # the hand-added cell is kept as it was written: no keys added
+    assert json.loads(path.read_text())["cells"]["other-scenario/native/cpu1"] == {
+        "status": "ok", "failed_phase": None, "metrics": {"e2e_ms": 1.0}}
 
     assert cli.main(["baseline", str(H100), "--baselines-dir", str(tmp_path)]) == 0
     refreshed = read_baseline(path)
-    assert refreshed["tolerances"]["e2e_ms"] == 0.5
-    assert "other-scenario/native/cpu1" not in refreshed["cells"]
+    assert refreshed.tolerances["e2e_ms"] == 0.5
+    assert "other-scenario/native/cpu1" not in refreshed.cells
     assert "refreshed" in capsys.readouterr().out
 
 
 def test_cpu_run_makes_a_cpu_baseline(tmp_path, capsys):
     assert cli.main(["baseline", str(CPU), "--baselines-dir", str(tmp_path)]) == 0
     data = read_baseline(tmp_path / "cpu.json")
-    assert data["sku"] == "cpu"
-    ok = [c for c in data["cells"].values() if c["status"] == "ok"]
-    assert ok and all("runtime_peak_ledger_bytes" in c["metrics"] for c in ok)
+    assert data.sku == "cpu"
+    ok = [c for c in data.cells.values() if c.status == "ok"]
+    assert ok and all("runtime_peak_ledger_bytes" in c.metrics for c in ok)
 
 
 def test_mixed_skus_are_refused_unless_one_is_picked(tmp_path, capsys):
@@ -151,26 +159,26 @@ def test_mixed_skus_are_refused_unless_one_is_picked(tmp_path, capsys):
     assert not list(tmp_path.glob("*.json"))
     assert cli.main(["baseline", str(mixed), "--baselines-dir", str(tmp_path), "--sku", "cpu"]) == 0
     data = read_baseline(tmp_path / "cpu.json")
-    assert all(k.startswith("qwen-image-edit-tiny") for k in data["cells"])
+    assert all(k.startswith("qwen-image-edit-tiny") for k in data.cells)
     assert cli.main(["baseline", str(mixed), "--baselines-dir", str(tmp_path), "--sku", "nvidia-a100"]) == 2
     assert "no records of SKU 'nvidia-a100'" in capsys.readouterr().err
 
 
 def test_refresh_refuses_a_baseline_of_another_sku(tmp_path):
-    cpu_base = build_baseline(records(CPU))
+    cpu_base = build_baseline(cell_records(CPU))
     with pytest.raises(BaselineError, match="refusing to mix SKUs"):
-        build_baseline(records(H100), previous=cpu_base)
+        build_baseline(cell_records(H100), previous=cpu_base)
 
 
 def test_skipped_cells_are_left_out():
     recs = records(H100)
     recs[0] = dict(recs[0], status="skipped")
-    data = build_baseline(recs)
-    assert recs[0]["cell_id"] not in data["cells"]
+    data = build_baseline(as_records(recs))
+    assert recs[0]["cell_id"] not in data.cells
 
 
 def _valid() -> dict:
-    return build_baseline(records(H100), source=str(H100))
+    return build_baseline(cell_records(H100), source=str(H100)).to_dict()
 
 
 @pytest.mark.parametrize(
@@ -230,3 +238,13 @@ def test_corrupt_fixture_files_are_refused(tmp_path):
     for name in ("bad-json.json", "wrong-schema.json", "missing-keys.json"):
         with pytest.raises(BaselineError, match=name):
             read_baseline(FIXTURES / "baselines" / name)
+
+
+@pytest.mark.parametrize("path", [*sorted((FIXTURES.parent.parent / "results" / "baselines").glob("*.json")),
+                                  FIXTURES / "baselines" / f"{H100_SKU}.json"], ids=lambda p: p.name)
+def test_committed_baselines_write_back_as_the_same_json(tmp_path, path):
+    """Read into a Baseline and written again, a committed file (cells without portable_spec_hash or spread)
+    is the same JSON: no key added, none dropped."""
+    out = tmp_path / "again.json"
+    write_baseline(out, read_baseline(path))
+    assert json.loads(out.read_text()) == json.loads(path.read_text())

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from harness.contract import SCHEMA_VERSION
+from harness.contract import SCHEMA_VERSION, CellRecord
 from harness.plan.scenario import Cell, ScenarioError, expand, load_scenario
 from scenarios import test_offload_matrix as matrix
 from tests.helpers import base_scenario, mutate, to_toml
@@ -37,9 +37,9 @@ class FakeBench:
     def __init__(self, record: dict[str, Any]) -> None:
         self.record = record
 
-    def get(self, cell: Cell) -> dict[str, Any]:
-        return {**self.record, "cell_id": cell.cell_id, "card": cell.card.as_dict(),
-                "requested": cell.requested.as_dict()}
+    def get(self, cell: Cell) -> CellRecord:
+        return CellRecord.from_dict({**self.record, "cell_id": cell.cell_id, "card": cell.card.as_dict(),
+                                     "requested": cell.requested.as_dict()})
 
 
 def _ok_record(rounds: int) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from harness.contract import CellRecord, Status
 from harness.plan.scenario import ScenarioError, expand, load_scenario
 from harness.run.capacity import (
     Probe,
@@ -111,10 +112,10 @@ def test_run_capacity_searches_each_combination_from_its_plan() -> None:
     scenario = load_scenario(WAN_CAPACITY)
     seen: list[str] = []
 
-    def device(cell: Any) -> dict[str, Any]:  # fits 85 frames with the DiT whole, 201 layerwise
+    def device(cell: Any) -> CellRecord:  # fits 85 frames with the DiT whole, 201 layerwise
         seen.append(cell.cell_id)
         limit = 85 if not cell.resolution.effective.dit_layerwise_offload else 201
-        return {"status": "ok" if cell.scenario.frames <= limit else "oom"}
+        return CellRecord(cell.cell_id, Status.OK if cell.scenario.frames <= limit else Status.OOM)
 
     rows = run_capacity(scenario, device)
     by_lw = {r.flags: r for r in rows}

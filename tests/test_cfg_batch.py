@@ -13,6 +13,7 @@ import torch
 from harness.analyze.expect import cfg_batch_verdict, evaluate
 from harness.cell.pipeline import batch_text
 from harness.plan.scenario import ScenarioError, expand, load_scenario
+from tests.helpers import as_records
 
 CPU = Path(__file__).resolve().parent.parent / "scenarios" / "cpu"
 
@@ -83,7 +84,7 @@ def test_cfg_batch_needs_true_cfg(tmp_path: Path) -> None:
 def test_cfg_batch_verdict_without_its_two_pass_cell_fails() -> None:
     rec = {"schema_version": 2, "cell_id": "s/c/x+cfg-batch", "status": "ok", "requested": {},
            "run_options": {"cfg_batch": True}}
-    verdict = cfg_batch_verdict("c", [rec], 0.05)
+    verdict = cfg_batch_verdict("c", as_records([rec]), 0.05)
     assert not verdict.passed and "two-pass cell with the same flags has no record" in verdict.message
 
 
@@ -106,6 +107,6 @@ def test_tiny_cfg_batch_latents_close_to_two_pass(tmp_path: Path, source: str) -
     steps = scenario.steps
     assert two_pass["phases"]["denoise"]["forwards"] == 2 * steps
     assert batched["phases"]["denoise"]["forwards"] == steps and batched["phases"]["denoise"]["forward_batch"] == 2
-    verdicts = {v.check: v for v in evaluate(scenario, records)}
+    verdicts = {v.check: v for v in evaluate(scenario, as_records(records))}
     assert verdicts["cfg_batch"].passed, verdicts["cfg_batch"].message
     assert "+cfg-batch vs" in verdicts["cfg_batch"].message and "two-pass" in verdicts["cfg_batch"].message

@@ -1,4 +1,4 @@
-"""Compare: every verdict on pure dicts, then the CLI (exit codes, sections, files, clear errors)."""
+"""Compare: every verdict on baseline cells, then the CLI (exit codes, sections, files, clear errors)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from harness import cli
-from harness.analyze.baseline import build_baseline, read_baseline, run_cells
+from harness.analyze.baseline import Baseline, BaselineCell, build_baseline, read_baseline, run_cells
 from harness.analyze.compare import (
     CHANGED,
     FIXED,
@@ -28,7 +28,8 @@ from harness.analyze.compare import (
     relative_change,
     render,
 )
-from tests.helpers import BASELINES, CPU, H100, OK, SKU, VARIANT, S
+from harness.contract import Status
+from tests.helpers import BASELINES, CPU, H100, OK, SKU, VARIANT, S, cell_records
 
 OK2 = f"{S}/native/cpu0-lw0-te0-vae0-pf4-pin1"
 OOM_LOAD = f"{S}/rtx5090-32g/cpu0-lw0-te0-vae0-pf4-pin1"
@@ -40,13 +41,13 @@ def records(path: Path) -> list[dict]:
 
 
 @pytest.fixture()
-def baseline() -> dict:
-    return build_baseline(records(H100))
+def baseline() -> Baseline:
+    return build_baseline(cell_records(H100))
 
 
 @pytest.fixture()
-def current() -> dict[str, dict]:
-    return run_cells(records(H100), SKU)
+def current() -> dict[str, BaselineCell]:
+    return run_cells(cell_records(H100), SKU)
 
 
 def rows_of(comp, cell_id):
@@ -103,8 +104,8 @@ def test_identical_run_passes(baseline, current):
 
 
 def test_regressed_beyond_tolerance(baseline, current):
-    current[OK]["metrics"]["load_peak_reserved_bytes"] *= 1.015  # tolerance 1 %
-    current[OK]["metrics"]["runtime_peak_reserved_bytes"] *= 1.015  # tolerance 2 %
+    current[OK].metrics["load_peak_reserved_bytes"] *= 1.015  # tolerance 1 %
+    current[OK].metrics["runtime_peak_reserved_bytes"] *= 1.015  # tolerance 2 %
     comp = compare(baseline, current)
     rows = rows_of(comp, OK)
     assert rows["load_peak_reserved_bytes"].verdict == REGRESSED
@@ -131,14 +132,14 @@ def test_regressed_beyond_tolerance(baseline, current):
     ],
 )
 def test_metric_thresholds(baseline, current, metric, factor, verdict):
-    current[OK]["metrics"][metric] *= factor
+    current[OK].metrics[metric] *= factor
     comp = compare(baseline, current)
     assert rows_of(comp, OK)[metric].verdict == verdict
     assert comp.failed == (verdict == REGRESSED)
 
 
 def test_improvement_does_not_fail(baseline, current):
-    current[OK]["metrics"]["denoise_ms"] *= 0.5
+    current[OK].metrics["denoise_ms"] *= 0.5
     comp = compare(baseline, current)
     assert rows_of(comp, OK)["denoise_ms"].verdict == IMPROVED
     assert comp.exit_code == 0
@@ -146,7 +147,7 @@ def test_improvement_does_not_fail(baseline, current):
 
 
 def test_missing_metric_fails(baseline, current):
-    del current[OK]["metrics"]["nvml_proc_peak_bytes"]
+    del current[OK].metrics["nvml_proc_peak_bytes"]
     comp = compare(baseline, current)
     row = rows_of(comp, OK)["nvml_proc_peak_bytes"]
     assert row.verdict == MISSING and row.current is None and row.note == "metric not in the run"
@@ -154,7 +155,7 @@ def test_missing_metric_fails(baseline, current):
 
 
 def test_metric_new_to_the_baseline_is_new(baseline, current):
-    del baseline["cells"][OK]["metrics"]["denoise_steady_step_ms"]
+    del baseline.cells[OK].metrics["denoise_steady_step_ms"]
     comp = compare(baseline, current)
     assert rows_of(comp, OK)["denoise_steady_step_ms"].verdict == NEW
     assert comp.exit_code == 0
@@ -179,8 +180,8 @@ def test_new_cell_does_not_fail(baseline, current):
 
 def test_cell_that_now_ooms_is_lost(baseline, current):
     cur = current[OK]
-    cur["status"], cur["failed_phase"] = "oom", "load"
-    cur["metrics"] = {k: v for k, v in cur["metrics"].items() if k.startswith("load")}
+    cur.status, cur.failed_phase = Status.OOM, "load"
+    cur.metrics = {k: v for k, v in cur.metrics.items() if k.startswith("load")}
     comp = compare(baseline, current)
     cell = cell_of(comp, OK)
     assert cell.verdict == LOST and cell.baseline_fate == "ok" and cell.current_fate == "oom in load"
@@ -191,7 +192,7 @@ def test_cell_that_now_ooms_is_lost(baseline, current):
 
 @pytest.mark.parametrize("status", ["error", "crash", "timeout"])
 def test_any_failure_after_ok_is_lost(baseline, current, status):
-    current[OK]["status"], current[OK]["failed_phase"] = status, "denoise"
+    current[OK].status, current[OK].failed_phase = Status(status), "denoise"
     comp = compare(baseline, current)
     assert cell_of(comp, OK).verdict == LOST
     # load got through in both: the load metrics are still compared
@@ -209,7 +210,7 @@ def test_cell_that_now_loads_is_fixed(baseline, current):
 
 
 def test_cell_that_gets_further_is_fixed(baseline, current):
-    current[OOM_LOAD]["status"], current[OOM_LOAD]["failed_phase"] = "oom", "denoise"
+    current[OOM_LOAD].status, current[OOM_LOAD].failed_phase = Status.OOM, "denoise"
     comp = compare(baseline, current)
     assert cell_of(comp, OOM_LOAD).verdict == FIXED
     assert "now loads" in cell_of(comp, OOM_LOAD).note
@@ -217,21 +218,21 @@ def test_cell_that_gets_further_is_fixed(baseline, current):
 
 
 def test_cell_that_fails_earlier_is_lost(baseline, current):
-    current[OOM_DENOISE]["failed_phase"] = "load"
+    current[OOM_DENOISE].failed_phase = "load"
     comp = compare(baseline, current)
     assert cell_of(comp, OOM_DENOISE).verdict == LOST
     assert comp.exit_code == 1
 
 
 def test_same_phase_other_failure_is_changed(baseline, current):
-    current[OOM_LOAD]["status"] = "crash"
+    current[OOM_LOAD].status = Status.CRASH
     comp = compare(baseline, current)
     assert cell_of(comp, OOM_LOAD).verdict == CHANGED
     assert comp.exit_code == 1
 
 
 def test_failed_in_both_compares_the_phases_both_got_through(baseline, current):
-    current[OOM_DENOISE]["metrics"]["load_peak_reserved_bytes"] *= 1.5
+    current[OOM_DENOISE].metrics["load_peak_reserved_bytes"] *= 1.5
     comp = compare(baseline, current)
     rows = rows_of(comp, OOM_DENOISE)
     assert rows["load_peak_reserved_bytes"].verdict == REGRESSED
@@ -240,10 +241,10 @@ def test_failed_in_both_compares_the_phases_both_got_through(baseline, current):
 
 
 def test_overrides_and_baseline_tolerances(baseline, current):
-    current[OK]["metrics"]["e2e_ms"] *= 1.3
+    current[OK].metrics["e2e_ms"] *= 1.3
     assert rows_of(compare(baseline, current), OK)["e2e_ms"].verdict == REGRESSED
     assert rows_of(compare(baseline, current, [Check.parse("e2e_ms:+35%")]), OK)["e2e_ms"].verdict == WITHIN
-    baseline["tolerances"]["e2e_ms"] = 0.4
+    baseline.tolerances["e2e_ms"] = 0.4
     assert rows_of(compare(baseline, current), OK)["e2e_ms"].verdict == WITHIN
 
 
@@ -254,7 +255,7 @@ def test_only_scenarios(baseline, current):
 
 
 def test_render_puts_validity_above_metrics(baseline, current):
-    current[OK]["status"], current[OK]["failed_phase"] = "oom", "load"
+    current[OK].status, current[OK].failed_phase = Status.OOM, "load"
     text = render(compare(baseline, current), markdown=True)
     assert text.index("## Validity") < text.index(f"| {OK} | lost ") < text.index("## Metrics")
     assert "| cell" in text and "FAIL" in text
@@ -267,7 +268,7 @@ def test_gab_entries(current):
     assert f"{OK} e2e_ms" in names and f"{OK} load_peak_reserved_bytes" in names
     assert not any(OOM_LOAD in n for n in names)  # failed cells draw no points
     peak = next(e for e in entries if e["name"] == f"{OK} runtime_peak_reserved_bytes")
-    assert peak["unit"] == "MiB" and peak["value"] == pytest.approx(current[OK]["metrics"][
+    assert peak["unit"] == "MiB" and peak["value"] == pytest.approx(current[OK].metrics[
         "runtime_peak_reserved_bytes"] / 2**20, abs=0.1)
     assert next(e for e in entries if e["name"] == f"{OK} e2e_ms")["unit"] == "ms"
 
@@ -385,5 +386,5 @@ def test_cli_missing_run_is_exit_2(tmp_path, capsys):
 def test_fixture_baseline_matches_fixture_records():
     """The checked-in fixture baseline is what `harness baseline` makes of the fixture records."""
     data = read_baseline(BASELINES / f"{SKU}.json")
-    fresh = build_baseline(records(H100))
-    assert {k: v["metrics"] for k, v in data["cells"].items()} == {k: v["metrics"] for k, v in fresh["cells"].items()}
+    fresh = build_baseline(cell_records(H100))
+    assert {k: v.metrics for k, v in data.cells.items()} == {k: v.metrics for k, v in fresh.cells.items()}

@@ -42,7 +42,8 @@ def test_committed_record_round_trips_if_migrated(path: Path, lineno: int, line:
     assert record.to_json() == dumps_line(migrate(json.loads(line)))
     assert CellRecord.from_json(record.to_json()) == record
     # the label comes from the flags and agrees with the id every reader keys on
-    rebuilt = cell_id_of(record.scenario or "", record.card_name or "", record.flags_label, record.backend)
+    rebuilt = cell_id_of(record.scenario or "", record.card_name or "", record.flags_label, record.backend,
+                         record.cfg_batch)
     assert rebuilt == record.cell_id
 
 

@@ -17,8 +17,9 @@ from harness.analyze.expect import (
     resident_speed_verdict,
     same_output_verdict,
 )
+from harness.contract import CellRecord, as_record
 from harness.plan.scenario import FateExpectation, expand, load_scenario
-from tests.helpers import make_record
+from tests.helpers import as_records, make_record
 
 REPO = Path(__file__).resolve().parent.parent
 BOTH_ON = {"dit_cpu_offload": True, "dit_layerwise_offload": True}
@@ -40,7 +41,7 @@ def matrix(**overrides: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def test_lowest_peak_passes_if_both_on_is_lowest() -> None:
-    v = lowest_peak_verdict("tiny-6m", matrix(), BOTH_ON)
+    v = lowest_peak_verdict("tiny-6m", as_records(matrix()), BOTH_ON)
     assert v.passed, v.message
     assert (v.check, v.card) == ("lowest_peak", "tiny-6m")
     assert "3 MiB" in v.message
@@ -49,7 +50,7 @@ def test_lowest_peak_passes_if_both_on_is_lowest() -> None:
 @pytest.mark.parametrize("runtime_mib", [2, 3], ids=["lower", "equal"])
 def test_lowest_peak_fails_if_another_loaded_cell_is_not_above(runtime_mib: int) -> None:
     records = matrix(cpu1_lw0={"load": 1 * MIB, "runtime": runtime_mib * MIB})
-    v = lowest_peak_verdict("tiny-6m", records, BOTH_ON)
+    v = lowest_peak_verdict("tiny-6m", as_records(records), BOTH_ON)
     assert not v.passed
     assert "not below every cell that loaded" in v.message
     assert f"cpu1-lw0-te0-vae0-pf0-pin1={runtime_mib} MiB" in v.message
@@ -58,15 +59,15 @@ def test_lowest_peak_fails_if_another_loaded_cell_is_not_above(runtime_mib: int)
 def test_lowest_peak_counts_runtime_oom_as_above_cap_if_its_measured_peak_is_lower() -> None:
     # The allocator's peak stops short of the allocation that failed, so the measured number is misleading.
     records = matrix(cpu1_lw0={"status": "oom", "failed_phase": "denoise", "load": MIB // 2, "runtime": MIB})
-    assert demand(records[2]) == float("inf")
-    v = lowest_peak_verdict("tiny-6m", records, BOTH_ON)
+    assert demand(as_record(records[2])) == float("inf")
+    v = lowest_peak_verdict("tiny-6m", as_records(records), BOTH_ON)
     assert v.passed, v.message
     assert "cpu1-lw0-te0-vae0-pf0-pin1=> cap (oom)" in v.message
 
 
 def test_lowest_peak_ignores_cells_that_failed_to_load() -> None:
     records = matrix(cpu0_lw1={"status": "oom", "failed_phase": "load", "load": MIB // 4, "runtime": None})
-    v = lowest_peak_verdict("tiny-6m", records, BOTH_ON)
+    v = lowest_peak_verdict("tiny-6m", as_records(records), BOTH_ON)
     assert v.passed, v.message
     assert "cpu0-lw1" not in v.message
 
@@ -81,7 +82,7 @@ def test_lowest_peak_ignores_cells_that_failed_to_load() -> None:
     ids=["oom-in-load", "error-in-denoise", "crash"],
 )
 def test_lowest_peak_fails_if_target_did_not_run(target: dict[str, Any]) -> None:
-    v = lowest_peak_verdict("tiny-6m", matrix(cpu1_lw1=target), BOTH_ON)
+    v = lowest_peak_verdict("tiny-6m", as_records(matrix(cpu1_lw1=target)), BOTH_ON)
     assert not v.passed
     assert "did not run" in v.message and target["status"] in v.message
 
@@ -90,12 +91,12 @@ def test_lowest_peak_fails_if_target_did_not_run(target: dict[str, Any]) -> None
 def test_lowest_peak_fails_if_target_is_not_exactly_one_cell(count: int) -> None:
     records = [r for r in matrix() if r["requested"] != make_record(True, True)["requested"]]
     records += [make_record(True, True, load=MIB, runtime=MIB)] * count
-    v = lowest_peak_verdict("tiny-6m", records, BOTH_ON)
+    v = lowest_peak_verdict("tiny-6m", as_records(records), BOTH_ON)
     assert not v.passed and f"{count} cells match" in v.message
 
 
 def test_lowest_peak_fails_if_target_has_no_peak() -> None:
-    v = lowest_peak_verdict("tiny-6m", matrix(cpu1_lw1={"load": None, "runtime": None}), BOTH_ON)
+    v = lowest_peak_verdict("tiny-6m", as_records(matrix(cpu1_lw1={"load": None, "runtime": None})), BOTH_ON)
     assert not v.passed
 
 
@@ -103,7 +104,7 @@ def test_lowest_peak_compares_allocator_reserved_if_device_is_cuda() -> None:
     records = [make_record(True, True, device="cuda", load=MIB, runtime=3 * MIB)]
     records.append(make_record(False, False, device="cuda", load=9 * MIB, runtime=9 * MIB))
     records[1]["phases"]["load"]["ledger_peak_bytes"] = 1  # not the counter on CUDA
-    v = lowest_peak_verdict("native", records, BOTH_ON)
+    v = lowest_peak_verdict("native", as_records(records), BOTH_ON)
     assert v.passed and "alloc_peak_reserved_bytes" in v.message
 
 
@@ -131,7 +132,7 @@ def legacy_records() -> tuple[Any, list[dict[str, Any]]]:
 def test_lowest_peak_fails_if_policy_is_legacy() -> None:
     """What the pre-#26925 policy produces: the both-on cell never ran with dit_cpu_offload."""
     scenario, records = legacy_records()
-    (verdict,) = evaluate(scenario, records)
+    (verdict,) = evaluate(scenario, as_records(records))
     assert verdict.check == "lowest_peak" and verdict.card == "tiny-6m"
     assert not verdict.passed
     assert "cpu1-lw1" in verdict.message and "did not run: oom in load" in verdict.message
@@ -142,20 +143,20 @@ def test_lowest_peak_fails_if_policy_is_legacy() -> None:
 
 def test_same_output_passes_if_every_cell_that_ran_has_the_same_digest() -> None:
     records = [*matrix(), make_record(False, True, status="oom", failed_phase="load", digest="b" * 64, runtime=None)]
-    v = same_output_verdict("native", records)
+    v = same_output_verdict("native", as_records(records))
     assert v.passed and "4 cells" in v.message
 
 
 def test_same_output_fails_naming_cells_if_digests_differ() -> None:
     records = matrix(cpu1_lw1={"digest": "f" * 64})
-    v = same_output_verdict("native", records)
+    v = same_output_verdict("native", as_records(records))
     assert not v.passed
     assert "ffffffffffff: cpu1-lw1-te0-vae0-pf0-pin1" in v.message
     assert "aaaaaaaaaaaa: cpu0-lw0-te0-vae0-pf0-pin1, cpu0-lw1-te0-vae0-pf0-pin1, cpu1-lw0" in v.message
 
 
 def test_same_output_fails_if_a_cell_that_ran_has_no_digest() -> None:
-    v = same_output_verdict("native", matrix(cpu0_lw0={"digest": None}))
+    v = same_output_verdict("native", as_records(matrix(cpu0_lw0={"digest": None})))
     assert not v.passed and "missing" in v.message
 
 
@@ -167,36 +168,36 @@ ALL_OK_NATIVE = FateExpectation({}, "ok", None, ("native",))
 
 def test_fate_failures_is_empty_if_record_meets_its_fate() -> None:
     record = make_record(False, True, status="oom", failed_phase="load")
-    assert fate_failures(record, (OOM_AT_LOAD, ALL_OK_NATIVE)) == []
+    assert fate_failures(as_record(record), (OOM_AT_LOAD, ALL_OK_NATIVE)) == []
 
 
 def test_fate_failures_reports_status_mismatch() -> None:
     record = make_record(False, True, status="ok")
-    (msg,) = fate_failures(record, (OOM_AT_LOAD,))
+    (msg,) = fate_failures(as_record(record), (OOM_AT_LOAD,))
     assert msg.startswith(record["cell_id"]) and "expected oom in load, got ok" in msg
 
 
 def test_fate_failures_reports_phase_mismatch() -> None:
     record = make_record(False, True, status="oom", failed_phase="denoise")
-    (msg,) = fate_failures(record, (OOM_AT_LOAD,))
+    (msg,) = fate_failures(as_record(record), (OOM_AT_LOAD,))
     assert "expected oom in load, got oom in denoise" in msg
 
 
 def test_fate_failures_skips_records_on_other_cards() -> None:
     record = make_record(False, True, status="ok", card="native")
-    assert fate_failures(record, (OOM_AT_LOAD,)) == []
+    assert fate_failures(as_record(record), (OOM_AT_LOAD,)) == []
     failing = make_record(False, True, status="oom", failed_phase="load", card="native")
-    assert len(fate_failures(failing, (OOM_AT_LOAD, ALL_OK_NATIVE))) == 1
+    assert len(fate_failures(as_record(failing), (OOM_AT_LOAD, ALL_OK_NATIVE))) == 1
 
 
 def test_fate_failures_skips_records_that_do_not_match_where() -> None:
-    assert fate_failures(make_record(True, True, status="ok"), (OOM_AT_LOAD,)) == []
+    assert fate_failures(as_record(make_record(True, True, status="ok")), (OOM_AT_LOAD,)) == []
 
 
 def test_fate_without_cards_applies_to_every_card() -> None:
     fate = FateExpectation({}, "ok", None, None)
     for card in ("tiny-6m", "native", "anything"):
-        assert len(fate_failures(make_record(card=card, status="timeout"), (fate,))) == 1
+        assert len(fate_failures(as_record(make_record(card=card, status="timeout")), (fate,))) == 1
 
 
 # ------------------------------------------------------------------------------------------------ evaluate
@@ -218,13 +219,13 @@ def test_evaluate_passes_everything_if_tiny_scenario_behaves() -> None:
             )
             records.append({**r, **{k: base[k] for k in ("cell_id", "scenario", "card", "requested")}})
     checks = ("lowest_peak", "same_output", "fates")  # the ones these records carry the fields for
-    verdicts = [v for v in evaluate(scenario, records) if v.check in checks]
+    verdicts = [v for v in evaluate(scenario, as_records(records)) if v.check in checks]
     expected = [(card, check) for card in ("tiny-6m", "native") for check in checks]
     assert [(v.card, v.check) for v in verdicts] == expected
     assert all(v.passed for v in verdicts), [v.message for v in verdicts if not v.passed]
     # and a layerwise-only cell that loads on the capped card breaks the declared fate
     records[1] = {**records[1], "status": "ok", "failed_phase": None}
-    fates = [v for v in evaluate(scenario, records) if v.check == "fates" and v.card == "tiny-6m"]
+    fates = [v for v in evaluate(scenario, as_records(records)) if v.check == "fates" and v.card == "tiny-6m"]
     assert not fates[0].passed
 
 
@@ -236,9 +237,9 @@ def test_invariant_bound_counts_the_dit_resident_layers() -> None:
               "components": {"dit": {"placement": "layerwise-from-host", "weight_bytes": 6 * layer + 50,
                                      "layerwise": lw}},
               "phases": {"denoise": {"ledger_peak_bytes": 50 + kept * layer + 3 * layer}}}
-    assert invariant_failures(record) == []
+    assert invariant_failures(as_record(record)) == []
     record["phases"]["denoise"]["ledger_peak_bytes"] += 1
-    assert "resident layers" in invariant_failures(record)[0]
+    assert "resident layers" in invariant_failures(as_record(record))[0]
 
 
 # --------------------------------------------------------------------------------------------- resident_speed
@@ -246,14 +247,14 @@ def test_invariant_bound_counts_the_dit_resident_layers() -> None:
 RESIDENT_SWEEP = REPO / "results" / "h200" / "qwen-image-resident-5090.records.jsonl"
 
 
-def resident_sweep(slower: dict[str, float] | None = None) -> list[dict[str, Any]]:
+def resident_sweep(slower: dict[str, float] | None = None) -> list[CellRecord]:
     """The measured H200 resident sweep (Qwen-Image, 5090 cap); `slower` sets a cell's denoise steps (ms) by label."""
     records = [json.loads(line) for line in RESIDENT_SWEEP.read_text().splitlines() if line.strip()]
     for r in records:
         label = r["cell_id"].rsplit("/", 1)[-1]
         if label in (slower or {}):
             r["phases"]["denoise"]["step_ms"] = [slower[label]] * len(r["phases"]["denoise"]["step_ms"])
-    return records
+    return [as_record(r) for r in records]
 
 
 def test_resident_speed_passes_on_the_measured_sweep_where_strided_30_beats_leading_38() -> None:

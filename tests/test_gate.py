@@ -26,6 +26,7 @@ from tests.helpers import (
     SKU,
     VARIANT,
     S,
+    as_records,
     base_scenario,
     mutate,
     tiny_scenario_file,
@@ -214,24 +215,24 @@ def _with_spec(recs: list[dict[str, Any]], digest: str) -> list[dict[str, Any]]:
 
 
 def test_baseline_keeps_the_portable_spec_hash():
-    base = build_baseline(_with_spec(records(H100), "a"))
-    assert base["cells"][OK]["portable_spec_hash"] == f"a-{OK}"
+    base = build_baseline(as_records(_with_spec(records(H100), "a")))
+    assert base.cells[OK].portable_spec_hash == f"a-{OK}"
 
 
 def test_edited_cell_is_not_comparable_never_regressed():
-    base = build_baseline(_with_spec(records(H100), "a"))
+    base = build_baseline(as_records(_with_spec(records(H100), "a")))
     recs = _with_spec(records(H100), "a")
     edited = next(r for r in recs if r["cell_id"] == OK)
     edited["portable_spec_hash"] = "b"  # e.g. `steps` changed in the scenario file
     edited["phases"]["load"]["alloc_peak_reserved_bytes"] *= 2
-    comp = compare(base, run_cells(recs, SKU))
+    comp = compare(base, run_cells(as_records(recs), SKU))
     cell = next(c for c in comp.cells if c.cell_id == OK)
     assert cell.verdict == NOT_COMPARABLE and "spec changed" in cell.note
     assert {r.verdict for r in comp.rows if r.cell_id == OK} == {NOT_COMPARED}
     assert not comp.failed
     # the same edit without a spec change is a regression
     edited["portable_spec_hash"] = f"a-{OK}"
-    comp = compare(base, run_cells(recs, SKU))
+    comp = compare(base, run_cells(as_records(recs), SKU))
     assert any(r.verdict == REGRESSED for r in comp.rows if r.cell_id == OK) and comp.failed
 
 
@@ -242,7 +243,8 @@ def test_old_baseline_without_spec_hashes_says_so(tmp_path, capsys):
 
 
 def test_every_cell_not_comparable_is_no_baseline(tmp_path, capsys):
-    (tmp_path / f"{SKU}.json").write_text(json.dumps(build_baseline(_with_spec(records(H100), "a"))))
+    baseline = build_baseline(as_records(_with_spec(records(H100), "a")))
+    (tmp_path / f"{SKU}.json").write_text(json.dumps(baseline.to_dict()))
     run = write_records(tmp_path / "run.jsonl", _with_spec(records(H100), "b"))
     assert cli.main(["compare", str(run), "--baselines-dir", str(tmp_path)]) == exitcodes.NO_BASELINE
     assert "every cell's spec changed" in one_line_error(capsys.readouterr().err)
@@ -280,7 +282,7 @@ def test_software_change_is_one_warning_line(tmp_path, capsys):
 
 
 def test_cpu_profile_compares_memory_and_validity_not_timing(tmp_path, capsys):
-    (tmp_path / "cpu.json").write_text(json.dumps(build_baseline(records(CPU))))
+    (tmp_path / "cpu.json").write_text(json.dumps(build_baseline(as_records(records(CPU))).to_dict()))
     slow = records(CPU)
     for r in slow:
         for phase in r["phases"].values():

@@ -15,11 +15,13 @@ from typing import Any
 import pytest
 
 from harness.analyze.report import render
+from harness.contract import CellRecord
 from harness.plan.scenario import expand, load_scenario
 from harness.run import runner
 from harness.run.gpus import cell_cost, child_env, child_gpu, gpu_for_worker, longest_first, visible_gpus
-from harness.run.results import by_gpu, read_records
+from harness.run.results import GpuShare, by_gpu, read_records
 from harness.run.runner import Run
+from tests.helpers import as_records
 
 REPO = Path(__file__).resolve().parent.parent
 LEGACY = REPO / "scenarios" / "cpu" / "qwen_image_edit_tiny_legacy.toml"
@@ -176,10 +178,11 @@ def test_records_pass_the_worker_env_to_every_cell(tmp_path: Path, monkeypatch: 
     conftest = _scenarios_conftest()
     seen: list[tuple[str, dict[str, str] | None]] = []
 
-    def fake_run_cell(run: Run, cell: Any, label: str = "", env: dict[str, str] | None = None) -> dict[str, Any]:
+    def fake_run_cell(run: Run, cell: Any, label: str = "", env: dict[str, str] | None = None) -> CellRecord:
         seen.append((cell.cell_id, env))
-        record = {"cell_id": cell.cell_id, "status": "ok", "spec_hash": cell.spec_hash(run.device),
-                  "scenario": cell.scenario.name, "card": cell.card.as_dict(), "schema_version": 1}
+        record = CellRecord.from_dict({"cell_id": cell.cell_id, "status": "ok", "spec_hash": cell.spec_hash(run.device),
+                                       "scenario": cell.scenario.name, "card": cell.card.as_dict(),
+                                       "schema_version": 1})
         runner.append(run, record)
         return record
 
@@ -211,11 +214,11 @@ def test_the_child_runs_with_the_workers_gpu_and_the_record_says_so(
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
     run = Run.create(tmp_path, "cuda", "r", verbose=False)
     cell = expand(load_scenario(LEGACY))[0]
-    record = runner.run_cell(run, cell, env={"CUDA_VISIBLE_DEVICES": "2"})
+    record = runner.run_cell(run, cell, env={"CUDA_VISIBLE_DEVICES": "2"}).to_dict()
     assert seen.read_text() == "2"
     assert (record["status"], record["gpu_index"], record["xdist_worker"]) == ("crash", "2", "gw1")
     monkeypatch.delenv("PYTEST_XDIST_WORKER")
-    cpu = runner.run_cell(Run.create(tmp_path, "cpu", "c", verbose=False), cell)
+    cpu = runner.run_cell(Run.create(tmp_path, "cpu", "c", verbose=False), cell).to_dict()
     assert (cpu["gpu_index"], cpu["xdist_worker"]) == (None, None)
 
 
@@ -239,16 +242,16 @@ def test_by_gpu_merges_the_workers_records() -> None:
         _rec("s/native/f", "GPU-x", "gw2", 2.0),
         _rec("s/native/g", "1", "gw0", 3.0),  # the set-level test of another worker ran a missing cell
     ]
-    merged = by_gpu(records)
+    merged = by_gpu(as_records(records))
     assert list(merged) == ["0", "1", "10", "GPU-x"]
-    assert merged["0"] == {"gpu_index": "0", "gpu": "NVIDIA H200", "gpu_uuid": "GPU-0", "workers": ["gw0"],
-                                "cells": 2, "copies": 0, "wall_s": 30.5, "statuses": {"ok": 1, "oom": 1}}
-    assert (merged["1"]["cells"], merged["1"]["copies"], merged["1"]["wall_s"]) == (2, 1, 9.0)
-    assert merged["1"]["workers"] == ["gw0", "gw1"] and merged["10"]["workers"] == ["gw10"]
-    assert by_gpu([_rec("s/native/a", None, None, 1.0)])[None]["cells"] == 1  # CPU records: one None group
-    text = render(records, title="t")
+    assert merged["0"] == GpuShare("0", gpu="NVIDIA H200", gpu_uuid="GPU-0", workers=["gw0"], cells=2, copies=0,
+                                   wall_s=30.5, statuses={"ok": 1, "oom": 1})
+    assert (merged["1"].cells, merged["1"].copies, merged["1"].wall_s) == (2, 1, 9.0)
+    assert merged["1"].workers == ["gw0", "gw1"] and merged["10"].workers == ["gw10"]
+    assert by_gpu(as_records([_rec("s/native/a", None, None, 1.0)]))[None].cells == 1  # CPU: one None group
+    text = render(as_records(records), title="t")
     assert "## GPUs" in text and "NVIDIA H200" in text and "GPU-x" in text
-    assert "## GPUs" not in render([_rec("s/native/a", "0", None, 1.0)], title="t")  # a plain one-GPU run
+    assert "## GPUs" not in render(as_records([_rec("s/native/a", "0", None, 1.0)]), title="t")  # one GPU
 
 
 # --------------------------------------------------------------------------------------------- end to end
@@ -272,9 +275,9 @@ def test_two_workers_end_to_end_on_the_cpu_profile(tmp_path: Path, checkpoint_ca
     cells = [c.cell_id for c in expand(load_scenario(LEGACY))]
     assert sorted(r["cell_id"] for r in records) == sorted(cells)  # one record per cell: none ran twice
     for r in records:
-        assert runner.complete_record(r) and r["run_id"] == runs[0].name
+        assert runner.complete_record(CellRecord.from_dict(r)) and r["run_id"] == runs[0].name
         assert re.fullmatch(r"gw[01]", r["xdist_worker"]) and r["gpu_index"] is None
-    assert by_gpu(records)[None]["cells"] == 1 and by_gpu(records)[None]["copies"] == 1
+    assert by_gpu(as_records(records))[None].cells == 1 and by_gpu(as_records(records))[None].copies == 1
 
 
 def test_cells_running_at_once_write_one_checkpoint_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,10 +12,10 @@ import pytest
 
 from harness import exitcodes
 from harness.cli import main as cli
-from harness.contract import as_record
+from harness.contract import CellRecord, Status, as_record
 from harness.run.merge import MergeConflict, Source, merge, missing_shards
-from harness.run.results import latest_by_cell, read_records
-from tests.helpers import FIXTURES, H100
+from harness.run.results import latest_by_cell, read_cell_records, read_records
+from tests.helpers import FIXTURES, H100, as_records
 
 BASELINE = FIXTURES / "baselines" / "nvidia-h100-80gb-hbm3.json"
 
@@ -76,8 +76,8 @@ def test_compare_and_report_read_the_merged_run_like_the_single_run(tmp_path, ca
 def test_the_same_record_in_two_sources_is_kept_once(tmp_path):
     a, _ = _shards(tmp_path)
     copy_of_a = _write_run(tmp_path / "again", read_records(a / "records.jsonl").records)
-    merged = merge([Source(str(a), a, read_records(a / "records.jsonl").records),
-                    Source(str(copy_of_a), copy_of_a, read_records(copy_of_a / "records.jsonl").records)])
+    merged = merge([Source(str(a), a, read_cell_records(a / "records.jsonl").records),
+                    Source(str(copy_of_a), copy_of_a, read_cell_records(copy_of_a / "records.jsonl").records)])
     assert merged.duplicates == len(merged.records) == 6  # the rtx5090 card: 4 cells and the legacy scenario's 2
 
 
@@ -99,8 +99,9 @@ def test_a_failure_retried_on_another_machine_is_not_a_conflict(tmp_path):
     ok = next(r for r in records_a if r["status"] == "ok")
     crashed = {**ok, "status": "crash", "created": "2000-01-01T00:00:00+00:00", "reason": "child killed by signal 9"}
     _write_run(b, [*read_records(b / "records.jsonl").records, crashed])
-    merged = merge([Source(str(a), a, records_a), Source(str(b), b, read_records(b / "records.jsonl").records)])
-    assert latest_by_cell(merged.records)[ok["cell_id"]]["status"] == "ok"  # the later record counts
+    merged = merge([Source(str(a), a, as_records(records_a)),
+                        Source(str(b), b, read_cell_records(b / "records.jsonl").records)])
+    assert latest_by_cell(merged.records)[ok["cell_id"]].status == "ok"  # the later record counts
     assert merged.retried == [ok["cell_id"]]
 
 
@@ -111,10 +112,10 @@ def test_a_resumed_run_keeps_its_history_of_one_cell(tmp_path):
     ok = next(r for r in records_a if r["status"] == "ok")
     crashed = {**ok, "status": "crash", "created": "2000-01-01T00:00:00+00:00"}
     _write_run(a, [crashed, *records_a])
-    merged = merge([Source(str(a), a, read_records(a / "records.jsonl").records),
-                    Source(str(b), b, read_records(b / "records.jsonl").records)])
+    merged = merge([Source(str(a), a, read_cell_records(a / "records.jsonl").records),
+                    Source(str(b), b, read_cell_records(b / "records.jsonl").records)])
     assert len(merged.records) == len(_records()) + 1
-    assert latest_by_cell(merged.records)[ok["cell_id"]]["status"] == "ok"
+    assert latest_by_cell(merged.records)[ok["cell_id"]].status == "ok"
 
 
 @pytest.mark.parametrize(
@@ -135,7 +136,8 @@ def test_a_cell_whose_spec_changed_between_sources_is_refused(tmp_path):
     failed = {**records_a[0], "status": "crash", "portable_spec_hash": "aaaaaaaaaaaa"}
     _write_run(b, [*read_records(b / "records.jsonl").records, failed])
     with pytest.raises(MergeConflict, match="spec differs"):
-        merge([Source(str(a), a, records_a), Source(str(b), b, read_records(b / "records.jsonl").records)])
+        merge([Source(str(a), a, as_records(records_a)),
+                        Source(str(b), b, read_cell_records(b / "records.jsonl").records)])
 
 
 def test_merge_usage_and_no_records(tmp_path, capsys):
@@ -152,7 +154,7 @@ def test_default_out_is_beside_the_first_run_and_missing_shards_are_named(tmp_pa
     assert cli(["merge", str(a)]) == exitcodes.OK
     assert (tmp_path / "big-merged" / "records.jsonl").exists()
     assert "no records of shard 2/2" in capsys.readouterr().err
-    assert missing_shards([{"shard": "1/3"}, {"shard": "3/3"}]) == ["2/3"]
+    assert missing_shards([CellRecord("s/c/x", Status.OK, shard=shard) for shard in ("1/3", "3/3")]) == ["2/3"]
 
 
 @pytest.mark.slow
@@ -187,8 +189,8 @@ def test_two_shards_in_two_processes_merge_to_the_unsharded_run(tmp_path, capsys
 
     assert {k: essence(r) for k, r in merged.items()} == {k: essence(r) for k, r in single.items()}
     scenario = load_scenario(scenario_file)
-    verdicts = [(v.check, v.card, v.passed) for v in evaluate(scenario, list(merged.values()))]
-    assert verdicts == [(v.check, v.card, v.passed) for v in evaluate(scenario, list(single.values()))]
+    verdicts = [(v.check, v.card, v.passed) for v in evaluate(scenario, as_records(list(merged.values())))]
+    assert verdicts == [(v.check, v.card, v.passed) for v in evaluate(scenario, as_records(list(single.values())))]
     assert any(check == "lowest_peak" for check, _, _ in verdicts)
     for r in merged.values():
         o = r["overhead"]

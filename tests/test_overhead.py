@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -92,10 +93,13 @@ def test_finish_overhead_adds_what_only_the_parent_sees():
 
 
 def test_fixed_cost_of_records_with_and_without_overhead():
-    new = {"status": "ok", "elapsed_s": 14.0, "overhead": {"fixed_s": 11.0, "measured_s": 3.0}}
-    assert fixed_cost(new) == {"elapsed_s": 14.0, "fixed_s": 11.0, "measured_s": 3.0, "estimated": False}
-    old = {"status": "ok", "elapsed_s": 16.0, "rounds": {"warmup": 0, "rounds": 1},
-           "phases": {"load": {"wall_ms": 1000}, "encode": {"wall_ms": 500}, "denoise": {"wall_ms": 1000},
-                      "decode": {"wall_ms": 500}}}
+    def record(**fields: Any) -> CellRecord:
+        return CellRecord.from_dict({"schema_version": 2, "cell_id": "s/c/x", "status": "ok", **fields})
+
+    new = {"elapsed_s": 14.0, "overhead": {"fixed_s": 11.0, "measured_s": 3.0}}
+    assert fixed_cost(record(**new)) == {"elapsed_s": 14.0, "fixed_s": 11.0, "measured_s": 3.0, "estimated": False}
+    old = record(elapsed_s=16.0, rounds={"warmup": 0, "rounds": 1},
+                 phases={"load": {"wall_ms": 1000}, "encode": {"wall_ms": 500}, "denoise": {"wall_ms": 1000},
+                         "decode": {"wall_ms": 500}})
     assert fixed_cost(old) == {"elapsed_s": 16.0, "measured_s": 3.0, "fixed_s": 13.0, "estimated": True}
-    assert fixed_cost({**new, "same_as": "x"}) is None and fixed_cost({**new, "status": "oom"}) is None
+    assert fixed_cost(record(**new, same_as="x")) is None and fixed_cost(record(**new, status="oom")) is None

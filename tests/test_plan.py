@@ -32,6 +32,7 @@ from harness.plan.planner import (
     plan_rows,
 )
 from harness.plan.scenario import CARDS, ScenarioError, load_scenario
+from tests.helpers import as_records
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "results"
@@ -410,31 +411,31 @@ def test_a_cell_the_planner_cannot_plan_is_shown_not_raised() -> None:
     assert c.predicted_load is None and c.measured_load == good["phases"]["load"]["alloc_peak_reserved_bytes"]
     row = next(r for r in plan_rows(records) if r["cell"] == good["cell_id"])
     assert row["fate planned / measured"] == "not planned / ok" and row["plan"].startswith("not planned: FlagError")
-    verdict = plan_within_verdict("rtx5090-32g", records, {"peak": 0.05, "time": 0.10})
+    verdict = plan_within_verdict("rtx5090-32g", as_records(records), {"peak": 0.05, "time": 0.10})
     assert verdict.passed and f"{broken['cell_id'].rsplit('/', 1)[-1]} not planned: FlagError" in verdict.message
-    assert "not planned: FlagError" in render(records)
+    assert "not planned: FlagError" in render(as_records(records))
 
 
 def test_plan_within_fails_a_cell_that_strays(tmp_path: Path) -> None:
     records = _records("h100/qwen-image-edit-5090-s2.records.jsonl")
     tolerance = {"peak": 0.05, "time": 0.10}
-    assert plan_within_verdict("rtx5090-32g", records, tolerance).passed
+    assert plan_within_verdict("rtx5090-32g", as_records(records), tolerance).passed
     slow = []
     for r in records:
         if r["status"] == "ok":
             r = json.loads(json.dumps(r))
             r["phases"]["denoise"]["step_ms"] = [s * 1.2 for s in r["phases"]["denoise"]["step_ms"]]
         slow.append(r)
-    verdict = plan_within_verdict("rtx5090-32g", slow, tolerance)
+    verdict = plan_within_verdict("rtx5090-32g", as_records(slow), tolerance)
     assert not verdict.passed and "step" in verdict.message
     fat = [{**r, "phases": {**r["phases"], "load": {**r["phases"]["load"],
             "alloc_peak_reserved_bytes": r["phases"]["load"]["alloc_peak_reserved_bytes"] * 1.1}}}
            if r["status"] == "ok" else r for r in records]
-    assert "load peak" in plan_within_verdict("rtx5090-32g", fat, tolerance).message
+    assert "load peak" in plan_within_verdict("rtx5090-32g", as_records(fat), tolerance).message
     fate = [{**r, "status": "ok", "failed_phase": None} if r["status"] == "oom" else r for r in records]
-    assert "planned OOM in load" in plan_within_verdict("rtx5090-32g", fate, tolerance).message
+    assert "planned OOM in load" in plan_within_verdict("rtx5090-32g", as_records(fate), tolerance).message
     cpu = [{**r, "device": "cpu"} for r in records]
-    assert plan_within_verdict("rtx5090-32g", cpu, tolerance).passed
+    assert plan_within_verdict("rtx5090-32g", as_records(cpu), tolerance).passed
 
 
 def test_scenario_plan_within_is_parsed_and_checked(tmp_path: Path) -> None:
@@ -453,7 +454,7 @@ def test_report_has_the_predicted_vs_measured_table() -> None:
     from harness.analyze.report import render
 
     records = _records("h100/qwen-image-edit-5090-s2.records.jsonl")
-    text = render(records)
+    text = render(as_records(records))
     assert "Plan vs measured" in text and "oom in load / oom in load" in text
     rows = plan_rows(records)
     both = next(r for r in rows if "cpu1-lw1" in r["cell"])

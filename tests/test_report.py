@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import struct
 from pathlib import Path
 
@@ -11,7 +11,8 @@ import pytest
 from harness import cli
 from harness.analyze.plots import pareto_front, pareto_plot, plot_points, trace_plot
 from harness.analyze.report import frontier_rows, render, report_paths, write_report
-from tests.helpers import make_record
+from harness.contract import CellRecord, Status
+from tests.helpers import as_records, cell_records, make_record
 
 FIXTURES = Path(__file__).parent / "fixtures"
 H100 = FIXTURES / "h100-qwen-image-edit-5090.records.jsonl"
@@ -19,8 +20,8 @@ CPU = FIXTURES / "cpu-qwen-image-edit-tiny.records.jsonl"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def records(path: Path) -> list[CellRecord]:
+    return cell_records(path)
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -61,11 +62,11 @@ def test_write_report_markdown_and_pngs(tmp_path, fixture):
     assert md == tmp_path / "r.md"
     text = md.read_text()
     for r in recs:
-        assert r["cell_id"] in text
+        assert r.cell_id in text
     label = "alloc reserved" if fixture == H100 else "ledger"
     assert f"load peak MiB ({label})" in text
     pngs = written[1:]
-    groups = {(r["scenario"], r["card"]["name"]) for r in recs}
+    groups = {(r.scenario, r.card_name) for r in recs}
     assert len(pngs) == 2 * len(groups)
     for png in pngs:
         assert png.parent == tmp_path and png.name.startswith("r-")
@@ -117,18 +118,18 @@ def test_pareto_front():
 
 def test_plot_points_skip_unfinished_and_copies():
     recs = records(H100)
-    points, others = plot_points([r for r in recs if r["card"]["name"] == "rtx5090-32g"])
+    points, others = plot_points([r for r in recs if r.card_name == "rtx5090-32g"])
     assert [p[0].rsplit("/", 1)[-1] for p in points] == ["cpu1-lw1-te0-vae0-pf4-pin1"]
-    assert all(r["status"] == "oom" for r in others)
-    legacy = [r for r in recs if r["scenario"].endswith("legacy")]
+    assert all(r.status is Status.OOM for r in others)
+    legacy = [r for r in recs if str(r.scenario).endswith("legacy")]
     points, others = plot_points(legacy)
     assert points == [] and len(others) == 1  # the same_as copy is not drawn twice
 
 
 def test_plots_without_finished_cells_or_trace(tmp_path):
-    recs = [r for r in records(H100) if r["scenario"].endswith("legacy")]
+    recs = [r for r in records(H100) if str(r.scenario).endswith("legacy")]
     png_size(pareto_plot(recs, tmp_path / "p.png", "nothing finished"))
-    bare = [dict(r, trace=[]) for r in records(CPU)][:2]
+    bare = [dataclasses.replace(r, trace=[]) for r in records(CPU)][:2]
     png_size(trace_plot(bare, tmp_path / "t.png", "no traces"))
 
 
@@ -136,21 +137,22 @@ def test_render_evaluates_expectations_of_records_made_in_another_checkout(monke
     # records from the GPU box name its checkout (/root/w/scenarios/...); the report finds ./scenarios/... instead
     root = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(root)
-    rec = json.loads((root / "results/h100/flux-dev-4090.records.jsonl").read_text().splitlines()[-1])
-    assert not Path(rec["scenario_file"]).exists() and "scenarios" in Path(rec["scenario_file"]).parts
-    text = render([json.loads(line) for line in (root / "results/h100/flux-dev-4090.records.jsonl").open()])
+    flux = records(root / "results/h100/flux-dev-4090.records.jsonl")
+    rec = flux[-1]
+    assert not Path(str(rec.scenario_file)).exists() and "scenarios" in Path(str(rec.scenario_file)).parts
+    text = render(flux)
     assert "- **lowest_peak** on rtx4090-24g: PASS" in text and "- **invariants** on rtx4090-24g: PASS" in text
-    rec["scenario_file"] = "/nowhere/else.toml"
+    rec.scenario_file = "/nowhere/else.toml"
     assert "**lowest_peak**" not in render([rec])
 
 
 def test_render_skips_cards_that_did_not_run_and_latents_it_cannot_read(monkeypatch):
     root = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(root)
-    part = [json.loads(line) for line in (root / "results/h100/qwen-image-edit-5090-s2.records.jsonl").open()]
+    part = records(root / "results/h100/qwen-image-edit-5090-s2.records.jsonl")
     text = render(part)  # pytest -k rtx5090: the native card of that scenario never ran
     assert "on rtx5090-32g: PASS" in text and "on native" not in text
-    peer = [json.loads(line) for line in (root / "results/h100/wan21-14b-peer.records.jsonl").open()]
+    peer = records(root / "results/h100/wan21-14b-peer.records.jsonl")
     text = render(peer)
     assert "**close_output** on native: not re-evaluated here" in text and "**beats_peer** on native: PASS" in text
 
@@ -164,7 +166,7 @@ def test_plots_style_backends_apart_and_share_their_scales(tmp_path):
     assert len({backend_style(b) for b in ("harness", "diffusers-group", "diffusers-group-rs", "sglang")}) == 4
     assert backend_style("sglang@0.5.23") == backend_style("sglang")
     root = Path(__file__).resolve().parents[1]
-    peer = [json.loads(line) for line in (root / "results/h100/qwen-image-peer.records.jsonl").open()]
+    peer = records(root / "results/h100/qwen-image-peer.records.jsonl")
     figures = []
 
     def keep(fig, path):
@@ -202,7 +204,7 @@ def test_frontier_marks_the_fastest_cell_that_fits_and_the_pareto_front() -> Non
 
     slow, mid, fast, dominated = cell(0, 100, 1000.0), cell(15, 300, 700.0), cell(30, 500, 500.0), cell(38, 600, 800.0)
     over = cell(48, 0, 0.0, status="oom")
-    rows = {r["cell"]: r for r in frontier_rows([slow, mid, fast, dominated, over])}
+    rows = {r["cell"]: r for r in frontier_rows(as_records([slow, mid, fast, dominated, over]))}
     assert list(rows) == [x["cell_id"].rsplit("/", 1)[-1] for x in (slow, mid, fast, dominated)]  # by peak; oom out
     assert [rows[k]["frontier"] for k in rows] == ["yes", "yes", "yes", ""]
     assert [rows[k]["fastest that fits"] for k in rows] == ["", "", "**fastest**", ""]

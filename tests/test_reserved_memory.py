@@ -13,6 +13,7 @@ import torch
 
 from harness.cell.measure import reserved_attribution
 from harness.cell.worker import cache_release, release_point
+from harness.contract import CellRecord
 
 MIB = 2**20
 LAYERWISE = {"text_encoder": "cpu-offload", "dit": "layerwise-from-host", "vae": "resident"}
@@ -73,9 +74,10 @@ def test_drift_prints_the_attribution_per_phase() -> None:
 
     att = reserved_attribution({"reserved_bytes": 3 * MIB, "allocated_bytes": MIB},
                                {"reserved_peak_bytes": 10 * MIB, "allocated_peak_bytes": 4 * MIB}, [])
-    rec = {"cell_id": "s/c/x", "phases": {"denoise": {"reserved_attribution": att, "empty_cache_freed_bytes": MIB}},
+    rec = {"schema_version": 2, "cell_id": "s/c/x", "status": "ok",
+           "phases": {"denoise": {"reserved_attribution": att, "empty_cache_freed_bytes": MIB}},
            "cache_release": {"mechanism": "torch.cuda.empty_cache"},
            "telemetry": {"rounds": [{"round": 0, "steady_step_ms": 1.0}]}}
-    text = render([rec])
+    text = render([CellRecord.from_dict(rec)])
     assert "cache release: torch.cuda.empty_cache" in text
     assert "| denoise | 10 " in text and "| 6 " in text and "| 2 " in text  # gap 6, cached 2 (MiB)

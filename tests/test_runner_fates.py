@@ -20,9 +20,10 @@ from typing import Any
 
 import pytest
 
+from harness.contract import CellRecord
 from harness.plan.scenario import Cell, expand, load_scenario
 from harness.run import runner
-from harness.run.results import append_record, read_records
+from harness.run.results import append_record, read_cell_records, read_records
 from harness.run.runner import Run, run_cell
 from tests.helpers import tiny_scenario_file
 
@@ -173,7 +174,7 @@ def _is_worker(pid: int) -> bool:
 def test_sigkill_is_a_crash_with_signal_9(tmp_path: Path) -> None:
     cell = one_cell(scenario_file(tmp_path, "fate-kill", {"dit_cpu_offload": [True]}))
     run = Run.create(tmp_path / "results", "cpu", "kill", verbose=False)
-    rec = run_cell(run, cell, env={FAULT: "load:sigkill"})
+    rec = run_cell(run, cell, env={FAULT: "load:sigkill"}).to_dict()
     assert rec["status"] == "crash"
     assert rec["signal"] == 9 and rec["returncode"] == -9
     assert "signal 9 (SIGKILL)" in rec["reason"]
@@ -211,7 +212,7 @@ def test_hang_is_a_timeout_and_the_whole_tree_dies(tmp_path: Path, grandchildren
     cell = one_cell(scenario_file(tmp_path, "fate-hang", {"dit_cpu_offload": [True]}, timeout_s=15))
     run = Run.create(tmp_path / "results", "cpu", "hang", verbose=False)
     started = time.monotonic()
-    rec = run_cell(run, cell, env={**env, FAULT: "load:hang"})
+    rec = run_cell(run, cell, env={**env, FAULT: "load:hang"}).to_dict()
     assert rec["status"] == "timeout"
     assert 15 <= time.monotonic() - started < 40
     assert "15 s cell timeout" in rec["reason"]
@@ -313,10 +314,10 @@ def test_torn_and_garbage_lines_are_reported_kept_and_the_resumed_run_completes(
     assert "[2/2" in out and f"{b.cell_id}: ok" in out and f"{b.cell_id}: ok (recorded earlier)" not in out
     data = records.read_bytes()
     assert data.startswith(original)  # nothing rewritten or truncated
-    result = read_records(records)
+    result = read_cell_records(records)
     good = [r for r in result.records if runner.complete_record(r)]
-    assert [r["cell_id"] for r in good] == [a.cell_id, b.cell_id]
-    assert good[-1]["child_pid"] > 0  # b really ran, and its record sits on a line of its own
+    assert [r.cell_id for r in good] == [a.cell_id, b.cell_id]
+    assert (good[-1].child_pid or 0) > 0  # b really ran, and its record sits on a line of its own
 
 
 # --------------------------------------------------------------------------------------- in-process checks
@@ -380,7 +381,7 @@ def test_a_cell_another_parent_is_running_is_waited_for_not_rerun(tmp_path: Path
     run = Run.create(tmp_path / "results", "cpu", "l", verbose=False)
     lock = os.open(runner._cell_dir(run, cell) / ".lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(lock, fcntl.LOCK_EX)  # "another parent" holds the cell
-    got: list[dict] = []
+    got: list[CellRecord] = []
     t = threading.Thread(target=lambda: got.append(run_cell(run, cell)))
     t.start()
     time.sleep(1.0)
@@ -390,5 +391,5 @@ def test_a_cell_another_parent_is_running_is_waited_for_not_rerun(tmp_path: Path
     append_record(run.records_path, other)
     os.close(lock)
     t.join(30)
-    assert got and got[0]["by"] == "the other parent"
+    assert got and got[0].extra["by"] == "the other parent"
     assert len(records_of(run.records_path)) == 1

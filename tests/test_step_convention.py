@@ -13,6 +13,7 @@ import pytest
 
 from harness.analyze.baseline import (
     RETIRED_METRICS,
+    BaselineCell,
     build_baseline,
     cell_metrics,
     migrate_retired,
@@ -22,8 +23,8 @@ from harness.analyze.baseline import (
 from harness.analyze.compare import NEW, NOT_COMPARED, compare
 from harness.analyze.report import cell_row
 from harness.analyze.roofline import roofline_rows
-from harness.contract import STEP_CONVENTION, as_record
-from harness.run.results import read_records
+from harness.contract import STEP_CONVENTION, CellRecord, Status, as_record
+from harness.run.results import read_cell_records
 from tests.helpers import H100, SKU
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,20 +32,20 @@ COMMITTED_BASELINES = sorted((REPO / "results" / "baselines").glob("*.json"))
 PEER = REPO / "results" / "h100" / "qwen-image-peer.records.jsonl"
 
 
-def _records(path: Path) -> list[dict]:
-    return read_records(path).records
+def _records(path: Path) -> list[CellRecord]:
+    return read_cell_records(path).records
 
 
 def test_report_roofline_and_baseline_agree_on_a_layerwise_cell() -> None:
     """The cell the issue names: Qwen-Image peer, ours, 4 steps with a slow first one."""
-    rec = next(r for r in _records(PEER) if r["backend"] == "harness" and r["effective"]["dit_layerwise_offload"])
-    steps = rec["phases"]["denoise"]["step_ms"]
+    rec = next(r for r in _records(PEER) if r.backend == "harness" and r.effective["dit_layerwise_offload"])
+    steps = rec.phases["denoise"].step_ms
     assert steps[0] > max(steps[1:]), "the fixture's point: the first step pays one-off costs"
     want = statistics.median(steps[1:])
     row = cell_row(rec)
     assert row[f"denoise ms/step ({STEP_CONVENTION})"] == f"{want:,.0f}"
     assert row["denoise first step ms"] == f"{steps[0]:,.0f}"
-    [roof] = [r for r in roofline_rows(_records(PEER)) if r["cell"] == rec["cell_id"]]
+    [roof] = [r for r in roofline_rows(_records(PEER)) if r["cell"] == rec.cell_id]
     assert roof[f"measured s/step ({STEP_CONVENTION})"] == round(want / 1e3, 3)
     assert cell_metrics(rec)["denoise_steady_step_ms"] == pytest.approx(want, abs=1e-3)
 
@@ -65,10 +66,10 @@ def test_an_old_baseline_step_metric_is_not_compared_never_judged() -> None:
     records = _records(H100)
     current = run_cells(records, SKU)
     old = build_baseline(records, SKU)
-    for cell in old["cells"].values():
-        steps = cell["metrics"].pop("denoise_steady_step_ms", None)
+    for cell in old.cells.values():
+        steps = cell.metrics.pop("denoise_steady_step_ms", None)
         if steps is not None:
-            cell["metrics"]["denoise_step_ms"] = steps * 1.5  # would be "improved" if judged
+            cell.metrics["denoise_step_ms"] = steps * 1.5  # would be "improved" if judged
     comp = compare(old, current)
     retired = [r for r in comp.rows if r.metric == "denoise_step_ms"]
     assert retired and all(r.verdict == NOT_COMPARED and "retired" in r.note for r in retired)
@@ -81,27 +82,27 @@ def test_migration_recomputes_from_the_cells_own_records() -> None:
     records = _records(H100)
     fresh = build_baseline(records, SKU)
     old = copy.deepcopy(fresh)
-    for cell in old["cells"].values():
-        if "denoise_steady_step_ms" in cell["metrics"]:
-            cell["metrics"]["denoise_step_ms"] = cell["metrics"].pop("denoise_steady_step_ms") + 1
-    old["tolerances"]["denoise_step_ms"] = old["tolerances"].pop("denoise_steady_step_ms")
+    for cell in old.cells.values():
+        if "denoise_steady_step_ms" in cell.metrics:
+            cell.metrics["denoise_step_ms"] = cell.metrics.pop("denoise_steady_step_ms") + 1
+    old.tolerances["denoise_step_ms"] = old.tolerances.pop("denoise_steady_step_ms")
     assert migrate_retired(old, records) == []
-    assert old["cells"] == fresh["cells"] and old["tolerances"] == fresh["tolerances"]
+    assert old.cells == fresh.cells and old.tolerances == fresh.tolerances
     unrecorded = copy.deepcopy(old)
-    unrecorded["cells"]["x/y/z"] = {"status": "ok", "failed_phase": None, "metrics": {"denoise_step_ms": 1.0}}
+    unrecorded.cells["x/y/z"] = BaselineCell(Status.OK, None, {"denoise_step_ms": 1.0})
     assert migrate_retired(unrecorded, records) == ["x/y/z"]
 
 
 @pytest.mark.parametrize("path", COMMITTED_BASELINES, ids=lambda p: p.name)
 def test_committed_baselines_use_the_steady_step_of_their_records(path: Path) -> None:
     baseline = read_baseline(path)
-    assert not any(name in RETIRED_METRICS for c in baseline["cells"].values() for name in c["metrics"])
-    by_run = {(r["cell_id"], r.get("run_id")): r for f in (REPO / "results").rglob("*.records.jsonl")
+    assert not any(name in RETIRED_METRICS for c in baseline.cells.values() for name in c.metrics)
+    by_run = {(r.cell_id, r.run_id): r for f in (REPO / "results").rglob("*.records.jsonl")
               for r in _records(f)}
     checked = 0
-    for cell_id, cell in baseline["cells"].items():
-        rec = by_run.get((cell_id, cell.get("run_id")))
-        if rec is not None and "denoise_steady_step_ms" in cell["metrics"]:
-            assert cell["metrics"]["denoise_steady_step_ms"] == cell_metrics(rec)["denoise_steady_step_ms"]
+    for cell_id, cell in baseline.cells.items():
+        rec = by_run.get((cell_id, cell.run_id))
+        if rec is not None and "denoise_steady_step_ms" in cell.metrics:
+            assert cell.metrics["denoise_steady_step_ms"] == cell_metrics(rec)["denoise_steady_step_ms"]
             checked += 1
-    assert checked, json.dumps(sorted(baseline["cells"]))[:200]
+    assert checked, json.dumps(sorted(baseline.cells))[:200]

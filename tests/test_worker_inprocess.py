@@ -71,4 +71,4 @@ def test_layerwise_text_encoder_and_vae_compute_what_resident_ones_do(tmp_path: 
     assert resident["placements"] == {"text_encoder": "resident", "dit": "cpu-offload", "vae": "resident"}
     assert streamed["outputs"]["latents_sha256"] == resident["outputs"]["latents_sha256"]
     assert streamed["outputs"]["image_stats"] == resident["outputs"]["image_stats"]
-    assert invariant_failures(streamed) == []
+    assert invariant_failures(as_record(streamed)) == []

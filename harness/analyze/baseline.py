@@ -1,8 +1,9 @@
 """Per-GPU-SKU baselines: the metrics of every cell of a reference run, with per-metric tolerances.
 
-A baseline lives at results/baselines/<sku>.json, where the SKU is record["machine"]["sku"] (for example
+A baseline lives at results/baselines/<sku>.json, where the SKU is a record's machine.sku (for example
 "nvidia-h100-80gb-hbm3"; the CPU profile's records say "cpu"). It is keyed by cell id and holds, per cell, the
-fate (status, failed_phase) and the metrics `cell_metrics` extracts from its record:
+fate (status, failed_phase) and the metrics `cell_metrics` extracts from its record (`BaselineCell`; the file is
+a `Baseline`, JSON only on disk):
 
 - load_peak_<c>_bytes, runtime_peak_<c>_bytes: `CellRecord.peaks` on the record's peak counter,
   named after it (`reserved` = allocator reserved on CUDA, `ledger` = harness ledger on the CPU profile);
@@ -25,13 +26,23 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from harness import locations
-from harness.contract import PHASES, RUNTIME_PHASES, STATUSES, STEP_CONVENTION, as_record
+from harness.contract import (
+    PHASES,
+    RUNTIME_PHASES,
+    STATUSES,
+    STEP_CONVENTION,
+    CellRecord,
+    JsonObject,
+    Phase,
+    Status,
+    fate_text,
+)
 from harness.run.results import now_iso, write_json_atomic
 
 BASELINE_SCHEMA_VERSION = 1
@@ -98,62 +109,100 @@ def metric_order(name: str) -> tuple[int, str]:
 # ------------------------------------------------------------------------------------------------ records -> cells
 
 
-def record_sku(record: dict[str, Any]) -> str | None:
-    return (record.get("machine") or {}).get("sku")
+@dataclass
+class BaselineCell:
+    """What a baseline (and the run side of a comparison) keeps of one cell: its fate, its metrics, the run it
+    came from, the digest of what it ran and the spread of its measured rounds. JSON only in the file
+    (`from_dict` / `to_dict`)."""
+
+    status: Status
+    failed_phase: str | None
+    metrics: dict[str, float]
+    run_id: str | None = None
+    created: str | None = None
+    git_sha: str | None = None
+    # What the cell ran (settings, card, flags, rounds, ...) without the scenario file's path; compare calls a
+    # cell whose digest changed "not comparable" instead of judging numbers of a different experiment.
+    portable_spec_hash: str | None = None
+    # The relative spread of each time metric across the cell's measured rounds; compare sets the timing
+    # tolerance from it (harness.analyze.compare.spread_tolerance). Empty with fewer than two measured rounds.
+    spread: dict[str, float] = field(default_factory=dict)
+    # Optional keys the file's cell lacks (baselines made before them): written back absent, so a refresh that
+    # keeps old cells leaves them as they were. Keys this harness does not know stay in `extra`.
+    absent: frozenset[str] = frozenset()
+    extra: JsonObject = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, record: CellRecord) -> BaselineCell:
+        spread = timing_spread(record)
+        return cls(record.status, record.failed_phase, cell_metrics(record), record.run_id, record.created,
+                   record.git_sha, record.portable_spec_hash, spread, frozenset() if spread else frozenset({"spread"}))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BaselineCell:
+        known = {f.name for f in fields(cls)} - {"absent", "extra"}
+        values = {k: v for k, v in data.items() if k in known}
+        values["status"] = Status(data["status"])
+        return cls(**values, absent=frozenset(known - set(data)),
+                   extra={k: v for k, v in data.items() if k not in known})
+
+    def to_dict(self) -> JsonObject:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("absent", "extra")}
+        out["status"] = str(self.status)
+        return {**{k: v for k, v in out.items() if k not in self.absent}, **self.extra}
+
+    @property
+    def fate(self) -> str:
+        return fate_text(self.status, self.failed_phase)
+
+    @property
+    def progress(self) -> int:
+        """How far the cell got: the index of the phase it failed in (load 0 ... decode 3), or len(PHASES) if ok."""
+        if self.status is Status.OK:
+            return len(PHASES)
+        return Phase(self.failed_phase).progress if self.failed_phase in set(Phase) else -1
 
 
-def cell_metrics(record: dict[str, Any]) -> dict[str, float]:
+def record_sku(record: CellRecord) -> str | None:
+    return (record.machine or {}).get("sku")
+
+
+def cell_metrics(record: CellRecord) -> dict[str, float]:
     """The baseline metrics of one record; a metric the record does not have is left out (never null)."""
-    phases = record.get("phases") or {}
-    rec = as_record(record)
-    peaks = rec.peaks.as_dict()
-    short = COUNTER_KEYS.get(peaks["counter"], peaks["counter"].removesuffix("_bytes"))
+    peaks = record.peaks
+    short = COUNTER_KEYS.get(peaks.counter, peaks.counter.removesuffix("_bytes"))
     out: dict[str, float] = {}
 
     def put(name: str, value: Any) -> None:
-        if isinstance(value, int | float) and not isinstance(value, bool):
+        if _number(value):
             out[name] = value
 
-    put(f"load_peak_{short}_bytes", peaks["load"])
-    put(f"runtime_peak_{short}_bytes", peaks["runtime"])
-    put("nvml_proc_peak_bytes", rec.phase_max("nvml_proc_peak_bytes"))
-    runtime_ms = [(phases.get(p) or {}).get("time_ms") for p in RUNTIME_PHASES]
+    def time_ms(phase: str) -> Any:
+        stats = record.phases.get(phase)
+        return stats.time_ms if stats else None
+
+    put(f"load_peak_{short}_bytes", peaks.load)
+    put(f"runtime_peak_{short}_bytes", peaks.runtime)
+    put("nvml_proc_peak_bytes", record.phase_max("nvml_proc_peak_bytes"))
+    runtime_ms = [time_ms(p) for p in RUNTIME_PHASES]
     if all(isinstance(v, int | float) for v in runtime_ms):
         put("e2e_ms", round(sum(runtime_ms), 3))
-    put("load_ms", (phases.get("load") or {}).get("time_ms"))
-    put("denoise_ms", (phases.get("denoise") or {}).get("time_ms"))
-    steady = rec.steady_step_ms()
+    put("load_ms", time_ms(Phase.LOAD))
+    put("denoise_ms", time_ms(Phase.DENOISE))
+    steady = record.steady_step_ms()
     if steady is not None:
         put("denoise_steady_step_ms", round(steady, 3))
     return out
 
 
-def cell_entry(record: dict[str, Any]) -> dict[str, Any]:
-    """What a baseline (or a comparison) keeps of one record."""
-    return {
-        "status": record["status"],
-        "failed_phase": record.get("failed_phase"),
-        "metrics": cell_metrics(record),
-        "run_id": record.get("run_id"),
-        "created": record.get("created"),
-        "git_sha": record.get("git_sha"),
-        # What the cell ran (settings, card, flags, rounds, ...) without the scenario file's path; compare calls a
-        # cell whose digest changed "not comparable" instead of judging numbers of a different experiment.
-        "portable_spec_hash": record.get("portable_spec_hash"),
-        # The relative spread of each time metric across the cell's measured rounds; compare sets the timing
-        # tolerance from it (harness.analyze.compare.spread_tolerance). Absent with fewer than two measured rounds.
-        **({"spread": spread} if (spread := timing_spread(record)) else {}),
-    }
-
-
-# Which per-round series of record["rounds"] measures the noise of which time metric.
+# Which per-round series of record.rounds measures the noise of which time metric.
 SPREAD_SERIES = {"denoise_steady_step_ms": "steady_step_ms", "denoise_ms": "denoise_ms", "e2e_ms": "e2e_ms"}
 
 
-def timing_spread(record: dict[str, Any]) -> dict[str, float]:
+def timing_spread(record: CellRecord) -> dict[str, float]:
     """{time metric: (max - min) / median of its per-round series} over the record's measured rounds (two or more
     with a value); records from before per-round step medians still give denoise_ms and e2e_ms."""
-    rounds = record.get("rounds") or {}
+    rounds = record.rounds or {}
     out: dict[str, float] = {}
     for name, series in SPREAD_SERIES.items():
         values = [v for v in rounds.get(series) or [] if _number(v)]
@@ -162,7 +211,7 @@ def timing_spread(record: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def run_sku(records: Iterable[dict[str, Any]], sku: str | None = None, where: str = "run") -> str:
+def run_sku(records: Iterable[CellRecord], sku: str | None = None, where: str = "run") -> str:
     """The one SKU of a run's records (or `sku`, checked to be among them). Records without machine info (a child
     that died before measuring) do not count. Mixing SKUs without choosing one is refused."""
     skus = sorted({s for r in records if (s := record_sku(r))})
@@ -177,15 +226,11 @@ def run_sku(records: Iterable[dict[str, Any]], sku: str | None = None, where: st
     return skus[0]
 
 
-def run_cells(records: Iterable[dict[str, Any]], sku: str) -> dict[str, dict[str, Any]]:
-    """Cell id -> cell entry of the records of `sku` (records without a SKU are taken as the run's). Skipped
-    cells carry no measurement and are left out."""
-    out = {}
-    for r in records:
-        if record_sku(r) not in (sku, None) or r.get("status") == "skipped":
-            continue
-        out[r["cell_id"]] = cell_entry(r)
-    return out
+def run_cells(records: Iterable[CellRecord], sku: str) -> dict[str, BaselineCell]:
+    """Cell id -> what a baseline keeps of the records of `sku` (records without a SKU are taken as the run's).
+    Skipped cells carry no measurement and are left out."""
+    return {r.cell_id: BaselineCell.of(r) for r in records
+            if record_sku(r) in (sku, None) and r.status is not Status.SKIPPED}
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -195,15 +240,15 @@ def run_cells(records: Iterable[dict[str, Any]], sku: str) -> dict[str, dict[str
 STACK_KEYS = ("driver", "cuda", "torch")
 
 
-def run_machine(records: Iterable[dict[str, Any]], sku: str) -> dict[str, Any]:
+def run_machine(records: Iterable[CellRecord], sku: str) -> JsonObject:
     """The machine fields of the first record of `sku` that has them ({} if none does)."""
     for r in records:
-        if record_sku(r) == sku and isinstance(r.get("machine"), dict):
-            return r["machine"]
+        if record_sku(r) == sku and isinstance(r.machine, dict):
+            return r.machine
     return {}
 
 
-def stack_differences(baseline_machine: dict[str, Any], machine: dict[str, Any]) -> list[str]:
+def stack_differences(baseline_machine: Mapping[str, Any], machine: Mapping[str, Any]) -> list[str]:
     """'torch 2.11.0+cu130 -> 2.13.0+cu130' for each of driver, CUDA and torch that differ between the baseline's
     machine and the run's (a field that either side lacks is not a difference: old baselines lack some)."""
     out = []
@@ -220,18 +265,44 @@ def baseline_path(sku: str, baselines_dir: Path | str | None = None) -> Path:
     return Path(baselines_dir or locations.baselines_dir()) / f"{sku}.json"
 
 
+@dataclass
+class Baseline:
+    """One SKU's baseline: per cell what `BaselineCell` keeps, the tolerances compare judges them with, and where
+    it came from. JSON only in the file (`read_baseline` / `write_baseline`)."""
+
+    sku: str
+    created: str
+    source: JsonObject  # the run id(s), git sha and records file it was made from, and whether it was merged
+    machine: JsonObject  # the reference machine's fields (_MACHINE_KEYS)
+    tolerances: dict[str, float]
+    improvement_threshold: float
+    cells: dict[str, BaselineCell]
+    schema_version: int = BASELINE_SCHEMA_VERSION
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> Baseline:
+        """Raises `BaselineError` ('<where>: <what>') unless `data` is a well-formed baseline of this schema."""
+        validate(data, where)
+        cells = {cell_id: BaselineCell.from_dict(cell) for cell_id, cell in data["cells"].items()}
+        return cls(**{**{k: data[k] for k in _TOP_KEYS}, "cells": cells})
+
+    def to_dict(self) -> JsonObject:
+        return {k: getattr(self, k) for k in _TOP_KEYS} | {
+            "cells": {cell_id: cell.to_dict() for cell_id, cell in self.cells.items()}}
+
+
 def build_baseline(
-    records: list[dict[str, Any]],
+    records: list[CellRecord],
     sku: str | None = None,
-    previous: dict[str, Any] | None = None,
+    previous: Baseline | None = None,
     merge: bool = False,
     source: str | None = None,
-) -> dict[str, Any]:
+) -> Baseline:
     """A baseline from a run's records (latest record per cell). `previous` (the file being refreshed) keeps its
     tolerances and improvement threshold; with `merge`, also its cells that this run did not measure."""
     sku = run_sku(records, sku)
-    if previous is not None and previous["sku"] != sku:
-        raise BaselineError(f"baseline is for SKU {previous['sku']!r}, the run is {sku!r}: refusing to mix SKUs")
+    if previous is not None and previous.sku != sku:
+        raise BaselineError(f"baseline is for SKU {previous.sku!r}, the run is {sku!r}: refusing to mix SKUs")
     cells = run_cells(records, sku)
     if not cells:
         raise BaselineError(f"{source or 'run'}: no cell of SKU {sku!r} to make a baseline of")
@@ -240,57 +311,58 @@ def build_baseline(
     tolerances = dict(DEFAULT_TOLERANCES)
     improvement = DEFAULT_IMPROVEMENT_THRESHOLD
     if previous is not None:
-        tolerances.update({k: v for k, v in previous["tolerances"].items() if k not in RETIRED_METRICS})
-        improvement = previous["improvement_threshold"]
+        tolerances.update({k: v for k, v in previous.tolerances.items() if k not in RETIRED_METRICS})
+        improvement = previous.improvement_threshold
         if merge:
-            cells = {**previous["cells"], **cells}
-    run_ids = sorted({r.get("run_id") for r in mine if r.get("run_id")})
-    return {
-        "schema_version": BASELINE_SCHEMA_VERSION,
-        "sku": sku,
-        "created": now_iso(),
-        "source": {
+            cells = {**previous.cells, **cells}
+    run_ids = sorted({r.run_id for r in mine if r.run_id})
+    machine = first.machine or {}
+    return Baseline(
+        sku=sku,
+        created=now_iso(),
+        source={
             "run_id": run_ids[0] if len(run_ids) == 1 else run_ids,
-            "git_sha": first.get("git_sha"),
+            "git_sha": first.git_sha,
             "records": source,
             "merged": bool(merge and previous is not None),
         },
-        "machine": {k: first["machine"].get(k) for k in _MACHINE_KEYS if k in first["machine"]},
-        "tolerances": tolerances,
-        "improvement_threshold": improvement,
-        "cells": dict(sorted(cells.items())),
-    }
+        machine={k: machine.get(k) for k in _MACHINE_KEYS if k in machine},
+        tolerances=tolerances,
+        improvement_threshold=improvement,
+        cells=dict(sorted(cells.items())),
+    )
 
 
-def migrate_retired(baseline: dict[str, Any], records: Iterable[dict[str, Any]]) -> list[str]:
+def migrate_retired(baseline: Baseline, records: Iterable[CellRecord]) -> list[str]:
     """Replaces each cell's retired metrics with today's, recomputed from the cell's own record (same cell id and
     run id) where `records` holds it; tolerances follow. Returns the cells left with a retired metric (no record):
     compare says "not compared" for those. How the committed baselines moved to denoise_steady_step_ms."""
-    by_run = {(r.get("cell_id"), r.get("run_id")): r for r in records}
+    by_run = {(r.cell_id, r.run_id): r for r in records}
     left = []
-    for cell_id, cell in baseline["cells"].items():
-        retired = [name for name in cell["metrics"] if name in RETIRED_METRICS]
-        record = by_run.get((cell_id, cell.get("run_id")))
+    for cell_id, cell in baseline.cells.items():
+        retired = [name for name in cell.metrics if name in RETIRED_METRICS]
+        record = by_run.get((cell_id, cell.run_id))
         if not retired:
             continue
         if record is None:
             left.append(cell_id)
             continue
         for name in retired:
-            del cell["metrics"][name]
-        cell["metrics"].update({k: v for k, v in cell_metrics(record).items() if k not in cell["metrics"]})
+            del cell.metrics[name]
+        cell.metrics.update({k: v for k, v in cell_metrics(record).items() if k not in cell.metrics})
     for name in RETIRED_METRICS:
-        if name in baseline["tolerances"] and not left:
-            baseline["tolerances"].setdefault("denoise_steady_step_ms", baseline["tolerances"].pop(name))
+        if name in baseline.tolerances and not left:
+            baseline.tolerances.setdefault("denoise_steady_step_ms", baseline.tolerances.pop(name))
     return left
 
 
-def write_baseline(path: Path, baseline: dict[str, Any]) -> None:
-    validate(baseline, str(path))
-    write_json_atomic(Path(path), baseline)
+def write_baseline(path: Path, baseline: Baseline) -> None:
+    data = baseline.to_dict()
+    validate(data, str(path))
+    write_json_atomic(Path(path), data)
 
 
-def read_baseline(path: Path | str) -> dict[str, Any]:
+def read_baseline(path: Path | str) -> Baseline:
     """Reads and validates a baseline file; any problem is a one-line `BaselineError` naming the file."""
     path = Path(path)
     try:
@@ -303,8 +375,7 @@ def read_baseline(path: Path | str) -> dict[str, Any]:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise BaselineError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    validate(data, str(path))
-    return data
+    return Baseline.from_dict(data, str(path))
 
 
 def _number(v: Any) -> bool:

@@ -1,4 +1,5 @@
-"""Compare a run with its SKU's baseline: pure functions over dicts that return verdicts, rendered separately.
+"""Compare a run with its SKU's baseline: pure functions over `BaselineCell`s that return verdicts, rendered
+separately.
 
 Two questions, kept apart:
 
@@ -34,13 +35,13 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from tabulate import tabulate
 
-from harness.analyze.baseline import RETIRED_METRICS, metric, metric_order
-from harness.contract import PHASES, Phase, fate_text
+from harness.analyze.baseline import RETIRED_METRICS, Baseline, BaselineCell, metric, metric_order
+from harness.contract import PHASES, JsonObject, Status
 
 MIB = 2**20
 
@@ -61,15 +62,15 @@ SPREAD_FACTOR = 3.0
 SPREAD_METRICS = ("e2e_ms", "denoise_ms", "denoise_steady_step_ms")
 
 
-def spread_tolerance(name: str, base: dict[str, Any] | None, cur: dict[str, Any] | None) -> float | None:
+def spread_tolerance(name: str, base: BaselineCell | None, cur: BaselineCell | None) -> float | None:
     """The tolerance of time metric `name` from the measured spread of its rounds, or None (keep the fixed one)
     where the baseline cell has no spread for it. The run's spread counts when it has one: a noisier run widens."""
     if name not in SPREAD_METRICS:
         return None
-    measured = ((base or {}).get("spread") or {}).get(name)
+    measured = base.spread.get(name) if base else None
     if measured is None:
         return None
-    run = ((cur or {}).get("spread") or {}).get(name)
+    run = cur.spread.get(name) if cur else None
     return round(max(SPREAD_FLOOR, SPREAD_FACTOR * max(measured, run or 0.0)), 4)
 
 
@@ -177,19 +178,6 @@ class Comparison:
 # ------------------------------------------------------------------------------------------------ pure comparison
 
 
-def fate(cell: dict[str, Any]) -> str:
-    """A baseline cell's (or a record's) fate in words."""
-    return fate_text(cell["status"], cell.get("failed_phase"))
-
-
-def progress(cell: dict[str, Any]) -> int:
-    """How far a cell got: the index of the phase it failed in (load 0 ... decode 3), or len(PHASES) if ok."""
-    if cell["status"] == "ok":
-        return len(PHASES)
-    phase = cell.get("failed_phase")
-    return Phase(phase).progress if phase in set(Phase) else -1
-
-
 def needs_phase(name: str) -> int:
     """The index of the last phase a metric needs: load metrics need load, denoise ones denoise, whole-run ones
     (runtime peak, NVML peak, e2e) every phase; a metric is compared only where both cells got through it."""
@@ -200,57 +188,57 @@ def needs_phase(name: str) -> int:
     return len(PHASES) - 1
 
 
-def spec_changed(base: dict[str, Any] | None, cur: dict[str, Any] | None) -> bool:
+def spec_changed(base: BaselineCell | None, cur: BaselineCell | None) -> bool:
     """Both sides carry a portable spec digest and they differ. A side without one (a baseline or record from
     before the digest existed) cannot show a change, so it is compared as before."""
-    b, c = (base or {}).get("portable_spec_hash"), (cur or {}).get("portable_spec_hash")
+    b, c = base and base.portable_spec_hash, cur and cur.portable_spec_hash
     return bool(b and c and b != c)
 
 
-def cell_verdict(cell_id: str, base: dict[str, Any] | None, cur: dict[str, Any] | None) -> CellRow:
+def cell_verdict(cell_id: str, base: BaselineCell | None, cur: BaselineCell | None) -> CellRow:
     if cur is None:
-        return CellRow(cell_id, MISSING, fate(base), None, "in the baseline, not in the run")
+        return CellRow(cell_id, MISSING, base.fate if base else None, None, "in the baseline, not in the run")
     if base is None:
-        return CellRow(cell_id, NEW, None, fate(cur), "not in the baseline")
+        return CellRow(cell_id, NEW, None, cur.fate, "not in the baseline")
     if spec_changed(base, cur):
         return CellRow(
-            cell_id, NOT_COMPARABLE, fate(base), fate(cur),
-            f"spec changed since the baseline ({base['portable_spec_hash']} -> {cur['portable_spec_hash']}); "
+            cell_id, NOT_COMPARABLE, base.fate, cur.fate,
+            f"spec changed since the baseline ({base.portable_spec_hash} -> {cur.portable_spec_hash}); "
             "refresh the baseline",
         )
-    b, c = progress(base), progress(cur)
+    b, c = base.progress, cur.progress
     if c < b:
-        what = "used to run to the end" if base["status"] == "ok" else f"used to get further ({fate(base)})"
-        return CellRow(cell_id, LOST, fate(base), fate(cur), f"{what}, now {fate(cur)}")
+        what = "used to run to the end" if base.status is Status.OK else f"used to get further ({base.fate})"
+        return CellRow(cell_id, LOST, base.fate, cur.fate, f"{what}, now {cur.fate}")
     if c > b:
-        if cur["status"] == "ok":
+        if cur.status is Status.OK:
             now = "now runs to the end"
         elif b <= 0:
-            now = f"now loads ({fate(cur)})"
+            now = f"now loads ({cur.fate})"
         else:
-            now = f"now gets further ({fate(cur)})"
-        return CellRow(cell_id, FIXED, fate(base), fate(cur), f"{now}; used to be {fate(base)}")
-    if fate(base) != fate(cur):
-        return CellRow(cell_id, CHANGED, fate(base), fate(cur), f"{fate(base)} -> {fate(cur)}")
-    return CellRow(cell_id, "unchanged", fate(base), fate(cur))
+            now = f"now gets further ({cur.fate})"
+        return CellRow(cell_id, FIXED, base.fate, cur.fate, f"{now}; used to be {base.fate}")
+    if base.fate != cur.fate:
+        return CellRow(cell_id, CHANGED, base.fate, cur.fate, f"{base.fate} -> {cur.fate}")
+    return CellRow(cell_id, "unchanged", base.fate, cur.fate)
 
 
 def metric_rows(
     cell_id: str,
-    base: dict[str, Any] | None,
-    cur: dict[str, Any] | None,
+    base: BaselineCell | None,
+    cur: BaselineCell | None,
     checks: dict[str, Check],
     improvement_threshold: float,
     timing: bool = True,
     overridden: frozenset[str] = frozenset(),
 ) -> list[MetricRow]:
-    base_m = (base or {}).get("metrics") or {}
-    cur_m = (cur or {}).get("metrics") or {}
+    base_m = base.metrics if base else {}
+    cur_m = cur.metrics if cur else {}
     if not timing:
         base_m = {k: v for k, v in base_m.items() if metric(k).kind != "time"}
         cur_m = {k: v for k, v in cur_m.items() if metric(k).kind != "time"}
     other_spec = spec_changed(base, cur)
-    completed = min(progress(base), progress(cur)) if base is not None and cur is not None else -1
+    completed = min(base.progress, cur.progress) if base is not None and cur is not None else -1
     rows = []
     for name in sorted(set(base_m) | set(cur_m), key=metric_order):
         check = checks.get(name) or Check(name, metric(name).tolerance)
@@ -269,7 +257,7 @@ def metric_rows(
         elif other_spec:
             verdict, note = NOT_COMPARED, "spec changed since the baseline"
         elif needs_phase(name) >= completed:
-            verdict, note = NOT_COMPARED, f"baseline {fate(base)}, run {fate(cur)}"
+            verdict, note = NOT_COMPARED, f"baseline {base.fate}, run {cur.fate}"
         elif c is None:
             verdict, note = MISSING, "metric not in the run"
         elif b is None:
@@ -287,27 +275,27 @@ def metric_rows(
 
 
 def compare(
-    baseline: dict[str, Any],
-    current: dict[str, dict[str, Any]],
+    baseline: Baseline,
+    current: Mapping[str, BaselineCell],
     overrides: list[Check] | tuple[Check, ...] = (),
     only_scenarios: set[str] | None = None,
     source: str = "baseline",
     only_cards: set[str] | None = None,
     timing: bool = True,
 ) -> Comparison:
-    """Compares `current` (cell id -> cell entry, as `harness.analyze.baseline.run_cells` makes) with a baseline dict.
+    """Compares `current` (cell id -> cell, as `harness.analyze.baseline.run_cells` makes) with a baseline.
     `overrides` replace the baseline's tolerances for their metrics; `only_scenarios` limits the baseline to
     those scenarios and `only_cards` to those "<scenario>/<card>" pairs (a partial run then does not report the
     others' cells as missing). `timing=False` judges memory and validity only (the CPU profile)."""
-    checks = {name: Check(name, tol) for name, tol in baseline["tolerances"].items()}
+    checks = {name: Check(name, tol) for name, tol in baseline.tolerances.items()}
     checks.update({c.metric: c for c in overrides})
-    threshold = baseline["improvement_threshold"]
-    base_cells = baseline["cells"]
+    threshold = baseline.improvement_threshold
+    base_cells = baseline.cells
     if only_scenarios is not None:
         base_cells = {k: v for k, v in base_cells.items() if k.split("/", 1)[0] in only_scenarios}
     if only_cards is not None:
         base_cells = {k: v for k, v in base_cells.items() if scenario_card(k) in only_cards}
-    out = Comparison(baseline["sku"], source, threshold, timing=timing)
+    out = Comparison(baseline.sku, source, threshold, timing=timing)
     order = sorted(base_cells) + [k for k in current if k not in base_cells]
     for cell_id in order:
         base, cur = base_cells.get(cell_id), current.get(cell_id)
@@ -322,12 +310,13 @@ def compare(
     return out
 
 
-def spread_notes(base_cells: dict[str, Any], current: dict[str, Any], overridden: set[str]) -> list[str]:
+def spread_notes(base_cells: Mapping[str, BaselineCell], current: Mapping[str, BaselineCell],
+                 overridden: set[str]) -> list[str]:
     """One line on how the timing tolerances were set: from the spread for how many cells, fixed for how many."""
     both = [k for k in base_cells if k in current]
     if not both or set(SPREAD_METRICS) <= overridden:
         return []
-    measured = [k for k in both if (base_cells[k].get("spread") or {})]
+    measured = [k for k in both if base_cells[k].spread]
     rule = f"max({SPREAD_FLOOR * 100:g} %, {SPREAD_FACTOR:g} x the larger per-round spread of baseline and run)"
     lines = []
     if measured:
@@ -429,19 +418,20 @@ def render(comp: Comparison, markdown: bool = False) -> str:
     return "\n".join(out) + "\n"
 
 
-def gab_entries(current: dict[str, dict[str, Any]], sku: str | None = None) -> list[dict[str, Any]]:
+def gab_entries(current: Mapping[str, BaselineCell], sku: str | None = None) -> list[JsonObject]:
     """github-action-benchmark `customSmallerIsBetter` entries ({name, unit, value}) of the cells that ran to the
-    end (a failed cell's partial numbers would draw misleading points). Memory in MiB, time in ms."""
+    end (a failed cell's partial numbers would draw misleading points). Memory in MiB, time in ms. They are
+    benchmark.json's lines: JSON is what this function makes."""
     out = []
     for cell_id in sorted(current):
         cell = current[cell_id]
-        if cell["status"] != "ok":
+        if cell.status is not Status.OK:
             continue
-        for name in sorted(cell["metrics"], key=metric_order):
-            v = cell["metrics"][name]
+        for name in sorted(cell.metrics, key=metric_order):
+            v = cell.metrics[name]
             m = metric(name)
             unit, value = ("MiB", round(v / MIB, 1)) if m.unit == "bytes" else (m.unit or "value", round(v, 3))
-            entry: dict[str, Any] = {"name": f"{cell_id} {name}", "unit": unit, "value": value}
+            entry: JsonObject = {"name": f"{cell_id} {name}", "unit": unit, "value": value}
             if sku:
                 entry["extra"] = f"sku {sku}"
             out.append(entry)

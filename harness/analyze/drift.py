@@ -16,6 +16,8 @@ from typing import Any
 
 from tabulate import tabulate
 
+from harness.contract import CellRecord
+
 MIB = 2**20
 
 
@@ -31,10 +33,10 @@ def _mib(v: Any) -> str:
     return f"{v / MIB:,.0f}" if isinstance(v, int | float) else ""
 
 
-def round_rows(record: dict[str, Any]) -> list[list[Any]]:
+def round_rows(record: CellRecord) -> list[list[Any]]:
     """One row per round of the record's telemetry."""
     rows = []
-    for r in (record.get("telemetry") or {}).get("rounds") or []:
+    for r in (record.telemetry or {}).get("rounds") or []:
         steps = (r.get("step_machine") or {}).get("steps") or []
         reasons = sorted({n for s in steps for n in s.get("throttle_reason_names") or []})
         alloc = r.get("allocator") or {}
@@ -63,11 +65,11 @@ def round_rows(record: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
-def reserved_rows(record: dict[str, Any]) -> list[list[Any]]:
+def reserved_rows(record: CellRecord) -> list[list[Any]]:
     """One row per phase with a reserved-memory attribution (the merged phases: peaks are the max over rounds)."""
     rows = []
-    for name, ph in (record.get("phases") or {}).items():
-        att = ph.get("reserved_attribution")
+    for name, ph in record.phases.items():
+        att = ph.reserved_attribution
         if not att:
             continue
         streams = att.get("reserved_by_stream_bytes") or {}
@@ -75,7 +77,7 @@ def reserved_rows(record: dict[str, Any]) -> list[list[Any]]:
                      _mib(att.get("gap_bytes")), _mib(att.get("cached_from_earlier_bytes")),
                      _mib(att.get("inactive_split_peak_bytes")), _mib(att.get("unexplained_bytes")),
                      ", ".join(f"{k}: {_mib(v)}" for k, v in sorted(streams.items())),
-                     _mib(ph.get("empty_cache_freed_bytes"))])
+                     _mib(ph.empty_cache_freed_bytes)])
     return rows
 
 
@@ -89,23 +91,23 @@ HEADERS = ["round", "steady step ms", "SM MHz", "mem MHz", "temp C", "power W", 
            "% of copy limit"]
 
 
-def render(records: list[dict[str, Any]]) -> str:
+def render(records: list[CellRecord]) -> str:
     out = []
     for rec in records:
         rows = round_rows(rec)
         if not rows:
             continue
-        tele = rec.get("telemetry") or {}
-        out += [f"## {rec['cell_id']}", "",
-                f"sampler every {tele.get('sampler_interval_ms')} ms (0 = off); status {rec.get('status')}", ""]
+        tele = rec.telemetry or {}
+        out += [f"## {rec.cell_id}", "",
+                f"sampler every {tele.get('sampler_interval_ms')} ms (0 = off); status {rec.status}", ""]
         out += [tabulate(rows, headers=HEADERS, tablefmt="github", disable_numparse=True), ""]
-        spread = ((rec.get("rounds") or {}).get("spread") or {}).get("steady_step_ms")
+        spread = ((rec.rounds or {}).get("spread") or {}).get("steady_step_ms")
         if spread:
             out += [f"measured rounds' steady step: min {spread['min']} / median {spread['median']} / max "
                     f"{spread['max']} ms, max/min {spread['max_over_min']}", ""]
         reserved = reserved_rows(rec)
         if reserved:
-            mechanism = (rec.get("cache_release") or {}).get("mechanism", "none")
+            mechanism = (rec.cache_release or {}).get("mechanism", "none")
             out += [f"reserved memory by phase (allocator; cache release: {mechanism})", "",
                     tabulate(reserved, headers=RESERVED_HEADERS, tablefmt="github", disable_numparse=True), ""]
         unavailable = {k: v for r in (tele.get("rounds") or [])
@@ -116,7 +118,7 @@ def render(records: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from harness.run.results import latest_by_cell, read_records
+    from harness.run.results import latest_by_cell, read_cell_records
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a run folder or a records.jsonl file")
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     if not path.exists():
         print(f"error: {path}: no such records file", file=sys.stderr)
         return 2
-    records = [r for r in latest_by_cell(read_records(path).records).values() if args.cell in r["cell_id"]]
+    records = [r for r in latest_by_cell(read_cell_records(path).records).values() if args.cell in r.cell_id]
     print(render(records), end="")
     return 0
 

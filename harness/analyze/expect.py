@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.contract import CellRecord, PhaseStats, Placement, Record, Status, as_record, fate_text
+from harness.contract import CellRecord, PhaseStats, Placement, Status, fate_text
 from harness.plan.scenario import HARNESS_BACKEND, FateExpectation, Scenario, matches
 
 
@@ -64,9 +64,8 @@ def _mib(v: int | None) -> str:
     return "n/a" if v is None else f"{v / 2**20:,.0f} MiB"
 
 
-def fate_failures(record: Record, fates: tuple[FateExpectation, ...]) -> list[str]:
+def fate_failures(rec: CellRecord, fates: tuple[FateExpectation, ...]) -> list[str]:
     """Messages for each declared fate this record should meet and does not."""
-    rec = as_record(record)
     out = []
     for f in fates:
         if f.cards is not None and rec.card_name not in f.cards:
@@ -78,10 +77,9 @@ def fate_failures(record: Record, fates: tuple[FateExpectation, ...]) -> list[st
     return out
 
 
-def demand(record: Record) -> float | None:
+def demand(rec: CellRecord) -> float | None:
     """Peak device memory a cell needed: its measured peak, or infinity if it ran out (it needed more than the
     card has; the allocator's peak stops short of the allocation that failed)."""
-    rec = as_record(record)
     return float("inf") if rec.status is Status.OOM else rec.peaks.peak
 
 
@@ -89,8 +87,8 @@ def _fmt(v: float | None) -> str:
     return "> cap (oom)" if v == float("inf") else _mib(None if v is None else int(v))
 
 
-def lowest_peak_verdict(card: str, records: Iterable[Record], where: dict[str, Any]) -> Verdict:
-    recs = [r for r in map(as_record, records) if r.backend == HARNESS_BACKEND]
+def lowest_peak_verdict(card: str, records: Iterable[CellRecord], where: dict[str, Any]) -> Verdict:
+    recs = [r for r in records if r.backend == HARNESS_BACKEND]
     targets = [r for r in recs if matches(r.requested, where)]
     if len(targets) != 1:
         return Verdict("lowest_peak", card, False, f"{len(targets)} cells match {where}; expected exactly one")
@@ -113,10 +111,10 @@ def lowest_peak_verdict(card: str, records: Iterable[Record], where: dict[str, A
     )
 
 
-def same_output_verdict(card: str, records: Iterable[Record]) -> Verdict:
+def same_output_verdict(card: str, records: Iterable[CellRecord]) -> Verdict:
     """Every cell that ran to the end computed the same final latents, bit for bit (same seed, same math), within
     each backend."""
-    ran = [r for r in map(as_record, records) if r.status is Status.OK]
+    ran = [r for r in records if r.status is Status.OK]
     differ = []
     for backend in dict.fromkeys(r.backend for r in ran):
         digests: dict[str, list[str]] = {}
@@ -190,21 +188,21 @@ def _close_to_reference(
     return Verdict(check, card, True, f"relative L2 of final latents within {rtol}: {'; '.join(passed)}")
 
 
-def close_output_verdict(card: str, records: Iterable[Record], rtol: float,
+def close_output_verdict(card: str, records: Iterable[CellRecord], rtol: float,
                          rtol_by_backend: Mapping[str, float] | None = None) -> Verdict:
     """Every other-backend cell that ran is within `rtol` (relative L2 of final latents; `rtol_by_backend` where it
     names the cell's backend) of the harness-backend cell with the same requested flags."""
-    recs = [as_record(r) for r in records]
+    recs = list(records)
     ref = {_flags_key(r): r for r in recs if r.backend == HARNESS_BACKEND}
     pairs = [(r, ref.get(_flags_key(r))) for r in recs if r.backend != HARNESS_BACKEND and r.status is Status.OK]
     return _close_to_reference("close_output", card, pairs, rtol, "harness",
                                (True, "no other-backend cell ran: nothing to compare"), rtol_by_backend=rtol_by_backend)
 
 
-def cfg_batch_verdict(card: str, records: Iterable[Record], rtol: float) -> Verdict:
+def cfg_batch_verdict(card: str, records: Iterable[CellRecord], rtol: float) -> Verdict:
     """Every cfg-batch cell that ran is within `rtol` (relative L2 of final latents) of the two-pass cell with the
     same flags and backend; each line also gives the steady step time of both and their ratio."""
-    recs = [as_record(r) for r in records]
+    recs = list(records)
     two_pass = {(r.backend, _flags_key(r)): r for r in recs if not r.cfg_batch}
     pairs = [(r, two_pass.get((r.backend, _flags_key(r)))) for r in recs if r.cfg_batch and r.status is Status.OK]
 
@@ -216,12 +214,12 @@ def cfg_batch_verdict(card: str, records: Iterable[Record], rtol: float) -> Verd
                                (False, "no cfg-batch cell ran: nothing to compare"), step_ratio)
 
 
-def plan_within_verdict(card: str, records: Iterable[Record], tolerance: dict[str, float]) -> Verdict:
+def plan_within_verdict(card: str, records: Iterable[CellRecord], tolerance: dict[str, float]) -> Verdict:
     """The planner against every GPU cell of our runtime: fate, peaks within tolerance["peak"], step within
     tolerance["time"] (each relative to the plan)."""
     from harness.plan.planner import check_record
 
-    gpu = [r for r in map(as_record, records) if r.device == "cuda" and r.backend == HARNESS_BACKEND
+    gpu = [r for r in records if r.device == "cuda" and r.backend == HARNESS_BACKEND
            and r.status in (Status.OK, Status.OOM)]
     if not gpu:
         return Verdict("plan_within", card, True, "no GPU cell of our runtime ran: not judged (the plan predicts "
@@ -253,9 +251,9 @@ def _streamed(record: CellRecord) -> bool:
     return bool(record.effective.get("dit_layerwise_offload"))
 
 
-def beats_peer_verdict(card: str, records: Iterable[Record]) -> Verdict:
+def beats_peer_verdict(card: str, records: Iterable[CellRecord]) -> Verdict:
     """Our layerwise runtime against each other backend's cell with the same flags: time and runtime peak."""
-    recs = [as_record(r) for r in records]
+    recs = list(records)
     ours = {_flags_key(r): r for r in recs if r.backend == HARNESS_BACKEND and _streamed(r)}
     problems, passed = [], []
     for peer in recs:
@@ -298,8 +296,8 @@ def _group_key(record: CellRecord, drop: tuple[str, ...]) -> str:
     return json.dumps(flags, sort_keys=True)
 
 
-def _harness_layerwise(records: Iterable[Record]) -> list[CellRecord]:
-    recs = map(as_record, records)
+def _harness_layerwise(records: Iterable[CellRecord]) -> list[CellRecord]:
+    recs = records
     return [r for r in recs if r.backend == HARNESS_BACKEND and _streamed(r) and not r.same_as]
 
 
@@ -312,7 +310,7 @@ def _denoise_peak(record: CellRecord) -> float | None:
     return denoise.get(record.peak_counter) if denoise else None
 
 
-def prefetch_peak_verdict(card: str, records: Iterable[Record]) -> Verdict:
+def prefetch_peak_verdict(card: str, records: Iterable[CellRecord]) -> Verdict:
     """A larger prefetch window never lowers the denoise peak, between cells that differ only in the prefetch."""
     by_key: dict[str, list[tuple[int, float, CellRecord]]] = {}
     for r in _harness_layerwise(records):
@@ -350,7 +348,7 @@ def _residency_policy(record: CellRecord) -> str | None:
     return record.effective.get("dit_layerwise_residency_policy")
 
 
-def resident_speed_verdict(card: str, records: Iterable[Record]) -> Verdict:
+def resident_speed_verdict(card: str, records: Iterable[CellRecord]) -> Verdict:
     """More resident layers never slow a transfer-bound step, between cells that differ only in the resident count
     under one residency policy (a cell with none resident compares with every policy).
 
@@ -387,10 +385,9 @@ def resident_speed_verdict(card: str, records: Iterable[Record]) -> Verdict:
     return Verdict("resident_speed", card, True, "; ".join(passed) + note)
 
 
-def host_failures(record: Record, bounds: dict[str, Any]) -> list[str]:
+def host_failures(rec: CellRecord, bounds: dict[str, Any]) -> list[str]:
     """Host-cost bounds of one cell that ran: peak RSS over all weight bytes, pinned held over requested, and the
     setup rate (weight bytes over setup seconds) of named components."""
-    rec = as_record(record)
     comps = rec.components or {}
     weights = sum(c.get("weight_bytes", 0) for c in comps.values())
     phases = rec.phases.values()
@@ -418,7 +415,7 @@ def host_failures(record: Record, bounds: dict[str, Any]) -> list[str]:
 PINNED_OVER_STREAMED = 2.1
 
 
-def invariant_failures(record: Record) -> list[str]:
+def invariant_failures(rec: CellRecord) -> list[str]:
     """The offload memory invariants of one cell that ran, on the weight bytes the components hold on the device
     (the harness ledger and per-component probes, so activations do not blur them):
 
@@ -432,7 +429,6 @@ def invariant_failures(record: Record) -> list[str]:
        other resident components < the DiT's weight bytes.
     4. Pinned host bytes (peak requested) <= 2.1 x the bytes the layerwise runtimes stream (all components).
     """
-    rec = as_record(record)
     comps = rec.components or {}
     dit = comps.get("dit") or {}
     lw = dit.get("layerwise")
@@ -501,9 +497,9 @@ def _denoise_bound(cid: str, comps: dict[str, Any], phases: dict[str, PhaseStats
     return []
 
 
-def evaluate(scenario: Scenario, records: Iterable[Record]) -> list[Verdict]:
+def evaluate(scenario: Scenario, records: Iterable[CellRecord]) -> list[Verdict]:
     """All set-level verdicts of a scenario, one per card."""
-    recs = [as_record(r) for r in records]
+    recs = list(records)
     verdicts = []
     for card in scenario.cards:
         group = [r for r in recs if r.card_name == card.name and r.scenario == scenario.name]

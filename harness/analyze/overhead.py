@@ -12,41 +12,46 @@ import argparse
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
 
 from tabulate import tabulate
 
-from harness.contract import RUNTIME_PHASES
-from harness.run.results import latest_by_cell, read_records
+from harness.contract import RUNTIME_PHASES, CellRecord, JsonObject, Phase, Status
+from harness.run.results import latest_by_cell, read_cell_records
 
 PARTS = ("process_start_s", "imports_s", "guards_s", "cuda_init_s", "h2d_probe_s", "checkpoint_s", "warmup_s",
          "teardown_s", "other_s")
 
 
-def fixed_cost(record: dict[str, Any]) -> dict[str, Any] | None:
+def fixed_cost(record: CellRecord) -> JsonObject | None:
     """{"elapsed_s", "measured_s", "fixed_s", parts..., "estimated"} of a cell that ran a child to the end (ok),
-    None for the others (a copy, a skip, a failure: no measured part to subtract)."""
-    if record.get("status") != "ok" or record.get("same_as") or not isinstance(record.get("elapsed_s"), int | float):
+    None for the others (a copy, a skip, a failure: no measured part to subtract). The parts are the record's
+    `overhead` section as the child wrote it."""
+    elapsed = record.elapsed_s
+    if record.status is not Status.OK or record.same_as or not isinstance(elapsed, int | float):
         return None
-    overhead = record.get("overhead")
+    overhead = record.overhead
     if isinstance(overhead, dict) and isinstance(overhead.get("fixed_s"), int | float):
-        return {"elapsed_s": record["elapsed_s"], **overhead, "estimated": False}
-    phases = record.get("phases") or {}
-    load = (phases.get("load") or {}).get("wall_ms") or 0
-    calls = int((record.get("rounds") or {}).get("warmup") or 0) + int((record.get("rounds") or {}).get("rounds") or 1)
-    runtime = sum((phases.get(p) or {}).get("wall_ms") or 0 for p in RUNTIME_PHASES) * calls
-    measured = (load + runtime) / 1e3
-    return {"elapsed_s": record["elapsed_s"], "measured_s": round(measured, 3),
-            "fixed_s": round(record["elapsed_s"] - measured, 3), "estimated": True}
+        return {"elapsed_s": elapsed, **overhead, "estimated": False}
+
+    def wall_ms(phase: str) -> float:
+        stats = record.phases.get(phase)
+        return (stats.wall_ms or 0) if stats else 0
+
+    rounds = record.rounds or {}
+    calls = int(rounds.get("warmup") or 0) + int(rounds.get("rounds") or 1)
+    measured = (wall_ms(Phase.LOAD) + sum(wall_ms(p) for p in RUNTIME_PHASES) * calls) / 1e3
+    return {"elapsed_s": elapsed, "measured_s": round(measured, 3), "fixed_s": round(elapsed - measured, 3),
+            "estimated": True}
 
 
-def rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def rows(records: list[CellRecord]) -> list[dict[str, str | float | None]]:
+    """The table: one row per cell that ran to the end, by column header."""
     out = []
     for r in latest_by_cell(records).values():
         cost = fixed_cost(r)
         if cost is None:
             continue
-        row = {"cell": r["cell_id"], "elapsed s": cost["elapsed_s"], "measured s": cost.get("measured_s"),
+        row = {"cell": r.cell_id, "elapsed s": cost["elapsed_s"], "measured s": cost.get("measured_s"),
                "fixed s": cost["fixed_s"]}
         row |= {p.removesuffix("_s").replace("_", " "): cost.get(p) for p in PARTS}
         row["estimated"] = "yes" if cost["estimated"] else ""
@@ -60,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for run in args.runs:
         path = Path(run) / "records.jsonl" if Path(run).is_dir() else Path(run)
-        table = rows(read_records(path).records)
+        table = rows(read_cell_records(path).records)
         print(f"## {run}\n")
         if not table:
             print("no cell ran to the end: no fixed cost to show\n")

@@ -19,7 +19,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from harness.contract import STEP_CONVENTION, as_record
+from harness.contract import STEP_CONVENTION, CellRecord, Phase, Status
 
 GIB, MIB = 2**30, 2**20
 PHASE_COLORS = {
@@ -33,18 +33,18 @@ def _unit(max_bytes: float) -> tuple[float, str]:
     return (GIB, "GiB") if max_bytes >= 4 * GIB else (MIB, "MiB")
 
 
-def plot_points(records: list[dict[str, Any]]) -> tuple[list[tuple[str, float, float]], list[dict[str, Any]]]:
+def plot_points(records: list[CellRecord]) -> tuple[list[tuple[str, float, float]], list[CellRecord]]:
     """(cell id, denoise ms/step by STEP_CONVENTION, peak bytes) of the cells that finished their denoise loop;
     the others."""
     points, others = [], []
     for r in records:
-        if r.get("same_as"):
+        if r.same_as:
             continue  # a copy of another cell's record: same point
-        ms = as_record(r).steady_step_ms()
-        peak = as_record(r).peaks.peak
-        finished_denoise = r["status"] == "ok" or r.get("failed_phase") == "decode"
+        ms = r.steady_step_ms()
+        peak = r.peaks.peak
+        finished_denoise = r.status is Status.OK or r.failed_phase == Phase.DECODE
         if finished_denoise and ms is not None and peak is not None:
-            points.append((r["cell_id"], float(ms), float(peak)))
+            points.append((r.cell_id, float(ms), float(peak)))
         else:
             others.append(r)
     return points, others
@@ -85,7 +85,7 @@ def backend_style(backend: str | None) -> tuple[str, str]:
     return BACKEND_STYLES.get((backend or "harness").split("@", 1)[0], _OTHER_STYLE)
 
 
-def pareto_plot(records: list[dict[str, Any]], path: Path, title: str) -> Path:
+def pareto_plot(records: list[CellRecord], path: Path, title: str) -> Path:
     """Three panels over the cells of one scenario on one card, each cell numbered the same in all three and named
     in the key below them (labels never sit on the points, so none overprint another):
 
@@ -96,15 +96,15 @@ def pareto_plot(records: list[dict[str, Any]], path: Path, title: str) -> Path:
     - denoise step times per cell: the first step against the steady state, one ms axis.
     """
     points, others = plot_points(records)
-    cells = [r for r in records if not r.get("same_as")]
-    number = {r["cell_id"]: i for i, r in enumerate(cells, 1)}
-    counter = as_record(records[0]).peak_counter if records else "alloc_peak_reserved_bytes"
-    cap = next((r["card"].get("cap_bytes") for r in records if r.get("card")), None)
-    key_lines = [f"{number[r['cell_id']]}  {(rec := as_record(r)).label}: {rec.fate}" for r in cells]
+    cells = [r for r in records if not r.same_as]
+    number = {r.cell_id: i for i, r in enumerate(cells, 1)}
+    counter = records[0].peak_counter if records else "alloc_peak_reserved_bytes"
+    cap = next((r.card.get("cap_bytes") for r in records if r.card), None)
+    key_lines = [f"{number[r.cell_id]}  {r.label}: {r.fate}" for r in cells]
     fig = Figure(figsize=(13, 4.9 + 0.15 * len(key_lines)))
     grid = fig.add_gridspec(2, 3, height_ratios=[4.6, 0.15 * len(key_lines) + 0.2], width_ratios=[1.3, 1, 1])
     ax, host, steps = (fig.add_subplot(grid[0, i]) for i in range(3))
-    _memory_panel(ax, points, {r["cell_id"]: r for r in cells}, number, cap, counter)
+    _memory_panel(ax, points, {r.cell_id: r for r in cells}, number, cap, counter)
     _host_panel(host, cells, number)
     _steps_panel(steps, cells, number)
     _key_panel(fig.add_subplot(grid[1, :]), key_lines)
@@ -116,13 +116,13 @@ def pareto_plot(records: list[dict[str, Any]], path: Path, title: str) -> Path:
     return _save(fig, path)
 
 
-def _memory_panel(ax: Any, points: list[tuple[str, float, float]], by_id: dict[str, dict[str, Any]],
+def _memory_panel(ax: Any, points: list[tuple[str, float, float]], by_id: dict[str, CellRecord],
                   number: dict[str, int], cap: int | None, counter: str) -> None:
     """Peak device memory against ms/step: colour and marker per backend, the Pareto front, the card's cap."""
     scale, unit = _unit(max([p[2] for p in points] + [cap or 0, 1]))
     if points:
-        for backend in dict.fromkeys(by_id[cid].get("backend") or "harness" for cid, _, _ in points):
-            mine = [p for p in points if (by_id[p[0]].get("backend") or "harness") == backend]
+        for backend in dict.fromkeys(by_id[cid].backend for cid, _, _ in points):
+            mine = [p for p in points if by_id[p[0]].backend == backend]
             colour, marker = backend_style(backend)
             ax.scatter([p[1] for p in mine], [p[2] / scale for p in mine], color=colour, marker=marker, s=46,
                        zorder=3, label=backend)
@@ -147,18 +147,18 @@ def _memory_panel(ax: Any, points: list[tuple[str, float, float]], by_id: dict[s
 
 
 
-def _host_panel(host: Any, cells: list[dict[str, Any]], number: dict[str, int]) -> None:
+def _host_panel(host: Any, cells: list[CellRecord], number: dict[str, int]) -> None:
     """Host memory per cell on one axis: peak RSS and the pinned bytes, requested and held by torch."""
     ys = list(range(len(cells)))
-    host_scale, host_unit = _unit(max([as_record(r).phase_max("rss_peak_bytes") or 0 for r in cells] + [1]))
+    host_scale, host_unit = _unit(max([r.phase_max("rss_peak_bytes") or 0 for r in cells] + [1]))
     bars = (("rss_peak_bytes", "host RSS peak", "#9e9e9e"),
             ("pinned_requested_bytes", "pinned (requested)", "#1f77b4"),
             ("pinned_torch_allocator_bytes", "pinned (torch allocator)", "#ff7f0e"))
     height = 0.8 / len(bars)
     for k, (field, label, colour) in enumerate(bars):
-        values = [(as_record(r).phase_max(field) or 0) / host_scale for r in cells]
+        values = [(r.phase_max(field) or 0) / host_scale for r in cells]
         host.barh([y - 0.4 + (k + 0.5) * height for y in ys], values, height=height, color=colour, label=label)
-    host.set_yticks(ys, [str(number[r["cell_id"]]) for r in cells], fontsize=7)
+    host.set_yticks(ys, [str(number[r.cell_id]) for r in cells], fontsize=7)
     host.invert_yaxis()
     host.set_xlabel(f"host memory ({host_unit})")
     host.set_ylabel("cell (key below)", fontsize=8)
@@ -167,16 +167,16 @@ def _host_panel(host: Any, cells: list[dict[str, Any]], number: dict[str, int]) 
 
 
 
-def _steps_panel(steps: Any, cells: list[dict[str, Any]], number: dict[str, int]) -> None:
+def _steps_panel(steps: Any, cells: list[CellRecord], number: dict[str, int]) -> None:
     """Denoise step times per cell: the first step against the steady state, one ms axis."""
     ys = list(range(len(cells)))
-    first = [as_record(r).first_step_ms() for r in cells]
-    steady = [as_record(r).steady_step_ms() for r in cells]
+    first = [r.first_step_ms() for r in cells]
+    steady = [r.steady_step_ms() for r in cells]
     steps.barh([y - 0.2 for y in ys], [v or 0 for v in first], height=0.4, color="#c7c7c7", label="first step")
     steps.barh([y + 0.2 for y in ys], [v or 0 for v in steady], height=0.4,
-               color=[backend_style(r.get("backend"))[0] for r in cells],
+               color=[backend_style(r.backend)[0] for r in cells],
                label=f"steady ({STEP_CONVENTION}), backend colour")
-    steps.set_yticks(ys, [str(number[r["cell_id"]]) for r in cells], fontsize=7)
+    steps.set_yticks(ys, [str(number[r.cell_id]) for r in cells], fontsize=7)
     steps.invert_yaxis()
     if not any(first + steady):
         steps.text(0.5, 0.5, "no denoise steps recorded", transform=steps.transAxes, ha="center", va="center")
@@ -209,26 +209,25 @@ def _phase_spans(trace: list[list[Any]]) -> list[tuple[str, float, float]]:
     return spans
 
 
-def trace_plot(records: list[dict[str, Any]], path: Path, title: str) -> Path:
+def trace_plot(records: list[CellRecord], path: Path, title: str) -> Path:
     """Memory over time, one panel per cell, on one scale (time, device and host RSS axes shared, so panels compare
     by eye). A phase is named in its span where the span is wide enough; the key under the panels names them all."""
-    cells = [r for r in records if not r.get("same_as")]
+    cells = [r for r in records if not r.same_as]
     fig = Figure(figsize=(9, max(2.6, 2.3 * len(cells) + 0.9)))
     if not cells:
         fig.text(0.5, 0.5, "no cells", ha="center")
         return _save(fig, path)
     axes = fig.subplots(len(cells), 1, squeeze=False, sharex=True, sharey=True)[:, 0]
-    traces = [[row for row in (r.get("trace") or []) if len(row) >= 4] for r in cells]
+    traces = [[row for row in (r.trace or []) if len(row) >= 4] for r in cells]
     rows = [row for trace in traces for row in trace]
-    cap = next((c for r in cells if (c := (r.get("card") or {}).get("cap_bytes"))), None)
+    cap = next((c for r in cells if (c := (r.card or {}).get("cap_bytes"))), None)
     has_nvml = any(row[2] is not None for row in rows)
     device_top = max([row[2] for row in rows if row[2] is not None] + [cap or 0, 1]) if has_nvml else 1
     rss_top = max([row[3] for row in rows if row[3] is not None] + [1])
     scale, unit = _unit(device_top if has_nvml else rss_top)
     t_end = max([row[0] for row in rows] + [1e-9])
     twins, lines = [], []  # lines: the curves' key, once for the figure (inside a panel it covered the curves)
-    for ax, r, trace in zip(axes, cells, traces, strict=True):
-        rec = as_record(r)
+    for ax, rec, trace in zip(axes, cells, traces, strict=True):
         ax.set_title(f"{rec.label}: {rec.fate}", fontsize=9, loc="left")
         if not trace:
             ax.text(0.5, 0.5, "no trace in the record", transform=ax.transAxes, ha="center", va="center")

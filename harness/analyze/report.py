@@ -15,7 +15,7 @@ from tabulate import tabulate
 
 from harness.analyze.expect import evaluate
 from harness.analyze.roofline import roofline_rows
-from harness.contract import PHASES, RUNTIME_PHASES, STEP_CONVENTION, as_record, fate_text, label_in
+from harness.contract import PHASES, RUNTIME_PHASES, STEP_CONVENTION, CellRecord, JsonObject, Status, label_in
 from harness.plan.planner import plan_rows
 from harness.plan.scenario import ScenarioError, load_scenario
 from harness.run.merge import host_of
@@ -28,24 +28,23 @@ def _mib(v: Any) -> str:
     return "" if v is None else f"{v / MIB:,.0f}"
 
 
-def _flag_diff(record: dict[str, Any]) -> str:
-    req, eff = record.get("requested", {}), record.get("effective", {})
+def _flag_diff(record: CellRecord) -> str:
+    req, eff = record.requested, record.effective
     changed = [f"{k}={eff[k]}" for k in eff if req.get(k) != eff.get(k) and k != "dit_offload_prefetch_size"]
     return ", ".join(changed) or "as requested"
 
 
-def cell_row(record: dict[str, Any]) -> dict[str, Any]:
-    rec = as_record(record)
-    peaks = rec.peaks.as_dict()
-    phases = record.get("phases", {})
-    cuda = record.get("device") == "cuda"
+def cell_row(rec: CellRecord) -> dict[str, str]:
+    """One row of a scenario's table: a markdown table's cells, by column header."""
+    peaks = rec.peaks
+    cuda = rec.device == "cuda"
     row = {
-        "card": record["card"]["name"],
+        "card": rec.card_name or "",
         "requested": rec.label,
-        "effective": _flag_diff(record),
+        "effective": _flag_diff(rec),
         "status": rec.fate + (f" [same as {label_in(rec.same_as)}]" if rec.same_as else ""),
-        f"load peak MiB ({'alloc reserved' if cuda else 'ledger'})": _mib(peaks["load"]),
-        f"runtime peak MiB ({'alloc reserved' if cuda else 'ledger'})": _mib(peaks["runtime"]),
+        f"load peak MiB ({'alloc reserved' if cuda else 'ledger'})": _mib(peaks.load),
+        f"runtime peak MiB ({'alloc reserved' if cuda else 'ledger'})": _mib(peaks.runtime),
     }
     if cuda:
         row["peak MiB (alloc allocated)"] = _mib(rec.phase_max("alloc_peak_allocated_bytes"))
@@ -55,7 +54,7 @@ def cell_row(record: dict[str, Any]) -> dict[str, Any]:
         row["pinned host MiB (torch allocator)"] = _mib(rec.phase_max("pinned_torch_allocator_bytes"))
     row["host RSS peak MiB"] = _mib(rec.phase_max("rss_peak_bytes"))
     for p in PHASES:
-        ms = (phases.get(p) or {}).get("time_ms")
+        ms = stats.time_ms if (stats := rec.phases.get(p)) else None
         row[f"{p} ms"] = "" if ms is None else f"{ms:,.0f}"
     steady, first = rec.steady_step_ms(), rec.first_step_ms()
     row[f"denoise ms/step ({STEP_CONVENTION})"] = "" if steady is None else f"{steady:,.0f}"
@@ -63,35 +62,34 @@ def cell_row(record: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _fits(record: dict[str, Any]) -> bool:
+def _fits(record: CellRecord) -> bool:
     """Ran to the end, and (where NVML measured it under a card cap) its per-process peak stayed within the cap."""
-    return record["status"] == "ok" and (record.get("cap") or {}).get("within_cap") is not False
+    return record.status is Status.OK and (record.cap or {}).get("within_cap") is not False
 
 
-def frontier_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def frontier_rows(records: list[CellRecord]) -> list[dict[str, str | float]]:
     """Peak against step time, per card: every cell that ran (one row per distinct run), sorted by runtime peak,
     with the Pareto front (no other cell that ran is both lower in runtime peak and faster per median steady
     step) and the fastest cell that fits its card marked. A cell with resident DiT layers also shows its step
     against the cell with none and otherwise the same effective flags."""
-    ran = [r for r in records if r["status"] == "ok" and not r.get("same_as") and as_record(r).median_step_s()]
+    ran = [r for r in records if r.status is Status.OK and not r.same_as and r.median_step_s()]
     rows = []
-    for card in dict.fromkeys(r["card"]["name"] for r in ran):
-        mine = [r for r in ran if r["card"]["name"] == card]
-        peak = {id(r): as_record(r).peaks.runtime for r in mine}
-        step = {id(r): as_record(r).median_step_s() or 0.0 for r in mine}
+    for card in dict.fromkeys(r.card_name for r in ran):
+        mine = [r for r in ran if r.card_name == card]
+        peak = {id(r): r.peaks.runtime for r in mine}
+        step = {id(r): r.median_step_s() or 0.0 for r in mine}
         fastest = min((r for r in mine if _fits(r)), key=lambda r: step[id(r)], default=None)
         for r in sorted(mine, key=lambda r: (peak[id(r)] or 0, step[id(r)])):
             dominated = any(peak[id(o)] is not None and peak[id(r)] is not None and peak[id(o)] <= peak[id(r)]
                             and step[id(o)] <= step[id(r)] and (peak[id(o)], step[id(o)]) != (peak[id(r)], step[id(r)])
                             for o in mine)
             base = _resident_zero_twin(r, mine)
-            cuda = r.get("device") == "cuda"
+            cuda = r.device == "cuda"
             rows.append({
                 "card": card,
-                "cell": as_record(r).label,
+                "cell": r.label,
                 f"runtime peak MiB ({'alloc reserved' if cuda else 'ledger'})": _mib(peak[id(r)]),
-                "runtime peak MiB (NVML per-process)": _mib(as_record(r).phase_max("nvml_proc_peak_bytes",
-                                                                                     RUNTIME_PHASES)),
+                "runtime peak MiB (NVML per-process)": _mib(r.phase_max("nvml_proc_peak_bytes", RUNTIME_PHASES)),
                 "step s (median, steady)": round(step[id(r)], 3),
                 "vs resident 0": "" if base is None else f"{step[id(base)] / step[id(r)]:.2f}x faster"
                 if step[id(r)] < step[id(base)] else f"{step[id(r)] / step[id(base)]:.2f}x slower",
@@ -101,25 +99,26 @@ def frontier_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _resident_zero_twin(record: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any] | None:
-    eff = record.get("effective") or {}
-    if not eff.get("dit_layerwise_resident_layers"):
+def _resident_zero_twin(record: CellRecord, records: list[CellRecord]) -> CellRecord | None:
+    if not record.effective.get("dit_layerwise_resident_layers"):
         return None
     drop = ("dit_layerwise_resident_layers", "dit_layerwise_residency_policy")
-    key = {k: v for k, v in eff.items() if k not in drop}
-    return next((o for o in records if not (o.get("effective") or {}).get("dit_layerwise_resident_layers")
-                 and {k: v for k, v in (o.get("effective") or {}).items() if k not in drop} == key
-                 and as_record(o).backend == as_record(record).backend), None)
+
+    def rest(r: CellRecord) -> JsonObject:
+        return {k: v for k, v in r.effective.items() if k not in drop}
+
+    return next((o for o in records if not o.effective.get("dit_layerwise_resident_layers")
+                 and rest(o) == rest(record) and o.backend == record.backend), None)
 
 
-def render(records: list[dict[str, Any]], title: str = "offload-bench run") -> str:
+def render(records: list[CellRecord], title: str = "offload-bench run") -> str:
     out = [f"# {title}", "", *_machine_line(records)]
     out += gpus_section(records)
     # a merged run of shards (harness.run.merge): each row says where it ran, as host and GPU id
     several_hosts = len({host_of(r) for r in records}) > 1
-    by_scenario: dict[str, list[dict[str, Any]]] = {}
+    by_scenario: dict[str | None, list[CellRecord]] = {}
     for r in records:
-        by_scenario.setdefault(r["scenario"], []).append(r)
+        by_scenario.setdefault(r.scenario, []).append(r)
     for name, recs in by_scenario.items():
         out += [f"## {name}", ""]
         rows = [cell_row(r) | ({"machine": machine_label(r)} if several_hosts else {}) for r in recs]
@@ -136,12 +135,12 @@ def render(records: list[dict[str, Any]], title: str = "offload-bench run") -> s
             out += ["Layerwise roofline (harness.analyze.roofline: predicted step = forwards x max(resident compute "
                     "per forward, streamed bytes / same-run pinned H2D probe)):", ""]
             out += [tabulate(roof, headers="keys", tablefmt="github"), ""]
-        planned = plan_rows(recs)
+        planned = plan_rows([r.to_dict() for r in recs])  # the planner reads records as JSON (its edge)
         if planned:
             out += ["Plan vs measured (harness.plan.planner; allocator reserved peaks, median steady step; error = "
                     "measured / planned - 1; a phase that ran out of memory measured the cap, not the need):", ""]
             out += [tabulate(planned, headers="keys", tablefmt="github"), ""]
-        messages = sorted({m for r in recs for m in r.get("messages", [])})
+        messages = sorted({m for r in recs for m in r.messages})
         if messages:
             out.append("Policy messages: " + "; ".join(f"`{m}`" for m in messages))
             out.append("")
@@ -155,24 +154,24 @@ def render(records: list[dict[str, Any]], title: str = "offload-bench run") -> s
     return "\n".join(out) + "\n"
 
 
-def _machine_line(records: list[dict[str, Any]]) -> list[str]:
-    machines = {(r.get("machine") or {}).get("gpu") or "cpu" for r in records}
-    first = next((r for r in records if r.get("machine")), None)
-    if not first:
+def _machine_line(records: list[CellRecord]) -> list[str]:
+    machines = {(r.machine or {}).get("gpu") or "cpu" for r in records}
+    first = next((r for r in records if r.machine), None)
+    if not first or not first.machine:
         return []
-    m = first["machine"]
+    m = first.machine
     return [
         f"Machine: {', '.join(sorted(machines))}; torch {m.get('torch')}, diffusers {m.get('diffusers')}, "
         f"driver {m.get('driver', 'n/a')}, PCIe gen {m.get('pcie_gen', 'n/a')} x{m.get('pcie_width', 'n/a')}, "
-        f"pinned H2D probe {m.get('pinned_h2d_gbps', 'n/a')} GB/s. Run {first.get('run_id')}, "
-        f"git {first.get('git_sha')}.",
+        f"pinned H2D probe {m.get('pinned_h2d_gbps', 'n/a')} GB/s. Run {first.run_id}, "
+        f"git {first.git_sha}.",
         "",
     ]
 
 
-def _verdict_lines(recs: list[dict[str, Any]]) -> list[str]:
+def _verdict_lines(recs: list[CellRecord]) -> list[str]:
     """The scenario's expectations evaluated on one scenario's records, when its file is at hand."""
-    scen_file = next((r.get("scenario_file") for r in recs if r.get("scenario_file")), None)
+    scen_file = next((r.scenario_file for r in recs if r.scenario_file), None)
     scen_path = _local_scenario_file(scen_file)
     if scen_path is None:
         return []
@@ -181,8 +180,8 @@ def _verdict_lines(recs: list[dict[str, Any]]) -> list[str]:
     except ScenarioError as e:
         return [f"(expectations not evaluated: {e})", ""]
     out = []
-    ran_cards = {r["card"]["name"] for r in recs}
-    latents_elsewhere = any(r.get("latents_path") and not Path(r["latents_path"]).exists() for r in recs)
+    ran_cards = {r.card_name for r in recs}
+    latents_elsewhere = any(r.latents_path and not Path(r.latents_path).exists() for r in recs)
     for v in evaluate(scenario, recs):
         if v.card not in ran_cards:  # a run of part of the scenario (pytest -k)
             continue
@@ -195,10 +194,10 @@ def _verdict_lines(recs: list[dict[str, Any]]) -> list[str]:
     return [*out, ""]
 
 
-def machine_label(record: dict[str, Any]) -> str:
+def machine_label(record: CellRecord) -> str:
     """`host` or `host GPU <id>`, and the shard the record came from, for a run that several machines made."""
-    gpu = record.get("gpu_index")
-    shard = f" (shard {record['shard']})" if record.get("shard") else ""
+    gpu = record.gpu_index
+    shard = f" (shard {record.shard})" if record.shard else ""
     return f"{host_of(record) or '?'}{f' GPU {gpu}' if gpu is not None else ''}{shard}"
 
 
@@ -217,23 +216,23 @@ def _local_scenario_file(recorded: str | None) -> Path | None:
     return None
 
 
-def gpus_section(records: list[dict[str, Any]]) -> list[str]:
+def gpus_section(records: list[CellRecord]) -> list[str]:
     """Per-GPU cell counts and wall time (`results.by_gpu`), for a run spread over GPUs by pytest-xdist (any
     record with an xdist worker, or cells on more than one GPU); nothing for a plain one-process run."""
     groups = by_gpu(records)
-    spread = any(r.get("xdist_worker") for r in records) or len([k for k in groups if k is not None]) > 1
+    spread = any(r.xdist_worker for r in records) or len([k for k in groups if k is not None]) > 1
     if not spread:
         return []
     rows = [
         {
             "GPU (CUDA_VISIBLE_DEVICES)": "cpu" if key is None else key,
-            "name": g["gpu"] or "",
-            "NVML uuid": g["gpu_uuid"] or "",
-            "xdist workers": ", ".join(g["workers"]),
-            "cells run": g["cells"],
-            "copies (same_as)": g["copies"],
-            "wall s (sum)": f"{g['wall_s']:,.1f}",
-            "fates": ", ".join(f"{k} {v}" for k, v in sorted(g["statuses"].items())),
+            "name": g.gpu or "",
+            "NVML uuid": g.gpu_uuid or "",
+            "xdist workers": ", ".join(g.workers),
+            "cells run": g.cells,
+            "copies (same_as)": g.copies,
+            "wall s (sum)": f"{g.wall_s:,.1f}",
+            "fates": ", ".join(f"{k} {v}" for k, v in sorted(g.statuses.items())),
         }
         for key, g in groups.items()
     ]
@@ -250,15 +249,15 @@ def report_paths(out: Path | str) -> Path:
     return out if out.suffix.lower() == ".md" else out / "report.md"
 
 
-def groups(records: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+def groups(records: list[CellRecord]) -> dict[tuple[str, str], list[CellRecord]]:
     """Records by (scenario, card), in the order they first appear."""
-    out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    out: dict[tuple[str, str], list[CellRecord]] = {}
     for r in records:
-        out.setdefault((r["scenario"], r["card"]["name"]), []).append(r)
+        out.setdefault((str(r.scenario), str(r.card_name)), []).append(r)
     return out
 
 
-def plot_paths(records: list[dict[str, Any]], folder: Path, stem: str) -> dict[tuple[str, str], dict[str, Path]]:
+def plot_paths(records: list[CellRecord], folder: Path, stem: str) -> dict[tuple[str, str], dict[str, Path]]:
     """Where the two PNGs of each scenario and card go: '<stem>-<scenario>-<card>-pareto.png' and '...-memory.png'
     (without the stem where the scenario name starts with it)."""
     out = {}
@@ -274,7 +273,7 @@ def plot_paths(records: list[dict[str, Any]], folder: Path, stem: str) -> dict[t
     return out
 
 
-def write_plots(records: list[dict[str, Any]], folder: Path, stem: str) -> dict[tuple[str, str], dict[str, Path]]:
+def write_plots(records: list[CellRecord], folder: Path, stem: str) -> dict[tuple[str, str], dict[str, Path]]:
     """Draws the PNGs `plot_paths` names, per scenario and card."""
     from harness.analyze.plots import pareto_plot, trace_plot
 
@@ -287,7 +286,7 @@ def write_plots(records: list[dict[str, Any]], folder: Path, stem: str) -> dict[
 
 
 def plots_section(
-    plots: dict[tuple[str, str], dict[str, Path]], relative_to: Path, records: list[dict[str, Any]]
+    plots: dict[tuple[str, str], dict[str, Path]], relative_to: Path, records: list[CellRecord]
 ) -> str:
     out = ["## Plots", ""]
     scenario = None
@@ -310,15 +309,14 @@ def plots_section(
             "",
         ]
         for r in by_group.get((scen, card), []):
-            fate = fate_text(r["status"], r.get("failed_phase"))
-            same = f", same record as `{r['same_as']}` (not plotted)" if r.get("same_as") else ""
-            out.append(f"- `{r['cell_id']}`: {fate}{same}")
+            same = f", same record as `{r.same_as}` (not plotted)" if r.same_as else ""
+            out.append(f"- `{r.cell_id}`: {r.fate}{same}")
         out.append("")
     return "\n".join(out)
 
 
 def write_report(
-    records: list[dict[str, Any]], out: Path | str, title: str = "offload-bench run", plots: bool = True
+    records: list[CellRecord], out: Path | str, title: str = "offload-bench run", plots: bool = True
 ) -> list[Path]:
     """Writes the markdown report (and its PNGs next to it); returns the files written, markdown first."""
     md = report_paths(out)

@@ -18,10 +18,10 @@ cells run the same code under every backend).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
-from harness.contract import STEP_CONVENTION, CellRecord, Placement, Status, as_record
+from harness.contract import STEP_CONVENTION, CellRecord, Placement, Status
 
 __all__ = ["STEP_CONVENTION", "roofline_rows"]
 
@@ -43,9 +43,9 @@ def _streamed_bytes(dit: dict[str, Any]) -> int | None:
     return None
 
 
-def roofline_rows(records: Iterable[CellRecord | Mapping[str, Any]]) -> list[dict[str, Any]]:
+def roofline_rows(records: Iterable[CellRecord]) -> list[dict[str, Any]]:
     """One row per streamed-DiT cell that ran (any backend), against the fastest whole-DiT cell of its scenario."""
-    ok = [r for r in map(as_record, records) if r.status is Status.OK and r.components]
+    ok = [r for r in records if r.status is Status.OK and r.components]
     rows = []
     for r in ok:
         streamed = _streamed_bytes(r.components["dit"])

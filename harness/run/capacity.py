@@ -23,8 +23,8 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
 
+from harness.contract import CellRecord
 from harness.plan.planner import Workload, plan
 from harness.plan.scenario import HARNESS_BACKEND, CapacitySpec, Cell, Scenario, ScenarioError, expand, load_scenario
 
@@ -136,7 +136,7 @@ class CapacityRow:
     undecided: str | None
 
 
-def run_capacity(scenario: Scenario, probe_fn: Callable[[Cell], dict[str, Any]]) -> list[CapacityRow]:
+def run_capacity(scenario: Scenario, probe_fn: Callable[[Cell], CellRecord]) -> list[CapacityRow]:
     """Searches every combination of `scenario` (cells that duplicate another are searched once); `probe_fn`
     runs one probe cell and returns its record (`harness.run.runner.run_cell` on the device)."""
     cap: CapacitySpec | None = scenario.capacity
@@ -152,7 +152,7 @@ def run_capacity(scenario: Scenario, probe_fn: Callable[[Cell], dict[str, Any]])
         def probe(value: int, cell: Cell = cell) -> Probe:
             pc = probe_cell(cell, value)
             record = probe_fn(pc)
-            return Probe(value, record["status"], pc.cell_id)
+            return Probe(value, str(record.status), pc.cell_id)
 
         found = search(values, probe, planned)
         rows.append(CapacityRow(cell.cell_id, cell.card.name, cell.resolution.effective.label(), cap.axis, planned,

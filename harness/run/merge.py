@@ -36,12 +36,10 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from harness import exitcodes
-from harness.run.results import NoRecordsError, ResultsError, ensure_writable, latest_by_cell, read_records
-
-FAILED = ("crash", "error", "timeout")  # fates a rerun elsewhere may follow without a conflict
+from harness.contract import CellRecord, JsonObject
+from harness.run.results import NoRecordsError, ResultsError, ensure_writable, latest_by_cell, read_cell_records
 
 
 class MergeConflict(ValueError):
@@ -56,19 +54,19 @@ class Source:
 
     label: str
     folder: Path | None  # the run folder (its cells/ are copied), None for a bare records file
-    records: list[dict[str, Any]] = field(default_factory=list)
+    records: list[CellRecord] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
 
 @dataclass
 class Merged:
-    records: list[dict[str, Any]]
+    records: list[CellRecord]
     sources: list[Source]
     run_id: str
     duplicates: int  # identical records seen in more than one source, kept once
     retried: list[str]  # cells whose failure in one source was rerun in another
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> JsonObject:
         """What merge.json holds: the run and, per source, what came from it."""
         return {
             "run_id": self.run_id,
@@ -81,7 +79,7 @@ class Merged:
                     "source": s.label,
                     "records": len(s.records),
                     "hosts": sorted({h for r in s.records if (h := host_of(r))}),
-                    "shards": sorted({str(r["shard"]) for r in s.records if r.get("shard")}),
+                    "shards": sorted({str(r.shard) for r in s.records if r.shard}),
                     "unreadable_lines": len(s.problems),
                 }
                 for s in self.sources
@@ -89,9 +87,9 @@ class Merged:
         }
 
 
-def host_of(record: dict[str, Any]) -> str | None:
+def host_of(record: CellRecord) -> str | None:
     """The machine that ran a record: the runner's `runner_host`, else the child's `machine.host` (older records)."""
-    return record.get("runner_host") or (record.get("machine") or {}).get("host")
+    return record.runner_host or (record.machine or {}).get("host")
 
 
 def read_source(arg: str | Path) -> Source:
@@ -102,18 +100,14 @@ def read_source(arg: str | Path) -> Source:
     records_path = path / "records.jsonl" if folder else path
     if folder and not records_path.exists():
         raise NoRecordsError(f"{arg}: run folder without records.jsonl: nothing to merge")
-    result = read_records(records_path)
+    result = read_cell_records(records_path)
     if not result.records:
         raise NoRecordsError(f"{records_path}: no readable record")
     return Source(str(arg), folder, result.records, result.problems)
 
 
-def _canonical(record: dict[str, Any]) -> str:
-    return json.dumps(record, sort_keys=True, separators=(",", ":"))
-
-
-def _spec_of(record: dict[str, Any]) -> str | None:
-    return record.get("portable_spec_hash") or record.get("spec_hash")
+def _spec_of(record: CellRecord) -> str | None:
+    return record.portable_spec_hash or record.spec_hash
 
 
 def _check_one_run(sources: Sequence[Source]) -> str:
@@ -121,13 +115,13 @@ def _check_one_run(sources: Sequence[Source]) -> str:
     first: dict[str, str] = {}
     for s in sources:
         for r in s.records:
-            run_id = str(r.get("run_id"))
+            run_id = str(r.run_id)
             first.setdefault(run_id, s.label)
             if len(first) > 1:
                 (a_id, a_src), (b_id, b_src) = list(first.items())[:2]
                 raise MergeConflict(f"not one run: {a_src} holds run {a_id!r}, {b_src} holds run {b_id!r} "
-                                    f"(cell {r.get('cell_id')}); merge the shards of one run id")
-    shas = [(s, sorted({str(r.get("git_sha")) for r in latest_by_cell(s.records).values()})) for s in sources]
+                                    f"(cell {r.cell_id}); merge the shards of one run id")
+    shas = [(s, sorted({str(r.git_sha) for r in latest_by_cell(s.records).values()})) for s in sources]
     for s, sha in shas[1:]:
         if sha != shas[0][1]:
             raise MergeConflict(f"not one commit: {shas[0][0].label} ran git {', '.join(shas[0][1])}, {s.label} ran "
@@ -142,24 +136,24 @@ def merge(sources: Sequence[Source]) -> Merged:
         MergeConflict: the sources disagree on run id, commit or a cell's spec, or hold two verdicts of one cell.
     """
     run_id = _check_one_run(sources)
-    kept: dict[str, tuple[dict[str, Any], str]] = {}  # canonical JSON -> (record, first source holding it)
+    kept: dict[str, tuple[CellRecord, str]] = {}  # the record's JSON line -> (record, first source holding it)
     duplicates = 0
     for s in sources:
         for r in s.records:
-            key = _canonical(r)
+            key = r.to_json()
             if key in kept:
                 duplicates += 1
             else:
                 kept[key] = (r, s.label)
-    by_cell: dict[str, list[tuple[dict[str, Any], str]]] = {}
+    by_cell: dict[str, list[tuple[CellRecord, str]]] = {}
     for r, label in kept.values():
-        by_cell.setdefault(r["cell_id"], []).append((r, label))
+        by_cell.setdefault(r.cell_id, []).append((r, label))
     retried = []
     for cell_id, entries in by_cell.items():
         labels = {label for _, label in entries}
         if len(labels) < 2:
             continue  # one source's own history: its order decides, as in any run
-        latest: dict[str, dict[str, Any]] = {}
+        latest: dict[str, CellRecord] = {}
         for r, label in entries:
             latest[label] = r
         specs = {label: _spec_of(r) for label, r in latest.items()}
@@ -168,26 +162,23 @@ def merge(sources: Sequence[Source]) -> Merged:
             if a_spec != b_spec:
                 raise MergeConflict(f"{cell_id}: the cell's spec differs: {a} ran spec {a_spec}, {b} ran spec "
                                     f"{b_spec} (the scenario changed between the runs)")
-        verdicts = [(r, label) for r, label in entries if r.get("status") not in FAILED]
+        # a crash, error or timeout may be followed by a rerun elsewhere without a conflict
+        verdicts = [(r, label) for r, label in entries if not r.status.unexpected]
         for (r1, l1), (r2, l2) in itertools.pairwise(verdicts):
             if l1 != l2:
                 raise MergeConflict(
-                    f"{cell_id}: measured twice: {l1} has it {_fate(r1)} (created {r1.get('created')}, host "
-                    f"{host_of(r1)}), {l2} has it {_fate(r2)} (created {r2.get('created')}, host {host_of(r2)}); "
+                    f"{cell_id}: measured twice: {l1} has it {r1.fate} (created {r1.created}, host "
+                    f"{host_of(r1)}), {l2} has it {r2.fate} (created {r2.created}, host {host_of(r2)}); "
                     "keep one of the two runs' records of this cell"
                 )
         retried.append(cell_id)
-    records = sorted((r for r, _ in kept.values()), key=lambda r: str(r.get("created") or ""))
+    records = sorted((r for r, _ in kept.values()), key=lambda r: str(r.created or ""))
     return Merged(records, list(sources), run_id, duplicates, sorted(retried))
 
 
-def _fate(record: dict[str, Any]) -> str:
-    return str(record.get("status")) + (f" in {record['failed_phase']}" if record.get("failed_phase") else "")
-
-
-def missing_shards(records: Sequence[dict[str, Any]]) -> list[str]:
+def missing_shards(records: Sequence[CellRecord]) -> list[str]:
     """Shards i/N absent from records that name shards of one N (a matrix job that uploaded nothing)."""
-    seen = {str(r["shard"]) for r in records if r.get("shard")}
+    seen = {str(r.shard) for r in records if r.shard}
     counts = {s.split("/")[1] for s in seen}
     if len(counts) != 1:
         return []
@@ -198,7 +189,7 @@ def missing_shards(records: Sequence[dict[str, Any]]) -> list[str]:
 def write_merged(merged: Merged, out: Path) -> None:
     """The merged run folder: records.jsonl, merge.json and the sources' cells/ folders (locks left out)."""
     out.mkdir(parents=True, exist_ok=True)
-    text = "".join(json.dumps(r, sort_keys=True, separators=(",", ":")) + "\n" for r in merged.records)
+    text = "".join(r.to_json() + "\n" for r in merged.records)
     tmp = out / ".records.jsonl.tmp"
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(out / "records.jsonl")

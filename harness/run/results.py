@@ -1,9 +1,9 @@
 """Result records: one self-describing JSON object per cell, appended to a JSON-lines file as each cell ends.
 
 Everything downstream (pytest assertions, report, compare) reads these records, never live objects, so any run
-can be re-reported later. Appends take an exclusive lock and fsync, so concurrent runs writing one file cannot
-interleave lines, and a crash loses at most the line being written: `read_records` skips a torn last line and
-reports it instead of failing the whole file.
+can be re-reported later: `read_cell_records` gives `CellRecord`s (JSON only in the file). Appends take an exclusive
+lock and fsync, so concurrent runs writing one file cannot interleave lines, and a crash loses at most the line being
+written: the readers skip a torn last line and report it instead of failing the whole file.
 """
 
 from __future__ import annotations
@@ -16,14 +16,25 @@ import json
 import os
 import subprocess
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-from harness.contract import PHASES, SCHEMA_VERSION, STATUSES, CellRecord, RecordError, dumps_line, migrate
+from harness.contract import (
+    PHASES,
+    SCHEMA_VERSION,
+    STATUSES,
+    CellRecord,
+    JsonObject,
+    RecordError,
+    dumps_line,
+    migrate,
+)
 
 __all__ = ["PHASES", "SCHEMA_VERSION", "STATUSES", "CellRecord", "RecordError", "migrate"]
+
+R = TypeVar("R", CellRecord, JsonObject)  # a record, or (the planner's edge) its migrated JSON object
 
 
 class ResultsError(ValueError):
@@ -92,8 +103,9 @@ def git_sha(cwd: Path | None = None) -> str | None:
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
-def append_record(path: Path, record: CellRecord | dict[str, Any]) -> None:
-    """Appends one record as one line, under an exclusive lock, and fsyncs before returning.
+def append_record(path: Path, record: CellRecord | JsonObject) -> None:
+    """Appends one record as one line, under an exclusive lock, and fsyncs before returning. A JSON object is
+    written as it is (a record of an older schema, or a test's malformed one): the file edge.
 
     A write or fsync that fails (disk full, quota) cuts the file back to its size before the append, still under
     the lock, so a failed append leaves the file exactly as it was: never half a line that would make the next
@@ -138,14 +150,25 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 @dataclass
-class ReadResult:
-    records: list[dict[str, Any]] = field(default_factory=list)
+class ReadResult(Generic[R]):
+    records: list[R] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
 
-def read_records(path: Path, strict: bool = False) -> ReadResult:
-    """Reads a JSON-lines results file. Bad lines are reported in `problems` (or raised if `strict`)."""
-    out = ReadResult()
+def read_cell_records(path: Path, strict: bool = False) -> ReadResult[CellRecord]:
+    """Reads a JSON-lines results file into CellRecords (migrated to SCHEMA_VERSION). Bad lines are reported in
+    `problems` (or raised if `strict`)."""
+    return _read_lines(path, strict, CellRecord.from_dict)
+
+
+def read_records(path: Path, strict: bool = False) -> ReadResult[JsonObject]:
+    """The same file as migrated JSON objects: the JSON edge of the planner's `plan-fit` and `advise`, which read
+    records as JSON. Every other reader takes `read_cell_records`."""
+    return _read_lines(path, strict, migrate)
+
+
+def _read_lines(path: Path, strict: bool, parse: Callable[[JsonObject, str], R]) -> ReadResult[R]:
+    out: ReadResult[R] = ReadResult()
     try:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
@@ -158,7 +181,7 @@ def read_records(path: Path, strict: bool = False) -> ReadResult:
             rec = json.loads(line)
             if not isinstance(rec, dict):
                 raise ValueError("not a JSON object")
-            out.records.append(migrate(rec, f"{path}:{lineno}"))
+            out.records.append(parse(rec, f"{path}:{lineno}"))
         except (ValueError, RecursionError) as e:
             torn = lineno == len(lines) and not text.endswith("\n")
             msg = f"{path}:{lineno}: {'torn last line (interrupted write)' if torn else 'unreadable record'}: {e}"
@@ -168,11 +191,11 @@ def read_records(path: Path, strict: bool = False) -> ReadResult:
     return out
 
 
-def latest_by_cell(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def latest_by_cell(records: Iterable[R]) -> dict[str, R]:
     """The last record of each cell id (a resumed or repeated run appends newer ones)."""
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, R] = {}
     for rec in records:
-        out[rec["cell_id"]] = rec
+        out[rec.cell_id if isinstance(rec, CellRecord) else rec["cell_id"]] = rec
     return out
 
 
@@ -182,31 +205,40 @@ def _gpu_sort_key(key: Any) -> tuple[int, int, str]:
     return (0, int(key), "") if str(key).isdigit() else (1, 0, str(key))
 
 
-def by_gpu(records: Iterable[dict[str, Any]]) -> dict[str | None, dict[str, Any]]:
+@dataclass
+class GpuShare:
+    """What one GPU (or the CPU profile, `gpu_index` None) ran of a run: see `by_gpu`."""
+
+    gpu_index: str | int | None
+    gpu: str | None = None  # the name and NVML uuid as the child saw them
+    gpu_uuid: str | None = None
+    workers: list[str] = field(default_factory=list)  # the pytest-xdist workers that ran its cells
+    cells: int = 0  # cells that ran (their latest record each)
+    copies: int = 0  # cells that took another cell's record (same effective flags, no child of their own)
+    wall_s: float = 0.0  # the sum of its cells' parent-side elapsed_s
+    statuses: dict[str, int] = field(default_factory=dict)
+
+
+def by_gpu(records: Iterable[CellRecord]) -> dict[str | int | None, GpuShare]:
     """One run's records (several pytest-xdist workers append to one records.jsonl) merged per GPU id.
 
-    Keyed by each record's `gpu_index` (None: the CPU profile, or a record from before the field), in GPU order:
-    `cells` that ran (their latest record each), `wall_s` (the sum of their parent-side elapsed_s), `statuses`,
-    the `workers` that ran them, the GPU's name and NVML uuid as the child saw them, and `copies`: cells that took
-    another cell's record (same effective flags, no child of their own), not counted in cells or wall time.
+    Keyed by each record's `gpu_index` (None: the CPU profile, or a record from before the field), in GPU order;
+    copies (`same_as`) are counted apart, not in cells or wall time.
     """
-    out: dict[str | None, dict[str, Any]] = {}
+    out: dict[str | int | None, GpuShare] = {}
     for rec in latest_by_cell(records).values():
-        key = rec.get("gpu_index")
-        g = out.setdefault(key, {"gpu_index": key, "gpu": None, "gpu_uuid": None, "workers": [], "cells": 0,
-                                 "copies": 0, "wall_s": 0.0, "statuses": {}})
-        if rec.get("same_as"):
-            g["copies"] += 1
+        g = out.setdefault(rec.gpu_index, GpuShare(rec.gpu_index))
+        if rec.same_as:
+            g.copies += 1
             continue
-        g["cells"] += 1
-        g["wall_s"] = round(g["wall_s"] + float(rec.get("elapsed_s") or 0), 2)
-        g["statuses"][rec["status"]] = g["statuses"].get(rec["status"], 0) + 1
-        worker = rec.get("xdist_worker")
-        if worker and worker not in g["workers"]:
-            g["workers"].append(worker)
-        machine = rec.get("machine") or {}
-        g["gpu"] = g["gpu"] or machine.get("gpu")
-        g["gpu_uuid"] = g["gpu_uuid"] or machine.get("gpu_uuid")
+        g.cells += 1
+        g.wall_s = round(g.wall_s + float(rec.elapsed_s or 0), 2)
+        g.statuses[rec.status] = g.statuses.get(rec.status, 0) + 1
+        if rec.xdist_worker and rec.xdist_worker not in g.workers:
+            g.workers.append(rec.xdist_worker)
+        machine = rec.machine or {}
+        g.gpu = g.gpu or machine.get("gpu")
+        g.gpu_uuid = g.gpu_uuid or machine.get("gpu_uuid")
     for g in out.values():
-        g["workers"].sort(key=lambda w: (len(w), w))
+        g.workers.sort(key=lambda w: (len(w), w))
     return {k: out[k] for k in sorted(out, key=_gpu_sort_key)}

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import REPO, exitcodes
-from harness.contract import STATUSES, CellRecord, CellSpec, Status, fate_text, migrate
+from harness.contract import STATUSES, CellRecord, CellSpec, JsonObject, Status
 from harness.plan.planner import plan_entry
 from harness.plan.scenario import TIERS, Cell, ScenarioError, expand, in_tier, load_scenario
 from harness.run.gpus import cell_cost, child_gpu
@@ -63,7 +63,7 @@ from harness.run.results import (
     ensure_writable,
     git_sha,
     now_iso,
-    read_records,
+    read_cell_records,
 )
 from harness.run.shard import Shard, ShardError, describe, parse_shard, select
 
@@ -117,13 +117,10 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
-def complete_record(rec: dict[str, Any]) -> bool:
-    """A record that may stand for a finished cell: a cell id, a known status and the spec hash it ran with."""
-    return (
-        isinstance(rec.get("cell_id"), str)
-        and rec.get("status") in STATUSES
-        and isinstance(rec.get("spec_hash"), str)
-    )
+def complete_record(rec: CellRecord) -> bool:
+    """A record that may stand for a finished cell: the spec hash it ran with (a CellRecord always has a cell id
+    and a known status)."""
+    return isinstance(rec.spec_hash, str)
 
 
 @dataclass
@@ -161,7 +158,7 @@ class Run:
     retry_failed: bool = False  # see retry_failures()
     shard: Shard | None = None  # the --shard this process runs, stamped into its records
     # the pinned H2D probe measured by the first cell on each GPU id: {"gbps", "cell_id"}, passed to later cells
-    h2d_probes: dict[str | None, dict[str, Any]] = field(default_factory=dict)
+    h2d_probes: dict[str | None, JsonObject] = field(default_factory=dict)  # JSON: each goes into a cell.json
     _warned: set[str] = field(default_factory=set)
     _stale_before: int = 0  # records[:_stale_before] predate retry_failures(); their failures are rerun
     pace: Pace = field(default_factory=Pace)
@@ -184,10 +181,10 @@ class Run:
     def records_path(self) -> Path:
         return self.run_dir / "records.jsonl"
 
-    def provenance(self) -> dict[str, Any]:
+    def stamp_provenance(self, record: CellRecord) -> None:
         """What every record of this process carries besides the child's machine info (which a crash or a skip
         lacks): the host that ran it and the --shard it belonged to, so a merged run shows which machine ran what."""
-        return {"runner_host": platform.node(), "shard": None if self.shard is None else str(self.shard)}
+        record.runner_host, record.shard = platform.node(), None if self.shard is None else str(self.shard)
 
     def retry_failures(self) -> list[str]:
         """From now on, a cell whose latest record so far ended crash/error/timeout does not count as finished,
@@ -197,10 +194,10 @@ class Run:
         records = _read_tolerant(self.records_path)[0] if self.records_path.exists() else []
         self._stale_before = len(records)
         self.retry_failed = True
-        latest = {r["cell_id"]: r for r in records if complete_record(r)}
-        return sorted(cid for cid, r in latest.items() if r["status"] in UNEXPECTED)
+        latest = {r.cell_id: r for r in records if complete_record(r)}
+        return sorted(cid for cid, r in latest.items() if r.status.unexpected)
 
-    def finished(self) -> dict[str, dict[str, Any]]:
+    def finished(self) -> dict[str, CellRecord]:
         """The latest complete record of each cell in this run's file (a resumed run skips these cells).
 
         Unreadable lines (garbage, a torn last line) are warned about once, naming file:line, and skipped; a line
@@ -211,25 +208,25 @@ class Run:
         records, problems = _read_tolerant(self.records_path)
         for problem in problems:
             self.warn(problem)
-        out: dict[str, dict[str, Any]] = {}
+        out: dict[str, CellRecord] = {}
         for i, rec in enumerate(records):
             if complete_record(rec):
-                if self.retry_failed and i < self._stale_before and rec["status"] in UNEXPECTED:
-                    out.pop(rec["cell_id"], None)  # a failure from before --retry-failed: not finished
+                if self.retry_failed and i < self._stale_before and rec.status.unexpected:
+                    out.pop(rec.cell_id, None)  # a failure from before --retry-failed: not finished
                 else:
-                    out[rec["cell_id"]] = rec
+                    out[rec.cell_id] = rec
             else:
                 self.warn(
-                    f"{self.records_path}: a record of {rec.get('cell_id')!r} lacks cell_id/status/spec_hash; "
+                    f"{self.records_path}: a record of {rec.cell_id!r} lacks cell_id/status/spec_hash; "
                     "not counted as finished"
                 )
         return out
 
-    def recorded(self, cell: Cell, records: dict[str, dict[str, Any]] | None = None) -> dict[str, Any] | None:
+    def recorded(self, cell: Cell, records: dict[str, CellRecord] | None = None) -> CellRecord | None:
         """The cell's finished record in this run (or in `records`) if it ran with today's spec, else None: the
         one test of "already recorded" (resume, the per-cell lock, pytest's session)."""
         prior = (self.finished() if records is None else records).get(cell.cell_id)
-        return prior if prior is not None and prior.get("spec_hash") == cell.spec_hash(self.device) else None
+        return prior if prior is not None and prior.recorded_with(cell.spec_hash(self.device)) else None
 
     def warn(self, msg: str) -> None:
         if msg not in self._warned:
@@ -247,16 +244,16 @@ class Run:
             print(line, file=sys.stderr, flush=True)
 
 
-def _read_tolerant(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """`results.read_records`, and if that raises on some pathological line, the same line by line here."""
+def _read_tolerant(path: Path) -> tuple[list[CellRecord], list[str]]:
+    """`results.read_cell_records`, and if that raises on some pathological line, the same line by line here."""
     try:
-        result = read_records(path)
+        result = read_cell_records(path)
         return result.records, result.problems
     except ResultsError:
         raise
     except Exception:
         pass
-    records: list[dict[str, Any]] = []
+    records: list[CellRecord] = []
     problems: list[str] = []
     data = path.read_bytes()
     lines = data.split(b"\n")
@@ -267,7 +264,7 @@ def _read_tolerant(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
             rec = json.loads(raw.decode("utf-8", "replace"))
             if not isinstance(rec, dict):
                 raise ValueError("not a JSON object")
-            records.append(migrate(rec, f"{path}:{lineno}"))
+            records.append(CellRecord.from_dict(rec, f"{path}:{lineno}"))
         except Exception as e:
             torn = lineno == len(lines) and not data.endswith(b"\n")
             what = "torn last line (interrupted write)" if torn else "unreadable record"
@@ -312,7 +309,7 @@ def _end_torn_line(path: Path) -> bool:
         os.close(fd)  # releases the lock
 
 
-def append(run: Run, record: dict[str, Any]) -> None:
+def append(run: Run, record: CellRecord) -> None:
     """Appends `record` to the run's records.jsonl (locked, fsynced; signals held back during the write)."""
     with _signals_held():
         if _end_torn_line(run.records_path):
@@ -369,7 +366,7 @@ def _base_record(run: Run, cell: Cell, status: Status) -> CellRecord:
     )
 
 
-def skip_cell(run: Run, cell: Cell, reason: str, label: str = "") -> dict[str, Any]:
+def skip_cell(run: Run, cell: Cell, reason: str, label: str = "") -> CellRecord:
     """Records `cell` as skipped (without a child) for `reason`, unless it already has a record of this spec."""
     prior = run.recorded(cell)
     if prior is not None:
@@ -379,7 +376,7 @@ def skip_cell(run: Run, cell: Cell, reason: str, label: str = "") -> dict[str, A
     _stamp(run, cell, record)
     append(run, record)
     run.say(f"{label} {cell.cell_id}: skipped ({reason})")
-    return record.to_dict()
+    return record
 
 
 def _stamp(run: Run, cell: Cell, record: CellRecord) -> None:
@@ -388,24 +385,24 @@ def _stamp(run: Run, cell: Cell, record: CellRecord) -> None:
     record.run_id, record.git_sha = run.run_id, run.sha
     record.spec_hash = spec.spec_hash
     record.portable_spec_hash = spec.portable_spec_hash  # what a baseline keeps (harness.analyze.baseline)
-    record.runner_host, record.shard = run.provenance()["runner_host"], run.provenance()["shard"]
+    run.stamp_provenance(record)
 
 
-def run_cell(run: Run, cell: Cell, label: str = "", env: dict[str, str] | None = None) -> dict[str, Any]:
+def run_cell(run: Run, cell: Cell, label: str = "", env: dict[str, str] | None = None) -> CellRecord:
     """Runs `cell` in a child (or reuses the record of the cell it duplicates) and appends its record.
 
     A cell that already has a complete record of the same spec in this run is not rerun; its record is returned.
     """
     prior = run.recorded(cell)
     if prior is not None:
-        run.say(f"{label} {cell.cell_id}: already recorded ({prior['status']}), skipped on resume")
+        run.say(f"{label} {cell.cell_id}: already recorded ({prior.status}), skipped on resume")
         return prior
     cdir = _cell_dir(run, cell)
     with _cell_lock(run, cdir, label, cell.cell_id):
         done = run.finished()  # again: another parent may have finished it while we waited for the lock
         prior = run.recorded(cell, done)
         if prior is not None:
-            run.say(f"{label} {cell.cell_id}: recorded meanwhile by another runner ({prior['status']})")
+            run.say(f"{label} {cell.cell_id}: recorded meanwhile by another runner ({prior.status})")
             return prior
         if cell.same_as is not None:
             return _copy_record(run, cell, done, label)
@@ -413,18 +410,18 @@ def run_cell(run: Run, cell: Cell, label: str = "", env: dict[str, str] | None =
         return _run_child(run, cell, cdir, label, env)
 
 
-def _copy_record(run: Run, cell: Cell, done: dict[str, dict[str, Any]], label: str) -> dict[str, Any]:
+def _copy_record(run: Run, cell: Cell, done: dict[str, CellRecord], label: str) -> CellRecord:
     """A cell with the same effective flags as an earlier one takes that one's record instead of a child."""
     source = done.get(cell.same_as or "")
     if source is None:
         raise RuntimeError(f"{cell.cell_id} duplicates {cell.same_as}, which has no record yet")
-    record = CellRecord.from_dict({**source, **cell.resolution.as_dict(), "cell_id": cell.cell_id,
+    record = CellRecord.from_dict({**source.to_dict(), **cell.resolution.as_dict(), "cell_id": cell.cell_id,
                                    "same_as": cell.same_as, "backend": cell.backend})
     _stamp(run, cell, record)
     record.created = now_iso()
     append(run, record)
     run.say(f"{label} {cell.cell_id}: same effective flags as {cell.same_as} -> {record.status} (not rerun)")
-    return record.to_dict()
+    return record
 
 
 def results_free_bytes(folder: Path) -> int:
@@ -447,7 +444,7 @@ def check_results_space(run: Run) -> None:
         )
 
 
-def _run_child(run: Run, cell: Cell, cdir: Path, label: str, env: dict[str, str] | None) -> dict[str, Any]:
+def _run_child(run: Run, cell: Cell, cdir: Path, label: str, env: dict[str, str] | None) -> CellRecord:
     child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     gpu = child_gpu(child_env, run.device)
     (cdir / "cell.json").write_text(child_spec(run, cell, cdir, gpu).to_json())
@@ -492,7 +489,7 @@ def _run_child(run: Run, cell: Cell, cdir: Path, label: str, env: dict[str, str]
     if record.status is Status.OK:
         run.pace.learn(cost, elapsed)
     run.say(f"{label} {cell.cell_id}: {record.fate} after {elapsed:.1f} s")
-    return record.to_dict()
+    return record
 
 
 def child_spec(run: Run, cell: Cell, cdir: Path, gpu: str | None) -> CellSpec:
@@ -736,8 +733,8 @@ def _last_phase(log: Path) -> str | None:
 
 
 def run_cells(
-    run: Run, cells: list[Cell], on_record: Callable[[Cell, dict[str, Any]], None] | None = None
-) -> list[dict[str, Any]]:
+    run: Run, cells: list[Cell], on_record: Callable[[Cell, CellRecord], None] | None = None
+) -> list[CellRecord]:
     """Runs cells in order (duplicates after the cell they duplicate), showing progress."""
     records = []
     t0 = time.monotonic()
@@ -760,10 +757,10 @@ def _newest_run(results: Path) -> str | None:
     return max(runs, key=lambda p: p.stat().st_mtime).parent.name
 
 
-def _describe(rec: dict[str, Any]) -> str:
-    text = fate_text(rec["status"], rec.get("failed_phase"))
-    if rec["status"] != "ok" and rec.get("reason"):
-        reason = str(rec["reason"]).replace("\n", " ")
+def _describe(rec: CellRecord) -> str:
+    text = rec.fate
+    if rec.status is not Status.OK and rec.reason:
+        reason = str(rec.reason).replace("\n", " ")
         text += f": {reason[:300]}"
     return text
 
@@ -851,7 +848,7 @@ def _open_run(args: argparse.Namespace) -> Run:
     return run
 
 
-def _run_all(run: Run, cells: list[Cell], shard: Shard | None) -> dict[str, dict[str, Any]]:
+def _run_all(run: Run, cells: list[Cell], shard: Shard | None) -> dict[str, CellRecord]:
     """Every cell in order (a cell of the other profile is recorded as skipped); the final record of each."""
     if shard is not None:
         print(describe(cells, shard, run.device), flush=True)
@@ -861,7 +858,7 @@ def _run_all(run: Run, cells: list[Cell], shard: Shard | None) -> dict[str, dict
     print(f"offload-bench runner: run {run.run_id}, {n} cells, device {run.device}, records -> {run.records_path}",
           flush=True)
     t0 = time.monotonic()
-    final: dict[str, dict[str, Any]] = {}
+    final: dict[str, CellRecord] = {}
     costs = [0 if c.same_as else cell_cost(c) for c in cells]
     for i, cell in enumerate(cells, 1):
         left = run.pace.estimate_s(sum(costs[i - 1:]))
@@ -880,11 +877,11 @@ def _run_all(run: Run, cells: list[Cell], shard: Shard | None) -> dict[str, dict
     return final
 
 
-def _summary(run: Run, final: dict[str, dict[str, Any]]) -> int:
+def _summary(run: Run, final: dict[str, CellRecord]) -> int:
     counts: dict[str, int] = {}
     for rec in final.values():
-        counts[rec["status"]] = counts.get(rec["status"], 0) + 1
-    bad = [cid for cid, rec in final.items() if rec["status"] in UNEXPECTED]
+        counts[rec.status] = counts.get(rec.status, 0) + 1
+    bad = [cid for cid, rec in final.items() if rec.status.unexpected]
     summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
     print(f"done: {summary}; records in {run.records_path}", flush=True)
     if bad:
