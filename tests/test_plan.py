@@ -276,6 +276,25 @@ def test_reserved_peaks_of_every_full_model_cell_within_five_percent() -> None:
     assert max(worst.values()) < 0.05, max(worst.items(), key=lambda kv: kv[1])
 
 
+def test_cells_that_stream_the_text_encoder_or_vae_are_within_five_percent() -> None:
+    """H200 session 5: FLUX.1-dev on the 4090 cap with the text encoder and VAE streamed (and a quarter of the DiT
+    kept), Qwen-Image on the 5090 cap with the text encoder streamed and half the DiT kept. Their runs stored a
+    plan error (the planner refused them then); planned now: load -1.2 / 0.0 %, runtime -2.4 .. +2.1 %, step
+    within 2.1 %. The decode's 1,026 / 1,540 MiB request, in no layer segment, is what lifts the runtime peak
+    over denoise (without it: -10 %)."""
+    records = [r for r in _records("h200/flux-dev-4090.records.jsonl")
+               + _records("h200/qwen-image-resident-5090.records.jsonl") if "-lwc-" in r["cell_id"]]
+    streamed = [r for r in records if r["effective"]["layerwise_offload_components"]]
+    assert len(streamed) == 3
+    for r in streamed:
+        c = check_record(r)
+        assert c.source == "derived" and c.verdict_ok and c.not_planned is None, r["cell_id"]
+        assert abs(c.load_error) < 0.02 and abs(c.runtime_error) < 0.05 and abs(c.step_error) < 0.03, r["cell_id"]
+        if r["model"] == "flux-dev" and "res" not in r["cell_id"]:
+            p = plan_for_record(r)
+            assert p.phase("decode").reserved_bytes > p.phase("denoise").reserved_bytes  # measured: +1,026 MiB
+
+
 def _without_stored_plan(record: dict[str, Any]) -> dict[str, Any]:
     """The record as the planner of this checkout plans it (`check_record` prefers the plan the run stored)."""
     return {k: v for k, v in record.items() if k != "plan"}

@@ -34,6 +34,14 @@ runtime reads it; `resident_layers` overrides the flags' value) are copied to th
 a call and dropped when the denoise phase ends (SGLang's "forward" lifetime): they add to the denoise phase's
 device bytes and leave the bytes streamed per forward; their host regions stay (pinned like the others).
 
+A text encoder or VAE that `layerwise_offload_components` streams (its CPU-offload flag cleared; the loader's
+LAYERWISE_FROM_HOST) is planned as the runtime runs it: its weights outside its layer groups (the zoo's
+`layer_groups`: a text encoder's layers, the VAE decoder's up blocks) on the device from load on, and in the phase
+that runs it (encode, decode) its window and resident layers, with its own prefetch and resident values (the
+per-component maps, `OffloadFlags.layerwise_tuning`); its layer regions are host bytes, pinned with
+`pin_cpu_memory`. The VAE decode's largest request (`decode_block_per_pixel`, fitted) fits no layer segment: it
+takes a freed component block or reserves its own.
+
 This module imports no torch.
 """
 
