@@ -29,7 +29,9 @@ def _aligned_bytes(params: list[Any]) -> int:
 
 
 def component_weights(spec: ModelSpec, role: str) -> dict[str, Any]:
-    """One component's bytes: all parameters, and for a DiT each streamed group's layer count and layer bytes."""
+    """One component's bytes: all parameters, and for a component with layer groups (what layerwise offload
+    streams: the DiT's blocks, a text encoder's layers, the VAE decoder's up blocks) each group's layer count and
+    layer bytes and the bytes outside them."""
     comp = spec.components[role]
     module = comp.build_on_meta()
     out: dict[str, Any] = {
@@ -37,7 +39,7 @@ def component_weights(spec: ModelSpec, role: str) -> dict[str, Any]:
         "weight_bytes": sum(p.numel() * p.element_size() for p in module.parameters()),
         "params": sum(p.numel() for p in module.parameters()),
     }
-    if role == "dit" and comp.layer_groups:  # the planner streams the DiT only (text encoder / VAE: not planned)
+    if comp.layer_groups:
         groups = {}
         layer_param_bytes = 0
         for name in comp.layer_groups:
@@ -52,6 +54,7 @@ def component_weights(spec: ModelSpec, role: str) -> dict[str, Any]:
             }
         out["groups"] = groups
         out["non_layer_bytes"] = out["weight_bytes"] - layer_param_bytes
+    if role == "dit":
         cfg = comp.config
         out["hidden"] = int(cfg.get("num_attention_heads", 0)) * int(cfg.get("attention_head_dim", 0))
     return out

@@ -115,6 +115,18 @@ class OffloadFlags:
         """A per-component map's value for `component` (None without an entry)."""
         return dict(getattr(self, name)).get(component)
 
+    def layerwise_tuning(self, role: str, dit_prefetch_size: float | None = None) -> tuple[float, float, str]:
+        """Prefetch size, resident layers and residency policy of zoo component `role` ("dit", "text_encoder",
+        "vae") under layerwise offload (SGLang's `layerwise_tuning_for`): its per-component map entry, else the
+        `dit_*` values for the DiT (`dit_prefetch_size` in place of `dit_offload_prefetch_size` when given) and
+        0 / 0 / leading for the others."""
+        name = "transformer" if role == "dit" else role
+        prefetch = self.dit_offload_prefetch_size if dit_prefetch_size is None else dit_prefetch_size
+        defaults = ((prefetch, self.dit_layerwise_resident_layers, self.dit_layerwise_residency_policy)
+                    if role == "dit" else (0.0, 0.0, "leading"))
+        picked = [self.component_value(m, name) for m in MAP_FLAGS]
+        return tuple(d if v is None else v for v, d in zip(picked, defaults, strict=True))  # type: ignore[return-value]
+
     def label(self) -> str:
         """A short, readable id of these flags, used in cell ids and table rows."""
 

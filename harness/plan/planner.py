@@ -34,6 +34,14 @@ runtime reads it; `resident_layers` overrides the flags' value) are copied to th
 a call and dropped when the denoise phase ends (SGLang's "forward" lifetime): they add to the denoise phase's
 device bytes and leave the bytes streamed per forward; their host regions stay (pinned like the others).
 
+A text encoder or VAE that `layerwise_offload_components` streams (its CPU-offload flag cleared; the loader's
+LAYERWISE_FROM_HOST) is planned as the runtime runs it: its weights outside its layer groups (the zoo's
+`layer_groups`: a text encoder's layers, the VAE decoder's up blocks) on the device from load on, and in the phase
+that runs it (encode, decode) its window and resident layers, with its own prefetch and resident values (the
+per-component maps, `OffloadFlags.layerwise_tuning`); its layer regions are host bytes, pinned with
+`pin_cpu_memory`. The VAE decode's largest request (`decode_block_per_pixel`, fitted) fits no layer segment: it
+takes a freed component block or reserves its own.
+
 This module imports no torch.
 """
 
@@ -49,9 +57,10 @@ from pathlib import Path
 from typing import Any
 
 from harness import locations
+from harness.contract import ROLES, Placement
 from harness.models import ModelSpec, get_model
 from harness.plan.flags import OffloadFlags, prefetch_layers, resident_layer_count
-from harness.plan.segments import segment_size, window_segment_bytes
+from harness.plan.segments import window_segment_bytes
 
 DATA_PATH = locations.PACKAGE / "models" / "plan_data.json"  # the package's, wherever this module sits in it
 GIB, MIB = 2**30, 2**20
@@ -293,16 +302,9 @@ def dit_flops(dit: Mapping[str, Any], tokens: int) -> float:
 
 
 def placements(flags: OffloadFlags) -> dict[str, str]:
-    """Where the harness's loader puts each component (as `harness.cell.offload.loader.placement_for`, our backend)."""
-    if flags.dit_layerwise_offload:
-        dit = "layerwise-from-host" if flags.dit_cpu_offload else "layerwise-from-device"
-    else:
-        dit = "cpu-offload" if flags.dit_cpu_offload else "resident"
-    return {
-        "text_encoder": "cpu-offload" if flags.text_encoder_cpu_offload else "resident",
-        "dit": dit,
-        "vae": "cpu-offload" if flags.vae_cpu_offload else "resident",
-    }
+    """Where the harness's loader puts each component under our backend (`harness.contract.Placement.for_role`):
+    a text encoder or VAE that `layerwise_offload_components` selects streams from the host."""
+    return {role: str(Placement.for_role(role, flags)) for role in ROLES}
 
 
 @dataclass(frozen=True)
@@ -318,25 +320,28 @@ class Streaming:
     segment_bytes: int = 0
 
 
-def streaming(dit: Mapping[str, Any], prefetch_size: float, resident_value: float = 0.0,
+def streaming(component: Mapping[str, Any], prefetch_size: float, resident_value: float = 0.0,
               order: Iterable[str] = ()) -> Streaming:
-    """The layerwise runtime's device footprint (`harness.cell.offload.layerwise`): per group, r resident layers
+    """The layerwise runtime's device footprint for one component (`harness.cell.offload.layerwise`; its weights
+    data with "groups": the DiT, or a text encoder or VAE that `layerwise_offload_components` streams, each with
+    its own prefetch and resident layers): per group, r resident layers
     (`harness.plan.flags.resident_layer_count`), and a window of p of the streamed ones computing while the next is in
     flight (2p), while every other group holds its window 0, prefetched at the end of its last window for the next
     forward. p counts streamed layers: with r kept, a window larger than the n - r streamed ones is all of them.
     `order`: the groups' names in forward order (the zoo's `layer_groups`; the data's order otherwise)."""
     groups = []
-    kept_layers = kept_bytes = kept_segments = 0
-    per_group = []
-    names = [*order] or list(dit["groups"])
-    for g in (dit["groups"][name] for name in names):
+    kept_layers = kept_bytes = 0
+    per_group, replayed, kept = [], [], []
+    names = [*order] or list(component["groups"])
+    for g in (component["groups"][name] for name in names):
         n, b = g["layers"], g["layer_bytes"]
         keep = resident_layer_count(resident_value, n)
         kept_layers += keep
         kept_bytes += keep * b
-        kept_segments += keep * segment_size(b)
         p = max(1, min(prefetch_layers(prefetch_size, n), n - keep))
         per_group.append((keep * b, (n - keep) * b, min(p, n - keep) * b))
+        replayed.append((n - keep, p, b))
+        kept.append(keep)
         if n - keep:
             groups.append((n - keep, p, b))
     window = max(
@@ -344,8 +349,8 @@ def streaming(dit: Mapping[str, Any], prefetch_size: float, resident_value: floa
          for i, (n, p, b) in enumerate(groups)),
         default=0,
     )
-    return Streaming(kept_layers, kept_bytes, window, sum(n * b for n, _, b in groups), tuple(per_group),
-                     kept_segments + (window_segment_bytes(tuple(groups)) if groups else 0))
+    segments = window_segment_bytes(tuple(replayed), kept=tuple(kept)) if kept_layers or groups else 0
+    return Streaming(kept_layers, kept_bytes, window, sum(n * b for n, _, b in groups), tuple(per_group), segments)
 
 
 @dataclass
@@ -383,6 +388,7 @@ class _Allocator:
     oom: bool = False
     layer_pool_apart: bool = False
     layer_live: int = 0  # bytes of `layer_pool` the live window holds
+    regions_in_use: int = 0  # bytes of free regions the window is filling (kept when the cache is given back)
 
     def _free_bytes(self) -> int:
         """Cached bytes a request of the compute stream may take (not another stream's idle layer buffers)."""
@@ -399,7 +405,7 @@ class _Allocator:
         if self.limit is not None and self.reserved + growth() > self.limit:
             # every cached block not in use goes back to the driver (activation blocks too, being freed by now;
             # layer buffers being reused are counted until the window is live)
-            self.reserved = self.live + self.pool_in_use
+            self.reserved = self.live + self.pool_in_use + self.regions_in_use
             self.regions, self.layer_pool, self.dead = [], self.pool_in_use, 0
         self.reserved += growth()
         self.high = max(self.high, self.reserved)
@@ -430,32 +436,58 @@ class _Allocator:
         self.regions.remove(min(fitting))
         return min(fitting)
 
-    def run(self, moved: list[int], window: int, activations: int) -> int:
+    def run(self, moved: list[int], window: int, activations: int, large: int = 0) -> int:
         """One runtime phase: components moved in as one block each, the layer window (the bytes its buffers
-        reserve), then activations; all freed at the end. Returns the phase's reserved peak (at least what it
-        started with, as the records count)."""
+        reserve), then activations, of which one request of `large` bytes (the VAE decode's) that no layer
+        buffer's segment holds: it takes a free block of a component (or of an earlier large request), or what
+        a component moved in this phase left free of the block it took, that holds it, else a segment of its
+        own, cached after the phase; all freed at the end. Returns the phase's reserved
+        peak (at least what it started with, as the records count)."""
         self.high = self.need = self.reserved
-        hosts = []
+        hosts, split_rests = [], []  # split_rests: what a request left free of a larger block it took
         for size in sorted(moved, reverse=True):
             host = self._take(size)
             if host is None:
                 self._grow(size)
             hosts.append(host or size)
+            split_rests.append((host or size) - size)
             self.live += size
         pooled = min(window, self.layer_pool)
         self.pool_in_use = pooled
         rest = window - pooled
-        window_host = self._take(rest) if rest and not self.layer_pool_apart else None
-        if rest and window_host is None:
-            self._grow(rest)
+        window_hosts = self._take_for_layers(rest) if rest and not self.layer_pool_apart else []
+        grown = max(0, rest - sum(window_hosts))
+        split_rests += [max(0, sum(window_hosts) - rest)]
+        if grown:
+            self.regions_in_use = sum(window_hosts)
+            self._grow(grown)
         self.live += window
-        self.layer_live, self.pool_in_use = pooled, 0  # now part of `live`
+        self.layer_live, self.pool_in_use, self.regions_in_use = pooled, 0, 0  # now part of `live`
+        if large and max(split_rests, default=0) < large:
+            held = self._take(large)
+            if held is None:
+                self._grow(large)
+            hosts.append(held or large)
         self._grow(activations, from_free=True)
         self.live -= sum(moved) + window
         self.layer_live = 0
-        self.regions += hosts + ([window_host] if window_host else [])
-        self.layer_pool = max(self.layer_pool, pooled + (rest if window_host is None else 0))
+        self.regions += hosts + window_hosts
+        self.layer_pool = max(self.layer_pool, pooled + grown)
         return self.high
+
+    def _take_for_layers(self, nbytes: int) -> list[int]:
+        """The free regions layer buffers of `nbytes` in all fill: the smallest that holds them all, else the
+        largest, which the buffers split layer by layer until it is used up, the rest in new segments (Qwen-Image,
+        half of 60 layers kept on the 5090 cap: 13 GiB of layers in the encoder's freed 13 GiB block, the rest
+        new, so that block is whole again when the decode asks for 1.5 GiB: measured, no growth)."""
+        whole = self._take(nbytes)
+        if whole is not None:
+            return [whole]
+        if not self.regions:
+            return []
+        largest = max(self.regions)
+        self.regions.remove(largest)
+        return [largest]
 
 
 # ------------------------------------------------------------------------------------------------ the plan
@@ -488,15 +520,15 @@ def plan(
     fits, fits_from = model_fits(model, data)
     machine = machine or machine_profile(data=data)
     notes = _fits_notes(model, fits_from)
-    _refuse_streamed_encoder_or_vae(flags)
-    value = flags.dit_layerwise_resident_layers if resident_layers is None else resident_layers
+    value = flags.layerwise_tuning("dit")[1] if resident_layers is None else resident_layers
     parts = _DeviceParts.of(spec, model_weights(model, data), flags, value)
     drv = drivers(spec, workload)
     allocator = _Allocator(layer_pool_apart=layer_pool_apart and parts.layerwise)
     if allocator.layer_pool_apart:
         notes.append("layer buffers from the copy stream's own pool (the runtime before abd7f47)")
     phases, oom = _phase_plans(parts, _activations(fits, drv, workload), int(fits.get("base_bytes", 0)),
-                               int(fits.get("reserved_slack_bytes", 0)), cap_bytes, machine, workload, allocator)
+                               int(fits.get("reserved_slack_bytes", 0)), cap_bytes, machine, workload, allocator,
+                               round(fits.get("decode_block_per_pixel", 0.0) * drv.pixels))
     offloaded = parts.host_bytes()
     pinned = bool(flags.pin_cpu_memory)
     timing = _step_time(flags, parts, _compute_s(fits, parts.dit, drv, machine, notes, data), machine, workload, notes)
@@ -520,13 +552,6 @@ def _fits_notes(model: str, fits_from: str | None) -> list[str]:
     return []
 
 
-def _refuse_streamed_encoder_or_vae(flags: OffloadFlags) -> None:
-    """The planner models a layerwise DiT only; a streamed encoder or VAE is not planned (yet)."""
-    streamed = set(flags.layerwise_offload_components or ()) & {"text_encoder", "vae", "all"}
-    if streamed:
-        raise PlanError(f"layerwise {', '.join(sorted(streamed))} (layerwise_offload_components) is not modelled")
-
-
 def _activations(fits: Mapping[str, Any], drv: Drivers, workload: Workload) -> dict[str, int]:
     """Each phase's activation bytes: the fitted bytes per unit of what drives them (x2 for a batched CFG)."""
     return {
@@ -537,6 +562,10 @@ def _activations(fits: Mapping[str, Any], drv: Drivers, workload: Workload) -> d
     }
 
 
+# the runtime phase in which a component streams its layers under layerwise offload
+STREAMED_IN = {"text_encoder": "encode", "dit": "denoise", "vae": "decode"}
+
+
 @dataclass(frozen=True)
 class _DeviceParts:
     """What a model's components put on the device under the flags' placements."""
@@ -544,8 +573,13 @@ class _DeviceParts:
     where: dict[str, str]
     sizes: dict[str, int]  # whole-component weight bytes by role
     dit: Mapping[str, Any]  # the DiT's weights data (groups, non-layer bytes)
-    stream: Streaming  # the layerwise window (all zeros without layerwise offload)
+    stream: Streaming  # the DiT's layerwise window (all zeros without layerwise offload)
     edit: bool  # an edit model: the VAE also encodes the reference image
+    # a text encoder or VAE that streams (`layerwise_offload_components`): its window and resident layers in the
+    # phase that runs it, and its weights outside the layer groups, on the device from load on
+    encoder_streams: dict[str, Streaming] = field(default_factory=dict)
+    non_layer: dict[str, int] = field(default_factory=dict)
+    host_regions: dict[str, int] = field(default_factory=dict)  # per streamed text encoder / VAE: its layer regions
 
     @classmethod
     def of(cls, spec: ModelSpec, weights: Mapping[str, Any], flags: OffloadFlags,
@@ -555,12 +589,28 @@ class _DeviceParts:
         if flags.dit_layerwise_offload:
             stream = streaming(dit, flags.dit_offload_prefetch_size, resident_value,
                                spec.components["dit"].layer_groups)
-        sizes = {role: weights[role]["weight_bytes"] for role in ("text_encoder", "dit", "vae")}
-        return cls(placements(flags), sizes, dit, stream, spec.edit)
+        sizes = {role: weights[role]["weight_bytes"] for role in ROLES}
+        where = placements(flags)
+        streams, non_layer, regions = {}, {}, {}
+        for role in ("text_encoder", "vae"):
+            if where[role] != Placement.LAYERWISE_FROM_HOST:
+                continue
+            w = weights[role]
+            prefetch, resident, _ = flags.layerwise_tuning(role)
+            streams[role] = streaming(w, prefetch, resident, spec.components[role].layer_groups)
+            non_layer[role] = w["non_layer_bytes"]
+            regions[role] = sum(g["host_bytes"] for g in w["groups"].values())
+        return cls(where, sizes, dit, stream, spec.edit, streams, non_layer, regions)
 
     @property
     def layerwise(self) -> bool:
         return self.where["dit"].startswith("layerwise")
+
+    def layer_segments(self, phase: str) -> int:
+        """What the layer buffers of the component streaming in `phase` reserve from an empty cache."""
+        if phase == "denoise":
+            return self.stream.segment_bytes
+        return sum(s.segment_bytes for role, s in self.encoder_streams.items() if STREAMED_IN[role] == phase)
 
     def used_in(self, phase: str) -> list[str]:
         """The components a runtime phase runs (an edit model's encode also runs the VAE on the reference)."""
@@ -571,24 +621,29 @@ class _DeviceParts:
         """(weights, window) on the device during `phase`: a resident component always, a CPU-offloaded one only
         in the phase that uses it (the VAE also in an edit model's encode, which encodes the reference image)."""
         where, dit = self.where, self.dit
-        w = 0
-        if where["text_encoder"] == "resident" or phase == "encode":
+        w = window = 0
+        for role, streams in self.encoder_streams.items():  # non-layer weights always; layers in its phase
+            w += self.non_layer[role] + (streams.resident_bytes if phase == STREAMED_IN[role] else 0)
+            window += streams.window_bytes if phase == STREAMED_IN[role] else 0
+        if "text_encoder" not in self.encoder_streams and (where["text_encoder"] == "resident" or phase == "encode"):
             w += self.sizes["text_encoder"]
-        if where["vae"] == "resident" or phase == "decode" or (phase == "encode" and self.edit):
+        if "vae" not in self.encoder_streams and (where["vae"] == "resident" or phase == "decode"
+                                                  or (phase == "encode" and self.edit)):
             w += self.sizes["vae"]
-        window = 0
         if where["dit"] == "resident" or (where["dit"] == "cpu-offload" and phase == "denoise"):
             w += self.sizes["dit"]
         elif where["dit"] == "layerwise-from-device" and phase == "load":
             w += self.sizes["dit"]  # the loader puts the whole DiT on the device before packing it to the host
         elif self.layerwise:
             w += dit["non_layer_bytes"] + (self.stream.resident_bytes if phase == "denoise" else 0)
-            window = self.stream.window_bytes if phase == "denoise" else 0
+            window += self.stream.window_bytes if phase == "denoise" else 0
         return w, window
 
     def host_bytes(self) -> int:
-        """Host bytes of the offloaded components (a layerwise DiT's per-layer regions, resident layers' too)."""
+        """Host bytes of the offloaded components (a layerwise component's per-layer regions, resident layers'
+        too)."""
         offloaded = sum(self.sizes[role] for role in ("text_encoder", "vae") if self.where[role] == "cpu-offload")
+        offloaded += sum(self.host_regions.values())
         if self.where["dit"] == "cpu-offload":
             offloaded += self.sizes["dit"]
         elif self.layerwise:
@@ -597,17 +652,19 @@ class _DeviceParts:
 
 
 def _phase_plans(parts: _DeviceParts, act: Mapping[str, int], base: int, slack: int, cap_bytes: int | None,
-                 machine: Machine, workload: Workload,
-                 allocator: _Allocator) -> tuple[tuple[PhasePlan, ...], str | None]:
+                 machine: Machine, workload: Workload, allocator: _Allocator,
+                 decode_block: int = 0) -> tuple[tuple[PhasePlan, ...], str | None]:
     """Each phase's allocated and reserved peaks through the allocator model, and the first phase that would
-    not fit the card (None: all fit)."""
+    not fit the card (None: all fit). `decode_block`: the VAE decode's largest request (part of its
+    activations)."""
     allocator.limit = None if cap_bytes is None else cap_bytes - machine.context_bytes - slack
     phases = []
     oom = None
     for phase in PHASES:
         w, window = parts.on_device(phase)
         allocated = base + w + window + act[phase]
-        peak = _allocator_phase(allocator, parts, phase, base + w, act[phase], workload)
+        peak = _allocator_phase(allocator, parts, phase, base + w, act[phase], workload,
+                                decode_block if phase == "decode" else 0)
         if allocator.oom and oom is None:
             oom = phase
             peak = allocator.need  # what the phase needed, not the cap it stopped at
@@ -618,7 +675,7 @@ def _phase_plans(parts: _DeviceParts, act: Mapping[str, int], base: int, slack: 
 
 
 def _allocator_phase(allocator: _Allocator, parts: _DeviceParts, phase: str, loaded: int,
-                     activations: int, workload: Workload) -> int:
+                     activations: int, workload: Workload, large: int = 0) -> int:
     """One phase through the allocator model; its reserved peak (before slack)."""
     if phase == "load":
         peak = allocator.load(loaded)
@@ -626,8 +683,7 @@ def _allocator_phase(allocator: _Allocator, parts: _DeviceParts, phase: str, loa
             allocator.discard(parts.sizes["dit"] - parts.dit["non_layer_bytes"])  # packed to the host: blocks freed
         return peak
     moved = [parts.sizes[r] for r in parts.used_in(phase) if parts.where[r] == "cpu-offload"]
-    layers = parts.stream.segment_bytes if phase == "denoise" else 0  # the window's and resident layers' segments
-    peak = allocator.run(moved, layers, activations)
+    peak = allocator.run(moved, parts.layer_segments(phase), activations, large)  # layers: window + resident
     if workload.empty_cache and phase in ("encode", "denoise"):
         allocator.empty_cache()
     return peak
@@ -877,6 +933,7 @@ class _Samples:
     encode: list[float] = field(default_factory=list)
     denoise: list[float] = field(default_factory=list)
     decode: list[float] = field(default_factory=list)
+    decode_block: list[float] = field(default_factory=list)  # the decode's largest request, per pixel
     slack: list[float] = field(default_factory=list)
     compute: list[tuple[int, float, str]] = field(default_factory=list)  # (tokens, s/forward, sku)
     sources: set[str] = field(default_factory=set)
@@ -894,6 +951,10 @@ class _MachineSamples:
     def add(self, which: str, sku: str, value: float) -> None:
         getattr(self, which).setdefault(sku, []).append(value)
 
+
+# a forward of fewer FLOPs says nothing of a machine's rate: the tiny twins' (~1e9 FLOPs in ~13 ms) are bound by
+# kernel launches, 0.1 "TFLOPS", and with six of them on the H200 the median rate there fell from 566 to 0.1
+LAUNCH_BOUND_FLOPS = 1e12
 
 _FIT_KEYS = {"encode": "encode_per_unit", "denoise": "denoise_per_token", "decode": "decode_per_pixel"}
 
@@ -933,6 +994,7 @@ def _sample_record(r: Mapping[str, Any], data: Mapping[str, Any], s: _Samples, m
     s.sources.add(str(r.get("_source", "")))
     drv = drivers(get_model(r["model"]), p.workload)
     _sample_phases(r, p, drv, s)
+    _sample_decode_block(r, drv, s)
     cap = r.get("cap") or {}
     if cap.get("context_overhead_bytes"):
         machines.add("context", sku, cap["context_overhead_bytes"])
@@ -962,6 +1024,26 @@ def _sample_phases(r: Mapping[str, Any], p: Plan, drv: Drivers, s: _Samples) -> 
             s.slack.append(res - alloc)
 
 
+def _sample_decode_block(r: Mapping[str, Any], drv: Drivers, s: _Samples) -> None:
+    """The VAE decode's largest request, from a cell where nothing but layer buffers' segments and small blocks
+    is cached when it decodes (a streamed DiT on the compute stream's pool, no CPU-offloaded component) and the
+    decode's allocated peak fits what is reserved: what the decode adds to the reservation then is that one
+    request, which no layer segment holds (measured, H200: FLUX.1-dev 1,026 MiB at 1024x1024, Qwen-Image 1,540;
+    H100: Qwen-Image-Edit 1,544)."""
+    phases = r.get("phases") or {}
+    where = r.get("placements") or {}
+    if r.get("status") != "ok" or where.get("dit") != "layerwise-from-host" or before_compute_pool(r) \
+            or generated_on_device(r) or "cpu-offload" in (where.get("text_encoder"), where.get("vae")):
+        return
+    reserved = {ph: (phases.get(ph) or {}).get("alloc_peak_reserved_bytes") for ph in PHASES}
+    allocated = (phases.get("decode") or {}).get("alloc_peak_allocated_bytes")
+    if None in reserved.values() or allocated is None or allocated > reserved["denoise"]:
+        return
+    grown = reserved["decode"] - max(reserved[ph] for ph in ("load", "encode", "denoise"))
+    if grown > 0:
+        s.decode_block.append(grown / drv.pixels)
+
+
 def _sample_step(r: Mapping[str, Any], p: Plan, drv: Drivers, s: _Samples, machines: _MachineSamples,
                  data: Mapping[str, Any]) -> None:
     """A resident or CPU-offloaded DiT's step is its compute; a pageable layerwise one's, the pageable rate."""
@@ -972,8 +1054,9 @@ def _sample_step(r: Mapping[str, Any], p: Plan, drv: Drivers, s: _Samples, machi
     per_forward = step / p.workload.forwards_per_step / p.workload.batch  # one sample's forward
     if p.placements["dit"] in ("resident", "cpu-offload"):
         s.compute.append((drv.dit_tokens, per_forward, sku))
-        machines.add("tflops", sku, dit_flops(model_weights(r["model"], data)["dit"], drv.dit_tokens)
-                     / per_forward / 1e12)
+        flops = dit_flops(model_weights(r["model"], data)["dit"], drv.dit_tokens)
+        if flops >= LAUNCH_BOUND_FLOPS:
+            machines.add("tflops", sku, flops / per_forward / 1e12)
     elif not r["effective"].get("pin_cpu_memory", True):
         # every forward streams the layers once, whatever its batch
         machines.add("pageable", sku, p.streamed_bytes_per_forward * p.workload.forwards_per_step / step / 1e9)
@@ -988,6 +1071,8 @@ def _fit_model(model: str, s: _Samples, data: Mapping[str, Any]) -> dict[str, An
         vals = getattr(s, ph)
         if vals:
             f[_FIT_KEYS[ph]] = round(max(0.0, statistics.median(vals)), 2)
+    if s.decode_block:
+        f["decode_block_per_pixel"] = round(statistics.median(s.decode_block), 2)
     if s.slack:
         f["reserved_slack_bytes"] = round(statistics.median(s.slack))
     if s.compute:

@@ -41,12 +41,7 @@ def layerwise_tuning(role: str, flags: OffloadFlags | None, prefetch_size: float
     for the others."""
     if flags is None:
         return (prefetch_size, 0.0, "leading")
-    name = "transformer" if role == "dit" else role
-    defaults = ((prefetch_size, flags.dit_layerwise_resident_layers, flags.dit_layerwise_residency_policy)
-                if role == "dit" else (0.0, 0.0, "leading"))
-    picked = [flags.component_value(m, name) for m in ("layerwise_prefetch_size", "layerwise_resident_layers",
-                                                       "layerwise_residency_policy")]
-    return tuple(d if v is None else v for v, d in zip(picked, defaults, strict=True))  # type: ignore[return-value]
+    return flags.layerwise_tuning(role, prefetch_size)
 
 
 class OffloadRuntime(Protocol):
