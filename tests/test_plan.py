@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from harness.analyze.expect import plan_within_verdict
+from harness.contract import CellRecord, as_record
 from harness.models import get_model, model_names
 from harness.plan.advise import advise, combinations, describe
 from harness.plan.flags import OffloadFlags
@@ -77,9 +78,8 @@ def test_weights_data_matches_what_records_measured() -> None:
 def test_fits_are_what_plan_fit_makes_of_the_committed_records(monkeypatch: pytest.MonkeyPatch) -> None:
     """The committed fits come from the committed records, not from hand edits."""
     monkeypatch.chdir(REPO)
-    records = []
-    for path in sorted(glob.glob("results/h*/*.records.jsonl")):
-        records += [{**json.loads(line), "_source": path} for line in Path(path).read_text().splitlines()]
+    records = [(path, CellRecord.from_json(line)) for path in sorted(glob.glob("results/h*/*.records.jsonl"))
+               for line in Path(path).read_text().splitlines()]
     data = load_data()
     assert fit(records) == {"fits": data["fits"], "machines": data["machines"]}
 
@@ -109,7 +109,7 @@ def test_plan_command_prints_its_table_in_under_two_seconds() -> None:
 
 
 def test_every_committed_gpu_cell_gets_the_fate_the_plan_predicts() -> None:
-    checks = [c for r in _gpu_records() if r["status"] in ("ok", "oom") and (c := check_record(r))]
+    checks = [c for r in _gpu_records() if r["status"] in ("ok", "oom") and (c := check_record(as_record(r)))]
     assert len(checks) >= 40
     wrong = [f"{c.cell}: planned {c.predicted_oom_phase}, got {c.status} {c.failed_phase}"
              for c in checks if not c.verdict_ok]
@@ -122,7 +122,7 @@ def test_allocated_peaks_of_every_phase_within_two_and_a_half_percent() -> None:
     cells are left out: a few MiB each, their phases are the allocator's block rounding (up to 12 % here)."""
     worst = 0.0
     for r in _gpu_records():
-        p = plan_for_record(r) if r["model"] in FULL_MODELS else None
+        p = plan_for_record(as_record(r)) if r["model"] in FULL_MODELS else None
         if p is None or r["status"] not in ("ok", "oom"):
             continue
         for phase in p.phases:
@@ -144,7 +144,7 @@ def test_qwen_5090_cells_reproduce_their_verdicts_within_tolerance() -> None:
         _records("h200/qwen-image-edit-5090-sglang-0.5.23.records.jsonl")
     seen = set()
     for r in records:
-        c = check_record(r)
+        c = check_record(as_record(r))
         assert c is not None and c.verdict_ok, r["cell_id"]
         eff = OffloadFlags.from_mapping(r["effective"])
         if eff.dit_layerwise_offload and eff.dit_cpu_offload:
@@ -252,7 +252,7 @@ def test_the_resident_layers_sweep_on_the_5090_cap_is_within_three_percent() -> 
     records = _records("h200/qwen-image-resident-5090.records.jsonl")
     assert len(records) == 11  # session 5's rerun added 0.5 kept with the text encoder streamed (-lwc-te)
     for r in records:
-        c = check_record(_without_stored_plan(r))
+        c = check_record(as_record(_without_stored_plan(r)))
         assert c is not None and c.verdict_ok, r["cell_id"]
         if r["status"] == "ok":
             slower_rerun = r["cell_id"].endswith("-pf4-pin1-res0.5")
@@ -269,7 +269,7 @@ def test_reserved_peaks_of_every_full_model_cell_within_five_percent() -> None:
     both-on with resident encoders: +8.0 %, its NVML trace puts 1,026 MiB of it in the decode; now +2.4 %)."""
     worst = {}
     for r in _gpu_records():
-        c = check_record(_without_stored_plan(r)) if r["model"] in FULL_MODELS else None
+        c = check_record(as_record(_without_stored_plan(r))) if r["model"] in FULL_MODELS else None
         for err in (c.load_error, c.runtime_error) if c else ():
             if err is not None:
                 worst[r["cell_id"]] = max(worst.get(r["cell_id"], 0.0), abs(err))
@@ -288,11 +288,11 @@ def test_cells_that_stream_the_text_encoder_or_vae_are_within_five_percent() -> 
     streamed = [r for r in records if r["effective"]["layerwise_offload_components"]]
     assert len(streamed) == 3
     for r in streamed:
-        c = check_record(r)
+        c = check_record(as_record(r))
         assert c.source == "derived" and c.verdict_ok and c.not_planned is None, r["cell_id"]
         assert abs(c.load_error) < 0.02 and abs(c.runtime_error) < 0.05 and abs(c.step_error) < 0.03, r["cell_id"]
         if r["model"] == "flux-dev" and "res" not in r["cell_id"]:
-            p = plan_for_record(r)
+            p = plan_for_record(as_record(r))
             assert p.phase("decode").reserved_bytes > p.phase("denoise").reserved_bytes  # measured: +1,026 MiB
 
 
@@ -310,12 +310,12 @@ def test_records_of_the_copy_stream_pool_runtime_are_planned_as_it_ran() -> None
 
     old = next(r for r in _records("h100/wan21-14b-h100.records.jsonl") if "cpu1-lw1" in r["cell_id"])
     new = next(r for r in _records("h100/wan21-14b-peer.records.jsonl") if "cpu1-lw1" in r["cell_id"])
-    assert before_compute_pool(old) and not before_compute_pool(new)
+    assert before_compute_pool(as_record(old)) and not before_compute_pool(as_record(new))
     for r in (old, new):
-        c = check_record(r)
+        c = check_record(as_record(r))
         assert c is not None and abs(c.runtime_error) < 0.005, (r["cell_id"], c.runtime_error)
-    as_now = plan_for_record({**old, "created": new["created"]})
-    assert as_now is not None and as_now.runtime_peak_bytes < 0.85 * check_record(old).measured_runtime
+    as_now = plan_for_record(as_record({**old, "created": new["created"]}))
+    assert as_now is not None and as_now.runtime_peak_bytes < 0.85 * check_record(as_record(old)).measured_runtime
 
 
 def test_layer_segments_one_size_is_the_window_two_sizes_more() -> None:
@@ -357,8 +357,8 @@ def test_batched_cfg_streams_once_a_step_with_twice_the_activations() -> None:
     assert one.step_s < two.step_s  # transfer-bound: half the bytes a step
     assert one.compute_s_per_forward == pytest.approx(2 * two.compute_s_per_forward)
     record = next(r for r in _records("h100/qwen-image-edit-5090-s2.records.jsonl") if r["status"] == "ok")
-    batched = plan_for_record({**record, "run_options": {"cfg_batch": True}})
-    assert batched.workload.cfg_batch and not plan_for_record(record).workload.cfg_batch
+    batched = plan_for_record(as_record({**record, "run_options": {"cfg_batch": True}}))
+    assert batched.workload.cfg_batch and not plan_for_record(as_record(record)).workload.cfg_batch
 
 
 def test_empty_cache_between_phases_gives_cached_blocks_back() -> None:
@@ -420,13 +420,13 @@ def test_a_model_without_records_borrows_its_dit_twin_or_says_so() -> None:
 
 def test_plan_entry_is_the_records_plan_and_never_raises() -> None:
     record = next(r for r in _records("h100/qwen-image-edit-5090-s2.records.jsonl") if r["status"] == "ok")
-    entry = plan_entry(record)
+    entry = plan_entry(as_record(record))
     assert entry is not None and entry["fits"] and entry["placements"]["dit"] == "layerwise-from-host"
-    assert check_record({**record, "plan": entry}).source == "recorded"
-    assert check_record(record).source == "derived"
+    assert check_record(as_record({**record, "plan": entry})).source == "recorded"
+    assert check_record(as_record(record)).source == "derived"
     broken = {**record, "effective": {**record["effective"], "dit_cpu_offload": "maybe"}}
-    assert "error" in plan_entry(broken)
-    assert plan_entry({**record, "backend": "diffusers-group"}) is None
+    assert "error" in plan_entry(as_record(broken))
+    assert plan_entry(as_record({**record, "backend": "diffusers-group"})) is None
 
 
 def test_a_cell_the_planner_cannot_plan_is_shown_not_raised() -> None:
@@ -437,12 +437,12 @@ def test_a_cell_the_planner_cannot_plan_is_shown_not_raised() -> None:
     records = _records("h100/qwen-image-edit-5090-s2.records.jsonl")
     i, good = next((i, r) for i, r in enumerate(records) if r["status"] == "ok")
     broken = {**good, "effective": {**good["effective"], "dit_cpu_offload": "maybe"}}
-    broken["plan"] = plan_entry(broken)
+    broken["plan"] = plan_entry(as_record(broken))
     records[i] = broken
-    c = check_record(broken)
+    c = check_record(as_record(broken))
     assert c is not None and c.not_planned.startswith("FlagError: ") and c.verdict_ok
     assert c.predicted_load is None and c.measured_load == good["phases"]["load"]["alloc_peak_reserved_bytes"]
-    row = next(r for r in plan_rows(records) if r["cell"] == good["cell_id"])
+    row = next(r for r in plan_rows(as_records(records)) if r["cell"] == good["cell_id"])
     assert row["fate planned / measured"] == "not planned / ok" and row["plan"].startswith("not planned: FlagError")
     verdict = plan_within_verdict("rtx5090-32g", as_records(records), {"peak": 0.05, "time": 0.10})
     assert verdict.passed and f"{broken['cell_id'].rsplit('/', 1)[-1]} not planned: FlagError" in verdict.message
@@ -489,7 +489,7 @@ def test_report_has_the_predicted_vs_measured_table() -> None:
     records = _records("h100/qwen-image-edit-5090-s2.records.jsonl")
     text = render(as_records(records))
     assert "Plan vs measured" in text and "oom in load / oom in load" in text
-    rows = plan_rows(records)
+    rows = plan_rows(as_records(records))
     both = next(r for r in rows if "cpu1-lw1" in r["cell"])
     assert both["fate planned / measured"] == "fits / ok" and both["error  "].endswith("%")
 

@@ -226,7 +226,7 @@ def plan_within_verdict(card: str, records: Iterable[CellRecord], tolerance: dic
                        "CUDA allocator counters)")
     problems, checked, skipped = [], 0, []
     for r in gpu:
-        c = check_record(r.to_dict())
+        c = check_record(r)
         if c is None:
             problems.append(f"{r.label}: no plan")
             continue

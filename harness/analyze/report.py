@@ -135,7 +135,7 @@ def render(records: list[CellRecord], title: str = "offload-bench run") -> str:
             out += ["Layerwise roofline (harness.analyze.roofline: predicted step = forwards x max(resident compute "
                     "per forward, streamed bytes / same-run pinned H2D probe)):", ""]
             out += [tabulate(roof, headers="keys", tablefmt="github"), ""]
-        planned = plan_rows([r.to_dict() for r in recs])  # the planner reads records as JSON (its edge)
+        planned = plan_rows(recs)
         if planned:
             out += ["Plan vs measured (harness.plan.planner; allocator reserved peaks, median steady step; error = "
                     "measured / planned - 1; a phase that ran out of memory measured the cap, not the need):", ""]

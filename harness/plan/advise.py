@@ -20,10 +20,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from harness.contract import Backend, CellRecord, Status
 from harness.models import get_model
 from harness.plan.flags import EngineContext, FlagError, OffloadFlags, resolve
 from harness.plan.planner import GIB, Machine, Plan, Workload, machine_profile, measured, plan
-from harness.run.results import latest_by_cell, read_records
+from harness.run.results import latest_by_cell, read_cell_records
 
 PREFETCH_SIZES = (1, 2, 4, 8)
 RESIDENT_SHARES = (0.0, 0.25, 0.5, 0.75)  # dit_layerwise_resident_layers as a fraction of each group
@@ -141,30 +142,28 @@ def measurements(model: str, card: str, workload: Workload,
     out: dict[tuple[tuple[str, Any], ...], Measurement] = {}
     created: dict[tuple[tuple[str, Any], ...], str] = {}
     for path in sorted(glob.glob(records_glob, recursive=True)):
-        records = latest_by_cell(read_records(Path(path)).records).values()
+        records = latest_by_cell(read_cell_records(Path(path)).records).values()
         for r in records:
-            if r.get("model") != model or (r.get("card") or {}).get("name") != card or r.get("device") != "cuda" \
-                    or (r.get("backend") or "harness") != "harness" or r.get("status") not in ("ok", "oom"):
+            if r.model != model or r.card_name != card or r.device != "cuda" or r.backend != Backend.HARNESS \
+                    or r.status not in (Status.OK, Status.OOM):
                 continue
             try:
-                if Workload.from_settings(r.get("settings") or {}, r.get("run_options")) != _same_steps(workload, r):
+                if Workload.from_settings(r.settings or {}, r.run_options) != _same_steps(workload, r):
                     continue
             except (KeyError, TypeError, ValueError):
                 continue
-            key = _key(r["effective"])
-            if str(r.get("created", "")) < created.get(key, ""):
+            key = _key(r.effective)
+            if (r.created or "") < created.get(key, ""):
                 continue  # an older run of the same combination
-            created[key] = str(r.get("created", ""))
-            m = measured(r)
-            nvml = [(p or {}).get("nvml_proc_peak_bytes") for p in (r.get("phases") or {}).values()]
-            nvml = [v for v in nvml if v is not None]
-            out[key] = Measurement(path, r["status"], r.get("failed_phase"), max(nvml) if nvml else None, m.step_s)
+            created[key] = r.created or ""
+            out[key] = Measurement(path, str(r.status), r.failed_phase, r.phase_max("nvml_proc_peak_bytes", r.phases),
+                                   measured(r).step_s)
     return out
 
 
-def _same_steps(workload: Workload, record: Mapping[str, Any]) -> Workload:
+def _same_steps(workload: Workload, record: CellRecord) -> Workload:
     """The step count does not change a step's cost: match records whatever their steps."""
-    steps = (record.get("settings") or {}).get("steps")
+    steps = (record.settings or {}).get("steps")
     return replace(workload, steps=int(steps) if steps else workload.steps)
 
 

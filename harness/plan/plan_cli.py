@@ -188,12 +188,9 @@ def cmd_advise(args: argparse.Namespace) -> int:
 
 def cmd_plan_fit(args: argparse.Namespace) -> int:
     from harness.plan.planner import fit
-    from harness.run.results import read_records
+    from harness.run.results import read_cell_records
 
-    records = []
-    for path in args.records:
-        for r in read_records(Path(path)).records:
-            records.append({**r, "_source": path})
+    records = [(path, r) for path in args.records for r in read_cell_records(Path(path)).records]
     fits = fit(records)
     if not args.write:
         print(json.dumps(fits, indent=1))

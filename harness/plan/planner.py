@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import locations
-from harness.contract import ROLES, Placement
+from harness.contract import ROLES, Backend, CellRecord, Phase, Placement, Status
 from harness.models import ModelSpec, get_model
 from harness.plan.flags import OffloadFlags, prefetch_layers, resident_layer_count
 from harness.plan.segments import window_segment_bytes
@@ -191,7 +191,7 @@ class Plan:
         return f"{self.oom_phase} needs {need / GIB:.1f} GiB > {self.cap_bytes / GIB:.2f} GiB"
 
     def as_dict(self) -> dict[str, Any]:
-        """The plan as a record stores it (`record["plan"]`)."""
+        """The plan as a record stores it (`CellRecord.plan`)."""
         return {
             "model": self.model,
             "card": self.card,
@@ -756,38 +756,37 @@ def _compute_s(fits: Mapping[str, Any], dit: Mapping[str, Any], drv: Drivers, ma
 # --------------------------------------------------------------------------------- plans of cells and records
 
 
-def plan_for_record(record: Mapping[str, Any], data: Mapping[str, Any] | None = None) -> Plan | None:
+def plan_for_record(record: CellRecord, data: Mapping[str, Any] | None = None) -> Plan | None:
     """The plan of a recorded cell: its effective flags, card and settings, on its machine (the H2D probe its
     child ran). None for a cell the planner does not model (another backend's streamed DiT, a record without
     settings)."""
     data = data or load_data()
-    if (record.get("backend") or "harness") != "harness" or not record.get("settings") \
-            or not record.get("effective") or record.get("model") not in data.get("weights", {}):
+    if record.backend != Backend.HARNESS or not record.settings or not record.effective \
+            or record.model not in data.get("weights", {}):
         return None
-    return plan(record["model"], OffloadFlags.from_mapping(record["effective"]),
-                (record.get("card") or {}).get("cap_bytes"), workload_of_record(record),
-                card=(record.get("card") or {}).get("name", ""), machine=machine_of_record(record, data), data=data,
-                layer_pool_apart=before_compute_pool(record))
+    card = record.card or {}
+    return plan(record.model, OffloadFlags.from_mapping(record.effective), card.get("cap_bytes"),
+                workload_of_record(record), card=card.get("name", ""), machine=machine_of_record(record, data),
+                data=data, layer_pool_apart=before_compute_pool(record))
 
 
 # commit abd7f47 (layer buffers from the compute stream's pool, so they reuse what offloaded components freed)
 COMPUTE_POOL_SINCE = datetime.fromisoformat("2026-11-25T20:39:34+00:00")
 
 
-def before_compute_pool(record: Mapping[str, Any]) -> bool:
+def before_compute_pool(record: CellRecord) -> bool:
     """The record was made by the layerwise runtime that took its layer buffers from the copy stream's pool
     (before abd7f47; records carry their creation time, not always their commit)."""
-    created = record.get("created")
-    return bool(created) and datetime.fromisoformat(created) < COMPUTE_POOL_SINCE
+    return bool(record.created) and datetime.fromisoformat(record.created) < COMPUTE_POOL_SINCE
 
 
-def workload_of_record(record: Mapping[str, Any]) -> Workload:
-    return Workload.from_settings(record["settings"], record.get("run_options"))
+def workload_of_record(record: CellRecord) -> Workload:
+    return Workload.from_settings(record.settings or {}, record.run_options)
 
 
-def machine_of_record(record: Mapping[str, Any], data: Mapping[str, Any] | None = None) -> Machine:
+def machine_of_record(record: CellRecord, data: Mapping[str, Any] | None = None) -> Machine:
     """The machine profile of a record's SKU, with the pinned H2D rate its child measured."""
-    m = record.get("machine") or {}
+    m = record.machine or {}
     profile = machine_profile(m.get("sku"), data)
     if m.get("pinned_h2d_gbps"):
         profile = replace(profile, pinned_h2d_gbps=float(m["pinned_h2d_gbps"]),
@@ -805,21 +804,15 @@ class Measured:
     step_s: float | None
 
 
-def measured(record: Mapping[str, Any]) -> Measured:
-    """Allocator reserved peaks at load and at run time, and the median steady denoise step (steps 2..n)."""
-    from harness.contract import median_step
+RESERVED = "alloc_peak_reserved_bytes"  # the counter plans predict peaks on (PyTorch caching allocator)
 
-    phases = record.get("phases") or {}
 
-    def reserved(names: Iterable[str]) -> int | None:
-        vals = [(phases.get(p) or {}).get("alloc_peak_reserved_bytes") for p in names]
-        vals = [v for v in vals if v is not None]
-        return max(vals) if vals else None
-
-    ran = record.get("status") == "ok"
-    step_ms = median_step((phases.get("denoise") or {}).get("step_ms") or [], skip_first=True)  # STEP_CONVENTION
-    return Measured(reserved(["load"]), reserved(RUNTIME_PHASES) if ran else None,
-                    step_ms / 1e3 if ran and step_ms is not None else None)
+def measured(record: CellRecord) -> Measured:
+    """Allocator reserved peaks at load and at run time, and the median steady denoise step (STEP_CONVENTION).
+    The planner predicts the CUDA allocator's counters, so these are its peaks whatever the record's device."""
+    ran = record.status is Status.OK
+    runtime = record.phase_max(RESERVED, RUNTIME_PHASES) if ran else None
+    return Measured(record.phase_max(RESERVED, (Phase.LOAD,)), runtime, record.median_step_s() if ran else None)
 
 
 @dataclass(frozen=True)
@@ -861,16 +854,16 @@ def _rel(measured_value: float | None, predicted: float | None) -> float | None:
     return measured_value / predicted - 1
 
 
-def recorded_plan(record: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str]:
-    """The plan a record carries (`record["plan"]`, written by the runner), else one derived from it now."""
-    stored = record.get("plan")
+def recorded_plan(record: CellRecord) -> tuple[dict[str, Any] | None, str]:
+    """The plan a record carries (`record.plan`, written by the runner), else one derived from it now."""
+    stored = record.plan
     if isinstance(stored, dict) and "error" not in stored:
         return stored, "recorded"
     derived = plan_for_record(record)
     return (None if derived is None else derived.as_dict()), "derived"
 
 
-def check_record(record: Mapping[str, Any]) -> Check | None:
+def check_record(record: CellRecord) -> Check | None:
     """The record's plan against its numbers; None for a cell the planner does not model. A cell it models but
     cannot plan (flags it does not model, flags or data it cannot read) gets a Check that says why
     (`not_planned`), so a report or an expectation shows it instead of failing on it."""
@@ -881,18 +874,18 @@ def check_record(record: Mapping[str, Any]) -> Check | None:
     if p is None:
         return None
     m = measured(record)
-    status = record.get("status", "")
-    if status == "ok":
+    status = record.status
+    if status is Status.OK:
         verdict = p["fits"]
-    elif status == "oom":
-        verdict = p["oom_phase"] == record.get("failed_phase")
+    elif status is Status.OOM:
+        verdict = p["oom_phase"] == record.failed_phase
     else:
         verdict = False
     # a phase that ran out of memory measured the cap, not the need: only phases that completed are compared
-    load_done = status == "ok" or (status == "oom" and record.get("failed_phase") != "load")
+    load_done = status is Status.OK or (status is Status.OOM and record.failed_phase != Phase.LOAD)
     comparable = not generated_on_device(record)
     return Check(
-        cell=record.get("cell_id", ""), source=source, status=status, failed_phase=record.get("failed_phase"),
+        cell=record.cell_id, source=source, status=str(status), failed_phase=record.failed_phase,
         predicted_oom_phase=p["oom_phase"], verdict_ok=verdict,
         predicted_load=p["load_peak_reserved_bytes"],
         measured_load=m.load_peak if load_done and comparable else None,
@@ -903,10 +896,10 @@ def check_record(record: Mapping[str, Any]) -> Check | None:
     )
 
 
-def _not_planned(record: Mapping[str, Any], reason: str) -> Check:
+def _not_planned(record: CellRecord, reason: str) -> Check:
     m = measured(record)
-    return Check(cell=record.get("cell_id", ""), source="not planned", status=record.get("status", ""),
-                 failed_phase=record.get("failed_phase"), predicted_oom_phase=None, verdict_ok=True,
+    return Check(cell=record.cell_id, source="not planned", status=str(record.status),
+                 failed_phase=record.failed_phase, predicted_oom_phase=None, verdict_ok=True,
                  predicted_load=None, measured_load=m.load_peak, predicted_runtime=None,
                  measured_runtime=m.runtime_peak, predicted_step=None, measured_step=m.step_s, not_planned=reason)
 
@@ -914,11 +907,11 @@ def _not_planned(record: Mapping[str, Any], reason: str) -> Check:
 GENERATED_NOTE = "peaks not compared: the child generated its synthetic checkpoint on the device first"
 
 
-def generated_on_device(record: Mapping[str, Any]) -> bool:
+def generated_on_device(record: CellRecord) -> bool:
     """The cell's child generated missing synthetic checkpoints on the GPU before loading: the generator's
     blocks stay in the allocator's reservation (Wan: 6,472 MiB reserved at a 274 MiB load), so reserved peaks
     say nothing about the plan (allocated peaks are unaffected)."""
-    disk = (record.get("guard") or {}).get("disk") or {}
+    disk = (record.guard or {}).get("disk") or {}
     return bool(disk.get("checkpoint_bytes_missing")) and disk.get("generator_device") == "cuda"
 
 
@@ -959,9 +952,10 @@ LAUNCH_BOUND_FLOPS = 1e12
 _FIT_KEYS = {"encode": "encode_per_unit", "denoise": "denoise_per_token", "decode": "decode_per_pixel"}
 
 
-def fit(records: Iterable[Mapping[str, Any]], data: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def fit(records: Iterable[tuple[str, CellRecord]], data: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Fits every model's activation coefficients, base, slack and forward time, and each SKU's machine profile,
-    from GPU records of harness-backend cells (copies of another cell, `same_as`, count once).
+    from GPU records of harness-backend cells (copies of another cell, `same_as`, count once). `records` pairs
+    each record with the records file it came from (a model's fits name their sources).
 
     Each phase's activations are its allocated peak less the weights the plan puts on the device then (a phase
     that ran out of memory is left out); the coefficient is their median per unit of the phase's driver.
@@ -969,49 +963,54 @@ def fit(records: Iterable[Mapping[str, Any]], data: Mapping[str, Any] | None = N
     data = data or load_data()
     samples: dict[str, _Samples] = {}
     machines = _MachineSamples()
-    for r in records:
+    for source, r in records:
         if _fits_from(r, data):
-            _sample_record(r, data, samples.setdefault(r["model"], _Samples()), machines)
+            model_samples = samples.setdefault(str(r.model), _Samples())
+            model_samples.sources.add(source)
+            _sample_record(r, data, model_samples, machines)
     fits = {model: _fit_model(model, s, data) for model, s in sorted(samples.items())}
     return {"fits": fits, "machines": _fit_machines(machines)}
 
 
-def _fits_from(r: Mapping[str, Any], data: Mapping[str, Any]) -> bool:
+def _gpu_cell_that_ran(r: CellRecord) -> bool:
+    """A GPU cell that ran or ran out of memory, not a copy of another (`same_as`): what plans are checked on."""
+    return r.device == "cuda" and not r.same_as and r.status in (Status.OK, Status.OOM)
+
+
+def _fits_from(r: CellRecord, data: Mapping[str, Any]) -> bool:
     """A record plan-fit learns from: a GPU cell of our runtime that ran or ran out of memory, not a copy."""
-    if r.get("device") != "cuda" or r.get("same_as") or r.get("status") not in ("ok", "oom"):
-        return False
-    return (r.get("placements") or {}).get("dit") in DIT_PLACEMENTS and bool(r.get("settings")) \
-        and r.get("model") in data.get("weights", {})
+    return _gpu_cell_that_ran(r) and (r.placements or {}).get("dit") in DIT_PLACEMENTS and bool(r.settings) \
+        and r.model in data.get("weights", {})
 
 
-def _sample_record(r: Mapping[str, Any], data: Mapping[str, Any], s: _Samples, machines: _MachineSamples) -> None:
+def _sample_record(r: CellRecord, data: Mapping[str, Any], s: _Samples, machines: _MachineSamples) -> None:
     """One record's samples: what each phase allocated beyond the plan's weights, and its machine's figures."""
-    sku = (r.get("machine") or {}).get("sku", "")
-    bare = Machine(sku, float((r.get("machine") or {}).get("pinned_h2d_gbps") or 1.0), 1.0, 0)
+    machine = r.machine or {}
+    sku = machine.get("sku", "")
+    bare = Machine(sku, float(machine.get("pinned_h2d_gbps") or 1.0), 1.0, 0)
+    model = str(r.model)
     # weights only: no activations, base, slack or context, so that what the record shows beyond is theirs
-    p = plan(r["model"], OffloadFlags.from_mapping(r["effective"]), None, workload_of_record(r),
+    p = plan(model, OffloadFlags.from_mapping(r.effective), None, workload_of_record(r),
              machine=bare, data={**data, "fits": {}, "machines": {}})
-    s.sources.add(str(r.get("_source", "")))
-    drv = drivers(get_model(r["model"]), p.workload)
+    drv = drivers(get_model(model), p.workload)
     _sample_phases(r, p, drv, s)
     _sample_decode_block(r, drv, s)
-    cap = r.get("cap") or {}
+    cap = r.cap or {}
     if cap.get("context_overhead_bytes"):
         machines.add("context", sku, cap["context_overhead_bytes"])
-    gbps = (r.get("machine") or {}).get("pinned_h2d_gbps")
+    gbps = machine.get("pinned_h2d_gbps")
     if gbps:
         machines.add("h2d", sku, gbps)
     _sample_step(r, p, drv, s, machines, data)
 
 
-def _sample_phases(r: Mapping[str, Any], p: Plan, drv: Drivers, s: _Samples) -> None:
+def _sample_phases(r: CellRecord, p: Plan, drv: Drivers, s: _Samples) -> None:
     """Per completed phase: activations per unit of its driver (load: the base), and the load's slack."""
-    phases = r.get("phases") or {}
-    done = [ph for ph in PHASES if ph in phases and not (r["status"] == "oom" and ph == r.get("failed_phase"))]
+    done = [ph for ph in PHASES if ph in r.phases and not (r.status is Status.OOM and ph == r.failed_phase)]
     units = {"encode": drv.encode_units, "denoise": drv.dit_tokens, "decode": drv.pixels}
     for ph in done:
-        alloc = phases[ph].get("alloc_peak_allocated_bytes")
-        res = phases[ph].get("alloc_peak_reserved_bytes")
+        alloc = r.phases[ph].alloc_peak_allocated_bytes
+        res = r.phases[ph].alloc_peak_reserved_bytes
         if alloc is None:
             continue
         pp = p.phase(ph)
@@ -1024,19 +1023,18 @@ def _sample_phases(r: Mapping[str, Any], p: Plan, drv: Drivers, s: _Samples) -> 
             s.slack.append(res - alloc)
 
 
-def _sample_decode_block(r: Mapping[str, Any], drv: Drivers, s: _Samples) -> None:
+def _sample_decode_block(r: CellRecord, drv: Drivers, s: _Samples) -> None:
     """The VAE decode's largest request, from a cell where nothing but layer buffers' segments and small blocks
     is cached when it decodes (a streamed DiT on the compute stream's pool, no CPU-offloaded component) and the
     decode's allocated peak fits what is reserved: what the decode adds to the reservation then is that one
     request, which no layer segment holds (measured, H200: FLUX.1-dev 1,026 MiB at 1024x1024, Qwen-Image 1,540;
     H100: Qwen-Image-Edit 1,544)."""
-    phases = r.get("phases") or {}
-    where = r.get("placements") or {}
-    if r.get("status") != "ok" or where.get("dit") != "layerwise-from-host" or before_compute_pool(r) \
-            or generated_on_device(r) or "cpu-offload" in (where.get("text_encoder"), where.get("vae")):
+    where = r.placements or {}
+    if r.status is not Status.OK or where.get("dit") != Placement.LAYERWISE_FROM_HOST or before_compute_pool(r) \
+            or generated_on_device(r) or Placement.CPU_OFFLOAD in (where.get("text_encoder"), where.get("vae")):
         return
-    reserved = {ph: (phases.get(ph) or {}).get("alloc_peak_reserved_bytes") for ph in PHASES}
-    allocated = (phases.get("decode") or {}).get("alloc_peak_allocated_bytes")
+    reserved = {ph: r.phase_max(RESERVED, (ph,)) for ph in PHASES}
+    allocated = r.phase_max("alloc_peak_allocated_bytes", (Phase.DECODE,))
     if None in reserved.values() or allocated is None or allocated > reserved["denoise"]:
         return
     grown = reserved["decode"] - max(reserved[ph] for ph in ("load", "encode", "denoise"))
@@ -1044,20 +1042,20 @@ def _sample_decode_block(r: Mapping[str, Any], drv: Drivers, s: _Samples) -> Non
         s.decode_block.append(grown / drv.pixels)
 
 
-def _sample_step(r: Mapping[str, Any], p: Plan, drv: Drivers, s: _Samples, machines: _MachineSamples,
+def _sample_step(r: CellRecord, p: Plan, drv: Drivers, s: _Samples, machines: _MachineSamples,
                  data: Mapping[str, Any]) -> None:
     """A resident or CPU-offloaded DiT's step is its compute; a pageable layerwise one's, the pageable rate."""
     step = measured(r).step_s
     if step is None:
         return
-    sku = (r.get("machine") or {}).get("sku", "")
+    sku = (r.machine or {}).get("sku", "")
     per_forward = step / p.workload.forwards_per_step / p.workload.batch  # one sample's forward
     if p.placements["dit"] in ("resident", "cpu-offload"):
         s.compute.append((drv.dit_tokens, per_forward, sku))
-        flops = dit_flops(model_weights(r["model"], data)["dit"], drv.dit_tokens)
+        flops = dit_flops(model_weights(str(r.model), data)["dit"], drv.dit_tokens)
         if flops >= LAUNCH_BOUND_FLOPS:
             machines.add("tflops", sku, flops / per_forward / 1e12)
-    elif not r["effective"].get("pin_cpu_memory", True):
+    elif not r.effective.get("pin_cpu_memory", True):
         # every forward streams the layers once, whatever its batch
         machines.add("pageable", sku, p.streamed_bytes_per_forward * p.workload.forwards_per_step / step / 1e9)
 
@@ -1116,8 +1114,8 @@ def _fit_machines(m: _MachineSamples) -> dict[str, Any]:
 PLAN_FAILURES = (PlanError, ValueError, KeyError)
 
 
-def plan_entry(record: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The plan the runner stores beside a cell's measurements (`record["plan"]`): the cell's effective flags,
+def plan_entry(record: CellRecord) -> dict[str, Any] | None:
+    """The plan the runner stores beside a cell's measurements (`record.plan`): the cell's effective flags,
     card and settings on its machine (its own H2D probe). Planning never costs a run its record: a failure is
     stored as {"error": ...}; None for a cell the planner does not model (another backend, no settings)."""
     try:
@@ -1135,12 +1133,12 @@ def _mib(v: float | None) -> str:
     return "" if v is None else f"{v / MIB:,.0f}"
 
 
-def plan_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def plan_rows(records: Iterable[CellRecord]) -> list[dict[str, Any]]:
     """Predicted vs measured, one row per GPU cell the planner models (reserved peaks in MiB, steps in s; errors
     are measured / predicted - 1); a cell it cannot plan shows its measurements and why ("not planned: ...")."""
     rows = []
     for r in records:
-        if r.get("device") != "cuda" or r.get("same_as") or r.get("status") not in ("ok", "oom"):
+        if not _gpu_cell_that_ran(r):
             continue
         c = check_record(r)
         if c is None:

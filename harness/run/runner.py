@@ -484,7 +484,7 @@ def _run_child(run: Run, cell: Cell, cdir: Path, label: str, env: dict[str, str]
     record.gpu_index = gpu  # the GPU id the child ran on (harness.run.gpus), None on CPU
     record.xdist_worker = os.environ.get("PYTEST_XDIST_WORKER")  # the pytest-xdist worker that ran it, if any
     # what the planner predicted for this cell, beside what it measured (planned here: the planner needs no torch)
-    record.plan = plan_entry(record.to_dict())
+    record.plan = plan_entry(record)
     append(run, record)
     if record.status is Status.OK:
         run.pace.learn(cost, elapsed)
