@@ -19,7 +19,7 @@ from harness.contract import CellRecord
 from harness.plan.scenario import expand, load_scenario
 from harness.run import runner
 from harness.run.gpus import cell_cost, child_env, child_gpu, gpu_for_worker, longest_first, visible_gpus
-from harness.run.results import GpuShare, by_gpu, read_records
+from harness.run.results import GpuShare, by_gpu, read_cell_records
 from harness.run.runner import Run
 from tests.helpers import as_records
 
@@ -271,13 +271,13 @@ def test_two_workers_end_to_end_on_the_cpu_profile(tmp_path: Path, checkpoint_ca
     assert "2 workers [3 items]" in out and "2 passed, 1 xfailed" in out  # the legacy check: a strict xfail
     runs = list((results / "runs").iterdir())
     assert len(runs) == 1, runs  # both workers appended to one run
-    records = read_records(runs[0] / "records.jsonl", strict=True).records
+    records = read_cell_records(runs[0] / "records.jsonl", strict=True).records
     cells = [c.cell_id for c in expand(load_scenario(LEGACY))]
-    assert sorted(r["cell_id"] for r in records) == sorted(cells)  # one record per cell: none ran twice
+    assert sorted(r.cell_id for r in records) == sorted(cells)  # one record per cell: none ran twice
     for r in records:
-        assert runner.complete_record(CellRecord.from_dict(r)) and r["run_id"] == runs[0].name
-        assert re.fullmatch(r"gw[01]", r["xdist_worker"]) and r["gpu_index"] is None
-    assert by_gpu(as_records(records))[None].cells == 1 and by_gpu(as_records(records))[None].copies == 1
+        assert runner.complete_record(r) and r.run_id == runs[0].name
+        assert re.fullmatch(r"gw[01]", r.xdist_worker or "") and r.gpu_index is None
+    assert by_gpu(records)[None].cells == 1 and by_gpu(records)[None].copies == 1
 
 
 def test_cells_running_at_once_write_one_checkpoint_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,7 +20,7 @@ from harness.cell import guards
 from harness.contract import Card, CellSpec, Placement
 from harness.plan.flags import OffloadFlags, resolve
 from harness.plan.scenario import expand, load_scenario
-from harness.run.results import read_records
+from harness.run.results import read_cell_records
 from tests.helpers import tiny_scenario_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -231,10 +231,11 @@ def test_a_skipped_cell_is_recorded_and_the_run_exits_0(tmp_path: Path, _env: Pa
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    [rec] = read_records(tmp_path / "results" / "runs" / "g" / "records.jsonl", strict=True).records
-    assert rec["status"] == "skipped" and rec["returncode"] == 0 and rec["spec_hash"]
-    assert rec["guard"]["failed"] == ["host", "disk"]
-    assert "host RAM: needs" in rec["reason"] and "but 2,048 bytes (2.0 KiB) available" in rec["reason"]
-    assert "disk: " in rec["reason"] and "but 1,024 bytes (1.0 KiB) free" in rec["reason"]
-    assert f"{rec['cell_id']}: skipped: guard: host RAM" in proc.stdout
+    [rec] = read_cell_records(tmp_path / "results" / "runs" / "g" / "records.jsonl", strict=True).records
+    reason = rec.reason or ""
+    assert rec.status == "skipped" and rec.returncode == 0 and rec.spec_hash
+    assert (rec.guard or {})["failed"] == ["host", "disk"]
+    assert "host RAM: needs" in reason and "but 2,048 bytes (2.0 KiB) available" in reason
+    assert "disk: " in reason and "but 1,024 bytes (1.0 KiB) free" in reason
+    assert f"{rec.cell_id}: skipped: guard: host RAM" in proc.stdout
     assert "done: skipped 1" in proc.stdout

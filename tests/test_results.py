@@ -17,10 +17,10 @@ from harness.run.results import (
     git_sha,
     latest_by_cell,
     migrate,
-    read_records,
+    read_cell_records,
     write_json_atomic,
 )
-from tests.helpers import make_record
+from tests.helpers import as_records, make_record
 
 
 def test_records_round_trip_if_appended_and_read(tmp_path: Path) -> None:
@@ -28,8 +28,8 @@ def test_records_round_trip_if_appended_and_read(tmp_path: Path) -> None:
     records = [make_record(True, True), make_record(False, True, status="oom", failed_phase="load")]
     for r in records:
         append_record(path, r)
-    result = read_records(path)
-    assert result.records == records
+    result = read_cell_records(path)
+    assert result.records == as_records(records)
     assert result.problems == []
     assert path.read_text().count("\n") == 2
 
@@ -40,8 +40,8 @@ def test_torn_last_line_is_reported_and_other_records_survive(tmp_path: Path) ->
     append_record(path, make_record(False, False))
     with open(path, "a") as f:
         f.write('{"schema_version": 1, "status": "o')  # a crash mid-write: no newline
-    result = read_records(path)
-    assert [r["cell_id"] for r in result.records] == [
+    result = read_cell_records(path)
+    assert [r.cell_id for r in result.records] == [
         make_record(True, True)["cell_id"],
         make_record(False, False)["cell_id"],
     ]
@@ -55,7 +55,7 @@ def test_unreadable_middle_line_is_reported_as_unreadable_not_torn(tmp_path: Pat
     with open(path, "a") as f:
         f.write("not json\n")
     append_record(path, make_record(False, True))
-    result = read_records(path)
+    result = read_cell_records(path)
     assert len(result.records) == 2
     assert len(result.problems) == 1 and result.problems[0].startswith(f"{path}:2: unreadable record")
 
@@ -66,12 +66,12 @@ def test_strict_read_raises_naming_file_and_line_if_a_line_is_torn(tmp_path: Pat
     with open(path, "a") as f:
         f.write('{"sche')
     with pytest.raises(ResultsError, match=rf"^{path}:2: torn last line"):
-        read_records(path, strict=True)
+        read_cell_records(path, strict=True)
 
 
 def test_read_raises_if_file_is_missing(tmp_path: Path) -> None:
     with pytest.raises(ResultsError, match="no such results file"):
-        read_records(tmp_path / "nope.jsonl")
+        read_cell_records(tmp_path / "nope.jsonl")
 
 
 @pytest.mark.parametrize(
@@ -93,25 +93,24 @@ def test_record_is_refused_if(tmp_path: Path, change: dict, message: str) -> Non
     path = tmp_path / "records.jsonl"
     append_record(path, record)
     append_record(path, make_record())
-    result = read_records(path)
+    result = read_cell_records(path)
     assert len(result.records) == 1
     assert len(result.problems) == 1 and result.problems[0].startswith(f"{path}:1: unreadable record")
     with pytest.raises(ResultsError, match=rf"^{path}:1: .*{message}"):
-        read_records(path, strict=True)
+        read_cell_records(path, strict=True)
 
 
 def test_json_array_line_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "records.jsonl"
     path.write_text("[1, 2]\n")
-    assert read_records(path).problems == [f"{path}:1: unreadable record: not a JSON object"]
+    assert read_cell_records(path).problems == [f"{path}:1: unreadable record: not a JSON object"]
 
 
 def test_latest_by_cell_keeps_the_last_record_of_each_cell() -> None:
-    first = make_record(True, True, status="error", failed_phase="load")
-    other = make_record(False, True)
-    last = make_record(True, True, status="ok")
+    first, other, last = as_records([make_record(True, True, status="error", failed_phase="load"),
+                                     make_record(False, True), make_record(True, True, status="ok")])
     latest = latest_by_cell([first, other, last])
-    assert latest == {first["cell_id"]: last, other["cell_id"]: other}
+    assert latest == {first.cell_id: last, other.cell_id: other}
 
 
 @pytest.mark.parametrize(("device", "counter"), [("cuda", "alloc_peak_reserved_bytes"), ("cpu", "ledger_peak_bytes")])
@@ -189,10 +188,10 @@ def test_concurrent_appends_from_several_processes_keep_every_line_intact(tmp_pa
     lines = path.read_text().split("\n")
     assert lines[-1] == ""
     assert len(lines) - 1 == PROCS * PER_PROC
-    result = read_records(path, strict=True)
-    ids = sorted(r["cell_id"] for r in result.records)
+    result = read_cell_records(path, strict=True)
+    ids = sorted(r.cell_id for r in result.records)
     assert ids == sorted(f"p{p}/{i}" for p in range(PROCS) for i in range(PER_PROC))
-    assert all(len(r["pad"]) == PAD and r["values"] == list(range(2_000)) for r in result.records)
+    assert all(len(r.extra["pad"]) == PAD and r.extra["values"] == list(range(2_000)) for r in result.records)
 
 
 def _git(repo: Path, *args: str) -> str:

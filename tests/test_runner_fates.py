@@ -16,14 +16,13 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from harness.contract import CellRecord
 from harness.plan.scenario import Cell, expand, load_scenario
 from harness.run import runner
-from harness.run.results import append_record, read_cell_records, read_records
+from harness.run.results import append_record, read_cell_records
 from harness.run.runner import Run, run_cell
 from tests.helpers import tiny_scenario_file
 
@@ -57,8 +56,8 @@ def _env(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(FAULT, raising=False)
 
 
-def records_of(path: Path) -> list[dict[str, Any]]:
-    result = read_records(path)
+def records_of(path: Path) -> list[CellRecord]:
+    result = read_cell_records(path)
     assert not result.problems, result.problems
     return result.records
 
@@ -180,7 +179,7 @@ def test_sigkill_is_a_crash_with_signal_9(tmp_path: Path) -> None:
     assert "signal 9 (SIGKILL)" in rec["reason"]
     assert group_gone(rec["child_pid"])
     [stored] = records_of(run.records_path)
-    assert stored["cell_id"] == cell.cell_id and stored["status"] == "crash" and stored["signal"] == 9
+    assert stored.cell_id == cell.cell_id and stored.status == "crash" and stored.signal == 9
 
 
 def test_raise_is_an_error_with_the_exception_and_exit_1(tmp_path: Path) -> None:
@@ -189,11 +188,11 @@ def test_raise_is_an_error_with_the_exception_and_exit_1(tmp_path: Path) -> None
                         {FAULT: "encode:raise"})
     assert proc.wait(120) == 1, runner_output(tmp_path)
     [rec] = records_of(tmp_path / "results" / "runs" / "r" / "records.jsonl")
-    assert rec["status"] == "error" and rec["failed_phase"] == "encode"
-    assert rec["reason"] == "RuntimeError: injected fault in phase encode"
-    assert "injected fault" in rec["traceback"]
+    assert rec.status == "error" and rec.failed_phase == "encode"
+    assert rec.reason == "RuntimeError: injected fault in phase encode"
+    assert "injected fault" in (rec.traceback or "")
     out, _ = runner_output(tmp_path)
-    assert "[1/1 " in out and f"{rec['cell_id']}: error in encode: RuntimeError: injected fault" in out
+    assert "[1/1 " in out and f"{rec.cell_id}: error in encode: RuntimeError: injected fault" in out
 
 
 def test_oom_is_oom_with_its_phase_and_exit_0(tmp_path: Path) -> None:
@@ -202,9 +201,9 @@ def test_oom_is_oom_with_its_phase_and_exit_0(tmp_path: Path) -> None:
                         {FAULT: "denoise:oom"})
     assert proc.wait(120) == 0, runner_output(tmp_path)
     [rec] = records_of(tmp_path / "results" / "runs" / "r" / "records.jsonl")
-    assert rec["status"] == "oom" and rec["failed_phase"] == "denoise"
-    assert "injected out-of-memory in phase denoise" in rec["reason"]
-    assert "load" in rec["phases"]  # what ran before the failure is still measured
+    assert rec.status == "oom" and rec.failed_phase == "denoise"
+    assert "injected out-of-memory in phase denoise" in (rec.reason or "")
+    assert "load" in rec.phases  # what ran before the failure is still measured
 
 
 def test_hang_is_a_timeout_and_the_whole_tree_dies(tmp_path: Path, grandchildren) -> None:
@@ -219,7 +218,7 @@ def test_hang_is_a_timeout_and_the_whole_tree_dies(tmp_path: Path, grandchildren
     in_group, escaped = map(int, pids.read_text().split())
     wait_for(lambda: group_gone(rec["child_pid"]) and gone(in_group) and gone(escaped), 10, "the tree to die")
     [stored] = records_of(run.records_path)
-    assert stored["status"] == "timeout" and stored["cell_id"] == cell.cell_id
+    assert stored.status == "timeout" and stored.cell_id == cell.cell_id
 
 
 # --------------------------------------------------------------------------------- interrupting the parent
@@ -271,7 +270,7 @@ def test_sigint_keeps_finished_cells_and_resume_runs_only_the_rest(tmp_path: Pat
     assert parent.wait(30) == 130, runner_output(tmp_path)
     assert all(group_gone(p) for p in second)
     first = records_of(records)
-    assert [r["cell_id"] for r in first] == cells[:1] and first[0]["status"] == "ok"
+    assert [r.cell_id for r in first] == cells[:1] and first[0].status == "ok"
     before = records.read_bytes()
     assert "interrupted by SIGINT: 1 finished cells kept" in runner_output(tmp_path)[1]
 
@@ -282,7 +281,7 @@ def test_sigint_keeps_finished_cells_and_resume_runs_only_the_rest(tmp_path: Pat
     assert f"[1/2 0s] {cells[0]}: ok (recorded earlier)" in out
     assert f"{cells[1]}: ok" in out and f"{cells[1]}: ok (recorded earlier)" not in out
     final = records_of(records)
-    assert sorted(r["cell_id"] for r in final) == sorted(cells)  # one record per cell: nothing ran twice
+    assert sorted(r.cell_id for r in final) == sorted(cells)  # one record per cell: nothing ran twice
     assert records.read_bytes().startswith(before)
 
 
@@ -366,11 +365,11 @@ def test_concurrent_parents_appending_to_one_file_do_not_corrupt_it(tmp_path: Pa
     """)
     procs = [subprocess.Popen([sys.executable, "-c", script, w], cwd=REPO) for w in ("a", "b")]
     assert [p.wait(120) for p in procs] == [0, 0]
-    result = read_records(path)
+    result = read_cell_records(path)
     assert len(result.problems) == 1 and ":1:" in result.problems[0]  # only the torn line from before
-    ids = [r["cell_id"] for r in result.records]
+    ids = [r.cell_id for r in result.records]
     assert sorted(ids) == sorted(f"s/{w}/{i}" for w in "ab" for i in range(150))
-    assert all(r["pad"] == r["cell_id"].split("/")[1] * len(r["pad"]) for r in result.records)
+    assert all(r.extra["pad"] == r.cell_id.split("/")[1] * len(r.extra["pad"]) for r in result.records)
 
 
 def test_a_cell_another_parent_is_running_is_waited_for_not_rerun(tmp_path: Path) -> None:

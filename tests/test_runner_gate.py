@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 
 from harness import exitcodes
+from harness.contract import label_in
 from harness.plan.scenario import expand, load_scenario
 from harness.run import runner
-from harness.run.results import DiskFullError, append_record, read_records
+from harness.run.results import DiskFullError, append_record, read_cell_records
 from harness.run.runner import Run
 from tests.helpers import tiny_scenario_file
 
@@ -36,7 +37,7 @@ def _env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def statuses(path: Path) -> list[tuple[str, str]]:
-    return [(r["cell_id"].rsplit("/", 1)[1], r["status"]) for r in read_records(path, strict=True).records]
+    return [(label_in(r.cell_id), str(r.status)) for r in read_cell_records(path, strict=True).records]
 
 
 def _fail(monkeypatch: pytest.MonkeyPatch, after: int, err: int = errno.ENOSPC) -> None:

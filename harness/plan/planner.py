@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import locations
-from harness.contract import ROLES, Backend, CellRecord, Phase, Placement, Status
+from harness.contract import ROLES, Backend, CellRecord, JsonObject, Phase, Placement, Status
 from harness.models import ModelSpec, get_model
 from harness.plan.flags import OffloadFlags, prefetch_layers, resident_layer_count
 from harness.plan.segments import window_segment_bytes
@@ -190,7 +190,7 @@ class Plan:
         need = self.phase(self.oom_phase).device_bytes
         return f"{self.oom_phase} needs {need / GIB:.1f} GiB > {self.cap_bytes / GIB:.2f} GiB"
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> JsonObject:
         """The plan as a record stores it (`CellRecord.plan`)."""
         return {
             "model": self.model,
@@ -854,7 +854,7 @@ def _rel(measured_value: float | None, predicted: float | None) -> float | None:
     return measured_value / predicted - 1
 
 
-def recorded_plan(record: CellRecord) -> tuple[dict[str, Any] | None, str]:
+def recorded_plan(record: CellRecord) -> tuple[JsonObject | None, str]:
     """The plan a record carries (`record.plan`, written by the runner), else one derived from it now."""
     stored = record.plan
     if isinstance(stored, dict) and "error" not in stored:
@@ -1114,7 +1114,7 @@ def _fit_machines(m: _MachineSamples) -> dict[str, Any]:
 PLAN_FAILURES = (PlanError, ValueError, KeyError)
 
 
-def plan_entry(record: CellRecord) -> dict[str, Any] | None:
+def plan_entry(record: CellRecord) -> JsonObject | None:
     """The plan the runner stores beside a cell's measurements (`record.plan`): the cell's effective flags,
     card and settings on its machine (its own H2D probe). Planning never costs a run its record: a failure is
     stored as {"error": ...}; None for a cell the planner does not model (another backend, no settings)."""
@@ -1133,7 +1133,7 @@ def _mib(v: float | None) -> str:
     return "" if v is None else f"{v / MIB:,.0f}"
 
 
-def plan_rows(records: Iterable[CellRecord]) -> list[dict[str, Any]]:
+def plan_rows(records: Iterable[CellRecord]) -> list[dict[str, str]]:
     """Predicted vs measured, one row per GPU cell the planner models (reserved peaks in MiB, steps in s; errors
     are measured / predicted - 1); a cell it cannot plan shows its measurements and why ("not planned: ...")."""
     rows = []

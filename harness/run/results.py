@@ -16,10 +16,10 @@ import json
 import os
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from harness.contract import (
     PHASES,
@@ -33,9 +33,6 @@ from harness.contract import (
 )
 
 __all__ = ["PHASES", "SCHEMA_VERSION", "STATUSES", "CellRecord", "RecordError", "migrate"]
-
-R = TypeVar("R", CellRecord, JsonObject)  # a record, or (the planner's edge) its migrated JSON object
-
 
 class ResultsError(ValueError):
     """A results file or record is unreadable. The message names the file and line."""
@@ -150,25 +147,15 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 @dataclass
-class ReadResult(Generic[R]):
-    records: list[R] = field(default_factory=list)
+class ReadResult:
+    records: list[CellRecord] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
 
-def read_cell_records(path: Path, strict: bool = False) -> ReadResult[CellRecord]:
+def read_cell_records(path: Path, strict: bool = False) -> ReadResult:
     """Reads a JSON-lines results file into CellRecords (migrated to SCHEMA_VERSION). Bad lines are reported in
     `problems` (or raised if `strict`)."""
-    return _read_lines(path, strict, CellRecord.from_dict)
-
-
-def read_records(path: Path, strict: bool = False) -> ReadResult[JsonObject]:
-    """The same file as migrated JSON objects: the JSON edge of the planner's `plan-fit` and `advise`, which read
-    records as JSON. Every other reader takes `read_cell_records`."""
-    return _read_lines(path, strict, migrate)
-
-
-def _read_lines(path: Path, strict: bool, parse: Callable[[JsonObject, str], R]) -> ReadResult[R]:
-    out: ReadResult[R] = ReadResult()
+    out = ReadResult()
     try:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
@@ -181,7 +168,7 @@ def _read_lines(path: Path, strict: bool, parse: Callable[[JsonObject, str], R])
             rec = json.loads(line)
             if not isinstance(rec, dict):
                 raise ValueError("not a JSON object")
-            out.records.append(parse(rec, f"{path}:{lineno}"))
+            out.records.append(CellRecord.from_dict(rec, f"{path}:{lineno}"))
         except (ValueError, RecursionError) as e:
             torn = lineno == len(lines) and not text.endswith("\n")
             msg = f"{path}:{lineno}: {'torn last line (interrupted write)' if torn else 'unreadable record'}: {e}"
@@ -191,11 +178,11 @@ def _read_lines(path: Path, strict: bool, parse: Callable[[JsonObject, str], R])
     return out
 
 
-def latest_by_cell(records: Iterable[R]) -> dict[str, R]:
+def latest_by_cell(records: Iterable[CellRecord]) -> dict[str, CellRecord]:
     """The last record of each cell id (a resumed or repeated run appends newer ones)."""
-    out: dict[str, R] = {}
+    out: dict[str, CellRecord] = {}
     for rec in records:
-        out[rec.cell_id if isinstance(rec, CellRecord) else rec["cell_id"]] = rec
+        out[rec.cell_id] = rec
     return out
 
 
