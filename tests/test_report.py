@@ -210,3 +210,19 @@ def test_frontier_marks_the_fastest_cell_that_fits_and_the_pareto_front() -> Non
     assert [rows[k]["fastest that fits"] for k in rows] == ["", "", "**fastest**", ""]
     assert rows[fast["cell_id"].rsplit("/", 1)[-1]]["vs resident 0"] == "2.00x faster"
     assert rows[slow["cell_id"].rsplit("/", 1)[-1]]["vs resident 0"] == ""
+
+
+def test_a_recorded_scenario_path_is_read_from_this_checkout_first(tmp_path: Path) -> None:
+    """Another checkout's copy (the GPU box's /work/main) may differ from this one's: expectations use this one's."""
+    from harness.analyze.report import _local_scenario_file
+    from harness.locations import scenarios_dir
+
+    elsewhere = tmp_path / "other-checkout" / "scenarios" / "gpu" / "flux_dev_4090.toml"
+    elsewhere.parent.mkdir(parents=True)
+    elsewhere.write_text("name = 'an older copy'\n")
+    assert _local_scenario_file(str(elsewhere)) == scenarios_dir() / "gpu" / "flux_dev_4090.toml"
+    only_there = elsewhere.with_name("not_in_this_checkout.toml")
+    only_there.write_text("name = 'x'\n")
+    assert _local_scenario_file(str(only_there)) == only_there
+    assert _local_scenario_file(str(tmp_path / "scenarios" / "missing.toml")) is None
+    assert _local_scenario_file(None) is None

@@ -16,6 +16,7 @@ from tabulate import tabulate
 from harness.analyze.expect import evaluate
 from harness.analyze.roofline import roofline_rows
 from harness.contract import PHASES, RUNTIME_PHASES, STEP_CONVENTION, CellRecord, JsonObject, Status, label_in
+from harness.locations import scenarios_dir
 from harness.plan.planner import plan_rows
 from harness.plan.scenario import ScenarioError, load_scenario
 from harness.run.merge import host_of
@@ -202,18 +203,19 @@ def machine_label(record: CellRecord) -> str:
 
 
 def _local_scenario_file(recorded: str | None) -> Path | None:
-    """The scenario file a record names, or, for records made on another machine (the GPU box's checkout), the
-    file at the same place under ./scenarios; None if neither exists."""
+    """The scenario file a record names, as this checkout has it: the same path under this checkout's scenarios
+    folder first, else the recorded path itself; None if neither exists.
+
+    This checkout's copy first, because a recorded absolute path can name another checkout's working copy: the GPU
+    box runs in /work/main, so a worktree elsewhere on this machine evaluated its reports against main's files."""
     if not recorded:
         return None
     path = Path(recorded)
-    if path.exists():
-        return path
     if "scenarios" in path.parts:
-        local = Path(*path.parts[path.parts.index("scenarios"):])
+        local = scenarios_dir() / Path(*path.parts[path.parts.index("scenarios") + 1:])
         if local.exists():
             return local
-    return None
+    return path if path.exists() else None
 
 
 def gpus_section(records: list[CellRecord]) -> list[str]:
