@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from harness.contract import ROLES
+
 if TYPE_CHECKING:
     import torch
 
@@ -25,7 +27,6 @@ class UnknownModelError(KeyError):
         return str(self.args[0])
 
 
-ROLES = ("text_encoder", "dit", "vae")
 VAE_DECODER_LAYERS = ("decoder.up_blocks",)
 """What a VAE streams under layerwise offload: its decoder's blocks (SGLang's VAE `layer_names`); the encoder,
 which only the edit models run, stays on the device."""

@@ -12,7 +12,8 @@ With one layer size (Qwen-Image, Wan) a freed layer buffer is exactly the next o
 take a freed double-block segment and split it; the next double block then finds no whole 648 MiB block there and
 reserves a new segment. The replay runs the window schedule of `harness.cell.offload.layerwise` (window k+1
 prefetched on entering window k, each group's window 0 prefetched at the end of its last window for the next
-forward, a layer released after its forward) until the reservation stops growing, and reports it.
+forward, a layer released after its forward) for a fixed number of forwards (3: the reservation settles within
+the second, at the wrap-around windows) and reports what it reserved.
 """
 
 from __future__ import annotations
