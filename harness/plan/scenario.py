@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.contract import PHASES, STATUSES, Backend, Card, CellSpec, RunSettings, cell_id_of
+from harness.engine.policy import EngineError
 from harness.models import UnknownModelError, get_model
 from harness.plan.flags import (
     EngineContext,
@@ -325,7 +326,10 @@ def load_scenario(path: Path | str) -> Scenario:
         few_rounds=_few_rounds(data, profile, path), tier=_tier(data.get("tier", "nightly"), path),
         capacity=_capacity(data.get("capacity"), path, model),
     )
-    cells = expand(scenario)
+    try:
+        cells = expand(scenario)
+    except EngineError as e:  # a release this machine lacks blocks its own file only, not `--bench-scenario other`
+        raise ScenarioError(f"{path}: policy {policy!r}: {e}") from None
     if not cells:
         raise _err(path, "exclude", "excludes every cell")
     _check_expectations_match(scenario, cells, path)
