@@ -26,12 +26,15 @@ from harness.plan.planner import (
     fit,
     load_data,
     machine_profile,
+    measured,
     plan,
     plan_entry,
     plan_for_record,
     plan_rows,
+    steady_steps,
 )
 from harness.plan.scenario import CARDS, ScenarioError, load_scenario
+from harness.run.results import read_cell_records
 from tests.helpers import as_records
 
 REPO = Path(__file__).resolve().parent.parent
@@ -591,3 +594,25 @@ def test_a_streamed_text_encoder_or_vae_holds_its_non_layer_weights_and_its_wind
     # a group's layers are counted at its largest (the VAE's up blocks shrink 33 -> 2.5 MiB): an upper bound
     assert q.phase("decode").window_bytes == 4 * vae["groups"]["decoder.up_blocks"]["layer_bytes"]  # 2 x 2 of 4
     assert q.phase("denoise") == p.phase("denoise") and q.host_pinned_bytes == p.host_pinned_bytes
+
+
+def test_advise_h200_flux_picks_the_measured_resident_cell_and_ignores_a_probes_single_step() -> None:
+    """Session 6 on the H200: advise's pick for FLUX.1-dev on the 4090 cap (3/4 of the layers kept, strided) ran at
+    0.178 s/step, 19,524 MiB reserved; DiT + encoder CPU offload ran 2 % faster (0.174 s) but at 24,202 MiB NVML,
+    inside the margin, and OOMed at 1088x1088 in the capacity search. The 1024x1024 capacity probe of that cell is
+    newer but ran one step (0.340 s, one-off costs included): its peaks count, its step does not."""
+    glob_ = str(RESULTS / "h200" / "*.records.jsonl")
+    a = advise("flux-dev", "rtx4090-24g", CARDS["rtx4090-24g"], Workload(true_cfg_scale=1.0), records_glob=glob_)
+    assert a.fastest is not None and a.fastest.plan.flags.dit_layerwise_resident_layers == 0.75
+    assert a.fastest.measurement is not None and a.fastest.step_s == pytest.approx(0.178, abs=0.001)
+    hairline = next(o for o in a.tight if describe(o.plan.flags) == "dit_cpu_offload + text_encoder_cpu_offload")
+    assert hairline.step_s == pytest.approx(0.174, abs=0.001)
+    assert "advise-pick" in hairline.measurement.source
+
+
+def test_a_single_step_record_gives_peaks_but_no_step() -> None:
+    probe = next(r for r in read_cell_records(RESULTS / "h200" / "flux-dev-capacity-4090.records.jsonl").records
+                 if r.status.value == "ok")
+    assert steady_steps(probe) == 0 and probe.median_step_s() is not None
+    m = measured(probe)
+    assert m.step_s is None and m.runtime_peak is not None and m.load_peak is not None

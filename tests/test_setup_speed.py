@@ -63,9 +63,9 @@ def test_read_then_pin_leaves_pinning_to_the_caller() -> None:
 def test_setup_run_options(tmp_path: Path) -> None:
     source = Path(__file__).resolve().parent.parent / "scenarios" / "cpu" / "wan_tiny.toml"
     path = tmp_path / "s.toml"
-    path.write_text(source.read_text().replace("[flags]", "[run]\nsetup_threads = 16\nsetup_overlap_pin = true\n\n"
+    path.write_text(source.read_text().replace("[flags]", "[run]\nsetup_threads = 8\nsetup_overlap_pin = false\n\n"
                                                           "[flags]"))
-    assert expand(load_scenario(path))[0].spec("cpu").run == {"setup_threads": 16, "setup_overlap_pin": True}
+    assert expand(load_scenario(path))[0].spec("cpu").run == {"setup_threads": 8, "setup_overlap_pin": False}
     path.write_text(source.read_text().replace("[flags]", "[run]\nsetup_threads = 0\n\n[flags]"))
     with pytest.raises(ScenarioError, match=r"run\.setup_threads"):
         load_scenario(path)

@@ -154,7 +154,7 @@ def test_worker_records_telemetry_per_round_and_copy_timeline(tmp_path: Path, ca
     assert rec["status"] == "ok", (rec["reason"], rec.get("traceback"))
     assert rec["run_options"]["sampler_interval_ms"] == 100.0 and rec["copy_timeline"]["enabled"]
     fill = rec["components"]["dit"]["layerwise"]["fill"]  # issue 18 item 6: the setup fill, measured
-    assert fill["threads"] == 8 and not fill["overlap_pin"] and fill["regions"] > 0 and fill["read_thread_s"] > 0
+    assert fill["threads"] == 16 and fill["overlap_pin"] and fill["regions"] > 0 and fill["read_thread_s"] > 0
     rounds = rec["telemetry"]["rounds"]
     assert [r["warmup"] for r in rounds] == [True, False, False]
     for r in rounds:

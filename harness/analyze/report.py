@@ -19,6 +19,7 @@ from harness.contract import PHASES, RUNTIME_PHASES, STEP_CONVENTION, CellRecord
 from harness.locations import scenarios_dir
 from harness.plan.planner import plan_rows
 from harness.plan.scenario import ScenarioError, load_scenario
+from harness.run.capacity import is_probe
 from harness.run.merge import host_of
 from harness.run.results import by_gpu
 
@@ -170,6 +171,11 @@ def _machine_line(records: list[CellRecord]) -> list[str]:
     ]
 
 
+# checks that compare final latents files, which only the machine that ran the cells has
+LATENTS_CHECKS = ("close_output", "cfg_batch")
+STEP_RATIO = re.compile(r"step [0-9.]+ s vs [0-9.]+ s two-pass \([0-9.]+x\)")
+
+
 def _verdict_lines(recs: list[CellRecord]) -> list[str]:
     """The scenario's expectations evaluated on one scenario's records, when its file is at hand."""
     scen_file = next((r.scenario_file for r in recs if r.scenario_file), None)
@@ -186,9 +192,11 @@ def _verdict_lines(recs: list[CellRecord]) -> list[str]:
     for v in evaluate(scenario, recs):
         if v.card not in ran_cards:  # a run of part of the scenario (pytest -k)
             continue
-        if v.check == "close_output" and latents_elsewhere:
-            out.append(f"- **close_output** on {v.card}: not re-evaluated here: the latents files stay on "
-                       "the machine that ran the cells (its pytest output has the verdict)")
+        if v.check in LATENTS_CHECKS and latents_elsewhere:
+            steps = "; ".join(STEP_RATIO.findall(v.message))  # cfg_batch's step times are in the records
+            out.append(f"- **{v.check}** on {v.card}: not re-evaluated here: the latents files stay on "
+                       "the machine that ran the cells (its pytest output has the verdict)"
+                       + (f"; {steps}" if steps else ""))
             continue
         note = f" (expected to fail: {scenario.xfail})" if scenario.xfail else ""
         out.append(f"- **{v.check}** on {v.card}: {'PASS' if v.passed else 'FAIL'}{note}: {v.message}")
@@ -265,6 +273,8 @@ def plot_paths(records: list[CellRecord], folder: Path, stem: str) -> dict[tuple
     out = {}
     used: set[str] = set()
     for scenario, card in groups(records):
+        if is_probe(scenario):  # one cell per capacity probe: the capacity table is its picture, not 2 PNGs a probe
+            continue
         # a report named after its scenario (results/h100/<scenario>.md) does not repeat the name
         base = f"{_slug(scenario)}-{_slug(card)}"
         base = base if base.startswith(f"{stem}-") else f"{stem}-{base}"

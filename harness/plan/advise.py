@@ -136,11 +136,12 @@ class Advice:
 def measurements(model: str, card: str, workload: Workload,
                  records_glob: str | None) -> dict[tuple[tuple[str, Any], ...], Measurement]:
     """Committed records of `model` on `card` with this workload, by effective flags (the newest record of the
-    combination across all files, by `created`; harness backend only)."""
+    combination across all files, by `created`, among those that measured a steady step if any did; harness
+    backend only)."""
     if not records_glob:
         return {}
     out: dict[tuple[tuple[str, Any], ...], Measurement] = {}
-    created: dict[tuple[tuple[str, Any], ...], str] = {}
+    ranks: dict[tuple[tuple[str, Any], ...], tuple[bool, str]] = {}
     for path in sorted(glob.glob(records_glob, recursive=True)):
         records = latest_by_cell(read_cell_records(Path(path)).records).values()
         for r in records:
@@ -153,11 +154,14 @@ def measurements(model: str, card: str, workload: Workload,
             except (KeyError, TypeError, ValueError):
                 continue
             key = _key(r.effective)
-            if (r.created or "") < created.get(key, ""):
-                continue  # an older run of the same combination
-            created[key] = r.created or ""
+            step = measured(r).step_s
+            # a record with a steady step beats one without (a capacity probe's single step), then the newest
+            rank = (r.status is not Status.OK or step is not None, r.created or "")
+            if rank < ranks.get(key, (False, "")):
+                continue
+            ranks[key] = rank
             out[key] = Measurement(path, str(r.status), r.failed_phase, r.phase_max("nvml_proc_peak_bytes", r.phases),
-                                   measured(r).step_s)
+                                   step)
     return out
 
 

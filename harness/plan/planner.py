@@ -809,10 +809,20 @@ RESERVED = "alloc_peak_reserved_bytes"  # the counter plans predict peaks on (Py
 
 def measured(record: CellRecord) -> Measured:
     """Allocator reserved peaks at load and at run time, and the median steady denoise step (STEP_CONVENTION).
-    The planner predicts the CUDA allocator's counters, so these are its peaks whatever the record's device."""
+    The planner predicts the CUDA allocator's counters, so these are its peaks whatever the record's device.
+    A record of one denoise step (a capacity probe) has no steady step: its only step also pays the one-off costs
+    (FLUX cpu1-lw0-te1 at 1024x1024 on the H200: 340 ms as a probe's only step, 174 ms steady), so it gives
+    peaks but no step time."""
     ran = record.status is Status.OK
     runtime = record.phase_max(RESERVED, RUNTIME_PHASES) if ran else None
-    return Measured(record.phase_max(RESERVED, (Phase.LOAD,)), runtime, record.median_step_s() if ran else None)
+    return Measured(record.phase_max(RESERVED, (Phase.LOAD,)), runtime,
+                    record.median_step_s() if ran and steady_steps(record) else None)
+
+
+def steady_steps(record: CellRecord) -> int:
+    """Denoise steps after the first (the ones STEP_CONVENTION's median is over when there are any)."""
+    denoise = record.phases.get(Phase.DENOISE)
+    return max(len((denoise.step_ms if denoise else None) or []) - 1, 0)
 
 
 @dataclass(frozen=True)

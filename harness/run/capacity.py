@@ -85,19 +85,26 @@ def _result(values: list[int], ok_i: int, oom_i: int, probes: list[Probe], why: 
                         tuple(probes), why)
 
 
+PROBE_MARK = "@"  # a probe's scenario is named `<scenario>@<axis>-<value>`
+
+
+def is_probe(scenario_name: str) -> bool:
+    return PROBE_MARK in scenario_name
+
+
 def probe_scenario(scenario: Scenario, value: int) -> Scenario:
     """The scenario of one probe: the axis set to `value` (a resolution probe keeps the aspect ratio, the width
     rounded to the model's pixel grid), under a name of its own so its cells have ids of their own."""
     cap = scenario.capacity
     assert cap is not None
     if cap.axis == "frames":
-        return replace(scenario, name=f"{scenario.name}@frames-{value}", frames=value)
+        return replace(scenario, name=f"{scenario.name}{PROBE_MARK}frames-{value}", frames=value)
     from harness.models import get_model
 
     spec = get_model(scenario.model)
     grid = spec.vae_scale * spec.patch
     width = max(grid, round(value * scenario.width / scenario.height / grid) * grid)
-    return replace(scenario, name=f"{scenario.name}@resolution-{value}", height=value, width=width)
+    return replace(scenario, name=f"{scenario.name}{PROBE_MARK}resolution-{value}", height=value, width=width)
 
 
 def probe_cell(cell: Cell, value: int) -> Cell:
