@@ -614,6 +614,14 @@ class CellRecord:
         return self.spec_hash == spec_hash
 
 
+# A capacity probe's scenario is named `<scenario>@<axis>-<value>` (harness.run.capacity): one cell per probe.
+PROBE_MARK = "@"
+
+
+def is_probe(scenario_name: str | None) -> bool:
+    return PROBE_MARK in str(scenario_name or "")
+
+
 # The one meaning of "ms/step" in the report, the baseline metric (denoise_steady_step_ms), the roofline and the
 # README: the first step also pays one-off costs (cuBLAS handles, kernel loading, the first layerwise window), so it
 # is left out when there are more, and shown on its own as "first step".

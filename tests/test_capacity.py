@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from harness.contract import CellRecord, Status
+from harness.plan.advise import DEFAULT_MARGIN
 from harness.plan.scenario import ScenarioError, expand, load_scenario
 from harness.run.capacity import (
     Probe,
@@ -155,3 +156,35 @@ def test_capacity_runs_probe_cells_end_to_end_on_cpu(tmp_path: Path) -> None:
     records = [json.loads(line) for line in (tmp_path / "runs" / "cap" / "records.jsonl").read_text().splitlines()]
     assert [r["cell_id"] for r in records] == ["flux-tiny-capacity@resolution-96/native/cpu1-lw1-te0-vae0-pf1-pin1"]
     assert records[0]["status"] == "ok" and records[0]["settings"]["height"] == 96 and records[0]["plan"]["fits"]
+
+
+def test_the_margin_column_names_a_hairline_fit() -> None:
+    """FLUX.1-dev with the DiT CPU-offloaded whole fills 22.2 of the 4090 cap's 22.97 allocator GiB: the plan's
+    largest square fits only without advise's margin (the H200 search completed 1024 and OOMed at 1088, session 6),
+    while with layerwise the margin costs one grid step. The margin never raises the planned value."""
+    scenario = load_scenario(REPO / "scenarios" / "gpu" / "flux_dev_capacity_4090.toml")
+    values = scenario.capacity.values()
+    by_lw = {c.resolution.effective.dit_layerwise_offload: c for c in expand(scenario)}
+    assert planned_capacity(by_lw[False], values) is not None
+    assert planned_capacity(by_lw[False], values, DEFAULT_MARGIN) is None
+    plain, safe = planned_capacity(by_lw[True], values), planned_capacity(by_lw[True], values, DEFAULT_MARGIN)
+    assert plain is not None and safe is not None and safe < plain
+    for c in expand(load_scenario(WAN_CAPACITY)):
+        wan_values = load_scenario(WAN_CAPACITY).capacity.values()
+        assert (planned_capacity(c, wan_values, DEFAULT_MARGIN) or 0) <= (planned_capacity(c, wan_values) or 0)
+
+
+def test_a_search_that_ran_is_tabled_again_from_its_records() -> None:
+    """`--from-records` runs no probe: the committed H200 search (session 6) read back, with today's plans."""
+    records = REPO / "results" / "h200" / "flux-dev-capacity-4090.records.jsonl"
+    out = subprocess.run([sys.executable, "-m", "harness", "capacity", "scenarios/gpu/flux_dev_capacity_4090.toml",
+                          "--from-records", str(records)], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split("|")[2].strip(): [c.strip() for c in line.split("|")] for line in out.stdout.splitlines()
+            if line.startswith("| rtx4090-24g")}
+    whole, layerwise = rows["cpu1-lw0-te1-vae0-pf0-pin1"], rows["cpu1-lw1-te1-vae0-pf1-pin1"]
+    assert whole[5:7] == ["1024", "1088"] and whole[4] == "none"
+    assert layerwise[5:7] == ["3520", "3584"]
+    missing = subprocess.run([sys.executable, "-m", "harness", "capacity", "scenarios/gpu/flux_dev_capacity_4090.toml",
+                              "--from-records", "nope.jsonl"], cwd=REPO, capture_output=True, text=True)
+    assert missing.returncode == 2 and "no such records file" in missing.stderr

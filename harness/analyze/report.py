@@ -15,11 +15,19 @@ from tabulate import tabulate
 
 from harness.analyze.expect import evaluate
 from harness.analyze.roofline import roofline_rows
-from harness.contract import PHASES, RUNTIME_PHASES, STEP_CONVENTION, CellRecord, JsonObject, Status, label_in
+from harness.contract import (
+    PHASES,
+    RUNTIME_PHASES,
+    STEP_CONVENTION,
+    CellRecord,
+    JsonObject,
+    Status,
+    is_probe,
+    label_in,
+)
 from harness.locations import scenarios_dir
 from harness.plan.planner import plan_rows
 from harness.plan.scenario import ScenarioError, load_scenario
-from harness.run.capacity import is_probe
 from harness.run.merge import host_of
 from harness.run.results import by_gpu
 

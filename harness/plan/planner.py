@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import locations
-from harness.contract import ROLES, Backend, CellRecord, JsonObject, Phase, Placement, Status
+from harness.contract import ROLES, Backend, CellRecord, JsonObject, Phase, Placement, Status, is_probe
 from harness.models import ModelSpec, get_model
 from harness.plan.flags import OffloadFlags, prefetch_layers, resident_layer_count
 from harness.plan.segments import window_segment_bytes
@@ -737,9 +737,9 @@ def _leading_forward_s(compute: float, stream: Streaming, rate_gbps: float) -> f
 
 def _compute_s(fits: Mapping[str, Any], dit: Mapping[str, Any], drv: Drivers, machine: Machine,
                notes: list[str], data: Mapping[str, Any]) -> float | None:
-    """One forward's compute: a timed forward of this model scaled by FLOPs to this workload's tokens, or, with
-    none, the FLOPs at the machine's effective TFLOPS."""
-    timed = fits.get("compute")
+    """One forward's compute: a timed forward of this model (on this machine's GPU when one was timed there)
+    scaled by FLOPs to this workload's tokens, or, with none, the FLOPs at the machine's effective TFLOPS."""
+    timed = (fits.get("compute_by_sku") or {}).get(machine.name) or fits.get("compute")
     flops = dit_flops(dit, drv.dit_tokens)
     if timed:
         seconds = timed["s_per_forward"] * flops / dit_flops(dit, timed["tokens"])
@@ -988,9 +988,13 @@ def _gpu_cell_that_ran(r: CellRecord) -> bool:
 
 
 def _fits_from(r: CellRecord, data: Mapping[str, Any]) -> bool:
-    """A record plan-fit learns from: a GPU cell of our runtime that ran or ran out of memory, not a copy."""
+    """A record plan-fit learns from: a GPU cell of our runtime that ran or ran out of memory, not a copy, not a
+    capacity probe. A probe sits where the fate flips and often far from the scenarios' sizes, where one number
+    per unit does not hold: FLUX.1-dev's layerwise denoise took 86.7 KB a token at 1024x1024 and 96-100 KB at
+    3072-4032, its decode 2,475 B a pixel at 1024 and 1,797-2,054 at 3072-3520 (H200, session 6); with the probes
+    in, the median moved the scenario cells' plans by up to 3.4 %. The capacity table reports the plan's error."""
     return _gpu_cell_that_ran(r) and (r.placements or {}).get("dit") in DIT_PLACEMENTS and bool(r.settings) \
-        and r.model in data.get("weights", {})
+        and r.model in data.get("weights", {}) and not is_probe(r.scenario)
 
 
 def _sample_record(r: CellRecord, data: Mapping[str, Any], s: _Samples, machines: _MachineSamples) -> None:
@@ -1084,14 +1088,24 @@ def _fit_model(model: str, s: _Samples, data: Mapping[str, Any]) -> dict[str, An
     if s.slack:
         f["reserved_slack_bytes"] = round(statistics.median(s.slack))
     if s.compute:
-        tokens = statistics.median_low([t for t, _, _ in s.compute])
-        sku = statistics.mode([k for _, _, k in s.compute])
-        times = [v for t, v, k in s.compute if t == tokens and k == sku]
         dit = model_weights(model, data)["dit"]
-        sec = statistics.median(times)
-        f["compute"] = {"tokens": tokens, "s_per_forward": round(sec, 4), "sku": sku,
-                        "tflops": round(dit_flops(dit, tokens) / sec / 1e12, 1), "records": len(times)}
+        by_sku = {sku: _timed_forward(s.compute, sku, dit) for sku in sorted({k for _, _, k in s.compute})}
+        f["compute"] = by_sku[statistics.mode([k for _, _, k in s.compute])]
+        if len(by_sku) > 1:
+            # a forward timed on the planned GPU itself beats one scaled from another by the machines' rates: the
+            # rates are medians over models (H200 893.8 TFLOPS with FLUX's 723 in it), so Qwen-Image-Edit timed on
+            # the H100 and scaled planned its H200 resident step 13 % slow; timed on the H200, -1 %
+            f["compute_by_sku"] = by_sku
     return f
+
+
+def _timed_forward(samples: list[tuple[int, float, str]], sku: str, dit: Mapping[str, Any]) -> dict[str, Any]:
+    """The model's timed forward on one GPU: the median at that GPU's median-low token count."""
+    tokens = statistics.median_low([t for t, _, k in samples if k == sku])
+    times = [v for t, v, k in samples if t == tokens and k == sku]
+    sec = statistics.median(times)
+    return {"tokens": tokens, "s_per_forward": round(sec, 4), "sku": sku,
+            "tflops": round(dit_flops(dit, tokens) / sec / 1e12, 1), "records": len(times)}
 
 
 def _fit_machines(m: _MachineSamples) -> dict[str, Any]:

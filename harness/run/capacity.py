@@ -8,9 +8,13 @@ searches, per card and combination, the largest value of the axis that completes
 probe is a normal isolated cell (its own child and record in the run's records.jsonl, id
 `<scenario>@<axis>-<value>/<card>/<flags>`, so `--run-id` resumes a search without repeating probes). The
 search starts at the plan's capacity (`harness.plan.planner`), then steps outward by doubling until the fate flips,
-then bisects: two probes when the plan is right. A probe that ends neither ok nor oom (error, crash, timeout,
-skipped) stops its combination's search, which is reported as undecided with that probe's fate. The result,
-next to the plan's prediction, goes to `capacity.md` and `capacity.json` in the run folder.
+then bisects: two probes when the plan is right. Beside the plan's largest value the table gives its largest with
+`advise`'s safety margin of the card left: a cap the weights nearly fill makes the first a hairline (FLUX.1-dev
+with the DiT CPU-offloaded whole on the 4090 cap: planned 1280, completed 1024, none within the margin). A probe
+that ends neither ok nor oom (error, crash, timeout, skipped) stops its combination's search, which is reported as
+undecided with that probe's fate. The result, next to the plan's prediction, goes to `capacity.md` and
+`capacity.json` in the run folder; `--from-records RECORDS` prints the table of a search that ran, with today's
+plans, without running a probe.
 
 This module imports no torch.
 """
@@ -24,9 +28,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from harness.contract import CellRecord
+from harness.contract import PROBE_MARK, CellRecord
+from harness.plan.advise import DEFAULT_MARGIN
 from harness.plan.planner import Workload, plan
 from harness.plan.scenario import HARNESS_BACKEND, CapacitySpec, Cell, Scenario, ScenarioError, expand, load_scenario
+from harness.run.results import read_cell_records
 
 
 @dataclass(frozen=True)
@@ -85,13 +91,6 @@ def _result(values: list[int], ok_i: int, oom_i: int, probes: list[Probe], why: 
                         tuple(probes), why)
 
 
-PROBE_MARK = "@"  # a probe's scenario is named `<scenario>@<axis>-<value>`
-
-
-def is_probe(scenario_name: str) -> bool:
-    return PROBE_MARK in scenario_name
-
-
 def probe_scenario(scenario: Scenario, value: int) -> Scenario:
     """The scenario of one probe: the axis set to `value` (a resolution probe keeps the aspect ratio, the width
     rounded to the model's pixel grid), under a name of its own so its cells have ids of their own."""
@@ -111,11 +110,13 @@ def probe_cell(cell: Cell, value: int) -> Cell:
     return replace(cell, scenario=probe_scenario(cell.scenario, value), same_as=None)
 
 
-def planned_capacity(cell: Cell, values: list[int]) -> int | None:
-    """The largest value whose plan fits the cell's card (None: none does, or the planner does not model the
-    cell's backend)."""
+def planned_capacity(cell: Cell, values: list[int], margin: float = 0.0) -> int | None:
+    """The largest value whose plan fits the cell's card, with `margin` of the card's memory left over as `advise`
+    keeps it (None: none does, or the planner does not model the cell's backend)."""
     if cell.backend != HARNESS_BACKEND:
         return None
+    cap = cell.card.cap_bytes
+    cap = None if cap is None else int(cap * (1 - margin))
     best = None
     lo, hi = 0, len(values) - 1
     while lo <= hi:  # the plan's need grows with the axis: bisect
@@ -123,7 +124,7 @@ def planned_capacity(cell: Cell, values: list[int]) -> int | None:
         s = probe_scenario(cell.scenario, values[mid])
         w = Workload(s.height, s.width, s.frames, s.true_cfg_scale, s.steps, cell.cfg_batch,
                      s.run.empty_cache_between_phases)
-        if plan(s.model, cell.resolution.effective, cell.card.cap_bytes, w, card=cell.card.name).fits:
+        if plan(s.model, cell.resolution.effective, cap, w, card=cell.card.name).fits:
             best, lo = values[mid], mid + 1
         else:
             hi = mid - 1
@@ -137,6 +138,7 @@ class CapacityRow:
     flags: str
     axis: str
     planned: int | None
+    planned_within_margin: int | None  # the plan's largest with advise's margin (DEFAULT_MARGIN) of the card left
     largest_ok: int | None
     smallest_oom: int | None
     probes: tuple[Probe, ...]
@@ -163,7 +165,33 @@ def run_capacity(scenario: Scenario, probe_fn: Callable[[Cell], CellRecord]) -> 
 
         found = search(values, probe, planned)
         rows.append(CapacityRow(cell.cell_id, cell.card.name, cell.resolution.effective.label(), cap.axis, planned,
-                                found.largest_ok, found.smallest_oom, found.probes, found.undecided))
+                                planned_capacity(cell, values, DEFAULT_MARGIN), found.largest_ok, found.smallest_oom,
+                                found.probes, found.undecided))
+    return rows
+
+
+def rows_from_records(scenario: Scenario, records: list[CellRecord]) -> list[CapacityRow]:
+    """The table of a search that already ran, from its probes' records (latest per cell) and today's plans: no
+    probe runs. A combination's largest completed value and first OOM above it are read off its probes."""
+    cap: CapacitySpec | None = scenario.capacity
+    if cap is None:
+        raise ScenarioError(f"{scenario.path}: no [capacity] table: not a capacity scenario")
+    values = cap.values()
+    status = {r.cell_id: str(r.status) for r in records}
+    rows = []
+    for cell in expand(scenario):
+        if cell.same_as is not None:
+            continue
+        ids = {probe_cell(cell, v).cell_id: v for v in values}
+        probes = tuple(Probe(ids[cid], st, cid) for cid, st in status.items() if cid in ids)
+        ok = [p.value for p in probes if p.status == "ok"]
+        largest = max(ok) if ok else None
+        above = [p.value for p in probes if p.status == "oom" and (largest is None or p.value > largest)]
+        other = [p for p in probes if p.status not in ("ok", "oom")]
+        rows.append(CapacityRow(cell.cell_id, cell.card.name, cell.resolution.effective.label(), cap.axis,
+                                planned_capacity(cell, values), planned_capacity(cell, values, DEFAULT_MARGIN),
+                                largest, min(above) if above else None, probes,
+                                f"{other[0].cell_id} ended {other[0].status}" if other else None))
     return rows
 
 
@@ -174,6 +202,8 @@ def render(rows: list[CapacityRow], title: str) -> str:
         "card": r.card,
         "flags (effective)": r.flags,
         f"planned max {r.axis}": "none fits" if r.planned is None else r.planned,
+        f"planned within the {DEFAULT_MARGIN:.0%} margin": "none" if r.planned_within_margin is None
+        else r.planned_within_margin,
         f"measured max {r.axis}": "none completed" if r.largest_ok is None else r.largest_ok,
         "first OOM": r.smallest_oom if r.smallest_oom is not None else "none up to max",
         "plan error": "" if None in (r.planned, r.largest_ok) else f"{r.planned - r.largest_ok:+d}",
@@ -191,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("scenario", type=Path, help="a scenario file with a [capacity] table")
     parser.add_argument("--results", type=Path, default=Path("results"), help="results folder (default: results)")
     parser.add_argument("--run-id", help="run id (a folder under RESULTS/runs); an existing run keeps its probes")
+    parser.add_argument("--from-records", type=Path, metavar="RECORDS",
+                        help="run no probe: print the table of the search in this records.jsonl with today's plans")
     args = parser.parse_args(argv)
     try:
         scenario = load_scenario(args.scenario)
@@ -199,6 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     except ScenarioError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.from_records:
+        if not args.from_records.is_file():
+            print(f"error: {args.from_records}: no such records file", file=sys.stderr)
+            return 2
+        rows = rows_from_records(scenario, read_cell_records(args.from_records).records)
+        print(render(rows, f"capacity: {scenario.name} ({scenario.capacity.axis}), from {args.from_records.name}"),
+              end="")
+        return 0
     run = Run.create(args.results, detect_device(), args.run_id)
     rows = run_capacity(scenario, lambda cell: run_cell(run, cell, label="[capacity]"))
     text = render(rows, f"capacity: {scenario.name} ({scenario.capacity.axis}), run {run.run_id}")
