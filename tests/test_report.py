@@ -226,3 +226,14 @@ def test_a_recorded_scenario_path_is_read_from_this_checkout_first(tmp_path: Pat
     assert _local_scenario_file(str(only_there)) == only_there
     assert _local_scenario_file(str(tmp_path / "scenarios" / "missing.toml")) is None
     assert _local_scenario_file(None) is None
+
+
+def test_capacity_probes_get_no_plots_and_scenario_cells_do(tmp_path: Path) -> None:
+    """A capacity search is one cell per probe (`<scenario>@<axis>-<value>`): two PNGs a probe made 24 for one
+    search on the H200; the capacity table is its picture. Cells of an ordinary scenario keep theirs."""
+    from harness.analyze.report import plot_paths
+
+    probes = as_records([make_record(True, True, scenario=f"cap@resolution-{v}") for v in (512, 1024)])
+    plain = as_records([make_record(True, True, scenario="plain")])
+    assert plot_paths(probes, tmp_path, "x") == {}
+    assert list(plot_paths(probes + plain, tmp_path, "x")) == [("plain", "tiny-6m")]

@@ -378,3 +378,24 @@ def test_prefetch_size_up_to_the_largest_layer_group_loads(tmp_path: Path) -> No
                   ("axes", "dit_offload_prefetch_size"), [1, 7.5])
     with pytest.raises(ScenarioError, match=r"axes\.dit_offload_prefetch_size\[1\]: 7\.5 layers .*at most 6"):
         load_scenario(write(tmp_path, axis, "axis.toml"))
+
+
+def test_a_scenario_whose_sglang_release_is_missing_fails_alone(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """`policy = "sglang@<v>"` with that release not installed (and no recorded answers) is that file's error, which
+    `load_all` collects: it used to escape as an EngineError and stop the whole collection with an INTERNALERROR,
+    even for `--bench-scenario other` (a fresh checkout without the releases)."""
+    from harness.plan.scenario import load_all
+
+    monkeypatch.setenv("OFFLOAD_BENCH_SGLANG_ROOT", str(tmp_path / "no-releases"))
+    monkeypatch.delenv("OFFLOAD_BENCH_SGLANG_ANSWERS", raising=False)
+    source = REPO / "scenarios" / "cpu" / "wan_tiny.toml"
+    folder = tmp_path / "s"
+    folder.mkdir()
+    (folder / "ok.toml").write_text(source.read_text())
+    text = source.read_text().replace('name = "wan-tiny"', 'name = "wan-tiny-engine"')
+    assert '\npolicy = "sglang"\n' in text
+    (folder / "engine.toml").write_text(text.replace('\npolicy = "sglang"\n', '\npolicy = "sglang@0.5.23"\n'))
+    scenarios, errors = load_all(folder)
+    assert [s.name for s in scenarios] == ["wan-tiny"]
+    assert len(errors) == 1 and "engine.toml" in str(errors[0]) and "0.5.23 is not installed" in str(errors[0])
