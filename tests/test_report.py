@@ -237,3 +237,19 @@ def test_capacity_probes_get_no_plots_and_scenario_cells_do(tmp_path: Path) -> N
     plain = as_records([make_record(True, True, scenario="plain")])
     assert plot_paths(probes, tmp_path, "x") == {}
     assert list(plot_paths(probes + plain, tmp_path, "x")) == [("plain", "tiny-6m")]
+
+
+def test_a_latents_check_is_masked_only_when_its_latents_are_elsewhere() -> None:
+    """A committed report regenerated away from the GPU machine cannot compare latents files it does not have:
+    that verdict reads "not re-evaluated here". Any other problem of the same check still reads FAIL."""
+    from harness.analyze.expect import Verdict
+    from harness.analyze.report import _only_latents_elsewhere
+
+    missing = ("a+cfg-batch: cannot compare with a: FileNotFoundError: [Errno 2] No such file or directory: "
+               "'/gpu/latents.pt'; step 6.827 s vs 6.779 s two-pass (1.01x)")
+    no_reference = "b+cfg-batch: the two-pass cell with the same flags ended oom, nothing to compare with"
+    assert _only_latents_elsewhere(Verdict("cfg_batch", "native", False, missing))
+    assert not _only_latents_elsewhere(Verdict("cfg_batch", "native", False, no_reference))
+    assert not _only_latents_elsewhere(Verdict("cfg_batch", "native", False, f"{missing}; {no_reference}"))
+    assert not _only_latents_elsewhere(Verdict("cfg_batch", "native", True, "relative L2 within 0.05: a: 0"))
+    assert not _only_latents_elsewhere(Verdict("same_output", "native", False, missing))

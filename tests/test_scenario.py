@@ -152,6 +152,7 @@ MALFORMED: list[tuple[str, tuple[Any, ...], Any, str]] = [
     ("unknown-top-level", ("colour",), "blue", "colour"),
     ("missing-name", ("name",), DELETE, "name"),
     ("name-with-slash", ("name",), "a/b", "name"),
+    ("name-with-probe-mark", ("name",), "a@resolution-512", "name"),  # a capacity probe's own name form
     ("unknown-model", ("model",), "qwen-image-huge", "model"),
     ("unknown-policy", ("policy",), "sglang-2027", "policy"),
     ("unknown-profile", ("profile",), "tpu", "profile"),

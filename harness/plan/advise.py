@@ -135,16 +135,14 @@ class Advice:
 
 def measurements(model: str, card: str, workload: Workload,
                  records_glob: str | None) -> dict[tuple[tuple[str, Any], ...], Measurement]:
-    """Committed records of `model` on `card` with this workload, by effective flags (the newest record of the
-    combination across all files, by `created`, among those that measured a steady step if any did; harness
-    backend only)."""
+    """Committed records of `model` on `card` with this workload, by effective flags: the newest record of the
+    combination across all files (by `created`), except that a completed record without a steady step (a capacity
+    probe's single step) gives way to the newest completed one with a step; harness backend only."""
     if not records_glob:
         return {}
-    out: dict[tuple[tuple[str, Any], ...], Measurement] = {}
-    ranks: dict[tuple[tuple[str, Any], ...], tuple[bool, str]] = {}
+    found: dict[tuple[tuple[str, Any], ...], list[tuple[str, str, CellRecord]]] = {}
     for path in sorted(glob.glob(records_glob, recursive=True)):
-        records = latest_by_cell(read_cell_records(Path(path)).records).values()
-        for r in records:
+        for r in latest_by_cell(read_cell_records(Path(path)).records).values():
             if r.model != model or r.card_name != card or r.device != "cuda" or r.backend != Backend.HARNESS \
                     or r.status not in (Status.OK, Status.OOM):
                 continue
@@ -153,15 +151,15 @@ def measurements(model: str, card: str, workload: Workload,
                     continue
             except (KeyError, TypeError, ValueError):
                 continue
-            key = _key(r.effective)
-            step = measured(r).step_s
-            # a record with a steady step beats one without (a capacity probe's single step), then the newest
-            rank = (r.status is not Status.OK or step is not None, r.created or "")
-            if rank < ranks.get(key, (False, "")):
-                continue
-            ranks[key] = rank
-            out[key] = Measurement(path, str(r.status), r.failed_phase, r.phase_max("nvml_proc_peak_bytes", r.phases),
-                                   step)
+            found.setdefault(_key(r.effective), []).append((r.created or "", path, r))
+    out = {}
+    for key, candidates in found.items():
+        _, path, r = max(candidates, key=lambda c: c[0])
+        stepped = [c for c in candidates if c[2].status is Status.OK and measured(c[2]).step_s is not None]
+        if r.status is Status.OK and measured(r).step_s is None and stepped:
+            _, path, r = max(stepped, key=lambda c: c[0])
+        out[key] = Measurement(path, str(r.status), r.failed_phase, r.phase_max("nvml_proc_peak_bytes", r.phases),
+                               measured(r).step_s)
     return out
 
 
@@ -242,7 +240,11 @@ def _gib(v: int | None) -> str:
 
 
 def _source(o: Option) -> str:
-    return "plan" if o.measurement is None else f"measured ({Path(o.measurement.source).name})"
+    m = o.measurement
+    if m is None:
+        return "plan"
+    planned_step = "; step planned" if m.status == "ok" and m.step_s is None else ""
+    return f"measured ({Path(m.source).name}{planned_step})"
 
 
 def _row(o: Option) -> list[Any]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.contract import PHASES, STATUSES, Backend, Card, CellSpec, RunSettings, cell_id_of
+from harness.contract import PHASES, PROBE_MARK, STATUSES, Backend, Card, CellSpec, RunSettings, cell_id_of
 from harness.engine.policy import EngineError
 from harness.models import UnknownModelError, get_model
 from harness.plan.flags import (
@@ -98,6 +98,9 @@ class RunOptions:
         setup_overlap_pin (bool): pin each host region as soon as it is read, overlapping other regions' reads;
             false: all reads, then all pins. Default true since that measurement: Qwen-Image's 40.8 GB DiT from
             the page cache into pinned regions at 20.6 GB/s with 16 threads overlapped, 12.7 GB/s read-then-pin.
+            The spec keeps only options off their defaults, so a default cell's spec hash did not change with
+            these two: its records from before 2026-12-02 loaded with 8 threads, read then pin (the record's
+            `run_options` says which); against such a baseline `compare` sees `load_ms` fall, and nothing else.
     """
 
     sampler_interval_ms: float = 10.0
@@ -295,8 +298,9 @@ def load_scenario(path: Path | str) -> Scenario:
     path = Path(path)
     data = _read_toml(path)
     name = data.get("name")
-    if not isinstance(name, str) or not name or "/" in name:
-        raise _err(path, "name", f"expected a non-empty name without '/', got {name!r}")
+    if not isinstance(name, str) or not name or "/" in name or PROBE_MARK in name:
+        # '/' separates a cell id's parts; PROBE_MARK names a capacity probe's scenario (`<name>@<axis>-<value>`)
+        raise _err(path, "name", f"expected a non-empty name without '/' or '{PROBE_MARK}', got {name!r}")
     try:
         model = get_model(data.get("model"), f"{path}: model")
         policy = check_policy(data.get("policy", "sglang"), f"{path}: policy")

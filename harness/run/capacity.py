@@ -111,12 +111,12 @@ def probe_cell(cell: Cell, value: int) -> Cell:
 
 
 def planned_capacity(cell: Cell, values: list[int], margin: float = 0.0) -> int | None:
-    """The largest value whose plan fits the cell's card, with `margin` of the card's memory left over as `advise`
-    keeps it (None: none does, or the planner does not model the cell's backend)."""
+    """The largest value whose plan fits the cell's card with `margin` of the card's memory left over, checked as
+    `advise` checks it (planned at the full cap, then peak device bytes <= cap x (1 - margin)); None: none does, or
+    the planner does not model the cell's backend."""
     if cell.backend != HARNESS_BACKEND:
         return None
     cap = cell.card.cap_bytes
-    cap = None if cap is None else int(cap * (1 - margin))
     best = None
     lo, hi = 0, len(values) - 1
     while lo <= hi:  # the plan's need grows with the axis: bisect
@@ -124,7 +124,8 @@ def planned_capacity(cell: Cell, values: list[int], margin: float = 0.0) -> int 
         s = probe_scenario(cell.scenario, values[mid])
         w = Workload(s.height, s.width, s.frames, s.true_cfg_scale, s.steps, cell.cfg_batch,
                      s.run.empty_cache_between_phases)
-        if plan(s.model, cell.resolution.effective, cap, w, card=cell.card.name).fits:
+        p = plan(s.model, cell.resolution.effective, cap, w, card=cell.card.name)
+        if p.fits and (cap is None or p.peak_device_bytes <= cap * (1 - margin)):
             best, lo = values[mid], mid + 1
         else:
             hi = mid - 1
@@ -236,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {args.from_records}: no such records file", file=sys.stderr)
             return 2
         rows = rows_from_records(scenario, read_cell_records(args.from_records).records)
+        if not any(r.probes for r in rows):
+            print(f"error: {args.from_records}: no probe of {scenario.name} in it (probe cell ids start "
+                  f"'{scenario.name}{PROBE_MARK}')", file=sys.stderr)
+            return 2
         print(render(rows, f"capacity: {scenario.name} ({scenario.capacity.axis}), from {args.from_records.name}"),
               end="")
         return 0
