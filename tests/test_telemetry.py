@@ -177,3 +177,28 @@ def test_worker_records_telemetry_per_round_and_copy_timeline(tmp_path: Path, ca
     assert drift.main([str(run)]) == 0
     text = capsys.readouterr().out
     assert "1 (warm-up)" in text and "| 3 " in text and "max/min" in text and "no NVML handle" in text
+
+
+def test_the_drift_analysis_names_the_cause_from_the_committed_h200_rounds() -> None:
+    """Session 6 on the H200: the Qwen-Image-Edit 5090 both-on rounds spread 2.4-3.3 % with the SM clock flat at
+    1,980 MHz and the copy engine busy 99.99 % of every round, step x delivered GB/s constant: the link. The FLUX
+    cell of session 5 that spread 4.7 % had no copy timeline: not attributed, and said so. A spread under 1 %
+    is not attributed at all; a round whose SM clock fell is the clocks'."""
+    from harness.analyze.drift import spread_cause
+    from harness.run.results import read_cell_records
+
+    h200 = Path(__file__).resolve().parent.parent / "results" / "h200"
+    drift = {r.scenario: r for r in read_cell_records(h200 / "drift.records.jsonl").records}
+    for name in ("drift-qwen-5090-sampler10", "drift-qwen-5090-sampler100", "drift-qwen-5090-sampler-off"):
+        assert "from the PCIe link" in (spread_cause(drift[name]) or ""), name
+    assert "noise floor" in (spread_cause(drift["drift-flux-4090"]) or "")
+    flux5 = next(r for r in read_cell_records(h200 / "flux-dev-4090.records.jsonl").records
+                 if r.cell_id.endswith("cpu1-lw1-te0-vae0-pf5-pin1"))
+    assert "not attributed" in (spread_cause(flux5) or "") and "no copy timeline" in (spread_cause(flux5) or "")
+    slowed = json.loads(drift["drift-qwen-5090-sampler10"].to_json())
+    worst = max((r for r in slowed["telemetry"]["rounds"] if not r["warmup"]), key=lambda r: r["steady_step_ms"])
+    for step in worst["step_machine"]["steps"]:
+        step["sm_clock_mhz"] = 1500
+    from harness.contract import CellRecord
+
+    assert "clocks moving" in (spread_cause(CellRecord.from_json(json.dumps(slowed))) or "")

@@ -4,7 +4,8 @@ What issue 18's drift and copy-limit experiments read: for each round of each ce
 (`record["telemetry"]`), the steady step time (median of steps 2..n), the GPU's SM clock range, temperature,
 power and throttle reasons over its steps (NVML), the allocator's peaks, retries and segments, the host's page
 cache, dirty bytes and pinned bytes at its end, and, with the copy timeline on, the copy engine's busy fraction
-and the steps' share of the copy limit; then the spread of the measured rounds. Reads records only.
+and the steps' share of the copy limit; then the spread of the measured rounds and what the telemetry says caused
+it (`spread_cause`). Reads records only.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def round_rows(record: CellRecord) -> list[list[Any]]:
             _mib(host.get("dirty_bytes")),
             _mib(host.get("pinned_requested_bytes")),
             timeline.get("steady_median_busy_fraction"),
+            timeline.get("steady_median_busy_gbps"),
             timeline.get("steady_median_pct_of_copy_limit"),
         ])
     return rows
@@ -88,7 +90,50 @@ RESERVED_HEADERS = ["phase", "alloc peak reserved MiB", "alloc peak allocated Mi
 HEADERS = ["round", "steady step ms", "SM MHz", "mem MHz", "temp C", "power W", "throttle reasons",
            "alloc peak allocated MiB", "alloc peak reserved MiB", "alloc retries (cumulative)", "segments",
            "host page cache MiB", "host dirty MiB", "pinned requested MiB", "copy busy fraction",
-           "% of copy limit"]
+           "copy busy GB/s", "% of copy limit"]
+
+
+NOISE_FLOOR = 0.01  # a spread of the measured rounds' steady steps below this is not attributed
+BUSY = 0.99  # a copy engine busy this much of a round is the round's limit
+
+
+def spread_cause(record: CellRecord) -> str | None:
+    """What the telemetry says moved the measured rounds' steady steps (None: fewer than two measured rounds).
+
+    Clocks first (the slowest round's lowest SM clock more than 2 % under the fastest round's highest, or a
+    thermal / hardware slowdown reason in a measured round); then the PCIe link: with the copy timeline on and the
+    copy engine busy >= 99 % of every measured round, a step is its bytes over the link's delivered bandwidth, so
+    when step x delivered GB/s varies less than half as much as the step, the link's bandwidth is the cause (the
+    Qwen-Image-Edit 5090 both-on rounds on the H200, session 6: steps 1,491-1,540 ms, 3.3 %, at 52.9-54.7 GB/s).
+    """
+    rounds = [r for r in (record.telemetry or {}).get("rounds") or [] if not r.get("warmup")]
+    steps = [r.get("steady_step_ms") for r in rounds]
+    if len(rounds) < 2 or not all(isinstance(v, int | float) and v > 0 for v in steps):
+        return None
+    spread = max(steps) / min(steps) - 1
+    if spread < NOISE_FLOOR:
+        return f"{spread:.1%} between rounds: under the {NOISE_FLOOR:.0%} noise floor, nothing to attribute"
+    clocks = [[s.get("sm_clock_mhz") for s in (r.get("step_machine") or {}).get("steps") or []] for r in rounds]
+    slow, fast = steps.index(max(steps)), steps.index(min(steps))
+    slow_low = min((c for c in clocks[slow] if c), default=None)
+    fast_high = max((c for c in clocks[fast] if c), default=None)
+    reasons = {n for r in rounds for s in (r.get("step_machine") or {}).get("steps") or []
+               for n in s.get("throttle_reason_names") or [] if "thermal" in n or "hw_" in n}
+    if reasons or (slow_low and fast_high and slow_low < 0.98 * fast_high):
+        return (f"{spread:.1%} between rounds with the GPU's clocks moving (SM {slow_low} MHz in the slowest round "
+                f"against {fast_high} in the fastest{'; ' + ', '.join(sorted(reasons)) if reasons else ''})")
+    timelines = [r.get("copy_timeline") or {} for r in rounds]
+    busy = [t.get("steady_median_busy_fraction") for t in timelines]
+    gbps = [t.get("steady_median_busy_gbps") for t in timelines]
+    flat = f"SM clock {_range([c for cs in clocks for c in cs])} MHz"
+    if not all(isinstance(b, int | float) and b >= BUSY for b in busy) or not all(gbps):
+        why = "no copy timeline" if not any(gbps) else "the copy engine idle more than 1 % of some round"
+        return f"{spread:.1%} between rounds, not attributed: {flat}, {why}"
+    work = [s * g for s, g in zip(steps, gbps, strict=True)]
+    if max(work) / min(work) - 1 <= spread / 2:
+        return (f"{spread:.1%} between rounds from the PCIe link: the copy engine was busy >= {min(busy):.2%} of "
+                f"every round and delivered {min(gbps):g}-{max(gbps):g} GB/s; {flat}, no throttle")
+    return f"{spread:.1%} between rounds, not attributed: {flat}, copy engine busy, bytes x GB/s not constant"
 
 
 def render(records: list[CellRecord]) -> str:
@@ -105,6 +150,9 @@ def render(records: list[CellRecord]) -> str:
         if spread:
             out += [f"measured rounds' steady step: min {spread['min']} / median {spread['median']} / max "
                     f"{spread['max']} ms, max/min {spread['max_over_min']}", ""]
+        cause = spread_cause(rec)
+        if cause:
+            out += [f"cause: {cause}", ""]
         reserved = reserved_rows(rec)
         if reserved:
             mechanism = (rec.cache_release or {}).get("mechanism", "none")
