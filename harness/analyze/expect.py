@@ -58,6 +58,9 @@ class Verdict:
     card: str
     passed: bool
     message: str
+    # failed only because latents files are not on this machine (a report regenerated away from the GPU box):
+    # the gate still fails such a verdict; a report says it was not re-evaluated
+    latents_elsewhere: bool = False
 
 
 def _mib(v: int | None) -> str:
@@ -152,15 +155,17 @@ def latents_distance(path: str | Path, ref_path: str | Path) -> float:
     return diff / ref_norm if ref_norm else (0.0 if diff == 0 else float("inf"))
 
 
-def _latents_line(r: CellRecord, ref: CellRecord, rtol: float) -> tuple[bool, str]:
-    """(within rtol, the line saying so) for the final latents of `r` against those of `ref`."""
+def _latents_line(r: CellRecord, ref: CellRecord, rtol: float) -> tuple[bool, str, bool]:
+    """(within rtol, the line saying so, whether a latents file was missing) for the final latents of `r` against
+    those of `ref`."""
     try:
         if not r.latents_path or not ref.latents_path:
             raise ValueError(f"no latents_path in the record of {(r if not r.latents_path else ref).label}")
         dist = latents_distance(r.latents_path, ref.latents_path)
     except (OSError, ValueError, RuntimeError) as e:
-        return False, f"{r.label}: cannot compare with {ref.label}: {type(e).__name__}: {e}"
-    return dist <= rtol, f"{r.label} vs {ref.label}: {dist:.3g}" + ("" if dist <= rtol else f" > {rtol}")
+        return (False, f"{r.label}: cannot compare with {ref.label}: {type(e).__name__}: {e}",
+                isinstance(e, FileNotFoundError))
+    return dist <= rtol, f"{r.label} vs {ref.label}: {dist:.3g}" + ("" if dist <= rtol else f" > {rtol}"), False
 
 
 def _close_to_reference(
@@ -171,18 +176,19 @@ def _close_to_reference(
     """Each (cell, reference) pair's final latents within `rtol` (relative L2; `rtol_by_backend` where it names the
     cell's backend); a reference that did not run fails the check; `note(cell, reference)` adds to a pair's line;
     `when_none` is the verdict without pairs."""
-    problems, passed = [], []
+    problems, passed, missing = [], [], 0
     for r, ref in pairs:
         if ref is None or ref.status is not Status.OK:
             why = "has no record" if ref is None else f"ended {ref.status}"
             problems.append(f"{r.label}: the {which} cell with the same flags {why}, nothing to compare with")
             continue
         bound = (rtol_by_backend or {}).get(r.backend, rtol)
-        ok, line = _latents_line(r, ref, bound)
+        ok, line, file_missing = _latents_line(r, ref, bound)
+        missing += file_missing
         line += ("" if bound == rtol else f" (its bound {bound})") + (note(r, ref) if note else "")
         (passed if ok else problems).append(line)
     if problems:
-        return Verdict(check, card, False, "; ".join(problems))
+        return Verdict(check, card, False, "; ".join(problems), latents_elsewhere=missing == len(problems))
     if not passed:
         return Verdict(check, card, *when_none)
     return Verdict(check, card, True, f"relative L2 of final latents within {rtol}: {'; '.join(passed)}")

@@ -13,7 +13,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from harness.analyze.expect import Verdict, evaluate
+from harness.analyze.expect import evaluate
 from harness.analyze.roofline import roofline_rows
 from harness.contract import (
     PHASES,
@@ -179,18 +179,7 @@ def _machine_line(records: list[CellRecord]) -> list[str]:
     ]
 
 
-# checks that compare final latents files, which only the machine that ran the cells has
-LATENTS_CHECKS = ("close_output", "cfg_batch")
-STEP_RATIO = re.compile(r"step [0-9.]+ s vs [0-9.]+ s two-pass \([0-9.]+x\)")
-
-
-def _only_latents_elsewhere(v: Verdict) -> bool:
-    """A failed latents check whose every problem is a latents file this machine does not have (a failure of
-    another kind, e.g. a reference cell that did not run, stays a FAIL)."""
-    if v.passed or v.check not in LATENTS_CHECKS:
-        return False
-    parts = [p for p in v.message.split("; ") if not STEP_RATIO.fullmatch(p)]
-    return bool(parts) and all("cannot compare with" in p and "FileNotFoundError" in p for p in parts)
+STEP_RATIO = re.compile(r"step [0-9.]+ s vs [0-9.]+ s two-pass \([0-9.]+x\)")  # cfg_batch's note on each pair
 
 
 def _verdict_lines(recs: list[CellRecord]) -> list[str]:
@@ -208,7 +197,7 @@ def _verdict_lines(recs: list[CellRecord]) -> list[str]:
     for v in evaluate(scenario, recs):
         if v.card not in ran_cards:  # a run of part of the scenario (pytest -k)
             continue
-        if _only_latents_elsewhere(v):
+        if v.latents_elsewhere:  # every problem a latents file left on the GPU machine; others stay FAIL
             steps = "; ".join(STEP_RATIO.findall(v.message))  # cfg_batch's step times are in the records
             out.append(f"- **{v.check}** on {v.card}: not re-evaluated here: the latents files stay on "
                        "the machine that ran the cells (its pytest output has the verdict)"

@@ -140,7 +140,7 @@ def measurements(model: str, card: str, workload: Workload,
     probe's single step) gives way to the newest completed one with a step; harness backend only."""
     if not records_glob:
         return {}
-    found: dict[tuple[tuple[str, Any], ...], list[tuple[str, str, CellRecord]]] = {}
+    found: dict[tuple[tuple[str, Any], ...], list[tuple[str, str, CellRecord, float | None]]] = {}
     for path in sorted(glob.glob(records_glob, recursive=True)):
         for r in latest_by_cell(read_cell_records(Path(path)).records).values():
             if r.model != model or r.card_name != card or r.device != "cuda" or r.backend != Backend.HARNESS \
@@ -151,15 +151,15 @@ def measurements(model: str, card: str, workload: Workload,
                     continue
             except (KeyError, TypeError, ValueError):
                 continue
-            found.setdefault(_key(r.effective), []).append((r.created or "", path, r))
+            found.setdefault(_key(r.effective), []).append((r.created or "", path, r, measured(r).step_s))
     out = {}
     for key, candidates in found.items():
-        _, path, r = max(candidates, key=lambda c: c[0])
-        stepped = [c for c in candidates if c[2].status is Status.OK and measured(c[2]).step_s is not None]
-        if r.status is Status.OK and measured(r).step_s is None and stepped:
-            _, path, r = max(stepped, key=lambda c: c[0])
+        _, path, r, step = max(candidates, key=lambda c: c[0])
+        stepped = [c for c in candidates if c[2].status is Status.OK and c[3] is not None]
+        if r.status is Status.OK and step is None and stepped:
+            _, path, r, step = max(stepped, key=lambda c: c[0])
         out[key] = Measurement(path, str(r.status), r.failed_phase, r.phase_max("nvml_proc_peak_bytes", r.phases),
-                               measured(r).step_s)
+                               step)
     return out
 
 

@@ -426,7 +426,7 @@ def _run_options(data: Any, path: Path, family: str, true_cfg_scale: float) -> R
             or interval < 0:
         raise _err(path, "run.sampler_interval_ms", f"expected milliseconds >= 0 (0 = off), got {interval!r}")
     for key in ("copy_timeline", "empty_cache_between_phases", "setup_overlap_pin"):
-        if not isinstance(data.get(key, True), bool):
+        if not isinstance(data.get(key, False), bool):
             raise _err(path, f"run.{key}", f"expected true or false, got {data[key]!r}")
     threads = data.get("setup_threads", RunOptions.setup_threads)
     if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 256:

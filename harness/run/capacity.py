@@ -32,7 +32,7 @@ from harness.contract import PROBE_MARK, CellRecord
 from harness.plan.advise import DEFAULT_MARGIN
 from harness.plan.planner import Workload, plan
 from harness.plan.scenario import HARNESS_BACKEND, CapacitySpec, Cell, Scenario, ScenarioError, expand, load_scenario
-from harness.run.results import read_cell_records
+from harness.run.results import latest_by_cell, read_cell_records
 
 
 @dataclass(frozen=True)
@@ -149,51 +149,56 @@ class CapacityRow:
 def run_capacity(scenario: Scenario, probe_fn: Callable[[Cell], CellRecord]) -> list[CapacityRow]:
     """Searches every combination of `scenario` (cells that duplicate another are searched once); `probe_fn`
     runs one probe cell and returns its record (`harness.run.runner.run_cell` on the device)."""
-    cap: CapacitySpec | None = scenario.capacity
-    if cap is None:
-        raise ScenarioError(f"{scenario.path}: no [capacity] table: not a capacity scenario")
-    values = cap.values()
+    values = _capacity(scenario).values()
     rows = []
-    for cell in expand(scenario):
-        if cell.same_as is not None:
-            continue
-        planned = planned_capacity(cell, values)
+    for cell in _combinations(scenario):
 
         def probe(value: int, cell: Cell = cell) -> Probe:
             pc = probe_cell(cell, value)
             record = probe_fn(pc)
             return Probe(value, str(record.status), pc.cell_id)
 
-        found = search(values, probe, planned)
-        rows.append(CapacityRow(cell.cell_id, cell.card.name, cell.resolution.effective.label(), cap.axis, planned,
-                                planned_capacity(cell, values, DEFAULT_MARGIN), found.largest_ok, found.smallest_oom,
-                                found.probes, found.undecided))
+        rows.append(_row(scenario, cell, search(values, probe, planned_capacity(cell, values))))
     return rows
 
 
 def rows_from_records(scenario: Scenario, records: list[CellRecord]) -> list[CapacityRow]:
     """The table of a search that already ran, from its probes' records (latest per cell) and today's plans: no
     probe runs. A combination's largest completed value and first OOM above it are read off its probes."""
-    cap: CapacitySpec | None = scenario.capacity
-    if cap is None:
-        raise ScenarioError(f"{scenario.path}: no [capacity] table: not a capacity scenario")
-    values = cap.values()
-    status = {r.cell_id: str(r.status) for r in records}
+    values = _capacity(scenario).values()
+    status = {cid: str(r.status) for cid, r in latest_by_cell(records).items()}
     rows = []
-    for cell in expand(scenario):
-        if cell.same_as is not None:
-            continue
+    for cell in _combinations(scenario):
         ids = {probe_cell(cell, v).cell_id: v for v in values}
         probes = tuple(Probe(ids[cid], st, cid) for cid, st in status.items() if cid in ids)
         ok = [p.value for p in probes if p.status == "ok"]
         largest = max(ok) if ok else None
         above = [p.value for p in probes if p.status == "oom" and (largest is None or p.value > largest)]
         other = [p for p in probes if p.status not in ("ok", "oom")]
-        rows.append(CapacityRow(cell.cell_id, cell.card.name, cell.resolution.effective.label(), cap.axis,
-                                planned_capacity(cell, values), planned_capacity(cell, values, DEFAULT_MARGIN),
-                                largest, min(above) if above else None, probes,
-                                f"{other[0].cell_id} ended {other[0].status}" if other else None))
+        rows.append(_row(scenario, cell, SearchResult(largest, min(above) if above else None, probes,
+                                                      f"{other[0].cell_id} ended {other[0].status}" if other
+                                                      else None)))
     return rows
+
+
+def _capacity(scenario: Scenario) -> CapacitySpec:
+    if scenario.capacity is None:
+        raise ScenarioError(f"{scenario.path}: no [capacity] table: not a capacity scenario")
+    return scenario.capacity
+
+
+def _combinations(scenario: Scenario) -> list[Cell]:
+    """The scenario's cells at its own size, one per combination (a cell that duplicates another is left out)."""
+    return [cell for cell in expand(scenario) if cell.same_as is None]
+
+
+def _row(scenario: Scenario, cell: Cell, found: SearchResult) -> CapacityRow:
+    """A combination's row: its plans (plain and within advise's margin) beside what the probes found."""
+    cap = _capacity(scenario)
+    values = cap.values()
+    return CapacityRow(cell.cell_id, cell.card.name, cell.resolution.effective.label(), cap.axis,
+                       planned_capacity(cell, values), planned_capacity(cell, values, DEFAULT_MARGIN),
+                       found.largest_ok, found.smallest_oom, found.probes, found.undecided)
 
 
 def render(rows: list[CapacityRow], title: str) -> str:
