@@ -13,12 +13,13 @@ from harness.analyze.expect import (
     evaluate,
     fate_failures,
     invariant_failures,
+    layerwise_overhead_verdict,
     lowest_peak_verdict,
     resident_speed_verdict,
     same_output_verdict,
 )
 from harness.contract import CellRecord, as_record
-from harness.plan.scenario import FateExpectation, expand, load_scenario
+from harness.plan.scenario import FateExpectation, ScenarioError, expand, load_scenario
 from tests.helpers import as_records, make_record
 
 REPO = Path(__file__).resolve().parent.parent
@@ -276,3 +277,49 @@ def test_resident_speed_compares_a_strided_cell_with_the_cell_that_keeps_none() 
     v = resident_speed_verdict("rtx5090-32g", resident_sweep(slower=slower))
     assert not v.passed
     assert "res0.5-strided (r=30) 1.600 s vs cpu1-lw1-te1-vae0-pf1-pin1 (r=0)" in v.message
+
+
+# ------------------------------------------------------------------------------------------------ layerwise_overhead
+
+
+def overhead_pair(layerwise_ms: float, whole_ms: float, whole_status: str = "ok") -> list[CellRecord]:
+    """A whole-DiT cell (cpu1-lw0) and its layerwise twin (cpu1-lw1) with steady steps as given (first step 9 s)."""
+    records = []
+    for lw, ms, status in ((False, whole_ms, whole_status), (True, layerwise_ms, "ok")):
+        r = make_record(True, lw, device="cuda", card="native", status=status,
+                        failed_phase=None if status == "ok" else "denoise")
+        r["phases"]["denoise"]["step_ms"] = [9_000.0, ms, ms]
+        records.append(r)
+    return as_records(records)
+
+
+def test_layerwise_overhead_passes_within_the_limit_and_says_by_how_much() -> None:
+    v = layerwise_overhead_verdict("native", overhead_pair(6_600.0, 6_563.0), 0.01)
+    assert v.passed, v.message
+    assert "step 6600.0 ms vs whole-DiT 6563.0 ms (+0.56%, limit +1%)" in v.message
+
+
+def test_layerwise_overhead_fails_past_the_limit() -> None:
+    v = layerwise_overhead_verdict("native", overhead_pair(6_779.0, 6_563.0), 0.01)
+    assert not v.passed and "(+3.29%, limit +1%)" in v.message
+
+
+def test_layerwise_overhead_fails_loudly_when_nothing_is_compared() -> None:
+    assert not layerwise_overhead_verdict("native", overhead_pair(6_600.0, 6_563.0)[1:], 0.01).passed
+    v = layerwise_overhead_verdict("native", overhead_pair(6_600.0, 6_563.0, whole_status="oom"), 0.01)
+    assert not v.passed and "not compared" in v.message
+    assert not layerwise_overhead_verdict("native", [], 0.01).passed
+
+
+def test_layerwise_overhead_scenario_is_checked_at_load(tmp_path: Path) -> None:
+    from tests.helpers import DELETE, base_scenario, mutate, to_toml
+
+    ok = mutate(base_scenario(), ("expect", "layerwise_overhead"), 0.01)
+    path = tmp_path / "ok.toml"
+    path.write_text(to_toml(ok))
+    assert load_scenario(path).expect.layerwise_overhead == 0.01
+    for bad, why in ((mutate(ok, ("expect", "layerwise_overhead"), 1.5), r"fraction in \(0, 1\)"),
+                     (mutate(ok, ("axes", "dit_layerwise_offload"), [True]), "nothing to compare")):
+        path.write_text(to_toml(mutate(bad, ("exclude",), DELETE)) if why == "nothing to compare" else to_toml(bad))
+        with pytest.raises(ScenarioError, match=why):
+            load_scenario(path)

@@ -287,6 +287,30 @@ def beats_peer_verdict(card: str, records: Iterable[CellRecord]) -> Verdict:
     return Verdict("beats_peer", card, True, "; ".join(passed))
 
 
+def layerwise_overhead_verdict(card: str, records: Iterable[CellRecord], limit: float) -> Verdict:
+    """Each of our layerwise cells' steady step at most (1 + limit) x that of the cell with the same requested flags
+    but dit_layerwise_offload = false (the whole DiT on the device for the denoise), from the same run's records."""
+    recs = [r for r in records if r.backend == HARNESS_BACKEND and not r.cfg_batch]
+    whole = {_flags_key(r): r for r in recs if not r.requested.get("dit_layerwise_offload")}
+    problems, passed = [], []
+    for r in recs:
+        if not r.requested.get("dit_layerwise_offload"):
+            continue
+        ref = whole.get(json.dumps(r.requested | {"dit_layerwise_offload": False}, sort_keys=True))
+        t, t_ref = r.steady_step_ms(), ref.steady_step_ms() if ref is not None else None
+        if ref is None or r.status is not Status.OK or ref.status is not Status.OK or None in (t, t_ref):
+            why = "has no whole-DiT cell" if ref is None else "has no steady step on both sides (ended " \
+                f"{r.status} / {ref.status})"
+            problems.append(f"{r.label}: {why}; not compared")
+            continue
+        over = t / t_ref - 1
+        line = f"{r.label}: step {t:.1f} ms vs whole-DiT {t_ref:.1f} ms ({over:+.2%}, limit +{limit:.0%})"
+        (passed if over <= limit else problems).append(line)
+    if problems or not passed:
+        return Verdict("layerwise_overhead", card, False, "; ".join(problems) or "no layerwise cell: nothing compared")
+    return Verdict("layerwise_overhead", card, True, "; ".join(passed))
+
+
 PREFETCH_PEAK_SLACK = 0.02  # SGLang CI's runtime_peak_vram tolerance
 RESIDENT_STEP_SLACK = 0.03
 TRANSFER_BOUND_SHARE = 0.5  # transfer time at the probe's rate over the measured step, at or above: transfer-bound
@@ -527,6 +551,8 @@ def evaluate(scenario: Scenario, records: Iterable[CellRecord]) -> list[Verdict]
             verdicts.append(cfg_batch_verdict(card.name, group, scenario.expect.cfg_batch_rtol))
         if scenario.expect.plan_within is not None:
             verdicts.append(plan_within_verdict(card.name, group, scenario.expect.plan_within))
+        if scenario.expect.layerwise_overhead is not None:
+            verdicts.append(layerwise_overhead_verdict(card.name, two_pass, scenario.expect.layerwise_overhead))
         if scenario.expect.invariants:
             inv = [m for r in group if r.status is Status.OK for m in invariant_failures(r)]
             verdicts.append(Verdict("invariants", card.name, not inv, "; ".join(inv) or "all hold"))

@@ -12,6 +12,7 @@ This module imports no torch.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import tomllib
@@ -61,7 +62,8 @@ CAPACITY_AXES = ("frames", "resolution")
 # assertion and one peer comparison); `--tier nightly` (and no --tier) runs every scenario, "pr" ones included.
 TIERS = ("pr", "nightly")
 _EXPECT_KEYS = {"lowest_peak", "fate", "same_output", "host", "invariants", "close_output_rtol", "beats_peer",
-                "prefetch_peak_monotone", "resident_never_slows", "cfg_batch_rtol", "plan_within"}
+                "prefetch_peak_monotone", "resident_never_slows", "cfg_batch_rtol", "plan_within",
+                "layerwise_overhead"}
 # pytest-benchmark's statistics (mean, stddev, IQR) need a few rounds to mean anything: a GPU scenario measuring
 # fewer says why in `few_rounds` (it reaches each benchmark's extra_info).
 MIN_BENCHMARK_ROUNDS = 3
@@ -160,6 +162,9 @@ class Expectations:
     # every GPU cell's fate is the plan's and its peaks / step time lie within these fractions of the plan's
     # ({"peak": 0.05, "time": 0.10}; harness.analyze.expect.plan_within_verdict)
     plan_within: dict[str, float] | None = None
+    # every layerwise cell's steady step within this fraction over the cell with the same flags but
+    # dit_layerwise_offload = false (harness.analyze.expect.layerwise_overhead_verdict; issue 18's compute-bound guard)
+    layerwise_overhead: float | None = None
 
 
 @dataclass(frozen=True)
@@ -406,11 +411,29 @@ def _check_expectations_match(scenario: Scenario, cells: list[Cell], path: Path)
                            f"{expect.lowest_peak} matches {len(hits)} harness-backend cells of card {card.name!r} "
                            f"({', '.join(c.cell_id.rsplit('/', 1)[1] for c in hits) or 'none'}); "
                            "expected exactly one")
+        if expect.layerwise_overhead is not None and not layerwise_pairs(mine):
+            raise _err(path, "expect.layerwise_overhead", f"card {card.name!r} has no layerwise cell whose flags, "
+                       "dit_layerwise_offload = false, are also a cell: nothing to compare")
     for i, f in enumerate(expect.fates):
         scope = [c for c in cells if f.cards is None or c.card.name in f.cards]
         if not any(matches(c.requested.as_dict(), f.where) for c in scope):
             raise _err(path, f"expect.fate[{i}].where",
                        f"{f.where} matches no cell of the matrix (cards {', '.join(sorted(f.cards or [])) or 'all'})")
+
+
+def layerwise_pairs(cells: list[Cell]) -> list[tuple[Cell, Cell]]:
+    """(layerwise cell, the same requested flags without dit_layerwise_offload) pairs of our runtime's two-pass
+    cells: what `expect.layerwise_overhead` compares."""
+    ours = [c for c in cells if c.backend == HARNESS_BACKEND and not c.cfg_batch]
+    by_flags = {json.dumps(c.requested.as_dict(), sort_keys=True): c for c in ours}
+    pairs = []
+    for c in ours:
+        flags = c.requested.as_dict()
+        if flags.get("dit_layerwise_offload"):
+            whole = by_flags.get(json.dumps(flags | {"dit_layerwise_offload": False}, sort_keys=True))
+            if whole is not None:
+                pairs.append((c, whole))
+    return pairs
 
 
 def _run_options(data: Any, path: Path, family: str, true_cfg_scale: float) -> RunOptions:
@@ -613,7 +636,17 @@ def _expect(
     return Expectations(lowest, fates, host=_host_bounds(data.get("host"), path), close_output_rtol=rtol,
                         close_output_rtol_by_backend=rtol_by_backend,
                         cfg_batch_rtol=_cfg_batch_rtol(data.get("cfg_batch_rtol"), path, cfg_batch), **switches,
-                        plan_within=_plan_within(data.get("plan_within"), path))
+                        plan_within=_plan_within(data.get("plan_within"), path),
+                        layerwise_overhead=_fraction(data.get("layerwise_overhead"), path, "expect.layerwise_overhead"))
+
+
+def _fraction(value: Any, path: Path, where: str) -> float | None:
+    """A positive finite fraction (0.01 = 1 %), or None when absent."""
+    if value is None:
+        return None
+    if not _positive_number(value) or value >= 1:
+        raise _err(path, where, f"expected a fraction in (0, 1) (0.01 = 1 %), got {value!r}")
+    return float(value)
 
 
 def _cfg_batch_rtol(value: Any, path: Path, cfg_batch: tuple[bool, ...]) -> float | None:

@@ -129,14 +129,16 @@ class HostRegion:
     Args:
         nbytes (int): size of the region.
         pin (bool): whether `pin()` page-locks it (so copies to the GPU are asynchronous DMA at full PCIe rate).
+        huge_pages (bool): advise transparent huge pages (MADV_HUGEPAGE, the default) or refuse them
+            (MADV_NOHUGEPAGE: `experiments.pcie_working_set` compares the two).
     """
 
-    def __init__(self, nbytes: int, pin: bool) -> None:
+    def __init__(self, nbytes: int, pin: bool, huge_pages: bool = True) -> None:
         self.nbytes = nbytes
         self.want_pin = pin
         self._map = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         with contextlib.suppress(AttributeError, OSError):
-            self._map.madvise(mmap.MADV_HUGEPAGE)
+            self._map.madvise(mmap.MADV_HUGEPAGE if huge_pages else mmap.MADV_NOHUGEPAGE)
         self.tensor = torch.frombuffer(self._map, dtype=torch.uint8, count=max(nbytes, 1))[:nbytes]
         self.pin_method = "pageable"
 
