@@ -143,10 +143,11 @@ def copy_passes(regions: list[HostRegion], copies_per_pass: int, passes: int, sl
         stream.synchronize()
         times = [marks[i].elapsed_time(marks[i + 1]) / 1e3 for i in range(copies_per_pass)]
         pass_rates.append(nbytes * copies_per_pass / sum(times) / 1e9)
-        per_region = [0.0] * len(regions)
+        seconds, copies = [0.0] * len(regions), [0] * len(regions)
         for i, t in enumerate(times):
-            per_region[i % len(regions)] += t
-        region_rates.append([nbytes * (copies_per_pass / len(regions)) / t / 1e9 for t in per_region])
+            seconds[i % len(regions)] += t
+            copies[i % len(regions)] += 1
+        region_rates.append([nbytes * n / t / 1e9 for n, t in zip(copies, seconds, strict=True) if n])
     return pass_rates[1:], region_rates[1:]
 
 
