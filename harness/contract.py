@@ -595,6 +595,12 @@ class CellRecord:
         denoise = self.phases.get(Phase.DENOISE)
         return median_step((denoise.step_ms if denoise else None) or [], skip_first)
 
+    @property
+    def skipped_by_guard(self) -> bool:
+        """Skipped because a guard found the machine short (disk, host memory, a busy GPU): a state that changes,
+        so a resumed run tries the cell again (harness.run.runner.Run.finished)."""
+        return self.status is Status.SKIPPED and bool((self.guard or {}).get("failed"))
+
     def steady_step_ms(self) -> float | None:
         """ms/step by STEP_CONVENTION: the median denoise step from the second on (the only step, if one)."""
         return self.median_step_ms(skip_first=True)

@@ -216,3 +216,21 @@ def test_pytest_refuses_an_unwritable_bench_results_in_one_line(tmp_path):
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     assert lines == [f"ERROR: offload-bench: --bench-results: {blocker / 'results' / 'runs'}: not writable "
                      "(Not a directory)"]
+
+
+def test_resume_reruns_a_cell_a_guard_skipped_but_not_within_the_same_process(tmp_path):
+    """A guard's skip (disk short, GPU busy) is the machine's state, not the cell's fate: a resumed run tries the
+    cell again; the process that recorded the skip does not (a pytest session asks for a record more than once)."""
+    toml = tiny_scenario_file(tmp_path, "gate", AXES)
+    path = tmp_path / "results" / "runs" / "r" / "records.jsonl"
+    cells = expand(load_scenario(toml))
+    guard = {"failed": True, "problems": ["disk: 41.2 GiB needed, 32.5 GiB free"]}
+    for cell in cells:
+        append_record(path, {"schema_version": 1, "cell_id": cell.cell_id, "spec_hash": cell.spec_hash("cuda"),
+                             "phases": {}, "status": "skipped", "reason": "guard: disk", "guard": guard})
+    assert len(Run(path.parent, "cuda", "r", verbose=False).finished()) == len(cells)  # recorded by this process
+    resumed = Run.create(tmp_path / "results", "cuda", "r", verbose=False)
+    assert resumed.finished() == {} and all(resumed.recorded(c) is None for c in cells)
+    append_record(path, {"schema_version": 1, "cell_id": cells[0].cell_id, "spec_hash": cells[0].spec_hash("cuda"),
+                         "phases": {}, "status": "skipped", "reason": "guard: disk", "guard": guard})
+    assert set(resumed.finished()) == {cells[0].cell_id}  # skipped again in this process: it stands

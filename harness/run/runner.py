@@ -161,6 +161,7 @@ class Run:
     h2d_probes: dict[str | None, JsonObject] = field(default_factory=dict)  # JSON: each goes into a cell.json
     _warned: set[str] = field(default_factory=set)
     _stale_before: int = 0  # records[:_stale_before] predate retry_failures(); their failures are rerun
+    _found_at_start: int = 0  # records[:_found_at_start] predate this process; their guard skips are rerun
     pace: Pace = field(default_factory=Pace)
     # Where progress and warning lines go: stderr, or under pytest its terminal writer (scenarios/conftest.py), so
     # that a cell running for minutes shows them live instead of in the captured output after the test.
@@ -175,7 +176,10 @@ class Run:
         # offload-bench's default ./results) would name another place there
         run_dir = Path(results_root).resolve() / "runs" / run_id
         run_dir.mkdir(parents=True, exist_ok=True)
-        return cls(run_dir, device, run_id, git_sha(REPO), verbose)
+        run = cls(run_dir, device, run_id, git_sha(REPO), verbose)
+        if run.records_path.exists():
+            run._found_at_start = len(_read_tolerant(run.records_path)[0])
+        return run
 
     @property
     def records_path(self) -> Path:
@@ -198,7 +202,10 @@ class Run:
         return sorted(cid for cid, r in latest.items() if r.status.unexpected)
 
     def finished(self) -> dict[str, CellRecord]:
-        """The latest complete record of each cell in this run's file (a resumed run skips these cells).
+        """The latest complete record of each cell in this run's file (a resumed run skips these cells). A guard's
+        skip from before this process is not finished: the disk may be freed or the GPU idle since, so a resume
+        runs the cell again (session 7: a Wan cell skipped for disk stayed skipped on resume after the checkpoints
+        were cleared). One from this process stands, so a session does not run it twice.
 
         Unreadable lines (garbage, a torn last line) are warned about once, naming file:line, and skipped; a line
         that parses but lacks the cell id, status or spec hash does not count as finished either.
@@ -213,6 +220,8 @@ class Run:
             if complete_record(rec):
                 if self.retry_failed and i < self._stale_before and rec.status.unexpected:
                     out.pop(rec.cell_id, None)  # a failure from before --retry-failed: not finished
+                elif rec.skipped_by_guard and i < self._found_at_start:
+                    out.pop(rec.cell_id, None)
                 else:
                     out[rec.cell_id] = rec
             else:
