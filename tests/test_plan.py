@@ -620,3 +620,21 @@ def test_a_single_step_record_gives_peaks_but_no_step() -> None:
     assert steady_steps(probe) == 0 and probe.median_step_s() is not None
     m = measured(probe)
     assert m.step_s is None and m.runtime_peak is not None and m.load_peak is not None
+
+
+@pytest.mark.parametrize("te_offload, cls", [(False, "resident"), (True, "offloaded")])
+def test_a_plan_uses_the_memory_fits_of_its_text_encoder_placement(te_offload: bool, cls: str) -> None:
+    """Qwen-Image's records of both text-encoder placements give two sets of memory fits (one median over both
+    flipped with the records' mix); a plan takes the set of its own placement, exactly as if it were the only one."""
+    data = load_data()
+    split = data["fits"]["qwen-image"]
+    assert set(split["by_text_encoder"]) == {"offloaded", "resident"}
+    flat = {k: v for k, v in split.items() if k != "by_text_encoder"} | split["by_text_encoder"][cls]
+    flags = replace(BOTH_ON, text_encoder_cpu_offload=te_offload)
+    planned = plan("qwen-image", flags, None, Workload(), data=data)
+    alone = plan("qwen-image", flags, None, Workload(), data={**data, "fits": {**data["fits"], "qwen-image": flat}})
+    assert planned.phases == alone.phases
+    other = "offloaded" if cls == "resident" else "resident"
+    wrong = {**flat, **split["by_text_encoder"][other]}
+    assert plan("qwen-image", flags, None, Workload(), data={**data, "fits": {**data["fits"], "qwen-image": wrong}}
+                ).phases != planned.phases

@@ -522,6 +522,7 @@ def plan(
     notes = _fits_notes(model, fits_from)
     value = flags.layerwise_tuning("dit")[1] if resident_layers is None else resident_layers
     parts = _DeviceParts.of(spec, model_weights(model, data), flags, value)
+    fits = {**fits, **fits.get("by_text_encoder", {}).get(text_encoder_class(parts.where), {})}
     drv = drivers(spec, workload)
     allocator = _Allocator(layer_pool_apart=layer_pool_apart and parts.layerwise)
     if allocator.layer_pool_apart:
@@ -550,6 +551,11 @@ def _fits_notes(model: str, fits_from: str | None) -> list[str]:
     if fits_from != model:
         return [f"activations and compute from {fits_from} (same DiT)"]
     return []
+
+
+def text_encoder_class(where: Mapping[str, str]) -> str:
+    """Which of a model's `by_text_encoder` fits a plan with these placements uses."""
+    return "resident" if where.get("text_encoder") == "resident" else "offloaded"
 
 
 def _activations(fits: Mapping[str, Any], drv: Drivers, workload: Workload) -> dict[str, int]:
@@ -940,6 +946,8 @@ class _Samples:
     slack: list[float] = field(default_factory=list)
     compute: list[tuple[int, float, str]] = field(default_factory=list)  # (tokens, s/forward, sku)
     sources: set[str] = field(default_factory=set)
+    # the memory samples again, by where the text encoder was (TEXT_ENCODER_CLASSES): see _memory_fits
+    by_text_encoder: dict[str, _Samples] = field(default_factory=dict)
 
 
 @dataclass
@@ -1008,6 +1016,7 @@ def _sample_record(r: CellRecord, data: Mapping[str, Any], s: _Samples, machines
              machine=bare, data={**data, "fits": {}, "machines": {}})
     drv = drivers(get_model(model), p.workload)
     _sample_phases(r, p, drv, s)
+    _sample_phases(r, p, drv, s.by_text_encoder.setdefault(text_encoder_class(p.placements), _Samples()))
     _sample_decode_block(r, drv, s)
     cap = r.cap or {}
     if cap.get("context_overhead_bytes"):
@@ -1074,19 +1083,31 @@ def _sample_step(r: CellRecord, p: Plan, drv: Drivers, s: _Samples, machines: _M
         machines.add("pageable", sku, p.streamed_bytes_per_forward * p.workload.forwards_per_step / step / 1e9)
 
 
-def _fit_model(model: str, s: _Samples, data: Mapping[str, Any]) -> dict[str, Any]:
-    """A model's fits: medians of its samples; the timed forward at the most common SKU's median-low tokens."""
-    f: dict[str, Any] = {"sources": sorted(x for x in s.sources if x)}
+def _memory_fits(s: _Samples) -> dict[str, Any]:
+    """Medians of the memory samples: load base, activations per unit of each runtime phase, load slack."""
+    f: dict[str, Any] = {}
     if s.base:
         f["base_bytes"] = round(statistics.median(s.base))
     for ph in RUNTIME_PHASES:
         vals = getattr(s, ph)
         if vals:
             f[_FIT_KEYS[ph]] = round(max(0.0, statistics.median(vals)), 2)
-    if s.decode_block:
-        f["decode_block_per_pixel"] = round(statistics.median(s.decode_block), 2)
     if s.slack:
         f["reserved_slack_bytes"] = round(statistics.median(s.slack))
+    return f
+
+
+def _fit_model(model: str, s: _Samples, data: Mapping[str, Any]) -> dict[str, Any]:
+    """A model's fits: medians of its samples; the timed forward at the most common SKU's median-low tokens.
+    With records of both text-encoder placements, the memory fits of each too (`by_text_encoder`), which a plan
+    of that placement uses: Qwen-Image allocated 38-57 MiB more at load, 72-122 at encode and 412-459 at denoise
+    with its text encoder resident than offloaded, so one median over both flipped with the records' mix (H200,
+    session 7: the encode coefficient went 596 -> 917 KB a unit when four resident-encoder records came in)."""
+    f: dict[str, Any] = {"sources": sorted(x for x in s.sources if x), **_memory_fits(s)}
+    if len(s.by_text_encoder) > 1:
+        f["by_text_encoder"] = {k: _memory_fits(v) for k, v in sorted(s.by_text_encoder.items())}
+    if s.decode_block:
+        f["decode_block_per_pixel"] = round(statistics.median(s.decode_block), 2)
     if s.compute:
         dit = model_weights(model, data)["dit"]
         by_sku = {sku: _timed_forward(s.compute, sku, dit) for sku in sorted({k for _, _, k in s.compute})}
