@@ -57,7 +57,27 @@ def _gpu_records() -> list[dict[str, Any]]:
     peak error there flips a probe's planned fate (FLUX's DiT-whole probes: planned to fit up to 1280, OOM from
     1088); how far the plan's largest value is from the measured one is the capacity table's "plan error"
     (tests/test_capacity.py reads the committed search back)."""
-    return [r for r in _records("h*/*.records.jsonl") if r.get("device") == "cuda" and not is_probe(r["scenario"])]
+    return [r for r in _records("h*/*.records.jsonl") if r.get("device") == "cuda" and not is_probe(r["scenario"])
+            and r["cell_id"] not in KNOWN_MISSES]
+
+
+# Cells the planner is known to get wrong, each with what it predicts, what ran, and why; the test below fails
+# when one is no longer a miss, so a fixed planner takes its entry out.
+KNOWN_MISSES = {
+    # H200 session 7: on a card of its allocated peak x 1.1 + context (16,835 MiB) the allocator held the denoise
+    # at 15,606 MiB reserved (17,282 uncapped); the allocator model gives cached blocks back only when a request
+    # passes the limit and keeps FLUX's two-layer-size segment overhead (planned 16,687 after giving back, over
+    # the 16,098 MiB limit): planned OOM in denoise, ran. A conservative miss, under a tight cap only.
+    "reserved-capped-flux-lwc-all-4090/alloc1.1-16835m/cpu1-lw1-te1-vae0-pf5-pin1-res0.25-lwc-all": "denoise",
+}
+
+
+def test_known_misses_are_still_misses() -> None:
+    records = {r["cell_id"]: r for r in _records("h*/*.records.jsonl") if r["cell_id"] in KNOWN_MISSES}
+    assert set(records) == set(KNOWN_MISSES)
+    for cell, planned_oom in KNOWN_MISSES.items():
+        c = check_record(as_record(_without_stored_plan(records[cell])))
+        assert not c.verdict_ok and c.predicted_oom_phase == planned_oom, cell
 
 
 # ------------------------------------------------------------------------------------------ data and speed
