@@ -102,19 +102,31 @@ def test_tiny_end_to_end_both_on_matches_resident(scenario_file: str, both_on: s
     assert both.peaks.peak < resident.peaks.peak
 
 
-def test_meta_build_skips_random_init_of_meta_parameters_only() -> None:
+def test_meta_build_skips_random_init_of_meta_parameters_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """parameters_on_meta turns torch.nn.init into a no-op for meta tensors (issue 18: 70 % of Qwen-Image's DiT
     build was random init of values that do not exist), initialises real tensors as before, and restores init."""
     import torch
 
     from harness.models import parameters_on_meta
 
-    original = torch.nn.init.kaiming_uniform_
+    calls: list[str] = []
+    real_uniform, real_ones = torch.nn.init.kaiming_uniform_, torch.nn.init.ones_
+
+    def uniform_spy(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(f"kaiming_uniform_ {tensor.device.type}")
+        return real_uniform(tensor, *args, **kwargs)
+
+    def ones_spy(tensor: torch.Tensor) -> torch.Tensor:
+        calls.append(f"ones_ {tensor.device.type}")
+        return real_ones(tensor)
+
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", uniform_spy)
+    monkeypatch.setattr(torch.nn.init, "ones_", ones_spy)
     with parameters_on_meta():
-        layer = torch.nn.Linear(4, 4)
+        layer = torch.nn.Linear(4, 4)  # reset_parameters: kaiming_uniform_ on its (meta) weight
         real = torch.zeros(4)
         torch.nn.init.ones_(real)
-        meta = torch.empty(4, device="meta")
-        assert torch.nn.init.normal_(meta) is meta
+        torch.nn.init.ones_(torch.empty(4, device="meta"))
     assert layer.weight.device.type == "meta" and bool((real == 1).all())
-    assert torch.nn.init.kaiming_uniform_ is original
+    assert calls == ["ones_ cpu"]  # the meta inits never reached the real functions
+    assert torch.nn.init.kaiming_uniform_ is uniform_spy and torch.nn.init.ones_ is ones_spy  # restored

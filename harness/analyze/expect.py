@@ -42,14 +42,13 @@
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from harness.contract import CellRecord, PhaseStats, Placement, Status, fate_text
-from harness.plan.scenario import HARNESS_BACKEND, FateExpectation, Scenario, matches
+from harness.plan.scenario import HARNESS_BACKEND, FateExpectation, Scenario, flags_key, matches, whole_dit_key
 
 
 @dataclass(frozen=True)
@@ -132,7 +131,7 @@ def same_output_verdict(card: str, records: Iterable[CellRecord]) -> Verdict:
 
 
 def _flags_key(record: CellRecord) -> str:
-    return json.dumps(record.requested, sort_keys=True)
+    return flags_key(record.requested)
 
 
 def latents_distance(path: str | Path, ref_path: str | Path) -> float:
@@ -296,7 +295,7 @@ def layerwise_overhead_verdict(card: str, records: Iterable[CellRecord], limit: 
     for r in recs:
         if not r.requested.get("dit_layerwise_offload"):
             continue
-        ref = whole.get(json.dumps(r.requested | {"dit_layerwise_offload": False}, sort_keys=True))
+        ref = whole.get(whole_dit_key(r.requested))
         t, t_ref = r.steady_step_ms(), ref.steady_step_ms() if ref is not None else None
         if ref is None or r.status is not Status.OK or ref.status is not Status.OK or None in (t, t_ref):
             why = "has no whole-DiT cell" if ref is None else "has no steady step on both sides (ended " \
@@ -322,8 +321,7 @@ def _layerwise(record: CellRecord) -> dict[str, Any]:
 
 
 def _group_key(record: CellRecord, drop: tuple[str, ...]) -> str:
-    flags = {k: v for k, v in record.effective.items() if k not in drop}
-    return json.dumps(flags, sort_keys=True)
+    return flags_key({k: v for k, v in record.effective.items() if k not in drop})
 
 
 def _harness_layerwise(records: Iterable[CellRecord]) -> list[CellRecord]:

@@ -946,7 +946,7 @@ class _Samples:
     slack: list[float] = field(default_factory=list)
     compute: list[tuple[int, float, str]] = field(default_factory=list)  # (tokens, s/forward, sku)
     sources: set[str] = field(default_factory=set)
-    # the memory samples again, by where the text encoder was (TEXT_ENCODER_CLASSES): see _memory_fits
+    # the memory samples again, by where the text encoder was (text_encoder_class): see _fit_model
     by_text_encoder: dict[str, _Samples] = field(default_factory=dict)
 
 

@@ -421,19 +421,23 @@ def _check_expectations_match(scenario: Scenario, cells: list[Cell], path: Path)
                        f"{f.where} matches no cell of the matrix (cards {', '.join(sorted(f.cards or [])) or 'all'})")
 
 
+def flags_key(flags: dict[str, Any]) -> str:
+    """Requested flags as one comparable string: cells (or records) with the same key differ only in backend."""
+    return json.dumps(flags, sort_keys=True)
+
+
+def whole_dit_key(flags: dict[str, Any]) -> str:
+    """The key of the same flags with dit_layerwise_offload off: a layerwise cell's whole-DiT twin."""
+    return flags_key(flags | {"dit_layerwise_offload": False})
+
+
 def layerwise_pairs(cells: list[Cell]) -> list[tuple[Cell, Cell]]:
-    """(layerwise cell, the same requested flags without dit_layerwise_offload) pairs of our runtime's two-pass
-    cells: what `expect.layerwise_overhead` compares."""
+    """(layerwise cell, its whole-DiT twin) pairs of our runtime's two-pass cells: what `expect.layerwise_overhead`
+    compares."""
     ours = [c for c in cells if c.backend == HARNESS_BACKEND and not c.cfg_batch]
-    by_flags = {json.dumps(c.requested.as_dict(), sort_keys=True): c for c in ours}
-    pairs = []
-    for c in ours:
-        flags = c.requested.as_dict()
-        if flags.get("dit_layerwise_offload"):
-            whole = by_flags.get(json.dumps(flags | {"dit_layerwise_offload": False}, sort_keys=True))
-            if whole is not None:
-                pairs.append((c, whole))
-    return pairs
+    by_flags = {flags_key(c.requested.as_dict()): c for c in ours}
+    twins = [(c, by_flags.get(whole_dit_key(c.requested.as_dict()))) for c in ours if c.requested.dit_layerwise_offload]
+    return [(c, whole) for c, whole in twins if whole is not None]
 
 
 def _run_options(data: Any, path: Path, family: str, true_cfg_scale: float) -> RunOptions:
