@@ -469,7 +469,7 @@ class CellRecord:
     rounds: JsonObject | None = None  # per measured round: each phase's time and their sum, and their spread
     telemetry: JsonObject | None = None  # per pipeline call: machine state per step, allocator, host memory
     copy_timeline: JsonObject | None = None  # whether our runtime's copy stream was recorded (run option)
-    cache_release: JsonObject | None = None  # torch.cuda.empty_cache at SGLang's release points (run option)
+    cache_release: JsonObject | None = None  # empty_cache at SGLang's release points and after packing (run options)
     components: JsonObject | None = None
     outputs: JsonObject | None = None
     latents_path: str | None = None

@@ -15,6 +15,7 @@ from harness.analyze.expect import (
     invariant_failures,
     layerwise_overhead_verdict,
     lowest_peak_verdict,
+    reserved_over_allocated_verdict,
     resident_speed_verdict,
     same_output_verdict,
 )
@@ -323,3 +324,55 @@ def test_layerwise_overhead_scenario_is_checked_at_load(tmp_path: Path) -> None:
         path.write_text(to_toml(mutate(bad, ("exclude",), DELETE)) if why == "nothing to compare" else to_toml(bad))
         with pytest.raises(ScenarioError, match=why):
             load_scenario(path)
+
+
+# ------------------------------------------------------------------------------------------- reserved_over_allocated
+
+
+def reserved_cell(reserved_mib: int, allocated_mib: int, lw: bool = True, status: str = "ok") -> dict[str, Any]:
+    """A CUDA cell whose runtime phases peak at `reserved_mib` reserved (denoise) and `allocated_mib` allocated."""
+    r = make_record(True, lw, device="cuda", card="native", runtime=reserved_mib * MIB, status=status,
+                    failed_phase=None if status == "ok" else "load")
+    for name, phase in r["phases"].items():
+        if name != "load" and status == "ok":
+            phase["alloc_peak_allocated_bytes"] = allocated_mib * MIB - (10 if name != "denoise" else 0)
+    if status != "ok":
+        r["phases"] = {"load": r["phases"]["load"]}
+    return r
+
+
+def test_reserved_over_allocated_passes_within_the_limit_and_says_by_how_much() -> None:
+    v = reserved_over_allocated_verdict("native", as_records([reserved_cell(11_822, 11_794)]), 0.05)
+    assert v.passed, v.message
+    assert "runtime reserved 11,822 MiB for 11,794 MiB allocated (+0.2%, limit +5%)" in v.message
+
+
+def test_reserved_over_allocated_fails_past_the_limit_and_ignores_whole_dit_cells() -> None:
+    records = as_records([reserved_cell(59_634, 19_823), reserved_cell(90_000, 10_000, lw=False)])
+    v = reserved_over_allocated_verdict("native", records, 0.05)
+    assert not v.passed and "(+200.8%, limit +5%)" in v.message
+    assert "cpu1-lw0" not in v.message  # a whole-DiT cell is not a layerwise cell
+
+
+def test_reserved_over_allocated_fails_loudly_on_a_cell_that_did_not_run_or_on_none() -> None:
+    v = reserved_over_allocated_verdict("native", as_records([reserved_cell(100, 100, status="oom")]), 0.05)
+    assert not v.passed and "oom in load, no runtime allocator peaks: not checked" in v.message
+    v = reserved_over_allocated_verdict("native", [], 0.05)
+    assert not v.passed and "nothing checked" in v.message
+
+
+def test_reserved_over_allocated_is_checked_at_load(tmp_path: Path) -> None:
+    from tests.helpers import base_scenario, mutate, to_toml
+
+    ok = mutate(base_scenario(), ("expect", "reserved_over_allocated"), 0.05)
+    path = tmp_path / "ok.toml"
+    path.write_text(to_toml(ok))
+    assert load_scenario(path).expect.reserved_over_allocated == 0.05
+    path.write_text(to_toml(mutate(ok, ("expect", "reserved_over_allocated"), 5)))
+    with pytest.raises(ScenarioError, match=r"fraction in \(0, 1\)"):
+        load_scenario(path)
+    no_layerwise = mutate(mutate(ok, ("axes", "dit_layerwise_offload"), [False]), ("exclude",), [])
+    no_layerwise["expect"] = {"reserved_over_allocated": 0.05}
+    path.write_text(to_toml(no_layerwise))
+    with pytest.raises(ScenarioError, match="no layerwise cell of our runtime"):
+        load_scenario(path)

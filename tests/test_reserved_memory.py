@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from harness.cell.measure import reserved_attribution
-from harness.cell.worker import cache_release, release_point
+from harness.cell.worker import cache_release, release_after_packing, release_point
 from harness.contract import CellRecord
 
 MIB = 2**20
@@ -65,8 +65,51 @@ def test_worker_records_which_mechanism_ran(tmp_path: Path) -> None:
                 and c.requested.dit_layerwise_offload and c.requested.dit_cpu_offload)
     rec = run_cell(dataclasses.replace(cell.spec("cpu"), warmup=0, rounds=1)).to_dict()
     assert rec["status"] == "ok", (rec["reason"], rec.get("traceback"))
-    assert rec["cache_release"] == {"mechanism": "torch.cuda.empty_cache", "after": ["denoise", "decode"]}
+    assert rec["cache_release"] == {"mechanism": "torch.cuda.empty_cache", "after": ["denoise", "decode"],
+                                    "after_packing_freed_bytes": None}
     assert "empty_cache_freed_bytes" not in rec["phases"]["denoise"]  # the CPU profile has no allocator cache
+
+
+def test_release_after_packing_only_for_a_dit_placed_through_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    reserved = iter([45_729 * MIB + 13_900 * MIB, 13_900 * MIB])
+    calls: list[str] = []
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: next(reserved))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    cuda = SimpleNamespace(is_cuda=True, torch="cuda:0")
+    assert release_after_packing(LAYERWISE, cuda) is None and calls == []  # from the host: nothing was cached
+    from_device = {**LAYERWISE, "dit": "layerwise-from-device"}
+    assert release_after_packing(from_device, SimpleNamespace(is_cuda=False, torch="cpu")) is None
+    assert release_after_packing(from_device, cuda) == 45_729 * MIB and calls == ["empty_cache"]
+
+
+def _tiny_cell(tmp_path: Path, run: str, **where: bool) -> Any:
+    from harness.plan.scenario import expand, load_scenario
+
+    source = Path(__file__).resolve().parent.parent / "scenarios" / "cpu" / "wan_tiny.toml"
+    text = source.read_text().replace('cards = [{ name = "tiny-5m", mib = 5 }, "native"]', 'cards = ["native"]')
+    text = text.replace('cards = ["tiny-5m"]', 'cards = ["native"]').replace("[flags]", f"[run]\n{run}\n\n[flags]")
+    path = tmp_path / "s.toml"
+    path.write_text(text)
+    cell = next(c for c in expand(load_scenario(path))
+                if all(getattr(c.requested, k) == v for k, v in where.items()))
+    return dataclasses.replace(cell.spec("cpu"), warmup=0, rounds=1)
+
+
+def test_a_runtime_cap_bounds_the_phases_after_the_load_only(tmp_path: Path) -> None:
+    from harness.cell.worker import run_cell
+
+    roomy = run_cell(_tiny_cell(tmp_path, "runtime_cap_mib = 1000\nempty_cache_after_packing = true",
+                                dit_cpu_offload=False, dit_layerwise_offload=True)).to_dict()
+    assert roomy["status"] == "ok", (roomy["reason"], roomy.get("traceback"))
+    assert roomy["placements"]["dit"] == "layerwise-from-device"
+    assert roomy["cap"]["applied_after"] == "load" and roomy["cap"]["cap_bytes"] == 1000 * MIB
+    assert roomy["cache_release"]["after_packing_freed_bytes"] is None  # the CPU profile has no allocator cache
+    # 1 MiB is less than the weights the load placed (the CPU ledger counts weights only): the load still completes,
+    # the cap not being on yet, and the first layer the denoise streams in does not
+    tight = run_cell(_tiny_cell(tmp_path, "runtime_cap_mib = 1", dit_cpu_offload=False,
+                                dit_layerwise_offload=True)).to_dict()
+    assert (tight["status"], tight["failed_phase"]) == ("oom", "denoise"), tight["reason"]
+    assert "over the cap of 1048576 bytes" in tight["reason"]
 
 
 def test_drift_prints_the_attribution_per_phase() -> None:

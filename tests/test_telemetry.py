@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -121,10 +122,22 @@ def test_run_options_enter_the_spec_only_when_set(tmp_path: Path) -> None:
     ("copy_timeline = 1", "run.copy_timeline"),
     ("cfg_batch = [true, true]", "run.cfg_batch"),
     ("bogus = 1", "run.bogus"),
+    ("empty_cache_after_packing = 1", "run.empty_cache_after_packing"),
+    ("runtime_cap_mib = -1", "run.runtime_cap_mib"),
+    ("runtime_cap_mib = 1.5", "run.runtime_cap_mib"),
 ])
 def test_bad_run_options_name_the_field(tmp_path: Path, table: str, field: str) -> None:
     with pytest.raises(ScenarioError, match=field):
         load_scenario(_run_table(tmp_path, table))
+
+
+def test_the_runtime_cap_is_refused_beside_a_capped_card_and_enters_the_spec(tmp_path: Path) -> None:
+    with pytest.raises(ScenarioError, match=r"run\.runtime_cap_mib.*already capped"):
+        load_scenario(_run_table(tmp_path, "runtime_cap_mib = 100"))  # this scenario has a capped card
+    path = _run_table(tmp_path, "runtime_cap_mib = 100\nempty_cache_after_packing = true")
+    path.write_text(re.sub(r"(?m)^cards = .*$", 'cards = ["native"]', path.read_text()))
+    cell = expand(load_scenario(path))[0]
+    assert cell.spec("cpu").run == {"empty_cache_after_packing": True, "runtime_cap_mib": 100}
 
 
 def test_copy_timeline_per_step_busy_gaps_bytes_and_copy_limit() -> None:

@@ -36,6 +36,10 @@
   the plan (relative to the plan). Phases that ran out of memory and peaks the synthetic checkpoint's generation
   inflated are not compared; the CPU profile is not judged (the plan predicts CUDA counters); a cell the planner
   cannot plan is named in the verdict as not planned, with the reason, and not judged.
+- `layerwise_overhead = f`: each of our layerwise cells steps at most f slower than its whole-DiT twin.
+- `reserved_over_allocated = f`: each of our layerwise cells ran, and its runtime peak allocator reserved (max over
+  encode, denoise and decode of every round, the warm-up included) is at most f over its runtime peak allocated:
+  issue 18's gate on cache kept across phases (a cell that did not run fails it, and so does a card with none).
 - `invariants`, `host`: per-cell checks, below.
 """
 
@@ -47,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.contract import CellRecord, PhaseStats, Placement, Status, fate_text
+from harness.contract import RUNTIME_PHASES, CellRecord, PhaseStats, Placement, Status, fate_text
 from harness.plan.scenario import HARNESS_BACKEND, FateExpectation, Scenario, flags_key, matches, whole_dit_key
 
 
@@ -310,6 +314,28 @@ def layerwise_overhead_verdict(card: str, records: Iterable[CellRecord], limit: 
     return Verdict("layerwise_overhead", card, True, "; ".join(passed))
 
 
+def reserved_over_allocated_verdict(card: str, records: Iterable[CellRecord], limit: float) -> Verdict:
+    """Each of our layerwise cells ran, and its runtime peak reserved (allocator, max over the runtime phases of
+    every round, warm-up included) is at most (1 + limit) x its runtime peak allocated."""
+    problems, passed = [], []
+    for r in records:
+        if r.backend != HARNESS_BACKEND or not r.requested.get("dit_layerwise_offload") or r.same_as:
+            continue
+        reserved = r.phase_max("alloc_peak_reserved_bytes", RUNTIME_PHASES)
+        allocated = r.phase_max("alloc_peak_allocated_bytes", RUNTIME_PHASES)
+        if r.status is not Status.OK or not reserved or not allocated:
+            problems.append(f"{r.label}: {r.fate}, no runtime allocator peaks: not checked")
+            continue
+        over = reserved / allocated - 1
+        line = f"{r.label}: runtime reserved {_mib(reserved)} for {_mib(allocated)} allocated ({over:+.1%}, " \
+            f"limit +{limit:.0%})"
+        (passed if over <= limit else problems).append(line)
+    if problems or not passed:
+        return Verdict("reserved_over_allocated", card, False,
+                       "; ".join(problems) or "no layerwise cell of our runtime: nothing checked")
+    return Verdict("reserved_over_allocated", card, True, "; ".join(passed))
+
+
 PREFETCH_PEAK_SLACK = 0.02  # SGLang CI's runtime_peak_vram tolerance
 RESIDENT_STEP_SLACK = 0.03
 TRANSFER_BOUND_SHARE = 0.5  # transfer time at the probe's rate over the measured step, at or above: transfer-bound
@@ -551,6 +577,8 @@ def evaluate(scenario: Scenario, records: Iterable[CellRecord]) -> list[Verdict]
             verdicts.append(plan_within_verdict(card.name, group, scenario.expect.plan_within))
         if scenario.expect.layerwise_overhead is not None:
             verdicts.append(layerwise_overhead_verdict(card.name, two_pass, scenario.expect.layerwise_overhead))
+        if scenario.expect.reserved_over_allocated is not None:
+            verdicts.append(reserved_over_allocated_verdict(card.name, group, scenario.expect.reserved_over_allocated))
         if scenario.expect.invariants:
             inv = [m for r in group if r.status is Status.OK for m in invariant_failures(r)]
             verdicts.append(Verdict("invariants", card.name, not inv, "; ".join(inv) or "all hold"))

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.contract import (
+    MEASURED_PHASES,
     ROLES,
     RUNTIME_PHASES,
     CellRecord,
@@ -197,7 +198,9 @@ def _measure(spec: CellSpec, flags: OffloadFlags, record: CellRecord) -> None:
     record.ru_maxrss_bytes = run_end_stats()["ru_maxrss_bytes"]
     record.rss_end_bytes = host_rss_bytes()
     if record.cap and device.is_cuda:
-        nvml_peak = record.phase_max("nvml_proc_peak_bytes") or 0
+        # a runtime cap (run option runtime_cap_mib) bounds the phases after the load only
+        phases = RUNTIME_PHASES if record.cap.get("applied_after") == Phase.LOAD else MEASURED_PHASES
+        nvml_peak = record.phase_max("nvml_proc_peak_bytes", phases) or 0
         record.cap["nvml_proc_peak_bytes"] = nvml_peak
         record.cap["within_cap"] = nvml_peak <= record.cap["cap_bytes"] if nvml_peak else None
 
@@ -229,15 +232,7 @@ def _load_and_run(spec: CellSpec, flags: OffloadFlags, record: CellRecord, meter
     t_load = time.perf_counter()
     comps = _load(spec, flags, record, meter, model, ckpts)
     overhead["measured_s"] = time.perf_counter() - t_load
-    options = record.run_options or {}
-    record.copy_timeline = attach_copy_recorder(comps["dit"], device, options["copy_timeline"])
-    if options["empty_cache_between_phases"]:
-        meter.on_exit = cache_release(record.placements, device)
-    record.cache_release = {
-        "mechanism": "torch.cuda.empty_cache" if options["empty_cache_between_phases"] else "none",
-        "after": [p.value for p in RUNTIME_PHASES if release_point(p, record.placements)]
-        if options["empty_cache_between_phases"] else [],
-    }
+    _settle_after_load(record, meter, comps, nvml)
     out = _run_rounds(spec, record, meter, model, comps)
     latents = out.pop("final_latents")
     if spec.latents_out:
@@ -246,6 +241,29 @@ def _load_and_run(spec: CellSpec, flags: OffloadFlags, record: CellRecord, meter
         torch.save(latents, spec.latents_out)
         record.latents_path = spec.latents_out  # what expect.close_output_rtol compares
     record.outputs = out
+
+
+def _settle_after_load(record: CellRecord, meter: Any, comps: dict[str, Any], nvml: Any) -> None:
+    """The run options that act between the load and the first round: the release after packing a DiT placed
+    through the device, the runtime cap, the copy recorder and the release points of the rounds."""
+    device = meter.device
+    options = record.run_options or {}
+    after_packing = release_after_packing(record.placements, device) if options["empty_cache_after_packing"] \
+        else None
+    if options["runtime_cap_mib"]:
+        from harness.cell.measure import apply_card_cap
+
+        record.cap = {**apply_card_cap(int(options["runtime_cap_mib"]) * 2**20, device, nvml),
+                      "applied_after": Phase.LOAD.value}
+    record.copy_timeline = attach_copy_recorder(comps["dit"], device, options["copy_timeline"])
+    if options["empty_cache_between_phases"]:
+        meter.on_exit = cache_release(record.placements, device)
+    record.cache_release = {
+        "mechanism": "torch.cuda.empty_cache" if options["empty_cache_between_phases"] else "none",
+        "after": [p.value for p in RUNTIME_PHASES if release_point(p, record.placements)]
+        if options["empty_cache_between_phases"] else [],
+        "after_packing_freed_bytes": after_packing,
+    }
 
 
 def _load(spec: CellSpec, flags: OffloadFlags, record: CellRecord, meter: Any, model: Any,
@@ -345,6 +363,19 @@ def cache_release(placements: dict[str, str], device: Any) -> Any:
         rec["empty_cache_freed_bytes"] = before - torch.cuda.memory_reserved(device.torch)
 
     return release
+
+
+def release_after_packing(placements: dict[str, str], device: Any) -> int | None:
+    """Under `empty_cache_after_packing`: `torch.cuda.empty_cache()` once the load of a DiT placed through the
+    device has packed it into host regions; the reserved bytes handed back to the driver (None: not such a DiT or
+    not CUDA, nothing ran)."""
+    if placements.get("dit") != Placement.LAYERWISE_FROM_DEVICE or not device.is_cuda:
+        return None
+    import torch
+
+    before = torch.cuda.memory_reserved(device.torch)
+    torch.cuda.empty_cache()
+    return before - torch.cuda.memory_reserved(device.torch)
 
 
 # Per-round phase keys that move to record["telemetry"] (they are per round; the merged phases keep one round).

@@ -63,7 +63,7 @@ CAPACITY_AXES = ("frames", "resolution")
 TIERS = ("pr", "nightly")
 _EXPECT_KEYS = {"lowest_peak", "fate", "same_output", "host", "invariants", "close_output_rtol", "beats_peer",
                 "prefetch_peak_monotone", "resident_never_slows", "cfg_batch_rtol", "plan_within",
-                "layerwise_overhead"}
+                "layerwise_overhead", "reserved_over_allocated"}
 # pytest-benchmark's statistics (mean, stddev, IQR) need a few rounds to mean anything: a GPU scenario measuring
 # fewer says why in `few_rounds` (it reaches each benchmark's extra_info).
 MIN_BENCHMARK_ROUNDS = 3
@@ -103,6 +103,16 @@ class RunOptions:
             The spec keeps only options off their defaults, so a default cell's spec hash did not change with
             these two: its records from before 2026-12-02 loaded with 8 threads, read then pin (the record's
             `run_options` says which); against such a baseline `compare` sees `load_ms` fall, and nothing else.
+        empty_cache_after_packing (bool): `torch.cuda.empty_cache()` once, after the load of a DiT placed through
+            the device (layerwise-from-device: dit_cpu_offload off) has packed its layers into host regions. Not
+            an engine release point (SGLang's layer managers, June era to 0.5.23, free the device copies and keep
+            the cache): ours, because on the H200 those freed copies stayed cached through every later phase
+            (Qwen-Image-Edit: 45,729 MiB, runtime reserved 3.0x allocated). The record's `cache_release` says
+            how many bytes it handed back.
+        runtime_cap_mib (int): caps the allocator at a card of this many MiB after the load, for the runtime
+            alone (0 = off): the capped re-run of a cell whose load needs more by design (a DiT placed through
+            the device). Refused with a capped card. The record's `cap` says `applied_after: load` and checks
+            the runtime phases' NVML per-process peak against it.
     """
 
     sampler_interval_ms: float = 10.0
@@ -111,6 +121,8 @@ class RunOptions:
     empty_cache_between_phases: bool = False
     setup_threads: int = 16
     setup_overlap_pin: bool = True
+    empty_cache_after_packing: bool = False
+    runtime_cap_mib: int = 0
 
     def spec(self, cfg_batch: bool) -> dict[str, Any]:
         """The options of one cell that differ from the defaults."""
@@ -127,6 +139,10 @@ class RunOptions:
             out["setup_threads"] = self.setup_threads
         if self.setup_overlap_pin != RunOptions.setup_overlap_pin:
             out["setup_overlap_pin"] = self.setup_overlap_pin
+        if self.empty_cache_after_packing:
+            out["empty_cache_after_packing"] = True
+        if self.runtime_cap_mib:
+            out["runtime_cap_mib"] = self.runtime_cap_mib
         return out
 
 
@@ -165,6 +181,10 @@ class Expectations:
     # every layerwise cell's steady step within this fraction over the cell with the same flags but
     # dit_layerwise_offload = false (harness.analyze.expect.layerwise_overhead_verdict; issue 18's compute-bound guard)
     layerwise_overhead: float | None = None
+    # each of our layerwise cells' runtime peak reserved at most this fraction over its runtime peak allocated
+    # (allocator counters, max over the encode, denoise and decode phases of every round;
+    # harness.analyze.expect.reserved_over_allocated_verdict; issue 18's reserved-memory gate)
+    reserved_over_allocated: float | None = None
 
 
 @dataclass(frozen=True)
@@ -324,6 +344,9 @@ def load_scenario(path: Path | str) -> Scenario:
         raise _err(path, f"axes.{both[0]}", "is also set in [flags]; a flag is either fixed or an axis")
     backends = _backends(data.get("backends", [HARNESS_BACKEND]), path)
     run = _run_options(data.get("run", {}), path, model.family, cfg)
+    if run.runtime_cap_mib and any(c.cap_bytes for c in cards):
+        raise _err(path, "run.runtime_cap_mib", "a card of the scenario is already capped: one cap per cell "
+                   "(runtime_cap_mib caps the runtime of an uncapped card's cell after its load)")
     _check_prefetch_fits(model.components["dit"].layer_group_sizes(), base_flags, axes, path, model.name)
     scenario = Scenario(
         name=name, path=str(path), description=str(data.get("description", "")), model=model.name, profile=profile,
@@ -414,6 +437,10 @@ def _check_expectations_match(scenario: Scenario, cells: list[Cell], path: Path)
         if expect.layerwise_overhead is not None and not layerwise_pairs(mine):
             raise _err(path, "expect.layerwise_overhead", f"card {card.name!r} has no layerwise cell whose flags, "
                        "dit_layerwise_offload = false, are also a cell: nothing to compare")
+        if expect.reserved_over_allocated is not None and not any(
+                c.backend == HARNESS_BACKEND and c.requested.dit_layerwise_offload for c in mine):
+            raise _err(path, "expect.reserved_over_allocated", f"card {card.name!r} has no layerwise cell of our "
+                       "runtime: nothing to check")
     for i, f in enumerate(expect.fates):
         scope = [c for c in cells if f.cards is None or c.card.name in f.cards]
         if not any(matches(c.requested.as_dict(), f.where) for c in scope):
@@ -444,7 +471,7 @@ def _run_options(data: Any, path: Path, family: str, true_cfg_scale: float) -> R
     if not isinstance(data, dict):
         raise _err(path, "run", "expected a table ([run])")
     known = ("sampler_interval_ms", "copy_timeline", "cfg_batch", "empty_cache_between_phases", "setup_threads",
-             "setup_overlap_pin")
+             "setup_overlap_pin", "empty_cache_after_packing", "runtime_cap_mib")
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise _err(path, f"run.{unknown[0]}", f"unknown run option; known: {', '.join(known)}")
@@ -452,12 +479,15 @@ def _run_options(data: Any, path: Path, family: str, true_cfg_scale: float) -> R
     if isinstance(interval, bool) or not isinstance(interval, int | float) or not is_finite_number(interval) \
             or interval < 0:
         raise _err(path, "run.sampler_interval_ms", f"expected milliseconds >= 0 (0 = off), got {interval!r}")
-    for key in ("copy_timeline", "empty_cache_between_phases", "setup_overlap_pin"):
+    for key in ("copy_timeline", "empty_cache_between_phases", "setup_overlap_pin", "empty_cache_after_packing"):
         if not isinstance(data.get(key, False), bool):
             raise _err(path, f"run.{key}", f"expected true or false, got {data[key]!r}")
     threads = data.get("setup_threads", RunOptions.setup_threads)
     if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 256:
         raise _err(path, "run.setup_threads", f"expected an integer from 1 to 256, got {threads!r}")
+    runtime_cap = data.get("runtime_cap_mib", 0)
+    if isinstance(runtime_cap, bool) or not isinstance(runtime_cap, int) or runtime_cap < 0:
+        raise _err(path, "run.runtime_cap_mib", f"expected MiB as an integer >= 0 (0 = off), got {runtime_cap!r}")
     batch = data.get("cfg_batch", False)
     values = batch if isinstance(batch, list) else [batch]
     if not values or not all(isinstance(v, bool) for v in values) or len(set(values)) != len(values):
@@ -471,7 +501,8 @@ def _run_options(data: Any, path: Path, family: str, true_cfg_scale: float) -> R
                        "to batch")
     return RunOptions(float(interval), data.get("copy_timeline", False), tuple(values),
                       data.get("empty_cache_between_phases", False), threads,
-                      data.get("setup_overlap_pin", RunOptions.setup_overlap_pin))
+                      data.get("setup_overlap_pin", RunOptions.setup_overlap_pin),
+                      data.get("empty_cache_after_packing", False), runtime_cap)
 
 
 def _check_prefetch_fits(
@@ -641,7 +672,9 @@ def _expect(
                         close_output_rtol_by_backend=rtol_by_backend,
                         cfg_batch_rtol=_cfg_batch_rtol(data.get("cfg_batch_rtol"), path, cfg_batch), **switches,
                         plan_within=_plan_within(data.get("plan_within"), path),
-                        layerwise_overhead=_fraction(data.get("layerwise_overhead"), path, "expect.layerwise_overhead"))
+                        layerwise_overhead=_fraction(data.get("layerwise_overhead"), path, "expect.layerwise_overhead"),
+                        reserved_over_allocated=_fraction(data.get("reserved_over_allocated"), path,
+                                                          "expect.reserved_over_allocated"))
 
 
 def _fraction(value: Any, path: Path, where: str) -> float | None:
