@@ -77,7 +77,8 @@ class PlanError(ValueError):
 @dataclass(frozen=True)
 class Workload:
     """What one pipeline call computes: the image or video size, the DiT forwards per step, and how the pipeline
-    runs them (a scenario's `[run]` options `cfg_batch` and `empty_cache_between_phases`)."""
+    runs them (a scenario's `[run]` options `cfg_batch`, `empty_cache_between_phases` and
+    `empty_cache_after_packing`)."""
 
     height: int = 1024
     width: int = 1024
@@ -86,6 +87,7 @@ class Workload:
     steps: int = 4
     cfg_batch: bool = False  # the two CFG passes as one forward of batch 2: streamed once a step, twice the work
     empty_cache: bool = False  # torch.cuda.empty_cache() after encode and after denoise
+    empty_cache_after_packing: bool = False  # torch.cuda.empty_cache() once a DiT placed on the device is packed
 
     @property
     def cfg(self) -> bool:
@@ -107,7 +109,8 @@ class Workload:
         return cls(height=int(settings["height"]), width=int(settings["width"]),
                    frames=int(settings.get("frames") or 1), true_cfg_scale=float(settings.get("true_cfg_scale", 1)),
                    steps=int(settings.get("steps") or 1), cfg_batch=bool(run.get("cfg_batch")),
-                   empty_cache=bool(run.get("empty_cache_between_phases")))
+                   empty_cache=bool(run.get("empty_cache_between_phases")),
+                   empty_cache_after_packing=bool(run.get("empty_cache_after_packing")))
 
 
 @dataclass(frozen=True)
@@ -687,6 +690,8 @@ def _allocator_phase(allocator: _Allocator, parts: _DeviceParts, phase: str, loa
         peak = allocator.load(loaded)
         if parts.where["dit"] == "layerwise-from-device":
             allocator.discard(parts.sizes["dit"] - parts.dit["non_layer_bytes"])  # packed to the host: blocks freed
+            if workload.empty_cache_after_packing:
+                allocator.empty_cache()
         return peak
     moved = [parts.sizes[r] for r in parts.used_in(phase) if parts.where[r] == "cpu-offload"]
     peak = allocator.run(moved, parts.layer_segments(phase), activations, large)  # layers: window + resident
