@@ -71,9 +71,10 @@ KNOWN_MISSES = {
     "reserved-capped-flux-lwc-all-4090/alloc1.1-16835m/cpu1-lw1-te1-vae0-pf5-pin1-res0.25-lwc-all": "denoise",
     # H200 session 8: FLUX's VAE decode at 3072-3264 px under a cap of its allocated peak x 1.1 + context. The plan
     # takes decode's activations from uncapped cells (3072 px uncapped: 22,222 MiB allocated, as planned); under the
-    # cap the same decode allocated 16,461-21,143 MiB and recorded 10-26 allocator retries: cuDNN convolution
-    # workspaces that did not fit, after which torch falls back to algorithms with smaller ones. Planned OOM in
-    # decode, ran. Conservative, under tight caps only (the 3072 cell without the release did run out in decode).
+    # cap the same decode allocated 16,461-21,143 MiB and recorded 10-26 allocator retries; torch's cuDNN
+    # convolutions fall back to algorithms with smaller workspaces when one does not fit, which would explain
+    # both. Planned OOM in decode, ran. Conservative, under tight caps only (the 3072 cell without the release
+    # did run out in decode).
     "reserved-capped-flux-capacity-3136/alloc1.1-22181m/cpu1-lw1-te1-vae0-pf1-pin1": "decode",
     "reserved-capped-flux-capacity-3264/alloc1.1-23942m/cpu1-lw1-te1-vae0-pf1-pin1": "decode",
     "reserved-released-flux-capacity-3072/alloc1.1-18792m/cpu1-lw1-te1-vae0-pf1-pin1": "decode",
@@ -163,8 +164,8 @@ PEAK_OUTLIERS = {
     ("reserved-released-flux-capacity-3072/native/cpu1-lw1-te1-vae0-pf1-pin1", "load"): 0.099,
     # and its reserved peak (checked by the reserved-peak test): uncapped on the H200, the 3072 px decode reserved
     # 38,554 MiB for 22,222 allocated (27 cached from earlier, 4,639 inactive split at peak; no allocator retries):
-    # with the whole card free, cuDNN's convolutions take their largest workspaces. The plan (22.6 GiB) models a
-    # card; under one (18,792 MiB) the same decode reserved 17,830
+    # consistent with cuDNN's convolutions taking larger workspaces when nothing caps them. The plan (22.6 GiB)
+    # models a card; under one (18,792 MiB) the same decode reserved 17,830
     ("reserved-released-flux-capacity-3072/native/cpu1-lw1-te1-vae0-pf1-pin1", "reserved"): 0.71,
 }
 
