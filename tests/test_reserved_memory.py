@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from harness.cell.measure import reserved_attribution
-from harness.cell.worker import cache_release, release_after_packing, release_point
+from harness.cell.worker import cache_release, cap_check, release_after_packing, release_point
 from harness.contract import CellRecord
 
 MIB = 2**20
@@ -110,6 +110,20 @@ def test_a_runtime_cap_bounds_the_phases_after_the_load_only(tmp_path: Path) -> 
                                 dit_layerwise_offload=True)).to_dict()
     assert (tight["status"], tight["failed_phase"]) == ("oom", "denoise"), tight["reason"]
     assert "over the cap of 1048576 bytes" in tight["reason"]
+
+
+def test_a_cap_applied_after_the_load_is_checked_on_the_runtime_phases_only() -> None:
+    """Qwen-Image-Edit with its DiT placed through the device: NVML 53,214 MiB at load, 21,818 at run time, under
+    a runtime cap of 22,490 MiB (H200 session 8)."""
+    phases = {"load": {"nvml_proc_peak_bytes": 53_214 * MIB}, "encode": {"nvml_proc_peak_bytes": 21_818 * MIB},
+              "denoise": {"nvml_proc_peak_bytes": 21_700 * MIB}}
+    rec = {"schema_version": 2, "cell_id": "s/native/x", "status": "ok", "phases": phases,
+           "cap": {"cap_bytes": 22_490 * MIB, "applied_after": "load"}}
+    assert cap_check(CellRecord.from_dict(rec)) == {"nvml_proc_peak_bytes": 21_818 * MIB, "within_cap": True}
+    del rec["cap"]["applied_after"]  # a card cap: the load counts
+    assert cap_check(CellRecord.from_dict(rec)) == {"nvml_proc_peak_bytes": 53_214 * MIB, "within_cap": False}
+    rec["phases"] = {}
+    assert cap_check(CellRecord.from_dict(rec))["within_cap"] is None  # NVML measured nothing: not judged
 
 
 def test_drift_prints_the_attribution_per_phase() -> None:

@@ -140,6 +140,14 @@ def test_the_runtime_cap_is_refused_beside_a_capped_card_and_enters_the_spec(tmp
     assert cell.spec("cpu").run == {"empty_cache_after_packing": True, "runtime_cap_mib": 100}
 
 
+def test_the_release_after_packing_is_refused_where_no_dit_is_placed_through_the_device(tmp_path: Path) -> None:
+    path = _run_table(tmp_path, "empty_cache_after_packing = true")
+    text = path.read_text().replace("dit_cpu_offload = [false, true]", "dit_cpu_offload = [true]")
+    path.write_text(text.split("[expect]")[0])  # its expectations name the cells left out
+    with pytest.raises(ScenarioError, match=r"run\.empty_cache_after_packing.*nothing to release"):
+        load_scenario(path)
+
+
 def test_copy_timeline_per_step_busy_gaps_bytes_and_copy_limit() -> None:
     # step 1: 0..10 ms, copies 1..3 and 4..6 (gap 1 ms, lead-in 1, tail 4); step 2: 10..20, a copy 18..22 crossing
     spans = [CopySpan(1, 3, 2_000_000), CopySpan(4, 6, 2_000_000), CopySpan(18, 22, 4_000_000)]

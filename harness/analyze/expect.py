@@ -38,8 +38,11 @@
   cannot plan is named in the verdict as not planned, with the reason, and not judged.
 - `layerwise_overhead = f`: each of our layerwise cells steps at most f slower than its whole-DiT twin.
 - `reserved_over_allocated = f`: each of our layerwise cells ran, and its runtime peak allocator reserved (max over
-  encode, denoise and decode of every round, the warm-up included) is at most f over its runtime peak allocated:
-  issue 18's gate on cache kept across phases (a cell that did not run fails it, and so does a card with none).
+  encode, denoise and decode of every round, the warm-up included) is at most f over its runtime peak allocated
+  (max over the same phases): cache kept between phases does not raise the cell's device footprint, which is what
+  decides whether it fits a card. A phase's own ratio is not judged (each line names the largest); a cell that did
+  not run to the end fails the check, and so does a card with none. GPU scenarios only (CPU records have no
+  allocator counters).
 - `invariants`, `host`: per-cell checks, below.
 """
 
@@ -315,8 +318,11 @@ def layerwise_overhead_verdict(card: str, records: Iterable[CellRecord], limit: 
 
 
 def reserved_over_allocated_verdict(card: str, records: Iterable[CellRecord], limit: float) -> Verdict:
-    """Each of our layerwise cells ran, and its runtime peak reserved (allocator, max over the runtime phases of
-    every round, warm-up included) is at most (1 + limit) x its runtime peak allocated."""
+    """Each of our layerwise cells ran to the end, and its runtime peak reserved (allocator, max over the runtime
+    phases of every round, warm-up included) is at most (1 + limit) x its runtime peak allocated (max over the same
+    phases): cache kept between phases does not raise the cell's device footprint. A phase's own ratio can be far
+    higher while another phase holds the peak (Wan both-on: denoise 11,822 / 5,687 MiB); each line names the
+    largest one, and the record's reserved_attribution says where it comes from."""
     problems, passed = [], []
     for r in records:
         if r.backend != HARNESS_BACKEND or not r.requested.get("dit_layerwise_offload") or r.same_as:
@@ -324,16 +330,30 @@ def reserved_over_allocated_verdict(card: str, records: Iterable[CellRecord], li
         reserved = r.phase_max("alloc_peak_reserved_bytes", RUNTIME_PHASES)
         allocated = r.phase_max("alloc_peak_allocated_bytes", RUNTIME_PHASES)
         if r.status is not Status.OK or not reserved or not allocated:
-            problems.append(f"{r.label}: {r.fate}, no runtime allocator peaks: not checked")
+            problems.append(f"{r.label}: {r.fate}, not run to the end: not checked")
             continue
         over = reserved / allocated - 1
         line = f"{r.label}: runtime reserved {_mib(reserved)} for {_mib(allocated)} allocated ({over:+.1%}, " \
-            f"limit +{limit:.0%})"
+            f"limit +{limit:.0%}){_largest_phase_ratio(r)}"
         (passed if over <= limit else problems).append(line)
     if problems or not passed:
         return Verdict("reserved_over_allocated", card, False,
                        "; ".join(problems) or "no layerwise cell of our runtime: nothing checked")
     return Verdict("reserved_over_allocated", card, True, "; ".join(passed))
+
+
+def _largest_phase_ratio(record: CellRecord) -> str:
+    """", largest in one phase: denoise 2.08x (11,094 MiB cached from earlier)", or "" when none is measured."""
+    ratios = []
+    for name in RUNTIME_PHASES:
+        ph = record.phases.get(name)
+        if ph and ph.alloc_peak_reserved_bytes and ph.alloc_peak_allocated_bytes:
+            ratios.append((ph.alloc_peak_reserved_bytes / ph.alloc_peak_allocated_bytes, name, ph))
+    if not ratios:
+        return ""
+    ratio, name, ph = max(ratios, key=lambda t: t[0])
+    cached = (ph.reserved_attribution or {}).get("cached_from_earlier_bytes")
+    return f"; largest in one phase: {name} {ratio:.2f}x" + (f" ({_mib(cached)} cached from earlier)" if cached else "")
 
 
 PREFETCH_PEAK_SLACK = 0.02  # SGLang CI's runtime_peak_vram tolerance

@@ -198,11 +198,7 @@ def _measure(spec: CellSpec, flags: OffloadFlags, record: CellRecord) -> None:
     record.ru_maxrss_bytes = run_end_stats()["ru_maxrss_bytes"]
     record.rss_end_bytes = host_rss_bytes()
     if record.cap and device.is_cuda:
-        # a runtime cap (run option runtime_cap_mib) bounds the phases after the load only
-        phases = RUNTIME_PHASES if record.cap.get("applied_after") == Phase.LOAD else MEASURED_PHASES
-        nvml_peak = record.phase_max("nvml_proc_peak_bytes", phases) or 0
-        record.cap["nvml_proc_peak_bytes"] = nvml_peak
-        record.cap["within_cap"] = nvml_peak <= record.cap["cap_bytes"] if nvml_peak else None
+        record.cap.update(cap_check(record))
 
 
 def _load_and_run(spec: CellSpec, flags: OffloadFlags, record: CellRecord, meter: Any, nvml: Any) -> None:
@@ -243,9 +239,20 @@ def _load_and_run(spec: CellSpec, flags: OffloadFlags, record: CellRecord, meter
     record.outputs = out
 
 
+def cap_check(record: CellRecord) -> dict[str, Any]:
+    """The NVML per-process peak against the record's cap: over every phase, or over the runtime phases for a cap
+    applied after the load (run option runtime_cap_mib); within_cap None when NVML measured nothing."""
+    cap = record.cap or {}
+    phases = RUNTIME_PHASES if cap.get("applied_after") == Phase.LOAD else MEASURED_PHASES
+    peak = record.phase_max("nvml_proc_peak_bytes", phases) or 0
+    return {"nvml_proc_peak_bytes": peak, "within_cap": peak <= cap["cap_bytes"] if peak else None}
+
+
 def _settle_after_load(record: CellRecord, meter: Any, comps: dict[str, Any], nvml: Any) -> None:
     """The run options that act between the load and the first round: the release after packing a DiT placed
-    through the device, the runtime cap, the copy recorder and the release points of the rounds."""
+    through the device, the runtime cap, the copy recorder and the release points of the rounds. Its time (the
+    release, the cap's kernel warm-up) is in no phase: the record's overhead keeps it as settle_s."""
+    t0 = time.perf_counter()
     device = meter.device
     options = record.run_options or {}
     after_packing = release_after_packing(record.placements, device) if options["empty_cache_after_packing"] \
@@ -264,6 +271,8 @@ def _settle_after_load(record: CellRecord, meter: Any, comps: dict[str, Any], nv
         if options["empty_cache_between_phases"] else [],
         "after_packing_freed_bytes": after_packing,
     }
+    if record.overhead is not None:
+        record.overhead["settle_s"] = round(time.perf_counter() - t0, 3)
 
 
 def _load(spec: CellSpec, flags: OffloadFlags, record: CellRecord, meter: Any, model: Any,

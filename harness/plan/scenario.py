@@ -20,7 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.contract import PHASES, PROBE_MARK, STATUSES, Backend, Card, CellSpec, RunSettings, cell_id_of
+from harness.contract import (
+    PHASES,
+    PROBE_MARK,
+    STATUSES,
+    Backend,
+    Card,
+    CellSpec,
+    Placement,
+    RunSettings,
+    cell_id_of,
+)
 from harness.engine.policy import EngineError
 from harness.models import UnknownModelError, get_model
 from harness.plan.flags import (
@@ -182,7 +192,7 @@ class Expectations:
     # dit_layerwise_offload = false (harness.analyze.expect.layerwise_overhead_verdict; issue 18's compute-bound guard)
     layerwise_overhead: float | None = None
     # each of our layerwise cells' runtime peak reserved at most this fraction over its runtime peak allocated
-    # (allocator counters, max over the encode, denoise and decode phases of every round;
+    # (allocator counters, each the max over the encode, denoise and decode phases of every round;
     # harness.analyze.expect.reserved_over_allocated_verdict; issue 18's reserved-memory gate)
     reserved_over_allocated: float | None = None
 
@@ -360,7 +370,13 @@ def load_scenario(path: Path | str) -> Scenario:
         few_rounds=_few_rounds(data, profile, path), tier=_tier(data.get("tier", "nightly"), path),
         capacity=_capacity(data.get("capacity"), path, model),
     )
-    _check_expectations_match(scenario, _cells_of(scenario, path), path)
+    cells = _cells_of(scenario, path)
+    _check_expectations_match(scenario, cells, path)
+    if run.empty_cache_after_packing and not any(
+            Placement.for_role("dit", c.resolution.effective, c.backend) is Placement.LAYERWISE_FROM_DEVICE
+            for c in cells):
+        raise _err(path, "run.empty_cache_after_packing", "no cell places its DiT through the device "
+                   "(dit_layerwise_offload on, dit_cpu_offload off, our runtime): nothing to release")
     return scenario
 
 
@@ -437,6 +453,9 @@ def _check_expectations_match(scenario: Scenario, cells: list[Cell], path: Path)
         if expect.layerwise_overhead is not None and not layerwise_pairs(mine):
             raise _err(path, "expect.layerwise_overhead", f"card {card.name!r} has no layerwise cell whose flags, "
                        "dit_layerwise_offload = false, are also a cell: nothing to compare")
+        if expect.reserved_over_allocated is not None and scenario.profile != "gpu":
+            raise _err(path, "expect.reserved_over_allocated", "needs the gpu profile: CPU records have no "
+                       "allocator counters")
         if expect.reserved_over_allocated is not None and not any(
                 c.backend == HARNESS_BACKEND and c.requested.dit_layerwise_offload for c in mine):
             raise _err(path, "expect.reserved_over_allocated", f"card {card.name!r} has no layerwise cell of our "
