@@ -530,7 +530,8 @@ def plan(
     allocator = _Allocator(layer_pool_apart=layer_pool_apart and parts.layerwise)
     if allocator.layer_pool_apart:
         notes.append("layer buffers from the copy stream's own pool (the runtime before abd7f47)")
-    phases, oom = _phase_plans(parts, _activations(fits, drv, workload), int(fits.get("base_bytes", 0)),
+    phases, oom = _phase_plans(parts, _activations(fits, drv, workload, cap_bytes is not None),
+                               int(fits.get("base_bytes", 0)),
                                int(fits.get("reserved_slack_bytes", 0)), cap_bytes, machine, workload, allocator,
                                round(fits.get("decode_block_per_pixel", 0.0) * drv.pixels))
     offloaded = parts.host_bytes()
@@ -561,10 +562,24 @@ def text_encoder_class(where: Mapping[str, str]) -> str:
     return "resident" if where.get("text_encoder") == "resident" else "offloaded"
 
 
-def _activations(fits: Mapping[str, Any], drv: Drivers, workload: Workload) -> dict[str, int]:
-    """Each phase's activation bytes: the fitted bytes per unit of what drives them (x2 for a batched CFG)."""
+# What measure.warm_kernels leaves allocated before a capped card's load: its matmul's cuBLAS workspace, which torch
+# keeps for the handle. 32 MiB exactly on the H200: the capped minus the uncapped load of FLUX (334,174,208 -
+# 300,619,776 bytes) and of Wan (754,439,680 - 720,885,248), session 8. An uncapped cell allocates it in encode,
+# where the activations fit holds it.
+WARM_KERNELS_BYTES = 32 * 2**20
+
+
+def warm_kernels_bytes(record: CellRecord) -> int:
+    """WARM_KERNELS_BYTES where the record's load ran under a card cap (a runtime cap warms after the load)."""
+    cap = record.cap or {}
+    return WARM_KERNELS_BYTES if cap.get("cap_bytes") and cap.get("applied_after") != Phase.LOAD else 0
+
+
+def _activations(fits: Mapping[str, Any], drv: Drivers, workload: Workload, capped: bool = False) -> dict[str, int]:
+    """Each phase's activation bytes: the fitted bytes per unit of what drives them (x2 for a batched CFG); at load,
+    under a card cap, what the kernel warm-up keeps."""
     return {
-        "load": 0,
+        "load": WARM_KERNELS_BYTES if capped else 0,
         "encode": round(fits.get("encode_per_unit", 0.0) * drv.encode_units),
         "denoise": round(fits.get("denoise_per_token", 0.0) * drv.dit_tokens * workload.batch),
         "decode": round(fits.get("decode_per_pixel", 0.0) * drv.pixels),
@@ -687,7 +702,7 @@ def _allocator_phase(allocator: _Allocator, parts: _DeviceParts, phase: str, loa
                      activations: int, workload: Workload, large: int = 0) -> int:
     """One phase through the allocator model; its reserved peak (before slack)."""
     if phase == "load":
-        peak = allocator.load(loaded)
+        peak = allocator.load(loaded + activations)
         if parts.where["dit"] == "layerwise-from-device":
             allocator.discard(parts.sizes["dit"] - parts.dit["non_layer_bytes"])  # packed to the host: blocks freed
             if workload.empty_cache_after_packing:
@@ -1048,7 +1063,7 @@ def _sample_phases(r: CellRecord, p: Plan, drv: Drivers, s: _Samples) -> None:
         pp = p.phase(ph)
         extra = alloc - pp.weight_bytes - pp.window_bytes
         if ph == "load":
-            s.base.append(extra)
+            s.base.append(extra - warm_kernels_bytes(r))
         else:
             getattr(s, ph).append(extra / units[ph] / (p.workload.batch if ph == "denoise" else 1))
         if res is not None and ph == "load" and not generated_on_device(r):
