@@ -354,9 +354,6 @@ def load_scenario(path: Path | str) -> Scenario:
         raise _err(path, f"axes.{both[0]}", "is also set in [flags]; a flag is either fixed or an axis")
     backends = _backends(data.get("backends", [HARNESS_BACKEND]), path)
     run = _run_options(data.get("run", {}), path, model.family, cfg)
-    if run.runtime_cap_mib and any(c.cap_bytes for c in cards):
-        raise _err(path, "run.runtime_cap_mib", "a card of the scenario is already capped: one cap per cell "
-                   "(runtime_cap_mib caps the runtime of an uncapped card's cell after its load)")
     _check_prefetch_fits(model.components["dit"].layer_group_sizes(), base_flags, axes, path, model.name)
     scenario = Scenario(
         name=name, path=str(path), description=str(data.get("description", "")), model=model.name, profile=profile,
@@ -372,12 +369,21 @@ def load_scenario(path: Path | str) -> Scenario:
     )
     cells = _cells_of(scenario, path)
     _check_expectations_match(scenario, cells, path)
+    _check_run_options_apply(scenario, cells, path)
+    return scenario
+
+
+def _check_run_options_apply(scenario: Scenario, cells: list[Cell], path: Path) -> None:
+    """Run options that would do nothing, or clash with a card, fail at load time."""
+    run = scenario.run
+    if run.runtime_cap_mib and any(c.cap_bytes for c in scenario.cards):
+        raise _err(path, "run.runtime_cap_mib", "a card of the scenario is already capped: one cap per cell "
+                   "(runtime_cap_mib caps the runtime of an uncapped card's cell after its load)")
     if run.empty_cache_after_packing and not any(
             Placement.for_role("dit", c.resolution.effective, c.backend) is Placement.LAYERWISE_FROM_DEVICE
             for c in cells):
         raise _err(path, "run.empty_cache_after_packing", "no cell places its DiT through the device "
                    "(dit_layerwise_offload on, dit_cpu_offload off, our runtime): nothing to release")
-    return scenario
 
 
 def _cells_of(scenario: Scenario, path: Path) -> list[Cell]:
