@@ -596,6 +596,11 @@ class CellRecord:
         return median_step((denoise.step_ms if denoise else None) or [], skip_first)
 
     @property
+    def capped_after_load(self) -> bool:
+        """The allocator was capped after the load (run option runtime_cap_mib), not from the start (a card cap)."""
+        return (self.cap or {}).get("applied_after") == Phase.LOAD
+
+    @property
     def skipped_by_guard(self) -> bool:
         """Skipped because a guard found the machine short (disk, host memory, a busy GPU): a state that changes,
         so a resumed run tries the cell again (harness.run.runner.Run.finished)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -176,6 +177,7 @@ PLAN_OUTLIERS = {
 }
 
 
+@functools.cache  # every committed record planned once for the tests that read it
 def _peak_errors() -> dict[tuple[str, str], float]:
     """|measured / planned - 1| of the allocated peak of every completed phase of every committed GPU cell."""
     out = {}
@@ -365,6 +367,7 @@ def test_cells_that_stream_the_text_encoder_or_vae_are_within_five_percent() -> 
             assert p.phase("decode").reserved_bytes > p.phase("denoise").reserved_bytes  # measured: +1,026 MiB
 
 
+@functools.cache
 def _reserved_errors() -> dict[str, float]:
     """Per committed GPU cell of a full model: the larger |measured / planned - 1| of its reserved load and runtime
     peaks, planned by this checkout."""

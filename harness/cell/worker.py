@@ -242,10 +242,9 @@ def _load_and_run(spec: CellSpec, flags: OffloadFlags, record: CellRecord, meter
 def cap_check(record: CellRecord) -> dict[str, Any]:
     """The NVML per-process peak against the record's cap: over every phase, or over the runtime phases for a cap
     applied after the load (run option runtime_cap_mib); within_cap None when NVML measured nothing."""
-    cap = record.cap or {}
-    phases = RUNTIME_PHASES if cap.get("applied_after") == Phase.LOAD else MEASURED_PHASES
+    phases = RUNTIME_PHASES if record.capped_after_load else MEASURED_PHASES
     peak = record.phase_max("nvml_proc_peak_bytes", phases) or 0
-    return {"nvml_proc_peak_bytes": peak, "within_cap": peak <= cap["cap_bytes"] if peak else None}
+    return {"nvml_proc_peak_bytes": peak, "within_cap": peak <= (record.cap or {})["cap_bytes"] if peak else None}
 
 
 def _settle_after_load(record: CellRecord, meter: Any, comps: dict[str, Any], nvml: Any) -> None:
@@ -362,16 +361,21 @@ def release_point(phase: str, placements: dict[str, str]) -> bool:
 def cache_release(placements: dict[str, str], device: Any) -> Any:
     """The Meter's on_exit under `empty_cache_between_phases`: `torch.cuda.empty_cache()` at SGLang's release
     points, recording in the phase the reserved bytes it handed back to the driver."""
-    import torch
 
     def release(phase: str, rec: dict[str, Any]) -> None:
-        if not device.is_cuda or not release_point(phase, placements):
-            return
-        before = torch.cuda.memory_reserved(device.torch)
-        torch.cuda.empty_cache()
-        rec["empty_cache_freed_bytes"] = before - torch.cuda.memory_reserved(device.torch)
+        if device.is_cuda and release_point(phase, placements):
+            rec["empty_cache_freed_bytes"] = empty_cache_freed(device)
 
     return release
+
+
+def empty_cache_freed(device: Any) -> int:
+    """`torch.cuda.empty_cache()`; the reserved bytes it handed back to the driver."""
+    import torch
+
+    before = torch.cuda.memory_reserved(device.torch)
+    torch.cuda.empty_cache()
+    return before - torch.cuda.memory_reserved(device.torch)
 
 
 def release_after_packing(placements: dict[str, str], device: Any) -> int | None:
@@ -380,11 +384,7 @@ def release_after_packing(placements: dict[str, str], device: Any) -> int | None
     not CUDA, nothing ran)."""
     if placements.get("dit") != Placement.LAYERWISE_FROM_DEVICE or not device.is_cuda:
         return None
-    import torch
-
-    before = torch.cuda.memory_reserved(device.torch)
-    torch.cuda.empty_cache()
-    return before - torch.cuda.memory_reserved(device.torch)
+    return empty_cache_freed(device)
 
 
 # Per-round phase keys that move to record["telemetry"] (they are per round; the merged phases keep one round).

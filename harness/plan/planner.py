@@ -571,8 +571,7 @@ WARM_KERNELS_BYTES = 32 * 2**20
 
 def warm_kernels_bytes(record: CellRecord) -> int:
     """WARM_KERNELS_BYTES where the record's load ran under a card cap (a runtime cap warms after the load)."""
-    cap = record.cap or {}
-    return WARM_KERNELS_BYTES if cap.get("cap_bytes") and cap.get("applied_after") != Phase.LOAD else 0
+    return WARM_KERNELS_BYTES if (record.cap or {}).get("cap_bytes") and not record.capped_after_load else 0
 
 
 def _activations(fits: Mapping[str, Any], drv: Drivers, workload: Workload, capped: bool = False) -> dict[str, int]:

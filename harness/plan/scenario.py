@@ -446,6 +446,9 @@ def _check_expectations_match(scenario: Scenario, cells: list[Cell], path: Path)
     """Every expectation names cells that exist, so a typo fails here, at load time, and not after the whole
     suite (lowest_peak: "0 cells match") or never (a fate whose `where` matches nothing checks nothing)."""
     expect = scenario.expect
+    if expect.reserved_over_allocated is not None and scenario.profile != "gpu":
+        raise _err(path, "expect.reserved_over_allocated", "needs the gpu profile: CPU records have no allocator "
+                   "counters")
     for card in scenario.cards:
         mine = [c for c in cells if c.card.name == card.name]
         if expect.lowest_peak is not None:
@@ -459,9 +462,6 @@ def _check_expectations_match(scenario: Scenario, cells: list[Cell], path: Path)
         if expect.layerwise_overhead is not None and not layerwise_pairs(mine):
             raise _err(path, "expect.layerwise_overhead", f"card {card.name!r} has no layerwise cell whose flags, "
                        "dit_layerwise_offload = false, are also a cell: nothing to compare")
-        if expect.reserved_over_allocated is not None and scenario.profile != "gpu":
-            raise _err(path, "expect.reserved_over_allocated", "needs the gpu profile: CPU records have no "
-                       "allocator counters")
         if expect.reserved_over_allocated is not None and not any(
                 c.backend == HARNESS_BACKEND and c.requested.dit_layerwise_offload for c in mine):
             raise _err(path, "expect.reserved_over_allocated", f"card {card.name!r} has no layerwise cell of our "
