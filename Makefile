@@ -1,28 +1,50 @@
-# offload-bench. `make test`: CPU test suite. `make bench`: the scenario suite (GPU profile with CUDA, CPU profile
-# without). Both install what they need on a fresh machine; torch is installed first as the CPU build so that pip
-# never pulls CUDA wheels on a CPU box, and a box that already has torch (a GPU box) keeps its own.
-PYTHON ?= python3
+# offload-bench. `make test`: the fast CPU tests. `make test-e2e`: the slower end-to-end tests (marked `slow`).
+# `make bench`: the scenario suite (GPU profile with CUDA, CPU profile without). On a fresh machine each target first
+# makes `.venv` (a virtual environment without system site-packages) and installs the exact versions of
+# constraints.txt, torch first as the CPU build so that pip never pulls CUDA wheels on a CPU box.
+# PYTHON=/path/to/python uses that interpreter instead (a GPU box keeping its CUDA torch: an installed torch stays).
+VENV ?= .venv
+PYTHON ?= $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+# e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu on a machine whose package index serves CUDA builds only
+TORCH_INDEX ?=
+CONSTRAINTS ?= constraints.txt
 RESULTS ?= results
 BENCH_ARGS ?=
+TEST_ARGS ?=
 RUN ?= $(lastword $(sort $(wildcard $(RESULTS)/runs/*)))
 BASELINES ?=
 # SGLang releases whose real ServerArgs and layerwise manager the harness runs (harness.engine.install: each in its
-# own folder under $$OFFLOAD_BENCH_CACHE/sglang, no CUDA packages, kept between runs). OFFLOAD_BENCH_SGLANG=0 skips.
+# own folder under $$OFFLOAD_BENCH_CACHE/sglang, sealed from this environment, kept between runs). Optional:
+# OFFLOAD_BENCH_SGLANG=0 skips them, and a scenario that needs a missing one is skipped with the install command.
 SGLANG ?= 0.5.8 0.5.13 0.5.23
 
-.PHONY: deps test lint bench report list
+.PHONY: deps deps-latest test test-e2e lint bench report list
 
-deps:
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==2.13.0
-	@$(PYTHON) -c "import diffusers, transformers, safetensors, tabulate, matplotlib, pynvml, pytest_benchmark, hypothesis, ruff, xdist, yaml" \
-		2>/dev/null || $(PYTHON) -m pip install -q -e '.[dev]'
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
+
+# Every call checks the pins (a second, standard library only) and installs only when something differs.
+deps: $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(VENV)/bin/python)
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q $(TORCH) \
+		$(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	@$(PYTHON) .ci/pins.py check $(CONSTRAINTS) 2>/dev/null || $(PYTHON) -m pip install -q -c $(CONSTRAINTS) -e '.[dev]'
+	@$(PYTHON) .ci/pins.py check $(CONSTRAINTS)
 	@if [ "$${OFFLOAD_BENCH_SGLANG:-1}" != 0 ]; then $(PYTHON) -m harness.engine.install $(SGLANG); fi
+
+# Today's newest version of every dependency in a throwaway environment: what differs from the pins and whether
+# the fast tests still pass (.ci/latest-deps). Exits 1 when they do not; the pins stay as they are.
+deps-latest:
+	bash .ci/latest-deps
 
 lint: deps
 	$(PYTHON) -m ruff check harness scenarios tests experiments
 
 test: lint
-	$(PYTHON) -m pytest tests -q -p no:cacheprovider
+	$(PYTHON) -m pytest tests -q -p no:cacheprovider -m "not slow" $(TEST_ARGS)
+
+test-e2e: deps
+	$(PYTHON) -m pytest tests -q -p no:cacheprovider -m slow $(TEST_ARGS)
 
 # Records, cell logs and pytest-benchmark's JSON all go to $(RESULTS)/runs/<run id>/ (ignored by git).
 bench: deps

@@ -28,7 +28,7 @@ from harness.analyze.baseline import Baseline, BaselineCell, BaselineError
 from harness.analyze.compare import CheckSpecError, Comparison
 from harness.contract import CellRecord, Status, label_in
 from harness.plan import plan_cli
-from harness.plan.scenario import ScenarioError, discover, expand
+from harness.plan.scenario import ReleaseNotInstalled, ScenarioError, expand, load_all
 from harness.run.merge import MergeConflict
 from harness.run.results import (
     NoRecordsError,
@@ -273,7 +273,11 @@ def _emit_comparison(args: argparse.Namespace, comparison: Comparison) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    for s in discover(args.scenarios or locations.scenarios_dir()):
+    scenarios, errors = load_all(args.scenarios or locations.scenarios_dir())
+    bad = [e for e in errors if not isinstance(e, ReleaseNotInstalled)]
+    if bad:
+        raise bad[0]
+    for s in scenarios:
         print(f"{s.name} [{s.profile}] model={s.model} policy={s.policy}: {s.description}")
         for c in expand(s):
             note = f" (same as {label_in(c.same_as)})" if c.same_as else ""
@@ -281,6 +285,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(f"  {c.cell_id}  -> effective {eff}{note}")
             for m in c.resolution.messages:
                 print(f"      policy: {m}")
+    for e in errors:
+        print(f"skipped {e.line()}")  # type: ignore[attr-defined]
     return 0
 
 

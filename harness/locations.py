@@ -4,7 +4,8 @@ In a checkout (this package beside `pyproject.toml` and `scenarios/`): its `scen
 Installed from a wheel (`pip install .`): the scenario folder that `setup.py` ships inside the package
 (`harness/_shipped/scenarios`, the pytest glue included, so `offload-bench bench` runs the same suite), and
 `results/baselines` under the working folder: baselines are per machine and written by `offload-bench baseline`,
-so they never live in site-packages. `--scenarios` / `--baselines-dir` override both.
+so they never live in site-packages. The committed GPU records ship too (`harness/_shipped/results`), for
+`advise`. `--scenarios` / `--baselines-dir` override both.
 """
 
 from __future__ import annotations
@@ -29,3 +30,11 @@ def scenarios_dir() -> Path:
 def baselines_dir() -> Path:
     root = checkout()
     return root / "results" / "baselines" if root is not None else Path("results") / "baselines"
+
+
+def records_glob() -> str:
+    """The committed GPU records (results/<gpu>/*.records.jsonl) that `advise` takes measured rows from: the
+    checkout's, or the copy a wheel ships beside its scenarios."""
+    root = checkout()
+    base = root / "results" if root is not None else SHIPPED / "results"
+    return str(base / "**" / "*.records.jsonl")

@@ -27,7 +27,7 @@ import pytest
 
 from harness import exitcodes
 from harness.contract import CellRecord
-from harness.plan.scenario import Cell, Scenario, ScenarioError, expand, in_tier, load_all
+from harness.plan.scenario import Cell, ReleaseNotInstalled, Scenario, ScenarioError, expand, in_tier, load_all
 from harness.pytest_options import add_options
 from harness.run.gpus import cell_cost, child_env, gpu_for_worker, longest_first, nvml_count, visible_gpus
 from harness.run.results import DiskFullError, UnwritableError, ensure_writable, latest_by_cell, read_cell_records
@@ -77,7 +77,14 @@ def _load_scenarios(config: pytest.Config) -> list[Scenario]:
     except ScenarioError as e:
         raise pytest.UsageError(f"offload-bench: {e}") from None
     wanted = config.getoption("--bench-scenario")
-    names = sorted(s.name for s in scenarios)
+    # A scenario whose SGLang release is missing is skipped with one line, unless it is asked for by name.
+    missing = [e for e in errors if isinstance(e, ReleaseNotInstalled)]
+    for e in missing:
+        if e.name in wanted:
+            raise pytest.UsageError(f"offload-bench: --bench-scenario {e.line()}")
+    errors = [e for e in errors if not isinstance(e, ReleaseNotInstalled)]
+    config._offload_bench_unavailable = [e.line() for e in missing]  # type: ignore[attr-defined]
+    names = sorted([s.name for s in scenarios] + [e.name for e in missing])
     unknown = [w for w in wanted if w not in names]
     if errors and (not wanted or unknown):  # the bad file may be the one asked for: its error, not "unknown"
         raise pytest.UsageError(f"offload-bench: {errors[0]}")
@@ -157,7 +164,17 @@ def _benchmark_json_in_run_folder(config: pytest.Config) -> None:
     run_id: str = config._offload_bench_run_id  # type: ignore[attr-defined]
     run_dir = Path(config.getoption("--bench-results")) / "runs" / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    option.benchmark_json = open(run_dir / "pytest-benchmark.json", "wb")  # pytest-benchmark writes and closes it
+    option.benchmark_json = _benchmark_json_value(run_dir / "pytest-benchmark.json")
+
+
+def _benchmark_json_value(path: Path) -> Any:
+    """What this pytest-benchmark takes for --benchmark-json: a path from 5.3 on (it opens the file itself), an open
+    binary file before (its option was argparse.FileType("wb"), and it writes and closes what it is given). Handing
+    5.3 the open file ended `make bench` in a TypeError from its pytest_sessionfinish, after every cell had run."""
+    from pytest_benchmark import __version__
+
+    major, minor = (int(part) for part in __version__.split(".")[:2])
+    return path if (major, minor) >= (5, 3) else open(path, "wb")  # pytest-benchmark closes it
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -291,6 +308,8 @@ def _deselect_other_shards(config: pytest.Config, items: list[pytest.Item]) -> N
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    for line in getattr(config, "_offload_bench_unavailable", []):
+        terminalreporter.write_line(f"offload-bench: skipped {line}")
     shard_line = getattr(config, "_offload_bench_shard_line", None)
     if shard_line:
         terminalreporter.write_line(shard_line)

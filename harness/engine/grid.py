@@ -170,8 +170,16 @@ def run_version(version: str, items: list[GridInput], timeout_s: float = 1800.0)
                               task=i.context.task, performance_mode=i.context.performance_mode)  # type: ignore[arg-type]
                 for i in items]
     answers = resolve_engine(version, requests, timeout_s=timeout_s, cache=False)
-    policy = MODEL_FOR_VERSION[version]
+    policy, _ = model_for(version)
     return [compare(item, answer, policy) for item, answer in zip(items, answers, strict=True)]
+
+
+def model_for(version: str) -> tuple[str, bool]:
+    """Our model of `version`'s era and whether the release is mapped to it. A release no model was written for (a
+    newer one, or one between two modelled releases) is compared with the newest model, and the report says so."""
+    if version in MODEL_FOR_VERSION:
+        return MODEL_FOR_VERSION[version], True
+    return MODEL_FOR_VERSION[max(MODEL_FOR_VERSION, key=version_key)], False
 
 
 def summary(outcomes: list[Outcome]) -> Counter[str]:
@@ -221,13 +229,18 @@ def report(results: dict[str, list[Outcome]], elapsed: dict[str, float], example
         "the DiT residency mode (0.5.23). *refused*: our model refuses the input as inexpressible (text encoder or",
         "VAE layerwise, a prefetch flag 0.5.8 lacks) and SGLang answers; *both refuse*: SGLang raises and so do we.",
         "",
-        "| release | our model | compared | agree | disagree | refused (inexpressible) | both refuse | time |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "*inputs* = *compared* (both answer: agree + disagree) + *refused* + *both refuse*. A release without a model",
+        "of its own is compared with the newest model and marked *(unmapped)*.",
+        "",
+        "| release | our model | inputs | compared | agree | disagree | refused (inexpressible) | both refuse | time |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for version, outcomes in results.items():
         c = summary(outcomes)
-        lines.append(f"| {version} | `{MODEL_FOR_VERSION[version]}` | {len(outcomes)} | {c['agree']} | "
-                     f"{c['disagree']} | {c['refused']} | {c['agree-refused']} | {elapsed[version]:.0f} s |")
+        model, mapped = model_for(version)
+        lines.append(f"| {version} | `{model}`{'' if mapped else ' (unmapped)'} | {len(outcomes)} | "
+                     f"{c['agree'] + c['disagree']} | {c['agree']} | {c['disagree']} | {c['refused']} | "
+                     f"{c['agree-refused']} | {elapsed[version]:.0f} s |")
     for version, outcomes in results.items():
         lines += ["", f"## SGLang {version}", ""]
         configs = sorted({o.engine.pipeline_config for o in outcomes})
@@ -285,7 +298,10 @@ def main(argv: list[str] | None = None) -> int:
         results[version] = run_version(version, items + (modern_inputs() if version == MODERN_VERSION else []))
         elapsed[version] = time.monotonic() - t0
         c = summary(results[version])
-        print(f"sglang {version}: {len(items)} inputs, {dict(c)} in {elapsed[version]:.0f} s", file=sys.stderr)
+        model, mapped = model_for(version)
+        note = "" if mapped else f" (no model of its own: compared with {model}, the newest)"
+        print(f"sglang {version}: {len(results[version])} inputs, {dict(c)} in {elapsed[version]:.0f} s{note}",
+              file=sys.stderr)
     text = report(results, elapsed)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -244,7 +244,10 @@ def install(version: str, *, python: str | None = None, root: Path | None = None
         return installed(root, python)[version]  # complete: nothing to say, nothing to fetch
     download = (root or engine_root()) / "wheels"
     wheel = fetch_wheel(version, download, wheels)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=target.parent if target.parent.exists() else None))
+    # The folder is built beside its final place, so the rename below stays on one filesystem (with --wheels on a
+    # fresh cache nothing else has created the engine root yet).
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=target.parent))
     try:
         site = tmp / "site"
         site.mkdir(parents=True)

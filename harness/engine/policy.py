@@ -73,6 +73,19 @@ class EngineError(RuntimeError):
     the version and says what to do."""
 
 
+class ReleaseMissing(EngineError):
+    """The release is not installed here and no recorded answer covers the request. `version` names it; the message
+    holds the install command."""
+
+    def __init__(self, version: str, message: str) -> None:
+        super().__init__(message)
+        self.version = version
+
+
+def install_command(version: str) -> str:
+    return f"python -m harness.engine.install {version}"
+
+
 DEFAULT_TIMEOUT_S = 900.0
 """A child imports SGLang (10-60 s, depending on the disk) and then answers about 1-5 ms a request."""
 
@@ -119,25 +132,104 @@ def resolve_engine(version: str, requests: list[EngineRequest], *, timeout_s: fl
     recorded = _recorded_answers()
     if recorded is not None and all((version, k) in recorded for k in keys):
         return [recorded[(version, k)] for k in keys]
-    engines = installed()
-    if version not in engines:
-        have = ", ".join(sorted(engines, key=version_key)) or "none"
-        raise EngineError(
-            f"sglang {version} is not installed under {engine_root()} (installed: {have}); install it with "
-            f"`python -m harness.engine.install {version}` (or point OFFLOAD_BENCH_SGLANG_ROOT at a folder holding it)"
-        )
     store: dict[tuple[str, str], EngineResolution] = _CACHE if cache else {}
+    engines = installed()
+    if cache:  # what this release's folder (or, without it, the shipped file) recorded for this child's code
+        saved = _saved_answers(version, engines[version].site.parent if version in engines else None)
+        for key in keys:
+            if (version, key) not in store and key in saved:
+                store[(version, key)] = saved[key]
     todo: dict[str, EngineRequest] = {}
     for key, request in zip(keys, requests, strict=True):
         if (version, key) not in store:
             todo.setdefault(key, request)
+    if todo and version not in engines:
+        have = ", ".join(sorted(engines, key=version_key)) or "none"
+        raise ReleaseMissing(version,
+            f"sglang {version} is not installed under {engine_root()} (installed: {have}) and no recorded answer "
+            f"covers {len(todo)} of these {len(keys)} requests; install it with `{install_command(version)}` (or "
+            "point OFFLOAD_BENCH_SGLANG_ROOT at a folder holding it)"
+        )
     if todo:
         answers = _ask_child(version, list(todo.values()), timeout_s)
         for key, answer in zip(todo, answers, strict=True):
             store[(version, key)] = answer
         if recorded is not None:
             _record_answers({(version, k): store[(version, k)] for k in todo})
+        if cache:
+            _save_answers(engines[version].site.parent, {k: store[(version, k)] for k in todo})
     return [store[(version, key)] for key in keys]
+
+
+SHIPPED_ANSWERS = Path(__file__).with_name("answers.jsonl")
+"""Answers of the real releases to the requests the shipped scenarios make, recorded by `python -m
+harness.engine.policy --record` on a machine with the releases: what a machine without a release resolves from
+(each keeps `extra.answered_by`). A line recorded by another version of the child's code is not used."""
+
+
+def child_code_digest() -> str:
+    """A digest of the child's code (serverargs.py): an answer holds only for the code that asked it."""
+    import hashlib
+
+    return hashlib.sha256(Path(__file__).with_name("serverargs.py").read_bytes()).hexdigest()[:16]
+
+
+def _read_answer_lines(path: Path, version: str) -> dict[str, EngineResolution]:
+    out: dict[str, EngineResolution] = {}
+    digest = child_code_digest()
+    try:
+        text = path.read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a crash mid-append: asked again
+        if item.get("version") == version and item.get("child") == digest:
+            out[item["request_key"]] = EngineResolution.from_dict(item["answer"])
+    return out
+
+
+def _saved_answers(version: str, folder: Path | None) -> dict[str, EngineResolution]:
+    """The installed release's own answers file, else (no release here) the shipped one."""
+    return _read_answer_lines(folder / "answers.jsonl" if folder else SHIPPED_ANSWERS, version)
+
+
+def _save_answers(folder: Path, answers: dict[str, EngineResolution], path: Path | None = None) -> None:
+    import platform
+
+    by = f"{platform.node()} python {platform.python_version()}"
+    digest = child_code_digest()
+    version = folder.name.rsplit("-py", 1)[0]
+    try:
+        with (path or folder / "answers.jsonl").open("a") as f:
+            for key, answer in answers.items():
+                item = answer.as_dict()
+                item["extra"] = {**item.get("extra", {}), "answered_by": by}
+                f.write(json.dumps({"version": version, "child": digest, "request_key": key, "answer": item}) + "\n")
+    except OSError:
+        pass  # a read-only engine folder: the answers are asked again next time
+
+
+def record_shipped(out: Path = SHIPPED_ANSWERS) -> int:
+    """Writes the installed releases' answers to every request the shipped scenarios make into `out` (replacing
+    it). Returns the number of answers."""
+    from harness import locations
+    from harness.engine.install import installed
+    from harness.plan.scenario import load_all
+
+    _CACHE.clear()
+    load_all(locations.scenarios_dir())  # asks (or reads from the folders' files) every request, into _CACHE
+    engines = installed()
+    lines = 0
+    out.write_text("")
+    for version in sorted({v for v, _ in _CACHE}, key=version_key):
+        if version in engines:
+            answers = {k: a for (v, k), a in sorted(_CACHE.items()) if v == version}
+            _save_answers(engines[version].site.parent, answers, path=out)
+            lines += len(answers)
+    return lines
 
 
 ANSWERS_ENV = "OFFLOAD_BENCH_SGLANG_ANSWERS"
@@ -200,3 +292,16 @@ def _ask_child(version: str, requests: list[EngineRequest], timeout_s: float) ->
 
 def _tail(text: str, lines: int = 30) -> str:
     return "\n".join(text.strip().splitlines()[-lines:]) or "(empty)"
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m harness.engine.policy",
+                                     description="Record the releases' answers for the shipped scenarios.")
+    parser.add_argument("--record", action="store_true", help=f"rewrite {SHIPPED_ANSWERS.name} from the installed "
+                        "releases (run where 0.5.8, 0.5.13 and 0.5.23 are installed)")
+    if parser.parse_args().record:
+        from harness.engine import policy  # the imported module, whose cache the scenario loader fills (not __main__)
+
+        print(f"wrote {policy.record_shipped()} answers to {SHIPPED_ANSWERS}")

@@ -12,6 +12,14 @@ does not exist"). So where `import torchvision` fails, and only then, a stand-in
 with an inert class. The GPU machine has a real torchvision and gets no stand-in. Which modules were stood in is
 recorded (`stand_ins()`).
 
+Sealing (`seal(site)`, the policy child): the child sees its own folder, the standard library, the harness, and
+from the host only the packages named in `HOST_SHARED` (torch and what torch itself requires, numpy, triton,
+torchvision). Any other host package is invisible to it: a release's pinned transformers that probes for an
+optional package finds it absent, as in a clean install of that release, instead of importing the host's copy at
+whatever version the host has (SGLang 0.5.13's transformers 5.8.1 imported the host's `kernels` 0.19.1, which it
+cannot use, and the child died). A module the release needs and its folder lacks is then an import error that the
+child reports with the release's install command.
+
 Needs no torch at import; activating may import torch (SGLang does).
 """
 
@@ -19,8 +27,11 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
+import importlib.metadata
 import importlib.util
+import re
 import sys
+import sysconfig
 import types
 from pathlib import Path
 from typing import Any
@@ -99,3 +110,111 @@ def activate(site: Path, *, first: bool) -> None:
     if missing:
         _stood_in.extend(sorted(missing))
         sys.meta_path.append(_StandInFinder(missing))
+
+
+HOST_SHARED = ("torch", "numpy", "triton", "torchvision")
+"""The host distributions an engine child shares, each with everything its own requirements pull in (torch: sympy,
+networkx, jinja2, fsspec, filelock, typing-extensions, its CUDA wheels). The one place that says what crosses: a
+release's folder holds no torch (harness.engine.install removes it), so the host's build is the one SGLang runs on;
+the harness's own package is shared too, without its requirements."""
+
+HARNESS_DISTRIBUTION = "offload-bench"
+
+
+def _requirement_names(dist: importlib.metadata.Distribution) -> list[str]:
+    """Names of `dist`'s requirements that are not behind an extra."""
+    names = []
+    for req in dist.requires or []:
+        if "extra ==" in req.replace('"', "'").replace("extra==", "extra =="):
+            continue
+        names.append(re.split(r"[\s<>=!~;\[(]", req.strip(), maxsplit=1)[0])
+    return names
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def shared_modules(roots: tuple[str, ...] = HOST_SHARED) -> tuple[set[str], set[str]]:
+    """Top-level module names and (normalised) distribution names of the host distributions in `roots` and their
+    requirements (followed), plus the harness itself. Distributions the host does not have are left out (a CPU box
+    has no triton)."""
+    by_dist: dict[str, set[str]] = {}
+    for module, dists in importlib.metadata.packages_distributions().items():
+        for d in dists:
+            by_dist.setdefault(_norm(d), set()).add(module)
+    seen: set[str] = set()
+    todo = [_norm(r) for r in roots]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        seen.add(name)
+        todo.extend(_norm(r) for r in _requirement_names(dist))
+    modules = {m for d in seen for m in by_dist.get(d, ())}
+    modules.update(by_dist.get(HARNESS_DISTRIBUTION, ()))
+    modules.add("harness")
+    return {m for m in modules if m.isidentifier()}, seen | {HARNESS_DISTRIBUTION}
+
+
+class _SharedFinder(importlib.abc.MetaPathFinder):
+    """Finds the shared top-level modules, and the shared distributions' metadata (transformers asks
+    importlib.metadata for numpy's version), in the host's folders, which are no longer on sys.path."""
+
+    def __init__(self, names: set[str], dists: set[str], host_dirs: list[str]) -> None:
+        self.names = names
+        self.dists = dists
+        self.host_dirs = host_dirs
+
+    def find_distributions(self, context: Any = None) -> Any:
+        name = getattr(context, "name", None)
+        if name is not None and _norm(name) not in self.dists:
+            return iter(())
+        host = importlib.metadata.DistributionFinder.Context(name=name, path=self.host_dirs)
+        return (d for d in importlib.metadata.MetadataPathFinder.find_distributions(host)
+                if _norm(d.metadata["Name"] or "") in self.dists)
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if path is not None or fullname not in self.names:
+            return None  # submodules follow their package's __path__
+        return importlib.machinery.PathFinder.find_spec(fullname, self.host_dirs)
+
+
+def _stdlib_dirs() -> set[str]:
+    paths = sysconfig.get_paths()
+    dirs = {paths["stdlib"], paths["platstdlib"]}
+    dirs |= {str(Path(d) / "lib-dynload") for d in list(dirs)}
+    return {str(Path(d).resolve()) for d in dirs}
+
+
+def seal(site: Path, harness_root: Path) -> list[str]:
+    """Makes this process see only `site`, the standard library, `harness_root` (the checkout holding the harness
+    package, when it is not an installed wheel) and the host's `shared_modules()`. Returns the host folders taken
+    off sys.path. Call before anything imports a non-shared host package."""
+    stdlib = _stdlib_dirs()
+    keep_extra = {str(site.resolve())}
+    harness_root = harness_root.resolve()
+    host_dirs: list[str] = []
+    kept: list[str] = []
+    for entry in sys.path:
+        resolved = str(Path(entry or ".").resolve())
+        if resolved in stdlib or resolved in keep_extra or entry.endswith(".zip"):
+            kept.append(entry)
+        elif resolved == str(harness_root) and not (harness_root / "site.py").exists() and not any(
+                part in ("site-packages", "dist-packages") for part in harness_root.parts):
+            kept.append(entry)  # a checkout: only the harness lives there
+        else:
+            host_dirs.append(entry)
+    names, dists = shared_modules()
+    if any(str(Path(e or ".").resolve()) == str(harness_root) for e in kept):
+        names.discard("harness")  # the checkout's harness, never another copy installed on the host
+    sys.path[:] = kept
+    if str(site) not in sys.path and str(site.resolve()) not in map(str, sys.path):
+        sys.path.insert(0, str(site))
+    sys.meta_path.insert(0, _SharedFinder(names, dists, host_dirs))
+    importlib.invalidate_caches()
+    return host_dirs

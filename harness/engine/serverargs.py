@@ -40,6 +40,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -256,8 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout = sys.stderr
     answer_out = io.TextIOWrapper(os.fdopen(answer_fd, "wb"), encoding="utf-8")
 
+    import harness
     from harness.engine.install import installed
-    from harness.engine.runtime import activate
+    from harness.engine.runtime import HOST_SHARED, activate, seal
 
     engines = installed()
     if args.version not in engines:
@@ -267,9 +269,17 @@ def main(argv: list[str] | None = None) -> int:
     # before SGLang (and huggingface_hub) read them: no checkpoint sizes, no network, the same answer everywhere
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_HUB_CACHE"] = os.environ["HUGGINGFACE_HUB_CACHE"] = tempfile.mkdtemp(prefix="offload-bench-hf-")
-    activate(engines[args.version].site, first=True)
+    site = engines[args.version].site
+    seal(site, harness_root=Path(harness.__file__).resolve().parent.parent)
+    activate(site, first=True)
     t0 = time.monotonic()
-    server_args_cls = _import_server_args().ServerArgs
+    try:
+        server_args_cls = _import_server_args().ServerArgs
+    except ModuleNotFoundError as e:
+        print(f"sglang {args.version}: ServerArgs needs module {e.name!r}, which its folder {site} lacks (the host's "
+              f"packages are sealed off, but for {', '.join(HOST_SHARED)}); reinstall the release: rm -r "
+              f"{site.parent} && python -m harness.engine.install {args.version}", file=sys.stderr)
+        return 5
     print(f"sglang {args.version}: ServerArgs imported in {time.monotonic() - t0:.1f}s", file=sys.stderr)
 
     capture = _Capture()

@@ -107,6 +107,7 @@ class Advice:
     policy: str
     options: tuple[Option, ...]
     refused: tuple[str, ...]  # combinations the policy refuses, with why
+    records_source: str = ""  # where measured rows were looked for: the glob and how many files it matched
 
     @property
     def fitting(self) -> list[Option]:
@@ -181,7 +182,7 @@ def _key(flags: Mapping[str, Any] | OffloadFlags) -> OffloadFlags:
 
 def advise(model: str, card: str, cap_bytes: int | None, workload: Workload, *, policy: str = "sglang",
            margin: float = DEFAULT_MARGIN, machine: Machine | None = None, resident_layers: int | None = None,
-           records_glob: str | None = "results/**/*.records.jsonl") -> Advice:
+           records_glob: str | None = None) -> Advice:
     spec = get_model(model)
     machine = machine or machine_profile()
     context = EngineContext.for_model(spec.family, spec.edit, (cap_bytes or 80 * GIB) / GIB)
@@ -209,7 +210,9 @@ def advise(model: str, card: str, cap_bytes: int | None, workload: Workload, *, 
         p = plan(model, effective, cap_bytes, workload, card=card, machine=machine, resident_layers=resident_layers)
         options.append(Option(requested, p, resolution.messages,
                               measured_cells.get(_key(effective))))
-    return Advice(model, card, cap_bytes, workload, margin, machine, policy, tuple(options), tuple(refused))
+    files = len(glob.glob(records_glob, recursive=True)) if records_glob else 0
+    source = f"{records_glob} ({files} files)" if records_glob else "none (--records '')"
+    return Advice(model, card, cap_bytes, workload, margin, machine, policy, tuple(options), tuple(refused), source)
 
 
 # --------------------------------------------------------------------------------------------------- output
@@ -273,6 +276,7 @@ def render(advice: Advice) -> str:
         "peaks: allocator reserved (load, runtime) and device = reserved + CUDA context (NVML per process)",
         "",
     ]
+    lines.insert(-1, f"measured rows from: {a.records_source}")
     measured_rows = sum(o.measurement is not None for o in a.options)
     if measured_rows:
         lines.append(f"{measured_rows} combination(s) use measured numbers from committed records of this model, "

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from harness import locations
 from harness.models import UnknownModelError
 from harness.plan.flags import EngineContext, FlagError, OffloadFlags, check_flag_value, resolve
 from harness.plan.planner import DATA_PATH, GIB, PHASES, Plan, PlanError, Workload, load_data, machine_profile, plan
@@ -53,9 +54,10 @@ def add_commands(sub: Any) -> None:
         else:
             p.add_argument("--margin", type=float, default=None, help="safety margin, a fraction of the card "
                            "(default 0.05)")
-            p.add_argument("--records", default="results/**/*.records.jsonl",
-                           help="glob of committed records whose measurements replace the plan's (default "
-                           "results/**/*.records.jsonl; '' for none)")
+            p.add_argument("--records", default=None,
+                           help="glob of records whose measurements replace the plan's (default: the committed "
+                           "records, results/**/*.records.jsonl of the checkout or the copy a wheel ships; '' for "
+                           "none)")
     fit = sub.add_parser("plan-fit", help="refit the planner's activation and compute figures from GPU records")
     fit.add_argument("records", nargs="+", help="records.jsonl files (GPU runs)")
     fit.add_argument("--write", action="store_true", help=f"store the fits in {DATA_PATH.name}")
@@ -181,7 +183,7 @@ def cmd_advise(args: argparse.Namespace) -> int:
         raise PlanUsageError(f"--margin: expected a fraction in [0, 1), got {margin}")
     a = advise(args.model, card, cap, workload_of(args), policy=args.policy, margin=margin,
                machine=machine_profile(args.machine), resident_layers=args.resident_layers,
-               records_glob=args.records or None)
+               records_glob=locations.records_glob() if args.records is None else (args.records or None))
     print(render(a), end="")
     return 0
 

@@ -31,7 +31,7 @@ from harness.contract import (
     RunSettings,
     cell_id_of,
 )
-from harness.engine.policy import EngineError
+from harness.engine.policy import EngineError, ReleaseMissing, install_command
 from harness.models import UnknownModelError, get_model
 from harness.plan.flags import (
     EngineContext,
@@ -84,6 +84,20 @@ _FATE_KEYS = {"cards", "where", "status", "phase"}
 
 class ScenarioError(ValueError):
     """A scenario file is malformed or contradictory. The message starts with 'file: field:'."""
+
+
+class ReleaseNotInstalled(ScenarioError):
+    """A well-formed scenario whose policy needs an SGLang release this machine lacks (and no recorded answer covers
+    its requests): listed and skipped with one line, an error only when asked for by name."""
+
+    def __init__(self, message: str, name: str, version: str) -> None:
+        super().__init__(message)
+        self.name = name
+        self.version = version
+
+    def line(self) -> str:
+        return (f"{self.name}: needs SGLang {self.version}, not installed here; install it with "
+                f"`{install_command(self.version)}`")
 
 
 # Families whose pipeline can run the two CFG passes as one batched forward (harness.cell.pipeline).
@@ -391,6 +405,8 @@ def _cells_of(scenario: Scenario, path: Path) -> list[Cell]:
     EngineError that stops a whole collection (`--bench-scenario other` included)."""
     try:
         cells = expand(scenario)
+    except ReleaseMissing as e:
+        raise ReleaseNotInstalled(f"{path}: policy {scenario.policy!r}: {e}", scenario.name, e.version) from None
     except EngineError as e:
         raise ScenarioError(f"{path}: policy {scenario.policy!r}: {e}") from None
     if not cells:
