@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _engine  # noqa: E402  (beside this file: imports SGLang's manager module, no harness)
+import _engine
 
 DTYPE = torch.bfloat16
 SDPA_NAMES = ("sdpa", "flash", "fmha", "attention", "cudnn")
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             manager.release_after_use()
             return out
 
-        forward = streamed  # noqa: F841 (measure() closes over `forward`)
+        forward = streamed
         for name, cudnn in (("D_sglang_manager_cudnn_off", False), ("E_sglang_manager_cudnn_restored", True)):
             torch.backends.cuda.enable_cudnn_sdp(cudnn)
             outs[name] = measure(name)

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _engine  # noqa: E402  (beside this file: imports SGLang's manager module, no harness)
+import _engine
 
 GIB = 1 << 30
 DTYPE = torch.bfloat16
@@ -108,7 +108,8 @@ def plan_table(layerwise: Any, budget_cls: Any) -> dict[str, Any]:
     try:
         for host_gib in range(40, 161, 10):
             row = {"available_before_handover_gib": host_gib}
-            for handover, available in (("anonymous_copy", host_gib * GIB - dit_bytes), ("checkpoint_mapping", host_gib * GIB)):
+            for handover, available in (("anonymous_copy", host_gib * GIB - dit_bytes),
+                                        ("checkpoint_mapping", host_gib * GIB)):
                 manager._pin_budget = budget_cls(available_bytes=max(0, available))
                 hosting, _ = manager._plan_layer_hosting(groups)
                 row[handover] = sum(1 for w in hosting.values() if w == "pinned")
@@ -125,7 +126,8 @@ def plan_table(layerwise: Any, budget_cls: Any) -> dict[str, Any]:
     need = dit_bytes / 0.95
     return {"layer_bytes": totals[0], "dit_layer_bytes": dit_bytes, "rows": rows,
             "all_pinned_needs_available_gib": round(max(need, dit_bytes + 2 * GIB) / GIB, 2),
-            "available_at_reading_for_49_of_60_gib": [round(hits[0] / 1024, 2), round(hits[-1] / 1024, 2)] if hits else None}
+            "available_at_reading_for_49_of_60_gib":
+                [round(hits[0] / 1024, 2), round(hits[-1] / 1024, 2)] if hits else None}
 
 
 def available_probe(mib: int, folder: str) -> dict[str, Any]:
@@ -184,7 +186,7 @@ def device_cases(layerwise: Any, args: argparse.Namespace, folder: str) -> dict[
     from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
 
     rope = QwenEmbedRope(theta=10000, axes_dim=[16, 56, 56], scale_rope=True)
-    image_rotary_emb = rope([(1, side, side)], [text], device=dev)
+    image_rotary_emb = rope([(1, side, side)], device=dev, max_txt_seq_len=text)
 
     def forward() -> None:
         h, e = img, txt
@@ -206,7 +208,7 @@ def device_cases(layerwise: Any, args: argparse.Namespace, folder: str) -> dict[
         else:
             del state
             handle = safe_open(path, "pt", device="cpu")
-            source = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+            source = {k: handle.get_tensor(k) for k in handle.keys()}
         stack.load_state_dict(source, assign=True)
         del source
         counts: dict[str, int] = {}
@@ -262,7 +264,8 @@ def h2d_probe(host: torch.Tensor) -> dict[str, float]:
     dev = torch.empty_like(host, device="cuda")
     pageable = torch.empty_like(host, pin_memory=False).copy_(host)
     out = {}
-    for name, src in (("pinned_h2d_gbps", host if host.is_pinned() else host.pin_memory()), ("pageable_h2d_gbps", pageable)):
+    pinned = host if host.is_pinned() else host.pin_memory()
+    for name, src in (("pinned_h2d_gbps", pinned), ("pageable_h2d_gbps", pageable)):
         dev.copy_(src, non_blocking=True)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
