@@ -2,7 +2,7 @@
 
 SGLang 0.5.23 asks a `HostPinBudget` per layer which layers of a streamed DiT may be pinned
 (layerwise_offload.py:1279-1395, `_plan_layer_hosting`). The budget is read once, when the manager is built
-(layerwise_offload.py:1027-1029: `HostPinBudget()` with no argument), as the host's *available* memory
+(layerwise_offload.py:1030: `HostPinBudget()` with no argument), as the host's *available* memory
 (host_memory_budget.py:157-188: psutil's MemAvailable, under any cgroup cap) minus max(5 %, 2 GiB)
 (host_memory_budget.py:45-46, 260-277). A layer over the budget is copied to pageable memory and its H2D copy is
 synchronous (staged by the driver): it stops the host thread and with it the overlap of copy and compute.

@@ -3,7 +3,7 @@
 SGLang #31538 ran Qwen-Image on an RTX 5090 with 30 and 34 resident layers and ran out of memory at 38; our
 runtime under the harness's 5090 cap fits 38 and 42 (26,894 / 29,494 MiB reserved). Suspected cause, to be
 confirmed on the device: SGLang allocates every device copy of a layer -- streamed and resident alike -- inside
-`torch.cuda.stream(self.copy_stream)` (layerwise_offload.py:2057-2058 and 2091-2104, `prefetch_layer`), so the
+`torch.cuda.stream(self.copy_stream)` (layerwise_offload.py:2056-2057 and 2091-2104, `prefetch_layer`), so the
 caching allocator files those blocks under the copy stream, and a cached block is only reused by allocations on
 its own stream. What the compute stream has cached (the text encoder's use, the VAE, activations) cannot hold the
 resident set, and what the copy stream has cached cannot hold activations: the reserved footprint is the sum of
