@@ -305,8 +305,18 @@ def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     return int(pytest.main([str(folder), "-p", "no:cacheprovider", "-rA", *mine, *rest]))
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("offload-bench")
+    except PackageNotFoundError:  # a checkout run without an install
+        return "(not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="offload-bench", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"offload-bench {_version()}")
     sub = parser.add_subparsers(dest="cmd", required=True)
     bench = sub.add_parser("bench", help="run the scenario suite (extra args go to pytest)")
     bench.add_argument("--profile", choices=("auto", "cpu", "gpu"), help="pytest's --bench-profile")

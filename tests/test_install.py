@@ -1,6 +1,12 @@
-"""Installs like a tool: a real wheel (not editable) in a fresh virtual environment, used from a folder outside
-the checkout. The environment sees the system's site-packages (torch and the rest are not downloaded) but its own
-`harness` comes first; `pip` builds without isolation and installs without an index, so nothing is fetched."""
+"""Installs like a user: a real wheel (not editable) in a fresh virtual environment WITHOUT system site-packages,
+with its dependencies at the versions of constraints.txt (torch as the CPU build first, as `make deps` does), used
+from an empty folder outside the checkout. What this machine happens to have installed elsewhere cannot hide a
+missing dependency, a file missing from the wheel, or a release that must be installed by hand.
+
+The environment is built once per session (a minute or two: torch's CPU wheel and the pinned packages, from pip's
+cache after the first time) and the commands then run as a user would type them: --version, list, bench on one
+CPU scenario, report, baseline, compare, plan, advise; list and advise also with no SGLang release on the machine.
+"""
 
 from __future__ import annotations
 
@@ -18,31 +24,55 @@ REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 NOT_SOURCE = shutil.ignore_patterns(".git", "results", "build", "*.egg-info", "__pycache__", ".*cache", ".hypothesis",
                                     ".benchmarks", ".whl", ".engine", ".venv")
+TORCH = os.environ.get("OFFLOAD_BENCH_TEST_TORCH", "torch==2.13.0")
 
 pytestmark = pytest.mark.slow
 
 
-def _run(args: list[str | Path], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    return subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+def _run(args: list[str | Path], cwd: Path, timeout: float = 600, env: dict[str, str] | None = None
+         ) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    return subprocess.run([str(a) for a in args], cwd=cwd, env={**base, **(env or {})}, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The bin folder of a venv holding offload-bench from a wheel built off a copy of the checkout (a build in the
-    checkout itself would leave build/ there)."""
+    """The bin folder of an isolated venv holding offload-bench from a wheel built off a copy of the checkout (a
+    build in the checkout itself would leave build/ there), its dependencies pinned by constraints.txt. The copy
+    ships the committed GPU records (results/<gpu>/*.records.jsonl) as the wheel does, nothing else of results/."""
     root = tmp_path_factory.mktemp("install")
     shutil.copytree(REPO, root / "src", ignore=NOT_SOURCE)
-    built = _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                  root / "wheel", root / "src"], root)  # an absolute path: a bare name would be a PyPI project
+    for records in (REPO / "results").glob("*/*.records.jsonl"):
+        target = root / "src" / records.relative_to(REPO)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(records, target)
+    made = _run([sys.executable, "-m", "venv", root / "venv"], root)
+    assert made.returncode == 0, made.stderr
+    python = root / "venv" / "bin" / "python"
+    torch = _run([python, "-m", "pip", "install", "-q", TORCH], root)
+    assert torch.returncode == 0, torch.stderr
+    built = _run([python, "-m", "pip", "wheel", "-q", "--no-deps", "-w", root / "wheel", root / "src"], root)
     assert built.returncode == 0, built.stderr
     wheel = next((root / "wheel").glob("offload_bench-*.whl"))
-    made = _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", root / "venv"], root)
-    assert made.returncode == 0, made.stderr
-    installed = _run([sys.executable, "-m", "pip", "--python", root / "venv" / "bin" / "python", "install", "-q",
-                      "--no-deps", "--no-index", wheel], root)
+    installed = _run([python, "-m", "pip", "install", "-q", "-c", REPO / "constraints.txt", wheel], root)
     assert installed.returncode == 0, installed.stderr
     return root / "venv" / "bin"
+
+
+NO_RELEASES = {"OFFLOAD_BENCH_SGLANG_ROOT": "/nonexistent/offload-bench-sglang"}
+
+
+def test_the_environment_is_isolated_and_pinned(venv: Path, tmp_path: Path) -> None:
+    probe = _run([venv / "python", "-c", "import sys; print(sys.flags.no_site, sys.prefix != sys.base_prefix); "
+                  "import pytest_benchmark, transformers; print(pytest_benchmark.__version__, "
+                  "transformers.__version__)"], tmp_path)
+    assert probe.returncode == 0, probe.stderr
+    pins = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    assert probe.stdout.split()[2:] == [pins["pytest-benchmark"], pins["transformers"]]
+    version = _run([venv / "offload-bench", "--version"], tmp_path)
+    assert version.returncode == 0 and version.stdout.startswith("offload-bench "), version.stderr
 
 
 def test_wheel_ships_the_scenario_suite(venv: Path, tmp_path: Path) -> None:
@@ -58,12 +88,15 @@ def test_wheel_ships_the_scenario_suite(venv: Path, tmp_path: Path) -> None:
     assert baselines == "results/baselines"  # the working folder's, never site-packages
 
 
-def test_installed_list_runs_from_another_folder(venv: Path, tmp_path: Path) -> None:
-    shipped = _run([venv / "python", "-c", "import harness.locations as l; print(l.scenarios_dir())"], tmp_path)
-    # the CPU folder: the GPU files' engine policies ask installed SGLang releases, a minute for the whole suite
-    listed = _run([venv / "offload-bench", "list", "--scenarios", Path(shipped.stdout.strip()) / "cpu"], tmp_path)
+@pytest.mark.parametrize("releases", ["installed", "none"])
+def test_installed_list_runs_from_another_folder(venv: Path, tmp_path: Path, releases: str) -> None:
+    """The whole shipped suite, GPU files included: their sglang@ policies resolve from the releases' recorded
+    answers (harness/engine/answers.jsonl ships), with or without a release on the machine."""
+    listed = _run([venv / "offload-bench", "list"], tmp_path, env=NO_RELEASES if releases == "none" else None)
     assert listed.returncode == 0, listed.stderr
     assert "qwen-image-edit-tiny/tiny-6m/cpu1-lw1-te0-vae0-pf1-pin1" in listed.stdout
+    assert "qwen-image-edit-5090-sglang-0.5.8/rtx5090-32g/cpu1-lw1-te0-vae0-pf4-pin1" in listed.stdout
+    assert "skipped" not in listed.stdout
     missing = _run([venv / "offload-bench", "list", "--scenarios", tmp_path / "nowhere"], tmp_path)
     assert missing.returncode == exitcodes.USAGE
     assert missing.stderr.strip() == f"error: {tmp_path / 'nowhere'}: no such scenarios folder"
@@ -86,3 +119,28 @@ def test_installed_report_baseline_and_compare_from_another_folder(venv: Path, t
     again = _run([tool, "compare", run, "--write"], tmp_path)
     assert again.returncode == exitcodes.OK, again.stdout + again.stderr
     assert (tmp_path / "run.compare.md").is_file()
+
+
+def test_installed_bench_plan_and_advise_from_an_empty_folder(venv: Path, tmp_path: Path) -> None:
+    """The main job on one CPU scenario, then report / baseline / compare on what it wrote, then the planner: with no
+    SGLang release on the machine, from a folder holding nothing."""
+    tool = venv / "offload-bench"
+    bench = _run([tool, "bench", "--profile", "cpu", "--results", "out", "--bench-scenario", "wan-tiny",
+                  "--bench-run-id", "wheel"], tmp_path, env=NO_RELEASES)
+    assert bench.returncode == 0, bench.stdout[-3000:] + bench.stderr[-2000:]
+    run = tmp_path / "out" / "runs" / "wheel"
+    assert (run / "records.jsonl").is_file() and (run / "pytest-benchmark.json").stat().st_size > 0
+    report = _run([tool, "report", run, "--write", "--no-plots"], tmp_path)
+    assert report.returncode == 0, report.stderr
+    made = _run([tool, "baseline", run], tmp_path)
+    assert made.returncode == 0, made.stderr
+    compared = _run([tool, "compare", run], tmp_path)
+    assert compared.returncode == exitcodes.OK, compared.stdout + compared.stderr
+    planned = _run([tool, "plan", "--model", "qwen-image-edit", "--card", "rtx5090-32g", "--flags",
+                    "dit_cpu_offload=true,dit_layerwise_offload=true"], tmp_path, env=NO_RELEASES)
+    assert planned.returncode == 0, planned.stderr
+    advised = _run([tool, "advise", "--model", "qwen-image-edit", "--card", "rtx5090-32g"], tmp_path,
+                   env=NO_RELEASES)
+    assert advised.returncode == 0, advised.stderr
+    source = next(line for line in advised.stdout.splitlines() if line.startswith("measured rows from:"))
+    assert "_shipped/results" in source and "(0 files)" not in source, source

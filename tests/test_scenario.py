@@ -400,3 +400,23 @@ def test_a_scenario_whose_sglang_release_is_missing_fails_alone(tmp_path: Path,
     scenarios, errors = load_all(folder)
     assert [s.name for s in scenarios] == ["wan-tiny"]
     assert len(errors) == 1 and "engine.toml" in str(errors[0]) and "0.5.23 is not installed" in str(errors[0])
+
+
+def test_a_missing_release_is_one_line_with_its_install_command(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """`list` and the bench's collection skip such a scenario with one line naming the release and the command."""
+    from harness.plan.scenario import ReleaseNotInstalled, load_all
+
+    monkeypatch.setenv("OFFLOAD_BENCH_SGLANG_ROOT", str(tmp_path / "no-releases"))
+    monkeypatch.delenv("OFFLOAD_BENCH_SGLANG_ANSWERS", raising=False)
+    text = (REPO / "scenarios" / "cpu" / "wan_tiny.toml").read_text()
+    folder = tmp_path / "s"
+    folder.mkdir()
+    (folder / "engine.toml").write_text(text.replace('\npolicy = "sglang"\n', '\npolicy = "sglang@0.5.13"\n'))
+    _, errors = load_all(folder)
+    assert len(errors) == 1 and isinstance(errors[0], ReleaseNotInstalled)
+    assert errors[0].line() == ("wan-tiny: needs SGLang 0.5.13, not installed here; install it with "
+                                "`python -m harness.engine.install 0.5.13`")
+    from harness.cli import main
+
+    assert main(["list", "--scenarios", str(folder)]) == 0
