@@ -95,3 +95,15 @@ def test_grid_answers_do_not_stay_in_the_process_cache(monkeypatch: pytest.Monke
     policy.resolve_engine("9.9.9", [request])
     policy.resolve_engine("9.9.9", [request])
     assert len(policy._CACHE) == 1 and asked == [1, 1]
+
+
+def test_a_release_without_a_model_is_compared_with_the_newest_and_said_so() -> None:
+    """0.5.22 (between two modelled releases) died on KeyError: it is compared with the newest model instead, and
+    the report's row and summary line say so."""
+    from harness.engine.grid import model_for, report
+
+    assert model_for("0.5.8") == ("sglang-pre18997", True)
+    assert model_for("0.5.13") == ("sglang-0.5.13", True)
+    assert model_for("0.5.22") == ("sglang", False)
+    text = report({"0.5.22": []}, {"0.5.22": 1.0})
+    assert "| 0.5.22 | `sglang` (unmapped) | 0 | 0 | 0 | 0 | 0 | 0 | 1 s |" in text
