@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import re
@@ -313,7 +314,26 @@ def archive(versions: list[str], python: str, out: Path, root: Path | None = Non
             if not (d / "engine.json").is_file():
                 raise InstallError(f"sglang {v} for Python {python} is not installed in {d}")
             tar.add(d, arcname=d.name, filter=keep)
+            # what was left out is what the sealed policy child must take from the target machine instead
+            listing = json.dumps(sorted(skip), indent=1).encode() + b"\n"
+            info = tarfile.TarInfo(f"{d.name}/{HOST_SHARED_FILE}")
+            info.size = len(listing)
+            tar.addfile(info, io.BytesIO(listing))
     return out
+
+
+HOST_SHARED_FILE = "host-shared.json"
+"""In a version's folder unpacked from an archive made with `--exclude`: the packages left out, which the sealed
+policy child then shares with the host (harness.engine.runtime.seal) instead of failing to import them."""
+
+
+def host_shared(site: Path) -> tuple[str, ...]:
+    """The packages a version's folder was packed without (none for a folder installed here)."""
+    path = site.parent / HOST_SHARED_FILE
+    try:
+        return tuple(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return ()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -166,7 +166,8 @@ class _SharedFinder(importlib.abc.MetaPathFinder):
     importlib.metadata for numpy's version), in the host's folders, which are no longer on sys.path."""
 
     def __init__(self, names: set[str], dists: set[str], host_dirs: list[str]) -> None:
-        self.names = names
+        self.names = names  # exact module names, plus normalised ones (an archive's exclude list is normalised)
+        self.normalised = {_norm(n) for n in names}
         self.dists = dists
         self.host_dirs = host_dirs
 
@@ -179,7 +180,7 @@ class _SharedFinder(importlib.abc.MetaPathFinder):
                 if _norm(d.metadata["Name"] or "") in self.dists)
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
-        if path is not None or fullname not in self.names:
+        if path is not None or (fullname not in self.names and _norm(fullname) not in self.normalised):
             return None  # submodules follow their package's __path__
         return importlib.machinery.PathFinder.find_spec(fullname, self.host_dirs)
 
@@ -191,9 +192,10 @@ def _stdlib_dirs() -> set[str]:
     return {str(Path(d).resolve()) for d in dirs}
 
 
-def seal(site: Path, harness_root: Path) -> list[str]:
+def seal(site: Path, harness_root: Path, also_shared: tuple[str, ...] = ()) -> list[str]:
     """Makes this process see only `site`, the standard library, `harness_root` (the checkout holding the harness
-    package, when it is not an installed wheel) and the host's `shared_modules()`. Returns the host folders taken
+    package, when it is not an installed wheel) and the host's `shared_modules()`, plus `also_shared` (top-level
+    modules a carried folder was packed without: harness.engine.install.host_shared). Returns the host folders taken
     off sys.path. Call before anything imports a non-shared host package."""
     stdlib = _stdlib_dirs()
     keep_extra = {str(site.resolve())}
@@ -210,6 +212,8 @@ def seal(site: Path, harness_root: Path) -> list[str]:
         else:
             host_dirs.append(entry)
     names, dists = shared_modules()
+    names |= set(also_shared)
+    dists |= {_norm(n) for n in also_shared}
     if any(str(Path(e or ".").resolve()) == str(harness_root) for e in kept):
         names.discard("harness")  # the checkout's harness, never another copy installed on the host
     sys.path[:] = kept

@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     answer_out = io.TextIOWrapper(os.fdopen(answer_fd, "wb"), encoding="utf-8")
 
     import harness
-    from harness.engine.install import installed
+    from harness.engine.install import host_shared, installed
     from harness.engine.runtime import HOST_SHARED, activate, seal
 
     engines = installed()
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_HUB_CACHE"] = os.environ["HUGGINGFACE_HUB_CACHE"] = tempfile.mkdtemp(prefix="offload-bench-hf-")
     site = engines[args.version].site
-    seal(site, harness_root=Path(harness.__file__).resolve().parent.parent)
+    seal(site, harness_root=Path(harness.__file__).resolve().parent.parent, also_shared=host_shared(site))
     activate(site, first=True)
     t0 = time.monotonic()
     try:
