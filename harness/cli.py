@@ -99,18 +99,37 @@ def _require_measured(records: list[CellRecord], path: Path) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from harness.analyze.report import render, write_report
+    from harness.analyze.report import render, report_paths, write_report
+    from harness.analyze.summary import build_summary
 
     if args.write:
         args.out = str(beside(args.run, "report.md"))
     if args.out:
         out = Path(args.out)
         ensure_writable(out if out.suffix != ".md" else out.parent, create=False)
+    page = None
+    if args.html:  # --html PATH, or beside the markdown, or beside the run
+        page = Path(args.html) if args.html is not True else (
+            report_paths(args.out).with_suffix(".html") if args.out else beside(args.run, "report.html"))
+        ensure_writable(page.parent, create=False)
     _, records = _read_run(args.run)
     title = args.title or f"offload-bench run {records[0].run_id or ''}"
+    summary = build_summary(records, args.baselines_dir)
+    if page is not None:
+        from harness.analyze.html import write_html
+
+        try:
+            print(f"wrote {write_html(records, page, title, summary, plots=not args.no_plots)}", file=sys.stderr)
+        except ModuleNotFoundError as e:
+            if e.name != "matplotlib":
+                raise
+            print("error: the plots need matplotlib (pip install matplotlib), or pass --no-plots", file=sys.stderr)
+            return 2
+        if not args.out:
+            return 0
     if args.out:
         try:
-            written = write_report(records, args.out, title=title, plots=not args.no_plots)
+            written = write_report(records, args.out, title=title, plots=not args.no_plots, summary=summary)
         except ModuleNotFoundError as e:
             if e.name != "matplotlib":
                 raise
@@ -119,7 +138,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         for path in written:
             print(f"wrote {path}", file=sys.stderr)
     else:
-        print(render(records, title=title))
+        print(render(records, title=title, summary=summary))
     return 0
 
 
@@ -313,6 +332,10 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--no-plots", action="store_true", help="with --out: the markdown only")
     rep.add_argument("--write", action="store_true",
                      help="write report.md (and PNGs) in the run folder, or beside a records file as <name>.report.md")
+    rep.add_argument("--html", nargs="?", const=True, metavar="PATH",
+                     help="also write one self-contained HTML page (summary, sortable tables, inline plots): PATH, "
+                     "else beside the markdown (report.html), else in the run folder / beside the records file")
+    rep.add_argument("--baselines-dir", help="where the summary finds the SKU's baseline (default: results/baselines)")
     base = sub.add_parser("baseline", help="write/refresh results/baselines/<sku>.json from a run")
     base.add_argument("run", help="a run folder or a records.jsonl file")
     base.add_argument("--sku", help="the GPU SKU to take (required when the run mixes SKUs)")
