@@ -5,6 +5,7 @@
 - baseline: writes or refreshes results/baselines/<gpu sku>.json from a run's records.
 - compare: compares a run with its SKU's baseline; exit 1 on a regression or a lost, changed or missing cell.
 - list: the scenarios and their cells, with effective flags, without running anything.
+- history: one HTML page with a trend per metric and cell across runs (run folders, records files, baselines).
 - merge: joins the records of several runs of one run id (shards on several machines) into one run folder.
 - plan, advise, plan-fit: what a flag combination costs on a card, before running it (harness/plan/plan_cli.py).
 - capacity: the largest frame count or resolution each combination completes, searched on the device.
@@ -303,6 +304,20 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_history(args: argparse.Namespace) -> int:
+    from harness.analyze.history import write_history
+
+    if not args.runs and not args.baselines:
+        raise Stop(exitcodes.USAGE, "history: name at least one run (folder or records file) or --baselines DIR")
+    ensure_writable(Path(args.out).resolve().parent, create=False)
+    try:
+        page = write_history(args.runs, args.out, args.baselines, args.title)
+    except FileNotFoundError as e:
+        raise Stop(exitcodes.USAGE, str(e)) from None
+    print(f"wrote {page}", file=sys.stderr)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     """pytest on the scenario suite: the checkout's scenarios/, or the copy an installed wheel ships
     (harness.locations); records go under --results (default ./results) of the working folder."""
@@ -349,6 +364,11 @@ def _parser() -> argparse.ArgumentParser:
     mrg = sub.add_parser("merge", help="join the records of shards of one run (several run folders) into one run")
     mrg.add_argument("runs", nargs="+", help="run folders or records files of one run id")
     mrg.add_argument("--out", help="the merged run folder (default: <first run's folder>/<run id>-merged)")
+    hist = sub.add_parser("history", help="one HTML page: a trend per metric and cell across runs, per GPU SKU")
+    hist.add_argument("runs", nargs="*", help="run folders, records files, or folders holding them (searched)")
+    hist.add_argument("--baselines", metavar="DIR", help="also each baseline file (<sku>.json) under DIR")
+    hist.add_argument("--out", default="history.html", help="the page (default: ./history.html)")
+    hist.add_argument("--title", default="offload-bench history")
     ls = sub.add_parser("list", help="list scenarios and cells")
     ls.add_argument("--scenarios", help="folder of scenario files (default: the checkout's or the shipped one)")
     return parser
@@ -390,6 +410,8 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: l
         return cmd_baseline(args)
     if args.cmd == "compare":
         return cmd_compare(args)
+    if args.cmd == "history":
+        return cmd_history(args)
     if args.cmd == "merge":
         from harness.run.merge import run_merge
 

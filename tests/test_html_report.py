@@ -57,3 +57,24 @@ def test_cli_report_html_beside_the_markdown(tmp_path: Path, capsys) -> None:
     assert (tmp_path / "r.md").read_text().split("\n## ", 2)[1].startswith("Summary")
     assert cli.main(["report", str(CPU), "--html", str(tmp_path / "only.html"), "--no-plots"]) == 0
     assert (tmp_path / "only.html").exists() and not (tmp_path / "only.md").exists()
+
+
+def test_history_of_the_committed_h200_runs(tmp_path: Path) -> None:
+    """`history results/h200`: the Qwen-Image-Edit 5090 both-on cell's reserved peak and step over every committed
+    run of it, the run under SGLang 0.5.8's policy (ran out of memory in load) marked as a fate change."""
+    from harness.analyze.history import collect
+
+    root = Path(__file__).resolve().parents[1]
+    by_sku = collect([str(root / "results/h200")])
+    trend = next(t for t in by_sku["nvidia-h200"] if t.key[0] == "qwen-image-edit" and t.key[1] == "rtx5090-32g"
+                 and t.label == "cpu1-lw1-te0-vae0-pf4-pin1")
+    runs = {p.run_id for p in trend.points}
+    assert {"pr-tier", "20261202-021856-dd1e49", "20261202-022208-e01d1e"} <= runs and len(runs) >= 5
+    assert [p.created for p in trend.points] == sorted(p.created for p in trend.points)
+    assert all("runtime_peak_reserved_bytes" in p.metrics and "denoise_steady_step_ms" in p.metrics
+               for p in trend.points if p.fate == "ok")
+    assert any("ok -> oom in load" in what for _, what in trend.changes())
+    page = tmp_path / "history.html"
+    assert cli.main(["history", str(root / "results/h200"), "--out", str(page)]) == 0
+    text = page.read_text()
+    assert "qwen-image-edit on rtx5090-32g" in text and text.count("data:image/png;base64,") >= 5
