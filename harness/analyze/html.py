@@ -272,8 +272,11 @@ def scenario_table(name: str, recs: list[CellRecord]) -> str:
     numbers = _numbers(recs)
     rows, attrs = [], []
     for r in recs:
-        row = {"#": str(numbers.get(r.cell_id, "")), **cell_row(r)}
-        row["requested"] = r.label
+        full = {**cell_row(r), "requested": r.label}
+        # what a reader compares first (the cell, its fate, its peak and step), then the rest of the columns
+        first = ["requested", "status", *(h for h in full if h.startswith(("runtime peak", "denoise ms/step"))),
+                 "card"]
+        row = {"#": str(numbers.get(r.cell_id, "")), **{h: full[h] for h in first}, **full}
         rows.append(row)
         attrs.append({"requested": words_cell(r), "status": fate_cell(r, row["status"])})
     titles = {"requested": "the requested flags in words; hover a cell for its compact label",
