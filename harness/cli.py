@@ -283,7 +283,7 @@ def _add_notes(comparison: Comparison, baseline: Baseline, cells: dict[str, Base
 def _emit_comparison(args: argparse.Namespace, comparison: Comparison) -> int:
     from harness.analyze.compare import render
 
-    print(render(comparison), end="")
+    print(render(comparison, all_rows=args.all), end="")
     if args.markdown:
         _write(args.markdown, render(comparison, markdown=True))
         print(f"wrote {args.markdown}", file=sys.stderr)
@@ -293,12 +293,19 @@ def _emit_comparison(args: argparse.Namespace, comparison: Comparison) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from harness.analyze.labels import flag_words
+
     for s in discover(args.scenarios or locations.scenarios_dir()):
         print(f"{s.name} [{s.profile}] model={s.model} policy={s.policy}: {s.description}")
         for c in expand(s):
             note = f" (same as {label_in(c.same_as)})" if c.same_as else ""
             eff = c.resolution.effective.label()
-            print(f"  {c.cell_id}  -> effective {eff}{note}")
+            if args.labels:
+                print(f"  {c.cell_id}  -> effective {eff}{note}")
+            else:  # words; the id (for pytest -k) after them
+                requested, effective = flag_words(c.requested), flag_words(c.resolution.effective)
+                became = "" if effective == requested else f"\n      -> the policy runs: {effective}"
+                print(f"  {c.cell_id.split('/')[1]}: {requested}  [{c.cell_id}]{note}{became}")
             for m in c.resolution.messages:
                 print(f"      policy: {m}")
     return 0
@@ -371,6 +378,7 @@ def _parser() -> argparse.ArgumentParser:
     hist.add_argument("--title", default="offload-bench history")
     ls = sub.add_parser("list", help="list scenarios and cells")
     ls.add_argument("--scenarios", help="folder of scenario files (default: the checkout's or the shipped one)")
+    ls.add_argument("--labels", action="store_true", help="the compact labels (cpu1-lw1-...) instead of words")
     return parser
 
 
@@ -390,6 +398,9 @@ def _compare_parser(sub: Any) -> None:
     cmp.add_argument("--timing", action="store_true",
                      help="judge time metrics on the CPU profile too (by default CPU runs compare memory and "
                      "validity only: CPU times are noise)")
+    cmp.add_argument("--all", action="store_true",
+                     help="print every metric row (by default: the verdict, the cells whose fate changed and the "
+                     "metrics that regressed or are missing; --markdown keeps every row)")
     cmp.add_argument("--write", action="store_true",
                      help="write compare.md and benchmark.json in the run folder, or beside a records file as "
                      "<name>.compare.md and <name>.benchmark.json")

@@ -78,3 +78,12 @@ def test_history_of_the_committed_h200_runs(tmp_path: Path) -> None:
     assert cli.main(["history", str(root / "results/h200"), "--out", str(page)]) == 0
     text = page.read_text()
     assert "qwen-image-edit on rtx5090-32g" in text and text.count("data:image/png;base64,") >= 5
+
+
+def test_list_shows_words_and_labels_on_request(capsys) -> None:
+    root = Path(__file__).resolve().parents[1]
+    assert cli.main(["list", "--scenarios", str(root / "scenarios/cpu")]) == 0
+    words = capsys.readouterr().out
+    assert "tiny-6m: DiT CPU offload + layerwise (prefetch 1) · pinned  [qwen-image-edit-tiny/tiny-6m/" in words
+    assert cli.main(["list", "--scenarios", str(root / "scenarios/cpu"), "--labels"]) == 0
+    assert "  qwen-image-edit-tiny/tiny-6m/cpu1-lw1-te0-vae0-pf1-pin1  -> effective" in capsys.readouterr().out
