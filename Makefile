@@ -52,10 +52,11 @@ bench: deps
 	$(PYTHON) -m pytest scenarios -p no:cacheprovider -rA --bench-results $(RESULTS) $(BENCH_ARGS)
 
 # Markdown report plus PNG plots (peak vs denoise latency with the Pareto front; memory over time) in the run folder,
-# or beside a records file named after it (x.records.jsonl -> x.report.md).
+# or beside a records file named after it (x.records.jsonl -> x.report.md), and the same as one self-contained
+# HTML page (report.html / x.report.html: summary first, sortable tables, plots inline).
 report: deps
 	@test -n "$(RUN)" || { echo "no run under $(RESULTS)/runs: pass RUN=<run folder or records.jsonl>" >&2; exit 2; }
-	$(PYTHON) -m harness report $(RUN) --write
+	$(PYTHON) -m harness report $(RUN) --write --html
 
 # Write/refresh results/baselines/<gpu sku>.json from $(RUN) (SKU=... picks one when a run mixes SKUs). The CPU
 # profile's cpu.json is this machine's own and ignored by git; GPU baselines are committed.

@@ -5,6 +5,7 @@
 - baseline: writes or refreshes results/baselines/<gpu sku>.json from a run's records.
 - compare: compares a run with its SKU's baseline; exit 1 on a regression or a lost, changed or missing cell.
 - list: the scenarios and their cells, with effective flags, without running anything.
+- history: one HTML page with a trend per metric and cell across runs (run folders, records files, baselines).
 - merge: joins the records of several runs of one run id (shards on several machines) into one run folder.
 - plan, advise, plan-fit: what a flag combination costs on a card, before running it (harness/plan/plan_cli.py).
 - capacity: the largest frame count or resolution each combination completes, searched on the device.
@@ -99,18 +100,37 @@ def _require_measured(records: list[CellRecord], path: Path) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from harness.analyze.report import render, write_report
+    from harness.analyze.report import render, report_paths, write_report
+    from harness.analyze.summary import build_summary
 
     if args.write:
         args.out = str(beside(args.run, "report.md"))
     if args.out:
         out = Path(args.out)
         ensure_writable(out if out.suffix != ".md" else out.parent, create=False)
+    page = None
+    if args.html:  # --html PATH, or beside the markdown, or beside the run
+        page = Path(args.html) if args.html is not True else (
+            report_paths(args.out).with_suffix(".html") if args.out else beside(args.run, "report.html"))
+        ensure_writable(page.parent, create=False)
     _, records = _read_run(args.run)
     title = args.title or f"offload-bench run {records[0].run_id or ''}"
+    summary = build_summary(records, args.baselines_dir)
+    if page is not None:
+        from harness.analyze.html import write_html
+
+        try:
+            print(f"wrote {write_html(records, page, title, summary, plots=not args.no_plots)}", file=sys.stderr)
+        except ModuleNotFoundError as e:
+            if e.name != "matplotlib":
+                raise
+            print("error: the plots need matplotlib (pip install matplotlib), or pass --no-plots", file=sys.stderr)
+            return 2
+        if not args.out:
+            return 0
     if args.out:
         try:
-            written = write_report(records, args.out, title=title, plots=not args.no_plots)
+            written = write_report(records, args.out, title=title, plots=not args.no_plots, summary=summary)
         except ModuleNotFoundError as e:
             if e.name != "matplotlib":
                 raise
@@ -119,7 +139,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         for path in written:
             print(f"wrote {path}", file=sys.stderr)
     else:
-        print(render(records, title=title))
+        print(render(records, title=title, summary=summary))
     return 0
 
 
@@ -263,7 +283,7 @@ def _add_notes(comparison: Comparison, baseline: Baseline, cells: dict[str, Base
 def _emit_comparison(args: argparse.Namespace, comparison: Comparison) -> int:
     from harness.analyze.compare import render
 
-    print(render(comparison), end="")
+    print(render(comparison, all_rows=args.all), end="")
     if args.markdown:
         _write(args.markdown, render(comparison, markdown=True))
         print(f"wrote {args.markdown}", file=sys.stderr)
@@ -273,6 +293,8 @@ def _emit_comparison(args: argparse.Namespace, comparison: Comparison) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from harness.analyze.labels import flag_words
+
     scenarios, errors = load_all(args.scenarios or locations.scenarios_dir())
     bad = [e for e in errors if not isinstance(e, ReleaseNotInstalled)]
     if bad:
@@ -282,11 +304,30 @@ def cmd_list(args: argparse.Namespace) -> int:
         for c in expand(s):
             note = f" (same as {label_in(c.same_as)})" if c.same_as else ""
             eff = c.resolution.effective.label()
-            print(f"  {c.cell_id}  -> effective {eff}{note}")
+            if args.labels:
+                print(f"  {c.cell_id}  -> effective {eff}{note}")
+            else:  # words; the id (for pytest -k) after them
+                requested, effective = flag_words(c.requested), flag_words(c.resolution.effective)
+                became = "" if effective == requested else f"\n      -> the policy runs: {effective}"
+                print(f"  {c.cell_id.split('/')[1]}: {requested}  [{c.cell_id}]{note}{became}")
             for m in c.resolution.messages:
                 print(f"      policy: {m}")
     for e in errors:
         print(f"skipped {e.line()}")  # type: ignore[attr-defined]
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from harness.analyze.history import write_history
+
+    if not args.runs and not args.baselines:
+        raise Stop(exitcodes.USAGE, "history: name at least one run (folder or records file) or --baselines DIR")
+    ensure_writable(Path(args.out).resolve().parent, create=False)
+    try:
+        page = write_history(args.runs, args.out, args.baselines, args.title)
+    except FileNotFoundError as e:
+        raise Stop(exitcodes.USAGE, str(e)) from None
+    print(f"wrote {page}", file=sys.stderr)
     return 0
 
 
@@ -329,6 +370,10 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--no-plots", action="store_true", help="with --out: the markdown only")
     rep.add_argument("--write", action="store_true",
                      help="write report.md (and PNGs) in the run folder, or beside a records file as <name>.report.md")
+    rep.add_argument("--html", nargs="?", const=True, metavar="PATH",
+                     help="also write one self-contained HTML page (summary, sortable tables, inline plots): PATH, "
+                     "else beside the markdown (report.html), else in the run folder / beside the records file")
+    rep.add_argument("--baselines-dir", help="where the summary finds the SKU's baseline (default: results/baselines)")
     base = sub.add_parser("baseline", help="write/refresh results/baselines/<sku>.json from a run")
     base.add_argument("run", help="a run folder or a records.jsonl file")
     base.add_argument("--sku", help="the GPU SKU to take (required when the run mixes SKUs)")
@@ -342,8 +387,14 @@ def _parser() -> argparse.ArgumentParser:
     mrg = sub.add_parser("merge", help="join the records of shards of one run (several run folders) into one run")
     mrg.add_argument("runs", nargs="+", help="run folders or records files of one run id")
     mrg.add_argument("--out", help="the merged run folder (default: <first run's folder>/<run id>-merged)")
+    hist = sub.add_parser("history", help="one HTML page: a trend per metric and cell across runs, per GPU SKU")
+    hist.add_argument("runs", nargs="*", help="run folders, records files, or folders holding them (searched)")
+    hist.add_argument("--baselines", metavar="DIR", help="also each baseline file (<sku>.json) under DIR")
+    hist.add_argument("--out", default="history.html", help="the page (default: ./history.html)")
+    hist.add_argument("--title", default="offload-bench history")
     ls = sub.add_parser("list", help="list scenarios and cells")
     ls.add_argument("--scenarios", help="folder of scenario files (default: the checkout's or the shipped one)")
+    ls.add_argument("--labels", action="store_true", help="the compact labels (cpu1-lw1-...) instead of words")
     return parser
 
 
@@ -363,6 +414,9 @@ def _compare_parser(sub: Any) -> None:
     cmp.add_argument("--timing", action="store_true",
                      help="judge time metrics on the CPU profile too (by default CPU runs compare memory and "
                      "validity only: CPU times are noise)")
+    cmp.add_argument("--all", action="store_true",
+                     help="print every metric row (by default: the verdict, the cells whose fate changed and the "
+                     "metrics that regressed or are missing; --markdown keeps every row)")
     cmp.add_argument("--write", action="store_true",
                      help="write compare.md and benchmark.json in the run folder, or beside a records file as "
                      "<name>.compare.md and <name>.benchmark.json")
@@ -383,6 +437,8 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: l
         return cmd_baseline(args)
     if args.cmd == "compare":
         return cmd_compare(args)
+    if args.cmd == "history":
+        return cmd_history(args)
     if args.cmd == "merge":
         from harness.run.merge import run_merge
 

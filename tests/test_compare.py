@@ -284,8 +284,13 @@ def test_cli_identical_run_exits_0(capsys):
 
 def test_cli_variant_reports_every_verdict_and_exits_1(tmp_path, capsys):
     md, gab = tmp_path / "compare.md", tmp_path / "gab.json"
+    # quiet by default: the verdict, the changed cells and the failing metrics only
+    assert cli.main(["compare", str(VARIANT), "--baselines-dir", str(BASELINES)]) == 1
+    quiet = capsys.readouterr().out.split("Metrics:", 1)[1]
+    assert f"| {REGRESSED} " in quiet and f"| {WITHIN} " not in quiet and f"| {IMPROVED} " not in quiet
+    assert "not shown (--all shows every row)" in quiet
     rc = cli.main(["compare", str(VARIANT), "--baselines-dir", str(BASELINES), "--markdown", str(md),
-                   "--gab-json", str(gab)])
+                   "--gab-json", str(gab), "--all"])
     captured = capsys.readouterr()
     assert rc == 1
     out = captured.out

@@ -365,12 +365,12 @@ def validity_table(comp: Comparison) -> str | None:
     )
 
 
-def metric_table(comp: Comparison) -> str:
+def metric_table(comp: Comparison, rows: list[MetricRow] | None = None) -> str:
     return tabulate(
         [
             [r.cell_id, r.metric, _value(r.metric, r.baseline), _value(r.metric, r.current), _pct(r.change),
              f"+{r.tolerance * 100:g} %", r.verdict, r.note]
-            for r in comp.rows
+            for r in (comp.rows if rows is None else rows)
         ],
         headers=["cell", "metric", "baseline", "current", "change", "tolerance", "verdict", "note"],
         tablefmt="github",
@@ -393,8 +393,9 @@ def summary(comp: Comparison) -> str:
     )
 
 
-def render(comp: Comparison, markdown: bool = False) -> str:
-    """The validity section (lost/fixed/changed/missing/new cells) above the per-metric table."""
+def render(comp: Comparison, markdown: bool = False, all_rows: bool = True) -> str:
+    """The validity section (lost/fixed/changed/missing/new cells) above the per-metric table; with `all_rows`
+    False, the metric table keeps only the rows that fail (regressed, missing) and says how many it left out."""
     out = []
     if markdown:
         out += [f"# Comparison with the {comp.sku} baseline", "", f"**{summary(comp)}**", ""]
@@ -405,7 +406,14 @@ def render(comp: Comparison, markdown: bool = False) -> str:
     out += ["## Validity (cells whose fate changed)" if markdown else "Validity (cells whose fate changed):", ""]
     out += [validity_table(comp) or "Every cell ends as it did in the baseline.", ""]
     out += ["## Metrics" if markdown else "Metrics:", ""]
-    out += [metric_table(comp), ""]
+    gone = {c.cell_id for c in comp.cells if c.verdict == MISSING}  # said once, in the validity table
+    shown = comp.rows if all_rows else [r for r in comp.rows
+                                        if r.verdict in FAILING_METRIC_VERDICTS and r.cell_id not in gone]
+    if shown:
+        out += [metric_table(comp, shown), ""]
+    if len(shown) < len(comp.rows):
+        out += [f"{len(comp.rows) - len(shown)} metric rows within tolerance, improved, new or not compared are "
+                "not shown (--all shows every row).", ""]
     out.append(
         "Every metric is smaller-is-better: `regressed` = grew by more than its tolerance, `improved` = shrank by "
         f"more than {comp.improvement_threshold * 100:g} %. Memory: `reserved` = PyTorch allocator reserved, "

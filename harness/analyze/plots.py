@@ -27,6 +27,7 @@ PHASE_COLORS = {
 }
 _COUNTER_LABELS = {"alloc_peak_reserved_bytes": "alloc reserved", "ledger_peak_bytes": "ledger"}
 _PNG_META = {"Software": None}  # no matplotlib version in the file: the same records give the same bytes
+MAX_HEIGHT_IN = 8.5  # at the 110 dpi of _save: 935 px, within a laptop screen's height
 
 
 def _unit(max_bytes: float) -> tuple[float, str]:
@@ -101,8 +102,9 @@ def pareto_plot(records: list[CellRecord], path: Path, title: str) -> Path:
     counter = records[0].peak_counter if records else "alloc_peak_reserved_bytes"
     cap = next((r.card.get("cap_bytes") for r in records if r.card), None)
     key_lines = [f"{number[r.cell_id]}  {r.label}: {r.fate}" for r in cells]
-    fig = Figure(figsize=(13, 4.9 + 0.15 * len(key_lines)))
-    grid = fig.add_gridspec(2, 3, height_ratios=[4.6, 0.15 * len(key_lines) + 0.2], width_ratios=[1.3, 1, 1])
+    key_rows = -(-len(key_lines) // (2 if len(key_lines) > 6 else 1))  # _key_panel's rows
+    fig = Figure(figsize=(13, min(MAX_HEIGHT_IN, 4.9 + 0.15 * key_rows)))
+    grid = fig.add_gridspec(2, 3, height_ratios=[4.6, 0.15 * key_rows + 0.2], width_ratios=[1.3, 1, 1])
     ax, host, steps = (fig.add_subplot(grid[0, i]) for i in range(3))
     _memory_panel(ax, points, {r.cell_id: r for r in cells}, number, cap, counter)
     _host_panel(host, cells, number)
@@ -118,32 +120,69 @@ def pareto_plot(records: list[CellRecord], path: Path, title: str) -> Path:
 
 def _memory_panel(ax: Any, points: list[tuple[str, float, float]], by_id: dict[str, CellRecord],
                   number: dict[str, int], cap: int | None, counter: str) -> None:
-    """Peak device memory against ms/step: colour and marker per backend, the Pareto front, the card's cap."""
+    """Peak device memory against ms/step: colour and marker per backend, the Pareto front, the card's cap, and
+    the cells that ran out of memory before a step time drawn as crosses on the card line, at the right."""
+    oom = [r for cid, r in by_id.items() if r.status is Status.OOM and cid not in {p[0] for p in points}]
     scale, unit = _unit(max([p[2] for p in points] + [cap or 0, 1]))
+    right = max([p[1] for p in points] + [1.0]) * 1.12
+    labels: list[tuple[float, float, str, str]] = []  # x, y, number, colour: placed together at the end
     if points:
         for backend in dict.fromkeys(by_id[cid].backend for cid, _, _ in points):
             mine = [p for p in points if by_id[p[0]].backend == backend]
             colour, marker = backend_style(backend)
             ax.scatter([p[1] for p in mine], [p[2] / scale for p in mine], color=colour, marker=marker, s=46,
                        zorder=3, label=backend)
-            for cid, ms, peak in mine:
-                ax.annotate(str(number[cid]), (ms, peak / scale), textcoords="offset points", xytext=(6, 5),
-                            fontsize=8, fontweight="bold", color=colour, zorder=5)
+            labels += [(ms, peak / scale, str(number[cid]), colour) for cid, ms, peak in mine]
         front = pareto_front(points)
         ax.plot([p[1] for p in front], [p[2] / scale for p in front], color="#444444", marker="o",
                 markerfacecolor="none", markersize=14, linestyle="--", linewidth=1, zorder=4, label="Pareto front")
-        ax.set_xlim(left=0, right=max(p[1] for p in points) * 1.12)
-    else:
+    elif not oom:
         ax.text(0.5, 0.5, "no cell finished its denoise loop", transform=ax.transAxes, ha="center", va="center")
+    top = max([p[2] / scale for p in points] + [(cap or 0) / scale, 1e-9]) * 1.12
+    if oom:  # no step time to place them by: a strip right of the measured points, on the card line
+        strip = right
+        right = strip * (1.1 + 0.12 * len(oom))
+        y = cap / scale if cap else top / 1.12
+        xs = [strip * (1.06 + 0.12 * i) for i in range(len(oom))]
+        for x, r in zip(xs, oom, strict=True):
+            colour, _ = backend_style(r.backend)
+            ax.scatter([x], [y], color=colour, marker="x", s=60, linewidths=2, zorder=5)
+            labels.append((x, y, str(number[r.cell_id]), colour))
+        ax.axvline(strip, color="#bbbbbb", linewidth=0.8)
+        ax.text((strip + right) / 2, y * 0.97, "out of\nmemory", ha="center", va="top", fontsize=7, color="#7f0000")
+        ax.scatter([], [], color="#555555", marker="x", label="ran out of memory (at the card line)")
+    ax.set_xlim(left=0, right=right)
     if cap:
         ax.axhline(cap / scale, color="#7f0000", linestyle=":", linewidth=1.5,
                    label=f"card cap {cap / scale:,.2f} {unit}")
     ax.set_xlabel(f"denoise ms/step ({STEP_CONVENTION})")
     ax.set_ylabel(f"peak device memory ({unit}, {_COUNTER_LABELS.get(counter, counter)})")
-    ax.set_ylim(bottom=0, top=max([p[2] / scale for p in points] + [(cap or 0) / scale, 1e-9]) * 1.12)
+    ax.set_ylim(bottom=0, top=top)
+    _place_numbers(ax, labels)
     ax.grid(True, alpha=0.3)
-    if points or cap:  # legends above the panels: inside they would cover points or bars
+    if points or cap or oom:  # legends above the panels: inside they would cover points or bars
         ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=3, fontsize=7, frameon=False)
+
+
+def _place_numbers(ax: Any, labels: list[tuple[float, float, str, str]], near_px: float = 14.0) -> None:
+    """Each point's number beside it; points closer than `near_px` on screen share one label ("1,3") so no
+    number is drawn over another."""
+    to_px = ax.transData.transform
+    groups: list[list[tuple[float, float, str, str]]] = []
+    for lab in sorted(labels, key=lambda v: (v[1], v[0])):
+        x, y = to_px((lab[0], lab[1]))
+        for g in groups:
+            gx, gy = to_px((g[0][0], g[0][1]))
+            if abs(gx - x) < near_px * 2.5 and abs(gy - y) < near_px:
+                g.append(lab)
+                break
+        else:
+            groups.append([lab])
+    for g in groups:
+        text = ",".join(sorted((v[2] for v in g), key=int))
+        colour = g[0][3] if len({v[3] for v in g}) == 1 else "#333333"
+        ax.annotate(text, (g[0][0], g[0][1]), textcoords="offset points", xytext=(6, 5), fontsize=8,
+                    fontweight="bold", color=colour, zorder=6)
 
 
 
@@ -213,11 +252,18 @@ def trace_plot(records: list[CellRecord], path: Path, title: str) -> Path:
     """Memory over time, one panel per cell, on one scale (time, device and host RSS axes shared, so panels compare
     by eye). A phase is named in its span where the span is wide enough; the key under the panels names them all."""
     cells = [r for r in records if not r.same_as]
-    fig = Figure(figsize=(9, max(2.6, 2.3 * len(cells) + 0.9)))
+    # one column up to 3 cells, then 2 or 3 columns: the figure stays within a screen's height
+    columns = 1 if len(cells) <= 3 else 2 if len(cells) <= 8 else 3
+    rows = max(1, -(-len(cells) // columns))
+    fig = Figure(figsize=(9 if columns == 1 else 6.5 * columns, min(MAX_HEIGHT_IN, max(2.6, 2.1 * rows + 0.9))))
     if not cells:
         fig.text(0.5, 0.5, "no cells", ha="center")
         return _save(fig, path)
-    axes = fig.subplots(len(cells), 1, squeeze=False, sharex=True, sharey=True)[:, 0]
+    grid = fig.subplots(rows, columns, squeeze=False, sharex=True, sharey=True)
+    axes = [grid[i % rows, i // rows] for i in range(len(cells))]
+    for i in range(len(cells), rows * columns):  # an empty slot: off, and the panel above keeps its time ticks
+        grid[i % rows, i // rows].axis("off")
+        grid[i % rows - 1, i // rows].xaxis.set_tick_params(labelbottom=True)
     traces = [[row for row in (r.trace or []) if len(row) >= 4] for r in cells]
     rows = [row for trace in traces for row in trace]
     cap = next((c for r in cells if (c := (r.card or {}).get("cap_bytes"))), None)

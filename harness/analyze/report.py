@@ -121,8 +121,13 @@ def _resident_zero_twin(record: CellRecord, records: list[CellRecord]) -> CellRe
                  and rest(o) == rest(record) and o.backend == record.backend), None)
 
 
-def render(records: list[CellRecord], title: str = "offload-bench run") -> str:
+def render(records: list[CellRecord], title: str = "offload-bench run", summary: Any = None) -> str:
+    """The markdown report: title, machine line, summary (`harness.analyze.summary`; built here, with the SKU's
+    committed baseline, unless given), then one section per scenario."""
+    from harness.analyze.summary import build_summary, summary_markdown
+
     out = [f"# {title}", "", *_machine_line(records)]
+    out += summary_markdown(summary if summary is not None else build_summary(records))
     out += gpus_section(records)
     # a merged run of shards (harness.run.merge): each row says where it ran, as host and GPU id
     several_hosts = len({host_of(r) for r in records}) > 1
@@ -170,13 +175,15 @@ def _machine_line(records: list[CellRecord]) -> list[str]:
     if not first or not first.machine:
         return []
     m = first.machine
-    return [
-        f"Machine: {', '.join(sorted(machines))}; torch {m.get('torch')}, diffusers {m.get('diffusers')}, "
-        f"driver {m.get('driver', 'n/a')}, PCIe gen {m.get('pcie_gen', 'n/a')} x{m.get('pcie_width', 'n/a')}, "
-        f"pinned H2D probe {m.get('pinned_h2d_gbps', 'n/a')} GB/s. Run {first.run_id}, "
-        f"git {first.git_sha}.",
-        "",
-    ]
+    known = [f"{k} {m[k]}" for k in ("torch", "diffusers", "driver") if m.get(k)]  # only what was measured
+    if m.get("pcie_gen") and m.get("pcie_width"):
+        known.append(f"PCIe gen {m['pcie_gen']} x{m['pcie_width']}")
+    if m.get("pinned_h2d_gbps"):
+        known.append(f"pinned H2D probe {m['pinned_h2d_gbps']} GB/s")
+    run = ", ".join(x for x in (first.run_id and f"Run {first.run_id}", first.git_sha and f"git {first.git_sha}")
+                    if x)
+    line = f"Machine: {', '.join(sorted(machines))}" + (f"; {', '.join(known)}" if known else "") + "."
+    return [line + (f" {run}." if run else ""), ""]
 
 
 STEP_RATIO = re.compile(r"step [0-9.]+ s vs [0-9.]+ s two-pass \([0-9.]+x\)")  # cfg_batch's note on each pair
@@ -333,12 +340,13 @@ def plots_section(
 
 
 def write_report(
-    records: list[CellRecord], out: Path | str, title: str = "offload-bench run", plots: bool = True
+    records: list[CellRecord], out: Path | str, title: str = "offload-bench run", plots: bool = True,
+    summary: Any = None,
 ) -> list[Path]:
     """Writes the markdown report (and its PNGs next to it); returns the files written, markdown first."""
     md = report_paths(out)
     md.parent.mkdir(parents=True, exist_ok=True)
-    text = render(records, title)
+    text = render(records, title, summary)
     written: list[Path] = []
     if plots:
         made = write_plots(records, md.parent, md.stem)
