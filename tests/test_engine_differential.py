@@ -24,6 +24,7 @@ def grid() -> list:
     return grid_inputs()
 
 
+@pytest.mark.slow  # one child per release answers ~29,000 inputs: minutes (make test-e2e)
 @pytest.mark.skipif(ENGINE_OFF, reason="OFFLOAD_BENCH_SGLANG=0: the SGLang install is turned off")
 @pytest.mark.parametrize("version", VERSIONS)
 def test_model_agrees_with_release_on_every_expressible_input(version: str, grid: list) -> None:
@@ -43,6 +44,7 @@ def test_model_agrees_with_release_on_every_expressible_input(version: str, grid
     assert counts["agree"] > 0, "nothing was compared"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(ENGINE_OFF, reason="OFFLOAD_BENCH_SGLANG=0: the SGLang install is turned off")
 def test_model_agrees_with_newest_release_on_modes_components_and_resident_layers() -> None:
     if MODERN_VERSION not in available_versions():

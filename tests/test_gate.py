@@ -166,7 +166,7 @@ def test_report_write_beside_a_records_file(tmp_path, capsys):
 def _make(target: str, run: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     # -o deps: take the install check as done (the test process already imports everything it needs)
     return subprocess.run(
-        ["make", "-s", "-o", "deps", target, f"RUN={run}", f"BASELINES={BASELINES}", "PYTHON=python3"],
+        ["make", "-s", "-o", "deps", target, f"RUN={run}", f"BASELINES={BASELINES}", f"PYTHON={sys.executable}"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
 

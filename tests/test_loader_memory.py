@@ -16,6 +16,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+pytestmark = pytest.mark.slow  # a ~295 MiB checkpoint written and loaded in fresh processes (make test-e2e)
+
 SPEC = {
     "role": "dit",
     "factory": "harness.models.qwen_image:build_dit",
