@@ -23,14 +23,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from harness import exitcodes, locations
 from harness.analyze.baseline import Baseline, BaselineCell, BaselineError
 from harness.analyze.compare import CheckSpecError, Comparison
-from harness.contract import CellRecord, Status, label_in
-from harness.plan import plan_cli
-from harness.plan.scenario import ScenarioError, discover, expand
-from harness.run.merge import MergeConflict
-from harness.run.results import (
+from harness.common import exitcodes, locations
+from harness.common.contract import CellRecord, Status, label_in
+from harness.common.records import (
     NoRecordsError,
     ResultsError,
     UnwritableError,
@@ -38,6 +35,9 @@ from harness.run.results import (
     latest_by_cell,
     read_cell_records,
 )
+from harness.plan import plan_cli
+from harness.plan.scenario import ScenarioError, discover, expand
+from harness.run.merge import MergeConflict
 
 
 class Stop(Exception):

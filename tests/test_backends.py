@@ -25,8 +25,8 @@ from harness.analyze.expect import (
     same_output_verdict,
 )
 from harness.analyze.roofline import STEP_CONVENTION, roofline_rows
+from harness.common.records import migrate
 from harness.plan.scenario import BACKENDS, HARNESS_BACKEND, ScenarioError, expand, load_scenario
-from harness.run.results import migrate
 from tests.helpers import DELETE, as_records, base_scenario, make_record, mutate, to_toml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -208,8 +208,8 @@ def test_committed_peer_scenario_runs_every_backend_with_and_without_layerwise()
 
 
 def test_placement_changes_only_the_layerwise_dit_under_a_diffusers_backend() -> None:
-    from harness.contract import Placement
-    from harness.plan.flags import OffloadFlags
+    from harness.common.contract import Placement
+    from harness.common.flags import OffloadFlags
 
     placement_for = Placement.for_role
     DIFFUSERS_GROUP = Placement.DIFFUSERS_GROUP
@@ -229,7 +229,7 @@ def test_placement_changes_only_the_layerwise_dit_under_a_diffusers_backend() ->
 def test_load_component_refuses_diffusers_group_without_cuda(tmp_path: Path) -> None:
     from harness.cell.offload.loader import load_component
     from harness.cell.offload.memory import Device
-    from harness.contract import Placement
+    from harness.common.contract import Placement
     from harness.models import get_model
 
     spec = get_model("qwen-image-edit-tiny").components["dit"]

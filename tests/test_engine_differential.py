@@ -11,9 +11,9 @@ import os
 
 import pytest
 
+from harness.common.flags import MODEL_FOR_VERSION
 from harness.engine.grid import MODERN_VERSION, as_rows, grid_inputs, modern_inputs, run_version, summary
 from harness.engine.policy import EngineError, available_versions
-from harness.plan.flags import MODEL_FOR_VERSION
 
 VERSIONS = ("0.5.8", "0.5.13", "0.5.23")
 ENGINE_OFF = os.environ.get("OFFLOAD_BENCH_SGLANG", "1") == "0"

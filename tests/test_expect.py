@@ -19,7 +19,7 @@ from harness.analyze.expect import (
     resident_speed_verdict,
     same_output_verdict,
 )
-from harness.contract import CellRecord, as_record
+from harness.common.contract import CellRecord, as_record
 from harness.plan.scenario import FateExpectation, ScenarioError, expand, load_scenario
 from tests.helpers import as_records, make_record
 

@@ -1,4 +1,4 @@
-"""harness/plan/flags.py: flag parsing, the prefetch-window arithmetic, and the two SGLang policies."""
+"""harness/common/flags.py and harness/policy: flag parsing, the prefetch-window arithmetic, and the SGLang policies."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from harness.plan.flags import (
+from harness.common.flags import (
     FlagError,
     OffloadFlags,
     check_policy,

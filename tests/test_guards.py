@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 
 from harness.cell import guards
-from harness.contract import Card, CellSpec, Placement
-from harness.plan.flags import OffloadFlags, resolve
+from harness.common.contract import Card, CellSpec, Placement
+from harness.common.flags import OffloadFlags, resolve
+from harness.common.records import read_cell_records
 from harness.plan.scenario import expand, load_scenario
-from harness.run.results import read_cell_records
 from tests.helpers import tiny_scenario_file
 
 REPO = Path(__file__).resolve().parent.parent

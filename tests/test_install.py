@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import exitcodes
+from harness.common import exitcodes
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -46,7 +46,7 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_wheel_ships_the_scenario_suite(venv: Path, tmp_path: Path) -> None:
-    where = _run([venv / "python", "-c", "import harness, harness.locations as l; print(harness.__file__); "
+    where = _run([venv / "python", "-c", "import harness, harness.common.locations as l; print(harness.__file__); "
                   "print(l.scenarios_dir()); print(l.baselines_dir())"], tmp_path)
     assert where.returncode == 0, where.stderr
     package, scenarios, baselines = where.stdout.split()
@@ -59,7 +59,7 @@ def test_wheel_ships_the_scenario_suite(venv: Path, tmp_path: Path) -> None:
 
 
 def test_installed_list_runs_from_another_folder(venv: Path, tmp_path: Path) -> None:
-    shipped = _run([venv / "python", "-c", "import harness.locations as l; print(l.scenarios_dir())"], tmp_path)
+    shipped = _run([venv / "python", "-c", "import harness.common.locations as l; print(l.scenarios_dir())"], tmp_path)
     # the CPU folder: the GPU files' engine policies ask installed SGLang releases, a minute for the whole suite
     listed = _run([venv / "offload-bench", "list", "--scenarios", Path(shipped.stdout.strip()) / "cpu"], tmp_path)
     assert listed.returncode == 0, listed.stderr

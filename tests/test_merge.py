@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from harness import exitcodes
 from harness.cli import main as cli
-from harness.contract import CellRecord, Status
+from harness.common import exitcodes
+from harness.common.contract import CellRecord, Status
+from harness.common.records import latest_by_cell, read_cell_records
 from harness.run.merge import MergeConflict, Source, merge, missing_shards
-from harness.run.results import latest_by_cell, read_cell_records
 from tests.helpers import FIXTURES, H100
 
 BASELINE = FIXTURES / "baselines" / "nvidia-h100-80gb-hbm3.json"

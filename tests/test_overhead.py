@@ -11,7 +11,7 @@ import pytest
 
 from harness.analyze.overhead import fixed_cost
 from harness.cell import measure
-from harness.contract import H2D_PROBE_SPEC_KEY, CellRecord, Status
+from harness.common.contract import H2D_PROBE_SPEC_KEY, CellRecord, Status
 from harness.plan.scenario import expand, load_scenario
 from harness.run import runner
 from harness.run.runner import Run, child_spec, finish_overhead, remember_h2d_probe

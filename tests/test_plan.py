@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 
 from harness.analyze.expect import plan_within_verdict
-from harness.contract import CellRecord, as_record, is_probe
+from harness.common.contract import CellRecord, as_record, is_probe
+from harness.common.flags import OffloadFlags
+from harness.common.records import read_cell_records
 from harness.models import get_model, model_names
 from harness.plan.advise import advise, combinations, describe
-from harness.plan.flags import OffloadFlags
 from harness.plan.planner import (
     GIB,
     WARM_KERNELS_BYTES,
@@ -36,7 +37,6 @@ from harness.plan.planner import (
     steady_steps,
 )
 from harness.plan.scenario import CARDS, ScenarioError, load_scenario
-from harness.run.results import read_cell_records
 from tests.helpers import as_records
 
 REPO = Path(__file__).resolve().parent.parent

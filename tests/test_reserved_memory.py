@@ -13,7 +13,7 @@ import torch
 
 from harness.cell.measure import reserved_attribution
 from harness.cell.worker import cache_release, cap_check, release_after_packing, release_point
-from harness.contract import CellRecord
+from harness.common.contract import CellRecord
 
 MIB = 2**20
 LAYERWISE = {"text_encoder": "cpu-offload", "dit": "layerwise-from-host", "vae": "resident"}

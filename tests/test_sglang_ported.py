@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.plan.flags import EngineContext, FlagError, OffloadFlags, resolve
+from harness.common.flags import EngineContext, FlagError, OffloadFlags, resolve
 
 U = None  # unset: SGLang's None, the engine's defaults decide
 

@@ -206,7 +206,7 @@ def test_the_drift_analysis_names_the_cause_from_the_committed_h200_rounds() -> 
     cell of session 5 that spread 4.7 % had no copy timeline: not attributed, and said so. A spread under 1 %
     is not attributed at all; a round whose SM clock fell is the clocks'."""
     from harness.analyze.drift import spread_cause
-    from harness.run.results import read_cell_records
+    from harness.common.records import read_cell_records
 
     h200 = Path(__file__).resolve().parent.parent / "results" / "h200"
     drift = {r.scenario: r for r in read_cell_records(h200 / "drift.records.jsonl").records}
@@ -220,6 +220,6 @@ def test_the_drift_analysis_names_the_cause_from_the_committed_h200_rounds() -> 
     worst = max((r for r in slowed["telemetry"]["rounds"] if not r["warmup"]), key=lambda r: r["steady_step_ms"])
     for step in worst["step_machine"]["steps"]:
         step["sm_clock_mhz"] = 1500
-    from harness.contract import CellRecord
+    from harness.common.contract import CellRecord
 
     assert "clocks moving" in (spread_cause(CellRecord.from_json(json.dumps(slowed))) or "")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.contract import PHASES, as_record, migrate
+from harness.common.contract import PHASES, as_record, migrate
 from harness.plan.scenario import expand, load_scenario
 
 SCENARIO = Path(__file__).resolve().parent.parent / "scenarios" / "cpu" / "qwen_image_edit_tiny.toml"

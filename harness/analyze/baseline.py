@@ -31,8 +31,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from harness import locations
-from harness.contract import (
+from harness.common import locations
+from harness.common.contract import (
     PHASES,
     RUNTIME_PHASES,
     STATUSES,
@@ -43,7 +43,7 @@ from harness.contract import (
     Status,
     fate_text,
 )
-from harness.run.results import now_iso, write_json_atomic
+from harness.common.records import now_iso, write_json_atomic
 
 BASELINE_SCHEMA_VERSION = 1
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from tabulate import tabulate
 
 from harness.analyze.baseline import RETIRED_METRICS, Baseline, BaselineCell, metric, metric_order
-from harness.contract import PHASES, JsonObject, Status
+from harness.common.contract import PHASES, JsonObject, Status
 
 MIB = 2**20
 

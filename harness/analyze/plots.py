@@ -19,7 +19,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from harness.contract import STEP_CONVENTION, CellRecord, Phase, Status
+from harness.common.contract import STEP_CONVENTION, CellRecord, Phase, Status
 
 GIB, MIB = 2**30, 2**20
 PHASE_COLORS = {

@@ -18,7 +18,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from harness.contract import (
+from harness.common.contract import (
     MEASURED_PHASES,
     ROLES,
     RUNTIME_PHASES,
@@ -30,8 +30,8 @@ from harness.contract import (
     Status,
     median_step,
 )
-from harness.plan.flags import OffloadFlags, resolve
-from harness.run.results import now_iso, write_json_atomic
+from harness.common.flags import OffloadFlags, resolve
+from harness.common.records import now_iso, write_json_atomic
 
 # When this module started running: with the parent's `spawned_at` (in the cell spec) it gives the process start
 # (interpreter, site packages, runpy), the first part of a cell's fixed cost (`record.overhead`).

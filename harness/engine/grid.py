@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.engine.policy import EngineRequest, EngineResolution, resolve_engine, version_key
-from harness.plan.flags import (
+from harness.common.flags import (
     FAMILY_TASKS,
     MODEL_FOR_VERSION,
     EngineContext,
@@ -35,6 +34,7 @@ from harness.plan.flags import (
     engine_flags,
     resolve,
 )
+from harness.engine.policy import EngineRequest, EngineResolution, resolve_engine, version_key
 
 BOOL_VALUES: tuple[bool | None, ...] = (False, True, None)
 PREFETCH_SIZES: tuple[float, ...] = (0.0, 1.0, 4.0, 0.1, 0.5, 2.5)

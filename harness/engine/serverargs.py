@@ -43,7 +43,7 @@ from collections.abc import Iterator
 from typing import Any
 from unittest import mock
 
-from harness.plan.flags import LATER_FLAGS_AT_DEFAULT
+from harness.common.flags import LATER_FLAGS_AT_DEFAULT
 
 MODELLED_FLAGS = (
     "dit_cpu_offload",

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from harness.contract import ROLES
+from harness.common.contract import ROLES
 
 if TYPE_CHECKING:
     import torch

@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from harness.common.flags import EngineContext, FlagError, OffloadFlags, check_flag_value, resolve
 from harness.models import UnknownModelError
-from harness.plan.flags import EngineContext, FlagError, OffloadFlags, check_flag_value, resolve
 from harness.plan.planner import DATA_PATH, GIB, PHASES, Plan, PlanError, Workload, load_data, machine_profile, plan
 
 
@@ -187,8 +187,8 @@ def cmd_advise(args: argparse.Namespace) -> int:
 
 
 def cmd_plan_fit(args: argparse.Namespace) -> int:
+    from harness.common.records import read_cell_records
     from harness.plan.planner import fit
-    from harness.run.results import read_cell_records
 
     records = [(path, r) for path in args.records for r in read_cell_records(Path(path)).records]
     fits = fit(records)

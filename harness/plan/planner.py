@@ -56,10 +56,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from harness import locations
-from harness.contract import ROLES, Backend, CellRecord, JsonObject, Phase, Placement, Status, is_probe
+from harness.common import locations
+from harness.common.contract import ROLES, Backend, CellRecord, JsonObject, Phase, Placement, Status, is_probe
+from harness.common.flags import OffloadFlags, prefetch_layers, resident_layer_count
 from harness.models import ModelSpec, get_model
-from harness.plan.flags import OffloadFlags, prefetch_layers, resident_layer_count
 from harness.plan.segments import window_segment_bytes
 
 DATA_PATH = locations.PACKAGE / "models" / "plan_data.json"  # the package's, wherever this module sits in it

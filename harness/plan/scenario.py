@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.contract import (
+from harness.common.contract import (
     PHASES,
     PROBE_MARK,
     STATUSES,
@@ -31,9 +31,7 @@ from harness.contract import (
     RunSettings,
     cell_id_of,
 )
-from harness.engine.policy import EngineError
-from harness.models import UnknownModelError, get_model
-from harness.plan.flags import (
+from harness.common.flags import (
     EngineContext,
     FlagError,
     OffloadFlags,
@@ -44,6 +42,8 @@ from harness.plan.flags import (
     is_finite_number,
     resolve_many,
 )
+from harness.engine.policy import EngineError
+from harness.models import UnknownModelError, get_model
 
 GIB, MIB = 2**30, 2**20
 

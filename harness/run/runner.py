@@ -50,12 +50,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import REPO, exitcodes
-from harness.contract import STATUSES, CellRecord, CellSpec, JsonObject, Status
-from harness.plan.planner import plan_entry
-from harness.plan.scenario import TIERS, Cell, ScenarioError, expand, in_tier, load_scenario
-from harness.run.gpus import cell_cost, child_gpu
-from harness.run.results import (
+from harness import REPO
+from harness.common import exitcodes
+from harness.common.contract import STATUSES, CellRecord, CellSpec, JsonObject, Status
+from harness.common.records import (
     DiskFullError,
     ResultsError,
     UnwritableError,
@@ -65,6 +63,9 @@ from harness.run.results import (
     now_iso,
     read_cell_records,
 )
+from harness.plan.planner import plan_entry
+from harness.plan.scenario import TIERS, Cell, ScenarioError, expand, in_tier, load_scenario
+from harness.run.gpus import cell_cost, child_gpu
 from harness.run.shard import Shard, ShardError, describe, parse_shard, select
 
 UNEXPECTED = tuple(s.value for s in Status if s.unexpected)  # the fates that make a run fail

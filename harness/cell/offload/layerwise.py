@@ -47,7 +47,7 @@ from harness.cell.offload.memory import (
     pin_all,
 )
 from harness.cell.offload.timeline import CopyRecorder, recorded
-from harness.plan.flags import prefetch_layers, resident_layer_count, streamed_layer_indices
+from harness.common.flags import prefetch_layers, resident_layer_count, streamed_layer_indices
 
 # How many windows the host may run ahead of the GPU's compute (see the module docstring: 1 left a gap a window).
 HOST_LEAD_WINDOWS = 2
