@@ -2,7 +2,7 @@
 
 Needs the releases installed (`python -m harness.engine.install 0.5.8 0.5.13 0.5.23`). A missing release fails
 the test; `OFFLOAD_BENCH_SGLANG=0` turns the engine off and skips it, with the reason. One child per release
-answers the whole grid (`harness.engine.grid`).
+answers the whole grid (`harness.policy.differential`).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import os
 
 import pytest
 
-from harness.common.flags import MODEL_FOR_VERSION
-from harness.engine.grid import MODERN_VERSION, as_rows, grid_inputs, modern_inputs, run_version, summary
 from harness.engine.policy import EngineError, available_versions
+from harness.policy import MODEL_FOR_VERSION
+from harness.policy.differential import MODERN_VERSION, as_rows, grid_inputs, modern_inputs, run_version, summary
 
 VERSIONS = ("0.5.8", "0.5.13", "0.5.23")
 ENGINE_OFF = os.environ.get("OFFLOAD_BENCH_SGLANG", "1") == "0"

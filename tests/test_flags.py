@@ -7,15 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from harness.common.flags import (
-    FlagError,
-    OffloadFlags,
-    check_policy,
-    prefetch_layers,
-    resident_layer_count,
-    resolve,
-    streamed_layer_indices,
-)
+from harness.common.flags import FlagError, OffloadFlags, prefetch_layers, resident_layer_count, streamed_layer_indices
+from harness.policy import check_policy, resolve
 
 LEGACY_MESSAGE = "layerwise offload is selected for DiT components, automatically disabling dit_cpu_offload."
 

@@ -1,5 +1,5 @@
 """The regression gate never passes silently: every way `compare` can fail to judge has its own exit code and one
-line saying why (harness/exitcodes.py), and the Makefile targets accept a records file as RUN."""
+line saying why (harness/common/exitcodes.py), and the Makefile targets accept a records file as RUN."""
 
 from __future__ import annotations
 

@@ -18,9 +18,10 @@ import pytest
 
 from harness.cell import guards
 from harness.common.contract import Card, CellSpec, Placement
-from harness.common.flags import OffloadFlags, resolve
+from harness.common.flags import OffloadFlags
 from harness.common.records import read_cell_records
 from harness.plan.scenario import expand, load_scenario
+from harness.policy import resolve
 from tests.helpers import tiny_scenario_file
 
 REPO = Path(__file__).resolve().parent.parent

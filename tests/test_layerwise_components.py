@@ -9,9 +9,10 @@ import pytest
 
 from harness.cell.offload.loader import layerwise_tuning
 from harness.common.contract import Placement
-from harness.common.flags import FlagError, OffloadFlags, resolve
+from harness.common.flags import FlagError, OffloadFlags
 from harness.engine.policy import EngineRequest, _request_key
 from harness.plan.scenario import expand, load_scenario, matches
+from harness.policy import resolve
 
 placement_for = Placement.for_role
 REPO = Path(__file__).resolve().parent.parent

@@ -185,7 +185,7 @@ def test_two_shards_in_two_processes_merge_to_the_unsharded_run(tmp_path, capsys
     assert {r.shard for r in merged.values()} == {"1/2", "2/2"}
 
     def essence(r: CellRecord) -> tuple:
-        # peaks are computed from the phases since schema 2 (harness.contract), not stored
+        # peaks are computed from the phases since schema 2 (harness.common.contract), not stored
         return (r.status, r.failed_phase, r.peaks, (r.outputs or {}).get("latents_sha256"))
 
     assert {k: essence(r) for k, r in merged.items()} == {k: essence(r) for k, r in single.items()}

@@ -261,7 +261,7 @@ def stack_differences(baseline_machine: Mapping[str, Any], machine: Mapping[str,
 
 def baseline_path(sku: str, baselines_dir: Path | str | None = None) -> Path:
     """<baselines_dir>/<sku>.json; by default the checkout's results/baselines, or ./results/baselines where the
-    harness is installed from a wheel (harness.locations)."""
+    harness is installed from a wheel (harness.common.locations)."""
     return Path(baselines_dir or locations.baselines_dir()) / f"{sku}.json"
 
 

@@ -18,8 +18,7 @@ from typing import Any
 from tabulate import tabulate
 
 from harness.common.contract import CellRecord
-
-MIB = 2**20
+from harness.common.units import MIB
 
 
 def _range(values: list[Any]) -> str:

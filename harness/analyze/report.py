@@ -27,11 +27,10 @@ from harness.common.contract import (
 )
 from harness.common.locations import scenarios_dir
 from harness.common.records import by_gpu
+from harness.common.units import MIB
 from harness.plan.planner import plan_rows
 from harness.plan.scenario import ScenarioError, load_scenario
 from harness.run.merge import host_of
-
-MIB = 2**20
 
 
 def _mib(v: Any) -> str:

@@ -30,8 +30,9 @@ from harness.common.contract import (
     Status,
     median_step,
 )
-from harness.common.flags import OffloadFlags, resolve
+from harness.common.flags import OffloadFlags
 from harness.common.records import now_iso, write_json_atomic
+from harness.policy import resolve
 
 # When this module started running: with the parent's `spawned_at` (in the cell spec) it gives the process start
 # (interpreter, site packages, runpy), the first part of a cell's fixed cost (`record.overhead`).

@@ -31,21 +31,10 @@ from harness.common.contract import (
     RunSettings,
     cell_id_of,
 )
-from harness.common.flags import (
-    EngineContext,
-    FlagError,
-    OffloadFlags,
-    Resolution,
-    check_flag_value,
-    check_policy,
-    flag_json,
-    is_finite_number,
-    resolve_many,
-)
-from harness.engine.policy import EngineError
+from harness.common.flags import FlagError, OffloadFlags, check_flag_value, flag_json, is_finite_number
+from harness.common.units import GIB, MIB
 from harness.models import UnknownModelError, get_model
-
-GIB, MIB = 2**30, 2**20
+from harness.policy import EngineContext, EngineError, Resolution, check_policy, resolve_many
 
 # Usable capacity as PyTorch reports it on the real cards (RTX 5090: SGLang #26925; RTX 4090: #17070).
 CARDS: dict[str, int | None] = {

@@ -24,7 +24,7 @@ Command line (no pytest):
     python -m harness.run.runner SCENARIO.toml... [--results DIR] [--run-id ID] [--resume [--retry-failed]]
 prints "[i/N elapsed] cell_id: status" per cell and exits 0 when no cell ended as error / crash / timeout, 1 when
 one did, 2 on bad arguments or scenario files, 7 when the results folder is not writable (before any cell), 8 when
-the results folder's disk is (nearly) full, 130 on SIGINT, 143 on SIGTERM (harness/exitcodes.py).
+the results folder's disk is (nearly) full, 130 on SIGINT, 143 on SIGTERM (harness/common/exitcodes.py).
 """
 
 from __future__ import annotations
