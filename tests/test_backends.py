@@ -27,6 +27,7 @@ from harness.analyze.expect import (
 from harness.analyze.roofline import STEP_CONVENTION, roofline_rows
 from harness.common.records import migrate
 from harness.plan.scenario import BACKENDS, HARNESS_BACKEND, ScenarioError, expand, load_scenario
+from harness.run.runner import spec_for_child
 from tests.helpers import DELETE, as_records, base_scenario, make_record, mutate, to_toml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -275,7 +276,7 @@ def test_worker_skips_a_diffusers_layerwise_cell_on_the_cpu_profile() -> None:
     cells = _tiny_cells(["harness", "diffusers-group", "diffusers-group-rs"])
     for backend in ("diffusers-group", "diffusers-group-rs"):
         cell = cells[("native", "cpu1-lw1", backend)]
-        rec = run_cell(replace(cell.spec("cpu"), warmup=0, rounds=1)).to_dict()
+        rec = run_cell(replace(spec_for_child(cell, "cpu"), warmup=0, rounds=1)).to_dict()
         assert rec["status"] == "skipped", (rec["reason"], rec.get("traceback"))
         assert NEEDS_CUDA in rec["reason"] and backend in rec["reason"]
         assert rec["cell_id"].endswith(f"+{backend}")
@@ -294,7 +295,8 @@ def test_worker_runs_a_diffusers_cell_without_layerwise_as_the_harness_would(tmp
     for backend in ("harness", "diffusers-group"):
         cell = cells[("native", "cpu1-lw0", backend)]
         out = tmp_path / f"{backend}.pt"
-        recs[backend] = run_cell(replace(cell.spec("cpu"), warmup=0, rounds=1, latents_out=str(out))).to_dict()
+        spec = replace(spec_for_child(cell, "cpu"), warmup=0, rounds=1, latents_out=str(out))
+        recs[backend] = run_cell(spec).to_dict()
     ours, peer = recs["harness"], recs["diffusers-group"]
     for rec in (ours, peer):
         assert rec["status"] == "ok", (rec["reason"], rec.get("traceback"))

@@ -22,6 +22,7 @@ from harness.common.flags import OffloadFlags
 from harness.common.records import read_cell_records
 from harness.plan.scenario import expand, load_scenario
 from harness.policy import resolve
+from harness.run.runner import spec_for_child
 from tests.helpers import tiny_scenario_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,7 +48,7 @@ def scenario_file(folder: Path, name: str, axes: dict[str, list]) -> Path:
 def cell_spec(tmp_path: Path, device: str = "cpu", **axes: bool) -> CellSpec:
     axes = axes or {"dit_cpu_offload": True}
     [cell] = expand(load_scenario(scenario_file(tmp_path, "guarded", {k: [v] for k, v in axes.items()})))
-    return dataclasses.replace(cell.spec(device), latents_out=str(tmp_path / "latents.pt"))
+    return dataclasses.replace(spec_for_child(cell, device), latents_out=str(tmp_path / "latents.pt"))
 
 
 def placements(spec: CellSpec) -> dict[str, str]:

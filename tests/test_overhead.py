@@ -60,7 +60,8 @@ def test_the_probe_result_in_the_spec_does_not_change_the_spec_hash(tmp_path, ce
     remember_h2d_probe(run, "0", _probed("a/b/first"))
     spec = child_spec(run, cell, tmp_path, "0").as_dict()
     plain = cell.spec("cuda").as_dict()
-    assert {k for k in spec if k not in plain} == {"latents_out", H2D_PROBE_SPEC_KEY, "spawned_at"}
+    resolution = {"resolution"} if "resolution" not in plain else set()  # passed down, outside the hash
+    assert {k for k in spec if k not in plain} == {"latents_out", H2D_PROBE_SPEC_KEY, "spawned_at", *resolution}
     assert cell.spec_hash("cuda") == before  # a resumed run still finds the cells it recorded
 
 

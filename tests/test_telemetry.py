@@ -15,6 +15,7 @@ from harness.cell import measure
 from harness.cell.offload.timeline import CopySpan, per_step, summary
 from harness.cell.worker import round_times, spread
 from harness.plan.scenario import ScenarioError, expand, load_scenario
+from harness.run.runner import spec_for_child
 
 SCENARIO = Path(__file__).resolve().parent.parent / "scenarios" / "cpu" / "qwen_image_edit_tiny.toml"
 
@@ -171,7 +172,7 @@ def test_worker_records_telemetry_per_round_and_copy_timeline(tmp_path: Path, ca
     path = _run_table(tmp_path, "copy_timeline = true\nsampler_interval_ms = 100")
     cell = next(c for c in expand(load_scenario(path)) if c.card.name == "native"
                 and c.requested.label().startswith("cpu1-lw1"))
-    rec = run_cell(dataclasses.replace(cell.spec("cpu"), warmup=1, rounds=2)).to_dict()
+    rec = run_cell(dataclasses.replace(spec_for_child(cell, "cpu"), warmup=1, rounds=2)).to_dict()
     assert rec["status"] == "ok", (rec["reason"], rec.get("traceback"))
     assert rec["run_options"]["sampler_interval_ms"] == 100.0 and rec["copy_timeline"]["enabled"]
     fill = rec["components"]["dit"]["layerwise"]["fill"]  # issue 18 item 6: the setup fill, measured

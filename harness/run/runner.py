@@ -65,6 +65,7 @@ from harness.common.records import (
 )
 from harness.plan.planner import plan_entry
 from harness.plan.scenario import TIERS, Cell, ScenarioError, expand, in_tier, load_scenario
+from harness.policy import resolve
 from harness.run.gpus import cell_cost, child_gpu
 from harness.run.shard import Shard, ShardError, describe, parse_shard, select
 
@@ -508,9 +509,20 @@ def child_spec(run: Run, cell: Cell, cdir: Path, gpu: str | None) -> CellSpec:
     GPU; OFFLOAD_BENCH_H2D_PROBE=each makes every cell probe) and the spawn time its process_start_s counts from."""
     probe = run.h2d_probes.get(gpu) if os.environ.get(H2D_PROBE_ENV) != "each" else None
     return dataclasses.replace(
-        cell.spec(run.device), latents_out=str(cdir / "latents.pt"),
+        spec_for_child(cell, run.device), latents_out=str(cdir / "latents.pt"),
         pinned_h2d_probe=probe if run.device == "cuda" else None, spawned_at=time.time(),
     )
+
+
+def spec_for_child(cell: Cell, device: str) -> CellSpec:
+    """The cell's spec with the policy's resolution always in it: the child runs what the parent resolved and
+    never resolves again. A cell whose spec carries none (every flag set, under one of our models: `Cell.spec`
+    hashes the resolution only where the card or a release decided something) gets the resolution of its flags
+    alone, the one its records hold; the card's context would change only the notes, not the effective flags."""
+    spec = cell.spec(device)
+    if spec.resolution is not None:
+        return spec
+    return dataclasses.replace(spec, resolution=resolve(cell.requested, spec.policy).as_dict())
 
 
 def finish_overhead(record: CellRecord, elapsed_s: float, exited_at: float) -> None:
