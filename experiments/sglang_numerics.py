@@ -35,9 +35,9 @@ from typing import Any
 
 import torch
 
+from harness.common.flags import OffloadFlags
 from harness.engine.layerwise import SGLangLayerwise, load_engine
 from harness.models import get_model
-from harness.plan.flags import OffloadFlags
 
 DTYPE = torch.bfloat16
 

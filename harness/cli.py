@@ -24,14 +24,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from harness import exitcodes, locations
 from harness.analyze.baseline import Baseline, BaselineCell, BaselineError
 from harness.analyze.compare import CheckSpecError, Comparison
-from harness.contract import CellRecord, Status, label_in
-from harness.plan import plan_cli
-from harness.plan.scenario import ReleaseNotInstalled, ScenarioError, expand, load_all
-from harness.run.merge import MergeConflict
-from harness.run.results import (
+from harness.common import exitcodes, locations
+from harness.common.contract import CellRecord, Status, label_in
+from harness.common.records import (
     NoRecordsError,
     ResultsError,
     UnwritableError,
@@ -39,6 +36,9 @@ from harness.run.results import (
     latest_by_cell,
     read_cell_records,
 )
+from harness.plan import plan_cli
+from harness.plan.scenario import ReleaseNotInstalled, ScenarioError, expand, load_all
+from harness.run.merge import MergeConflict
 
 
 class Stop(Exception):
@@ -317,6 +317,17 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_record_answers(args: argparse.Namespace) -> int:
+    """Re-records the SGLang releases' answers that the shipped scenarios need (harness/engine/answers.jsonl), on a
+    machine with the releases installed: needed whenever the ServerArgs child's code changes."""
+    from harness.policy import clear_cache, write_shipped
+
+    clear_cache()
+    load_all(locations.scenarios_dir())  # asks (or reads from the release folders) every request the suite makes
+    print(f"wrote {write_shipped()} answers", file=sys.stderr)
+    return 0
+
+
 def cmd_history(args: argparse.Namespace) -> int:
     from harness.analyze.history import write_history
 
@@ -392,6 +403,8 @@ def _parser() -> argparse.ArgumentParser:
     hist.add_argument("--baselines", metavar="DIR", help="also each baseline file (<sku>.json) under DIR")
     hist.add_argument("--out", default="history.html", help="the page (default: ./history.html)")
     hist.add_argument("--title", default="offload-bench history")
+    sub.add_parser("record-answers", help="re-record the SGLang releases' answers the shipped scenarios need "
+                   "(harness/engine/answers.jsonl; needs the releases installed)")
     ls = sub.add_parser("list", help="list scenarios and cells")
     ls.add_argument("--scenarios", help="folder of scenario files (default: the checkout's or the shipped one)")
     ls.add_argument("--labels", action="store_true", help="the compact labels (cpu1-lw1-...) instead of words")
@@ -439,6 +452,8 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: l
         return cmd_compare(args)
     if args.cmd == "history":
         return cmd_history(args)
+    if args.cmd == "record-answers":
+        return cmd_record_answers(args)
     if args.cmd == "merge":
         from harness.run.merge import run_merge
 

@@ -3,7 +3,7 @@
 The repository's root conftest.py registers them for every pytest run from the checkout, so a command line that
 names them parses whatever it collects (`pytest --bench-profile cpu scenarios`, or with the options before the
 path); scenarios/conftest.py registers them where the suite runs without the checkout's root (the copy an
-installed wheel ships, harness.locations). Whichever comes second finds them there and adds nothing.
+installed wheel ships, harness.common.locations). Whichever comes second finds them there and adds nothing.
 """
 
 from __future__ import annotations

@@ -25,12 +25,12 @@ from typing import Any
 
 import pytest
 
-from harness import exitcodes
-from harness.contract import CellRecord
+from harness.common import exitcodes
+from harness.common.contract import CellRecord
+from harness.common.records import DiskFullError, UnwritableError, ensure_writable, latest_by_cell, read_cell_records
 from harness.plan.scenario import Cell, ReleaseNotInstalled, Scenario, ScenarioError, expand, in_tier, load_all
 from harness.pytest_options import add_options
 from harness.run.gpus import cell_cost, child_env, gpu_for_worker, longest_first, nvml_count, visible_gpus
-from harness.run.results import DiskFullError, UnwritableError, ensure_writable, latest_by_cell, read_cell_records
 from harness.run.runner import Run, detect_device, eta_text, new_run_id, run_cell
 from harness.run.shard import Shard, ShardError, assign_cards, card_key, parse_shard
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from harness.analyze.expect import evaluate, fate_failures
-from harness.contract import CellRecord, Phase, Status
+from harness.common.contract import CellRecord, Phase, Status
 from harness.plan.scenario import MIN_BENCHMARK_ROUNDS, Cell, Scenario
 
 

@@ -10,8 +10,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from harness.contract import CellRecord, Record, as_record, migrate
-from harness.plan.flags import OffloadFlags
+from harness.common.contract import CellRecord, Record, as_record, migrate
+from harness.common.flags import OffloadFlags
 
 # ------------------------------------------------------------------------------------------------ TOML writer
 

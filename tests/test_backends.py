@@ -25,8 +25,9 @@ from harness.analyze.expect import (
     same_output_verdict,
 )
 from harness.analyze.roofline import STEP_CONVENTION, roofline_rows
+from harness.common.records import migrate
 from harness.plan.scenario import BACKENDS, HARNESS_BACKEND, ScenarioError, expand, load_scenario
-from harness.run.results import migrate
+from harness.run.runner import spec_for_child
 from tests.helpers import DELETE, as_records, base_scenario, make_record, mutate, to_toml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -208,8 +209,8 @@ def test_committed_peer_scenario_runs_every_backend_with_and_without_layerwise()
 
 
 def test_placement_changes_only_the_layerwise_dit_under_a_diffusers_backend() -> None:
-    from harness.contract import Placement
-    from harness.plan.flags import OffloadFlags
+    from harness.common.contract import Placement
+    from harness.common.flags import OffloadFlags
 
     placement_for = Placement.for_role
     DIFFUSERS_GROUP = Placement.DIFFUSERS_GROUP
@@ -229,7 +230,7 @@ def test_placement_changes_only_the_layerwise_dit_under_a_diffusers_backend() ->
 def test_load_component_refuses_diffusers_group_without_cuda(tmp_path: Path) -> None:
     from harness.cell.offload.loader import load_component
     from harness.cell.offload.memory import Device
-    from harness.contract import Placement
+    from harness.common.contract import Placement
     from harness.models import get_model
 
     spec = get_model("qwen-image-edit-tiny").components["dit"]
@@ -275,7 +276,7 @@ def test_worker_skips_a_diffusers_layerwise_cell_on_the_cpu_profile() -> None:
     cells = _tiny_cells(["harness", "diffusers-group", "diffusers-group-rs"])
     for backend in ("diffusers-group", "diffusers-group-rs"):
         cell = cells[("native", "cpu1-lw1", backend)]
-        rec = run_cell(replace(cell.spec("cpu"), warmup=0, rounds=1)).to_dict()
+        rec = run_cell(replace(spec_for_child(cell, "cpu"), warmup=0, rounds=1)).to_dict()
         assert rec["status"] == "skipped", (rec["reason"], rec.get("traceback"))
         assert NEEDS_CUDA in rec["reason"] and backend in rec["reason"]
         assert rec["cell_id"].endswith(f"+{backend}")
@@ -294,7 +295,8 @@ def test_worker_runs_a_diffusers_cell_without_layerwise_as_the_harness_would(tmp
     for backend in ("harness", "diffusers-group"):
         cell = cells[("native", "cpu1-lw0", backend)]
         out = tmp_path / f"{backend}.pt"
-        recs[backend] = run_cell(replace(cell.spec("cpu"), warmup=0, rounds=1, latents_out=str(out))).to_dict()
+        spec = replace(spec_for_child(cell, "cpu"), warmup=0, rounds=1, latents_out=str(out))
+        recs[backend] = run_cell(spec).to_dict()
     ours, peer = recs["harness"], recs["diffusers-group"]
     for rec in (ours, peer):
         assert rec["status"] == "ok", (rec["reason"], rec.get("traceback"))

@@ -20,7 +20,7 @@ from harness.analyze.baseline import (
     run_cells,
     write_baseline,
 )
-from harness.contract import CellRecord
+from harness.common.contract import CellRecord
 from tests.helpers import as_records, cell_records
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from harness.contract import SCHEMA_VERSION, CellRecord
+from harness.common.contract import SCHEMA_VERSION, CellRecord
 from harness.plan.scenario import Cell, ScenarioError, expand, load_scenario
 from scenarios import test_offload_matrix as matrix
 from tests.helpers import base_scenario, mutate, to_toml

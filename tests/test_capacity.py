@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from harness.contract import CellRecord, Status
+from harness.common.contract import CellRecord, Status
 from harness.plan.advise import DEFAULT_MARGIN
 from harness.plan.scenario import ScenarioError, expand, load_scenario
 from harness.run.capacity import (

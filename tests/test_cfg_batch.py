@@ -13,6 +13,7 @@ import torch
 from harness.analyze.expect import cfg_batch_verdict, evaluate
 from harness.cell.pipeline import batch_text
 from harness.plan.scenario import ScenarioError, expand, load_scenario
+from harness.run.runner import spec_for_child
 from tests.helpers import as_records
 
 CPU = Path(__file__).resolve().parent.parent / "scenarios" / "cpu"
@@ -98,7 +99,7 @@ def test_tiny_cfg_batch_latents_close_to_two_pass(tmp_path: Path, source: str) -
              and c.requested.dit_cpu_offload]
     records = []
     for cell in cells:
-        spec = dataclasses.replace(cell.spec("cpu"), warmup=0, rounds=1,
+        spec = dataclasses.replace(spec_for_child(cell, "cpu"), warmup=0, rounds=1,
                                    latents_out=str(tmp_path / f"{cell.cfg_batch}.pt"))
         rec = run_cell(spec).to_dict()
         assert rec["status"] == "ok", (rec["reason"], rec.get("traceback"))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from harness.analyze.report import plot_paths, plots_section, render
-from harness.run.results import latest_by_cell, read_cell_records
+from harness.common.records import latest_by_cell, read_cell_records
 
 REPO = Path(__file__).resolve().parent.parent
 REPORTS = sorted(md for md in (REPO / "results").rglob("*.md") if md.with_name(f"{md.stem}.records.jsonl").exists())

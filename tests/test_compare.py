@@ -28,7 +28,7 @@ from harness.analyze.compare import (
     relative_change,
     render,
 )
-from harness.contract import Status
+from harness.common.contract import Status
 from tests.helpers import BASELINES, CPU, H100, OK, SKU, VARIANT, S, cell_records
 
 OK2 = f"{S}/native/cpu0-lw0-te0-vae0-pf4-pin1"

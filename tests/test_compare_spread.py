@@ -11,7 +11,7 @@ import pytest
 from harness import cli
 from harness.analyze.baseline import BaselineCell, build_baseline, run_cells, timing_spread
 from harness.analyze.compare import REGRESSED, WITHIN, Check, compare, render, spread_tolerance
-from harness.contract import CellRecord, Status
+from harness.common.contract import CellRecord, Status
 from tests.helpers import H100, OK, SKU, as_records
 
 

@@ -1,4 +1,4 @@
-"""harness/contract.py: the record round-trips, migrations, the vocabularies, and who may import torch."""
+"""harness/common/contract.py: the record round-trips, migrations, the vocabularies, and who may import torch."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.contract import (
+from harness.common.contract import (
     SCHEMA_VERSION,
     Backend,
     CellRecord,
@@ -23,7 +23,7 @@ from harness.contract import (
     dumps_line,
     migrate,
 )
-from harness.plan.flags import OffloadFlags
+from harness.common.flags import OffloadFlags
 from harness.plan.scenario import expand, load_scenario
 from tests.helpers import make_record
 

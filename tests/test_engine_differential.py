@@ -2,7 +2,7 @@
 
 Needs the releases installed (`python -m harness.engine.install 0.5.8 0.5.13 0.5.23`). A missing release fails
 the test; `OFFLOAD_BENCH_SGLANG=0` turns the engine off and skips it, with the reason. One child per release
-answers the whole grid (`harness.engine.grid`).
+answers the whole grid (`harness.policy.differential`).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import os
 
 import pytest
 
-from harness.engine.grid import MODERN_VERSION, as_rows, grid_inputs, modern_inputs, run_version, summary
 from harness.engine.policy import EngineError, available_versions
-from harness.plan.flags import MODEL_FOR_VERSION
+from harness.policy import MODEL_FOR_VERSION
+from harness.policy.differential import MODERN_VERSION, as_rows, grid_inputs, modern_inputs, run_version, summary
 
 VERSIONS = ("0.5.8", "0.5.13", "0.5.23")
 ENGINE_OFF = os.environ.get("OFFLOAD_BENCH_SGLANG", "1") == "0"
@@ -102,7 +102,7 @@ def test_grid_answers_do_not_stay_in_the_process_cache(monkeypatch: pytest.Monke
 def test_a_release_without_a_model_is_compared_with_the_newest_and_said_so() -> None:
     """0.5.22 (between two modelled releases) died on KeyError: it is compared with the newest model instead, and
     the report's row and summary line say so."""
-    from harness.engine.grid import model_for, report
+    from harness.policy.differential import model_for, report
 
     assert model_for("0.5.8") == ("sglang-pre18997", True)
     assert model_for("0.5.13") == ("sglang-0.5.13", True)

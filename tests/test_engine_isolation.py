@@ -121,7 +121,7 @@ def test_without_the_release_shipped_answers_answer_and_anything_else_names_the_
 
 
 def test_the_shipped_answers_are_those_of_the_shipped_scenarios_and_this_child() -> None:
-    """harness/engine/answers.jsonl is regenerated (`python -m harness.engine.policy --record`) whenever the
+    """harness/engine/answers.jsonl is regenerated (`python -m harness record-answers`) whenever the
     child's code changes: otherwise a machine without releases cannot list the sglang@ scenarios."""
     lines = [json.loads(x) for x in policy.SHIPPED_ANSWERS.read_text().splitlines() if x.strip()]
     assert lines, "no shipped answers"

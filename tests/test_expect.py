@@ -19,13 +19,13 @@ from harness.analyze.expect import (
     resident_speed_verdict,
     same_output_verdict,
 )
-from harness.contract import CellRecord, as_record
+from harness.common.contract import CellRecord, as_record
+from harness.common.units import MIB
 from harness.plan.scenario import FateExpectation, ScenarioError, expand, load_scenario
 from tests.helpers import as_records, make_record
 
 REPO = Path(__file__).resolve().parent.parent
 BOTH_ON = {"dit_cpu_offload": True, "dit_layerwise_offload": True}
-MIB = 2**20
 
 
 def matrix(**overrides: dict[str, Any]) -> list[dict[str, Any]]:

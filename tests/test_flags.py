@@ -1,4 +1,4 @@
-"""harness/plan/flags.py: flag parsing, the prefetch-window arithmetic, and the two SGLang policies."""
+"""harness/common/flags.py and harness/policy: flag parsing, the prefetch-window arithmetic, and the SGLang policies."""
 
 from __future__ import annotations
 
@@ -7,15 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from harness.plan.flags import (
-    FlagError,
-    OffloadFlags,
-    check_policy,
-    prefetch_layers,
-    resident_layer_count,
-    resolve,
-    streamed_layer_indices,
-)
+from harness.common.flags import FlagError, OffloadFlags, prefetch_layers, resident_layer_count, streamed_layer_indices
+from harness.policy import check_policy, resolve
 
 LEGACY_MESSAGE = "layerwise offload is selected for DiT components, automatically disabling dit_cpu_offload."
 

@@ -1,5 +1,5 @@
 """The regression gate never passes silently: every way `compare` can fail to judge has its own exit code and one
-line saying why (harness/exitcodes.py), and the Makefile targets accept a records file as RUN."""
+line saying why (harness/common/exitcodes.py), and the Makefile targets accept a records file as RUN."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from typing import Any
 
 import pytest
 
-from harness import cli, exitcodes
+from harness import cli
 from harness.analyze.baseline import build_baseline, run_cells
 from harness.analyze.compare import NOT_COMPARABLE, NOT_COMPARED, REGRESSED, compare
+from harness.common import exitcodes
+from harness.common.records import append_record
 from harness.plan.scenario import ScenarioError, expand, load_scenario
-from harness.run.results import append_record
 from tests.helpers import (
     BASELINES,
     CPU,

@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 
 from harness.analyze.report import render
-from harness.contract import CellRecord
+from harness.common.contract import CellRecord
+from harness.common.records import GpuShare, by_gpu, read_cell_records
 from harness.plan.scenario import expand, load_scenario
 from harness.run import runner
 from harness.run.gpus import cell_cost, child_env, child_gpu, gpu_for_worker, longest_first, visible_gpus
-from harness.run.results import GpuShare, by_gpu, read_cell_records
 from harness.run.runner import Run
 from tests.helpers import as_records
 

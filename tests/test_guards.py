@@ -17,10 +17,12 @@ from typing import Any
 import pytest
 
 from harness.cell import guards
-from harness.contract import Card, CellSpec, Placement
-from harness.plan.flags import OffloadFlags, resolve
+from harness.common.contract import Card, CellSpec, Placement
+from harness.common.flags import OffloadFlags
+from harness.common.records import read_cell_records
 from harness.plan.scenario import expand, load_scenario
-from harness.run.results import read_cell_records
+from harness.policy import resolve
+from harness.run.runner import spec_for_child
 from tests.helpers import tiny_scenario_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,7 +48,7 @@ def scenario_file(folder: Path, name: str, axes: dict[str, list]) -> Path:
 def cell_spec(tmp_path: Path, device: str = "cpu", **axes: bool) -> CellSpec:
     axes = axes or {"dit_cpu_offload": True}
     [cell] = expand(load_scenario(scenario_file(tmp_path, "guarded", {k: [v] for k, v in axes.items()})))
-    return dataclasses.replace(cell.spec(device), latents_out=str(tmp_path / "latents.pt"))
+    return dataclasses.replace(spec_for_child(cell, device), latents_out=str(tmp_path / "latents.pt"))
 
 
 def placements(spec: CellSpec) -> dict[str, str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import exitcodes
+from harness.common import exitcodes
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -76,7 +76,7 @@ def test_the_environment_is_isolated_and_pinned(venv: Path, tmp_path: Path) -> N
 
 
 def test_wheel_ships_the_scenario_suite(venv: Path, tmp_path: Path) -> None:
-    where = _run([venv / "python", "-c", "import harness, harness.locations as l; print(harness.__file__); "
+    where = _run([venv / "python", "-c", "import harness, harness.common.locations as l; print(harness.__file__); "
                   "print(l.scenarios_dir()); print(l.baselines_dir())"], tmp_path)
     assert where.returncode == 0, where.stderr
     package, scenarios, baselines = where.stdout.split()

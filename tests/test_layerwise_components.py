@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from harness.cell.offload.loader import layerwise_tuning
-from harness.contract import Placement
+from harness.common.contract import Placement
+from harness.common.flags import FlagError, OffloadFlags
 from harness.engine.policy import EngineRequest, _request_key
-from harness.plan.flags import FlagError, OffloadFlags, resolve
 from harness.plan.scenario import expand, load_scenario, matches
+from harness.policy import resolve
 
 placement_for = Placement.for_role
 REPO = Path(__file__).resolve().parent.parent

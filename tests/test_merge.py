@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from harness import exitcodes
 from harness.cli import main as cli
-from harness.contract import CellRecord, Status
+from harness.common import exitcodes
+from harness.common.contract import CellRecord, Status
+from harness.common.records import latest_by_cell, read_cell_records
 from harness.run.merge import MergeConflict, Source, merge, missing_shards
-from harness.run.results import latest_by_cell, read_cell_records
 from tests.helpers import FIXTURES, H100
 
 BASELINE = FIXTURES / "baselines" / "nvidia-h100-80gb-hbm3.json"
@@ -185,7 +185,7 @@ def test_two_shards_in_two_processes_merge_to_the_unsharded_run(tmp_path, capsys
     assert {r.shard for r in merged.values()} == {"1/2", "2/2"}
 
     def essence(r: CellRecord) -> tuple:
-        # peaks are computed from the phases since schema 2 (harness.contract), not stored
+        # peaks are computed from the phases since schema 2 (harness.common.contract), not stored
         return (r.status, r.failed_phase, r.peaks, (r.outputs or {}).get("latents_sha256"))
 
     assert {k: essence(r) for k, r in merged.items()} == {k: essence(r) for k, r in single.items()}

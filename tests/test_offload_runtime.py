@@ -20,9 +20,9 @@ from harness.cell.offload.component import ComponentOffload
 from harness.cell.offload.layerwise import LayerwiseRuntime
 from harness.cell.offload.loader import load_component
 from harness.cell.offload.memory import SLICE_ALIGN, Device, HostRegion, Layout, SimulatedOutOfMemoryError
-from harness.contract import Placement
+from harness.common.contract import Placement
+from harness.common.flags import OffloadFlags
 from harness.models import get_model
-from harness.plan.flags import OffloadFlags
 
 NUM_LAYERS = 6
 

@@ -11,7 +11,7 @@ import pytest
 
 from harness.analyze.overhead import fixed_cost
 from harness.cell import measure
-from harness.contract import H2D_PROBE_SPEC_KEY, CellRecord, Status
+from harness.common.contract import H2D_PROBE_SPEC_KEY, CellRecord, Status
 from harness.plan.scenario import expand, load_scenario
 from harness.run import runner
 from harness.run.runner import Run, child_spec, finish_overhead, remember_h2d_probe
@@ -60,7 +60,8 @@ def test_the_probe_result_in_the_spec_does_not_change_the_spec_hash(tmp_path, ce
     remember_h2d_probe(run, "0", _probed("a/b/first"))
     spec = child_spec(run, cell, tmp_path, "0").as_dict()
     plain = cell.spec("cuda").as_dict()
-    assert {k for k in spec if k not in plain} == {"latents_out", H2D_PROBE_SPEC_KEY, "spawned_at"}
+    resolution = {"resolution"} if "resolution" not in plain else set()  # passed down, outside the hash
+    assert {k for k in spec if k not in plain} == {"latents_out", H2D_PROBE_SPEC_KEY, "spawned_at", *resolution}
     assert cell.spec_hash("cuda") == before  # a resumed run still finds the cells it recorded
 
 

@@ -16,12 +16,13 @@ from typing import Any
 import pytest
 
 from harness.analyze.expect import plan_within_verdict
-from harness.contract import CellRecord, as_record, is_probe
+from harness.common.contract import CellRecord, as_record, is_probe
+from harness.common.flags import OffloadFlags
+from harness.common.records import read_cell_records
+from harness.common.units import GIB
 from harness.models import get_model, model_names
 from harness.plan.advise import advise, combinations, describe
-from harness.plan.flags import OffloadFlags
 from harness.plan.planner import (
-    GIB,
     WARM_KERNELS_BYTES,
     Workload,
     check_record,
@@ -36,7 +37,6 @@ from harness.plan.planner import (
     steady_steps,
 )
 from harness.plan.scenario import CARDS, ScenarioError, load_scenario
-from harness.run.results import read_cell_records
 from tests.helpers import as_records
 
 REPO = Path(__file__).resolve().parent.parent
@@ -309,7 +309,7 @@ def test_more_resident_layers_never_raise_step_time_nor_lower_the_peak() -> None
 
 def test_resident_layers_come_from_the_flags() -> None:
     """`dit_layerwise_resident_layers` is read per streamed group as the runtime reads it: a count, or a fraction
-    of the group (harness.plan.flags.resident_layer_count)."""
+    of the group (harness.common.flags.resident_layer_count)."""
     for value, kept in ((30, 30), (0.5, 30), (0.8, 48), (0, 0), (99, 60)):
         flags = replace(BOTH_ON, dit_layerwise_resident_layers=float(value))
         p = plan("qwen-image", flags, None, Workload())
@@ -405,8 +405,9 @@ def test_records_of_the_copy_stream_pool_runtime_are_planned_as_it_ran() -> None
 def test_layer_segments_one_size_is_the_window_two_sizes_more() -> None:
     """One layer size: the window's 2p buffers, each in its own 2 MiB-rounded segment. FLUX's two sizes at
     prefetch 5: single-block buffers split freed double-block segments, so the next double block takes a new one."""
+    from harness.common.units import MIB
     from harness.plan.planner import streaming
-    from harness.plan.segments import MIB, segment_size, window_segment_bytes
+    from harness.plan.segments import segment_size, window_segment_bytes
 
     qwen = load_data()["weights"]["qwen-image"]["dit"]["groups"]["transformer_blocks"]
     assert window_segment_bytes(((60, 4, qwen["layer_bytes"]),)) == 8 * segment_size(qwen["layer_bytes"])
@@ -418,7 +419,8 @@ def test_layer_segments_one_size_is_the_window_two_sizes_more() -> None:
 
 def test_the_segment_cache_splits_best_fit_and_merges_within_a_segment() -> None:
     """The caching allocator's rules the replay relies on: best fit, split, a segment never joins another."""
-    from harness.plan.segments import MIB, SegmentCache
+    from harness.common.units import MIB
+    from harness.plan.segments import SegmentCache
 
     pool = SegmentCache()
     big = pool.malloc(100 * MIB)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness.plan.flags import FAMILY_TASKS, EngineContext, FlagError, OffloadFlags, resolve
+from harness.common.flags import FlagError, OffloadFlags
+from harness.policy import FAMILY_TASKS, EngineContext, resolve
 
 CARDS = (16.0, 24.0, 31.36, 48.0, 80.0, 141.0)
 ALL_UNSET = OffloadFlags(dit_cpu_offload=None, dit_layerwise_offload=None, text_encoder_cpu_offload=None,

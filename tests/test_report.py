@@ -11,7 +11,7 @@ import pytest
 from harness import cli
 from harness.analyze.plots import pareto_front, pareto_plot, plot_points, trace_plot
 from harness.analyze.report import frontier_rows, render, report_paths, write_report
-from harness.contract import CellRecord, Status
+from harness.common.contract import CellRecord, Status
 from tests.helpers import as_records, cell_records, make_record
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -217,7 +217,7 @@ def test_frontier_marks_the_fastest_cell_that_fits_and_the_pareto_front() -> Non
 def test_a_recorded_scenario_path_is_read_from_this_checkout_first(tmp_path: Path) -> None:
     """Another checkout's copy (the GPU box's /work/main) may differ from this one's: expectations use this one's."""
     from harness.analyze.report import _local_scenario_file
-    from harness.locations import scenarios_dir
+    from harness.common.locations import scenarios_dir
 
     elsewhere = tmp_path / "other-checkout" / "scenarios" / "gpu" / "flux_dev_4090.toml"
     elsewhere.parent.mkdir(parents=True)

@@ -13,9 +13,10 @@ import torch
 
 from harness.cell.measure import reserved_attribution
 from harness.cell.worker import cache_release, cap_check, release_after_packing, release_point
-from harness.contract import CellRecord
+from harness.common.contract import CellRecord
+from harness.common.units import MIB
+from harness.run.runner import spec_for_child
 
-MIB = 2**20
 LAYERWISE = {"text_encoder": "cpu-offload", "dit": "layerwise-from-host", "vae": "resident"}
 RESIDENT = {"text_encoder": "resident", "dit": "resident", "vae": "resident"}
 
@@ -63,7 +64,7 @@ def test_worker_records_which_mechanism_ran(tmp_path: Path) -> None:
     path.write_text(source.read_text().replace("[flags]", "[run]\nempty_cache_between_phases = true\n\n[flags]"))
     cell = next(c for c in expand(load_scenario(path)) if c.card.name == "native"
                 and c.requested.dit_layerwise_offload and c.requested.dit_cpu_offload)
-    rec = run_cell(dataclasses.replace(cell.spec("cpu"), warmup=0, rounds=1)).to_dict()
+    rec = run_cell(dataclasses.replace(spec_for_child(cell, "cpu"), warmup=0, rounds=1)).to_dict()
     assert rec["status"] == "ok", (rec["reason"], rec.get("traceback"))
     assert rec["cache_release"] == {"mechanism": "torch.cuda.empty_cache", "after": ["denoise", "decode"],
                                     "after_packing_freed_bytes": None}
@@ -92,7 +93,7 @@ def _tiny_cell(tmp_path: Path, run: str, **where: bool) -> Any:
     path.write_text(text)
     cell = next(c for c in expand(load_scenario(path))
                 if all(getattr(c.requested, k) == v for k, v in where.items()))
-    return dataclasses.replace(cell.spec("cpu"), warmup=0, rounds=1)
+    return dataclasses.replace(spec_for_child(cell, "cpu"), warmup=0, rounds=1)
 
 
 def test_a_runtime_cap_bounds_the_phases_after_the_load_only(tmp_path: Path) -> None:

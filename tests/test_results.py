@@ -1,4 +1,4 @@
-"""harness/run/results.py: JSON-lines records, torn lines, schema checks, peaks, and concurrent appends."""
+"""harness/common/records.py: JSON-lines records, torn lines, schema checks, peaks, and concurrent appends."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.contract import CellRecord, RecordError
-from harness.run.results import (
+from harness.common.contract import CellRecord, RecordError
+from harness.common.records import (
     SCHEMA_VERSION,
     ResultsError,
     append_record,

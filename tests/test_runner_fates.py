@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.contract import CellRecord
+from harness.common.contract import CellRecord
+from harness.common.records import append_record, read_cell_records
 from harness.plan.scenario import Cell, expand, load_scenario
 from harness.run import runner
-from harness.run.results import append_record, read_cell_records
 from harness.run.runner import Run, run_cell
 from tests.helpers import tiny_scenario_file
 

@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from harness import exitcodes
-from harness.contract import label_in
+from harness.common import exitcodes
+from harness.common.contract import label_in
+from harness.common.records import DiskFullError, append_record, read_cell_records
 from harness.plan.scenario import expand, load_scenario
 from harness.run import runner
-from harness.run.results import DiskFullError, append_record, read_cell_records
 from harness.run.runner import Run
 from tests.helpers import tiny_scenario_file
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harness.plan.flags import OffloadFlags
+from harness.common.flags import OffloadFlags
 from harness.plan.scenario import Scenario, ScenarioError, discover, expand, load_scenario
 from tests.helpers import DELETE, base_scenario, mutate, to_toml
 

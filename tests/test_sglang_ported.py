@@ -2,7 +2,7 @@
 
 Each test names the case of `python/sglang/multimodal_gen/test/unit/test_server_args.py` it ports (0.5.13, and
 0.5.23 where marked). SGLang builds ServerArgs on a mocked CUDA platform; here the same inputs go through
-`harness.plan.flags.resolve` with an `EngineContext` (card GiB, task, family, performance mode), and the expected values
+`harness.policy.resolve` with an `EngineContext` (card GiB, task, family, performance mode), and the expected values
 are 0.5.23's (our `sglang` model). What our model cannot express (exact component names, a Wan2.2 family) asserts
 the clear refusal or is a strict expected failure naming what it needs.
 """
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness.plan.flags import EngineContext, FlagError, OffloadFlags, resolve
+from harness.common.flags import FlagError, OffloadFlags
+from harness.policy import EngineContext, resolve
 
 U = None  # unset: SGLang's None, the engine's defaults decide
 

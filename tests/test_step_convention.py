@@ -23,8 +23,8 @@ from harness.analyze.baseline import (
 from harness.analyze.compare import NEW, NOT_COMPARED, compare
 from harness.analyze.report import cell_row
 from harness.analyze.roofline import roofline_rows
-from harness.contract import STEP_CONVENTION, CellRecord, Status, as_record
-from harness.run.results import read_cell_records
+from harness.common.contract import STEP_CONVENTION, CellRecord, Status, as_record
+from harness.common.records import read_cell_records
 from tests.helpers import H100, SKU
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,6 +15,7 @@ from harness.cell import measure
 from harness.cell.offload.timeline import CopySpan, per_step, summary
 from harness.cell.worker import round_times, spread
 from harness.plan.scenario import ScenarioError, expand, load_scenario
+from harness.run.runner import spec_for_child
 
 SCENARIO = Path(__file__).resolve().parent.parent / "scenarios" / "cpu" / "qwen_image_edit_tiny.toml"
 
@@ -171,7 +172,7 @@ def test_worker_records_telemetry_per_round_and_copy_timeline(tmp_path: Path, ca
     path = _run_table(tmp_path, "copy_timeline = true\nsampler_interval_ms = 100")
     cell = next(c for c in expand(load_scenario(path)) if c.card.name == "native"
                 and c.requested.label().startswith("cpu1-lw1"))
-    rec = run_cell(dataclasses.replace(cell.spec("cpu"), warmup=1, rounds=2)).to_dict()
+    rec = run_cell(dataclasses.replace(spec_for_child(cell, "cpu"), warmup=1, rounds=2)).to_dict()
     assert rec["status"] == "ok", (rec["reason"], rec.get("traceback"))
     assert rec["run_options"]["sampler_interval_ms"] == 100.0 and rec["copy_timeline"]["enabled"]
     fill = rec["components"]["dit"]["layerwise"]["fill"]  # issue 18 item 6: the setup fill, measured
@@ -206,7 +207,7 @@ def test_the_drift_analysis_names_the_cause_from_the_committed_h200_rounds() -> 
     cell of session 5 that spread 4.7 % had no copy timeline: not attributed, and said so. A spread under 1 %
     is not attributed at all; a round whose SM clock fell is the clocks'."""
     from harness.analyze.drift import spread_cause
-    from harness.run.results import read_cell_records
+    from harness.common.records import read_cell_records
 
     h200 = Path(__file__).resolve().parent.parent / "results" / "h200"
     drift = {r.scenario: r for r in read_cell_records(h200 / "drift.records.jsonl").records}
@@ -220,6 +221,6 @@ def test_the_drift_analysis_names_the_cause_from_the_committed_h200_rounds() -> 
     worst = max((r for r in slowed["telemetry"]["rounds"] if not r["warmup"]), key=lambda r: r["steady_step_ms"])
     for step in worst["step_machine"]["steps"]:
         step["sm_clock_mhz"] = 1500
-    from harness.contract import CellRecord
+    from harness.common.contract import CellRecord
 
     assert "clocks moving" in (spread_cause(CellRecord.from_json(json.dumps(slowed))) or "")

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.contract import PHASES, as_record, migrate
+from harness.common.contract import PHASES, as_record, migrate
 from harness.plan.scenario import expand, load_scenario
+from harness.run.runner import spec_for_child
 
 SCENARIO = Path(__file__).resolve().parent.parent / "scenarios" / "cpu" / "qwen_image_edit_tiny.toml"
 
@@ -19,7 +20,7 @@ def test_worker_runs_tiny_cells_in_process_with_same_output_and_lower_peak_if_bo
     cells = {(c.card.name, c.requested.label()[:8]): c for c in expand(load_scenario(SCENARIO))}
     # One measured round per cell: repetitions (warmup/rounds) only cost time here.
     records = {
-        key: run_cell(replace(cells[key].spec("cpu"), warmup=0, rounds=1)).to_dict()
+        key: run_cell(replace(spec_for_child(cells[key], "cpu"), warmup=0, rounds=1)).to_dict()
         for key in [("native", "cpu1-lw1"), ("native", "cpu0-lw0"), ("tiny-6m", "cpu0-lw1")]
     }
 
@@ -63,7 +64,7 @@ def test_layerwise_text_encoder_and_vae_compute_what_resident_ones_do(tmp_path: 
                     f'width = {size}\nframes = {frames}\nsteps = 2\ntrue_cfg_scale = 4.0\n'
                     '[flags]\ndit_cpu_offload = true\ntext_encoder_cpu_offload = false\nvae_cpu_offload = false\n'
                     '[axes]\nlayerwise_offload_components = ["unset", "all"]\n')
-    resident, streamed = (run_cell(replace(c.spec("cpu"), warmup=0, rounds=1)).to_dict()
+    resident, streamed = (run_cell(replace(spec_for_child(c, "cpu"), warmup=0, rounds=1)).to_dict()
                           for c in expand(load_scenario(path)))
     for rec in (resident, streamed):
         assert rec["status"] == "ok", (rec["reason"], rec.get("traceback"))

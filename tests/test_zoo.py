@@ -10,6 +10,7 @@ import pytest
 
 from harness.models import get_model, model_names
 from harness.plan.scenario import expand, load_scenario
+from harness.run.runner import spec_for_child
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios" / "cpu"
 
@@ -90,8 +91,8 @@ def test_tiny_end_to_end_both_on_matches_resident(scenario_file: str, both_on: s
     scenario = load_scenario(SCENARIOS / scenario_file)
     cells = {c.requested.label()[:12]: c for c in expand(scenario) if c.card.name == "native"}
     resident_key = "cpu0-lw0-" + both_on.rsplit("-", 1)[-1]
-    both = run_cell(cells[both_on].spec("cpu"))
-    resident = run_cell(cells[resident_key].spec("cpu"))
+    both = run_cell(spec_for_child(cells[both_on], "cpu"))
+    resident = run_cell(spec_for_child(cells[resident_key], "cpu"))
     for rec in (both, resident):
         assert rec.status == "ok", (rec.reason, rec.traceback)
         assert rec.outputs["latents_stats"]["finite"]

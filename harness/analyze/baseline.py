@@ -31,8 +31,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from harness import locations
-from harness.contract import (
+from harness.common import locations
+from harness.common.contract import (
     PHASES,
     RUNTIME_PHASES,
     STATUSES,
@@ -43,7 +43,7 @@ from harness.contract import (
     Status,
     fate_text,
 )
-from harness.run.results import now_iso, write_json_atomic
+from harness.common.records import now_iso, write_json_atomic
 
 BASELINE_SCHEMA_VERSION = 1
 
@@ -261,7 +261,7 @@ def stack_differences(baseline_machine: Mapping[str, Any], machine: Mapping[str,
 
 def baseline_path(sku: str, baselines_dir: Path | str | None = None) -> Path:
     """<baselines_dir>/<sku>.json; by default the checkout's results/baselines, or ./results/baselines where the
-    harness is installed from a wheel (harness.locations)."""
+    harness is installed from a wheel (harness.common.locations)."""
     return Path(baselines_dir or locations.baselines_dir()) / f"{sku}.json"
 
 

@@ -41,9 +41,8 @@ from dataclasses import dataclass, field
 from tabulate import tabulate
 
 from harness.analyze.baseline import RETIRED_METRICS, Baseline, BaselineCell, metric, metric_order
-from harness.contract import PHASES, JsonObject, Status
-
-MIB = 2**20
+from harness.common.contract import PHASES, JsonObject, Status
+from harness.common.units import MIB
 
 REGRESSED, IMPROVED, WITHIN, MISSING, NEW, NOT_COMPARED = (
     "regressed", "improved", "within tolerance", "missing", "new", "not compared",

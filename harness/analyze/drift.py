@@ -17,9 +17,8 @@ from typing import Any
 
 from tabulate import tabulate
 
-from harness.contract import CellRecord
-
-MIB = 2**20
+from harness.common.contract import CellRecord
+from harness.common.units import MIB
 
 
 def _range(values: list[Any]) -> str:
@@ -166,7 +165,7 @@ def render(records: list[CellRecord]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from harness.run.results import latest_by_cell, read_cell_records
+    from harness.common.records import latest_by_cell, read_cell_records
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a run folder or a records.jsonl file")

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.contract import RUNTIME_PHASES, CellRecord, PhaseStats, Placement, Status, fate_text
+from harness.common.contract import RUNTIME_PHASES, CellRecord, PhaseStats, Placement, Status, fate_text
 from harness.plan.scenario import HARNESS_BACKEND, FateExpectation, Scenario, flags_key, matches, whole_dit_key
 
 

@@ -22,7 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from harness.analyze.plots import _PNG_META, MAX_HEIGHT_IN, _unit, backend_style
-from harness.contract import PHASES, CellRecord
+from harness.common.contract import PHASES, CellRecord
 
 PHASE_MARKERS = {"load": "s", "encode": "^", "denoise": "o", "decode": "D"}
 SEGMENTS = (("allocated", "#1f4e79"), ("reserved above allocated (allocator cache)", "#6fa8dc"),

@@ -21,8 +21,8 @@ from typing import Any
 from harness.analyze.baseline import BaselineError, cell_metrics, read_baseline, record_sku
 from harness.analyze.html import BODY_JS, CSS, HEAD_JS, esc, img, table
 from harness.analyze.labels import flag_words
-from harness.contract import CellRecord, Status, is_probe
-from harness.run.results import latest_by_cell, read_cell_records
+from harness.common.contract import CellRecord, Status, is_probe
+from harness.common.records import latest_by_cell, read_cell_records
 
 # The metrics drawn, in order (harness.analyze.baseline's names); the first two are the ones a nightly reader asks
 TREND_METRICS = (
@@ -86,7 +86,7 @@ def _key(rec: CellRecord) -> tuple[Any, ...]:
 
 
 def _effective_label(rec: CellRecord) -> str:
-    from harness.plan.flags import FlagError, OffloadFlags
+    from harness.common.flags import FlagError, OffloadFlags
 
     try:
         return OffloadFlags.from_mapping(rec.effective).label()

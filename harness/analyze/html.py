@@ -23,7 +23,7 @@ from typing import Any
 
 from harness.analyze.labels import cell_words
 from harness.analyze.summary import RunSummary, baseline_verdict, build_summary, fates_line
-from harness.contract import CellRecord, is_probe
+from harness.common.contract import CellRecord, is_probe
 
 CSS = """
 :root { --fg:#1d1d1f; --muted:#5f6368; --line:#d9dce1; --bg:#fff; --band:#f6f7f9; --ok:#1e7d32; --bad:#b3261e; }

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from harness.contract import CellRecord
-from harness.plan.flags import FlagError, OffloadFlags
+from harness.common.contract import CellRecord
+from harness.common.flags import FlagError, OffloadFlags
 
 _COMPONENT_WORDS = {"dit": "DiT", "text_encoder": "text encoder", "image_encoder": "image encoder", "vae": "VAE",
                     "all": "every component", "transformer": "DiT"}

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from harness.contract import RUNTIME_PHASES, CellRecord, JsonObject, Phase, Status
-from harness.run.results import latest_by_cell, read_cell_records
+from harness.common.contract import RUNTIME_PHASES, CellRecord, JsonObject, Phase, Status
+from harness.common.records import latest_by_cell, read_cell_records
 
 PARTS = ("process_start_s", "imports_s", "guards_s", "cuda_init_s", "h2d_probe_s", "checkpoint_s", "warmup_s",
          "teardown_s", "other_s")

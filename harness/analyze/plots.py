@@ -19,9 +19,9 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from harness.contract import STEP_CONVENTION, CellRecord, Phase, Status
+from harness.common.contract import STEP_CONVENTION, CellRecord, Phase, Status
+from harness.common.units import GIB, MIB
 
-GIB, MIB = 2**30, 2**20
 PHASE_COLORS = {
     "setup": "#dddddd", "load": "#f4c27a", "encode": "#9fd3a6", "denoise": "#9ec5e8", "decode": "#d8a8e0",
 }

@@ -15,7 +15,7 @@ from tabulate import tabulate
 
 from harness.analyze.expect import evaluate
 from harness.analyze.roofline import roofline_rows
-from harness.contract import (
+from harness.common.contract import (
     PHASES,
     RUNTIME_PHASES,
     STEP_CONVENTION,
@@ -25,13 +25,12 @@ from harness.contract import (
     is_probe,
     label_in,
 )
-from harness.locations import scenarios_dir
+from harness.common.locations import scenarios_dir
+from harness.common.records import by_gpu
+from harness.common.units import MIB
 from harness.plan.planner import plan_rows
 from harness.plan.scenario import ScenarioError, load_scenario
 from harness.run.merge import host_of
-from harness.run.results import by_gpu
-
-MIB = 2**20
 
 
 def _mib(v: Any) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from harness.contract import STEP_CONVENTION, CellRecord, Placement, Status
+from harness.common.contract import STEP_CONVENTION, CellRecord, Placement, Status
 
 __all__ = ["STEP_CONVENTION", "roofline_rows"]
 

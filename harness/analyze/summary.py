@@ -25,7 +25,7 @@ from harness.analyze.compare import (
     Comparison,
     scenario_card,
 )
-from harness.contract import CellRecord, Status, is_probe
+from harness.common.contract import CellRecord, Status, is_probe
 
 SEED_CHECK = "lowest_peak"
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.contract import CellSpec, Placement
+from harness.common.contract import CellSpec, Placement
 
 HOST_ENV = "OFFLOAD_BENCH_HOST_AVAILABLE_BYTES"
 DISK_ENV = "OFFLOAD_BENCH_DISK_FREE_BYTES"

@@ -21,7 +21,7 @@ from harness.cell.offload import timeline as copy_timeline
 from harness.cell.offload.layerwise import LayerwiseRuntime
 from harness.cell.offload.loader import LoadedComponent
 from harness.cell.offload.memory import Device
-from harness.contract import RunSettings
+from harness.common.contract import RunSettings
 from harness.models import ModelSpec
 
 # Qwen/Qwen-Image scheduler/scheduler_config.json

@@ -18,7 +18,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from harness.contract import (
+from harness.common.contract import (
     MEASURED_PHASES,
     ROLES,
     RUNTIME_PHASES,
@@ -30,8 +30,8 @@ from harness.contract import (
     Status,
     median_step,
 )
-from harness.plan.flags import OffloadFlags, resolve
-from harness.run.results import now_iso, write_json_atomic
+from harness.common.flags import OffloadFlags
+from harness.common.records import now_iso, write_json_atomic
 
 # When this module started running: with the parent's `spawned_at` (in the cell spec) it gives the process start
 # (interpreter, site packages, runpy), the first part of a cell's fixed cost (`record.overhead`).
@@ -71,12 +71,13 @@ def _phase_start_hook(spec: str | None) -> Any:
 
 
 def _resolve(spec: CellSpec) -> tuple[OffloadFlags, dict[str, Any]]:
-    """The effective flags, and the resolution's record fields (policy, requested, effective, messages, engine)."""
-    if spec.resolution is not None:  # an engine policy, asked once by the parent (harness.plan.scenario.Cell.spec)
-        resolved = dict(spec.resolution)
-        return OffloadFlags.from_mapping(resolved["effective"], "resolution.effective"), resolved
-    resolution = resolve(OffloadFlags.from_mapping(spec.requested, "requested"), spec.policy)
-    return resolution.effective, resolution.as_dict()
+    """The effective flags, and the resolution's record fields (policy, requested, effective, messages, engine), as
+    the parent resolved them (harness.run.runner.spec_for_child): the child never resolves a policy itself."""
+    if spec.resolution is None:
+        raise ValueError(f"{spec.cell_id}: the cell spec carries no resolution; the parent resolves the policy "
+                         "(harness.run.runner.spec_for_child)")
+    resolved = dict(spec.resolution)
+    return OffloadFlags.from_mapping(resolved["effective"], "resolution.effective"), resolved
 
 
 def _new_record(spec: CellSpec) -> tuple[OffloadFlags, CellRecord]:

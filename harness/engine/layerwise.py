@@ -36,9 +36,9 @@ from typing import Any
 
 import torch
 
+from harness.common.flags import OffloadFlags
 from harness.engine.install import installed
 from harness.engine.runtime import activate, stand_ins
-from harness.plan.flags import OffloadFlags
 
 SERVER_ARGS_MODULE = "sglang.multimodal_gen.runtime.server_args"
 

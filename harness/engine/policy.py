@@ -162,8 +162,8 @@ def resolve_engine(version: str, requests: list[EngineRequest], *, timeout_s: fl
 
 
 SHIPPED_ANSWERS = Path(__file__).with_name("answers.jsonl")
-"""Answers of the real releases to the requests the shipped scenarios make, recorded by `python -m
-harness.engine.policy --record` on a machine with the releases: what a machine without a release resolves from
+"""Answers of the real releases to the requests the shipped scenarios make, recorded by `python -m harness
+record-answers` on a machine with the releases: what a machine without a release resolves from
 (each keeps `extra.answered_by`). A line recorded by another version of the child's code is not used."""
 
 
@@ -212,15 +212,16 @@ def _save_answers(folder: Path, answers: dict[str, EngineResolution], path: Path
         pass  # a read-only engine folder: the answers are asked again next time
 
 
-def record_shipped(out: Path = SHIPPED_ANSWERS) -> int:
-    """Writes the installed releases' answers to every request the shipped scenarios make into `out` (replacing
-    it). Returns the number of answers."""
-    from harness import locations
-    from harness.engine.install import installed
-    from harness.plan.scenario import load_all
-
+def clear_cache() -> None:
     _CACHE.clear()
-    load_all(locations.scenarios_dir())  # asks (or reads from the folders' files) every request, into _CACHE
+
+
+def write_shipped(out: Path = SHIPPED_ANSWERS) -> int:
+    """Writes the installed releases' answers that this process asked or read since `clear_cache()` into `out`
+    (replacing it): after loading every shipped scenario, the answers those scenarios need (`python -m harness
+    record-answers`). Returns the number of answers."""
+    from harness.engine.install import installed
+
     engines = installed()
     lines = 0
     out.write_text("")
@@ -293,15 +294,3 @@ def _ask_child(version: str, requests: list[EngineRequest], timeout_s: float) ->
 def _tail(text: str, lines: int = 30) -> str:
     return "\n".join(text.strip().splitlines()[-lines:]) or "(empty)"
 
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m harness.engine.policy",
-                                     description="Record the releases' answers for the shipped scenarios.")
-    parser.add_argument("--record", action="store_true", help=f"rewrite {SHIPPED_ANSWERS.name} from the installed "
-                        "releases (run where 0.5.8, 0.5.13 and 0.5.23 are installed)")
-    if parser.parse_args().record:
-        from harness.engine import policy  # the imported module, whose cache the scenario loader fills (not __main__)
-
-        print(f"wrote {policy.record_shipped()} answers to {SHIPPED_ANSWERS}")

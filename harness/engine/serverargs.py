@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-from harness.plan.flags import LATER_FLAGS_AT_DEFAULT
+from harness.common.flags import LATER_FLAGS_AT_DEFAULT
 
 MODELLED_FLAGS = (
     "dit_cpu_offload",

@@ -14,9 +14,10 @@ import importlib
 import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.contract import ROLES
+from harness.common.contract import ROLES
 
 if TYPE_CHECKING:
     import torch
@@ -26,6 +27,9 @@ class UnknownModelError(KeyError):
     def __str__(self) -> str:  # KeyError's default repr-quotes the message
         return str(self.args[0])
 
+
+PLAN_DATA_PATH = Path(__file__).resolve().parent / "plan_data.json"
+"""The zoo's weight sizes (`python -m harness.models.sizes --write`) and the planner's fits, beside the zoo."""
 
 VAE_DECODER_LAYERS = ("decoder.up_blocks",)
 """What a VAE streams under layerwise offload: its decoder's blocks (SGLang's VAE `layer_names`); the encoder,

@@ -14,7 +14,7 @@ import json
 import sys
 from typing import Any
 
-from harness.models import ModelSpec, get_model, model_names
+from harness.models import PLAN_DATA_PATH, ModelSpec, get_model, model_names
 
 SLICE_ALIGN = 256  # harness.cell.offload.memory.SLICE_ALIGN: each parameter of a layer region starts on this boundary
 
@@ -70,21 +70,19 @@ def all_weights() -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from harness.plan.planner import DATA_PATH
-
     parser = argparse.ArgumentParser(prog="python -m harness.models.sizes", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--write", action="store_true", help=f"update the weights section of {DATA_PATH}")
+    parser.add_argument("--write", action="store_true", help=f"update the weights section of {PLAN_DATA_PATH}")
     args = parser.parse_args(argv)
     weights = all_weights()
     if not args.write:
         json.dump(weights, sys.stdout, indent=1)
         print()
         return 0
-    data = json.loads(DATA_PATH.read_text()) if DATA_PATH.exists() else {}
+    data = json.loads(PLAN_DATA_PATH.read_text()) if PLAN_DATA_PATH.exists() else {}
     data["weights"] = weights
-    DATA_PATH.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    print(f"wrote the weights of {len(weights)} models to {DATA_PATH}", file=sys.stderr)
+    PLAN_DATA_PATH.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    print(f"wrote the weights of {len(weights)} models to {PLAN_DATA_PATH}", file=sys.stderr)
     return 0
 
 

@@ -20,11 +20,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from harness.contract import Backend, CellRecord, Status
+from harness.common.contract import Backend, CellRecord, Status
+from harness.common.flags import FlagError, OffloadFlags
+from harness.common.records import latest_by_cell, read_cell_records
+from harness.common.units import GIB
 from harness.models import get_model
-from harness.plan.flags import EngineContext, FlagError, OffloadFlags, resolve
-from harness.plan.planner import GIB, Machine, Plan, Workload, machine_profile, measured, plan
-from harness.run.results import latest_by_cell, read_cell_records
+from harness.plan.planner import Machine, Plan, Workload, machine_profile, measured, plan
+from harness.policy import EngineContext, resolve
 
 PREFETCH_SIZES = (1, 2, 4, 8)
 RESIDENT_SHARES = (0.0, 0.25, 0.5, 0.75)  # dit_layerwise_resident_layers as a fraction of each group

@@ -17,10 +17,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from harness import locations
-from harness.models import UnknownModelError
-from harness.plan.flags import EngineContext, FlagError, OffloadFlags, check_flag_value, resolve
-from harness.plan.planner import DATA_PATH, GIB, PHASES, Plan, PlanError, Workload, load_data, machine_profile, plan
+from harness.common import locations
+from harness.common.flags import FlagError, OffloadFlags, check_flag_value
+from harness.common.units import GIB
+from harness.models import PLAN_DATA_PATH, UnknownModelError
+from harness.plan.planner import PHASES, Plan, PlanError, Workload, load_data, machine_profile, plan
+from harness.policy import EngineContext, resolve
 
 
 class PlanUsageError(ValueError):
@@ -60,7 +62,7 @@ def add_commands(sub: Any) -> None:
                            "none)")
     fit = sub.add_parser("plan-fit", help="refit the planner's activation and compute figures from GPU records")
     fit.add_argument("records", nargs="+", help="records.jsonl files (GPU runs)")
-    fit.add_argument("--write", action="store_true", help=f"store the fits in {DATA_PATH.name}")
+    fit.add_argument("--write", action="store_true", help=f"store the fits in {PLAN_DATA_PATH.name}")
 
 
 def card_cap(text: str) -> tuple[str, int | None]:
@@ -189,8 +191,8 @@ def cmd_advise(args: argparse.Namespace) -> int:
 
 
 def cmd_plan_fit(args: argparse.Namespace) -> int:
+    from harness.common.records import read_cell_records
     from harness.plan.planner import fit
-    from harness.run.results import read_cell_records
 
     records = [(path, r) for path in args.records for r in read_cell_records(Path(path)).records]
     fits = fit(records)
@@ -199,8 +201,8 @@ def cmd_plan_fit(args: argparse.Namespace) -> int:
         return 0
     data = dict(load_data())
     data.update(fits)
-    DATA_PATH.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    print(f"wrote fits of {len(fits['fits'])} models and {len(fits['machines'])} machines to {DATA_PATH}",
+    PLAN_DATA_PATH.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    print(f"wrote fits of {len(fits['fits'])} models and {len(fits['machines'])} machines to {PLAN_DATA_PATH}",
           file=sys.stderr)
     return 0
 

@@ -56,14 +56,12 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from harness import locations
-from harness.contract import ROLES, Backend, CellRecord, JsonObject, Phase, Placement, Status, is_probe
-from harness.models import ModelSpec, get_model
-from harness.plan.flags import OffloadFlags, prefetch_layers, resident_layer_count
+from harness.common.contract import ROLES, Backend, CellRecord, JsonObject, Phase, Placement, Status, is_probe
+from harness.common.flags import OffloadFlags, prefetch_layers, resident_layer_count
+from harness.common.units import GIB, MIB
+from harness.models import PLAN_DATA_PATH, ModelSpec, get_model
 from harness.plan.segments import window_segment_bytes
 
-DATA_PATH = locations.PACKAGE / "models" / "plan_data.json"  # the package's, wherever this module sits in it
-GIB, MIB = 2**30, 2**20
 PHASES = ("load", "encode", "denoise", "decode")
 RUNTIME_PHASES = ("encode", "denoise", "decode")
 DIT_PLACEMENTS = ("resident", "cpu-offload", "layerwise-from-host", "layerwise-from-device")
@@ -225,7 +223,7 @@ class Plan:
 
 
 @cache
-def load_data(path: str = str(DATA_PATH)) -> dict[str, Any]:
+def load_data(path: str = str(PLAN_DATA_PATH)) -> dict[str, Any]:
     p = Path(path)
     if not p.exists():
         raise PlanError(f"{p}: no planner data; write it with `python -m harness.models.sizes --write`")
@@ -237,7 +235,7 @@ def model_weights(name: str, data: Mapping[str, Any] | None = None) -> dict[str,
     try:
         return data["weights"][name]
     except KeyError:
-        raise PlanError(f"no weights data for model {name!r} in {DATA_PATH}: run "
+        raise PlanError(f"no weights data for model {name!r} in {PLAN_DATA_PATH}: run "
                         "`python -m harness.models.sizes --write`") from None
 
 
@@ -260,7 +258,7 @@ def machine_profile(sku: str | None = None, data: Mapping[str, Any] | None = Non
     name = sku if sku in machines else DEFAULT_MACHINE
     m = machines.get(name)
     if m is None:
-        raise PlanError(f"no machine profile {name!r} in {DATA_PATH}")
+        raise PlanError(f"no machine profile {name!r} in {PLAN_DATA_PATH}")
     source = m.get("source", "")
     if sku is not None and sku != name:
         source = f"no profile for {sku}; {name}'s: {source}"
@@ -305,7 +303,7 @@ def dit_flops(dit: Mapping[str, Any], tokens: int) -> float:
 
 
 def placements(flags: OffloadFlags) -> dict[str, str]:
-    """Where the harness's loader puts each component under our backend (`harness.contract.Placement.for_role`):
+    """Where the harness's loader puts each component under our backend (`harness.common.contract.Placement.for_role`):
     a text encoder or VAE that `layerwise_offload_components` selects streams from the host."""
     return {role: str(Placement.for_role(role, flags)) for role in ROLES}
 
@@ -328,7 +326,7 @@ def streaming(component: Mapping[str, Any], prefetch_size: float, resident_value
     """The layerwise runtime's device footprint for one component (`harness.cell.offload.layerwise`; its weights
     data with "groups": the DiT, or a text encoder or VAE that `layerwise_offload_components` streams, each with
     its own prefetch and resident layers): per group, r resident layers
-    (`harness.plan.flags.resident_layer_count`), and a window of p of the streamed ones computing while the next is in
+    (`harness.common.flags.resident_layer_count`), and a window of p of the streamed ones computing while the next is in
     flight (2p), while every other group holds its window 0, prefetched at the end of its last window for the next
     forward. p counts streamed layers: with r kept, a window larger than the n - r streamed ones is all of them.
     `order`: the groups' names in forward order (the zoo's `layer_groups`; the data's order otherwise)."""

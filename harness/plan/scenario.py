@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.contract import (
+from harness.common.contract import (
     PHASES,
     PROBE_MARK,
     STATUSES,
@@ -31,21 +31,18 @@ from harness.contract import (
     RunSettings,
     cell_id_of,
 )
-from harness.engine.policy import EngineError, ReleaseMissing, install_command
+from harness.common.flags import FlagError, OffloadFlags, check_flag_value, flag_json, is_finite_number
+from harness.common.units import GIB, MIB
 from harness.models import UnknownModelError, get_model
-from harness.plan.flags import (
+from harness.policy import (
     EngineContext,
-    FlagError,
-    OffloadFlags,
+    EngineError,
+    ReleaseMissing,
     Resolution,
-    check_flag_value,
     check_policy,
-    flag_json,
-    is_finite_number,
+    install_command,
     resolve_many,
 )
-
-GIB, MIB = 2**30, 2**20
 
 # Usable capacity as PyTorch reports it on the real cards (RTX 5090: SGLang #26925; RTX 4090: #17070).
 CARDS: dict[str, int | None] = {

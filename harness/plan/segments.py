@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cache
 
-MIB = 2**20
+from harness.common.units import MIB
 
 
 def segment_size(nbytes: int) -> int:

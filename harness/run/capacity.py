@@ -28,11 +28,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from harness.contract import PROBE_MARK, CellRecord
+from harness.common.contract import PROBE_MARK, CellRecord
+from harness.common.records import latest_by_cell, read_cell_records
 from harness.plan.advise import DEFAULT_MARGIN
 from harness.plan.planner import Workload, plan
 from harness.plan.scenario import HARNESS_BACKEND, CapacitySpec, Cell, Scenario, ScenarioError, expand, load_scenario
-from harness.run.results import latest_by_cell, read_cell_records
 
 
 @dataclass(frozen=True)

@@ -37,9 +37,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import exitcodes
-from harness.contract import CellRecord, JsonObject
-from harness.run.results import NoRecordsError, ResultsError, ensure_writable, latest_by_cell, read_cell_records
+from harness.common import exitcodes
+from harness.common.contract import CellRecord, JsonObject
+from harness.common.records import NoRecordsError, ResultsError, ensure_writable, latest_by_cell, read_cell_records
 
 
 class MergeConflict(ValueError):

@@ -24,7 +24,7 @@ Command line (no pytest):
     python -m harness.run.runner SCENARIO.toml... [--results DIR] [--run-id ID] [--resume [--retry-failed]]
 prints "[i/N elapsed] cell_id: status" per cell and exits 0 when no cell ended as error / crash / timeout, 1 when
 one did, 2 on bad arguments or scenario files, 7 when the results folder is not writable (before any cell), 8 when
-the results folder's disk is (nearly) full, 130 on SIGINT, 143 on SIGTERM (harness/exitcodes.py).
+the results folder's disk is (nearly) full, 130 on SIGINT, 143 on SIGTERM (harness/common/exitcodes.py).
 """
 
 from __future__ import annotations
@@ -50,12 +50,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import REPO, exitcodes
-from harness.contract import STATUSES, CellRecord, CellSpec, JsonObject, Status
-from harness.plan.planner import plan_entry
-from harness.plan.scenario import TIERS, Cell, ScenarioError, expand, in_tier, load_scenario
-from harness.run.gpus import cell_cost, child_gpu
-from harness.run.results import (
+from harness import REPO
+from harness.common import exitcodes
+from harness.common.contract import STATUSES, CellRecord, CellSpec, JsonObject, Status
+from harness.common.records import (
     DiskFullError,
     ResultsError,
     UnwritableError,
@@ -65,6 +63,10 @@ from harness.run.results import (
     now_iso,
     read_cell_records,
 )
+from harness.plan.planner import plan_entry
+from harness.plan.scenario import TIERS, Cell, ScenarioError, expand, in_tier, load_scenario
+from harness.policy import resolve
+from harness.run.gpus import cell_cost, child_gpu
 from harness.run.shard import Shard, ShardError, describe, parse_shard, select
 
 UNEXPECTED = tuple(s.value for s in Status if s.unexpected)  # the fates that make a run fail
@@ -507,9 +509,20 @@ def child_spec(run: Run, cell: Cell, cdir: Path, gpu: str | None) -> CellSpec:
     GPU; OFFLOAD_BENCH_H2D_PROBE=each makes every cell probe) and the spawn time its process_start_s counts from."""
     probe = run.h2d_probes.get(gpu) if os.environ.get(H2D_PROBE_ENV) != "each" else None
     return dataclasses.replace(
-        cell.spec(run.device), latents_out=str(cdir / "latents.pt"),
+        spec_for_child(cell, run.device), latents_out=str(cdir / "latents.pt"),
         pinned_h2d_probe=probe if run.device == "cuda" else None, spawned_at=time.time(),
     )
+
+
+def spec_for_child(cell: Cell, device: str) -> CellSpec:
+    """The cell's spec with the policy's resolution always in it: the child runs what the parent resolved and
+    never resolves again. A cell whose spec carries none (every flag set, under one of our models: `Cell.spec`
+    hashes the resolution only where the card or a release decided something) gets the resolution of its flags
+    alone, the one its records hold; the card's context would change only the notes, not the effective flags."""
+    spec = cell.spec(device)
+    if spec.resolution is not None:
+        return spec
+    return dataclasses.replace(spec, resolution=resolve(cell.requested, spec.policy).as_dict())
 
 
 def finish_overhead(record: CellRecord, elapsed_s: float, exited_at: float) -> None:

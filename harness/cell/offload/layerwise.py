@@ -8,7 +8,7 @@ Shape (after SGLang's LayerwiseOffloadManager, written from its description, not
   points at an empty placeholder, so a forward that touched a released layer would fail loudly instead of
   reading stale memory;
 - `dit_layerwise_resident_layers` r of a group's n layers stay on the device (which ones: the residency policy,
-  `harness.plan.flags.streamed_layer_indices`): copied in at the first forward of a request (the first layer's
+  `harness.common.flags.streamed_layer_indices`): copied in at the first forward of a request (the first layer's
   pre-hook) and dropped when the component's use ends (`release_all`), SGLang's default "forward" lifetime, so
   they are transferred once per pipeline call instead of once per forward;
 - the other n - r layers stream: in their order they are grouped into windows of p layers. Entering window k
@@ -47,7 +47,7 @@ from harness.cell.offload.memory import (
     pin_all,
 )
 from harness.cell.offload.timeline import CopyRecorder, recorded
-from harness.plan.flags import prefetch_layers, resident_layer_count, streamed_layer_indices
+from harness.common.flags import prefetch_layers, resident_layer_count, streamed_layer_indices
 
 # How many windows the host may run ahead of the GPU's compute (see the module docstring: 1 left a gap a window).
 HOST_LEAD_WINDOWS = 2
@@ -105,11 +105,11 @@ class LayerwiseRuntime:
         groups (tuple[str, ...]): dotted paths of the streamed ModuleLists (e.g. ("transformer_blocks",),
             ("t5.encoder.block",)).
         device (Device): where layers are computed.
-        prefetch_size (float): SGLang's `dit_offload_prefetch_size`; see `harness.plan.flags.prefetch_layers`.
+        prefetch_size (float): SGLang's `dit_offload_prefetch_size`; see `harness.common.flags.prefetch_layers`.
         pin (bool): page-lock the host regions.
         resident_layers (float): SGLang's `dit_layerwise_resident_layers` per group; see
-            `harness.plan.flags.resident_layer_count`.
-        residency_policy (str): "leading" or "strided"; see `harness.plan.flags.streamed_layer_indices`.
+            `harness.common.flags.resident_layer_count`.
+        residency_policy (str): "leading" or "strided"; see `harness.common.flags.streamed_layer_indices`.
 
     Example:
         >>> rt = LayerwiseRuntime(dit, ("transformer_blocks",), device, prefetch_size=4, pin=True)

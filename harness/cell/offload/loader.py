@@ -30,9 +30,9 @@ from harness.cell.checkpoint import CheckpointError, CheckpointReader
 from harness.cell.offload.component import ComponentOffload
 from harness.cell.offload.layerwise import LayerwiseRuntime
 from harness.cell.offload.memory import Device, HostRegion, torch_pinned_block_bytes
-from harness.contract import Backend, Placement
+from harness.common.contract import Backend, Placement
+from harness.common.flags import OffloadFlags
 from harness.models import ComponentSpec
-from harness.plan.flags import OffloadFlags
 
 
 def layerwise_tuning(role: str, flags: OffloadFlags | None, prefetch_size: float) -> tuple[float, float, str]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
-from harness.plan.flags import OffloadFlags
+from harness.common.flags import OffloadFlags
 
 SCHEMA_VERSION = 2
 ROLES = ("text_encoder", "dit", "vae")

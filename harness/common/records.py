@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.contract import (
+from harness.common.contract import (
     PHASES,
     SCHEMA_VERSION,
     STATUSES,

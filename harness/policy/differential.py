@@ -1,6 +1,6 @@
 """The differential grid: SGLang's real ServerArgs of each release against our hand-written model of its era.
 
-`python -m harness.engine.grid --out results/sglang-policy-grid.md [--versions 0.5.8 0.5.13 0.5.23]` asks each
+`python -m harness.policy.differential --out results/sglang-policy-grid.md [--versions 0.5.8 0.5.13 0.5.23]` asks each
 installed release (one child per release for the whole grid) and our model (`MODEL_FOR_VERSION`) about every
 input, and writes a markdown report: per release, inputs compared, agreements, disagreements (each with inputs,
 SGLang's answer and ours), and inputs our model refuses as inexpressible. Exit status 1 on any disagreement.
@@ -24,17 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.common.flags import FlagError, OffloadFlags
 from harness.engine.policy import EngineRequest, EngineResolution, resolve_engine, version_key
-from harness.plan.flags import (
-    FAMILY_TASKS,
-    MODEL_FOR_VERSION,
-    EngineContext,
-    FlagError,
-    OffloadFlags,
-    Resolution,
-    engine_flags,
-    resolve,
-)
+from harness.policy import FAMILY_TASKS, MODEL_FOR_VERSION, EngineContext, Resolution, engine_flags, resolve
 
 BOOL_VALUES: tuple[bool | None, ...] = (False, True, None)
 PREFETCH_SIZES: tuple[float, ...] = (0.0, 1.0, 4.0, 0.1, 0.5, 2.5)
@@ -217,7 +209,8 @@ def report(results: dict[str, list[Outcome]], elapsed: dict[str, float], example
     lines = [
         "# SGLang offload policy: real ServerArgs against our model",
         "",
-        "Written by `python -m harness.engine.grid --out results/sglang-policy-grid.md` (CPU only). Each release's",
+        "Written by `python -m harness.policy.differential --out results/sglang-policy-grid.md` (CPU only). "
+        "Each release's",
         "`ServerArgs` is built as SGLang's unit tests build it: platform mocked as one CUDA GPU of the card's memory,",
         "all of it free; the release's own pipeline config for the family's checkpoint; performance mode left at the",
         "release's default; only set flags passed; no checkpoint on disk. See `harness/engine/serverargs.py`.",
@@ -280,7 +273,7 @@ def _spread(items: list[Outcome], n: int) -> list[Outcome]:
 def main(argv: list[str] | None = None) -> int:
     from harness.engine.policy import available_versions
 
-    parser = argparse.ArgumentParser(prog="python -m harness.engine.grid", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m harness.policy.differential", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, help="write the markdown report here")
     parser.add_argument("--versions", nargs="*", help="releases to ask (default: those MODEL_FOR_VERSION covers)")
     args = parser.parse_args(argv)

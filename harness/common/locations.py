@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parent.parent  # harness/, this module sits in harness/common/
 SHIPPED = PACKAGE / "_shipped"  # filled by setup.py's build_py, in a wheel only
 
 

@@ -1,0 +1,4 @@
+"""Byte units, defined once: every stage counts memory in bytes and prints MiB or GiB."""
+
+MIB = 2**20
+GIB = 2**30
