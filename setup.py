@@ -3,7 +3,7 @@
 `pip install .` builds a wheel of the `harness` package; an installed `offload-bench list` or `bench` then needs
 the scenario files and their pytest glue (scenarios/conftest.py, test_offload_matrix.py), and `advise` the
 committed GPU records, which live beside the package in a checkout. build_py copies them to harness/_shipped in
-the build tree, where harness.locations finds them. Editable installs run from the checkout and need no copy.
+the build tree, where harness.common.locations finds them. Editable installs run from the checkout and need no copy.
 Data inside the package (the planner's plan_data.json, the releases' recorded answers) is package data
 (pyproject.toml).
 """
@@ -27,7 +27,7 @@ class BuildPyWithScenarios(build_py):
         for path in sorted(source.rglob("*")):
             if path.is_file() and path.suffix in SHIPPED_SUFFIXES and "__pycache__" not in path.parts:
                 self._ship(path, shipped / "scenarios" / path.relative_to(source))
-        # the committed GPU records (3 MB), which `advise` takes its measured rows from (harness.locations)
+        # the committed GPU records (3 MB), which `advise` takes its measured rows from (harness.common.locations)
         for path in sorted((ROOT / "results").glob("*/*.records.jsonl")):
             self._ship(path, shipped / "results" / path.relative_to(ROOT / "results"))
 

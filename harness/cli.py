@@ -10,7 +10,7 @@
 - plan, advise, plan-fit: what a flag combination costs on a card, before running it (harness/plan/plan_cli.py).
 - capacity: the largest frame count or resolution each combination completes, searched on the device.
 
-Exit codes (harness/exitcodes.py): 0 pass, 1 regressed, 2 usage or unreadable input, 3 no baseline for the SKU,
+Exit codes (harness/common/exitcodes.py): 0 pass, 1 regressed, 2 usage or unreadable input, 3 no baseline for the SKU,
 4 no records, 5 every cell skipped, 6 every cell crashed/errored/timed out, 7 an output folder is not writable,
 9 merge refused (the runs disagree, or measured one cell twice). Codes 3-9 mean nothing was judged; each comes
 with one line saying why.
@@ -344,7 +344,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     """pytest on the scenario suite: the checkout's scenarios/, or the copy an installed wheel ships
-    (harness.locations); records go under --results (default ./results) of the working folder."""
+    (harness.common.locations); records go under --results (default ./results) of the working folder."""
     import pytest
 
     folder = Path(args.scenarios) if args.scenarios else locations.scenarios_dir()
