@@ -12,7 +12,8 @@
 
 Exit codes (harness/exitcodes.py): 0 pass, 1 regressed, 2 usage or unreadable input, 3 no baseline for the SKU,
 4 no records, 5 every cell skipped, 6 every cell crashed/errored/timed out, 7 an output folder is not writable,
-9 merge refused (the runs disagree, or measured one cell twice). Codes 3-9 mean nothing was judged; each comes
+9 merge refused (the runs disagree, or measured one cell twice), 10 merge refused (a record of a newer schema
+than this harness reads). Codes 3-10 mean nothing was judged; each comes
 with one line saying why.
 """
 

@@ -17,6 +17,7 @@ ALL_FAILED = 6  # compare: every cell of the run ended crash/error/timeout: noth
 UNWRITABLE = 7  # a results/baseline/report folder that cannot be written (checked before any work)
 DISK_FULL = 8  # runner: too little free space in the results folder, or a record append failed (ENOSPC)
 MERGE_CONFLICT = 9  # merge: the runs disagree (run id, git sha, a cell's spec) or hold two verdicts of one cell
+NEWER_RECORD = 10  # merge: a source holds a record of a newer schema than this harness reads (never dropped)
 SIGINT = 130  # runner: Ctrl-C (finished cells are kept)
 SIGTERM = 143  # runner: SIGTERM (finished cells are kept)
 
@@ -31,6 +32,7 @@ MEANING = {
     UNWRITABLE: "an output folder is not writable",
     DISK_FULL: "disk full in the results folder",
     MERGE_CONFLICT: "merge refused: the runs are not one run, or measured one cell twice",
+    NEWER_RECORD: "merge refused: a record of a newer schema than this harness (update the harness)",
     SIGINT: "interrupted (SIGINT)",
     SIGTERM: "terminated (SIGTERM)",
 }

@@ -53,6 +53,7 @@ from typing import Any
 from harness import REPO
 from harness.common import exitcodes
 from harness.common.contract import STATUSES, CellRecord, CellSpec, JsonObject, Status
+from harness.common.inputs import InputError, check_environment, check_name, env_number
 from harness.common.records import (
     DiskFullError,
     ResultsError,
@@ -171,9 +172,7 @@ class Run:
 
     @classmethod
     def create(cls, results_root: Path, device: str, run_id: str | None = None, verbose: bool = True) -> Run:
-        run_id = run_id or new_run_id()
-        if not run_id or "/" in run_id or run_id in (".", ".."):
-            raise ValueError(f"run id must be a plain folder name, got {run_id!r}")
+        run_id = new_run_id() if run_id is None else check_name(run_id, "run id")  # InputError: a ValueError
         # absolute: the child runs in the package's folder (cwd=REPO), so a relative results path (an installed
         # offload-bench's default ./results) would name another place there
         run_dir = Path(results_root).resolve() / "runs" / run_id
@@ -437,16 +436,16 @@ def _copy_record(run: Run, cell: Cell, done: dict[str, CellRecord], label: str) 
 
 def results_free_bytes(folder: Path) -> int:
     """Free bytes on the filesystem of the results folder (or the OFFLOAD_BENCH_RESULTS_FREE_BYTES override)."""
-    override = os.environ.get(RESULTS_FREE_ENV)
-    if override:
-        return int(float(override))
+    override = env_number(RESULTS_FREE_ENV)
+    if override is not None:
+        return int(override)
     return shutil.disk_usage(folder).free
 
 
 def check_results_space(run: Run) -> None:
     """Refuses to start a cell when the results folder is nearly full: the child's log and latents and the
     record append need room, and a run that stops here loses nothing (every finished record is on disk)."""
-    need = int(float(os.environ.get(RESULTS_MIN_FREE_ENV) or RESULTS_MIN_FREE_DEFAULT))
+    need = int(env_number(RESULTS_MIN_FREE_ENV, RESULTS_MIN_FREE_DEFAULT) or 0)
     free = results_free_bytes(run.run_dir)
     if free < need:
         raise DiskFullError(
@@ -646,7 +645,7 @@ def _wait(
     """Waits for the child, echoing its log and calling `progress` every OFFLOAD_BENCH_PROGRESS_S seconds;
     returns 'timeout' if it had to be killed."""
     deadline = time.monotonic() + timeout
-    every = float(os.environ.get(PROGRESS_EVERY_ENV) or PROGRESS_EVERY_DEFAULT_S)
+    every = env_number(PROGRESS_EVERY_ENV, PROGRESS_EVERY_DEFAULT_S) or PROGRESS_EVERY_DEFAULT_S
     next_progress = time.monotonic() + every
     shown = 0
     try:
@@ -848,6 +847,11 @@ def _open_run(args: argparse.Namespace) -> Run:
     """The run to record into: a new one, or with --resume the named or newest one. The results folder must be
     writable before any cell runs."""
     run_id = args.run_id
+    if run_id is not None:
+        try:
+            check_name(run_id, "run id", "--run-id")
+        except InputError as e:
+            raise _Refused(EXIT_USAGE, str(e)) from None
     if args.resume:
         if run_id is None:
             run_id = _newest_run(args.results)
@@ -918,6 +922,10 @@ def main(argv: list[str] | None = None) -> int:
     old_int = signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     run: Run | None = None
     try:
+        try:
+            check_environment()  # before any child: a bad OFFLOAD_BENCH_* would fail every cell, one by one
+        except InputError as e:
+            raise _Refused(EXIT_USAGE, str(e)) from None
         scenarios = _load_scenarios(args.scenarios, args.tier)
         run = _open_run(args)
         final = _run_all(run, [c for s in scenarios for c in expand(s)], shard)

@@ -1,0 +1,227 @@
+"""Hostile input and real faults, round two (issue #30): each case of the issue, one row or test each. Every bad
+input ends in one line naming the input and the form it accepts, with its exit code, before any child starts;
+nothing is silent, nothing is dropped."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness.cli import main as cli
+from harness.common import exitcodes
+from harness.common.contract import SCHEMA_VERSION
+from harness.common.inputs import InputError, check_environment, check_output_file
+from harness.common.records import read_cell_records
+from harness.plan.scenario import ReleaseNotInstalled, ScenarioError, expand, load_scenario
+from tests.helpers import H100, TINY_SCENARIO, base_scenario, mutate, to_toml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write(folder: Path, data: dict[str, Any], name: str = "scenario.toml") -> Path:
+    path = folder / name
+    path.write_text(to_toml(data))
+    return path
+
+
+def wan(**over: Any) -> dict[str, Any]:
+    data = {**base_scenario(), "model": "wan-tiny", "frames": 5, "true_cfg_scale": 1.0}
+    for key in ("expect", "exclude", "flags"):
+        data.pop(key)
+    data["cards"] = ["native"]
+    return {**data, **over}
+
+
+# ------------------------------------------------------------------------------------------- 1. lost record
+
+
+def test_merge_of_a_record_of_a_newer_schema_refuses_with_its_own_code_and_drops_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = H100.read_text().splitlines()
+    newer = json.loads(lines[0])
+    newer.update(schema_version=SCHEMA_VERSION + 1, cell_id=newer["cell_id"] + "-newer")
+    (run / "records.jsonl").write_text("\n".join([*lines, json.dumps(newer)]) + "\n")
+    out = tmp_path / "merged"
+    assert cli(["merge", str(run), "--out", str(out)]) == exitcodes.NEWER_RECORD == 10
+    err = capsys.readouterr().err
+    assert "merge refused" in err and f"schema_version {SCHEMA_VERSION + 1} is newer" in err
+    assert not (out / "records.jsonl").exists()
+    assert exitcodes.NEWER_RECORD in exitcodes.MEANING
+    assert "| 10 | `NEWER_RECORD` |" in (REPO / "docs" / "exit-codes.md").read_text()
+
+
+def test_a_torn_last_line_is_no_newer_record(tmp_path):
+    """Only whole records of a newer schema refuse a merge; a torn line (an interrupted write) stays a warning."""
+    path = tmp_path / "records.jsonl"
+    path.write_text(H100.read_text() + '{"schema_version": 99, "cell_id": "x"')
+    result = read_cell_records(path)
+    assert result.problems and not result.newer
+
+
+# ---------------------------------------------------------------------------- 2. silent wrong results: scenario
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "words"),
+    [
+        (mutate(base_scenario(), ("frames",), 81), "frames", "makes images"),
+        (wan(frames=6), "frames", "1 + a multiple of 4"),
+        (wan(frames=4097 + 4), "frames", "at most 4097"),
+        (mutate(base_scenario(), ("height",), 2**40), "height", "at most 16384"),
+        (mutate(base_scenario(), ("width",), 2**20), "width", "at most 16384"),
+        (mutate(base_scenario(), ("name",), "bad\nname"), "name", "control character"),
+        (mutate(base_scenario(), ("name",), "   "), "name", "non-empty"),
+        (mutate(base_scenario(), ("name",), "a\x00b"), "name", "control character"),
+        (mutate(base_scenario(), ("name",), " lead"), "name", "leading or trailing blanks"),
+        (mutate(base_scenario(), ("name",), "x" * 300), "name", "300 bytes long; at most 100"),
+        (mutate(base_scenario(), ("name",), "ü" * 60), "name", "120 bytes long"),
+        (mutate(base_scenario(), ("cards", 0, "name"), "c" * 65), "cards[0].name", "at most 64"),
+        (mutate(base_scenario(), ("cards", 0, "name"), "tab\tcard"), "cards[0].name", "control character"),
+        (mutate(base_scenario(), ("backends",), ["harness", "sglang@9.9.9"]), "backends[1]", "no release"),
+    ],
+    ids=["frames-on-image", "wan-frames-6", "wan-frames-huge", "height-2**40", "width-huge", "name-newline",
+         "name-blank", "name-nul", "name-leading-blank", "name-300", "name-utf8-bytes", "card-name-long",
+         "card-name-tab", "backend-unknown-release"],
+)
+def test_scenario_field_refused_at_load_naming_the_field(tmp_path, data, field, words):
+    with pytest.raises(ScenarioError) as e:
+        load_scenario(write(tmp_path, data))
+    assert f": {field}: " in str(e.value) and words in str(e.value), str(e.value)
+    assert not isinstance(e.value, ReleaseNotInstalled)
+
+
+@pytest.mark.parametrize("frames", [1, 5, 81])
+def test_wan_frames_one_plus_4k_load(tmp_path, frames):
+    assert load_scenario(write(tmp_path, wan(frames=frames))).frames == frames
+
+
+def test_backend_release_known_but_not_installed_follows_the_policy_rule(tmp_path, monkeypatch):
+    """A release this harness knows but this machine lacks: ReleaseNotInstalled (listed and skipped, an error when
+    asked for by name), exactly what `policy = "sglang@<that version>"` gives."""
+    import harness.engine.install as install
+
+    monkeypatch.setattr(install, "installed", lambda *a, **k: {})
+    data = mutate(base_scenario(), ("backends",), ["harness", "sglang@0.5.23"])
+    with pytest.raises(ReleaseNotInstalled) as e:
+        load_scenario(write(tmp_path, data))
+    assert e.value.version == "0.5.23" and "backends[1]" in str(e.value)
+
+
+def test_one_file_is_one_scenario_however_its_path_is_typed(tmp_path, monkeypatch):
+    path = write(tmp_path, base_scenario())
+    monkeypatch.chdir(tmp_path)
+    link = tmp_path / "link.toml"
+    link.symlink_to(path)
+    hashes = {tuple(c.spec_hash("cpu") for c in expand(load_scenario(p))) for p in (path, Path(path.name), link)}
+    assert len(hashes) == 1
+
+
+# ---------------------------------------------------------------------------------- 2./3. run ids, environment
+
+
+def run_runner(args: list[str], tmp_path: Path, env: dict[str, str] | None = None,
+               timeout: float = 120) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OFFLOAD_BENCH_PROFILE": "cpu", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "harness.run.runner", *args], capture_output=True, text=True,
+                          cwd=tmp_path, env=full_env, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    ("run_id", "words"),
+    [("", "non-empty"), ("a/b", "plain folder name"), ("x" * 300, "at most 128"), ("..", "plain folder name"),
+     ("a\nb", "control character")],
+    ids=["empty", "slash", "overlong", "dotdot", "newline"],
+)
+def test_bad_run_id_is_one_usage_line_before_any_cell(tmp_path, run_id, words):
+    for extra in ([], ["--resume"]):
+        proc = run_runner([str(TINY_SCENARIO), "--results", str(tmp_path / "r"), "--run-id", run_id, *extra],
+                          tmp_path)
+        assert proc.returncode == exitcodes.USAGE, proc.stderr
+        assert proc.stderr.count("\n") == 1 and "--run-id" in proc.stderr and words in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert not (tmp_path / "r" / "runs").exists() or not any((tmp_path / "r" / "runs").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "form"),
+    [("OFFLOAD_BENCH_RESULTS_FREE_BYTES", "lots", "byte count"),
+     ("OFFLOAD_BENCH_RESULTS_MIN_FREE_BYTES", "1GB", "byte count"),
+     ("OFFLOAD_BENCH_GPU_TOTAL_BYTES", "80G", "byte count"),
+     ("OFFLOAD_BENCH_HOST_AVAILABLE_BYTES", "lots", "byte count"),
+     ("OFFLOAD_BENCH_DISK_FREE_BYTES", "-5", "byte count"),
+     ("OFFLOAD_BENCH_GPU_FREE_BYTES", "nan", "byte count"),
+     ("OFFLOAD_BENCH_PROGRESS_S", "soon", "seconds > 0"),
+     ("OFFLOAD_BENCH_PROGRESS_S", "0", "seconds > 0"),
+     ("OFFLOAD_BENCH_GUARD_MARGIN", "ten", "fraction >= 0"),
+     ("OFFLOAD_BENCH_GPU_MAX_FOREIGN_FRACTION", "5", "from 0 to 1"),
+     ("OFFLOAD_BENCH_PROFILE", "gpuu", "one of cpu, gpu, auto"),
+     ("OFFLOAD_BENCH_GUARDS", "of", "one of 0, 1"),
+     ("OFFLOAD_BENCH_H2D_PROBE", "eahc", "one of each, first")],
+)
+def test_bad_environment_variable_named_with_its_form(name, value, form):
+    with pytest.raises(InputError) as e:
+        check_environment({name: value})
+    assert str(e.value).startswith(f"{name}={value!r}: expected") and form in str(e.value)
+
+
+def test_runner_refuses_a_bad_environment_variable_before_any_child(tmp_path):
+    proc = run_runner([str(TINY_SCENARIO), "--results", str(tmp_path / "r")], tmp_path,
+                      env={"OFFLOAD_BENCH_HOST_AVAILABLE_BYTES": "lots"})
+    assert proc.returncode == exitcodes.USAGE
+    assert "OFFLOAD_BENCH_HOST_AVAILABLE_BYTES='lots': expected a byte count" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "r").exists()
+
+
+def test_every_environment_variable_the_code_reads_is_checked_or_not_a_number():
+    """grep OFFLOAD_BENCH_ over the harness: every variable holding a number or a choice is in inputs.ENV."""
+    import re
+
+    from harness.common.inputs import ENV
+
+    free_form = {"OFFLOAD_BENCH_CACHE", "OFFLOAD_BENCH_SGLANG_ROOT", "OFFLOAD_BENCH_SGLANG_ANSWERS",
+                 "OFFLOAD_BENCH_GIT_SHA", "OFFLOAD_BENCH_FAULT", "OFFLOAD_BENCH_SGLANG"}
+    seen = set()
+    for path in (REPO / "harness").rglob("*.py"):
+        seen |= set(re.findall(r"OFFLOAD_BENCH_[A-Z0-9_]*[A-Z0-9]", path.read_text()))
+    assert seen - free_form <= set(ENV), sorted(seen - free_form - set(ENV))
+
+
+# -------------------------------------------------------------------------------- 3. folders where files go
+
+
+def test_check_output_file_refuses_a_folder(tmp_path):
+    with pytest.raises(InputError, match="is a folder"):
+        check_output_file(tmp_path, "--markdown")
+
+
+def test_capacity_into_a_read_only_results_folder_is_one_line(tmp_path, capsys):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into a chmod 555 folder; the read-only mount case needs a bind mount")
+    results = tmp_path / "ro"
+    results.mkdir()
+    results.chmod(0o555)
+    try:
+        rc = cli(["capacity", str(REPO / "scenarios" / "gpu" / "flux_dev_capacity_4090.toml"), "--results",
+                  str(results)])
+    finally:
+        results.chmod(0o755)
+    assert rc == exitcodes.UNWRITABLE
+    assert "not writable" in capsys.readouterr().err
+
+
+def test_capacity_into_an_unwritable_results_path_is_one_line(tmp_path, capsys):
+    """As root a chmod does not stop writes: a results path under a regular file cannot be made by anyone."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    rc = cli(["capacity", str(REPO / "scenarios" / "gpu" / "flux_dev_capacity_4090.toml"), "--results",
+              str(blocker / "results")])
+    assert rc == exitcodes.UNWRITABLE
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "not writable" in err
