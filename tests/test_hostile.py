@@ -225,3 +225,107 @@ def test_capacity_into_an_unwritable_results_path_is_one_line(tmp_path, capsys):
     assert rc == exitcodes.UNWRITABLE
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "not writable" in err
+
+
+# ---------------------------------------------------------------------------- 2. silent wrong results: outputs
+
+
+def test_non_finite_output_is_an_error_never_ok(tmp_path, monkeypatch):
+    """true_cfg_scale = 1e308 (a valid number) drives the latents to inf: the cell ran, its result is garbage."""
+    import tomllib
+    from dataclasses import replace
+
+    from harness.cell.worker import run_cell
+    from harness.run.runner import spec_for_child
+
+    monkeypatch.setenv("OFFLOAD_BENCH_CACHE", str(tmp_path / "cache"))
+    data = tomllib.loads(TINY_SCENARIO.read_text())
+    for key in ("expect", "exclude", "xfail"):
+        data.pop(key, None)
+    data.update(name="nonfinite", cards=["native"], true_cfg_scale=1e308,
+                axes={"dit_cpu_offload": [False], "dit_layerwise_offload": [False]})
+    cell = expand(load_scenario(write(tmp_path, data)))[0]
+    record = run_cell(replace(spec_for_child(cell, "cpu"), warmup=0, rounds=1))
+    assert record.outputs and record.outputs["latents_stats"]["finite"] is False
+    assert record.status == "error" and record.status.unexpected
+    assert "non-finite output: latents_stats" in str(record.reason)
+
+
+# ------------------------------------------------------------------------------------------- 3./4. disk full
+
+
+def tiny(tmp_path: Path, name: str) -> Path:
+    from tests.helpers import tiny_scenario_file
+
+    return tiny_scenario_file(tmp_path, name, {"dit_cpu_offload": [True]})
+
+
+def test_enospc_writing_cell_json_stops_the_run_with_exit_8_in_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from harness.run import runner
+
+    monkeypatch.setenv("OFFLOAD_BENCH_PROFILE", "cpu")
+    real = Path.write_text
+
+    def full(self: Path, *args: Any, **kwargs: Any) -> int:
+        if self.name == "cell.json":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    rc = runner.main([str(tiny(tmp_path, "enospc-spec")), "--results", str(tmp_path / "r"), "--run-id", "r"])
+    assert rc == exitcodes.DISK_FULL
+    err = capsys.readouterr().err
+    assert "cell.json: no space left to write the cell's spec" in err and "--resume" in err
+
+
+def test_a_disk_filled_mid_cell_says_so_in_the_crash_record(tmp_path):
+    proc = run_runner([str(tiny(tmp_path, "enospc-mid")), "--results", str(tmp_path / "r"), "--run-id", "r"],
+                      tmp_path, env={"OFFLOAD_BENCH_FAULT": "denoise:enospc", "OFFLOAD_BENCH_CACHE":
+                                     str(tmp_path / "cache")})
+    assert proc.returncode == exitcodes.FAILED, proc.stderr
+    [rec] = read_cell_records(tmp_path / "r" / "runs" / "r" / "records.jsonl").records
+    assert rec.status == "crash" and rec.failed_phase == "denoise"
+    assert "the disk was full" in str(rec.reason) and "--retry-failed" in str(rec.reason)
+
+
+# ------------------------------------------------------------------------------- 2./3. compare, report, files
+
+BASELINES = Path(__file__).resolve().parent / "fixtures" / "baselines"
+
+
+def test_compare_threshold_of_an_unknown_metric_is_refused_listing_the_known_ones(capsys):
+    rc = cli(["compare", str(H100), "--baselines-dir", str(BASELINES), "--threshold", "nosuch_ms:+10%"])
+    assert rc == exitcodes.USAGE
+    err = capsys.readouterr().err
+    assert "unknown metric 'nosuch_ms'" in err and "e2e_ms" in err and "load_peak_reserved_bytes" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [(["compare", "{run}", "--baselines-dir", str(BASELINES), "--markdown", "{dir}"], "--markdown"),
+     (["compare", "{run}", "--baselines-dir", str(BASELINES), "--gab-json", "{dir}"], "--gab-json"),
+     (["report", "{run}", "--out", "{dir}/x.md", "--no-plots"], "--out"),
+     (["report", "{run}", "--html", "{dir}", "--no-plots"], "--html"),
+     (["baseline", "{run}", "--out", "{dir}"], "--out"),
+     (["history", "{run}", "--out", "{dir}"], "--out")],
+    ids=["compare-markdown", "compare-gab-json", "report-out-md", "report-html", "baseline-out", "history-out"],
+)
+def test_a_folder_where_a_file_goes_is_refused_before_anything_prints(tmp_path, capsys, argv, option):
+    folder = tmp_path / "out"
+    (folder / "x.md").mkdir(parents=True)
+    rc = cli([a.format(run=H100, dir=folder) for a in argv])
+    out, err = capsys.readouterr()
+    assert rc == exitcodes.USAGE, err
+    assert out == "" and "PASS" not in err and err.count("\n") == 1
+    assert f"error: {option} " in err and "is a folder" in err
+
+
+def test_a_run_whose_records_jsonl_is_a_folder_is_one_line(tmp_path, capsys):
+    (tmp_path / "run" / "records.jsonl").mkdir(parents=True)
+    for argv in (["report", str(tmp_path / "run")], ["compare", str(tmp_path / "run")],
+                 ["merge", str(tmp_path / "run"), "--out", str(tmp_path / "m")]):
+        assert cli(argv) == exitcodes.USAGE
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "records.jsonl: is a folder, not a records file" in err, err

@@ -163,6 +163,10 @@ def read_cell_records(path: Path, strict: bool = False) -> ReadResult:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         raise ResultsError(f"{path}: no such results file") from None
+    except IsADirectoryError:
+        raise ResultsError(f"{path}: is a folder, not a records file") from None
+    except OSError as e:
+        raise ResultsError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
     lines = text.split("\n")
     for lineno, line in enumerate(lines, 1):
         if not line.strip():

@@ -55,6 +55,7 @@ from harness.common import exitcodes
 from harness.common.contract import STATUSES, CellRecord, CellSpec, JsonObject, Status
 from harness.common.inputs import InputError, check_environment, check_name, env_number
 from harness.common.records import (
+    NO_SPACE,
     DiskFullError,
     ResultsError,
     UnwritableError,
@@ -457,7 +458,14 @@ def check_results_space(run: Run) -> None:
 def _run_child(run: Run, cell: Cell, cdir: Path, label: str, env: dict[str, str] | None) -> CellRecord:
     child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     gpu = child_gpu(child_env, run.device)
-    (cdir / "cell.json").write_text(child_spec(run, cell, cdir, gpu).to_json())
+    try:
+        (cdir / "cell.json").write_text(child_spec(run, cell, cdir, gpu).to_json())
+    except OSError as e:
+        if e.errno not in NO_SPACE:
+            raise
+        raise DiskFullError(f"{cdir / 'cell.json'}: no space left to write the cell's spec ({os.strerror(e.errno)}); "
+                            f"finished cells are kept: free space and continue with --run-id {run.run_id} "
+                            "--resume") from None
     out, log = cdir / "record.json", cdir / "child.log"
     out.unlink(missing_ok=True)  # a record left by an interrupted earlier attempt must not pass for this one's
     timeout = cell.scenario.timeout_s
@@ -732,11 +740,25 @@ def _record_from_child(
     else:
         record = _base_record(run, cell, Status.CRASH)
         record.reason = f"child exited with code {returncode} " + (
-            f"but {problem}" if problem else "without writing a record")
+            f"but {problem}" if problem else "without writing a record") + _disk_full_note(log)
         record.exit_code = returncode
     record.log_tail = _tail(log)
     record.failed_phase = _last_phase(log)
     return record
+
+
+DISK_FULL_MARKS = ("No space left on device", "Disk quota exceeded", "[Errno 28]", "[Errno 122]")
+
+
+def _disk_full_note(log: Path) -> str:
+    """What a crash record says when the child's log shows the disk filled under it (another process, or the
+    cell's own latents), so the crash is not read as a harness bug; empty otherwise."""
+    tail = _tail(log, 20000)
+    mark = next((m for m in DISK_FULL_MARKS if m in tail), None)
+    if mark is None:
+        return ""
+    return (f"; the disk was full: its log says {mark!r}. Free space, then rerun the cell with --resume "
+            "--retry-failed (plain --resume keeps this crash)")
 
 
 def _last_phase(log: Path) -> str | None:
