@@ -329,3 +329,85 @@ def test_a_run_whose_records_jsonl_is_a_folder_is_one_line(tmp_path, capsys):
         assert cli(argv) == exitcodes.USAGE
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "records.jsonl: is a folder, not a records file" in err, err
+
+
+# ------------------------------------------------------------------------------------- 3./4. under pytest
+
+
+def pytest_bench(args: list[str], tmp_path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "pytest", "scenarios", "-p", "no:cacheprovider", "--collect-only",
+                           "-q", "--bench-profile", "cpu", "--bench-results", str(tmp_path / "results"), *args],
+                          capture_output=True, text=True, cwd=REPO, env=full_env, timeout=300)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "words"),
+    [(["--bench-run-id", "a/b"], {}, "--bench-run-id: must be a plain folder name"),
+     (["--bench-run-id", ""], {}, "--bench-run-id: expected a non-empty name"),
+     (["--bench-run-id", "x" * 300], {}, "--bench-run-id: is 300 bytes long"),
+     ([], {"OFFLOAD_BENCH_PROGRESS_S": "soon"}, "OFFLOAD_BENCH_PROGRESS_S='soon': expected a number of seconds")],
+    ids=["run-id-slash", "run-id-empty", "run-id-overlong", "env-progress"],
+)
+def test_pytest_session_refuses_bad_input_in_one_usage_line(tmp_path, args, env, words):
+    proc = pytest_bench(args, tmp_path, env)
+    assert proc.returncode == 4, proc.stdout + proc.stderr  # pytest's usage error, before collection
+    assert words in proc.stderr and "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+
+
+def test_bench_scenario_typo_is_named_not_an_unrelated_bad_file(tmp_path):
+    folder = tmp_path / "scenarios"
+    folder.mkdir()
+    write(folder, mutate(base_scenario(), ("name",), "good"), "good.toml")
+    write(folder, mutate(base_scenario(), ("policy",), "sglang@bogus"), "broken.toml")  # an unrelated bad file
+    proc = pytest_bench(["--bench-scenarios-dir", str(folder), "--bench-scenario", "godo"], tmp_path)
+    assert proc.returncode == 4
+    assert "--bench-scenario godo matches no scenario" in proc.stderr and "broken.toml" not in proc.stderr
+    # asked for by its name, the bad file's own error is shown
+    proc = pytest_bench(["--bench-scenarios-dir", str(folder), "--bench-scenario", "unit"], tmp_path)
+    assert proc.returncode == 4 and "broken.toml: policy" in proc.stderr, proc.stderr
+
+
+# ------------------------------------------------------------------------------------- 6. round one leftovers
+
+
+def test_a_second_runner_takes_the_next_unclaimed_cell_not_the_one_being_run(tmp_path, monkeypatch):
+    """Two runners on one run id used to move in lock-step: the second waited on the first's cell. Now it runs the
+    next cell nobody holds and comes back to the held one (recorded by then: not rerun)."""
+    import fcntl
+    import threading
+    import time
+
+    from harness.common.records import append_record
+    from harness.run import runner
+    from tests.helpers import tiny_scenario_file
+
+    monkeypatch.setenv("OFFLOAD_BENCH_CACHE", str(tmp_path / "cache"))
+    path = tiny_scenario_file(tmp_path, "lockstep", {"dit_cpu_offload": [True], "dit_layerwise_offload": [False, True]})
+    first, second = expand(load_scenario(path))
+    run = runner.Run.create(tmp_path / "results", "cpu", "l", verbose=False)
+    lock = os.open(runner._cell_dir(run, first) / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # "the other runner" is running the first cell
+    done: list[dict] = []
+    t = threading.Thread(target=lambda: done.append(runner._run_all(run, [first, second], None)))
+    t.start()
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and second.cell_id not in run.finished():
+            time.sleep(0.2)
+        assert second.cell_id in run.finished() and first.cell_id not in run.finished()
+        append_record(run.records_path, {"schema_version": 2, "cell_id": first.cell_id, "status": "ok",
+                                         "spec_hash": first.spec_hash("cpu"), "by": "the other runner"})
+    finally:
+        os.close(lock)
+    t.join(60)
+    assert done and done[0][first.cell_id].extra["by"] == "the other runner"
+    assert done[0][second.cell_id].status == "ok"
+    assert len(read_cell_records(run.records_path).records) == 2  # nothing run twice
+
+
+def test_runner_exits_all_skipped_when_every_cell_was_skipped(tmp_path):
+    gpu = REPO / "scenarios" / "gpu" / "flux_tiny_cuda.toml"  # a GPU-profile scenario on the CPU profile
+    proc = run_runner([str(gpu), "--results", str(tmp_path / "r"), "--run-id", "s", "--quiet"], tmp_path)
+    assert proc.returncode == exitcodes.ALL_SKIPPED == 5, proc.stdout + proc.stderr
+    assert "every cell was skipped, nothing measured" in proc.stderr

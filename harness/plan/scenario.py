@@ -926,6 +926,7 @@ def load_all(folder: Path | str) -> tuple[list[Scenario], list[ScenarioError]]:
         try:
             scenarios.append(load_scenario(path))
         except ScenarioError as e:
+            e.scenario_name = _peek_name(path)  # type: ignore[attr-defined]  # which file a --bench-scenario asks for
             errors.append(e)
     names = [s.name for s in scenarios]
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -933,6 +934,15 @@ def load_all(folder: Path | str) -> tuple[list[Scenario], list[ScenarioError]]:
         files = [s.path for s in scenarios if s.name == dupes[0]]
         raise ScenarioError(f"scenario name {dupes[0]!r} is used by more than one file: {', '.join(files)}")
     return scenarios, errors
+
+
+def _peek_name(path: Path) -> str | None:
+    """The `name` a scenario file declares, read without validating anything else (None if unreadable)."""
+    try:
+        name = tomllib.loads(path.read_text(encoding="utf-8")).get("name")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    return name if isinstance(name, str) else None
 
 
 def discover(folder: Path | str, profile: str | None = None) -> list[Scenario]:

@@ -23,7 +23,8 @@ lack of space leaves records.jsonl as it was (`results.append_record`); either s
 Command line (no pytest):
     python -m harness.run.runner SCENARIO.toml... [--results DIR] [--run-id ID] [--resume [--retry-failed]]
 prints "[i/N elapsed] cell_id: status" per cell and exits 0 when no cell ended as error / crash / timeout, 1 when
-one did, 2 on bad arguments or scenario files, 7 when the results folder is not writable (before any cell), 8 when
+one did, 5 when every cell was skipped (nothing measured, as compare and baseline say), 2 on bad arguments or
+scenario files, 7 when the results folder is not writable (before any cell), 8 when
 the results folder's disk is (nearly) full, 130 on SIGINT, 143 on SIGTERM (harness/common/exitcodes.py).
 """
 
@@ -343,14 +344,21 @@ def _cell_dir(run: Run, cell: Cell) -> Path:
     return d
 
 
+class CellBusy(Exception):
+    """Another runner holds the cell's lock (it is running the cell) and the caller asked not to wait."""
+
+
 @contextlib.contextmanager
-def _cell_lock(run: Run, cdir: Path, label: str, cell_id: str) -> Iterator[None]:
-    """An exclusive lock on the cell's folder, so two parents sharing a run never run one cell at once."""
+def _cell_lock(run: Run, cdir: Path, label: str, cell_id: str, wait: bool = True) -> Iterator[None]:
+    """An exclusive lock on the cell's folder, so two parents sharing a run never run one cell at once. Without
+    `wait`, a cell another runner holds raises CellBusy (the caller takes the next cell and comes back)."""
     fd = os.open(cdir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not wait:
+                raise CellBusy(cell_id) from None
             run.say(f"{label} {cell_id}: another runner is running this cell; waiting for it")
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -399,17 +407,19 @@ def _stamp(run: Run, cell: Cell, record: CellRecord) -> None:
     run.stamp_provenance(record)
 
 
-def run_cell(run: Run, cell: Cell, label: str = "", env: dict[str, str] | None = None) -> CellRecord:
+def run_cell(run: Run, cell: Cell, label: str = "", env: dict[str, str] | None = None,
+             wait: bool = True) -> CellRecord:
     """Runs `cell` in a child (or reuses the record of the cell it duplicates) and appends its record.
 
     A cell that already has a complete record of the same spec in this run is not rerun; its record is returned.
+    One that another runner is running is waited for, or without `wait` raises CellBusy.
     """
     prior = run.recorded(cell)
     if prior is not None:
         run.say(f"{label} {cell.cell_id}: already recorded ({prior.status}), skipped on resume")
         return prior
     cdir = _cell_dir(run, cell)
-    with _cell_lock(run, cdir, label, cell.cell_id):
+    with _cell_lock(run, cdir, label, cell.cell_id, wait):
         done = run.finished()  # again: another parent may have finished it while we waited for the lock
         prior = run.recorded(cell, done)
         if prior is not None:
@@ -820,7 +830,8 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Shard | Non
     parser = argparse.ArgumentParser(
         prog="python -m harness.run.runner",
         description="Runs every cell of the given scenario files, one child per cell, without pytest. Exit 0: no "
-        "cell ended as error/crash/timeout; 1: some did; 2: bad arguments; 7: the results folder is not writable; "
+        "cell ended as error/crash/timeout; 1: some did; 5: every cell was skipped; 2: bad arguments; 7: the results "
+        "folder is not writable; "
         "8: disk full in the results folder; 130: SIGINT; 143: SIGTERM.",
     )
     parser.add_argument("scenarios", nargs="+", type=Path, help="scenario TOML files")
@@ -908,21 +919,39 @@ def _run_all(run: Run, cells: list[Cell], shard: Shard | None) -> dict[str, Cell
     t0 = time.monotonic()
     final: dict[str, CellRecord] = {}
     costs = [0 if c.same_as else cell_cost(c) for c in cells]
+    # Two runners on one run id: a cell the other is running is passed over (not waited for in lock-step) and
+    # taken up again after the cells nobody holds; by then it is usually recorded, or it is waited for.
+    deferred: list[tuple[int, Cell]] = []
     for i, cell in enumerate(cells, 1):
         left = run.pace.estimate_s(sum(costs[i - 1:]))
         label = f"[{i}/{n} {time.monotonic() - t0:.0f}s, run {eta_text(left)}]"
-        resumed = run.recorded(cell) is not None
-        wanted = "cuda" if cell.scenario.profile == "gpu" else "cpu"
-        if wanted != run.device:
-            why = "no CUDA GPU on this machine" if wanted == "cuda" else "a CUDA GPU is present (GPU profile)"
-            rec = skip_cell(run, cell, f"{cell.scenario.name} is a {cell.scenario.profile}-profile scenario and "
-                            f"{why}", label)
-        else:
-            rec = run_cell(run, cell, label)
-        final[cell.cell_id] = rec
-        note = " (recorded earlier)" if resumed else ""
-        print(f"[{i}/{n} {time.monotonic() - t0:.0f}s] {cell.cell_id}: {_describe(rec)}{note}", flush=True)
+        if cell.same_as is not None and any(c.cell_id == cell.same_as for _, c in deferred):
+            deferred.append((i, cell))  # its source is another runner's: copy it once that one is recorded
+            continue
+        try:
+            _one(run, cell, i, n, t0, label, final, wait=False)
+        except CellBusy:
+            run.say(f"{label} {cell.cell_id}: another runner is running this cell; taking the next one")
+            deferred.append((i, cell))
+    for i, cell in deferred:  # the cells another runner held, now waited for one by one
+        _one(run, cell, i, n, t0, f"[{i}/{n} {time.monotonic() - t0:.0f}s]", final, wait=True)
     return final
+
+
+def _one(run: Run, cell: Cell, i: int, n: int, t0: float, label: str, final: dict[str, CellRecord],
+         wait: bool) -> None:
+    """One cell of `_run_all`: run (or skipped for the other profile), recorded in `final`, its line printed."""
+    resumed = run.recorded(cell) is not None
+    wanted = "cuda" if cell.scenario.profile == "gpu" else "cpu"
+    if wanted != run.device:
+        why = "no CUDA GPU on this machine" if wanted == "cuda" else "a CUDA GPU is present (GPU profile)"
+        rec = skip_cell(run, cell, f"{cell.scenario.name} is a {cell.scenario.profile}-profile scenario and "
+                        f"{why}", label)
+    else:
+        rec = run_cell(run, cell, label, wait=wait)
+    final[cell.cell_id] = rec
+    note = " (recorded earlier)" if resumed else ""
+    print(f"[{i}/{n} {time.monotonic() - t0:.0f}s] {cell.cell_id}: {_describe(rec)}{note}", flush=True)
 
 
 def _summary(run: Run, final: dict[str, CellRecord]) -> int:
@@ -935,6 +964,12 @@ def _summary(run: Run, final: dict[str, CellRecord]) -> int:
     if bad:
         print(f"unexpected fates ({len(bad)}): {', '.join(bad)}", flush=True)
         return EXIT_UNEXPECTED
+    if final and all(rec.status is Status.SKIPPED for rec in final.values()):
+        # nothing measured: the same code compare and baseline give such a run, so a job can tell it from a pass
+        reason = next((str(r.reason).replace("\n", " ")[:200] for r in final.values() if r.reason), "no reason")
+        print(f"every cell was skipped, nothing measured (first reason: {reason}); exit {exitcodes.ALL_SKIPPED}",
+              file=sys.stderr, flush=True)
+        return exitcodes.ALL_SKIPPED
     return EXIT_OK
 
 
