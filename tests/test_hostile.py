@@ -411,3 +411,30 @@ def test_runner_exits_all_skipped_when_every_cell_was_skipped(tmp_path):
     proc = run_runner([str(gpu), "--results", str(tmp_path / "r"), "--run-id", "s", "--quiet"], tmp_path)
     assert proc.returncode == exitcodes.ALL_SKIPPED == 5, proc.stdout + proc.stderr
     assert "every cell was skipped, nothing measured" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------- 5. gate noise
+
+
+@pytest.mark.parametrize(("planned_mib", "measured_mib", "passes"),
+                         [(142, 132, True), (142, 110, True), (600, 540, False), (142, 190, False)],
+                         ids=["10MiB-7pct", "32MiB-floor", "60MiB-10pct", "48MiB-34pct"])
+def test_plan_within_peak_has_an_absolute_floor(monkeypatch, planned_mib, measured_mib, passes):
+    """Qwen-Image on the 4090 cap: load 132 MiB against 142 planned (-7 %, 10 MiB) failed peak = 0.05."""
+    import dataclasses
+
+    import harness.plan.planner as planner
+    from harness.analyze.expect import PLAN_PEAK_FLOOR_BYTES, plan_within_verdict
+    from harness.common.contract import as_record
+
+    assert PLAN_PEAK_FLOOR_BYTES == planner.WARM_KERNELS_BYTES == 32 * 2**20
+    rec = next(json.loads(line) for line in (REPO / "results" / "h100" / "qwen-image-edit-5090-s2.records.jsonl")
+               .read_text().splitlines() if json.loads(line)["status"] == "ok")
+    real = planner.check_record(as_record(rec))
+    planned, measured = planned_mib * 2**20, measured_mib * 2**20
+    fake = dataclasses.replace(real, predicted_load=planned, measured_load=measured)  # load_error derives
+    monkeypatch.setattr(planner, "check_record", lambda record: fake)
+    verdict = plan_within_verdict("rtx4090-24g", [as_record(rec)], {"peak": 0.05, "time": 0.10})
+    assert verdict.passed is passes, verdict.message
+    if not passes:
+        assert "load peak" in verdict.message and "> 32 MiB" in verdict.message
