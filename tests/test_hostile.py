@@ -76,19 +76,20 @@ def test_a_torn_last_line_is_no_newer_record(tmp_path):
         (wan(frames=4097 + 4), "frames", "at most 4097"),
         (mutate(base_scenario(), ("height",), 2**40), "height", "at most 16384"),
         (mutate(base_scenario(), ("width",), 2**20), "width", "at most 16384"),
-        (mutate(base_scenario(), ("name",), "bad\nname"), "name", "control character"),
+        (mutate(base_scenario(), ("name",), "bad\nname"), "name", "control or format character"),
         (mutate(base_scenario(), ("name",), "   "), "name", "non-empty"),
-        (mutate(base_scenario(), ("name",), "a\x00b"), "name", "control character"),
+        (mutate(base_scenario(), ("name",), "a\x00b"), "name", "control or format character"),
         (mutate(base_scenario(), ("name",), " lead"), "name", "leading or trailing blanks"),
+        (mutate(base_scenario(), ("name",), "abc\u202edef"), "name", "bidi override"),
         (mutate(base_scenario(), ("name",), "x" * 300), "name", "300 bytes long; at most 100"),
         (mutate(base_scenario(), ("name",), "ü" * 60), "name", "120 bytes long"),
         (mutate(base_scenario(), ("cards", 0, "name"), "c" * 65), "cards[0].name", "at most 64"),
-        (mutate(base_scenario(), ("cards", 0, "name"), "tab\tcard"), "cards[0].name", "control character"),
+        (mutate(base_scenario(), ("cards", 0, "name"), "tab\tcard"), "cards[0].name", "control or format character"),
         (mutate(base_scenario(), ("backends",), ["harness", "sglang@9.9.9"]), "backends[1]", "no release"),
     ],
     ids=["frames-on-image", "wan-frames-6", "wan-frames-huge", "height-2**40", "width-huge", "name-newline",
-         "name-blank", "name-nul", "name-leading-blank", "name-300", "name-utf8-bytes", "card-name-long",
-         "card-name-tab", "backend-unknown-release"],
+         "name-blank", "name-nul", "name-leading-blank", "name-rtl-override", "name-300", "name-utf8-bytes",
+         "card-name-long", "card-name-tab", "backend-unknown-release"],
 )
 def test_scenario_field_refused_at_load_naming_the_field(tmp_path, data, field, words):
     with pytest.raises(ScenarioError) as e:
@@ -136,7 +137,7 @@ def run_runner(args: list[str], tmp_path: Path, env: dict[str, str] | None = Non
 @pytest.mark.parametrize(
     ("run_id", "words"),
     [("", "non-empty"), ("a/b", "plain folder name"), ("x" * 300, "at most 128"), ("..", "plain folder name"),
-     ("a\nb", "control character")],
+     ("a\nb", "control or format character")],
     ids=["empty", "slash", "overlong", "dotdot", "newline"],
 )
 def test_bad_run_id_is_one_usage_line_before_any_cell(tmp_path, run_id, words):
@@ -153,7 +154,9 @@ def test_bad_run_id_is_one_usage_line_before_any_cell(tmp_path, run_id, words):
     ("name", "value", "form"),
     [("OFFLOAD_BENCH_RESULTS_FREE_BYTES", "lots", "byte count"),
      ("OFFLOAD_BENCH_RESULTS_MIN_FREE_BYTES", "1GB", "byte count"),
-     ("OFFLOAD_BENCH_GPU_TOTAL_BYTES", "80G", "byte count"),
+     ("OFFLOAD_BENCH_GPU_TOTAL_BYTES", "80G", "memory size in bytes"),
+     ("OFFLOAD_BENCH_GPU_TOTAL_BYTES", "0", "memory size in bytes: a number > 0"),
+     ("OFFLOAD_BENCH_RESULTS_FREE_BYTES", "1e400", "byte count"),
      ("OFFLOAD_BENCH_HOST_AVAILABLE_BYTES", "lots", "byte count"),
      ("OFFLOAD_BENCH_DISK_FREE_BYTES", "-5", "byte count"),
      ("OFFLOAD_BENCH_GPU_FREE_BYTES", "nan", "byte count"),
@@ -438,3 +441,22 @@ def test_plan_within_peak_has_an_absolute_floor(monkeypatch, planned_mib, measur
     assert verdict.passed is passes, verdict.message
     if not passes:
         assert "load peak" in verdict.message and "> 32 MiB" in verdict.message
+
+
+# ------------------------------------------------------------------------------------ own cases (round two)
+
+
+def test_one_file_given_twice_to_the_runner_is_one_scenario(tmp_path, monkeypatch):
+    from harness.run import runner
+
+    monkeypatch.chdir(TINY_SCENARIO.parent)
+    scenarios = runner._load_scenarios([Path(TINY_SCENARIO.name), TINY_SCENARIO], None)
+    assert [s.name for s in scenarios] == ["qwen-image-edit-tiny"]
+
+
+def test_capacity_refuses_an_empty_run_id_naming_the_option(tmp_path, capsys):
+    rc = cli(["capacity", str(REPO / "scenarios" / "gpu" / "flux_dev_capacity_4090.toml"), "--run-id", "",
+              "--results", str(tmp_path / "r")])
+    assert rc == exitcodes.USAGE
+    assert capsys.readouterr().err == "error: --run-id: expected a non-empty name, got ''\n"
+    assert not (tmp_path / "r" / "runs").exists() or not any((tmp_path / "r" / "runs").iterdir())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,8 @@ NAME_MAX_BYTES = {"scenario name": 100, "card name": 64, "run id": 128}
 
 def name_problem(value: object, what: str) -> str | None:
     """Why `value` cannot be a `what` (a key of NAME_MAX_BYTES), or None. A name is a non-empty string without
-    '/', control characters (newline, tab, NUL) or leading/trailing blanks, not '.' or '..', at most
+    '/', control or format characters (newline, tab, NUL, U+202E which reverses what a terminal shows) or
+    leading/trailing blanks, not '.' or '..', at most
     NAME_MAX_BYTES[what] bytes of UTF-8."""
     limit = NAME_MAX_BYTES[what]
     if not isinstance(value, str):
@@ -44,8 +46,8 @@ def name_problem(value: object, what: str) -> str | None:
         return f"expected a non-empty name, got {value!r}"
     if value != value.strip():
         return f"has leading or trailing blanks: {value!r}"
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
-        return f"holds a control character (newline, tab, NUL, ...): {value!r}"
+    if any(unicodedata.category(ch).startswith("C") for ch in value):  # Cc (newline, NUL), Cf (bidi overrides)...
+        return f"holds a control or format character (newline, tab, NUL, a bidi override, ...): {value!r}"
     if "/" in value or value in (".", ".."):
         return f"must be a plain folder name (no '/', not '.' or '..'), got {value!r}"
     size = len(value.encode("utf-8"))
@@ -70,12 +72,13 @@ class EnvVar:
     """One OFFLOAD_BENCH_* variable: its kind and the form it accepts (docs/environment-variables.md)."""
 
     name: str
-    kind: str  # "bytes", "seconds", "fraction", "margin", "choice"
+    kind: str  # "bytes", "size" (bytes > 0), "seconds", "fraction", "margin", "choice"
     choices: tuple[str, ...] = ()
 
     def form(self) -> str:
         return {
             "bytes": "a byte count: a number >= 0 such as 268435456 or 2.5e9",
+            "size": "a memory size in bytes: a number > 0 such as 85899345920 or 8e10",
             "seconds": "a number of seconds > 0 such as 15 or 0.5",
             "fraction": "a fraction from 0 to 1 such as 0.05",
             "margin": "a fraction >= 0 such as 0.10",
@@ -94,7 +97,7 @@ class EnvVar:
         except ValueError:
             value = math.nan
         ok = math.isfinite(value) and value >= 0
-        if self.kind == "seconds":
+        if self.kind in ("seconds", "size"):
             ok = ok and value > 0
         if self.kind == "fraction":
             ok = ok and value <= 1
@@ -106,7 +109,7 @@ class EnvVar:
 _ENV_LIST = (
     EnvVar("OFFLOAD_BENCH_RESULTS_FREE_BYTES", "bytes"),
     EnvVar("OFFLOAD_BENCH_RESULTS_MIN_FREE_BYTES", "bytes"),
-    EnvVar("OFFLOAD_BENCH_GPU_TOTAL_BYTES", "bytes"),
+    EnvVar("OFFLOAD_BENCH_GPU_TOTAL_BYTES", "size"),  # a GPU of 0 bytes has no meaning (SGLang's defaults divide)
     EnvVar("OFFLOAD_BENCH_GPU_FREE_BYTES", "bytes"),
     EnvVar("OFFLOAD_BENCH_HOST_AVAILABLE_BYTES", "bytes"),
     EnvVar("OFFLOAD_BENCH_DISK_FREE_BYTES", "bytes"),

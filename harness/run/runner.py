@@ -859,6 +859,7 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Shard | Non
 
 
 def _load_scenarios(paths: list[Path], tier: str | None) -> list[Any]:
+    paths = list(dict.fromkeys(p.resolve() for p in paths))  # one file given twice (or by two paths) is one scenario
     try:
         scenarios = [load_scenario(p) for p in paths]
     except ScenarioError as e:
