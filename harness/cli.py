@@ -12,7 +12,8 @@
 
 Exit codes (harness/common/exitcodes.py): 0 pass, 1 regressed, 2 usage or unreadable input, 3 no baseline for the SKU,
 4 no records, 5 every cell skipped, 6 every cell crashed/errored/timed out, 7 an output folder is not writable,
-9 merge refused (the runs disagree, or measured one cell twice). Codes 3-9 mean nothing was judged; each comes
+9 merge refused (the runs disagree, or measured one cell twice), 10 merge refused (a record of a newer schema
+than this harness reads). Codes 3-10 mean nothing was judged; each comes
 with one line saying why.
 """
 
@@ -28,6 +29,7 @@ from harness.analyze.baseline import Baseline, BaselineCell, BaselineError
 from harness.analyze.compare import CheckSpecError, Comparison
 from harness.common import exitcodes, locations
 from harness.common.contract import CellRecord, Status, label_in
+from harness.common.inputs import InputError, check_output_file
 from harness.common.records import (
     NoRecordsError,
     ResultsError,
@@ -107,12 +109,15 @@ def cmd_report(args: argparse.Namespace) -> int:
         args.out = str(beside(args.run, "report.md"))
     if args.out:
         out = Path(args.out)
-        ensure_writable(out if out.suffix != ".md" else out.parent, create=False)
+        if out.suffix == ".md":  # a file (a folder named X.md is refused, not written into as X.md/report.md)
+            check_output_file(out, "--out")
+        else:
+            ensure_writable(out, create=False)
     page = None
     if args.html:  # --html PATH, or beside the markdown, or beside the run
         page = Path(args.html) if args.html is not True else (
             report_paths(args.out).with_suffix(".html") if args.out else beside(args.run, "report.html"))
-        ensure_writable(page.parent, create=False)
+        check_output_file(page, "--html")
     _, records = _read_run(args.run)
     title = args.title or f"offload-bench run {records[0].run_id or ''}"
     summary = build_summary(records, args.baselines_dir)
@@ -154,7 +159,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     )
 
     if args.out:
-        ensure_writable(Path(args.out).parent, create=False)
+        check_output_file(args.out, "--out")
     elif args.baselines_dir:
         ensure_writable(args.baselines_dir, create=False)
     path, records = _read_run(args.run)
@@ -207,9 +212,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.write:
         args.markdown = args.markdown or str(beside(args.run, "compare.md"))
         args.gab_json = args.gab_json or str(beside(args.run, "benchmark.json"))
-    for out in (args.markdown, args.gab_json):
-        if out:  # before reading anything: a gate that cannot write its verdict must say so first
-            ensure_writable(Path(out).parent, create=False)  # made when written
+    for option, out in (("--markdown", args.markdown), ("--gab-json", args.gab_json)):
+        if out:  # before reading anything: a gate that cannot write its verdict must say so first (a folder
+            check_output_file(out, option)  # there used to print PASS, then IsADirectoryError, exit 1)
     checks = [Check.parse(spec) for spec in args.threshold]
     try:
         path, records = _read_run(args.run)
@@ -333,7 +338,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 
     if not args.runs and not args.baselines:
         raise Stop(exitcodes.USAGE, "history: name at least one run (folder or records file) or --baselines DIR")
-    ensure_writable(Path(args.out).resolve().parent, create=False)
+    check_output_file(Path(args.out).resolve(), "--out")
     try:
         page = write_history(args.runs, args.out, args.baselines, args.title)
     except FileNotFoundError as e:
@@ -469,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(parser, args, rest)
     except (Stop, MergeConflict, NoRecordsError, UnwritableError, ScenarioError, ResultsError, BaselineError,
-            CheckSpecError, *plan_cli.ERRORS) as e:
+            CheckSpecError, InputError, *plan_cli.ERRORS) as e:
         print(f"error: {'merge refused: ' if isinstance(e, MergeConflict) else ''}{e}", file=sys.stderr)
         return _exit_code(e)
 

@@ -27,6 +27,7 @@ import pytest
 
 from harness.common import exitcodes
 from harness.common.contract import CellRecord
+from harness.common.inputs import InputError, check_environment, check_name
 from harness.common.records import DiskFullError, UnwritableError, ensure_writable, latest_by_cell, read_cell_records
 from harness.plan.scenario import Cell, ReleaseNotInstalled, Scenario, ScenarioError, expand, in_tier, load_all
 from harness.pytest_options import add_options
@@ -86,8 +87,11 @@ def _load_scenarios(config: pytest.Config) -> list[Scenario]:
     config._offload_bench_unavailable = [e.line() for e in missing]  # type: ignore[attr-defined]
     names = sorted([s.name for s in scenarios] + [e.name for e in missing])
     unknown = [w for w in wanted if w not in names]
-    if errors and (not wanted or unknown):  # the bad file may be the one asked for: its error, not "unknown"
-        raise pytest.UsageError(f"offload-bench: {errors[0]}")
+    # A bad file may be the one asked for (its error, not "unknown"): the one whose `name` is the name asked for.
+    # A name no file has is the typo it is, not the first unrelated file's error (issue #30).
+    asked_bad = [e for e in errors if getattr(e, "scenario_name", None) in unknown]
+    if asked_bad or (errors and not wanted):
+        raise pytest.UsageError(f"offload-bench: {(asked_bad or errors)[0]}")
     for e in errors:  # every scenario asked for by name loaded: an unrelated bad file does not block them
         config.issue_config_time_warning(pytest.PytestConfigWarning(f"offload-bench: skipping {e}"), stacklevel=2)
     if unknown:
@@ -130,13 +134,20 @@ def pytest_configure(config: pytest.Config) -> None:
         ensure_writable(Path(config.getoption("--bench-results")) / "runs", create=False)  # --collect-only: no folder
     except UnwritableError as e:
         raise pytest.UsageError(f"offload-bench: --bench-results: {e}") from None
+    try:  # before any child: a bad OFFLOAD_BENCH_* or run id would fail every test, one by one
+        check_environment()
+        if config.getoption("--bench-run-id") is not None:
+            check_name(config.getoption("--bench-run-id"), "run id", "--bench-run-id")
+    except InputError as e:
+        raise pytest.UsageError(f"offload-bench: {e}") from None
     _scenarios(config)  # scenario problems are usage errors before collection
     _shard(config)  # and so is a bad --shard
     if _worker_id(config) is not None:
         return
     # One run id for the session, chosen here: xdist workers get it (pytest_configure_node), and pytest-benchmark's
     # JSON goes into that run's folder (results/runs/<id>/), not into the results tree beside the runs.
-    config._offload_bench_run_id = config.getoption("--bench-run-id") or new_run_id()  # type: ignore[attr-defined]
+    run_id = config.getoption("--bench-run-id")
+    config._offload_bench_run_id = new_run_id() if run_id is None else run_id  # type: ignore[attr-defined]
     _benchmark_json_in_run_folder(config)
     workers = _xdist_workers(config)
     if not workers:

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from harness.cell import guards
+from harness.common import exitcodes
 from harness.common.contract import Card, CellSpec, Placement
 from harness.common.flags import OffloadFlags
 from harness.common.records import read_cell_records
@@ -223,8 +224,9 @@ def test_guards_can_be_switched_off(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert not result.skip and result.problems
 
 
-def test_a_skipped_cell_is_recorded_and_the_run_exits_0(tmp_path: Path, _env: Path) -> None:
-    """End to end: a real child skips itself, the runner appends the record, skipped is not a failure."""
+def test_a_skipped_cell_is_recorded_and_the_run_exits_5(tmp_path: Path, _env: Path) -> None:
+    """End to end: a real child skips itself, the runner appends the record, skipped is not a failure; a run whose
+    every cell was skipped measured nothing and exits ALL_SKIPPED (5), as compare and baseline do."""
     path = scenario_file(tmp_path, "guard-e2e", {"dit_cpu_offload": [True]})
     env = {**os.environ, guards.HOST_ENV: "2048", guards.DISK_ENV: "1024"}
     proc = subprocess.run(
@@ -232,7 +234,8 @@ def test_a_skipped_cell_is_recorded_and_the_run_exits_0(tmp_path: Path, _env: Pa
          "--run-id", "g", "--quiet"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.returncode == exitcodes.ALL_SKIPPED, proc.stdout + proc.stderr
+    assert "every cell was skipped, nothing measured" in proc.stderr
     [rec] = read_cell_records(tmp_path / "results" / "runs" / "g" / "records.jsonl", strict=True).records
     reason = rec.reason or ""
     assert rec.status == "skipped" and rec.returncode == 0 and rec.spec_hash

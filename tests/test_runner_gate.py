@@ -107,7 +107,8 @@ def test_other_write_errors_are_not_called_disk_full(tmp_path, monkeypatch):
 def test_runner_disk_full_append_exits_8_and_keeps_the_file(tmp_path, monkeypatch, capsys):
     toml = tiny_scenario_file(tmp_path, "gate", AXES)
     results = tmp_path / "results"
-    assert runner.main([str(toml), "--results", str(results), "--run-id", "r", "--quiet"]) == exitcodes.OK
+    rc = runner.main([str(toml), "--results", str(results), "--run-id", "r", "--quiet"])
+    assert rc == exitcodes.ALL_SKIPPED  # cpu cells on the forced gpu profile: every cell skipped
     path = results / "runs" / "r" / "records.jsonl"
     before = path.read_bytes()
     capsys.readouterr()
@@ -175,14 +176,14 @@ def test_resume_retry_failed_reruns_crashed_cells_once(tmp_path, capsys):
                       "--quiet"])
     out = capsys.readouterr().out
     assert "--retry-failed: 2 cells ended crash/error/timeout and run again" in out
-    assert rc == exitcodes.OK
+    assert rc == exitcodes.ALL_SKIPPED  # both reruns skipped: nothing measured
     after = statuses(results / "runs" / "r" / "records.jsonl")
     assert after[-2:] == [("cpu0-lw1-te0-vae0-pf1-pin1", "skipped"), ("cpu1-lw1-te0-vae0-pf1-pin1", "skipped")]
     assert len(after) == 5  # nothing rewritten, one new record per retried cell
     # once rerun, the cells are finished: a second retry has nothing to do
     rc = runner.main([str(toml), "--results", str(results), "--run-id", "r", "--resume", "--retry-failed",
                       "--quiet"])
-    assert rc == exitcodes.OK and "2 cells ended" not in capsys.readouterr().out
+    assert rc == exitcodes.ALL_SKIPPED and "2 cells ended" not in capsys.readouterr().out
     assert len(statuses(results / "runs" / "r" / "records.jsonl")) == 5
 
 

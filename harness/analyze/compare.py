@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 from tabulate import tabulate
 
-from harness.analyze.baseline import RETIRED_METRICS, Baseline, BaselineCell, metric, metric_order
+from harness.analyze.baseline import METRIC_BY_NAME, RETIRED_METRICS, Baseline, BaselineCell, metric, metric_order
 from harness.common.contract import PHASES, JsonObject, Status
 from harness.common.units import MIB
 
@@ -99,6 +99,9 @@ class Check:
         m = cls._SPEC.match(spec)
         if not m:
             raise CheckSpecError(f"threshold {spec!r}: expected METRIC:+N% (for example e2e_ms:+25%)")
+        if m.group(1) not in METRIC_BY_NAME:  # a typo used to pass, its threshold judging nothing
+            raise CheckSpecError(f"threshold {spec!r}: unknown metric {m.group(1)!r}; the metrics are: "
+                                 f"{', '.join(METRIC_BY_NAME)}")
         value = float(m.group(2))
         return cls(m.group(1), value / 100 if m.group(3) else value)
 

@@ -33,7 +33,8 @@
 - `plan_within = {peak = p, time = t}`: on every GPU cell of our runtime that ran or ran out of memory, the
   planner (`harness.plan.planner`: the plan the runner stored in the record) predicted its fate (fits, or the phase of
   the OOM), and its allocator reserved load and runtime peaks lie within p, its median steady step within t, of
-  the plan (relative to the plan). Phases that ran out of memory and peaks the synthetic checkpoint's generation
+  the plan (relative to the plan; a peak within 32 MiB of its plan passes whatever the percentage,
+  `PLAN_PEAK_FLOOR_BYTES`). Phases that ran out of memory and peaks the synthetic checkpoint's generation
   inflated are not compared; the CPU profile is not judged (the plan predicts CUDA counters); a cell the planner
   cannot plan is named in the verdict as not planned, with the reason, and not judged.
 - `layerwise_overhead = f`: each of our layerwise cells steps at most f slower than its whole-DiT twin.
@@ -226,6 +227,18 @@ def cfg_batch_verdict(card: str, records: Iterable[CellRecord], rtol: float) -> 
                                (False, "no cfg-batch cell ran: nothing to compare"), step_ratio)
 
 
+# plan_within's absolute floor for peaks: a peak off its plan by more than the relative tolerance fails only if it is
+# also off by more than this. 32 MiB is one cuBLAS workspace, the largest allocation the plan places by an observed
+# rule rather than a model (harness.plan.planner.WARM_KERNELS_BYTES: exactly 32 MiB on the H200, session 8), and
+# above the caching allocator's grain (a 1-10 MiB request reserves a 20 MiB segment). Without it a small load peak
+# failed on noise: Qwen-Image on the 4090 cap, load 132 MiB against 142 planned (-7 %, 10 MiB; issue #30).
+PLAN_PEAK_FLOOR_BYTES = 32 * 2**20
+
+
+def _bytes_off(measured: int | None, predicted: int | None) -> int | None:
+    return None if measured is None or predicted is None else abs(int(measured) - int(predicted))
+
+
 def plan_within_verdict(card: str, records: Iterable[CellRecord], tolerance: dict[str, float]) -> Verdict:
     """The planner against every GPU cell of our runtime: fate, peaks within tolerance["peak"], step within
     tolerance["time"] (each relative to the plan)."""
@@ -249,10 +262,15 @@ def plan_within_verdict(card: str, records: Iterable[CellRecord], tolerance: dic
         if not c.verdict_ok:
             planned = "fits" if c.predicted_oom_phase is None else f"OOM in {c.predicted_oom_phase}"
             problems.append(f"{r.label}: planned {planned}, ended {r.fate}")
-        for what, err, key in (("load peak", c.load_error, "peak"), ("runtime peak", c.runtime_error, "peak"),
-                               ("step", c.step_error, "time")):
+        for what, err, key, miss in (
+                ("load peak", c.load_error, "peak", _bytes_off(c.measured_load, c.predicted_load)),
+                ("runtime peak", c.runtime_error, "peak", _bytes_off(c.measured_runtime, c.predicted_runtime)),
+                ("step", c.step_error, "time", None)):
             if key in tolerance and err is not None and abs(err) > tolerance[key]:
-                problems.append(f"{r.label}: {what} {100 * err:+.1f} % off the plan (> {tolerance[key]:.0%})")
+                if miss is not None and miss <= PLAN_PEAK_FLOOR_BYTES:
+                    continue  # a few MiB on a small peak: the allocator's grain, not the plan's error
+                problems.append(f"{r.label}: {what} {100 * err:+.1f} % off the plan (> {tolerance[key]:.0%}"
+                                + (f" and > {PLAN_PEAK_FLOOR_BYTES // 2**20} MiB" if miss is not None else "") + ")")
     if problems:
         return Verdict("plan_within", card, False, "; ".join(problems + skipped))
     return Verdict("plan_within", card, True, "; ".join([f"{checked} cells within {tolerance} of their plans",

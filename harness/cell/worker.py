@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
 import signal
 import statistics
@@ -38,7 +39,7 @@ from harness.common.records import now_iso, write_json_atomic
 MODULE_STARTED_AT = time.time()
 
 # Faults the CPU tests inject to prove every fate is recorded (issue: nothing lost, nothing hangs).
-FAULT_ENV = "OFFLOAD_BENCH_FAULT"  # "<phase>:<raise|hang|sigkill|oom>"
+FAULT_ENV = "OFFLOAD_BENCH_FAULT"  # "<phase>:<raise|hang|sigkill|oom|enospc>"
 
 
 def _progress(msg: str) -> None:
@@ -65,6 +66,10 @@ def _phase_start_hook(spec: str | None) -> Any:
             from harness.cell.offload.memory import SimulatedOutOfMemoryError
 
             raise SimulatedOutOfMemoryError(f"injected out-of-memory in phase {name}")
+        if kind == "enospc":  # the disk filled under the child (another process): it dies as writing its record
+            print(f"OSError: [Errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)}: 'record.json' (injected in phase "
+                  f"{name})", file=sys.stderr, flush=True)
+            os._exit(1)
         raise ValueError(f"{FAULT_ENV}: unknown fault kind {kind!r}")
 
     return inject
@@ -163,6 +168,12 @@ def run_cell(spec: CellSpec) -> CellRecord:
     return record
 
 
+def non_finite_outputs(outputs: dict[str, Any] | None) -> list[str]:
+    """The outputs' stats (latents_stats, image_stats) that say finite: false."""
+    return [key for key in ("latents_stats", "image_stats")
+            if isinstance((outputs or {}).get(key), dict) and outputs[key].get("finite") is False]  # type: ignore[index]
+
+
 def _since(t0: float) -> float:
     return round(time.perf_counter() - t0, 3)
 
@@ -185,6 +196,11 @@ def _measure(spec: CellSpec, flags: OffloadFlags, record: CellRecord) -> None:
     try:
         _load_and_run(spec, flags, record, meter, nvml)
         record.status = Status.OK
+        non_finite = non_finite_outputs(record.outputs)
+        if non_finite:  # a NaN or inf output is garbage, never `ok` (issue #30: true_cfg_scale = 1e308 passed)
+            record.status, record.failed_phase = Status.ERROR, Phase.DECODE
+            record.reason = (f"non-finite output: {' and '.join(non_finite)} hold NaN or inf (outputs.<name>.finite "
+                             "is false); the run finished but its result is garbage")
     except torch.OutOfMemoryError as e:
         record.status, record.failed_phase = Status.OOM, meter.failed_phase or Phase.SETUP
         record.reason = str(e).strip().splitlines()[0][:500]

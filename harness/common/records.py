@@ -150,6 +150,9 @@ def write_json_atomic(path: Path, data: Any) -> None:
 class ReadResult:
     records: list[CellRecord] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    # the problems that are whole records of a newer schema_version than this harness reads (also in `problems`):
+    # a reader may skip them with a warning, a writer that carries records on (merge) must refuse
+    newer: list[str] = field(default_factory=list)
 
 
 def read_cell_records(path: Path, strict: bool = False) -> ReadResult:
@@ -160,10 +163,15 @@ def read_cell_records(path: Path, strict: bool = False) -> ReadResult:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         raise ResultsError(f"{path}: no such results file") from None
+    except IsADirectoryError:
+        raise ResultsError(f"{path}: is a folder, not a records file") from None
+    except OSError as e:
+        raise ResultsError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
     lines = text.split("\n")
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        rec = None
         try:
             rec = json.loads(line)
             if not isinstance(rec, dict):
@@ -175,6 +183,9 @@ def read_cell_records(path: Path, strict: bool = False) -> ReadResult:
             if strict:
                 raise ResultsError(msg) from None
             out.problems.append(msg)
+            version = rec.get("schema_version") if not torn and isinstance(rec, dict) else None
+            if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+                out.newer.append(msg)
     return out
 
 

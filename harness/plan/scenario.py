@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from harness.common.contract import (
     cell_id_of,
 )
 from harness.common.flags import FlagError, OffloadFlags, check_flag_value, flag_json, is_finite_number
+from harness.common.inputs import InputError, env_number, name_problem
 from harness.common.units import GIB, MIB
 from harness.models import UnknownModelError, get_model
 from harness.policy import (
@@ -41,6 +41,7 @@ from harness.policy import (
     Resolution,
     check_policy,
     install_command,
+    release_status,
     resolve_many,
 )
 
@@ -65,6 +66,12 @@ _TOP_KEYS = {
     "run", "few_rounds", "tier", "capacity",
 }
 CAPACITY_AXES = ("frames", "resolution")
+# Sizes a scenario may ask for. Far above any shipped scenario (1024 px, 81 frames) and any model here was trained
+# for, and far below what makes torch's allocator fail with a raw error per cell (height = 2**40 did).
+MAX_SIDE_PX = 16384
+MAX_FRAMES = 4097
+# A video VAE packs frames 1 + 4k (Wan's temporal factor): the first frame alone, then groups of four.
+VIDEO_FRAME_GROUP = 4
 # `--tier pr` runs the scenarios marked `tier = "pr"` (a subset that fits a pull request's time: the seed
 # assertion and one peer comparison); `--tier nightly` (and no --tier) runs every scenario, "pr" ones included.
 TIERS = ("pr", "nightly")
@@ -316,9 +323,10 @@ def _card(value: Any, path: Path, where: str) -> Card:
         if unknown or "name" not in value or len({"gib", "mib"} & set(value)) != 1:
             raise _err(path, where, "a card table needs `name` and exactly one of `gib` or `mib`")
         card_name = value["name"]
-        if not isinstance(card_name, str) or not card_name.strip() or "/" in card_name:
-            # the card is the middle part of every cell id "<scenario>/<card>/<flags>"
-            raise _err(path, f"{where}.name", f"expected a non-empty card name without '/', got {card_name!r}")
+        # the card is the middle part of every cell id "<scenario>/<card>/<flags>", and of its folder's name
+        problem = name_problem(card_name, "card name")
+        if problem is not None:
+            raise _err(path, f"{where}.name", problem)
         size = value.get("gib", value.get("mib"))
         if not _positive_number(size):
             raise _err(path, where, f"card size must be a positive finite number, got {size!r}")
@@ -341,12 +349,18 @@ def load_scenario(path: Path | str) -> Scenario:
     Raises:
         ScenarioError: the file cannot be read or parsed, or a field is missing, unknown, or out of range.
     """
-    path = Path(path)
+    # One file is one scenario however it is named (relative, absolute, through a symlink): the path enters every
+    # cell's spec hash, and a resume that typed it another way must not rerun the run (issue #30).
+    path = Path(path).resolve()
     data = _read_toml(path)
     name = data.get("name")
-    if not isinstance(name, str) or not name or "/" in name or PROBE_MARK in name:
-        # '/' separates a cell id's parts; PROBE_MARK names a capacity probe's scenario (`<name>@<axis>-<value>`)
-        raise _err(path, "name", f"expected a non-empty name without '/' or '{PROBE_MARK}', got {name!r}")
+    # '/' separates a cell id's parts; PROBE_MARK names a capacity probe's scenario (`<name>@<axis>-<value>`); the
+    # name is part of file names and log lines (harness.common.inputs)
+    problem = name_problem(name, "scenario name")
+    if problem is None and PROBE_MARK in str(name):
+        problem = f"must not hold {PROBE_MARK!r} (it marks a capacity probe), got {name!r}"
+    if problem is not None:
+        raise _err(path, "name", problem)
     try:
         model = get_model(data.get("model"), f"{path}: model")
         policy = check_policy(data.get("policy", "sglang"), f"{path}: policy")
@@ -363,13 +377,13 @@ def load_scenario(path: Path | str) -> Scenario:
     both = sorted(set(axes) & set(base_flags))
     if both:
         raise _err(path, f"axes.{both[0]}", "is also set in [flags]; a flag is either fixed or an axis")
-    backends = _backends(data.get("backends", [HARNESS_BACKEND]), path)
+    backends = _backends(data.get("backends", [HARNESS_BACKEND]), path, name)
     run = _run_options(data.get("run", {}), path, model.family, cfg)
     _check_prefetch_fits(model.components["dit"].layer_group_sizes(), base_flags, axes, path, model.name)
     scenario = Scenario(
         name=name, path=str(path), description=str(data.get("description", "")), model=model.name, profile=profile,
         cards=cards, height=_size(data, "height", path, model), width=_size(data, "width", path, model),
-        steps=_int(data, "steps", path), frames=_int(data, "frames", path, default=1),
+        steps=_int(data, "steps", path), frames=_frames(data, path, model),
         warmup=_int(data, "warmup", path, default=0, minimum=0), rounds=_int(data, "rounds", path, default=1),
         true_cfg_scale=cfg, seed=_int(data, "seed", path, default=0, minimum=0), policy=policy, timeout_s=timeout,
         base_flags=base_flags, axes=axes, exclude=_exclude(data.get("exclude", []), path, axes),
@@ -447,11 +461,28 @@ def _number(data: dict, key: str, path: Path, default: float, ok: Any, expected:
 
 
 def _size(data: dict, key: str, path: Path, model: Any) -> int:
-    """Height or width: whole VAE cells of whole DiT patches."""
+    """Height or width: whole VAE cells of whole DiT patches, at most MAX_SIDE_PX."""
     v = _int(data, key, path)
     multiple = model.vae_scale * model.patch
     if v % multiple:
         raise _err(path, key, f"must be a multiple of {multiple} for {model.name}, got {v}")
+    if v > MAX_SIDE_PX:
+        raise _err(path, key, f"expected at most {MAX_SIDE_PX} pixels, got {v}")
+    return v
+
+
+def _frames(data: dict, path: Path, model: Any) -> int:
+    """Frames: 1 (or left out) for an image model; 1 + a multiple of VIDEO_FRAME_GROUP for a video model."""
+    v = _int(data, "frames", path, default=1)
+    if model.family != "wan":
+        if v != 1:
+            raise _err(path, "frames", f"{model.name} makes images: frames must be 1 (or left out), got {v}")
+        return v
+    if (v - 1) % VIDEO_FRAME_GROUP:
+        raise _err(path, "frames", f"must be 1 + a multiple of {VIDEO_FRAME_GROUP} for {model.name} (its VAE packs "
+                   f"the first frame alone, then groups of {VIDEO_FRAME_GROUP}), got {v}")
+    if v > MAX_FRAMES:
+        raise _err(path, "frames", f"expected at most {MAX_FRAMES} frames, got {v}")
     return v
 
 
@@ -640,7 +671,10 @@ def in_tier(scenario: Scenario, tier: str | None) -> bool:
     return tier in (None, "nightly") or scenario.tier == tier
 
 
-def _backends(data: Any, path: Path) -> tuple[str, ...]:
+def _backends(data: Any, path: Path, name: str) -> tuple[str, ...]:
+    """The backends, each of a known form; `sglang@<version>` under the rule `policy` follows: a release this harness
+    knows but this machine lacks makes the scenario ReleaseNotInstalled (listed and skipped, an error when asked
+    for), a version that is no release at all is an error naming the field."""
     if not isinstance(data, list) or not data:
         raise _err(path, "backends", f"expected a non-empty list of backends among {list(BACKENDS)}, got {data!r}")
     for i, b in enumerate(data):
@@ -649,6 +683,17 @@ def _backends(data: Any, path: Path) -> tuple[str, ...]:
             raise _err(path, f"backends[{i}]", f"unknown backend {b!r}; known backends: {known}")
     if len(set(data)) != len(data):
         raise _err(path, "backends", f"repeats a backend: {data!r}")
+    for i, b in enumerate(data):
+        version = b.partition("@")[2]
+        if not version:
+            continue
+        status, known = release_status(version)
+        if status == "unknown":
+            raise _err(path, f"backends[{i}]", f"{b!r}: SGLang {version} is no release this harness knows or finds "
+                       f"installed (known releases: {', '.join(known)})")
+        if status == "known":
+            raise ReleaseNotInstalled(f"{path}: backends[{i}]: {b!r}: SGLang {version} is not installed here; install "
+                                      f"it with `{install_command(version)}`", name, version)
     return tuple(data)
 
 
@@ -852,8 +897,11 @@ def _engine_context(scenario: Scenario, card: Card) -> EngineContext | None:
 
 
 def _visible_gpu_total_bytes() -> int | None:
-    env = os.environ.get("OFFLOAD_BENCH_GPU_TOTAL_BYTES")
-    if env:
+    try:
+        env = env_number("OFFLOAD_BENCH_GPU_TOTAL_BYTES")
+    except InputError as e:
+        raise ScenarioError(str(e)) from None
+    if env is not None:
         return int(env)
     try:
         import pynvml
@@ -878,6 +926,7 @@ def load_all(folder: Path | str) -> tuple[list[Scenario], list[ScenarioError]]:
         try:
             scenarios.append(load_scenario(path))
         except ScenarioError as e:
+            e.scenario_name = _peek_name(path)  # type: ignore[attr-defined]  # which file a --bench-scenario asks for
             errors.append(e)
     names = [s.name for s in scenarios]
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -885,6 +934,15 @@ def load_all(folder: Path | str) -> tuple[list[Scenario], list[ScenarioError]]:
         files = [s.path for s in scenarios if s.name == dupes[0]]
         raise ScenarioError(f"scenario name {dupes[0]!r} is used by more than one file: {', '.join(files)}")
     return scenarios, errors
+
+
+def _peek_name(path: Path) -> str | None:
+    """The `name` a scenario file declares, read without validating anything else (None if unreadable)."""
+    try:
+        name = tomllib.loads(path.read_text(encoding="utf-8")).get("name")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    return name if isinstance(name, str) else None
 
 
 def discover(folder: Path | str, profile: str | None = None) -> list[Scenario]:

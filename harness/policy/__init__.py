@@ -27,7 +27,7 @@ from harness.policy.resolution import FAMILY_TASKS, TASKS, EngineContext, Engine
 __all__ = [
     "ENGINE_PREFIX", "FAMILY_TASKS", "MODEL_FOR_VERSION", "POLICIES", "TASKS", "EngineContext", "EngineDetails",
     "EngineError", "ReleaseMissing", "Resolution", "Task", "check_policy", "clear_cache", "engine_flags",
-    "engine_version", "install_command", "resolve", "resolve_many", "write_shipped",
+    "engine_version", "install_command", "release_status", "resolve", "resolve_many", "write_shipped",
 ]
 
 PolicyFn = Callable[..., tuple[OffloadFlags, list[str], EngineDetails | None]]
@@ -42,6 +42,19 @@ POLICIES: dict[str, PolicyFn] = {
 
 MODEL_FOR_VERSION: dict[str, str] = {"0.5.8": "sglang-pre18997", "0.5.13": "sglang-0.5.13", "0.5.23": "sglang"}
 """Which hand-written model follows which release (checked by tests/test_engine_differential.py)."""
+
+
+def release_status(version: str) -> tuple[str, list[str]]:
+    """Whether SGLang `version` is "installed" here, "known" (a release this harness models, `MODEL_FOR_VERSION`,
+    not installed here) or "unknown" (neither: a typo such as 9.9.9); with the known and installed versions."""
+    from harness.engine.install import installed
+    from harness.engine.policy import version_key
+
+    here = installed()
+    known = sorted(set(MODEL_FOR_VERSION) | set(here), key=version_key)
+    if version in here:
+        return "installed", known
+    return ("known" if version in MODEL_FOR_VERSION else "unknown"), known
 
 
 def check_policy(name: Any, where: str = "policy") -> str:

@@ -28,8 +28,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from harness.common import exitcodes
 from harness.common.contract import PROBE_MARK, CellRecord
-from harness.common.records import latest_by_cell, read_cell_records
+from harness.common.inputs import InputError, check_environment, check_name
+from harness.common.records import UnwritableError, ensure_writable, latest_by_cell, read_cell_records
 from harness.plan.advise import DEFAULT_MARGIN
 from harness.plan.planner import Workload, plan
 from harness.plan.scenario import HARNESS_BACKEND, CapacitySpec, Cell, Scenario, ScenarioError, expand, load_scenario
@@ -249,7 +251,18 @@ def main(argv: list[str] | None = None) -> int:
         print(render(rows, f"capacity: {scenario.name} ({scenario.capacity.axis}), from {args.from_records.name}"),
               end="")
         return 0
-    run = Run.create(args.results, detect_device(), args.run_id)
+    try:
+        check_environment()  # before any probe: a bad OFFLOAD_BENCH_* would fail every child, one by one
+        if args.run_id is not None:
+            check_name(args.run_id, "run id", "--run-id")
+        ensure_writable(args.results / "runs")  # a read-only results folder: one line, before any probe
+        run = Run.create(args.results, detect_device(), args.run_id)
+    except UnwritableError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return exitcodes.UNWRITABLE
+    except (InputError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return exitcodes.USAGE
     rows = run_capacity(scenario, lambda cell: run_cell(run, cell, label="[capacity]"))
     text = render(rows, f"capacity: {scenario.name} ({scenario.capacity.axis}), run {run.run_id}")
     (run.run_dir / "capacity.md").write_text(text)

@@ -2,6 +2,9 @@
 each on its own machine, or copies of one run folder) joined into one run folder that report, baseline and
 compare read like any other.
 
+Nothing is dropped: a source holding a record of a newer schema than this harness reads (a shard run by a newer
+checkout) is refused with exit 10, `exitcodes.NEWER_RECORD`, naming file:line; merge with the newer harness.
+
 What must agree (else exit 9, `exitcodes.MERGE_CONFLICT`, one line naming both sources):
 - the run id: every record of every source has the same `run_id`;
 - the git sha: each source's set of commits (over each cell's latest record) is the same as every other's. One
@@ -46,6 +49,12 @@ class MergeConflict(ValueError):
     """The sources are not one run, or measured one cell twice. The message names both sources."""
 
     code = exitcodes.MERGE_CONFLICT
+
+
+class NewerRecord(MergeConflict):
+    """A source holds a record of a newer schema than this harness reads: merging would drop it, so merge refuses."""
+
+    code = exitcodes.NEWER_RECORD
 
 
 @dataclass
@@ -101,6 +110,10 @@ def read_source(arg: str | Path) -> Source:
     if folder and not records_path.exists():
         raise NoRecordsError(f"{arg}: run folder without records.jsonl: nothing to merge")
     result = read_cell_records(records_path)
+    if result.newer:  # a whole record this harness cannot read, so cannot carry: never dropped (issue #30)
+        raise NewerRecord(f"{result.newer[0]}"
+                          + (f" (and {len(result.newer) - 1} more such records)" if len(result.newer) > 1 else "")
+                          + "; nothing merged: merge with the harness that wrote it, or a newer one")
     if not result.records:
         raise NoRecordsError(f"{records_path}: no readable record")
     return Source(str(arg), folder, result.records, result.problems)

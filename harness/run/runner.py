@@ -23,7 +23,8 @@ lack of space leaves records.jsonl as it was (`results.append_record`); either s
 Command line (no pytest):
     python -m harness.run.runner SCENARIO.toml... [--results DIR] [--run-id ID] [--resume [--retry-failed]]
 prints "[i/N elapsed] cell_id: status" per cell and exits 0 when no cell ended as error / crash / timeout, 1 when
-one did, 2 on bad arguments or scenario files, 7 when the results folder is not writable (before any cell), 8 when
+one did, 5 when every cell was skipped (nothing measured, as compare and baseline say), 2 on bad arguments or
+scenario files, 7 when the results folder is not writable (before any cell), 8 when
 the results folder's disk is (nearly) full, 130 on SIGINT, 143 on SIGTERM (harness/common/exitcodes.py).
 """
 
@@ -53,7 +54,9 @@ from typing import Any
 from harness import REPO
 from harness.common import exitcodes
 from harness.common.contract import STATUSES, CellRecord, CellSpec, JsonObject, Status
+from harness.common.inputs import InputError, check_environment, check_name, env_number
 from harness.common.records import (
+    NO_SPACE,
     DiskFullError,
     ResultsError,
     UnwritableError,
@@ -171,9 +174,7 @@ class Run:
 
     @classmethod
     def create(cls, results_root: Path, device: str, run_id: str | None = None, verbose: bool = True) -> Run:
-        run_id = run_id or new_run_id()
-        if not run_id or "/" in run_id or run_id in (".", ".."):
-            raise ValueError(f"run id must be a plain folder name, got {run_id!r}")
+        run_id = new_run_id() if run_id is None else check_name(run_id, "run id")  # InputError: a ValueError
         # absolute: the child runs in the package's folder (cwd=REPO), so a relative results path (an installed
         # offload-bench's default ./results) would name another place there
         run_dir = Path(results_root).resolve() / "runs" / run_id
@@ -343,14 +344,21 @@ def _cell_dir(run: Run, cell: Cell) -> Path:
     return d
 
 
+class CellBusy(Exception):
+    """Another runner holds the cell's lock (it is running the cell) and the caller asked not to wait."""
+
+
 @contextlib.contextmanager
-def _cell_lock(run: Run, cdir: Path, label: str, cell_id: str) -> Iterator[None]:
-    """An exclusive lock on the cell's folder, so two parents sharing a run never run one cell at once."""
+def _cell_lock(run: Run, cdir: Path, label: str, cell_id: str, wait: bool = True) -> Iterator[None]:
+    """An exclusive lock on the cell's folder, so two parents sharing a run never run one cell at once. Without
+    `wait`, a cell another runner holds raises CellBusy (the caller takes the next cell and comes back)."""
     fd = os.open(cdir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not wait:
+                raise CellBusy(cell_id) from None
             run.say(f"{label} {cell_id}: another runner is running this cell; waiting for it")
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -399,17 +407,19 @@ def _stamp(run: Run, cell: Cell, record: CellRecord) -> None:
     run.stamp_provenance(record)
 
 
-def run_cell(run: Run, cell: Cell, label: str = "", env: dict[str, str] | None = None) -> CellRecord:
+def run_cell(run: Run, cell: Cell, label: str = "", env: dict[str, str] | None = None,
+             wait: bool = True) -> CellRecord:
     """Runs `cell` in a child (or reuses the record of the cell it duplicates) and appends its record.
 
     A cell that already has a complete record of the same spec in this run is not rerun; its record is returned.
+    One that another runner is running is waited for, or without `wait` raises CellBusy.
     """
     prior = run.recorded(cell)
     if prior is not None:
         run.say(f"{label} {cell.cell_id}: already recorded ({prior.status}), skipped on resume")
         return prior
     cdir = _cell_dir(run, cell)
-    with _cell_lock(run, cdir, label, cell.cell_id):
+    with _cell_lock(run, cdir, label, cell.cell_id, wait):
         done = run.finished()  # again: another parent may have finished it while we waited for the lock
         prior = run.recorded(cell, done)
         if prior is not None:
@@ -437,16 +447,16 @@ def _copy_record(run: Run, cell: Cell, done: dict[str, CellRecord], label: str) 
 
 def results_free_bytes(folder: Path) -> int:
     """Free bytes on the filesystem of the results folder (or the OFFLOAD_BENCH_RESULTS_FREE_BYTES override)."""
-    override = os.environ.get(RESULTS_FREE_ENV)
-    if override:
-        return int(float(override))
+    override = env_number(RESULTS_FREE_ENV)
+    if override is not None:
+        return int(override)
     return shutil.disk_usage(folder).free
 
 
 def check_results_space(run: Run) -> None:
     """Refuses to start a cell when the results folder is nearly full: the child's log and latents and the
     record append need room, and a run that stops here loses nothing (every finished record is on disk)."""
-    need = int(float(os.environ.get(RESULTS_MIN_FREE_ENV) or RESULTS_MIN_FREE_DEFAULT))
+    need = int(env_number(RESULTS_MIN_FREE_ENV, RESULTS_MIN_FREE_DEFAULT) or 0)
     free = results_free_bytes(run.run_dir)
     if free < need:
         raise DiskFullError(
@@ -458,7 +468,14 @@ def check_results_space(run: Run) -> None:
 def _run_child(run: Run, cell: Cell, cdir: Path, label: str, env: dict[str, str] | None) -> CellRecord:
     child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     gpu = child_gpu(child_env, run.device)
-    (cdir / "cell.json").write_text(child_spec(run, cell, cdir, gpu).to_json())
+    try:
+        (cdir / "cell.json").write_text(child_spec(run, cell, cdir, gpu).to_json())
+    except OSError as e:
+        if e.errno not in NO_SPACE:
+            raise
+        raise DiskFullError(f"{cdir / 'cell.json'}: no space left to write the cell's spec ({os.strerror(e.errno)}); "
+                            f"finished cells are kept: free space and continue with --run-id {run.run_id} "
+                            "--resume") from None
     out, log = cdir / "record.json", cdir / "child.log"
     out.unlink(missing_ok=True)  # a record left by an interrupted earlier attempt must not pass for this one's
     timeout = cell.scenario.timeout_s
@@ -646,7 +663,7 @@ def _wait(
     """Waits for the child, echoing its log and calling `progress` every OFFLOAD_BENCH_PROGRESS_S seconds;
     returns 'timeout' if it had to be killed."""
     deadline = time.monotonic() + timeout
-    every = float(os.environ.get(PROGRESS_EVERY_ENV) or PROGRESS_EVERY_DEFAULT_S)
+    every = env_number(PROGRESS_EVERY_ENV, PROGRESS_EVERY_DEFAULT_S) or PROGRESS_EVERY_DEFAULT_S
     next_progress = time.monotonic() + every
     shown = 0
     try:
@@ -733,11 +750,25 @@ def _record_from_child(
     else:
         record = _base_record(run, cell, Status.CRASH)
         record.reason = f"child exited with code {returncode} " + (
-            f"but {problem}" if problem else "without writing a record")
+            f"but {problem}" if problem else "without writing a record") + _disk_full_note(log)
         record.exit_code = returncode
     record.log_tail = _tail(log)
     record.failed_phase = _last_phase(log)
     return record
+
+
+DISK_FULL_MARKS = ("No space left on device", "Disk quota exceeded", "[Errno 28]", "[Errno 122]")
+
+
+def _disk_full_note(log: Path) -> str:
+    """What a crash record says when the child's log shows the disk filled under it (another process, or the
+    cell's own latents), so the crash is not read as a harness bug; empty otherwise."""
+    tail = _tail(log, 20000)
+    mark = next((m for m in DISK_FULL_MARKS if m in tail), None)
+    if mark is None:
+        return ""
+    return (f"; the disk was full: its log says {mark!r}. Free space, then rerun the cell with --resume "
+            "--retry-failed (plain --resume keeps this crash)")
 
 
 def _last_phase(log: Path) -> str | None:
@@ -799,7 +830,8 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Shard | Non
     parser = argparse.ArgumentParser(
         prog="python -m harness.run.runner",
         description="Runs every cell of the given scenario files, one child per cell, without pytest. Exit 0: no "
-        "cell ended as error/crash/timeout; 1: some did; 2: bad arguments; 7: the results folder is not writable; "
+        "cell ended as error/crash/timeout; 1: some did; 5: every cell was skipped; 2: bad arguments; 7: the results "
+        "folder is not writable; "
         "8: disk full in the results folder; 130: SIGINT; 143: SIGTERM.",
     )
     parser.add_argument("scenarios", nargs="+", type=Path, help="scenario TOML files")
@@ -827,6 +859,7 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Shard | Non
 
 
 def _load_scenarios(paths: list[Path], tier: str | None) -> list[Any]:
+    paths = list(dict.fromkeys(p.resolve() for p in paths))  # one file given twice (or by two paths) is one scenario
     try:
         scenarios = [load_scenario(p) for p in paths]
     except ScenarioError as e:
@@ -848,6 +881,11 @@ def _open_run(args: argparse.Namespace) -> Run:
     """The run to record into: a new one, or with --resume the named or newest one. The results folder must be
     writable before any cell runs."""
     run_id = args.run_id
+    if run_id is not None:
+        try:
+            check_name(run_id, "run id", "--run-id")
+        except InputError as e:
+            raise _Refused(EXIT_USAGE, str(e)) from None
     if args.resume:
         if run_id is None:
             run_id = _newest_run(args.results)
@@ -882,21 +920,39 @@ def _run_all(run: Run, cells: list[Cell], shard: Shard | None) -> dict[str, Cell
     t0 = time.monotonic()
     final: dict[str, CellRecord] = {}
     costs = [0 if c.same_as else cell_cost(c) for c in cells]
+    # Two runners on one run id: a cell the other is running is passed over (not waited for in lock-step) and
+    # taken up again after the cells nobody holds; by then it is usually recorded, or it is waited for.
+    deferred: list[tuple[int, Cell]] = []
     for i, cell in enumerate(cells, 1):
         left = run.pace.estimate_s(sum(costs[i - 1:]))
         label = f"[{i}/{n} {time.monotonic() - t0:.0f}s, run {eta_text(left)}]"
-        resumed = run.recorded(cell) is not None
-        wanted = "cuda" if cell.scenario.profile == "gpu" else "cpu"
-        if wanted != run.device:
-            why = "no CUDA GPU on this machine" if wanted == "cuda" else "a CUDA GPU is present (GPU profile)"
-            rec = skip_cell(run, cell, f"{cell.scenario.name} is a {cell.scenario.profile}-profile scenario and "
-                            f"{why}", label)
-        else:
-            rec = run_cell(run, cell, label)
-        final[cell.cell_id] = rec
-        note = " (recorded earlier)" if resumed else ""
-        print(f"[{i}/{n} {time.monotonic() - t0:.0f}s] {cell.cell_id}: {_describe(rec)}{note}", flush=True)
+        if cell.same_as is not None and any(c.cell_id == cell.same_as for _, c in deferred):
+            deferred.append((i, cell))  # its source is another runner's: copy it once that one is recorded
+            continue
+        try:
+            _one(run, cell, i, n, t0, label, final, wait=False)
+        except CellBusy:
+            run.say(f"{label} {cell.cell_id}: another runner is running this cell; taking the next one")
+            deferred.append((i, cell))
+    for i, cell in deferred:  # the cells another runner held, now waited for one by one
+        _one(run, cell, i, n, t0, f"[{i}/{n} {time.monotonic() - t0:.0f}s]", final, wait=True)
     return final
+
+
+def _one(run: Run, cell: Cell, i: int, n: int, t0: float, label: str, final: dict[str, CellRecord],
+         wait: bool) -> None:
+    """One cell of `_run_all`: run (or skipped for the other profile), recorded in `final`, its line printed."""
+    resumed = run.recorded(cell) is not None
+    wanted = "cuda" if cell.scenario.profile == "gpu" else "cpu"
+    if wanted != run.device:
+        why = "no CUDA GPU on this machine" if wanted == "cuda" else "a CUDA GPU is present (GPU profile)"
+        rec = skip_cell(run, cell, f"{cell.scenario.name} is a {cell.scenario.profile}-profile scenario and "
+                        f"{why}", label)
+    else:
+        rec = run_cell(run, cell, label, wait=wait)
+    final[cell.cell_id] = rec
+    note = " (recorded earlier)" if resumed else ""
+    print(f"[{i}/{n} {time.monotonic() - t0:.0f}s] {cell.cell_id}: {_describe(rec)}{note}", flush=True)
 
 
 def _summary(run: Run, final: dict[str, CellRecord]) -> int:
@@ -909,6 +965,12 @@ def _summary(run: Run, final: dict[str, CellRecord]) -> int:
     if bad:
         print(f"unexpected fates ({len(bad)}): {', '.join(bad)}", flush=True)
         return EXIT_UNEXPECTED
+    if final and all(rec.status is Status.SKIPPED for rec in final.values()):
+        # nothing measured: the same code compare and baseline give such a run, so a job can tell it from a pass
+        reason = next((str(r.reason).replace("\n", " ")[:200] for r in final.values() if r.reason), "no reason")
+        print(f"every cell was skipped, nothing measured (first reason: {reason}); exit {exitcodes.ALL_SKIPPED}",
+              file=sys.stderr, flush=True)
+        return exitcodes.ALL_SKIPPED
     return EXIT_OK
 
 
@@ -918,6 +980,10 @@ def main(argv: list[str] | None = None) -> int:
     old_int = signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     run: Run | None = None
     try:
+        try:
+            check_environment()  # before any child: a bad OFFLOAD_BENCH_* would fail every cell, one by one
+        except InputError as e:
+            raise _Refused(EXIT_USAGE, str(e)) from None
         scenarios = _load_scenarios(args.scenarios, args.tier)
         run = _open_run(args)
         final = _run_all(run, [c for s in scenarios for c in expand(s)], shard)
