@@ -121,8 +121,8 @@ def _refusal(spec: CellSpec, record: CellRecord) -> str | None:
         record.status, record.reason = Status.SKIPPED, guard.reason
         return "skipped by guard"
     if spec.device == "cuda":
-        # The CUDA context, made and timed here: it used to come with the first cell-local H2D probe, and without
-        # that probe (passed down by the runner) the load phase would otherwise pay for it.
+        # The CUDA context, made and timed here, not by a cell-local H2D probe: without that probe (the runner
+        # passes its measurement down) the load phase would otherwise pay for it.
         t_cuda = time.perf_counter()
         torch.cuda.init()
         torch.cuda.synchronize()

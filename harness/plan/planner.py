@@ -51,12 +51,21 @@ import json
 import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from harness.common.contract import ROLES, Backend, CellRecord, JsonObject, Phase, Placement, Status, is_probe
+from harness.common.contract import (
+    ROLES,
+    Backend,
+    CellRecord,
+    JsonObject,
+    LayerPool,
+    Phase,
+    Placement,
+    Status,
+    is_probe,
+)
 from harness.common.flags import OffloadFlags, prefetch_layers, resident_layer_count
 from harness.common.units import GIB, MIB
 from harness.models import PLAN_DATA_PATH, ModelSpec, get_model
@@ -371,10 +380,11 @@ class _Allocator:
     11,380 -> 38,634 MiB) and a layer window after a resident encoder by the whole window (Qwen); on the 4090 cap
     the same DiT fits (FLUX: 23,516 MiB) because the encoder's cached block is given back.
 
-    `layer_pool_apart`: the runtime before commit abd7f47 (2026-11-25 20:39 UTC) took layer buffers on its copy
-    stream, and the allocator keeps one pool per stream: a window could not take a component's cached block
-    (Wan prefetch 2: +2,688 MiB, its four 672 MiB layer segments, over the encoder's free 11.1 GiB block) and
-    activations could not take freed layer buffers (Qwen-Image decode: +4.3 GiB over a free 5 GiB window).
+    `layer_pool_on_copy_stream`: the runtime variant that takes layer buffers on its copy stream
+    (`LayerPool.COPY_STREAM`), where the allocator keeps one pool per stream: a window cannot take a component's
+    cached block (Wan prefetch 2: +2,688 MiB, its four 672 MiB layer segments, over the encoder's free 11.1 GiB
+    block, `results/h100/wan21-14b-h100.records.jsonl`) and activations cannot take freed layer buffers
+    (Qwen-Image decode: +4.3 GiB over a free 5 GiB window, `results/h100/run2.records.jsonl`).
     """
 
     limit: int | None = None
@@ -387,13 +397,13 @@ class _Allocator:
     high: int = 0
     need: int = 0  # the reservation the phase needed after giving back every free block (an OOM's figure)
     oom: bool = False
-    layer_pool_apart: bool = False
+    layer_pool_on_copy_stream: bool = False
     layer_live: int = 0  # bytes of `layer_pool` the live window holds
     regions_in_use: int = 0  # bytes of free regions the window is filling (kept when the cache is given back)
 
     def _free_bytes(self) -> int:
         """Cached bytes a request of the compute stream may take (not another stream's idle layer buffers)."""
-        idle_layers = self.layer_pool - self.layer_live if self.layer_pool_apart else 0
+        idle_layers = self.layer_pool - self.layer_live if self.layer_pool_on_copy_stream else 0
         return self.reserved - self.live - self.dead - idle_layers
 
     def _grow(self, nbytes: int, from_free: bool = False) -> None:
@@ -456,7 +466,7 @@ class _Allocator:
         pooled = min(window, self.layer_pool)
         self.pool_in_use = pooled
         rest = window - pooled
-        window_hosts = self._take_for_layers(rest) if rest and not self.layer_pool_apart else []
+        window_hosts = self._take_for_layers(rest) if rest and not self.layer_pool_on_copy_stream else []
         grown = max(0, rest - sum(window_hosts))
         split_rests += [max(0, sum(window_hosts) - rest)]
         if grown:
@@ -504,11 +514,11 @@ def plan(
     machine: Machine | None = None,
     resident_layers: float | None = None,
     data: Mapping[str, Any] | None = None,
-    layer_pool_apart: bool = False,
+    layer_pool_on_copy_stream: bool = False,
 ) -> Plan:
     """Predicts what `flags` (effective: resolve them first) cost for `model` on a card of `cap_bytes`.
-    `layer_pool_apart`: plan the layerwise runtime before commit abd7f47, whose layer buffers came from the copy
-    stream's own allocator pool (`_Allocator`; the plans of its records, `plan_for_record`).
+    `layer_pool_on_copy_stream`: plan the layerwise runtime variant whose layer buffers come from the copy stream's own
+    allocator pool (`LayerPool.COPY_STREAM`, `_Allocator`; the plans of its records, `plan_for_record`).
 
     Example:
         >>> p = plan("qwen-image-edit", OffloadFlags(dit_cpu_offload=True, dit_layerwise_offload=True,
@@ -525,9 +535,9 @@ def plan(
     parts = _DeviceParts.of(spec, model_weights(model, data), flags, value)
     fits = {**fits, **fits.get("by_text_encoder", {}).get(text_encoder_class(parts.where), {})}
     drv = drivers(spec, workload)
-    allocator = _Allocator(layer_pool_apart=layer_pool_apart and parts.layerwise)
-    if allocator.layer_pool_apart:
-        notes.append("layer buffers from the copy stream's own pool (the runtime before abd7f47)")
+    allocator = _Allocator(layer_pool_on_copy_stream=layer_pool_on_copy_stream and parts.layerwise)
+    if allocator.layer_pool_on_copy_stream:
+        notes.append("layer buffers from the copy stream's own pool (the copy-stream layer pool runtime)")
     phases, oom = _phase_plans(parts, _activations(fits, drv, workload, cap_bytes is not None),
                                int(fits.get("base_bytes", 0)),
                                int(fits.get("reserved_slack_bytes", 0)), cap_bytes, machine, workload, allocator,
@@ -562,7 +572,8 @@ def text_encoder_class(where: Mapping[str, str]) -> str:
 
 # What measure.warm_kernels leaves allocated before a capped card's load: its matmul's cuBLAS workspace, which torch
 # keeps for the handle. 32 MiB exactly on the H200: the capped minus the uncapped load of FLUX (334,174,208 -
-# 300,619,776 bytes) and of Wan (754,439,680 - 720,885,248), session 8. An uncapped cell allocates it in encode,
+# 300,619,776 bytes) and of Wan (754,439,680 - 720,885,248), `results/h200/reserved-capped.records.jsonl`. An
+# uncapped cell allocates it in encode,
 # where the activations fit holds it.
 WARM_KERNELS_BYTES = 32 * 2**20
 
@@ -790,17 +801,7 @@ def plan_for_record(record: CellRecord, data: Mapping[str, Any] | None = None) -
     card = record.card or {}
     return plan(record.model, OffloadFlags.from_mapping(record.effective), card.get("cap_bytes"),
                 workload_of_record(record), card=card.get("name", ""), machine=machine_of_record(record, data),
-                data=data, layer_pool_apart=before_compute_pool(record))
-
-
-# commit abd7f47 (layer buffers from the compute stream's pool, so they reuse what offloaded components freed)
-COMPUTE_POOL_SINCE = datetime.fromisoformat("2026-11-25T20:39:34+00:00")
-
-
-def before_compute_pool(record: CellRecord) -> bool:
-    """The record was made by the layerwise runtime that took its layer buffers from the copy stream's pool
-    (before abd7f47; records carry their creation time, not always their commit)."""
-    return bool(record.created) and datetime.fromisoformat(record.created) < COMPUTE_POOL_SINCE
+                data=data, layer_pool_on_copy_stream=record.layer_pool is LayerPool.COPY_STREAM)
 
 
 def workload_of_record(record: CellRecord) -> Workload:
@@ -1020,7 +1021,8 @@ def _fits_from(r: CellRecord, data: Mapping[str, Any]) -> bool:
     """A record plan-fit learns from: a GPU cell of our runtime that ran or ran out of memory, not a copy, not a
     capacity probe. A probe sits where the fate flips and often far from the scenarios' sizes, where one number
     per unit does not hold: FLUX.1-dev's layerwise denoise took 86.7 KB a token at 1024x1024 and 96-100 KB at
-    3072-4032, its decode 2,475 B a pixel at 1024 and 1,797-2,054 at 3072-3520 (H200, session 6); with the probes
+    3072-4032, its decode 2,475 B a pixel at 1024 and 1,797-2,054 at 3072-3520 (H200,
+    `results/h200/flux-dev-capacity-4090.records.jsonl`); with the probes
     in, the median moved the scenario cells' plans by up to 3.4 %. The capacity table reports the plan's error."""
     return _gpu_cell_that_ran(r) and (r.placements or {}).get("dit") in DIT_PLACEMENTS and bool(r.settings) \
         and r.model in data.get("weights", {}) and not is_probe(r.scenario)
@@ -1074,7 +1076,8 @@ def _sample_decode_block(r: CellRecord, drv: Drivers, s: _Samples) -> None:
     request, which no layer segment holds (measured, H200: FLUX.1-dev 1,026 MiB at 1024x1024, Qwen-Image 1,540;
     H100: Qwen-Image-Edit 1,544)."""
     where = r.placements or {}
-    if r.status is not Status.OK or where.get("dit") != Placement.LAYERWISE_FROM_HOST or before_compute_pool(r) \
+    if r.status is not Status.OK or where.get("dit") != Placement.LAYERWISE_FROM_HOST \
+            or r.layer_pool is LayerPool.COPY_STREAM \
             or generated_on_device(r) or Placement.CPU_OFFLOAD in (where.get("text_encoder"), where.get("vae")):
         return
     reserved = {ph: r.phase_max(RESERVED, (ph,)) for ph in PHASES}
@@ -1122,8 +1125,9 @@ def _fit_model(model: str, s: _Samples, data: Mapping[str, Any]) -> dict[str, An
     """A model's fits: medians of its samples; the timed forward at the most common SKU's median-low tokens.
     With records of both text-encoder placements, the memory fits of each too (`by_text_encoder`), which a plan
     of that placement uses: Qwen-Image allocated 38-57 MiB more at load, 72-122 at encode and 412-459 at denoise
-    with its text encoder resident than offloaded, so one median over both flipped with the records' mix (H200,
-    session 7: the encode coefficient went 596 -> 917 KB a unit when four resident-encoder records came in)."""
+    with its text encoder resident than offloaded, so one median over both flipped with the records' mix (H200:
+    the encode coefficient went 596 -> 917 KB a unit with the four resident-encoder records of
+    `results/h200/qwen-image-resident-5090.records.jsonl` in)."""
     f: dict[str, Any] = {"sources": sorted(x for x in s.sources if x), **_memory_fits(s)}
     if len(s.by_text_encoder) > 1:
         f["by_text_encoder"] = {k: _memory_fits(v) for k, v in sorted(s.by_text_encoder.items())}

@@ -206,8 +206,8 @@ class Run:
     def finished(self) -> dict[str, CellRecord]:
         """The latest complete record of each cell in this run's file (a resumed run skips these cells). A guard's
         skip from before this process is not finished: the disk may be freed or the GPU idle since, so a resume
-        runs the cell again (session 7: a Wan cell skipped for disk stayed skipped on resume after the checkpoints
-        were cleared). One from this process stands, so a session does not run it twice.
+        runs the cell again (otherwise a Wan cell skipped for disk stays skipped on resume after the checkpoints
+        are cleared). One from this process stands, so a session does not run it twice.
 
         Unreadable lines (garbage, a torn last line) are warned about once, naming file:line, and skipped; a line
         that parses but lacks the cell id, status or spec hash does not count as finished either.
