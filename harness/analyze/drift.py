@@ -1,11 +1,11 @@
 """Per-round telemetry of a run's cells as tables: `python -m harness.analyze.drift RUN [--cell SUBSTRING]`.
 
 What the drift and copy-limit experiments read (`docs/findings/drift.md`, `docs/findings/copy-limit.md`): for each
-round of each cell that recorded telemetry (`record["telemetry"]`), the steady step time (median of steps 2..n),
-the GPU's SM clock range, temperature, power and throttle reasons over its steps (NVML), the allocator's peaks,
-retries and segments, the host's page cache, dirty bytes and pinned bytes at its end, and, with the copy timeline on, the copy engine's busy fraction
-and the steps' share of the copy limit; then the spread of the measured rounds and what the telemetry says caused
-it (`spread_cause`). Reads records only.
+round of each cell that recorded telemetry (`record["telemetry"]`), the steady step time (median of steps 2..n), the
+GPU's SM clock range, temperature, power and throttle reasons over its steps (NVML), the allocator's peaks, retries
+and segments, the host's page cache, dirty bytes and pinned bytes at its end, and, with the copy timeline on, the
+copy engine's busy fraction and the steps' share of the copy limit; then the spread of the measured rounds and what
+the telemetry says caused it (`spread_cause`). Reads records only.
 """
 
 from __future__ import annotations
