@@ -191,7 +191,7 @@ class Backend(StrEnum):
 
 class LayerPool(StrEnum):
     """Which allocator pool the harness's layerwise runtime takes its layer buffers from: the variant of the
-    runtime a record ran, which the planner's allocator model follows (`harness.plan.model._Allocator`).
+    runtime a record ran, which the planner's allocator model follows (`harness.plan.planner.model._Allocator`).
 
     COMPUTE_STREAM: the compute stream's pool, so a window reuses the block an offloaded component freed and
     activations reuse freed layer buffers (the runtime of every record that names its backend).
