@@ -157,6 +157,28 @@ def test_cell_spec_round_trips_and_keeps_its_hash(tmp_path: Path) -> None:
     assert spec.spec_hash == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def test_the_parent_and_the_child_begin_a_record_with_one_header(tmp_path: Path) -> None:
+    """`CellRecord.begin` is the one header: the child's record and the parent's crash, timeout or skip record
+    carry the same spec fields, settings included (the parent's used to leave them out)."""
+    import dataclasses
+
+    from harness.run.runner import Run, _base_record
+    from tests.helpers import tiny_scenario_file
+
+    [cell] = expand(load_scenario(tiny_scenario_file(tmp_path, "hdr", {"dit_cpu_offload": [True]})))
+    spec = dataclasses.replace(cell.spec("cpu"), resolution=cell.resolution.as_dict())
+    child = CellRecord.begin(spec)
+    run = Run.__new__(Run)
+    run.device = "cpu"
+    crash = _base_record(run, cell, Status.CRASH)
+    assert crash.settings == spec.settings.as_dict() and crash.settings
+    header = ("scenario", "scenario_file", "model", "card", "settings", "device", "backend", "policy", "requested",
+              "effective", "messages", "engine", "placements")
+    assert {k: getattr(crash, k) for k in header} == {k: getattr(child, k) for k in header}
+    with pytest.raises(ValueError, match="no resolution"):
+        CellRecord.begin(dataclasses.replace(spec, resolution=None))
+
+
 # ------------------------------------------------------------------------------- only the child imports torch
 
 # The child's modules: the only ones that may import torch, diffusers or transformers when imported. Every other

@@ -515,6 +515,29 @@ class CellRecord:
     layer_pool: LayerPool = LayerPool.COMPUTE_STREAM
     extra: JsonObject = field(default_factory=dict)
 
+    @classmethod
+    def begin(cls, spec: CellSpec, status: Status = Status.ERROR, created: str | None = None) -> CellRecord:
+        """The record header of a cell: its spec (scenario, model, card, settings, device, backend), the
+        resolution the parent made (policy, requested, effective, messages, engine) and the placements its
+        effective flags give. The one constructor of a header: the child's record starts here (an error until it
+        says otherwise) and so does the parent's for a cell whose child left none (crash, timeout, skip).
+
+        Raises:
+            ValueError: the spec carries no resolution (the parent resolves: harness.run.runner.spec_for_child).
+        """
+        if spec.resolution is None:
+            raise ValueError(f"{spec.cell_id}: the cell spec carries no resolution; the parent resolves the policy "
+                             "(harness.run.runner.spec_for_child)")
+        resolved = dict(spec.resolution)
+        flags = OffloadFlags.from_mapping(resolved["effective"], "resolution.effective")
+        return cls(
+            cell_id=spec.cell_id, status=status, created=created, scenario=spec.scenario,
+            scenario_file=spec.scenario_file, model=spec.model, card=spec.card.as_dict(),
+            settings=spec.settings.as_dict(), device=spec.device, backend=spec.backend,
+            placements={role: Placement.for_role(role, flags, spec.backend).value for role in ROLES},
+            **resolved,
+        )
+
     # ------------------------------------------------------------------------------------------------ JSON edge
 
     @classmethod

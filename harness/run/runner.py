@@ -369,12 +369,10 @@ def _tail(path: Path, nbytes: int = 3000) -> str:
 
 
 def _base_record(run: Run, cell: Cell, status: Status) -> CellRecord:
-    """The record of a cell whose child left none (or never ran): the spec and the resolution, no measurements."""
-    return CellRecord(
-        cell_id=cell.cell_id, status=status, created=now_iso(), scenario=cell.scenario.name,
-        scenario_file=cell.scenario.path, model=cell.scenario.model, card=cell.card.as_dict(), device=run.device,
-        backend=cell.backend, **cell.resolution.as_dict(),
-    )
+    """The record of a cell whose child left none (or never ran): the header the child would have begun with
+    (`CellRecord.begin`: the spec, settings included, and the resolution), no measurements."""
+    spec = dataclasses.replace(cell.spec(run.device), resolution=cell.resolution.as_dict())
+    return CellRecord.begin(spec, status, created=now_iso())
 
 
 def skip_cell(run: Run, cell: Cell, reason: str, label: str = "") -> CellRecord:
