@@ -161,6 +161,7 @@ def make_record(
         "card": {"name": card, "cap_bytes": None},
         "device": device,
         "policy": "sglang",
+        "backend": "harness",  # a v1 record without one was written by the copy-stream layer pool runtime
         "requested": requested.as_dict(),
         "effective": requested.as_dict(),
         "status": status,

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from harness.analyze.expect import plan_within_verdict
-from harness.common.contract import CellRecord, as_record, is_probe
+from harness.common.contract import CellRecord, LayerPool, as_record, is_probe
 from harness.common.flags import OffloadFlags
 from harness.common.records import read_cell_records
 from harness.common.units import GIB
@@ -386,20 +386,33 @@ def _without_stored_plan(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_records_of_the_copy_stream_pool_runtime_are_planned_as_it_ran() -> None:
-    """Wan2.1-14B, DiT CPU offload + layerwise prefetch 2, the text encoder offloaded: the runtime of 2026-11-25
-    19:23 took its four 672 MiB layer buffers on the copy stream, whose pool could not use the encoder's freed
-    11.1 GiB block (14,510 MiB reserved against 11,822 at encode); the compute-pool runtime at prefetch 1 fits
-    its window into that block (11,822 MiB)."""
-    from harness.plan.planner import before_compute_pool
-
-    old = next(r for r in _records("h100/wan21-14b-h100.records.jsonl") if "cpu1-lw1" in r["cell_id"])
-    new = next(r for r in _records("h100/wan21-14b-peer.records.jsonl") if "cpu1-lw1" in r["cell_id"])
-    assert before_compute_pool(as_record(old)) and not before_compute_pool(as_record(new))
-    for r in (old, new):
+    """Wan2.1-14B, DiT CPU offload + layerwise prefetch 2, the text encoder offloaded: the copy-stream layer pool
+    runtime (`results/h100/wan21-14b-h100.records.jsonl`) took its four 672 MiB layer buffers on the copy stream,
+    whose pool could not use the encoder's freed 11.1 GiB block (14,510 MiB reserved against 11,822 at encode);
+    the compute-stream runtime at prefetch 1 (`results/h100/wan21-14b-peer.records.jsonl`) fits its window into
+    that block (11,822 MiB). The records say which ran (`layer_pool`, told at migration), not their dates."""
+    copy_pool = next(r for r in _records("h100/wan21-14b-h100.records.jsonl") if "cpu1-lw1" in r["cell_id"])
+    compute_pool = next(r for r in _records("h100/wan21-14b-peer.records.jsonl") if "cpu1-lw1" in r["cell_id"])
+    assert as_record(copy_pool).layer_pool is LayerPool.COPY_STREAM
+    assert as_record(compute_pool).layer_pool is LayerPool.COMPUTE_STREAM
+    for r in (copy_pool, compute_pool):
         c = check_record(as_record(r))
         assert c is not None and abs(c.runtime_error) < 0.005, (r["cell_id"], c.runtime_error)
-    as_now = plan_for_record(as_record({**old, "created": new["created"]}))
-    assert as_now is not None and as_now.runtime_peak_bytes < 0.85 * check_record(as_record(old)).measured_runtime
+    as_compute_pool = plan_for_record(replace(as_record(copy_pool), layer_pool=LayerPool.COMPUTE_STREAM))
+    assert as_compute_pool is not None
+    assert as_compute_pool.runtime_peak_bytes < 0.85 * check_record(as_record(copy_pool)).measured_runtime
+
+
+def test_the_layer_pool_is_told_by_what_a_record_shows_and_kept_through_a_round_trip() -> None:
+    """A v1 record without a backend was written by the copy-stream runtime; the field is written only off its
+    default, so every other record keeps its bytes."""
+    v1 = {"schema_version": 1, "cell_id": "s/c/x", "status": "ok"}
+    assert as_record(v1).layer_pool is LayerPool.COPY_STREAM
+    assert as_record({**v1, "backend": "harness"}).layer_pool is LayerPool.COMPUTE_STREAM
+    copy_pool = as_record(v1)
+    assert json.loads(copy_pool.to_json())["layer_pool"] == "copy-stream"
+    assert CellRecord.from_json(copy_pool.to_json()) == copy_pool
+    assert "layer_pool" not in json.loads(as_record({**v1, "backend": "harness"}).to_json())
 
 
 def test_layer_segments_one_size_is_the_window_two_sizes_more() -> None:

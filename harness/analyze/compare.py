@@ -53,7 +53,7 @@ FAILING_METRIC_VERDICTS = (REGRESSED, MISSING)
 FAILING_CELL_VERDICTS = (LOST, CHANGED, MISSING)
 
 
-# Timing tolerance = max(SPREAD_FLOOR, SPREAD_FACTOR x spread). Floor: the 2 % issue 18 asks of one cell's rounds,
+# Timing tolerance = max(SPREAD_FLOOR, SPREAD_FACTOR x spread). Floor: the 2 % asked of one cell's rounds,
 # plus 1 % for what changes between processes (another GPU of the SKU, its clocks on the day). Factor: the range of
 # three rounds is about 1.7 sigma of one; 3 x that range keeps a repeat of the same code inside the tolerance.
 SPREAD_FLOOR = 0.03

@@ -1,11 +1,11 @@
 """Per-round telemetry of a run's cells as tables: `python -m harness.analyze.drift RUN [--cell SUBSTRING]`.
 
-What issue 18's drift and copy-limit experiments read: for each round of each cell that recorded telemetry
-(`record["telemetry"]`), the steady step time (median of steps 2..n), the GPU's SM clock range, temperature,
-power and throttle reasons over its steps (NVML), the allocator's peaks, retries and segments, the host's page
-cache, dirty bytes and pinned bytes at its end, and, with the copy timeline on, the copy engine's busy fraction
-and the steps' share of the copy limit; then the spread of the measured rounds and what the telemetry says caused
-it (`spread_cause`). Reads records only.
+What the drift and copy-limit experiments read (`docs/findings/drift.md`, `docs/findings/copy-limit.md`): for each
+round of each cell that recorded telemetry (`record["telemetry"]`), the steady step time (median of steps 2..n), the
+GPU's SM clock range, temperature, power and throttle reasons over its steps (NVML), the allocator's peaks, retries
+and segments, the host's page cache, dirty bytes and pinned bytes at its end, and, with the copy timeline on, the
+copy engine's busy fraction and the steps' share of the copy limit; then the spread of the measured rounds and what
+the telemetry says caused it (`spread_cause`). Reads records only.
 """
 
 from __future__ import annotations
@@ -103,7 +103,8 @@ def spread_cause(record: CellRecord) -> str | None:
     thermal / hardware slowdown reason in a measured round); then the PCIe link: with the copy timeline on and the
     copy engine busy >= 99 % of every measured round, a step is its bytes over the link's delivered bandwidth, so
     when step x delivered GB/s varies less than half as much as the step, the link's bandwidth is the cause (the
-    Qwen-Image-Edit 5090 both-on rounds on the H200, session 6: steps 1,491-1,540 ms, 3.3 %, at 52.9-54.7 GB/s).
+    Qwen-Image-Edit 5090 both-on rounds on the H200, `results/h200/drift.records.jsonl`: steps 1,491-1,540 ms,
+    3.3 %, at 52.9-54.7 GB/s).
     """
     rounds = [r for r in (record.telemetry or {}).get("rounds") or [] if not r.get("warmup")]
     steps = [r.get("steady_step_ms") for r in rounds]

@@ -11,7 +11,8 @@ Counters, each under a name that says which it is:
 - `rss_peak_bytes`: host resident set, polled; `pinned_*`: host bytes page-locked by this process.
 - machine state per denoise step (`machine_state`: SM and memory clocks, temperature, power, throttle reasons, from
   NVML), allocator statistics (`allocator_stats`: torch.cuda.memory_stats) and the host page cache
-  (`host_memory_state`: /proc/meminfo) per round: what the drift experiments of issue 18 read.
+  (`host_memory_state`: /proc/meminfo) per round: what the drift experiments read (`harness.analyze.drift`;
+  `results/h200/drift.records.jsonl`).
 Times come from CUDA events on the compute stream (`time_ms`) and from the host clock after a synchronize
 (`wall_ms`); on the CPU profile both are host-clock times.
 """

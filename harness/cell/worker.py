@@ -75,26 +75,11 @@ def _phase_start_hook(spec: str | None) -> Any:
     return inject
 
 
-def _resolve(spec: CellSpec) -> tuple[OffloadFlags, dict[str, Any]]:
-    """The effective flags, and the resolution's record fields (policy, requested, effective, messages, engine), as
-    the parent resolved them (harness.run.runner.spec_for_child): the child never resolves a policy itself."""
-    if spec.resolution is None:
-        raise ValueError(f"{spec.cell_id}: the cell spec carries no resolution; the parent resolves the policy "
-                         "(harness.run.runner.spec_for_child)")
-    resolved = dict(spec.resolution)
-    return OffloadFlags.from_mapping(resolved["effective"], "resolution.effective"), resolved
-
-
 def _new_record(spec: CellSpec) -> tuple[OffloadFlags, CellRecord]:
-    flags, resolved = _resolve(spec)
-    record = CellRecord(
-        cell_id=spec.cell_id, status=Status.ERROR, created=now_iso(), scenario=spec.scenario,
-        scenario_file=spec.scenario_file, model=spec.model, card=spec.card.as_dict(),
-        settings=spec.settings.as_dict(), device=spec.device, backend=spec.backend,
-        placements={role: Placement.for_role(role, flags, spec.backend).value for role in ROLES},
-        **resolved,
-    )
-    return flags, record
+    """The cell's record header (`CellRecord.begin`: the spec and the resolution the parent made; the child never
+    resolves a policy itself), and the effective flags it runs."""
+    record = CellRecord.begin(spec, Status.ERROR, created=now_iso())
+    return OffloadFlags.from_mapping(record.effective, "resolution.effective"), record
 
 
 def _refusal(spec: CellSpec, record: CellRecord) -> str | None:
@@ -126,8 +111,8 @@ def _refusal(spec: CellSpec, record: CellRecord) -> str | None:
         record.status, record.reason = Status.SKIPPED, guard.reason
         return "skipped by guard"
     if spec.device == "cuda":
-        # The CUDA context, made and timed here: it used to come with the first cell-local H2D probe, and without
-        # that probe (passed down by the runner) the load phase would otherwise pay for it.
+        # The CUDA context, made and timed here, not by a cell-local H2D probe: without that probe (the runner
+        # passes its measurement down) the load phase would otherwise pay for it.
         t_cuda = time.perf_counter()
         torch.cuda.init()
         torch.cuda.synchronize()

@@ -189,6 +189,21 @@ class Backend(StrEnum):
         return Placement.LAYERWISE_FROM_HOST if dit_cpu_offload else Placement.LAYERWISE_FROM_DEVICE
 
 
+class LayerPool(StrEnum):
+    """Which allocator pool the harness's layerwise runtime takes its layer buffers from: the variant of the
+    runtime a record ran, which the planner's allocator model follows (`harness.plan.planner.model._Allocator`).
+
+    COMPUTE_STREAM: the compute stream's pool, so a window reuses the block an offloaded component freed and
+    activations reuse freed layer buffers (the runtime of every record that names its backend).
+    COPY_STREAM: the copy stream's own pool, which neither takes a component's cached block nor lends freed
+    layer buffers to activations (Wan prefetch 2: +2,688 MiB over the encoder's free block,
+    `results/h100/wan21-14b-h100.records.jsonl`; the A/B of the two: `results/h100/ab-layer-pool/`).
+    """
+
+    COMPUTE_STREAM = "compute-stream"
+    COPY_STREAM = "copy-stream"
+
+
 def selected_layerwise(flags: OffloadFlags) -> set[str]:
     """The zoo roles `layerwise_offload_components` selects ("all": every role; the DiT by its own flag)."""
     chosen = set(flags.layerwise_offload_components or ())
@@ -495,7 +510,33 @@ class CellRecord:
     shard: str | None = None  # the --shard i/N it belonged to
     overhead: JsonObject | None = None  # the cell's fixed cost: process start, imports, guards, probe, teardown
     plan: JsonObject | None = None  # what the planner (harness.plan.planner) predicted for the cell
+    # the layerwise runtime's variant: written only off its default (WRITTEN_OFF_DEFAULT), so the records of the
+    # default runtime keep their bytes; the records of the other are told by their migration (`_migrate_v1`)
+    layer_pool: LayerPool = LayerPool.COMPUTE_STREAM
     extra: JsonObject = field(default_factory=dict)
+
+    @classmethod
+    def begin(cls, spec: CellSpec, status: Status = Status.ERROR, created: str | None = None) -> CellRecord:
+        """The record header of a cell: its spec (scenario, model, card, settings, device, backend), the
+        resolution the parent made (policy, requested, effective, messages, engine) and the placements its
+        effective flags give. The one constructor of a header: the child's record starts here (an error until it
+        says otherwise) and so does the parent's for a cell whose child left none (crash, timeout, skip).
+
+        Raises:
+            ValueError: the spec carries no resolution (the parent resolves: harness.run.runner.spec_for_child).
+        """
+        if spec.resolution is None:
+            raise ValueError(f"{spec.cell_id}: the cell spec carries no resolution; the parent resolves the policy "
+                             "(harness.run.runner.spec_for_child)")
+        resolved = dict(spec.resolution)
+        flags = OffloadFlags.from_mapping(resolved["effective"], "resolution.effective")
+        return cls(
+            cell_id=spec.cell_id, status=status, created=created, scenario=spec.scenario,
+            scenario_file=spec.scenario_file, model=spec.model, card=spec.card.as_dict(),
+            settings=spec.settings.as_dict(), device=spec.device, backend=spec.backend,
+            placements={role: Placement.for_role(role, flags, spec.backend).value for role in ROLES},
+            **resolved,
+        )
 
     # ------------------------------------------------------------------------------------------------ JSON edge
 
@@ -510,6 +551,7 @@ class CellRecord:
         known = _declared(cls)
         values = {k: v for k, v in data.items() if k in known}
         values["status"] = Status(data["status"])
+        values["layer_pool"] = LayerPool(data.get("layer_pool", LayerPool.COMPUTE_STREAM))
         values["phases"] = {name: PhaseStats.from_dict(p) for name, p in (data.get("phases") or {}).items()}
         return cls(**values, extra={k: v for k, v in data.items() if k not in known})
 
@@ -518,8 +560,10 @@ class CellRecord:
         return cls.from_dict(json.loads(line), where)
 
     def to_dict(self) -> JsonObject:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("extra", *WRITTEN_OFF_DEFAULT)}
         out["status"] = str(self.status)
+        if self.layer_pool is not LayerPool.COMPUTE_STREAM:
+            out["layer_pool"] = str(self.layer_pool)
         out["phases"] = {name: p.as_dict() for name, p in self.phases.items()}
         return {**out, **self.extra}
 
@@ -625,6 +669,11 @@ class CellRecord:
         return self.spec_hash == spec_hash
 
 
+WRITTEN_OFF_DEFAULT = ("layer_pool",)
+"""Declared fields a record writes only where they differ from their default: fields added after records were
+committed, whose default is what every committed record without them ran."""
+
+
 # A capacity probe's scenario is named `<scenario>@<axis>-<value>` (harness.run.capacity): one cell per probe.
 PROBE_MARK = "@"
 
@@ -667,10 +716,14 @@ def _declared(cls: type) -> frozenset[str]:
 
 def _migrate_v1(rec: JsonObject) -> JsonObject:
     """v1 -> v2: peaks are computed (`CellRecord.peaks`), not stored beside the phases they come from; a record
-    from before backends ran the harness's runtime; diffusers' pinned copies take the name of the counter they
+    from before backends ran the harness's runtime, the variant that took its layer buffers from the copy
+    stream's pool (`LayerPool.COPY_STREAM`: a record without a backend was written by it, and every record that
+    names its backend by the compute-stream runtime); diffusers' pinned copies take the name of the counter they
     are (`pinned_torch_allocator_bytes`); every declared field is present, null where it does not apply."""
     rec = {k: v for k, v in rec.items() if k != "peaks"}
-    rec.setdefault("backend", Backend.HARNESS.value)
+    if "backend" not in rec:
+        rec["backend"] = Backend.HARNESS.value
+        rec["layer_pool"] = LayerPool.COPY_STREAM.value
     group = ((rec.get("components") or {}).get("dit") or {}).get("diffusers_group")
     if group is not None and "pinned_allocator_bytes" in group:
         group["pinned_torch_allocator_bytes"] = group.pop("pinned_allocator_bytes")
@@ -681,7 +734,7 @@ def _migrate_v1(rec: JsonObject) -> JsonObject:
     return rec
 
 
-_V2_FIELDS = tuple(f.name for f in fields(CellRecord) if f.name != "extra")
+_V2_FIELDS = tuple(f.name for f in fields(CellRecord) if f.name not in ("extra", *WRITTEN_OFF_DEFAULT))
 _MIGRATIONS = {1: _migrate_v1}
 
 

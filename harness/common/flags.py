@@ -91,12 +91,12 @@ class OffloadFlags:
             out[name] = dict(getattr(self, name))
         return out
 
-    def spec_dict(self) -> dict[str, Any]:
-        """`as_dict` without the flags added after the first records (resident layers, components, maps) while
-        they are at their defaults: what a cell's spec hash covers, so hashes of cells that existed before those
-        flags stay as they were (resume, baselines)."""
+    def hashed_dict(self) -> dict[str, Any]:
+        """`as_dict` without `FLAGS_OMITTED_AT_DEFAULT` (resident layers, components, maps) while they are at
+        their defaults: what a cell's spec hash covers, so a cell that leaves them at their defaults keeps the
+        hash it had before they existed (resume, baselines)."""
         out = self.as_dict()
-        for name, default in LATER_FLAGS_AT_DEFAULT.items():
+        for name, default in FLAGS_OMITTED_AT_DEFAULT.items():
             if out[name] == default:
                 del out[name]
         return out
@@ -160,12 +160,14 @@ LAYERWISE_GROUPS: tuple[str, ...] = ("dit", "text_encoder", "image_encoder", "va
 DEFAULT_GROUP: tuple[str, ...] = ("text_encoder", "image_encoder", "vae")
 """SGLang's "default" layerwise group (LAYERWISE_OFFLOAD_DEFAULT_COMPONENTS)."""
 MAP_FLAGS = ("layerwise_prefetch_size", "layerwise_resident_layers", "layerwise_residency_policy")
-LATER_FLAGS_AT_DEFAULT: dict[str, Any] = {
+FLAGS_OMITTED_AT_DEFAULT: dict[str, Any] = {
     "dit_layerwise_resident_layers": 0.0, "dit_layerwise_residency_policy": "leading",
     "layerwise_offload_components": None, "layerwise_prefetch_size": {}, "layerwise_resident_layers": {},
     "layerwise_residency_policy": {},
 }
-"""The flags added after the first records, at their defaults, in `as_dict` form (see `OffloadFlags.spec_dict`)."""
+"""Flags a cell's spec hash, an engine request and ServerArgs carry only off these defaults (in `as_dict` form; see
+`OffloadFlags.hashed_dict`): the resident layers, the component list and the per-component maps, which not every
+release has and the hashes of cells without them do not cover."""
 COMPONENT_TAGS: dict[str, str] = {"transformer": "dit", "text_encoder": "te", "vae": "vae"}
 """Keys of the per-component maps: SGLang's component names (the DiT is "transformer"), and their label tags."""
 

@@ -81,7 +81,8 @@ def git_sha(cwd: Path | None = None) -> str | None:
     tree has no .git (a copied working tree).
 
     "-dirty" because a commit alone can name code that did not run: the lent GPU machine gets the working tree over
-    a .git of an earlier commit, and its session-5 records said b4bfa57 for a tree one merge later."""
+    a .git of an earlier commit, so its records named that commit for a tree one merge later
+    (`results/h200/README.md` lists which records that affects)."""
     if os.environ.get("OFFLOAD_BENCH_GIT_SHA"):
         return os.environ["OFFLOAD_BENCH_GIT_SHA"]
     try:

@@ -105,13 +105,13 @@ def version_key(version: str) -> tuple[int, ...]:
 
 
 def _request_key(request: EngineRequest) -> str:
-    """The request as JSON; flags newer than the recorded answers are left out at their defaults, so answers recorded
+    """The request as JSON; `FLAGS_OMITTED_AT_DEFAULT` are left out at their defaults, so answers recorded
     before the flags existed still match (the child passes them only off their defaults too)."""
-    from harness.engine.serverargs import LATER_FLAG_DEFAULTS
+    from harness.common.flags import FLAGS_OMITTED_AT_DEFAULT
 
     data = request.as_dict()
     data["flags"] = {k: v for k, v in data["flags"].items()
-                     if k not in LATER_FLAG_DEFAULTS or v != LATER_FLAG_DEFAULTS[k]}
+                     if k not in FLAGS_OMITTED_AT_DEFAULT or v != FLAGS_OMITTED_AT_DEFAULT[k]}
     return json.dumps(data, sort_keys=True)
 
 

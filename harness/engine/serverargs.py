@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-from harness.common.flags import LATER_FLAGS_AT_DEFAULT
+from harness.common.flags import FLAGS_OMITTED_AT_DEFAULT
 
 MODELLED_FLAGS = (
     "dit_cpu_offload",
@@ -61,11 +61,11 @@ MODELLED_FLAGS = (
     "layerwise_residency_policy",
 )
 
-LATER_FLAG_DEFAULTS: dict[str, Any] = LATER_FLAGS_AT_DEFAULT
 RESIDENCY_NAMES = {"dit": "transformer", "text_encoder": "text_encoder", "vae": "vae"}
 """The zoo's roles by the component names SGLang's residency_mode takes."""
-"""Flags only newer releases have (0.5.23), with their ServerArgs defaults: passed only when a request moves them
-off the default (passing a default would mark it explicitly set), refused by a release without the field."""
+# FLAGS_OMITTED_AT_DEFAULT: flags only some releases have (0.5.23), with their ServerArgs defaults: passed only when
+# a request moves them off the default (passing a default would mark it explicitly set), refused by a release
+# without the field.
 
 FAMILY_CHECKPOINTS: dict[str, tuple[str, str]] = {
     # family: (published checkpoint whose pipeline config SGLang registers, task type SGLang gives it)
@@ -185,9 +185,9 @@ def _server_kwargs(server_args_cls: Any, request: dict[str, Any]) -> tuple[dict[
     fields = {f.name for f in dataclasses.fields(server_args_cls)}
     missing: list[str] = []
     for name, value in request["flags"].items():
-        if name in LATER_FLAG_DEFAULTS and value == LATER_FLAG_DEFAULTS[name]:
+        if name in FLAGS_OMITTED_AT_DEFAULT and value == FLAGS_OMITTED_AT_DEFAULT[name]:
             continue
-        if name in LATER_FLAG_DEFAULTS and name not in fields:
+        if name in FLAGS_OMITTED_AT_DEFAULT and name not in fields:
             missing.append(name)
         elif value is not None:
             kwargs[name] = value

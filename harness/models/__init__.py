@@ -96,7 +96,7 @@ def parameters_on_meta() -> Iterator[None]:
 
     The `torch.nn.init` functions return a meta tensor untouched (a real one is initialised as usual): random init
     of values that do not exist was 70 % of Qwen-Image's DiT build (0.33 of 0.47 s profiled here; 0.46 s of the
-    2.13 s DiT setup on the H200, issue 18), all of it dispatch through the meta decompositions.
+    2.13 s DiT setup on the H200, `docs/findings/host-cost.md`), all of it dispatch through the meta decompositions.
     """
     import torch
 

@@ -284,7 +284,7 @@ class Cell:
             cell_id=self.cell_id, scenario=s.name, scenario_file=s.path, model=s.model, card=self.card,
             settings=RunSettings(s.height, s.width, s.steps, s.true_cfg_scale, s.seed, frames=s.frames),
             policy=s.policy, warmup=s.warmup, rounds=s.rounds,
-            requested=self.requested.spec_dict(),  # the child builds OffloadFlags from it: defaults fill in
+            requested=self.requested.hashed_dict(),  # the child builds OffloadFlags from it: defaults fill in
             backend=self.backend, device=device, run=s.run.spec(self.cfg_batch) or None,
             # An engine policy (sglang@<version>) was asked once, in the parent, for every cell of the card: the
             # child runs what SGLang's ServerArgs answered instead of asking again. Likewise our model's answer for

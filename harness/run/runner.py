@@ -207,8 +207,8 @@ class Run:
     def finished(self) -> dict[str, CellRecord]:
         """The latest complete record of each cell in this run's file (a resumed run skips these cells). A guard's
         skip from before this process is not finished: the disk may be freed or the GPU idle since, so a resume
-        runs the cell again (session 7: a Wan cell skipped for disk stayed skipped on resume after the checkpoints
-        were cleared). One from this process stands, so a session does not run it twice.
+        runs the cell again (otherwise a Wan cell skipped for disk stays skipped on resume after the checkpoints
+        are cleared). One from this process stands, so a session does not run it twice.
 
         Unreadable lines (garbage, a torn last line) are warned about once, naming file:line, and skipped; a line
         that parses but lacks the cell id, status or spec hash does not count as finished either.
@@ -377,12 +377,10 @@ def _tail(path: Path, nbytes: int = 3000) -> str:
 
 
 def _base_record(run: Run, cell: Cell, status: Status) -> CellRecord:
-    """The record of a cell whose child left none (or never ran): the spec and the resolution, no measurements."""
-    return CellRecord(
-        cell_id=cell.cell_id, status=status, created=now_iso(), scenario=cell.scenario.name,
-        scenario_file=cell.scenario.path, model=cell.scenario.model, card=cell.card.as_dict(), device=run.device,
-        backend=cell.backend, **cell.resolution.as_dict(),
-    )
+    """The record of a cell whose child left none (or never ran): the header the child would have begun with
+    (`CellRecord.begin`: the spec, settings included, and the resolution), no measurements."""
+    spec = dataclasses.replace(cell.spec(run.device), resolution=cell.resolution.as_dict())
+    return CellRecord.begin(spec, status, created=now_iso())
 
 
 def skip_cell(run: Run, cell: Cell, reason: str, label: str = "") -> CellRecord:

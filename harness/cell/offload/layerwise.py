@@ -22,11 +22,12 @@ Why a prefetch copy waits for the compute stream: the CPU enqueues kernels far a
 released on the compute stream goes back to its pool at once, in stream order, so the next allocation may get a
 block whose last readers have not run yet. The copy into it therefore starts only after the compute enqueued
 before it. The host also waits, before prefetching window k+1, on the event that marks the end of window k-2's
-compute, which keeps the CPU at most two windows ahead of the GPU. (It waited on window k-1 until issue 18: in the
-first layer's pre-hook of window k, before window k's kernels were enqueued, so the GPU idled while the host
-returned from the wait, prefetched and launched them; on compute-bound Wan2.1-14B with prefetch 1 that was 80
-such gaps a step and +0.96 % over the whole-DiT cell, H200 run s7-wan2. Memory is unchanged: which blocks exist
-follows the host's allocate/free order, and the copy's wait on the compute stream keeps a reused block safe.)
+compute, which keeps the CPU at most two windows ahead of the GPU. (Waiting on window k-1 instead, in the first
+layer's pre-hook of window k, before window k's kernels are enqueued, leaves the GPU idle while the host returns
+from the wait, prefetches and launches them; on compute-bound Wan2.1-14B with prefetch 1 that was 80 such gaps a
+step and +0.96 % over the whole-DiT cell against +0.12 % waiting two back, H200,
+`results/h200/wan21-14b-overhead.records.jsonl`. Memory is the same either way: which blocks exist follows the
+host's allocate/free order, and the copy's wait on the compute stream keeps a reused block safe.)
 """
 
 from __future__ import annotations

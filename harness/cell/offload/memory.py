@@ -176,7 +176,7 @@ class SetupOptions:
     """How host regions are filled at load (the worker sets `SETUP` from the cell's `[run]` options).
 
     Args:
-        threads (int): reader threads (8 before issue 18 made it an option; 16 since the H200 measurement below).
+        threads (int): reader threads (16: the H200 measurement below).
         overlap_pin (bool): page-lock each region as soon as its last slot is read, on the thread that read it, so
             pinning runs while other regions are still being read (instead of all reads, then all pins). On by
             default: on the H200, Qwen-Image's 40.8 GB DiT from the page cache went into pinned regions at 20.6

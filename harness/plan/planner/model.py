@@ -48,17 +48,22 @@ This module imports no torch.
 from __future__ import annotations
 
 import json
-import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from harness.common.contract import ROLES, Backend, CellRecord, JsonObject, Phase, Placement, Status, is_probe
+from harness.common.contract import (
+    ROLES,
+    Backend,
+    CellRecord,
+    JsonObject,
+    LayerPool,
+    Placement,
+)
 from harness.common.flags import OffloadFlags, prefetch_layers, resident_layer_count
-from harness.common.units import GIB, MIB
+from harness.common.units import GIB
 from harness.models import PLAN_DATA_PATH, ModelSpec, get_model
 from harness.plan.segments import window_segment_bytes
 
@@ -371,10 +376,11 @@ class _Allocator:
     11,380 -> 38,634 MiB) and a layer window after a resident encoder by the whole window (Qwen); on the 4090 cap
     the same DiT fits (FLUX: 23,516 MiB) because the encoder's cached block is given back.
 
-    `layer_pool_apart`: the runtime before commit abd7f47 (2026-11-25 20:39 UTC) took layer buffers on its copy
-    stream, and the allocator keeps one pool per stream: a window could not take a component's cached block
-    (Wan prefetch 2: +2,688 MiB, its four 672 MiB layer segments, over the encoder's free 11.1 GiB block) and
-    activations could not take freed layer buffers (Qwen-Image decode: +4.3 GiB over a free 5 GiB window).
+    `layer_pool_on_copy_stream`: the runtime variant that takes layer buffers on its copy stream
+    (`LayerPool.COPY_STREAM`), where the allocator keeps one pool per stream: a window cannot take a component's
+    cached block (Wan prefetch 2: +2,688 MiB, its four 672 MiB layer segments, over the encoder's free 11.1 GiB
+    block, `results/h100/wan21-14b-h100.records.jsonl`) and activations cannot take freed layer buffers
+    (Qwen-Image decode: +4.3 GiB over a free 5 GiB window, `results/h100/run2.records.jsonl`).
     """
 
     limit: int | None = None
@@ -387,13 +393,13 @@ class _Allocator:
     high: int = 0
     need: int = 0  # the reservation the phase needed after giving back every free block (an OOM's figure)
     oom: bool = False
-    layer_pool_apart: bool = False
+    layer_pool_on_copy_stream: bool = False
     layer_live: int = 0  # bytes of `layer_pool` the live window holds
     regions_in_use: int = 0  # bytes of free regions the window is filling (kept when the cache is given back)
 
     def _free_bytes(self) -> int:
         """Cached bytes a request of the compute stream may take (not another stream's idle layer buffers)."""
-        idle_layers = self.layer_pool - self.layer_live if self.layer_pool_apart else 0
+        idle_layers = self.layer_pool - self.layer_live if self.layer_pool_on_copy_stream else 0
         return self.reserved - self.live - self.dead - idle_layers
 
     def _grow(self, nbytes: int, from_free: bool = False) -> None:
@@ -456,7 +462,7 @@ class _Allocator:
         pooled = min(window, self.layer_pool)
         self.pool_in_use = pooled
         rest = window - pooled
-        window_hosts = self._take_for_layers(rest) if rest and not self.layer_pool_apart else []
+        window_hosts = self._take_for_layers(rest) if rest and not self.layer_pool_on_copy_stream else []
         grown = max(0, rest - sum(window_hosts))
         split_rests += [max(0, sum(window_hosts) - rest)]
         if grown:
@@ -504,11 +510,11 @@ def plan(
     machine: Machine | None = None,
     resident_layers: float | None = None,
     data: Mapping[str, Any] | None = None,
-    layer_pool_apart: bool = False,
+    layer_pool_on_copy_stream: bool = False,
 ) -> Plan:
     """Predicts what `flags` (effective: resolve them first) cost for `model` on a card of `cap_bytes`.
-    `layer_pool_apart`: plan the layerwise runtime before commit abd7f47, whose layer buffers came from the copy
-    stream's own allocator pool (`_Allocator`; the plans of its records, `plan_for_record`).
+    `layer_pool_on_copy_stream`: plan the layerwise runtime variant whose layer buffers come from the copy stream's own
+    allocator pool (`LayerPool.COPY_STREAM`, `_Allocator`; the plans of its records, `plan_for_record`).
 
     Example:
         >>> p = plan("qwen-image-edit", OffloadFlags(dit_cpu_offload=True, dit_layerwise_offload=True,
@@ -525,9 +531,9 @@ def plan(
     parts = _DeviceParts.of(spec, model_weights(model, data), flags, value)
     fits = {**fits, **fits.get("by_text_encoder", {}).get(text_encoder_class(parts.where), {})}
     drv = drivers(spec, workload)
-    allocator = _Allocator(layer_pool_apart=layer_pool_apart and parts.layerwise)
-    if allocator.layer_pool_apart:
-        notes.append("layer buffers from the copy stream's own pool (the runtime before abd7f47)")
+    allocator = _Allocator(layer_pool_on_copy_stream=layer_pool_on_copy_stream and parts.layerwise)
+    if allocator.layer_pool_on_copy_stream:
+        notes.append("layer buffers from the copy stream's own pool (the copy-stream layer pool runtime)")
     phases, oom = _phase_plans(parts, _activations(fits, drv, workload, cap_bytes is not None),
                                int(fits.get("base_bytes", 0)),
                                int(fits.get("reserved_slack_bytes", 0)), cap_bytes, machine, workload, allocator,
@@ -562,7 +568,8 @@ def text_encoder_class(where: Mapping[str, str]) -> str:
 
 # What measure.warm_kernels leaves allocated before a capped card's load: its matmul's cuBLAS workspace, which torch
 # keeps for the handle. 32 MiB exactly on the H200: the capped minus the uncapped load of FLUX (334,174,208 -
-# 300,619,776 bytes) and of Wan (754,439,680 - 720,885,248), session 8. An uncapped cell allocates it in encode,
+# 300,619,776 bytes) and of Wan (754,439,680 - 720,885,248), `results/h200/reserved-capped.records.jsonl`. An
+# uncapped cell allocates it in encode,
 # where the activations fit holds it.
 WARM_KERNELS_BYTES = 32 * 2**20
 
@@ -790,17 +797,7 @@ def plan_for_record(record: CellRecord, data: Mapping[str, Any] | None = None) -
     card = record.card or {}
     return plan(record.model, OffloadFlags.from_mapping(record.effective), card.get("cap_bytes"),
                 workload_of_record(record), card=card.get("name", ""), machine=machine_of_record(record, data),
-                data=data, layer_pool_apart=before_compute_pool(record))
-
-
-# commit abd7f47 (layer buffers from the compute stream's pool, so they reuse what offloaded components freed)
-COMPUTE_POOL_SINCE = datetime.fromisoformat("2026-11-25T20:39:34+00:00")
-
-
-def before_compute_pool(record: CellRecord) -> bool:
-    """The record was made by the layerwise runtime that took its layer buffers from the copy stream's pool
-    (before abd7f47; records carry their creation time, not always their commit)."""
-    return bool(record.created) and datetime.fromisoformat(record.created) < COMPUTE_POOL_SINCE
+                data=data, layer_pool_on_copy_stream=record.layer_pool is LayerPool.COPY_STREAM)
 
 
 def workload_of_record(record: CellRecord) -> Workload:
@@ -817,363 +814,7 @@ def machine_of_record(record: CellRecord, data: Mapping[str, Any] | None = None)
     return profile
 
 
-# ------------------------------------------------------------------------------------ predicted vs measured
-
-
-@dataclass(frozen=True)
-class Measured:
-    load_peak: int | None
-    runtime_peak: int | None
-    step_s: float | None
-
-
-RESERVED = "alloc_peak_reserved_bytes"  # the counter plans predict peaks on (PyTorch caching allocator)
-
-
-def measured(record: CellRecord) -> Measured:
-    """Allocator reserved peaks at load and at run time, and the median steady denoise step (STEP_CONVENTION).
-    The planner predicts the CUDA allocator's counters, so these are its peaks whatever the record's device.
-    A record of one denoise step (a capacity probe) has no steady step: its only step also pays the one-off costs
-    (FLUX cpu1-lw0-te1 at 1024x1024 on the H200: 340 ms as a probe's only step, 174 ms steady), so it gives
-    peaks but no step time."""
-    ran = record.status is Status.OK
-    runtime = record.phase_max(RESERVED, RUNTIME_PHASES) if ran else None
-    return Measured(record.phase_max(RESERVED, (Phase.LOAD,)), runtime,
-                    record.median_step_s() if ran and steady_steps(record) else None)
-
-
-def steady_steps(record: CellRecord) -> int:
-    """Denoise steps after the first (the ones STEP_CONVENTION's median is over when there are any)."""
-    denoise = record.phases.get(Phase.DENOISE)
-    return max(len((denoise.step_ms if denoise else None) or []) - 1, 0)
-
-
-@dataclass(frozen=True)
-class Check:
-    """A plan against a record: the fate, and each figure predicted and measured (errors: measured / predicted - 1,
-    None where there is nothing to compare)."""
-
-    cell: str
-    source: str  # "recorded": the plan the run stored beside its numbers; "derived": planned now from the record
-    status: str
-    failed_phase: str | None
-    predicted_oom_phase: str | None
-    verdict_ok: bool  # the plan's fate (fits, or the phase it would OOM in) is the record's
-    predicted_load: int | None
-    measured_load: int | None
-    predicted_runtime: int | None
-    measured_runtime: int | None
-    predicted_step: float | None
-    measured_step: float | None
-    note: str | None = None
-    not_planned: str | None = None  # why the planner could not plan the cell (then nothing predicted is judged)
-
-    @property
-    def load_error(self) -> float | None:
-        return _rel(self.measured_load, self.predicted_load)
-
-    @property
-    def runtime_error(self) -> float | None:
-        return _rel(self.measured_runtime, self.predicted_runtime)
-
-    @property
-    def step_error(self) -> float | None:
-        return _rel(self.measured_step, self.predicted_step)
-
-
-def _rel(measured_value: float | None, predicted: float | None) -> float | None:
-    if measured_value is None or not predicted:
-        return None
-    return measured_value / predicted - 1
-
-
-def recorded_plan(record: CellRecord) -> tuple[JsonObject | None, str]:
-    """The plan a record carries (`record.plan`, written by the runner), else one derived from it now."""
-    stored = record.plan
-    if isinstance(stored, dict) and "error" not in stored:
-        return stored, "recorded"
-    derived = plan_for_record(record)
-    return (None if derived is None else derived.as_dict()), "derived"
-
-
-def check_record(record: CellRecord) -> Check | None:
-    """The record's plan against its numbers; None for a cell the planner does not model. A cell it models but
-    cannot plan (flags it does not model, flags or data it cannot read) gets a Check that says why
-    (`not_planned`), so a report or an expectation shows it instead of failing on it."""
-    if (record.run_options or {}).get("runtime_cap_mib"):
-        # the allocator capped after the load: the plan caps a card from the load on, so it has no fate to give
-        return _not_planned(record, "runtime_cap_mib: the allocator was capped after the load, which the planner "
-                            "does not model")
-    try:
-        p, source = recorded_plan(record)
-    except PLAN_FAILURES as e:
-        return _not_planned(record, f"{type(e).__name__}: {e}")
-    if p is None:
-        return None
-    m = measured(record)
-    status = record.status
-    if status is Status.OK:
-        verdict = p["fits"]
-    elif status is Status.OOM:
-        verdict = p["oom_phase"] == record.failed_phase
-    else:
-        verdict = False
-    # a phase that ran out of memory measured the cap, not the need: only phases that completed are compared
-    load_done = status is Status.OK or (status is Status.OOM and record.failed_phase != Phase.LOAD)
-    comparable = not generated_on_device(record)
-    return Check(
-        cell=record.cell_id, source=source, status=str(status), failed_phase=record.failed_phase,
-        predicted_oom_phase=p["oom_phase"], verdict_ok=verdict,
-        predicted_load=p["load_peak_reserved_bytes"],
-        measured_load=m.load_peak if load_done and comparable else None,
-        predicted_runtime=p["runtime_peak_reserved_bytes"],
-        measured_runtime=m.runtime_peak if comparable else None,
-        predicted_step=p["step_s"], measured_step=m.step_s,
-        note=None if comparable else GENERATED_NOTE,
-    )
-
-
-def _not_planned(record: CellRecord, reason: str) -> Check:
-    m = measured(record)
-    return Check(cell=record.cell_id, source="not planned", status=str(record.status),
-                 failed_phase=record.failed_phase, predicted_oom_phase=None, verdict_ok=True,
-                 predicted_load=None, measured_load=m.load_peak, predicted_runtime=None,
-                 measured_runtime=m.runtime_peak, predicted_step=None, measured_step=m.step_s, not_planned=reason)
-
-
-GENERATED_NOTE = "peaks not compared: the child generated its synthetic checkpoint on the device first"
-
-
-def generated_on_device(record: CellRecord) -> bool:
-    """The cell's child generated missing synthetic checkpoints on the GPU before loading: the generator's
-    blocks stay in the allocator's reservation (Wan: 6,472 MiB reserved at a 274 MiB load), so reserved peaks
-    say nothing about the plan (allocated peaks are unaffected)."""
-    disk = (record.guard or {}).get("disk") or {}
-    return bool(disk.get("checkpoint_bytes_missing")) and disk.get("generator_device") == "cuda"
-
-
-# ------------------------------------------------------------------------------------------------- fitting
-
-
-@dataclass
-class _Samples:
-    """One model's samples from the records: per-phase activations per unit, load base, slack, timed forwards."""
-
-    base: list[float] = field(default_factory=list)
-    encode: list[float] = field(default_factory=list)
-    denoise: list[float] = field(default_factory=list)
-    decode: list[float] = field(default_factory=list)
-    decode_block: list[float] = field(default_factory=list)  # the decode's largest request, per pixel
-    slack: list[float] = field(default_factory=list)
-    compute: list[tuple[int, float, str]] = field(default_factory=list)  # (tokens, s/forward, sku)
-    sources: set[str] = field(default_factory=set)
-    # the memory samples again, by where the text encoder was (text_encoder_class): see _fit_model
-    by_text_encoder: dict[str, _Samples] = field(default_factory=dict)
-
-
-@dataclass
-class _MachineSamples:
-    """Per GPU SKU: pinned H2D probes, pageable rates of pin_cpu_memory=false cells, CUDA context bytes, TFLOPS."""
-
-    h2d: dict[str, list[float]] = field(default_factory=dict)
-    pageable: dict[str, list[float]] = field(default_factory=dict)
-    context: dict[str, list[float]] = field(default_factory=dict)
-    tflops: dict[str, list[float]] = field(default_factory=dict)
-
-    def add(self, which: str, sku: str, value: float) -> None:
-        getattr(self, which).setdefault(sku, []).append(value)
-
-
-# a forward of fewer FLOPs says nothing of a machine's rate: the tiny twins' (~1e9 FLOPs in ~13 ms) are bound by
-# kernel launches, 0.1 "TFLOPS", and with six of them on the H200 the median rate there fell from 566 to 0.1
-LAUNCH_BOUND_FLOPS = 1e12
-
-_FIT_KEYS = {"encode": "encode_per_unit", "denoise": "denoise_per_token", "decode": "decode_per_pixel"}
-
-
-def fit(records: Iterable[tuple[str, CellRecord]], data: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Fits every model's activation coefficients, base, slack and forward time, and each SKU's machine profile,
-    from GPU records of harness-backend cells (copies of another cell, `same_as`, count once). `records` pairs
-    each record with the records file it came from (a model's fits name their sources).
-
-    Each phase's activations are its allocated peak less the weights the plan puts on the device then (a phase
-    that ran out of memory is left out); the coefficient is their median per unit of the phase's driver.
-    """
-    data = data or load_data()
-    samples: dict[str, _Samples] = {}
-    machines = _MachineSamples()
-    for source, r in records:
-        if _fits_from(r, data):
-            model_samples = samples.setdefault(str(r.model), _Samples())
-            model_samples.sources.add(source)
-            _sample_record(r, data, model_samples, machines)
-    fits = {model: _fit_model(model, s, data) for model, s in sorted(samples.items())}
-    return {"fits": fits, "machines": _fit_machines(machines)}
-
-
-def _gpu_cell_that_ran(r: CellRecord) -> bool:
-    """A GPU cell that ran or ran out of memory, not a copy of another (`same_as`): what plans are checked on."""
-    return r.device == "cuda" and not r.same_as and r.status in (Status.OK, Status.OOM)
-
-
-def _fits_from(r: CellRecord, data: Mapping[str, Any]) -> bool:
-    """A record plan-fit learns from: a GPU cell of our runtime that ran or ran out of memory, not a copy, not a
-    capacity probe. A probe sits where the fate flips and often far from the scenarios' sizes, where one number
-    per unit does not hold: FLUX.1-dev's layerwise denoise took 86.7 KB a token at 1024x1024 and 96-100 KB at
-    3072-4032, its decode 2,475 B a pixel at 1024 and 1,797-2,054 at 3072-3520 (H200, session 6); with the probes
-    in, the median moved the scenario cells' plans by up to 3.4 %. The capacity table reports the plan's error."""
-    return _gpu_cell_that_ran(r) and (r.placements or {}).get("dit") in DIT_PLACEMENTS and bool(r.settings) \
-        and r.model in data.get("weights", {}) and not is_probe(r.scenario)
-
-
-def _sample_record(r: CellRecord, data: Mapping[str, Any], s: _Samples, machines: _MachineSamples) -> None:
-    """One record's samples: what each phase allocated beyond the plan's weights, and its machine's figures."""
-    machine = r.machine or {}
-    sku = machine.get("sku", "")
-    bare = Machine(sku, float(machine.get("pinned_h2d_gbps") or 1.0), 1.0, 0)
-    model = str(r.model)
-    # weights only: no activations, base, slack or context, so that what the record shows beyond is theirs
-    p = plan(model, OffloadFlags.from_mapping(r.effective), None, workload_of_record(r),
-             machine=bare, data={**data, "fits": {}, "machines": {}})
-    drv = drivers(get_model(model), p.workload)
-    _sample_phases(r, p, drv, s)
-    _sample_phases(r, p, drv, s.by_text_encoder.setdefault(text_encoder_class(p.placements), _Samples()))
-    _sample_decode_block(r, drv, s)
-    cap = r.cap or {}
-    if cap.get("context_overhead_bytes"):
-        machines.add("context", sku, cap["context_overhead_bytes"])
-    gbps = machine.get("pinned_h2d_gbps")
-    if gbps:
-        machines.add("h2d", sku, gbps)
-    _sample_step(r, p, drv, s, machines, data)
-
-
-def _sample_phases(r: CellRecord, p: Plan, drv: Drivers, s: _Samples) -> None:
-    """Per completed phase: activations per unit of its driver (load: the base), and the load's slack."""
-    done = [ph for ph in PHASES if ph in r.phases and not (r.status is Status.OOM and ph == r.failed_phase)]
-    units = {"encode": drv.encode_units, "denoise": drv.dit_tokens, "decode": drv.pixels}
-    for ph in done:
-        alloc = r.phases[ph].alloc_peak_allocated_bytes
-        res = r.phases[ph].alloc_peak_reserved_bytes
-        if alloc is None:
-            continue
-        pp = p.phase(ph)
-        extra = alloc - pp.weight_bytes - pp.window_bytes
-        if ph == "load":
-            s.base.append(extra - warm_kernels_bytes(r))
-        else:
-            getattr(s, ph).append(extra / units[ph] / (p.workload.batch if ph == "denoise" else 1))
-        if res is not None and ph == "load" and not generated_on_device(r):
-            s.slack.append(res - alloc)
-
-
-def _sample_decode_block(r: CellRecord, drv: Drivers, s: _Samples) -> None:
-    """The VAE decode's largest request, from a cell where nothing but layer buffers' segments and small blocks
-    is cached when it decodes (a streamed DiT on the compute stream's pool, no CPU-offloaded component) and the
-    decode's allocated peak fits what is reserved: what the decode adds to the reservation then is that one
-    request, which no layer segment holds (measured, H200: FLUX.1-dev 1,026 MiB at 1024x1024, Qwen-Image 1,540;
-    H100: Qwen-Image-Edit 1,544)."""
-    where = r.placements or {}
-    if r.status is not Status.OK or where.get("dit") != Placement.LAYERWISE_FROM_HOST or before_compute_pool(r) \
-            or generated_on_device(r) or Placement.CPU_OFFLOAD in (where.get("text_encoder"), where.get("vae")):
-        return
-    reserved = {ph: r.phase_max(RESERVED, (ph,)) for ph in PHASES}
-    allocated = r.phase_max("alloc_peak_allocated_bytes", (Phase.DECODE,))
-    if None in reserved.values() or allocated is None or allocated > reserved["denoise"]:
-        return
-    grown = reserved["decode"] - max(reserved[ph] for ph in ("load", "encode", "denoise"))
-    if grown > 0:
-        s.decode_block.append(grown / drv.pixels)
-
-
-def _sample_step(r: CellRecord, p: Plan, drv: Drivers, s: _Samples, machines: _MachineSamples,
-                 data: Mapping[str, Any]) -> None:
-    """A resident or CPU-offloaded DiT's step is its compute; a pageable layerwise one's, the pageable rate."""
-    step = measured(r).step_s
-    if step is None:
-        return
-    sku = (r.machine or {}).get("sku", "")
-    per_forward = step / p.workload.forwards_per_step / p.workload.batch  # one sample's forward
-    if p.placements["dit"] in ("resident", "cpu-offload"):
-        s.compute.append((drv.dit_tokens, per_forward, sku))
-        flops = dit_flops(model_weights(str(r.model), data)["dit"], drv.dit_tokens)
-        if flops >= LAUNCH_BOUND_FLOPS:
-            machines.add("tflops", sku, flops / per_forward / 1e12)
-    elif not r.effective.get("pin_cpu_memory", True):
-        # every forward streams the layers once, whatever its batch
-        machines.add("pageable", sku, p.streamed_bytes_per_forward * p.workload.forwards_per_step / step / 1e9)
-
-
-def _memory_fits(s: _Samples) -> dict[str, Any]:
-    """Medians of the memory samples: load base, activations per unit of each runtime phase, load slack."""
-    f: dict[str, Any] = {}
-    if s.base:
-        f["base_bytes"] = round(statistics.median(s.base))
-    for ph in RUNTIME_PHASES:
-        vals = getattr(s, ph)
-        if vals:
-            f[_FIT_KEYS[ph]] = round(max(0.0, statistics.median(vals)), 2)
-    if s.slack:
-        f["reserved_slack_bytes"] = round(statistics.median(s.slack))
-    return f
-
-
-def _fit_model(model: str, s: _Samples, data: Mapping[str, Any]) -> dict[str, Any]:
-    """A model's fits: medians of its samples; the timed forward at the most common SKU's median-low tokens.
-    With records of both text-encoder placements, the memory fits of each too (`by_text_encoder`), which a plan
-    of that placement uses: Qwen-Image allocated 38-57 MiB more at load, 72-122 at encode and 412-459 at denoise
-    with its text encoder resident than offloaded, so one median over both flipped with the records' mix (H200,
-    session 7: the encode coefficient went 596 -> 917 KB a unit when four resident-encoder records came in)."""
-    f: dict[str, Any] = {"sources": sorted(x for x in s.sources if x), **_memory_fits(s)}
-    if len(s.by_text_encoder) > 1:
-        f["by_text_encoder"] = {k: _memory_fits(v) for k, v in sorted(s.by_text_encoder.items())}
-    if s.decode_block:
-        f["decode_block_per_pixel"] = round(statistics.median(s.decode_block), 2)
-    if s.compute:
-        dit = model_weights(model, data)["dit"]
-        by_sku = {sku: _timed_forward(s.compute, sku, dit) for sku in sorted({k for _, _, k in s.compute})}
-        f["compute"] = by_sku[statistics.mode([k for _, _, k in s.compute])]
-        if len(by_sku) > 1:
-            # a forward timed on the planned GPU itself beats one scaled from another by the machines' rates: the
-            # rates are medians over models (H200 893.8 TFLOPS with FLUX's 723 in it), so Qwen-Image-Edit timed on
-            # the H100 and scaled planned its H200 resident step 13 % slow; timed on the H200, -1 %
-            f["compute_by_sku"] = by_sku
-    return f
-
-
-def _timed_forward(samples: list[tuple[int, float, str]], sku: str, dit: Mapping[str, Any]) -> dict[str, Any]:
-    """The model's timed forward on one GPU: the median at that GPU's median-low token count."""
-    tokens = statistics.median_low([t for t, _, k in samples if k == sku])
-    times = [v for t, v, k in samples if t == tokens and k == sku]
-    sec = statistics.median(times)
-    return {"tokens": tokens, "s_per_forward": round(sec, 4), "sku": sku,
-            "tflops": round(dit_flops(dit, tokens) / sec / 1e12, 1), "records": len(times)}
-
-
-def _fit_machines(m: _MachineSamples) -> dict[str, Any]:
-    """Each SKU's profile: medians of its records' figures; a SKU without its own pageable or context figure
-    takes another SKU's."""
-    machines: dict[str, Any] = {}
-    for sku in sorted(m.h2d):
-        machines[sku] = {
-            "pinned_h2d_gbps": round(statistics.median(m.h2d[sku]), 2),
-            # pageable: from a pin_cpu_memory=false layerwise cell, else the H100's measured 6.7 GB/s (run2)
-            "pageable_h2d_gbps": round(statistics.median(m.pageable[sku]), 2) if sku in m.pageable else None,
-            "context_bytes": round(statistics.median(m.context[sku])) if sku in m.context else None,
-            "tflops": round(statistics.median(m.tflops[sku]), 1) if sku in m.tflops else None,
-            "source": f"{len(m.h2d[sku])} records",
-        }
-    known = [v for v in machines.values() if v["pageable_h2d_gbps"]]
-    for v in machines.values():
-        if v["pageable_h2d_gbps"] is None and known:
-            v["pageable_h2d_gbps"] = known[0]["pageable_h2d_gbps"]
-            v["source"] += "; pageable H2D from another SKU"
-        if v["context_bytes"] is None:
-            v["context_bytes"] = next((x["context_bytes"] for x in machines.values() if x["context_bytes"]), 0)
-    return machines
-
-
-# ------------------------------------------------------------------------------------- records: store, report
+# ---------------------------------------------------------------------------------- the plan a record stores
 
 
 # what planning a recorded cell may raise: PlanError, a FlagError (a ValueError), a KeyError (a zoo change)
@@ -1189,42 +830,3 @@ def plan_entry(record: CellRecord) -> JsonObject | None:
     except PLAN_FAILURES as e:
         return {"error": f"{type(e).__name__}: {e}"}
     return None if p is None else p.as_dict()
-
-
-def _pct(v: float | None) -> str:
-    return "" if v is None else f"{100 * v:+.1f} %"
-
-
-def _mib(v: float | None) -> str:
-    return "" if v is None else f"{v / MIB:,.0f}"
-
-
-def plan_rows(records: Iterable[CellRecord]) -> list[dict[str, str]]:
-    """Predicted vs measured, one row per GPU cell the planner models (reserved peaks in MiB, steps in s; errors
-    are measured / predicted - 1); a cell it cannot plan shows its measurements and why ("not planned: ...")."""
-    rows = []
-    for r in records:
-        if not _gpu_cell_that_ran(r):
-            continue
-        c = check_record(r)
-        if c is None:
-            continue
-        fate = "fits" if c.predicted_oom_phase is None else f"oom in {c.predicted_oom_phase}"
-        got = "ok" if c.status == "ok" else f"oom in {c.failed_phase}"
-        if c.not_planned:
-            fate = "not planned"
-        rows.append({
-            "cell": c.cell,
-            "fate planned / measured": f"{fate} / {got}" + ("" if c.verdict_ok else " (MISMATCH)"),
-            "load peak MiB planned": _mib(c.predicted_load),
-            "measured": _mib(c.measured_load),
-            "error": _pct(c.load_error),
-            "runtime peak MiB planned": _mib(c.predicted_runtime) if c.predicted_oom_phase is None else "",
-            "measured ": _mib(c.measured_runtime),
-            "error ": _pct(c.runtime_error),
-            "step s planned": "" if c.predicted_step is None else f"{c.predicted_step:.3f}",
-            "measured  ": "" if c.measured_step is None else f"{c.measured_step:.3f}",
-            "error  ": _pct(c.step_error),
-            "plan": f"not planned: {c.not_planned}" if c.not_planned else c.source + (f"; {c.note}" if c.note else ""),
-        })
-    return rows
