@@ -40,6 +40,7 @@ from harness.common.records import (
 )
 from harness.plan import plan_cli
 from harness.plan.scenario import ReleaseNotInstalled, ScenarioError, expand, load_all
+from harness.run import oneshot
 from harness.run.merge import MergeConflict
 
 
@@ -398,6 +399,7 @@ def _parser() -> argparse.ArgumentParser:
     base.add_argument("--merge", action="store_true", help="keep the baseline's cells this run did not measure")
     _compare_parser(sub)
     plan_cli.add_commands(sub)
+    oneshot.add_command(sub)
     sub.add_parser("capacity", add_help=False,
                    help="largest frames / resolution per combination, on the device (harness/run/capacity.py)")
     mrg = sub.add_parser("merge", help="join the records of shards of one run (several run folders) into one run")
@@ -463,6 +465,8 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: l
         from harness.run.merge import run_merge
 
         return run_merge(args.runs, args.out)
+    if args.cmd == "run":
+        return oneshot.cmd_run(args)
     if args.cmd in plan_cli.COMMANDS:
         return plan_cli.COMMANDS[args.cmd](args)
     return cmd_list(args)

@@ -635,7 +635,7 @@ def test_advise_uses_committed_measurements_and_says_so() -> None:
     both = next(o for o in measured
                 if replace(o.plan.flags, layerwise_offload_components=None) == replace(BOTH_ON, pin_cpu_memory=True))
     assert both.runs and both.step_s == both.measurement.step_s
-    text = render(a)
+    text = render(a, all_rows=True)
     assert "measured numbers from committed records" in text and "ran out of memory in load (measured" in text
 
 

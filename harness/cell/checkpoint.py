@@ -284,3 +284,55 @@ def ensure_checkpoint(
             json.dumps({"header_sha256": reader.header_digest, "bytes": path.stat().st_size, "spec": spec.factory})
         )
     return path
+
+
+class FolderReader:
+    """A pipeline folder's component as one checkpoint (harness.models.folder): each tensor read from the
+    safetensors file that holds it (shards included), under the name the harness's module gives it."""
+
+    def __init__(self, manifest: Path) -> None:
+        self.path = Path(manifest)
+        data = json.loads(self.path.read_text())
+        self._files: dict[str, CheckpointReader] = {}
+        self._where: dict[str, tuple[CheckpointReader, str]] = {}
+        self.entries: dict[str, TensorEntry] = {}
+        for name, (file, stored) in data["tensors"].items():
+            reader = self._files.get(file) or self._files.setdefault(file, CheckpointReader(Path(file)))
+            self._where[name] = (reader, stored)
+            self.entries[name] = reader.entries[stored]
+        self.header_digest = hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def nbytes(self, name: str) -> int:
+        return self.entries[name].nbytes
+
+    def read_into(self, name: str, dst: torch.Tensor) -> None:
+        reader, stored = self._where[name]
+        reader.read_into(stored, dst)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        reader, stored = self._where[name]
+        return reader.tensor(stored)
+
+    def total_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+
+def open_checkpoint(path: Path) -> CheckpointReader | FolderReader:
+    """A synthetic checkpoint (one safetensors file) or a pipeline folder's component (its manifest, .json)."""
+    return FolderReader(path) if Path(path).suffix == ".json" else CheckpointReader(path)
+
+
+def folder_checkpoint(model: Any, role: str) -> Path:
+    """The manifest of a pipeline folder's component, written beside the synthetic checkpoints."""
+    from harness.models.folder import checkpoint_manifest
+
+    manifest = checkpoint_manifest(model, role)
+    blob = json.dumps(manifest, sort_keys=True)
+    path = cache_root() / "checkpoints" / f"folder-{hashlib.sha256(blob.encode()).hexdigest()[:16]}-{role}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        path.write_text(blob)
+    return path

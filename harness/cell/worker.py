@@ -204,7 +204,7 @@ def _measure(spec: CellSpec, flags: OffloadFlags, record: CellRecord) -> None:
 
 
 def _load_and_run(spec: CellSpec, flags: OffloadFlags, record: CellRecord, meter: Any, nvml: Any) -> None:
-    from harness.cell.checkpoint import ensure_checkpoint
+    from harness.cell.checkpoint import ensure_checkpoint, folder_checkpoint
     from harness.cell.measure import apply_card_cap, machine_info
     from harness.models import get_model
 
@@ -217,7 +217,9 @@ def _load_and_run(spec: CellSpec, flags: OffloadFlags, record: CellRecord, meter
         record.cap = apply_card_cap(int(spec.card.cap_bytes), device, nvml)
     model = get_model(spec.model)
     t0 = time.perf_counter()
-    ckpts = {role: ensure_checkpoint(c, seed=0, progress=_progress) for role, c in model.components.items()}
+    # a pipeline folder's components are read from its files (harness.models.folder), the zoo's from synthetic ones
+    ckpts = {role: folder_checkpoint(model, role) if "folder" in model.extra
+             else ensure_checkpoint(c, seed=0, progress=_progress) for role, c in model.components.items()}
     record.checkpoint_s = overhead["checkpoint_s"] = round(time.perf_counter() - t0, 3)
     if device.is_cuda:
         import torch

@@ -57,9 +57,12 @@ class ComponentSpec:
     dtype: str = "bfloat16"
     layer_groups: tuple[str, ...] = ()
     layer_count_keys: tuple[str, ...] = ()
+    layer_counts: tuple[tuple[str, int], ...] = ()  # a pipeline folder's groups, counted from its tensor names
 
     def layer_group_sizes(self) -> dict[str, int]:
         """Layers per streamed group, from the config (no torch): {"transformer_blocks": 60}."""
+        if self.layer_counts:
+            return dict(self.layer_counts)
         return {g: int(self.config[k]) for g, k in zip(self.layer_groups, self.layer_count_keys, strict=True)}
 
     def key(self, seed: int) -> str:
@@ -168,8 +171,14 @@ def register(spec: ModelSpec) -> ModelSpec:
 
 def get_model(name: Any, where: str = "model") -> ModelSpec:
     _load_families()
+    if isinstance(name, str) and name not in ZOO:
+        from harness.models.folder import folder_spec, is_folder_model
+
+        if is_folder_model(name):  # a diffusers pipeline folder on disk (harness.models.folder)
+            return folder_spec(name)
     if not isinstance(name, str) or name not in ZOO:
-        raise UnknownModelError(f"{where}: unknown model {name!r}; known models: {', '.join(sorted(ZOO))}")
+        raise UnknownModelError(f"{where}: unknown model {name!r}; known models: {', '.join(sorted(ZOO))}, "
+                                f"or a diffusers pipeline folder (a path holding model_index.json)")
     return ZOO[name]
 
 

@@ -25,6 +25,7 @@ from harness.common.flags import FlagError, OffloadFlags
 from harness.common.records import latest_by_cell, read_cell_records
 from harness.common.units import GIB
 from harness.models import get_model
+from harness.plan.paste import SGLANG_VERSION, diffusers_calls, sglang_flags
 from harness.plan.planner import Machine, Plan, Workload, machine_profile, measured, plan
 from harness.policy import EngineContext, resolve
 
@@ -259,14 +260,40 @@ def _row(o: Option) -> list[Any]:
             "-" if o.step_s is None else f"{o.step_s:.3f}", p.bound or "-", _gib(p.host_pinned_bytes), source]
 
 
-MAX_ROWS = 20  # rows of the table of combinations that fit
+MAX_ROWS = 20  # rows of the table of combinations that fit, with --all
+PICKS = 5  # the pick and the next few: what advise shows by default
 HEADERS = ["flags (effective)", "load GiB", "runtime GiB", "peak device GiB", "step s", "bound",
            "pinned host GiB", "numbers"]
+ENGINES = ("sglang", "diffusers")
 
 
-def render(advice: Advice) -> str:
+def paste(o: Option | OffloadFlags, engine: str = "sglang", family: str = "") -> list[str]:
+    """The lines a person pastes for a combination: SGLang's CLI flags, or the diffusers calls."""
+    flags = o.plan.flags if isinstance(o, Option) else o
+    if engine == "diffusers":
+        return diffusers_calls(flags, family)
+    return [sglang_flags(flags)]
+
+
+def _paste_block(options: list[Option], engine: str, family: str, first: int = 1) -> list[str]:
+    where = (f"SGLang {SGLANG_VERSION} CLI (sglang serve --model-path ... <flags>)" if engine == "sglang"
+             else "diffusers calls on a loaded pipeline `pipe`")
+    out = [f"flags to paste ({where}):"]
+    for i, o in enumerate(options, first):
+        lines = paste(o, engine, family)
+        out.append(f"  {i:>2}  {lines[0]}")
+        out += [f"      {line}" for line in lines[1:]]
+    return out
+
+
+def _ranked(options: list[Option], first: int = 1) -> str:
     from tabulate import tabulate
 
+    return tabulate([[i, *_row(o)] for i, o in enumerate(options, first)], ["#", *HEADERS], tablefmt="simple")
+
+
+def header(advice: Advice) -> list[str]:
+    """The lines that say what was asked and where the step times come from."""
     a = advice
     cap = "no cap" if a.cap_bytes is None else f"{a.cap_bytes / GIB:.2f} GiB"
     w = a.workload
@@ -275,16 +302,28 @@ def render(advice: Advice) -> str:
         + (f"x{w.frames} frames" if w.frames > 1 else "")
         + f", {w.forwards_per_step} DiT forward(s)/step, policy {a.policy}, safety margin {a.margin:.0%}",
         f"machine for step times: {a.machine.name} (pinned H2D {a.machine.pinned_h2d_gbps} GB/s; {a.machine.source})",
-        "peaks: allocator reserved (load, runtime) and device = reserved + CUDA context (NVML per process)",
-        "",
     ]
-    lines.insert(-1, f"measured rows from: {a.records_source}")
+    if a.card != a.machine.name:
+        lines.append(f"no step profile for {a.card}: step times are for the profile's GPU ({a.machine.name}) "
+                     f"with {a.card}'s memory; --machine picks another profile, --pcie gen4|gen5 the card's link")
+    lines += ["peaks: allocator reserved (load, runtime) and device = reserved + CUDA context (NVML per process)",
+              f"measured rows from: {a.records_source}", ""]
     measured_rows = sum(o.measurement is not None for o in a.options)
     if measured_rows:
         lines.append(f"{measured_rows} combination(s) use measured numbers from committed records of this model, "
                      "card and workload (column 'numbers').")
     else:
         lines.append("no committed record of this model, card and workload: every number is the plan's.")
+    return lines
+
+
+def render(advice: Advice, all_rows: bool = False, engine: str = "sglang", family: str = "") -> str:
+    """The answer: by default the pick and the next few with the flags to paste, and one line each on what else
+    there is; `all_rows`: every combination (fits, fits within the margin, does not fit)."""
+    from tabulate import tabulate
+
+    a = advice
+    lines = header(a)
     if a.fastest is not None:
         lines.append(f"fastest that fits:  {describe(a.fastest.plan.flags)}  "
                      f"({a.fastest.step_s:.3f} s/step, peak {_gib(a.fastest.peak_device_bytes)} GiB, "
@@ -295,16 +334,26 @@ def render(advice: Advice) -> str:
                      f"(peak {_gib(a.lowest_memory.peak_device_bytes)} GiB, {_source(a.lowest_memory)})")
     if a.fastest is None:
         lines.append("nothing fits with the margin")
-    shown = a.fitting[:MAX_ROWS]
-    lines += ["", "fits (fastest first):", tabulate([_row(o) for o in shown], HEADERS, tablefmt="simple")
-              if shown else "  none"]
-    if len(a.fitting) > MAX_ROWS:
-        lines.append(f"  ... and {len(a.fitting) - MAX_ROWS} more that fit")
-    if a.tight:
-        lines += ["", f"fits, but within the {a.margin:.0%} margin (risky):",
-                  tabulate([_row(o) for o in a.tight], HEADERS, tablefmt="simple")]
-    lines += ["", "does not fit:"]
-    lines += [f"  {describe(o.plan.flags)}: {o.oom_line}" for o in a.not_fitting] or ["  none"]
+    fitting = a.fitting
+    shown = fitting if all_rows else fitting[:PICKS]
+    if shown:
+        title = ("fits (fastest first):" if all_rows else
+                 f"the pick and the next {len(shown) - 1} (of {len(fitting)} that fit; --all for every row):")
+        lines += ["", title, _ranked(shown), "", *_paste_block(shown, engine, family)]
+        if not all_rows and a.lowest_memory is not None and a.lowest_memory not in shown:
+            lines += ["", f"lowest memory: {describe(a.lowest_memory.plan.flags)}",
+                      *_paste_block([a.lowest_memory], engine, family, fitting.index(a.lowest_memory) + 1)]
+    else:
+        lines += ["", "fits: none"]
+    if all_rows:
+        if a.tight:
+            lines += ["", f"fits, but within the {a.margin:.0%} margin (risky):",
+                      tabulate([_row(o) for o in a.tight], HEADERS, tablefmt="simple")]
+        lines += ["", "does not fit:"]
+        lines += [f"  {describe(o.plan.flags)}: {o.oom_line}" for o in a.not_fitting] or ["  none"]
+    else:
+        lines += ["", f"{len(fitting)} fit, {len(a.tight)} fit only within the {a.margin:.0%} margin, "
+                  f"{len(a.not_fitting)} do not fit (--all for every row)"]
     notes = sorted({n for o in a.options for n in o.plan.notes})
     if notes:
         lines += ["", *[f"note: {n}" for n in notes]]

@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from harness.common import locations
-from harness.common.flags import FlagError, OffloadFlags, check_flag_value
+from harness.common.flags import MAP_FLAGS, NUMBER_FLAGS, FlagError, OffloadFlags
 from harness.common.units import GIB
 from harness.models import PLAN_DATA_PATH, UnknownModelError
-from harness.plan.planner import PHASES, Plan, PlanError, Workload, load_data, machine_profile, plan
+from harness.plan.advise import ENGINES, PICKS
+from harness.plan.paste import PCIE_GBPS, pcie_scaled, sglang_flags
+from harness.plan.planner import PHASES, Machine, Plan, PlanError, Workload, load_data, machine_profile, plan
 from harness.policy import EngineContext, resolve
 
 
@@ -44,7 +48,11 @@ def add_commands(sub: Any) -> None:
         p.add_argument("--cfg-batch", action="store_true", help="the two CFG passes as one batched forward")
         p.add_argument("--empty-cache", action="store_true", help="torch.cuda.empty_cache() between phases")
         p.add_argument("--policy", default="sglang", help="the policy that resolves the flags (default sglang)")
-        p.add_argument("--machine", default=None, help="GPU SKU of the step-time profile (plan_data.json machines)")
+        p.add_argument("--machine", default=None, help="GPU SKU of the step-time profile (plan_data.json machines; "
+                       "default nvidia-h100-80gb-hbm3)")
+        p.add_argument("--pcie", choices=sorted(PCIE_GBPS), default=None,
+                       help="the card's PCIe generation (x16): scales the profile's H2D rates by the two links' "
+                       "bandwidths (gen4 31.5, gen5 63.0 GB/s; the profiles are gen5)")
         p.add_argument("--resident-layers", type=float, default=None,
                        help="DiT layers kept on the device per group, a count or a fraction (default: the flags' "
                        "dit_layerwise_resident_layers; advise sweeps 0, 1/4, 1/2, 3/4)")
@@ -54,6 +62,10 @@ def add_commands(sub: Any) -> None:
                            "dit_offload_prefetch_size=4 (unnamed switches off); without: every combination")
             p.add_argument("--json", action="store_true", help="the plan as JSON (with --flags)")
         else:
+            p.add_argument("--all", action="store_true", help="every combination (default: the pick and the next "
+                           f"{PICKS - 1}, each with its flags)")
+            p.add_argument("--engine", choices=ENGINES, default="sglang",
+                           help="what the flags to paste are for: SGLang's CLI flags (default) or diffusers calls")
             p.add_argument("--margin", type=float, default=None, help="safety margin, a fraction of the card "
                            "(default 0.05)")
             p.add_argument("--records", default=None,
@@ -70,10 +82,28 @@ def card_cap(text: str) -> tuple[str, int | None]:
 
     if text in CARDS:
         return text, CARDS[text]
-    m = re.fullmatch(r"([\w.-]+)=([\d.]+)", text)
-    if m:
-        return m.group(1), round(float(m.group(2)) * GIB)
-    raise PlanUsageError(f"--card: unknown card {text!r}; known: {', '.join(CARDS)}, or NAME=GIB")
+    name, eq, gib = text.partition("=")
+    if not eq:
+        raise PlanUsageError(f"--card: unknown card {text!r}; known: {', '.join(CARDS)}, or NAME=GIB")
+    if not re.fullmatch(r"[\w.-]+", name):
+        raise PlanUsageError(f"--card: {text!r}: NAME may hold letters, digits, '.', '_' and '-' only")
+    try:
+        value = float(gib)
+    except ValueError:
+        raise PlanUsageError(f"--card: {text!r}: expected NAME=GIB with GIB a number, got {gib!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise PlanUsageError(f"--card: {text!r}: GIB must be a finite number > 0, got {gib!r}")
+    return name, round(value * GIB)
+
+
+def machine_of(args: argparse.Namespace) -> Machine:
+    """The step-time profile: `--machine` (refused unless plan_data.json has it), scaled to `--pcie`."""
+    machines = sorted(load_data().get("machines", {}))
+    if args.machine is not None and args.machine not in machines:
+        raise PlanUsageError(f"--machine: no step-time profile {args.machine!r}; profiles: {', '.join(machines)}")
+    machine = machine_profile(args.machine)
+    pcie = getattr(args, "pcie", None)
+    return pcie_scaled(machine, pcie) if pcie else machine
 
 
 def workload_of(args: argparse.Namespace) -> Workload:
@@ -84,25 +114,93 @@ def workload_of(args: argparse.Namespace) -> Workload:
         raise PlanUsageError(f"--resolution: expected WIDTHxHEIGHT, got {args.resolution!r}")
     spec = get_model(args.model, "--model")
     video = spec.family == "wan"
+    width, height = int(m.group(1)), int(m.group(2))
+    if width <= 0 or height <= 0:
+        raise PlanUsageError(f"--resolution: width and height must be > 0, got {args.resolution!r}")
+    if args.frames is not None:
+        if args.frames < 1:
+            raise PlanUsageError(f"--frames: expected a frame count >= 1, got {args.frames}")
+        if not video and args.frames != 1:
+            raise PlanUsageError(f"--frames: {args.model} is an image model (one frame), got {args.frames}")
+        temporal = 2 ** sum(bool(d) for d in spec.components["vae"].config.get("temperal_downsample") or [])
+        if video and (args.frames - 1) % temporal:
+            raise PlanUsageError(f"--frames: {args.model} takes 1 + {temporal}k frames (its VAE compresses time "
+                                 f"{temporal}x), got {args.frames}; nearest: {_nearest_frames(args.frames, temporal)}")
     frames = args.frames if args.frames is not None else (81 if video else 1)
+    if args.cfg is not None and (not math.isfinite(args.cfg) or args.cfg < 1):
+        raise PlanUsageError(f"--cfg: expected a finite number >= 1 (1 = no CFG), got {args.cfg}")
     cfg = args.cfg if args.cfg is not None else (1.0 if spec.family == "flux" else 4.0)
     multiple = spec.vae_scale * spec.patch
-    width, height = int(m.group(1)), int(m.group(2))
     if width % multiple or height % multiple:
         raise PlanUsageError(f"--resolution: width and height must be multiples of {multiple} for {args.model}")
     return Workload(height=height, width=width, frames=frames, true_cfg_scale=cfg, cfg_batch=args.cfg_batch,
                     empty_cache=args.empty_cache)
 
 
-def parse_flags(text: str) -> OffloadFlags:
+def _nearest_frames(frames: int, temporal: int) -> str:
+    low = 1 + (frames - 1) // temporal * temporal
+    return f"{low} or {low + temporal}" if low != frames else str(low)
+
+
+def _split_items(text: str, where: str) -> list[str]:
+    """NAME=VALUE items split on the commas outside brackets and braces ([a,b], {text_encoder=2,vae=1})."""
+    items, depth, current = [], 0, ""
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+            if depth < 0:
+                raise PlanUsageError(f"{where}: unbalanced {ch!r} in {text!r}")
+        if ch == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += ch
+    if depth:
+        raise PlanUsageError(f"{where}: unclosed bracket in {text!r}")
+    return [i.strip() for i in [*items, current] if i.strip()]
+
+
+def parse_flags(text: str, where: str = "--flags") -> OffloadFlags:
+    """Requested flags from NAME=VALUE items, every flag the scenario format takes: switches true, false or unset;
+    numbers (prefetch size, resident layers) as counts or fractions; the residency policy by name;
+    `layerwise_offload_components` as [a,b], a+b or one group; the per-component maps as {component=value,...}
+    or component=value+component=value."""
     values: dict[str, Any] = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        name, _, raw = item.partition("=")
-        value: Any = {"true": True, "false": False}.get(raw.lower(), raw)
-        if name == "dit_offload_prefetch_size":
-            value = float(raw)
-        values[name] = check_flag_value(name, value, "--flags")
-    return OffloadFlags.from_mapping(values, "--flags")
+    for item in _split_items(text, where):
+        name, eq, raw = (s.strip() for s in item.partition("="))
+        if not eq or not name or not raw:
+            raise PlanUsageError(f"{where}: expected NAME=VALUE, got {item!r}")
+        if name in values:
+            raise PlanUsageError(f"{where}: {name} given twice")
+        value: Any = raw
+        if name in NUMBER_FLAGS:
+            try:
+                value = float(raw)
+            except ValueError:
+                raise FlagError(f"{where}.{name}: expected a finite number >= 0, got {raw!r}") from None
+        elif name == "layerwise_offload_components":
+            value = raw.strip("[]").replace("+", ",")
+            value = [v.strip().strip("'\"") for v in value.split(",") if v.strip()]
+        elif name in MAP_FLAGS:
+            value = raw.removeprefix("{").removesuffix("}").replace("+", ",")
+        elif name != "dit_layerwise_residency_policy":
+            value = {"true": True, "false": False}.get(raw.lower(), raw)
+        values[name] = value
+    return OffloadFlags.from_mapping(values, where)  # checks each value as a scenario's
+
+
+def check_prefetch(model: str, flags: OffloadFlags, where: str = "--flags") -> None:
+    """A prefetch size of more layers than the DiT's largest layer group is refused, as a scenario refuses it."""
+    from harness.models import get_model
+
+    groups = get_model(model).components["dit"].layer_group_sizes()
+    v = flags.dit_offload_prefetch_size
+    if groups and v >= 1 and int(v) > max(groups.values()):
+        sizes = ", ".join(f"{g}: {n}" for g, n in groups.items())
+        raise PlanUsageError(f"{where}.dit_offload_prefetch_size: {v:g} layers is more than the largest layer group "
+                             f"of {model} ({sizes}); use at most {max(groups.values())}")
 
 
 def _gib(v: int | None) -> str:
@@ -141,13 +239,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     card, cap = card_cap(args.card)
     workload = workload_of(args)
-    machine = machine_profile(args.machine)
+    machine = machine_of(args)
+    resident = _resident_layers(args)
     if args.flags is None:
         from harness.plan.advise import advise, describe
 
         # one row per switch combination and prefetch size; `advise` also sweeps resident layers
         a = advise(args.model, card, cap, workload, policy=args.policy, machine=machine,
-                   resident_layers=args.resident_layers or 0.0, records_glob=None)
+                   resident_layers=resident or 0.0, records_glob=None)
         from tabulate import tabulate
 
         rows = [[describe(o.plan.flags), _gib(o.plan.load_peak_bytes), _gib(o.plan.runtime_peak_bytes),
@@ -162,31 +261,45 @@ def cmd_plan(args: argparse.Namespace) -> int:
                               "step s", "fits"], tablefmt="simple"))
         return 0
     requested = parse_flags(args.flags)
+    if resident is not None:
+        # --resident-layers is the flag's value: it goes through the policy with the rest (and its residency policy)
+        requested = replace(requested, dit_layerwise_resident_layers=resident)
+    check_prefetch(args.model, requested)
     spec = get_model(args.model)
     context = EngineContext.for_model(spec.family, spec.edit, (cap or 80 * GIB) / GIB)
     resolution = resolve(requested, args.policy, context)
-    p = plan(args.model, resolution.effective, cap, workload, card=card, machine=machine,
-             resident_layers=args.resident_layers)
+    p = plan(args.model, resolution.effective, cap, workload, card=card, machine=machine)
     if args.json:
-        print(json.dumps(p.as_dict(), indent=1))
+        print(json.dumps({**p.as_dict(), "sglang_flags": sglang_flags(p.flags)}, indent=1))
     else:
         for m in resolution.messages:
             print(f"policy: {m}")
         print(render_plan(p), end="")
+        print(f"sglang flags: {sglang_flags(p.flags)}")
     return 0
 
 
+def _resident_layers(args: argparse.Namespace) -> float | None:
+    v = args.resident_layers
+    if v is not None and (not math.isfinite(v) or v < 0):
+        raise PlanUsageError(f"--resident-layers: expected a finite number >= 0 (a count, or a fraction below 1), "
+                             f"got {v}")
+    return v
+
+
 def cmd_advise(args: argparse.Namespace) -> int:
+    from harness.models import get_model
     from harness.plan.advise import DEFAULT_MARGIN, advise, render
 
     card, cap = card_cap(args.card)
     margin = DEFAULT_MARGIN if args.margin is None else args.margin
     if not 0 <= margin < 1:
         raise PlanUsageError(f"--margin: expected a fraction in [0, 1), got {margin}")
-    a = advise(args.model, card, cap, workload_of(args), policy=args.policy, margin=margin,
-               machine=machine_profile(args.machine), resident_layers=args.resident_layers,
+    workload = workload_of(args)
+    a = advise(args.model, card, cap, workload, policy=args.policy, margin=margin,
+               machine=machine_of(args), resident_layers=_resident_layers(args),
                records_glob=locations.records_glob() if args.records is None else (args.records or None))
-    print(render(a), end="")
+    print(render(a, all_rows=args.all, engine=args.engine, family=get_model(args.model).family), end="")
     return 0
 
 

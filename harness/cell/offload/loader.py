@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import torch
 
-from harness.cell.checkpoint import CheckpointError, CheckpointReader
+from harness.cell.checkpoint import CheckpointError, CheckpointReader, open_checkpoint
 from harness.cell.offload.component import ComponentOffload
 from harness.cell.offload.layerwise import LayerwiseRuntime
 from harness.cell.offload.memory import Device, HostRegion, torch_pinned_block_bytes
@@ -283,7 +283,7 @@ def load_component(
         raise RuntimeError(f"{placement}: backend {backend!r} is not a diffusers backend")
     clock = _Clock()
     module = spec.build_on_meta()
-    reader = CheckpointReader(checkpoint)
+    reader = open_checkpoint(checkpoint)  # a synthetic file, or a pipeline folder's component
     _check_names(module, reader)
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     clock.lap("build_s")

@@ -65,6 +65,7 @@ from harness.common.contract import (
 from harness.common.flags import OffloadFlags, prefetch_layers, resident_layer_count
 from harness.common.units import GIB
 from harness.models import PLAN_DATA_PATH, ModelSpec, get_model
+from harness.models.folder import plan_data_with
 from harness.plan.segments import window_segment_bytes
 
 PHASES = ("load", "encode", "denoise", "decode")
@@ -522,7 +523,7 @@ def plan(
         >>> p.fits, round(p.load_peak_bytes / GIB, 1)
         (True, 13.7)
     """
-    data = data or load_data()
+    data = plan_data_with(model, data or load_data())  # a pipeline folder: its weights read from its files
     spec = get_model(model)
     fits, fits_from = model_fits(model, data)
     machine = machine or machine_profile(data=data)
