@@ -81,7 +81,9 @@ def test_grid_answers_do_not_stay_in_the_process_cache(monkeypatch: pytest.Monke
     while a scenario's resolution (the default) is kept for the next card. No child runs here."""
     from harness.engine import install, policy
 
-    monkeypatch.setattr(install, "installed", lambda *a, **k: {"9.9.9": object()})
+    engine = install.InstalledEngine("9.9.9", tmp_path / "9.9.9-py3" / "site", {})
+    engine.site.mkdir(parents=True)
+    monkeypatch.setattr(install, "installed", lambda *a, **k: {"9.9.9": engine})
     monkeypatch.delenv(policy.ANSWERS_ENV, raising=False)
     asked: list[int] = []
 

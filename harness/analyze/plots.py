@@ -259,11 +259,7 @@ def trace_plot(records: list[CellRecord], path: Path, title: str) -> Path:
     if not cells:
         fig.text(0.5, 0.5, "no cells", ha="center")
         return _save(fig, path)
-    grid = fig.subplots(rows, columns, squeeze=False, sharex=True, sharey=True)
-    axes = [grid[i % rows, i // rows] for i in range(len(cells))]
-    for i in range(len(cells), rows * columns):  # an empty slot: off, and the panel above keeps its time ticks
-        grid[i % rows, i // rows].axis("off")
-        grid[i % rows - 1, i // rows].xaxis.set_tick_params(labelbottom=True)
+    axes = _panel_grid(fig, rows, columns, len(cells))
     traces = [[row for row in (r.trace or []) if len(row) >= 4] for r in cells]
     rows = [row for trace in traces for row in trace]
     cap = next((c for r in cells if (c := (r.card or {}).get("cap_bytes"))), None)
@@ -298,12 +294,27 @@ def trace_plot(records: list[CellRecord], path: Path, title: str) -> Path:
         ax.set_ylabel(f"device {unit}\n(NVML per-process)" if has_nvml else
                       f"host RSS {unit}\n(no NVML: CPU profile)", fontsize=8)
         ax.grid(True, alpha=0.25)
-    axes[0].set_ylim(bottom=0, top=(device_top if has_nvml else rss_top) / scale * 1.08)
-    axes[0].set_xlim(left=0, right=t_end)
-    for host in twins:  # one host scale too
-        host.set_ylim(bottom=0, top=rss_top / GIB * 1.08)
+    _shared_limits(axes[0], twins, (device_top if has_nvml else rss_top) / scale, rss_top / GIB, t_end)
     _trace_key(fig, axes[-1], lines, list(dict.fromkeys(row[1] for row in rows)), title)
     return _save(fig, path)
+
+
+def _shared_limits(ax: Any, twins: list[Any], top: float, host_top: float, t_end: float) -> None:
+    """One scale for every panel (the axes are shared), and one for the host RSS twins."""
+    ax.set_ylim(bottom=0, top=top * 1.08)
+    ax.set_xlim(left=0, right=t_end)
+    for host in twins:
+        host.set_ylim(bottom=0, top=host_top * 1.08)
+
+
+def _panel_grid(fig: Figure, rows: int, columns: int, count: int) -> list[Any]:
+    """`count` panels filled column by column, sharing both axes; an empty slot is off, and the panel above it keeps
+    its time ticks."""
+    grid = fig.subplots(rows, columns, squeeze=False, sharex=True, sharey=True)
+    for i in range(count, rows * columns):
+        grid[i % rows, i // rows].axis("off")
+        grid[i % rows - 1, i // rows].xaxis.set_tick_params(labelbottom=True)
+    return [grid[i % rows, i // rows] for i in range(count)]
 
 
 def _shade_phases(ax: Any, trace: list[list[Any]], t_end: float) -> None:

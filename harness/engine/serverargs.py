@@ -246,6 +246,27 @@ def _import_server_args() -> Any:
     return importlib.import_module("sglang.multimodal_gen.runtime.server_args")
 
 
+def _sealed_server_args(version: str, site: Path) -> Any:
+    """The release's ServerArgs class, imported in this process sealed to the release's folder (None, with one line
+    on stderr naming the module and the reinstall command, when the folder lacks a module it needs)."""
+    import harness
+    from harness.engine.install import host_shared
+    from harness.engine.runtime import HOST_SHARED, activate, seal
+
+    seal(site, harness_root=Path(harness.__file__).resolve().parent.parent, also_shared=host_shared(site))
+    activate(site, first=True)
+    t0 = time.monotonic()
+    try:
+        server_args_cls = _import_server_args().ServerArgs
+    except ModuleNotFoundError as e:
+        print(f"sglang {version}: ServerArgs needs module {e.name!r}, which its folder {site} lacks (the host's "
+              f"packages are sealed off, but for {', '.join(HOST_SHARED)}); reinstall the release: rm -r "
+              f"{site.parent} && python -m harness.engine.install {version}", file=sys.stderr)
+        return None
+    print(f"sglang {version}: ServerArgs imported in {time.monotonic() - t0:.1f}s", file=sys.stderr)
+    return server_args_cls
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.engine.serverargs", description=__doc__.split("\n")[0])
     parser.add_argument("--version", required=True)
@@ -257,9 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout = sys.stderr
     answer_out = io.TextIOWrapper(os.fdopen(answer_fd, "wb"), encoding="utf-8")
 
-    import harness
-    from harness.engine.install import host_shared, installed
-    from harness.engine.runtime import HOST_SHARED, activate, seal
+    from harness.engine.install import installed
 
     engines = installed()
     if args.version not in engines:
@@ -269,19 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     # before SGLang (and huggingface_hub) read them: no checkpoint sizes, no network, the same answer everywhere
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_HUB_CACHE"] = os.environ["HUGGINGFACE_HUB_CACHE"] = tempfile.mkdtemp(prefix="offload-bench-hf-")
-    site = engines[args.version].site
-    seal(site, harness_root=Path(harness.__file__).resolve().parent.parent, also_shared=host_shared(site))
-    activate(site, first=True)
-    t0 = time.monotonic()
-    try:
-        server_args_cls = _import_server_args().ServerArgs
-    except ModuleNotFoundError as e:
-        print(f"sglang {args.version}: ServerArgs needs module {e.name!r}, which its folder {site} lacks (the host's "
-              f"packages are sealed off, but for {', '.join(HOST_SHARED)}); reinstall the release: rm -r "
-              f"{site.parent} && python -m harness.engine.install {args.version}", file=sys.stderr)
+    server_args_cls = _sealed_server_args(args.version, engines[args.version].site)
+    if server_args_cls is None:
         return 5
-    print(f"sglang {args.version}: ServerArgs imported in {time.monotonic() - t0:.1f}s", file=sys.stderr)
-
     capture = _Capture()
     sglang_logger = logging.getLogger("sglang")
     sglang_logger.setLevel(logging.INFO)

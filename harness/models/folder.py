@@ -205,13 +205,7 @@ def folder_spec(path: str) -> ModelSpec:
     if missing:
         raise FolderError(f"{folder}: transformer class {dit_class} should have blocks {', '.join(missing)}; the "
                           "weights have none")
-    if family == "flux":
-        te_cfg: dict[str, Any] = {"clip": _plain(_config(folder, "text_encoder")),
-                                  "t5": _plain(_config(folder, "text_encoder_2"))}
-    else:
-        te_cfg = _plain(_config(folder, "text_encoder"))
-        if family == "qwen-image":  # the zoo builds the language model from its text config
-            te_cfg = _plain(te_cfg.get("text_config") or te_cfg)
+    te_cfg = _text_encoder_config(folder, family)
     components = {
         "text_encoder": ComponentSpec("text_encoder", zoo.components["text_encoder"].factory, te_cfg,
                                       dtype=_dtype(tensors["text_encoder"]),
@@ -230,6 +224,17 @@ def folder_spec(path: str) -> ModelSpec:
                      vae_scale=zoo.vae_scale, patch=zoo.patch,
                      description=f"{pipeline} from {folder}", extra={**extra, "folder": str(folder),
                                                                      "counts": counts})
+
+
+def _text_encoder_config(folder: Path, family: str) -> dict[str, Any]:
+    """The text encoder's config as the zoo's factory takes it: FLUX's two encoders by name, Qwen-Image's language
+    model from its text config."""
+    if family == "flux":
+        return {"clip": _plain(_config(folder, "text_encoder")), "t5": _plain(_config(folder, "text_encoder_2"))}
+    te_cfg = _plain(_config(folder, "text_encoder"))
+    if family == "qwen-image":
+        te_cfg = _plain(te_cfg.get("text_config") or te_cfg)
+    return te_cfg
 
 
 def _dtype(tensors: Mapping[str, tuple[Path, str, dict[str, Any]]]) -> str:

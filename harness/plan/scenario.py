@@ -343,6 +343,18 @@ def _flag_table(data: Any, path: Path, where: str) -> dict[str, Any]:
         raise ScenarioError(str(e)) from None
 
 
+def _name(data: dict[str, Any], path: Path) -> str:
+    """The scenario's name: '/' separates a cell id's parts; PROBE_MARK names a capacity probe's scenario
+    (`<name>@<axis>-<value>`); the name is part of file names and log lines (harness.common.inputs)."""
+    name = data.get("name")
+    problem = name_problem(name, "scenario name")
+    if problem is None and PROBE_MARK in str(name):
+        problem = f"must not hold {PROBE_MARK!r} (it marks a capacity probe), got {name!r}"
+    if problem is not None:
+        raise _err(path, "name", problem)
+    return str(name)
+
+
 def load_scenario(path: Path | str) -> Scenario:
     """Parses and validates one scenario file.
 
@@ -353,14 +365,7 @@ def load_scenario(path: Path | str) -> Scenario:
     # cell's spec hash, and a resume that typed it another way must not rerun the run (issue #30).
     path = Path(path).resolve()
     data = _read_toml(path)
-    name = data.get("name")
-    # '/' separates a cell id's parts; PROBE_MARK names a capacity probe's scenario (`<name>@<axis>-<value>`); the
-    # name is part of file names and log lines (harness.common.inputs)
-    problem = name_problem(name, "scenario name")
-    if problem is None and PROBE_MARK in str(name):
-        problem = f"must not hold {PROBE_MARK!r} (it marks a capacity probe), got {name!r}"
-    if problem is not None:
-        raise _err(path, "name", problem)
+    name = _name(data, path)
     try:
         model = get_model(data.get("model"), f"{path}: model")
         policy = check_policy(data.get("policy", "sglang"), f"{path}: policy")

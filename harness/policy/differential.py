@@ -235,26 +235,32 @@ def report(results: dict[str, list[Outcome]], elapsed: dict[str, float], example
                      f"{c['agree'] + c['disagree']} | {c['agree']} | {c['disagree']} | {c['refused']} | "
                      f"{c['agree-refused']} | {elapsed[version]:.0f} s |")
     for version, outcomes in results.items():
-        lines += ["", f"## SGLang {version}", ""]
-        configs = sorted({o.engine.pipeline_config for o in outcomes})
-        lines += ["Pipeline configs: " + "; ".join(f"`{c}`" for c in configs), ""]
-        reasons = Counter(_reason(o.ours_error) for o in outcomes if o.kind == "refused")
-        if reasons:
-            lines += ["Refused as inexpressible, by reason:", ""]
-            lines += [f"- {n}: {r}" for r, n in reasons.most_common()]
-            lines.append("")
-        for kind in ("disagree", "refused", "agree"):
-            picked = [o for o in outcomes if o.kind == kind]
-            if not picked:
-                continue
-            shown = picked if kind == "disagree" else _spread(picked, examples)
-            lines += [f"### {kind} ({len(picked)}{', examples' if len(shown) < len(picked) else ''})", "",
-                      "| input | SGLang | ours | differences |", "|---|---|---|---|"]
-            for o in shown:
-                lines.append(f"| {o.item.describe()} | {_engine_text(o.engine)} | {_ours_text(o)} | "
-                             f"{'; '.join(o.diffs) or '-'} |")
-            lines.append("")
+        lines += _release_section(version, outcomes, examples)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _release_section(version: str, outcomes: list[Outcome], examples: int) -> list[str]:
+    """One release's part of the report: its pipeline configs, refusals by reason, then examples of each kind."""
+    lines = ["", f"## SGLang {version}", ""]
+    configs = sorted({o.engine.pipeline_config for o in outcomes})
+    lines += ["Pipeline configs: " + "; ".join(f"`{c}`" for c in configs), ""]
+    reasons = Counter(_reason(o.ours_error) for o in outcomes if o.kind == "refused")
+    if reasons:
+        lines += ["Refused as inexpressible, by reason:", ""]
+        lines += [f"- {n}: {r}" for r, n in reasons.most_common()]
+        lines.append("")
+    for kind in ("disagree", "refused", "agree"):
+        picked = [o for o in outcomes if o.kind == kind]
+        if not picked:
+            continue
+        shown = picked if kind == "disagree" else _spread(picked, examples)
+        lines += [f"### {kind} ({len(picked)}{', examples' if len(shown) < len(picked) else ''})", "",
+                  "| input | SGLang | ours | differences |", "|---|---|---|---|"]
+        for o in shown:
+            lines.append(f"| {o.item.describe()} | {_engine_text(o.engine)} | {_ours_text(o)} | "
+                         f"{'; '.join(o.diffs) or '-'} |")
+        lines.append("")
+    return lines
 
 
 def _reason(error: str | None) -> str:

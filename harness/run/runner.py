@@ -466,14 +466,7 @@ def check_results_space(run: Run) -> None:
 def _run_child(run: Run, cell: Cell, cdir: Path, label: str, env: dict[str, str] | None) -> CellRecord:
     child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     gpu = child_gpu(child_env, run.device)
-    try:
-        (cdir / "cell.json").write_text(child_spec(run, cell, cdir, gpu).to_json())
-    except OSError as e:
-        if e.errno not in NO_SPACE:
-            raise
-        raise DiskFullError(f"{cdir / 'cell.json'}: no space left to write the cell's spec ({os.strerror(e.errno)}); "
-                            f"finished cells are kept: free space and continue with --run-id {run.run_id} "
-                            "--resume") from None
+    _write_cell_json(run, cell, cdir, gpu)
     out, log = cdir / "record.json", cdir / "child.log"
     out.unlink(missing_ok=True)  # a record left by an interrupted earlier attempt must not pass for this one's
     timeout = cell.scenario.timeout_s
@@ -516,6 +509,18 @@ def _run_child(run: Run, cell: Cell, cdir: Path, label: str, env: dict[str, str]
         run.pace.learn(cost, elapsed)
     run.say(f"{label} {cell.cell_id}: {record.fate} after {elapsed:.1f} s")
     return record
+
+
+def _write_cell_json(run: Run, cell: Cell, cdir: Path, gpu: str | None) -> None:
+    """The child's cell.json; a full disk stops the run in one line (DiskFullError), finished cells kept."""
+    try:
+        (cdir / "cell.json").write_text(child_spec(run, cell, cdir, gpu).to_json())
+    except OSError as e:
+        if e.errno not in NO_SPACE:
+            raise
+        raise DiskFullError(f"{cdir / 'cell.json'}: no space left to write the cell's spec ({os.strerror(e.errno)}); "
+                            f"finished cells are kept: free space and continue with --run-id {run.run_id} "
+                            "--resume") from None
 
 
 def child_spec(run: Run, cell: Cell, cdir: Path, gpu: str | None) -> CellSpec:
