@@ -7,6 +7,7 @@
 # timeout, so a slow step costs its own result only.
 #
 #   bash experiments/sglang_findings/device_batch.sh
+#   SKIP_NUMERICS=1 BUDGET_S=0 bash ...   # the reproducers only (~4 min): no harness numerics, no scenario
 set -x
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -39,7 +40,7 @@ timeout 120 python3 $D/repro_import_state.py --model wan --layers 2 --reps 3 --o
 timeout 90 python3 $D/repro_import_state.py --model qwen --layers 2 --reps 3 --out "$OUT/import_state_qwen.json"
 # The harness's own numerics experiment, whose before/after-import step never ran (issue 13's last step):
 # zoo DiTs, 2 layers, the harness's SGLang backend (~40 s).
-timeout 120 python3 -m experiments.sglang_numerics --version 0.5.23 --models wan2.1-t2v-14b qwen-image --layers 2 \
+[ "${SKIP_NUMERICS:-0}" = 1 ] || timeout 120 python3 -m experiments.sglang_numerics --version 0.5.23 --models wan2.1-t2v-14b qwen-image --layers 2 \
   --out "$OUT/sglang_numerics.jsonl"
 echo "findings 1+3: $((SECONDS - T0)) s"
 
@@ -53,7 +54,7 @@ echo "finding 4 reproducer: $((SECONDS - T0)) s"
 
 # Finding 4 in the harness, only if time is left (the 40 GB synthetic checkpoint is generated first): the SGLang
 # cells of the 5090-cap scenario; our cells are in results/h200/qwen-image-resident-5090.records.jsonl.
-LEFT=$((430 - (SECONDS - T0)))
+LEFT=$((${BUDGET_S:-430} - (SECONDS - T0)))
 if [ "$LEFT" -gt 150 ]; then
   timeout "$LEFT" python3 -m pytest scenarios -p no:cacheprovider -rA -x --bench-results "$OUT/bench" \
     --bench-scenario qwen-image-resident-5090-sglang -k "sglang" 2>&1 | tail -40
