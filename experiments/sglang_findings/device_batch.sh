@@ -2,7 +2,7 @@
 # Issue 31: every device experiment of the four SGLang findings, in sequence, from the repository root of a bare
 # GPU machine (the lent H100/H200: Python 3.12, torch CUDA, no diffusers). Carried: .whl/*.whl (diffusers and the
 # harness's pure-Python deps, as .ci/gpu-bench.sh installs them) and .engine/sglang-0.5.23-py3.12.tar.xz (made by
-# `python -m harness.engine.install 0.5.23 --python 3.12 --archive .engine/sglang-0.5.23-py3.12.tar.xz`).
+# `python experiments/sglang_findings/make_carry.py`, which also fetches the wheels; pass carry [".whl", ".engine"]).
 # JSON results go to "$OUT" (at most 8 files come back: 6 are written). Budget ~6.5 min; each step has its own
 # timeout, so a slow step costs its own result only.
 #
