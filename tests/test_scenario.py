@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import itertools
+import json
 import math
 import tomllib
 from pathlib import Path
@@ -13,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from harness.common.flags import OffloadFlags
-from harness.plan.scenario import Scenario, ScenarioError, discover, expand, load_scenario
+from harness.plan.scenario import Scenario, ScenarioError, discover, expand, load_scenario, matches
 from tests.helpers import DELETE, base_scenario, mutate, to_toml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -420,3 +423,147 @@ def test_a_missing_release_is_one_line_with_its_install_command(tmp_path: Path,
     from harness.cli import main
 
     assert main(["list", "--scenarios", str(folder)]) == 0
+
+
+# ----------------------------------------------------- [[cells]]: the combinations to run, listed one by one
+
+# base_scenario()'s matrix (axes dit_cpu_offload x dit_layerwise_offload less both off), listed cell by cell
+BASE_AS_CELLS = [
+    {"dit_cpu_offload": False, "dit_layerwise_offload": True},
+    {"dit_cpu_offload": True, "dit_layerwise_offload": False},
+    {"dit_cpu_offload": True, "dit_layerwise_offload": True},
+]
+
+
+def cells_scenario(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    data = mutate(mutate(base_scenario(), ("axes",), DELETE), ("exclude",), DELETE)
+    data["cells"] = cells
+    return data
+
+
+def test_cells_give_the_cell_ids_of_the_equivalent_axes_in_listed_order(tmp_path: Path) -> None:
+    axes = load_scenario(write(tmp_path, base_scenario(), "axes.toml"))
+    listed = load_scenario(write(tmp_path, cells_scenario(BASE_AS_CELLS), "cells.toml"))
+    assert listed.axes == {} and listed.exclude == ()
+    assert [c.cell_id for c in expand(listed)] == [c.cell_id for c in expand(axes)]
+    backwards = load_scenario(write(tmp_path, cells_scenario(BASE_AS_CELLS[::-1]), "backwards.toml"))
+    per_card = len(BASE_AS_CELLS)
+    ids = [c.cell_id for c in expand(listed)]
+    assert [c.cell_id for c in expand(backwards)] == [i for k in range(0, len(ids), per_card)
+                                                      for i in ids[k:k + per_card][::-1]]
+
+
+def test_cells_are_merged_over_flags_and_may_set_different_flags(tmp_path: Path) -> None:
+    data = cells_scenario(
+        [{"dit_cpu_offload": True, "dit_layerwise_offload": True},
+         {"dit_cpu_offload": True, "dit_layerwise_offload": True, "dit_offload_prefetch_size": 2},
+         {"dit_cpu_offload": False, "dit_layerwise_offload": True, "pin_cpu_memory": False}])
+    s = load_scenario(write(tmp_path, mutate(data, ("expect", "lowest_peak"), DELETE)))
+    requested = [c.requested for c in expand(s) if c.card.name == "native"]
+    assert [r.dit_offload_prefetch_size for r in requested] == [1.0, 2.0, 1.0]
+    assert [r.pin_cpu_memory for r in requested] == [True, True, False]
+
+
+CELLS_REFUSED = [
+    ("with-axes", lambda d: {**d, "axes": {"vae_cpu_offload": [False, True]}}, "cells"),
+    ("with-exclude", lambda d: {**d, "exclude": [{"dit_cpu_offload": False}]}, "cells"),
+    ("empty", lambda d: {**d, "cells": []}, "cells"),
+    ("not-tables", lambda d: {**d, "cells": [1]}, "cells[0]"),
+    ("duplicate", lambda d: {**d, "cells": [*BASE_AS_CELLS, BASE_AS_CELLS[0]]}, "cells[3]"),
+    # pin_cpu_memory = true is base_scenario()'s [flags] value: the same cell once merged
+    ("duplicate-over-flags", lambda d: {**d, "cells": [*BASE_AS_CELLS, {**BASE_AS_CELLS[1], "pin_cpu_memory": True}]},
+     "cells[3]"),
+    ("unknown-flag", lambda d: {**d, "cells": [{"dit_gpu_offload": True}]}, "cells[0]: unknown flag 'dit_gpu_offload'"),
+    ("bad-bool", lambda d: {**d, "cells": [{"dit_cpu_offload": 1}]}, "cells[0].dit_cpu_offload"),
+    ("negative-prefetch", lambda d: {**d, "cells": [{"dit_offload_prefetch_size": -1}]},
+     "cells[0].dit_offload_prefetch_size"),
+    ("prefetch-over-group", lambda d: {**d, "cells": [*BASE_AS_CELLS, {"dit_offload_prefetch_size": 999}]},
+     "cells[3].dit_offload_prefetch_size"),
+]
+
+
+@pytest.mark.parametrize(("change", "field"), [r[1:] for r in CELLS_REFUSED], ids=[r[0] for r in CELLS_REFUSED])
+def test_cells_are_refused_naming_the_field_if_malformed(tmp_path: Path, change: Any, field: str) -> None:
+    file = write(tmp_path, change(cells_scenario(BASE_AS_CELLS)))
+    with pytest.raises(ScenarioError) as info:
+        load_scenario(file)
+    message = str(info.value)
+    assert message.startswith(f"{file}: "), message
+    assert field in message, message
+    assert "\n" not in message
+
+
+def rewritten_as_cells(path: Path, folder: Path) -> Path:
+    """The scenario file at `path` with its [axes] and [[exclude]] rewritten as the equivalent [[cells]]: the
+    product of the axes in file order less the excluded combinations, each cell setting every axis as the file
+    spells its value."""
+    data = tomllib.loads(path.read_text(encoding="utf-8"))
+    s = load_scenario(path)
+    raw = data.pop("axes")
+    data.pop("exclude", None)
+    names = list(raw)
+    cells = []
+    for picks in itertools.product(*(range(len(raw[n])) for n in names)):
+        if not any(matches({n: s.axes[n][i] for n, i in zip(names, picks, strict=True)}, ex) for ex in s.exclude):
+            cells.append({n: raw[n][i] for n, i in zip(names, picks, strict=True)})
+    data["cells"] = cells
+    out = folder / path.name
+    out.write_text(to_toml(data), encoding="utf-8")
+    return out
+
+
+def assert_same_cells(axes: Scenario, listed: Scenario) -> None:
+    """Same cell ids in the same order, and the same spec hashes once both files lie at one path (the path enters
+    `spec_hash`; committed records are matched to scenarios by it, and across machines by the portable hash)."""
+    assert listed.cells and not listed.axes
+    listed = dataclasses.replace(listed, path=axes.path)
+    before, after = expand(axes), expand(listed)
+    assert [c.cell_id for c in after] == [c.cell_id for c in before]
+    assert [c.same_as for c in after] == [c.same_as for c in before]
+    for device in ("cuda", "cpu"):
+        assert [c.spec_hash(device) for c in after] == [c.spec_hash(device) for c in before]
+        assert [c.portable_spec_hash(device) for c in after] == [c.portable_spec_hash(device) for c in before]
+
+
+GPU_WITH_EXCLUDES = [p for p in SCENARIO_FILES if p.parent.name == "gpu" and "[[exclude]]" in p.read_text()]
+
+
+@pytest.mark.parametrize("path", GPU_WITH_EXCLUDES, ids=lambda p: p.name)
+def test_committed_scenario_rewritten_as_cells_keeps_cell_ids_and_spec_hashes(tmp_path: Path, path: Path) -> None:
+    assert_same_cells(load_scenario(path), load_scenario(rewritten_as_cells(path, tmp_path)))
+
+
+RESIDENT_5090 = REPO / "scenarios" / "gpu" / "qwen_image_resident_5090.toml"
+
+
+def former_resident_5090(folder: Path) -> Path:
+    """qwen_image_resident_5090.toml as it was before its [[cells]]: four axes (72 combinations) and 24 excludes."""
+    data = tomllib.loads(RESIDENT_5090.read_text(encoding="utf-8"))
+    del data["cells"]
+    pf, res, policy, lwc = ("dit_offload_prefetch_size", "dit_layerwise_resident_layers",
+                            "dit_layerwise_residency_policy", "layerwise_offload_components")
+    data["axes"] = {pf: [1, 4, 16], res: [0, 0.25, 0.5, 38, 42, 0.8], policy: ["leading", "strided"],
+                    lwc: ["unset", ["text_encoder"]]}
+    strided, te = {policy: "strided"}, {lwc: ["text_encoder"]}
+    data["exclude"] = (
+        [{**strided, pf: v} for v in (4, 16)] + [{**strided, res: v} for v in (0, 0.25, 38, 42, 0.8)]
+        + [{**te, pf: v} for v in (4, 16)] + [{**te, **strided}] + [{**te, res: v} for v in (0, 0.25, 38, 42, 0.8)]
+        + [{pf: 4, res: v} for v in (0.25, 38, 42, 0.8)] + [{pf: 16, res: v} for v in (0.25, 0.5, 38, 42, 0.8)])
+    assert len(data["exclude"]) == 24
+    out = folder / RESIDENT_5090.name
+    out.write_text(to_toml(data), encoding="utf-8")
+    return out
+
+
+def test_resident_5090_in_cells_form_keeps_its_former_cell_ids_and_spec_hashes(tmp_path: Path) -> None:
+    assert_same_cells(load_scenario(former_resident_5090(tmp_path)), load_scenario(RESIDENT_5090))
+
+
+def test_resident_5090_committed_records_still_match_its_cells_by_portable_spec_hash() -> None:
+    """Committed records are matched to their scenario's cells by spec hash (across machines, the portable one)."""
+    records = [json.loads(line) for line in
+               (REPO / "results" / "h200" / "qwen-image-resident-5090.records.jsonl").read_text().splitlines()]
+    cells = {c.cell_id: c for c in expand(load_scenario(RESIDENT_5090))}
+    assert {r["cell_id"] for r in records} == set(cells)
+    for r in records:
+        assert cells[r["cell_id"]].portable_spec_hash(r["device"]) == r["portable_spec_hash"], r["cell_id"]

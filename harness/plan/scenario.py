@@ -3,8 +3,9 @@ values.
 
 A scenario names a model, the cards to simulate, the backends to run (`BACKENDS`: our layerwise runtime and/or
 diffusers' group-offload hooks), the pipeline settings, a policy, base flags, the axes to sweep, cells to exclude
-and what to expect. Every error names the file and the field. Cells whose flags the policy
-resolves to the same effective flags are run once; the others point at the one that ran (`same_as`).
+(or instead the combinations to run, listed one by one: `[[cells]]`) and what to expect. Every error names the
+file and the field. Cells whose flags the policy resolves to the same effective flags are run once; the others point
+at the one that ran (`same_as`).
 
 This module imports no torch.
 """
@@ -62,8 +63,8 @@ BACKENDS = tuple(b.value for b in Backend)
 _SGLANG_BACKEND = re.compile(r"^sglang(@\d+\.\d+\.\d+(\.post\d+)?)?$")
 _TOP_KEYS = {
     "name", "description", "model", "profile", "cards", "height", "width", "frames", "steps", "warmup", "rounds",
-    "true_cfg_scale", "seed", "policy", "timeout_s", "flags", "axes", "exclude", "expect", "xfail", "backends",
-    "run", "few_rounds", "tier", "capacity",
+    "true_cfg_scale", "seed", "policy", "timeout_s", "flags", "axes", "exclude", "cells", "expect", "xfail",
+    "backends", "run", "few_rounds", "tier", "capacity",
 }
 CAPACITY_AXES = ("frames", "resolution")
 # Sizes a scenario may ask for. Far above any shipped scenario (1024 px, 81 frames) and any model here was trained
@@ -251,6 +252,9 @@ class Scenario:
     base_flags: dict[str, Any]
     axes: dict[str, list[Any]]
     exclude: tuple[dict[str, Any], ...]
+    # `[[cells]]`: the combinations to run, in file order, each merged over base_flags (axes and exclude are then
+    # empty); empty: the product of the axes less the excluded combinations
+    cells: tuple[dict[str, Any], ...] = ()
     expect: Expectations = field(default_factory=Expectations)
     xfail: str | None = None  # the expectations are known to fail, and why (e.g. the pre-#26925 policy)
     backends: tuple[str, ...] = (HARNESS_BACKEND,)  # BACKENDS: who runs the layerwise DiT, swept like cards
@@ -378,13 +382,14 @@ def load_scenario(path: Path | str) -> Scenario:
     cfg = _number(data, "true_cfg_scale", path, 4.0, lambda v: v >= 1, "a number >= 1 (1 = no CFG)")
     timeout = _number(data, "timeout_s", path, 1800, lambda v: v > 0, "a positive number of seconds")
     base_flags = _flag_table(data.get("flags", {}), path, "flags")
+    explicit = _explicit_cells(data, path, base_flags)
     axes = _axes(data.get("axes", {}), path)
     both = sorted(set(axes) & set(base_flags))
     if both:
         raise _err(path, f"axes.{both[0]}", "is also set in [flags]; a flag is either fixed or an axis")
     backends = _backends(data.get("backends", [HARNESS_BACKEND]), path, name)
     run = _run_options(data.get("run", {}), path, model.family, cfg)
-    _check_prefetch_fits(model.components["dit"].layer_group_sizes(), base_flags, axes, path, model.name)
+    _check_prefetch_fits(model.components["dit"].layer_group_sizes(), base_flags, axes, path, model.name, explicit)
     scenario = Scenario(
         name=name, path=str(path), description=str(data.get("description", "")), model=model.name, profile=profile,
         cards=cards, height=_size(data, "height", path, model), width=_size(data, "width", path, model),
@@ -392,6 +397,7 @@ def load_scenario(path: Path | str) -> Scenario:
         warmup=_int(data, "warmup", path, default=0, minimum=0), rounds=_int(data, "rounds", path, default=1),
         true_cfg_scale=cfg, seed=_int(data, "seed", path, default=0, minimum=0), policy=policy, timeout_s=timeout,
         base_flags=base_flags, axes=axes, exclude=_exclude(data.get("exclude", []), path, axes),
+        cells=explicit,
         expect=_expect(data.get("expect", {}), path, cards, backends, run.cfg_batch),
         xfail=_xfail(data.get("xfail"), path), backends=backends, run=run,
         few_rounds=_few_rounds(data, profile, path), tier=_tier(data.get("tier", "nightly"), path),
@@ -580,7 +586,8 @@ def _run_options(data: Any, path: Path, family: str, true_cfg_scale: float) -> R
 
 
 def _check_prefetch_fits(
-    groups: dict[str, int], base_flags: dict[str, Any], axes: dict[str, list[Any]], path: Path, model: str
+    groups: dict[str, int], base_flags: dict[str, Any], axes: dict[str, list[Any]], path: Path, model: str,
+    cells: tuple[dict[str, Any], ...] = (),
 ) -> None:
     """A prefetch size of more layers than the largest layer group is refused: the runtime (like SGLang's manager)
     clamps it to the group, so a cell id saying `pf999` would run `pf60`, and two such sizes would be two ids of
@@ -593,6 +600,7 @@ def _check_prefetch_fits(
     name = "dit_offload_prefetch_size"
     values = [(f"flags.{name}", base_flags[name])] if name in base_flags else []
     values += [(f"axes.{name}[{i}]", v) for i, v in enumerate(axes.get(name, []))]
+    values += [(f"cells[{i}].{name}", c[name]) for i, c in enumerate(cells) if name in c]
     for where, v in values:
         if v >= 1 and int(v) > largest:
             sizes = ", ".join(f"{g}: {n}" for g, n in groups.items())
@@ -717,6 +725,32 @@ def _axes(data: Any, path: Path) -> dict[str, list[Any]]:
             raise _err(path, f"axes.{flag}", f"repeats a value: {values!r}")
         axes[flag] = checked
     return axes
+
+
+def _explicit_cells(data: dict[str, Any], path: Path, base_flags: dict[str, Any]) -> tuple[dict[str, Any], ...]:
+    """`[[cells]]`: the combinations to run, one table of flag values each (the rules of `[flags]`), merged over
+    `[flags]` (a cell's value wins) and kept in file order. Instead of `[axes]` and `[[exclude]]`, never with them;
+    two cells that make the same flags are refused (they would be one cell id twice)."""
+    if "cells" not in data:
+        return ()
+    for other, form in (("axes", "[axes]"), ("exclude", "[[exclude]]")):
+        if other in data:
+            raise _err(path, "cells", f"lists the cells to run one by one, so {form} cannot join it: use either "
+                       "[[cells]] or [axes] with [[exclude]]")
+    raw = data["cells"]
+    if not isinstance(raw, list) or not raw:
+        raise _err(path, "cells", "expected a non-empty list of tables ([[cells]])")
+    out: list[dict[str, Any]] = []
+    seen: dict[OffloadFlags, int] = {}
+    for i, item in enumerate(raw):
+        table = _flag_table(item, path, f"cells[{i}]")
+        flags = OffloadFlags(**{**base_flags, **table})
+        if flags in seen:
+            raise _err(path, f"cells[{i}]", f"repeats cells[{seen[flags]}] (the same flags once merged over "
+                       f"[flags]: {flags.label()})")
+        seen[flags] = i
+        out.append(table)
+    return tuple(out)
 
 
 def _exclude(data: Any, path: Path, axes: dict[str, list[Any]]) -> tuple[dict[str, Any], ...]:
@@ -869,12 +903,7 @@ def expand(scenario: Scenario) -> list[Cell]:
     first backend's cell stands in for the others; layerwise cells of different backends never stand in for each
     other.
     """
-    names = list(scenario.axes)
-    combos: list[OffloadFlags] = []
-    for combo in itertools.product(*(scenario.axes[n] for n in names)):
-        values = dict(zip(names, combo, strict=True))
-        if not any(matches(values, ex) for ex in scenario.exclude):
-            combos.append(OffloadFlags(**{**scenario.base_flags, **values}))
+    combos = _combos(scenario)
     cells: list[Cell] = []
     for card in scenario.cards:
         first_by_effective: dict[tuple[str, bool, OffloadFlags], str] = {}
@@ -888,6 +917,20 @@ def expand(scenario: Scenario) -> list[Cell]:
                     cells.append(cell if same == cell.cell_id
                                  else Cell(scenario, card, resolution, same, backend, batch))
     return cells
+
+
+def _combos(scenario: Scenario) -> list[OffloadFlags]:
+    """The requested flags of one card's cells: `[[cells]]` as listed, else the product of the axes (in file order)
+    less the excluded combinations; each over the base flags."""
+    if scenario.cells:
+        return [OffloadFlags(**{**scenario.base_flags, **cell}) for cell in scenario.cells]
+    names = list(scenario.axes)
+    combos: list[OffloadFlags] = []
+    for combo in itertools.product(*(scenario.axes[n] for n in names)):
+        values = dict(zip(names, combo, strict=True))
+        if not any(matches(values, ex) for ex in scenario.exclude):
+            combos.append(OffloadFlags(**{**scenario.base_flags, **values}))
+    return combos
 
 
 def _engine_context(scenario: Scenario, card: Card) -> EngineContext | None:
