@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from harness import cli
+from harness.analyze.frontier import frontier_rows
 from harness.analyze.plots import pareto_front, pareto_plot, plot_points, trace_plot
-from harness.analyze.report import frontier_rows, render, report_paths, write_report
+from harness.analyze.report import render, report_paths, write_report
 from harness.common.contract import CellRecord, Status
 from tests.helpers import as_records, cell_records, make_record
 
@@ -216,18 +217,17 @@ def test_frontier_marks_the_fastest_cell_that_fits_and_the_pareto_front() -> Non
 
 def test_a_recorded_scenario_path_is_read_from_this_checkout_first(tmp_path: Path) -> None:
     """Another checkout's copy (the GPU box's /work/main) may differ from this one's: expectations use this one's."""
-    from harness.analyze.report import _local_scenario_file
-    from harness.common.locations import scenarios_dir
+    from harness.common.locations import local_scenario_file, scenarios_dir
 
     elsewhere = tmp_path / "other-checkout" / "scenarios" / "gpu" / "flux_dev_4090.toml"
     elsewhere.parent.mkdir(parents=True)
     elsewhere.write_text("name = 'an older copy'\n")
-    assert _local_scenario_file(str(elsewhere)) == scenarios_dir() / "gpu" / "flux_dev_4090.toml"
+    assert local_scenario_file(str(elsewhere)) == scenarios_dir() / "gpu" / "flux_dev_4090.toml"
     only_there = elsewhere.with_name("not_in_this_checkout.toml")
     only_there.write_text("name = 'x'\n")
-    assert _local_scenario_file(str(only_there)) == only_there
-    assert _local_scenario_file(str(tmp_path / "scenarios" / "missing.toml")) is None
-    assert _local_scenario_file(None) is None
+    assert local_scenario_file(str(only_there)) == only_there
+    assert local_scenario_file(str(tmp_path / "scenarios" / "missing.toml")) is None
+    assert local_scenario_file(None) is None
 
 
 def test_capacity_probes_get_no_plots_and_scenario_cells_do(tmp_path: Path) -> None:

@@ -285,7 +285,7 @@ def scenario_table(name: str, recs: list[CellRecord]) -> str:
 
 
 def _extra_tables(name: str, recs: list[CellRecord]) -> str:
-    from harness.analyze.report import frontier_rows
+    from harness.analyze.frontier import frontier_rows
     from harness.analyze.roofline import roofline_rows
     from harness.plan.planner import plan_rows
 

@@ -14,27 +14,20 @@ from typing import Any
 from tabulate import tabulate
 
 from harness.analyze.expect import evaluate
+from harness.analyze.frontier import frontier_rows, mib_text
 from harness.analyze.roofline import roofline_rows
 from harness.common.contract import (
     PHASES,
-    RUNTIME_PHASES,
     STEP_CONVENTION,
     CellRecord,
-    JsonObject,
-    Status,
     is_probe,
     label_in,
 )
-from harness.common.locations import scenarios_dir
+from harness.common.locations import local_scenario_file
 from harness.common.records import by_gpu
-from harness.common.units import MIB
 from harness.plan.planner import plan_rows
 from harness.plan.scenario import ScenarioError, load_scenario
 from harness.run.merge import host_of
-
-
-def _mib(v: Any) -> str:
-    return "" if v is None else f"{v / MIB:,.0f}"
 
 
 def _flag_diff(record: CellRecord) -> str:
@@ -52,16 +45,16 @@ def cell_row(rec: CellRecord) -> dict[str, str]:
         "requested": rec.label,
         "effective": _flag_diff(rec),
         "status": rec.fate + (f" [same as {label_in(rec.same_as)}]" if rec.same_as else ""),
-        f"load peak MiB ({'alloc reserved' if cuda else 'ledger'})": _mib(peaks.load),
-        f"runtime peak MiB ({'alloc reserved' if cuda else 'ledger'})": _mib(peaks.runtime),
+        f"load peak MiB ({'alloc reserved' if cuda else 'ledger'})": mib_text(peaks.load),
+        f"runtime peak MiB ({'alloc reserved' if cuda else 'ledger'})": mib_text(peaks.runtime),
     }
     if cuda:
-        row["peak MiB (alloc allocated)"] = _mib(rec.phase_max("alloc_peak_allocated_bytes"))
-        row["peak MiB (NVML per-process)"] = _mib(rec.phase_max("nvml_proc_peak_bytes"))
-    row["pinned host MiB (requested)"] = _mib(rec.phase_max("pinned_requested_bytes"))
+        row["peak MiB (alloc allocated)"] = mib_text(rec.phase_max("alloc_peak_allocated_bytes"))
+        row["peak MiB (NVML per-process)"] = mib_text(rec.phase_max("nvml_proc_peak_bytes"))
+    row["pinned host MiB (requested)"] = mib_text(rec.phase_max("pinned_requested_bytes"))
     if cuda:  # pin_memory() blocks, rounded up to powers of two: where diffusers' group offload pins its copies
-        row["pinned host MiB (torch allocator)"] = _mib(rec.phase_max("pinned_torch_allocator_bytes"))
-    row["host RSS peak MiB"] = _mib(rec.phase_max("rss_peak_bytes"))
+        row["pinned host MiB (torch allocator)"] = mib_text(rec.phase_max("pinned_torch_allocator_bytes"))
+    row["host RSS peak MiB"] = mib_text(rec.phase_max("rss_peak_bytes"))
     for p in PHASES:
         ms = stats.time_ms if (stats := rec.phases.get(p)) else None
         row[f"{p} ms"] = "" if ms is None else f"{ms:,.0f}"
@@ -69,55 +62,6 @@ def cell_row(rec: CellRecord) -> dict[str, str]:
     row[f"denoise ms/step ({STEP_CONVENTION})"] = "" if steady is None else f"{steady:,.0f}"
     row["denoise first step ms"] = "" if first is None else f"{first:,.0f}"
     return row
-
-
-def _fits(record: CellRecord) -> bool:
-    """Ran to the end, and (where NVML measured it under a card cap) its per-process peak stayed within the cap."""
-    return record.status is Status.OK and (record.cap or {}).get("within_cap") is not False
-
-
-def frontier_rows(records: list[CellRecord]) -> list[dict[str, str | float]]:
-    """Peak against step time, per card: every cell that ran (one row per distinct run), sorted by runtime peak,
-    with the Pareto front (no other cell that ran is both lower in runtime peak and faster per median steady
-    step) and the fastest cell that fits its card marked. A cell with resident DiT layers also shows its step
-    against the cell with none and otherwise the same effective flags."""
-    ran = [r for r in records if r.status is Status.OK and not r.same_as and r.median_step_s()]
-    rows = []
-    for card in dict.fromkeys(r.card_name for r in ran):
-        mine = [r for r in ran if r.card_name == card]
-        peak = {id(r): r.peaks.runtime for r in mine}
-        step = {id(r): r.median_step_s() or 0.0 for r in mine}
-        fastest = min((r for r in mine if _fits(r)), key=lambda r: step[id(r)], default=None)
-        for r in sorted(mine, key=lambda r: (peak[id(r)] or 0, step[id(r)])):
-            dominated = any(peak[id(o)] is not None and peak[id(r)] is not None and peak[id(o)] <= peak[id(r)]
-                            and step[id(o)] <= step[id(r)] and (peak[id(o)], step[id(o)]) != (peak[id(r)], step[id(r)])
-                            for o in mine)
-            base = _resident_zero_twin(r, mine)
-            cuda = r.device == "cuda"
-            rows.append({
-                "card": card,
-                "cell": r.label,
-                f"runtime peak MiB ({'alloc reserved' if cuda else 'ledger'})": _mib(peak[id(r)]),
-                "runtime peak MiB (NVML per-process)": _mib(r.phase_max("nvml_proc_peak_bytes", RUNTIME_PHASES)),
-                "step s (median, steady)": round(step[id(r)], 3),
-                "vs resident 0": "" if base is None else f"{step[id(base)] / step[id(r)]:.2f}x faster"
-                if step[id(r)] < step[id(base)] else f"{step[id(r)] / step[id(base)]:.2f}x slower",
-                "frontier": "yes" if not dominated else "",
-                "fastest that fits": "**fastest**" if r is fastest else "",
-            })
-    return rows
-
-
-def _resident_zero_twin(record: CellRecord, records: list[CellRecord]) -> CellRecord | None:
-    if not record.effective.get("dit_layerwise_resident_layers"):
-        return None
-    drop = ("dit_layerwise_resident_layers", "dit_layerwise_residency_policy")
-
-    def rest(r: CellRecord) -> JsonObject:
-        return {k: v for k, v in r.effective.items() if k not in drop}
-
-    return next((o for o in records if not o.effective.get("dit_layerwise_resident_layers")
-                 and rest(o) == rest(record) and o.backend == record.backend), None)
 
 
 def render(records: list[CellRecord], title: str = "offload-bench run", summary: Any = None) -> str:
@@ -191,7 +135,7 @@ STEP_RATIO = re.compile(r"step [0-9.]+ s vs [0-9.]+ s two-pass \([0-9.]+x\)")  #
 def _verdict_lines(recs: list[CellRecord]) -> list[str]:
     """The scenario's expectations evaluated on one scenario's records, when its file is at hand."""
     scen_file = next((r.scenario_file for r in recs if r.scenario_file), None)
-    scen_path = _local_scenario_file(scen_file)
+    scen_path = local_scenario_file(scen_file)
     if scen_path is None:
         return []
     try:
@@ -219,22 +163,6 @@ def machine_label(record: CellRecord) -> str:
     gpu = record.gpu_index
     shard = f" (shard {record.shard})" if record.shard else ""
     return f"{host_of(record) or '?'}{f' GPU {gpu}' if gpu is not None else ''}{shard}"
-
-
-def _local_scenario_file(recorded: str | None) -> Path | None:
-    """The scenario file a record names, as this checkout has it: the same path under this checkout's scenarios
-    folder first, else the recorded path itself; None if neither exists.
-
-    This checkout's copy first, because a recorded absolute path can name another checkout's working copy: the GPU
-    box runs in /work/main, so a worktree elsewhere on this machine evaluated its reports against main's files."""
-    if not recorded:
-        return None
-    path = Path(recorded)
-    if "scenarios" in path.parts:
-        local = scenarios_dir() / Path(*path.parts[path.parts.index("scenarios") + 1:])
-        if local.exists():
-            return local
-    return path if path.exists() else None
 
 
 def gpus_section(records: list[CellRecord]) -> list[str]:

@@ -6,7 +6,7 @@ regressions against the SKU's baseline (where one exists), and the pick per card
   peaks lowest), evaluated on each scenario of the run that declares it; the other expectations are counted.
 - Regressions: `harness.analyze.compare` of the run's cells with `results/baselines/<sku>.json` (or the folder
   given), limited to the scenario/card pairs the run has; only what fails or cannot be compared is listed.
-- The pick: per scenario and card, the fastest cell that ran within its card (`report.frontier_rows`).
+- The pick: per scenario and card, the fastest cell that ran within its card (`frontier.frontier_rows`).
 
 `build_summary` computes it (pure, but for reading the scenario files and the baseline); `summary_markdown` and
 `harness.analyze.html` render it.
@@ -90,7 +90,7 @@ def fates_by_card(records: list[CellRecord]) -> dict[str, Counter[str]]:
 def expectation_checks(records: list[CellRecord]) -> list[Check]:
     """Every expectation of each scenario in the run whose file this checkout has, on the cards that ran."""
     from harness.analyze.expect import evaluate
-    from harness.analyze.report import _local_scenario_file
+    from harness.common.locations import local_scenario_file
     from harness.plan.scenario import ScenarioError, load_scenario
 
     by_scenario: dict[str, list[CellRecord]] = {}
@@ -98,7 +98,7 @@ def expectation_checks(records: list[CellRecord]) -> list[Check]:
         by_scenario.setdefault(str(r.scenario), []).append(r)
     out = []
     for name, recs in by_scenario.items():
-        path = _local_scenario_file(next((r.scenario_file for r in recs if r.scenario_file), None))
+        path = local_scenario_file(next((r.scenario_file for r in recs if r.scenario_file), None))
         if path is None:
             continue
         try:
@@ -116,7 +116,7 @@ def expectation_checks(records: list[CellRecord]) -> list[Check]:
 
 
 def picks(records: list[CellRecord]) -> list[Pick]:
-    from harness.analyze.report import frontier_rows
+    from harness.analyze.frontier import frontier_rows
 
     out = []
     by_group: dict[tuple[str, str], list[CellRecord]] = {}

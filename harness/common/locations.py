@@ -38,3 +38,19 @@ def records_glob() -> str:
     root = checkout()
     base = root / "results" if root is not None else SHIPPED / "results"
     return str(base / "**" / "*.records.jsonl")
+
+
+def local_scenario_file(recorded: str | None) -> Path | None:
+    """The scenario file a record names, as this checkout has it: the same path under this checkout's scenarios
+    folder first, else the recorded path itself; None if neither exists.
+
+    This checkout's copy first, because a recorded absolute path can name another checkout's working copy: the GPU
+    box runs in /work/main, so a worktree elsewhere on this machine evaluated its reports against main's files."""
+    if not recorded:
+        return None
+    path = Path(recorded)
+    if "scenarios" in path.parts:
+        local = scenarios_dir() / Path(*path.parts[path.parts.index("scenarios") + 1:])
+        if local.exists():
+            return local
+    return path if path.exists() else None
