@@ -1,7 +1,9 @@
 """The HTML pages as a person sees them: rendered for committed GPU records, a CPU run and the history of the
 committed H200 runs, opened in headless Chromium (Debian's `chromium`, installed with apt-get where missing):
 no script error, every image decodes (naturalWidth > 0), a table sorts both ways on a header click, and a
-screenshot is written beside the page. The page checks itself when opened as `page.html#selftest` and writes
+screenshot is written beside the page: a run page is written into a run folder (the records copied under
+tmp_path, the page where `report RUN --write --html` puts it) and its screenshot into that run folder
+(OFFLOAD_BENCH_SHOTS=DIR keeps a copy). The page checks itself when opened as `page.html#selftest` and writes
 the result into <pre id="selftest-result">, which --dump-dom returns after --virtual-time-budget."""
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import pytest
 
 from harness.analyze.history import write_history
 from harness.analyze.html import write_html
+from harness.cli import beside
 from tests.helpers import cell_records
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
+SCREENSHOT = "report-screenshot.png"  # not report.png: `report --write` names its plots <stem>-<card>-<kind>.png
 
 
 def _chromium() -> str:
@@ -71,12 +75,17 @@ def assert_clean(result: dict) -> None:
                                      "tests/fixtures/cpu-qwen-image-edit-tiny.records.jsonl"])
 def test_run_page_in_chromium(records: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)  # records made elsewhere name their checkout's scenarios
-    page = write_html(cell_records(REPO / records), tmp_path / "report.html", title=Path(records).name)
-    result = check_in_browser(page, tmp_path / "report.png")
+    run = tmp_path / "run"  # a run folder as the runner leaves it: records.jsonl, and report.html beside it
+    run.mkdir()
+    shutil.copy(REPO / records, run / "records.jsonl")
+    page = write_html(cell_records(run / "records.jsonl"), beside(str(run), "report.html"), title=Path(records).name)
+    assert page == run / "report.html"  # where `report RUN --write --html` (make report) puts it
+    shot = run / SCREENSHOT  # the screenshot goes into the run folder, beside the page it shows
+    result = check_in_browser(page, shot)
     assert_clean(result)
     if shots := os.environ.get("OFFLOAD_BENCH_SHOTS"):  # keep the screenshots to look at
         Path(shots).mkdir(parents=True, exist_ok=True)
-        shutil.copy(tmp_path / "report.png", Path(shots) / f"run-{Path(records).name.split('.')[0]}.png")
+        shutil.copy(shot, Path(shots) / f"run-{Path(records).name.split('.')[0]}.png")
 
 
 def test_history_page_in_chromium(tmp_path: Path) -> None:

@@ -76,6 +76,27 @@ def test_the_merge_job_merges_compares_and_summarises(flow):
     assert merge["permissions"] == {"contents": "write"} and flow["permissions"] == {"contents": "read"}
 
 
+def test_the_merge_job_publishes_the_html_report_and_the_history_page(flow):
+    merge = flow["jobs"]["merge"]
+    assert 'harness report "$RUN" --write --html' in _step(merge, "Report")["run"]  # report.html in the run folder
+    history = _step(merge, "History")
+    assert history["if"] == "${{ always() && steps.merge.outcome == 'success' }}"
+    script = history["run"]
+    assert 'harness history "$RUN"' in script and "--baselines results/baselines" in script
+    assert '--out "$RUN/history.html"' in script  # beside report.html: the page's link to it resolves
+    for committed in ("results/h100", "results/h200"):
+        assert committed in script and (REPO / committed).is_dir()
+    assert (REPO / "results" / "baselines").is_dir()
+    steps = [s.get("name", "") for s in _steps(merge)]
+    pages = _step(merge, "Upload the pages")
+    assert steps.index(pages["name"]) > steps.index(history["name"]) > steps.index(_step(merge, "Report")["name"])
+    assert pages["uses"].startswith("actions/upload-artifact@") and pages["if"] == "${{ always() }}"
+    assert pages["with"]["name"] == "offload-bench-pages-${{ env.RUN_ID }}"
+    assert pages["with"]["path"].splitlines() == ["${{ env.RUN }}/report.html", "${{ env.RUN }}/history.html"]
+    cli = (REPO / "harness" / "cli.py").read_text()
+    assert 'sub.add_parser("history"' in cli and '"--baselines"' in cli and 'rep.add_argument("--html"' in cli
+
+
 def test_references_name_what_exists(flow):
     """Every steps.<id> a job reads is a step of that job, every needs.<job> one it needs, every action pinned."""
     for name, job in flow["jobs"].items():

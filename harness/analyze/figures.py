@@ -136,3 +136,40 @@ def plan_png(records: list[CellRecord], title: str) -> bytes | None:
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return _png(fig)
+
+
+def baseline_png(rows: list, title: str, metrics: int = 4) -> bytes | None:
+    """Baseline against current per metric (`compare.MetricRow`s of one scenario on one card): one panel per
+    metric (the first `metrics` with both values), paired bars per cell, baseline grey and current blue, red where
+    the row's verdict fails. None where no row has both values."""
+    from harness.analyze.compare import FAILING_METRIC_VERDICTS
+
+    both = [r for r in rows if r.baseline is not None and r.current is not None]
+    names = list(dict.fromkeys(r.metric for r in both))[:metrics]
+    if not names:
+        return None
+    cells = list(dict.fromkeys(r.cell_id for r in both))
+    fig = Figure(figsize=(11, min(MAX_HEIGHT_IN, 1.2 + 0.35 * len(cells) * -(-len(names) // 2))))
+    axes = fig.subplots(-(-len(names) // 2), min(2, len(names)), squeeze=False).ravel()
+    for ax, name in zip(axes, names, strict=False):
+        mine = {r.cell_id: r for r in both if r.metric == name}
+        scale, unit = _unit(max(max(r.baseline, r.current) for r in mine.values())) if name.endswith("_bytes") \
+            else (1.0, "ms")
+        ys = list(range(len(cells)))
+        base = [mine[c].baseline / scale if c in mine else 0 for c in cells]
+        cur = [mine[c].current / scale if c in mine else 0 for c in cells]
+        colours = ["#b3261e" if c in mine and mine[c].verdict in FAILING_METRIC_VERDICTS else "#1f77b4"
+                   for c in cells]
+        ax.barh([y + 0.2 for y in ys], base, height=0.38, color="#bdbdbd", label="baseline")
+        ax.barh([y - 0.2 for y in ys], cur, height=0.38, color=colours, label="current")
+        ax.set_yticks(ys, [c.rsplit("/", 1)[-1] for c in cells], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(name, fontsize=9, loc="left")
+        ax.set_xlabel(unit, fontsize=8)
+        ax.grid(True, axis="x", alpha=0.3)
+    for ax in axes[len(names):]:
+        ax.axis("off")
+    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="upper right", ncols=2)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
