@@ -12,7 +12,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness.cell.checkpoint import CheckpointError, CheckpointReader, cache_root, ensure_checkpoint
+import harness.cell.checkpoint as checkpoint_module
+from harness.cell.checkpoint import (
+    CheckpointDigestError,
+    CheckpointError,
+    CheckpointReader,
+    cache_root,
+    ensure_checkpoint,
+    file_digest,
+)
 from harness.models import get_model
 
 SPEC = get_model("qwen-image-tiny").components["dit"]
@@ -198,3 +206,66 @@ def test_generation_reports_bytes_written_and_rate(cache: Path) -> None:
     path = ensure_checkpoint(SPEC, seed=0, device="cpu", progress=messages.append)
     size_gib = f"{(path.stat().st_size - CheckpointReader(path).data_start) / 2**30:.2f} GiB written in "
     assert any(m.endswith("GB/s)") and "done, " + size_gib in m for m in messages), messages
+
+
+# ------------------------------------------------------------------------------ content digest (issue #30)
+
+
+def _flip_body_byte(path: Path) -> None:
+    """One byte in the middle of the largest tensor's bytes: same size, header (and its digest) untouched."""
+    reader = CheckpointReader(path)
+    name = max(reader.names(), key=reader.nbytes)
+    e = reader.entries[name]
+    at = reader.data_start + (e.begin + e.end) // 2
+    with open(path, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_body_changed_at_the_same_size_fails_with_the_digest_error(checkpoint: tuple[Path, bytes]) -> None:
+    path, original = checkpoint
+    _flip_body_byte(path)
+    os.utime(path, (OLD, OLD))  # even with its mtime put back: ctime and the content tell
+    assert path.stat().st_size == len(original) and CheckpointReader(path).header_digest  # header still fine
+    with pytest.raises(CheckpointDigestError, match=r"content sha256 .* differs .*Regenerate it: rm -r") as err:
+        ensure_checkpoint(SPEC, seed=0, device="cpu")
+    assert str(path) in str(err.value) and isinstance(err.value, CheckpointError)
+    assert path.read_bytes() != original, "a failure, never a silent regeneration"
+    with pytest.raises(CheckpointDigestError):  # and again: no stamp was left for the bad file
+        ensure_checkpoint(SPEC, seed=0, device="cpu")
+
+
+def test_untouched_checkpoint_is_verified_once_then_trusted_while_its_stat_holds(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    info: dict = {}
+    path = ensure_checkpoint(SPEC, seed=0, device="cpu", integrity=info)
+    assert info["verified"] == "generated" and info["file_sha256"] == file_digest(path)
+    marker = json.loads((path.parent / "complete.json").read_text())
+    assert marker["file_sha256"] == info["file_sha256"]
+
+    os.utime(path, (OLD, OLD))  # stat changed: hashed again, and passes
+    info = {}
+    assert ensure_checkpoint(SPEC, seed=0, device="cpu", integrity=info) == path
+    assert info["verified"] == "hashed" and info["hash_s"] >= 0
+
+    def no_hashing(p: Path) -> str:
+        raise AssertionError("an unchanged, verified file was hashed again")
+
+    monkeypatch.setattr(checkpoint_module, "file_digest", no_hashing)
+    info = {}
+    assert ensure_checkpoint(SPEC, seed=0, device="cpu", integrity=info) == path
+    assert info["verified"] == "unchanged"
+
+
+def test_marker_without_content_digest_is_regenerated(checkpoint: tuple[Path, bytes]) -> None:
+    path, original = checkpoint
+    marker = path.parent / "complete.json"
+    marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "file_sha256"}))
+    messages: list[str] = []
+    info: dict = {}
+    assert ensure_checkpoint(SPEC, seed=0, device="cpu", progress=messages.append, integrity=info) == path
+    assert any("no content digest" in m for m in messages) and info["verified"] == "generated"
+    assert path.read_bytes() == original

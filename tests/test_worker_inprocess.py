@@ -38,6 +38,10 @@ def test_worker_runs_tiny_cells_in_process_with_same_output_and_lower_peak_if_bo
     assert resident["placements"]["dit"] == "resident"
     assert both["outputs"]["latents_sha256"] == resident["outputs"]["latents_sha256"]
     assert both["outputs"]["latents_stats"]["finite"]
+    for rec in (both, resident):  # the record says each checkpoint's content was checked against its digest
+        for role, section in rec["components"].items():
+            assert section["checkpoint"]["verified"] in ("generated", "hashed", "unchanged"), role
+            assert len(section["checkpoint"]["file_sha256"]) == 64
     assert as_record(both).peaks.peak < as_record(resident).peaks.peak
     assert both["phases"]["load"]["ledger_peak_bytes"] < resident["phases"]["load"]["ledger_peak_bytes"]
 
@@ -48,6 +52,31 @@ def test_worker_runs_tiny_cells_in_process_with_same_output_and_lower_peak_if_bo
     assert "simulated card" in capped["reason"]
     assert capped["cap"]["cap_bytes"] == 6 * 2**20
     assert migrate(capped, capped["cell_id"]) == capped
+
+
+def test_cell_on_a_checkpoint_whose_body_changed_fails_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue #30: one byte flipped in a tensor's body (same size, header intact) fails the cell, never runs it."""
+    from harness.cell.checkpoint import CheckpointReader, ensure_checkpoint
+    from harness.cell.worker import run_cell
+    from harness.models import get_model
+
+    monkeypatch.setenv("OFFLOAD_BENCH_CACHE", str(tmp_path))
+    cell = next(c for c in expand(load_scenario(SCENARIO)) if c.card.name == "native")
+    spec = replace(spec_for_child(cell, "cpu"), warmup=0, rounds=1)
+    path = ensure_checkpoint(get_model(spec.model).components["dit"], seed=0, device="cpu")
+    reader = CheckpointReader(path)
+    e = reader.entries[max(reader.names(), key=reader.nbytes)]
+    with open(path, "r+b") as f:
+        f.seek(reader.data_start + e.begin)
+        byte = f.read(1)
+        f.seek(reader.data_start + e.begin)
+        f.write(bytes([byte[0] ^ 1]))
+    rec = run_cell(spec).to_dict()
+    assert rec["status"] == "error" and rec["outputs"] is None
+    assert "CheckpointDigestError" in (rec["traceback"] or "")
+    assert str(path) in rec["reason"] and "rm -r" in rec["reason"]
 
 
 @pytest.mark.parametrize(("model", "size", "frames"), [("qwen-image-edit-tiny", 64, 1), ("wan-tiny", 64, 5)])

@@ -218,8 +218,12 @@ def _load_and_run(spec: CellSpec, flags: OffloadFlags, record: CellRecord, meter
     model = get_model(spec.model)
     t0 = time.perf_counter()
     # a pipeline folder's components are read from its files (harness.models.folder), the zoo's from synthetic ones
+    # each synthetic file's content is checked against its generation-time digest (CheckpointDigestError: the cell
+    # fails); what the check did goes to components.<role>.checkpoint
+    integrity: dict[str, dict[str, Any]] = {role: {} for role in model.components}
     ckpts = {role: folder_checkpoint(model, role) if "folder" in model.extra
-             else ensure_checkpoint(c, seed=0, progress=_progress) for role, c in model.components.items()}
+             else ensure_checkpoint(c, seed=0, progress=_progress, integrity=integrity[role])
+             for role, c in model.components.items()}
     record.checkpoint_s = overhead["checkpoint_s"] = round(time.perf_counter() - t0, 3)
     if device.is_cuda:
         import torch
@@ -231,6 +235,9 @@ def _load_and_run(spec: CellSpec, flags: OffloadFlags, record: CellRecord, meter
         torch.cuda.empty_cache()
     t_load = time.perf_counter()
     comps = _load(spec, flags, record, meter, model, ckpts)
+    for role, section in (record.components or {}).items():
+        # a pipeline folder's files have no generation-time digest: said as such, never as verified
+        section["checkpoint"] = integrity.get(role) or {"verified": None, "why": "pipeline folder: no digest"}
     overhead["measured_s"] = time.perf_counter() - t_load
     _settle_after_load(record, meter, comps, nvml)
     out = _run_rounds(spec, record, meter, model, comps)
