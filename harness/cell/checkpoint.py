@@ -199,6 +199,19 @@ def _synthetic_values(name: str, shape: tuple[int, ...], dtype: torch.dtype, see
     return t.to(dtype)
 
 
+def _safetensors_header(state: dict[str, torch.Tensor], names: list[str], seed: int) -> tuple[bytes, int]:
+    """The safetensors header of `state` in `names` order (padded to 8 bytes), and the body's size in bytes."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", "generator": "offload-bench", "seed": str(seed)}}
+    offset = 0
+    for name in names:
+        t = state[name]
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    return header_bytes + b" " * (-len(header_bytes) % 8), offset
+
+
 def write_synthetic(
     module: torch.nn.Module, path: Path, seed: int, device: str, progress: Callable[[str], None] | None = None
 ) -> str:
@@ -209,15 +222,7 @@ def write_synthetic(
     """
     state = module.state_dict()
     names = sorted(state)
-    header: dict[str, Any] = {"__metadata__": {"format": "pt", "generator": "offload-bench", "seed": str(seed)}}
-    offset = 0
-    for name in names:
-        t = state[name]
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
-    header_bytes += b" " * (-len(header_bytes) % 8)
+    header_bytes, offset = _safetensors_header(state, names, seed)
     staging: torch.Tensor | None = None
     if device == "cuda":
         # One pinned staging buffer for every tensor: D2H at full PCIe rate, no fresh host pages per tensor.
@@ -388,20 +393,26 @@ def ensure_checkpoint(
             else:
                 if reason and progress:
                     progress(f"checkpoint {folder.name} is corrupt ({reason}); regenerating")
-                marker.unlink(missing_ok=True)
-                if progress:
-                    progress(f"generating synthetic checkpoint {folder.name} on {device}")
-                module = spec.build_on_meta()
-                digest = write_synthetic(module, path, seed, device, progress)
-                reader = CheckpointReader(path)
-                want = {"header_sha256": reader.header_digest, "bytes": path.stat().st_size,
-                        "file_sha256": digest, "spec": spec.factory}
-                marker.write_text(json.dumps(want))
-                _stamp(path, digest)
+                want = _generate(spec, seed, device, path, marker, progress)
                 info = {"verified": "generated"}
     if integrity is not None:
         integrity.update({"digest": DIGEST, "file_sha256": want["file_sha256"], **info})
     return path
+
+
+def _generate(spec: ComponentSpec, seed: int, device: str, path: Path, marker: Path,
+              progress: Callable[[str], None] | None) -> dict[str, Any]:
+    """Writes the checkpoint and its marker (header digest, size, content digest taken while writing) and stamps it
+    verified; returns the marker's content. The caller holds the folder's lock."""
+    marker.unlink(missing_ok=True)
+    if progress:
+        progress(f"generating synthetic checkpoint {path.parent.name} on {device}")
+    digest = write_synthetic(spec.build_on_meta(), path, seed, device, progress)
+    want = {"header_sha256": CheckpointReader(path).header_digest, "bytes": path.stat().st_size,
+            "file_sha256": digest, "spec": spec.factory}
+    marker.write_text(json.dumps(want))
+    _stamp(path, digest)
+    return want
 
 
 class FolderReader:
