@@ -451,7 +451,7 @@ def test_the_segment_cache_splits_best_fit_and_merges_within_a_segment() -> None
 def test_batched_cfg_streams_once_a_step_with_twice_the_activations() -> None:
     two = plan("qwen-image", BOTH_ON, None, Workload())
     one = plan("qwen-image", BOTH_ON, None, Workload(cfg_batch=True))
-    assert one.workload.forwards_per_step == 1 and two.workload.forwards_per_step == 2
+    assert one.workload.dit_calls_per_step == 1 and two.workload.dit_calls_per_step == 2
     assert one.phase("denoise").activation_bytes == pytest.approx(2 * two.phase("denoise").activation_bytes, abs=1)
     assert one.step_s < two.step_s  # transfer-bound: half the bytes a step
     assert one.compute_s_per_forward == pytest.approx(2 * two.compute_s_per_forward)

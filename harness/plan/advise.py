@@ -300,7 +300,7 @@ def header(advice: Advice) -> list[str]:
     lines = [
         f"advise: {a.model} on {a.card} ({cap}), {w.width}x{w.height}"
         + (f"x{w.frames} frames" if w.frames > 1 else "")
-        + f", {w.forwards_per_step} DiT forward(s)/step, policy {a.policy}, safety margin {a.margin:.0%}",
+        + f", {w.dit_calls_per_step} DiT call(s)/step, policy {a.policy}, safety margin {a.margin:.0%}",
         f"machine for step times: {a.machine.name} (pinned H2D {a.machine.pinned_h2d_gbps} GB/s; {a.machine.source})",
     ]
     if a.card != a.machine.name:

@@ -177,7 +177,7 @@ def _sample_step(r: CellRecord, p: Plan, drv: Drivers, s: _Samples, machines: _M
     if step is None:
         return
     sku = (r.machine or {}).get("sku", "")
-    per_forward = step / p.workload.forwards_per_step / p.workload.batch  # one sample's forward
+    per_forward = step / p.workload.dit_calls_per_step / p.workload.batch  # one sample's forward
     if p.placements["dit"] in ("resident", "cpu-offload"):
         s.compute.append((drv.dit_tokens, per_forward, sku))
         flops = dit_flops(model_weights(str(r.model), data)["dit"], drv.dit_tokens)
@@ -185,7 +185,7 @@ def _sample_step(r: CellRecord, p: Plan, drv: Drivers, s: _Samples, machines: _M
             machines.add("tflops", sku, flops / per_forward / 1e12)
     elif not r.effective.get("pin_cpu_memory", True):
         # every forward streams the layers once, whatever its batch
-        machines.add("pageable", sku, p.streamed_bytes_per_forward * p.workload.forwards_per_step / step / 1e9)
+        machines.add("pageable", sku, p.streamed_bytes_per_forward * p.workload.dit_calls_per_step / step / 1e9)
 
 
 def _memory_fits(s: _Samples) -> dict[str, Any]:

@@ -98,8 +98,10 @@ class Workload:
         return self.true_cfg_scale > 1
 
     @property
-    def forwards_per_step(self) -> int:
-        """DiT forwards a step, each streaming every layer once."""
+    def dit_calls_per_step(self) -> int:
+        """DiT calls a step, each streaming every layer once: two with true CFG run as two passes, one with cfg_batch
+        (the same meaning as RunSettings.dit_calls_per_step; `forwards_per_step` on the contract counts the CFG
+        passes whether or not they share a call)."""
         return 2 if self.cfg and not self.cfg_batch else 1
 
     @property
@@ -745,7 +747,7 @@ def _step_time(flags: OffloadFlags, parts: _DeviceParts, compute: float | None, 
         per_forward = _leading_forward_s(compute, stream, rate)
     if compute is None and transfer is not None:
         notes.append("step time is the transfer bound alone (no compute time known)")
-    step = None if per_forward is None else workload.forwards_per_step * per_forward
+    step = None if per_forward is None else workload.dit_calls_per_step * per_forward
     bound = None if not known else ("transfer" if transfer is not None and transfer >= (compute or 0) else "compute")
     return _StepTime(compute, transfer, step, bound)
 
