@@ -95,3 +95,31 @@ def test_unknown_pipelines_and_transformers_without_blocks_are_named(folders: di
         folder_spec(str(flat))
     with pytest.raises(UnknownModelError, match="or a diffusers pipeline folder"):
         get_model(str(tmp_path / "nothing-here"))
+
+
+def _folder_cells(folder: Path, tmp_path: Path, axes: str, frames: int = 1) -> list[dict]:
+    """Each cell of a 64x64, 2-step, true-CFG scenario on the folder, run in this process (CPU, one round)."""
+    from dataclasses import replace
+
+    from harness.cell.worker import run_cell
+    from harness.plan.scenario import expand, load_scenario
+    from harness.run.runner import spec_for_child
+
+    path = tmp_path / "folder.toml"
+    path.write_text(f'name = "folder"\nmodel = "{folder}"\nprofile = "cpu"\ncards = ["native"]\nheight = 64\n'
+                    f'width = 64\nframes = {frames}\nsteps = 2\ntrue_cfg_scale = 4.0\nseed = 0\n{axes}')
+    return [run_cell(replace(spec_for_child(c, "cpu"), warmup=0, rounds=1)).to_dict()
+            for c in expand(load_scenario(path))]
+
+
+@pytest.mark.parametrize("twin", ["flux-tiny", "qwen-image-tiny", "wan-tiny"])
+def test_a_float32_folder_runs_in_its_stored_dtype(folders: dict[str, Path], tmp_path: Path, twin: str) -> None:
+    """The pipeline's latents, timesteps and text states follow the DiT's stored dtype (float32 here), not bfloat16
+    ("Input type BFloat16 and bias type float" before): resident and streamed layerwise, the same latents."""
+    resident, streamed = _folder_cells(folders[twin], tmp_path, "[axes]\ndit_layerwise_offload = [false, true]\n"
+                                       "[flags]\ndit_cpu_offload = true\n", frames=5 if twin == "wan-tiny" else 1)
+    for rec in (resident, streamed):
+        assert rec["status"] == "ok", (rec["reason"], rec.get("traceback"))
+        assert rec["outputs"]["latents_stats"]["finite"]
+    assert streamed["placements"]["dit"] == "layerwise-from-host"
+    assert streamed["outputs"]["latents_sha256"] == resident["outputs"]["latents_sha256"]
