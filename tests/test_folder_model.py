@@ -95,3 +95,100 @@ def test_unknown_pipelines_and_transformers_without_blocks_are_named(folders: di
         folder_spec(str(flat))
     with pytest.raises(UnknownModelError, match="or a diffusers pipeline folder"):
         get_model(str(tmp_path / "nothing-here"))
+
+
+def _folder_cells(folder: Path, tmp_path: Path, axes: str, frames: int = 1,
+                  latents_dir: Path | None = None) -> list[dict]:
+    """Each cell of a 64x64, 2-step, true-CFG scenario on the folder, run in this process (CPU, one round); with
+    `latents_dir`, cell i saves its final latents there as latents{i}.pt."""
+    from dataclasses import replace
+
+    from harness.cell.worker import run_cell
+    from harness.plan.scenario import expand, load_scenario
+    from harness.run.runner import spec_for_child
+
+    path = tmp_path / "folder.toml"
+    path.write_text(f'name = "folder"\nmodel = "{folder}"\nprofile = "cpu"\ncards = ["native"]\nheight = 64\n'
+                    f'width = 64\nframes = {frames}\nsteps = 2\ntrue_cfg_scale = 4.0\nseed = 0\n{axes}')
+    return [run_cell(replace(spec_for_child(c, "cpu"), warmup=0, rounds=1,
+                             latents_out=str(latents_dir / f"latents{i}.pt") if latents_dir else None)).to_dict()
+            for i, c in enumerate(expand(load_scenario(path)))]
+
+
+@pytest.mark.parametrize("twin", ["flux-tiny", "qwen-image-tiny", "wan-tiny"])
+def test_a_float32_folder_runs_in_its_stored_dtype(folders: dict[str, Path], tmp_path: Path, twin: str) -> None:
+    """The pipeline's latents, timesteps and text states follow the DiT's stored dtype (float32 here), not bfloat16
+    ("Input type BFloat16 and bias type float" before): resident and streamed layerwise, the same latents."""
+    resident, streamed = _folder_cells(folders[twin], tmp_path, "[axes]\ndit_layerwise_offload = [false, true]\n"
+                                       "[flags]\ndit_cpu_offload = true\n", frames=5 if twin == "wan-tiny" else 1)
+    for rec in (resident, streamed):
+        assert rec["status"] == "ok", (rec["reason"], rec.get("traceback"))
+        assert rec["outputs"]["latents_stats"]["finite"]
+    assert streamed["placements"]["dit"] == "layerwise-from-host"
+    assert streamed["outputs"]["latents_sha256"] == resident["outputs"]["latents_sha256"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_flux_folder_computes_what_diffusers_flux_pipeline_does(folders: dict[str, Path], tmp_path: Path,
+                                                                  dtype: str) -> None:
+    """The same folder through diffusers' own FluxPipeline (`from_pretrained` + `__call__`): the harness's seeded
+    inputs drawn again in its order (per prompt the CLIP ids, start + words + end, then the T5 ids; then the
+    noise), the prompts encoded by the folder's own CLIP and T5 and passed as `prompt_embeds` (the tiny folders
+    have no tokenizers), the noise passed packed as `latents`, the scheduler the harness's FLUX.1-dev config (a
+    folder written per component has none). Bitwise: on CPU both run the same modules on the same inputs in the
+    same order (true CFG with a negative prompt, the guidance embedding, 2 steps), CPU-offloaded and streamed
+    layerwise; the decoded image's stats agree to rounding (diffusers' image is postprocessed to [0, 1])."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    from harness.cell.pipeline import FLUX_SCHEDULER, _pack
+
+    folder = folders["flux-tiny"] if dtype == "float32" else write_pipeline_folder(tmp_path / "bf16", "flux-tiny",
+                                                                                   dtype=dtype)
+    ours = []
+    for i, rec in enumerate(_folder_cells(folder, tmp_path, "[axes]\ndit_layerwise_offload = [false, true]\n"
+                                          "[flags]\ndit_cpu_offload = true\n", latents_dir=tmp_path)):
+        assert rec["status"] == "ok", (rec["reason"], rec.get("traceback"))
+        ours.append((rec, torch.load(tmp_path / f"latents{i}.pt")))
+    assert [r["placements"]["dit"] for r, _ in ours] == ["cpu-offload", "layerwise-from-host"]
+
+    cast, spec = getattr(torch, dtype), get_model(str(folder))
+    pipe = FluxPipeline.from_pretrained(folder, scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
+                                        tokenizer=None, tokenizer_2=None, dtype=cast)
+    # The float32 CPU GEMMs' last bits depend on where a weight lies in memory, and diffusers' sharded load
+    # leaves the transformer's weights laid out otherwise than one fresh allocation each: as loaded, the sharded
+    # float32 folder's latents differ from ours by relative L2 4.6e-7 (max abs 2.3e-6) while the one-file folder
+    # is bitwise. Each weight copied to a fresh tensor (the values untouched): bitwise for both.
+    for param in pipe.transformer.parameters():
+        param.data = param.data.clone()
+    gen = torch.Generator("cpu").manual_seed(0)
+    clip_vocab, t5_vocab = pipe.text_encoder.config.vocab_size, pipe.text_encoder_2.config.vocab_size
+    embeds = []
+    with torch.inference_mode():
+        for _ in range(2):  # positive, negative
+            words = torch.randint(0, clip_vocab - 2, (1, spec.extra["clip_tokens"] - 2), generator=gen)
+            clip_ids = torch.cat([torch.tensor([[clip_vocab - 2]]), words, torch.tensor([[clip_vocab - 1]])], dim=1)
+            t5_ids = torch.randint(0, t5_vocab, (1, spec.prompt_tokens), generator=gen)
+            embeds.append((pipe.text_encoder(input_ids=clip_ids, output_hidden_states=False).pooler_output,
+                           pipe.text_encoder_2(input_ids=t5_ids)[0]))
+    noise = torch.randn(1, pipe.vae.config.latent_channels, 1, 8, 8, generator=gen)
+    final: dict[str, torch.Tensor] = {}
+
+    def keep(_pipe: object, _i: int, _t: object, kw: dict) -> dict:
+        final["latents"] = kw["latents"].clone()
+        return kw
+
+    image = pipe(prompt_embeds=embeds[0][1], pooled_prompt_embeds=embeds[0][0], negative_prompt_embeds=embeds[1][1],
+                 negative_pooled_prompt_embeds=embeds[1][0], true_cfg_scale=4.0, guidance_scale=3.5, height=64,
+                 width=64, num_inference_steps=2, latents=_pack(noise, 2).to(cast), output_type="pt",
+                 callback_on_step_end=keep, return_dict=False)[0]
+    theirs = final["latents"].float()
+    # diffusers' image is (decoded / 2 + 0.5).clamp(0, 1), ours decoded.clamp(-1, 1): the same up to that affine map
+    image = image.float() * 2 - 1
+    for rec, latents in ours:
+        assert torch.equal(latents, theirs), float((latents - theirs).norm() / theirs.norm())
+        stats = rec["outputs"]["image_stats"]
+        assert stats["shape"] == list(image.shape)
+        for key, value in (("mean", image.mean()), ("std", image.std()), ("absmax", image.abs().max())):
+            assert stats[key] == pytest.approx(float(value), rel=1e-2 if dtype == "bfloat16" else 1e-5, abs=1e-6)

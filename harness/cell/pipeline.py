@@ -104,7 +104,11 @@ class Family:
                  device: Device) -> None:
         self.model, self.settings = model, settings
         self.te, self.dit, self.vae = comps["text_encoder"], comps["dit"], comps["vae"]
-        self.dev, self.dtype = device.torch, torch.bfloat16
+        # The DiT's inputs (latents, timesteps, text states) in its stored dtype and the VAE's in its own, as
+        # diffusers' pipelines cast to transformer.dtype / vae.dtype: bfloat16 for the zoo, as stored for a folder.
+        self.dev = device.torch
+        self.dtype = getattr(torch, model.components["dit"].dtype)
+        self.vae_dtype = getattr(torch, model.components["vae"].dtype)
         self.lat_h, self.lat_w = _latent_size(model, settings)
         self.gen = torch.Generator("cpu").manual_seed(settings.seed)
 
@@ -271,7 +275,7 @@ class QwenImage(_TokenPrompts):
         if self.ref_image is None:
             return
         self.vae.before_use()
-        z = self.vae.module.encode(self.ref_image.to(self.dev, self.dtype)).latent_dist.mode()
+        z = self.vae.module.encode(self.ref_image.to(self.dev, self.vae_dtype)).latent_dist.mode()
         z = (z - self.lat_mean.to(self.dev, z.dtype)) / self.lat_std.to(self.dev, z.dtype)
         self.cond_tokens = _pack(z.to(self.dtype), self.model.patch)
         self.vae.after_use()
@@ -325,8 +329,8 @@ class QwenImage(_TokenPrompts):
         return comb * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        z = _unpack(latents, self.lat_h, self.lat_w, self.model.patch).to(self.dtype)
-        z = z * self.lat_std.to(self.dev, self.dtype) + self.lat_mean.to(self.dev, self.dtype)
+        z = _unpack(latents, self.lat_h, self.lat_w, self.model.patch).to(self.vae_dtype)
+        z = z * self.lat_std.to(self.dev, self.vae_dtype) + self.lat_mean.to(self.dev, self.vae_dtype)
         return self.vae.module.decode(z, return_dict=False)[0][:, :, 0]
 
     def outputs(self, latents: torch.Tensor, image: torch.Tensor) -> dict[str, Any]:
@@ -415,7 +419,7 @@ class Flux(Family):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         z = _unpack(latents, self.lat_h, self.lat_w, self.model.patch)[:, :, 0]
         z = z / self.vae_scaling + self.vae_shift
-        return self.vae.module.decode(z.to(self.dtype), return_dict=False)[0]
+        return self.vae.module.decode(z.to(self.vae_dtype), return_dict=False)[0]
 
     def outputs(self, latents: torch.Tensor, image: torch.Tensor) -> dict[str, Any]:
         return _outputs(latents, image, seq_len=self.seq, cond_seq_len=0, text_seq_len=int(self.text_len))
@@ -476,7 +480,7 @@ class Wan(_TokenPrompts):
         ]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vcfg, dev, dtype = self.vae.module.config, self.dev, self.dtype
+        vcfg, dev, dtype = self.vae.module.config, self.dev, self.vae_dtype
         z = latents.to(dev, dtype)
         lat_mean = torch.tensor(vcfg.latents_mean).view(1, self.z_dim, 1, 1, 1).to(dev, dtype)
         lat_inv_std = 1.0 / torch.tensor(vcfg.latents_std).view(1, self.z_dim, 1, 1, 1).to(dev, dtype)
