@@ -87,3 +87,20 @@ def test_list_shows_words_and_labels_on_request(capsys) -> None:
     assert "tiny-6m: DiT CPU offload + layerwise (prefetch 1) · pinned  [qwen-image-edit-tiny/tiny-6m/" in words
     assert cli.main(["list", "--scenarios", str(root / "scenarios/cpu"), "--labels"]) == 0
     assert "  qwen-image-edit-tiny/tiny-6m/cpu1-lw1-te0-vae0-pf1-pin1  -> effective" in capsys.readouterr().out
+
+
+def test_history_reads_a_records_file_once_given_with_its_folder(tmp_path: Path, monkeypatch) -> None:
+    """`history RUN.records.jsonl FOLDER` (or the folder, then the file; or one of them through another path):
+    each records file is one run, read once."""
+    from harness.analyze.history import collect, run_files
+
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    f = folder / "cpu.records.jsonl"
+    f.write_text(CPU.read_text())
+    monkeypatch.chdir(tmp_path)
+    once = {sku: [len(t.points) for t in trends] for sku, trends in collect([str(f)]).items()}
+    for paths in ([str(f), str(folder)], [str(folder), str(f)], ["runs/cpu.records.jsonl", str(folder)],
+                  [str(folder), "./runs/", "runs/../runs/cpu.records.jsonl"]):
+        assert [p.resolve() for p in run_files(paths)] == [f.resolve()], paths
+        assert {sku: [len(t.points) for t in trends] for sku, trends in collect(paths).items()} == once, paths

@@ -138,38 +138,57 @@ def plan_png(records: list[CellRecord], title: str) -> bytes | None:
     return _png(fig)
 
 
+# The metrics a baseline figure shows first (the ones a reader of a comparison asks about), then the rest in order
+BASELINE_FIRST = ("runtime_peak_reserved_bytes", "denoise_steady_step_ms", "load_peak_reserved_bytes",
+                  "nvml_proc_peak_bytes", "e2e_ms")
+
+
 def baseline_png(rows: list, title: str, metrics: int = 4) -> bytes | None:
     """Baseline against current per metric (`compare.MetricRow`s of one scenario on one card): one panel per
-    metric (the first `metrics` with both values), paired bars per cell, baseline grey and current blue, red where
-    the row's verdict fails. None where no row has both values."""
-    from harness.analyze.compare import FAILING_METRIC_VERDICTS
+    metric (the first `metrics` with both values, `BASELINE_FIRST` first), paired bars per cell, baseline grey and
+    current blue, red where the row's verdict fails, the change in percent at the end of the bar, "n/a" where a
+    cell has no pair for the metric. None where no row has both values."""
+    from matplotlib.patches import Patch
 
     both = [r for r in rows if r.baseline is not None and r.current is not None]
-    names = list(dict.fromkeys(r.metric for r in both))[:metrics]
+    seen = list(dict.fromkeys(r.metric for r in both))
+    names = sorted(seen, key=lambda m: (BASELINE_FIRST.index(m) if m in BASELINE_FIRST else len(BASELINE_FIRST),
+                                        seen.index(m)))[:metrics]
     if not names:
         return None
     cells = list(dict.fromkeys(r.cell_id for r in both))
     fig = Figure(figsize=(11, min(MAX_HEIGHT_IN, 1.2 + 0.35 * len(cells) * -(-len(names) // 2))))
     axes = fig.subplots(-(-len(names) // 2), min(2, len(names)), squeeze=False).ravel()
     for ax, name in zip(axes, names, strict=False):
-        mine = {r.cell_id: r for r in both if r.metric == name}
-        scale, unit = _unit(max(max(r.baseline, r.current) for r in mine.values())) if name.endswith("_bytes") \
-            else (1.0, "ms")
-        ys = list(range(len(cells)))
-        base = [mine[c].baseline / scale if c in mine else 0 for c in cells]
-        cur = [mine[c].current / scale if c in mine else 0 for c in cells]
-        colours = ["#b3261e" if c in mine and mine[c].verdict in FAILING_METRIC_VERDICTS else "#1f77b4"
-                   for c in cells]
-        ax.barh([y + 0.2 for y in ys], base, height=0.38, color="#bdbdbd", label="baseline")
-        ax.barh([y - 0.2 for y in ys], cur, height=0.38, color=colours, label="current")
-        ax.set_yticks(ys, [c.rsplit("/", 1)[-1] for c in cells], fontsize=7)
-        ax.invert_yaxis()
-        ax.set_title(name, fontsize=9, loc="left")
-        ax.set_xlabel(unit, fontsize=8)
-        ax.grid(True, axis="x", alpha=0.3)
+        _baseline_panel(ax, name, cells, {r.cell_id: r for r in both if r.metric == name})
     for ax in axes[len(names):]:
         ax.axis("off")
-    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="upper right", ncols=2)
-    fig.suptitle(title, fontsize=10)
+    handles = [Patch(color=c, label=label) for c, label in (("#bdbdbd", "baseline"), ("#1f77b4", "current"),
+                                                             ("#b3261e", "current, failing"))]
+    fig.legend(handles=handles, fontsize=7, loc="upper right", ncols=3, frameon=False)
+    fig.suptitle(title, fontsize=10, x=0.02, ha="left")
     fig.tight_layout()
     return _png(fig)
+
+
+def _baseline_panel(ax, name: str, cells: list[str], mine: dict) -> None:
+    from harness.analyze.compare import FAILING_METRIC_VERDICTS
+
+    scale, unit = _unit(max(max(r.baseline, r.current) for r in mine.values())) if name.endswith("_bytes") \
+        else (1.0, "ms")
+    ys = list(range(len(cells)))
+    base = [mine[c].baseline / scale if c in mine else 0 for c in cells]
+    cur = [mine[c].current / scale if c in mine else 0 for c in cells]
+    colours = ["#b3261e" if c in mine and mine[c].verdict in FAILING_METRIC_VERDICTS else "#1f77b4" for c in cells]
+    ax.barh([y + 0.2 for y in ys], base, height=0.38, color="#bdbdbd")
+    ax.barh([y - 0.2 for y in ys], cur, height=0.38, color=colours)
+    top = max(base + cur) or 1.0
+    for y, c, x in zip(ys, cells, cur, strict=True):
+        row = mine.get(c)
+        text = "n/a" if row is None else "" if not row.baseline else f"{(row.current / row.baseline - 1) * 100:+.1f} %"
+        ax.text(x + top * 0.01, y, text, va="center", fontsize=6.5, color="#5f6368" if row is None else "#1d1d1f")
+    ax.set_xlim(0, top * 1.14)
+    ax.set_yticks(ys, [c.rsplit("/", 1)[-1] for c in cells], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_title(f"{name} ({unit})", fontsize=9, loc="left")
+    ax.grid(True, axis="x", alpha=0.3)

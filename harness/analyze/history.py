@@ -95,15 +95,21 @@ def _effective_label(rec: CellRecord) -> str:
 
 
 def run_files(paths: list[str]) -> list[Path]:
+    """Every records file the paths name, once each however it is reached (a file and its folder, `./x` and
+    `x`, a link): files are told apart by their resolved path."""
     out: list[Path] = []
+    seen: set[Path] = set()
     for p in map(Path, paths):
         if p.is_dir():
             found = sorted(p.rglob("*.records.jsonl")) + sorted(p.rglob("records.jsonl"))
-            out += [f for f in found if f not in out]
         elif p.exists():
-            out.append(p)
+            found = [p]
         else:
             raise FileNotFoundError(f"{p}: no such run folder or records file")
+        for f in found:
+            if f.resolve() not in seen:
+                seen.add(f.resolve())
+                out.append(f)
     return out
 
 

@@ -3,9 +3,10 @@
 The summary first (`harness.analyze.summary`: fates by card, the seed assertion's verdict, regressions against the
 SKU's baseline, the pick per card), then one section per scenario with its table and, beside it, its figures
 (per card: peak against step time with the Pareto front and the cells that ran out of memory at the card line;
-memory per phase; plan against measured where the records carry plans; memory over time). Cells read as words
-(`labels.cell_words`) with the compact label on hover; every table sorts on a header click (a few lines of inline
-JavaScript); the figures are inline base64 PNGs, so the page needs no network when viewed.
+memory per phase; plan against measured where the records carry plans; baseline against current per metric
+where the summary compared the run with its SKU's baseline, captioned with that file; memory over time).
+Cells read as words (`labels.cell_words`) with the compact label on hover; every table sorts on a header click
+(a few lines of inline JavaScript); the figures are inline base64 PNGs, so the page needs no network when viewed.
 
 Opened as `page.html#selftest`, the page checks itself once loaded (every image decoded, a table sorts both ways,
 no script error) and writes the result as JSON into `<pre id="selftest-result">` (the browser test reads it with
@@ -21,6 +22,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from harness.analyze.compare import Comparison, scenario_card
 from harness.analyze.labels import cell_words
 from harness.analyze.summary import RunSummary, baseline_verdict, build_summary, fates_line
 from harness.common.contract import CellRecord, is_probe
@@ -310,7 +312,23 @@ def _verdicts(name: str, s: RunSummary) -> str:
     ) + "</ul>"
 
 
-def scenario_figures(name: str, recs: list[CellRecord]) -> str:
+def baseline_figure(name: str, card: str, comparison: Comparison | None) -> str:
+    """Baseline against current per metric for this scenario on this card (`figures.baseline_png` on the
+    comparison's rows of it), captioned with the baseline file; "" where there is no comparison or nothing to draw."""
+    from harness.analyze.figures import baseline_png
+
+    if comparison is None:
+        return ""
+    rows = [r for r in comparison.rows if scenario_card(r.cell_id) == f"{name}/{card}"]
+    png = baseline_png(rows, f"{name} on {card}: baseline vs current")
+    if png is None:
+        return ""
+    return img(png, f"{name} on {card}: baseline vs current",
+               f"Against the baseline {comparison.baseline_source}: per metric and cell, the baseline (grey) and "
+               "this run (blue; red where the metric regressed or is missing).")
+
+
+def scenario_figures(name: str, recs: list[CellRecord], comparison: Comparison | None = None) -> str:
     from harness.analyze.figures import phase_memory_png, plan_png, png_of
     from harness.analyze.plots import pareto_plot, trace_plot
 
@@ -334,6 +352,7 @@ def scenario_figures(name: str, recs: list[CellRecord]) -> str:
             out.append(img(plan, f"{name} on {card}: plan vs measured",
                            "Planned against measured reserved peak per phase: on the diagonal when the plan "
                            "is right.", square=True))
+        out.append(baseline_figure(name, card, comparison))
         out.append(img(png_of(trace_plot, mine, f"{name} on {card}: memory over time"),
                        f"{name} on {card}: memory over time", "Memory over time per cell, phases shaded."))
     return "".join(out)
@@ -361,7 +380,7 @@ def render_html(records: list[CellRecord], title: str = "offload-bench run", sum
         if messages:
             left += "<details><summary>Policy messages</summary><ul>" + "".join(
                 f"<li><code>{esc(m)}</code></li>" for m in messages) + "</ul></details>"
-        right = scenario_figures(name, recs) if plots else ""
+        right = scenario_figures(name, recs, s.comparison) if plots else ""
         body.append(f'<div class="scenario"><div>{left}</div><div>{right}</div></div>')
     body.append('<p class="muted">Counters: <b>alloc reserved/allocated</b>: PyTorch caching-allocator peaks (reset '
                 "per phase); <b>NVML per-process</b>: polled every 10 ms, includes the CUDA context; <b>ledger</b>: "
