@@ -293,10 +293,10 @@ def test_cells_running_at_once_write_one_checkpoint_once(tmp_path: Path, monkeyp
     writes: list[Path] = []
     real_write = checkpoint.write_synthetic
 
-    def slow_write(*args: Any, **kwargs: Any) -> None:
+    def slow_write(*args: Any, **kwargs: Any) -> str:
         writes.append(args[1])
         threading.Event().wait(0.3)  # long enough for every other thread to reach the lock
-        real_write(*args, **kwargs)
+        return real_write(*args, **kwargs)  # the content digest the marker keeps
 
     monkeypatch.setattr(checkpoint, "write_synthetic", slow_write)
     paths: list[Path] = []
