@@ -14,16 +14,7 @@ cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/sglang-findings-out}"
 mkdir -p "$OUT"
-if ! python3 -c "import diffusers" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 3
-  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export OFFLOAD_BENCH_CACHE="${OFFLOAD_BENCH_CACHE:-$PWD/.cache/offload-bench}"
-for a in .engine/*.tar.xz; do
-  [ -f "$a" ] || continue
-  mkdir -p "$OFFLOAD_BENCH_CACHE/sglang" && tar -xJf "$a" -C "$OFFLOAD_BENCH_CACHE/sglang" || exit 3
-done
+source .ci/carried-env.sh  # carried wheels and SGLang releases
 PYV=$(python3 -c 'import sys; print(f"{sys.version_info.major}.{sys.version_info.minor}")')
 export SGLANG_SITE="$OFFLOAD_BENCH_CACHE/sglang/0.5.23-py$PYV/site"
 test -d "$SGLANG_SITE" || { echo "no SGLang 0.5.23 engine folder at $SGLANG_SITE" >&2; exit 3; }
