@@ -134,7 +134,9 @@ def resolve_engine(version: str, requests: list[EngineRequest], *, timeout_s: fl
         return [recorded[(version, k)] for k in keys]
     store: dict[tuple[str, str], EngineResolution] = _CACHE if cache else {}
     engines = installed()
-    if cache:  # what this release's folder (or, without it, the shipped file) recorded for this child's code
+    if cache and any((version, k) not in store for k in keys):
+        # what this release's folder (or, without it, the shipped file) recorded for this child's code: read only
+        # when this process has not got every answer already (a scenario asks once per card)
         saved = _saved_answers(version, engines[version].site.parent if version in engines else None)
         for key in keys:
             if (version, key) not in store and key in saved:
