@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.common.contract import RUNTIME_PHASES, CellRecord, PhaseStats, Placement, Status, fate_text
+from harness.plan.planner import WARM_KERNELS_BYTES
 from harness.plan.scenario import HARNESS_BACKEND, FateExpectation, Scenario, flags_key, matches, whole_dit_key
 
 
@@ -228,11 +229,11 @@ def cfg_batch_verdict(card: str, records: Iterable[CellRecord], rtol: float) -> 
 
 
 # plan_within's absolute floor for peaks: a peak off its plan by more than the relative tolerance fails only if it is
-# also off by more than this. 32 MiB is one cuBLAS workspace, the largest allocation the plan places by an observed
-# rule rather than a model (harness.plan.planner.WARM_KERNELS_BYTES: exactly 32 MiB on the H200, session 8), and
-# above the caching allocator's grain (a 1-10 MiB request reserves a 20 MiB segment). Without it a small load peak
-# failed on noise: Qwen-Image on the 4090 cap, load 132 MiB against 142 planned (-7 %, 10 MiB; issue #30).
-PLAN_PEAK_FLOOR_BYTES = 32 * 2**20
+# also off by more than this. One cuBLAS workspace (WARM_KERNELS_BYTES, 32 MiB, measured in
+# results/h200/reserved-capped.records.jsonl), the largest allocation the plan places by an observed rule rather
+# than a model, and above the caching allocator's grain (a 1-10 MiB request reserves a 20 MiB segment). Without it
+# a small load peak failed on noise: Qwen-Image on the 4090 cap, load 132 MiB against 142 planned (-7 %, 10 MiB).
+PLAN_PEAK_FLOOR_BYTES = WARM_KERNELS_BYTES
 
 
 def _bytes_off(measured: int | None, predicted: int | None) -> int | None:
