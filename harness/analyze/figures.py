@@ -154,7 +154,8 @@ def _pinned_stack(ax: Any, cells: list[CellRecord], scale: float) -> None:
 
 def host_memory_png(records: list[CellRecord], title: str) -> bytes:
     """Host RSS peak and the pinned bytes by who pinned them per cell (max over the measured phases), numbered and
-    coloured by backend as in the peak figure, SGLang's per-group hosting in a column at the right."""
+    coloured by backend as in the peak figure; SGLang's per-group hosting in a column at the right where a cell
+    has SGLang managers."""
     from matplotlib.lines import Line2D
 
     cells = [r for r in records if not r.same_as]
@@ -163,9 +164,9 @@ def host_memory_png(records: list[CellRecord], title: str) -> bytes:
     scale, unit = _unit(top)
     notes = {r.cell_id: sglang_hosting(r) for r in cells}
     height = min(MAX_HEIGHT_IN, 1.9 + 0.32 * len(cells) + 0.1 * sum(max(0, len(n) - 1) for n in notes.values()))
-    fig = Figure(figsize=(12, height))
-    grid = fig.add_gridspec(1, 2, width_ratios=[1.6, 1])
-    ax, text = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
+    fig = Figure(figsize=(12 if any(notes.values()) else 9, height))
+    grid = fig.add_gridspec(1, 2, width_ratios=[1.6, 1]) if any(notes.values()) else fig.add_gridspec(1, 1)
+    ax = fig.add_subplot(grid[0, 0])
     ys = list(range(len(cells)))
     _pinned_stack(ax, cells, scale)
     ax.set_yticks(ys, [str(i) for i in range(1, len(cells) + 1)], fontsize=8)
@@ -182,17 +183,23 @@ def host_memory_png(records: list[CellRecord], title: str) -> bytes:
     handles += [Line2D([], [], linestyle="", marker="s", color=backend_style(b)[0]) for b in backends]
     labels += [f"cell number: {b}" for b in backends]
     fig.legend(handles, labels, loc="lower center", ncols=4, fontsize=7, frameon=False)
-    text.axis("off")
-    text.set_ylim(len(cells) - 0.5, -0.5)
-    for y, r in zip(ys, cells, strict=True):
-        if notes[r.cell_id]:
-            text.text(0.0, y, "\n".join(notes[r.cell_id]), va="center", ha="left", fontsize=6.5, wrap=True,
-                      color=backend_style(r.backend)[0])
-    text.set_title("SGLang's hosting per layer group", fontsize=8, loc="left")
+    if any(notes.values()):
+        _hosting_column(fig.add_subplot(grid[0, 1]), cells, notes)
     fig.suptitle(title, fontsize=10)
     rows = -(-(len(handles)) // 4)
     fig.tight_layout(rect=(0, (0.1 + 0.15 * rows) / height, 1, 1))
     return _png(fig)
+
+
+def _hosting_column(text: Any, cells: list[CellRecord], notes: dict[str, list[str]]) -> None:
+    """Each SGLang cell's hosting lines on its row, in its backend's colour."""
+    text.axis("off")
+    text.set_ylim(len(cells) - 0.5, -0.5)
+    for y, r in enumerate(cells):
+        if notes[r.cell_id]:
+            text.text(0.0, y, "\n".join(notes[r.cell_id]), va="center", ha="left", fontsize=6.5, wrap=True,
+                      color=backend_style(r.backend)[0])
+    text.set_title("SGLang's hosting per layer group", fontsize=8, loc="left")
 
 
 def plan_points(records: list[CellRecord]) -> list[tuple[CellRecord, str, float, float]]:
