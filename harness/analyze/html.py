@@ -3,8 +3,9 @@
 The summary first (`harness.analyze.summary`: fates by card, the seed assertion's verdict, regressions against the
 SKU's baseline, the pick per card), then one section per scenario with its table and, beside it, its figures
 (per card: peak against step time with the Pareto front and the cells that ran out of memory at the card line;
-memory per phase; plan against measured where the records carry plans; baseline against current per metric
-where the summary compared the run with its SKU's baseline, captioned with that file; memory over time).
+memory per phase; host memory with pinned bytes by who pinned them; plan against measured where the records carry
+plans; baseline against current per metric where the summary compared the run with its SKU's baseline, captioned
+with that file; memory over time).
 Cells read as words (`labels.cell_words`) with the compact label on hover; every table sorts on a header click
 (a few lines of inline JavaScript); the figures are inline base64 PNGs, so the page needs no network when viewed.
 
@@ -329,7 +330,7 @@ def baseline_figure(name: str, card: str, comparison: Comparison | None) -> str:
 
 
 def scenario_figures(name: str, recs: list[CellRecord], comparison: Comparison | None = None) -> str:
-    from harness.analyze.figures import phase_memory_png, plan_png, png_of
+    from harness.analyze.figures import host_memory_png, phase_memory_png, plan_png, png_of
     from harness.analyze.plots import pareto_plot, trace_plot
 
     if is_probe(name):
@@ -347,6 +348,11 @@ def scenario_figures(name: str, recs: list[CellRecord], comparison: Comparison |
         out.append(img(phase_memory_png(mine, f"{name} on {card}: device memory per phase"),
                        f"{name} on {card}: memory per phase",
                        "Per phase: allocated, allocator cache above it, and context (NVML minus reserved)."))
+        out.append(img(host_memory_png(mine, f"{name} on {card}: host memory"),
+                       f"{name} on {card}: host memory",
+                       "Host memory per cell: RSS peak, and pinned bytes by who pinned them (the harness's ledger, "
+                       "torch's caching host allocator, SGLang's own registrations), in the colour of the backend "
+                       "that pins that way; at the right, where SGLang's managers hosted each layer group."))
         plan = plan_png(mine, f"{name} on {card}: plan vs measured")
         if plan:
             out.append(img(plan, f"{name} on {card}: plan vs measured",

@@ -301,6 +301,9 @@ def _load(spec: CellSpec, flags: OffloadFlags, record: CellRecord, meter: Any, m
                 pin=bool(flags.pin_cpu_memory), prefetch_size=flags.dit_offload_prefetch_size,
                 backend=spec.backend, flags=flags,
             )
+        # host memory a runtime pinned itself (SGLang's managers), read at this and every later phase end; only
+        # the DiT runs on an engine, so no two components report the same counter
+        meter.host_probe = lambda: {k: v for c in comps.values() for k, v in c.host_counters().items()}
     record.components = {role: c.describe() for role, c in comps.items()}
     # Weights each component holds on the device, read at every phase start and end (the invariants).
     meter.probe = lambda: {role: c.device_weight_bytes(meter.device) for role, c in comps.items()}

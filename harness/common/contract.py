@@ -398,6 +398,15 @@ class PhaseStats:
     pinned_via_allocator_bytes: int | None = None  # ... asked for through torch's caching host allocator
     pinned_torch_allocator_bytes: int | None = None  # what torch's caching host allocator holds (powers of two)
     pinned_regions: int | None = None
+    # the SGLang backend's managers (harness.engine.layerwise): their host tensors by is_pinned(), whoever pinned
+    # them, and the bytes SGLang registered itself with cudaHostRegister (0.5.23; now, at most, ranges), which none
+    # of the counters above sees
+    pinned_sglang_manager_bytes: int | None = None
+    pageable_sglang_manager_bytes: int | None = None
+    mapped_sglang_manager_bytes: int | None = None
+    pinned_sglang_registered_bytes: int | None = None
+    pinned_sglang_registered_peak_bytes: int | None = None
+    pinned_sglang_registered_ranges: int | None = None
     kernel_vmlck_bytes: int | None = None
     kernel_vmpin_bytes: int | None = None
     device_weights_at_start: dict[str, int] | None = None  # per role: parameter bytes on the device

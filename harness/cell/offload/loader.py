@@ -103,6 +103,10 @@ class _SGLang(_Resident):
     def describe(self) -> dict[str, Any]:
         return {"sglang_layerwise": self.engine.describe()}
 
+    def host_counters(self) -> dict[str, int]:
+        """What SGLang's managers hold on the host now, by the harness's counters (`SGLangLayerwise.host_counters`)."""
+        return self.engine.host_counters()
+
 
 @dataclass
 class LoadedComponent:
@@ -120,6 +124,12 @@ class LoadedComponent:
 
     def after_use(self) -> None:
         self.runtime.after_use()
+
+    def host_counters(self) -> dict[str, int]:
+        """Phase counters of host memory the runtime holds that the harness's pinned ledger does not see (a
+        runtime with a `host_counters()`: SGLang's managers); {} for the others."""
+        counters = getattr(self.runtime, "host_counters", None)
+        return counters() if counters is not None else {}
 
     def device_weight_bytes(self, device: Device) -> int:
         """Parameter bytes of this component that live on `device` now (placeholders are empty).
