@@ -68,9 +68,47 @@ def load_engine(version: str) -> tuple[Any, Any, dict[str, Any]]:
         )
     eng = engines[version]
     activate(eng.site, first=False)
+    before = torch_global_state()
     layerwise = importlib.import_module(eng.manifest["layerwise_module"])
     server_args = importlib.import_module(SERVER_ARGS_MODULE)
-    return layerwise, server_args.ServerArgs, {"version": version, "module": eng.manifest["layerwise_module"]}
+    changed = restore_torch_global_state(before)
+    return layerwise, server_args.ServerArgs, {"version": version, "module": eng.manifest["layerwise_module"],
+                                               "import_side_effects": {"changed": changed, "restored": True}}
+
+
+# Process-global torch switches an import may flip. SGLang 0.5.23's CUDA platform module calls
+# `torch.backends.cuda.enable_cudnn_sdp(False)` at import (sglang/multimodal_gen/runtime/platforms/cuda.py:45), which
+# takes cuDNN attention away from every model in the process, the harness's DiT under SGLang's manager included
+# (docs/findings/sglang-import-disables-cudnn-attention.md). The backend compares managers, not attention kernels:
+# the switches are put back after the import and the record keeps what the import changed.
+_SWITCHES: dict[str, tuple[Any, Any]] = {
+    "sdp.cudnn": (lambda: torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.enable_cudnn_sdp),
+    "sdp.flash": (lambda: torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.enable_flash_sdp),
+    "sdp.mem_efficient": (lambda: torch.backends.cuda.mem_efficient_sdp_enabled(),
+                          torch.backends.cuda.enable_mem_efficient_sdp),
+    "sdp.math": (lambda: torch.backends.cuda.math_sdp_enabled(), torch.backends.cuda.enable_math_sdp),
+    "matmul.allow_tf32": (lambda: torch.backends.cuda.matmul.allow_tf32,
+                          lambda v: setattr(torch.backends.cuda.matmul, "allow_tf32", v)),
+    "cudnn.allow_tf32": (lambda: torch.backends.cudnn.allow_tf32,
+                         lambda v: setattr(torch.backends.cudnn, "allow_tf32", v)),
+    "cudnn.benchmark": (lambda: torch.backends.cudnn.benchmark,
+                        lambda v: setattr(torch.backends.cudnn, "benchmark", v)),
+    "float32_matmul_precision": (torch.get_float32_matmul_precision, torch.set_float32_matmul_precision),
+}
+
+
+def torch_global_state() -> dict[str, Any]:
+    """The process-global torch switches of `_SWITCHES`, by name."""
+    return {name: get() for name, (get, _) in _SWITCHES.items()}
+
+
+def restore_torch_global_state(before: dict[str, Any]) -> dict[str, list[Any]]:
+    """Puts every switch of `before` back; returns the ones that had changed, {name: [before, after]}."""
+    after = torch_global_state()
+    changed = {name: [before[name], after[name]] for name in before if after[name] != before[name]}
+    for name in changed:
+        _SWITCHES[name][1](before[name])
+    return changed
 
 
 def bare_server_args(server_args_cls: Any, flags: OffloadFlags) -> Any:
