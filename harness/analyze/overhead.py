@@ -18,8 +18,10 @@ from tabulate import tabulate
 from harness.common.contract import RUNTIME_PHASES, CellRecord, JsonObject, Phase, Status
 from harness.common.records import latest_by_cell, read_cell_records
 
-PARTS = ("process_start_s", "imports_s", "guards_s", "cuda_init_s", "h2d_probe_s", "checkpoint_s", "warmup_s",
-         "teardown_s", "other_s")
+# process_start_s: a spawned child's interpreter start; fork_s and server_start_s: a forked one's fork, and the fork
+# server's start in the run's first forked cell (harness.run.runner.OVERHEAD_PARTS).
+PARTS = ("process_start_s", "fork_s", "server_start_s", "imports_s", "guards_s", "cuda_init_s", "h2d_probe_s",
+         "checkpoint_s", "warmup_s", "teardown_s", "other_s")
 
 
 def fixed_cost(record: CellRecord) -> JsonObject | None:
@@ -51,8 +53,8 @@ def rows(records: list[CellRecord]) -> list[dict[str, str | float | None]]:
         cost = fixed_cost(r)
         if cost is None:
             continue
-        row = {"cell": r.cell_id, "elapsed s": cost["elapsed_s"], "measured s": cost.get("measured_s"),
-               "fixed s": cost["fixed_s"]}
+        row = {"cell": r.cell_id, "start": cost.get("start") or "", "elapsed s": cost["elapsed_s"],
+               "measured s": cost.get("measured_s"), "fixed s": cost["fixed_s"]}
         row |= {p.removesuffix("_s").replace("_", " "): cost.get(p) for p in PARTS}
         row["estimated"] = "yes" if cost["estimated"] else ""
         out.append(row)
