@@ -61,13 +61,22 @@ def rows(records: list[CellRecord]) -> list[dict[str, str | float | None]]:
     return out
 
 
+def server_start_line(records: list[CellRecord]) -> str:
+    """The fork server's start, paid once per run inside its first forked cell (whatever that cell's fate), which
+    the per-cell median leaves out; empty for a run without one."""
+    starts = [(r.cell_id, o["server_start_s"]) for r in records
+              if isinstance(o := r.overhead, dict) and isinstance(o.get("server_start_s"), int | float)]
+    return "".join(f"fork server start: {s:.2f} s, in {cid} (once per run and server)\n" for cid, s in starts)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.analyze.overhead", description=__doc__)
     parser.add_argument("runs", nargs="+", help="run folders or records files")
     args = parser.parse_args(argv)
     for run in args.runs:
         path = Path(run) / "records.jsonl" if Path(run).is_dir() else Path(run)
-        table = rows(read_cell_records(path).records)
+        records = read_cell_records(path).records
+        table = rows(records)
         print(f"## {run}\n")
         if not table:
             print("no cell ran to the end: no fixed cost to show\n")
@@ -76,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         fixed = [r["fixed s"] for r in table]
         print(f"\nfixed cost per cell: median {statistics.median(fixed):.2f} s, min {min(fixed):.2f} s, max "
               f"{max(fixed):.2f} s over {len(fixed)} cells; measured part median "
-              f"{statistics.median(r['measured s'] for r in table):.2f} s\n")
+              f"{statistics.median(r['measured s'] for r in table):.2f} s")
+        print(server_start_line(records) + "\n")
     return 0
 
 

@@ -48,6 +48,7 @@ CELL_MODULES = ("harness.cell.worker", "harness.cell.measure", "harness.cell.pip
 HEAVY_ROOTS = ("diffusers", "transformers")
 CUDA_ABORT_CODE = 70  # the server's exit code when it finds a CUDA context before a fork (EX_SOFTWARE)
 _PR_SET_PDEATHSIG = 1
+NVML_CHECK_ENV = "PYTORCH_NVML_BASED_CUDA_CHECK"
 
 
 def lazy_heavy_imports(module_files: list[Path]) -> list[tuple[str, str]]:
@@ -74,6 +75,11 @@ def preload() -> dict[str, Any]:
     before = dict(os.environ)
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # as worker.main sets them before its first import
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # An import that asks torch.cuda.is_available() would otherwise initialise the CUDA driver here (the runtime's
+    # cudaGetDeviceCount), and a driver initialised before a fork fails in the child; through NVML it does not.
+    # Not passed on: a child asks as a spawned one does.
+    nvml_check = os.environ.get(NVML_CHECK_ENV)
+    os.environ[NVML_CHECK_ENV] = "1"
     import torch
 
     from harness.models import ZOO, model_names
@@ -89,6 +95,10 @@ def preload() -> dict[str, Any]:
             getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError) as e:
             missing.append(f"{module}.{name}: {type(e).__name__}: {e}")
+    if nvml_check is None:
+        del os.environ[NVML_CHECK_ENV]
+    else:
+        os.environ[NVML_CHECK_ENV] = nvml_check
     # what the imports set in the environment (torch's TORCHINDUCTOR_CACHE_DIR): a child gets them under its own,
     # as a spawned child's imports would set them
     env_set = {k: v for k, v in os.environ.items() if before.get(k) != v}
