@@ -20,7 +20,8 @@ for m in fork-server spawn; do
   echo "$m: exit $?, $((SECONDS - t0)) s wall"; tail -2 "$OUT/$m.out"
 done
 for m in fork-server spawn; do
-  python3 -m harness.analyze.overhead "$OUT/runs/$m" >"$OUT/$m.overhead.md" 2>&1; echo "$m: $(tail -2 "$OUT/$m.overhead.md")"
+  python3 -m harness.analyze.overhead "$OUT/runs/$m" >"$OUT/$m.overhead.md" 2>&1
+  echo "$m:"; grep -E "^(fixed cost|fork server start)" "$OUT/$m.overhead.md"
 done
 python3 - "$OUT" <<'PY'
 import json, sys
