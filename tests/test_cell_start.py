@@ -259,7 +259,7 @@ def test_a_forked_child_that_hangs_is_killed_with_its_whole_tree(forked) -> None
 @pytest.mark.parametrize("fault", ["load:sigkill", "load:segv", "load:tree"])
 def test_fates_read_the_same_spawned(forked, spawned, tmp_path, fault: str) -> None:
     run, folder = forked
-    timeout = 30 if fault == "load:tree" else None  # a spawned child reaches the load in 5-10 s here
+    timeout = 20 if fault == "load:tree" else None  # a spawned child reaches the load in 5-10 s here
     a = run_cell(run, one_cell(folder, f"twin-{fault.replace(':', '-')}", timeout), env={FAULT: fault})
     with spawning():
         b = run_cell(spawned, one_cell(tmp_path, f"twin-{fault.replace(':', '-')}", timeout), env={FAULT: fault})
@@ -330,3 +330,58 @@ def test_the_server_restarts_when_the_environment_changes(tmp_path, monkeypatch)
     finally:
         server.close()
     assert server.pid is None and not servers_for(tmp_path)
+
+
+@pytest.mark.slow
+def test_a_server_that_dies_under_a_cell_makes_it_a_crash_and_the_next_cell_forks_again(tmp_path, monkeypatch,
+                                                                                          capsys) -> None:
+    import threading
+
+    for key, value in {**BASE_ENV, CELL_START_ENV: FORK_SERVER}.items():
+        monkeypatch.setenv(key, value)
+    run = Run.create(tmp_path / "results", "cpu", "lost", verbose=False)
+    cell = one_cell(tmp_path, "lost", timeout_s=120)
+
+    def kill_the_server() -> None:
+        log = runner._cell_dir(run, cell) / "child.log"
+        wait_for(lambda: log.exists() and b"phase load" in log.read_bytes(), 60, "the child to hang in load")
+        os.kill(run.fork_server.pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_the_server)
+    killer.start()
+    try:
+        rec = run_cell(run, cell, env={FAULT: "load:hang"})
+        killer.join(60)
+        assert (rec.status, rec.signal, rec.failed_phase) == ("crash", 9, "load")
+        assert rec.reason == "child killed by signal 9 (SIGKILL) without writing a record"
+        wait_for(lambda: gone(rec.child_pid), 10, "the child to die with its server")
+        assert f"{cell.cell_id}: the fork server exited" in capsys.readouterr().err
+        again = run_cell(run, one_cell(tmp_path, "again"))
+        assert again.status == "ok" and again.overhead["start"] == "fork-server"
+        assert "server_start_s" in again.overhead  # a new server
+    finally:
+        run.close()
+    assert not servers_for(run.run_dir)
+
+
+@pytest.mark.slow
+def test_a_server_that_cannot_start_leaves_the_run_to_spawn(tmp_path, monkeypatch, capsys) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os, sys\nif 'harness.cell.forkserver' in ' '.join(sys.orig_argv):\n"
+        "    print('a broken fork server', file=sys.stderr, flush=True)\n    os._exit(3)\n")
+    for key, value in {**BASE_ENV, CELL_START_ENV: FORK_SERVER}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    run = Run.create(tmp_path / "results", "cpu", "broken", verbose=False)
+    try:
+        first = run_cell(run, one_cell(tmp_path, "broken-a"))
+        second = run_cell(run, one_cell(tmp_path, "broken-b"))
+    finally:
+        run.close()
+    err = capsys.readouterr().err
+    assert "the fork server exited (exit code 3)" in err and "a broken fork server" in err
+    assert err.count("the rest of the run are spawned") == 1  # warned once, not retried per cell
+    assert [r.status for r in (first, second)] == ["ok", "ok"]
+    assert [r.overhead["start"] for r in (first, second)] == ["spawn", "spawn"]

@@ -112,6 +112,7 @@ class ForkServer:
         self.pending: list[dict[str, Any]] = []  # the other replies, not yet taken
         self.env: dict[str, str] = {}
         self.info: dict[str, Any] = {}
+        self.lost: str | None = None  # why the server went away under a running child (its log's end)
 
     @property
     def pid(self) -> int | None:
@@ -137,6 +138,7 @@ class ForkServer:
         req_r, self.requests = os.pipe()
         self.replies, rep_w = os.pipe()
         self.env, self.buffer, self.exits, self.pending = server_environment(os.environ), b"", {}, []
+        self.lost = None
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "harness.cell.forkserver", "--requests", str(req_r), "--replies", str(rep_w),
@@ -150,7 +152,7 @@ class ForkServer:
         ready = self._next("ready", READY_TIMEOUT_S)
         self.info = ready["ready"]
         if self.info.get("cuda_initialized") is not False:
-            raise self._failed(f"it reports a CUDA context after its preload ({self.info})")
+            raise self._failed(f"reported a CUDA context after its preload ({self.info})")
 
     def fork(self, argv: list[str], env: Mapping[str, str], cwd: Path, log: Path) -> ForkedChild:
         """One child running `python -m harness.cell.worker ARGV` with `env`, in `cwd`, its output appended to `log`."""
@@ -158,7 +160,7 @@ class ForkServer:
         try:
             os.write(self.requests, (json.dumps(request) + "\n").encode())
         except OSError as e:
-            raise self._failed(f"it does not take requests ({e})") from None
+            raise self._failed(f"took no request ({e})") from None
         answer = self._next("forked", FORK_TIMEOUT_S)
         return ForkedChild(self, int(answer["forked"]))
 
@@ -173,7 +175,8 @@ class ForkServer:
             try:
                 if not self._read(left) and left == 0.0:
                     return None
-            except ServerError:
+            except ServerError as e:
+                self.lost = str(e)
                 return self.exits.get(pid, -int(signal.SIGKILL))
         return self.exits.pop(pid)
 
@@ -185,23 +188,23 @@ class ForkServer:
                 if kind in message or "refused" in message:
                     del self.pending[i]
                     if "refused" in message:
-                        raise self._failed(str(message["refused"]))
+                        raise self._failed(f"refused to fork: {message['refused']}")
                     return message
             left = deadline - time.monotonic()
             if left <= 0:
-                raise self._failed(f"no {kind!r} answer within {timeout:.0f} s")
+                raise self._failed(f"gave no {kind!r} answer within {timeout:.0f} s")
             self._read(left)
 
     def _read(self, timeout: float | None) -> bool:
         """Reads what the server said within `timeout` s into exits / pending; False if it said nothing."""
         if self.replies < 0:
-            raise ServerError("fork server stopped")
+            raise ServerError("the fork server was stopped")
         ready, _, _ = select.select([self.replies], [], [], timeout)
         if not ready:
             return False
         data = os.read(self.replies, 65536)
         if not data:
-            raise self._failed("it exited")
+            raise self._failed("exited")
         self.buffer += data
         while b"\n" in self.buffer:
             line, self.buffer = self.buffer.split(b"\n", 1)
@@ -214,10 +217,11 @@ class ForkServer:
 
     def _failed(self, why: str) -> ServerError:
         """Stops what is left of the server; the error names why and the end of its log."""
-        code = None if self.proc is None else self.proc.poll()
-        self.close()
+        proc = self.proc
+        self.close()  # reaps it (a live one exits at EOF on its requests, or is killed after 10 s)
+        code = None if proc is None else proc.returncode
         tail = self.log.read_bytes()[-1500:].decode("utf-8", "replace") if self.log.exists() else ""
-        return ServerError(f"fork server {why}" + (f" (exit code {code})" if code is not None else "")
+        return ServerError(f"the fork server {why}" + (f" (exit code {code})" if code is not None else "")
                            + (f"; the end of {self.log}:\n{tail}" if tail.strip() else ""))
 
     def close(self) -> None:

@@ -511,6 +511,8 @@ def _run_child(run: Run, cell: Cell, cdir: Path, label: str, env: dict[str, str]
         proc = _start_child(run, server, ["--cell", str(cdir / "cell.json"), "--out", str(out)], child_env, logf)
         fate = _wait(proc, log, timeout, run, progress)
     elapsed, exited_at = time.monotonic() - started, time.time()
+    if isinstance(proc, ForkedChild) and proc.server.lost:  # its child died of its parent-death signal
+        run.warn(f"{cell.cell_id}: {proc.server.lost}")
     record = _record_from_child(run, cell, out, log, proc.returncode, fate)
     finish_overhead(record, elapsed, exited_at, FORK_SERVER if isinstance(proc, ForkedChild) else SPAWN,
                     server_start_s)
