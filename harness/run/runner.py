@@ -1,4 +1,6 @@
-"""The parent side: one spawned child per cell, its fate recorded, every record appended as the cell ends.
+"""The parent side: one child per cell, its fate recorded, every record appended as the cell ends. The child is
+forked by the run's fork server or spawned (`harness.run.cell_start`, OFFLOAD_BENCH_CELL_START); either way it runs
+`python -m harness.cell.worker`, in its own process group, and its fate reads the same.
 
 Fates (exactly one per cell): the child's own record says ok / oom (with the phase) / error (with the exception)
 / skipped (a guard's numbers, `harness.cell.guards`). If the child dies without a record it is a crash (signal or exit
@@ -8,7 +10,8 @@ holds a CUDA context that would distort the children's numbers.
 
 Nothing lost: each record is appended (locked, fsynced) the moment its cell ends, with SIGINT/SIGTERM held back
 for the few microseconds of the write. Ctrl-C or SIGTERM in the parent kills the running child's process group
-and leaves every finished cell on disk; if the parent is SIGKILLed its child dies with it (PR_SET_PDEATHSIG).
+and leaves every finished cell on disk; if the parent is SIGKILLed its child dies with it (PR_SET_PDEATHSIG; a
+forked child's server sees its request pipe close, exits, and the child dies of its own parent-death signal).
 Rerunning with the same run id runs only cells without a complete record of the same spec; a torn last line
 (a writer that died mid-line) or garbage lines are reported as file:line warnings and never rewritten.
 Two parents sharing a run folder take a per-cell lock, so they never run one cell twice or share its files.
