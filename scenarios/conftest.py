@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -419,7 +419,7 @@ def worker_child_env(worker_id: str | None, device: str, env: Mapping[str, str])
 
 
 @pytest.fixture(scope="session")
-def bench(request: pytest.FixtureRequest) -> Records:
+def bench(request: pytest.FixtureRequest) -> Iterator[Records]:
     config = request.config
     device = "cuda" if _profile(config) == "gpu" else "cpu"
     worker = _worker_id(config)
@@ -432,8 +432,9 @@ def bench(request: pytest.FixtureRequest) -> Records:
     if worker is None:  # an xdist worker's terminal is not shown: its lines stay in the captured output
         run.sink = live_lines(config)
     (run.sink or print)(f"offload-bench: records -> {run.records_path}{where}")
-    return Records(run, getattr(config, "_offload_bench_cells", 0), env or None,
-                   getattr(config, "_offload_bench_cost", 0))
+    yield Records(run, getattr(config, "_offload_bench_cells", 0), env or None,
+                  getattr(config, "_offload_bench_cost", 0))
+    run.close()  # the session's fork server (harness.run.cell_start) ends with it
 
 
 def live_lines(config: pytest.Config) -> Callable[[str], None] | None:

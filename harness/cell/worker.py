@@ -13,6 +13,7 @@ import errno
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -39,7 +40,7 @@ from harness.common.records import now_iso, write_json_atomic
 MODULE_STARTED_AT = time.time()
 
 # Faults the CPU tests inject to prove every fate is recorded (issue: nothing lost, nothing hangs).
-FAULT_ENV = "OFFLOAD_BENCH_FAULT"  # "<phase>:<raise|hang|sigkill|oom|enospc>"
+FAULT_ENV = "OFFLOAD_BENCH_FAULT"  # "<phase>:<raise|hang|tree|sigkill|segv|oom|enospc>"
 
 
 def _progress(msg: str) -> None:
@@ -57,11 +58,19 @@ def _phase_start_hook(spec: str | None) -> Any:
             return
         if kind == "raise":
             raise RuntimeError(f"injected fault in phase {name}")
-        if kind == "hang":
+        if kind == "tree":  # a hang with two grandchildren, one of which left the group: a timeout kills both
+            stay = subprocess.Popen(["sleep", "600"])
+            left = subprocess.Popen(["sleep", "601"], start_new_session=True)
+            _progress(f"fault tree: grandchildren {stay.pid} {left.pid}")
+        if kind in ("hang", "tree"):
             while True:
                 time.sleep(1)
         if kind == "sigkill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if kind == "segv":  # a real segmentation fault (a native crash), not a signal sent
+            import ctypes
+
+            ctypes.string_at(0)
         if kind == "oom":
             from harness.cell.offload.memory import SimulatedOutOfMemoryError
 
@@ -124,7 +133,8 @@ def run_cell(spec: CellSpec) -> CellRecord:
     """Runs one cell and returns its record (never raises for failures inside the run).
 
     `record.overhead` is the cell's fixed cost, in seconds, part by part: process_start_s (parent's spawn to this
-    module), imports_s (torch and the harness stack), guards_s, cuda_init_s (the CUDA context, made here so that no
+    module; the runner names it fork_s for a child of the fork server, which sets MODULE_STARTED_AT at the fork),
+    imports_s (torch and the harness stack), guards_s, cuda_init_s (the CUDA context, made here so that no
     measured phase pays for it), h2d_probe_s (0 when the runner passed down an earlier cell's probe),
     checkpoint_s, warmup_s (the scenario's warm-up rounds), measured_s (the load phase and the measured rounds:
     what the record's numbers come from) and child_s (module start to record); the runner adds teardown_s,
