@@ -14,6 +14,7 @@ from harness import cli
 from harness.models import UnknownModelError, get_model
 from harness.models.folder import FolderError, folder_spec, folder_weights, module_lists
 from harness.plan.planner import load_data
+from tests.pipeline_folders import folder_cells as _folder_cells
 from tests.pipeline_folders import write_pipeline_folder
 
 
@@ -97,24 +98,6 @@ def test_unknown_pipelines_and_transformers_without_blocks_are_named(folders: di
         get_model(str(tmp_path / "nothing-here"))
 
 
-def _folder_cells(folder: Path, tmp_path: Path, axes: str, frames: int = 1,
-                  latents_dir: Path | None = None) -> list[dict]:
-    """Each cell of a 64x64, 2-step, true-CFG scenario on the folder, run in this process (CPU, one round); with
-    `latents_dir`, cell i saves its final latents there as latents{i}.pt."""
-    from dataclasses import replace
-
-    from harness.cell.worker import run_cell
-    from harness.plan.scenario import expand, load_scenario
-    from harness.run.runner import spec_for_child
-
-    path = tmp_path / "folder.toml"
-    path.write_text(f'name = "folder"\nmodel = "{folder}"\nprofile = "cpu"\ncards = ["native"]\nheight = 64\n'
-                    f'width = 64\nframes = {frames}\nsteps = 2\ntrue_cfg_scale = 4.0\nseed = 0\n{axes}')
-    return [run_cell(replace(spec_for_child(c, "cpu"), warmup=0, rounds=1,
-                             latents_out=str(latents_dir / f"latents{i}.pt") if latents_dir else None)).to_dict()
-            for i, c in enumerate(expand(load_scenario(path)))]
-
-
 @pytest.mark.parametrize("twin", ["flux-tiny", "qwen-image-tiny", "wan-tiny"])
 def test_a_float32_folder_runs_in_its_stored_dtype(folders: dict[str, Path], tmp_path: Path, twin: str) -> None:
     """The pipeline's latents, timesteps and text states follow the DiT's stored dtype (float32 here), not bfloat16
@@ -192,3 +175,4 @@ def test_a_flux_folder_computes_what_diffusers_flux_pipeline_does(folders: dict[
         assert stats["shape"] == list(image.shape)
         for key, value in (("mean", image.mean()), ("std", image.std()), ("absmax", image.abs().max())):
             assert stats[key] == pytest.approx(float(value), rel=1e-2 if dtype == "bfloat16" else 1e-5, abs=1e-6)
+
