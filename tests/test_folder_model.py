@@ -176,3 +176,24 @@ def test_a_flux_folder_computes_what_diffusers_flux_pipeline_does(folders: dict[
         for key, value in (("mean", image.mean()), ("std", image.std()), ("absmax", image.abs().max())):
             assert stats[key] == pytest.approx(float(value), rel=1e-2 if dtype == "bfloat16" else 1e-5, abs=1e-6)
 
+def test_a_scenario_file_names_a_folder(folders: dict[str, Path], tmp_path: Path) -> None:
+    """`model = "/path"` in a scenario file, or a path relative to the file's folder ("./my-flux"): the folder's
+    model, by its resolved path, in every cell; `with_model` writes a copy on another model (capacity and bench
+    --model)."""
+    from harness.plan.scenario import ScenarioError, expand, load_scenario, with_model
+
+    shutil.copytree(folders["flux-tiny"], tmp_path / "my-flux")
+    text = (Path(__file__).resolve().parent.parent / "scenarios" / "cpu" / "flux_tiny.toml").read_text()
+    for value in (str(tmp_path / "my-flux"), "./my-flux", "my-flux/../my-flux"):
+        path = tmp_path / "s.toml"
+        path.write_text(text.replace('model = "flux-tiny"', f"model = {json.dumps(value)}"))
+        scenario = load_scenario(path)
+        assert scenario.model == str((tmp_path / "my-flux").resolve()), value
+        assert {c.spec("cpu").model for c in expand(scenario)} == {scenario.model}
+    copy = with_model(tmp_path / "s.toml", "flux-tiny", tmp_path / "elsewhere" / "copy.toml")
+    assert load_scenario(copy).model == "flux-tiny"
+    assert copy.read_text().replace('model = "flux-tiny"', "") == path.read_text().replace(
+        f"model = {json.dumps(value)}", "")
+    with pytest.raises(ScenarioError, match="unknown model"):
+        with_model(path, str(tmp_path / "nothing"), tmp_path / "x.toml")
+
