@@ -11,7 +11,11 @@ from typing import Any
 PIPELINE = {"flux-tiny": "FluxPipeline", "qwen-image-tiny": "QwenImagePipeline", "wan-tiny": "WanPipeline"}
 
 
-def write_pipeline_folder(root: Path, zoo_name: str, *, shard_dit: bool = False, dtype: str = "float32") -> Path:
+def write_pipeline_folder(root: Path, zoo_name: str, *, shard_dit: bool = False, dtype: str = "float32",
+                          dit_class: str | None = None) -> Path:
+    """The folder of zoo twin `zoo_name`; with `dit_class`, its transformer is that diffusers class instead, built
+    from the twin's DiT config (a class the zoo does not know: SkyReelsV2Transformer3DModel for Wan)."""
+    import diffusers
     import torch
 
     from harness.models import get_model
@@ -48,6 +52,8 @@ def write_pipeline_folder(root: Path, zoo_name: str, *, shard_dit: bool = False,
         mods["text_encoder"] = (Qwen2_5_VLForConditionalGeneration(config), "transformers")
         mods["transformer"] = (QwenImageTransformer2DModel(**dit), "diffusers")
         mods["vae"] = (AutoencoderKLQwenImage(**vae), "diffusers")
+    if dit_class is not None:
+        mods["transformer"] = (getattr(diffusers, dit_class)(**dit), "diffusers")
     for sub, (module, library) in mods.items():
         module = module.to(cast)
         kwargs = {"max_shard_size": "200KB"} if shard_dit and sub == "transformer" else {}

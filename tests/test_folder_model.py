@@ -176,6 +176,7 @@ def test_a_flux_folder_computes_what_diffusers_flux_pipeline_does(folders: dict[
         for key, value in (("mean", image.mean()), ("std", image.std()), ("absmax", image.abs().max())):
             assert stats[key] == pytest.approx(float(value), rel=1e-2 if dtype == "bfloat16" else 1e-5, abs=1e-6)
 
+
 def test_a_scenario_file_names_a_folder(folders: dict[str, Path], tmp_path: Path) -> None:
     """`model = "/path"` in a scenario file, or a path relative to the file's folder ("./my-flux"): the folder's
     model, by its resolved path, in every cell; `with_model` writes a copy on another model (capacity and bench
@@ -197,3 +198,39 @@ def test_a_scenario_file_names_a_folder(folders: dict[str, Path], tmp_path: Path
     with pytest.raises(ScenarioError, match="unknown model"):
         with_model(path, str(tmp_path / "nothing"), tmp_path / "x.toml")
 
+
+def test_a_transformer_class_the_harness_cannot_build_or_drive_is_one_line(folders: dict[str, Path],
+                                                                            tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A class diffusers does not have (the folder's own code) plans, and is refused in one line by what would run
+    it (a scenario, `offload-bench run`); a diffusers class whose forward lacks what the pipeline passes fails its
+    cell at load with one line naming both (ChromaTransformer2DModel under FluxPipeline: no guidance, no pooled
+    projections)."""
+    from harness.models.folder import unrunnable
+    from harness.plan.scenario import ScenarioError
+
+    mine = tmp_path / "mine"
+    shutil.copytree(folders["wan-tiny"], mine)
+    cfg = json.loads((mine / "transformer" / "config.json").read_text())
+    (mine / "transformer" / "config.json").write_text(json.dumps({**cfg, "_class_name": "MyDiT"}))
+    assert "transformer class MyDiT is not a diffusers class" in unrunnable(get_model(str(mine)))
+    assert cli.main(["plan", "--model", str(mine), "--card", "big=2", "--resolution", "64x64", "--frames", "5",
+                     "--flags", "dit_cpu_offload=true,dit_layerwise_offload=true"]) == 0
+    capsys.readouterr()
+    assert cli.main(["run", "--model", str(mine), "--card", "big=2", "--results", str(tmp_path / "results")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "MyDiT is not a diffusers class" in err and err.count("\n") == 1
+    assert not (tmp_path / "results").exists()
+    with pytest.raises(ScenarioError, match=r"model: .*MyDiT is not a diffusers class"):
+        _folder_cells(mine, tmp_path, "", frames=5)
+
+    chroma = tmp_path / "chroma"
+    shutil.copytree(folders["flux-tiny"], chroma)
+    cfg = json.loads((chroma / "transformer" / "config.json").read_text())
+    (chroma / "transformer" / "config.json").write_text(json.dumps({**cfg, "_class_name": "ChromaTransformer2DModel"}))
+    assert unrunnable(get_model(str(chroma))) is None  # diffusers has it: only building it tells
+    (rec,) = _folder_cells(chroma, tmp_path, "[flags]\ndit_cpu_offload = true\n")
+    assert rec["status"] == "error" and rec["failed_phase"] == "load", rec
+    assert rec["reason"].endswith("transformer class ChromaTransformer2DModel: its forward takes no guidance, "
+                                  "pooled_projections, which the harness's FluxPipeline passes: the harness cannot "
+                                  "drive it")

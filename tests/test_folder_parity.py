@@ -255,3 +255,18 @@ def test_a_bfloat16_folder_computes_what_diffusers_does(folders: Callable[[str, 
     same, image = wan_reference(folder, "bfloat16", fp32_modules=False, frames=1)
     _assert_bitwise(ours, same, image, 1e-2)
 
+
+def test_a_transformer_class_the_zoo_does_not_know_runs_layerwise(tmp_path: Path) -> None:
+    """A WanPipeline folder whose transformer is SkyReelsV2Transformer3DModel (a diffusers class the zoo has no
+    entry for): built from its config, its blocks found by the generic ModuleList rule and streamed by the layerwise
+    runtime, driven by the Wan pipeline code; bitwise what WanPipeline computes with that transformer."""
+    folder = write_pipeline_folder(tmp_path / "skyreels", "wan-tiny", dit_class="SkyReelsV2Transformer3DModel")
+    spec = get_model(str(folder))
+    assert spec.components["dit"].factory == "harness.models.folder:build_diffusers_dit"
+    assert spec.components["dit"].layer_group_sizes() == {"blocks": 12}
+    ours = _ours(folder, tmp_path / "cells", "[flags]\ndit_cpu_offload = true\ndit_layerwise_offload = true\n", 5)
+    assert _placements(ours) == {"layerwise-from-host"}
+    groups = ours[0][0]["components"]["dit"]["layerwise"]["groups"]
+    assert list(groups) == ["blocks"] and groups["blocks"]["streamed_layers"] == 12
+    theirs, image = wan_reference(folder, "float32")
+    _assert_bitwise(ours, theirs, image, 1e-5)

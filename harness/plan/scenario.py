@@ -34,8 +34,8 @@ from harness.common.contract import (
 from harness.common.flags import FlagError, OffloadFlags, check_flag_value, flag_json, is_finite_number
 from harness.common.inputs import InputError, env_number, name_problem
 from harness.common.units import GIB, MIB
-from harness.models import UnknownModelError, get_model, model_names
-from harness.models.folder import is_folder_model
+from harness.models import ModelSpec, UnknownModelError, get_model, model_names
+from harness.models.folder import is_folder_model, unrunnable
 from harness.policy import (
     EngineContext,
     EngineError,
@@ -372,7 +372,7 @@ def load_scenario(path: Path | str) -> Scenario:
     data = _read_toml(path)
     name = _name(data, path)
     try:
-        model = get_model(_model_name(data.get("model"), path), f"{path}: model")
+        model = _runnable_model(data.get("model"), path)
         policy = check_policy(data.get("policy", "sglang"), f"{path}: policy")
     except (UnknownModelError, FlagError) as e:
         raise ScenarioError(str(e)) from None
@@ -418,6 +418,16 @@ def _model_name(value: Any, path: Path) -> Any:
         if is_folder_model(str(beside)):
             return str(beside.resolve())
     return value
+
+
+def _runnable_model(value: Any, path: Path) -> ModelSpec:
+    """The scenario's model; one the harness plans but cannot run (harness.models.folder.unrunnable) is this
+    file's error."""
+    model = get_model(_model_name(value, path), f"{path}: model")
+    problem = unrunnable(model)
+    if problem is not None:
+        raise _err(path, "model", problem)
+    return model
 
 
 def with_model(path: Path | str, model: str, out: Path) -> Path:
