@@ -34,7 +34,8 @@ from harness.common.contract import (
 from harness.common.flags import FlagError, OffloadFlags, check_flag_value, flag_json, is_finite_number
 from harness.common.inputs import InputError, env_number, name_problem
 from harness.common.units import GIB, MIB
-from harness.models import UnknownModelError, get_model
+from harness.models import ModelSpec, UnknownModelError, get_model, model_names
+from harness.models.folder import is_folder_model, unrunnable
 from harness.policy import (
     EngineContext,
     EngineError,
@@ -371,7 +372,7 @@ def load_scenario(path: Path | str) -> Scenario:
     data = _read_toml(path)
     name = _name(data, path)
     try:
-        model = get_model(data.get("model"), f"{path}: model")
+        model = _runnable_model(data.get("model"), path)
         policy = check_policy(data.get("policy", "sglang"), f"{path}: policy")
     except (UnknownModelError, FlagError) as e:
         raise ScenarioError(str(e)) from None
@@ -407,6 +408,62 @@ def load_scenario(path: Path | str) -> Scenario:
     _check_expectations_match(scenario, cells, path)
     _check_run_options_apply(scenario, cells, path)
     return scenario
+
+
+def _model_name(value: Any, path: Path) -> Any:
+    """The scenario's `model`: a zoo name, or a pipeline folder; a relative folder ("./my-model", "../models/x") is
+    read from the scenario file's folder when it holds one there, else from the working folder."""
+    if isinstance(value, str) and value not in model_names() and not Path(value).expanduser().is_absolute():
+        beside = path.parent / value
+        if is_folder_model(str(beside)):
+            return str(beside.resolve())
+    return value
+
+
+def _runnable_model(value: Any, path: Path) -> ModelSpec:
+    """The scenario's model; one the harness plans but cannot run (harness.models.folder.unrunnable) is this
+    file's error."""
+    model = get_model(_model_name(value, path), f"{path}: model")
+    problem = unrunnable(model)
+    if problem is not None:
+        raise _err(path, "model", problem)
+    return model
+
+
+def with_model(path: Path | str, model: str, out: Path) -> Path:
+    """A copy of scenario file `path` written to `out`, its `model` replaced by `model` (a zoo name, or a pipeline
+    folder as its absolute path), everything else as written: how `capacity --model` and `bench --model` run a
+    scenario on your checkpoint. The copy is what the run loads, so `report` reads it back the same.
+
+    Raises:
+        ScenarioError: the file does not name its model on a top-level `model = "..."` line, or `model` is no
+            model the harness knows.
+    """
+    path = Path(path)
+    try:
+        spec = get_model(model, "--model")
+    except UnknownModelError as e:
+        raise ScenarioError(str(e)) from None
+    text = path.read_text(encoding="utf-8")
+    head, sep, tables = text.partition("\n[")  # the top-level keys come before the first table
+    new, n = re.subn(r'(?m)^model\s*=\s*"[^"\n]*"[ \t]*', lambda _: f"model = {json.dumps(spec.name)}", head)
+    if n != 1:
+        raise _err(path, "model", 'expected one top-level line model = "..." to replace')
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(new + sep + tables, encoding="utf-8")
+    return out
+
+
+def same_family(path: Path | str, model: str) -> bool:
+    """Whether scenario file `path`'s model and `model` run the same pipeline (family, and edit or not): the
+    scenarios whose settings (frames, CFG batching, prefetch windows) apply to `model` too."""
+    try:
+        mine = get_model(_model_name(tomllib.loads(Path(path).read_text(encoding="utf-8")).get("model"),
+                                     Path(path).resolve()))
+        other = get_model(model)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, UnknownModelError):
+        return False
+    return (mine.family, mine.edit) == (other.family, other.edit)
 
 
 def _check_run_options_apply(scenario: Scenario, cells: list[Cell], path: Path) -> None:
