@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from harness.analyze.expect import plan_within_verdict
-from harness.common.contract import CellRecord, LayerPool, as_record, is_probe
+from harness.common.contract import CellRecord, LayerPool, RecordError, as_record, is_probe
 from harness.common.flags import OffloadFlags
 from harness.common.records import read_cell_records
 from harness.common.units import GIB
@@ -24,6 +24,7 @@ from harness.models import get_model, model_names
 from harness.plan.advise import advise, combinations, describe
 from harness.plan.planner import (
     WARM_KERNELS_BYTES,
+    PlanError,
     Workload,
     check_record,
     fit,
@@ -534,35 +535,58 @@ def test_a_model_without_records_borrows_its_dit_twin_or_says_so() -> None:
 # -------------------------------------------------------------------------------------- records and checks
 
 
-def test_plan_entry_is_the_records_plan_and_never_raises() -> None:
+def _planner_fails_for(monkeypatch: pytest.MonkeyPatch, flags: OffloadFlags) -> None:
+    """The planner raises PlanError for cells of these effective flags (a gap in its data) and plans the others."""
+    from harness.plan.planner import model as planner_model
+
+    real = planner_model.plan
+
+    def plan_or_fail(name: str, effective: OffloadFlags, *args: Any, **kwargs: Any) -> Any:
+        if effective == flags:
+            raise PlanError(f"no data for {effective.label()}")
+        return real(name, effective, *args, **kwargs)
+
+    monkeypatch.setattr(planner_model, "plan", plan_or_fail)
+
+
+def test_plan_entry_is_the_records_plan_and_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     record = next(r for r in _records("h100/qwen-image-edit-5090-s2.records.jsonl") if r["status"] == "ok")
     entry = plan_entry(as_record(record))
     assert entry is not None and entry["fits"] and entry["placements"]["dit"] == "layerwise-from-host"
     assert check_record(as_record({**record, "plan": entry})).source == "recorded"
     assert check_record(as_record(record)).source == "derived"
-    broken = {**record, "effective": {**record["effective"], "dit_cpu_offload": "maybe"}}
-    assert "error" in plan_entry(as_record(broken))
+    _planner_fails_for(monkeypatch, as_record(record).effective)
+    assert plan_entry(as_record(record)) == {"error": f"PlanError: no data for {as_record(record).effective.label()}"}
     assert plan_entry(as_record({**record, "backend": "diffusers-group"})) is None
 
 
-def test_a_cell_the_planner_cannot_plan_is_shown_not_raised() -> None:
-    """A report or an expectation over a cell whose flags the planner cannot plan (here flags it cannot read; the
-    runner stored the error as the record's plan) shows the cell with the reason and judges the others."""
+def test_a_record_with_flags_no_reader_can_read_names_the_field() -> None:
+    """Flags are typed when a record is read: a value no flag takes makes the line unreadable, naming the record and
+    the section, before any planner or report sees it."""
+    record = next(r for r in _records("h100/qwen-image-edit-5090-s2.records.jsonl") if r["status"] == "ok")
+    broken = {**record, "effective": {**record["effective"], "dit_cpu_offload": "maybe"}}
+    with pytest.raises(RecordError, match=r"effective.*dit_cpu_offload"):
+        as_record(broken)
+
+
+def test_a_cell_the_planner_cannot_plan_is_shown_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A report or an expectation over a cell the planner cannot plan (here a gap in its data; the runner stored
+    the error as the record's plan) shows the cell with the reason and judges the others."""
     from harness.analyze.report import render
 
     records = _records("h100/qwen-image-edit-5090-s2.records.jsonl")
     i, good = next((i, r) for i, r in enumerate(records) if r["status"] == "ok")
-    broken = {**good, "effective": {**good["effective"], "dit_cpu_offload": "maybe"}}
-    broken["plan"] = plan_entry(as_record(broken))
+    _planner_fails_for(monkeypatch, as_record(good).effective)
+    broken = {**good, "plan": plan_entry(as_record(good))}
     records[i] = broken
     c = check_record(as_record(broken))
-    assert c is not None and c.not_planned.startswith("FlagError: ") and c.verdict_ok
+    assert c is not None and c.not_planned.startswith("PlanError: ") and c.verdict_ok
     assert c.predicted_load is None and c.measured_load == good["phases"]["load"]["alloc_peak_reserved_bytes"]
     row = next(r for r in plan_rows(as_records(records)) if r["cell"] == good["cell_id"])
-    assert row["fate planned / measured"] == "not planned / ok" and row["plan"].startswith("not planned: FlagError")
+    assert row["fate planned / measured"] == "not planned / ok" and row["plan"].startswith("not planned: PlanError")
     verdict = plan_within_verdict("rtx5090-32g", as_records(records), {"peak": 0.05, "time": 0.10})
-    assert verdict.passed and f"{broken['cell_id'].rsplit('/', 1)[-1]} not planned: FlagError" in verdict.message
-    assert "not planned: FlagError" in render(as_records(records))
+    assert verdict.passed and f"{broken['cell_id'].rsplit('/', 1)[-1]} not planned: PlanError" in verdict.message
+    assert "not planned: PlanError" in render(as_records(records))
 
 
 def test_plan_within_fails_a_cell_that_strays(tmp_path: Path) -> None:

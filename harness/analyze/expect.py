@@ -51,13 +51,14 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from harness.common.contract import RUNTIME_PHASES, CellRecord, PhaseStats, Placement, Status, fate_text
+from harness.common.flags import OffloadFlags
 from harness.plan.planner import WARM_KERNELS_BYTES
-from harness.plan.scenario import HARNESS_BACKEND, FateExpectation, Scenario, flags_key, matches, whole_dit_key
+from harness.plan.scenario import HARNESS_BACKEND, FateExpectation, Scenario, matches, whole_dit_flags
 
 
 @dataclass(frozen=True)
@@ -139,8 +140,9 @@ def same_output_verdict(card: str, records: Iterable[CellRecord]) -> Verdict:
     return Verdict("same_output", card, False, f"final latents differ between cells: {' | '.join(differ)}")
 
 
-def _flags_key(record: CellRecord) -> str:
-    return flags_key(record.requested)
+def _flags_key(record: CellRecord) -> OffloadFlags:
+    """Records with the same key differ only in backend (or cfg_batch): their requested flags."""
+    return record.requested
 
 
 def latents_distance(path: str | Path, ref_path: str | Path) -> float:
@@ -279,7 +281,7 @@ def plan_within_verdict(card: str, records: Iterable[CellRecord], tolerance: dic
 
 
 def _streamed(record: CellRecord) -> bool:
-    return bool(record.effective.get("dit_layerwise_offload"))
+    return bool(record.effective.dit_layerwise_offload)
 
 
 def beats_peer_verdict(card: str, records: Iterable[CellRecord]) -> Verdict:
@@ -316,12 +318,12 @@ def layerwise_overhead_verdict(card: str, records: Iterable[CellRecord], limit: 
     """Each of our layerwise cells' steady step at most (1 + limit) x that of the cell with the same requested flags
     but dit_layerwise_offload = false (the whole DiT on the device for the denoise), from the same run's records."""
     recs = [r for r in records if r.backend == HARNESS_BACKEND and not r.cfg_batch]
-    whole = {_flags_key(r): r for r in recs if not r.requested.get("dit_layerwise_offload")}
+    whole = {_flags_key(r): r for r in recs if not r.requested.dit_layerwise_offload}
     problems, passed = [], []
     for r in recs:
-        if not r.requested.get("dit_layerwise_offload"):
+        if not r.requested.dit_layerwise_offload:
             continue
-        ref = whole.get(whole_dit_key(r.requested))
+        ref = whole.get(whole_dit_flags(r.requested))
         t, t_ref = r.steady_step_ms(), ref.steady_step_ms() if ref is not None else None
         if ref is None or r.status is not Status.OK or ref.status is not Status.OK or None in (t, t_ref):
             why = "has no whole-DiT cell" if ref is None else "has no steady step on both sides (ended " \
@@ -344,7 +346,7 @@ def reserved_over_allocated_verdict(card: str, records: Iterable[CellRecord], li
     largest one, and the record's reserved_attribution says where it comes from."""
     problems, passed = [], []
     for r in records:
-        if r.backend != HARNESS_BACKEND or not r.requested.get("dit_layerwise_offload") or r.same_as:
+        if r.backend != HARNESS_BACKEND or not r.requested.dit_layerwise_offload or r.same_as:
             continue
         reserved = r.phase_max("alloc_peak_reserved_bytes", RUNTIME_PHASES)
         allocated = r.phase_max("alloc_peak_allocated_bytes", RUNTIME_PHASES)
@@ -385,8 +387,9 @@ def _layerwise(record: CellRecord) -> dict[str, Any]:
     return ((record.components or {}).get("dit") or {}).get("layerwise") or {}
 
 
-def _group_key(record: CellRecord, drop: tuple[str, ...]) -> str:
-    return flags_key({k: v for k, v in record.effective.items() if k not in drop})
+def _group_key(record: CellRecord, drop: tuple[str, ...]) -> OffloadFlags:
+    """The effective flags with those in `drop` at their defaults: records with one key differ only in those."""
+    return replace(record.effective, **{name: getattr(OffloadFlags(), name) for name in drop})
 
 
 def _harness_layerwise(records: Iterable[CellRecord]) -> list[CellRecord]:
@@ -405,11 +408,11 @@ def _denoise_peak(record: CellRecord) -> float | None:
 
 def prefetch_peak_verdict(card: str, records: Iterable[CellRecord]) -> Verdict:
     """A larger prefetch window never lowers the denoise peak, between cells that differ only in the prefetch."""
-    by_key: dict[str, list[tuple[int, float, CellRecord]]] = {}
+    by_key: dict[OffloadFlags, list[tuple[int, float, CellRecord]]] = {}
     for r in _harness_layerwise(records):
         peak = _denoise_peak(r)
         window = sum(g.get("prefetch", 0) for g in (_layerwise(r).get("groups") or {}).values()) or \
-            r.effective.get("dit_offload_prefetch_size")
+            r.effective.dit_offload_prefetch_size
         if peak is not None and window is not None:
             by_key.setdefault(_group_key(r, ("dit_offload_prefetch_size",)), []).append((window, peak, r))
     problems, passed = [], []
@@ -430,15 +433,15 @@ def prefetch_peak_verdict(card: str, records: Iterable[CellRecord]) -> Verdict:
 
 def _transfer_bound(record: CellRecord, step_s: float) -> bool | None:
     lw = _layerwise(record)
-    gbps = (record.machine or {}).get("pinned_h2d_gbps")
+    gbps = record.h2d_gbps
     streamed = lw.get("streamed_bytes", lw.get("host_bytes"))
     if not gbps or not streamed:
         return None
     return record.forwards_per_step * streamed / (gbps * 1e9) >= TRANSFER_BOUND_SHARE * step_s
 
 
-def _residency_policy(record: CellRecord) -> str | None:
-    return record.effective.get("dit_layerwise_residency_policy")
+def _residency_policy(record: CellRecord) -> str:
+    return record.effective.dit_layerwise_residency_policy
 
 
 def resident_speed_verdict(card: str, records: Iterable[CellRecord]) -> Verdict:
@@ -449,7 +452,7 @@ def resident_speed_verdict(card: str, records: Iterable[CellRecord]) -> Verdict:
     H200 at the 5090 cap (Qwen-Image, prefetch 1): 30 strided stepped in 0.744 s, 38 leading in 0.770 s. Leading
     keeps the first layers, so their compute runs with the copy engine idle (the window reaches one layer ahead) and
     the streamed tail is copied back to back; strided interleaves the streamed layers with resident ones."""
-    by_key: dict[str, list[tuple[int, float, CellRecord]]] = {}
+    by_key: dict[OffloadFlags, list[tuple[int, float, CellRecord]]] = {}
     for r in _harness_layerwise(records):
         step = r.median_step_s() if r.status is Status.OK else None
         if step is not None:

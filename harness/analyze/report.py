@@ -27,12 +27,12 @@ from harness.common.locations import local_scenario_file
 from harness.common.records import by_gpu
 from harness.plan.planner import plan_rows
 from harness.plan.scenario import ScenarioError, load_scenario
-from harness.run.merge import host_of
 
 
 def _flag_diff(record: CellRecord) -> str:
-    req, eff = record.requested, record.effective
-    changed = [f"{k}={eff[k]}" for k in eff if req.get(k) != eff.get(k) and k != "dit_offload_prefetch_size"]
+    """The effective flags the policy changed (prefetch aside), by name, in their JSON form."""
+    req, eff = record.requested.as_dict(), record.effective.as_dict()
+    changed = [f"{k}={eff[k]}" for k in sorted(eff) if req[k] != eff[k] and k != "dit_offload_prefetch_size"]
     return ", ".join(changed) or "as requested"
 
 
@@ -73,7 +73,7 @@ def render(records: list[CellRecord], title: str = "offload-bench run", summary:
     out += summary_markdown(summary if summary is not None else build_summary(records))
     out += gpus_section(records)
     # a merged run of shards (harness.run.merge): each row says where it ran, as host and GPU id
-    several_hosts = len({host_of(r) for r in records}) > 1
+    several_hosts = len({r.host for r in records}) > 1
     by_scenario: dict[str | None, list[CellRecord]] = {}
     for r in records:
         by_scenario.setdefault(r.scenario, []).append(r)
@@ -162,7 +162,7 @@ def machine_label(record: CellRecord) -> str:
     """`host` or `host GPU <id>`, and the shard the record came from, for a run that several machines made."""
     gpu = record.gpu_index
     shard = f" (shard {record.shard})" if record.shard else ""
-    return f"{host_of(record) or '?'}{f' GPU {gpu}' if gpu is not None else ''}{shard}"
+    return f"{record.host or '?'}{f' GPU {gpu}' if gpu is not None else ''}{shard}"
 
 
 def gpus_section(records: list[CellRecord]) -> list[str]:

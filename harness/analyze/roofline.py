@@ -59,7 +59,7 @@ def roofline_rows(records: Iterable[CellRecord]) -> list[dict[str, Any]]:
         ]
         forwards = r.forwards_per_step
         compute_s = min(whole) / forwards if whole else None
-        gbps = (r.machine or {}).get("pinned_h2d_gbps")
+        gbps = r.h2d_gbps
         transfer_s = streamed / (gbps * 1e9) if gbps else None
         parts = [v for v in (compute_s, transfer_s) if v is not None]
         predicted = forwards * max(parts) if parts else None

@@ -53,7 +53,6 @@ from harness.plan.planner.model import (
     streaming,
     text_encoder_class,
     warm_kernels_bytes,
-    workload_of_record,
 )
 from harness.plan.planner.render import plan_rows
 
@@ -63,5 +62,5 @@ __all__ = [
     "PhasePlan", "Plan", "PlanError", "Streaming", "Workload", "check_record", "dit_flops", "drivers", "fit",
     "generated_on_device", "gpu_cell_that_ran", "load_data", "machine_of_record", "machine_profile", "measured",
     "model_fits", "model_weights", "placements", "plan", "plan_entry", "plan_for_record", "plan_rows",
-    "recorded_plan", "steady_steps", "streaming", "text_encoder_class", "warm_kernels_bytes", "workload_of_record",
+    "recorded_plan", "steady_steps", "streaming", "text_encoder_class", "warm_kernels_bytes",
 ]

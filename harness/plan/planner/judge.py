@@ -98,7 +98,7 @@ def check_record(record: CellRecord) -> Check | None:
     """The record's plan against its numbers; None for a cell the planner does not model. A cell it models but
     cannot plan (flags it does not model, flags or data it cannot read) gets a Check that says why
     (`not_planned`), so a report or an expectation shows it instead of failing on it."""
-    if (record.run_options or {}).get("runtime_cap_mib"):
+    if record.run_options is not None and record.run_options.runtime_cap_mib:
         # the allocator capped after the load: the plan caps a card from the load on, so it has no fate to give
         return _not_planned(record, "runtime_cap_mib: the allocator was capped after the load, which the planner "
                             "does not model")
