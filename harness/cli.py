@@ -119,7 +119,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         page = Path(args.html) if args.html is not True else (
             report_paths(args.out).with_suffix(".html") if args.out else beside(args.run, "report.html"))
         check_output_file(page, "--html")
-    _, records = _read_run(args.run)
+    from harness.analyze.readout import readout
+
+    records = readout(*_read_run(args.run)).records  # each with its plan (derived here for an older record)
     title = args.title or f"offload-bench run {records[0].run_id or ''}"
     summary = build_summary(records, args.baselines_dir)
     if page is not None:

@@ -830,3 +830,15 @@ def plan_entry(record: CellRecord) -> JsonObject | None:
     except PLAN_FAILURES as e:
         return {"error": f"{type(e).__name__}: {e}"}
     return None if p is None else p.as_dict()
+
+
+def plan_on_read(record: CellRecord) -> None:
+    """Completes the plan of a record read from a file, in place: the plan its run stored stays; a record without
+    one (written before the runner stored plans) or whose planning failed when it ran gets `plan_entry` now, marked
+    `"derived": true`. The one place a plan is made after its cell ran: the analysis reads a run through it
+    (`harness.analyze.readout`), and the report and the expectations read `record.plan` (`judge.check_record`)."""
+    stored = record.plan
+    if isinstance(stored, dict) and "error" not in stored:
+        return
+    entry = plan_entry(record)
+    record.plan = None if entry is None else {**entry, "derived": True}
