@@ -121,9 +121,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         check_output_file(page, "--html")
     from harness.analyze.readout import readout
 
-    records = readout(*_read_run(args.run)).records  # each with its plan (derived here for an older record)
+    run = readout(*_read_run(args.run))  # each record with its plan, and the run's verdicts
+    records = run.records
     title = args.title or f"offload-bench run {records[0].run_id or ''}"
-    summary = build_summary(records, args.baselines_dir)
+    summary = build_summary(records, args.baselines_dir, verdicts=run.verdicts)
     if page is not None:
         from harness.analyze.html import write_html
 

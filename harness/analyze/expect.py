@@ -49,16 +49,28 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from harness.common.contract import RUNTIME_PHASES, CellRecord, PhaseStats, Placement, Status, fate_text
 from harness.common.flags import OffloadFlags
+from harness.common.locations import local_scenario_file
+from harness.common.records import write_json_atomic
 from harness.plan.planner import WARM_KERNELS_BYTES
-from harness.plan.scenario import HARNESS_BACKEND, FateExpectation, Scenario, matches, whole_dit_flags
+from harness.plan.scenario import (
+    HARNESS_BACKEND,
+    FateExpectation,
+    Scenario,
+    ScenarioError,
+    load_scenario,
+    matches,
+    whole_dit_flags,
+)
 
 
 @dataclass(frozen=True)
@@ -631,3 +643,84 @@ def evaluate(scenario: Scenario, records: Iterable[CellRecord]) -> list[Verdict]
         if scenario.expect.fates:
             verdicts.append(Verdict("fates", card.name, not failures, "; ".join(failures) or "all as declared"))
     return verdicts
+
+
+# ------------------------------------------------------------------------------------------- the verdicts of a run
+
+
+@dataclass(frozen=True)
+class ScenarioVerdicts:
+    """The expectations of one scenario of a run, judged on its records, on the cards that ran (`run_verdicts`)."""
+
+    scenario: str
+    verdicts: tuple[Verdict, ...] = ()
+    xfail: str | None = None  # the scenario's expectations are known to fail, and why
+    not_evaluated: str | None = None  # why none were: its file would not load
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"scenario": self.scenario, "xfail": self.xfail, "not_evaluated": self.not_evaluated,
+                "verdicts": [asdict(v) for v in self.verdicts]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ScenarioVerdicts:
+        return cls(data["scenario"], tuple(Verdict(**v) for v in data["verdicts"]), data.get("xfail"),
+                   data.get("not_evaluated"))
+
+
+def run_verdicts(records: Iterable[CellRecord]) -> list[ScenarioVerdicts]:
+    """The one evaluation of a run's expectations: per scenario of the run whose file this checkout has
+    (`local_scenario_file`), `evaluate` on its records, the verdicts of the cards that ran (a run of part of a
+    scenario judges that part). A run's end writes them beside its records (`write_verdicts`); a reader of a
+    records file without them calls this, through `verdicts_of`."""
+    by_scenario: dict[str, list[CellRecord]] = {}
+    for r in records:
+        by_scenario.setdefault(str(r.scenario), []).append(r)
+    out = []
+    for name, recs in by_scenario.items():
+        path = local_scenario_file(next((r.scenario_file for r in recs if r.scenario_file), None))
+        if path is None:
+            continue
+        try:
+            scenario = load_scenario(path)
+        except ScenarioError as e:
+            out.append(ScenarioVerdicts(name, not_evaluated=str(e)))
+            continue
+        cards = {r.card_name for r in recs}
+        out.append(ScenarioVerdicts(name, tuple(v for v in evaluate(scenario, recs) if v.card in cards),
+                                    scenario.xfail))
+    return out
+
+
+def verdicts_path(records_path: Path | str) -> Path:
+    """Where a run's verdicts are kept: `verdicts.json` in a run folder (beside `records.jsonl`), else
+    `<name>.verdicts.json` beside `<name>.records.jsonl`."""
+    p = Path(records_path)
+    stem = p.name.removesuffix(".jsonl").removesuffix(".records")
+    return p.with_name("verdicts.json" if stem == "records" else f"{stem}.verdicts.json")
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_verdicts(records_path: Path | str, records: Iterable[CellRecord]) -> Path:
+    """Evaluates a finished run (`run_verdicts` of `records`, the latest of each cell of `records_path`, as the
+    analysis reads them) and writes the verdicts beside its records file, with the digest of the file they judged.
+    Written where the run ends (the runner, the pytest session, merge), where the latents files still are."""
+    path = verdicts_path(records_path)
+    write_json_atomic(path, {"records_sha256": _digest(Path(records_path)),
+                             "scenarios": [s.as_dict() for s in run_verdicts(records)]})
+    return path
+
+
+def verdicts_of(records_path: Path | str, records: Iterable[CellRecord]) -> list[ScenarioVerdicts]:
+    """A run's verdicts: the ones its end wrote (`write_verdicts`), else (a records file without them, or changed
+    since they were written: a resumed run, an edited file) `run_verdicts` of `records` now."""
+    path = verdicts_path(records_path)
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if stored.get("records_sha256") == _digest(Path(records_path)):
+            return [ScenarioVerdicts.from_dict(s) for s in stored["scenarios"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # none written, or unreadable: judged now
+    return run_verdicts(records)

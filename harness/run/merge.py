@@ -195,7 +195,8 @@ def missing_shards(records: Sequence[CellRecord]) -> list[str]:
 
 
 def write_merged(merged: Merged, out: Path) -> None:
-    """The merged run folder: records.jsonl, merge.json and the sources' cells/ folders (locks left out)."""
+    """The merged run folder: records.jsonl, merge.json, the sources' cells/ folders (locks left out) and the
+    merged run's verdicts.json."""
     out.mkdir(parents=True, exist_ok=True)
     text = "".join(r.to_json() + "\n" for r in merged.records)
     tmp = out / ".records.jsonl.tmp"
@@ -206,6 +207,9 @@ def write_merged(merged: Merged, out: Path) -> None:
         cells = s.folder / "cells" if s.folder else None
         if cells is not None and cells.is_dir():
             shutil.copytree(cells, out / "cells", dirs_exist_ok=True, ignore=shutil.ignore_patterns(".lock"))
+    from harness.analyze.readout import finish_run
+
+    finish_run(out / "records.jsonl")  # the merged run's verdicts, judged on all its cells
 
 
 def default_out(first: str, run_id: str) -> Path:
