@@ -264,7 +264,8 @@ class RunSettings:
     Args:
         height (int), width (int): output image size in pixels (multiples of vae_scale * patch).
         steps (int): denoise steps.
-        true_cfg_scale (float): > 1 runs true CFG, two DiT forwards a step; 1 runs one forward.
+        true_cfg_scale (float): > 1 runs true CFG, two passes a step (the prompt and the negative prompt); 1 runs
+            one.
         seed (int): seeds every input.
         frames (int, defaults to 1): video frames (video models only).
         cfg_batch (bool, defaults to False): true CFG's two passes as one forward of batch 2 (Qwen-Image, Wan), so
@@ -281,13 +282,16 @@ class RunSettings:
     cfg_batch: bool = False
 
     @property
-    def forwards_per_step(self) -> int:
-        """Prompts a step conditions on (two with true CFG), whether or not they share one DiT call."""
+    def cfg_passes_per_step(self) -> int:
+        """CFG passes a denoise step makes: the prompts it conditions on (two with true CFG), whether or not they
+        share one DiT call. What the work scales with."""
         return 2 if self.true_cfg_scale > 1 else 1
 
     @property
     def dit_calls_per_step(self) -> int:
-        return 1 if self.cfg_batch and self.forwards_per_step == 2 else self.forwards_per_step
+        """DiT calls (forwards) a denoise step runs, each streaming every streamed layer once: the CFG passes, or
+        one batch of both under cfg_batch. What the record's `forwards` counts and what streams."""
+        return 1 if self.cfg_batch and self.cfg_passes_per_step == 2 else self.cfg_passes_per_step
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], cfg_batch: bool = False) -> RunSettings:
@@ -734,9 +738,14 @@ class CellRecord:
         return self.runner_host or (self.machine or {}).get("host")
 
     @property
-    def forwards_per_step(self) -> int:
-        """DiT forwards a denoise step runs: two with true CFG (true_cfg_scale > 1), else one."""
-        return 1 if self.settings is None else self.settings.forwards_per_step
+    def cfg_passes_per_step(self) -> int:
+        """`RunSettings.cfg_passes_per_step` of the cell (1 for a record without settings)."""
+        return 1 if self.settings is None else self.settings.cfg_passes_per_step
+
+    @property
+    def dit_calls_per_step(self) -> int:
+        """`RunSettings.dit_calls_per_step` of the cell (1 for a record without settings)."""
+        return 1 if self.settings is None else self.settings.dit_calls_per_step
 
     @property
     def peak_counter(self) -> str:

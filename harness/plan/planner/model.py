@@ -103,7 +103,7 @@ class Workload:
     @property
     def dit_calls_per_step(self) -> int:
         """DiT calls a step, each streaming every layer once: two with true CFG run as two passes, one with cfg_batch
-        (the same meaning as RunSettings.dit_calls_per_step; `forwards_per_step` on the contract counts the CFG
+        (the same meaning as RunSettings.dit_calls_per_step; `cfg_passes_per_step` on the contract counts the CFG
         passes whether or not they share a call)."""
         return 2 if self.cfg and not self.cfg_batch else 1
 
