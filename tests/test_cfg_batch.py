@@ -111,3 +111,17 @@ def test_tiny_cfg_batch_latents_close_to_two_pass(tmp_path: Path, source: str) -
     verdicts = {v.check: v for v in evaluate(scenario, as_records(records))}
     assert verdicts["cfg_batch"].passed, verdicts["cfg_batch"].message
     assert "+cfg-batch vs" in verdicts["cfg_batch"].message and "two-pass" in verdicts["cfg_batch"].message
+
+
+def test_the_roofline_streams_a_cfg_batch_cells_layers_once_a_step() -> None:
+    """Two CFG passes in one DiT call cross the link once: counted twice, the Qwen-Image cfg-batch cell on the H200
+    streamed at 199 % of its probe's rate."""
+    from harness.analyze.roofline import roofline_rows
+    from tests.helpers import cell_records
+
+    path = Path(__file__).resolve().parent.parent / "results/h200/fidelity-qwen-image.records.jsonl"
+    rows = {r["cell"]: r for r in roofline_rows(cell_records(path))}
+    batched = rows["cfg-batch-qwen-image/native/cpu1-lw1-te0-vae0-pf1-pin1+cfg-batch"]
+    two_pass = rows["cfg-batch-qwen-image/native/cpu1-lw1-te0-vae0-pf1-pin1"]
+    assert (batched["forwards/step"], two_pass["forwards/step"]) == (1, 2)
+    assert batched["H2D % of probe"] <= 100 and two_pass["H2D % of probe"] <= 101

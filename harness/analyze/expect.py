@@ -449,7 +449,7 @@ def _transfer_bound(record: CellRecord, step_s: float) -> bool | None:
     streamed = lw.get("streamed_bytes", lw.get("host_bytes"))
     if not gbps or not streamed:
         return None
-    return record.cfg_passes_per_step * streamed / (gbps * 1e9) >= TRANSFER_BOUND_SHARE * step_s
+    return record.dit_calls_per_step * streamed / (gbps * 1e9) >= TRANSFER_BOUND_SHARE * step_s
 
 
 def _residency_policy(record: CellRecord) -> str:
