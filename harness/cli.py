@@ -121,9 +121,12 @@ def cmd_report(args: argparse.Namespace) -> int:
         page = Path(args.html) if args.html is not True else (
             report_paths(args.out).with_suffix(".html") if args.out else beside(args.run, "report.html"))
         check_output_file(page, "--html")
-    _, records = _read_run(args.run)
+    from harness.analyze.readout import readout
+
+    run = readout(*_read_run(args.run))  # each record with its plan, and the run's verdicts
+    records = run.records
     title = args.title or f"offload-bench run {records[0].run_id or ''}"
-    summary = build_summary(records, args.baselines_dir)
+    summary = build_summary(records, args.baselines_dir, verdicts=run.verdicts)
     if page is not None:
         from harness.analyze.html import write_html
 

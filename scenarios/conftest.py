@@ -188,6 +188,19 @@ def _benchmark_json_value(path: Path) -> Any:
     return path if (major, minor) >= (5, 3) else open(path, "wb")  # pytest-benchmark closes it
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The run's verdicts, judged once every cell and card has run and written beside its records
+    (`harness.analyze.readout.finish_run`): by the one process of a plain session, by the controller of an xdist
+    one; nothing under --collect-only or where no cell ran."""
+    config = session.config
+    run_id = getattr(config, "_offload_bench_run_id", None)
+    if _worker_id(config) is not None or config.option.collectonly or run_id is None:
+        return
+    from harness.analyze.readout import finish_run
+
+    finish_run(Path(config.getoption("--bench-results")) / "runs" / run_id / "records.jsonl")
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
     """`-n auto` on the GPU profile: one worker per visible GPU (the CPU profile keeps xdist's CPU count)."""

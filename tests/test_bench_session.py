@@ -58,6 +58,7 @@ def test_bench_run_writes_only_its_run_folder_and_shows_progress_live(tmp_path: 
     written = sorted(p.relative_to(results).as_posix() for p in results.rglob("*") if p.is_file())
     assert all(p.startswith("runs/r1/") for p in written), written
     assert "runs/r1/pytest-benchmark.json" in written and "runs/r1/records.jsonl" in written
+    assert "runs/r1/verdicts.json" in written  # the session's end judged the run (its scenario expects nothing)
     assert '"fullname": "scenarios/test_offload_matrix.py::test_cell[one/native/' in (
         results / "runs" / "r1" / "pytest-benchmark.json").read_text()
     # with --show-capture=no, captured output is never printed: these lines came through the terminal writer, and

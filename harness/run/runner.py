@@ -1080,6 +1080,9 @@ def main(argv: list[str] | None = None) -> int:
             run.close()  # the fork server goes with the run
         signal.signal(signal.SIGTERM, old_term)
         signal.signal(signal.SIGINT, old_int)
+    from harness.analyze.readout import finish_run
+
+    finish_run(run.records_path)  # the run's verdicts, judged here where its latents files are
     return _summary(run, final)
 
 
