@@ -13,6 +13,7 @@ This module imports no torch.
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import tomllib
 from collections.abc import Mapping
