@@ -44,7 +44,7 @@ nav a { margin-right: 14px; white-space: nowrap; }
 .summary h3 { margin-top: 4px; }
 .badge { display: inline-block; padding: 0 7px; border-radius: 10px; font-weight: 600; font-size: 12px;
          color: #fff; background: var(--muted); }
-.badge.pass { background: var(--ok); } .badge.fail { background: var(--bad); } .badge.xfail { background: #9a6700; }
+.badge.pass { background: var(--ok); } .badge.fail { background: var(--bad); } .badge.xfail { background: #9a6700; } .badge.unknown { background: #6e7781; }
 .scenario { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1fr); gap: 16px; align-items: start; }
 @media (max-width: 1300px) { .scenario { grid-template-columns: minmax(0, 1fr); } }
 .tablewrap { overflow-x: auto; border: 1px solid var(--line); border-radius: 6px; }
@@ -189,7 +189,15 @@ def img(png: bytes, alt: str, caption: str = "", square: bool = False) -> str:
     return f'<figure><img class="{cls}" alt="{esc(alt)}" src="data:image/png;base64,{data}">{cap}</figure>'
 
 
-def badge(passed: bool, expected_fail: bool = False) -> str:
+NOT_HERE = "not re-evaluated here"  # summary._note's words for a check whose latents files stayed on the GPU machine
+
+
+def badge(passed: bool, expected_fail: bool = False, note: str = "") -> str:
+    """PASS / FAIL / expected FAIL, or "NOT RE-EVALUATED" (grey) for a check this machine cannot judge (its latents
+    files stayed on the GPU machine): it is neither a pass nor a failure here."""
+    if note.startswith(NOT_HERE):
+        return '<span class="badge unknown" title="the latents files stay on the machine that ran the cells">' \
+               'NOT RE-EVALUATED</span>'
     if passed:
         return '<span class="badge pass">PASS</span>'
     return f'<span class="badge {"xfail" if expected_fail else "fail"}">FAIL</span>'
@@ -222,10 +230,13 @@ def summary_html(s: RunSummary) -> str:
                  + (f'<ul class="verdicts">{items}</ul>' if seed else "<p>Not in this run.</p>"))
     if s.checks:
         failed = [c for c in s.checks if not c.passed]
-        parts.append(f"<p>Expectations: {len(s.checks) - len(failed)} of {len(s.checks)} checks pass.</p>")
+        unjudged = sum(c.note.startswith(NOT_HERE) for c in failed)
+        judged = len(s.checks) - unjudged
+        parts.append(f"<p>Expectations: {judged - len(failed) + unjudged} of {judged} checks pass"
+                     + (f"; {unjudged} not re-evaluated here" if unjudged else "") + ".</p>")
         if failed:
             parts.append('<ul class="verdicts">' + "".join(
-                f'<li>{badge(False, c.note.startswith("expected"))} <b>{esc(c.check)}</b> ({esc(c.scenario)} on '
+                f'<li>{badge(False, c.note.startswith("expected"), c.note)} <b>{esc(c.check)}</b> ({esc(c.scenario)} on '
                 f'{esc(c.card)}){": " + esc(c.note) if c.note else ""}</li>' for c in failed) + "</ul>")
     parts.append("</div>")
     comp = s.comparison
@@ -308,7 +319,7 @@ def _verdicts(name: str, s: RunSummary) -> str:
     if not mine:
         return ""
     return '<ul class="verdicts">' + "".join(
-        f'<li>{badge(c.passed, c.note.startswith("expected"))} <b>{esc(c.check)}</b> on {esc(c.card)}: '
+        f'<li>{badge(c.passed, c.note.startswith("expected"), c.note)} <b>{esc(c.check)}</b> on {esc(c.card)}: '
         f'<span class="muted">{esc(c.note + ": " if c.note else "")}{esc(c.message)}</span></li>' for c in mine
     ) + "</ul>"
 
