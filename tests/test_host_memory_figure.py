@@ -59,7 +59,7 @@ def test_a_record_with_sglang_counters_shows_their_bytes_in_sglangs_colour() -> 
     assert [backend_style(pinner)[0] for _, _, pinner in PINNERS] == [
         backend_style("harness")[0], backend_style("diffusers-group")[0], backend_style("sglang@0.5.23")[0]]
     diffusers = next(r for r in cell_records(QWEN) if r.backend == "diffusers-group" and not r.same_as
-                     and r.requested["dit_layerwise_offload"])
+                     and r.requested.dit_layerwise_offload)
     assert dict((who, b) for who, _, b in pinned_by_whom(diffusers))["torch caching host allocator"] > 60e9
 
 
