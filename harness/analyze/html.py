@@ -44,7 +44,8 @@ nav a { margin-right: 14px; white-space: nowrap; }
 .summary h3 { margin-top: 4px; }
 .badge { display: inline-block; padding: 0 7px; border-radius: 10px; font-weight: 600; font-size: 12px;
          color: #fff; background: var(--muted); }
-.badge.pass { background: var(--ok); } .badge.fail { background: var(--bad); } .badge.xfail { background: #9a6700; } .badge.unknown { background: #6e7781; }
+.badge.pass { background: var(--ok); } .badge.fail { background: var(--bad); } .badge.xfail { background: #9a6700; }
+.badge.unknown { background: #6e7781; }
 .scenario { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1fr); gap: 16px; align-items: start; }
 @media (max-width: 1300px) { .scenario { grid-template-columns: minmax(0, 1fr); } }
 .tablewrap { overflow-x: auto; border: 1px solid var(--line); border-radius: 6px; }
@@ -236,8 +237,8 @@ def summary_html(s: RunSummary) -> str:
                      + (f"; {unjudged} not re-evaluated here" if unjudged else "") + ".</p>")
         if failed:
             parts.append('<ul class="verdicts">' + "".join(
-                f'<li>{badge(False, c.note.startswith("expected"), c.note)} <b>{esc(c.check)}</b> ({esc(c.scenario)} on '
-                f'{esc(c.card)}){": " + esc(c.note) if c.note else ""}</li>' for c in failed) + "</ul>")
+                f'<li>{badge(False, c.note.startswith("expected"), c.note)} <b>{esc(c.check)}</b> '
+                f'({esc(c.scenario)} on {esc(c.card)}){": " + esc(c.note) if c.note else ""}</li>' for c in failed) + "</ul>")
     parts.append("</div>")
     comp = s.comparison
     base = f"<div><h3>Against the baseline</h3><p>{badge(not comp.failed) + ' ' if comp else ''}"
