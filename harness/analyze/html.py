@@ -238,7 +238,8 @@ def summary_html(s: RunSummary) -> str:
         if failed:
             parts.append('<ul class="verdicts">' + "".join(
                 f'<li>{badge(False, c.note.startswith("expected"), c.note)} <b>{esc(c.check)}</b> '
-                f'({esc(c.scenario)} on {esc(c.card)}){": " + esc(c.note) if c.note else ""}</li>' for c in failed) + "</ul>")
+                f'({esc(c.scenario)} on {esc(c.card)}){": " + esc(c.note) if c.note else ""}</li>'
+                for c in failed) + "</ul>")
     parts.append("</div>")
     comp = s.comparison
     base = f"<div><h3>Against the baseline</h3><p>{badge(not comp.failed) + ' ' if comp else ''}"
