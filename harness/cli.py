@@ -329,12 +329,14 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_record_answers(args: argparse.Namespace) -> int:
-    """Re-records the SGLang releases' answers that the shipped scenarios need (harness/engine/answers.jsonl), on a
-    machine with the releases installed: needed whenever the ServerArgs child's code changes."""
+    """Re-records the SGLang releases' answers that the scenarios need, suite and experiments alike
+    (harness/engine/answers.jsonl), on a machine with the releases installed: needed whenever the ServerArgs
+    child's code changes."""
     from harness.policy import clear_cache, write_shipped
 
     clear_cache()
-    load_all(locations.scenarios_dir())  # asks (or reads from the release folders) every request the suite makes
+    for folder in locations.scenario_folders():  # the suite and the one-off experiments: runnable by path, both
+        load_all(folder)  # asks (or reads from the release folders) every request their scenarios make
     print(f"wrote {write_shipped()} answers", file=sys.stderr)
     return 0
 
@@ -441,8 +443,8 @@ def _parser() -> argparse.ArgumentParser:
     hist.add_argument("--baselines", metavar="DIR", help="also each baseline file (<sku>.json) under DIR")
     hist.add_argument("--out", default="history.html", help="the page (default: ./history.html)")
     hist.add_argument("--title", default="offload-bench history")
-    sub.add_parser("record-answers", help="re-record the SGLang releases' answers the shipped scenarios need "
-                   "(harness/engine/answers.jsonl; needs the releases installed)")
+    sub.add_parser("record-answers", help="re-record the SGLang releases' answers the scenarios (suite and "
+                   "experiments) need (harness/engine/answers.jsonl; needs the releases installed)")
     ls = sub.add_parser("list", help="list scenarios and cells")
     ls.add_argument("--scenarios", help="folder of scenario files (default: the checkout's or the shipped one)")
     ls.add_argument("--labels", action="store_true", help="the compact labels (cpu1-lw1-...) instead of words")

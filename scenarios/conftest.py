@@ -31,8 +31,17 @@ from harness.common.inputs import InputError, check_environment, check_name
 from harness.common.records import DiskFullError, UnwritableError, ensure_writable, latest_by_cell, read_cell_records
 from harness.plan.scenario import Cell, ReleaseNotInstalled, Scenario, ScenarioError, expand, in_tier, load_all
 from harness.pytest_options import add_options
-from harness.run.gpus import cell_cost, child_env, gpu_for_worker, longest_first, nvml_count, visible_gpus
-from harness.run.runner import Run, detect_device, eta_text, new_run_id, run_cell
+from harness.run.cell import run_cell
+from harness.run.folder import Run, eta_text, new_run_id
+from harness.run.gpus import (
+    cell_cost,
+    child_env,
+    detect_device,
+    gpu_for_worker,
+    longest_first,
+    nvml_count,
+    visible_gpus,
+)
 from harness.run.shard import Shard, ShardError, assign_cards, card_key, parse_shard
 
 HERE = Path(__file__).parent

@@ -73,7 +73,7 @@ def folder_cells(folder: Path, tmp_path: Path, axes: str, frames: int = 1, laten
 
     from harness.cell.worker import run_cell
     from harness.plan.scenario import expand, load_scenario
-    from harness.run.runner import spec_for_child
+    from harness.run.cell import spec_for_child
 
     path = tmp_path / "folder.toml"
     path.write_text(f'name = "folder"\nmodel = "{folder}"\nprofile = "cpu"\ncards = ["native"]\nheight = 64\n'

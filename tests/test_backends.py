@@ -27,7 +27,7 @@ from harness.analyze.expect import (
 from harness.analyze.roofline import STEP_CONVENTION, roofline_rows
 from harness.common.records import migrate
 from harness.plan.scenario import BACKENDS, HARNESS_BACKEND, ScenarioError, expand, load_scenario
-from harness.run.runner import spec_for_child
+from harness.run.cell import spec_for_child
 from tests.helpers import DELETE, as_records, base_scenario, make_record, mutate, to_toml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -311,7 +311,8 @@ def test_worker_runs_a_diffusers_cell_without_layerwise_as_the_harness_would(tmp
 
 
 def test_runner_records_the_backend_and_the_skip(tmp_path: Path) -> None:
-    from harness.run.runner import Run, run_cell
+    from harness.run.cell import run_cell
+    from harness.run.folder import Run
 
     cell = _tiny_cells(["harness", "diffusers-group-rs"])[("native", "cpu1-lw1", "diffusers-group-rs")]
     run = Run.create(tmp_path, "cpu", "backends", verbose=False)
@@ -326,7 +327,8 @@ def test_runner_records_the_backend_and_the_skip(tmp_path: Path) -> None:
 
 
 def test_runner_copies_the_whole_dit_cell_to_other_backends_under_their_own_name(tmp_path: Path) -> None:
-    from harness.run.runner import Run, run_cell
+    from harness.run.cell import run_cell
+    from harness.run.folder import Run
 
     cells = _tiny_cells(["harness", "diffusers-group"])
     ours, peer = cells[("native", "cpu1-lw0", "harness")], cells[("native", "cpu1-lw0", "diffusers-group")]

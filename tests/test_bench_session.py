@@ -82,7 +82,7 @@ def test_a_relative_results_folder_is_made_absolute(tmp_path: Path, monkeypatch:
     """An installed offload-bench's default is ./results, and the cell child runs in the package's folder: the
     child was handed a cell.json path relative to another folder and every cell crashed ("child exited with code 1
     without writing a record")."""
-    from harness.run.runner import Run
+    from harness.run.folder import Run
 
     monkeypatch.chdir(tmp_path)
     run = Run.create(Path("results"), "cpu", "r")

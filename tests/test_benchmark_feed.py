@@ -85,7 +85,8 @@ def test_a_gpu_scenario_with_fewer_than_three_rounds_must_say_why(tmp_path: Path
     load_scenario(_write(tmp_path, mutate(base_scenario(), ("rounds",), 1)))  # CPU: times are not compared
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "scenarios" / "gpu").glob("*.toml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted([*(REPO / "scenarios" / "gpu").glob("*.toml"),
+                                          *(REPO / "experiments" / "scenarios").glob("*.toml")]), ids=lambda p: p.name)
 def test_committed_gpu_scenarios_measure_three_rounds_or_say_why(path: Path) -> None:
     import tomllib
 

@@ -24,8 +24,9 @@ from harness.common.contract import CellRecord
 from harness.common.inputs import InputError, check_environment
 from harness.plan.scenario import Cell, expand, load_scenario
 from harness.run import runner
+from harness.run.cell import finish_overhead, run_cell, spec_for_child
 from harness.run.cell_start import CELL_START_ENV, FORK_SERVER, SPAWN, ForkServer, start_method
-from harness.run.runner import Run, finish_overhead, run_cell, spec_for_child
+from harness.run.folder import Run, cell_dir
 from tests.helpers import tiny_scenario_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -343,7 +344,7 @@ def test_a_server_that_dies_under_a_cell_makes_it_a_crash_and_the_next_cell_fork
     cell = one_cell(tmp_path, "lost", timeout_s=120)
 
     def kill_the_server() -> None:
-        log = runner._cell_dir(run, cell) / "child.log"
+        log = cell_dir(run, cell) / "child.log"
         wait_for(lambda: log.exists() and b"phase load" in log.read_bytes(), 60, "the child to hang in load")
         os.kill(run.fork_server.pid, signal.SIGKILL)
 

@@ -13,7 +13,7 @@ import torch
 from harness.analyze.expect import cfg_batch_verdict, evaluate
 from harness.cell.pipeline import batch_text
 from harness.plan.scenario import ScenarioError, expand, load_scenario
-from harness.run.runner import spec_for_child
+from harness.run.cell import spec_for_child
 from tests.helpers import as_records
 
 CPU = Path(__file__).resolve().parent.parent / "scenarios" / "cpu"

@@ -194,7 +194,8 @@ def test_the_parent_and_the_child_begin_a_record_with_one_header(tmp_path: Path)
     carry the same spec fields, settings included (the parent's used to leave them out)."""
     import dataclasses
 
-    from harness.run.runner import Run, _base_record
+    from harness.run.fate import base_record
+    from harness.run.folder import Run
     from tests.helpers import tiny_scenario_file
 
     [cell] = expand(load_scenario(tiny_scenario_file(tmp_path, "hdr", {"dit_cpu_offload": [True]})))
@@ -202,7 +203,7 @@ def test_the_parent_and_the_child_begin_a_record_with_one_header(tmp_path: Path)
     child = CellRecord.begin(spec)
     run = Run.__new__(Run)
     run.device = "cpu"
-    crash = _base_record(run, cell, Status.CRASH)
+    crash = base_record(run, cell, Status.CRASH)
     assert crash.settings == spec.settings and crash.run_options == spec.run
     header = ("scenario", "scenario_file", "model", "card", "settings", "device", "backend", "policy", "requested",
               "effective", "messages", "engine", "placements", "run_options")

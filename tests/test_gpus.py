@@ -18,9 +18,10 @@ from harness.analyze.report import render
 from harness.common.contract import CellRecord
 from harness.common.records import GpuShare, by_gpu, read_cell_records
 from harness.plan.scenario import expand, load_scenario
-from harness.run import runner
+from harness.run import cell as run_cell_module
+from harness.run import folder
+from harness.run.folder import Run
 from harness.run.gpus import cell_cost, child_env, child_gpu, gpu_for_worker, longest_first, visible_gpus
-from harness.run.runner import Run
 from tests.helpers import as_records
 
 REPO = Path(__file__).resolve().parent.parent
@@ -183,7 +184,7 @@ def test_records_pass_the_worker_env_to_every_cell(tmp_path: Path, monkeypatch: 
         record = CellRecord.from_dict({"cell_id": cell.cell_id, "status": "ok", "spec_hash": cell.spec_hash(run.device),
                                        "scenario": cell.scenario.name, "card": cell.card.as_dict(),
                                        "schema_version": 1})
-        runner.append(run, record)
+        folder.append(run, record)
         return record
 
     monkeypatch.setattr(conftest, "run_cell", fake_run_cell)
@@ -209,16 +210,16 @@ def test_the_child_runs_with_the_workers_gpu_and_the_record_says_so(
         code = "import os, sys; open(sys.argv[1], 'w').write(os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>'))"
         return real_popen([sys.executable, "-c", code, str(seen)], **kwargs)
 
-    monkeypatch.setattr(runner.subprocess, "Popen", stub_popen)
+    monkeypatch.setattr(run_cell_module.subprocess, "Popen", stub_popen)
     monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
     run = Run.create(tmp_path, "cuda", "r", verbose=False)
     cell = expand(load_scenario(LEGACY))[0]
-    record = runner.run_cell(run, cell, env={"CUDA_VISIBLE_DEVICES": "2"}).to_dict()
+    record = run_cell_module.run_cell(run, cell, env={"CUDA_VISIBLE_DEVICES": "2"}).to_dict()
     assert seen.read_text() == "2"
     assert (record["status"], record["gpu_index"], record["xdist_worker"]) == ("crash", "2", "gw1")
     monkeypatch.delenv("PYTEST_XDIST_WORKER")
-    cpu = runner.run_cell(Run.create(tmp_path, "cpu", "c", verbose=False), cell).to_dict()
+    cpu = run_cell_module.run_cell(Run.create(tmp_path, "cpu", "c", verbose=False), cell).to_dict()
     assert (cpu["gpu_index"], cpu["xdist_worker"]) == (None, None)
 
 
@@ -275,7 +276,7 @@ def test_two_workers_end_to_end_on_the_cpu_profile(tmp_path: Path, checkpoint_ca
     cells = [c.cell_id for c in expand(load_scenario(LEGACY))]
     assert sorted(r.cell_id for r in records) == sorted(cells)  # one record per cell: none ran twice
     for r in records:
-        assert runner.complete_record(r) and r.run_id == runs[0].name
+        assert folder.complete_record(r) and r.run_id == runs[0].name
         assert re.fullmatch(r"gw[01]", r.xdist_worker or "") and r.gpu_index is None
     assert by_gpu(records)[None].cells == 1 and by_gpu(records)[None].copies == 1
 

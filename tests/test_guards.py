@@ -22,7 +22,7 @@ from harness.common.contract import Card, CellSpec, Placement
 from harness.common.records import read_cell_records
 from harness.plan.scenario import expand, load_scenario
 from harness.policy import resolve
-from harness.run.runner import spec_for_child
+from harness.run.cell import spec_for_child
 from tests.helpers import tiny_scenario_file
 
 REPO = Path(__file__).resolve().parent.parent

@@ -240,7 +240,7 @@ def test_non_finite_output_is_an_error_never_ok(tmp_path, monkeypatch):
     from dataclasses import replace
 
     from harness.cell.worker import run_cell
-    from harness.run.runner import spec_for_child
+    from harness.run.cell import spec_for_child
 
     monkeypatch.setenv("OFFLOAD_BENCH_CACHE", str(tmp_path / "cache"))
     data = tomllib.loads(TINY_SCENARIO.read_text())
@@ -383,14 +383,14 @@ def test_a_second_runner_takes_the_next_unclaimed_cell_not_the_one_being_run(tmp
     import time
 
     from harness.common.records import append_record
-    from harness.run import runner
+    from harness.run import folder, runner
     from tests.helpers import tiny_scenario_file
 
     monkeypatch.setenv("OFFLOAD_BENCH_CACHE", str(tmp_path / "cache"))
     path = tiny_scenario_file(tmp_path, "lockstep", {"dit_cpu_offload": [True], "dit_layerwise_offload": [False, True]})
     first, second = expand(load_scenario(path))
-    run = runner.Run.create(tmp_path / "results", "cpu", "l", verbose=False)
-    lock = os.open(runner._cell_dir(run, first) / ".lock", os.O_RDWR | os.O_CREAT)
+    run = folder.Run.create(tmp_path / "results", "cpu", "l", verbose=False)
+    lock = os.open(folder.cell_dir(run, first) / ".lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(lock, fcntl.LOCK_EX)  # "the other runner" is running the first cell
     done: list[dict] = []
     t = threading.Thread(target=lambda: done.append(runner._run_all(run, [first, second], None)))

@@ -13,8 +13,9 @@ from harness.analyze.overhead import fixed_cost
 from harness.cell import measure
 from harness.common.contract import H2D_PROBE_SPEC_KEY, CellRecord, Status
 from harness.plan.scenario import expand, load_scenario
-from harness.run import runner
-from harness.run.runner import Run, child_spec, finish_overhead, remember_h2d_probe
+from harness.run import cell as run_cell_module
+from harness.run.cell import child_spec, finish_overhead, remember_h2d_probe
+from harness.run.folder import Run
 from tests.helpers import TINY_SCENARIO
 
 
@@ -32,7 +33,7 @@ def _probed(cell_id: str, source: str = "this cell") -> CellRecord:
 
 
 def test_the_first_probe_on_a_gpu_is_passed_to_the_later_cells_on_it(tmp_path, cell, monkeypatch):
-    monkeypatch.delenv(runner.H2D_PROBE_ENV, raising=False)
+    monkeypatch.delenv(run_cell_module.H2D_PROBE_ENV, raising=False)
     run = _run(tmp_path)
     # nothing measured yet: the cell probes
     assert H2D_PROBE_SPEC_KEY not in child_spec(run, cell, tmp_path, "0").as_dict()
@@ -40,7 +41,7 @@ def test_the_first_probe_on_a_gpu_is_passed_to_the_later_cells_on_it(tmp_path, c
     remember_h2d_probe(run, "0", _probed("a/b/second"))  # the first figure stays
     assert child_spec(run, cell, tmp_path, "0").as_dict()[H2D_PROBE_SPEC_KEY] == {"gbps": 55.3, "cell_id": "a/b/first"}
     assert H2D_PROBE_SPEC_KEY not in child_spec(run, cell, tmp_path, "1").as_dict()  # another GPU probes for itself
-    monkeypatch.setenv(runner.H2D_PROBE_ENV, "each")  # the A/B: every cell probes, as before
+    monkeypatch.setenv(run_cell_module.H2D_PROBE_ENV, "each")  # the A/B: every cell probes, as before
     assert H2D_PROBE_SPEC_KEY not in child_spec(run, cell, tmp_path, "0").as_dict()
 
 

@@ -230,6 +230,22 @@ def test_a_recorded_scenario_path_is_read_from_this_checkout_first(tmp_path: Pat
     assert local_scenario_file(None) is None
 
 
+def test_a_record_of_a_scenario_moved_to_the_experiments_finds_its_file() -> None:
+    """A one-off moved from scenarios/gpu/ to experiments/scenarios/ keeps its committed records, which name the
+    path it ran from: the lookup finds it by that path's file name; a path the move never touched still resolves."""
+    from harness.common.locations import experiment_scenarios_dir, local_scenario_file, scenarios_dir
+
+    experiments = experiment_scenarios_dir()
+    assert experiments is not None
+    moved = "/work/main/scenarios/gpu/reserved_wan21_14b.toml"  # as results/h200/reserved-wan21-14b.records.jsonl
+    assert local_scenario_file(moved) == experiments / "reserved_wan21_14b.toml"
+    assert local_scenario_file("/elsewhere/experiments/scenarios/drift_flux_4090.toml") == (
+        experiments / "drift_flux_4090.toml")
+    assert local_scenario_file("/work/main/scenarios/gpu/flux_dev_4090.toml") == scenarios_dir() / "gpu" / (
+        "flux_dev_4090.toml")
+    assert local_scenario_file("/work/main/scenarios/gpu/no_such_scenario.toml") is None
+
+
 def test_capacity_probes_get_no_plots_and_scenario_cells_do(tmp_path: Path) -> None:
     """A capacity search is one cell per probe (`<scenario>@<axis>-<value>`): two PNGs a probe made 24 for one
     search on the H200; the capacity table is its picture. Cells of an ordinary scenario keep theirs."""

@@ -15,7 +15,7 @@ from harness.cell.measure import reserved_attribution
 from harness.cell.worker import cache_release, cap_check, release_after_packing, release_point
 from harness.common.contract import CellRecord
 from harness.common.units import MIB
-from harness.run.runner import spec_for_child
+from harness.run.cell import spec_for_child
 
 LAYERWISE = {"text_encoder": "cpu-offload", "dit": "layerwise-from-host", "vae": "resident"}
 RESIDENT = {"text_encoder": "resident", "dit": "resident", "vae": "resident"}

@@ -24,8 +24,9 @@ import pytest
 from harness.common.contract import CellRecord
 from harness.common.records import append_record, read_cell_records
 from harness.plan.scenario import Cell, expand, load_scenario
-from harness.run import runner
-from harness.run.runner import Run, run_cell
+from harness.run import folder, process
+from harness.run.cell import run_cell
+from harness.run.folder import Run
 from tests.helpers import tiny_scenario_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,7 +84,7 @@ def group_gone(pgid: int) -> bool:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return True
-    return all(gone(p) for p in runner.group_members(pgid))
+    return all(gone(p) for p in process.group_members(pgid))
 
 
 def wait_for(pred, timeout: float = 60.0, what: str = "condition") -> None:
@@ -155,7 +156,7 @@ def the_child(parent: subprocess.Popen, timeout: float = 60.0) -> int:
     found: list[int] = []
 
     def started() -> bool:
-        found[:] = [p for p in runner.descendants(parent.pid) if _is_worker(p)]
+        found[:] = [p for p in process.descendants(parent.pid) if _is_worker(p)]
         return bool(found) or parent.poll() is not None
 
     wait_for(started, timeout, "the runner to start a child")
@@ -267,7 +268,7 @@ def test_sigint_keeps_finished_cells_and_resume_runs_only_the_rest(tmp_path: Pat
     reap.append(parent.pid)
     wait_for(lambda: (records.exists() and records.read_bytes().count(b"\n") >= 1) or parent.poll() is not None,
              120, "the first cell's record")
-    second = [p for p in runner.descendants(parent.pid) if _is_worker(p)]
+    second = [p for p in process.descendants(parent.pid) if _is_worker(p)]
     reap.extend(second)
     parent.send_signal(signal.SIGINT)
     assert parent.wait(30) == 130, runner_output(tmp_path)
@@ -317,7 +318,7 @@ def test_torn_and_garbage_lines_are_reported_kept_and_the_resumed_run_completes(
     data = records.read_bytes()
     assert data.startswith(original)  # nothing rewritten or truncated
     result = read_cell_records(records)
-    good = [r for r in result.records if runner.complete_record(r)]
+    good = [r for r in result.records if folder.complete_record(r)]
     assert [r.cell_id for r in good] == [a.cell_id, b.cell_id]
     assert (good[-1].child_pid or 0) > 0  # b really ran, and its record sits on a line of its own
 
@@ -348,7 +349,7 @@ def test_finished_counts_only_complete_records_and_never_writes(tmp_path: Path, 
 def test_the_next_record_after_a_torn_line_starts_on_its_own_line(tmp_path: Path) -> None:
     run = Run.create(tmp_path, "cpu", "t", verbose=False)
     run.records_path.write_bytes(b'{"schema_version": 1, "cell_id": "s/c/a", "sta')
-    runner.append(run, {"schema_version": 1, "cell_id": "s/c/b", "status": "ok", "spec_hash": "h"})
+    folder.append(run, {"schema_version": 1, "cell_id": "s/c/b", "status": "ok", "spec_hash": "h"})
     assert run.records_path.read_bytes().startswith(b'{"schema_version": 1, "cell_id": "s/c/a", "sta\n{')
     assert set(run.finished()) == {"s/c/b"}
 
@@ -359,7 +360,7 @@ def test_concurrent_parents_appending_to_one_file_do_not_corrupt_it(tmp_path: Pa
     script = textwrap.dedent(f"""
         import sys
         from pathlib import Path
-        from harness.run.runner import Run, append
+        from harness.run.folder import Run, append
         run = Run(Path({str(tmp_path)!r}), "cpu", "x", verbose=False)
         who = sys.argv[1]
         for i in range(150):
@@ -381,7 +382,7 @@ def test_a_cell_another_parent_is_running_is_waited_for_not_rerun(tmp_path: Path
 
     cell = one_cell(scenario_file(tmp_path, "fate-lock", {"dit_cpu_offload": [True]}))
     run = Run.create(tmp_path / "results", "cpu", "l", verbose=False)
-    lock = os.open(runner._cell_dir(run, cell) / ".lock", os.O_RDWR | os.O_CREAT)
+    lock = os.open(folder.cell_dir(run, cell) / ".lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(lock, fcntl.LOCK_EX)  # "another parent" holds the cell
     got: list[CellRecord] = []
     t = threading.Thread(target=lambda: got.append(run_cell(run, cell)))

@@ -22,7 +22,13 @@ from harness.common.contract import label_in
 from harness.common.records import DiskFullError, append_record, read_cell_records
 from harness.plan.scenario import expand, load_scenario
 from harness.run import runner
-from harness.run.runner import Run
+from harness.run.cell import run_cell
+from harness.run.folder import (
+    RESULTS_FREE_ENV,
+    RESULTS_MIN_FREE_ENV,
+    Run,
+    check_results_space,
+)
 from tests.helpers import tiny_scenario_file
 
 AXES = {"dit_cpu_offload": [False, True], "dit_layerwise_offload": [True]}
@@ -126,12 +132,12 @@ def test_runner_checks_free_space_before_each_cell(tmp_path, monkeypatch, capsys
     toml = tiny_scenario_file(tmp_path, "gate", AXES)
     run = Run.create(tmp_path / "results", "cpu", "r", verbose=False)
     cell = expand(load_scenario(toml))[0]
-    monkeypatch.setenv(runner.RESULTS_FREE_ENV, str(10 * 2**20))
+    monkeypatch.setenv(RESULTS_FREE_ENV, str(10 * 2**20))
     with pytest.raises(DiskFullError, match=r"only 10\.0 MiB free, a cell needs 256 MiB"):
-        runner.run_cell(run, cell)
+        run_cell(run, cell)
     assert not run.records_path.exists() and not list(run.run_dir.glob("cells/*/child.log"))  # no child started
-    monkeypatch.setenv(runner.RESULTS_MIN_FREE_ENV, str(2**20))
-    runner.check_results_space(run)  # 10 MiB free is enough when 1 MiB is asked for
+    monkeypatch.setenv(RESULTS_MIN_FREE_ENV, str(2**20))
+    check_results_space(run)  # 10 MiB free is enough when 1 MiB is asked for
 
 
 def test_runner_unwritable_results_is_one_line_before_any_cell(tmp_path, capsys):

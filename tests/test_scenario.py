@@ -21,6 +21,7 @@ from tests.helpers import DELETE, base_scenario, mutate, to_toml
 
 REPO = Path(__file__).resolve().parent.parent
 SCENARIO_FILES = sorted((REPO / "scenarios").rglob("*.toml"))
+EXPERIMENT_FILES = sorted((REPO / "experiments" / "scenarios").rglob("*.toml"))  # one-offs, outside the suite
 TINY = REPO / "scenarios" / "cpu" / "qwen_image_edit_tiny.toml"
 TINY_LEGACY = REPO / "scenarios" / "cpu" / "qwen_image_edit_tiny_legacy.toml"
 TINY_CUDA = REPO / "scenarios" / "gpu" / "qwen_image_edit_tiny_cuda.toml"
@@ -40,7 +41,7 @@ def test_scenario_folder_has_cpu_and_gpu_files() -> None:
     assert len(SCENARIO_FILES) >= 5
 
 
-@pytest.mark.parametrize("path", SCENARIO_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize("path", SCENARIO_FILES + EXPERIMENT_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_committed_scenario_loads_and_expands_if_valid(path: Path) -> None:
     s = load_scenario(path)
     assert s.path == str(path)
@@ -61,6 +62,18 @@ def test_discover_finds_every_profile_and_filters_by_profile() -> None:
     assert {s.name for s in cpu} == {s.name for s in every if s.profile == "cpu"}
     assert {"qwen-image-edit-tiny", "qwen-image-edit-tiny-legacy"} <= {s.name for s in cpu}
     assert {s.profile for s in every} == {"cpu", "gpu"}
+
+
+def test_experiment_scenarios_stay_apart_from_the_suite_and_each_file_name_is_one_file() -> None:
+    """experiments/scenarios/ holds one-off GPU probes that `make bench` (pytest scenarios/) does not run; they are
+    run by path or with --bench-scenarios-dir. A scenario name is unique across both folders (records are keyed by
+    it), and so is a file name: a record of a moved scenario finds its file by name (`local_scenario_file`)."""
+    experiments = discover(REPO / "experiments" / "scenarios")
+    assert len(experiments) == len(EXPERIMENT_FILES) >= 1
+    suite = discover(REPO / "scenarios")
+    assert not {s.name for s in experiments} & {s.name for s in suite}
+    names = [p.name for p in SCENARIO_FILES + EXPERIMENT_FILES]
+    assert len(names) == len(set(names))
 
 
 def test_discover_raises_if_two_files_share_a_name(tmp_path: Path) -> None:
@@ -525,7 +538,8 @@ def assert_same_cells(axes: Scenario, listed: Scenario) -> None:
         assert [c.portable_spec_hash(device) for c in after] == [c.portable_spec_hash(device) for c in before]
 
 
-GPU_WITH_EXCLUDES = [p for p in SCENARIO_FILES if p.parent.name == "gpu" and "[[exclude]]" in p.read_text()]
+GPU_WITH_EXCLUDES = [p for p in SCENARIO_FILES + EXPERIMENT_FILES  # every experiment is a GPU one
+                     if (p.parent.name == "gpu" or p in EXPERIMENT_FILES) and "[[exclude]]" in p.read_text()]
 
 
 @pytest.mark.parametrize("path", GPU_WITH_EXCLUDES, ids=lambda p: p.name)

@@ -15,7 +15,7 @@ from harness.cell import measure
 from harness.cell.offload.timeline import CopySpan, per_step, summary
 from harness.cell.worker import round_times, spread
 from harness.plan.scenario import ScenarioError, expand, load_scenario
-from harness.run.runner import spec_for_child
+from harness.run.cell import spec_for_child
 
 SCENARIO = Path(__file__).resolve().parent.parent / "scenarios" / "cpu" / "qwen_image_edit_tiny.toml"
 

@@ -9,7 +9,7 @@ import pytest
 
 from harness.common.contract import PHASES, as_record, migrate
 from harness.plan.scenario import expand, load_scenario
-from harness.run.runner import spec_for_child
+from harness.run.cell import spec_for_child
 
 SCENARIO = Path(__file__).resolve().parent.parent / "scenarios" / "cpu" / "qwen_image_edit_tiny.toml"
 

@@ -10,7 +10,7 @@ import pytest
 
 from harness.models import get_model, model_names
 from harness.plan.scenario import expand, load_scenario
-from harness.run.runner import spec_for_child
+from harness.run.cell import spec_for_child
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios" / "cpu"
 

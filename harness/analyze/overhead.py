@@ -2,7 +2,7 @@
 its measured load and rounds), part by part, with the median over the run's cells, to quote a before/after.
 
 A record from this harness carries `overhead` (harness.cell.worker.run_cell, completed by
-harness.run.runner.finish_overhead). An older record has none: its fixed cost is estimated as elapsed_s minus the
+harness.run.cell.finish_overhead). An older record has none: its fixed cost is estimated as elapsed_s minus the
 load phase's and the runtime phases' wall times (times the rounds), and the row says "estimated".
 """
 
@@ -19,7 +19,7 @@ from harness.common.contract import RUNTIME_PHASES, CellRecord, JsonObject, Phas
 from harness.common.records import latest_by_cell, read_cell_records
 
 # process_start_s: a spawned child's interpreter start; fork_s and server_start_s: a forked one's fork, and the fork
-# server's start in the run's first forked cell (harness.run.runner.OVERHEAD_PARTS).
+# server's start in the run's first forked cell (harness.run.cell.OVERHEAD_PARTS).
 PARTS = ("process_start_s", "fork_s", "server_start_s", "imports_s", "guards_s", "cuda_init_s", "h2d_probe_s",
          "checkpoint_s", "warmup_s", "teardown_s", "other_s")
 

@@ -646,11 +646,11 @@ class CellRecord:
         says otherwise) and so does the parent's for a cell whose child left none (crash, timeout, skip).
 
         Raises:
-            ValueError: the spec carries no resolution (the parent resolves: harness.run.runner.spec_for_child).
+            ValueError: the spec carries no resolution (the parent resolves: harness.run.cell.spec_for_child).
         """
         if spec.resolution is None:
             raise ValueError(f"{spec.cell_id}: the cell spec carries no resolution; the parent resolves the policy "
-                             "(harness.run.runner.spec_for_child)")
+                             "(harness.run.cell.spec_for_child)")
         resolved = spec.resolution
         effective = OffloadFlags.from_mapping(resolved["effective"], "resolution.effective")
         return cls(
@@ -798,7 +798,7 @@ class CellRecord:
     @property
     def skipped_by_guard(self) -> bool:
         """Skipped because a guard found the machine short (disk, host memory, a busy GPU): a state that changes,
-        so a resumed run tries the cell again (harness.run.runner.Run.finished)."""
+        so a resumed run tries the cell again (harness.run.folder.Run.finished)."""
         return self.status is Status.SKIPPED and bool((self.guard or {}).get("failed"))
 
     def steady_step_ms(self) -> float | None:

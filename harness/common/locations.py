@@ -6,6 +6,9 @@ Installed from a wheel (`pip install .`): the scenario folder that `setup.py` sh
 `results/baselines` under the working folder: baselines are per machine and written by `offload-bench baseline`,
 so they never live in site-packages. The committed GPU records ship too (`harness/_shipped/results`), for
 `advise`. `--scenarios` / `--baselines-dir` override both.
+
+One-off experiment scenarios live in a checkout's `experiments/scenarios/`, outside the suite that `bench` runs
+(docs/scenarios.md); a record names the file it ran from, so reading a record looks in both folders.
 """
 
 from __future__ import annotations
@@ -40,9 +43,24 @@ def records_glob() -> str:
     return str(base / "**" / "*.records.jsonl")
 
 
+def experiment_scenarios_dir() -> Path | None:
+    """The checkout's one-off experiment scenarios (`experiments/scenarios/`), None from a wheel (it ships the suite
+    only)."""
+    root = checkout()
+    return root / "experiments" / "scenarios" if root is not None else None
+
+
+def scenario_folders() -> list[Path]:
+    """Where a recorded scenario file is looked for: the suite's folder, then the experiments' (if there is one)."""
+    experiments = experiment_scenarios_dir()
+    return [scenarios_dir(), *([experiments] if experiments is not None and experiments.is_dir() else [])]
+
+
 def local_scenario_file(recorded: str | None) -> Path | None:
-    """The scenario file a record names, as this checkout has it: the same path under this checkout's scenarios
-    folder first, else the recorded path itself; None if neither exists.
+    """The scenario file a record names, as this checkout has it: the same path under this checkout's scenario
+    folders first (`scenario_folders`), else the one file of that name in them (a scenario moved between the
+    suite and the experiments: its records keep the path it ran from), else the recorded path itself; None if none
+    exists.
 
     This checkout's copy first, because a recorded absolute path can name another checkout's working copy: the GPU
     box runs in /work/main, so a worktree elsewhere on this machine evaluated its reports against main's files."""
@@ -50,7 +68,12 @@ def local_scenario_file(recorded: str | None) -> Path | None:
         return None
     path = Path(recorded)
     if "scenarios" in path.parts:
-        local = scenarios_dir() / Path(*path.parts[path.parts.index("scenarios") + 1:])
-        if local.exists():
+        relative = Path(*path.parts[path.parts.index("scenarios") + 1:])
+        folders = scenario_folders()
+        local = next((f / relative for f in folders if (f / relative).exists()), None)
+        if local is not None:
             return local
+        same_name = [p for f in folders for p in sorted(f.rglob(path.name))]
+        if len(same_name) == 1:
+            return same_name[0]
     return path if path.exists() else None

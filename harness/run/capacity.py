@@ -162,7 +162,7 @@ class CapacityRow:
 
 def run_capacity(scenario: Scenario, probe_fn: Callable[[Cell], CellRecord]) -> list[CapacityRow]:
     """Searches every combination of `scenario` (cells that duplicate another are searched once); `probe_fn`
-    runs one probe cell and returns its record (`harness.run.runner.run_cell` on the device)."""
+    runs one probe cell and returns its record (`harness.run.cell.run_cell` on the device)."""
     values = _capacity(scenario).values()
     rows = []
     for cell in _combinations(scenario):
@@ -273,7 +273,9 @@ def _from_records(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from harness.run.runner import Run, detect_device, run_cell
+    from harness.run.cell import run_cell
+    from harness.run.folder import Run
+    from harness.run.gpus import detect_device
 
     args = _parse(argv)
     try:

@@ -15,6 +15,7 @@ longest-first scheduling needs.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
@@ -116,3 +117,19 @@ def nvml_count() -> int | None:
             pynvml.nvmlShutdown()
     except Exception:
         return None
+
+
+def detect_device() -> str:
+    """'cuda' if an NVIDIA GPU is visible, else 'cpu', without creating a CUDA context in this process."""
+    forced = os.environ.get("OFFLOAD_BENCH_PROFILE")
+    if forced in ("cpu", "gpu"):
+        return "cuda" if forced == "gpu" else "cpu"
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        count = pynvml.nvmlDeviceGetCount()
+        pynvml.nvmlShutdown()
+        return "cuda" if count > 0 else "cpu"
+    except Exception:
+        return "cpu"

@@ -92,7 +92,9 @@ def _default_option(a: Advice, requested: OffloadFlags, context: EngineContext, 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from harness.models import get_model
-    from harness.run.runner import Run, detect_device, run_cell
+    from harness.run.cell import run_cell
+    from harness.run.folder import Run
+    from harness.run.gpus import detect_device
 
     device = detect_device()
     wargs = _workload_args(args, device)
