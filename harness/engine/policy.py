@@ -270,8 +270,9 @@ def write_shipped(out: Path = SHIPPED_ANSWERS) -> int:
 ANSWERS_ENV = "OFFLOAD_BENCH_SGLANG_ANSWERS"
 """A JSON-lines file of ServerArgs answers, read before asking a child and appended to after. The answer depends
 only on the release and the request (the child mocks the platform, runs offline with a HF cache holding only the
-request's checkpoint, keyed by the digest of what is read from it), so answers recorded on one machine hold on another: the lent GPU machine, which carries the file instead of every release
-and its pinned transformers. Each answer keeps `extra.answered_by` (the machine and Python that asked)."""
+request's checkpoint, which the request names by the digest of what is read from it), so answers recorded on one
+machine hold on another: the lent GPU machine, which carries the file instead of every release and its pinned
+transformers. Each answer keeps `extra.answered_by` (the machine and Python that asked)."""
 
 
 def _recorded_answers() -> dict[tuple[str, str], EngineResolution] | None:

@@ -145,8 +145,8 @@ def layout_of(spec: ModelSpec) -> tuple[str, tuple[Part, ...]] | None:
 def spec_digest(spec: ModelSpec) -> str:
     """A digest of what decides a zoo model's stand-in: its components' checkpoint keys and the layout."""
     layout = layout_of(spec)
-    blob = json.dumps({"format": STANDIN_FORMAT, "components": {r: c.key(0) for r, c in sorted(spec.components.items())},
-                       "layout": repr(layout)}, sort_keys=True)
+    keys = {role: comp.key(0) for role, comp in sorted(spec.components.items())}
+    blob = json.dumps({"format": STANDIN_FORMAT, "components": keys, "layout": repr(layout)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

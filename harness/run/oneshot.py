@@ -103,7 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if device == "cpu":
         machine = replace(machine, context_bytes=0, source=f"{machine.source}; no CUDA context (cells run on CPU)")
     spec = get_model(args.model, "--model")
-    context = EngineContext.for_model(spec.family, spec.edit, (cap or 80 * GIB) / GIB)
+    context = EngineContext.for_model(spec.family, spec.edit, (cap or 80 * GIB) / GIB, spec.name)
     a = advise(args.model, card, cap, workload, policy=args.policy, machine=machine, records_glob=None)
     chosen = picks(a, _default_option(a, UNSET, context, args.policy))
     print(render(a, family=spec.family), end="")
