@@ -45,6 +45,7 @@ BOOL_FLAGS = ("dit_cpu_offload", "dit_layerwise_offload", "text_encoder_cpu_offl
 class GridInput:
     flags: OffloadFlags
     context: EngineContext
+    part: str = "grid"  # "grid" (grid_inputs) or "modes" (modern_inputs): the report counts them apart
 
     def describe(self) -> str:
         mode = f" {self.context.performance_mode}" if self.context.performance_mode else ""
@@ -86,7 +87,7 @@ def modern_inputs() -> list[GridInput]:
         ctx = EngineContext(memory_gib=gib, task=FAMILY_TASKS[family], family=family, performance_mode=mode)
         for switches, comps in itertools.product(MODERN_SWITCHES, COMPONENT_SELECTIONS):
             out.append(GridInput(OffloadFlags(*switches, dit_offload_prefetch_size=1.0,  # type: ignore[misc]
-                                              layerwise_offload_components=comps), ctx))
+                                              layerwise_offload_components=comps), ctx, "modes"))
     for family, gib in itertools.product(("qwen-image", "wan"), (24.0, 80.0)):
         ctx = EngineContext(memory_gib=gib, task=FAMILY_TASKS[family], family=family)
         for switches, resident, policy, pf in itertools.product(
@@ -94,13 +95,13 @@ def modern_inputs() -> list[GridInput]:
                 RESIDENT_VALUES, ("leading", "strided"), (0.0, 4.0)):
             out.append(GridInput(OffloadFlags(*switches, dit_offload_prefetch_size=pf,  # type: ignore[misc]
                                               dit_layerwise_resident_layers=resident,
-                                              dit_layerwise_residency_policy=policy), ctx))
+                                              dit_layerwise_residency_policy=policy), ctx, "modes"))
     for gib, comps, maps in itertools.product((24.0, 80.0), (("text_encoder", "vae"), ("all",)), (
             {"layerwise_prefetch_size": (("text_encoder", 2.0),)}, {"layerwise_resident_layers": (("vae", 1.0),)},
             {"layerwise_residency_policy": (("text_encoder", "strided"),)})):
         ctx = EngineContext(memory_gib=gib, task="T2I", family="flux")
         out.append(GridInput(OffloadFlags(True, True, None, None, layerwise_offload_components=comps,
-                                          **maps), ctx))  # type: ignore[arg-type]
+                                          **maps), ctx, "modes"))  # type: ignore[arg-type]
     return out
 
 
@@ -281,19 +282,23 @@ def report(results: dict[str, list[Outcome]], elapsed: dict[str, float], example
 
 
 def _checkpoint_section(results: dict[str, list[Outcome]]) -> list[str]:
-    """How many inputs each release answers otherwise with the stand-ins, by family and card."""
+    """How many inputs each release answers otherwise with the stand-ins: in the grid and in the modern inputs, and
+    by family and card."""
     pairs = [(v, results[v], results[v + STANDIN_SUFFIX]) for v in results if v + STANDIN_SUFFIX in results]
     if not pairs:
         return []
     lines = ["", "## What a checkpoint on disk changes", "",
              "Inputs whose release answer (flags, component list, residency of each role, or refusal) differs "
-             "between no checkpoint and the sized stand-ins:", "",
-             "| release | inputs | changed | changed, by family and card (GiB) |", "|---|---:|---:|---|"]
+             "between no checkpoint and the sized stand-ins, of the grid's inputs (`grid`) and of the modes, "
+             "component selections and resident layers asked of 0.5.23 (`modes`):", "",
+             "| release | part | inputs | changed | changed, by family and card (GiB) |", "|---|---|---:|---:|---|"]
     for version, without, with_ in pairs:
-        changed = changed_by_checkpoint(without, with_)
-        where = Counter(f"{a.item.context.family} {a.item.context.memory_gib:g}" for a, _ in changed)
-        lines.append(f"| {version} | {len(without)} | {len(changed)} | "
-                     f"{', '.join(f'{k}: {n}' for k, n in sorted(where.items())) or '-'} |")
+        for part in sorted({o.item.part for o in without}):
+            old = [o for o in without if o.item.part == part]
+            changed = changed_by_checkpoint(old, [o for o in with_ if o.item.part == part])
+            where = Counter(f"{a.item.context.family} {a.item.context.memory_gib:g}" for a, _ in changed)
+            lines.append(f"| {version} | {part} | {len(old)} | {len(changed)} | "
+                         f"{', '.join(f'{k}: {n}' for k, n in sorted(where.items())) or '-'} |")
     return lines
 
 
