@@ -17,11 +17,12 @@ How a request becomes a `ServerArgs`, as SGLang's unit tests (`test/unit/test_se
   sizing rules (`_fits_all_components_resident`, `_dit_overflows_device_in_auto`) call `checkpoint_component_sizes`
   and `dit_parameter_count` with `model_path`, which read a local folder or, for a Hub id, the snapshot
   `snapshot_download(local_files_only=True)` finds in that cache: both ways read the same headers. The Hub id is
-  kept as `model_path` because everything else that reads it asks about the published checkpoint by name: the
-  registry's config lookup below, 0.5.23's overlay registry (`resolve_model_overlay`, an exact-name match), its
-  list of checkpoints validated for breakable CUDA graphs and `get_model_info` for a model's CFG default. A local
-  path there would change those answers (a folder is matched by its basename) along with the sizes, and a folder
-  model runs as its family's published checkpoint anyway. What the sizing functions returned is kept in
+  kept as `model_path` because everything else in ServerArgs that reads it asks about the published checkpoint by
+  name: 0.5.23's overlay registry (`resolve_model_overlay`, an exact-name match), its list of checkpoints
+  validated for breakable CUDA graphs and the model registry (`get_model_info`, for a model's CFG default), the
+  registry the pipeline config below is looked up in by the same id. A local path there would change those
+  answers (a folder is matched by its basename) along with the sizes, and a folder model runs as its family's
+  published checkpoint anyway (`harness.models.folder`). What the sizing functions returned is kept in
   `extra.checkpoint_read`, and `checkpoint` names what was shown ("none", "folder <path>", "zoo sized stand-in
   <model>@<digest>") with its tensor bytes; without a checkpoint they find nothing and the model's declared
   policy stands, as before;
