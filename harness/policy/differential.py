@@ -4,6 +4,9 @@
 installed release (one child per release for the whole grid) and our model (`MODEL_FOR_VERSION`) about every
 input, and writes a markdown report: per release, inputs compared, agreements, disagreements (each with inputs,
 SGLang's answer and ours), and inputs our model refuses as inexpressible. Exit status 1 on any disagreement.
+Each release is asked twice, with no checkpoint on disk and with each family's zoo sized stand-in
+(`with_standins`, `harness.models.standin`), and the report counts the inputs the stand-ins change
+(`changed_by_checkpoint`).
 
 What is compared, per input our model answers: the six flags (the prefetch size only where the DiT is layerwise:
 elsewhere no manager reads it, and our model records it as 0), SGLang's `layerwise_offload_components` (from
