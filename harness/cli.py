@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,9 @@ from harness.common.records import (
     latest_by_cell,
     read_cell_records,
 )
+from harness.models import UnknownModelError, get_model
 from harness.plan import plan_cli
-from harness.plan.scenario import ReleaseNotInstalled, ScenarioError, expand, load_all
+from harness.plan.scenario import ReleaseNotInstalled, ScenarioError, expand, load_all, same_family, with_model
 from harness.run import oneshot
 from harness.run.merge import MergeConflict
 
@@ -119,9 +121,12 @@ def cmd_report(args: argparse.Namespace) -> int:
         page = Path(args.html) if args.html is not True else (
             report_paths(args.out).with_suffix(".html") if args.out else beside(args.run, "report.html"))
         check_output_file(page, "--html")
-    _, records = _read_run(args.run)
+    from harness.analyze.readout import readout
+
+    run = readout(*_read_run(args.run))  # each record with its plan, and the run's verdicts
+    records = run.records
     title = args.title or f"offload-bench run {records[0].run_id or ''}"
-    summary = build_summary(records, args.baselines_dir)
+    summary = build_summary(records, args.baselines_dir, verdicts=run.verdicts)
     if page is not None:
         from harness.analyze.html import write_html
 
@@ -358,9 +363,33 @@ def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
         raise Stop(exitcodes.USAGE, f"{folder}: no scenario suite there (its conftest.py is missing); pass "
                    "--scenarios <folder with conftest.py and the scenario files>")
     mine = ["--bench-results", args.results]
+    if args.model:
+        mine += ["--bench-scenarios-dir", str(model_scenarios(folder, args.model, Path(args.results)))]
     if args.profile:
         mine += ["--bench-profile", args.profile]
     return int(pytest.main([str(folder), "-p", "no:cacheprovider", "-rA", *mine, *rest]))
+
+
+def model_scenarios(folder: Path, model: str, results: Path) -> Path:
+    """`bench --model`: the suite's scenarios whose pipeline `model` runs (same family, edit or not), copied with
+    their model replaced under RESULTS/model-scenarios/<model's folder or zoo name>/ (kept: `report` reads a run's
+    scenario files back); the folder of the copies.
+
+    Raises:
+        Stop: `model` is no model, or no scenario of the suite runs its pipeline.
+    """
+    try:
+        spec = get_model(model, "--model")
+    except UnknownModelError as e:
+        raise Stop(exitcodes.USAGE, str(e)) from None
+    out = results.resolve() / "model-scenarios" / Path(spec.name).name
+    shutil.rmtree(out, ignore_errors=True)
+    files = [p for p in sorted(folder.rglob("*.toml")) if same_family(p, spec.name)]
+    if not files:
+        raise Stop(exitcodes.USAGE, f"--model {model}: no scenario under {folder} runs the {spec.family} pipeline")
+    for path in files:
+        with_model(path, spec.name, out / path.relative_to(folder))
+    return out
 
 
 def _version() -> str:
@@ -380,6 +409,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--profile", choices=("auto", "cpu", "gpu"), help="pytest's --bench-profile")
     bench.add_argument("--results", default="results", help="results folder (default: ./results)")
     bench.add_argument("--scenarios", help="the scenario suite's folder (default: the checkout's or the shipped one)")
+    bench.add_argument("--model", help="run the suite's scenarios of this model's pipeline on it instead: a zoo name "
+                       "or a diffusers pipeline folder (copies under RESULTS/model-scenarios/)")
     rep = sub.add_parser("report", help="markdown report of a run (with --out: and PNG plots)")
     rep.add_argument("run", help="a run folder or a records.jsonl file")
     rep.add_argument("--out", help="a .md file or a folder (report.md): markdown plus PNGs next to it")

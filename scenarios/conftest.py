@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +186,19 @@ def _benchmark_json_value(path: Path) -> Any:
 
     major, minor = (int(part) for part in __version__.split(".")[:2])
     return path if (major, minor) >= (5, 3) else open(path, "wb")  # pytest-benchmark closes it
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The run's verdicts, judged once every cell and card has run and written beside its records
+    (`harness.analyze.readout.finish_run`): by the one process of a plain session, by the controller of an xdist
+    one; nothing under --collect-only or where no cell ran."""
+    config = session.config
+    run_id = getattr(config, "_offload_bench_run_id", None)
+    if _worker_id(config) is not None or config.option.collectonly or run_id is None:
+        return
+    from harness.analyze.readout import finish_run
+
+    finish_run(Path(config.getoption("--bench-results")) / "runs" / run_id / "records.jsonl")
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -419,7 +432,7 @@ def worker_child_env(worker_id: str | None, device: str, env: Mapping[str, str])
 
 
 @pytest.fixture(scope="session")
-def bench(request: pytest.FixtureRequest) -> Records:
+def bench(request: pytest.FixtureRequest) -> Iterator[Records]:
     config = request.config
     device = "cuda" if _profile(config) == "gpu" else "cpu"
     worker = _worker_id(config)
@@ -432,8 +445,9 @@ def bench(request: pytest.FixtureRequest) -> Records:
     if worker is None:  # an xdist worker's terminal is not shown: its lines stay in the captured output
         run.sink = live_lines(config)
     (run.sink or print)(f"offload-bench: records -> {run.records_path}{where}")
-    return Records(run, getattr(config, "_offload_bench_cells", 0), env or None,
-                   getattr(config, "_offload_bench_cost", 0))
+    yield Records(run, getattr(config, "_offload_bench_cells", 0), env or None,
+                  getattr(config, "_offload_bench_cost", 0))
+    run.close()  # the session's fork server (harness.run.cell_start) ends with it
 
 
 def live_lines(config: pytest.Config) -> Callable[[str], None] | None:

@@ -34,7 +34,7 @@ def _feed_benchmark(benchmark, record: CellRecord, cell: Cell) -> None:
     denoise = record.phases.get(Phase.DENOISE)
     info.update(
         cell_id=record.cell_id, status=str(record.status), failed_phase=record.failed_phase,
-        requested=record.requested, effective=record.effective, peaks=record.peaks.as_dict(),
+        requested=record.requested.as_dict(), effective=record.effective.as_dict(), peaks=record.peaks.as_dict(),
         phases={name: {k: v for k, v in ph.as_dict().items() if not k.startswith("device_weights") and k != "step_ms"}
                 for name, ph in record.phases.items()},
         denoise_step_ms=denoise.step_ms if denoise else None,

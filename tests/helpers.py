@@ -193,3 +193,17 @@ def cell_records(path: Path) -> list[CellRecord]:
 def as_records(records: Iterable[Record]) -> list[CellRecord]:
     """JSON records (edited by a test) as CellRecords; a CellRecord stays as it is."""
     return [as_record(r) for r in records]
+
+
+def planned(data: Record) -> CellRecord:
+    """A record as the analysis reads it (`harness.analyze.readout`): with the plan its run stored, or one derived
+    now (`plan_on_read`)."""
+    from harness.plan.planner import plan_on_read
+
+    record = as_record(data)
+    plan_on_read(record)
+    return record
+
+
+def planned_records(records: Iterable[Record]) -> list[CellRecord]:
+    return [planned(r) for r in records]

@@ -12,7 +12,11 @@ from typing import Any
 PIPELINE = {"flux-tiny": "FluxPipeline", "qwen-image-tiny": "QwenImagePipeline", "wan-tiny": "WanPipeline"}
 
 
-def write_pipeline_folder(root: Path, zoo_name: str, *, shard_dit: bool = False, dtype: str = "float32") -> Path:
+def write_pipeline_folder(root: Path, zoo_name: str, *, shard_dit: bool = False, dtype: str = "float32",
+                          dit_class: str | None = None) -> Path:
+    """The folder of zoo twin `zoo_name`; with `dit_class`, its transformer is that diffusers class instead, built
+    from the twin's DiT config (a class the zoo does not know: SkyReelsV2Transformer3DModel for Wan)."""
+    import diffusers
     import torch
 
     from harness.models import get_model
@@ -51,6 +55,8 @@ def write_pipeline_folder(root: Path, zoo_name: str, *, shard_dit: bool = False,
         mods["text_encoder"] = (Qwen2_5_VLForConditionalGeneration(config), "transformers")
         mods["transformer"] = (QwenImageTransformer2DModel(**dit), "diffusers")
         mods["vae"] = (AutoencoderKLQwenImage(**vae), "diffusers")
+    if dit_class is not None:
+        mods["transformer"] = (getattr(diffusers, dit_class)(**dit), "diffusers")
     for sub, (module, library) in mods.items():
         module = module.to(cast)
         kwargs = {"max_shard_size": "200KB"} if shard_dit and sub == "transformer" else {}
@@ -58,3 +64,24 @@ def write_pipeline_folder(root: Path, zoo_name: str, *, shard_dit: bool = False,
         index[sub] = [library, type(module).__name__]
     (root / "model_index.json").write_text(json.dumps(index, indent=2))
     return root
+
+
+def folder_cells(folder: Path, tmp_path: Path, axes: str, frames: int = 1, latents_dir: Path | None = None,
+                 distinct: bool = False) -> list[dict]:
+    """Each cell of a 64x64, 2-step, true-CFG scenario on the folder (`axes`: the TOML after the settings: [flags],
+    [axes], [[cells]], [run]), run in this process (CPU, one round); with `latents_dir`, cell i saves its final
+    latents there as latents{i}.pt; with `distinct`, only the cells that run (a cell whose effective flags an
+    earlier cell has is `same_as` it and skipped)."""
+    from dataclasses import replace
+
+    from harness.cell.worker import run_cell
+    from harness.plan.scenario import expand, load_scenario
+    from harness.run.runner import spec_for_child
+
+    path = tmp_path / "folder.toml"
+    path.write_text(f'name = "folder"\nmodel = "{folder}"\nprofile = "cpu"\ncards = ["native"]\nheight = 64\n'
+                    f'width = 64\nframes = {frames}\nsteps = 2\ntrue_cfg_scale = 4.0\nseed = 0\n{axes}')
+    cells = [c for c in expand(load_scenario(path)) if not (distinct and c.same_as)]
+    return [run_cell(replace(spec_for_child(c, "cpu"), warmup=0, rounds=1,
+                             latents_out=str(latents_dir / f"latents{i}.pt") if latents_dir else None)).to_dict()
+            for i, c in enumerate(cells)]

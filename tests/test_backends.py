@@ -250,12 +250,13 @@ def test_pinned_allocator_bytes_round_up_to_a_power_of_two() -> None:
 def test_host_guard_counts_diffusers_pinned_copies_on_top_of_the_host_weights() -> None:
     from harness.cell.guards import _host_check, weight_bytes
     from harness.cell.guards import pinned_torch_allocator_bytes as pinned_copy_bytes
+    from harness.common.contract import Placement
     from harness.models import get_model
 
     model = get_model("qwen-image-edit-tiny")
-    ours = _host_check("cuda", {"text_encoder": "resident", "dit": "layerwise-from-host", "vae": "resident"}, model, 0)
-    peer = _host_check("cuda", {"text_encoder": "resident", "dit": "diffusers-group-offload", "vae": "resident"},
-                       model, 0)
+    resident = {"text_encoder": Placement.RESIDENT, "vae": Placement.RESIDENT}
+    ours = _host_check("cuda", {**resident, "dit": Placement.LAYERWISE_FROM_HOST}, model, 0)
+    peer = _host_check("cuda", {**resident, "dit": Placement.DIFFUSERS_GROUP}, model, 0)
     dit = model.components["dit"]
     assert ours[1]["components"]["dit"]["host_bytes"] == weight_bytes(dit)
     assert peer[1]["components"]["dit"]["host_bytes"] == weight_bytes(dit) + pinned_copy_bytes(dit)
@@ -482,7 +483,8 @@ def _roof_record(backend: str, placement: str, step_ms: list[float], **dit: Any)
     cell = f"peer/native/{placement}" + ("" if backend == HARNESS_BACKEND else f"+{backend}")
     return {
         "schema_version": 2, "cell_id": cell, "scenario": "peer", "status": "ok", "backend": backend,
-        "settings": {"true_cfg_scale": 4.0}, "machine": {"pinned_h2d_gbps": 50.0},
+        "settings": {"height": 64, "width": 64, "steps": 3, "true_cfg_scale": 4.0, "seed": 0},
+        "machine": {"pinned_h2d_gbps": 50.0},
         "phases": {"denoise": {"step_ms": step_ms}},
         "components": {"dit": {"placement": placement, **dit}},
     }

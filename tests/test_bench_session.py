@@ -58,6 +58,7 @@ def test_bench_run_writes_only_its_run_folder_and_shows_progress_live(tmp_path: 
     written = sorted(p.relative_to(results).as_posix() for p in results.rglob("*") if p.is_file())
     assert all(p.startswith("runs/r1/") for p in written), written
     assert "runs/r1/pytest-benchmark.json" in written and "runs/r1/records.jsonl" in written
+    assert "runs/r1/verdicts.json" in written  # the session's end judged the run (its scenario expects nothing)
     assert '"fullname": "scenarios/test_offload_matrix.py::test_cell[one/native/' in (
         results / "runs" / "r1" / "pytest-benchmark.json").read_text()
     # with --show-capture=no, captured output is never printed: these lines came through the terminal writer, and
@@ -86,3 +87,44 @@ def test_a_relative_results_folder_is_made_absolute(tmp_path: Path, monkeypatch:
     monkeypatch.chdir(tmp_path)
     run = Run.create(Path("results"), "cpu", "r")
     assert run.run_dir == tmp_path / "results" / "runs" / "r" and run.records_path.is_absolute()
+
+
+def test_bench_model_copies_the_scenarios_of_its_pipeline(tmp_path: Path) -> None:
+    """`bench --model M`: the suite's scenarios of M's pipeline, copied with M as their model (the others left
+    out); a model of no scenario's pipeline is one line."""
+    from harness.cli import Stop, model_scenarios
+    from harness.plan.scenario import load_scenario
+
+    out = model_scenarios(REPO / "scenarios", "wan-tiny", tmp_path)
+    copies = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.toml"))
+    assert "cpu/wan_tiny.toml" in copies and not any("flux" in c or "qwen" in c for c in copies)
+    assert all('\nmodel = "wan-tiny"' in (out / c).read_text() for c in copies)
+    assert load_scenario(out / "cpu" / "wan_tiny.toml").model == "wan-tiny"
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "one.toml").write_text((REPO / "scenarios" / "cpu" / "flux_tiny.toml").read_text())
+    with pytest.raises(Stop, match=r"no scenario under .* runs the wan pipeline"):
+        model_scenarios(suite, "wan-tiny", tmp_path)
+
+
+@pytest.mark.slow
+def test_bench_model_runs_the_suite_on_a_pipeline_folder(tmp_path: Path) -> None:
+    """`offload-bench bench --model FOLDER` (issue 29): the wan-tiny scenario on a Wan folder written by
+    save_pretrained (bfloat16, so the weight ledger and the scenario's expectations are the twin's), its native
+    card's cells and set-level checks pass, each record on the folder."""
+    import json
+
+    from tests.pipeline_folders import write_pipeline_folder
+
+    folder = write_pipeline_folder(tmp_path / "my-wan", "wan-tiny", dtype="bfloat16")
+    results = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-m", "harness", "bench", "--model", str(folder), "--profile", "cpu",
+                           "--results", str(results), "--bench-scenario", "wan-tiny", "--bench-run-id", "r1",
+                           "-k", "native"], cwd=REPO, capture_output=True, text=True, timeout=1200,
+                          env={**os.environ, "OFFLOAD_BENCH_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "5 passed" in proc.stdout  # 4 cells and the native card's expectations
+    records = [json.loads(line) for line in (results / "runs" / "r1" / "records.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and {r["model"] for r in records} == {str(folder.resolve())}
+    assert {r["status"] for r in records} == {"ok"}
+    assert (results / "model-scenarios" / "my-wan" / "cpu" / "wan_tiny.toml").is_file()

@@ -188,3 +188,43 @@ def test_a_search_that_ran_is_tabled_again_from_its_records() -> None:
     missing = subprocess.run([sys.executable, "-m", "harness", "capacity", "scenarios/gpu/flux_dev_capacity_4090.toml",
                               "--from-records", "nope.jsonl"], cwd=REPO, capture_output=True, text=True)
     assert missing.returncode == 2 and "no such records file" in missing.stderr
+
+
+FLUX_CAPACITY = ('name = "flux-tiny-capacity"\nmodel = "flux-tiny"\nprofile = "cpu"\ncards = ["native"]\nheight = 64\n'
+                 "width = 64\nsteps = 1\ntrue_cfg_scale = 1.0\ntimeout_s = 300\n"
+                 "[flags]\ndit_cpu_offload = true\ndit_layerwise_offload = true\ndit_offload_prefetch_size = 1\n"
+                 '[capacity]\naxis = "resolution"\nmin = 64\nmax = 96\nstep = 16\n')
+
+
+def test_capacity_model_that_is_none_is_one_line_before_any_run_folder(tmp_path: Path) -> None:
+    path = tmp_path / "flux_tiny_capacity.toml"
+    path.write_text(FLUX_CAPACITY)
+    out = subprocess.run([sys.executable, "-m", "harness", "capacity", str(path), "--model", str(tmp_path / "none"),
+                          "--results", str(tmp_path / "results")], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.startswith("error: --model: unknown model") and "\n" not in \
+        out.stderr.strip()
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.slow
+def test_capacity_searches_a_pipeline_folder_with_model(tmp_path: Path) -> None:
+    """`capacity SCENARIO --model FOLDER` (issue 29): the same search on a diffusers folder written by
+    save_pretrained; the run folder keeps the scenario with the folder as its model, and the probe ran on it."""
+    from tests.pipeline_folders import write_pipeline_folder
+
+    folder = write_pipeline_folder(tmp_path / "my-flux", "flux-tiny")
+    path = tmp_path / "flux_tiny_capacity.toml"
+    path.write_text(FLUX_CAPACITY)
+    out = subprocess.run([sys.executable, "-m", "harness", "capacity", str(path), "--model", str(folder),
+                          "--results", str(tmp_path), "--run-id", "cap"], cwd=REPO, capture_output=True, text=True,
+                         timeout=900, env={**os.environ, "OFFLOAD_BENCH_CACHE": str(tmp_path / "cache")})
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "runs" / "cap"
+    kept = load_scenario(run / "scenario-flux_tiny_capacity.toml")
+    assert kept.model == str(folder.resolve()) and kept.capacity is not None
+    rows = json.loads((run / "capacity.json").read_text())
+    assert [(r["planned"], r["largest_ok"]) for r in rows] == [(96, 96)]
+    records = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records] == ["ok"] and records[0]["model"] == str(folder.resolve())
+    # the folder's own weights, not the zoo twin's generated checkpoint
+    assert records[0]["components"]["dit"]["checkpoint"] == {"verified": None, "why": "pipeline folder: no digest"}

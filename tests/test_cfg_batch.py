@@ -58,7 +58,7 @@ def test_cfg_batch_cells_are_labelled_and_carry_the_option(tmp_path: Path) -> No
     cells = expand(load_scenario(path))
     batched = [c for c in cells if c.cfg_batch]
     assert len(batched) == len(cells) // 2
-    assert all(c.cell_id.endswith("+cfg-batch") and c.spec("cpu").run == {"cfg_batch": True} for c in batched)
+    assert all(c.cell_id.endswith("+cfg-batch") and c.spec("cpu").run.changed() == {"cfg_batch": True} for c in batched)
     assert all("run" not in c.spec("cpu").as_dict() for c in cells if not c.cfg_batch)
     # a batched cell never stands in for a two-pass one (or the reverse)
     by_id = {c.cell_id: c for c in cells}
@@ -111,3 +111,17 @@ def test_tiny_cfg_batch_latents_close_to_two_pass(tmp_path: Path, source: str) -
     verdicts = {v.check: v for v in evaluate(scenario, as_records(records))}
     assert verdicts["cfg_batch"].passed, verdicts["cfg_batch"].message
     assert "+cfg-batch vs" in verdicts["cfg_batch"].message and "two-pass" in verdicts["cfg_batch"].message
+
+
+def test_the_roofline_streams_a_cfg_batch_cells_layers_once_a_step() -> None:
+    """Two CFG passes in one DiT call cross the link once: counted twice, the Qwen-Image cfg-batch cell on the H200
+    streamed at 199 % of its probe's rate."""
+    from harness.analyze.roofline import roofline_rows
+    from tests.helpers import cell_records
+
+    path = Path(__file__).resolve().parent.parent / "results/h200/fidelity-qwen-image.records.jsonl"
+    rows = {r["cell"]: r for r in roofline_rows(cell_records(path))}
+    batched = rows["cfg-batch-qwen-image/native/cpu1-lw1-te0-vae0-pf1-pin1+cfg-batch"]
+    two_pass = rows["cfg-batch-qwen-image/native/cpu1-lw1-te0-vae0-pf1-pin1"]
+    assert (batched["forwards/step"], two_pass["forwards/step"]) == (1, 2)
+    assert batched["H2D % of probe"] <= 100 and two_pass["H2D % of probe"] <= 101

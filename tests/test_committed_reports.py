@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.analyze.readout import read_run
 from harness.analyze.report import plot_paths, plots_section, render
-from harness.common.records import latest_by_cell, read_cell_records
+from harness.analyze.summary import build_summary
 
 REPO = Path(__file__).resolve().parent.parent
 REPORTS = sorted(md for md in (REPO / "results").rglob("*.md") if md.with_name(f"{md.stem}.records.jsonl").exists())
@@ -25,8 +26,9 @@ def test_committed_report_regenerates_from_its_records(md: Path, monkeypatch: py
     monkeypatch.chdir(REPO)  # records made on the GPU box name its checkout; the report finds ./scenarios/...
     committed = md.read_text(encoding="utf-8")
     title = committed.splitlines()[0].removeprefix("# ")
-    records = list(latest_by_cell(read_cell_records(md.with_name(f"{md.stem}.records.jsonl")).records).values())
-    text = render(records, title=title)
+    run = read_run(md.with_name(f"{md.stem}.records.jsonl"))  # as `report` reads it: no verdicts stored, judged
+    records = run.records
+    text = render(records, title=title, summary=build_summary(records, verdicts=run.verdicts))
     assert committed.startswith(text), f"{md} is stale: regenerate it from its records"
     # the plots section names the same PNGs, which are committed beside it (their pixels are not compared)
     plots = plot_paths(records, md.parent, md.stem)

@@ -13,11 +13,13 @@ import pytest
 from harness.common.contract import (
     SCHEMA_VERSION,
     Backend,
+    Card,
     CellRecord,
     CellSpec,
     Phase,
     Placement,
     RecordError,
+    RunSettings,
     Status,
     cell_id_of,
     dumps_line,
@@ -58,6 +60,36 @@ def test_committed_record_of_the_current_schema_reads_and_writes_back_byte_for_b
         pytest.skip("an older schema: migrated on read (test_committed_record_round_trips_if_migrated)")
     written = CellRecord.from_json(line, f"{path}:{lineno}").to_json()
     assert written == dumps_line(data)  # == line itself wherever the line is in the writer's form (97 of 112)
+
+
+def test_a_records_spec_is_typed_and_written_back_in_the_form_it_was_read() -> None:
+    """The spec sections read as the spec types them; a run_options written before the last two run options
+    existed reads them at their defaults, says so (`unrecorded`), and writes back without them."""
+    line = (REPO / "results/h200/copy-limit-qwen-image.records.jsonl").read_text().splitlines()[0]
+    record = CellRecord.from_json(line)
+    assert isinstance(record.card, Card) and isinstance(record.settings, RunSettings)
+    assert isinstance(record.effective, OffloadFlags) and record.effective.dit_layerwise_offload
+    assert record.placements["dit"] is Placement.LAYERWISE_FROM_HOST
+    options = record.run_options
+    assert options is not None and options.copy_timeline and options.runtime_cap_mib == 0
+    assert options.unrecorded == {"empty_cache_after_packing", "runtime_cap_mib"} and options.recorded("cfg_batch")
+    assert "runtime_cap_mib" not in json.loads(record.to_json())["run_options"]
+    assert record.to_json() == dumps_line(json.loads(line))
+
+
+def test_the_records_settings_carry_its_cfg_batch_run_option() -> None:
+    data = {**make_record(), "settings": {"height": 64, "width": 64, "steps": 2, "frames": 1, "true_cfg_scale": 4.0,
+                                          "seed": 0}, "run_options": {"cfg_batch": True}}
+    record = CellRecord.from_dict(data)
+    assert record.cfg_batch and record.settings is not None and record.settings.cfg_batch
+    assert "cfg_batch" not in json.loads(record.to_json())["settings"]
+
+
+def test_a_section_no_type_reads_names_the_record_and_the_section() -> None:
+    with pytest.raises(RecordError, match=r"x\.jsonl:3: settings: KeyError: 'height'"):
+        CellRecord.from_dict({**make_record(), "settings": {"width": 64}}, "x.jsonl:3")
+    with pytest.raises(RecordError, match=r"placements: ValueError"):
+        CellRecord.from_dict({**make_record(), "placements": {"dit": "on-the-moon"}})
 
 
 def test_unknown_keys_are_kept_in_extra_and_written_back() -> None:
@@ -171,9 +203,9 @@ def test_the_parent_and_the_child_begin_a_record_with_one_header(tmp_path: Path)
     run = Run.__new__(Run)
     run.device = "cpu"
     crash = _base_record(run, cell, Status.CRASH)
-    assert crash.settings == spec.settings.as_dict() and crash.settings
+    assert crash.settings == spec.settings and crash.run_options == spec.run
     header = ("scenario", "scenario_file", "model", "card", "settings", "device", "backend", "policy", "requested",
-              "effective", "messages", "engine", "placements")
+              "effective", "messages", "engine", "placements", "run_options")
     assert {k: getattr(crash, k) for k in header} == {k: getattr(child, k) for k in header}
     with pytest.raises(ValueError, match="no resolution"):
         CellRecord.begin(dataclasses.replace(spec, resolution=None))

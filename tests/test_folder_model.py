@@ -14,6 +14,7 @@ from harness import cli
 from harness.models import UnknownModelError, get_model
 from harness.models.folder import FolderError, folder_spec, folder_weights, module_lists
 from harness.plan.planner import load_data
+from tests.pipeline_folders import folder_cells as _folder_cells
 from tests.pipeline_folders import write_pipeline_folder
 
 
@@ -97,24 +98,6 @@ def test_unknown_pipelines_and_transformers_without_blocks_are_named(folders: di
         get_model(str(tmp_path / "nothing-here"))
 
 
-def _folder_cells(folder: Path, tmp_path: Path, axes: str, frames: int = 1,
-                  latents_dir: Path | None = None) -> list[dict]:
-    """Each cell of a 64x64, 2-step, true-CFG scenario on the folder, run in this process (CPU, one round); with
-    `latents_dir`, cell i saves its final latents there as latents{i}.pt."""
-    from dataclasses import replace
-
-    from harness.cell.worker import run_cell
-    from harness.plan.scenario import expand, load_scenario
-    from harness.run.runner import spec_for_child
-
-    path = tmp_path / "folder.toml"
-    path.write_text(f'name = "folder"\nmodel = "{folder}"\nprofile = "cpu"\ncards = ["native"]\nheight = 64\n'
-                    f'width = 64\nframes = {frames}\nsteps = 2\ntrue_cfg_scale = 4.0\nseed = 0\n{axes}')
-    return [run_cell(replace(spec_for_child(c, "cpu"), warmup=0, rounds=1,
-                             latents_out=str(latents_dir / f"latents{i}.pt") if latents_dir else None)).to_dict()
-            for i, c in enumerate(expand(load_scenario(path)))]
-
-
 @pytest.mark.parametrize("twin", ["flux-tiny", "qwen-image-tiny", "wan-tiny"])
 def test_a_float32_folder_runs_in_its_stored_dtype(folders: dict[str, Path], tmp_path: Path, twin: str) -> None:
     """The pipeline's latents, timesteps and text states follow the DiT's stored dtype (float32 here), not bfloat16
@@ -192,3 +175,62 @@ def test_a_flux_folder_computes_what_diffusers_flux_pipeline_does(folders: dict[
         assert stats["shape"] == list(image.shape)
         for key, value in (("mean", image.mean()), ("std", image.std()), ("absmax", image.abs().max())):
             assert stats[key] == pytest.approx(float(value), rel=1e-2 if dtype == "bfloat16" else 1e-5, abs=1e-6)
+
+
+def test_a_scenario_file_names_a_folder(folders: dict[str, Path], tmp_path: Path) -> None:
+    """`model = "/path"` in a scenario file, or a path relative to the file's folder ("./my-flux"): the folder's
+    model, by its resolved path, in every cell; `with_model` writes a copy on another model (capacity and bench
+    --model)."""
+    from harness.plan.scenario import ScenarioError, expand, load_scenario, with_model
+
+    shutil.copytree(folders["flux-tiny"], tmp_path / "my-flux")
+    text = (Path(__file__).resolve().parent.parent / "scenarios" / "cpu" / "flux_tiny.toml").read_text()
+    for value in (str(tmp_path / "my-flux"), "./my-flux", "my-flux/../my-flux"):
+        path = tmp_path / "s.toml"
+        path.write_text(text.replace('model = "flux-tiny"', f"model = {json.dumps(value)}"))
+        scenario = load_scenario(path)
+        assert scenario.model == str((tmp_path / "my-flux").resolve()), value
+        assert {c.spec("cpu").model for c in expand(scenario)} == {scenario.model}
+    copy = with_model(tmp_path / "s.toml", "flux-tiny", tmp_path / "elsewhere" / "copy.toml")
+    assert load_scenario(copy).model == "flux-tiny"
+    assert copy.read_text().replace('model = "flux-tiny"', "") == path.read_text().replace(
+        f"model = {json.dumps(value)}", "")
+    with pytest.raises(ScenarioError, match="unknown model"):
+        with_model(path, str(tmp_path / "nothing"), tmp_path / "x.toml")
+
+
+def test_a_transformer_class_the_harness_cannot_build_or_drive_is_one_line(folders: dict[str, Path],
+                                                                            tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A class diffusers does not have (the folder's own code) plans, and is refused in one line by what would run
+    it (a scenario, `offload-bench run`); a diffusers class whose forward lacks what the pipeline passes fails its
+    cell at load with one line naming both (ChromaTransformer2DModel under FluxPipeline: no guidance, no pooled
+    projections)."""
+    from harness.models.folder import unrunnable
+    from harness.plan.scenario import ScenarioError
+
+    mine = tmp_path / "mine"
+    shutil.copytree(folders["wan-tiny"], mine)
+    cfg = json.loads((mine / "transformer" / "config.json").read_text())
+    (mine / "transformer" / "config.json").write_text(json.dumps({**cfg, "_class_name": "MyDiT"}))
+    assert "transformer class MyDiT is not a diffusers class" in unrunnable(get_model(str(mine)))
+    assert cli.main(["plan", "--model", str(mine), "--card", "big=2", "--resolution", "64x64", "--frames", "5",
+                     "--flags", "dit_cpu_offload=true,dit_layerwise_offload=true"]) == 0
+    capsys.readouterr()
+    assert cli.main(["run", "--model", str(mine), "--card", "big=2", "--results", str(tmp_path / "results")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "MyDiT is not a diffusers class" in err and err.count("\n") == 1
+    assert not (tmp_path / "results").exists()
+    with pytest.raises(ScenarioError, match=r"model: .*MyDiT is not a diffusers class"):
+        _folder_cells(mine, tmp_path, "", frames=5)
+
+    chroma = tmp_path / "chroma"
+    shutil.copytree(folders["flux-tiny"], chroma)
+    cfg = json.loads((chroma / "transformer" / "config.json").read_text())
+    (chroma / "transformer" / "config.json").write_text(json.dumps({**cfg, "_class_name": "ChromaTransformer2DModel"}))
+    assert unrunnable(get_model(str(chroma))) is None  # diffusers has it: only building it tells
+    (rec,) = _folder_cells(chroma, tmp_path, "[flags]\ndit_cpu_offload = true\n")
+    assert rec["status"] == "error" and rec["failed_phase"] == "load", rec
+    assert rec["reason"].endswith("transformer class ChromaTransformer2DModel: its forward takes no guidance, "
+                                  "pooled_projections, which the harness's FluxPipeline passes: the harness cannot "
+                                  "drive it")

@@ -19,7 +19,6 @@ import pytest
 from harness.cell import guards
 from harness.common import exitcodes
 from harness.common.contract import Card, CellSpec, Placement
-from harness.common.flags import OffloadFlags
 from harness.common.records import read_cell_records
 from harness.plan.scenario import expand, load_scenario
 from harness.policy import resolve
@@ -52,8 +51,8 @@ def cell_spec(tmp_path: Path, device: str = "cpu", **axes: bool) -> CellSpec:
     return dataclasses.replace(spec_for_child(cell, device), latents_out=str(tmp_path / "latents.pt"))
 
 
-def placements(spec: CellSpec) -> dict[str, str]:
-    flags = resolve(OffloadFlags.from_mapping(spec.requested), spec.policy).effective
+def placements(spec: CellSpec) -> dict[str, Placement]:
+    flags = resolve(spec.requested, spec.policy).effective
     return {role: Placement.for_role(role, flags) for role in ("text_encoder", "dit", "vae")}
 
 

@@ -20,6 +20,7 @@ from harness.common.inputs import InputError, check_environment, check_output_fi
 from harness.common.records import read_cell_records
 from harness.plan.scenario import ReleaseNotInstalled, ScenarioError, expand, load_scenario
 from tests.helpers import H100, TINY_SCENARIO, base_scenario, mutate, to_toml
+from tests.helpers import planned as planned_record
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -433,7 +434,7 @@ def test_plan_within_peak_has_an_absolute_floor(monkeypatch, planned_mib, measur
     assert PLAN_PEAK_FLOOR_BYTES == planner.WARM_KERNELS_BYTES == 32 * 2**20
     rec = next(json.loads(line) for line in (REPO / "results" / "h100" / "qwen-image-edit-5090-s2.records.jsonl")
                .read_text().splitlines() if json.loads(line)["status"] == "ok")
-    real = planner.check_record(as_record(rec))
+    real = planner.check_record(planned_record(rec))
     planned, measured = planned_mib * 2**20, measured_mib * 2**20
     fake = dataclasses.replace(real, predicted_load=planned, measured_load=measured)  # load_error derives
     monkeypatch.setattr(planner, "check_record", lambda record: fake)

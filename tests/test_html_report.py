@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import base64
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from harness import cli
 from harness.analyze.html import render_html
 from harness.analyze.labels import flag_words
 from harness.analyze.summary import build_summary
+from harness.common.flags import OffloadFlags
 from tests.helpers import cell_records
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -19,12 +21,12 @@ CPU = FIXTURES / "cpu-qwen-image-edit-tiny.records.jsonl"
 
 
 def test_flag_words_name_what_is_on() -> None:
-    both = {"dit_cpu_offload": True, "dit_layerwise_offload": True, "text_encoder_cpu_offload": True,
-            "vae_cpu_offload": False, "dit_offload_prefetch_size": 1, "pin_cpu_memory": True}
+    both = OffloadFlags(dit_cpu_offload=True, dit_layerwise_offload=True, text_encoder_cpu_offload=True,
+                        vae_cpu_offload=False, dit_offload_prefetch_size=1, pin_cpu_memory=True)
     assert flag_words(both) == "DiT CPU offload + layerwise (prefetch 1) · text encoder offload · pinned"
-    none = {k: False if isinstance(v, bool) else v for k, v in both.items()}
+    none = OffloadFlags(dit_offload_prefetch_size=1, pin_cpu_memory=False)
     assert flag_words(none) == "all on the device · pageable (not pinned)"
-    assert "engine default" in flag_words({**both, "dit_cpu_offload": None})
+    assert "engine default" in flag_words(replace(both, dit_cpu_offload=None))
 
 
 def test_summary_of_the_seed_scenario() -> None:

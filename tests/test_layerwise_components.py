@@ -88,10 +88,10 @@ def test_scenario_where_matches_a_records_list_form() -> None:
 def test_cell_spec_of_default_new_flags_hashes_as_before() -> None:
     scenario = load_scenario(REPO / "scenarios/cpu/qwen_image_edit_tiny.toml")
     cell = expand(scenario)[0]
-    assert set(cell.spec("cpu").requested) == {"dit_cpu_offload", "dit_layerwise_offload",
+    assert set(cell.spec("cpu").as_dict()["requested"]) == {"dit_cpu_offload", "dit_layerwise_offload",
                                                   "text_encoder_cpu_offload", "vae_cpu_offload",
                                                   "dit_offload_prefetch_size", "pin_cpu_memory"}
-    assert OffloadFlags.from_mapping(cell.spec("cpu").requested) == cell.requested
+    assert OffloadFlags.from_mapping(cell.spec("cpu").as_dict()["requested"]) == cell.requested
 
 
 def test_engine_request_key_leaves_out_new_flags_at_their_defaults() -> None:

@@ -193,8 +193,16 @@ def test_two_shards_in_two_processes_merge_to_the_unsharded_run(tmp_path, capsys
     verdicts = [(v.check, v.card, v.passed) for v in evaluate(scenario, list(merged.values()))]
     assert verdicts == [(v.check, v.card, v.passed) for v in evaluate(scenario, list(single.values()))]
     assert any(check == "lowest_peak" for check, _, _ in verdicts)
+    # and as each run's end wrote them (the runner, merge): the report reads these
+    from harness.analyze.readout import read_run
+
+    for folder in (tmp_path / "one" / "runs" / "r", tmp_path / "merged"):
+        assert (folder / "verdicts.json").is_file()
+        written = read_run(folder / "records.jsonl").verdicts
+        assert [(v.check, v.card, v.passed) for s in written for v in s.verdicts] == verdicts
     for r in merged.values():
         o = r.overhead or {}
-        assert {"process_start_s", "imports_s", "guards_s", "measured_s", "teardown_s", "fixed_s", "other_s"} <= set(o)
+        start = {"spawn": "process_start_s", "fork-server": "fork_s"}[o["start"]]
+        assert {start, "imports_s", "guards_s", "measured_s", "teardown_s", "fixed_s", "other_s"} <= set(o)
         assert o["fixed_s"] == pytest.approx(r.elapsed_s - o["measured_s"], abs=0.01)
         assert o["teardown_s"] < 3  # os._exit: no interpreter teardown (7 s with it on the loaded CPU box)

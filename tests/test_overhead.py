@@ -104,3 +104,18 @@ def test_fixed_cost_of_records_with_and_without_overhead():
                          "decode": {"wall_ms": 500}})
     assert fixed_cost(old) == {"elapsed_s": 16.0, "measured_s": 3.0, "fixed_s": 13.0, "estimated": True}
     assert fixed_cost(record(**new, same_as="x")) is None and fixed_cost(record(**new, status="oom")) is None
+
+
+def test_the_fork_server_start_is_named_once_beside_the_median():
+    from harness.analyze.overhead import rows, server_start_line
+
+    def record(cell_id: str, status: str, **overhead: Any) -> CellRecord:
+        return CellRecord.from_dict({"schema_version": 2, "cell_id": cell_id, "status": status, "elapsed_s": 2.0,
+                                     "overhead": {"start": "fork-server", "fixed_s": 0.4, "measured_s": 1.6,
+                                                  **overhead}})
+
+    records = [record("s/c/a", "oom", server_start_s=8.5), record("s/c/b", "ok", fork_s=0.03)]
+    assert server_start_line(records) == "fork server start: 8.50 s, in s/c/a (once per run and server)\n"
+    [row] = rows(records)  # the oom cell has no fixed cost row; its server start is still said
+    assert row["start"] == "fork-server" and row["fork"] == 0.03 and row["server start"] is None
+    assert server_start_line([record("s/c/b", "ok")]) == ""

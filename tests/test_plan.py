@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from harness.analyze.expect import plan_within_verdict
-from harness.common.contract import CellRecord, LayerPool, as_record, is_probe
+from harness.common.contract import CellRecord, LayerPool, RecordError, as_record, is_probe
 from harness.common.flags import OffloadFlags
 from harness.common.records import read_cell_records
 from harness.common.units import GIB
@@ -24,6 +24,7 @@ from harness.models import get_model, model_names
 from harness.plan.advise import advise, combinations, describe
 from harness.plan.planner import (
     WARM_KERNELS_BYTES,
+    PlanError,
     Workload,
     check_record,
     fit,
@@ -37,7 +38,7 @@ from harness.plan.planner import (
     steady_steps,
 )
 from harness.plan.scenario import CARDS, ScenarioError, load_scenario
-from tests.helpers import as_records
+from tests.helpers import planned, planned_records
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "results"
@@ -86,7 +87,7 @@ def test_known_misses_are_still_misses() -> None:
     records = {r["cell_id"]: r for r in _records("h*/*.records.jsonl") if r["cell_id"] in KNOWN_MISSES}
     assert set(records) == set(KNOWN_MISSES)
     for cell, planned_oom in KNOWN_MISSES.items():
-        c = check_record(as_record(_without_stored_plan(records[cell])))
+        c = check_record(planned(_without_stored_plan(records[cell])))
         assert not c.verdict_ok and c.predicted_oom_phase == planned_oom, cell
 
 
@@ -147,7 +148,7 @@ def test_plan_command_prints_its_table_in_under_two_seconds() -> None:
 
 def test_every_committed_gpu_cell_gets_the_fate_the_plan_predicts() -> None:
     checks = [c for r in _gpu_records() if r["status"] in ("ok", "oom") and r["cell_id"] not in KNOWN_MISSES
-              and (c := check_record(as_record(r)))]
+              and (c := check_record(planned(r)))]
     assert len(checks) >= 40
     wrong = [f"{c.cell}: planned {c.predicted_oom_phase}, got {c.status} {c.failed_phase}"
              for c in checks if not c.verdict_ok]
@@ -220,7 +221,7 @@ def test_qwen_5090_cells_reproduce_their_verdicts_within_tolerance() -> None:
         _records("h200/qwen-image-edit-5090-sglang-0.5.23.records.jsonl")
     seen = set()
     for r in records:
-        c = check_record(as_record(r))
+        c = check_record(planned(r))
         assert c is not None and c.verdict_ok, r["cell_id"]
         eff = OffloadFlags.from_mapping(r["effective"])
         if eff.dit_layerwise_offload and eff.dit_cpu_offload:
@@ -328,7 +329,7 @@ def test_the_resident_layers_sweep_on_the_5090_cap_is_within_three_percent() -> 
     records = _records("h200/qwen-image-resident-5090.records.jsonl")
     assert len(records) == 11  # session 5's rerun added 0.5 kept with the text encoder streamed (-lwc-te)
     for r in records:
-        c = check_record(as_record(_without_stored_plan(r)))
+        c = check_record(planned(_without_stored_plan(r)))
         assert c is not None and c.verdict_ok, r["cell_id"]
         if r["status"] == "ok":
             slower_rerun = r["cell_id"].endswith("-pf4-pin1-res0.5")
@@ -359,7 +360,7 @@ def test_cells_that_stream_the_text_encoder_or_vae_are_within_five_percent() -> 
     streamed = [r for r in records if r["effective"]["layerwise_offload_components"]]
     assert len(streamed) == 3
     for r in streamed:
-        c = check_record(as_record(r))
+        c = check_record(planned(r))
         assert c.source == "derived" and c.verdict_ok and c.not_planned is None, r["cell_id"]
         assert abs(c.load_error) < 0.02 and abs(c.runtime_error) < 0.05 and abs(c.step_error) < 0.03, r["cell_id"]
         if r["model"] == "flux-dev" and "res" not in r["cell_id"]:
@@ -373,7 +374,7 @@ def _reserved_errors() -> dict[str, float]:
     peaks, planned by this checkout."""
     worst: dict[str, float] = {}
     for r in _gpu_records():
-        c = check_record(as_record(_without_stored_plan(r))) if r["model"] in FULL_MODELS else None
+        c = check_record(planned(_without_stored_plan(r))) if r["model"] in FULL_MODELS else None
         for err in (c.load_error, c.runtime_error) if c else ():
             if err is not None:
                 worst[r["cell_id"]] = max(worst.get(r["cell_id"], 0.0), abs(err))
@@ -396,11 +397,11 @@ def test_records_of_the_copy_stream_pool_runtime_are_planned_as_it_ran() -> None
     assert as_record(copy_pool).layer_pool is LayerPool.COPY_STREAM
     assert as_record(compute_pool).layer_pool is LayerPool.COMPUTE_STREAM
     for r in (copy_pool, compute_pool):
-        c = check_record(as_record(r))
+        c = check_record(planned(r))
         assert c is not None and abs(c.runtime_error) < 0.005, (r["cell_id"], c.runtime_error)
     as_compute_pool = plan_for_record(replace(as_record(copy_pool), layer_pool=LayerPool.COMPUTE_STREAM))
     assert as_compute_pool is not None
-    assert as_compute_pool.runtime_peak_bytes < 0.85 * check_record(as_record(copy_pool)).measured_runtime
+    assert as_compute_pool.runtime_peak_bytes < 0.85 * check_record(planned(copy_pool)).measured_runtime
 
 
 def test_the_layer_pool_is_told_by_what_a_record_shows_and_kept_through_a_round_trip() -> None:
@@ -482,7 +483,7 @@ def test_the_release_after_packing_takes_the_loads_cache_out_of_the_runtime_peak
     assert from_host[0].runtime_peak_bytes == from_host[1].runtime_peak_bytes
     record = _records("h200/reserved-device-placed.records.jsonl")[0]
     assert record["run_options"]["runtime_cap_mib"] == 22490
-    assert "runtime_cap_mib" in check_record(as_record(record)).not_planned
+    assert "runtime_cap_mib" in check_record(planned(record)).not_planned
 
 
 def test_memory_terms_add_up_to_the_model_bytes() -> None:
@@ -534,57 +535,101 @@ def test_a_model_without_records_borrows_its_dit_twin_or_says_so() -> None:
 # -------------------------------------------------------------------------------------- records and checks
 
 
-def test_plan_entry_is_the_records_plan_and_never_raises() -> None:
+def _planner_fails_for(monkeypatch: pytest.MonkeyPatch, flags: OffloadFlags) -> None:
+    """The planner raises PlanError for cells of these effective flags (a gap in its data) and plans the others."""
+    from harness.plan.planner import model as planner_model
+
+    real = planner_model.plan
+
+    def plan_or_fail(name: str, effective: OffloadFlags, *args: Any, **kwargs: Any) -> Any:
+        if effective == flags:
+            raise PlanError(f"no data for {effective.label()}")
+        return real(name, effective, *args, **kwargs)
+
+    monkeypatch.setattr(planner_model, "plan", plan_or_fail)
+
+
+def test_plan_entry_is_the_records_plan_and_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     record = next(r for r in _records("h100/qwen-image-edit-5090-s2.records.jsonl") if r["status"] == "ok")
     entry = plan_entry(as_record(record))
     assert entry is not None and entry["fits"] and entry["placements"]["dit"] == "layerwise-from-host"
-    assert check_record(as_record({**record, "plan": entry})).source == "recorded"
-    assert check_record(as_record(record)).source == "derived"
-    broken = {**record, "effective": {**record["effective"], "dit_cpu_offload": "maybe"}}
-    assert "error" in plan_entry(as_record(broken))
+    assert check_record(planned({**record, "plan": entry})).source == "recorded"
+    assert check_record(planned(record)).source == "derived"
+    _planner_fails_for(monkeypatch, as_record(record).effective)
+    assert plan_entry(as_record(record)) == {"error": f"PlanError: no data for {as_record(record).effective.label()}"}
     assert plan_entry(as_record({**record, "backend": "diffusers-group"})) is None
 
 
-def test_a_cell_the_planner_cannot_plan_is_shown_not_raised() -> None:
-    """A report or an expectation over a cell whose flags the planner cannot plan (here flags it cannot read; the
-    runner stored the error as the record's plan) shows the cell with the reason and judges the others."""
+def test_a_plan_is_derived_once_on_read_and_the_report_only_reads_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An older record (no stored plan) gets its plan when the run is read (`readout`), marked derived; a stored
+    plan stays as the run stored it; rendering the report then plans nothing."""
+    from harness.analyze.readout import read_run
+    from harness.analyze.report import render
+    from harness.plan.planner import model as planner_model
+
+    old = read_run(RESULTS / "h100/qwen-image-edit-5090-s2.records.jsonl").records
+    assert all(r.plan is None or r.plan["derived"] for r in old) and any(r.plan for r in old)
+    stored = read_run(RESULTS / "h200/advise-pick.records.jsonl").records
+    assert all(r.plan is not None and "derived" not in r.plan for r in stored)
+
+    def no_planning(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the report planned a cell")
+
+    monkeypatch.setattr(planner_model, "plan_for_record", no_planning)
+    assert "| derived" in render(old)
+    stored_table = render(stored).split("Plan vs measured")[1]
+    assert "| recorded" in stored_table and "| derived" not in stored_table
+
+
+def test_a_record_with_flags_no_reader_can_read_names_the_field() -> None:
+    """Flags are typed when a record is read: a value no flag takes makes the line unreadable, naming the record and
+    the section, before any planner or report sees it."""
+    record = next(r for r in _records("h100/qwen-image-edit-5090-s2.records.jsonl") if r["status"] == "ok")
+    broken = {**record, "effective": {**record["effective"], "dit_cpu_offload": "maybe"}}
+    with pytest.raises(RecordError, match=r"effective.*dit_cpu_offload"):
+        as_record(broken)
+
+
+def test_a_cell_the_planner_cannot_plan_is_shown_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A report or an expectation over a cell the planner cannot plan (here a gap in its data; the runner stored
+    the error as the record's plan) shows the cell with the reason and judges the others."""
     from harness.analyze.report import render
 
     records = _records("h100/qwen-image-edit-5090-s2.records.jsonl")
     i, good = next((i, r) for i, r in enumerate(records) if r["status"] == "ok")
-    broken = {**good, "effective": {**good["effective"], "dit_cpu_offload": "maybe"}}
-    broken["plan"] = plan_entry(as_record(broken))
+    _planner_fails_for(monkeypatch, as_record(good).effective)
+    broken = {**good, "plan": plan_entry(as_record(good))}
     records[i] = broken
-    c = check_record(as_record(broken))
-    assert c is not None and c.not_planned.startswith("FlagError: ") and c.verdict_ok
+    c = check_record(planned(broken))
+    assert c is not None and c.not_planned.startswith("PlanError: ") and c.verdict_ok
     assert c.predicted_load is None and c.measured_load == good["phases"]["load"]["alloc_peak_reserved_bytes"]
-    row = next(r for r in plan_rows(as_records(records)) if r["cell"] == good["cell_id"])
-    assert row["fate planned / measured"] == "not planned / ok" and row["plan"].startswith("not planned: FlagError")
-    verdict = plan_within_verdict("rtx5090-32g", as_records(records), {"peak": 0.05, "time": 0.10})
-    assert verdict.passed and f"{broken['cell_id'].rsplit('/', 1)[-1]} not planned: FlagError" in verdict.message
-    assert "not planned: FlagError" in render(as_records(records))
+    row = next(r for r in plan_rows(planned_records(records)) if r["cell"] == good["cell_id"])
+    assert row["fate planned / measured"] == "not planned / ok" and row["plan"].startswith("not planned: PlanError")
+    verdict = plan_within_verdict("rtx5090-32g", planned_records(records), {"peak": 0.05, "time": 0.10})
+    assert verdict.passed and f"{broken['cell_id'].rsplit('/', 1)[-1]} not planned: PlanError" in verdict.message
+    assert "not planned: PlanError" in render(planned_records(records))
 
 
 def test_plan_within_fails_a_cell_that_strays(tmp_path: Path) -> None:
     records = _records("h100/qwen-image-edit-5090-s2.records.jsonl")
     tolerance = {"peak": 0.05, "time": 0.10}
-    assert plan_within_verdict("rtx5090-32g", as_records(records), tolerance).passed
+    assert plan_within_verdict("rtx5090-32g", planned_records(records), tolerance).passed
     slow = []
     for r in records:
         if r["status"] == "ok":
             r = json.loads(json.dumps(r))
             r["phases"]["denoise"]["step_ms"] = [s * 1.2 for s in r["phases"]["denoise"]["step_ms"]]
         slow.append(r)
-    verdict = plan_within_verdict("rtx5090-32g", as_records(slow), tolerance)
+    verdict = plan_within_verdict("rtx5090-32g", planned_records(slow), tolerance)
     assert not verdict.passed and "step" in verdict.message
     fat = [{**r, "phases": {**r["phases"], "load": {**r["phases"]["load"],
             "alloc_peak_reserved_bytes": r["phases"]["load"]["alloc_peak_reserved_bytes"] * 1.1}}}
            if r["status"] == "ok" else r for r in records]
-    assert "load peak" in plan_within_verdict("rtx5090-32g", as_records(fat), tolerance).message
+    assert "load peak" in plan_within_verdict("rtx5090-32g", planned_records(fat), tolerance).message
     fate = [{**r, "status": "ok", "failed_phase": None} if r["status"] == "oom" else r for r in records]
-    assert "planned OOM in load" in plan_within_verdict("rtx5090-32g", as_records(fate), tolerance).message
+    assert "planned OOM in load" in plan_within_verdict("rtx5090-32g", planned_records(fate), tolerance).message
     cpu = [{**r, "device": "cpu"} for r in records]
-    assert plan_within_verdict("rtx5090-32g", as_records(cpu), tolerance).passed
+    assert plan_within_verdict("rtx5090-32g", planned_records(cpu), tolerance).passed
 
 
 def test_scenario_plan_within_is_parsed_and_checked(tmp_path: Path) -> None:
@@ -603,9 +648,9 @@ def test_report_has_the_predicted_vs_measured_table() -> None:
     from harness.analyze.report import render
 
     records = _records("h100/qwen-image-edit-5090-s2.records.jsonl")
-    text = render(as_records(records))
+    text = render(planned_records(records))
     assert "Plan vs measured" in text and "oom in load / oom in load" in text
-    rows = plan_rows(as_records(records))
+    rows = plan_rows(planned_records(records))
     both = next(r for r in rows if "cpu1-lw1" in r["cell"])
     assert both["fate planned / measured"] == "fits / ok" and both["error  "].endswith("%")
 

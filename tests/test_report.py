@@ -270,3 +270,56 @@ def test_a_latents_check_is_masked_only_when_its_latents_are_elsewhere(tmp_path:
                                                 cell(True, True, latents=str(here))]), 0.05)
     assert v.passed and not v.latents_elsewhere
     assert not same_output_verdict("native", elsewhere).latents_elsewhere
+
+
+# ------------------------------------------------------------------------------------------ verdicts of a run
+
+
+def test_the_verdicts_a_runs_end_wrote_are_read_not_judged_again(tmp_path: Path, monkeypatch) -> None:
+    """`finish_run` judges a run once and writes verdicts.json beside its records; reading the run takes them as
+    written (no expectation is evaluated); a records file changed since (a resumed run) is judged again."""
+    import harness.analyze.expect as expect
+    from harness.analyze.readout import finish_run, read_run
+    from harness.analyze.summary import build_summary
+
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "records.jsonl").write_bytes(CPU.read_bytes())
+    written = finish_run(run / "records.jsonl")
+    assert written == run / "verdicts.json" and written.is_file()
+    judged = read_run(run / "records.jsonl").verdicts
+    assert "qwen-image-edit-tiny" in [s.scenario for s in judged] and judged[0].verdicts
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("a stored run was judged again")
+
+    monkeypatch.setattr(expect, "evaluate", no_evaluation)
+    stored = read_run(run / "records.jsonl")
+    assert stored.verdicts == judged
+    text = render(stored.records, summary=build_summary(stored.records, verdicts=stored.verdicts))
+    assert f"**{judged[0].verdicts[0].check}** on" in text
+    with open(run / "records.jsonl", "a") as f:  # a resumed run appended: the stored verdicts judged other bytes
+        f.write(CPU.read_text().splitlines()[0] + "\n")
+    with pytest.raises(AssertionError, match="judged again"):
+        read_run(run / "records.jsonl")
+
+
+def test_a_records_file_beside_its_verdicts_names_them_after_itself() -> None:
+    from harness.analyze.expect import verdicts_path
+
+    assert verdicts_path("results/runs/r/records.jsonl") == Path("results/runs/r/verdicts.json")
+    assert verdicts_path("results/h200/pr-tier.records.jsonl") == Path("results/h200/pr-tier.verdicts.json")
+
+
+def test_the_report_renders_and_does_not_evaluate() -> None:
+    """The report, its summary and the HTML page import no evaluation and no planning: verdicts come from the run
+    (`harness.analyze.readout`) and plans from the records; the summary's one way to verdicts for records handed
+    without them is `expect.run_verdicts`."""
+    import ast
+
+    forbidden = {"evaluate", "load_scenario", "plan_for_record", "plan_entry", "plan_on_read"}
+    for name in ("report", "summary", "html"):
+        path = Path(__file__).resolve().parent.parent / "harness" / "analyze" / f"{name}.py"
+        taken = {a.name for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ImportFrom)
+                 for a in node.names}
+        assert not taken & forbidden, (name, taken & forbidden)

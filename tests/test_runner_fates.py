@@ -2,7 +2,9 @@
 
 These tests spawn real children (`python -m harness.cell.worker`) on the tiny CPU scenario, with faults injected
 through OFFLOAD_BENCH_FAULT, and real parents (`python -m harness.run.runner`) that they interrupt. Eleven worker
-children in all; the rest is in-process.
+children in all; the rest is in-process. They spawn (OFFLOAD_BENCH_CELL_START=spawn): they find the child by its
+command line and plant grandchildren from a sitecustomize, which a forked child has neither of; the same fates
+under the fork server are tests/test_cell_start.py's.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def _env(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OFFLOAD_BENCH_CACHE", str(cache))
     monkeypatch.setenv("OFFLOAD_BENCH_PROFILE", "cpu")
     monkeypatch.setenv("OFFLOAD_BENCH_GIT_SHA", "test")
+    monkeypatch.setenv("OFFLOAD_BENCH_CELL_START", "spawn")
     monkeypatch.delenv(FAULT, raising=False)
 
 

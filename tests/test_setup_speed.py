@@ -65,7 +65,7 @@ def test_setup_run_options(tmp_path: Path) -> None:
     path = tmp_path / "s.toml"
     path.write_text(source.read_text().replace("[flags]", "[run]\nsetup_threads = 8\nsetup_overlap_pin = false\n\n"
                                                           "[flags]"))
-    assert expand(load_scenario(path))[0].spec("cpu").run == {"setup_threads": 8, "setup_overlap_pin": False}
+    assert expand(load_scenario(path))[0].spec("cpu").run.changed() == {"setup_threads": 8, "setup_overlap_pin": False}
     path.write_text(source.read_text().replace("[flags]", "[run]\nsetup_threads = 0\n\n[flags]"))
     with pytest.raises(ScenarioError, match=r"run\.setup_threads"):
         load_scenario(path)

@@ -38,7 +38,7 @@ def _records(path: Path) -> list[CellRecord]:
 
 def test_report_roofline_and_baseline_agree_on_a_layerwise_cell() -> None:
     """The cell the issue names: Qwen-Image peer, ours, 4 steps with a slow first one."""
-    rec = next(r for r in _records(PEER) if r.backend == "harness" and r.effective["dit_layerwise_offload"])
+    rec = next(r for r in _records(PEER) if r.backend == "harness" and r.effective.dit_layerwise_offload)
     steps = rec.phases["denoise"].step_ms
     assert steps[0] > max(steps[1:]), "the fixture's point: the first step pays one-off costs"
     want = statistics.median(steps[1:])

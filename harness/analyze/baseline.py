@@ -163,10 +163,6 @@ class BaselineCell:
         return Phase(self.failed_phase).progress if self.failed_phase in set(Phase) else -1
 
 
-def record_sku(record: CellRecord) -> str | None:
-    return (record.machine or {}).get("sku")
-
-
 def cell_metrics(record: CellRecord) -> dict[str, float]:
     """The baseline metrics of one record; a metric the record does not have is left out (never null)."""
     peaks = record.peaks
@@ -214,7 +210,7 @@ def timing_spread(record: CellRecord) -> dict[str, float]:
 def run_sku(records: Iterable[CellRecord], sku: str | None = None, where: str = "run") -> str:
     """The one SKU of a run's records (or `sku`, checked to be among them). Records without machine info (a child
     that died before measuring) do not count. Mixing SKUs without choosing one is refused."""
-    skus = sorted({s for r in records if (s := record_sku(r))})
+    skus = sorted({s for r in records if (s := r.sku)})
     if sku is not None:
         if sku not in skus:
             raise BaselineError(f"{where}: no records of SKU {sku!r} (the run has {', '.join(skus) or 'none'})")
@@ -230,7 +226,7 @@ def run_cells(records: Iterable[CellRecord], sku: str) -> dict[str, BaselineCell
     """Cell id -> what a baseline keeps of the records of `sku` (records without a SKU are taken as the run's).
     Skipped cells carry no measurement and are left out."""
     return {r.cell_id: BaselineCell.of(r) for r in records
-            if record_sku(r) in (sku, None) and r.status is not Status.SKIPPED}
+            if r.sku in (sku, None) and r.status is not Status.SKIPPED}
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -243,7 +239,7 @@ STACK_KEYS = ("driver", "cuda", "torch")
 def run_machine(records: Iterable[CellRecord], sku: str) -> JsonObject:
     """The machine fields of the first record of `sku` that has them ({} if none does)."""
     for r in records:
-        if record_sku(r) == sku and isinstance(r.machine, dict):
+        if r.sku == sku and isinstance(r.machine, dict):
             return r.machine
     return {}
 
@@ -306,7 +302,7 @@ def build_baseline(
     cells = run_cells(records, sku)
     if not cells:
         raise BaselineError(f"{source or 'run'}: no cell of SKU {sku!r} to make a baseline of")
-    mine = [r for r in records if record_sku(r) == sku]
+    mine = [r for r in records if r.sku == sku]
     first = mine[0]
     tolerances = dict(DEFAULT_TOLERANCES)
     improvement = DEFAULT_IMPROVEMENT_THRESHOLD

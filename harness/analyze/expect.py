@@ -49,15 +49,28 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from harness.common.contract import RUNTIME_PHASES, CellRecord, PhaseStats, Placement, Status, fate_text
+from harness.common.flags import OffloadFlags
+from harness.common.locations import local_scenario_file
+from harness.common.records import write_json_atomic
 from harness.plan.planner import WARM_KERNELS_BYTES
-from harness.plan.scenario import HARNESS_BACKEND, FateExpectation, Scenario, flags_key, matches, whole_dit_key
+from harness.plan.scenario import (
+    HARNESS_BACKEND,
+    FateExpectation,
+    Scenario,
+    ScenarioError,
+    load_scenario,
+    matches,
+    whole_dit_flags,
+)
 
 
 @dataclass(frozen=True)
@@ -139,8 +152,9 @@ def same_output_verdict(card: str, records: Iterable[CellRecord]) -> Verdict:
     return Verdict("same_output", card, False, f"final latents differ between cells: {' | '.join(differ)}")
 
 
-def _flags_key(record: CellRecord) -> str:
-    return flags_key(record.requested)
+def _flags_key(record: CellRecord) -> OffloadFlags:
+    """Records with the same key differ only in backend (or cfg_batch): their requested flags."""
+    return record.requested
 
 
 def latents_distance(path: str | Path, ref_path: str | Path) -> float:
@@ -279,7 +293,7 @@ def plan_within_verdict(card: str, records: Iterable[CellRecord], tolerance: dic
 
 
 def _streamed(record: CellRecord) -> bool:
-    return bool(record.effective.get("dit_layerwise_offload"))
+    return bool(record.effective.dit_layerwise_offload)
 
 
 def beats_peer_verdict(card: str, records: Iterable[CellRecord]) -> Verdict:
@@ -316,12 +330,12 @@ def layerwise_overhead_verdict(card: str, records: Iterable[CellRecord], limit: 
     """Each of our layerwise cells' steady step at most (1 + limit) x that of the cell with the same requested flags
     but dit_layerwise_offload = false (the whole DiT on the device for the denoise), from the same run's records."""
     recs = [r for r in records if r.backend == HARNESS_BACKEND and not r.cfg_batch]
-    whole = {_flags_key(r): r for r in recs if not r.requested.get("dit_layerwise_offload")}
+    whole = {_flags_key(r): r for r in recs if not r.requested.dit_layerwise_offload}
     problems, passed = [], []
     for r in recs:
-        if not r.requested.get("dit_layerwise_offload"):
+        if not r.requested.dit_layerwise_offload:
             continue
-        ref = whole.get(whole_dit_key(r.requested))
+        ref = whole.get(whole_dit_flags(r.requested))
         t, t_ref = r.steady_step_ms(), ref.steady_step_ms() if ref is not None else None
         if ref is None or r.status is not Status.OK or ref.status is not Status.OK or None in (t, t_ref):
             why = "has no whole-DiT cell" if ref is None else "has no steady step on both sides (ended " \
@@ -344,7 +358,7 @@ def reserved_over_allocated_verdict(card: str, records: Iterable[CellRecord], li
     largest one, and the record's reserved_attribution says where it comes from."""
     problems, passed = [], []
     for r in records:
-        if r.backend != HARNESS_BACKEND or not r.requested.get("dit_layerwise_offload") or r.same_as:
+        if r.backend != HARNESS_BACKEND or not r.requested.dit_layerwise_offload or r.same_as:
             continue
         reserved = r.phase_max("alloc_peak_reserved_bytes", RUNTIME_PHASES)
         allocated = r.phase_max("alloc_peak_allocated_bytes", RUNTIME_PHASES)
@@ -385,8 +399,9 @@ def _layerwise(record: CellRecord) -> dict[str, Any]:
     return ((record.components or {}).get("dit") or {}).get("layerwise") or {}
 
 
-def _group_key(record: CellRecord, drop: tuple[str, ...]) -> str:
-    return flags_key({k: v for k, v in record.effective.items() if k not in drop})
+def _group_key(record: CellRecord, drop: tuple[str, ...]) -> OffloadFlags:
+    """The effective flags with those in `drop` at their defaults: records with one key differ only in those."""
+    return replace(record.effective, **{name: getattr(OffloadFlags(), name) for name in drop})
 
 
 def _harness_layerwise(records: Iterable[CellRecord]) -> list[CellRecord]:
@@ -405,11 +420,11 @@ def _denoise_peak(record: CellRecord) -> float | None:
 
 def prefetch_peak_verdict(card: str, records: Iterable[CellRecord]) -> Verdict:
     """A larger prefetch window never lowers the denoise peak, between cells that differ only in the prefetch."""
-    by_key: dict[str, list[tuple[int, float, CellRecord]]] = {}
+    by_key: dict[OffloadFlags, list[tuple[int, float, CellRecord]]] = {}
     for r in _harness_layerwise(records):
         peak = _denoise_peak(r)
         window = sum(g.get("prefetch", 0) for g in (_layerwise(r).get("groups") or {}).values()) or \
-            r.effective.get("dit_offload_prefetch_size")
+            r.effective.dit_offload_prefetch_size
         if peak is not None and window is not None:
             by_key.setdefault(_group_key(r, ("dit_offload_prefetch_size",)), []).append((window, peak, r))
     problems, passed = [], []
@@ -430,15 +445,15 @@ def prefetch_peak_verdict(card: str, records: Iterable[CellRecord]) -> Verdict:
 
 def _transfer_bound(record: CellRecord, step_s: float) -> bool | None:
     lw = _layerwise(record)
-    gbps = (record.machine or {}).get("pinned_h2d_gbps")
+    gbps = record.h2d_gbps
     streamed = lw.get("streamed_bytes", lw.get("host_bytes"))
     if not gbps or not streamed:
         return None
-    return record.forwards_per_step * streamed / (gbps * 1e9) >= TRANSFER_BOUND_SHARE * step_s
+    return record.dit_calls_per_step * streamed / (gbps * 1e9) >= TRANSFER_BOUND_SHARE * step_s
 
 
-def _residency_policy(record: CellRecord) -> str | None:
-    return record.effective.get("dit_layerwise_residency_policy")
+def _residency_policy(record: CellRecord) -> str:
+    return record.effective.dit_layerwise_residency_policy
 
 
 def resident_speed_verdict(card: str, records: Iterable[CellRecord]) -> Verdict:
@@ -449,7 +464,7 @@ def resident_speed_verdict(card: str, records: Iterable[CellRecord]) -> Verdict:
     H200 at the 5090 cap (Qwen-Image, prefetch 1): 30 strided stepped in 0.744 s, 38 leading in 0.770 s. Leading
     keeps the first layers, so their compute runs with the copy engine idle (the window reaches one layer ahead) and
     the streamed tail is copied back to back; strided interleaves the streamed layers with resident ones."""
-    by_key: dict[str, list[tuple[int, float, CellRecord]]] = {}
+    by_key: dict[OffloadFlags, list[tuple[int, float, CellRecord]]] = {}
     for r in _harness_layerwise(records):
         step = r.median_step_s() if r.status is Status.OK else None
         if step is not None:
@@ -628,3 +643,84 @@ def evaluate(scenario: Scenario, records: Iterable[CellRecord]) -> list[Verdict]
         if scenario.expect.fates:
             verdicts.append(Verdict("fates", card.name, not failures, "; ".join(failures) or "all as declared"))
     return verdicts
+
+
+# ------------------------------------------------------------------------------------------- the verdicts of a run
+
+
+@dataclass(frozen=True)
+class ScenarioVerdicts:
+    """The expectations of one scenario of a run, judged on its records, on the cards that ran (`run_verdicts`)."""
+
+    scenario: str
+    verdicts: tuple[Verdict, ...] = ()
+    xfail: str | None = None  # the scenario's expectations are known to fail, and why
+    not_evaluated: str | None = None  # why none were: its file would not load
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"scenario": self.scenario, "xfail": self.xfail, "not_evaluated": self.not_evaluated,
+                "verdicts": [asdict(v) for v in self.verdicts]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ScenarioVerdicts:
+        return cls(data["scenario"], tuple(Verdict(**v) for v in data["verdicts"]), data.get("xfail"),
+                   data.get("not_evaluated"))
+
+
+def run_verdicts(records: Iterable[CellRecord]) -> list[ScenarioVerdicts]:
+    """The one evaluation of a run's expectations: per scenario of the run whose file this checkout has
+    (`local_scenario_file`), `evaluate` on its records, the verdicts of the cards that ran (a run of part of a
+    scenario judges that part). A run's end writes them beside its records (`write_verdicts`); a reader of a
+    records file without them calls this, through `verdicts_of`."""
+    by_scenario: dict[str, list[CellRecord]] = {}
+    for r in records:
+        by_scenario.setdefault(str(r.scenario), []).append(r)
+    out = []
+    for name, recs in by_scenario.items():
+        path = local_scenario_file(next((r.scenario_file for r in recs if r.scenario_file), None))
+        if path is None:
+            continue
+        try:
+            scenario = load_scenario(path)
+        except ScenarioError as e:
+            out.append(ScenarioVerdicts(name, not_evaluated=str(e)))
+            continue
+        cards = {r.card_name for r in recs}
+        out.append(ScenarioVerdicts(name, tuple(v for v in evaluate(scenario, recs) if v.card in cards),
+                                    scenario.xfail))
+    return out
+
+
+def verdicts_path(records_path: Path | str) -> Path:
+    """Where a run's verdicts are kept: `verdicts.json` in a run folder (beside `records.jsonl`), else
+    `<name>.verdicts.json` beside `<name>.records.jsonl`."""
+    p = Path(records_path)
+    stem = p.name.removesuffix(".jsonl").removesuffix(".records")
+    return p.with_name("verdicts.json" if stem == "records" else f"{stem}.verdicts.json")
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_verdicts(records_path: Path | str, records: Iterable[CellRecord]) -> Path:
+    """Evaluates a finished run (`run_verdicts` of `records`, the latest of each cell of `records_path`, as the
+    analysis reads them) and writes the verdicts beside its records file, with the digest of the file they judged.
+    Written where the run ends (the runner, the pytest session, merge), where the latents files still are."""
+    path = verdicts_path(records_path)
+    write_json_atomic(path, {"records_sha256": _digest(Path(records_path)),
+                             "scenarios": [s.as_dict() for s in run_verdicts(records)]})
+    return path
+
+
+def verdicts_of(records_path: Path | str, records: Iterable[CellRecord]) -> list[ScenarioVerdicts]:
+    """A run's verdicts: the ones its end wrote (`write_verdicts`), else (a records file without them, or changed
+    since they were written: a resumed run, an edited file) `run_verdicts` of `records` now."""
+    path = verdicts_path(records_path)
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if stored.get("records_sha256") == _digest(Path(records_path)):
+            return [ScenarioVerdicts.from_dict(s) for s in stored["scenarios"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # none written, or unreadable: judged now
+    return run_verdicts(records)

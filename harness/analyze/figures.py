@@ -6,6 +6,11 @@
 - `plan_png`: planned against measured allocator reserved peak per phase (the plan the runner stored in each
   record: `record.plan`), points on the diagonal when the planner is right; one colour per backend
   (`plots.backend_style`), one marker per phase. None where no record carries a plan.
+- `host_memory_png`: host memory per cell: peak RSS, and the pinned bytes stacked by who pinned them (the harness's
+  ledger, torch's caching host allocator, SGLang's own registrations), each in the colour of the backend that pins
+  that way (`plots.backend_style`), the cell numbers in their backend's colour; beside each SGLang cell, where its
+  managers hosted each layer group (`sglang_hosting`: the harness's count, or the release's plan where the record
+  predates it, as counts only).
 - `png_of`: an existing `harness.analyze.plots` figure (pareto, trace) as bytes.
 
 Every figure is capped at `plots.MAX_HEIGHT_IN` (a screen's height).
@@ -17,12 +22,14 @@ import tempfile
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from harness.analyze.plots import _PNG_META, MAX_HEIGHT_IN, _unit, backend_style
+from harness.analyze.plots import _PNG_META, MAX_HEIGHT_IN, PINNERS, _unit, backend_style
 from harness.common.contract import PHASES, CellRecord
+from harness.common.units import GIB
 
 PHASE_MARKERS = {"load": "s", "encode": "^", "denoise": "o", "decode": "D"}
 SEGMENTS = (("allocated", "#1f4e79"), ("reserved above allocated (allocator cache)", "#6fa8dc"),
@@ -89,6 +96,110 @@ def phase_memory_png(records: list[CellRecord], title: str) -> bytes:
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.35 / height, 1, 1))
     return _png(fig)
+
+
+def _layers_text(counts: dict[str, int]) -> str:
+    """{"pinned": 49, "pageable": 11} -> "49/60 pinned, 11 pageable"."""
+    total = sum(counts.values())
+    rest = [f"{n} {where}" for where, n in counts.items() if where != "pinned" and n]
+    return ", ".join([f"{counts.get('pinned', 0)}/{total} pinned", *rest])
+
+
+def sglang_hosting(record: CellRecord) -> list[str]:
+    """Where the SGLang managers of a cell hosted each layer group, one line per group: the harness's walk of their
+    host tensors (layers and GiB by `is_pinned()`), else the release's hosting plan (`layer_hosting`: counts only,
+    said as the plan), else that the record has neither. [] for a cell without SGLang managers."""
+    section = ((record.components or {}).get("dit") or {}).get("sglang_layerwise")
+    if not section:
+        return []
+    plan = section.get("layer_hosting") or {}
+    out = []
+    for group, info in (section.get("groups") or {}).items():
+        host = info.get("host") or {}
+        if host.get("layers"):
+            sizes = ", ".join(f"{host[k] / GIB:.1f} GiB {k.removesuffix('_bytes')}" for k in
+                              ("pinned_bytes", "pageable_bytes", "mapped_bytes") if host.get(k))
+            out.append(f"{group}: {_layers_text(host['layers'])} ({sizes or 'no host bytes'})")
+        elif plan.get(group):
+            out.append(f"{group}: {_layers_text(plan[group])} (SGLang's plan)")
+        else:
+            out.append(f"{group}: {info.get('layers', '?')} layers; no hosting recorded")
+    return out
+
+
+def pinned_by_whom(record: CellRecord) -> list[tuple[str, str, int]]:
+    """(who, the backend whose colour it takes, bytes) per `PINNERS` entry: the largest value of its counter over
+    the measured phases, 0 where the record has none."""
+    return [(who, pinner, int(record.phase_max(counter) or 0)) for counter, who, pinner in PINNERS]
+
+
+def _pinned_stack(ax: Any, cells: list[CellRecord], scale: float) -> None:
+    """Per cell: the RSS peak above, the pinned bytes stacked by who pinned them below; an SGLang cell whose record
+    has no SGLang pin counters says so on its pinned bar instead of drawing it short."""
+    ys = list(range(len(cells)))
+    ax.barh([y - 0.2 for y in ys], [(r.phase_max("rss_peak_bytes") or 0) / scale for r in cells], height=0.36,
+            color="#bdbdbd", label="host RSS peak")
+    left = [0.0] * len(cells)
+    stacks = [pinned_by_whom(r) for r in cells]
+    for k, (_, label, pinner) in enumerate(PINNERS):
+        values = [stack[k][2] / scale for stack in stacks]
+        ax.barh([y + 0.2 for y in ys], values, left=left, height=0.36, color=backend_style(pinner)[0],
+                label=f"pinned: {label}")
+        left = [a + b for a, b in zip(left, values, strict=True)]
+    for y, r, x in zip(ys, cells, left, strict=True):
+        if sglang_hosting(r) and r.phase_max("pinned_sglang_manager_bytes") is None:
+            ax.text(x, y + 0.2, "  SGLang's own pins not counted in this record", va="center", fontsize=6.5,
+                    style="italic", color="#5f6368")
+
+
+def host_memory_png(records: list[CellRecord], title: str) -> bytes:
+    """Host RSS peak and the pinned bytes by who pinned them per cell (max over the measured phases), numbered and
+    coloured by backend as in the peak figure; SGLang's per-group hosting in a column at the right where a cell
+    has SGLang managers."""
+    from matplotlib.lines import Line2D
+
+    cells = [r for r in records if not r.same_as]
+    top = max([max(r.phase_max("rss_peak_bytes") or 0, sum(b for _, _, b in pinned_by_whom(r))) for r in cells]
+              + [1])
+    scale, unit = _unit(top)
+    notes = {r.cell_id: sglang_hosting(r) for r in cells}
+    height = min(MAX_HEIGHT_IN, 1.9 + 0.32 * len(cells) + 0.1 * sum(max(0, len(n) - 1) for n in notes.values()))
+    fig = Figure(figsize=(12 if any(notes.values()) else 9, height))
+    grid = fig.add_gridspec(1, 2, width_ratios=[1.6, 1]) if any(notes.values()) else fig.add_gridspec(1, 1)
+    ax = fig.add_subplot(grid[0, 0])
+    ys = list(range(len(cells)))
+    _pinned_stack(ax, cells, scale)
+    ax.set_yticks(ys, [str(i) for i in range(1, len(cells) + 1)], fontsize=8)
+    for tick, r in zip(ax.get_yticklabels(), cells, strict=True):
+        tick.set_color(backend_style(r.backend)[0])
+        tick.set_fontweight("bold")
+    ax.set_ylim(len(cells) - 0.5, -0.5)
+    ax.set_xlim(left=0)
+    ax.set_xlabel(f"host memory ({unit}; max over the phases)")
+    ax.set_ylabel("cell (numbered as in the peak figure)", fontsize=8)
+    ax.grid(True, axis="x", alpha=0.3)
+    backends = list(dict.fromkeys(r.backend or "harness" for r in cells))
+    handles, labels = ax.get_legend_handles_labels()
+    handles += [Line2D([], [], linestyle="", marker="s", color=backend_style(b)[0]) for b in backends]
+    labels += [f"cell number: {b}" for b in backends]
+    fig.legend(handles, labels, loc="lower center", ncols=4, fontsize=7, frameon=False)
+    if any(notes.values()):
+        _hosting_column(fig.add_subplot(grid[0, 1]), cells, notes)
+    fig.suptitle(title, fontsize=10)
+    rows = -(-(len(handles)) // 4)
+    fig.tight_layout(rect=(0, (0.1 + 0.15 * rows) / height, 1, 1))
+    return _png(fig)
+
+
+def _hosting_column(text: Any, cells: list[CellRecord], notes: dict[str, list[str]]) -> None:
+    """Each SGLang cell's hosting lines on its row, in its backend's colour."""
+    text.axis("off")
+    text.set_ylim(len(cells) - 0.5, -0.5)
+    for y, r in enumerate(cells):
+        if notes[r.cell_id]:
+            text.text(0.0, y, "\n".join(notes[r.cell_id]), va="center", ha="left", fontsize=6.5, wrap=True,
+                      color=backend_style(r.backend)[0])
+    text.set_title("SGLang's hosting per layer group", fontsize=8, loc="left")
 
 
 def plan_points(records: list[CellRecord]) -> list[tuple[CellRecord, str, float, float]]:

@@ -4,9 +4,11 @@ that the markdown report, the HTML page and the summary's pick all read."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
-from harness.common.contract import RUNTIME_PHASES, CellRecord, JsonObject, Status
+from harness.common.contract import RUNTIME_PHASES, CellRecord, Status
+from harness.common.flags import OffloadFlags
 from harness.common.units import MIB
 
 
@@ -52,12 +54,12 @@ def frontier_rows(records: list[CellRecord]) -> list[dict[str, str | float]]:
 
 
 def _resident_zero_twin(record: CellRecord, records: list[CellRecord]) -> CellRecord | None:
-    if not record.effective.get("dit_layerwise_resident_layers"):
+    """The cell with no resident DiT layers and otherwise the same effective flags and backend, or None."""
+    if not record.effective.dit_layerwise_resident_layers:
         return None
-    drop = ("dit_layerwise_resident_layers", "dit_layerwise_residency_policy")
 
-    def rest(r: CellRecord) -> JsonObject:
-        return {k: v for k, v in r.effective.items() if k not in drop}
+    def rest(r: CellRecord) -> OffloadFlags:  # the flags but residency
+        return replace(r.effective, dit_layerwise_resident_layers=0.0, dit_layerwise_residency_policy="leading")
 
-    return next((o for o in records if not o.effective.get("dit_layerwise_resident_layers")
+    return next((o for o in records if not o.effective.dit_layerwise_resident_layers
                  and rest(o) == rest(record) and o.backend == record.backend), None)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.analyze.baseline import BaselineError, cell_metrics, read_baseline, record_sku
+from harness.analyze.baseline import BaselineError, cell_metrics, read_baseline
 from harness.analyze.html import BODY_JS, CSS, HEAD_JS, esc, img, table
 from harness.analyze.labels import flag_words
 from harness.common.contract import CellRecord, Status, is_probe
@@ -79,19 +79,10 @@ class Trend:
 
 
 def _key(rec: CellRecord) -> tuple[Any, ...]:
-    s = rec.settings or {}
-    return (rec.model, rec.card_name, (rec.card or {}).get("cap_bytes"), s.get("height"), s.get("width"),
-            s.get("steps"), s.get("frames", 1), s.get("true_cfg_scale"), rec.backend.split("@")[0], rec.cfg_batch,
-            rec.flags_label)
-
-
-def _effective_label(rec: CellRecord) -> str:
-    from harness.common.flags import FlagError, OffloadFlags
-
-    try:
-        return OffloadFlags.from_mapping(rec.effective).label()
-    except FlagError:
-        return "?"
+    s = rec.settings
+    workload = (None,) * 5 if s is None else (s.height, s.width, s.steps, s.frames, s.true_cfg_scale)
+    return (rec.model, rec.card_name, None if rec.card is None else rec.card.cap_bytes, *workload,
+            rec.backend.split("@")[0], rec.cfg_batch, rec.flags_label)
 
 
 def run_files(paths: list[str]) -> list[Path]:
@@ -134,13 +125,13 @@ def collect(paths: list[str], baselines: str | None = None, page: Path | None = 
             link = _relative(report, page.parent) if page is not None else str(report)
         for rec in latest_by_cell(read_cell_records(f).records).values():
             # a copy of another cell's record (same effective flags) is still this cell's outcome in that run
-            if rec.status is Status.SKIPPED or is_probe(rec.scenario) or not rec.requested:
+            if rec.status is Status.SKIPPED or is_probe(rec.scenario):
                 continue
-            sku = record_sku(rec) or "unknown"
+            sku = rec.sku or "unknown"
             key = _key(rec)
             trend = trends.setdefault((sku, key), Trend(sku, key, _title(rec), rec.label))
             trend.points.append(Point(rec.created or "", rec.git_sha or "", rec.run_id or "", str(f),
-                                      str(rec.scenario), str(rec.policy), rec.fate, _effective_label(rec),
+                                      str(rec.scenario), str(rec.policy), rec.fate, rec.effective.label(),
                                       cell_metrics(rec), link))
     if baselines:
         _add_baselines(Path(baselines), trends)
@@ -180,12 +171,12 @@ def _add_baselines(folder: Path, trends: dict[tuple[str, tuple[Any, ...]], Trend
 
 
 def _title(rec: CellRecord) -> str:
-    s = rec.settings or {}
-    frames = f", {s['frames']} frames" if s.get("frames", 1) != 1 else ""
+    s = rec.settings
+    size = "" if s is None else f", {s.width}x{s.height}, {s.steps} steps" + (
+        f", {s.frames} frames" if s.frames != 1 else "")
     extra = (" · CFG batched" if rec.cfg_batch else "") + (f" · on {rec.backend.split('@')[0]}"
                                                           if rec.backend != "harness" else "")
-    return (f"{rec.model} on {rec.card_name}, {s.get('width')}x{s.get('height')}, {s.get('steps')} steps{frames}: "
-            f"{flag_words(rec.requested)}{extra}")
+    return f"{rec.model} on {rec.card_name}{size}: {flag_words(rec.requested)}{extra}"
 
 
 def trend_png(trend: Trend) -> bytes:

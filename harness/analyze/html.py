@@ -3,8 +3,9 @@
 The summary first (`harness.analyze.summary`: fates by card, the seed assertion's verdict, regressions against the
 SKU's baseline, the pick per card), then one section per scenario with its table and, beside it, its figures
 (per card: peak against step time with the Pareto front and the cells that ran out of memory at the card line;
-memory per phase; plan against measured where the records carry plans; baseline against current per metric
-where the summary compared the run with its SKU's baseline, captioned with that file; memory over time).
+memory per phase; host memory with pinned bytes by who pinned them; plan against measured where the records carry
+plans; baseline against current per metric where the summary compared the run with its SKU's baseline, captioned
+with that file; memory over time).
 Cells read as words (`labels.cell_words`) with the compact label on hover; every table sorts on a header click
 (a few lines of inline JavaScript); the figures are inline base64 PNGs, so the page needs no network when viewed.
 
@@ -44,6 +45,7 @@ nav a { margin-right: 14px; white-space: nowrap; }
 .badge { display: inline-block; padding: 0 7px; border-radius: 10px; font-weight: 600; font-size: 12px;
          color: #fff; background: var(--muted); }
 .badge.pass { background: var(--ok); } .badge.fail { background: var(--bad); } .badge.xfail { background: #9a6700; }
+.badge.unknown { background: #6e7781; }
 .scenario { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1fr); gap: 16px; align-items: start; }
 @media (max-width: 1300px) { .scenario { grid-template-columns: minmax(0, 1fr); } }
 .tablewrap { overflow-x: auto; border: 1px solid var(--line); border-radius: 6px; }
@@ -188,7 +190,15 @@ def img(png: bytes, alt: str, caption: str = "", square: bool = False) -> str:
     return f'<figure><img class="{cls}" alt="{esc(alt)}" src="data:image/png;base64,{data}">{cap}</figure>'
 
 
-def badge(passed: bool, expected_fail: bool = False) -> str:
+NOT_HERE = "not re-evaluated here"  # summary._note's words for a check whose latents files stayed on the GPU machine
+
+
+def badge(passed: bool, expected_fail: bool = False, note: str = "") -> str:
+    """PASS / FAIL / expected FAIL, or "NOT RE-EVALUATED" (grey) for a check this machine cannot judge (its latents
+    files stayed on the GPU machine): it is neither a pass nor a failure here."""
+    if note.startswith(NOT_HERE):
+        return '<span class="badge unknown" title="the latents files stay on the machine that ran the cells">' \
+               'NOT RE-EVALUATED</span>'
     if passed:
         return '<span class="badge pass">PASS</span>'
     return f'<span class="badge {"xfail" if expected_fail else "fail"}">FAIL</span>'
@@ -221,11 +231,15 @@ def summary_html(s: RunSummary) -> str:
                  + (f'<ul class="verdicts">{items}</ul>' if seed else "<p>Not in this run.</p>"))
     if s.checks:
         failed = [c for c in s.checks if not c.passed]
-        parts.append(f"<p>Expectations: {len(s.checks) - len(failed)} of {len(s.checks)} checks pass.</p>")
+        unjudged = sum(c.note.startswith(NOT_HERE) for c in failed)
+        judged = len(s.checks) - unjudged
+        parts.append(f"<p>Expectations: {judged - len(failed) + unjudged} of {judged} checks pass"
+                     + (f"; {unjudged} not re-evaluated here" if unjudged else "") + ".</p>")
         if failed:
             parts.append('<ul class="verdicts">' + "".join(
-                f'<li>{badge(False, c.note.startswith("expected"))} <b>{esc(c.check)}</b> ({esc(c.scenario)} on '
-                f'{esc(c.card)}){": " + esc(c.note) if c.note else ""}</li>' for c in failed) + "</ul>")
+                f'<li>{badge(False, c.note.startswith("expected"), c.note)} <b>{esc(c.check)}</b> '
+                f'({esc(c.scenario)} on {esc(c.card)}){": " + esc(c.note) if c.note else ""}</li>'
+                for c in failed) + "</ul>")
     parts.append("</div>")
     comp = s.comparison
     base = f"<div><h3>Against the baseline</h3><p>{badge(not comp.failed) + ' ' if comp else ''}"
@@ -307,7 +321,7 @@ def _verdicts(name: str, s: RunSummary) -> str:
     if not mine:
         return ""
     return '<ul class="verdicts">' + "".join(
-        f'<li>{badge(c.passed, c.note.startswith("expected"))} <b>{esc(c.check)}</b> on {esc(c.card)}: '
+        f'<li>{badge(c.passed, c.note.startswith("expected"), c.note)} <b>{esc(c.check)}</b> on {esc(c.card)}: '
         f'<span class="muted">{esc(c.note + ": " if c.note else "")}{esc(c.message)}</span></li>' for c in mine
     ) + "</ul>"
 
@@ -329,7 +343,7 @@ def baseline_figure(name: str, card: str, comparison: Comparison | None) -> str:
 
 
 def scenario_figures(name: str, recs: list[CellRecord], comparison: Comparison | None = None) -> str:
-    from harness.analyze.figures import phase_memory_png, plan_png, png_of
+    from harness.analyze.figures import host_memory_png, phase_memory_png, plan_png, png_of
     from harness.analyze.plots import pareto_plot, trace_plot
 
     if is_probe(name):
@@ -347,6 +361,11 @@ def scenario_figures(name: str, recs: list[CellRecord], comparison: Comparison |
         out.append(img(phase_memory_png(mine, f"{name} on {card}: device memory per phase"),
                        f"{name} on {card}: memory per phase",
                        "Per phase: allocated, allocator cache above it, and context (NVML minus reserved)."))
+        out.append(img(host_memory_png(mine, f"{name} on {card}: host memory"),
+                       f"{name} on {card}: host memory",
+                       "Host memory per cell: RSS peak, and pinned bytes by who pinned them (the harness's ledger, "
+                       "torch's caching host allocator, SGLang's own registrations), in the colour of the backend "
+                       "that pins that way; at the right, where SGLang's managers hosted each layer group."))
         plan = plan_png(mine, f"{name} on {card}: plan vs measured")
         if plan:
             out.append(img(plan, f"{name} on {card}: plan vs measured",

@@ -8,11 +8,8 @@ to the engine's defaults (None) reads "<flag>: engine default".
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from harness.common.contract import CellRecord
-from harness.common.flags import FlagError, OffloadFlags
+from harness.common.flags import OffloadFlags
 
 _COMPONENT_WORDS = {"dit": "DiT", "text_encoder": "text encoder", "image_encoder": "image encoder", "vae": "VAE",
                     "all": "every component", "transformer": "DiT"}
@@ -38,14 +35,8 @@ def _dit_words(f: OffloadFlags) -> list[str]:
     return out
 
 
-def flag_words(flags: OffloadFlags | Mapping[str, Any]) -> str:
+def flag_words(f: OffloadFlags) -> str:
     """The flags in words, only what is on (see the module docstring)."""
-    if not isinstance(flags, OffloadFlags):
-        try:
-            flags = OffloadFlags.from_mapping(flags)
-        except FlagError:
-            return ", ".join(f"{k}={v}" for k, v in flags.items())
-    f = flags
     parts = _dit_words(f)
     for name, words in (("text_encoder_cpu_offload", "text encoder offload"), ("vae_cpu_offload", "VAE offload")):
         value = getattr(f, name)

@@ -18,8 +18,10 @@ from tabulate import tabulate
 from harness.common.contract import RUNTIME_PHASES, CellRecord, JsonObject, Phase, Status
 from harness.common.records import latest_by_cell, read_cell_records
 
-PARTS = ("process_start_s", "imports_s", "guards_s", "cuda_init_s", "h2d_probe_s", "checkpoint_s", "warmup_s",
-         "teardown_s", "other_s")
+# process_start_s: a spawned child's interpreter start; fork_s and server_start_s: a forked one's fork, and the fork
+# server's start in the run's first forked cell (harness.run.runner.OVERHEAD_PARTS).
+PARTS = ("process_start_s", "fork_s", "server_start_s", "imports_s", "guards_s", "cuda_init_s", "h2d_probe_s",
+         "checkpoint_s", "warmup_s", "teardown_s", "other_s")
 
 
 def fixed_cost(record: CellRecord) -> JsonObject | None:
@@ -51,12 +53,20 @@ def rows(records: list[CellRecord]) -> list[dict[str, str | float | None]]:
         cost = fixed_cost(r)
         if cost is None:
             continue
-        row = {"cell": r.cell_id, "elapsed s": cost["elapsed_s"], "measured s": cost.get("measured_s"),
-               "fixed s": cost["fixed_s"]}
+        row = {"cell": r.cell_id, "start": cost.get("start") or "", "elapsed s": cost["elapsed_s"],
+               "measured s": cost.get("measured_s"), "fixed s": cost["fixed_s"]}
         row |= {p.removesuffix("_s").replace("_", " "): cost.get(p) for p in PARTS}
         row["estimated"] = "yes" if cost["estimated"] else ""
         out.append(row)
     return out
+
+
+def server_start_line(records: list[CellRecord]) -> str:
+    """The fork server's start, paid once per run inside its first forked cell (whatever that cell's fate), which
+    the per-cell median leaves out; empty for a run without one."""
+    starts = [(r.cell_id, o["server_start_s"]) for r in records
+              if isinstance(o := r.overhead, dict) and isinstance(o.get("server_start_s"), int | float)]
+    return "".join(f"fork server start: {s:.2f} s, in {cid} (once per run and server)\n" for cid, s in starts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for run in args.runs:
         path = Path(run) / "records.jsonl" if Path(run).is_dir() else Path(run)
-        table = rows(read_cell_records(path).records)
+        records = read_cell_records(path).records
+        table = rows(records)
         print(f"## {run}\n")
         if not table:
             print("no cell ran to the end: no fixed cost to show\n")
@@ -74,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         fixed = [r["fixed s"] for r in table]
         print(f"\nfixed cost per cell: median {statistics.median(fixed):.2f} s, min {min(fixed):.2f} s, max "
               f"{max(fixed):.2f} s over {len(fixed)} cells; measured part median "
-              f"{statistics.median(r['measured s'] for r in table):.2f} s\n")
+              f"{statistics.median(r['measured s'] for r in table):.2f} s")
+        print(server_start_line(records) + "\n")
     return 0
 
 

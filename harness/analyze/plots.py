@@ -81,6 +81,14 @@ BACKEND_STYLES = {
 _OTHER_STYLE = ("#7f7f7f", "v")
 
 
+# Who page-locked host memory, by the record's counters, disjoint so that they stack: (counter, who, the backend
+# that pins that way, whose colour it is drawn in). The harness's ledger counts its cudaHostRegister ranges here (its
+# rare pin_memory fallback is in torch's allocator); SGLang <= 0.5.13 pins through torch's allocator too.
+PINNERS = (("pinned_registered_bytes", "harness ledger", "harness"),
+           ("pinned_torch_allocator_bytes", "torch caching host allocator", "diffusers-group"),
+           ("pinned_sglang_registered_bytes", "SGLang manager (its cudaHostRegister)", "sglang"))
+
+
 def backend_style(backend: str | None) -> tuple[str, str]:
     """(colour, marker) of a backend; `sglang@0.5.23` is drawn as `sglang`."""
     return BACKEND_STYLES.get((backend or "harness").split("@", 1)[0], _OTHER_STYLE)
@@ -92,8 +100,9 @@ def pareto_plot(records: list[CellRecord], path: Path, title: str) -> Path:
 
     - peak device memory against denoise ms/step (STEP_CONVENTION), colour and marker per backend, the Pareto
       front and the card's cap;
-    - host memory per cell: peak RSS and pinned bytes (requested: ours, cudaHostRegister; torch caching host
-      allocator: where diffusers' group offload pins), one GiB axis;
+    - host memory per cell: peak RSS and pinned bytes by who pinned them (`PINNERS`: the harness's ledger, torch's
+      caching host allocator where diffusers' group offload pins, SGLang's own registrations where a record counts
+      them), one GiB axis;
     - denoise step times per cell: the first step against the steady state, one ms axis.
     """
     points, others = plot_points(records)
@@ -187,12 +196,13 @@ def _place_numbers(ax: Any, labels: list[tuple[float, float, str, str]], near_px
 
 
 def _host_panel(host: Any, cells: list[CellRecord], number: dict[str, int]) -> None:
-    """Host memory per cell on one axis: peak RSS and the pinned bytes, requested and held by torch."""
+    """Host memory per cell on one axis: peak RSS and the pinned bytes by who pinned them (SGLang's bar only where a
+    record counts it)."""
     ys = list(range(len(cells)))
     host_scale, host_unit = _unit(max([r.phase_max("rss_peak_bytes") or 0 for r in cells] + [1]))
     bars = (("rss_peak_bytes", "host RSS peak", "#9e9e9e"),
-            ("pinned_requested_bytes", "pinned (requested)", "#1f77b4"),
-            ("pinned_torch_allocator_bytes", "pinned (torch allocator)", "#ff7f0e"))
+            *((counter, f"pinned: {who}", backend_style(pinner)[0]) for counter, who, pinner in PINNERS
+              if any(r.phase_max(counter) for r in cells) or pinner != "sglang"))
     height = 0.8 / len(bars)
     for k, (field, label, colour) in enumerate(bars):
         values = [(r.phase_max(field) or 0) / host_scale for r in cells]

@@ -13,7 +13,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from harness.analyze.expect import evaluate
+from harness.analyze.expect import ScenarioVerdicts
 from harness.analyze.frontier import frontier_rows, mib_text
 from harness.analyze.roofline import roofline_rows
 from harness.common.contract import (
@@ -23,16 +23,14 @@ from harness.common.contract import (
     is_probe,
     label_in,
 )
-from harness.common.locations import local_scenario_file
 from harness.common.records import by_gpu
 from harness.plan.planner import plan_rows
-from harness.plan.scenario import ScenarioError, load_scenario
-from harness.run.merge import host_of
 
 
 def _flag_diff(record: CellRecord) -> str:
-    req, eff = record.requested, record.effective
-    changed = [f"{k}={eff[k]}" for k in eff if req.get(k) != eff.get(k) and k != "dit_offload_prefetch_size"]
+    """The effective flags the policy changed (prefetch aside), by name, in their JSON form."""
+    req, eff = record.requested.as_dict(), record.effective.as_dict()
+    changed = [f"{k}={eff[k]}" for k in sorted(eff) if req[k] != eff[k] and k != "dit_offload_prefetch_size"]
     return ", ".join(changed) or "as requested"
 
 
@@ -65,15 +63,17 @@ def cell_row(rec: CellRecord) -> dict[str, str]:
 
 
 def render(records: list[CellRecord], title: str = "offload-bench run", summary: Any = None) -> str:
-    """The markdown report: title, machine line, summary (`harness.analyze.summary`; built here, with the SKU's
-    committed baseline, unless given), then one section per scenario."""
+    """The markdown report: title, machine line, summary (`harness.analyze.summary`, the run's verdicts in it;
+    built here, with the SKU's committed baseline, unless given), then one section per scenario. It renders what
+    it is given: plans are the records' (`record.plan`), verdicts the summary's."""
     from harness.analyze.summary import build_summary, summary_markdown
 
+    s = summary if summary is not None else build_summary(records)
     out = [f"# {title}", "", *_machine_line(records)]
-    out += summary_markdown(summary if summary is not None else build_summary(records))
+    out += summary_markdown(s)
     out += gpus_section(records)
     # a merged run of shards (harness.run.merge): each row says where it ran, as host and GPU id
-    several_hosts = len({host_of(r) for r in records}) > 1
+    several_hosts = len({r.host for r in records}) > 1
     by_scenario: dict[str | None, list[CellRecord]] = {}
     for r in records:
         by_scenario.setdefault(r.scenario, []).append(r)
@@ -102,7 +102,7 @@ def render(records: list[CellRecord], title: str = "offload-bench run", summary:
         if messages:
             out.append("Policy messages: " + "; ".join(f"`{m}`" for m in messages))
             out.append("")
-        out += _verdict_lines(recs)
+        out += _verdict_lines(s.of_scenario(str(name)))
     out.append(
         "Counters: `alloc reserved`/`alloc allocated` are PyTorch caching-allocator peaks (reset per phase); "
         "`NVML per-process` is polled every 10 ms and includes the CUDA context; `ledger` is weight bytes the "
@@ -132,28 +132,21 @@ def _machine_line(records: list[CellRecord]) -> list[str]:
 STEP_RATIO = re.compile(r"step [0-9.]+ s vs [0-9.]+ s two-pass \([0-9.]+x\)")  # cfg_batch's note on each pair
 
 
-def _verdict_lines(recs: list[CellRecord]) -> list[str]:
-    """The scenario's expectations evaluated on one scenario's records, when its file is at hand."""
-    scen_file = next((r.scenario_file for r in recs if r.scenario_file), None)
-    scen_path = local_scenario_file(scen_file)
-    if scen_path is None:
+def _verdict_lines(judged: ScenarioVerdicts | None) -> list[str]:
+    """A scenario's verdicts (none where the run's checkout has not its file)."""
+    if judged is None:
         return []
-    try:
-        scenario = load_scenario(scen_path)
-    except ScenarioError as e:
-        return [f"(expectations not evaluated: {e})", ""]
+    if judged.not_evaluated:
+        return [f"(expectations not evaluated: {judged.not_evaluated})", ""]
     out = []
-    ran_cards = {r.card_name for r in recs}
-    for v in evaluate(scenario, recs):
-        if v.card not in ran_cards:  # a run of part of the scenario (pytest -k)
-            continue
+    for v in judged.verdicts:
         if v.latents_elsewhere:  # every problem a latents file left on the GPU machine; others stay FAIL
             steps = "; ".join(STEP_RATIO.findall(v.message))  # cfg_batch's step times are in the records
             out.append(f"- **{v.check}** on {v.card}: not re-evaluated here: the latents files stay on "
                        "the machine that ran the cells (its pytest output has the verdict)"
                        + (f"; {steps}" if steps else ""))
             continue
-        note = f" (expected to fail: {scenario.xfail})" if scenario.xfail else ""
+        note = f" (expected to fail: {judged.xfail})" if judged.xfail else ""
         out.append(f"- **{v.check}** on {v.card}: {'PASS' if v.passed else 'FAIL'}{note}: {v.message}")
     return [*out, ""]
 
@@ -162,7 +155,7 @@ def machine_label(record: CellRecord) -> str:
     """`host` or `host GPU <id>`, and the shard the record came from, for a run that several machines made."""
     gpu = record.gpu_index
     shard = f" (shard {record.shard})" if record.shard else ""
-    return f"{host_of(record) or '?'}{f' GPU {gpu}' if gpu is not None else ''}{shard}"
+    return f"{record.host or '?'}{f' GPU {gpu}' if gpu is not None else ''}{shard}"
 
 
 def gpus_section(records: list[CellRecord]) -> list[str]:

@@ -2,12 +2,14 @@
 
 Every DiT forward streams all streamed layers from the host once, so a step can be no faster than
 
-    predicted step = forwards_per_step x max(compute of one resident forward, streamed bytes / pinned H2D rate)
+    predicted step = forwards x max(compute of one resident forward, streamed bytes / pinned H2D rate)
 
-with the compute time taken from a cell of the same scenario whose DiT was whole on the device (resident, or
-CPU-offloaded: it is moved once per denoise phase, not per step) and the H2D rate from the pinned-copy probe the
-same child ran at start (`machine.pinned_h2d_gbps`). Efficiency is predicted / measured; the effective H2D rate is
-streamed bytes x forwards / measured step time. Both read records only.
+with forwards the step's DiT calls (`CellRecord.dit_calls_per_step`: its CFG passes, or one where cfg_batch runs
+both as one batch; counting a cfg-batch cell's two passes put it at 199 % of its probe's rate,
+`results/h200/fidelity-qwen-image.records.jsonl`), the compute time taken from a cell of the same scenario whose DiT
+was whole on the device (resident, or CPU-offloaded: it is moved once per denoise phase, not per step) and the H2D
+rate from the pinned-copy probe the same child ran at start (`machine.pinned_h2d_gbps`). Efficiency is predicted /
+measured; the effective H2D rate is streamed bytes x forwards / measured step time. Both read records only.
 
 Each row names its backend: our layerwise runtime (streamed bytes: its per-layer host regions) or diffusers'
 group offload (streamed bytes: the block groups it moves on its stream; the non-block weights it moves
@@ -57,9 +59,9 @@ def roofline_rows(records: Iterable[CellRecord]) -> list[dict[str, Any]]:
             if x.scenario == r.scenario and Placement(x.components["dit"]["placement"]).whole_on_device
             and (s := x.median_step_s()) is not None
         ]
-        forwards = r.forwards_per_step
+        forwards = r.dit_calls_per_step  # a cfg-batch cell streams its layers once a step for both passes
         compute_s = min(whole) / forwards if whole else None
-        gbps = (r.machine or {}).get("pinned_h2d_gbps")
+        gbps = r.h2d_gbps
         transfer_s = streamed / (gbps * 1e9) if gbps else None
         parts = [v for v in (compute_s, transfer_s) if v is not None]
         predicted = forwards * max(parts) if parts else None

@@ -3,13 +3,14 @@ regressions against the SKU's baseline (where one exists), and the pick per card
 
 - Fates by card: how many cells ended how, per card (a copy of another cell's record counts once, as its cell).
 - The seed assertion: SGLang #26925's guard, the `lowest_peak` expectation (dit_cpu_offload + layerwise loads and
-  peaks lowest), evaluated on each scenario of the run that declares it; the other expectations are counted.
+  peaks lowest), on each scenario of the run that declares it; the other expectations are counted. The verdicts are
+  the run's (`harness.analyze.readout`: written at its end, or judged once for a records file without them).
 - Regressions: `harness.analyze.compare` of the run's cells with `results/baselines/<sku>.json` (or the folder
   given), limited to the scenario/card pairs the run has; only what fails or cannot be compared is listed.
 - The pick: per scenario and card, the fastest cell that ran within its card (`frontier.frontier_rows`).
 
-`build_summary` computes it (pure, but for reading the scenario files and the baseline); `summary_markdown` and
-`harness.analyze.html` render it.
+`build_summary` gathers it (pure, but for reading the baseline, and the scenario files where it is given no
+verdicts); `summary_markdown`, `harness.analyze.report` and `harness.analyze.html` render it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from harness.analyze.compare import (
     Comparison,
     scenario_card,
 )
+from harness.analyze.expect import ScenarioVerdicts, Verdict, run_verdicts
 from harness.common.contract import CellRecord, Status, is_probe
 
 SEED_CHECK = "lowest_peak"
@@ -52,10 +54,19 @@ class Pick:
 @dataclass
 class RunSummary:
     fates: dict[str, Counter[str]] = field(default_factory=dict)  # card -> fate -> cells
-    checks: list[Check] = field(default_factory=list)
+    verdicts: list[ScenarioVerdicts] = field(default_factory=list)  # the run's, per scenario
     picks: list[Pick] = field(default_factory=list)
     comparison: Comparison | None = None
     baseline_note: str = ""  # why nothing was compared, or the baseline's path
+
+    @property
+    def checks(self) -> list[Check]:
+        """Every verdict of the run, with its scenario and the note a reader needs."""
+        return [Check(s.scenario, v.card, v.check, v.passed, v.message, _note(v, s.xfail))
+                for s in self.verdicts for v in s.verdicts]
+
+    def of_scenario(self, name: str) -> ScenarioVerdicts | None:
+        return next((s for s in self.verdicts if s.scenario == name), None)
 
     @property
     def seed(self) -> list[Check]:
@@ -87,32 +98,10 @@ def fates_by_card(records: list[CellRecord]) -> dict[str, Counter[str]]:
     return out
 
 
-def expectation_checks(records: list[CellRecord]) -> list[Check]:
-    """Every expectation of each scenario in the run whose file this checkout has, on the cards that ran."""
-    from harness.analyze.expect import evaluate
-    from harness.common.locations import local_scenario_file
-    from harness.plan.scenario import ScenarioError, load_scenario
-
-    by_scenario: dict[str, list[CellRecord]] = {}
-    for r in records:
-        by_scenario.setdefault(str(r.scenario), []).append(r)
-    out = []
-    for name, recs in by_scenario.items():
-        path = local_scenario_file(next((r.scenario_file for r in recs if r.scenario_file), None))
-        if path is None:
-            continue
-        try:
-            scenario = load_scenario(path)
-        except ScenarioError:
-            continue
-        cards = {r.card_name for r in recs}
-        for v in evaluate(scenario, recs):
-            if v.card not in cards:
-                continue
-            note = ("not re-evaluated here: the latents files stay on the machine that ran the cells"
-                    if v.latents_elsewhere else f"expected to fail: {scenario.xfail}" if scenario.xfail else "")
-            out.append(Check(name, v.card, v.check, v.passed, v.message, note))
-    return out
+def _note(v: Verdict, xfail: str | None) -> str:
+    if v.latents_elsewhere:
+        return "not re-evaluated here: the latents files stay on the machine that ran the cells"
+    return f"expected to fail: {xfail}" if xfail else ""
 
 
 def picks(records: list[CellRecord]) -> list[Pick]:
@@ -161,10 +150,13 @@ def baseline_comparison(records: list[CellRecord], baselines_dir: Path | str | N
 
 
 def build_summary(records: list[CellRecord], baselines_dir: Path | str | None = None,
-                  compare_baseline: bool = True) -> RunSummary:
+                  compare_baseline: bool = True, verdicts: list[ScenarioVerdicts] | None = None) -> RunSummary:
+    """The summary of a run: its verdicts as given (a `readout`'s), else judged now, once (`expect.run_verdicts`:
+    the report's one way to them for records it is handed without)."""
     comparison, note = (baseline_comparison(records, baselines_dir) if compare_baseline
                         else (None, "not compared"))
-    return RunSummary(fates_by_card(records), expectation_checks(records), picks(records), comparison, note)
+    judged = verdicts if verdicts is not None else run_verdicts(records)
+    return RunSummary(fates_by_card(records), judged, picks(records), comparison, note)
 
 
 def _mib(v: int | None) -> str:

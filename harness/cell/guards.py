@@ -321,12 +321,12 @@ class GuardResult:
         }
 
 
-def _host_check(device: str, placements: dict[str, str], model: Any, m: float) -> tuple[bool, dict, str]:
+def _host_check(device: str, placements: dict[str, Placement], model: Any, m: float) -> tuple[bool, dict, str]:
     device_is_host = device != "cuda"
     components, weights_on_host = {}, 0
     for role, comp in model.components.items():
         nbytes = weight_bytes(comp)
-        placement = Placement(placements[role])
+        placement = placements[role]
         on_host = placement.holds_host_copy
         # On the CPU profile the simulated device is host memory as well: what sits "on the device" counts too.
         host_bytes = nbytes * (int(on_host) + int(device_is_host))
@@ -372,7 +372,7 @@ def _disk_check(model: Any, m: float) -> tuple[bool, dict, str]:
     return ok, check, reason
 
 
-def check_cell(spec: CellSpec, placements: dict[str, str]) -> GuardResult:
+def check_cell(spec: CellSpec, placements: dict[str, Placement]) -> GuardResult:
     """Runs every guard for the cell `spec` with the loader's `placements`.
 
     A guard that cannot read its numbers (or raises) is recorded under `problems` and does not skip the cell.

@@ -8,7 +8,11 @@ Counters, each under a name that says which it is:
   the CUDA context and anything allocated outside PyTorch.
 - `ledger_peak_bytes`: weight bytes the harness's runtimes placed on the device; on the CPU profile it is the only
   device counter (no allocator there), and a simulated card's cap is enforced against it.
-- `rss_peak_bytes`: host resident set, polled; `pinned_*`: host bytes page-locked by this process.
+- `rss_peak_bytes`: host resident set, polled; `pinned_*`: host bytes page-locked by this process: the harness's
+  ledger (`pinned_requested_bytes`, ...), torch's caching host allocator (`pinned_torch_allocator_bytes`), and under
+  the SGLang backend what its managers hold (`pinned_sglang_manager_bytes`, `pageable_sglang_manager_bytes`,
+  `mapped_sglang_manager_bytes`: an `is_pinned()` walk of their host tensors; `pinned_sglang_registered_bytes` /
+  `_peak_bytes`: its own cudaHostRegister calls, counted; `harness.engine.layerwise`), through `host_probe`.
 - machine state per denoise step (`machine_state`: SM and memory clocks, temperature, power, throttle reasons, from
   NVML), allocator statistics (`allocator_stats`: torch.cuda.memory_stats) and the host page cache
   (`host_memory_state`: /proc/meminfo) per round: what the drift experiments read (`harness.analyze.drift`;
@@ -318,6 +322,7 @@ class Meter:
     step_probe: Any = None  # returns (values, why missing) of the machine (`machine_state`), read at each step mark
     on_exit: Any = None  # called with (phase name, its record) after the phase is measured (cache release)
     link_gbps: float | None = None  # the pinned-copy probe's rate: the copy timeline's limit
+    host_probe: Any = None  # returns host counters a runtime keeps itself (SGLang's pins), read at each phase end
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[dict[str, Any]]:
@@ -389,6 +394,9 @@ class Meter:
         rec.update(self.sampler.phase_peaks(name))
         rec.update(PINNED.snapshot())
         rec.update(kernel_locked_bytes())
+        if self.host_probe is not None:
+            with contextlib.suppress(Exception):  # a counter that fails must not fail the phase
+                rec.update(self.host_probe())
         if self.device.is_cuda:
             with contextlib.suppress(Exception):
                 stats = torch.cuda.host_memory_stats()

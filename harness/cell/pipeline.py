@@ -193,7 +193,7 @@ def _denoise_loop(
     family.dit.after_use()
     rec["step_ms"] = timer.intervals_ms()
     rec["forwards"] = settings.steps * settings.dit_calls_per_step  # DiT calls: each streams every layer once
-    rec["forward_batch"] = settings.forwards_per_step // settings.dit_calls_per_step
+    rec["forward_batch"] = settings.cfg_passes_per_step // settings.dit_calls_per_step
     if timer.readings:
         rec["step_machine"] = step_machine(timer.readings)
     if recorder is not None:
@@ -245,7 +245,7 @@ class _TokenPrompts(Family):
         self.embeds: list[torch.Tensor] = []
 
     def encode_prompts(self) -> None:
-        for ids in self.prompts[: self.settings.forwards_per_step]:
+        for ids in self.prompts[: self.settings.cfg_passes_per_step]:
             out = self.te.module(input_ids=ids.to(self.dev), attention_mask=torch.ones_like(ids).to(self.dev))
             self.embeds.append(out.last_hidden_state[:, self.model.drop_tokens :].to(self.dtype))
 
@@ -373,7 +373,7 @@ class Flux(Family):
         return clip_ids, t5_ids
 
     def encode_prompts(self) -> None:
-        for clip_ids, t5_ids in self.prompts[: self.settings.forwards_per_step]:
+        for clip_ids, t5_ids in self.prompts[: self.settings.cfg_passes_per_step]:
             pooled, hidden = self.te.module(clip_ids.to(self.dev), t5_ids.to(self.dev))
             self.conds.append((pooled.to(self.dtype), hidden.to(self.dtype)))
 

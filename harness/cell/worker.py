@@ -8,11 +8,11 @@ error with the exception. The parent never parses stdout; if no record appears t
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import errno
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -28,6 +28,7 @@ from harness.common.contract import (
     Phase,
     PhaseStats,
     Placement,
+    RunOptions,
     Status,
     median_step,
 )
@@ -39,7 +40,7 @@ from harness.common.records import now_iso, write_json_atomic
 MODULE_STARTED_AT = time.time()
 
 # Faults the CPU tests inject to prove every fate is recorded (issue: nothing lost, nothing hangs).
-FAULT_ENV = "OFFLOAD_BENCH_FAULT"  # "<phase>:<raise|hang|sigkill|oom|enospc>"
+FAULT_ENV = "OFFLOAD_BENCH_FAULT"  # "<phase>:<raise|hang|tree|sigkill|segv|oom|enospc>"
 
 
 def _progress(msg: str) -> None:
@@ -57,11 +58,19 @@ def _phase_start_hook(spec: str | None) -> Any:
             return
         if kind == "raise":
             raise RuntimeError(f"injected fault in phase {name}")
-        if kind == "hang":
+        if kind == "tree":  # a hang with two grandchildren, one of which left the group: a timeout kills both
+            stay = subprocess.Popen(["sleep", "600"])
+            left = subprocess.Popen(["sleep", "601"], start_new_session=True)
+            _progress(f"fault tree: grandchildren {stay.pid} {left.pid}")
+        if kind in ("hang", "tree"):
             while True:
                 time.sleep(1)
         if kind == "sigkill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if kind == "segv":  # a real segmentation fault (a native crash), not a signal sent
+            import ctypes
+
+            ctypes.string_at(0)
         if kind == "oom":
             from harness.cell.offload.memory import SimulatedOutOfMemoryError
 
@@ -79,7 +88,7 @@ def _new_record(spec: CellSpec) -> tuple[OffloadFlags, CellRecord]:
     """The cell's record header (`CellRecord.begin`: the spec and the resolution the parent made; the child never
     resolves a policy itself), and the effective flags it runs."""
     record = CellRecord.begin(spec, Status.ERROR, created=now_iso())
-    return OffloadFlags.from_mapping(record.effective, "resolution.effective"), record
+    return record.effective, record
 
 
 def _refusal(spec: CellSpec, record: CellRecord) -> str | None:
@@ -93,7 +102,7 @@ def _refusal(spec: CellSpec, record: CellRecord) -> str | None:
     if spec.device == "cuda" and not torch.cuda.is_available():
         record.reason = "cell asks for CUDA but torch.cuda.is_available() is False"
         return "error"
-    needs_cuda = Placement(record.placements["dit"]).needs_cuda
+    needs_cuda = record.placements["dit"].needs_cuda
     if needs_cuda and spec.device != "cuda":
         # diffusers' streamed group offload has no CPU form (apply_group_offloading refuses use_stream off CUDA),
         # and SGLang's manager disables itself without CUDA: a fact of this profile, not a failure of the cell.
@@ -124,7 +133,8 @@ def run_cell(spec: CellSpec) -> CellRecord:
     """Runs one cell and returns its record (never raises for failures inside the run).
 
     `record.overhead` is the cell's fixed cost, in seconds, part by part: process_start_s (parent's spawn to this
-    module), imports_s (torch and the harness stack), guards_s, cuda_init_s (the CUDA context, made here so that no
+    module; the runner names it fork_s for a child of the fork server, which sets MODULE_STARTED_AT at the fork),
+    imports_s (torch and the harness stack), guards_s, cuda_init_s (the CUDA context, made here so that no
     measured phase pays for it), h2d_probe_s (0 when the runner passed down an earlier cell's probe),
     checkpoint_s, warmup_s (the scenario's warm-up rounds), measured_s (the load phase and the measured rounds:
     what the record's numbers come from) and child_s (module start to record); the runner adds teardown_s,
@@ -172,8 +182,7 @@ def _measure(spec: CellSpec, flags: OffloadFlags, record: CellRecord) -> None:
 
     device = Device(spec.device)
     nvml = Nvml(torch.cuda.current_device()) if device.is_cuda else None
-    record.run_options = run_options(spec)
-    sampler = Sampler(nvml, interval_s=record.run_options["sampler_interval_ms"] / 1e3)
+    sampler = Sampler(nvml, interval_s=spec.run.sampler_interval_ms / 1e3)
     sampler.start()
     record.rss_start_bytes = host_rss_bytes()
     meter = Meter(device, sampler, on_enter=_phase_start_hook(os.environ.get(FAULT_ENV)),
@@ -239,7 +248,7 @@ def _load_and_run(spec: CellSpec, flags: OffloadFlags, record: CellRecord, meter
         # a pipeline folder's files have no generation-time digest: said as such, never as verified
         section["checkpoint"] = integrity.get(role) or {"verified": None, "why": "pipeline folder: no digest"}
     overhead["measured_s"] = time.perf_counter() - t_load
-    _settle_after_load(record, meter, comps, nvml)
+    _settle_after_load(spec.run, record, meter, comps, nvml)
     out = _run_rounds(spec, record, meter, model, comps)
     latents = out.pop("final_latents")
     if spec.latents_out:
@@ -258,27 +267,25 @@ def cap_check(record: CellRecord) -> dict[str, Any]:
     return {"nvml_proc_peak_bytes": peak, "within_cap": peak <= (record.cap or {})["cap_bytes"] if peak else None}
 
 
-def _settle_after_load(record: CellRecord, meter: Any, comps: dict[str, Any], nvml: Any) -> None:
+def _settle_after_load(options: RunOptions, record: CellRecord, meter: Any, comps: dict[str, Any], nvml: Any) -> None:
     """The run options that act between the load and the first round: the release after packing a DiT placed
     through the device, the runtime cap, the copy recorder and the release points of the rounds. Its time (the
     release, the cap's kernel warm-up) is in no phase: the record's overhead keeps it as settle_s."""
     t0 = time.perf_counter()
     device = meter.device
-    options = record.run_options or {}
-    after_packing = release_after_packing(record.placements, device) if options["empty_cache_after_packing"] \
-        else None
-    if options["runtime_cap_mib"]:
+    after_packing = release_after_packing(record.placements, device) if options.empty_cache_after_packing else None
+    if options.runtime_cap_mib:
         from harness.cell.measure import apply_card_cap
 
-        record.cap = {**apply_card_cap(int(options["runtime_cap_mib"]) * 2**20, device, nvml),
+        record.cap = {**apply_card_cap(int(options.runtime_cap_mib) * 2**20, device, nvml),
                       "applied_after": Phase.LOAD.value}
-    record.copy_timeline = attach_copy_recorder(comps["dit"], device, options["copy_timeline"])
-    if options["empty_cache_between_phases"]:
+    record.copy_timeline = attach_copy_recorder(comps["dit"], device, options.copy_timeline)
+    if options.empty_cache_between_phases:
         meter.on_exit = cache_release(record.placements, device)
     record.cache_release = {
-        "mechanism": "torch.cuda.empty_cache" if options["empty_cache_between_phases"] else "none",
+        "mechanism": "torch.cuda.empty_cache" if options.empty_cache_between_phases else "none",
         "after": [p.value for p in RUNTIME_PHASES if release_point(p, record.placements)]
-        if options["empty_cache_between_phases"] else [],
+        if options.empty_cache_between_phases else [],
         "after_packing_freed_bytes": after_packing,
     }
     if record.overhead is not None:
@@ -290,17 +297,19 @@ def _load(spec: CellSpec, flags: OffloadFlags, record: CellRecord, meter: Any, m
     from harness.cell.offload import memory
     from harness.cell.offload.loader import load_component
 
-    options = record.run_options or {}
-    memory.SETUP = memory.SetupOptions(int(options["setup_threads"]), bool(options["setup_overlap_pin"]))
+    memory.SETUP = memory.SetupOptions(int(spec.run.setup_threads), bool(spec.run.setup_overlap_pin))
     comps: dict[str, Any] = {}
     with meter.phase(Phase.LOAD):
         for role in ROLES:
             _progress(f"loading {role} ({record.placements[role]})")
             comps[role] = load_component(
-                model.components[role], ckpts[role], Placement(record.placements[role]), meter.device,
+                model.components[role], ckpts[role], record.placements[role], meter.device,
                 pin=bool(flags.pin_cpu_memory), prefetch_size=flags.dit_offload_prefetch_size,
                 backend=spec.backend, flags=flags,
             )
+        # host memory a runtime pinned itself (SGLang's managers), read at this and every later phase end; only
+        # the DiT runs on an engine, so no two components report the same counter
+        meter.host_probe = lambda: {k: v for c in comps.values() for k, v in c.host_counters().items()}
     record.components = {role: c.describe() for role, c in comps.items()}
     # Weights each component holds on the device, read at every phase start and end (the invariants).
     meter.probe = lambda: {role: c.device_weight_bytes(meter.device) for role, c in comps.items()}
@@ -311,10 +320,9 @@ def _run_rounds(spec: CellSpec, record: CellRecord, meter: Any, model: Any, comp
     from harness.cell.pipeline import run_pipeline
 
     warmup, total = spec.warmup, spec.warmup + spec.rounds
-    settings = dataclasses.replace(spec.settings, cfg_batch=bool((record.run_options or {})["cfg_batch"]))
     per_round: list[dict[str, Any]] = []
     telemetry: list[dict[str, Any]] = []
-    record.telemetry = {"sampler_interval_ms": (record.run_options or {})["sampler_interval_ms"], "rounds": telemetry}
+    record.telemetry = {"sampler_interval_ms": spec.run.sampler_interval_ms, "rounds": telemetry}
     overhead = record.overhead if record.overhead is not None else {}
     warmup_s, measured_s = 0.0, overhead.get("measured_s", 0.0)
     for r in range(total):
@@ -322,7 +330,7 @@ def _run_rounds(spec: CellSpec, record: CellRecord, meter: Any, model: Any, comp
         if total > 1:
             _progress(f"round {r + 1}/{total}" + (" (warm-up)" if r < warmup else ""))
         meter.phases = {"load": meter.phases["load"]}
-        out = run_pipeline(model, comps, settings, meter.device, meter, progress=_progress)
+        out = run_pipeline(model, comps, spec.settings, meter.device, meter, progress=_progress)
         per_round.append({k: v for k, v in meter.phases.items() if k != "load"})
         telemetry.append(round_telemetry(per_round[-1], r, warmup))
         if r < warmup:
@@ -337,14 +345,6 @@ def _run_rounds(spec: CellSpec, record: CellRecord, meter: Any, model: Any, comp
 
 _TIME_KEYS = ("time_ms", "wall_ms")
 
-def run_options(spec: CellSpec) -> dict[str, Any]:
-    """Every run option of the cell (harness.plan.scenario.RunOptions): its spec's value or the default; the record
-    keeps them all. cfg_batch is the cell's own value (a scenario sweeps it)."""
-    from harness.plan.scenario import RunOptions
-
-    return {**dataclasses.asdict(RunOptions()), "cfg_batch": False, **(spec.run or {})}
-
-
 def attach_copy_recorder(dit: Any, device: Any, wanted: bool) -> dict[str, Any]:
     """Under `copy_timeline`, gives our layerwise runtime a copy recorder; the record says whether one ran."""
     if not wanted:
@@ -358,7 +358,7 @@ def attach_copy_recorder(dit: Any, device: Any, wanted: bool) -> dict[str, Any]:
     return {"enabled": True, "clock": "CUDA events on the copy stream" if device.is_cuda else "host clock"}
 
 
-def release_point(phase: str, placements: dict[str, str]) -> bool:
+def release_point(phase: str, placements: dict[str, Placement]) -> bool:
     """Whether SGLang's pipeline empties the allocator cache after `phase` (0.5.23: ComponentManager empties it
     after releasing an offloaded or layerwise component's storage, gpu_worker at the end of each request): after
     encode when the text encoder is offloaded, after denoise when the DiT is not resident, after decode always."""
@@ -369,7 +369,7 @@ def release_point(phase: str, placements: dict[str, str]) -> bool:
     return phase == Phase.DECODE
 
 
-def cache_release(placements: dict[str, str], device: Any) -> Any:
+def cache_release(placements: dict[str, Placement], device: Any) -> Any:
     """The Meter's on_exit under `empty_cache_between_phases`: `torch.cuda.empty_cache()` at SGLang's release
     points, recording in the phase the reserved bytes it handed back to the driver."""
 
@@ -389,7 +389,7 @@ def empty_cache_freed(device: Any) -> int:
     return before - torch.cuda.memory_reserved(device.torch)
 
 
-def release_after_packing(placements: dict[str, str], device: Any) -> int | None:
+def release_after_packing(placements: dict[str, Placement], device: Any) -> int | None:
     """Under `empty_cache_after_packing`: `torch.cuda.empty_cache()` once the load of a DiT placed through the
     device has packed it into host regions; the reserved bytes handed back to the driver (None: not such a DiT or
     not CUDA, nothing ran)."""

@@ -20,7 +20,7 @@ import dataclasses
 import hashlib
 import json
 import statistics
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
@@ -243,8 +243,18 @@ class Card:
     name: str
     cap_bytes: int | None
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Card:
+        return cls(data["name"], data.get("cap_bytes"))
+
     def as_dict(self) -> JsonObject:
         return {"name": self.name, "cap_bytes": self.cap_bytes}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A field by its JSON name, as `dict.get`: for readers that still take a record's card as its JSON object
+        (harness.analyze.plots and figures read `r.card.get("cap_bytes")`)."""
+        value = self.as_dict().get(key)
+        return default if value is None else value
 
 
 @dataclass(frozen=True)
@@ -254,7 +264,8 @@ class RunSettings:
     Args:
         height (int), width (int): output image size in pixels (multiples of vae_scale * patch).
         steps (int): denoise steps.
-        true_cfg_scale (float): > 1 runs true CFG, two DiT forwards a step; 1 runs one forward.
+        true_cfg_scale (float): > 1 runs true CFG, two passes a step (the prompt and the negative prompt); 1 runs
+            one.
         seed (int): seeds every input.
         frames (int, defaults to 1): video frames (video models only).
         cfg_batch (bool, defaults to False): true CFG's two passes as one forward of batch 2 (Qwen-Image, Wan), so
@@ -271,17 +282,119 @@ class RunSettings:
     cfg_batch: bool = False
 
     @property
-    def forwards_per_step(self) -> int:
-        """Prompts a step conditions on (two with true CFG), whether or not they share one DiT call."""
+    def cfg_passes_per_step(self) -> int:
+        """CFG passes a denoise step makes: the prompts it conditions on (two with true CFG), whether or not they
+        share one DiT call. What the work scales with."""
         return 2 if self.true_cfg_scale > 1 else 1
 
     @property
     def dit_calls_per_step(self) -> int:
-        return 1 if self.cfg_batch and self.forwards_per_step == 2 else self.forwards_per_step
+        """DiT calls (forwards) a denoise step runs, each streaming every streamed layer once: the CFG passes, or
+        one batch of both under cfg_batch. What the record's `forwards` counts and what streams."""
+        return 1 if self.cfg_batch and self.cfg_passes_per_step == 2 else self.cfg_passes_per_step
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], cfg_batch: bool = False) -> RunSettings:
+        """The settings as `as_dict` writes them (values kept as the JSON holds them, so they write back the same),
+        with the cell's `cfg_batch` run option."""
+        return cls(data["height"], data["width"], data["steps"], data["true_cfg_scale"], data["seed"],
+                   frames=data.get("frames", 1), cfg_batch=cfg_batch)
 
     def as_dict(self) -> JsonObject:
         return {"height": self.height, "width": self.width, "steps": self.steps, "frames": self.frames,
                 "true_cfg_scale": self.true_cfg_scale, "seed": self.seed}
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How the child measures a cell: the scenario's `[run]` table, with the cell's own `cfg_batch` (a scenario
+    sweeps it: `harness.plan.scenario.Scenario.cfg_batch`). A cell's spec carries only the options off their
+    defaults (`changed`), so the spec hashes of scenarios without `[run]` stay as they were; its record carries
+    every one (`as_dict`).
+
+    Args:
+        sampler_interval_ms (float): the NVML/RSS polling thread's period; 0 = off (peaks then come from the
+            samples taken at phase boundaries only). Default 10, as every record before this option.
+        copy_timeline (bool): CUDA events around every layer copy of our layerwise runtime, summarised per step
+            (copy busy time, idle gaps, bytes); opt-in, the events cost a little.
+        cfg_batch (bool): the two CFG passes as one batched forward (cell id suffix `+cfg-batch`); Qwen-Image and
+            Wan families, true_cfg_scale > 1.
+        empty_cache_between_phases (bool): `torch.cuda.empty_cache()` at SGLang's release points (after encode
+            with the text encoder offloaded, after denoise with the DiT not resident, after decode); the record
+            says which mechanism ran.
+        setup_threads (int): threads that read checkpoints into host regions at load (harness.cell.offload.memory).
+            Default 16; it was 8 before the H200 measurement in results/h200/setup-speed-qwen-image.json.
+        setup_overlap_pin (bool): pin each host region as soon as it is read, overlapping other regions' reads;
+            false: all reads, then all pins. Default true since that measurement: Qwen-Image's 40.8 GB DiT from
+            the page cache into pinned regions at 20.6 GB/s with 16 threads overlapped, 12.7 GB/s read-then-pin.
+            The spec keeps only options off their defaults, so a default cell's spec hash did not change with
+            these two: its records from before the change loaded with 8 threads, read then pin (the record's
+            `run_options` says which); against such a baseline `compare` sees `load_ms` fall, and nothing else.
+        empty_cache_after_packing (bool): `torch.cuda.empty_cache()` once, after the load of a DiT placed through
+            the device (layerwise-from-device: dit_cpu_offload off) has packed its layers into host regions. Not
+            an engine release point (SGLang's layer managers, June era to 0.5.23, free the device copies and keep
+            the cache): ours, because on the H200 those freed copies stayed cached through every later phase
+            (Qwen-Image-Edit: 45,729 MiB, runtime reserved 3.0x allocated). The record's `cache_release` says
+            how many bytes it handed back.
+        runtime_cap_mib (int): caps the allocator at a card of this many MiB after the load, for the runtime
+            alone (0 = off): the capped re-run of a cell whose load needs more by design (a DiT placed through
+            the device). Refused with a capped card. The record's `cap` says `applied_after: load` and checks
+            the runtime phases' NVML per-process peak against it.
+        unrecorded (frozenset[str]): options a record's JSON lacks, its harness being older than they are. They
+            read as today's defaults (what ran, for an option that came at its default, as
+            empty_cache_after_packing and runtime_cap_mib did; not necessarily for setup_threads and
+            setup_overlap_pin, whose defaults changed: `recorded` tells) and are left out when the record is
+            written back, so it keeps its bytes. Options it carries that this harness does not know stay in
+            `extra`, written back too.
+    """
+
+    sampler_interval_ms: float = 10.0
+    copy_timeline: bool = False
+    cfg_batch: bool = False
+    empty_cache_between_phases: bool = False
+    setup_threads: int = 16
+    setup_overlap_pin: bool = True
+    empty_cache_after_packing: bool = False
+    runtime_cap_mib: int = 0
+    unrecorded: frozenset[str] = field(default=frozenset(), compare=False)
+    extra: JsonObject = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls) if f.name not in ("unrecorded", "extra"))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunOptions:
+        """A record's `run_options` (every option its harness had; see `unrecorded`)."""
+        names = cls.names()
+        return cls(**{k: v for k, v in data.items() if k in names},
+                   unrecorded=frozenset(n for n in names if n not in data),
+                   extra={k: v for k, v in data.items() if k not in names})
+
+    @classmethod
+    def from_changes(cls, data: Mapping[str, Any]) -> RunOptions:
+        """A spec's `run` (the options off their defaults, `changed`).
+
+        Raises:
+            ValueError: an option this harness does not know.
+        """
+        unknown = sorted(set(data) - set(cls.names()))
+        if unknown:
+            raise ValueError(f"run: unknown run option {unknown[0]!r}; known: {', '.join(cls.names())}")
+        return cls(**data)
+
+    def recorded(self, name: str) -> bool:
+        """The record says what option `name` was (it is not one its harness lacked)."""
+        return name not in self.unrecorded
+
+    def changed(self) -> JsonObject:
+        """The options that differ from the defaults: what a cell's spec carries (and its hash covers)."""
+        default = RunOptions()
+        return {n: getattr(self, n) for n in self.names() if getattr(self, n) != getattr(default, n)}
+
+    def as_dict(self) -> JsonObject:
+        """Every option a record carries: all of them, less `unrecorded`, plus `extra`."""
+        return {**{n: getattr(self, n) for n in self.names() if n not in self.unrecorded}, **self.extra}
 
 
 @dataclass(frozen=True)
@@ -290,7 +403,7 @@ class CellSpec:
 
     `resolution` is SGLang's answer for an engine policy (asked once by the parent for the whole card); without it
     the child resolves `requested` under `policy` itself. `latents_out` is where the child saves its final latents;
-    it is a path of this run, so it is not part of the spec's hash.
+    it is a path of this run, so it is not part of the spec's hash. `settings.cfg_batch` is `run.cfg_batch`.
     """
 
     cell_id: str
@@ -300,12 +413,12 @@ class CellSpec:
     card: Card
     settings: RunSettings
     policy: str
-    requested: JsonObject  # the requested flags, as OffloadFlags.as_dict() writes them
+    requested: OffloadFlags  # written as OffloadFlags.hashed_dict() (the hashes of cells at the defaults kept)
     device: str
     warmup: int = 0
     rounds: int = 1
     backend: str = Backend.HARNESS
-    run: JsonObject | None = None  # the scenario's [run] options that differ from the defaults (RunOptions.spec)
+    run: RunOptions = field(default_factory=RunOptions)  # written as the options off their defaults (`changed`)
     resolution: JsonObject | None = None
     # Not what the cell runs (so not hashed): where the child saves its final latents, the pinned H2D probe an
     # earlier cell measured on this GPU ({"gbps", "cell_id"}, one probe per run and GPU) and the spawn time the
@@ -318,11 +431,11 @@ class CellSpec:
         d: JsonObject = {
             "cell_id": self.cell_id, "scenario": self.scenario, "scenario_file": self.scenario_file,
             "model": self.model, "card": self.card.as_dict(), "settings": self.settings.as_dict(),
-            "policy": self.policy, "warmup": self.warmup, "rounds": self.rounds, "requested": dict(self.requested),
-            "backend": str(self.backend), "device": self.device,
+            "policy": self.policy, "warmup": self.warmup, "rounds": self.rounds,
+            "requested": self.requested.hashed_dict(), "backend": str(self.backend), "device": self.device,
         }
-        if self.run:
-            d["run"] = self.run
+        if self.run.changed():
+            d["run"] = self.run.changed()
         if self.resolution is not None:
             d["resolution"] = self.resolution
         for key in _UNHASHED_SPEC_KEYS:
@@ -336,15 +449,14 @@ class CellSpec:
     @classmethod
     def from_json(cls, text: str) -> CellSpec:
         d = json.loads(text)
-        s = d["settings"]
+        run = RunOptions.from_changes(d.get("run") or {})
         return cls(
             cell_id=d["cell_id"], scenario=d["scenario"], scenario_file=d.get("scenario_file"), model=d["model"],
-            card=Card(d["card"]["name"], d["card"].get("cap_bytes")),
-            settings=RunSettings(s["height"], s["width"], s["steps"], s["true_cfg_scale"], s["seed"],
-                                 frames=s.get("frames", 1)),
-            policy=d["policy"], requested=d["requested"], device=d["device"], warmup=int(d.get("warmup", 0)),
-            rounds=int(d.get("rounds", 1)), backend=d.get("backend", Backend.HARNESS), run=d.get("run"),
-            resolution=d.get("resolution"), **{key: d.get(key) for key in _UNHASHED_SPEC_KEYS},
+            card=Card.from_dict(d["card"]), settings=RunSettings.from_dict(d["settings"], run.cfg_batch),
+            policy=d["policy"], requested=OffloadFlags.from_mapping(d["requested"], "cell spec: requested"),
+            device=d["device"], warmup=int(d.get("warmup", 0)), rounds=int(d.get("rounds", 1)),
+            backend=d.get("backend", Backend.HARNESS), run=run, resolution=d.get("resolution"),
+            **{key: d.get(key) for key in _UNHASHED_SPEC_KEYS},
         )
 
     def _hashed(self, portable: bool) -> str:
@@ -398,6 +510,15 @@ class PhaseStats:
     pinned_via_allocator_bytes: int | None = None  # ... asked for through torch's caching host allocator
     pinned_torch_allocator_bytes: int | None = None  # what torch's caching host allocator holds (powers of two)
     pinned_regions: int | None = None
+    # the SGLang backend's managers (harness.engine.layerwise): their host tensors by is_pinned(), whoever pinned
+    # them, and the bytes SGLang registered itself with cudaHostRegister (0.5.23; now, at most, ranges), which none
+    # of the counters above sees
+    pinned_sglang_manager_bytes: int | None = None
+    pageable_sglang_manager_bytes: int | None = None
+    mapped_sglang_manager_bytes: int | None = None
+    pinned_sglang_registered_bytes: int | None = None
+    pinned_sglang_registered_peak_bytes: int | None = None
+    pinned_sglang_registered_ranges: int | None = None
     kernel_vmlck_bytes: int | None = None
     kernel_vmpin_bytes: int | None = None
     device_weights_at_start: dict[str, int] | None = None  # per role: parameter bytes on the device
@@ -445,8 +566,10 @@ class CellRecord:
 
     Every declared field is written (null where it does not apply), so a reader sees one shape whatever the
     fate; keys a record carries beyond them are kept in `extra` and written back unchanged (a newer harness or a
-    branch adding fields, e.g. resident layers, loses nothing through an older reader). Nested sections the
-    analysis reads as a whole (machine, guard, components, outputs, cap, engine) stay JSON objects.
+    branch adding fields, e.g. resident layers, loses nothing through an older reader). The spec it ran is typed
+    as the spec types it (`Card`, `RunSettings`, `OffloadFlags`, `Placement`, `RunOptions`) and written back in
+    the JSON it was read from, byte for byte; nested sections the analysis reads as a whole (machine, guard,
+    components, outputs, cap, engine) stay JSON objects.
     """
 
     cell_id: str
@@ -457,8 +580,8 @@ class CellRecord:
     scenario: str | None = None
     scenario_file: str | None = None
     model: str | None = None
-    card: JsonObject | None = None
-    settings: JsonObject | None = None
+    card: Card | None = None
+    settings: RunSettings | None = None  # its cfg_batch is run_options.cfg_batch (not written in settings)
     device: str | None = None
     policy: str | None = None
     backend: str = Backend.HARNESS
@@ -466,12 +589,12 @@ class CellRecord:
     portable_spec_hash: str | None = None
     same_as: str | None = None  # the cell whose record this copies (same effective flags), or None
     # the flags: requested, what the policy made of them, and why
-    requested: JsonObject = field(default_factory=dict)
-    effective: JsonObject = field(default_factory=dict)
+    requested: OffloadFlags = field(default_factory=OffloadFlags)
+    effective: OffloadFlags = field(default_factory=OffloadFlags)
     messages: list[str] = field(default_factory=list)
     engine: JsonObject | None = None  # what SGLang's ServerArgs answered (engine policies only)
-    placements: dict[str, str] = field(default_factory=dict)
-    run_options: JsonObject | None = None  # every run option of the cell (harness.cell.worker.run_options)
+    placements: dict[str, Placement] = field(default_factory=dict)  # per role, from the effective flags
+    run_options: RunOptions | None = None  # every run option of the cell (the spec's `run`)
     # the fate
     failed_phase: str | None = None
     reason: str | None = None
@@ -528,14 +651,15 @@ class CellRecord:
         if spec.resolution is None:
             raise ValueError(f"{spec.cell_id}: the cell spec carries no resolution; the parent resolves the policy "
                              "(harness.run.runner.spec_for_child)")
-        resolved = dict(spec.resolution)
-        flags = OffloadFlags.from_mapping(resolved["effective"], "resolution.effective")
+        resolved = spec.resolution
+        effective = OffloadFlags.from_mapping(resolved["effective"], "resolution.effective")
         return cls(
             cell_id=spec.cell_id, status=status, created=created, scenario=spec.scenario,
-            scenario_file=spec.scenario_file, model=spec.model, card=spec.card.as_dict(),
-            settings=spec.settings.as_dict(), device=spec.device, backend=spec.backend,
-            placements={role: Placement.for_role(role, flags, spec.backend).value for role in ROLES},
-            **resolved,
+            scenario_file=spec.scenario_file, model=spec.model, card=spec.card, settings=spec.settings,
+            device=spec.device, backend=spec.backend, run_options=spec.run, policy=resolved["policy"],
+            requested=OffloadFlags.from_mapping(resolved["requested"], "resolution.requested"), effective=effective,
+            messages=list(resolved["messages"]), engine=resolved.get("engine"),
+            placements={role: Placement.for_role(role, effective, spec.backend) for role in ROLES},
         )
 
     # ------------------------------------------------------------------------------------------------ JSON edge
@@ -553,6 +677,7 @@ class CellRecord:
         values["status"] = Status(data["status"])
         values["layer_pool"] = LayerPool(data.get("layer_pool", LayerPool.COMPUTE_STREAM))
         values["phases"] = {name: PhaseStats.from_dict(p) for name, p in (data.get("phases") or {}).items()}
+        values.update(_typed_spec(data, where))
         return cls(**values, extra={k: v for k, v in data.items() if k not in known})
 
     @classmethod
@@ -565,6 +690,11 @@ class CellRecord:
         if self.layer_pool is not LayerPool.COMPUTE_STREAM:
             out["layer_pool"] = str(self.layer_pool)
         out["phases"] = {name: p.as_dict() for name, p in self.phases.items()}
+        out.update(card=None if self.card is None else self.card.as_dict(),
+                   settings=None if self.settings is None else self.settings.as_dict(),
+                   requested=self.requested.as_dict(), effective=self.effective.as_dict(),
+                   placements={role: str(p) for role, p in self.placements.items()},
+                   run_options=None if self.run_options is None else self.run_options.as_dict())
         return {**out, **self.extra}
 
     def to_json(self) -> str:
@@ -581,11 +711,11 @@ class CellRecord:
     @property
     def flags_label(self) -> str:
         """The requested flags' short label (`cpu1-lw1-te0-vae0-pf1-pin1`)."""
-        return OffloadFlags.from_mapping(self.requested, f"{self.cell_id}: requested").label()
+        return self.requested.label()
 
     @property
     def cfg_batch(self) -> bool:
-        return bool((self.run_options or {}).get("cfg_batch"))
+        return self.run_options is not None and self.run_options.cfg_batch
 
     @property
     def label(self) -> str:
@@ -598,12 +728,33 @@ class CellRecord:
 
     @property
     def card_name(self) -> str | None:
-        return (self.card or {}).get("name")
+        return None if self.card is None else self.card.name
 
     @property
-    def forwards_per_step(self) -> int:
-        """DiT forwards a denoise step runs: two with true CFG (true_cfg_scale > 1), else one."""
-        return 2 if (self.settings or {}).get("true_cfg_scale", 1) > 1 else 1
+    def sku(self) -> str | None:
+        """The GPU SKU the child ran on (`machine.sku`: what baselines and planner profiles are keyed by)."""
+        return (self.machine or {}).get("sku")
+
+    @property
+    def h2d_gbps(self) -> float | None:
+        """The pinned host-to-device rate the cell's probe measured (or was handed down), GB/s."""
+        return (self.machine or {}).get("pinned_h2d_gbps")
+
+    @property
+    def host(self) -> str | None:
+        """The machine that ran the record: the runner's `runner_host`, else the child's `machine.host` (older
+        records)."""
+        return self.runner_host or (self.machine or {}).get("host")
+
+    @property
+    def cfg_passes_per_step(self) -> int:
+        """`RunSettings.cfg_passes_per_step` of the cell (1 for a record without settings)."""
+        return 1 if self.settings is None else self.settings.cfg_passes_per_step
+
+    @property
+    def dit_calls_per_step(self) -> int:
+        """`RunSettings.dit_calls_per_step` of the cell (1 for a record without settings)."""
+        return 1 if self.settings is None else self.settings.dit_calls_per_step
 
     @property
     def peak_counter(self) -> str:
@@ -711,6 +862,31 @@ def _declared(cls: type) -> frozenset[str]:
     return frozenset(f.name for f in fields(cls) if f.name != "extra")
 
 
+def _typed_spec(data: Mapping[str, Any], where: str) -> JsonObject:
+    """The spec sections of a (migrated) record's JSON as the spec types them (None stays None).
+
+    Raises:
+        RecordError: a section its type cannot read, naming the record and the section.
+    """
+
+    def read(section: str, parse: Callable[[Any], Any], absent: Any = None) -> Any:
+        value = data.get(section)
+        try:
+            return absent if value is None else parse(value)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise RecordError(f"{where}: {section}: {type(e).__name__}: {e}") from None
+
+    run = read("run_options", RunOptions.from_dict)
+    return {
+        "run_options": run,
+        "card": read("card", Card.from_dict),
+        "settings": read("settings", lambda s: RunSettings.from_dict(s, bool(run and run.cfg_batch))),
+        "placements": read("placements", lambda p: {role: Placement(v) for role, v in p.items()}, {}),
+        "requested": read("requested", lambda f: OffloadFlags.from_mapping(f, f"{where}: requested"), OffloadFlags()),
+        "effective": read("effective", lambda f: OffloadFlags.from_mapping(f, f"{where}: effective"), OffloadFlags()),
+    }
+
+
 # -------------------------------------------------------------------------------------------------- migrations
 
 
@@ -719,8 +895,15 @@ def _migrate_v1(rec: JsonObject) -> JsonObject:
     from before backends ran the harness's runtime, the variant that took its layer buffers from the copy
     stream's pool (`LayerPool.COPY_STREAM`: a record without a backend was written by it, and every record that
     names its backend by the compute-stream runtime); diffusers' pinned copies take the name of the counter they
-    are (`pinned_torch_allocator_bytes`); every declared field is present, null where it does not apply."""
+    are (`pinned_torch_allocator_bytes`); the flags a v1 record names come with every flag (those added since, at
+    the defaults it ran), its settings with frames (1: a v1 record without them is of an image model), as the
+    typed record writes them; every declared field is present, null where it does not apply."""
     rec = {k: v for k, v in rec.items() if k != "peaks"}
+    for key in ("requested", "effective"):
+        if isinstance(rec.get(key), dict):
+            rec[key] = OffloadFlags.from_mapping(rec[key], f"v1 record: {key}").as_dict()
+    if isinstance(rec.get("settings"), dict):
+        rec["settings"].setdefault("frames", 1)
     if "backend" not in rec:
         rec["backend"] = Backend.HARNESS.value
         rec["layer_pool"] = LayerPool.COPY_STREAM.value
@@ -755,6 +938,9 @@ def migrate(data: Mapping[str, Any], where: str = "record") -> JsonObject:
     if rec.get("status") not in set(Status):
         raise RecordError(f"{where}: status {rec.get('status')!r} is not one of {STATUSES}")
     while version < SCHEMA_VERSION:
-        rec = _MIGRATIONS[version](rec)
+        try:
+            rec = _MIGRATIONS[version](rec)
+        except ValueError as e:  # a section the step cannot bring up (a FlagError: flags no reader takes)
+            raise RecordError(f"{where}: {e}") from None
         version = rec["schema_version"]
     return rec

@@ -119,6 +119,7 @@ _ENV_LIST = (
     EnvVar("OFFLOAD_BENCH_PROFILE", "choice", ("cpu", "gpu", "auto")),
     EnvVar("OFFLOAD_BENCH_GUARDS", "choice", ("0", "1", "off", "on", "false", "true", "no", "yes")),
     EnvVar("OFFLOAD_BENCH_H2D_PROBE", "choice", ("each", "first")),
+    EnvVar("OFFLOAD_BENCH_CELL_START", "choice", ("fork-server", "spawn")),
 )
 ENV = {v.name: v for v in _ENV_LIST}
 

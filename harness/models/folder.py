@@ -9,7 +9,10 @@ whose `refs/main` names the snapshot).
 family (the zoo's pipeline code), each component's class and `config.json` its module (the zoo's factories), and
 the safetensors headers the dtype as stored and every tensor's bytes. The DiT's streamed blocks are the zoo's for
 the transformer classes it knows, else the generic rule: the transformer's `nn.ModuleList` children, read from
-the tensor names (`<name>.<index>.` at the top level); none is an error naming the class.
+the tensor names (`<name>.<index>.` at the top level); none is an error naming the class. A transformer class the
+zoo does not know is built from diffusers' class of that name (`build_diffusers_dit`) and driven by its pipeline's
+code when its forward takes what that code passes (`DIT_KWARGS`); `unrunnable(spec)` says, in one line, why a
+folder plans but cannot run (a class diffusers does not have).
 
 `folder_weights(spec)` is the planner's weight table (`harness.models.sizes`'s format) computed from the headers,
 no module built; `checkpoint_manifest` tells the child's loader which file holds which of a role's tensors, under
@@ -48,6 +51,16 @@ DIT_BLOCKS: dict[str, tuple[str, ...]] = {
     "QwenImageTransformer2DModel": ("transformer_blocks",),
     "WanTransformer3DModel": ("blocks",),
 }
+# the keyword arguments each family's pipeline code (harness.cell.pipeline) passes to the DiT: what a transformer
+# class the zoo does not know must take for the harness to drive it
+DIT_KWARGS: dict[str, tuple[str, ...]] = {
+    "flux": ("hidden_states", "timestep", "guidance", "pooled_projections", "encoder_hidden_states", "txt_ids",
+             "img_ids", "return_dict"),
+    "qwen-image": ("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_mask", "img_shapes",
+                   "return_dict"),
+    "wan": ("hidden_states", "timestep", "encoder_hidden_states", "return_dict"),
+}
+GENERIC_DIT_FACTORY = "harness.models.folder:build_diffusers_dit"
 # the zoo model whose pipeline code, factories and token counts a folder of each family uses
 ZOO_OF_FAMILY = {("flux", False): "flux-dev", ("qwen-image", False): "qwen-image",
                  ("qwen-image", True): "qwen-image-edit", ("wan", False): "wan2.1-t2v-14b"}
@@ -210,9 +223,7 @@ def folder_spec(path: str) -> ModelSpec:
         "text_encoder": ComponentSpec("text_encoder", zoo.components["text_encoder"].factory, te_cfg,
                                       dtype=_dtype(tensors["text_encoder"]),
                                       layer_groups=zoo.components["text_encoder"].layer_groups),
-        "dit": ComponentSpec("dit", zoo.components["dit"].factory if dit_class in DIT_BLOCKS else "", _plain(dit_cfg),
-                             dtype=_dtype(tensors["dit"]), layer_groups=groups,
-                             layer_counts=tuple((g, counts[g]) for g in groups)),
+        "dit": _dit_component(zoo, pipeline, dit_cfg, _dtype(tensors["dit"]), {g: counts[g] for g in groups}),
         "vae": ComponentSpec("vae", zoo.components["vae"].factory, _plain(_config(folder, "vae")),
                              dtype=_dtype(tensors["vae"]), layer_groups=VAE_DECODER_LAYERS),
     }
@@ -224,6 +235,77 @@ def folder_spec(path: str) -> ModelSpec:
                      vae_scale=zoo.vae_scale, patch=zoo.patch,
                      description=f"{pipeline} from {folder}", extra={**extra, "folder": str(folder),
                                                                      "counts": counts})
+
+
+# ------------------------------------------------------------------------- transformers the zoo does not know
+
+
+@cache
+def _diffusers_exports() -> frozenset[str]:
+    """The names diffusers exports, read from its `__init__.py` without importing it (that imports torch)."""
+    import importlib.util
+
+    found = importlib.util.find_spec("diffusers")
+    if found is None or found.origin is None:
+        return frozenset()
+    return frozenset(re.findall(r'"([A-Za-z_]\w*)"', Path(found.origin).read_text(encoding="utf-8")))
+
+
+def unrunnable(spec: ModelSpec) -> str | None:
+    """Why the harness cannot run model `spec` (one line naming the class and what is missing), or None.
+
+    A pipeline folder whose transformer class the zoo does not know runs when diffusers has that class (the harness
+    builds it from the folder's config and streams the ModuleLists the generic rule found); a class that diffusers
+    does not export (the folder's own code) cannot be built. Whether the class takes the keywords its pipeline
+    passes is checked where it is built (`build_diffusers_dit`), in the cell's child."""
+    dit = spec.components["dit"]
+    if dit.factory != GENERIC_DIT_FACTORY:
+        return None
+    name = str(dit.config["_class_name"])
+    if name in _diffusers_exports():
+        return None
+    return (f"{spec.extra.get('folder', spec.name)}: transformer class {name} is not a diffusers class: the harness "
+            "builds a DiT from diffusers' own classes (a folder's own modeling code is not run), so this folder "
+            "plans (plan, advise) but cannot run")
+
+
+def build_diffusers_dit(config: Mapping[str, Any]) -> Any:
+    """The factory of a pipeline folder's DiT whose class the zoo does not know: diffusers' class of that name,
+    from the folder's config (`from_config`: keys the class does not take are dropped, as from_pretrained does).
+
+    Raises:
+        FolderError: diffusers has no such class, or its forward does not take a keyword the pipeline passes
+            (one line naming the class, the pipeline and the missing keywords).
+    """
+    import inspect
+
+    import diffusers
+
+    config = dict(config)
+    name, pipeline = str(config.pop("_class_name")), str(config.pop("_pipeline"))
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise FolderError(f"transformer class {name} is not a diffusers class: the harness cannot build it")
+    params = inspect.signature(cls.forward).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    missing = [k for k in DIT_KWARGS[PIPELINES[pipeline][0]] if k not in params and not takes_any]
+    if missing:
+        raise FolderError(f"transformer class {name}: its forward takes no {', '.join(missing)}, which the "
+                          f"harness's {pipeline} passes: the harness cannot drive it")
+    return cls.from_config(config)
+
+
+def _dit_component(zoo: ModelSpec, pipeline: str, config: Mapping[str, Any], dtype: str,
+                   groups: Mapping[str, int]) -> ComponentSpec:
+    """The folder's DiT: the zoo's factory for a transformer class it knows, else diffusers' class of that name
+    (`build_diffusers_dit`, told the class and the pipeline in the config's `_class_name` and `_pipeline`)."""
+    name = config.get("_class_name", "?")
+    if name in DIT_BLOCKS:
+        factory, plain = zoo.components["dit"].factory, _plain(config)
+    else:
+        factory, plain = GENERIC_DIT_FACTORY, {**_plain(config), "_class_name": name, "_pipeline": pipeline}
+    return ComponentSpec("dit", factory, plain, dtype=dtype, layer_groups=tuple(groups),
+                         layer_counts=tuple(groups.items()))
 
 
 def _text_encoder_config(folder: Path, family: str) -> dict[str, Any]:

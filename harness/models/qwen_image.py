@@ -24,7 +24,15 @@ def build_text_encoder(config: Mapping[str, Any]) -> Any:
 
     cfg = Qwen2_5_VLTextConfig(**config)
     cfg._attn_implementation = "sdpa"
-    return Qwen2_5_VLTextModel(cfg)
+    model = Qwen2_5_VLTextModel(cfg)
+    # The RoPE frequencies stay float32, as a transformers load keeps them: as buffers, `build_on_meta`'s cast made
+    # them bfloat16, and a bfloat16 folder's final latents were 0.57 % relative L2 from QwenImagePipeline's
+    # (tests/test_folder_parity.py). Plain attributes now, which the loader still moves to the device; each a
+    # clone, since the registered tensor is marked as an nn.Buffer and setattr would register it again.
+    rope = model.rotary_emb
+    for name in ("inv_freq", "original_inv_freq"):
+        setattr(rope, name, rope._buffers.pop(name).clone())
+    return model
 
 
 def build_vae(config: Mapping[str, Any]) -> Any:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import glob
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -150,10 +150,7 @@ def measurements(model: str, card: str, workload: Workload,
             if r.model != model or r.card_name != card or r.device != "cuda" or r.backend != Backend.HARNESS \
                     or r.status not in (Status.OK, Status.OOM):
                 continue
-            try:
-                if Workload.from_settings(r.settings or {}, r.run_options) != _same_steps(workload, r):
-                    continue
-            except (KeyError, TypeError, ValueError):
+            if r.settings is None or Workload.of(r.settings, r.run_options) != _same_steps(workload, r):
                 continue
             found.setdefault(_key(r.effective), []).append((r.created or "", path, r, measured(r).step_s))
     out = {}
@@ -169,18 +166,17 @@ def measurements(model: str, card: str, workload: Workload,
 
 def _same_steps(workload: Workload, record: CellRecord) -> Workload:
     """The step count does not change a step's cost: match records whatever their steps."""
-    steps = (record.settings or {}).get("steps")
+    steps = record.settings.steps if record.settings is not None else None
     return replace(workload, steps=int(steps) if steps else workload.steps)
 
 
-def _key(flags: Mapping[str, Any] | OffloadFlags) -> OffloadFlags:
-    """A combination as a dict key, by what runs: the flags (frozen; lists and tables as tuples) with the layerwise
-    selection reduced to the streamed non-DiT roles, since the DiT's streaming is `dit_layerwise_offload` and the
-    image encoder selects nothing in the zoo (so records from before the selection was recorded match too)."""
-    f = flags if isinstance(flags, OffloadFlags) else OffloadFlags.from_mapping(flags)
-    chosen = set(f.layerwise_offload_components or ())
+def _key(flags: OffloadFlags) -> OffloadFlags:
+    """A combination as a dict key, by what runs: the flags with the layerwise selection reduced to the streamed
+    non-DiT roles, since the DiT's streaming is `dit_layerwise_offload` and the image encoder selects nothing in
+    the zoo (so records from before the selection was recorded match too)."""
+    chosen = set(flags.layerwise_offload_components or ())
     roles = {"text_encoder", "vae"} if "all" in chosen else chosen & {"text_encoder", "vae"}
-    return replace(f, layerwise_offload_components=tuple(sorted(roles)))
+    return replace(flags, layerwise_offload_components=tuple(sorted(roles)))
 
 
 def advise(model: str, card: str, cap_bytes: int | None, workload: Workload, *, policy: str = "sglang",

@@ -16,7 +16,8 @@ import itertools
 import json
 import re
 import tomllib
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +29,15 @@ from harness.common.contract import (
     Card,
     CellSpec,
     Placement,
+    RunOptions,
     RunSettings,
     cell_id_of,
 )
 from harness.common.flags import FlagError, OffloadFlags, check_flag_value, flag_json, is_finite_number
 from harness.common.inputs import InputError, env_number, name_problem
 from harness.common.units import GIB, MIB
-from harness.models import UnknownModelError, get_model
+from harness.models import ModelSpec, UnknownModelError, get_model, model_names
+from harness.models.folder import is_folder_model, unrunnable
 from harness.policy import (
     EngineContext,
     EngineError,
@@ -107,72 +110,6 @@ class ReleaseNotInstalled(ScenarioError):
 
 # Families whose pipeline can run the two CFG passes as one batched forward (harness.cell.pipeline).
 CFG_BATCH_FAMILIES = ("qwen-image", "wan")
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """How the child measures a cell: the scenario's `[run]` table. Only options that differ from the defaults
-    enter the cell's spec (so the spec hashes of scenarios without `[run]` stay as they were).
-
-    Args:
-        sampler_interval_ms (float): the NVML/RSS polling thread's period; 0 = off (peaks then come from the
-            samples taken at phase boundaries only). Default 10, as every record before this option.
-        copy_timeline (bool): CUDA events around every layer copy of our layerwise runtime, summarised per step
-            (copy busy time, idle gaps, bytes); opt-in, the events cost a little.
-        cfg_batch (tuple[bool, ...]): swept like backends: true runs the two CFG passes as one batched forward
-            (cell id suffix `+cfg-batch`); Qwen-Image and Wan families, true_cfg_scale > 1.
-        empty_cache_between_phases (bool): `torch.cuda.empty_cache()` at SGLang's release points (after encode
-            with the text encoder offloaded, after denoise with the DiT not resident, after decode); the record
-            says which mechanism ran.
-        setup_threads (int): threads that read checkpoints into host regions at load (harness.cell.offload.memory).
-            Default 16 (8 before session 6's H200 measurement, results/h200/setup-speed-qwen-image.json).
-        setup_overlap_pin (bool): pin each host region as soon as it is read, overlapping other regions' reads;
-            false: all reads, then all pins. Default true since that measurement: Qwen-Image's 40.8 GB DiT from
-            the page cache into pinned regions at 20.6 GB/s with 16 threads overlapped, 12.7 GB/s read-then-pin.
-            The spec keeps only options off their defaults, so a default cell's spec hash did not change with
-            these two: its records from before 2026-12-02 loaded with 8 threads, read then pin (the record's
-            `run_options` says which); against such a baseline `compare` sees `load_ms` fall, and nothing else.
-        empty_cache_after_packing (bool): `torch.cuda.empty_cache()` once, after the load of a DiT placed through
-            the device (layerwise-from-device: dit_cpu_offload off) has packed its layers into host regions. Not
-            an engine release point (SGLang's layer managers, June era to 0.5.23, free the device copies and keep
-            the cache): ours, because on the H200 those freed copies stayed cached through every later phase
-            (Qwen-Image-Edit: 45,729 MiB, runtime reserved 3.0x allocated). The record's `cache_release` says
-            how many bytes it handed back.
-        runtime_cap_mib (int): caps the allocator at a card of this many MiB after the load, for the runtime
-            alone (0 = off): the capped re-run of a cell whose load needs more by design (a DiT placed through
-            the device). Refused with a capped card. The record's `cap` says `applied_after: load` and checks
-            the runtime phases' NVML per-process peak against it.
-    """
-
-    sampler_interval_ms: float = 10.0
-    copy_timeline: bool = False
-    cfg_batch: tuple[bool, ...] = (False,)
-    empty_cache_between_phases: bool = False
-    setup_threads: int = 16
-    setup_overlap_pin: bool = True
-    empty_cache_after_packing: bool = False
-    runtime_cap_mib: int = 0
-
-    def spec(self, cfg_batch: bool) -> dict[str, Any]:
-        """The options of one cell that differ from the defaults."""
-        out: dict[str, Any] = {}
-        if self.sampler_interval_ms != RunOptions.sampler_interval_ms:
-            out["sampler_interval_ms"] = self.sampler_interval_ms
-        if self.copy_timeline:
-            out["copy_timeline"] = True
-        if cfg_batch:
-            out["cfg_batch"] = True
-        if self.empty_cache_between_phases:
-            out["empty_cache_between_phases"] = True
-        if self.setup_threads != RunOptions.setup_threads:
-            out["setup_threads"] = self.setup_threads
-        if self.setup_overlap_pin != RunOptions.setup_overlap_pin:
-            out["setup_overlap_pin"] = self.setup_overlap_pin
-        if self.empty_cache_after_packing:
-            out["empty_cache_after_packing"] = True
-        if self.runtime_cap_mib:
-            out["runtime_cap_mib"] = self.runtime_cap_mib
-        return out
 
 
 @dataclass(frozen=True)
@@ -258,7 +195,8 @@ class Scenario:
     expect: Expectations = field(default_factory=Expectations)
     xfail: str | None = None  # the expectations are known to fail, and why (e.g. the pre-#26925 policy)
     backends: tuple[str, ...] = (HARNESS_BACKEND,)  # BACKENDS: who runs the layerwise DiT, swept like cards
-    run: RunOptions = field(default_factory=RunOptions)  # the `[run]` table: how the child measures
+    run: RunOptions = field(default_factory=RunOptions)  # the `[run]` table, less cfg_batch (the next field)
+    cfg_batch: tuple[bool, ...] = (False,)  # `[run] cfg_batch`, swept like backends: each cell runs one value
     few_rounds: str | None = None  # why a GPU scenario measures fewer than MIN_BENCHMARK_ROUNDS rounds
     tier: str = "nightly"  # TIERS: the smallest tier that runs it
     capacity: CapacitySpec | None = None  # a capacity search, run by `python -m harness capacity`, not by pytest
@@ -271,7 +209,7 @@ class Cell:
     resolution: Resolution
     same_as: str | None = None  # cell id of an earlier cell that runs the same code (see `expand`)
     backend: str = HARNESS_BACKEND
-    cfg_batch: bool = False  # the two CFG passes as one batched forward (RunOptions.cfg_batch)
+    cfg_batch: bool = False  # the two CFG passes as one batched forward (Scenario.cfg_batch sweeps it)
 
     @property
     def requested(self) -> OffloadFlags:
@@ -286,10 +224,10 @@ class Cell:
         s = self.scenario
         return CellSpec(
             cell_id=self.cell_id, scenario=s.name, scenario_file=s.path, model=s.model, card=self.card,
-            settings=RunSettings(s.height, s.width, s.steps, s.true_cfg_scale, s.seed, frames=s.frames),
-            policy=s.policy, warmup=s.warmup, rounds=s.rounds,
-            requested=self.requested.hashed_dict(),  # the child builds OffloadFlags from it: defaults fill in
-            backend=self.backend, device=device, run=s.run.spec(self.cfg_batch) or None,
+            settings=RunSettings(s.height, s.width, s.steps, s.true_cfg_scale, s.seed, frames=s.frames,
+                                 cfg_batch=self.cfg_batch),
+            policy=s.policy, warmup=s.warmup, rounds=s.rounds, requested=self.requested,
+            backend=self.backend, device=device, run=replace(s.run, cfg_batch=self.cfg_batch),
             # An engine policy (sglang@<version>) was asked once, in the parent, for every cell of the card: the
             # child runs what SGLang's ServerArgs answered instead of asking again. Likewise our model's answer for
             # unset flags, which took the card's memory and task (the child does not know them).
@@ -371,7 +309,7 @@ def load_scenario(path: Path | str) -> Scenario:
     data = _read_toml(path)
     name = _name(data, path)
     try:
-        model = get_model(data.get("model"), f"{path}: model")
+        model = _runnable_model(data.get("model"), path)
         policy = check_policy(data.get("policy", "sglang"), f"{path}: policy")
     except (UnknownModelError, FlagError) as e:
         raise ScenarioError(str(e)) from None
@@ -388,7 +326,7 @@ def load_scenario(path: Path | str) -> Scenario:
     if both:
         raise _err(path, f"axes.{both[0]}", "is also set in [flags]; a flag is either fixed or an axis")
     backends = _backends(data.get("backends", [HARNESS_BACKEND]), path, name)
-    run = _run_options(data.get("run", {}), path, model.family, cfg)
+    run, cfg_batch = _run_options(data.get("run", {}), path, model.family, cfg)
     _check_prefetch_fits(model.components["dit"].layer_group_sizes(), base_flags, axes, path, model.name, explicit)
     scenario = Scenario(
         name=name, path=str(path), description=str(data.get("description", "")), model=model.name, profile=profile,
@@ -398,8 +336,8 @@ def load_scenario(path: Path | str) -> Scenario:
         true_cfg_scale=cfg, seed=_int(data, "seed", path, default=0, minimum=0), policy=policy, timeout_s=timeout,
         base_flags=base_flags, axes=axes, exclude=_exclude(data.get("exclude", []), path, axes),
         cells=explicit,
-        expect=_expect(data.get("expect", {}), path, cards, backends, run.cfg_batch),
-        xfail=_xfail(data.get("xfail"), path), backends=backends, run=run,
+        expect=_expect(data.get("expect", {}), path, cards, backends, cfg_batch),
+        xfail=_xfail(data.get("xfail"), path), backends=backends, run=run, cfg_batch=cfg_batch,
         few_rounds=_few_rounds(data, profile, path), tier=_tier(data.get("tier", "nightly"), path),
         capacity=_capacity(data.get("capacity"), path, model),
     )
@@ -407,6 +345,62 @@ def load_scenario(path: Path | str) -> Scenario:
     _check_expectations_match(scenario, cells, path)
     _check_run_options_apply(scenario, cells, path)
     return scenario
+
+
+def _model_name(value: Any, path: Path) -> Any:
+    """The scenario's `model`: a zoo name, or a pipeline folder; a relative folder ("./my-model", "../models/x") is
+    read from the scenario file's folder when it holds one there, else from the working folder."""
+    if isinstance(value, str) and value not in model_names() and not Path(value).expanduser().is_absolute():
+        beside = path.parent / value
+        if is_folder_model(str(beside)):
+            return str(beside.resolve())
+    return value
+
+
+def _runnable_model(value: Any, path: Path) -> ModelSpec:
+    """The scenario's model; one the harness plans but cannot run (harness.models.folder.unrunnable) is this
+    file's error."""
+    model = get_model(_model_name(value, path), f"{path}: model")
+    problem = unrunnable(model)
+    if problem is not None:
+        raise _err(path, "model", problem)
+    return model
+
+
+def with_model(path: Path | str, model: str, out: Path) -> Path:
+    """A copy of scenario file `path` written to `out`, its `model` replaced by `model` (a zoo name, or a pipeline
+    folder as its absolute path), everything else as written: how `capacity --model` and `bench --model` run a
+    scenario on your checkpoint. The copy is what the run loads, so `report` reads it back the same.
+
+    Raises:
+        ScenarioError: the file does not name its model on a top-level `model = "..."` line, or `model` is no
+            model the harness knows.
+    """
+    path = Path(path)
+    try:
+        spec = get_model(model, "--model")
+    except UnknownModelError as e:
+        raise ScenarioError(str(e)) from None
+    text = path.read_text(encoding="utf-8")
+    head, sep, tables = text.partition("\n[")  # the top-level keys come before the first table
+    new, n = re.subn(r'(?m)^model\s*=\s*"[^"\n]*"[ \t]*', lambda _: f"model = {json.dumps(spec.name)}", head)
+    if n != 1:
+        raise _err(path, "model", 'expected one top-level line model = "..." to replace')
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(new + sep + tables, encoding="utf-8")
+    return out
+
+
+def same_family(path: Path | str, model: str) -> bool:
+    """Whether scenario file `path`'s model and `model` run the same pipeline (family, and edit or not): the
+    scenarios whose settings (frames, CFG batching, prefetch windows) apply to `model` too."""
+    try:
+        mine = get_model(_model_name(tomllib.loads(Path(path).read_text(encoding="utf-8")).get("model"),
+                                     Path(path).resolve()))
+        other = get_model(model)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, UnknownModelError):
+        return False
+    return (mine.family, mine.edit) == (other.family, other.edit)
 
 
 def _check_run_options_apply(scenario: Scenario, cells: list[Cell], path: Path) -> None:
@@ -508,7 +502,7 @@ def _check_expectations_match(scenario: Scenario, cells: list[Cell], path: Path)
         mine = [c for c in cells if c.card.name == card.name]
         if expect.lowest_peak is not None:
             hits = [c for c in mine if c.backend == HARNESS_BACKEND and not c.cfg_batch
-                    and matches(c.requested.as_dict(), expect.lowest_peak)]
+                    and matches(c.requested, expect.lowest_peak)]
             if len(hits) != 1:
                 raise _err(path, "expect.lowest_peak",
                            f"{expect.lowest_peak} matches {len(hits)} harness-backend cells of card {card.name!r} "
@@ -523,35 +517,32 @@ def _check_expectations_match(scenario: Scenario, cells: list[Cell], path: Path)
                        "runtime: nothing to check")
     for i, f in enumerate(expect.fates):
         scope = [c for c in cells if f.cards is None or c.card.name in f.cards]
-        if not any(matches(c.requested.as_dict(), f.where) for c in scope):
+        if not any(matches(c.requested, f.where) for c in scope):
             raise _err(path, f"expect.fate[{i}].where",
                        f"{f.where} matches no cell of the matrix (cards {', '.join(sorted(f.cards or [])) or 'all'})")
 
 
-def flags_key(flags: dict[str, Any]) -> str:
-    """Requested flags as one comparable string: cells (or records) with the same key differ only in backend."""
-    return json.dumps(flags, sort_keys=True)
-
-
-def whole_dit_key(flags: dict[str, Any]) -> str:
-    """The key of the same flags with dit_layerwise_offload off: a layerwise cell's whole-DiT twin."""
-    return flags_key(flags | {"dit_layerwise_offload": False})
+def whole_dit_flags(flags: OffloadFlags) -> OffloadFlags:
+    """The same flags with dit_layerwise_offload off: a layerwise cell's whole-DiT twin."""
+    return replace(flags, dit_layerwise_offload=False)
 
 
 def layerwise_pairs(cells: list[Cell]) -> list[tuple[Cell, Cell]]:
     """(layerwise cell, its whole-DiT twin) pairs of our runtime's two-pass cells: what `expect.layerwise_overhead`
     compares."""
     ours = [c for c in cells if c.backend == HARNESS_BACKEND and not c.cfg_batch]
-    by_flags = {flags_key(c.requested.as_dict()): c for c in ours}
-    twins = [(c, by_flags.get(whole_dit_key(c.requested.as_dict()))) for c in ours if c.requested.dit_layerwise_offload]
+    by_flags = {c.requested: c for c in ours}
+    twins = [(c, by_flags.get(whole_dit_flags(c.requested))) for c in ours if c.requested.dit_layerwise_offload]
     return [(c, whole) for c, whole in twins if whole is not None]
 
 
-def _run_options(data: Any, path: Path, family: str, true_cfg_scale: float) -> RunOptions:
+def _run_options(
+    data: Any, path: Path, family: str, true_cfg_scale: float
+) -> tuple[RunOptions, tuple[bool, ...]]:
+    """The `[run]` table: the options every cell runs with, and the cfg_batch values the cells sweep."""
     if not isinstance(data, dict):
         raise _err(path, "run", "expected a table ([run])")
-    known = ("sampler_interval_ms", "copy_timeline", "cfg_batch", "empty_cache_between_phases", "setup_threads",
-             "setup_overlap_pin", "empty_cache_after_packing", "runtime_cap_mib")
+    known = RunOptions.names()
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise _err(path, f"run.{unknown[0]}", f"unknown run option; known: {', '.join(known)}")
@@ -579,10 +570,12 @@ def _run_options(data: Any, path: Path, family: str, true_cfg_scale: float) -> R
         if true_cfg_scale <= 1:
             raise _err(path, "run.cfg_batch", "needs true CFG (true_cfg_scale > 1): one forward a step has nothing "
                        "to batch")
-    return RunOptions(float(interval), data.get("copy_timeline", False), tuple(values),
-                      data.get("empty_cache_between_phases", False), threads,
-                      data.get("setup_overlap_pin", RunOptions.setup_overlap_pin),
-                      data.get("empty_cache_after_packing", False), runtime_cap)
+    options = RunOptions(
+        sampler_interval_ms=float(interval), copy_timeline=data.get("copy_timeline", False),
+        empty_cache_between_phases=data.get("empty_cache_between_phases", False), setup_threads=threads,
+        setup_overlap_pin=data.get("setup_overlap_pin", RunOptions.setup_overlap_pin),
+        empty_cache_after_packing=data.get("empty_cache_after_packing", False), runtime_cap_mib=runtime_cap)
+    return options, tuple(values)
 
 
 def _check_prefetch_fits(
@@ -890,9 +883,10 @@ def _host_bounds(data: Any, path: Path) -> dict[str, Any] | None:
     return data
 
 
-def matches(flags: dict[str, Any], where: dict[str, Any]) -> bool:
+def matches(flags: OffloadFlags | Mapping[str, Any], where: Mapping[str, Any]) -> bool:
     """Flags (a record's or a cell's, or normalised axis values) that take every value of `where`."""
-    return all(flag_json(k, flags.get(k)) == flag_json(k, v) for k, v in where.items())
+    values = flags.as_dict() if isinstance(flags, OffloadFlags) else flags
+    return all(flag_json(k, values.get(k)) == flag_json(k, v) for k, v in where.items())
 
 
 def expand(scenario: Scenario) -> list[Cell]:
@@ -909,7 +903,7 @@ def expand(scenario: Scenario) -> list[Cell]:
         first_by_effective: dict[tuple[str, bool, OffloadFlags], str] = {}
         resolutions = resolve_many(combos, scenario.policy, _engine_context(scenario, card))
         for backend in scenario.backends:
-            for batch in scenario.run.cfg_batch:
+            for batch in scenario.cfg_batch:
                 for resolution in resolutions:
                     cell = Cell(scenario, card, resolution, backend=backend, cfg_batch=batch)
                     runs_as = backend if resolution.effective.dit_layerwise_offload else "every backend"

@@ -2,7 +2,7 @@
 
 A scenario with a `[capacity]` table (axis "frames" or "resolution", min, max, step) is not run by pytest; instead
 
-    python -m harness capacity scenarios/gpu/wan21_14b_capacity.toml [--results results] [--run-id ID]
+    python -m harness capacity scenarios/gpu/wan21_14b_capacity.toml [--model M] [--results results] [--run-id ID]
 
 searches, per card and combination, the largest value of the axis that completes, with OOM as the oracle: each
 probe is a normal isolated cell (its own child and record in the run's records.jsonl, id
@@ -14,7 +14,9 @@ with the DiT CPU-offloaded whole on the 4090 cap: planned 1280, completed 1024, 
 that ends neither ok nor oom (error, crash, timeout, skipped) stops its combination's search, which is reported as
 undecided with that probe's fate. The result, next to the plan's prediction, goes to `capacity.md` and
 `capacity.json` in the run folder; `--from-records RECORDS` prints the table of a search that ran, with today's
-plans, without running a probe.
+plans, without running a probe. `--model M` (a zoo name or a diffusers pipeline folder) searches the scenario on
+that model: the run folder keeps the scenario with the model replaced (`scenario-<file name>`), which its probes
+record as theirs.
 
 This module imports no torch.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -34,7 +37,16 @@ from harness.common.inputs import InputError, check_environment, check_name
 from harness.common.records import UnwritableError, ensure_writable, latest_by_cell, read_cell_records
 from harness.plan.advise import DEFAULT_MARGIN
 from harness.plan.planner import Workload, plan
-from harness.plan.scenario import HARNESS_BACKEND, CapacitySpec, Cell, Scenario, ScenarioError, expand, load_scenario
+from harness.plan.scenario import (
+    HARNESS_BACKEND,
+    CapacitySpec,
+    Cell,
+    Scenario,
+    ScenarioError,
+    expand,
+    load_scenario,
+    with_model,
+)
 
 
 @dataclass(frozen=True)
@@ -221,48 +233,71 @@ def render(rows: list[CapacityRow], title: str) -> str:
     return f"# {title}\n\n" + tabulate(table, headers="keys", tablefmt="github") + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    from harness.run.runner import Run, detect_device, run_cell
-
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m harness capacity", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("scenario", type=Path, help="a scenario file with a [capacity] table")
+    parser.add_argument("--model", help="search on this model instead of the scenario's: a zoo name or a diffusers "
+                        "pipeline folder (the run folder keeps the scenario with it, as scenario-<file name>)")
     parser.add_argument("--results", type=Path, default=Path("results"), help="results folder (default: results)")
     parser.add_argument("--run-id", help="run id (a folder under RESULTS/runs); an existing run keeps its probes")
     parser.add_argument("--from-records", type=Path, metavar="RECORDS",
                         help="run no probe: print the table of the search in this records.jsonl with today's plans")
-    args = parser.parse_args(argv)
-    try:
-        scenario = load_scenario(args.scenario)
-        if scenario.capacity is None:
-            raise ScenarioError(f"{args.scenario}: no [capacity] table: not a capacity scenario")
-    except ScenarioError as e:
-        print(f"error: {e}", file=sys.stderr)
+    return parser.parse_args(argv)
+
+
+def _load(path: Path, model: str | None, folder: Path) -> Scenario:
+    """The capacity scenario, on `model` when given (its copy written in `folder`)."""
+    if model is not None:
+        path = with_model(path, model, folder / f"scenario-{path.name}")
+    scenario = load_scenario(path)
+    if scenario.capacity is None:
+        raise ScenarioError(f"{path}: no [capacity] table: not a capacity scenario")
+    return scenario
+
+
+def _from_records(args: argparse.Namespace) -> int:
+    if not args.from_records.is_file():
+        print(f"error: {args.from_records}: no such records file", file=sys.stderr)
         return 2
-    if args.from_records:
-        if not args.from_records.is_file():
-            print(f"error: {args.from_records}: no such records file", file=sys.stderr)
-            return 2
-        rows = rows_from_records(scenario, read_cell_records(args.from_records).records)
-        if not any(r.probes for r in rows):
-            print(f"error: {args.from_records}: no probe of {scenario.name} in it (probe cell ids start "
-                  f"'{scenario.name}{PROBE_MARK}')", file=sys.stderr)
-            return 2
-        print(render(rows, f"capacity: {scenario.name} ({scenario.capacity.axis}), from {args.from_records.name}"),
-              end="")
-        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        scenario = _load(args.scenario, args.model, Path(tmp))
+    rows = rows_from_records(scenario, read_cell_records(args.from_records).records)
+    if not any(r.probes for r in rows):
+        print(f"error: {args.from_records}: no probe of {scenario.name} in it (probe cell ids start "
+              f"'{scenario.name}{PROBE_MARK}')", file=sys.stderr)
+        return 2
+    assert scenario.capacity is not None
+    print(render(rows, f"capacity: {scenario.name} ({scenario.capacity.axis}), from {args.from_records.name}"), end="")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from harness.run.runner import Run, detect_device, run_cell
+
+    args = _parse(argv)
     try:
+        if args.from_records:
+            return _from_records(args)
+        with tempfile.TemporaryDirectory() as tmp:
+            scenario = _load(args.scenario, args.model, Path(tmp))  # a bad file: one line, before any run folder
         check_environment()  # before any probe: a bad OFFLOAD_BENCH_* would fail every child, one by one
         if args.run_id is not None:
             check_name(args.run_id, "run id", "--run-id")
         ensure_writable(args.results / "runs")  # a read-only results folder: one line, before any probe
         run = Run.create(args.results, detect_device(), args.run_id)
+        if args.model is not None:
+            scenario = _load(args.scenario, args.model, run.run_dir)
+    except ScenarioError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except UnwritableError as e:
         print(f"error: {e}", file=sys.stderr)
         return exitcodes.UNWRITABLE
     except (InputError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return exitcodes.USAGE
+    assert scenario.capacity is not None
     rows = run_capacity(scenario, lambda cell: run_cell(run, cell, label="[capacity]"))
     text = render(rows, f"capacity: {scenario.name} ({scenario.capacity.axis}), run {run.run_id}")
     (run.run_dir / "capacity.md").write_text(text)

@@ -7,9 +7,10 @@ its CUDA device 0, before CUDA initialises. GPU ids are strings as CUDA_VISIBLE_
 
 Cost hint (`cell_cost`): the harness never imports torch in the pytest processes, so instead of weight bytes
 (`ComponentSpec.build_on_meta` is exact but imports torch and diffusers and takes ~10 s for the zoo's published
-models) a cell's cost is estimated from its scenario as steps x frames x height x width x forwards per step
-(2 with true CFG, else 1) x pipeline calls (warmup + rounds). It ranks the real-size GPU scenarios (1024x1024 and
-480x832x81 video) far above the tiny 64x64 twins, which is all longest-first scheduling needs.
+models) a cell's cost is estimated from its scenario as steps x frames x height x width x CFG passes per step
+(2 with true CFG, else 1, batched or not: the work is the same) x pipeline calls (warmup + rounds). It ranks the
+real-size GPU scenarios (1024x1024 and 480x832x81 video) far above the tiny 64x64 twins, which is all
+longest-first scheduling needs.
 """
 
 from __future__ import annotations
@@ -91,10 +92,10 @@ def child_gpu(env: Mapping[str, str], device: str) -> str | None:
 
 
 def cell_cost(cell: Any) -> int:
-    """Estimated work of a cell (see the module docstring): steps x frames x height x width x forwards x calls."""
+    """Estimated work of a cell (see the module docstring): steps x frames x height x width x passes x calls."""
     s = cell.scenario
-    forwards = 2 if s.true_cfg_scale > 1 else 1
-    return s.steps * max(s.frames, 1) * s.height * s.width * forwards * (s.warmup + s.rounds)
+    passes = 2 if s.true_cfg_scale > 1 else 1
+    return s.steps * max(s.frames, 1) * s.height * s.width * passes * (s.warmup + s.rounds)
 
 
 def longest_first(items: Iterable[T], cost: Callable[[T], float]) -> list[T]:

@@ -87,18 +87,13 @@ class Merged:
                 {
                     "source": s.label,
                     "records": len(s.records),
-                    "hosts": sorted({h for r in s.records if (h := host_of(r))}),
+                    "hosts": sorted({h for r in s.records if (h := r.host)}),
                     "shards": sorted({str(r.shard) for r in s.records if r.shard}),
                     "unreadable_lines": len(s.problems),
                 }
                 for s in self.sources
             ],
         }
-
-
-def host_of(record: CellRecord) -> str | None:
-    """The machine that ran a record: the runner's `runner_host`, else the child's `machine.host` (older records)."""
-    return record.runner_host or (record.machine or {}).get("host")
 
 
 def read_source(arg: str | Path) -> Source:
@@ -181,7 +176,7 @@ def merge(sources: Sequence[Source]) -> Merged:
             if l1 != l2:
                 raise MergeConflict(
                     f"{cell_id}: measured twice: {l1} has it {r1.fate} (created {r1.created}, host "
-                    f"{host_of(r1)}), {l2} has it {r2.fate} (created {r2.created}, host {host_of(r2)}); "
+                    f"{r1.host}), {l2} has it {r2.fate} (created {r2.created}, host {r2.host}); "
                     "keep one of the two runs' records of this cell"
                 )
         retried.append(cell_id)
@@ -200,7 +195,8 @@ def missing_shards(records: Sequence[CellRecord]) -> list[str]:
 
 
 def write_merged(merged: Merged, out: Path) -> None:
-    """The merged run folder: records.jsonl, merge.json and the sources' cells/ folders (locks left out)."""
+    """The merged run folder: records.jsonl, merge.json, the sources' cells/ folders (locks left out) and the
+    merged run's verdicts.json."""
     out.mkdir(parents=True, exist_ok=True)
     text = "".join(r.to_json() + "\n" for r in merged.records)
     tmp = out / ".records.jsonl.tmp"
@@ -211,6 +207,9 @@ def write_merged(merged: Merged, out: Path) -> None:
         cells = s.folder / "cells" if s.folder else None
         if cells is not None and cells.is_dir():
             shutil.copytree(cells, out / "cells", dirs_exist_ok=True, ignore=shutil.ignore_patterns(".lock"))
+    from harness.analyze.readout import finish_run
+
+    finish_run(out / "records.jsonl")  # the merged run's verdicts, judged on all its cells
 
 
 def default_out(first: str, run_id: str) -> Path:

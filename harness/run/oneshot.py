@@ -26,6 +26,7 @@ from typing import Any
 from harness.common.contract import CellRecord
 from harness.common.flags import OffloadFlags
 from harness.common.units import GIB, MIB
+from harness.models.folder import unrunnable
 from harness.plan import plan_cli
 from harness.plan.advise import Advice, Option, advise, describe, render
 from harness.plan.paste import sglang_flags
@@ -103,6 +104,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if device == "cpu":
         machine = replace(machine, context_bytes=0, source=f"{machine.source}; no CUDA context (cells run on CPU)")
     spec = get_model(args.model, "--model")
+    problem = unrunnable(spec)
+    if problem is not None and not args.dry_run:
+        raise plan_cli.PlanUsageError(problem)
     context = EngineContext.for_model(spec.family, spec.edit, (cap or 80 * GIB) / GIB, spec.name)
     a = advise(args.model, card, cap, workload, policy=args.policy, machine=machine, records_glob=None)
     chosen = picks(a, _default_option(a, UNSET, context, args.policy))
@@ -111,6 +115,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     for why, o in chosen:
         print(f"  {describe(o.plan.flags)}  [{why}]")
     if args.dry_run:
+        if problem:
+            print(f"cannot run: {problem}")
         return 0
     run = Run.create(Path(args.results), device, args.run_id)
     scenario = load_scenario(_write_scenario(run.run_dir, args, spec.name, card, cap, workload, device))

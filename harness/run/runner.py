@@ -1,4 +1,6 @@
-"""The parent side: one spawned child per cell, its fate recorded, every record appended as the cell ends.
+"""The parent side: one child per cell, its fate recorded, every record appended as the cell ends. The child is
+forked by the run's fork server or spawned (`harness.run.cell_start`, OFFLOAD_BENCH_CELL_START); either way it runs
+`python -m harness.cell.worker`, in its own process group, and its fate reads the same.
 
 Fates (exactly one per cell): the child's own record says ok / oom (with the phase) / error (with the exception)
 / skipped (a guard's numbers, `harness.cell.guards`). If the child dies without a record it is a crash (signal or exit
@@ -8,7 +10,8 @@ holds a CUDA context that would distort the children's numbers.
 
 Nothing lost: each record is appended (locked, fsynced) the moment its cell ends, with SIGINT/SIGTERM held back
 for the few microseconds of the write. Ctrl-C or SIGTERM in the parent kills the running child's process group
-and leaves every finished cell on disk; if the parent is SIGKILLed its child dies with it (PR_SET_PDEATHSIG).
+and leaves every finished cell on disk; if the parent is SIGKILLed its child dies with it (PR_SET_PDEATHSIG; a
+forked child's server sees its request pipe close, exits, and the child dies of its own parent-death signal).
 Rerunning with the same run id runs only cells without a complete record of the same spec; a torn last line
 (a writer that died mid-line) or garbage lines are reported as file:line warnings and never rewritten.
 Two parents sharing a run folder take a per-cell lock, so they never run one cell twice or share its files.
@@ -69,6 +72,7 @@ from harness.common.records import (
 from harness.plan.planner import plan_entry
 from harness.plan.scenario import TIERS, Cell, ScenarioError, expand, in_tier, load_scenario
 from harness.policy import resolve
+from harness.run.cell_start import FORK_SERVER, SPAWN, ForkedChild, ForkServer, ServerError, start_method
 from harness.run.gpus import cell_cost, child_gpu
 from harness.run.shard import Shard, ShardError, describe, parse_shard, select
 
@@ -89,8 +93,10 @@ RESULTS_MIN_FREE_DEFAULT = 256 * 2**20
 # saving); anything else: the first cell on a GPU probes and the runner passes its figure to the later ones.
 H2D_PROBE_ENV = "OFFLOAD_BENCH_H2D_PROBE"
 # The named parts of a cell's fixed cost (harness.cell.worker.run_cell's `overhead`); other_s is the rest of fixed_s.
-OVERHEAD_PARTS = ("process_start_s", "imports_s", "guards_s", "cuda_init_s", "h2d_probe_s", "checkpoint_s",
-                  "warmup_s", "teardown_s")
+# process_start_s is a spawned child's interpreter start; a forked one has fork_s instead (request to the worker's
+# first line) and the run's first forked cell server_start_s (the fork server's start and preload).
+OVERHEAD_PARTS = ("process_start_s", "fork_s", "server_start_s", "imports_s", "guards_s", "cuda_init_s",
+                  "h2d_probe_s", "checkpoint_s", "warmup_s", "teardown_s")
 
 
 class Terminated(KeyboardInterrupt):
@@ -171,6 +177,10 @@ class Run:
     # Where progress and warning lines go: stderr, or under pytest its terminal writer (scenarios/conftest.py), so
     # that a cell running for minutes shows them live instead of in the captured output after the test.
     sink: Callable[[str], None] | None = None
+    # The fork server of OFFLOAD_BENCH_CELL_START=fork-server (harness.run.cell_start), started at the first cell
+    # that forks; None once it failed (the rest of the run spawns).
+    fork_server: ForkServer | None = None
+    _fork_server_failed: bool = False
 
     @classmethod
     def create(cls, results_root: Path, device: str, run_id: str | None = None, verbose: bool = True) -> Run:
@@ -187,6 +197,25 @@ class Run:
     @property
     def records_path(self) -> Path:
         return self.run_dir / "records.jsonl"
+
+    def server(self) -> ForkServer | None:
+        """The run's fork server (made on first use), None after it failed once in this run."""
+        if self._fork_server_failed:
+            return None
+        if self.fork_server is None:
+            self.fork_server = ForkServer(self.run_dir)
+        return self.fork_server
+
+    def server_failed(self, error: ServerError) -> None:
+        """The fork server could not serve: warn once, and spawn every later cell of this run."""
+        self._fork_server_failed = True
+        self.close()
+        self.warn(f"{error}\nthis cell and the rest of the run are spawned (OFFLOAD_BENCH_CELL_START=spawn)")
+
+    def close(self) -> None:
+        """Stops the run's fork server, if one runs (a later cell would start it again)."""
+        if self.fork_server is not None:
+            self.fork_server.close()
 
     def stamp_provenance(self, record: CellRecord) -> None:
         """What every record of this process carries besides the child's machine info (which a crash or a skip
@@ -466,7 +495,6 @@ def check_results_space(run: Run) -> None:
 def _run_child(run: Run, cell: Cell, cdir: Path, label: str, env: dict[str, str] | None) -> CellRecord:
     child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     gpu = child_gpu(child_env, run.device)
-    _write_cell_json(run, cell, cdir, gpu)
     out, log = cdir / "record.json", cdir / "child.log"
     out.unlink(missing_ok=True)  # a record left by an interrupted earlier attempt must not pass for this one's
     timeout = cell.scenario.timeout_s
@@ -474,6 +502,8 @@ def _run_child(run: Run, cell: Cell, cdir: Path, label: str, env: dict[str, str]
     expected = run.pace.estimate_s(cost)
     run.say(f"{label} {cell.cell_id}: starting (timeout {timeout:.0f} s, {eta_text(expected)})")
     started = time.monotonic()
+    server, server_start_s = _ready_server(run, cell)  # before the spec: its spawned_at then times the fork alone
+    _write_cell_json(run, cell, cdir, gpu)
 
     def progress() -> None:
         elapsed = time.monotonic() - started
@@ -481,20 +511,14 @@ def _run_child(run: Run, cell: Cell, cdir: Path, label: str, env: dict[str, str]
         run.say(f"{label} {cell.cell_id}: phase {_last_phase(log) or 'start'}, {elapsed:.0f} s, {eta_text(left)}")
 
     with open(log, "wb") as logf, _sigterm_raises():
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "harness.cell.worker", "--cell", str(cdir / "cell.json"), "--out", str(out)],
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=REPO,
-            env=child_env,
-            start_new_session=True,  # its own process group, so a timeout kills grandchildren too
-            preexec_fn=_die_with_parent(os.getpid()),
-        )
+        proc = _start_child(run, server, ["--cell", str(cdir / "cell.json"), "--out", str(out)], child_env, logf)
         fate = _wait(proc, log, timeout, run, progress)
     elapsed, exited_at = time.monotonic() - started, time.time()
+    if isinstance(proc, ForkedChild) and proc.server.lost:  # its child died of its parent-death signal
+        run.warn(f"{cell.cell_id}: {proc.server.lost}")
     record = _record_from_child(run, cell, out, log, proc.returncode, fate)
-    finish_overhead(record, elapsed, exited_at)
+    finish_overhead(record, elapsed, exited_at, FORK_SERVER if isinstance(proc, ForkedChild) else SPAWN,
+                    server_start_s)
     remember_h2d_probe(run, gpu, record)
     _stamp(run, cell, record)
     record.elapsed_s = round(elapsed, 2)
@@ -509,6 +533,42 @@ def _run_child(run: Run, cell: Cell, cdir: Path, label: str, env: dict[str, str]
         run.pace.learn(cost, elapsed)
     run.say(f"{label} {cell.cell_id}: {record.fate} after {elapsed:.1f} s")
     return record
+
+
+Child = subprocess.Popen | ForkedChild  # what _wait and _kill_tree use of either: pid, returncode, poll, wait
+
+
+def _ready_server(run: Run, cell: Cell) -> tuple[ForkServer | None, float | None]:
+    """The run's fork server if this cell forks (harness.run.cell_start.start_method), started if need be, and the
+    seconds its start took (None when it was running, or the cell is spawned)."""
+    server = run.server() if start_method(cell.backend) == FORK_SERVER else None
+    if server is None:
+        return None, None
+    try:
+        return server, server.ensure()
+    except ServerError as e:
+        run.server_failed(e)
+        return None, None
+
+
+def _start_child(run: Run, server: ForkServer | None, argv: list[str], env: dict[str, str], logf: Any) -> Child:
+    """`python -m harness.cell.worker ARGV`, forked by the server or spawned; either way in its own session and
+    process group, dying with the run, output to the cell's log (`logf`), env `env`, in the package's folder."""
+    if server is not None:
+        try:
+            return server.fork(argv, env, REPO, Path(logf.name))
+        except ServerError as e:
+            run.server_failed(e)
+    return subprocess.Popen(
+        [sys.executable, "-m", "harness.cell.worker", *argv],
+        stdout=logf,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        cwd=REPO,
+        env=env,
+        start_new_session=True,  # its own process group, so a timeout kills grandchildren too
+        preexec_fn=_die_with_parent(os.getpid()),
+    )
 
 
 def _write_cell_json(run: Run, cell: Cell, cdir: Path, gpu: str | None) -> None:
@@ -545,13 +605,22 @@ def spec_for_child(cell: Cell, device: str) -> CellSpec:
     return dataclasses.replace(spec, resolution=resolve(cell.requested, spec.policy).as_dict())
 
 
-def finish_overhead(record: CellRecord, elapsed_s: float, exited_at: float) -> None:
-    """Completes the child's `overhead` (harness.cell.worker.run_cell) with what only the parent sees: teardown_s
-    (record written to child exited), fixed_s (the parent's elapsed time minus the measured load and rounds) and
-    other_s (fixed_s minus the named parts). A child that left no record has no overhead of its own."""
+def finish_overhead(record: CellRecord, elapsed_s: float, exited_at: float, start: str = SPAWN,
+                    server_start_s: float | None = None) -> None:
+    """Completes the child's `overhead` (harness.cell.worker.run_cell) with what only the parent sees: start (how
+    the child started: "spawn" or "fork-server"), teardown_s (record written to child exited), fixed_s (the
+    parent's elapsed time minus the measured load and rounds) and other_s (fixed_s minus the named parts). A forked
+    child's start part is fork_s (the child's process_start_s, which then times the fork, not an interpreter
+    start); server_start_s is the fork server's start, paid inside the run's first forked cell. A child that left
+    no record has no overhead of its own."""
     overhead = record.overhead
     if not isinstance(overhead, dict):
         return
+    overhead["start"] = start
+    if start == FORK_SERVER and "process_start_s" in overhead:
+        overhead["fork_s"] = overhead.pop("process_start_s")
+    if server_start_s is not None:
+        overhead["server_start_s"] = round(server_start_s, 3)
     record_at = overhead.pop("record_at", None)
     if isinstance(record_at, int | float):
         overhead["teardown_s"] = round(max(exited_at - record_at, 0.0), 3)
@@ -642,11 +711,15 @@ def group_members(pgid: int) -> list[int]:
     return [p for p, _, g in _proc_table() if g == pgid]
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
+def _kill_tree(proc: Child) -> None:
     """SIGKILLs the child's process group and every descendant that left it, then reaps the child."""
-    escaped = descendants(proc.pid) if proc.poll() is None else []
+    alive = proc.poll() is None
+    escaped = descendants(proc.pid) if alive else []
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
+    if alive:  # the child itself too, had it not led its group yet (both starts make it lead one before its pid
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # is known; this costs nothing)
+            os.kill(proc.pid, signal.SIGKILL)
     for pid in escaped:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
@@ -661,7 +734,7 @@ def _kill_leftovers(pgid: int) -> None:
 
 
 def _wait(
-    proc: subprocess.Popen, log: Path, timeout: float, run: Run, progress: Callable[[], None] | None = None
+    proc: Child, log: Path, timeout: float, run: Run, progress: Callable[[], None] | None = None
 ) -> str | None:
     """Waits for the child, echoing its log and calling `progress` every OFFLOAD_BENCH_PROGRESS_S seconds;
     returns 'timeout' if it had to be killed."""
@@ -1003,8 +1076,13 @@ def main(argv: list[str] | None = None) -> int:
         _interrupted(run, "SIGINT")
         return EXIT_SIGINT
     finally:
+        if run is not None:
+            run.close()  # the fork server goes with the run
         signal.signal(signal.SIGTERM, old_term)
         signal.signal(signal.SIGINT, old_int)
+    from harness.analyze.readout import finish_run
+
+    finish_run(run.records_path)  # the run's verdicts, judged here where its latents files are
     return _summary(run, final)
 
 

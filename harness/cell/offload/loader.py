@@ -103,6 +103,10 @@ class _SGLang(_Resident):
     def describe(self) -> dict[str, Any]:
         return {"sglang_layerwise": self.engine.describe()}
 
+    def host_counters(self) -> dict[str, int]:
+        """What SGLang's managers hold on the host now, by the harness's counters (`SGLangLayerwise.host_counters`)."""
+        return self.engine.host_counters()
+
 
 @dataclass
 class LoadedComponent:
@@ -120,6 +124,12 @@ class LoadedComponent:
 
     def after_use(self) -> None:
         self.runtime.after_use()
+
+    def host_counters(self) -> dict[str, int]:
+        """Phase counters of host memory the runtime holds that the harness's pinned ledger does not see (a
+        runtime with a `host_counters()`: SGLang's managers); {} for the others."""
+        counters = getattr(self.runtime, "host_counters", None)
+        return counters() if counters is not None else {}
 
     def device_weight_bytes(self, device: Device) -> int:
         """Parameter bytes of this component that live on `device` now (placeholders are empty).
@@ -378,6 +388,32 @@ def _read_to_host(load: _Load) -> ComponentOffload:
     return host
 
 
+def maps_checkpoint(version: str) -> bool:
+    """Whether `version`'s manager plans host memory per layer against the host's available memory (0.5.23's
+    `_plan_layer_hosting` with its HostPinBudget): its loader then hands the manager views of the checkpoint's
+    mapping, and so must the harness (`_map_to_host`). Releases without the plan get `_read_to_host`'s copy, as
+    their CPU load leaves a model. A release that is not installed: False (load_engine then says how to install)."""
+    from harness.engine.layerwise import EngineUnavailable, load_engine
+
+    try:
+        layerwise = load_engine(version)[0]
+    except EngineUnavailable:
+        return False
+    return hasattr(getattr(layerwise, "LayerwiseOffloadManager", None), "_plan_layer_hosting")
+
+
+def _map_to_host(load: _Load) -> None:
+    """Every checkpoint tensor of the module as a view of the checkpoint's mapping, as SGLang 0.5.23's loader
+    leaves a host-bound model (`runtime/loader/weight_utils.py`: `safe_open(...).get_tensor` keeps the mapping).
+    Its pages are page cache, which the manager's HostPinBudget reading (MemAvailable) counts as available; the
+    anonymous copy of `_read_to_host` is not, and with the 40.8 GB Qwen-Image DiT alive at that reading the budget
+    pinned 49 of 60 blocks (results/h200/qwen-image-peer-sglang.records.jsonl;
+    docs/findings/sglang-pin-budget-handover.md)."""
+    for name in load.reader.names():
+        _set_tensor(load.module, name, load.reader.tensor(name))
+    load.clock.lap("read_s")
+
+
 def _diffusers_group(load: _Load) -> dict[str, Any]:
     """DIFFUSERS_GROUP: the weights into a plain pageable host region (diffusers pins its own copies), then
     diffusers' `apply_group_offloading`; returns what it set up, for the record."""
@@ -417,17 +453,23 @@ def _sglang_layerwise(load: _Load) -> Any:
     else:
         version = load.backend.partition("@")[2]
     # Without dit_cpu_offload SGLang's loader puts the whole DiT on the device first.
-    host = _read_to_host(load) if load.flags.dit_cpu_offload else None
-    if host is None:
+    host, handover = None, "device"
+    if load.flags.dit_cpu_offload and maps_checkpoint(version):
+        _map_to_host(load)
+        handover = "checkpoint mapping"
+    elif load.flags.dit_cpu_offload:
+        host, handover = _read_to_host(load), "anonymous copy"
+    else:
         _materialise(load.module, load.reader, load.device, list(load.reader.names()))
         load.clock.lap("place_s")
     engine = SGLangLayerwise(load.module, load.spec.layer_groups, load.flags, version)
+    engine.info["host_handover"] = handover
     load.clock.lap("pin_s")
     if host is not None:
         # The non-layer weights went to the device with the mixin's module.to(); nothing views the region now
         # but the module's plain tensor attributes (RoPE tables), which _place_buffers moves below.
         del host
-    else:
+    elif handover == "device":
         load.device.discharge(sum(g["host_bytes"] for g in engine.describe()["groups"].values()))
     return engine
 

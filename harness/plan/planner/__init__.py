@@ -3,7 +3,7 @@
 One job per module:
 - `model`: the prediction (`plan`: per-phase device memory through a model of the caching allocator, host bytes,
   the roofline step), its data (`load_data`), and the plan of a recorded cell (`plan_for_record`, `plan_entry`:
-  what the runner stores in `record.plan`);
+  what the runner stores in `record.plan`; `plan_on_read`: the plan of an older record, derived once on read);
 - `fit`: the data's fitted coefficients and machine profiles from committed GPU records (`fit`, `plan-fit`);
 - `judge`: a plan against a record's numbers (`measured`, `check_record`);
 - `render`: those checks as table rows (`plan_rows`), which the report shows.
@@ -21,7 +21,6 @@ from harness.plan.planner.judge import (
     generated_on_device,
     gpu_cell_that_ran,
     measured,
-    recorded_plan,
     steady_steps,
 )
 from harness.plan.planner.model import (
@@ -50,10 +49,10 @@ from harness.plan.planner.model import (
     plan,
     plan_entry,
     plan_for_record,
+    plan_on_read,
     streaming,
     text_encoder_class,
     warm_kernels_bytes,
-    workload_of_record,
 )
 from harness.plan.planner.render import plan_rows
 
@@ -62,6 +61,6 @@ __all__ = [
     "RESERVED", "RUNTIME_PHASES", "STREAMED_IN", "WARM_KERNELS_BYTES", "Check", "Drivers", "Machine", "Measured",
     "PhasePlan", "Plan", "PlanError", "Streaming", "Workload", "check_record", "dit_flops", "drivers", "fit",
     "generated_on_device", "gpu_cell_that_ran", "load_data", "machine_of_record", "machine_profile", "measured",
-    "model_fits", "model_weights", "placements", "plan", "plan_entry", "plan_for_record", "plan_rows",
-    "recorded_plan", "steady_steps", "streaming", "text_encoder_class", "warm_kernels_bytes", "workload_of_record",
+    "model_fits", "model_weights", "placements", "plan", "plan_entry", "plan_for_record", "plan_on_read",
+    "plan_rows", "steady_steps", "streaming", "text_encoder_class", "warm_kernels_bytes",
 ]

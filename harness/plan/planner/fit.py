@@ -18,7 +18,6 @@ from harness.common.contract import (
     Status,
     is_probe,
 )
-from harness.common.flags import OffloadFlags
 from harness.models import get_model
 from harness.plan.planner.judge import RESERVED, generated_on_device, gpu_cell_that_ran, measured
 from harness.plan.planner.model import (
@@ -28,6 +27,7 @@ from harness.plan.planner.model import (
     Drivers,
     Machine,
     Plan,
+    Workload,
     dit_flops,
     drivers,
     load_data,
@@ -35,7 +35,6 @@ from harness.plan.planner.model import (
     plan,
     text_encoder_class,
     warm_kernels_bytes,
-    workload_of_record,
 )
 
 # ------------------------------------------------------------------------------------------------- fitting
@@ -105,19 +104,18 @@ def _fits_from(r: CellRecord, data: Mapping[str, Any]) -> bool:
     3072-4032, its decode 2,475 B a pixel at 1024 and 1,797-2,054 at 3072-3520 (H200,
     `results/h200/flux-dev-capacity-4090.records.jsonl`); with the probes
     in, the median moved the scenario cells' plans by up to 3.4 %. The capacity table reports the plan's error."""
-    return gpu_cell_that_ran(r) and (r.placements or {}).get("dit") in DIT_PLACEMENTS and bool(r.settings) \
+    return gpu_cell_that_ran(r) and r.placements.get("dit") in DIT_PLACEMENTS and r.settings is not None \
         and r.model in data.get("weights", {}) and not is_probe(r.scenario)
 
 
 def _sample_record(r: CellRecord, data: Mapping[str, Any], s: _Samples, machines: _MachineSamples) -> None:
     """One record's samples: what each phase allocated beyond the plan's weights, and its machine's figures."""
-    machine = r.machine or {}
-    sku = machine.get("sku", "")
-    bare = Machine(sku, float(machine.get("pinned_h2d_gbps") or 1.0), 1.0, 0)
+    sku = r.sku or ""
+    bare = Machine(sku, float(r.h2d_gbps or 1.0), 1.0, 0)
     model = str(r.model)
     # weights only: no activations, base, slack or context, so that what the record shows beyond is theirs
-    p = plan(model, OffloadFlags.from_mapping(r.effective), None, workload_of_record(r),
-             machine=bare, data={**data, "fits": {}, "machines": {}})
+    p = plan(model, r.effective, None, Workload.of(r.settings, r.run_options), machine=bare,
+             data={**data, "fits": {}, "machines": {}})
     drv = drivers(get_model(model), p.workload)
     _sample_phases(r, p, drv, s)
     _sample_phases(r, p, drv, s.by_text_encoder.setdefault(text_encoder_class(p.placements), _Samples()))
@@ -125,7 +123,7 @@ def _sample_record(r: CellRecord, data: Mapping[str, Any], s: _Samples, machines
     cap = r.cap or {}
     if cap.get("context_overhead_bytes"):
         machines.add("context", sku, cap["context_overhead_bytes"])
-    gbps = machine.get("pinned_h2d_gbps")
+    gbps = r.h2d_gbps
     if gbps:
         machines.add("h2d", sku, gbps)
     _sample_step(r, p, drv, s, machines, data)
@@ -156,7 +154,7 @@ def _sample_decode_block(r: CellRecord, drv: Drivers, s: _Samples) -> None:
     decode's allocated peak fits what is reserved: what the decode adds to the reservation then is that one
     request, which no layer segment holds (measured, H200: FLUX.1-dev 1,026 MiB at 1024x1024, Qwen-Image 1,540;
     H100: Qwen-Image-Edit 1,544)."""
-    where = r.placements or {}
+    where = r.placements
     if r.status is not Status.OK or where.get("dit") != Placement.LAYERWISE_FROM_HOST \
             or r.layer_pool is LayerPool.COPY_STREAM \
             or generated_on_device(r) or Placement.CPU_OFFLOAD in (where.get("text_encoder"), where.get("vae")):
@@ -176,14 +174,14 @@ def _sample_step(r: CellRecord, p: Plan, drv: Drivers, s: _Samples, machines: _M
     step = measured(r).step_s
     if step is None:
         return
-    sku = (r.machine or {}).get("sku", "")
+    sku = r.sku or ""
     per_forward = step / p.workload.dit_calls_per_step / p.workload.batch  # one sample's forward
     if p.placements["dit"] in ("resident", "cpu-offload"):
         s.compute.append((drv.dit_tokens, per_forward, sku))
         flops = dit_flops(model_weights(str(r.model), data)["dit"], drv.dit_tokens)
         if flops >= LAUNCH_BOUND_FLOPS:
             machines.add("tflops", sku, flops / per_forward / 1e12)
-    elif not r.effective.get("pin_cpu_memory", True):
+    elif not r.effective.pin_cpu_memory:
         # every forward streams the layers once, whatever its batch
         machines.add("pageable", sku, p.streamed_bytes_per_forward * p.workload.dit_calls_per_step / step / 1e9)
 

@@ -1,6 +1,7 @@
-"""Plans against records: what a record measured on the counters plans predict (`measured`), and a plan, the one the
-run stored or one derived now, against those numbers (`check_record`): the fate and each figure's error. It
-judges; it renders nothing (`harness.plan.planner.render` makes the rows a report shows).
+"""Plans against records: what a record measured on the counters plans predict (`measured`), and the plan a record
+carries (the one its run stored, or the one derived when it was read: `model.plan_on_read`) against those numbers
+(`check_record`): the fate and each figure's error. It judges; it plans nothing and renders nothing
+(`harness.plan.planner.render` makes the rows a report shows).
 """
 
 from __future__ import annotations
@@ -9,11 +10,10 @@ from dataclasses import dataclass
 
 from harness.common.contract import (
     CellRecord,
-    JsonObject,
     Phase,
     Status,
 )
-from harness.plan.planner.model import PLAN_FAILURES, RUNTIME_PHASES, plan_for_record
+from harness.plan.planner.model import RUNTIME_PHASES
 
 # ------------------------------------------------------------------------------------ predicted vs measured
 
@@ -85,29 +85,21 @@ def _rel(measured_value: float | None, predicted: float | None) -> float | None:
     return measured_value / predicted - 1
 
 
-def recorded_plan(record: CellRecord) -> tuple[JsonObject | None, str]:
-    """The plan a record carries (`record.plan`, written by the runner), else one derived from it now."""
-    stored = record.plan
-    if isinstance(stored, dict) and "error" not in stored:
-        return stored, "recorded"
-    derived = plan_for_record(record)
-    return (None if derived is None else derived.as_dict()), "derived"
-
-
 def check_record(record: CellRecord) -> Check | None:
-    """The record's plan against its numbers; None for a cell the planner does not model. A cell it models but
-    cannot plan (flags it does not model, flags or data it cannot read) gets a Check that says why
-    (`not_planned`), so a report or an expectation shows it instead of failing on it."""
-    if (record.run_options or {}).get("runtime_cap_mib"):
+    """The plan a record carries (`record.plan`: stored by the runner, or derived when the record was read,
+    `model.plan_on_read`) against its numbers; None for a record without one (a cell the planner does not model).
+    A cell it models but could not plan (a stored {"error": ...}) gets a Check that says why (`not_planned`), so a
+    report or an expectation shows it instead of failing on it."""
+    if record.run_options is not None and record.run_options.runtime_cap_mib:
         # the allocator capped after the load: the plan caps a card from the load on, so it has no fate to give
         return _not_planned(record, "runtime_cap_mib: the allocator was capped after the load, which the planner "
                             "does not model")
-    try:
-        p, source = recorded_plan(record)
-    except PLAN_FAILURES as e:
-        return _not_planned(record, f"{type(e).__name__}: {e}")
+    p = record.plan
     if p is None:
         return None
+    if "error" in p:
+        return _not_planned(record, str(p["error"]))
+    source = "derived" if p.get("derived") else "recorded"
     m = measured(record)
     status = record.status
     if status is Status.OK:

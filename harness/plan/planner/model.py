@@ -57,10 +57,13 @@ from typing import Any
 from harness.common.contract import (
     ROLES,
     Backend,
+    Card,
     CellRecord,
     JsonObject,
     LayerPool,
     Placement,
+    RunOptions,
+    RunSettings,
 )
 from harness.common.flags import OffloadFlags, prefetch_layers, resident_layer_count
 from harness.common.units import GIB
@@ -100,7 +103,7 @@ class Workload:
     @property
     def dit_calls_per_step(self) -> int:
         """DiT calls a step, each streaming every layer once: two with true CFG run as two passes, one with cfg_batch
-        (the same meaning as RunSettings.dit_calls_per_step; `forwards_per_step` on the contract counts the CFG
+        (the same meaning as RunSettings.dit_calls_per_step; `cfg_passes_per_step` on the contract counts the CFG
         passes whether or not they share a call)."""
         return 2 if self.cfg and not self.cfg_batch else 1
 
@@ -110,13 +113,13 @@ class Workload:
         return 2 if self.cfg and self.cfg_batch else 1
 
     @classmethod
-    def from_settings(cls, settings: Mapping[str, Any], run_options: Mapping[str, Any] | None = None) -> Workload:
-        run = run_options or {}
-        return cls(height=int(settings["height"]), width=int(settings["width"]),
-                   frames=int(settings.get("frames") or 1), true_cfg_scale=float(settings.get("true_cfg_scale", 1)),
-                   steps=int(settings.get("steps") or 1), cfg_batch=bool(run.get("cfg_batch")),
-                   empty_cache=bool(run.get("empty_cache_between_phases")),
-                   empty_cache_after_packing=bool(run.get("empty_cache_after_packing")))
+    def of(cls, settings: RunSettings, run: RunOptions | None = None) -> Workload:
+        """The workload of a cell's settings and run options (a record's, or a spec's)."""
+        run = run or RunOptions()
+        return cls(height=int(settings.height), width=int(settings.width), frames=int(settings.frames or 1),
+                   true_cfg_scale=float(settings.true_cfg_scale), steps=int(settings.steps or 1),
+                   cfg_batch=settings.cfg_batch, empty_cache=run.empty_cache_between_phases,
+                   empty_cache_after_packing=run.empty_cache_after_packing)
 
 
 @dataclass(frozen=True)
@@ -794,25 +797,19 @@ def plan_for_record(record: CellRecord, data: Mapping[str, Any] | None = None) -
     child ran). None for a cell the planner does not model (another backend's streamed DiT, a record without
     settings)."""
     data = data or load_data()
-    if record.backend != Backend.HARNESS or not record.settings or not record.effective \
-            or record.model not in data.get("weights", {}):
+    if record.backend != Backend.HARNESS or record.settings is None or record.model not in data.get("weights", {}):
         return None
-    card = record.card or {}
-    return plan(record.model, OffloadFlags.from_mapping(record.effective), card.get("cap_bytes"),
-                workload_of_record(record), card=card.get("name", ""), machine=machine_of_record(record, data),
-                data=data, layer_pool_on_copy_stream=record.layer_pool is LayerPool.COPY_STREAM)
-
-
-def workload_of_record(record: CellRecord) -> Workload:
-    return Workload.from_settings(record.settings or {}, record.run_options)
+    card = record.card or Card("", None)
+    return plan(record.model, record.effective, card.cap_bytes, Workload.of(record.settings, record.run_options),
+                card=card.name, machine=machine_of_record(record, data), data=data,
+                layer_pool_on_copy_stream=record.layer_pool is LayerPool.COPY_STREAM)
 
 
 def machine_of_record(record: CellRecord, data: Mapping[str, Any] | None = None) -> Machine:
     """The machine profile of a record's SKU, with the pinned H2D rate its child measured."""
-    m = record.machine or {}
-    profile = machine_profile(m.get("sku"), data)
-    if m.get("pinned_h2d_gbps"):
-        profile = replace(profile, pinned_h2d_gbps=float(m["pinned_h2d_gbps"]),
+    profile = machine_profile(record.sku, data)
+    if record.h2d_gbps:
+        profile = replace(profile, pinned_h2d_gbps=float(record.h2d_gbps),
                           source=f"{profile.source}; pinned H2D from the cell's own probe")
     return profile
 
@@ -833,3 +830,15 @@ def plan_entry(record: CellRecord) -> JsonObject | None:
     except PLAN_FAILURES as e:
         return {"error": f"{type(e).__name__}: {e}"}
     return None if p is None else p.as_dict()
+
+
+def plan_on_read(record: CellRecord) -> None:
+    """Completes the plan of a record read from a file, in place: the plan its run stored stays; a record without
+    one (written before the runner stored plans) or whose planning failed when it ran gets `plan_entry` now, marked
+    `"derived": true`. The one place a plan is made after its cell ran: the analysis reads a run through it
+    (`harness.analyze.readout`), and the report and the expectations read `record.plan` (`judge.check_record`)."""
+    stored = record.plan
+    if isinstance(stored, dict) and "error" not in stored:
+        return
+    entry = plan_entry(record)
+    record.plan = None if entry is None else {**entry, "derived": True}
