@@ -4,8 +4,8 @@
 the scenario files and their pytest glue (scenarios/conftest.py, test_offload_matrix.py), and `advise` the
 committed GPU records, which live beside the package in a checkout. build_py copies them to harness/_shipped in
 the build tree, where harness.common.locations finds them. Editable installs run from the checkout and need no copy.
-Data inside the package (the planner's plan_data.json, the releases' recorded answers) is package data
-(pyproject.toml).
+Data inside the package (the planner's plan_data.json, the stand-ins' sizes, the releases' recorded answers) is
+package data (pyproject.toml).
 """
 
 from pathlib import Path

@@ -4,6 +4,7 @@ sharded index where asked) beside the `model_index.json` a pipeline's `save_pret
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,9 @@ def write_pipeline_folder(root: Path, zoo_name: str, *, shard_dit: bool = False,
     torch.manual_seed(0)
     spec = get_model(zoo_name)
     cast = getattr(torch, dtype)
-    te, dit, vae = (spec.components[r].config for r in ("text_encoder", "dit", "vae"))
+    # deep copies: transformers writes into nested config dicts (Qwen2.5-VL's rope_scaling gains rope_theta), which
+    # would change the zoo spec's config, its checkpoint key and its stand-in's digest for every later test
+    te, dit, vae = (copy.deepcopy(dict(spec.components[r].config)) for r in ("text_encoder", "dit", "vae"))
     index: dict[str, Any] = {"_class_name": PIPELINE[zoo_name], "_diffusers_version": "0.42.1"}
     mods: dict[str, Any] = {}
     if spec.family == "flux":

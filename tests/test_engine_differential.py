@@ -13,7 +13,16 @@ import pytest
 
 from harness.engine.policy import EngineError, available_versions
 from harness.policy import MODEL_FOR_VERSION
-from harness.policy.differential import MODERN_VERSION, as_rows, grid_inputs, modern_inputs, run_version, summary
+from harness.policy.differential import (
+    MODERN_VERSION,
+    as_rows,
+    changed_by_checkpoint,
+    grid_inputs,
+    modern_inputs,
+    run_version,
+    summary,
+    with_standins,
+)
 
 VERSIONS = ("0.5.8", "0.5.13", "0.5.23")
 ENGINE_OFF = os.environ.get("OFFLOAD_BENCH_SGLANG", "1") == "0"
@@ -26,13 +35,16 @@ def grid() -> list:
 
 @pytest.mark.slow  # one child per release answers ~29,000 inputs: minutes (make test-e2e)
 @pytest.mark.skipif(ENGINE_OFF, reason="OFFLOAD_BENCH_SGLANG=0: the SGLang install is turned off")
+@pytest.mark.parametrize("standins", [False, True], ids=["no-checkpoint", "stand-ins"])
 @pytest.mark.parametrize("version", VERSIONS)
-def test_model_agrees_with_release_on_every_expressible_input(version: str, grid: list) -> None:
+def test_model_agrees_with_release_on_every_expressible_input(version: str, standins: bool, grid: list) -> None:
+    """Without a checkpoint on disk and with each family's zoo sized stand-in (whose sizes 0.5.23's auto policy
+    reads, and our model with it)."""
     if version not in available_versions():
         pytest.fail(f"sglang {version} is not installed: run `python -m harness.engine.install {version}` "
                     f"(or set OFFLOAD_BENCH_SGLANG=0 to skip the engine tests)")
     try:
-        outcomes = run_version(version, grid)
+        outcomes = run_version(version, with_standins(grid) if standins else grid)
     except EngineError as e:
         pytest.fail(str(e))
     counts = summary(outcomes)
@@ -46,17 +58,31 @@ def test_model_agrees_with_release_on_every_expressible_input(version: str, grid
 
 @pytest.mark.slow
 @pytest.mark.skipif(ENGINE_OFF, reason="OFFLOAD_BENCH_SGLANG=0: the SGLang install is turned off")
-def test_model_agrees_with_newest_release_on_modes_components_and_resident_layers() -> None:
+@pytest.mark.parametrize("standins", [False, True], ids=["no-checkpoint", "stand-ins"])
+def test_model_agrees_with_newest_release_on_modes_components_and_resident_layers(standins: bool) -> None:
     if MODERN_VERSION not in available_versions():
         pytest.fail(f"sglang {MODERN_VERSION} is not installed: run `python -m harness.engine.install "
                     f"{MODERN_VERSION}`")
-    outcomes = run_version(MODERN_VERSION, modern_inputs())
+    outcomes = run_version(MODERN_VERSION, with_standins(modern_inputs()) if standins else modern_inputs())
     rows = as_rows(outcomes)
     listing = "\n".join(f"{r['input']}: SGLang {r['sglang']} | ours {r['ours']} | {'; '.join(r['diffs'])}"
                          for r in rows[:40])
     counts = summary(outcomes)
     assert not rows, f"sglang disagrees with {MODERN_VERSION} on {len(rows)} inputs ({dict(counts)}):\n{listing}"
     assert counts["agree"] > 0.9 * len(outcomes), dict(counts)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ENGINE_OFF, reason="OFFLOAD_BENCH_SGLANG=0: the SGLang install is turned off")
+def test_the_standins_change_the_newest_release_only(grid: list) -> None:
+    """0.5.23 sizes the checkpoint (and some answers change with it); 0.5.8 and 0.5.13 read none (none do)."""
+    for version in VERSIONS:
+        if version not in available_versions():
+            pytest.fail(f"sglang {version} is not installed: run `python -m harness.engine.install {version}`")
+    small = [g for g in grid if g.context.memory_gib in (24.0, 141.0) and g.flags.dit_offload_prefetch_size == 1.0]
+    for version in VERSIONS:
+        changed = changed_by_checkpoint(run_version(version, small), run_version(version, with_standins(small)))
+        assert bool(changed) is (version == MODERN_VERSION), (version, len(changed))
 
 
 def test_modern_grid_covers_modes_cards_components_and_resident_layers() -> None:

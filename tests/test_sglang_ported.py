@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 
 from harness.common.flags import FlagError, OffloadFlags
+from harness.models.standin import zoo_source
 from harness.policy import EngineContext, resolve
 
 U = None  # unset: SGLang's None, the engine's defaults decide
@@ -111,6 +112,55 @@ def test_sglang_case_answers_as_the_release(sglang_test: str, requested: Offload
     assert r.engine is not None and r.engine.residency is not None
     assert tuple(r.engine.residency[c] for c in ("dit", "text_encoder", "vae")) == residency
     assert r.engine.layerwise_components == components
+
+
+# ------------------------------------------------------------------ 0.5.23's auto sizing, with the zoo's stand-ins
+# SGLang mocks the sizes (dit_parameter_count, checkpoint_component_sizes); here they are what the release reads
+# from the zoo's sized stand-in (`harness.models.standin`), the context's checkpoint. tests/test_standin_engine.py
+# asks the release itself with the same stand-ins.
+
+
+def _wan(gib: float, checkpoint: bool = True) -> EngineContext:
+    return EngineContext(gib, "T2V", "wan", checkpoint=zoo_source("wan2.1-t2v-14b") if checkpoint else None)
+
+
+def _roles(flags: OffloadFlags, context: EngineContext) -> tuple[str, str, str]:
+    """(DiT, text encoder, VAE) residency as our model resolves them."""
+    r = resolve(flags, "sglang", context)
+    assert r.engine is not None and r.engine.residency is not None
+    return r.engine.residency["dit"], r.engine.residency["text_encoder"], r.engine.residency["vae"]
+
+
+@pytest.mark.parametrize("gib", [16.0, 24.0, 31.36, 32.0])
+def test_model_streams_the_wan_14b_dit_that_overflows_the_card(gib: float) -> None:
+    """0.5.23 test_auto_wan2_1_14b_streams_a_dit_that_overflows_the_card, with the DiT sized from the zoo's
+    stand-in (14.29 B parameters, 26.6 GiB in BF16 > 80 % of the card) instead of a mocked count."""
+    r = resolve(flags(), "sglang", _wan(gib))
+    assert r.engine is not None and r.engine.dit_residency == LW and r.engine.layerwise_components[0] == "dit"
+    assert any("the DiT needs 26.6 GiB" in m for m in r.messages)
+    assert _roles(flags(), _wan(gib, checkpoint=False))[0] == CO  # no checkpoint: the declared placement
+
+
+def test_model_keeps_a_wan_dit_that_fits_and_an_explicit_placement() -> None:
+    assert _roles(flags(), _wan(48.0))[0] == CO  # 26.6 GiB within 80 % of 48: the declared component offload
+    assert _roles(flags(cpu=True, lw=False), _wan(24.0))[0] == CO  # explicit placement wins
+
+
+@pytest.mark.parametrize(("family", "model", "gib", "all_resident"), [
+    ("qwen-image", "qwen-image", 141.0, True), ("qwen-image", "qwen-image", 80.0, False),
+    ("flux", "flux-dev", 80.0, True), ("flux", "flux-dev", 141.0, True), ("flux", "flux-dev", 48.0, False),
+    ("wan", "wan2.1-t2v-14b", 141.0, True), ("wan", "wan2.1-t2v-14b", 80.0, False),
+])
+def test_model_keeps_everything_resident_on_memory_rich_cards(family: str, model: str, gib: float,
+                                                              all_resident: bool) -> None:
+    """_fits_all_components_resident: every weight twice over, in the precision each loads in (Wan's UMT5 and VAE
+    in FP32: 48.3 GiB, so 141 GiB but not 80; FLUX 31.4 GiB; Qwen-Image 51.5 GiB)."""
+    task = "T2V" if family == "wan" else "T2I"
+    context = EngineContext(gib, task, family, checkpoint=zoo_source(model))
+    r = resolve(flags(), "sglang", context)
+    assert r.engine is not None
+    assert (_roles(flags(), context) == (RES, RES, RES) and r.engine.layerwise_components == ()) is all_resident
+    assert not r.effective.dit_cpu_offload or not all_resident
 
 
 def test_layerwise_offload_components_imply_layerwise() -> None:

@@ -13,10 +13,17 @@ One-off experiment scenarios live in a checkout's `experiments/scenarios/`, outs
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent  # harness/, this module sits in harness/common/
 SHIPPED = PACKAGE / "_shipped"  # filled by setup.py's build_py, in a wheel only
+
+
+def cache_root() -> Path:
+    """The harness's cache (`OFFLOAD_BENCH_CACHE`, else ~/.cache/offload-bench): synthetic checkpoints, the SGLang
+    releases, the sized checkpoint stand-ins."""
+    return Path(os.environ.get("OFFLOAD_BENCH_CACHE", Path.home() / ".cache" / "offload-bench")).expanduser()
 
 
 def checkout() -> Path | None:

@@ -14,11 +14,12 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from harness import REPO
+from harness.models.standin import CheckpointSource, StandinError, ensure_written
 
 Task = Literal["T2I", "I2I", "T2V", "I2V"]
 
@@ -33,6 +34,7 @@ class EngineRequest:
     family: str  # a harness zoo family: "qwen-image", "qwen-image-edit", "flux", "wan"
     task: Task
     performance_mode: str | None = None  # None: the release's default (auto where it exists)
+    checkpoint: CheckpointSource | None = None  # what the release finds on disk (None: no checkpoint)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,6 +52,8 @@ class EngineResolution:
     pipeline_config: str  # the pipeline config class used, and how it was chosen
     error: str | None = None  # ServerArgs refused the request (its exception, one line)
     extra: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str = "none"  # what the release was shown: "none", "folder <path>", "zoo sized stand-in <key>"
+    checkpoint_bytes: int | None = None  # the tensor bytes of the checkpoint shown (what a load would read)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,6 +69,8 @@ class EngineResolution:
             pipeline_config=str(data.get("pipeline_config") or ""),
             error=data.get("error"),
             extra=dict(data.get("extra") or {}),
+            checkpoint=str(data.get("checkpoint") or "none"),
+            checkpoint_bytes=data.get("checkpoint_bytes"),
         )
 
 
@@ -106,13 +112,39 @@ def version_key(version: str) -> tuple[int, ...]:
 
 def _request_key(request: EngineRequest) -> str:
     """The request as JSON; `FLAGS_OMITTED_AT_DEFAULT` are left out at their defaults, so answers recorded
-    before the flags existed still match (the child passes them only off their defaults too)."""
+    before the flags existed still match (the child passes them only off their defaults too). The checkpoint is
+    keyed by its identity (kind, name, digest of what the release reads; not where a stand-in lies on this
+    machine), and left out when there is none."""
     from harness.common.flags import FLAGS_OMITTED_AT_DEFAULT
 
     data = request.as_dict()
     data["flags"] = {k: v for k, v in data["flags"].items()
                      if k not in FLAGS_OMITTED_AT_DEFAULT or v != FLAGS_OMITTED_AT_DEFAULT[k]}
+    if request.checkpoint is None:
+        del data["checkpoint"]
+    else:
+        data["checkpoint"] = request.checkpoint.identity()
     return json.dumps(data, sort_keys=True)
+
+
+def _with_folders(requests: list[EngineRequest]) -> list[EngineRequest]:
+    """The requests with their checkpoints on disk (a zoo stand-in is written once per spec, in a child).
+
+    Raises:
+        EngineError: a stand-in could not be written.
+    """
+    written: dict[str, CheckpointSource] = {}
+    out = []
+    for r in requests:
+        if r.checkpoint is not None and r.checkpoint.path is None:
+            key = r.checkpoint.label
+            try:
+                written.setdefault(key, ensure_written(r.checkpoint))
+            except StandinError as e:
+                raise EngineError(str(e)) from None
+            r = replace(r, checkpoint=written[key])
+        out.append(r)
+    return out
 
 
 def resolve_engine(version: str, requests: list[EngineRequest], *, timeout_s: float = DEFAULT_TIMEOUT_S,
@@ -153,7 +185,7 @@ def resolve_engine(version: str, requests: list[EngineRequest], *, timeout_s: fl
             "point OFFLOAD_BENCH_SGLANG_ROOT at a folder holding it)"
         )
     if todo:
-        answers = _ask_child(version, list(todo.values()), timeout_s)
+        answers = _ask_child(version, _with_folders(list(todo.values())), timeout_s)
         for key, answer in zip(todo, answers, strict=True):
             store[(version, key)] = answer
         if recorded is not None:
@@ -237,9 +269,10 @@ def write_shipped(out: Path = SHIPPED_ANSWERS) -> int:
 
 ANSWERS_ENV = "OFFLOAD_BENCH_SGLANG_ANSWERS"
 """A JSON-lines file of ServerArgs answers, read before asking a child and appended to after. The answer depends
-only on the release and the request (the child mocks the platform, runs offline with an empty HF cache), so answers
-recorded on one machine hold on another: the lent GPU machine, which carries the file instead of every release
-and its pinned transformers. Each answer keeps `extra.answered_by` (the machine and Python that asked)."""
+only on the release and the request (the child mocks the platform, runs offline with a HF cache holding only the
+request's checkpoint, which the request names by the digest of what is read from it), so answers recorded on one
+machine hold on another: the lent GPU machine, which carries the file instead of every release and its pinned
+transformers. Each answer keeps `extra.answered_by` (the machine and Python that asked)."""
 
 
 def _recorded_answers() -> dict[tuple[str, str], EngineResolution] | None:

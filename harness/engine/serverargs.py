@@ -10,9 +10,22 @@ How a request becomes a `ServerArgs`, as SGLang's unit tests (`test/unit/test_se
   false, total device memory = the card's GiB, available memory the same (a fresh card), DiT layerwise on by default
   (CUDA's own answer; ROCm's differs) and a discrete card (not a shared host/device pool). The mock stays on while
   the effective values are read back, since `residency_mode()` asks the platform again;
-- no checkpoint is on disk: the child runs with `HF_HUB_OFFLINE=1` and an empty Hugging Face cache, so 0.5.23's
-  sizing rules (`_fits_all_components_resident`, `_dit_overflows_device_in_auto`, which read safetensors headers of
-  a locally cached checkpoint) find nothing and keep the model's declared policy, on every machine alike;
+- the checkpoint is the request's (`checkpoint`: a folder model's own folder, a zoo model's sized stand-in,
+  `harness.models.standin`; or none): the child runs with `HF_HUB_OFFLINE=1` and a Hugging Face cache of its own
+  (`HF_HUB_CACHE`, a temporary folder) in which the family's published id resolves, per request, to that folder
+  (`models--Org--Name/refs/main` naming the snapshot `snapshots/<digest>`, a link to it) or to nothing. 0.5.23's
+  sizing rules (`_fits_all_components_resident`, `_dit_overflows_device_in_auto`) call `checkpoint_component_sizes`
+  and `dit_parameter_count` with `model_path`, which read a local folder or, for a Hub id, the snapshot
+  `snapshot_download(local_files_only=True)` finds in that cache: both ways read the same headers. The Hub id is
+  kept as `model_path` because everything else in ServerArgs that reads it asks about the published checkpoint by
+  name: 0.5.23's overlay registry (`resolve_model_overlay`, an exact-name match), its list of checkpoints
+  validated for breakable CUDA graphs and the model registry (`get_model_info`, for a model's CFG default), the
+  registry the pipeline config below is looked up in by the same id. A local path there would change those
+  answers (a folder is matched by its basename) along with the sizes, and a folder model runs as its family's
+  published checkpoint anyway (`harness.models.folder`). What the sizing functions returned is kept in
+  `extra.checkpoint_read`, and `checkpoint` names what was shown ("none", "folder <path>", "zoo sized stand-in
+  <model>@<digest>") with its tensor bytes; without a checkpoint they find nothing and the model's declared
+  policy stands, as before;
 - `PipelineConfig.from_kwargs` is replaced by an instance of the release's own pipeline config class for the
   family's published checkpoint, looked up in the release's model registry by its Hugging Face id (an exact match,
   so nothing is downloaded). SGLang's offload defaults read the config's task type and, from 0.5.13 on, its
@@ -31,10 +44,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib
 import io
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -196,45 +211,113 @@ def _server_kwargs(server_args_cls: Any, request: dict[str, Any]) -> tuple[dict[
     return kwargs, missing
 
 
-def resolve_one(server_args_cls: Any, version: str, request: dict[str, Any], capture: _Capture) -> dict[str, Any]:
-    """One EngineResolution dict for one EngineRequest dict (ServerArgs raising is an answer, not a failure)."""
+_SIZERS = ("checkpoint_component_sizes", "dit_parameter_count")
+"""What 0.5.23's auto memory policy reads a checkpoint with (`runtime/server_args/auto_tune.py` imports both)."""
+_SHOWN: dict[str, str] = {}  # family -> what its Hub id resolves to in this child's HF cache now
+
+
+def _show_checkpoint(hub: Path, family: str, checkpoint: dict[str, Any] | None) -> str:
+    """Makes the family's Hub id resolve, in the HF cache `hub`, to the request's checkpoint folder, or to nothing;
+    returns what SGLang is shown ("none", or the checkpoint's label)."""
+    from harness.models.standin import CheckpointSource
+
+    repo_id = FAMILY_CHECKPOINTS.get(family, (None, ""))[0]
+    source = CheckpointSource.from_dict(checkpoint) if checkpoint else None
+    if source is not None and (repo_id is None or not source.path):
+        raise ValueError(f"checkpoint {source.label}: no folder to show, or no published id for family {family!r}")
+    label = source.label if source is not None else "none"
+    if repo_id is None or _SHOWN.get(family) == f"{label} {source.path if source else ''}":
+        return label
+    repo = hub / ("models--" + repo_id.replace("/", "--"))
+    shutil.rmtree(repo, ignore_errors=True)  # the snapshot is a link: rmtree removes the link, not the folder
+    if source is not None:
+        (repo / "refs").mkdir(parents=True)
+        (repo / "snapshots").mkdir()
+        (repo / "refs" / "main").write_text(source.digest)
+        (repo / "snapshots" / source.digest).symlink_to(str(source.path), target_is_directory=True)
+    _SHOWN[family] = f"{label} {source.path if source else ''}"
+    return label
+
+
+_SIZING_MODULE: list[Any] = []
+
+
+def _sizing_module() -> Any:
+    """0.5.23's auto_tune module (None for a release without it), imported once."""
+    if not _SIZING_MODULE:
+        try:
+            _SIZING_MODULE.append(importlib.import_module("sglang.multimodal_gen.runtime.server_args.auto_tune"))
+        except ImportError:
+            _SIZING_MODULE.append(None)
+    return _SIZING_MODULE[0]
+
+
+@contextlib.contextmanager
+def _watched_sizing(read: dict[str, Any]) -> Iterator[None]:
+    """Records in `read` what the release's checkpoint sizing answered, call by call (the release's own functions
+    answer: they are wrapped, not replaced)."""
+    module = _sizing_module()
+    with contextlib.ExitStack() as stack:
+        for name in _SIZERS:
+            original = getattr(module, name, None) if module is not None else None
+            if original is None:
+                continue
+
+            def spy(*args: Any, _original: Any = original, _name: str = name, **kwargs: Any) -> Any:
+                value = _original(*args, **kwargs)
+                read[_name] = _jsonable(value)
+                return value
+
+            stack.enter_context(mock.patch.object(module, name, spy))
+        yield
+
+
+def _read_back(args: Any, answer: dict[str, Any]) -> None:
+    """The resolved flags, layerwise components and residency of a built ServerArgs, into `answer`."""
+    answer["effective"] = {n: _jsonable(getattr(args, n)) for n in MODELLED_FLAGS if hasattr(args, n)}
+    comps = getattr(args, "layerwise_offload_components", None)
+    answer["layerwise_components"] = list(comps or [])
+    if hasattr(args, "residency_mode"):
+        answer["dit_residency"] = str(args.residency_mode("transformer"))
+        answer["extra"]["residency"] = {role: str(args.residency_mode(name))
+                                        for role, name in RESIDENCY_NAMES.items()}
+    answer["extra"] = {**answer["extra"],
+                       **{n: _jsonable(getattr(args, n)) for n in EXTRA_FIELDS if hasattr(args, n)}}
+    answer["extra"]["has_layerwise_offload_components"] = hasattr(args, "layerwise_offload_components")
+
+
+def resolve_one(server_args_cls: Any, version: str, request: dict[str, Any], capture: _Capture,
+                hub: Path | None = None) -> dict[str, Any]:
+    """One EngineResolution dict for one EngineRequest dict (ServerArgs raising is an answer, not a failure).
+    `hub`: this child's Hugging Face cache, where the request's checkpoint is shown (None: none is)."""
     from sglang.multimodal_gen.configs.pipeline_configs.base import PipelineConfig
 
     config, note = _pipeline_config(request["family"], request["task"])
     kwargs, missing = _server_kwargs(server_args_cls, request)
+    checkpoint = request.get("checkpoint")
     capture.records.clear()
     _clear_log_once()
     answer: dict[str, Any] = {
-        "version": version,
-        "effective": {},
-        "layerwise_components": [],
-        "dit_residency": None,
-        "messages": [],
-        "pipeline_config": note,
-        "error": None,
-        "extra": {},
+        "version": version, "effective": {}, "layerwise_components": [], "dit_residency": None, "messages": [],
+        "pipeline_config": note, "error": None, "extra": {},
+        "checkpoint": _show_checkpoint(hub, request["family"], checkpoint) if hub is not None else "none",
+        "checkpoint_bytes": int(checkpoint["total_bytes"]) if checkpoint and hub is not None else None,
     }
     if missing:
         answer["error"] = f"SGLang {version} has no {', '.join(missing)}"
         return answer
+    read: dict[str, Any] = {}
     with _mocked_cuda(float(request["memory_gib"])), mock.patch.object(PipelineConfig, "from_kwargs",
-                                                                       return_value=config):
+                                                                       return_value=config), _watched_sizing(read):
         try:
             args = server_args_cls.from_dict(kwargs)
         except Exception as e:  # SGLang refusing the combination is the answer
             answer["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
-            answer["messages"] = list(capture.records)
-            return answer
-        answer["effective"] = {n: _jsonable(getattr(args, n)) for n in MODELLED_FLAGS if hasattr(args, n)}
-        comps = getattr(args, "layerwise_offload_components", None)
-        answer["layerwise_components"] = list(comps or [])
-        if hasattr(args, "residency_mode"):
-            answer["dit_residency"] = str(args.residency_mode("transformer"))
-            answer["extra"]["residency"] = {role: str(args.residency_mode(name))
-                                            for role, name in RESIDENCY_NAMES.items()}
-        answer["extra"] = {**answer["extra"],
-                           **{n: _jsonable(getattr(args, n)) for n in EXTRA_FIELDS if hasattr(args, n)}}
-        answer["extra"]["has_layerwise_offload_components"] = hasattr(args, "layerwise_offload_components")
+            args = None
+        if args is not None:
+            _read_back(args, answer)
+    if read:
+        answer["extra"]["checkpoint_read"] = read
     answer["messages"] = list(capture.records)
     return answer
 
@@ -285,9 +368,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sglang {args.version} is not installed (have: {', '.join(engines) or 'none'})", file=sys.stderr)
         return 3
     requests = json.loads(sys.stdin.read())
-    # before SGLang (and huggingface_hub) read them: no checkpoint sizes, no network, the same answer everywhere
+    # before SGLang (and huggingface_hub) read them: no network, and a cache of this child's own, which holds only
+    # the checkpoint each request is asked with (the same answer everywhere)
     os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["HF_HUB_CACHE"] = os.environ["HUGGINGFACE_HUB_CACHE"] = tempfile.mkdtemp(prefix="offload-bench-hf-")
+    hub = Path(tempfile.mkdtemp(prefix="offload-bench-hf-"))
+    os.environ["HF_HUB_CACHE"] = os.environ["HUGGINGFACE_HUB_CACHE"] = str(hub)
     server_args_cls = _sealed_server_args(args.version, engines[args.version].site)
     if server_args_cls is None:
         return 5
@@ -301,11 +386,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     for request in requests:
         try:
-            answers.append(resolve_one(server_args_cls, args.version, request, capture))
+            answers.append(resolve_one(server_args_cls, args.version, request, capture, hub))
         except Exception:
             traceback.print_exc()
             return 4
     print(f"sglang {args.version}: {len(answers)} requests in {time.monotonic() - t0:.1f}s", file=sys.stderr)
+    shutil.rmtree(hub, ignore_errors=True)
     json.dump(answers, answer_out)
     answer_out.flush()
     return 0

@@ -4,7 +4,8 @@ The planner (`harness.plan.planner`) must run without torch, so these numbers ar
 data (`harness/models/plan_data.json`, section "weights"); `tests/test_plan.py` rebuilds them on meta and checks the
 file still says the same, so a zoo change cannot leave the planner on stale sizes.
 
-    python -m harness.models.sizes --write     # refresh the "weights" section of plan_data.json
+    python -m harness.models.sizes --write     # refresh the "weights" section of plan_data.json, and
+                                               # standin_sizes.json (what SGLang reads from each sized stand-in)
 """
 
 from __future__ import annotations
@@ -69,6 +70,22 @@ def all_weights() -> dict[str, Any]:
     return {name: model_weights(name) for name in model_names()}
 
 
+def standin_sizes(name: str) -> dict[str, Any] | None:
+    """What SGLang reads from zoo model `name`'s sized stand-in (`harness.models.standin`): per published component
+    folder, parameters by dtype, from the modules built on meta; with the spec digest they hold for. None for a
+    family without a published layout."""
+    from harness.models.standin import layout_of, spec_digest, table_counts, tensor_table
+
+    spec = get_model(name)
+    if layout_of(spec) is None:
+        return None
+    return {"spec": spec_digest(spec), "components": table_counts(tensor_table(spec))}
+
+
+def all_standin_sizes() -> dict[str, Any]:
+    return {name: sizes for name in model_names() if (sizes := standin_sizes(name)) is not None}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.models.sizes", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     data["weights"] = weights
     PLAN_DATA_PATH.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     print(f"wrote the weights of {len(weights)} models to {PLAN_DATA_PATH}", file=sys.stderr)
+    from harness.models.standin import SIZES_PATH
+
+    standins = all_standin_sizes()
+    SIZES_PATH.write_text(json.dumps(standins, indent=1, sort_keys=True) + "\n")
+    print(f"wrote the stand-in sizes of {len(standins)} models to {SIZES_PATH}", file=sys.stderr)
     return 0
 
 

@@ -184,7 +184,7 @@ def advise(model: str, card: str, cap_bytes: int | None, workload: Workload, *, 
            records_glob: str | None = None) -> Advice:
     spec = get_model(model)
     machine = machine or machine_profile()
-    context = EngineContext.for_model(spec.family, spec.edit, (cap_bytes or 80 * GIB) / GIB)
+    context = EngineContext.for_model(spec.family, spec.edit, (cap_bytes or 80 * GIB) / GIB, spec.name)
     seen: set[OffloadFlags] = set()
     options, refused = [], []
     measured_cells = measurements(model, card, workload, records_glob)

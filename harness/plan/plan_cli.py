@@ -266,7 +266,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         requested = replace(requested, dit_layerwise_resident_layers=resident)
     check_prefetch(args.model, requested)
     spec = get_model(args.model)
-    context = EngineContext.for_model(spec.family, spec.edit, (cap or 80 * GIB) / GIB)
+    context = EngineContext.for_model(spec.family, spec.edit, (cap or 80 * GIB) / GIB, spec.name)
     resolution = resolve(requested, args.policy, context)
     p = plan(args.model, resolution.effective, cap, workload, card=card, machine=machine)
     if args.json:

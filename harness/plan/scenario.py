@@ -935,7 +935,7 @@ def _engine_context(scenario: Scenario, card: Card) -> EngineContext | None:
     total = card.cap_bytes or _visible_gpu_total_bytes()
     if total is None:
         return None
-    return EngineContext.for_model(model.family, model.edit, total / GIB)
+    return EngineContext.for_model(model.family, model.edit, total / GIB, model.name)
 
 
 def _visible_gpu_total_bytes() -> int | None:

@@ -4,6 +4,9 @@
 installed release (one child per release for the whole grid) and our model (`MODEL_FOR_VERSION`) about every
 input, and writes a markdown report: per release, inputs compared, agreements, disagreements (each with inputs,
 SGLang's answer and ours), and inputs our model refuses as inexpressible. Exit status 1 on any disagreement.
+Each release is asked twice, with no checkpoint on disk and with each family's zoo sized stand-in
+(`with_standins`, `harness.models.standin`), and the report counts the inputs the stand-ins change
+(`changed_by_checkpoint`).
 
 What is compared, per input our model answers: the six flags (the prefetch size only where the DiT is layerwise:
 elsewhere no manager reads it, and our model records it as 0), SGLang's `layerwise_offload_components` (from
@@ -20,7 +23,7 @@ import itertools
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,10 @@ PREFETCH_SIZES: tuple[float, ...] = (0.0, 1.0, 4.0, 0.1, 0.5, 2.5)
 CARD_GIB: tuple[float, ...] = (16.0, 24.0, 31.36, 80.0, 141.0)
 FAMILIES: tuple[str, ...] = tuple(FAMILY_TASKS)
 MODERN_VERSION = "0.5.23"  # the release modern_inputs() is asked of
+FAMILY_MODELS: dict[str, str] = {"qwen-image": "qwen-image", "qwen-image-edit": "qwen-image-edit",
+                                 "flux": "flux-dev", "wan": "wan2.1-t2v-14b"}
+"""The zoo model (at its published size) whose sized stand-in each family is asked with (`with_standins`)."""
+STANDIN_SUFFIX = " + stand-ins"  # a run's key in the report: the release asked with the zoo's sized stand-ins
 BOOL_FLAGS = ("dit_cpu_offload", "dit_layerwise_offload", "text_encoder_cpu_offload", "vae_cpu_offload",
               "pin_cpu_memory")
 
@@ -41,6 +48,7 @@ BOOL_FLAGS = ("dit_cpu_offload", "dit_layerwise_offload", "text_encoder_cpu_offl
 class GridInput:
     flags: OffloadFlags
     context: EngineContext
+    part: str = "grid"  # "grid" (grid_inputs) or "modes" (modern_inputs): the report counts them apart
 
     def describe(self) -> str:
         mode = f" {self.context.performance_mode}" if self.context.performance_mode else ""
@@ -82,7 +90,7 @@ def modern_inputs() -> list[GridInput]:
         ctx = EngineContext(memory_gib=gib, task=FAMILY_TASKS[family], family=family, performance_mode=mode)
         for switches, comps in itertools.product(MODERN_SWITCHES, COMPONENT_SELECTIONS):
             out.append(GridInput(OffloadFlags(*switches, dit_offload_prefetch_size=1.0,  # type: ignore[misc]
-                                              layerwise_offload_components=comps), ctx))
+                                              layerwise_offload_components=comps), ctx, "modes"))
     for family, gib in itertools.product(("qwen-image", "wan"), (24.0, 80.0)):
         ctx = EngineContext(memory_gib=gib, task=FAMILY_TASKS[family], family=family)
         for switches, resident, policy, pf in itertools.product(
@@ -90,14 +98,23 @@ def modern_inputs() -> list[GridInput]:
                 RESIDENT_VALUES, ("leading", "strided"), (0.0, 4.0)):
             out.append(GridInput(OffloadFlags(*switches, dit_offload_prefetch_size=pf,  # type: ignore[misc]
                                               dit_layerwise_resident_layers=resident,
-                                              dit_layerwise_residency_policy=policy), ctx))
+                                              dit_layerwise_residency_policy=policy), ctx, "modes"))
     for gib, comps, maps in itertools.product((24.0, 80.0), (("text_encoder", "vae"), ("all",)), (
             {"layerwise_prefetch_size": (("text_encoder", 2.0),)}, {"layerwise_resident_layers": (("vae", 1.0),)},
             {"layerwise_residency_policy": (("text_encoder", "strided"),)})):
         ctx = EngineContext(memory_gib=gib, task="T2I", family="flux")
         out.append(GridInput(OffloadFlags(True, True, None, None, layerwise_offload_components=comps,
-                                          **maps), ctx))  # type: ignore[arg-type]
+                                          **maps), ctx, "modes"))  # type: ignore[arg-type]
     return out
+
+
+def with_standins(items: list[GridInput]) -> list[GridInput]:
+    """The same inputs asked with a checkpoint on disk: each family's zoo model's sized stand-in
+    (`harness.models.standin`), whose sizes SGLang 0.5.23's auto policy reads."""
+    from harness.models.standin import checkpoint_source
+
+    sources = {family: checkpoint_source(model) for family, model in FAMILY_MODELS.items()}
+    return [replace(i, context=replace(i.context, checkpoint=sources[i.context.family])) for i in items]
 
 
 @dataclass
@@ -158,17 +175,41 @@ def differences(engine: EngineResolution, ours: Resolution) -> list[str]:
 
 def run_version(version: str, items: list[GridInput], timeout_s: float = 1800.0) -> list[Outcome]:
     """All inputs through one child of `version` and through our model of its era."""
-    requests = [EngineRequest(flags=i.flags.as_dict(), memory_gib=i.context.memory_gib, family=i.context.family,
-                              task=i.context.task, performance_mode=i.context.performance_mode)  # type: ignore[arg-type]
-                for i in items]
-    answers = resolve_engine(version, requests, timeout_s=timeout_s, cache=False)
+    answers = ask_release(version, items, timeout_s)
     policy, _ = model_for(version)
     return [compare(item, answer, policy) for item, answer in zip(items, answers, strict=True)]
 
 
+def ask_release(version: str, items: list[GridInput], timeout_s: float = 1800.0) -> list[EngineResolution]:
+    """The release's answers to the inputs (with their contexts' checkpoints), one child for all, none kept."""
+    requests = [EngineRequest(flags=i.flags.as_dict(), memory_gib=i.context.memory_gib, family=i.context.family,
+                              task=i.context.task, performance_mode=i.context.performance_mode,  # type: ignore[arg-type]
+                              checkpoint=i.context.checkpoint)
+                for i in items]
+    return resolve_engine(version, requests, timeout_s=timeout_s, cache=False)
+
+
+def decision(answer: EngineResolution) -> tuple[Any, ...]:
+    """What a release decided for one input, as compared: its refusal, or the resolved flags, SGLang's component
+    list and each role's residency."""
+    if answer.error:
+        return ("error", answer.error)
+    return (engine_flags(answer.effective, answer.layerwise_components, answer.dit_residency),
+            tuple(answer.layerwise_components), answer.dit_residency,
+            tuple(sorted((answer.extra.get("residency") or {}).items())))
+
+
+def changed_by_checkpoint(without: list[Outcome], with_: list[Outcome]) -> list[tuple[Outcome, Outcome]]:
+    """The inputs whose release answer the checkpoint changes (the same inputs in the same order, asked without
+    and with the stand-ins)."""
+    return [(a, b) for a, b in zip(without, with_, strict=True) if decision(a.engine) != decision(b.engine)]
+
+
 def model_for(version: str) -> tuple[str, bool]:
     """Our model of `version`'s era and whether the release is mapped to it. A release no model was written for (a
-    newer one, or one between two modelled releases) is compared with the newest model, and the report says so."""
+    newer one, or one between two modelled releases) is compared with the newest model, and the report says so.
+    A run's key (`0.5.23 + stand-ins`) names its release first."""
+    version = version.removesuffix(STANDIN_SUFFIX)
     if version in MODEL_FOR_VERSION:
         return MODEL_FOR_VERSION[version], True
     return MODEL_FOR_VERSION[max(MODEL_FOR_VERSION, key=version_key)], False
@@ -213,7 +254,10 @@ def report(results: dict[str, list[Outcome]], elapsed: dict[str, float], example
         "Each release's",
         "`ServerArgs` is built as SGLang's unit tests build it: platform mocked as one CUDA GPU of the card's memory,",
         "all of it free; the release's own pipeline config for the family's checkpoint; performance mode left at the",
-        "release's default; only set flags passed; no checkpoint on disk. See `harness/engine/serverargs.py`.",
+        "release's default; only set flags passed. Each release is asked twice: with no checkpoint on disk, and",
+        "(`+ stand-ins`) with each family's zoo model's sized stand-in in its Hugging Face cache (the published",
+        f"layout, headers only: {', '.join(f'{f}: {m}' for f, m in FAMILY_MODELS.items())}), whose sizes",
+        "0.5.23's auto policy reads. See `harness/engine/serverargs.py` and `harness/models/standin.py`.",
         "",
         f"Grid: booleans {', '.join(BOOL_FLAGS)} each false/true/unset; prefetch {list(PREFETCH_SIZES)}; cards "
         f"{list(CARD_GIB)} GiB; families {', '.join(f'{f} ({t})' for f, t in FAMILY_TASKS.items())}.",
@@ -234,9 +278,31 @@ def report(results: dict[str, list[Outcome]], elapsed: dict[str, float], example
         lines.append(f"| {version} | `{model}`{'' if mapped else ' (unmapped)'} | {len(outcomes)} | "
                      f"{c['agree'] + c['disagree']} | {c['agree']} | {c['disagree']} | {c['refused']} | "
                      f"{c['agree-refused']} | {elapsed[version]:.0f} s |")
+    lines += _checkpoint_section(results)
     for version, outcomes in results.items():
         lines += _release_section(version, outcomes, examples)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _checkpoint_section(results: dict[str, list[Outcome]]) -> list[str]:
+    """How many inputs each release answers otherwise with the stand-ins: in the grid and in the modern inputs, and
+    by family and card."""
+    pairs = [(v, results[v], results[v + STANDIN_SUFFIX]) for v in results if v + STANDIN_SUFFIX in results]
+    if not pairs:
+        return []
+    lines = ["", "## What a checkpoint on disk changes", "",
+             "Inputs whose release answer (flags, component list, residency of each role, or refusal) differs "
+             "between no checkpoint and the sized stand-ins, of the grid's inputs (`grid`) and of the modes, "
+             "component selections and resident layers asked of 0.5.23 (`modes`):", "",
+             "| release | part | inputs | changed | changed, by family and card (GiB) |", "|---|---|---:|---:|---|"]
+    for version, without, with_ in pairs:
+        for part in sorted({o.item.part for o in without}):
+            old = [o for o in without if o.item.part == part]
+            changed = changed_by_checkpoint(old, [o for o in with_ if o.item.part == part])
+            where = Counter(f"{a.item.context.family} {a.item.context.memory_gib:g}" for a, _ in changed)
+            lines.append(f"| {version} | {part} | {len(old)} | {len(changed)} | "
+                         f"{', '.join(f'{k}: {n}' for k, n in sorted(where.items())) or '-'} |")
+    return lines
 
 
 def _release_section(version: str, outcomes: list[Outcome], examples: int) -> list[str]:
@@ -289,18 +355,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"not installed: {', '.join(missing)}; install with `python -m harness.engine.install "
               f"{' '.join(missing)}`", file=sys.stderr)
         return 2
-    items = grid_inputs()
     results: dict[str, list[Outcome]] = {}
     elapsed: dict[str, float] = {}
     for version in versions:
-        t0 = time.monotonic()
-        results[version] = run_version(version, items + (modern_inputs() if version == MODERN_VERSION else []))
-        elapsed[version] = time.monotonic() - t0
-        c = summary(results[version])
-        model, mapped = model_for(version)
-        note = "" if mapped else f" (no model of its own: compared with {model}, the newest)"
-        print(f"sglang {version}: {len(results[version])} inputs, {dict(c)} in {elapsed[version]:.0f} s{note}",
-              file=sys.stderr)
+        items = grid_inputs() + (modern_inputs() if version == MODERN_VERSION else [])
+        for key, asked in ((version, items), (version + STANDIN_SUFFIX, with_standins(items))):
+            t0 = time.monotonic()
+            results[key] = run_version(version, asked)
+            elapsed[key] = time.monotonic() - t0
+            c = summary(results[key])
+            model, mapped = model_for(version)
+            note = "" if mapped else f" (no model of its own: compared with {model}, the newest)"
+            print(f"sglang {key}: {len(results[key])} inputs, {dict(c)} in {elapsed[key]:.0f} s{note}",
+                  file=sys.stderr)
     text = report(results, elapsed)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,8 @@ def resolve_with_engine(flags_list: list[OffloadFlags], policy: str, version: st
     if context is None:
         raise FlagError(f"policy {policy!r}: SGLang's ServerArgs needs the card and task; pass an EngineContext")
     requests = [EngineRequest(flags=flags.as_dict(), memory_gib=float(context.memory_gib), family=context.family,
-                              task=context.task, performance_mode=context.performance_mode)  # type: ignore[arg-type]
+                              task=context.task, performance_mode=context.performance_mode,  # type: ignore[arg-type]
+                              checkpoint=context.checkpoint)
                 for flags in flags_list]
     out = []
     for flags, answer in zip(flags_list, resolve_engine(version, requests), strict=True):
@@ -53,7 +54,8 @@ def resolve_with_engine(flags_list: list[OffloadFlags], policy: str, version: st
         details = EngineDetails(source="sglang", version=answer.version,
                                 layerwise_components=answer.layerwise_components,
                                 dit_residency=answer.dit_residency, pipeline_config=answer.pipeline_config,
-                                context=context, residency=answer.extra.get("residency"))
+                                context=context, residency=answer.extra.get("residency"),
+                                checkpoint=answer.checkpoint, checkpoint_bytes=answer.checkpoint_bytes)
         out.append(Resolution(policy, flags, effective, answer.messages, details))
     return out
 

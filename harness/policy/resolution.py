@@ -3,10 +3,11 @@ terms (`EngineDetails`) and the whole answer (`Resolution`), which the parent ha
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from harness.common.flags import FlagError, OffloadFlags
+from harness.models.standin import CheckpointSource, checkpoint_source
 
 Task = Literal["T2I", "I2I", "T2V", "I2V"]
 TASKS: tuple[str, ...] = ("T2I", "I2I", "T2V", "I2V")
@@ -23,12 +24,16 @@ class EngineContext:
         task (str): SGLang's task type: T2I, I2I (image generation) or T2V, I2V (video).
         family (str): the zoo family (`FAMILY_TASKS`), which selects SGLang's pipeline config.
         performance_mode (str | None): SGLang's `--performance-mode`; None is the release's default (auto).
+        checkpoint (CheckpointSource | None): the checkpoint a server would be started on (a folder model's
+            folder, a zoo model's sized stand-in: `harness.models.standin`), whose sizes SGLang 0.5.23's auto
+            policy reads; None: no checkpoint on disk, the model's declared policy stands.
     """
 
     memory_gib: float
     task: str
     family: str
     performance_mode: str | None = None
+    checkpoint: CheckpointSource | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.memory_gib, bool) or not isinstance(self.memory_gib, int | float) or self.memory_gib <= 0:
@@ -43,13 +48,19 @@ class EngineContext:
         return self.task in ("T2I", "I2I")
 
     @classmethod
-    def for_model(cls, family: str, edit: bool, memory_gib: float) -> EngineContext:
-        """The context of a zoo model (`ModelSpec.family`, `.edit`) on a card of `memory_gib` GiB."""
+    def for_model(cls, family: str, edit: bool, memory_gib: float, model: str | None = None) -> EngineContext:
+        """The context of a model (`ModelSpec.family`, `.edit`) on a card of `memory_gib` GiB; `model` (a zoo name
+        or a folder) adds the checkpoint a server would be started on."""
         name = "qwen-image-edit" if family == "qwen-image" and edit else family
-        return cls(memory_gib=memory_gib, task=FAMILY_TASKS.get(name, "T2I"), family=name)
+        return cls(memory_gib=memory_gib, task=FAMILY_TASKS.get(name, "T2I"), family=name,
+                   checkpoint=checkpoint_source(model))
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out: dict[str, Any] = {"memory_gib": self.memory_gib, "task": self.task, "family": self.family,
+                               "performance_mode": self.performance_mode}
+        if self.checkpoint is not None:  # absent, not null, so records of contexts without one stay as they were
+            out["checkpoint"] = self.checkpoint.label
+        return out
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,9 @@ class EngineDetails:
             where known (0.5.23's `residency_mode`).
         pipeline_config (str | None): the SGLang pipeline config class used, and why.
         context (EngineContext | None): the card and task the defaults were taken for.
+        checkpoint (str | None): the checkpoint whose sizes the decision saw: "none", "folder <path>" or
+            "zoo sized stand-in <model>@<digest>" (None: not recorded, a policy or record from before it).
+        checkpoint_bytes (int | None): that checkpoint's tensor bytes (what a load would read).
     """
 
     source: str
@@ -76,6 +90,8 @@ class EngineDetails:
     pipeline_config: str | None = None
     context: EngineContext | None = None
     residency: dict[str, str] | None = None
+    checkpoint: str | None = None
+    checkpoint_bytes: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         out = {
@@ -88,6 +104,9 @@ class EngineDetails:
         }
         if self.residency is not None:  # absent in records from before it
             out["residency"] = dict(self.residency)
+        if self.checkpoint is not None:  # likewise
+            out["checkpoint"] = self.checkpoint
+            out["checkpoint_bytes"] = self.checkpoint_bytes
         return out
 
 

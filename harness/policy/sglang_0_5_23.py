@@ -14,41 +14,70 @@ from harness.policy.rules import common_prefetch_rules
 
 @dataclass(frozen=True)
 class DeploymentHints:
-    """What SGLang 0.5.23's pipeline config declares for the auto policy (`ModelDeploymentConfig`), per family.
+    """What SGLang 0.5.23's pipeline config declares for the auto policy (`ModelDeploymentConfig`), per family, and
+    the precisions it loads each component in (bytes per parameter), by which its auto policy sizes a checkpoint.
 
     Args:
         keep_resident_min_available_gb (float | None): free GiB from which `keep_resident_components` stay
             resident; None takes the task's default (45 for image generation, 120 otherwise).
         keep_resident_components (tuple[str, ...]): those components ("dit" is added for image generation).
         dit_layerwise_offload_modes (tuple[str, ...]): performance modes that stream the DiT by default.
+        dit_bytes, vae_bytes, image_encoder_bytes (int): `dit_precision`, `vae_precision`,
+            `image_encoder_precision` in bytes.
+        text_encoder_bytes (tuple[int, ...]): `text_encoder_precisions`, one per text encoder in order.
     """
 
     keep_resident_min_available_gb: float | None = None
     keep_resident_components: tuple[str, ...] = ("vae",)
     dit_layerwise_offload_modes: tuple[str, ...] = ()
+    dit_bytes: int = 2
+    vae_bytes: int = 2
+    image_encoder_bytes: int = 4
+    text_encoder_bytes: tuple[int, ...] = (2,)
+
+    def load_bytes(self, component: str) -> int | None:
+        """utils/precision.resolve_component_precision's itemsize for a checkpoint component (None: as stored)."""
+        if component in ("vae", "video_vae", "diffusion_decoder"):
+            return self.vae_bytes
+        if component in ("transformer", "transformer_2"):
+            return self.dit_bytes
+        if component == "image_encoder":
+            return self.image_encoder_bytes
+        if component == "text_encoder" or component.startswith("text_encoder_"):
+            suffix = component.removeprefix("text_encoder").removeprefix("_")
+            index = int(suffix) - 1 if suffix.isdigit() else 0
+            return self.text_encoder_bytes[index] if 0 <= index < len(self.text_encoder_bytes) else None
+        return None
 
 
 DEPLOYMENT_HINTS: dict[str, DeploymentHints] = {
     # Read from 0.5.23's registered configs (QwenImagePipelineConfig, QwenImageEditPlusPipelineConfig,
-    # FluxPipelineConfig: the defaults; WanT2V720PConfig: 60 GiB, ("dit",), ("memory",)).
+    # FluxPipelineConfig: the defaults, BF16 everywhere but the image encoder, FLUX's two text encoders BF16;
+    # WanT2V720PConfig: 60 GiB, ("dit",), ("memory",), the VAE and UMT5 in FP32).
     "qwen-image": DeploymentHints(),
     "qwen-image-edit": DeploymentHints(),
-    "flux": DeploymentHints(),
-    "wan": DeploymentHints(60.0, ("dit",), ("memory",)),
+    "flux": DeploymentHints(text_encoder_bytes=(2, 2)),
+    "wan": DeploymentHints(60.0, ("dit",), ("memory",), vae_bytes=4, text_encoder_bytes=(4,)),
 }
 PERFORMANCE_MODES: tuple[str, ...] = ("auto", "manual", "speed", "memory")
 LOW_MEMORY_GIB = 30.0  # ServerArgs._adjust_offload: total device memory below this offloads the large components
 IMAGE_KEEP_RESIDENT_GIB = 45.0  # auto_tune.IMAGE_GEN_KEEP_RESIDENT_MIN_AVAILABLE_GB
 DEFAULT_KEEP_RESIDENT_GIB = 120.0  # auto_tune.DEFAULT_KEEP_RESIDENT_MIN_AVAILABLE_GB
+ALL_RESIDENT_WEIGHT_MULTIPLE = 2  # auto_tune.AUTO_ALL_RESIDENT_WEIGHT_MULTIPLE
+DIT_MAX_DEVICE_FRACTION = 0.8  # auto_tune.AUTO_DIT_MAX_DEVICE_FRACTION
+ALL_COMPONENTS = ("dit", "text_encoder", "image_encoder", "vae")  # auto_tune.ALL_OFFLOAD_COMPONENTS
+GIB = 1024**3  # SGLang's BYTES_PER_GB
 _CPU_FLAG = {"dit": "dit_cpu_offload", "text_encoder": "text_encoder_cpu_offload",
              "image_encoder": "image_encoder_cpu_offload", "vae": "vae_cpu_offload"}
 
 
 class ServerArgsModel:
     """SGLang 0.5.23's `ServerArgs._adjust_parameters` and `_validate_offload`, for the offload fields, on one
-    CUDA GPU with all of `memory_gib` free, no FSDP, no cache-dit, no canonical residency, and no local checkpoint
-    (so the memory-rich "every weight twice over" tier and the DiT-overflow sizing never fire: as the engine child
-    runs it). Written from the release's rules, each step named after the method it follows."""
+    CUDA GPU with all of `memory_gib` free, no FSDP, no cache-dit and no canonical residency, as the engine child
+    runs it. The context's checkpoint (`EngineContext.checkpoint`: the sizes SGLang reads from a folder model's
+    files or a zoo model's sized stand-in) feeds the auto policy's two sizing rules, the memory-rich "every weight
+    twice over" tier and the DiT that overflows the card; without one neither fires, as in SGLang without files.
+    Written from the release's rules, each step named after the method it follows."""
 
     def __init__(self, flags: OffloadFlags, ctx: EngineContext | None, messages: list[str]) -> None:
         self.flags = flags
@@ -72,6 +101,7 @@ class ServerArgsModel:
         # the auto steps that only fill a None list leave it alone
         self.components: list[str] | None = (None if flags.layerwise_offload_components is None
                                               else list(flags.layerwise_offload_components))
+        self._all_resident: bool | None = None
 
     # -------------------------------------------------------------------------------------------- helpers
     @property
@@ -88,6 +118,45 @@ class ServerArgsModel:
     def rich(self) -> bool:
         """At least the keep-resident threshold free (a fresh card: free = total)."""
         return self.ctx is not None and self.ctx.memory_gib >= self.keep_resident_gib
+
+    def all_resident(self) -> bool:
+        """_keeps_all_components_resident / _fits_all_components_resident (asked once): in auto mode, the card
+        holds every weight of the checkpoint twice over, each component in the precision it loads in."""
+        if self._all_resident is None:
+            self._all_resident = self._fits_all()
+        return self._all_resident
+
+    def _fits_all(self) -> bool:
+        sizes = self.ctx.checkpoint.component_sizes() if self.ctx and self.ctx.checkpoint else None
+        if self.mode != "auto" or self.ctx is None or sizes is None:
+            return False
+        weight = sum(params * b if (b := self.hints.load_bytes(name)) is not None else stored
+                     for name, (params, stored) in sizes.items()) / GIB
+        fits = self.ctx.memory_gib >= ALL_RESIDENT_WEIGHT_MULTIPLE * weight
+        if fits:
+            self.msgs.append(f"Auto memory policy: {self.ctx.memory_gib:.1f} GiB free holds the {weight:.1f} GiB of "
+                             f"weights at least {ALL_RESIDENT_WEIGHT_MULTIPLE}x, so every component without an "
+                             "explicit placement stays resident.")
+        return fits
+
+    def dit_overflows(self) -> bool:
+        """_dit_overflows_device_in_auto: in auto mode, below the keep-resident threshold, for a model that streams
+        its DiT in memory mode, the DiT (sized from the checkpoint, in its precision) needs more than 80 % of the
+        card."""
+        if (self.mode != "auto" or self.ctx is None or "memory" not in self.hints.dit_layerwise_offload_modes
+                or self.ctx.memory_gib >= self.keep_resident_gib):
+            return False
+        params = self.ctx.checkpoint.dit_params if self.ctx.checkpoint else None
+        if params is None:
+            self.msgs.append("Auto memory policy could not size the DiT, so it keeps its declared placement")
+            return False
+        dit_gib = params * self.hints.dit_bytes / GIB
+        overflows = dit_gib > self.ctx.memory_gib * DIT_MAX_DEVICE_FRACTION
+        self.msgs.append(f"Auto memory policy: the DiT needs {dit_gib:.1f} GiB, "
+                         f"{'more than' if overflows else 'within'} {DIT_MAX_DEVICE_FRACTION:.0%} of the "
+                         f"{self.ctx.memory_gib:.1f} GiB free, so it "
+                         f"{'streams layer by layer' if overflows else 'keeps its declared placement'}")
+        return overflows
 
     def explicit_layerwise(self, component: str) -> bool:
         """is_explicit_layerwise_offload_component: an explicit selection naming it (or "all"), or an explicit
@@ -128,15 +197,18 @@ class ServerArgsModel:
         if self.components_explicit or self.v["dit_layerwise_offload"] is True:
             return []
         comps = [c for c in DEFAULT_GROUP if self.explicit_mode(c) is None]
-        if self.mode == "auto" and self.rich():
+        if self.mode == "auto" and self.all_resident():
+            comps = []
+        elif self.mode == "auto" and self.rich():
             kept = [c for c in comps if c in self.hints.keep_resident_components]
             comps = [c for c in comps if c not in self.hints.keep_resident_components]
             if kept:
                 self.msgs.append(f"Keeping default layerwise components resident because minimum available memory "
                                  f"on selected GPUs is {self.ctx.memory_gib:.2f} GiB: {', '.join(kept)}")
-        # _should_auto_enable_dit_layerwise_offload: the model lists the mode (the DiT-overflow sizing needs a
-        # local checkpoint, which the engine child never has)
-        if self.explicit_mode("dit") is None and self.mode in self.hints.dit_layerwise_offload_modes:
+        # _should_auto_enable_dit_layerwise_offload: not when every weight stays resident; then the model lists the
+        # mode, or the DiT overflows the card (auto, sized from the checkpoint)
+        if self.explicit_mode("dit") is None and not self.all_resident() and (
+                self.mode in self.hints.dit_layerwise_offload_modes or self.dit_overflows()):
             comps.insert(0, "dit")
         return comps
 
@@ -185,10 +257,11 @@ class ServerArgsModel:
     def auto_residency_after_offload(self) -> None:
         """maybe_adjust_auto_component_residency_after_offload: from the keep-resident threshold, the model's
         keep-resident components (+ the DiT for image generation) leave the implicit layerwise list and lose an
-        implicit CPU offload."""
-        if not self.rich():
+        implicit CPU offload; with every weight resident (the memory-rich tier), every component does."""
+        all_resident = self.all_resident()
+        if not (all_resident or self.rich()):
             return
-        keep = set(self.hints.keep_resident_components)
+        keep = set(ALL_COMPONENTS if all_resident else self.hints.keep_resident_components)
         if self.ctx is not None and self.ctx.is_image:
             keep.add("dit")
         changed = []
@@ -285,7 +358,10 @@ def resolve(flags: OffloadFlags, context: EngineContext | None = None,
     effective = common_prefetch_rules(effective, messages)
     for name in flags.unset():
         messages.append(f"{name} unset: SGLang 0.5.23's default ({state.mode} mode) is {getattr(effective, name)}")
+    checkpoint = context.checkpoint if context is not None else None
     details = EngineDetails(source="model", version="0.5.23", layerwise_components=tuple(state.components or ()),
-                            dit_residency=residency["dit"], context=context, residency=residency) \
+                            dit_residency=residency["dit"], context=context, residency=residency,
+                            checkpoint=(checkpoint.label if checkpoint else "none") if context is not None else None,
+                            checkpoint_bytes=checkpoint.total_bytes if checkpoint else None) \
         if context is not None or flags.layerwise_offload_components is not None else None
     return effective, messages, details

@@ -109,7 +109,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     problem = unrunnable(spec)
     if problem is not None and not args.dry_run:
         raise plan_cli.PlanUsageError(problem)
-    context = EngineContext.for_model(spec.family, spec.edit, (cap or 80 * GIB) / GIB)
+    context = EngineContext.for_model(spec.family, spec.edit, (cap or 80 * GIB) / GIB, spec.name)
     a = advise(args.model, card, cap, workload, policy=args.policy, machine=machine, records_glob=None)
     chosen = picks(a, _default_option(a, UNSET, context, args.policy))
     print(render(a, family=spec.family), end="")
