@@ -110,3 +110,22 @@ def test_no_two_packages_import_each_other() -> None:
 
 def test_every_known_exception_is_still_there() -> None:
     assert set(KNOWN_EXCEPTIONS) <= EDGES, "drop the exceptions the code no longer needs"
+
+
+
+SCENARIO = "harness.plan.scenario"
+SCENARIO_LAYERS = ("types", "fields", "cells", "expect", "read", "discover")
+"""harness.plan.scenario's modules, each importing only those before it (the package's docstring): no circle."""
+
+
+def _scenario_layer(module: str) -> int:
+    """A module's place in SCENARIO_LAYERS; the package itself (its re-exports) comes after them all."""
+    return len(SCENARIO_LAYERS) if module == SCENARIO else SCENARIO_LAYERS.index(module.removeprefix(f"{SCENARIO}."))
+
+
+def test_the_scenario_modules_import_only_those_above_them() -> None:
+    assert {f"{SCENARIO}.{m}" for m in SCENARIO_LAYERS} == {m for m in MODULES if m.startswith(f"{SCENARIO}.")}
+    inside = [(a, b) for a, b in EDGES if a.startswith(f"{SCENARIO}.") and b.startswith(SCENARIO)]
+    assert ("harness.plan.scenario.read", "harness.plan.scenario.expect") in inside
+    upward = sorted(f"{a} -> {b}" for a, b in inside if _scenario_layer(b) >= _scenario_layer(a))
+    assert not upward, upward

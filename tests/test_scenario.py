@@ -1,4 +1,4 @@
-"""harness/plan/scenario.py: the committed scenario files, cell expansion, and errors naming file and field."""
+"""harness/plan/scenario/: the committed scenario files, cell expansion, and errors naming file and field."""
 
 from __future__ import annotations
 

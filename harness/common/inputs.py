@@ -5,7 +5,7 @@ card, run id), the `OFFLOAD_BENCH_*` environment variables, and the files a comm
 Hand-written checks, not a declarative schema: the scenario file's rules are mostly relations (frames against the
 model's VAE, prefetch against the model's layer groups, backends against the installed releases, expectations
 against the cells they name) that a JSON Schema cannot say, so a schema would be a second, weaker copy of
-harness/plan/scenario.py that drifts from it; docs/scenarios.md is the field reference.
+harness/plan/scenario/ that drifts from it; docs/scenarios.md is the field reference.
 
 Ground floor: imports no stage.
 """
