@@ -5,8 +5,10 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import math
+import os
+import time
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -207,3 +209,25 @@ def planned(data: Record) -> CellRecord:
 
 def planned_records(records: Iterable[Record]) -> list[CellRecord]:
     return [planned(r) for r in records]
+
+
+def gone(pid: int) -> bool:
+    """True once `pid` no longer runs (dead, or a zombie nobody reaped yet)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def wait_for(pred: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
+    """Polls `pred` every 50 ms; AssertionError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)

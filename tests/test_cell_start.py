@@ -27,7 +27,7 @@ from harness.run import runner
 from harness.run.cell import finish_overhead, run_cell, spec_for_child
 from harness.run.cell_start import CELL_START_ENV, FORK_SERVER, SPAWN, ForkServer, start_method
 from harness.run.folder import Run, cell_dir
-from tests.helpers import tiny_scenario_file
+from tests.helpers import gone, tiny_scenario_file, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 FAULT = "OFFLOAD_BENCH_FAULT"
@@ -37,25 +37,6 @@ BASE_ENV = {"OFFLOAD_BENCH_PROFILE": "cpu", "OFFLOAD_BENCH_GIT_SHA": "test"}
 def one_cell(folder: Path, name: str, timeout_s: float | None = None) -> Cell:
     [cell] = expand(load_scenario(tiny_scenario_file(folder, name, {"dit_cpu_offload": [True]}, timeout_s)))
     return cell
-
-
-def gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except (OSError, IndexError):
-        return True
-
-
-def wait_for(pred, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def servers_for(run_dir: Path) -> list[int]:

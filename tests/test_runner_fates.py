@@ -27,7 +27,7 @@ from harness.plan.scenario import Cell, expand, load_scenario
 from harness.run import folder, process
 from harness.run.cell import run_cell
 from harness.run.folder import Run
-from tests.helpers import tiny_scenario_file
+from tests.helpers import gone, tiny_scenario_file, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 FAULT = "OFFLOAD_BENCH_FAULT"
@@ -66,33 +66,12 @@ def records_of(path: Path) -> list[CellRecord]:
     return result.records
 
 
-def gone(pid: int) -> bool:
-    """True once `pid` no longer runs (dead, or a zombie nobody reaped yet)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except (OSError, IndexError):
-        return True
-
-
 def group_gone(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return True
     return all(gone(p) for p in process.group_members(pgid))
-
-
-def wait_for(pred, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture
