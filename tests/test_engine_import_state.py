@@ -39,3 +39,5 @@ def test_load_engine_leaves_the_switches_as_they_were() -> None:
     assert torch_global_state() == before
     assert info["import_side_effects"]["restored"] is True
     assert isinstance(info["import_side_effects"]["changed"], dict)
+    # A later caller (the backend after loader.maps_checkpoint) gets the first import's answer, not an empty change.
+    assert load_engine("0.5.23")[2] is info

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
 import inspect
 import threading
@@ -58,8 +59,11 @@ class EngineUnavailable(RuntimeError):
     """The SGLang version is not installed (the message says how to install it)."""
 
 
+@functools.cache
 def load_engine(version: str) -> tuple[Any, Any, dict[str, Any]]:
-    """Imports version's layerwise module and ServerArgs class into this process (host packages win)."""
+    """Imports version's layerwise module and ServerArgs class into this process (host packages win). Kept per
+    version: the first call imports, and its answer (with what the import changed of torch's switches) is the one
+    every later caller sees; a second import would find the modules loaded and report no change."""
     engines = installed()
     if version not in engines:
         have = ", ".join(engines) or "none"
