@@ -190,13 +190,10 @@ def img(png: bytes, alt: str, caption: str = "", square: bool = False) -> str:
     return f'<figure><img class="{cls}" alt="{esc(alt)}" src="data:image/png;base64,{data}">{cap}</figure>'
 
 
-NOT_HERE = "not re-evaluated here"  # summary._note's words for a check whose latents files stayed on the GPU machine
-
-
-def badge(passed: bool, expected_fail: bool = False, note: str = "") -> str:
+def badge(passed: bool, expected_fail: bool = False, judged_here: bool = True) -> str:
     """PASS / FAIL / expected FAIL, or "NOT RE-EVALUATED" (grey) for a check this machine cannot judge (its latents
     files stayed on the GPU machine): it is neither a pass nor a failure here."""
-    if note.startswith(NOT_HERE):
+    if not judged_here:
         return '<span class="badge unknown" title="the latents files stay on the machine that ran the cells">' \
                'NOT RE-EVALUATED</span>'
     if passed:
@@ -231,13 +228,13 @@ def summary_html(s: RunSummary) -> str:
                  + (f'<ul class="verdicts">{items}</ul>' if seed else "<p>Not in this run.</p>"))
     if s.checks:
         failed = [c for c in s.checks if not c.passed]
-        unjudged = sum(c.note.startswith(NOT_HERE) for c in failed)
+        unjudged = sum(not c.judged_here for c in failed)
         judged = len(s.checks) - unjudged
         parts.append(f"<p>Expectations: {judged - len(failed) + unjudged} of {judged} checks pass"
                      + (f"; {unjudged} not re-evaluated here" if unjudged else "") + ".</p>")
         if failed:
             parts.append('<ul class="verdicts">' + "".join(
-                f'<li>{badge(False, c.note.startswith("expected"), c.note)} <b>{esc(c.check)}</b> '
+                f'<li>{badge(False, c.note.startswith("expected"), c.judged_here)} <b>{esc(c.check)}</b> '
                 f'({esc(c.scenario)} on {esc(c.card)}){": " + esc(c.note) if c.note else ""}</li>'
                 for c in failed) + "</ul>")
     parts.append("</div>")
@@ -321,7 +318,7 @@ def _verdicts(name: str, s: RunSummary) -> str:
     if not mine:
         return ""
     return '<ul class="verdicts">' + "".join(
-        f'<li>{badge(c.passed, c.note.startswith("expected"), c.note)} <b>{esc(c.check)}</b> on {esc(c.card)}: '
+        f'<li>{badge(c.passed, c.note.startswith("expected"), c.judged_here)} <b>{esc(c.check)}</b> on {esc(c.card)}: '
         f'<span class="muted">{esc(c.note + ": " if c.note else "")}{esc(c.message)}</span></li>' for c in mine
     ) + "</ul>"
 

@@ -40,6 +40,7 @@ class Check:
     passed: bool
     message: str
     note: str = ""  # "not re-evaluated here", "expected to fail: ..."
+    judged_here: bool = True  # False: the verdict needs latents files that stayed on the machine that ran the cells
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,8 @@ class RunSummary:
     @property
     def checks(self) -> list[Check]:
         """Every verdict of the run, with its scenario and the note a reader needs."""
-        return [Check(s.scenario, v.card, v.check, v.passed, v.message, _note(v, s.xfail))
+        return [Check(s.scenario, v.card, v.check, v.passed, v.message, _note(v, s.xfail),
+                      not v.latents_elsewhere)
                 for s in self.verdicts for v in s.verdicts]
 
     def of_scenario(self, name: str) -> ScenarioVerdicts | None:
