@@ -21,7 +21,7 @@ from pathlib import Path
 
 from harness.cell.checkpoint import ensure_checkpoint
 from harness.models import get_model
-from harness.models.folder import role_tensors
+from harness.models.folder import read_header, role_tensors
 
 # role -> (sub-folder, library, class, weights file name), per family
 LAYOUT = {
@@ -29,6 +29,7 @@ LAYOUT = {
         "pipeline": "WanPipeline",
         "dit": ("transformer", "diffusers", "WanTransformer3DModel", "diffusion_pytorch_model.safetensors"),
         "text_encoder": ("text_encoder", "transformers", "UMT5EncoderModel", "model.safetensors"),
+        "model_type": "umt5",  # the transformers config's own key for the text encoder
         "vae": ("vae", "diffusers", "AutoencoderKLWan", "diffusion_pytorch_model.safetensors"),
     },
 }
@@ -53,7 +54,7 @@ def export(name: str, dest: Path, device: str | None = None) -> Path:
         folder.mkdir(exist_ok=True)
         config = {"_class_name": cls, **comp.config}
         if library == "transformers":
-            config = {**comp.config, "architectures": [cls], "model_type": "umt5"}
+            config = {**comp.config, "architectures": [cls], "model_type": layout["model_type"]}
         (folder / "config.json").write_text(json.dumps(config, indent=2))
         link = folder / weights
         if link.is_symlink() or link.exists():
@@ -67,8 +68,6 @@ def export(name: str, dest: Path, device: str | None = None) -> Path:
 
 def _check(family: str, dest: Path, files: dict[str, Path]) -> None:
     """Every role's folder tensors are the zoo checkpoint's, under the same names (what the child will read)."""
-    from harness.models.folder import read_header
-
     tensors = role_tensors(dest, family)
     for role, path in files.items():
         want = set(read_header(path))
