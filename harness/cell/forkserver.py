@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
-import ctypes
 import gc
 import importlib
 import json
@@ -41,13 +40,14 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from harness.common.lineage import die_with
+
 # The worker's own modules; what they import at module level comes along. harness.engine.* stays out: the SGLang
 # backend's cells are spawned (harness.run.cell_start.start_method says why).
 CELL_MODULES = ("harness.cell.worker", "harness.cell.measure", "harness.cell.pipeline", "harness.cell.guards",
                 "harness.cell.checkpoint", "harness.cell.offload.loader", "harness.models.folder")
 HEAVY_ROOTS = ("diffusers", "transformers")
 CUDA_ABORT_CODE = 70  # the server's exit code when it finds a CUDA context before a fork (EX_SOFTWARE)
-_PR_SET_PDEATHSIG = 1
 NVML_CHECK_ENV = "PYTORCH_NVML_BASED_CUDA_CHECK"
 
 
@@ -133,10 +133,7 @@ def become_cell(request: dict[str, Any], sync_w: int, server_pid: int, keep_clos
     code = 1
     try:
         os.setsid()  # before the parent learns the pid: its process group exists when the runner may kill it
-        if hasattr(ctypes, "CDLL"):
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        if os.getppid() != server_pid:  # the server died before the prctl took effect
-            os._exit(1)
+        die_with(server_pid)
         os.write(sync_w, b"1")
         for fd in (*keep_closed, sync_w):
             with contextlib.suppress(OSError):

@@ -7,7 +7,6 @@ pipe close when the parent dies, exits, and the child dies of its own parent-dea
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.common.inputs import env_number
+from harness.common.lineage import die_with
 from harness.run.cell_start import ForkedChild
 from harness.run.folder import Run
 
@@ -37,21 +37,11 @@ def raise_terminated(signum: int, frame: Any) -> None:
 Child = subprocess.Popen | ForkedChild  # what wait_child and _kill_tree use of either: pid, returncode, poll, wait
 
 
-_PR_SET_PDEATHSIG = 1
-try:
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):  # not Linux
-    _prctl = None
-
-
 def die_with_parent(parent_pid: int) -> Callable[[], None]:
     """preexec_fn: the child gets SIGKILL when this parent dies (even by SIGKILL), so no cell outlives its run."""
 
     def setup() -> None:
-        if _prctl is not None:
-            _prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        if os.getppid() != parent_pid:  # the parent died before the prctl took effect
-            os._exit(1)
+        die_with(parent_pid)
 
     return setup
 
