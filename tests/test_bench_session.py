@@ -46,7 +46,9 @@ def test_bench_run_writes_only_its_run_folder_and_shows_progress_live(tmp_path: 
     folder.mkdir()
     tiny_scenario_file(folder, "one", {"dit_cpu_offload": [True], "dit_layerwise_offload": [True]})
     results = tmp_path / "results"
-    env = {"OFFLOAD_BENCH_PROGRESS_S": "1"}
+    # the cell's load phase takes 2.5 s longer (OFFLOAD_BENCH_FAULT's `pause`): a CPU cell from the fork server ends
+    # in under a second, before the first progress line is due (CI failed on exactly that)
+    env = {"OFFLOAD_BENCH_PROGRESS_S": "1", "OFFLOAD_BENCH_FAULT": "load:pause"}
     os.environ.update(env)
     try:
         proc = _pytest(["scenarios", "--bench-profile", "cpu", "--bench-results", str(results),

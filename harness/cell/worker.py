@@ -40,7 +40,10 @@ from harness.common.records import now_iso, write_json_atomic
 MODULE_STARTED_AT = time.time()
 
 # Faults the CPU tests inject to prove every fate is recorded (issue: nothing lost, nothing hangs).
-FAULT_ENV = "OFFLOAD_BENCH_FAULT"  # "<phase>:<raise|hang|tree|sigkill|segv|oom|enospc>"
+FAULT_ENV = "OFFLOAD_BENCH_FAULT"  # "<phase>:<raise|hang|tree|sigkill|segv|oom|enospc|pause>"
+# `pause` is no fault: the phase takes PAUSE_S longer, so a test sees the parent's progress line while a cell runs
+# (a CPU cell from the fork server ends in under a second, before the first line is due).
+PAUSE_S = 2.5
 
 
 def _progress(msg: str) -> None:
@@ -55,6 +58,9 @@ def _phase_start_hook(spec: str | None) -> Any:
     def inject(name: str) -> None:
         _progress(f"phase {name}")
         if not spec or name != phase:
+            return
+        if kind == "pause":
+            time.sleep(PAUSE_S)
             return
         if kind == "raise":
             raise RuntimeError(f"injected fault in phase {name}")
