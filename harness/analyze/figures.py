@@ -134,8 +134,9 @@ def pinned_by_whom(record: CellRecord) -> list[tuple[str, str, int]]:
 
 
 def _pinned_stack(ax: Any, cells: list[CellRecord], scale: float) -> None:
-    """Per cell: the RSS peak above, the pinned bytes stacked by who pinned them below; an SGLang cell whose record
-    has no SGLang pin counters says so on its pinned bar instead of drawing it short."""
+    """Per cell: the RSS peak above, the pinned bytes stacked by who pinned them below. An SGLang cell says, in
+    words at the end of its pinned bar, where its managers hosted each layer group, and that the record has no
+    SGLang pin counter where it has none (its bar is then short by what SGLang pinned)."""
     ys = list(range(len(cells)))
     ax.barh([y - 0.2 for y in ys], [(r.phase_max("rss_peak_bytes") or 0) / scale for r in cells], height=0.36,
             color="#bdbdbd", label="host RSS peak")
@@ -147,59 +148,48 @@ def _pinned_stack(ax: Any, cells: list[CellRecord], scale: float) -> None:
                 label=f"pinned: {label}")
         left = [a + b for a, b in zip(left, values, strict=True)]
     for y, r, x in zip(ys, cells, left, strict=True):
-        if sglang_hosting(r) and r.phase_max("pinned_sglang_manager_bytes") is None:
-            ax.text(x, y + 0.2, "  SGLang's own pins not counted in this record", va="center", fontsize=6.5,
-                    style="italic", color="#5f6368")
+        hosting = sglang_hosting(r)
+        if not hosting:
+            continue
+        uncounted = r.phase_max("pinned_sglang_manager_bytes") is None
+        text = "; ".join(hosting) + (" - SGLang's own pins not counted in this record" if uncounted else "")
+        ax.text(x, y + 0.2, "  " + text, va="center", fontsize=8, color=backend_style(r.backend)[0])
 
 
 def host_memory_png(records: list[CellRecord], title: str) -> bytes:
     """Host RSS peak and the pinned bytes by who pinned them per cell (max over the measured phases), numbered and
-    coloured by backend as in the peak figure; SGLang's per-group hosting in a column at the right where a cell
-    has SGLang managers."""
+    coloured by backend as in the peak figure; an SGLang cell's hosting per layer group in words on its row."""
     from matplotlib.lines import Line2D
 
     cells = [r for r in records if not r.same_as]
     top = max([max(r.phase_max("rss_peak_bytes") or 0, sum(b for _, _, b in pinned_by_whom(r))) for r in cells]
               + [1])
     scale, unit = _unit(top)
-    notes = {r.cell_id: sglang_hosting(r) for r in cells}
-    height = min(MAX_HEIGHT_IN, 1.9 + 0.32 * len(cells) + 0.1 * sum(max(0, len(n) - 1) for n in notes.values()))
-    fig = Figure(figsize=(12 if any(notes.values()) else 9, height))
-    grid = fig.add_gridspec(1, 2, width_ratios=[1.6, 1]) if any(notes.values()) else fig.add_gridspec(1, 1)
-    ax = fig.add_subplot(grid[0, 0])
+    worded = any(sglang_hosting(r) for r in cells)
+    height = min(MAX_HEIGHT_IN, 2.0 + 0.42 * len(cells))
+    fig = Figure(figsize=(10, height))
+    ax = fig.add_subplot()
     ys = list(range(len(cells)))
     _pinned_stack(ax, cells, scale)
-    ax.set_yticks(ys, [str(i) for i in range(1, len(cells) + 1)], fontsize=8)
+    ax.set_yticks(ys, [str(i) for i in range(1, len(cells) + 1)], fontsize=9)
     for tick, r in zip(ax.get_yticklabels(), cells, strict=True):
         tick.set_color(backend_style(r.backend)[0])
         tick.set_fontweight("bold")
     ax.set_ylim(len(cells) - 0.5, -0.5)
-    ax.set_xlim(left=0)
-    ax.set_xlabel(f"host memory ({unit}; max over the phases)")
+    # room at the right for the hosting words of a cell whose pinned bar is long
+    ax.set_xlim(0, top / scale * (1.35 if worded else 1.05))
+    ax.set_xlabel(f"host memory ({unit}; max over the phases)", fontsize=9)
     ax.set_ylabel("cell (numbered as in the peak figure)", fontsize=8)
     ax.grid(True, axis="x", alpha=0.3)
     backends = list(dict.fromkeys(r.backend or "harness" for r in cells))
     handles, labels = ax.get_legend_handles_labels()
     handles += [Line2D([], [], linestyle="", marker="s", color=backend_style(b)[0]) for b in backends]
     labels += [f"cell number: {b}" for b in backends]
-    fig.legend(handles, labels, loc="lower center", ncols=4, fontsize=7, frameon=False)
-    if any(notes.values()):
-        _hosting_column(fig.add_subplot(grid[0, 1]), cells, notes)
+    fig.legend(handles, labels, loc="lower center", ncols=3, fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
-    rows = -(-(len(handles)) // 4)
-    fig.tight_layout(rect=(0, (0.1 + 0.15 * rows) / height, 1, 1))
+    rows = -(-(len(handles)) // 3)
+    fig.tight_layout(rect=(0, (0.15 + 0.17 * rows) / height, 1, 1))
     return _png(fig)
-
-
-def _hosting_column(text: Any, cells: list[CellRecord], notes: dict[str, list[str]]) -> None:
-    """Each SGLang cell's hosting lines on its row, in its backend's colour."""
-    text.axis("off")
-    text.set_ylim(len(cells) - 0.5, -0.5)
-    for y, r in enumerate(cells):
-        if notes[r.cell_id]:
-            text.text(0.0, y, "\n".join(notes[r.cell_id]), va="center", ha="left", fontsize=6.5, wrap=True,
-                      color=backend_style(r.backend)[0])
-    text.set_title("SGLang's hosting per layer group", fontsize=8, loc="left")
 
 
 def plan_points(records: list[CellRecord]) -> list[tuple[CellRecord, str, float, float]]:

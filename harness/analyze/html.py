@@ -57,6 +57,7 @@ th[aria-sort=ascending]::after { content: " \\25B2"; font-size: 10px; }
 th[aria-sort=descending]::after { content: " \\25BC"; font-size: 10px; }
 tr:hover td { background: #fafbfc; }
 td.cell { min-width: 220px; }
+.fate-ok, .fate-bad { white-space: nowrap; }
 .fate-ok { color: var(--ok); } .fate-bad { color: var(--bad); font-weight: 600; }
 figure { margin: 0 0 14px; } figcaption { color: var(--muted); font-size: 12px; }
 .summary > div.wide { grid-column: span 2; }
@@ -205,10 +206,11 @@ def words_cell(rec: CellRecord) -> str:
     return f'<span title="{esc(rec.label)}">{esc(cell_words(rec))}</span>'
 
 
-def fate_cell(rec: CellRecord, text: str) -> str:
+def fate_cell(rec: CellRecord, text: str, title: str | None = None) -> str:
     cls = "fate-ok" if rec.status == "ok" else "fate-bad" if rec.status.unexpected or rec.status == "oom" else ""
-    title = f' title="{esc(rec.reason)}"' if rec.reason else ""
-    return f'<span class="{cls}"{title}>{esc(text)}</span>'
+    hover = title or rec.reason
+    attr = f' title="{esc(hover)}"' if hover else ""
+    return f'<span class="{cls}"{attr}>{esc(text)}</span>'
 
 
 # ------------------------------------------------------------------------------------------------ the summary
@@ -291,7 +293,11 @@ def scenario_table(name: str, recs: list[CellRecord]) -> str:
                  "card"]
         row = {"#": str(numbers.get(r.cell_id, "")), **{h: full[h] for h in first}, **full}
         rows.append(row)
-        attrs.append({"requested": words_cell(r), "status": fate_cell(r, row["status"])})
+        # a cell not rerun says which numbered cell it shares its effective flags with (the markdown's compact
+        # "[same as cpu1-lw0-...]" wrapped a letter group per line in this column)
+        status = (f"{r.fate} (= #{numbers[r.same_as]})" if r.same_as in numbers else row["status"])
+        title = f"same effective flags as {r.same_as}: not rerun" if r.same_as else None
+        attrs.append({"requested": words_cell(r), "status": fate_cell(r, status, title)})
     titles = {"requested": "the requested flags in words; hover a cell for its compact label",
               "#": "the cell's number in the figures of its card"}
     return table(rows, _anchor(name) + "-cells", attrs, titles)
