@@ -22,11 +22,12 @@ from harness.analyze.expect import (
     close_output_verdict,
     evaluate,
     lowest_peak_verdict,
+    peer_step_ratio_verdict,
     same_output_verdict,
 )
 from harness.analyze.roofline import STEP_CONVENTION, roofline_rows
 from harness.common.records import migrate
-from harness.plan.scenario import BACKENDS, HARNESS_BACKEND, ScenarioError, expand, load_scenario
+from harness.plan.scenario import BACKENDS, HARNESS_BACKEND, PeerStepRatio, ScenarioError, expand, load_scenario
 from harness.run.cell import spec_for_child
 from tests.helpers import DELETE, as_records, base_scenario, make_record, mutate, to_toml
 
@@ -582,6 +583,60 @@ def test_beats_peer_fails_if_it_cannot_compare(broken: str) -> None:
     v = beats_peer_verdict("native", as_records(records))
     assert not v.passed
     assert ("nothing to compare" if broken == "none" else "not compared") in v.message, v.message
+
+
+# ------------------------------------------------------------------------------------------------ peer_step_ratio
+
+GAP = {"diffusers-group": {"at_most": 1.3, "reason": "its hooks copy from pageable memory"}}
+
+
+def test_peer_step_ratio_passes_within_the_bound_and_says_the_ratio_and_the_reason() -> None:
+    records = [_timed("harness", [9000, 1000, 1000], 10), _timed("diffusers-group", [1, 1290, 1290], 10),
+               _timed("diffusers-group-rs", [1, 5000, 5000], 10)]  # another backend: not this bound's business
+    v = peer_step_ratio_verdict("native", as_records(records), PeerStepRatio("diffusers-group", 1.3, "hooks"))
+    assert v.passed, v.message
+    assert v.check == "peer_step_ratio[diffusers-group]"
+    assert "1.290 s vs 1.000 s (ours) = 1.29x (at most 1.3x)" in v.message and v.message.endswith("kept: hooks")
+
+
+def test_peer_step_ratio_fails_when_the_gap_grows() -> None:
+    records = [_timed("harness", [1, 1000, 1000], 10), _timed("diffusers-group", [1, 1310, 1310], 10)]
+    v = peer_step_ratio_verdict("native", as_records(records), PeerStepRatio("diffusers-group", 1.3, "hooks"))
+    assert not v.passed and "= 1.31x (at most 1.3x)" in v.message
+
+
+@pytest.mark.parametrize("broken", ["peer", "ours", "missing", "none"])
+def test_peer_step_ratio_fails_when_it_cannot_compare(broken: str) -> None:
+    ours = _timed("harness", [1, 1000], 10, status="oom" if broken == "ours" else "ok")
+    peer = _timed("diffusers-group", [1, 1100], 20, status="error" if broken == "peer" else "ok")
+    records = {"peer": [ours, peer], "ours": [ours, peer], "missing": [peer], "none": [ours]}[broken]
+    v = peer_step_ratio_verdict("native", as_records(records), PeerStepRatio("diffusers-group", 1.3, "hooks"))
+    assert not v.passed
+    assert ("nothing to compare" if broken == "none" else "not compared") in v.message, v.message
+
+
+BAD_GAPS: list[tuple[str, Any, str]] = [
+    ("not-a-table", 1.3, "expect.peer_step_ratio: expected a table of backends"),
+    ("harness", {"harness": GAP["diffusers-group"]}, "expect.peer_step_ratio.harness: names no other backend"),
+    ("no-reason", {"diffusers-group": {"at_most": 1.3}}, "exactly `at_most`"),
+    ("blank-reason", {"diffusers-group": {"at_most": 1.3, "reason": " "}}, r"reason: expected the reason"),
+    ("bad-ratio", {"diffusers-group": {"at_most": -1, "reason": "x"}}, r"at_most: expected a positive finite"),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "message"), BAD_GAPS, ids=[b[0] for b in BAD_GAPS])
+def test_peer_step_ratio_refuses_bad_tables_naming_the_field(tmp_path: Path, name: str, value: Any,
+                                                              message: str) -> None:
+    file = write(tmp_path, peer_scenario(expect={"peer_step_ratio": value}))
+    with pytest.raises(ScenarioError, match=message):
+        load_scenario(file)
+
+
+def test_evaluate_runs_one_peer_step_ratio_per_backend_named(tmp_path: Path) -> None:
+    s = load_scenario(write(tmp_path, peer_scenario(expect={"peer_step_ratio": GAP})))
+    assert s.expect.peer_step_ratio == (PeerStepRatio("diffusers-group", 1.3, "its hooks copy from pageable memory"),)
+    checks = [v.check for v in evaluate(s, [])]
+    assert checks.count("peer_step_ratio[diffusers-group]") == len(s.cards)
 
 
 def test_evaluate_runs_beats_peer_when_declared(tmp_path: Path) -> None:

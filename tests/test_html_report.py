@@ -109,12 +109,13 @@ def test_history_reads_a_records_file_once_given_with_its_folder(tmp_path: Path,
 
 
 def test_a_check_whose_latents_stayed_on_the_gpu_machine_is_not_a_failure(tmp_path: Path) -> None:
-    """The committed Qwen-Image peer run's close_output needs latents files that stay on the H200: the page says it
-    was not re-evaluated here (a grey badge, counted apart), not FAIL."""
+    """The committed Qwen-Image peer run (3 checks judged here, among them peer_step_ratio[sglang]): its close_output
+    needs latents files that stay on the H200; the page says it was not re-evaluated here (a grey badge, counted
+    apart), not FAIL."""
     records = Path(__file__).parent.parent / "results" / "h200" / "qwen-image-peer-sglang.records.jsonl"
     out = tmp_path / "peer.html"
     assert cli.main(["report", str(records), "--html", str(out), "--no-plots"]) == 0
     page = out.read_text()
     summary = page[page.index('id="summary"'):page.index("<h2")]
-    assert "Expectations: 2 of 2 checks pass; 1 not re-evaluated here." in summary
+    assert "Expectations: 3 of 3 checks pass; 1 not re-evaluated here." in summary
     assert 'class="badge unknown"' in summary and 'class="badge fail"' not in summary

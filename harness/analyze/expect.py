@@ -17,6 +17,10 @@
   same requested flags on the same card, and ours is at least as fast (median denoise step, the first step left
   out as in `harness.analyze.roofline`) and peaks no higher at runtime (max over encode/denoise/decode on the record's
   peak counter). A peer cell that did not run is no comparison: the check fails and says why.
+- `peer_step_ratio = { "<backend>" = { at_most = x, reason = "..." } }`: a known speed gap kept as a regression
+  check. Every layerwise cell of that backend is matched by our layerwise cell with the same requested flags on
+  the same card, and its median steady step is at most x times ours; the verdict gives each measured ratio and
+  the reason. A cell of either side that did not run is no comparison: the check fails and says why.
 - `prefetch_peak_monotone`: among harness-backend layerwise cells of a card that differ only in the prefetch
   size, a larger window (in layers, as the runtime recorded it) never has a lower denoise peak (on the record's
   peak counter; 2 % slack, SGLang CI's runtime-peak tolerance). A cell that ran out of memory after load counts
@@ -65,6 +69,7 @@ from harness.plan.planner import WARM_KERNELS_BYTES
 from harness.plan.scenario import (
     HARNESS_BACKEND,
     FateExpectation,
+    PeerStepRatio,
     Scenario,
     ScenarioError,
     load_scenario,
@@ -324,6 +329,30 @@ def beats_peer_verdict(card: str, records: Iterable[CellRecord]) -> Verdict:
     if not passed:
         return Verdict("beats_peer", card, False, "no other-backend cell streamed the DiT: nothing to compare")
     return Verdict("beats_peer", card, True, "; ".join(passed))
+
+
+def peer_step_ratio_verdict(card: str, records: Iterable[CellRecord], bound: PeerStepRatio) -> Verdict:
+    """Each layerwise cell of `bound.backend`: its median steady step over ours (same flags) at most the bound."""
+    recs = list(records)
+    ours = {_flags_key(r): r for r in recs if r.backend == HARNESS_BACKEND and _streamed(r)}
+    problems, passed = [], []
+    for peer in (r for r in recs if r.backend == bound.backend and _streamed(r)):
+        mine = ours.get(_flags_key(peer))
+        t_mine = mine.median_step_s() if mine is not None and mine.status is Status.OK else None
+        t_peer = peer.median_step_s() if peer.status is Status.OK else None
+        if t_mine is None or t_peer is None or t_mine <= 0:
+            side = "the harness cell" if t_peer is not None else "it"
+            problems.append(f"{peer.label}: {side} has no steady step "
+                            f"({'no record' if mine is None and t_peer is not None else 'did not run to the end'}); "
+                            "not compared")
+            continue
+        ratio = t_peer / t_mine
+        line = f"{peer.label}: {t_peer:.3f} s vs {t_mine:.3f} s (ours) = {ratio:.2f}x (at most {bound.at_most:g}x)"
+        (passed if ratio <= bound.at_most else problems).append(line)
+    if not problems and not passed:
+        problems.append(f"no layerwise cell of {bound.backend}: nothing to compare")
+    message = "; ".join(problems or passed) + f". Why the gap is kept: {bound.reason}"
+    return Verdict(f"peer_step_ratio[{bound.backend}]", card, not problems, message)
 
 
 def layerwise_overhead_verdict(card: str, records: Iterable[CellRecord], limit: float) -> Verdict:
@@ -621,6 +650,8 @@ def evaluate(scenario: Scenario, records: Iterable[CellRecord]) -> list[Verdict]
                                                  dict(scenario.expect.close_output_rtol_by_backend)))
         if scenario.expect.beats_peer:
             verdicts.append(beats_peer_verdict(card.name, two_pass))
+        for bound in scenario.expect.peer_step_ratio:
+            verdicts.append(peer_step_ratio_verdict(card.name, two_pass, bound))
         if scenario.expect.prefetch_peak_monotone:
             verdicts.append(prefetch_peak_verdict(card.name, two_pass))
         if scenario.expect.resident_never_slows:

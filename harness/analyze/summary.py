@@ -197,12 +197,16 @@ def summary_markdown(s: RunSummary) -> list[str]:
     else:
         out.append("- **Seed assertion** (#26925): not in this run")
     if s.checks:
-        failed = [c for c in s.checks if not c.passed]
-        line = f"- **Expectations:** {len(s.checks) - len(failed)} of {len(s.checks)} checks pass"
-        if failed:
-            line += "; failing: " + ", ".join(
-                f"{c.check} ({c.scenario} on {c.card}{', ' + c.note.split(':')[0] if c.note else ''})"
-                for c in failed)
+        # a check this machine could not judge (latents left on the GPU box) is counted apart, as the HTML page does
+        unjudged = [c for c in s.checks if not c.passed and not c.judged_here]
+        failed = [c for c in s.checks if not c.passed and c.judged_here]
+        judged = len(s.checks) - len(unjudged)
+        line = f"- **Expectations:** {judged - len(failed)} of {judged} checks pass"
+        for what, group in (("failing", failed), ("not re-evaluated here", unjudged)):
+            if group:
+                line += f"; {what}: " + ", ".join(
+                    f"{c.check} ({c.scenario} on {c.card}"
+                    f"{', ' + c.note.split(':')[0] if c.note and c.judged_here else ''})" for c in group)
         out.append(line)
     out.append(f"- **Baseline:** {baseline_verdict(s)}")
     shown = s.regressions

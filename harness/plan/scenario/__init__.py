@@ -40,6 +40,7 @@ from harness.plan.scenario.types import (
     Cell,
     Expectations,
     FateExpectation,
+    PeerStepRatio,
     ReleaseNotInstalled,
     Scenario,
     ScenarioError,
@@ -48,6 +49,7 @@ from harness.plan.scenario.types import (
 __all__ = [
     "BACKENDS", "CAPACITY_AXES", "CARDS", "CFG_BATCH_FAMILIES", "HARNESS_BACKEND", "MAX_FRAMES", "MAX_SIDE_PX",
     "MIN_BENCHMARK_ROUNDS", "PROFILES", "TIERS", "VIDEO_FRAME_GROUP", "CapacitySpec", "Cell", "Expectations",
-    "FateExpectation", "ReleaseNotInstalled", "Scenario", "ScenarioError", "discover", "expand", "in_tier",
-    "layerwise_pairs", "load_all", "load_scenario", "matches", "same_family", "whole_dit_flags", "with_model",
+    "FateExpectation", "PeerStepRatio", "ReleaseNotInstalled", "Scenario", "ScenarioError", "discover", "expand",
+    "in_tier", "layerwise_pairs", "load_all", "load_scenario", "matches", "same_family", "whole_dit_flags",
+    "with_model",
 ]

@@ -9,10 +9,17 @@ from typing import Any
 from harness.common.contract import PHASES, STATUSES, Card
 from harness.plan.scenario.cells import layerwise_pairs, matches
 from harness.plan.scenario.fields import _err, _flag_table, _positive_number
-from harness.plan.scenario.types import HARNESS_BACKEND, Cell, Expectations, FateExpectation, Scenario
+from harness.plan.scenario.types import (
+    HARNESS_BACKEND,
+    Cell,
+    Expectations,
+    FateExpectation,
+    PeerStepRatio,
+    Scenario,
+)
 
 _EXPECT_KEYS = {"lowest_peak", "fate", "same_output", "host", "invariants", "close_output_rtol", "beats_peer",
-                "prefetch_peak_monotone", "resident_never_slows", "cfg_batch_rtol", "plan_within",
+                "peer_step_ratio", "prefetch_peak_monotone", "resident_never_slows", "cfg_batch_rtol", "plan_within",
                 "layerwise_overhead", "reserved_over_allocated"}
 
 
@@ -48,6 +55,7 @@ def _expect(
         _needs_peers(path, "expect.beats_peer", "step times and peaks", backends)
     return Expectations(lowest, fates, host=_host_bounds(data.get("host"), path), close_output_rtol=rtol,
                         close_output_rtol_by_backend=rtol_by_backend,
+                        peer_step_ratio=_peer_step_ratio(data.get("peer_step_ratio"), path, backends),
                         cfg_batch_rtol=_cfg_batch_rtol(data.get("cfg_batch_rtol"), path, cfg_batch), **switches,
                         plan_within=_plan_within(data.get("plan_within"), path),
                         layerwise_overhead=_fraction(data.get("layerwise_overhead"), path, "expect.layerwise_overhead"),
@@ -120,6 +128,33 @@ def _close_output_rtol(value: Any, path: Path, backends: tuple[str, ...]
     _needs_peers(path, field, "latents", backends)
     by_backend = tuple(sorted((k, float(v)) for k, v in table.items() if k != "default"))
     return float(table["default"]), by_backend
+
+
+def _peer_step_ratio(value: Any, path: Path, backends: tuple[str, ...]) -> tuple[PeerStepRatio, ...]:
+    """`peer_step_ratio = { "sglang@0.5.23" = { at_most = 1.35, reason = "..." } }`: one entry per other backend
+    of the scenario, each with a bound above 1 would be a gap, and the reason it is kept."""
+    field = "expect.peer_step_ratio"
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or not value:
+        raise _err(path, field, 'expected a table of backends: { "sglang@0.5.23" = { at_most = 1.35, reason = '
+                   '"..." } }')
+    others = [b for b in backends if b != HARNESS_BACKEND]
+    out = []
+    for backend, entry in value.items():
+        where = f"{field}.{backend}"
+        if backend not in others:
+            raise _err(path, where, f"names no other backend of this scenario (backends: {others})")
+        if not isinstance(entry, dict) or set(entry) != {"at_most", "reason"}:
+            raise _err(path, where, "expected a table with exactly `at_most` (a ratio) and `reason` (why the gap "
+                       "is kept)")
+        if not _positive_number(entry["at_most"]):
+            raise _err(path, f"{where}.at_most", f"expected a positive finite ratio, got {entry['at_most']!r}")
+        if not isinstance(entry["reason"], str) or not entry["reason"].strip():
+            raise _err(path, f"{where}.reason", "expected the reason the gap is kept, in words")
+        out.append(PeerStepRatio(backend, float(entry["at_most"]), entry["reason"].strip()))
+    _needs_peers(path, field, "step times", backends)
+    return tuple(out)
 
 
 def _needs_peers(path: Path, field: str, what: str, backends: tuple[str, ...]) -> None:

@@ -57,6 +57,17 @@ class FateExpectation:
 
 
 @dataclass(frozen=True)
+class PeerStepRatio:
+    """`peer_step_ratio."<backend>" = { at_most = 1.35, reason = "..." }`: that backend's median steady step over
+    ours, for the same flags on the same card, is at most `at_most`; `reason` says why the gap exists (or that its
+    cause is not known yet) and is printed with the verdict."""
+
+    backend: str
+    at_most: float
+    reason: str
+
+
+@dataclass(frozen=True)
 class Expectations:
     lowest_peak: dict[str, Any] | None = None
     fates: tuple[FateExpectation, ...] = ()
@@ -70,6 +81,9 @@ class Expectations:
     # our layerwise cells are as fast as and peak no higher than other backends'
     # (harness.analyze.expect.beats_peer_verdict)
     beats_peer: bool = False
+    # a known speed gap kept as a regression check: each named backend's layerwise cell steps at most `at_most` x
+    # ours with the same flags, for the reason given (harness.analyze.expect.peer_step_ratio_verdict)
+    peer_step_ratio: tuple[PeerStepRatio, ...] = ()
     # a larger prefetch window never lowers the denoise peak (harness.analyze.expect.prefetch_peak_verdict)
     prefetch_peak_monotone: bool = False
     # more resident DiT layers never slow a transfer-bound denoise step (harness.analyze.expect.resident_speed_verdict)
