@@ -48,7 +48,7 @@ echo "finding 4 reproducer: $((SECONDS - T0)) s"
 LEFT=$((${BUDGET_S:-430} - (SECONDS - T0)))
 if [ "$LEFT" -gt 150 ]; then
   timeout "$LEFT" python3 -m pytest scenarios -p no:cacheprovider -rA -x --bench-results "$OUT/bench" \
-    --bench-scenario qwen-image-resident-5090-sglang -k "sglang" 2>&1 | tail -40
+    --bench-scenario qwen-image-resident-5090-sglang -k "0.5.23" 2>&1 | tail -40
   find "$OUT/bench" -name '*.records.jsonl' -exec cp {} "$OUT/resident_5090_sglang.records.jsonl" \; 2>/dev/null
   rm -rf "$OUT/bench"
 else
