@@ -85,6 +85,15 @@ def _torchvision_works() -> bool:
 
 def import_manager(site: str | None = None) -> tuple[types.ModuleType, list[str]]:
     """SGLang's layerwise manager module, and the modules stood in for. Import side effects happen here."""
+    # transformers' generation stack (sklearn -> scipy.stats) is imported before the site joins sys.path, as the
+    # harness's worker does: imported after it, scipy's docscrape saw a partial `sphinx` among the site's packages
+    # and failed on `sphinx.ext` (H100 run of repro_pin_budget.py and repro_resident_layers.py;
+    # experiments/sglang_numerics.py met the same on the H200).
+    for name in ("scipy.stats", "transformers.generation"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
     if site:
         sys.path.append(os.path.abspath(site))
     missing = {n for n in ("sgl_kernel",) if importlib.util.find_spec(n) is None}
