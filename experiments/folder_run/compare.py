@@ -1,7 +1,9 @@
 """Prints the zoo cell beside the folder cell of one run (`python -m experiments.folder_run.compare RECORDS`):
 per phase the allocator's reserved and allocated peaks (torch.cuda.max_memory_reserved / max_memory_allocated
-over the phase, bytes) and the steady denoise step (median of steps 2..n, per measured round, ms), with the
-folder cell's difference in percent. Exit 1 when any of them differs by more than --within percent (#29: 2 %)."""
+over the phase, bytes: the record's `alloc_peak_reserved_bytes` / `alloc_peak_allocated_bytes`) and NVML's
+per-process peak (`nvml_proc_peak_bytes`), and the steady denoise step (median of steps 2..n, per measured round,
+ms), with the folder cell's difference in percent. Exit 1 when any of them differs by more than --within percent
+(#29: 2 %), 2 when a cell lacks one of them (a gate that compared nothing must not pass)."""
 
 from __future__ import annotations
 
@@ -11,16 +13,19 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+PEAKS = ("alloc_peak_reserved_bytes", "alloc_peak_allocated_bytes", "nvml_proc_peak_bytes")
+STEP = "steady_step_ms (median of rounds)"
+
 
 def _metrics(rec: dict[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {}
     for phase, p in sorted((rec.get("phases") or {}).items()):
-        for key in ("reserved_peak_bytes", "allocated_peak_bytes"):
+        for key in PEAKS:
             if isinstance(p.get(key), int | float):
                 out[f"{phase}.{key}"] = float(p[key])
     steps = [s for s in (rec.get("rounds") or {}).get("steady_step_ms") or [] if isinstance(s, int | float)]
     if steps:
-        out["steady_step_ms (median of rounds)"] = statistics.median(steps)
+        out[STEP] = statistics.median(steps)
     return out
 
 
@@ -36,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         print("need one ok zoo cell and one ok folder cell:", [(r.get("cell_id"), r.get("status")) for r in recs])
         return 2
     a, b = _metrics(zoo[0]), _metrics(folder[0])
+    for name, m in (("zoo", a), ("folder", b)):
+        missing = [k for k in PEAKS if not any(key.endswith("." + k) for key in m)] + ([STEP] if STEP not in m else [])
+        if missing:
+            print(f"the {name} cell's record lacks {', '.join(missing)}: nothing to compare them by")
+            return 2
     print(f"zoo    {zoo[0]['cell_id']}\nfolder {folder[0]['cell_id']} ({folder[0]['model']})")
     print(f"{'metric':44} {'zoo':>16} {'folder':>16} {'diff %':>8}")
     worst = 0.0
