@@ -202,6 +202,28 @@ def test_fate_without_cards_applies_to_every_card() -> None:
         assert len(fate_failures(as_record(make_record(card=card, status="timeout")), (fate,))) == 1
 
 
+def test_a_fate_naming_backends_judges_only_their_cells() -> None:
+    """The 5090 resident scenario declares ours ok and SGLang 0.5.23's manager oom in denoise for the same flags
+    (finding 4): each fate skips the other backend's cells."""
+    sglang_oom = FateExpectation({}, "oom", "denoise", None, ("sglang@0.5.23",))
+    ours_ok = FateExpectation({}, "ok", None, None, ("harness",))
+    ours = make_record(status="ok")
+    theirs = {**make_record(status="oom", failed_phase="denoise"), "backend": "sglang@0.5.23"}
+    assert fate_failures(as_record(ours), (sglang_oom, ours_ok)) == []
+    assert fate_failures(as_record(theirs), (sglang_oom, ours_ok)) == []
+    fixed = {**make_record(status="ok"), "backend": "sglang@0.5.23"}  # a release that fits shows as a changed fate
+    (msg,) = fate_failures(as_record(fixed), (sglang_oom, ours_ok))
+    assert "expected oom in denoise, got ok" in msg
+
+
+def test_a_fate_naming_a_backend_the_scenario_lacks_is_refused_by_field(tmp_path: Path) -> None:
+    text = (REPO / "scenarios/gpu/qwen_image_resident_5090_sglang.toml").read_text()
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text.replace('backends = ["sglang@0.5.23"]\nstatus', 'backends = ["sglang@0.5.8"]\nstatus'))
+    with pytest.raises(ScenarioError, match=r"expect\.fate\[1\]\.backends: expected a list of this scenario's"):
+        load_scenario(bad)
+
+
 # ------------------------------------------------------------------------------------------------ evaluate
 
 

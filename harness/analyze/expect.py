@@ -99,6 +99,8 @@ def fate_failures(rec: CellRecord, fates: tuple[FateExpectation, ...]) -> list[s
     for f in fates:
         if f.cards is not None and rec.card_name not in f.cards:
             continue
+        if f.backends is not None and (rec.backend or HARNESS_BACKEND) not in f.backends:
+            continue
         if not matches(rec.requested, f.where):
             continue
         if rec.status != f.status or (f.phase is not None and rec.failed_phase != f.phase):

@@ -29,7 +29,7 @@ _PLAN_WITHIN_KEYS = ("peak", "time")
 _HOST_KEYS = {"max_rss_over_weights", "max_pinned_held_over_requested", "min_setup_gbps"}
 
 
-_FATE_KEYS = {"cards", "where", "status", "phase"}
+_FATE_KEYS = {"cards", "backends", "where", "status", "phase"}
 
 
 def _expect(
@@ -47,7 +47,7 @@ def _expect(
     if not isinstance(raw_fates, list):
         raise _err(path, "expect.fate", "expected a list of tables ([[expect.fate]])")
     card_names = {c.name for c in cards}
-    fates = tuple(_fate(f, path, f"expect.fate[{i}]", card_names) for i, f in enumerate(raw_fates))
+    fates = tuple(_fate(f, path, f"expect.fate[{i}]", card_names, backends) for i, f in enumerate(raw_fates))
     switches = {key: _switch(data, key, path) for key in
                 ("same_output", "invariants", "beats_peer", "prefetch_peak_monotone", "resident_never_slows")}
     rtol, rtol_by_backend = _close_output_rtol(data.get("close_output_rtol"), path, backends)
@@ -90,7 +90,7 @@ def _switch(data: dict, key: str, path: Path) -> bool:
     return value
 
 
-def _fate(f: Any, path: Path, where: str, card_names: set[str]) -> FateExpectation:
+def _fate(f: Any, path: Path, where: str, card_names: set[str], backends: tuple[str, ...]) -> FateExpectation:
     """One [[expect.fate]] table: the status (and phase) the cells it names must end with."""
     if not isinstance(f, dict) or set(f) - _FATE_KEYS or "status" not in f:
         raise _err(path, where, f"expected a table with `status` and optional {sorted(_FATE_KEYS - {'status'})}")
@@ -105,7 +105,14 @@ def _fate(f: Any, path: Path, where: str, card_names: set[str]) -> FateExpectati
         if not names_ok or not set(fcards) <= card_names:
             raise _err(path, f"{where}.cards", f"expected a list of this scenario's cards {sorted(card_names)}")
         fcards = tuple(fcards)
-    return FateExpectation(_flag_table(f.get("where", {}), path, f"{where}.where"), f["status"], phase, fcards)
+    fbackends = f.get("backends")
+    if fbackends is not None:
+        names_ok = isinstance(fbackends, list) and bool(fbackends) and all(isinstance(b, str) for b in fbackends)
+        if not names_ok or not set(fbackends) <= set(backends):
+            raise _err(path, f"{where}.backends", f"expected a list of this scenario's backends {list(backends)}")
+        fbackends = tuple(fbackends)
+    return FateExpectation(_flag_table(f.get("where", {}), path, f"{where}.where"), f["status"], phase, fcards,
+                           fbackends)
 
 
 def _close_output_rtol(value: Any, path: Path, backends: tuple[str, ...]
@@ -218,7 +225,9 @@ def _check_expectations_match(scenario: Scenario, cells: list[Cell], path: Path)
             raise _err(path, "expect.reserved_over_allocated", f"card {card.name!r} has no layerwise cell of our "
                        "runtime: nothing to check")
     for i, f in enumerate(expect.fates):
-        scope = [c for c in cells if f.cards is None or c.card.name in f.cards]
+        scope = [c for c in cells if (f.cards is None or c.card.name in f.cards)
+                 and (f.backends is None or c.backend in f.backends)]
         if not any(matches(c.requested, f.where) for c in scope):
             raise _err(path, f"expect.fate[{i}].where",
-                       f"{f.where} matches no cell of the matrix (cards {', '.join(sorted(f.cards or [])) or 'all'})")
+                       f"{f.where} matches no cell of the matrix (cards {', '.join(sorted(f.cards or [])) or 'all'}"
+                       f"; backends {', '.join(f.backends or []) or 'all'})")

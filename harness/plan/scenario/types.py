@@ -54,6 +54,7 @@ class FateExpectation:
     status: str
     phase: str | None
     cards: tuple[str, ...] | None
+    backends: tuple[str, ...] | None = None  # None: every backend's cells with these flags
 
 
 @dataclass(frozen=True)
