@@ -39,7 +39,7 @@ def test_the_folder_run_comparison_reads_the_device_records_and_fails_on_what_it
 
     from experiments.folder_run.compare import main
 
-    records = Path(__file__).resolve().parent.parent / "results/h100/folder-run-wan21-14b.records.jsonl"
+    records = Path(__file__).resolve().parent.parent / "results/h100/folder-run/folder-run-wan21-14b.records.jsonl"
     assert main([str(records)]) == 0
     out = capsys.readouterr().out
     assert "denoise.alloc_peak_reserved_bytes" in out and "load.nvml_proc_peak_bytes" in out
