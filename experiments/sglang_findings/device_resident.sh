@@ -10,7 +10,7 @@ export PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/resident-out}"
 mkdir -p "$OUT"
 source .ci/carried-env.sh
-rm -rf "$OFFLOAD_BENCH_CACHE/checkpoints" "$OFFLOAD_BENCH_CACHE/folders"
+rm -rf "$OFFLOAD_BENCH_CACHE/checkpoints" "$OFFLOAD_BENCH_CACHE/folders" /tmp/resident-bench  # one run's records
 df -h . | tail -1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/machine.txt"
 timeout "${LIMIT_S:-520}" python3 -m pytest scenarios -p no:cacheprovider -rA --bench-results /tmp/resident-bench \

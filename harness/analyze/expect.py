@@ -303,13 +303,16 @@ def _streamed(record: CellRecord) -> bool:
     return bool(record.effective.dit_layerwise_offload)
 
 
-def beats_peer_verdict(card: str, records: Iterable[CellRecord]) -> Verdict:
-    """Our layerwise runtime against each other backend's cell with the same flags: time and runtime peak."""
+def _peer_pairs(records: Iterable[CellRecord], backend: str | None = None
+                ) -> tuple[list[tuple[CellRecord, CellRecord]], list[str]]:
+    """(peer, ours) for each other backend's layerwise cell (`backend`'s only, if given) and our layerwise cell with
+    the same requested flags, both finished; and a 'not compared' line for each peer whose pair is missing or
+    did not finish."""
     recs = list(records)
     ours = {_flags_key(r): r for r in recs if r.backend == HARNESS_BACKEND and _streamed(r)}
-    problems, passed = [], []
+    pairs, problems = [], []
     for peer in recs:
-        if peer.backend == HARNESS_BACKEND or not _streamed(peer):
+        if peer.backend == HARNESS_BACKEND or not _streamed(peer) or backend not in (None, peer.backend):
             continue
         mine = ours.get(_flags_key(peer))
         for who in (peer, mine):
@@ -318,14 +321,23 @@ def beats_peer_verdict(card: str, records: Iterable[CellRecord]) -> Verdict:
                 problems.append(f"{peer.label}: {'the harness cell' if who is mine else 'it'} {why}; not compared")
                 break
         else:
-            t_mine, t_peer = mine.median_step_s(), peer.median_step_s()
-            p_mine, p_peer = mine.peaks.runtime, peer.peaks.runtime
-            if None in (t_mine, t_peer, p_mine, p_peer):
-                problems.append(f"{peer.label}: no denoise steps or runtime peak recorded; not compared")
-                continue
-            line = (f"{peer.label}: step {t_mine:.3f} s (ours) vs {t_peer:.3f} s, runtime peak {_mib(p_mine)} "
-                    f"(ours) vs {_mib(p_peer)} ({mine.peak_counter})")
-            (passed if t_mine <= t_peer and p_mine <= p_peer else problems).append(line)
+            pairs.append((peer, mine))
+    return pairs, problems
+
+
+def beats_peer_verdict(card: str, records: Iterable[CellRecord]) -> Verdict:
+    """Our layerwise runtime against each other backend's cell with the same flags: time and runtime peak."""
+    pairs, problems = _peer_pairs(records)
+    passed = []
+    for peer, mine in pairs:
+        t_mine, t_peer = mine.median_step_s(), peer.median_step_s()
+        p_mine, p_peer = mine.peaks.runtime, peer.peaks.runtime
+        if None in (t_mine, t_peer, p_mine, p_peer):
+            problems.append(f"{peer.label}: no denoise steps or runtime peak recorded; not compared")
+            continue
+        line = (f"{peer.label}: step {t_mine:.3f} s (ours) vs {t_peer:.3f} s, runtime peak {_mib(p_mine)} "
+                f"(ours) vs {_mib(p_peer)} ({mine.peak_counter})")
+        (passed if t_mine <= t_peer and p_mine <= p_peer else problems).append(line)
     if problems:
         return Verdict("beats_peer", card, False, "; ".join(problems))
     if not passed:
@@ -335,18 +347,12 @@ def beats_peer_verdict(card: str, records: Iterable[CellRecord]) -> Verdict:
 
 def peer_step_ratio_verdict(card: str, records: Iterable[CellRecord], bound: PeerStepRatio) -> Verdict:
     """Each layerwise cell of `bound.backend`: its median steady step over ours (same flags) at most the bound."""
-    recs = list(records)
-    ours = {_flags_key(r): r for r in recs if r.backend == HARNESS_BACKEND and _streamed(r)}
-    problems, passed = [], []
-    for peer in (r for r in recs if r.backend == bound.backend and _streamed(r)):
-        mine = ours.get(_flags_key(peer))
-        t_mine = mine.median_step_s() if mine is not None and mine.status is Status.OK else None
-        t_peer = peer.median_step_s() if peer.status is Status.OK else None
+    pairs, problems = _peer_pairs(records, bound.backend)
+    passed = []
+    for peer, mine in pairs:
+        t_mine, t_peer = mine.median_step_s(), peer.median_step_s()
         if t_mine is None or t_peer is None or t_mine <= 0:
-            side = "the harness cell" if t_peer is not None else "it"
-            problems.append(f"{peer.label}: {side} has no steady step "
-                            f"({'no record' if mine is None and t_peer is not None else 'did not run to the end'}); "
-                            "not compared")
+            problems.append(f"{peer.label}: no denoise steps recorded; not compared")
             continue
         ratio = t_peer / t_mine
         line = f"{peer.label}: {t_peer:.3f} s vs {t_mine:.3f} s (ours) = {ratio:.2f}x (at most {bound.at_most:g}x)"

@@ -139,7 +139,7 @@ def _close_output_rtol(value: Any, path: Path, backends: tuple[str, ...]
 
 def _peer_step_ratio(value: Any, path: Path, backends: tuple[str, ...]) -> tuple[PeerStepRatio, ...]:
     """`peer_step_ratio = { "sglang@0.5.23" = { at_most = 1.35, reason = "..." } }`: one entry per other backend
-    of the scenario, each with a bound above 1 would be a gap, and the reason it is kept."""
+    of the scenario, each with the largest ratio of its step to ours that passes and the reason the gap is kept."""
     field = "expect.peer_step_ratio"
     if value is None:
         return ()
